@@ -1,0 +1,170 @@
+"""attnmem.attention: tiled softmax attention, validated, dispatched and differentiable.
+
+One torch.library custom op holds the forward (out and logsumexp) and one the backward,
+each running on the triton kernels or the pure-torch twin; torch.compile traces them as
+opaque ops.
+"""
+
+import math
+from typing import Optional
+
+import torch
+
+from attnmem import backend as _backend
+from attnmem.reference import attention as _reference
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_TRITON_HEAD_DIM = 256
+
+
+def _triton_reasons(q) -> list[str]:
+    reasons = []
+    if q.dtype not in TRITON_DTYPES:
+        reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
+    if q.shape[-1] > MAX_TRITON_HEAD_DIM:
+        reasons.append(f"head dim {q.shape[-1]} > {MAX_TRITON_HEAD_DIM}")
+    return reasons
+
+
+def _pick(q, k, v, backend: str) -> str:
+    return _backend.resolve(backend, (q, k, v), _triton_reasons(q), "attention")
+
+
+@torch.library.custom_op("attnmem::attention_forward", mutates_args=())
+def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       kv_lengths: Optional[torch.Tensor], scale: float, window_left: int,
+                       window_right: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if _pick(q, k, v, backend) == "triton":
+        from attnmem.kernels import attention as kernel
+        return kernel.attention_forward(q, k, v, kv_lengths, scale, window_left, window_right)
+    with torch.no_grad():
+        return _reference.attention_forward(q, k, v, kv_lengths, scale, window_left,
+                                            window_right)
+
+
+@_attention_forward.register_fake
+def _(q, k, v, kv_lengths, scale, window_left, window_right, backend):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("attnmem::attention_backward", mutates_args=())
+def _attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
+                        kv_lengths: Optional[torch.Tensor], scale: float, window_left: int,
+                        window_right: int, backend: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_left, window_right)
+    if _pick(q, k, v, backend) == "triton":
+        from attnmem.kernels import attention as kernel
+        return kernel.attention_backward(*args)
+    return _reference.attention_backward(*args)
+
+
+@_attention_backward.register_fake
+def _(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_left, window_right, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_lengths, scale, window_left, window_right, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_lengths)
+    ctx.args = (scale, window_left, window_right, backend)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, kv_lengths = ctx.saved_tensors
+    dq, dk, dv = _attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_tensor(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 4:
+        what = "(B, H, Nq, D)" if name == "q" else "(B, Hkv, Nk, D)"
+        raise ValueError(f"{name} must be {what}, got shape {tuple(x.shape)}")
+
+
+def _window_side(name, value) -> int:
+    if value is None:
+        return -1
+    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+        raise ValueError(f"window {name} must be an int >= 0, or None or -1 for unbounded, "
+                         f"got {value!r}")
+    return value
+
+
+def _validate(q, k, v, causal, scale, kv_lengths, window):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x)
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k has batch {k.shape[0]} but q has batch {q.shape[0]}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k has head dim {k.shape[-1]} but q has head dim {q.shape[-1]}")
+    if q.shape[-1] < 1:
+        raise ValueError("q must have a head dim of at least 1")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[1] < 1 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"k has {k.shape[1]} heads, which must divide q's {q.shape[1]} heads "
+                         "(grouped-query attention)")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    if kv_lengths is not None:
+        if not isinstance(kv_lengths, torch.Tensor):
+            raise TypeError(f"kv_lengths must be a tensor, got {type(kv_lengths).__name__}")
+        if kv_lengths.dtype.is_floating_point or kv_lengths.dtype.is_complex \
+                or kv_lengths.dtype == torch.bool:
+            raise TypeError(f"kv_lengths must be an integer tensor, got {kv_lengths.dtype}")
+        if tuple(kv_lengths.shape) != (q.shape[0],):
+            raise ValueError(f"kv_lengths must have shape (B,) = ({q.shape[0]},), "
+                             f"got {tuple(kv_lengths.shape)}")
+        if kv_lengths.device != q.device:
+            raise ValueError(f"kv_lengths is on {kv_lengths.device} but q is on {q.device}")
+    if window is None:
+        return -1, -1
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window must be a pair (left, right), got {window!r}")
+    return _window_side("left", window[0]), _window_side("right", window[1])
+
+
+def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None,
+              return_lse=False):
+    """Softmax attention `softmax(q k^T * scale + mask) v`, tiled so scores never fill memory.
+
+    q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D) with H % Hkv == 0 (query head h reads kv head
+    h // (H // Hkv)). Returns (B, H, Nq, D) in q's dtype, and with return_lse=True also the
+    float32 natural-log logsumexp (B, H, Nq) of the scaled, masked scores (differentiable).
+
+    Query i sees key j when all of these hold, with a = i + Nk - Nq (bottom-right alignment,
+    as in FlashAttention >= 2.1 and KV-cache decoding):
+      causal:            j <= a
+      window=(l, r):     a - l <= j <= a + r   (None or -1 leaves a side unbounded)
+      kv_lengths (B,):   j < kv_lengths[b]     (values are clamped to [0, Nk])
+    A query that sees no key outputs zeros, has lse -inf and gets zero gradients.
+    scale defaults to 1/sqrt(D). Inputs may be strided; a non-contiguous last dimension is
+    copied once for the triton backend.
+    """
+    window_left, window_right = _validate(q, k, v, causal, scale, kv_lengths, window)
+    if causal:
+        window_right = 0 if window_right < 0 else min(window_right, 0)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    out, lse = _attention_forward(q, k, v, kv_lengths, float(scale), window_left, window_right,
+                                  _backend.requested_backend())
+    return (out, lse) if return_lse else out

@@ -1,0 +1,105 @@
+"""Pure-torch attention: the CPU fallback and the reference the tests compare against.
+
+Masks are described by one window `(left, right)` of key offsets around each query's
+bottom-right aligned position `a = i + (Nk - Nq)`: query i sees key j iff
+`a - left <= j <= a + right` and `j < kv_lengths[b]`; `-1` leaves a side unbounded and
+`causal` is `right = 0`. The work runs over chunks of query rows, so no `Nq x Nk` score
+matrix exists for every head at once, and the backward recomputes scores from the saved
+logsumexp, as the kernels do.
+"""
+
+import torch
+
+# Score elements held at once (64 MiB in float32).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def visible(rows, n_q, n_k, window_left, window_right, kv_lengths):
+    """Bool mask (B or 1, 1, len(rows), Nk): query row i sees key j."""
+    aligned = rows[:, None] + (n_k - n_q)
+    j = torch.arange(n_k, device=rows.device)[None, :]
+    keep = torch.ones(len(rows), n_k, dtype=torch.bool, device=rows.device)
+    if window_left >= 0:
+        keep &= j >= aligned - window_left
+    if window_right >= 0:
+        keep &= j <= aligned + window_right
+    keep = keep[None, None]
+    if kv_lengths is not None:
+        keep = keep & (j < kv_lengths.view(-1, 1, 1, 1))
+    return keep
+
+
+def _row_chunks(q, n_k):
+    batch, heads, n_q, _ = q.shape
+    step = max(1, CHUNK_ELEMENTS // max(1, batch * heads * n_k))
+    for start in range(0, n_q, step):
+        yield torch.arange(start, min(n_q, start + step), device=q.device)
+
+
+def _grouped(x, kv_heads):
+    """(B, H, N, D) -> (B, Hkv, G, N, D): query head h = kv * G + g reads kv head h // G."""
+    return x.unflatten(1, (kv_heads, x.shape[1] // kv_heads))
+
+
+def _scores(qg_rows, k, rows, n_q, scale, window_left, window_right, kv_lengths):
+    """Scaled scores (B, Hkv, G, rows, Nk) of one row chunk and their visibility mask."""
+    s = torch.matmul(qg_rows, k[:, :, None].transpose(-1, -2)) * scale
+    keep = visible(rows, n_q, k.shape[2], window_left, window_right, kv_lengths)[:, :, None]
+    return s, keep
+
+
+def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right):
+    """q: (B, H, Nq, D), k, v: (B, Hkv, Nk, D) -> out (B, H, Nq, D) in q's dtype and the
+    float32 natural-log logsumexp (B, H, Nq) of the scaled, masked scores (-inf where a
+    query sees no key; its output is zero). Differentiable through torch autograd."""
+    ct = compute_dtype(q.dtype)
+    n_q, kv_heads = q.shape[2], k.shape[1]
+    qg, kc, vc = _grouped(q, kv_heads).to(ct), k.to(ct), v.to(ct)
+    outs, lses = [], []
+    for rows in _row_chunks(q, k.shape[2]):
+        s, keep = _scores(qg[..., rows, :], kc, rows, n_q, scale, window_left, window_right,
+                          kv_lengths)
+        s = s.masked_fill(~keep, float("-inf"))
+        # The row max only shifts the exponent; softmax does not depend on it.
+        m = s.amax(-1, keepdim=True).detach()
+        m = torch.where(torch.isfinite(m), m, 0.0)
+        p = torch.exp(s - m)
+        l = p.sum(-1, keepdim=True)
+        seen = l > 0
+        l_safe = torch.where(seen, l, 1.0)
+        outs.append(torch.matmul(p, vc[:, :, None]) / l_safe)
+        lses.append(torch.where(seen, m + torch.log(l_safe), float("-inf")).squeeze(-1))
+    out = torch.cat(outs, dim=-2).flatten(1, 2).to(q.dtype)
+    lse = torch.cat(lses, dim=-1).flatten(1, 2).to(torch.float32)
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_left,
+                       window_right):
+    """Gradients (dq, dk, dv) of attention_forward, given dout and optionally dlse."""
+    ct = compute_dtype(q.dtype)
+    n_q, kv_heads = q.shape[2], k.shape[1]
+    qg, kc, vc = _grouped(q, kv_heads).to(ct), k.to(ct), v.to(ct)
+    dog = _grouped(dout, kv_heads).to(ct)
+    delta = (dout.to(ct) * out.to(ct)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.to(ct)
+    delta, lse_g = _grouped(delta[..., None], kv_heads), _grouped(lse.to(ct)[..., None], kv_heads)
+    dq = torch.empty_like(qg)
+    dk, dv = torch.zeros_like(kc), torch.zeros_like(vc)
+    for rows in _row_chunks(q, k.shape[2]):
+        s, keep = _scores(qg[..., rows, :], kc, rows, n_q, scale, window_left, window_right,
+                          kv_lengths)
+        # Rows that see no key have lse = -inf; the mask zeroes them.
+        p = torch.where(keep, torch.exp(s - lse_g[..., rows, :]), 0.0)
+        do_rows = dog[..., rows, :]
+        dv += torch.matmul(p.transpose(-1, -2), do_rows).sum(2)
+        dp = torch.matmul(do_rows, vc[:, :, None].transpose(-1, -2))
+        ds = p * (dp - delta[..., rows, :])
+        dq[..., rows, :] = torch.matmul(ds, kc[:, :, None]) * scale
+        dk += torch.matmul(ds.transpose(-1, -2), qg[..., rows, :]).sum(2) * scale
+    return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

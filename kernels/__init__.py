@@ -1,0 +1,1 @@
+"""Triton kernels of attnmem, one op a module. Importing a module here imports triton."""

@@ -1,0 +1,532 @@
+"""Tiled softmax attention (FlashAttention-2 style): forward, backward and their launchers.
+
+Layout: q, dq, out, dout (B, H, Nq, D); k, v, dk, dv (B, Hkv, Nk, D); lse, delta (B, H, Nq)
+float32. Query head h reads kv head h // (H // Hkv). Masks are one window of key offsets
+around each query's bottom-right aligned position a = i + Nk - Nq: key j is visible iff
+a - window_left <= j <= a + window_right and j < kv_len (see attnmem.reference.attention).
+Each program visits only the tiles its mask leaves non-empty, and evaluates the mask only on
+the tiles at the edges of the visible band.
+
+The backward is deterministic: dK/dV programs own a key tile and loop over every query head
+of their group; dQ programs own a query tile. Nothing accumulates through atomics.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Shared memory a block may use: sm_80 (A100) and sm_90 (H100) opt-in limits.
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+# ---------------------------------------------------------------------------------------
+# Tile ranges
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _key_range(row_first, row_last, offset, kv_len, window_left, window_right,
+               BLOCK_N: tl.constexpr):
+    """Key tiles for query rows [row_first, row_last]: keys in [lo, hi) are visible to some
+    row; tiles in [full_lo, full_hi) are visible to every row and need no mask."""
+    lo = tl.maximum(row_first + offset - window_left, 0)
+    hi = tl.minimum(row_last + offset + window_right + 1, kv_len)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    full_lo = tl.maximum(row_last + offset - window_left, lo)
+    full_hi = tl.minimum(row_first + offset + window_right + 1, hi)
+    full_lo = tl.minimum(tl.cdiv(full_lo, BLOCK_N) * BLOCK_N, tl.maximum(hi, lo))
+    full_hi = tl.maximum((full_hi // BLOCK_N) * BLOCK_N, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _query_range(key_first, key_last, offset, n_q, kv_len, window_left, window_right,
+                 BLOCK_M: tl.constexpr):
+    """Query tiles for keys [key_first, key_last] (all below kv_len): rows in [lo, hi) see
+    some key; tiles in [full_lo, full_hi) see every key of the tile."""
+    lo = tl.maximum(key_first - offset - window_right, 0)
+    hi = tl.minimum(key_last - offset + window_left + 1, n_q)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    full_lo = tl.maximum(key_last - offset - window_right, lo)
+    full_hi = tl.minimum(key_first - offset + window_left + 1, hi)
+    full_lo = tl.minimum(tl.cdiv(full_lo, BLOCK_M) * BLOCK_M, tl.maximum(hi, lo))
+    full_hi = tl.maximum((full_hi // BLOCK_M) * BLOCK_M, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _visible(rows, keys, offset, n_q, kv_len, window_left, window_right):
+    aligned = rows[:, None] + offset
+    return ((keys[None, :] < kv_len) & (rows[:, None] < n_q)
+            & (keys[None, :] >= aligned - window_left) & (keys[None, :] <= aligned + window_right))
+
+
+@triton.jit
+def _kv_len(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS: tl.constexpr):
+    kv_len = n_k
+    if HAS_KV_LENGTHS:
+        kv_len = tl.minimum(tl.maximum(tl.load(kv_lengths_ptr + b).to(tl.int32), 0), n_k)
+    return kv_len
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
+               start, end, offset, n_q, kv_len, window_left, window_right, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        keys = start_n + offs_n0
+        if MASKED:
+            k_ok = keys < kv_len
+        else:
+            k_ok = keys >= 0
+        kt = tl.load(k_base + keys[None, :] * stride_kn + offs_d[:, None],
+                     mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            keep = _visible(rows, keys, offset, n_q, kv_len, window_left, window_right)
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen no key yet keeps m = -inf; shift it by 0 instead.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_shift = m_new
+        alpha = tl.math.exp2(m_i - m_shift)
+        p = tl.math.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + keys[:, None] * stride_vn + offs_d[None, :],
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
+              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+              n_heads, n_q, n_k, group, qk_scale, window_left, window_right, seq_bucket,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KV_LENGTHS: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // group
+    kv_len = _kv_len(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS)
+    offset = n_k - n_q
+    # One (b, h) slice of a long, strided sequence can pass 2^31 elements.
+    stride_qm = tl.cast(stride_qm, tl.int64)
+    stride_kn = tl.cast(stride_kn, tl.int64)
+    stride_vn = tl.cast(stride_vn, tl.int64)
+    stride_om = tl.cast(stride_om, tl.int64)
+
+    row_first = pid_m * BLOCK_M
+    rows = row_first + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :],
+                mask=(rows[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_last = tl.minimum(row_first + BLOCK_M, n_q) - 1
+    lo, full_lo, full_hi, hi = _key_range(row_first, row_last, offset, kv_len, window_left,
+                                          window_right, BLOCK_N)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, rows,
+                               offs_d, lo, full_lo, offset, n_q, kv_len, window_left,
+                               window_right, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, True,
+                               DOT_PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, rows,
+                               offs_d, full_lo, full_hi, offset, n_q, kv_len, window_left,
+                               window_right, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, False,
+                               DOT_PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, rows,
+                               offs_d, full_hi, hi, offset, n_q, kv_len, window_left,
+                               window_right, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, True,
+                               DOT_PRECISION)
+
+    # A query that saw no key outputs zeros and has lse = -inf.
+    seen = l_i > 0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    o_base = o_ptr + b * stride_ob + h * stride_oh
+    tl.store(o_base + rows[:, None] * stride_om + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=(rows[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(lse_ptr + (b * n_heads + h) * n_q + rows, lse, mask=rows < n_q)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_delta(o_ptr, do_ptr, dlse_ptr, delta_ptr,
+                    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+                    n_heads, n_q, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) - dLSE: the softmax backward's per-row correction."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    stride_om = tl.cast(stride_om, tl.int64)
+    stride_dom = tl.cast(stride_dom, tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_om
+                + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom
+                 + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row_ids = (b * n_heads + h) * n_q + rows
+    if HAS_DLSE:
+        delta -= tl.load(dlse_ptr + row_ids, mask=rows < n_q, other=0.0)
+    tl.store(delta_ptr + row_ids, delta, mask=rows < n_q)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                keys, offs_d, start, end, offset, n_q, kv_len, window_left, window_right,
+                qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_m0 = tl.arange(0, BLOCK_M)
+    d_ok = offs_d < HEAD_DIM
+    for start_m in range(start, end, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_m0
+        if MASKED:
+            r_ok = rows < n_q
+        else:
+            r_ok = rows >= 0
+        qt = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None],
+                     mask=r_ok[None, :] & d_ok[:, None], other=0.0)
+        lse = tl.load(lse_base + rows, mask=r_ok, other=0.0)
+        st = tl.dot(k, qt, input_precision=DOT_PRECISION)
+        # Rows that see no key have lse = -inf, so exp2 gives inf there: the mask zeroes it.
+        pt = tl.math.exp2(st * qk_scale - lse[None, :] * LOG2E)
+        if MASKED:
+            keep = _visible(rows, keys, offset, n_q, kv_len, window_left, window_right)
+            pt = tl.where(tl.trans(keep), pt, 0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :],
+                     mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        delta = tl.load(delta_base + rows, mask=r_ok, other=0.0)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                   kv_lengths_ptr,
+                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                   n_heads, n_q, n_k, group, scale, qk_scale, window_left, window_right,
+                   seq_bucket, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HAS_KV_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    kv_len = _kv_len(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS)
+    offset = n_k - n_q
+    stride_qm = tl.cast(stride_qm, tl.int64)
+    stride_kn = tl.cast(stride_kn, tl.int64)
+    stride_vn = tl.cast(stride_vn, tl.int64)
+    stride_dom = tl.cast(stride_dom, tl.int64)
+    stride_dkn = tl.cast(stride_dkn, tl.int64)
+    stride_dvn = tl.cast(stride_dvn, tl.int64)
+
+    key_first = pid_n * BLOCK_N
+    keys = key_first + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (keys[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + keys[:, None] * stride_kn
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + hk * stride_vh + keys[:, None] * stride_vn
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    key_last = tl.minimum(key_first + BLOCK_N, kv_len) - 1
+    lo, full_lo, full_hi, hi = _query_range(key_first, key_last, offset, n_q, kv_len,
+                                            window_left, window_right, BLOCK_M)
+    if key_first + BLOCK_N > kv_len:
+        # Keys past kv_len sit in this tile: every query tile needs the mask.
+        if key_first >= kv_len:
+            hi = lo
+        full_lo = tl.maximum(hi, lo)
+        full_hi = full_lo
+    for g in range(group):
+        h = hk * group + g
+        q_base = q_ptr + b * stride_qb + h * stride_qh
+        do_base = do_ptr + b * stride_dob + h * stride_doh
+        lse_base = lse_ptr + (b * n_heads + h) * n_q
+        delta_base = delta_ptr + (b * n_heads + h) * n_q
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm,
+                             stride_dom, keys, offs_d, lo, full_lo, offset, n_q, kv_len,
+                             window_left, window_right, qk_scale, HEAD_DIM, BLOCK_M, True,
+                             DOT_PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm,
+                             stride_dom, keys, offs_d, full_lo, full_hi, offset, n_q, kv_len,
+                             window_left, window_right, qk_scale, HEAD_DIM, BLOCK_M, False,
+                             DOT_PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm,
+                             stride_dom, keys, offs_d, full_hi, hi, offset, n_q, kv_len,
+                             window_left, window_right, qk_scale, HEAD_DIM, BLOCK_M, True,
+                             DOT_PRECISION)
+    tl.store(dk_ptr + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkn
+             + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + b * stride_dvb + hk * stride_dvh + keys[:, None] * stride_dvn
+             + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
+              start, end, offset, n_q, kv_len, window_left, window_right, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        keys = start_n + offs_n0
+        if MASKED:
+            k_ok = keys < kv_len
+        else:
+            k_ok = keys >= 0
+        kt = tl.load(k_base + keys[None, :] * stride_kn + offs_d[:, None],
+                     mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        vt = tl.load(v_base + keys[None, :] * stride_vn + offs_d[:, None],
+                     mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        p = tl.math.exp2(s * qk_scale - lse[:, None] * LOG2E)
+        if MASKED:
+            keep = _visible(rows, keys, offset, n_q, kv_len, window_left, window_right)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_lengths_ptr,
+                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                 stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                 stride_dqb, stride_dqh, stride_dqm,
+                 n_heads, n_q, n_k, group, scale, qk_scale, window_left, window_right,
+                 seq_bucket, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HAS_KV_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // group
+    kv_len = _kv_len(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS)
+    offset = n_k - n_q
+    stride_qm = tl.cast(stride_qm, tl.int64)
+    stride_kn = tl.cast(stride_kn, tl.int64)
+    stride_vn = tl.cast(stride_vn, tl.int64)
+    stride_dom = tl.cast(stride_dom, tl.int64)
+    stride_dqm = tl.cast(stride_dqm, tl.int64)
+
+    row_first = pid_m * BLOCK_M
+    rows = row_first + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm
+                + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom
+                 + offs_d[None, :], mask=mask, other=0.0)
+    row_ids = (b * n_heads + h) * n_q + rows
+    lse = tl.load(lse_ptr + row_ids, mask=rows < n_q, other=0.0)
+    delta = tl.load(delta_ptr + row_ids, mask=rows < n_q, other=0.0)
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    row_last = tl.minimum(row_first + BLOCK_M, n_q) - 1
+    lo, full_lo, full_hi, hi = _key_range(row_first, row_last, offset, kv_len, window_left,
+                                          window_right, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
+                   lo, full_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
+                   HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
+                   full_lo, full_hi, offset, n_q, kv_len, window_left, window_right, qk_scale,
+                   HEAD_DIM, BLOCK_N, False, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
+                   full_hi, hi, offset, n_q, kv_len, window_left, window_right, qk_scale,
+                   HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
+             + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Configs and launchers
+# ---------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Forward and dQ tile queries by BLOCK_M and walk
+# keys by BLOCK_N; dK/dV tiles keys by BLOCK_N and walks queries by BLOCK_M.
+FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 4, 4),
+               (64, 64, 4, 3), (64, 32, 4, 4), (64, 128, 4, 2), (32, 32, 4, 2)]
+DKDV_CONFIGS = [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2),
+                (16, 64, 4, 2)]
+DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2)]
+# Under the interpreter: small tiles, so that short test sequences span several of them.
+INTERPRET_CONFIG = (16, 16, 1, 1)
+
+
+def smem_estimate(kernel: str, block_m: int, block_n: int, block_d: int, stages: int,
+                  elem: int) -> int:
+    """Bytes of shared memory a config stages: the streamed tiles times the pipeline depth,
+    plus the tiles held across the loop. An upper-bound guide used to prune configs; the
+    compile test checks it against what triton really allocates."""
+    if kernel == "fwd":
+        return elem * block_d * (block_m + 2 * stages * block_n)
+    if kernel == "dkdv":
+        return elem * block_d * (2 * block_n + 2 * stages * block_m)
+    return elem * block_d * (2 * block_m + 2 * stages * block_n)
+
+
+def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int):
+    table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kernel]
+    out = []
+    for block_m, block_n, warps, stages in table:
+        # Large head dims and fp32 tiles spill registers at the big tile sizes.
+        if block_d * elem >= 512 and block_m * block_n > 64 * 64:
+            continue
+        while stages > 1 and smem_estimate(kernel, block_m, block_n, block_d, stages,
+                                           elem) > smem_limit:
+            stages -= 1
+        if smem_estimate(kernel, block_m, block_n, block_d, stages, elem) <= smem_limit:
+            out.append((block_m, block_n, warps, stages))
+    return list(dict.fromkeys(out))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _smem_limit(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", SMEM_LIMIT[80])
+
+
+_autotuned = {}
+
+
+def _launcher(kernel: str, fn, device, block_d: int, elem: int):
+    """The kernel under an autotuner whose configs fit this device; key: head dim, the
+    sequence-length bucket and (added by triton) the argument dtypes."""
+    smem = _smem_limit(device)
+    cache_key = (kernel, block_d, elem, smem)
+    if cache_key not in _autotuned:
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                   for m, n, w, s in configs_for(kernel, block_d, elem, smem)]
+        _autotuned[cache_key] = triton.autotune(configs, key=["BLOCK_D", "seq_bucket"])(fn)
+    return _autotuned[cache_key]
+
+
+def _run(kernel: str, fn, grid, args, meta, device, config):
+    """Launch fn with a fixed config (given, or the interpreter's) or through autotuning."""
+    if config is None and _interpreting():
+        config = INTERPRET_CONFIG
+    if config is not None:
+        block_m, block_n, warps, stages = config
+        fn[grid(block_m, block_n)](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n,
+                                    num_warps=warps, num_stages=stages)
+        return
+    elem = args[0].element_size()
+    tuned = _launcher(kernel, fn, device, meta["BLOCK_D"], elem)
+    tuned[lambda m: grid(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
+
+
+def _lastdim_contiguous(x):
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
+def _common(q, k, kv_lengths, window_left, window_right):
+    batch, heads, n_q, head_dim = q.shape
+    n_k = k.shape[2]
+    unbounded = n_q + n_k
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                HAS_KV_LENGTHS=kv_lengths is not None,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    scalars = (heads, n_q, n_k, heads // k.shape[1])
+    window = (unbounded if window_left < 0 else window_left,
+              unbounded if window_right < 0 else window_right,
+              min(triton.next_power_of_2(max(n_q, n_k)), 1 << 16))
+    dummy = kv_lengths if kv_lengths is not None else q
+    return meta, scalars, window, dummy
+
+
+def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, config=None):
+    """-> out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32 natural log."""
+    q, k, v = (_lastdim_contiguous(x) for x in (q, k, v))
+    batch, heads, n_q, _ = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right)
+    args = (q, k, v, out, lse, dummy, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *out.stride()[:3], *scalars, scale * LOG2E, *window)
+    _run("fwd", _attn_fwd, lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch), args, meta,
+         q.device, config)
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_left,
+                       window_right, config=None):
+    """-> dq, dk, dv in the dtypes of q, k, v. dlse, the gradient of lse, may be None."""
+    dout, q, k, v, out = (_lastdim_contiguous(x) for x in (dout, q, k, v, out))
+    batch, heads, n_q, head_dim = q.shape
+    kv_heads, n_k = k.shape[1], k.shape[2]
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if dk.numel() == 0 or dq.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right)
+
+    delta = torch.empty_like(lse)
+    block_d = meta["BLOCK_D"]
+    rows = 16 if _interpreting() else 64
+    _attn_bwd_delta[(triton.cdiv(n_q, rows), heads, batch)](
+        out, dout, dlse if dlse is not None else lse, delta, *out.stride()[:3],
+        *dout.stride()[:3], heads, n_q, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        HAS_DLSE=dlse is not None, BLOCK_M=rows)
+
+    common = (q, k, v, dout, lse, delta)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
+    tail = (*scalars, scale, scale * LOG2E, *window)
+    _run("dkdv", _attn_bwd_dkdv,
+         lambda bm, bn: (triton.cdiv(n_k, bn), kv_heads, batch),
+         (*common, dk, dv, dummy, *strides, *dk.stride()[:3], *dv.stride()[:3], *tail),
+         meta, q.device, config)
+    _run("dq", _attn_bwd_dq,
+         lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch),
+         (*common, dq, dummy, *strides, *dq.stride()[:3], *tail),
+         meta, q.device, config)
+    return dq, dk, dv
