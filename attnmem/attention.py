@@ -45,7 +45,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @_attention_forward.register_fake
 def _(q, k, v, kv_lengths, scale, window_left, window_right, backend):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_reference.compute_dtype(q.dtype))
 
 
 @torch.library.custom_op("attnmem::attention_backward", mutates_args=())
@@ -149,7 +149,8 @@ def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None
 
     q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D) with H % Hkv == 0 (query head h reads kv head
     h // (H // Hkv)). Returns (B, H, Nq, D) in q's dtype, and with return_lse=True also the
-    float32 natural-log logsumexp (B, H, Nq) of the scaled, masked scores (differentiable).
+    natural-log logsumexp (B, H, Nq) of the scaled, masked scores (differentiable), in
+    float32 (float64 for float64 inputs).
 
     Query i sees key j when all of these hold, with a = i + Nk - Nq (bottom-right alignment,
     as in FlashAttention >= 2.1 and KV-cache decoding):

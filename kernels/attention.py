@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 # Shared memory a block may use: sm_80 (A100) and sm_90 (H100) opt-in limits.
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -405,7 +405,8 @@ def smem_estimate(kernel: str, block_m: int, block_n: int, block_d: int, stages:
     if kernel == "fwd":
         return elem * block_d * (block_m + 2 * stages * block_n)
     if kernel == "dkdv":
-        return elem * block_d * (2 * block_n + 2 * stages * block_m)
+        # Each stage also holds the lse and delta of its query rows (float32).
+        return elem * block_d * (2 * block_n + 2 * stages * block_m) + 8 * stages * block_m
     return elem * block_d * (2 * block_m + 2 * stages * block_n)
 
 
@@ -491,7 +492,7 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, con
         return out, lse.fill_(float("-inf"))
     meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right)
     args = (q, k, v, out, lse, dummy, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *out.stride()[:3], *scalars, scale * LOG2E, *window)
+            *out.stride()[:3], *scalars, scale * LOG2E.value, *window)
     _run("fwd", _attn_fwd, lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch), args, meta,
          q.device, config)
     return out, lse
@@ -520,7 +521,7 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
 
     common = (q, k, v, dout, lse, delta)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-    tail = (*scalars, scale, scale * LOG2E, *window)
+    tail = (*scalars, scale, scale * LOG2E.value, *window)
     _run("dkdv", _attn_bwd_dkdv,
          lambda bm, bn: (triton.cdiv(n_k, bn), kv_heads, batch),
          (*common, dk, dv, dummy, *strides, *dk.stride()[:3], *dv.stride()[:3], *tail),

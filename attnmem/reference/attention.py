@@ -54,8 +54,12 @@ def _scores(qg_rows, k, rows, n_q, scale, window_left, window_right, kv_lengths)
 
 def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right):
     """q: (B, H, Nq, D), k, v: (B, Hkv, Nk, D) -> out (B, H, Nq, D) in q's dtype and the
-    float32 natural-log logsumexp (B, H, Nq) of the scaled, masked scores (-inf where a
-    query sees no key; its output is zero). Differentiable through torch autograd."""
+    natural-log logsumexp (B, H, Nq) of the scaled, masked scores in compute_dtype (-inf
+    where a query sees no key; its output is zero). Differentiable through torch autograd."""
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        # No query, or no key to see: zero output (still a function of q for autograd).
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=compute_dtype(q.dtype), device=q.device)
+        return q * 0, lse
     ct = compute_dtype(q.dtype)
     n_q, kv_heads = q.shape[2], k.shape[1]
     qg, kc, vc = _grouped(q, kv_heads).to(ct), k.to(ct), v.to(ct)
@@ -74,7 +78,7 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right):
         outs.append(torch.matmul(p, vc[:, :, None]) / l_safe)
         lses.append(torch.where(seen, m + torch.log(l_safe), float("-inf")).squeeze(-1))
     out = torch.cat(outs, dim=-2).flatten(1, 2).to(q.dtype)
-    lse = torch.cat(lses, dim=-1).flatten(1, 2).to(torch.float32)
+    lse = torch.cat(lses, dim=-1).flatten(1, 2)
     return out, lse
 
 

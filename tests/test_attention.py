@@ -1,0 +1,250 @@
+"""attnmem.attention against float64 on fresh random inputs: values, lse and every gradient.
+
+Tolerance (flash-attention's rule): the error against float64 is at most twice the error of
+torch computing the same attention naively in the input dtype, plus a few units of rounding.
+Kernel outputs are poisoned with NaN before they are written (fill_uninitialized_memory),
+so an element a kernel forgets to write fails the test.
+"""
+
+import os
+
+import pytest
+import torch
+
+import attnmem
+from attnmem.reference import attention as twin
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _targets():
+    out = [("cpu", "torch")]
+    if INTERPRET:
+        out.append(("cpu", "triton"))
+    if HAS_CUDA:
+        out.append(("cuda", "torch"))
+        if not INTERPRET:
+            out.append(("cuda", "triton"))
+    return [pytest.param(d, b, id=f"{d}-{b}") for d, b in out]
+
+
+TARGETS = _targets()
+
+# name: (B, H, Hkv, Nq, Nk, D, causal, window, kv_lengths)
+CASES = {
+    "plain": (2, 3, 3, 37, 37, 40, False, None, None),
+    "cross": (1, 2, 2, 23, 61, 16, False, None, None),
+    "causal_nq_lt_nk": (1, 2, 2, 23, 61, 64, True, None, None),
+    "causal_nq_gt_nk": (1, 2, 1, 61, 23, 32, True, None, None),  # top rows see no key
+    "decode": (3, 8, 2, 1, 77, 80, True, None, [77, 13, 1]),
+    "head_dim_1": (1, 2, 2, 19, 21, 1, False, None, None),
+    "head_dim_3_mqa": (2, 4, 1, 17, 33, 3, True, None, None),
+    "head_dim_96_local": (1, 2, 2, 45, 45, 96, False, (7, 0), None),
+    "head_dim_112_window": (1, 1, 1, 20, 50, 112, False, (3, 5), None),
+    "head_dim_256": (1, 1, 1, 18, 34, 256, True, None, None),
+    "window_causal": (1, 2, 2, 50, 70, 16, True, (9, 4), None),
+    "window_left_unbounded": (1, 2, 2, 40, 40, 16, False, (None, 3), None),
+    "window_right_unbounded": (1, 2, 2, 40, 35, 16, False, (2, -1), None),
+    "window_zero": (1, 2, 2, 33, 33, 16, False, (0, 0), None),
+    "lengths": (3, 4, 2, 29, 47, 24, False, None, [47, 0, 16]),
+    "lengths_clamped": (2, 2, 2, 20, 31, 16, True, None, [99, -3]),
+    "lengths_window_gqa": (2, 6, 3, 50, 50, 32, True, (12, 0), [33, 50]),
+    "all_masked": (2, 2, 1, 9, 14, 16, False, None, [0, 0]),
+    "empty_kv": (1, 2, 2, 5, 0, 16, False, None, None),
+    "empty_q": (1, 2, 2, 0, 5, 16, True, None, None),
+}
+FAST_CASES = ["plain", "causal_nq_gt_nk", "decode", "lengths_window_gqa", "head_dim_3_mqa"]
+
+# A few rounding units of each dtype, for errors that are zero in the baseline.
+ATOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison_empty():
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def make_inputs(case, dtype, device, layout="contiguous"):
+    b, h, hkv, nq, nk, d, causal, window, lengths = case
+
+    def make(heads, n):
+        if layout == "bshd":  # (B, N, H, D) memory viewed as (B, H, N, D)
+            return torch.randn(b, n, heads, d).to(device, dtype).transpose(1, 2)
+        if layout == "sliced":  # rows padded past D: last dim contiguous, rows strided
+            return torch.randn(b, heads, n, d + 8).to(device, dtype)[..., 3:d + 3]
+        return torch.randn(b, heads, n, d).to(device, dtype)
+
+    q, k, v = make(h, nq), make(hkv, nk), make(hkv, nk)
+    kv_lengths = None if lengths is None else torch.tensor(lengths, device=device)
+    kwargs = dict(causal=causal, window=window, kv_lengths=kv_lengths)
+    return q, k, v, kwargs
+
+
+def _window(kwargs):
+    left, right = kwargs["window"] or (-1, -1)
+    left, right = (-1 if x is None else x for x in (left, right))
+    if kwargs["causal"]:
+        right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
+def naive(q, k, v, kwargs, scale):
+    """Attention in q's dtype with the whole score matrix: torch's own error baseline."""
+    left, right = _window(kwargs)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    keep = twin.visible(torch.arange(q.shape[2], device=q.device), q.shape[2], k.shape[2],
+                        left, right, kwargs["kv_lengths"])
+    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s.float(), -1)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v, lse
+
+
+def run(fn, q, k, v, dout, dlse):
+    """Out, lse and the gradients of sum(out * dout) + sum(lse * dlse) over finite lse."""
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out, lse = fn(q, k, v)
+    loss = (out.float() * dout.float()).sum()
+    loss = loss + torch.where(torch.isfinite(lse), lse, 0.0).mul(dlse.float()).sum()
+    grads = torch.autograd.grad(loss, (q, k, v), allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, (q, k, v))]
+    return out.detach(), lse.detach(), grads
+
+
+def check_against_float64(q, k, v, kwargs, backend):
+    scale = q.shape[-1] ** -0.5
+    dout = torch.randn(q.shape, device=q.device).to(q.dtype)
+    dlse = torch.randn(q.shape[:3], device=q.device)
+    left, right = _window(kwargs)
+
+    ref = run(lambda *x: twin.attention_forward(*x, kwargs["kv_lengths"], scale, left, right),
+              q.double(), k.double(), v.double(), dout.double(), dlse.double())
+    base = run(lambda *x: naive(*x, kwargs, scale), q, k, v, dout, dlse)
+    with attnmem.use_backend(backend):
+        ours = run(lambda *x: attnmem.attention(*x, **kwargs, return_lse=True), q, k, v, dout,
+                   dlse)
+
+    atol = ATOL[q.dtype]
+    names = ["out", "lse", "dq", "dk", "dv"]
+    flat = lambda r: [r[0], r[1], *r[2]]  # noqa: E731
+    for name, o, b, r in zip(names, flat(ours), flat(base), flat(ref)):
+        assert o.shape == r.shape and o.dtype == (torch.float32 if name == "lse" else q.dtype)
+        assert not torch.isnan(o).any(), f"{name} has NaN"
+        finite = torch.isfinite(r)
+        assert torch.equal(torch.isfinite(o), finite), f"{name}: infinities differ"
+        err = (o.double() - r)[finite].abs().max().item() if finite.any() else 0.0
+        base_err = (b.double() - r)[finite].abs().max().item() if finite.any() else 0.0
+        assert err <= 2 * base_err + atol, f"{name}: error {err:.3g}, torch's {base_err:.3g}"
+
+    # Queries that see no key: zero output, lse -inf, zero dq.
+    unseen = torch.isinf(ref[1])
+    if unseen.any():
+        assert (ours[0][unseen] == 0).all() and (ours[1][unseen] == float("-inf")).all()
+        assert (ours[2][0][unseen] == 0).all()
+
+
+@pytest.mark.parametrize("device, backend", TARGETS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_float64(name, dtype, device, backend):
+    check_against_float64(*make_inputs(CASES[name], dtype, device), backend)
+
+
+@pytest.mark.parametrize("device, backend", TARGETS)
+@pytest.mark.parametrize("layout", ["bshd", "sliced"])
+@pytest.mark.parametrize("name", FAST_CASES)
+def test_strided_inputs(name, layout, device, backend):
+    check_against_float64(*make_inputs(CASES[name], torch.float32, device, layout), backend)
+
+
+@pytest.mark.parametrize("device, backend", TARGETS)
+@pytest.mark.parametrize("name", FAST_CASES)
+def test_bfloat16(name, device, backend):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("the interpreter's tl.dot is wrong on bfloat16 (triton issue 11584)")
+    check_against_float64(*make_inputs(CASES[name], torch.bfloat16, device), backend)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="drives the kernels through the interpreter")
+@pytest.mark.parametrize("config", [(16, 32, 1, 1), (32, 16, 1, 1), (64, 64, 1, 1)])
+@pytest.mark.parametrize("name", ["causal_nq_lt_nk", "window_causal", "lengths_window_gqa"])
+def test_kernel_tile_shapes(name, config):
+    """Tile boundaries fall elsewhere when BLOCK_M != BLOCK_N or tiles outgrow the sequence."""
+    from attnmem.kernels import attention as kernel
+
+    q, k, v, kwargs = make_inputs(CASES[name], torch.float32, "cpu")
+    left, right = _window(kwargs)
+    lengths, scale = kwargs["kv_lengths"], 0.3
+    ref_out, ref_lse = twin.attention_forward(q.double(), k.double(), v.double(), lengths,
+                                              scale, left, right)
+    out, lse = kernel.attention_forward(q, k, v, lengths, scale, left, right, config=config)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-6, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=2e-6, rtol=0)
+
+    dout = torch.randn_like(out)
+    expect = twin.attention_backward(dout.double(), q.double(), k.double(), v.double(),
+                                     ref_out, ref_lse, None, lengths, scale, left, right)
+    got = kernel.attention_backward(dout, q, k, v, out, lse, None, lengths, scale, left, right,
+                                    config=config)
+    for g, e in zip(got, expect):
+        torch.testing.assert_close(g.double(), e, atol=1e-5, rtol=0)
+
+
+def test_twin_matches_sdpa_with_explicit_mask():
+    """The twin's mask rules, checked against SDPA given a mask spelled out element by element."""
+    b, h, hkv, nq, nk, d = 2, 4, 2, 13, 21, 8
+    q, k, v = (torch.randn(b, n_h, n, d, dtype=torch.float64)
+               for n_h, n in ((h, nq), (hkv, nk), (hkv, nk)))
+    lengths = torch.tensor([21, 9])
+    for causal, window in [(True, None), (False, (3, 2)), (True, (4, None)), (False, None)]:
+        left, right = (window or (None, None))
+        mask = torch.zeros(b, 1, nq, nk, dtype=torch.bool)
+        for bi in range(b):
+            for i in range(nq):
+                for j in range(nk):
+                    a = i + nk - nq
+                    mask[bi, 0, i, j] = (j < lengths[bi] and (not causal or j <= a)
+                                         and (left is None or j >= a - left)
+                                         and (right is None or j <= a + right))
+        out = attnmem.attention(q, k, v, causal=causal, window=window, kv_lengths=lengths)
+        expect = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
+        seen = mask.any(-1, keepdim=True).expand_as(out)
+        torch.testing.assert_close(out[seen], expect[seen])
+        assert (out[~seen] == 0).all()
+
+
+def test_float64_gradcheck_on_the_torch_backend():
+    q = torch.randn(1, 2, 5, 3, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 7, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 7, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([6])
+    with attnmem.use_backend("torch"):
+        assert torch.autograd.gradcheck(
+            lambda q, k, v: attnmem.attention(q, k, v, causal=True, window=(3, None),
+                                              kv_lengths=lengths, return_lse=True),
+            (q, k, v))
+
+
+def test_torch_backend_chunks_long_sequences(monkeypatch):
+    """The fallback holds one chunk of scores at a time, and the result does not change."""
+    q, k, v = (torch.randn(1, 2, 300, 16) for _ in range(3))
+    whole = attnmem.attention(q, k, v, causal=True)
+    shapes = []
+    real_matmul = torch.matmul
+
+    def spy(a, b):
+        shapes.append(a.shape[-2])
+        return real_matmul(a, b)
+
+    monkeypatch.setattr(twin, "CHUNK_ELEMENTS", 2 * 300 * 64)
+    monkeypatch.setattr(twin.torch, "matmul", spy)
+    chunked = attnmem.attention(q, k, v, causal=True)
+    monkeypatch.undo()
+    assert max(shapes) <= 64
+    torch.testing.assert_close(chunked, whole)
