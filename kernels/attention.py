@@ -391,8 +391,9 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
 FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 4, 4),
                (64, 64, 4, 3), (64, 32, 4, 4), (64, 128, 4, 2), (32, 32, 4, 2)]
 DKDV_CONFIGS = [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2),
-                (16, 64, 4, 2)]
-DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2)]
+                (16, 64, 4, 2), (16, 32, 4, 2)]
+DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2),
+              (16, 32, 4, 2)]
 # Under the interpreter: small tiles, so that short test sequences span several of them.
 INTERPRET_CONFIG = (16, 16, 1, 1)
 
@@ -414,10 +415,11 @@ def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int):
     table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kernel]
     out = []
     for block_m, block_n, warps, stages in table:
-        # Large head dims and fp32 tiles spill registers at the big tile sizes.
-        if block_d * elem >= 512 and block_m * block_n > 64 * 64:
+        # fp32 dots run on FMA units and 256-wide fp16 rows fill the registers: small tiles.
+        if (elem >= 4 or block_d * elem >= 512) and block_m * block_n > 64 * 64:
             continue
-        while stages > 1 and smem_estimate(kernel, block_m, block_n, block_d, stages,
+        # Fewer stages fit more, but an unpipelined loop is no config worth tuning.
+        while stages > 2 and smem_estimate(kernel, block_m, block_n, block_d, stages,
                                            elem) > smem_limit:
             stages -= 1
         if smem_estimate(kernel, block_m, block_n, block_d, stages, elem) <= smem_limit:
@@ -502,6 +504,9 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
                        window_right, config=None):
     """-> dq, dk, dv in the dtypes of q, k, v. dlse, the gradient of lse, may be None."""
     dout, q, k, v, out = (_lastdim_contiguous(x) for x in (dout, q, k, v, out))
+    # Row statistics are indexed as dense (B, H, Nq); autograd may hand dlse in expanded.
+    lse = lse.contiguous()
+    dlse = None if dlse is None else dlse.float().contiguous()
     batch, heads, n_q, head_dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)

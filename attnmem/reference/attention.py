@@ -19,7 +19,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def visible(rows, n_q, n_k, window_left, window_right, kv_lengths):
-    """Bool mask (B or 1, 1, len(rows), Nk): query row i sees key j."""
+    """Bool mask (B or 1, 1, len(rows), Nk): query row i sees key j; None if all do."""
+    if window_left < 0 and window_right < 0 and kv_lengths is None:
+        return None
     aligned = rows[:, None] + (n_k - n_q)
     j = torch.arange(n_k, device=rows.device)[None, :]
     keep = torch.ones(len(rows), n_k, dtype=torch.bool, device=rows.device)
@@ -48,8 +50,8 @@ def _grouped(x, kv_heads):
 def _scores(qg_rows, k, rows, n_q, scale, window_left, window_right, kv_lengths):
     """Scaled scores (B, Hkv, G, rows, Nk) of one row chunk and their visibility mask."""
     s = torch.matmul(qg_rows, k[:, :, None].transpose(-1, -2)) * scale
-    keep = visible(rows, n_q, k.shape[2], window_left, window_right, kv_lengths)[:, :, None]
-    return s, keep
+    keep = visible(rows, n_q, k.shape[2], window_left, window_right, kv_lengths)
+    return s, None if keep is None else keep[:, :, None]
 
 
 def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right):
@@ -67,14 +69,15 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right):
     for rows in _row_chunks(q, k.shape[2]):
         s, keep = _scores(qg[..., rows, :], kc, rows, n_q, scale, window_left, window_right,
                           kv_lengths)
-        s = s.masked_fill(~keep, float("-inf"))
+        if keep is not None:
+            s = s.masked_fill(~keep, float("-inf"))
         # The row max only shifts the exponent; softmax does not depend on it.
         m = s.amax(-1, keepdim=True).detach()
         m = torch.where(torch.isfinite(m), m, 0.0)
         p = torch.exp(s - m)
-        l = p.sum(-1, keepdim=True)
-        seen = l > 0
-        l_safe = torch.where(seen, l, 1.0)
+        row_sum = p.sum(-1, keepdim=True)
+        seen = row_sum > 0
+        l_safe = torch.where(seen, row_sum, 1.0)
         outs.append(torch.matmul(p, vc[:, :, None]) / l_safe)
         lses.append(torch.where(seen, m + torch.log(l_safe), float("-inf")).squeeze(-1))
     out = torch.cat(outs, dim=-2).flatten(1, 2).to(q.dtype)
@@ -98,8 +101,9 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
     for rows in _row_chunks(q, k.shape[2]):
         s, keep = _scores(qg[..., rows, :], kc, rows, n_q, scale, window_left, window_right,
                           kv_lengths)
-        # Rows that see no key have lse = -inf; the mask zeroes them.
-        p = torch.where(keep, torch.exp(s - lse_g[..., rows, :]), 0.0)
+        p = torch.exp(s - lse_g[..., rows, :])
+        if keep is not None:  # rows that see no key have lse = -inf: the mask zeroes them
+            p = torch.where(keep, p, 0.0)
         do_rows = dog[..., rows, :]
         dv += torch.matmul(p.transpose(-1, -2), do_rows).sum(2)
         dp = torch.matmul(do_rows, vc[:, :, None].transpose(-1, -2))
