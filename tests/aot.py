@@ -1,22 +1,41 @@
-"""Compile a Triton kernel for a GPU target on a machine without a GPU."""
+"""Compile Triton kernels for GPU targets on a machine without a GPU.
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+The tests run kernels through the interpreter, which decides at definition time and patches
+triton.language, so compilation happens in a clean subprocess: `compile_all(jobs)` sends
+jobs to `python tests/aot.py` and returns, per job, the shared memory the kernel allocates
+and which matrix instructions its PTX uses.
+
+A job: {"module", "kernel", "arch", "constexprs", "pointers", "num_warps", "num_stages"};
+`pointers` maps each pointer argument to its element type ("fp16", "fp32", "i32"); other
+arguments are float32 if named *scale, else int32. Pointers and strides are declared
+16-divisible, as aligned torch tensors make them.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
 
 TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def compile_for(fn, arch, constexprs, pointer_types, num_warps, num_stages):
-    """fn compiled for sm_<arch>. pointer_types maps each pointer argument to its element
-    type ("fp16", "fp32", "i32"); other arguments are float32 if named *scale, else int32.
-    Pointers and strides are declared 16-divisible, as aligned torch tensors make them."""
+def compile_job(job):
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(job["module"]), job["kernel"])
+    constexprs, pointers = job["constexprs"], job["pointers"]
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in pointer_types:
-            signature[name] = "*" + pointer_types[name]
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name.endswith("scale"):
             signature[name] = "fp32"
@@ -24,9 +43,32 @@ def compile_for(fn, arch, constexprs, pointer_types, num_warps, num_stages):
             signature[name] = "i32"
             if name.startswith("stride"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    missing = set(pointer_types) - set(fn.arg_names)
-    if missing:
-        raise ValueError(f"{fn.__name__} has no arguments {sorted(missing)}")
-    src = ASTSource(fn, signature, constexprs, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    try:
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                                  target=GPUTarget("cuda", job["arch"], 32),
+                                  options={"num_warps": job["num_warps"],
+                                           "num_stages": job["num_stages"]})
+    except Exception as e:  # reported per job, so one bad config names itself
+        return {"error": f"{type(e).__name__}: {e}"[:2000]}
+    ptx = compiled.asm["ptx"]
+    return {"error": None, "shared": compiled.metadata.shared,
+            "wgmma": "wgmma.mma_async" in ptx, "mma_sync": "mma.sync.aligned" in ptx}
+
+
+def compile_all(jobs):
+    env = {**os.environ, "TRITON_INTERPRET": "0",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(jobs),
+                            capture_output=True, text=True, env=env, timeout=3000)
+    if result.returncode != 0:
+        raise RuntimeError(f"aot compiler failed:\n{result.stderr[-5000:]}")
+    return json.loads(result.stdout)
+
+
+if __name__ == "__main__":
+    import warnings
+
+    warnings.simplefilter("ignore")
+    todo = json.load(sys.stdin)
+    with ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        print(json.dumps(list(pool.map(compile_job, todo))))

@@ -99,7 +99,9 @@ def naive(q, k, v, kwargs, scale):
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     keep = twin.visible(torch.arange(q.shape[2], device=q.device), q.shape[2], k.shape[2],
                         left, right, kwargs["kv_lengths"])
-    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~keep, float("-inf"))
+    s = q @ k.transpose(-1, -2) * scale
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(s.float(), -1)
     p = torch.softmax(s, -1).nan_to_num(0.0)
     return p @ v, lse
