@@ -119,7 +119,9 @@ def run(fn, q, k, v, dout, dlse):
 
 
 def check_against_float64(q, k, v, kwargs, backend):
-    scale = q.shape[-1] ** -0.5
+    """kwargs: causal, window, kv_lengths and optionally scale, as attnmem.attention takes."""
+    scale = kwargs.get("scale") or q.shape[-1] ** -0.5
+    kwargs = {**kwargs, "scale": scale}
     dout = torch.randn(q.shape, device=q.device).to(q.dtype)
     dlse = torch.randn(q.shape[:3], device=q.device)
     left, right = _window(kwargs)
