@@ -1,7 +1,9 @@
 """attnmem.attention against float64 on fresh random inputs: values, lse and every gradient.
 
 Tolerance (flash-attention's rule): the error against float64 is at most twice the error of
-torch computing the same attention naively in the input dtype, plus a few units of rounding.
+torch computing the same attention naively in the input dtype, plus a few rounding units of
+the largest value compared (the backward's rowsum(dO * O) cancels against dO . v, which
+torch's softmax backward can get exactly right where p is 0 or 1).
 Kernel outputs are poisoned with NaN before they are written (fill_uninitialized_memory),
 so an element a kernel forgets to write fails the test.
 """
@@ -56,8 +58,8 @@ CASES = {
 }
 FAST_CASES = ["plain", "causal_nq_gt_nk", "decode", "lengths_window_gqa", "head_dim_3_mqa"]
 
-# A few rounding units of each dtype, for errors that are zero in the baseline.
-ATOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# A few rounding units of each dtype at magnitude 1.
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 @pytest.fixture(autouse=True)
@@ -133,7 +135,6 @@ def check_against_float64(q, k, v, kwargs, backend):
         ours = run(lambda *x: attnmem.attention(*x, **kwargs, return_lse=True), q, k, v, dout,
                    dlse)
 
-    atol = ATOL[q.dtype]
     names = ["out", "lse", "dq", "dk", "dv"]
     flat = lambda r: [r[0], r[1], *r[2]]  # noqa: E731
     for name, o, b, r in zip(names, flat(ours), flat(base), flat(ref)):
@@ -141,8 +142,11 @@ def check_against_float64(q, k, v, kwargs, backend):
         assert not torch.isnan(o).any(), f"{name} has NaN"
         finite = torch.isfinite(r)
         assert torch.equal(torch.isfinite(o), finite), f"{name}: infinities differ"
-        err = (o.double() - r)[finite].abs().max().item() if finite.any() else 0.0
-        base_err = (b.double() - r)[finite].abs().max().item() if finite.any() else 0.0
+        if not finite.any():
+            continue
+        err = (o.double() - r)[finite].abs().max().item()
+        base_err = (b.double() - r)[finite].abs().max().item()
+        atol = ATOL[q.dtype] * max(1.0, r[finite].abs().max().item())
         assert err <= 2 * base_err + atol, f"{name}: error {err:.3g}, torch's {base_err:.3g}"
 
     # Queries that see no key: zero output, lse -inf, zero dq.
