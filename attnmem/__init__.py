@@ -17,6 +17,14 @@ if not _os.path.isdir(_os.path.join(_here, "kernels")):
 
 from attnmem.attention import attention  # noqa: E402
 from attnmem.backend import use_backend  # noqa: E402
+from attnmem.memory import (  # noqa: E402
+    location_address,
+    memory_address,
+    memory_attend,
+    memory_read,
+    memory_write,
+)
 
-__all__ = ["attention", "use_backend"]
+__all__ = ["attention", "location_address", "memory_address", "memory_attend", "memory_read",
+           "memory_write", "use_backend"]
 __version__ = "0.1.0"

@@ -1,0 +1,159 @@
+"""External-memory ops for memory-augmented networks: content and location addressing,
+reading, and erase/add writing. Shapes: memory (B, N, D), keys (B, R, D), read weights
+(B, R, N), write weights (B, W, N), erase and add (B, W, D).
+
+The ops validate their inputs, then run on the pure-torch twin (attnmem.reference.memory);
+none has a Triton kernel yet, so `use_backend("triton")` raises for them and "auto" picks
+torch.
+"""
+
+import torch
+
+from attnmem import backend as _backend
+from attnmem.reference import memory as _reference
+
+SIMILARITIES = ("cosine", "dot", "scaled_dot")
+
+
+def _run_on_torch(op, tensors):
+    _backend.resolve(_backend.requested_backend(), tensors,
+                     [f"attnmem.{op} has no Triton kernel yet"], op)
+
+
+def _tensor(name, x, ndim, what):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be {what}, got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def _like(name, x, ref, ref_name):
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {x.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+
+
+def _shape(name, x, expected, what):
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must be {what} = {tuple(expected)}, got {tuple(x.shape)}")
+
+
+def _memory(memory):
+    _tensor("memory", memory, 3, "(B, N, D)")
+
+
+def _heads(name, x, memory, what):
+    """x: (B, R, D) against memory (B, N, D)."""
+    _tensor(name, x, 3, what)
+    _like(name, x, memory, "memory")
+    batch, _, width = memory.shape
+    if x.shape[0] != batch or x.shape[2] != width or x.shape[1] < 1:
+        raise ValueError(f"{name} must be {what} with B={batch}, D={width} and at least one "
+                         f"head, got {tuple(x.shape)}")
+
+
+def _weights(name, weights, memory, what):
+    _tensor(name, weights, 3, what)
+    _like(name, weights, memory, "memory")
+    if weights.shape[0] != memory.shape[0] or weights.shape[2] != memory.shape[1] \
+            or weights.shape[1] < 1:
+        raise ValueError(f"{name} must be {what} with B={memory.shape[0]}, "
+                         f"N={memory.shape[1]} and at least one head, got {tuple(weights.shape)}")
+
+
+def _address_args(memory, keys, strength, similarity, mask):
+    _memory(memory)
+    _heads("keys", keys, memory, "(B, R, D)")
+    if strength is not None:
+        _tensor("strength", strength, 2, "(B, R)")
+        _like("strength", strength, memory, "memory")
+        _shape("strength", strength, keys.shape[:2], "(B, R)")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError("mask must be a bool tensor (True = usable slot)")
+        _shape("mask", mask, memory.shape[:2], "(B, N)")
+        if mask.device != memory.device:
+            raise ValueError(f"mask is on {mask.device} but memory is on {memory.device}")
+
+
+def memory_address(memory, keys, *, strength=None, similarity="cosine", mask=None):
+    """Content addressing: weights (B, R, N) = softmax over slots of
+    strength * sim(key, slot). strength: (B, R), >= 0 (default 1); similarity: "cosine"
+    (NTM/DNC, u.v / max(|u||v|, 1e-8)), "dot" (MemN2N) or "scaled_dot" (u.v / sqrt(D));
+    mask: (B, N) bool, True = usable slot. A head with no usable slot gets zero weights."""
+    _address_args(memory, keys, strength, similarity, mask)
+    _run_on_torch("memory_address", (memory, keys))
+    return _reference.memory_address(memory, keys, strength, similarity, mask)
+
+
+def memory_read(memory, weights):
+    """Read vectors (B, R, D): r = sum_n w_n M_n for weights (B, R, N)."""
+    _memory(memory)
+    _weights("weights", weights, memory, "(B, R, N)")
+    _run_on_torch("memory_read", (memory, weights))
+    return _reference.memory_read(memory, weights)
+
+
+def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosine", mask=None,
+                  return_weights=False):
+    """Content addressing and read in one: softmax over slots of strength * sim(key, slot),
+    then the weighted sum of values (B, N, Dv), by default of memory itself (a key-value
+    memory such as MemN2N's A and C embeddings passes values). Returns (B, R, Dv), and
+    with return_weights=True also the weights (B, R, N)."""
+    _address_args(memory, keys, strength, similarity, mask)
+    if values is not None:
+        _tensor("values", values, 3, "(B, N, Dv)")
+        _like("values", values, memory, "memory")
+        if values.shape[:2] != memory.shape[:2]:
+            raise ValueError(f"values must be (B, N, Dv) with B, N = {tuple(memory.shape[:2])},"
+                             f" got {tuple(values.shape)}")
+    _run_on_torch("memory_attend", (memory, keys))
+    read, weights = _reference.memory_attend(memory, keys, values, strength, similarity, mask)
+    return (read, weights) if return_weights else read
+
+
+def memory_write(memory, weights, erase, add, *, inplace=False):
+    """Erase then add: M' = M * prod_w (1 - w_w e_w^T) + sum_w w_w a_w^T, for write weights
+    (B, W, N), erase (B, W, D) in [0, 1] and add (B, W, D). inplace=True updates memory
+    itself (inference) and raises if autograd would need the old memory."""
+    _memory(memory)
+    _weights("weights", weights, memory, "(B, W, N)")
+    for name, x in (("erase", erase), ("add", add)):
+        _tensor(name, x, 3, "(B, W, D)")
+        _like(name, x, memory, "memory")
+        _shape(name, x, (*weights.shape[:2], memory.shape[2]), "(B, W, D)")
+    _run_on_torch("memory_write", (memory, weights))
+    if not inplace:
+        return _reference.memory_write(memory, weights, erase, add)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (memory, weights, erase, add)):
+        raise RuntimeError("memory_write(inplace=True) overwrites memory, which autograd needs "
+                           "for the gradient: use inplace=False, or run under torch.no_grad()")
+    return _reference.memory_write_(memory, weights, erase, add)
+
+
+def location_address(content_weights, prev_weights, gate, shift, gamma):
+    """The NTM's location addressing (B, R, N): w_g = g w_c + (1 - g) w_prev, a circular
+    convolution with the shift distribution shift (B, R, S), S odd, where shift[..., j] moves
+    the focus by j - S//2 slots, then sharpening w^gamma / sum(w^gamma). gate: (B, R) in
+    [0, 1]; gamma: (B, R), >= 1."""
+    _tensor("content_weights", content_weights, 3, "(B, R, N)")
+    for name, x in (("prev_weights", prev_weights),):
+        _tensor(name, x, 3, "(B, R, N)")
+        _like(name, x, content_weights, "content_weights")
+        _shape(name, x, content_weights.shape, "(B, R, N)")
+    for name, x in (("gate", gate), ("gamma", gamma)):
+        _tensor(name, x, 2, "(B, R)")
+        _like(name, x, content_weights, "content_weights")
+        _shape(name, x, content_weights.shape[:2], "(B, R)")
+    _tensor("shift", shift, 3, "(B, R, S)")
+    _like("shift", shift, content_weights, "content_weights")
+    if shift.shape[:2] != content_weights.shape[:2] or shift.shape[2] % 2 != 1:
+        raise ValueError(f"shift must be (B, R, S) with (B, R) = "
+                         f"{tuple(content_weights.shape[:2])} and S odd, got {tuple(shift.shape)}")
+    _run_on_torch("location_address", (content_weights,))
+    return _reference.location_address(content_weights, prev_weights, gate, shift, gamma)

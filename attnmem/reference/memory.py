@@ -1,0 +1,87 @@
+"""Pure-torch external-memory ops (NTM, DNC, MemN2N): the fallback and the tests' reference.
+
+Shapes: memory (B, N, D) of N slots, keys (B, R, D) for R read heads, weights (B, R, N),
+write weights (B, W, N) with erase and add vectors (B, W, D). Every op is differentiable
+through torch autograd and stays finite where the formulas meet zeros: zero-norm slots or
+keys under cosine similarity, slots no head may use, zero weights under sharpening.
+"""
+
+import math
+
+import torch
+
+EPS = 1e-8
+
+
+def similarity(memory, keys, kind):
+    """(B, R, N) similarity of every key with every slot: "cosine" u.v / max(|u||v|, 1e-8),
+    "dot" u.v or "scaled_dot" u.v / sqrt(D)."""
+    dots = torch.matmul(keys, memory.transpose(1, 2))
+    if kind == "dot":
+        return dots
+    if kind == "scaled_dot":
+        return dots / math.sqrt(memory.shape[-1])
+    # max(|u||v|, eps) as sqrt(max(|u|^2 |v|^2, eps^2)): the same value, and no 0/0 in the
+    # gradient of a zero vector's norm.
+    norms_sq = keys.pow(2).sum(-1)[:, :, None] * memory.pow(2).sum(-1)[:, None, :]
+    return dots / norms_sq.clamp_min(EPS * EPS).sqrt()
+
+
+def _masked_softmax(scores, mask):
+    """Softmax over slots; slots with mask False get weight 0, rows with none usable are 0."""
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    top = scores.amax(-1, keepdim=True).detach()
+    p = torch.exp(scores - torch.where(torch.isfinite(top), top, 0.0))
+    total = p.sum(-1, keepdim=True)
+    return p / torch.where(total > 0, total, 1.0)
+
+
+def memory_address(memory, keys, strength, kind, mask):
+    """Content weights (B, R, N): softmax over slots of strength * sim(key, slot)."""
+    scores = similarity(memory, keys, kind)
+    if strength is not None:
+        scores = scores * strength[:, :, None]
+    return _masked_softmax(scores, mask)
+
+
+def memory_read(memory, weights):
+    """Read vectors (B, R, D): r = sum_n w_n M_n."""
+    return torch.matmul(weights, memory)
+
+
+def memory_attend(memory, keys, values, strength, kind, mask):
+    """Address by content and read in one: (read (B, R, Dv), weights (B, R, N))."""
+    weights = memory_address(memory, keys, strength, kind, mask)
+    return torch.matmul(weights, memory if values is None else values), weights
+
+
+def memory_write(memory, weights, erase, add):
+    """M' = M * prod_w (1 - w_w e_w^T) + sum_w w_w a_w^T."""
+    keep = torch.ones_like(memory)
+    for head in range(weights.shape[1]):
+        keep = keep * (1 - weights[:, head, :, None] * erase[:, head, None, :])
+    return memory * keep + torch.matmul(weights.transpose(1, 2), add)
+
+
+def location_address(content_weights, prev_weights, gate, shift, gamma):
+    """The NTM's location stage (B, R, N): interpolate with the previous weights by gate,
+    rotate by the shift distribution (shift[..., j] moves the focus by j - S//2 slots,
+    circularly), then sharpen by gamma and renormalise."""
+    gated = gate[..., None] * content_weights + (1 - gate[..., None]) * prev_weights
+    half = shift.shape[-1] // 2
+    shifted = sum(shift[..., j, None] * torch.roll(gated, j - half, dims=-1)
+                  for j in range(shift.shape[-1]))
+    # w^gamma as exp(gamma log w) where w > 0, and 0 elsewhere: no log(0) in the gradient.
+    positive = shifted > 0
+    safe = torch.where(positive, shifted, 1.0)
+    sharp = torch.where(positive, torch.exp(gamma[..., None] * torch.log(safe)), 0.0)
+    total = sharp.sum(-1, keepdim=True)
+    return sharp / torch.where(total > 0, total, 1.0)
+
+
+def memory_write_(memory, weights, erase, add):
+    """memory_write into memory itself: no second memory-sized buffer for inference."""
+    for head in range(weights.shape[1]):
+        memory.mul_(1 - weights[:, head, :, None] * erase[:, head, None, :])
+    return memory.baddbmm_(weights.transpose(1, 2), add)

@@ -1,0 +1,206 @@
+"""External-memory ops against element-wise float64 formulas, gradcheck, and their contract."""
+
+import math
+
+import pytest
+import torch
+
+import attnmem
+
+f64 = dict(dtype=torch.float64)
+
+
+def cos(u, v):
+    return float(u @ v) / max(float(u.norm() * v.norm()), 1e-8)
+
+
+def address_by_loops(memory, keys, strength, kind, mask):
+    b_, r_, n_ = keys.shape[0], keys.shape[1], memory.shape[1]
+    w = torch.zeros(b_, r_, n_, **f64)
+    for b in range(b_):
+        for r in range(r_):
+            scores = []
+            for n in range(n_):
+                u, v = keys[b, r], memory[b, n]
+                sim = {"cosine": cos(u, v), "dot": float(u @ v),
+                       "scaled_dot": float(u @ v) / math.sqrt(len(u))}[kind]
+                usable = mask is None or bool(mask[b, n])
+                scores.append(sim * float(strength[b, r]) if usable else -math.inf)
+            top = max(scores)
+            if top == -math.inf:
+                continue
+            e = [math.exp(s - top) for s in scores]
+            for n in range(n_):
+                w[b, r, n] = e[n] / sum(e)
+    return w
+
+
+def inputs(b=2, r=3, n=11, d=5, zero_slot=True):
+    memory = torch.randn(b, n, d, **f64)
+    if zero_slot:
+        memory[:, 4] = 0  # a zero slot: cosine similarity's 1e-8 floor
+    return memory, torch.randn(b, r, d, **f64), torch.rand(b, r, **f64) * 3
+
+
+@pytest.mark.parametrize("kind", ["cosine", "dot", "scaled_dot"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_address_and_attend_match_the_formulas(kind, masked):
+    memory, keys, strength = inputs()
+    mask = None
+    if masked:
+        mask = torch.rand(memory.shape[:2]) > 0.4
+        mask[1] = False  # batch 1 has no usable slot: zero weights, zero read
+    expect = address_by_loops(memory, keys, strength, kind, mask)
+    weights = attnmem.memory_address(memory, keys, strength=strength, similarity=kind, mask=mask)
+    torch.testing.assert_close(weights, expect)
+    values = torch.randn(2, 11, 7, **f64)
+    read, w = attnmem.memory_attend(memory, keys, values=values, strength=strength,
+                                    similarity=kind, mask=mask, return_weights=True)
+    torch.testing.assert_close(w, expect)
+    torch.testing.assert_close(read, expect @ values)
+    torch.testing.assert_close(attnmem.memory_attend(memory, keys, strength=strength,
+                                                     similarity=kind, mask=mask),
+                               attnmem.memory_read(memory, expect))
+
+
+def test_default_strength_is_one():
+    memory, keys, _ = inputs()
+    torch.testing.assert_close(attnmem.memory_address(memory, keys),
+                               address_by_loops(memory, keys, torch.ones(2, 3, **f64), "cosine",
+                                                None))
+
+
+def test_write_matches_the_formula():
+    memory = torch.randn(2, 9, 4, **f64)
+    weights, erase, add = (torch.rand(2, 3, 9, **f64), torch.rand(2, 3, 4, **f64),
+                           torch.randn(2, 3, 4, **f64))
+    expect = memory.clone()
+    for b in range(2):
+        for n in range(9):
+            for d in range(4):
+                keep = math.prod(1 - float(weights[b, w, n] * erase[b, w, d]) for w in range(3))
+                expect[b, n, d] = memory[b, n, d] * keep + sum(
+                    float(weights[b, w, n] * add[b, w, d]) for w in range(3))
+    torch.testing.assert_close(attnmem.memory_write(memory, weights, erase, add), expect)
+
+
+def test_inplace_write():
+    memory = torch.randn(2, 9, 4)
+    weights, erase, add = torch.rand(2, 2, 9), torch.rand(2, 2, 4), torch.randn(2, 2, 4)
+    expect = attnmem.memory_write(memory, weights, erase, add)
+    out = attnmem.memory_write(memory, weights, erase, add, inplace=True)
+    assert out.data_ptr() == memory.data_ptr()
+    torch.testing.assert_close(memory, expect)
+    with pytest.raises(RuntimeError, match="inplace=True\\) overwrites memory"):
+        attnmem.memory_write(memory, weights.requires_grad_(), erase, add, inplace=True)
+    with torch.no_grad():
+        attnmem.memory_write(memory, weights, erase, add, inplace=True)
+
+
+def test_location_address_shift_and_sharpen():
+    n = 7
+    content = torch.softmax(torch.randn(1, 1, n, **f64), -1)
+    prev = torch.softmax(torch.randn(1, 1, n, **f64), -1)
+    gate = torch.tensor([[0.3]], **f64)
+    gated = 0.3 * content + 0.7 * prev
+    one = torch.ones(1, 1, **f64)
+    # shift[..., j] moves the focus by j - S//2: with S = 3, index 2 moves it forward by one.
+    forward = torch.tensor([[[0.0, 0.0, 1.0]]], **f64)
+    w = attnmem.location_address(content, prev, gate, forward, one)
+    torch.testing.assert_close(w[..., 1:], gated[..., :-1])
+    torch.testing.assert_close(w[..., 0], gated[..., -1])
+    # Sharpening with gamma = 2 squares and renormalises.
+    w = attnmem.location_address(content, prev, gate, torch.tensor([[[0.0, 1.0, 0.0]]], **f64),
+                                 2 * one)
+    torch.testing.assert_close(w, gated**2 / (gated**2).sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "dot", "scaled_dot"])
+def test_gradcheck_address_attend_read(kind):
+    # Cosine similarity jumps at a zero vector, where finite differences cannot agree.
+    memory, keys, strength = (x.requires_grad_() for x in inputs(b=2, r=2, n=6, d=3,
+                                                                 zero_slot=False))
+    values = torch.randn(2, 6, 4, **f64, requires_grad=True)
+    mask = torch.tensor([[True] * 6, [True, False, True, True, False, False]])
+    assert torch.autograd.gradcheck(
+        lambda m, k, s, v: attnmem.memory_attend(m, k, values=v, strength=s, similarity=kind,
+                                                 mask=mask, return_weights=True),
+        (memory, keys, strength, values))
+    weights = torch.rand(2, 3, 6, **f64, requires_grad=True)
+    assert torch.autograd.gradcheck(attnmem.memory_read, (memory, weights))
+
+
+def test_gradcheck_write_and_location():
+    memory = torch.randn(2, 6, 3, **f64, requires_grad=True)
+    weights, erase, add = (torch.rand(2, 2, 6, **f64).requires_grad_(),
+                           torch.rand(2, 2, 3, **f64).requires_grad_(),
+                           torch.randn(2, 2, 3, **f64).requires_grad_())
+    assert torch.autograd.gradcheck(attnmem.memory_write, (memory, weights, erase, add))
+    content = torch.softmax(torch.randn(2, 2, 6, **f64), -1).requires_grad_()
+    prev = torch.softmax(torch.randn(2, 2, 6, **f64), -1).requires_grad_()
+    gate = torch.rand(2, 2, **f64).requires_grad_()
+    shift = torch.softmax(torch.randn(2, 2, 3, **f64), -1).requires_grad_()
+    gamma = (1 + torch.rand(2, 2, **f64) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(attnmem.location_address, (content, prev, gate, shift, gamma))
+
+
+def test_gradients_stay_finite_at_zeros():
+    """Zero memory (DNC's initial state), zero keys, unusable slots, all-zero weights."""
+    memory = torch.zeros(1, 5, 4, requires_grad=True)
+    keys = torch.zeros(1, 2, 4, requires_grad=True)
+    mask = torch.tensor([[False] * 5])
+    read = attnmem.memory_attend(memory, keys) + attnmem.memory_attend(memory, keys, mask=mask)
+    read.sum().backward()
+    assert torch.isfinite(memory.grad).all() and torch.isfinite(keys.grad).all()
+    content = torch.zeros(1, 1, 5, requires_grad=True)
+    gamma = torch.full((1, 1), 2.0, requires_grad=True)
+    w = attnmem.location_address(content, torch.zeros(1, 1, 5), torch.ones(1, 1),
+                                 torch.tensor([[[0.2, 0.6, 0.2]]]), gamma)
+    w.sum().backward()
+    assert (w == 0).all()
+    assert torch.isfinite(content.grad).all() and torch.isfinite(gamma.grad).all()
+
+
+def test_triton_backend_says_it_has_no_memory_kernels_yet():
+    memory, keys, _ = inputs()
+    with attnmem.use_backend("triton"), pytest.raises(RuntimeError, match="no Triton kernel"):
+        attnmem.memory_attend(memory, keys)
+
+
+M, K = torch.randn(2, 8, 4), torch.randn(2, 3, 4)
+BAD = [
+    ("memory must be \\(B, N, D\\)", lambda: attnmem.memory_read(M[0], torch.rand(2, 3, 8))),
+    ("memory must be a floating-point", lambda: attnmem.memory_read(M.int(), torch.rand(2, 3, 8))),
+    ("weights must be \\(B, R, N\\) with B=2, N=8", lambda: attnmem.memory_read(
+        M, torch.rand(2, 3, 7))),
+    ("keys must be \\(B, R, D\\) with B=2, D=4", lambda: attnmem.memory_address(
+        M, torch.randn(2, 3, 5))),
+    ("keys must have memory's dtype", lambda: attnmem.memory_address(M, K.double())),
+    ("strength must be \\(B, R\\)", lambda: attnmem.memory_address(M, K,
+                                                                    strength=torch.rand(2, 4))),
+    ("similarity must be one of", lambda: attnmem.memory_address(M, K, similarity="l2")),
+    ("mask must be a bool tensor", lambda: attnmem.memory_address(M, K, mask=torch.ones(2, 8))),
+    ("mask must be \\(B, N\\)", lambda: attnmem.memory_address(
+        M, K, mask=torch.ones(2, 7, dtype=torch.bool))),
+    ("values must be \\(B, N, Dv\\)", lambda: attnmem.memory_attend(
+        M, K, values=torch.randn(2, 9, 3))),
+    ("erase must be \\(B, W, D\\)", lambda: attnmem.memory_write(
+        M, torch.rand(2, 2, 8), torch.rand(2, 3, 4), torch.rand(2, 2, 4))),
+    ("add must have memory's dtype", lambda: attnmem.memory_write(
+        M, torch.rand(2, 2, 8), torch.rand(2, 2, 4), torch.rand(2, 2, 4).double())),
+    ("shift must be \\(B, R, S\\) with \\(B, R\\) = \\(2, 3\\) and S odd",
+     lambda: attnmem.location_address(torch.rand(2, 3, 8), torch.rand(2, 3, 8), torch.rand(2, 3),
+                                      torch.rand(2, 3, 4), torch.ones(2, 3))),
+    ("gamma must be \\(B, R\\)", lambda: attnmem.location_address(
+        torch.rand(2, 3, 8), torch.rand(2, 3, 8), torch.rand(2, 3), torch.rand(2, 3, 3),
+        torch.ones(3))),
+    ("prev_weights must be \\(B, R, N\\) = \\(2, 3, 8\\)", lambda: attnmem.location_address(
+        torch.rand(2, 3, 8), torch.rand(2, 3, 9), torch.rand(2, 3), torch.rand(2, 3, 3),
+        torch.ones(2, 3))),
+]
+
+
+@pytest.mark.parametrize("message, call", BAD, ids=[m for m, _ in BAD])
+def test_bad_input_raises_a_named_error(message, call):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
