@@ -10,7 +10,14 @@ import math
 
 import torch
 
+from attnmem.reference.attention import compute_dtype
+
 EPS = 1e-8
+
+
+def _upcast(*tensors):
+    """float16/bfloat16 computed in float32 (1e-16 is zero in half precision)."""
+    return [None if x is None else x.to(compute_dtype(x.dtype)) for x in tensors]
 
 
 def similarity(memory, keys, kind):
@@ -39,35 +46,42 @@ def _masked_softmax(scores, mask):
 
 def memory_address(memory, keys, strength, kind, mask):
     """Content weights (B, R, N): softmax over slots of strength * sim(key, slot)."""
+    dtype = memory.dtype
+    memory, keys, strength = _upcast(memory, keys, strength)
     scores = similarity(memory, keys, kind)
     if strength is not None:
         scores = scores * strength[:, :, None]
-    return _masked_softmax(scores, mask)
+    return _masked_softmax(scores, mask).to(dtype)
 
 
 def memory_read(memory, weights):
     """Read vectors (B, R, D): r = sum_n w_n M_n."""
-    return torch.matmul(weights, memory)
+    return torch.matmul(*_upcast(weights, memory)).to(memory.dtype)
 
 
 def memory_attend(memory, keys, values, strength, kind, mask):
     """Address by content and read in one: (read (B, R, Dv), weights (B, R, N))."""
     weights = memory_address(memory, keys, strength, kind, mask)
-    return torch.matmul(weights, memory if values is None else values), weights
+    return memory_read(memory if values is None else values, weights), weights
 
 
 def memory_write(memory, weights, erase, add):
     """M' = M * prod_w (1 - w_w e_w^T) + sum_w w_w a_w^T."""
+    dtype = memory.dtype
+    memory, weights, erase, add = _upcast(memory, weights, erase, add)
     keep = torch.ones_like(memory)
     for head in range(weights.shape[1]):
         keep = keep * (1 - weights[:, head, :, None] * erase[:, head, None, :])
-    return memory * keep + torch.matmul(weights.transpose(1, 2), add)
+    return (memory * keep + torch.matmul(weights.transpose(1, 2), add)).to(dtype)
 
 
 def location_address(content_weights, prev_weights, gate, shift, gamma):
     """The NTM's location stage (B, R, N): interpolate with the previous weights by gate,
     rotate by the shift distribution (shift[..., j] moves the focus by j - S//2 slots,
     circularly), then sharpen by gamma and renormalise."""
+    dtype = content_weights.dtype
+    content_weights, prev_weights, gate, shift, gamma = _upcast(
+        content_weights, prev_weights, gate, shift, gamma)
     gated = gate[..., None] * content_weights + (1 - gate[..., None]) * prev_weights
     half = shift.shape[-1] // 2
     shifted = sum(shift[..., j, None] * torch.roll(gated, j - half, dims=-1)
@@ -77,7 +91,7 @@ def location_address(content_weights, prev_weights, gate, shift, gamma):
     safe = torch.where(positive, shifted, 1.0)
     sharp = torch.where(positive, torch.exp(gamma[..., None] * torch.log(safe)), 0.0)
     total = sharp.sum(-1, keepdim=True)
-    return sharp / torch.where(total > 0, total, 1.0)
+    return (sharp / torch.where(total > 0, total, 1.0)).to(dtype)
 
 
 def memory_write_(memory, weights, erase, add):
