@@ -2,10 +2,11 @@
 reading, and erase/add writing. Shapes: memory (B, N, D), keys (B, R, D), read weights
 (B, R, N), write weights (B, W, N), erase and add (B, W, D).
 
-The ops validate their inputs, then run on the pure-torch twin (attnmem.reference.memory);
-none has a Triton kernel yet, so `use_backend("triton")` raises for them and "auto" picks
-torch.
+The ops validate their inputs, then run on the pure-torch twin (attnmem.reference.memory)
+or, for memory_attend, on its Triton kernel. Ops without a kernel yet say so when
+`use_backend("triton")` asks for one, and "auto" runs them on torch.
 """
+
 
 import torch
 
@@ -13,6 +14,88 @@ from attnmem import backend as _backend
 from attnmem.reference import memory as _reference
 
 SIMILARITIES = ("cosine", "dot", "scaled_dot")
+
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@torch.library.custom_op("attnmem::memory_attend", mutates_args=())
+def _memory_attend_op(memory: torch.Tensor, keys: torch.Tensor, values: torch.Tensor | None,
+                      strength: torch.Tensor | None, mask: torch.Tensor | None,
+                      similarity: str, need_weights: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton path -> (read, weights or an empty tensor, lse)."""
+    from attnmem.kernels import memory_attend as kernel
+
+    read, lse, scores = kernel.memory_attend_forward(memory, keys, values, strength, mask,
+                                                     similarity, need_weights)
+    if need_weights:  # heads with no usable slot have lse = -inf and zero weights
+        scores = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    weights = scores
+    return read, weights.to(memory.dtype), lse
+
+
+@_memory_attend_op.register_fake
+def _(memory, keys, values, strength, mask, similarity, need_weights):
+    batch, n_slots, width = memory.shape
+    value_dim = width if values is None else values.shape[2]
+    heads = keys.shape[1]
+    weights = memory.new_empty((batch, heads, n_slots) if need_weights else (0,))
+    return (memory.new_empty((batch, heads, value_dim)), weights,
+            memory.new_empty((batch, heads), dtype=torch.float32))
+
+
+@torch.library.custom_op("attnmem::memory_attend_backward", mutates_args=())
+def _memory_attend_backward_op(dread: torch.Tensor, dweights: torch.Tensor | None,
+                               memory: torch.Tensor, keys: torch.Tensor,
+                               values: torch.Tensor | None, strength: torch.Tensor | None,
+                               mask: torch.Tensor | None, read: torch.Tensor,
+                               weights: torch.Tensor, lse: torch.Tensor, similarity: str
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dmemory, dkeys, dvalues, dstrength; an empty tensor for an absent input."""
+    from attnmem.kernels import memory_attend as kernel
+
+    grads = kernel.memory_attend_backward(dread, dweights, memory, keys, values, strength, mask,
+                                          read, weights, lse, similarity)
+    return tuple(memory.new_empty(0) if g is None else g for g in grads)
+
+
+@_memory_attend_backward_op.register_fake
+def _(dread, dweights, memory, keys, values, strength, mask, read, weights, lse, similarity):
+    return (memory.new_empty(memory.shape), keys.new_empty(keys.shape),
+            memory.new_empty(0 if values is None else values.shape),
+            memory.new_empty(0 if strength is None else strength.shape))
+
+
+def _attend_setup_context(ctx, inputs, output):
+    memory, keys, values, strength, mask, similarity, need_weights = inputs
+    read, weights, lse = output
+    ctx.save_for_backward(memory, keys, values, strength, mask, read, weights, lse)
+    ctx.similarity, ctx.need_weights = similarity, need_weights
+
+
+def _attend_backward(ctx, dread, dweights, dlse):
+    memory, keys, values, strength, mask, read, weights, lse = ctx.saved_tensors
+    dmemory, dkeys, dvalues, dstrength = _memory_attend_backward_op(
+        dread, dweights if ctx.need_weights else None, memory, keys, values, strength, mask,
+        read, weights, lse, ctx.similarity)
+    return (dmemory, dkeys, None if values is None else dvalues,
+            None if strength is None else dstrength, None, None, None)
+
+
+_memory_attend_op.register_autograd(_attend_backward, setup_context=_attend_setup_context)
+
+
+def _attend_triton_reasons(memory, keys, values) -> list[str]:
+    reasons = []
+    if memory.dtype not in TRITON_DTYPES:
+        reasons.append(f"dtype {memory.dtype} (supported: float16, bfloat16, float32)")
+    value_dim = memory.shape[2] if values is None else values.shape[2]
+    if max(memory.shape[2], value_dim) > 256:
+        reasons.append(f"slot width {max(memory.shape[2], value_dim)} > 256")
+    if keys.shape[1] > 128:
+        reasons.append(f"{keys.shape[1]} heads > 128")
+    return reasons
 
 
 def _run_on_torch(op, tensors):
@@ -112,8 +195,14 @@ def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosin
         if values.shape[:2] != memory.shape[:2]:
             raise ValueError(f"values must be (B, N, Dv) with B, N = {tuple(memory.shape[:2])},"
                              f" got {tuple(values.shape)}")
-    _run_on_torch("memory_attend", (memory, keys))
-    read, weights = _reference.memory_attend(memory, keys, values, strength, similarity, mask)
+    chosen = _backend.resolve(_backend.requested_backend(), (memory, keys),
+                              _attend_triton_reasons(memory, keys, values), "memory_attend")
+    if chosen == "triton":
+        read, weights, _ = _memory_attend_op(memory, keys, values, strength, mask, similarity,
+                                             return_weights)
+    else:
+        read, weights = _reference.memory_attend(memory, keys, values, strength, similarity,
+                                                 mask)
     return (read, weights) if return_weights else read
 
 

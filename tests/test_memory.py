@@ -161,10 +161,10 @@ def test_gradients_stay_finite_at_zeros():
     assert torch.isfinite(content.grad).all() and torch.isfinite(gamma.grad).all()
 
 
-def test_triton_backend_says_it_has_no_memory_kernels_yet():
+def test_triton_backend_says_which_ops_have_no_kernel_yet():
     memory, keys, _ = inputs()
     with attnmem.use_backend("triton"), pytest.raises(RuntimeError, match="no Triton kernel"):
-        attnmem.memory_attend(memory, keys)
+        attnmem.memory_address(memory, keys)
 
 
 M, K = torch.randn(2, 8, 4), torch.randn(2, 3, 4)

@@ -1,0 +1,308 @@
+"""Content addressing and read in one pass over memory: forward, backward and launchers.
+
+memory (B, N, D), keys (B, R, D), values (B, N, Dv) (memory itself when absent), strength
+(B, R), mask (B, N). Scores s = strength * sim(key, slot); read = softmax_n(s) @ values.
+
+Few heads over a large memory must still fill a GPU, so each program owns one batch entry
+and one split of the slots (flash-decoding): it keeps all R heads in registers, streams its
+slots through tiles and writes a partial read with its running max and sum, which the
+launcher combines by logsumexp. The backward recomputes the scores from the saved
+logsumexp, writes dMemory and dValues of its slots directly and partial dKeys and
+dStrength per split, summed by the launcher: no atomics, deterministic.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+EPS_SQ = tl.constexpr(1e-16)  # cosine's max(|u||v|, 1e-8), squared
+SIMILARITY_CODES = {"cosine": 0, "dot": 1, "scaled_dot": 2}
+
+
+@triton.jit
+def _scores(keys, k_sq, strength, mem, head_dim, SIMILARITY: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
+    """(s, sim, denom, m_sq) of every head against a tile of slots; s = strength * sim."""
+    dots = tl.dot(keys, tl.trans(mem), input_precision=DOT_PRECISION)
+    m_sq = tl.sum(mem.to(tl.float32) * mem.to(tl.float32), 1)
+    denom = tl.full(dots.shape, 1.0, tl.float32)
+    if SIMILARITY == 0:
+        denom = tl.sqrt(tl.maximum(k_sq[:, None] * m_sq[None, :], EPS_SQ))
+    elif SIMILARITY == 2:
+        denom = denom * tl.sqrt(tl.cast(head_dim, tl.float32))
+    sim = dots / denom
+    return sim * strength[:, None], sim, denom, m_sq
+
+
+@triton.jit
+def _memory_attend_fwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr,
+                       part_read_ptr, part_max_ptr, part_sum_ptr, scores_ptr,
+                       stride_mb, stride_mn, stride_kb, stride_kr, stride_vb, stride_vn,
+                       n_heads, n_slots, head_dim, value_dim, split_len,
+                       SIMILARITY: tl.constexpr, HAS_VALUES: tl.constexpr,
+                       HAS_STRENGTH: tl.constexpr, HAS_MASK: tl.constexpr,
+                       STORE_SCORES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    split = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    n_splits = tl.num_programs(0)
+    stride_mn = tl.cast(stride_mn, tl.int64)
+    stride_vn = tl.cast(stride_vn, tl.int64)
+    heads = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    keys = tl.load(keys_ptr + b * stride_kb + heads[:, None] * stride_kr + offs_d[None, :],
+                   mask=(heads[:, None] < n_heads) & (offs_d[None, :] < head_dim), other=0.0)
+    k_sq = tl.sum(keys.to(tl.float32) * keys.to(tl.float32), 1)
+    strength = tl.full([BLOCK_R], 1.0, tl.float32)
+    if HAS_STRENGTH:
+        strength = tl.load(strength_ptr + b * n_heads + heads, mask=heads < n_heads,
+                           other=1.0).to(tl.float32)
+
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    start = split * split_len
+    end = tl.minimum(start + split_len, n_slots)
+    for n0 in range(start, end, BLOCK_N):
+        slots = n0 + tl.arange(0, BLOCK_N)
+        usable = slots < end
+        mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
+                      mask=usable[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+        if HAS_MASK:
+            usable &= tl.load(mask_ptr + b * n_slots + slots, mask=usable, other=0) != 0
+        s, _, _, _ = _scores(keys, k_sq, strength, mem, head_dim, SIMILARITY, DOT_PRECISION)
+        s = tl.where(usable[None, :], s, float("-inf"))
+        if STORE_SCORES:
+            tl.store(scores_ptr + (b * n_heads + heads[:, None]) * n_slots + slots[None, :], s,
+                     mask=(heads[:, None] < n_heads) & (slots[None, :] < end))
+        s = s * LOG2E
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_shift)
+        p = tl.math.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_VALUES:
+            val = tl.load(values_ptr + b * stride_vb + slots[:, None] * stride_vn
+                          + offs_dv[None, :],
+                          mask=(slots[:, None] < end) & (offs_dv[None, :] < value_dim), other=0.0)
+        else:
+            val = mem
+        acc = tl.dot(p.to(val.dtype), val, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    rows = (split * n_heads) + b * n_splits * n_heads + heads
+    tl.store(part_read_ptr + rows[:, None] * value_dim + offs_dv[None, :], acc,
+             mask=(heads[:, None] < n_heads) & (offs_dv[None, :] < value_dim))
+    tl.store(part_max_ptr + rows, m_i, mask=heads < n_heads)
+    tl.store(part_sum_ptr + rows, l_i, mask=heads < n_heads)
+
+
+@triton.jit
+def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, lse_ptr,
+                       dread_ptr, delta_ptr, dweights_ptr, dmem_ptr, dvalues_ptr,
+                       part_dkeys_ptr, part_dstrength_ptr,
+                       stride_mb, stride_mn, stride_kb, stride_kr, stride_vb, stride_vn,
+                       stride_dmb, stride_dmn, stride_dvb, stride_dvn,
+                       n_heads, n_slots, head_dim, value_dim, split_len,
+                       SIMILARITY: tl.constexpr, HAS_VALUES: tl.constexpr,
+                       HAS_STRENGTH: tl.constexpr, HAS_MASK: tl.constexpr,
+                       HAS_DWEIGHTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    split = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    n_splits = tl.num_programs(0)
+    stride_mn = tl.cast(stride_mn, tl.int64)
+    stride_vn = tl.cast(stride_vn, tl.int64)
+    stride_dmn = tl.cast(stride_dmn, tl.int64)
+    stride_dvn = tl.cast(stride_dvn, tl.int64)
+    heads = tl.arange(0, BLOCK_R)
+    head_ok = heads < n_heads
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    keys = tl.load(keys_ptr + b * stride_kb + heads[:, None] * stride_kr + offs_d[None, :],
+                   mask=head_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    k_sq = tl.sum(keys.to(tl.float32) * keys.to(tl.float32), 1)
+    strength = tl.full([BLOCK_R], 1.0, tl.float32)
+    if HAS_STRENGTH:
+        strength = tl.load(strength_ptr + b * n_heads + heads, mask=head_ok,
+                           other=1.0).to(tl.float32)
+    row = b * n_heads + heads
+    # Heads with no usable slot have lse = -inf; their p is masked to 0 below.
+    lse = tl.load(lse_ptr + row, mask=head_ok, other=0.0)
+    delta = tl.load(delta_ptr + row, mask=head_ok, other=0.0)
+    dread = tl.load(dread_ptr + row[:, None] * value_dim + offs_dv[None, :],
+                    mask=head_ok[:, None] & (offs_dv[None, :] < value_dim), other=0.0)
+
+    dkeys = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    dstrength = tl.zeros([BLOCK_R], tl.float32)
+    norm_coef = tl.zeros([BLOCK_R], tl.float32)  # cosine: sum_n c_rn |M_n|^2
+    start = split * split_len
+    end = tl.minimum(start + split_len, n_slots)
+    for n0 in range(start, end, BLOCK_N):
+        slots = n0 + tl.arange(0, BLOCK_N)
+        in_range = slots < end
+        usable = in_range
+        mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
+                      mask=in_range[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+        if HAS_MASK:
+            usable &= tl.load(mask_ptr + b * n_slots + slots, mask=in_range, other=0) != 0
+        s, sim, denom, m_sq = _scores(keys, k_sq, strength, mem, head_dim, SIMILARITY,
+                                      DOT_PRECISION)
+        keep = usable[None, :] & head_ok[:, None]
+        p = tl.where(keep, tl.math.exp2((s - lse[:, None]) * LOG2E), 0.0)
+        if HAS_VALUES:
+            val = tl.load(values_ptr + b * stride_vb + slots[:, None] * stride_vn
+                          + offs_dv[None, :],
+                          mask=in_range[:, None] & (offs_dv[None, :] < value_dim), other=0.0)
+        else:
+            val = mem
+        dp = tl.dot(dread.to(val.dtype), tl.trans(val), input_precision=DOT_PRECISION)
+        if HAS_DWEIGHTS:
+            dp += tl.load(dweights_ptr + row[:, None] * n_slots + slots[None, :],
+                          mask=head_ok[:, None] & in_range[None, :], other=0.0)
+        ds = p * (dp - delta[:, None])
+        dval = tl.dot(tl.trans(p), dread, input_precision=DOT_PRECISION)
+        dstrength += tl.sum(ds * sim, 1)
+        # Gradient of the dot products; near a zero slot it is ~1/eps, past fp16's range.
+        g = ds * strength[:, None] / denom
+        dkeys = tl.dot(g, mem.to(tl.float32), dkeys, input_precision=DOT_PRECISION)
+        dmem = tl.dot(tl.trans(g), keys.to(tl.float32), input_precision=DOT_PRECISION)
+        if SIMILARITY == 0:
+            # Through the norms, where max(|k|^2 |M|^2, eps^2) is not clamped.
+            c = tl.where(k_sq[:, None] * m_sq[None, :] > EPS_SQ, -g * sim / denom, 0.0)
+            norm_coef += tl.sum(c * m_sq[None, :], 1)
+            dmem += mem.to(tl.float32) * tl.sum(c * k_sq[:, None], 0)[:, None]
+        if HAS_VALUES:
+            tl.store(dvalues_ptr + b * stride_dvb + slots[:, None] * stride_dvn
+                     + offs_dv[None, :], dval.to(dvalues_ptr.dtype.element_ty),
+                     mask=in_range[:, None] & (offs_dv[None, :] < value_dim))
+        else:
+            dmem += dval
+        tl.store(dmem_ptr + b * stride_dmb + slots[:, None] * stride_dmn + offs_d[None, :],
+                 dmem.to(dmem_ptr.dtype.element_ty),
+                 mask=in_range[:, None] & (offs_d[None, :] < head_dim))
+
+    if SIMILARITY == 0:
+        dkeys += keys.to(tl.float32) * norm_coef[:, None]
+    rows = (split * n_heads) + b * n_splits * n_heads + heads
+    tl.store(part_dkeys_ptr + rows[:, None] * head_dim + offs_d[None, :], dkeys,
+             mask=head_ok[:, None] & (offs_d[None, :] < head_dim))
+    tl.store(part_dstrength_ptr + rows, dstrength, mask=head_ok)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------
+
+# Slots per tile, and per split under the interpreter (several splits even on test sizes).
+BLOCK_N = 64
+INTERPRET_BLOCK_N = 16
+MAX_DIM = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _layout(memory, keys, values):
+    batch, n_slots, head_dim = memory.shape
+    n_heads = keys.shape[1]
+    value_dim = head_dim if values is None else values.shape[2]
+    block_n = INTERPRET_BLOCK_N if _interpreting() else BLOCK_N
+    if _interpreting():
+        target = 3
+    else:
+        sms = torch.cuda.get_device_properties(memory.device).multi_processor_count
+        target = max(1, triton.cdiv(2 * sms, batch))
+    tiles = triton.cdiv(max(n_slots, 1), block_n)
+    split_len = block_n * triton.cdiv(tiles, min(target, tiles))
+    n_splits = triton.cdiv(max(n_slots, 1), split_len)
+    meta = dict(SIMILARITY=None, HAS_VALUES=values is not None,
+                DOT_PRECISION="ieee" if memory.dtype == torch.float32 else "tf32",
+                BLOCK_R=max(16, triton.next_power_of_2(n_heads)),
+                BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                BLOCK_DV=max(16, triton.next_power_of_2(value_dim)), BLOCK_N=block_n)
+    return (batch, n_slots, head_dim, n_heads, value_dim, split_len, n_splits), meta
+
+
+def _lastdim_contiguous(x):
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
+def memory_attend_forward(memory, keys, values, strength, mask, similarity, need_scores):
+    """-> read (B, R, Dv) in memory's dtype, lse (B, R) float32 and, if need_scores, the
+    float32 scores (B, R, N) (-inf on masked slots)."""
+    memory, keys, values = (_lastdim_contiguous(x) for x in (memory, keys, values))
+    strength = None if strength is None else strength.contiguous()
+    mask = None if mask is None else mask.contiguous()
+    (batch, n_slots, head_dim, n_heads, value_dim, split_len, n_splits), meta = _layout(
+        memory, keys, values)
+    meta["SIMILARITY"] = SIMILARITY_CODES[similarity]
+    f32 = dict(dtype=torch.float32, device=memory.device)
+    part_read = torch.empty((batch, n_splits, n_heads, value_dim), **f32)
+    part_max = torch.empty((batch, n_splits, n_heads), **f32)
+    part_sum = torch.empty((batch, n_splits, n_heads), **f32)
+    scores = torch.empty((batch, n_heads, n_slots) if need_scores else (0,), **f32)
+    values_arg = memory if values is None else values
+    _memory_attend_fwd[(n_splits, batch)](
+        memory, keys, values_arg, keys if strength is None else strength,
+        memory if mask is None else mask, part_read, part_max, part_sum, scores,
+        memory.stride(0), memory.stride(1), keys.stride(0), keys.stride(1),
+        values_arg.stride(0), values_arg.stride(1),
+        n_heads, n_slots, head_dim, value_dim, split_len,
+        HAS_STRENGTH=strength is not None, HAS_MASK=mask is not None,
+        STORE_SCORES=need_scores, **meta)
+    # Combine the splits: each holds sum_n exp2(s_n log2e - max) v_n and its sum.
+    part_lse = torch.where(part_sum > 0, part_max + torch.log2(part_sum), float("-inf"))
+    lse2 = torch.logsumexp(part_lse * 0.6931471805599453, dim=1) * 1.4426950408889634
+    seen = torch.isfinite(lse2)
+    lse2_safe = torch.where(seen, lse2, 0.0)
+    scale = torch.exp2(part_max - lse2_safe[:, None])
+    read = (part_read * scale[..., None]).sum(1)
+    lse = torch.where(seen, lse2 * 0.6931471805599453, float("-inf"))
+    return read.to(memory.dtype), lse, scores
+
+
+def memory_attend_backward(dread, dweights, memory, keys, values, strength, mask, read,
+                           weights, lse, similarity):
+    """-> dmemory, dkeys, dvalues (None without values), dstrength (None without strength).
+    dweights, the gradient of the returned weights, may be None."""
+    memory, keys, values = (_lastdim_contiguous(x) for x in (memory, keys, values))
+    strength = None if strength is None else strength.contiguous()
+    mask = None if mask is None else mask.contiguous()
+    (batch, n_slots, head_dim, n_heads, value_dim, split_len, n_splits), meta = _layout(
+        memory, keys, values)
+    meta["SIMILARITY"] = SIMILARITY_CODES[similarity]
+    dread = dread.float().contiguous()
+    delta = (dread * read.float()).sum(-1)
+    if dweights is not None:
+        dweights = dweights.float().contiguous()
+        delta = delta + (weights.float() * dweights).sum(-1)
+    f32 = dict(dtype=torch.float32, device=memory.device)
+    dmemory = torch.empty(memory.shape, dtype=memory.dtype, device=memory.device)
+    dvalues = None if values is None else torch.empty(values.shape, dtype=values.dtype,
+                                                      device=values.device)
+    part_dkeys = torch.empty((batch, n_splits, n_heads, head_dim), **f32)
+    part_dstrength = torch.empty((batch, n_splits, n_heads), **f32)
+    values_arg = memory if values is None else values
+    dvalues_arg = dmemory if dvalues is None else dvalues
+    _memory_attend_bwd[(n_splits, batch)](
+        memory, keys, values_arg, keys if strength is None else strength,
+        memory if mask is None else mask, lse.contiguous(), dread, delta.contiguous(),
+        dread if dweights is None else dweights, dmemory, dvalues_arg, part_dkeys,
+        part_dstrength,
+        memory.stride(0), memory.stride(1), keys.stride(0), keys.stride(1),
+        values_arg.stride(0), values_arg.stride(1), dmemory.stride(0), dmemory.stride(1),
+        dvalues_arg.stride(0), dvalues_arg.stride(1),
+        n_heads, n_slots, head_dim, value_dim, split_len,
+        HAS_STRENGTH=strength is not None, HAS_MASK=mask is not None,
+        HAS_DWEIGHTS=dweights is not None, **meta)
+    dkeys = part_dkeys.sum(1).to(keys.dtype)
+    dstrength = None if strength is None else part_dstrength.sum(1).to(strength.dtype)
+    return dmemory, dkeys, dvalues, dstrength

@@ -1,0 +1,139 @@
+"""memory_attend on both backends against float64, every gradient, and sm_80/sm_90 builds.
+
+Tolerance: twice the error of the torch fallback on the same rounded inputs, plus rounding
+units of the dtype scaled by the largest value compared and by the largest logit |s|: the
+kernels recompute softmax weights from the saved logsumexp, whose relative accuracy is
+eps * |s| (dot similarity with strength 3 reaches |s| ~ 200), and, as FlashAttention does,
+round p to the input dtype before the read.
+"""
+
+import os
+
+import pytest
+import torch
+
+import attnmem
+from aot import TRITON_TYPES, compile_all
+from attnmem.reference import memory as twin
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+BACKENDS = ["torch"] + (["triton"] if INTERPRET or torch.cuda.is_available() else [])
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+# name: (B, N, D, R, Dv or None, with strength, with mask)
+CASES = {
+    "one_slot": (2, 1, 8, 1, None, False, False),
+    "odd": (2, 75, 20, 3, None, True, True),
+    "key_value": (3, 130, 24, 5, 12, True, False),
+    "narrow": (1, 200, 3, 2, 5, False, True),
+    "wide": (2, 40, 72, 4, None, True, True),
+}
+
+
+def _run(fn, tensors, grads_out):
+    tensors = [None if x is None else x.detach().requires_grad_() for x in tensors]
+    read, weights = fn(*tensors)
+    loss = (read.float() * grads_out[0].float()).sum() + (weights.float() * grads_out[1].float()
+                                                          ).sum()
+    present = [x for x in tensors if x is not None]
+    return [read.detach(), weights.detach(), *torch.autograd.grad(loss, present)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("similarity", ["cosine", "dot", "scaled_dot"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_float64(name, similarity, dtype, backend):
+    b, n, d, r, dv, with_strength, with_mask = CASES[name]
+    memory = torch.randn(b, n, d, device=DEVICE)
+    if n > 4 and dtype == torch.float32:
+        # A zero slot: cosine's gradient there is ~1/eps = 1e8, beyond half precision.
+        memory[:, 4] = 0
+    keys = torch.randn(b, r, d, device=DEVICE)
+    values = None if dv is None else torch.randn(b, n, dv, device=DEVICE)
+    strength = torch.rand(b, r, device=DEVICE) * 3 if with_strength else None
+    mask = None
+    if with_mask:
+        mask = torch.rand(b, n, device=DEVICE) > 0.3
+        mask[-1] = False  # the last batch entry has no usable slot
+    tensors = [None if x is None else x.to(dtype) for x in (memory, keys, strength, values)]
+    grads_out = (torch.randn(b, r, d if dv is None else dv, device=DEVICE),
+                 torch.randn(b, r, n, device=DEVICE))
+
+    def ours(m, k, s, v):
+        with attnmem.use_backend(backend):
+            return attnmem.memory_attend(m, k, values=v, strength=s, similarity=similarity,
+                                         mask=mask, return_weights=True)
+
+    def reference(m, k, s, v):
+        return twin.memory_attend(m, k, v, s, similarity, mask)
+
+    logits = twin.similarity(memory.double(), keys.double(), similarity).abs()
+    if strength is not None:
+        logits = logits * strength.double()[..., None]
+    cond = max(1.0, logits.max().item())
+    got = _run(ours, tensors, grads_out)
+    expect = _run(reference, [None if x is None else x.double() for x in tensors], grads_out)
+    base = _run(reference, tensors, grads_out)
+    for i, (o, e, t) in enumerate(zip(got, expect, base)):
+        assert o.dtype == dtype and not torch.isnan(o).any(), f"output {i}"
+        err = (o.double() - e).abs().max().item()
+        base_err = (t.double() - e).abs().max().item()
+        atol = ATOL[dtype] * max(1.0, e.abs().max().item()) * cond
+        assert err <= 2 * base_err + atol, f"output {i}: error {err:.3g}, torch's {base_err:.3g}"
+    if with_mask:
+        assert (got[0][-1] == 0).all() and (got[1][-1] == 0).all()
+
+
+@pytest.mark.skipif(not INTERPRET, reason="drives the kernel through the interpreter")
+def test_read_only_gradients_without_weights():
+    memory, keys = torch.randn(2, 50, 16, requires_grad=True), torch.randn(2, 3, 16,
+                                                                         requires_grad=True)
+    with attnmem.use_backend("triton"):
+        read = attnmem.memory_attend(memory, keys)
+    got = torch.autograd.grad(read.sum(), (memory, keys))
+    expect = torch.autograd.grad(attnmem.memory_attend(memory, keys).sum(), (memory, keys))
+    for g, e in zip(got, expect):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def _job(kernel, arch, dtype, width, heads):
+    pointers = {"mem_ptr": dtype, "keys_ptr": dtype, "values_ptr": dtype, "strength_ptr": dtype,
+                "mask_ptr": "i1", "part_read_ptr": "fp32", "part_max_ptr": "fp32",
+                "part_sum_ptr": "fp32", "scores_ptr": "fp32"}
+    constexprs = dict(SIMILARITY=0, HAS_VALUES=True, HAS_STRENGTH=True, HAS_MASK=True,
+                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_R=heads,
+                      BLOCK_D=width, BLOCK_DV=width, BLOCK_N=64)
+    if kernel == "_memory_attend_fwd":
+        constexprs["STORE_SCORES"] = True
+    else:
+        pointers = {k: v for k, v in pointers.items() if not k.startswith(("part", "scores"))}
+        pointers.update({"lse_ptr": "fp32", "dread_ptr": "fp32", "delta_ptr": "fp32",
+                         "dweights_ptr": "fp32", "dmem_ptr": dtype, "dvalues_ptr": dtype,
+                         "part_dkeys_ptr": "fp32", "part_dstrength_ptr": "fp32"})
+        constexprs["HAS_DWEIGHTS"] = True
+    return dict(module="attnmem.kernels.memory_attend", kernel=kernel, arch=arch,
+                constexprs=constexprs, pointers=pointers, num_warps=4, num_stages=3)
+
+
+TARGET_JOBS = {f"{k}-sm{arch}-{dt}-d{w}-r{r}": _job(k, arch, TRITON_TYPES[dt], w, r)
+               for k in ("_memory_attend_fwd", "_memory_attend_bwd") for arch in (80, 90)
+               for dt, w, r in (("float16", 256, 16), ("float16", 64, 128), ("bfloat16", 128, 16),
+                                ("float32", 64, 16))}
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("aot")
+def test_kernels_compile_for_sm80_and_sm90():
+    from attnmem.kernels.memory_attend import MAX_DIM
+
+    assert max(j["constexprs"]["BLOCK_D"] for j in TARGET_JOBS.values()) == MAX_DIM
+    results = dict(zip(TARGET_JOBS, compile_all(list(TARGET_JOBS.values()))))
+    limits = {80: 166912, 90: 232448}
+    failures = {k: r["error"] or f"shared {r['shared']}" for k, r in results.items()
+                if r["error"] or r["shared"] > limits[TARGET_JOBS[k]["arch"]]}
+    assert not failures, failures
+    for key, result in results.items():
+        if "float32" not in key:
+            assert result["wgmma"] or result["mma_sync"], f"{key}: no tensor-core MMA"
