@@ -3,7 +3,7 @@ reading, and erase/add writing. Shapes: memory (B, N, D), keys (B, R, D), read w
 (B, R, N), write weights (B, W, N), erase and add (B, W, D).
 
 The ops validate their inputs, then run on the pure-torch twin (attnmem.reference.memory)
-or, for memory_attend, on its Triton kernel. Ops without a kernel yet say so when
+or, for memory_attend and memory_write, on their Triton kernels. Ops without a kernel yet say so when
 `use_backend("triton")` asks for one, and "auto" runs them on torch.
 """
 
@@ -86,10 +86,52 @@ def _attend_backward(ctx, dread, dweights, dlse):
 _memory_attend_op.register_autograd(_attend_backward, setup_context=_attend_setup_context)
 
 
+@torch.library.custom_op("attnmem::memory_write", mutates_args=())
+def _memory_write_op(memory: torch.Tensor, weights: torch.Tensor, erase: torch.Tensor,
+                     add: torch.Tensor) -> torch.Tensor:
+    from attnmem.kernels import memory_write as kernel
+
+    return kernel.memory_write_forward(memory, weights, erase, add)
+
+
+@_memory_write_op.register_fake
+def _(memory, weights, erase, add):
+    return memory.new_empty(memory.shape)
+
+
+@torch.library.custom_op("attnmem::memory_write_backward", mutates_args=())
+def _memory_write_backward_op(dout: torch.Tensor, memory: torch.Tensor, weights: torch.Tensor,
+                              erase: torch.Tensor, add: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from attnmem.kernels import memory_write as kernel
+
+    return kernel.memory_write_backward(dout, memory, weights, erase, add)
+
+
+@_memory_write_backward_op.register_fake
+def _(dout, memory, weights, erase, add):
+    return tuple(x.new_empty(x.shape) for x in (memory, weights, erase, add))
+
+
+def _write_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _write_backward(ctx, dout):
+    return _memory_write_backward_op(dout, *ctx.saved_tensors)
+
+
+_memory_write_op.register_autograd(_write_backward, setup_context=_write_setup_context)
+
+
+def _dtype_reasons(x) -> list[str]:
+    if x.dtype not in TRITON_DTYPES:
+        return [f"dtype {x.dtype} (supported: float16, bfloat16, float32)"]
+    return []
+
+
 def _attend_triton_reasons(memory, keys, values) -> list[str]:
-    reasons = []
-    if memory.dtype not in TRITON_DTYPES:
-        reasons.append(f"dtype {memory.dtype} (supported: float16, bfloat16, float32)")
+    reasons = _dtype_reasons(memory)
     value_dim = memory.shape[2] if values is None else values.shape[2]
     if max(memory.shape[2], value_dim) > 256:
         reasons.append(f"slot width {max(memory.shape[2], value_dim)} > 256")
@@ -216,12 +258,22 @@ def memory_write(memory, weights, erase, add, *, inplace=False):
         _tensor(name, x, 3, "(B, W, D)")
         _like(name, x, memory, "memory")
         _shape(name, x, (*weights.shape[:2], memory.shape[2]), "(B, W, D)")
-    _run_on_torch("memory_write", (memory, weights))
+    chosen = _backend.resolve(_backend.requested_backend(), (memory, weights),
+                              _dtype_reasons(memory), "memory_write")
     if not inplace:
+        if chosen == "triton":
+            return _memory_write_op(memory, weights, erase, add)
         return _reference.memory_write(memory, weights, erase, add)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (memory, weights, erase, add)):
         raise RuntimeError("memory_write(inplace=True) overwrites memory, which autograd needs "
                            "for the gradient: use inplace=False, or run under torch.no_grad()")
+    if chosen == "triton":
+        from attnmem.kernels import memory_write as kernel
+
+        if memory.stride(-1) != 1:
+            raise ValueError("memory_write(inplace=True) needs memory's last dimension "
+                             "contiguous on the triton backend")
+        return kernel.memory_write_forward(memory, weights, erase, add, out=memory)
     return _reference.memory_write_(memory, weights, erase, add)
 
 

@@ -1,0 +1,177 @@
+"""Erase/add memory write in one read and one write of memory: forward, backward, launchers.
+
+memory (B, N, D), write weights (B, W, N), erase and add (B, W, D):
+M' = M * prod_w (1 - w_w e_w^T) + sum_w w_w a_w^T. Programs own tiles of slots and walk
+the slot width in chunks, so any D works. The forward may write into memory itself.
+
+The backward's programs each own a split of the slots: they write dMemory and dWeights of
+their slots and accumulate dErase and dAdd into their own partial rows, summed by the
+launcher; no atomics. The product over the other heads is recomputed, not divided out:
+1 - w e is exactly 0 under a full erase.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64
+INTERPRET_BLOCK_N = 16
+MAX_BLOCK_D = 128
+
+
+@triton.jit
+def _factor(weights_ptr, erase_ptr, w_row, e_row, slots, offs_d, slot_ok, d_ok):
+    """(weights of the tile's slots, 1 - w e^T) for one write head."""
+    w = tl.load(weights_ptr + w_row + slots, mask=slot_ok, other=0.0).to(tl.float32)
+    e = tl.load(erase_ptr + e_row + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    return w, 1.0 - w[:, None] * e[None, :]
+
+
+@triton.jit
+def _memory_write_fwd(mem_ptr, weights_ptr, erase_ptr, add_ptr, out_ptr,
+                      stride_mb, stride_mn, stride_ob, stride_on, n_writes, n_slots, width,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    slots = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slot_ok = slots < n_slots
+    stride_mn = tl.cast(stride_mn, tl.int64)
+    stride_on = tl.cast(stride_on, tl.int64)
+    for d0 in range(0, width, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < width
+        tile = slot_ok[:, None] & d_ok[None, :]
+        mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
+                      mask=tile, other=0.0).to(tl.float32)
+        keep = tl.full([BLOCK_N, BLOCK_D], 1.0, tl.float32)
+        added = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for h in range(n_writes):
+            row = b * n_writes + h
+            w, f = _factor(weights_ptr, erase_ptr, row * n_slots, row * width, slots, offs_d,
+                           slot_ok, d_ok)
+            a = tl.load(add_ptr + row * width + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+            keep *= f
+            added += w[:, None] * a[None, :]
+        tl.store(out_ptr + b * stride_ob + slots[:, None] * stride_on + offs_d[None, :],
+                 (mem * keep + added).to(out_ptr.dtype.element_ty), mask=tile)
+
+
+@triton.jit
+def _memory_write_bwd(dout_ptr, mem_ptr, weights_ptr, erase_ptr, add_ptr, dmem_ptr,
+                      dweights_ptr, part_derase_ptr, part_dadd_ptr,
+                      stride_gb, stride_gn, stride_mb, stride_mn, stride_db, stride_dn,
+                      n_writes, n_slots, width, split_len,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    split = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    n_splits = tl.num_programs(0)
+    stride_gn = tl.cast(stride_gn, tl.int64)
+    stride_mn = tl.cast(stride_mn, tl.int64)
+    stride_dn = tl.cast(stride_dn, tl.int64)
+    start = split * split_len
+    end = tl.minimum(start + split_len, n_slots)
+    # dweights (zeroed by the launcher) gathers its sum over D across the width chunks.
+    for d0 in range(0, width, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < width
+        for n0 in range(start, end, BLOCK_N):
+            slots = n0 + tl.arange(0, BLOCK_N)
+            slot_ok = slots < end
+            tile = slot_ok[:, None] & d_ok[None, :]
+            dout = tl.load(dout_ptr + b * stride_gb + slots[:, None] * stride_gn
+                           + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
+            mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn
+                          + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
+            keep = tl.full([BLOCK_N, BLOCK_D], 1.0, tl.float32)
+            for h in range(n_writes):
+                row = b * n_writes + h
+                _w_all, f = _factor(weights_ptr, erase_ptr, row * n_slots, row * width,
+                                    slots, offs_d, slot_ok, d_ok)
+                keep *= f
+            tl.store(dmem_ptr + b * stride_db + slots[:, None] * stride_dn + offs_d[None, :],
+                     (dout * keep).to(dmem_ptr.dtype.element_ty), mask=tile)
+            for h in range(n_writes):
+                row = b * n_writes + h
+                w, _f_own = _factor(weights_ptr, erase_ptr, row * n_slots, row * width,
+                                    slots, offs_d, slot_ok, d_ok)
+                others = tl.full([BLOCK_N, BLOCK_D], 1.0, tl.float32)
+                for h2 in range(n_writes):
+                    if h2 != h:
+                        row2 = b * n_writes + h2
+                        _w_other, f2 = _factor(weights_ptr, erase_ptr, row2 * n_slots,
+                                               row2 * width, slots, offs_d, slot_ok, d_ok)
+                        others *= f2
+                e = tl.load(erase_ptr + row * width + offs_d, mask=d_ok, other=0.0)
+                a = tl.load(add_ptr + row * width + offs_d, mask=d_ok, other=0.0)
+                g_erased = dout * mem * others  # dM'/d(1 - w e) for this head
+                dw = tl.sum(dout * a.to(tl.float32)[None, :]
+                            - g_erased * e.to(tl.float32)[None, :], 1)
+                w_ptrs = dweights_ptr + row * n_slots + slots
+                tl.store(w_ptrs, tl.load(w_ptrs, mask=slot_ok, other=0.0) + dw, mask=slot_ok)
+                part = ((b * n_splits + split) * n_writes + h) * width + offs_d
+                de_ptrs = part_derase_ptr + part
+                tl.store(de_ptrs, tl.load(de_ptrs, mask=d_ok, other=0.0)
+                         - tl.sum(g_erased * w[:, None], 0), mask=d_ok)
+                da_ptrs = part_dadd_ptr + part
+                tl.store(da_ptrs, tl.load(da_ptrs, mask=d_ok, other=0.0)
+                         + tl.sum(dout * w[:, None], 0), mask=d_ok)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _blocks(width):
+    block_n = INTERPRET_BLOCK_N if _interpreting() else BLOCK_N
+    block_d = min(MAX_BLOCK_D, max(16, triton.next_power_of_2(width)))
+    if _interpreting():
+        block_d = min(block_d, 32)  # several width chunks even on test sizes
+    return block_n, block_d
+
+
+def memory_write_forward(memory, weights, erase, add, out=None):
+    """-> M' in memory's dtype, written to `out` (which may be memory itself) if given."""
+    if memory.stride(-1) != 1:
+        memory = memory.contiguous()
+    weights, erase, add = (x.contiguous() for x in (weights, erase, add))
+    batch, n_slots, width = memory.shape
+    out = torch.empty_like(memory, memory_format=torch.contiguous_format) if out is None \
+        else out
+    if memory.numel() == 0:
+        return out
+    block_n, block_d = _blocks(width)
+    _memory_write_fwd[(triton.cdiv(n_slots, block_n), batch)](
+        memory, weights, erase, add, out, memory.stride(0), memory.stride(1), out.stride(0),
+        out.stride(1), weights.shape[1], n_slots, width, BLOCK_N=block_n, BLOCK_D=block_d)
+    return out
+
+
+def memory_write_backward(dout, memory, weights, erase, add):
+    """-> dmemory, dweights, derase, dadd in the inputs' dtypes."""
+    dout, memory = (x if x.stride(-1) == 1 else x.contiguous() for x in (dout, memory))
+    weights, erase, add = (x.contiguous() for x in (weights, erase, add))
+    batch, n_slots, width = memory.shape
+    n_writes = weights.shape[1]
+    block_n, block_d = _blocks(width)
+    if _interpreting():
+        target = 3
+    else:
+        sms = torch.cuda.get_device_properties(memory.device).multi_processor_count
+        target = max(1, triton.cdiv(2 * sms, batch))
+    tiles = triton.cdiv(max(n_slots, 1), block_n)
+    split_len = block_n * triton.cdiv(tiles, min(target, tiles))
+    n_splits = triton.cdiv(max(n_slots, 1), split_len)
+    f32 = dict(dtype=torch.float32, device=memory.device)
+    dmemory = torch.empty(memory.shape, dtype=memory.dtype, device=memory.device)
+    dweights = torch.zeros(weights.shape, **f32)
+    part_derase = torch.zeros((batch, n_splits, n_writes, width), **f32)
+    part_dadd = torch.zeros((batch, n_splits, n_writes, width), **f32)
+    if memory.numel():
+        _memory_write_bwd[(n_splits, batch)](
+            dout, memory, weights, erase, add, dmemory, dweights, part_derase, part_dadd,
+            dout.stride(0), dout.stride(1), memory.stride(0), memory.stride(1),
+            dmemory.stride(0), dmemory.stride(1), n_writes, n_slots, width, split_len,
+            BLOCK_N=block_n, BLOCK_D=block_d)
+    return (dmemory, dweights.to(weights.dtype), part_derase.sum(1).to(erase.dtype),
+            part_dadd.sum(1).to(add.dtype))

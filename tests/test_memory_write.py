@@ -1,0 +1,81 @@
+"""memory_write on both backends against float64, every gradient, in place, sm_80/sm_90."""
+
+import os
+
+import pytest
+import torch
+
+import attnmem
+from aot import TRITON_TYPES, compile_all
+from attnmem.reference import memory as twin
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+BACKENDS = ["torch"] + (["triton"] if INTERPRET or torch.cuda.is_available() else [])
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+# (B, N, D, W): one slot, several width chunks (D > 32 under the interpreter), many heads.
+SHAPES = [(2, 1, 5, 2), (2, 75, 20, 1), (1, 40, 70, 3), (3, 33, 16, 4)]
+
+
+def make(b, n, d, w, dtype):
+    memory, weights = torch.randn(b, n, d, device=DEVICE), torch.rand(b, w, n, device=DEVICE)
+    erase, add = torch.rand(b, w, d, device=DEVICE), torch.randn(b, w, d, device=DEVICE)
+    weights[0, 0, 0], erase[0, 0] = 1.0, 1.0  # a full erase: 1 - w e is exactly 0
+    return [x.to(dtype) for x in (memory, weights, erase, add)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
+def test_matches_float64(shape, dtype, backend):
+    tensors = make(*shape, dtype)
+    dout = torch.randn(shape[:3], device=DEVICE)
+
+    def run(fn, xs):
+        xs = [x.detach().requires_grad_() for x in xs]
+        out = fn(*xs)
+        return [out.detach(), *torch.autograd.grad((out.float() * dout.float()).sum(), xs)]
+
+    with attnmem.use_backend(backend):
+        got = run(attnmem.memory_write, tensors)
+    expect = run(twin.memory_write, [x.double() for x in tensors])
+    base = run(twin.memory_write, tensors)
+    for i, (o, e, t) in enumerate(zip(got, expect, base)):
+        assert o.dtype == dtype and torch.isfinite(o).all(), f"output {i}"
+        err, base_err = ((x.double() - e).abs().max().item() for x in (o, t))
+        atol = ATOL[dtype] * max(1.0, e.abs().max().item())
+        assert err <= 2 * base_err + atol, f"output {i}: error {err:.3g}, torch's {base_err:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_matches(backend):
+    memory, weights, erase, add = make(2, 50, 40, 2, torch.float32)
+    expect = twin.memory_write(memory, weights, erase, add)
+    with torch.no_grad(), attnmem.use_backend(backend):
+        out = attnmem.memory_write(memory, weights, erase, add, inplace=True)
+    assert out.data_ptr() == memory.data_ptr()
+    torch.testing.assert_close(memory, expect)
+
+
+def _job(kernel, arch, dtype):
+    pointers = {"mem_ptr": dtype, "weights_ptr": dtype, "erase_ptr": dtype, "add_ptr": dtype}
+    if kernel == "_memory_write_fwd":
+        pointers["out_ptr"] = dtype
+    else:
+        pointers.update({"dout_ptr": dtype, "dmem_ptr": dtype, "dweights_ptr": "fp32",
+                         "part_derase_ptr": "fp32", "part_dadd_ptr": "fp32"})
+    return dict(module="attnmem.kernels.memory_write", kernel=kernel, arch=arch,
+                constexprs=dict(BLOCK_N=64, BLOCK_D=128), pointers=pointers, num_warps=4,
+                num_stages=3)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("aot")
+def test_kernels_compile_for_sm80_and_sm90():
+    jobs = {f"{k}-sm{arch}-{dt}": _job(k, arch, TRITON_TYPES[dt])
+            for k in ("_memory_write_fwd", "_memory_write_bwd") for arch in (80, 90)
+            for dt in ("float16", "bfloat16", "float32")}
+    results = dict(zip(jobs, compile_all(list(jobs.values()))))
+    failures = {k: r["error"] for k, r in results.items() if r["error"]}
+    assert not failures, failures
