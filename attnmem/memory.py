@@ -3,8 +3,8 @@ reading, and erase/add writing. Shapes: memory (B, N, D), keys (B, R, D), read w
 (B, R, N), write weights (B, W, N), erase and add (B, W, D).
 
 The ops validate their inputs, then run on the pure-torch twin (attnmem.reference.memory)
-or, for memory_attend and memory_write, on their Triton kernels. Ops without a kernel yet say so when
-`use_backend("triton")` asks for one, and "auto" runs them on torch.
+or, for memory_attend and memory_write, on their Triton kernels. Ops without a kernel yet
+say so when `use_backend("triton")` asks for one, and "auto" runs them on torch.
 """
 
 
