@@ -6,6 +6,7 @@ opaque ops.
 """
 
 import math
+from typing import Optional
 
 import torch
 
@@ -32,7 +33,7 @@ def _pick(q, k, v, backend: str) -> str:
 
 @torch.library.custom_op("attnmem::attention_forward", mutates_args=())
 def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       kv_lengths: torch.Tensor | None, scale: float, window_left: int,
+                       kv_lengths: Optional[torch.Tensor], scale: float, window_left: int,
                        window_right: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if _pick(q, k, v, backend) == "triton":
         from attnmem.kernels import attention as kernel
@@ -49,8 +50,8 @@ def _(q, k, v, kv_lengths, scale, window_left, window_right, backend):
 
 @torch.library.custom_op("attnmem::attention_backward", mutates_args=())
 def _attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        out: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None,
-                        kv_lengths: torch.Tensor | None, scale: float, window_left: int,
+                        out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
+                        kv_lengths: Optional[torch.Tensor], scale: float, window_left: int,
                         window_right: int, backend: str
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_left, window_right)

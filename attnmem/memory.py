@@ -3,10 +3,12 @@ reading, and erase/add writing. Shapes: memory (B, N, D), keys (B, R, D), read w
 (B, R, N), write weights (B, W, N), erase and add (B, W, D).
 
 The ops validate their inputs, then run on the pure-torch twin (attnmem.reference.memory)
-or, for memory_attend and memory_write, on their Triton kernels. Ops without a kernel yet
-say so when `use_backend("triton")` asks for one, and "auto" runs them on torch.
+or on their Triton kernels (memory_address, memory_attend, memory_write). Ops without a
+kernel yet say so when `use_backend("triton")` asks for one, and "auto" runs them on torch.
 """
 
+
+from typing import Optional
 
 import torch
 
@@ -20,15 +22,15 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @torch.library.custom_op("attnmem::memory_attend", mutates_args=())
-def _memory_attend_op(memory: torch.Tensor, keys: torch.Tensor, values: torch.Tensor | None,
-                      strength: torch.Tensor | None, mask: torch.Tensor | None,
-                      similarity: str, need_weights: bool
+def _memory_attend_op(memory: torch.Tensor, keys: torch.Tensor, values: Optional[torch.Tensor],
+                      strength: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                      similarity: str, need_read: bool, need_weights: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton path -> (read, weights or an empty tensor, lse)."""
+    """Triton path -> (read, weights, lse); an output not asked for is an empty tensor."""
     from attnmem.kernels import memory_attend as kernel
 
     read, lse, scores = kernel.memory_attend_forward(memory, keys, values, strength, mask,
-                                                     similarity, need_weights)
+                                                     similarity, need_weights, need_read)
     if need_weights:  # heads with no usable slot have lse = -inf and zero weights
         scores = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
     weights = scores
@@ -36,20 +38,21 @@ def _memory_attend_op(memory: torch.Tensor, keys: torch.Tensor, values: torch.Te
 
 
 @_memory_attend_op.register_fake
-def _(memory, keys, values, strength, mask, similarity, need_weights):
+def _(memory, keys, values, strength, mask, similarity, need_read, need_weights):
     batch, n_slots, width = memory.shape
     value_dim = width if values is None else values.shape[2]
     heads = keys.shape[1]
     weights = memory.new_empty((batch, heads, n_slots) if need_weights else (0,))
-    return (memory.new_empty((batch, heads, value_dim)), weights,
+    return (memory.new_empty((batch, heads, value_dim) if need_read else (0,)), weights,
             memory.new_empty((batch, heads), dtype=torch.float32))
 
 
 @torch.library.custom_op("attnmem::memory_attend_backward", mutates_args=())
-def _memory_attend_backward_op(dread: torch.Tensor, dweights: torch.Tensor | None,
+def _memory_attend_backward_op(dread: Optional[torch.Tensor],
+                               dweights: Optional[torch.Tensor],
                                memory: torch.Tensor, keys: torch.Tensor,
-                               values: torch.Tensor | None, strength: torch.Tensor | None,
-                               mask: torch.Tensor | None, read: torch.Tensor,
+                               values: Optional[torch.Tensor], strength: Optional[torch.Tensor],
+                               mask: Optional[torch.Tensor], read: torch.Tensor,
                                weights: torch.Tensor, lse: torch.Tensor, similarity: str
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dmemory, dkeys, dvalues, dstrength; an empty tensor for an absent input."""
@@ -68,19 +71,19 @@ def _(dread, dweights, memory, keys, values, strength, mask, read, weights, lse,
 
 
 def _attend_setup_context(ctx, inputs, output):
-    memory, keys, values, strength, mask, similarity, need_weights = inputs
+    memory, keys, values, strength, mask, similarity, need_read, need_weights = inputs
     read, weights, lse = output
     ctx.save_for_backward(memory, keys, values, strength, mask, read, weights, lse)
-    ctx.similarity, ctx.need_weights = similarity, need_weights
+    ctx.similarity, ctx.need_read, ctx.need_weights = similarity, need_read, need_weights
 
 
 def _attend_backward(ctx, dread, dweights, dlse):
     memory, keys, values, strength, mask, read, weights, lse = ctx.saved_tensors
     dmemory, dkeys, dvalues, dstrength = _memory_attend_backward_op(
-        dread, dweights if ctx.need_weights else None, memory, keys, values, strength, mask,
-        read, weights, lse, ctx.similarity)
+        dread if ctx.need_read else None, dweights if ctx.need_weights else None, memory,
+        keys, values, strength, mask, read, weights, lse, ctx.similarity)
     return (dmemory, dkeys, None if values is None else dvalues,
-            None if strength is None else dstrength, None, None, None)
+            None if strength is None else dstrength, None, None, None, None)
 
 
 _memory_attend_op.register_autograd(_attend_backward, setup_context=_attend_setup_context)
@@ -212,7 +215,10 @@ def memory_address(memory, keys, *, strength=None, similarity="cosine", mask=Non
     (NTM/DNC, u.v / max(|u||v|, 1e-8)), "dot" (MemN2N) or "scaled_dot" (u.v / sqrt(D));
     mask: (B, N) bool, True = usable slot. A head with no usable slot gets zero weights."""
     _address_args(memory, keys, strength, similarity, mask)
-    _run_on_torch("memory_address", (memory, keys))
+    chosen = _backend.resolve(_backend.requested_backend(), (memory, keys),
+                              _attend_triton_reasons(memory, keys, None), "memory_address")
+    if chosen == "triton":
+        return _memory_attend_op(memory, keys, None, strength, mask, similarity, False, True)[1]
     return _reference.memory_address(memory, keys, strength, similarity, mask)
 
 
@@ -241,7 +247,7 @@ def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosin
                               _attend_triton_reasons(memory, keys, values), "memory_attend")
     if chosen == "triton":
         read, weights, _ = _memory_attend_op(memory, keys, values, strength, mask, similarity,
-                                             return_weights)
+                                             True, return_weights)
     else:
         read, weights = _reference.memory_attend(memory, keys, values, strength, similarity,
                                                  mask)

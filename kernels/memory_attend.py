@@ -1,4 +1,5 @@
 """Content addressing and read in one pass over memory: forward, backward and launchers.
+Content addressing alone (memory_address) is the same pass without the read (READ=False).
 
 memory (B, N, D), keys (B, R, D), values (B, N, Dv) (memory itself when absent), strength
 (B, R), mask (B, N). Scores s = strength * sim(key, slot); read = softmax_n(s) @ values.
@@ -44,9 +45,9 @@ def _memory_attend_fwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr,
                        n_heads, n_slots, head_dim, value_dim, split_len,
                        SIMILARITY: tl.constexpr, HAS_VALUES: tl.constexpr,
                        HAS_STRENGTH: tl.constexpr, HAS_MASK: tl.constexpr,
-                       STORE_SCORES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+                       STORE_SCORES: tl.constexpr, READ: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     n_splits = tl.num_programs(0)
@@ -86,18 +87,22 @@ def _memory_attend_fwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr,
         alpha = tl.math.exp2(m_i - m_shift)
         p = tl.math.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_VALUES:
-            val = tl.load(values_ptr + b * stride_vb + slots[:, None] * stride_vn
-                          + offs_dv[None, :],
-                          mask=(slots[:, None] < end) & (offs_dv[None, :] < value_dim), other=0.0)
-        else:
-            val = mem
-        acc = tl.dot(p.to(val.dtype), val, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        if READ:
+            if HAS_VALUES:
+                val = tl.load(values_ptr + b * stride_vb + slots[:, None] * stride_vn
+                              + offs_dv[None, :],
+                              mask=(slots[:, None] < end) & (offs_dv[None, :] < value_dim),
+                              other=0.0)
+            else:
+                val = mem
+            acc = tl.dot(p.to(val.dtype), val, acc * alpha[:, None],
+                         input_precision=DOT_PRECISION)
         m_i = m_new
 
     rows = (split * n_heads) + b * n_splits * n_heads + heads
-    tl.store(part_read_ptr + rows[:, None] * value_dim + offs_dv[None, :], acc,
-             mask=(heads[:, None] < n_heads) & (offs_dv[None, :] < value_dim))
+    if READ:
+        tl.store(part_read_ptr + rows[:, None] * value_dim + offs_dv[None, :], acc,
+                 mask=(heads[:, None] < n_heads) & (offs_dv[None, :] < value_dim))
     tl.store(part_max_ptr + rows, m_i, mask=heads < n_heads)
     tl.store(part_sum_ptr + rows, l_i, mask=heads < n_heads)
 
@@ -111,7 +116,8 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ls
                        n_heads, n_slots, head_dim, value_dim, split_len,
                        SIMILARITY: tl.constexpr, HAS_VALUES: tl.constexpr,
                        HAS_STRENGTH: tl.constexpr, HAS_MASK: tl.constexpr,
-                       HAS_DWEIGHTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       HAS_DREAD: tl.constexpr, HAS_DWEIGHTS: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                        BLOCK_N: tl.constexpr):
     split = tl.program_id(0)
@@ -136,8 +142,9 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ls
     # Heads with no usable slot have lse = -inf; their p is masked to 0 below.
     lse = tl.load(lse_ptr + row, mask=head_ok, other=0.0)
     delta = tl.load(delta_ptr + row, mask=head_ok, other=0.0)
-    dread = tl.load(dread_ptr + row[:, None] * value_dim + offs_dv[None, :],
-                    mask=head_ok[:, None] & (offs_dv[None, :] < value_dim), other=0.0)
+    if HAS_DREAD:
+        dread = tl.load(dread_ptr + row[:, None] * value_dim + offs_dv[None, :],
+                        mask=head_ok[:, None] & (offs_dv[None, :] < value_dim), other=0.0)
 
     dkeys = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     dstrength = tl.zeros([BLOCK_R], tl.float32)
@@ -156,18 +163,20 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ls
                                       DOT_PRECISION)
         keep = usable[None, :] & head_ok[:, None]
         p = tl.where(keep, tl.math.exp2((s - lse[:, None]) * LOG2E), 0.0)
-        if HAS_VALUES:
-            val = tl.load(values_ptr + b * stride_vb + slots[:, None] * stride_vn
-                          + offs_dv[None, :],
-                          mask=in_range[:, None] & (offs_dv[None, :] < value_dim), other=0.0)
-        else:
-            val = mem
-        dp = tl.dot(dread.to(val.dtype), tl.trans(val), input_precision=DOT_PRECISION)
+        dp = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+        if HAS_DREAD:
+            if HAS_VALUES:
+                val = tl.load(values_ptr + b * stride_vb + slots[:, None] * stride_vn
+                              + offs_dv[None, :],
+                              mask=in_range[:, None] & (offs_dv[None, :] < value_dim),
+                              other=0.0)
+            else:
+                val = mem
+            dp = tl.dot(dread.to(val.dtype), tl.trans(val), input_precision=DOT_PRECISION)
         if HAS_DWEIGHTS:
             dp += tl.load(dweights_ptr + row[:, None] * n_slots + slots[None, :],
                           mask=head_ok[:, None] & in_range[None, :], other=0.0)
         ds = p * (dp - delta[:, None])
-        dval = tl.dot(tl.trans(p), dread, input_precision=DOT_PRECISION)
         dstrength += tl.sum(ds * sim, 1)
         # Gradient of the dot products; near a zero slot it is ~1/eps, past fp16's range.
         g = ds * strength[:, None] / denom
@@ -178,12 +187,14 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ls
             c = tl.where(k_sq[:, None] * m_sq[None, :] > EPS_SQ, -g * sim / denom, 0.0)
             norm_coef += tl.sum(c * m_sq[None, :], 1)
             dmem += mem.to(tl.float32) * tl.sum(c * k_sq[:, None], 0)[:, None]
-        if HAS_VALUES:
-            tl.store(dvalues_ptr + b * stride_dvb + slots[:, None] * stride_dvn
-                     + offs_dv[None, :], dval.to(dvalues_ptr.dtype.element_ty),
-                     mask=in_range[:, None] & (offs_dv[None, :] < value_dim))
-        else:
-            dmem += dval
+        if HAS_DREAD:
+            dval = tl.dot(tl.trans(p), dread, input_precision=DOT_PRECISION)
+            if HAS_VALUES:
+                tl.store(dvalues_ptr + b * stride_dvb + slots[:, None] * stride_dvn
+                         + offs_dv[None, :], dval.to(dvalues_ptr.dtype.element_ty),
+                         mask=in_range[:, None] & (offs_dv[None, :] < value_dim))
+            else:
+                dmem += dval
         tl.store(dmem_ptr + b * stride_dmb + slots[:, None] * stride_dmn + offs_d[None, :],
                  dmem.to(dmem_ptr.dtype.element_ty),
                  mask=in_range[:, None] & (offs_d[None, :] < head_dim))
@@ -235,9 +246,10 @@ def _lastdim_contiguous(x):
     return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
-def memory_attend_forward(memory, keys, values, strength, mask, similarity, need_scores):
-    """-> read (B, R, Dv) in memory's dtype, lse (B, R) float32 and, if need_scores, the
-    float32 scores (B, R, N) (-inf on masked slots)."""
+def memory_attend_forward(memory, keys, values, strength, mask, similarity, need_scores,
+                          need_read=True):
+    """-> read (B, R, Dv) in memory's dtype (empty unless need_read), lse (B, R) float32
+    and, if need_scores, the float32 scores (B, R, N) (-inf on masked slots)."""
     memory, keys, values = (_lastdim_contiguous(x) for x in (memory, keys, values))
     strength = None if strength is None else strength.contiguous()
     mask = None if mask is None else mask.contiguous()
@@ -245,7 +257,7 @@ def memory_attend_forward(memory, keys, values, strength, mask, similarity, need
         memory, keys, values)
     meta["SIMILARITY"] = SIMILARITY_CODES[similarity]
     f32 = dict(dtype=torch.float32, device=memory.device)
-    part_read = torch.empty((batch, n_splits, n_heads, value_dim), **f32)
+    part_read = torch.empty((batch, n_splits, n_heads, value_dim) if need_read else (0,), **f32)
     part_max = torch.empty((batch, n_splits, n_heads), **f32)
     part_sum = torch.empty((batch, n_splits, n_heads), **f32)
     scores = torch.empty((batch, n_heads, n_slots) if need_scores else (0,), **f32)
@@ -257,30 +269,34 @@ def memory_attend_forward(memory, keys, values, strength, mask, similarity, need
         values_arg.stride(0), values_arg.stride(1),
         n_heads, n_slots, head_dim, value_dim, split_len,
         HAS_STRENGTH=strength is not None, HAS_MASK=mask is not None,
-        STORE_SCORES=need_scores, **meta)
+        STORE_SCORES=need_scores, READ=need_read, **meta)
     # Combine the splits: each holds sum_n exp2(s_n log2e - max) v_n and its sum.
     part_lse = torch.where(part_sum > 0, part_max + torch.log2(part_sum), float("-inf"))
     lse2 = torch.logsumexp(part_lse * 0.6931471805599453, dim=1) * 1.4426950408889634
     seen = torch.isfinite(lse2)
     lse2_safe = torch.where(seen, lse2, 0.0)
+    lse = torch.where(seen, lse2 * 0.6931471805599453, float("-inf"))
+    if not need_read:
+        return memory.new_empty(0), lse, scores
     scale = torch.exp2(part_max - lse2_safe[:, None])
     read = (part_read * scale[..., None]).sum(1)
-    lse = torch.where(seen, lse2 * 0.6931471805599453, float("-inf"))
     return read.to(memory.dtype), lse, scores
 
 
 def memory_attend_backward(dread, dweights, memory, keys, values, strength, mask, read,
                            weights, lse, similarity):
     """-> dmemory, dkeys, dvalues (None without values), dstrength (None without strength).
-    dweights, the gradient of the returned weights, may be None."""
+    dread (None when only weights were computed) and dweights may be None."""
     memory, keys, values = (_lastdim_contiguous(x) for x in (memory, keys, values))
     strength = None if strength is None else strength.contiguous()
     mask = None if mask is None else mask.contiguous()
     (batch, n_slots, head_dim, n_heads, value_dim, split_len, n_splits), meta = _layout(
         memory, keys, values)
     meta["SIMILARITY"] = SIMILARITY_CODES[similarity]
-    dread = dread.float().contiguous()
-    delta = (dread * read.float()).sum(-1)
+    delta = lse.new_zeros(lse.shape)
+    if dread is not None:
+        dread = dread.float().contiguous()
+        delta = (dread * read.float()).sum(-1)
     if dweights is not None:
         dweights = dweights.float().contiguous()
         delta = delta + (weights.float() * dweights).sum(-1)
@@ -294,15 +310,16 @@ def memory_attend_backward(dread, dweights, memory, keys, values, strength, mask
     dvalues_arg = dmemory if dvalues is None else dvalues
     _memory_attend_bwd[(n_splits, batch)](
         memory, keys, values_arg, keys if strength is None else strength,
-        memory if mask is None else mask, lse.contiguous(), dread, delta.contiguous(),
-        dread if dweights is None else dweights, dmemory, dvalues_arg, part_dkeys,
+        memory if mask is None else mask, lse.contiguous(), lse if dread is None else dread,
+        delta.contiguous(), lse if dweights is None else dweights, dmemory, dvalues_arg,
+        part_dkeys,
         part_dstrength,
         memory.stride(0), memory.stride(1), keys.stride(0), keys.stride(1),
         values_arg.stride(0), values_arg.stride(1), dmemory.stride(0), dmemory.stride(1),
         dvalues_arg.stride(0), dvalues_arg.stride(1),
         n_heads, n_slots, head_dim, value_dim, split_len,
         HAS_STRENGTH=strength is not None, HAS_MASK=mask is not None,
-        HAS_DWEIGHTS=dweights is not None, **meta)
+        HAS_DREAD=dread is not None, HAS_DWEIGHTS=dweights is not None, **meta)
     dkeys = part_dkeys.sum(1).to(keys.dtype)
     dstrength = None if strength is None else part_dstrength.sum(1).to(strength.dtype)
     return dmemory, dkeys, dvalues, dstrength

@@ -164,7 +164,8 @@ def test_gradients_stay_finite_at_zeros():
 def test_triton_backend_says_which_ops_have_no_kernel_yet():
     memory, keys, _ = inputs()
     with attnmem.use_backend("triton"), pytest.raises(RuntimeError, match="no Triton kernel"):
-        attnmem.memory_address(memory, keys)
+        attnmem.location_address(torch.rand(1, 1, 5), torch.rand(1, 1, 5), torch.rand(1, 1),
+                                 torch.rand(1, 1, 3), torch.ones(1, 1))
 
 
 M, K = torch.randn(2, 8, 4), torch.randn(2, 3, 4)

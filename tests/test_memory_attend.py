@@ -86,6 +86,38 @@ def test_matches_float64(name, similarity, dtype, backend):
         assert (got[0][-1] == 0).all() and (got[1][-1] == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("similarity", ["cosine", "dot", "scaled_dot"])
+def test_memory_address_matches_float64(similarity, dtype, backend):
+    """Content addressing alone: the attend kernels without the read."""
+    b, n, d, r = 2, 75, 20, 3
+    tensors = [torch.randn(b, n, d, device=DEVICE), torch.randn(b, r, d, device=DEVICE),
+               torch.rand(b, r, device=DEVICE) * 2]
+    mask = torch.rand(b, n, device=DEVICE) > 0.3
+    mask[-1] = False
+    dweights = torch.randn(b, r, n, device=DEVICE)
+
+    def run(xs, use_backend):
+        xs = [x.detach().requires_grad_() for x in xs]
+        with attnmem.use_backend(use_backend):
+            w = attnmem.memory_address(xs[0], xs[1], strength=xs[2], similarity=similarity,
+                                       mask=mask)
+        return [w.detach(), *torch.autograd.grad((w.float() * dweights).sum(), xs)]
+
+    got = run([x.to(dtype) for x in tensors], backend)
+    expect = run([x.double() for x in tensors], "torch")
+    base = run([x.to(dtype) for x in tensors], "torch")
+    cond = 2 * max(1.0, twin.similarity(tensors[0].double(), tensors[1].double(),
+                                        similarity).abs().max().item())
+    for i, (o, e, t) in enumerate(zip(got, expect, base)):
+        assert o.dtype == dtype and not torch.isnan(o).any(), f"output {i}"
+        err, base_err = ((x.double() - e).abs().max().item() for x in (o, t))
+        atol = ATOL[dtype] * max(1.0, e.abs().max().item()) * cond
+        assert err <= 2 * base_err + atol, f"output {i}: error {err:.3g}, torch's {base_err:.3g}"
+    assert (got[0][-1] == 0).all()
+
+
 @pytest.mark.skipif(not INTERPRET, reason="drives the kernel through the interpreter")
 def test_read_only_gradients_without_weights():
     memory, keys = torch.randn(2, 50, 16, requires_grad=True), torch.randn(2, 3, 16,
@@ -98,11 +130,11 @@ def test_read_only_gradients_without_weights():
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 
-def _job(kernel, arch, dtype, width, heads):
+def _job(kernel, arch, dtype, width, heads, read=True):
     pointers = {"mem_ptr": dtype, "keys_ptr": dtype, "values_ptr": dtype, "strength_ptr": dtype,
                 "mask_ptr": "i1", "part_read_ptr": "fp32", "part_max_ptr": "fp32",
                 "part_sum_ptr": "fp32", "scores_ptr": "fp32"}
-    constexprs = dict(SIMILARITY=0, HAS_VALUES=True, HAS_STRENGTH=True, HAS_MASK=True,
+    constexprs = dict(SIMILARITY=0, HAS_VALUES=read, HAS_STRENGTH=True, HAS_MASK=True, READ=read,
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_R=heads,
                       BLOCK_D=width, BLOCK_DV=width, BLOCK_N=64)
     if kernel == "_memory_attend_fwd":
@@ -112,7 +144,8 @@ def _job(kernel, arch, dtype, width, heads):
         pointers.update({"lse_ptr": "fp32", "dread_ptr": "fp32", "delta_ptr": "fp32",
                          "dweights_ptr": "fp32", "dmem_ptr": dtype, "dvalues_ptr": dtype,
                          "part_dkeys_ptr": "fp32", "part_dstrength_ptr": "fp32"})
-        constexprs["HAS_DWEIGHTS"] = True
+        constexprs.update(HAS_DREAD=read, HAS_DWEIGHTS=True)
+        del constexprs["READ"]
     return dict(module="attnmem.kernels.memory_attend", kernel=kernel, arch=arch,
                 constexprs=constexprs, pointers=pointers, num_warps=4, num_stages=3)
 
@@ -121,6 +154,8 @@ TARGET_JOBS = {f"{k}-sm{arch}-{dt}-d{w}-r{r}": _job(k, arch, TRITON_TYPES[dt], w
                for k in ("_memory_attend_fwd", "_memory_attend_bwd") for arch in (80, 90)
                for dt, w, r in (("float16", 256, 16), ("float16", 64, 128), ("bfloat16", 128, 16),
                                 ("float32", 64, 16))}
+TARGET_JOBS.update({f"{k}-sm{arch}-address-only": _job(k, arch, "fp16", 128, 16, read=False)
+                    for k in ("_memory_attend_fwd", "_memory_attend_bwd") for arch in (80, 90)})
 
 
 @pytest.mark.slow
