@@ -3,8 +3,9 @@ reading, and erase/add writing. Shapes: memory (B, N, D), keys (B, R, D), read w
 (B, R, N), write weights (B, W, N), erase and add (B, W, D).
 
 The ops validate their inputs, then run on the pure-torch twin (attnmem.reference.memory)
-or on their Triton kernels (memory_address, memory_attend, memory_write). Ops without a
-kernel yet say so when `use_backend("triton")` asks for one, and "auto" runs them on torch.
+or on their Triton kernels (memory_address, memory_attend, memory_read, memory_write).
+Ops without a kernel yet say so when `use_backend("triton")` asks for one, and "auto" runs
+them on torch.
 """
 
 
@@ -127,6 +128,42 @@ def _write_backward(ctx, dout):
 _memory_write_op.register_autograd(_write_backward, setup_context=_write_setup_context)
 
 
+@torch.library.custom_op("attnmem::memory_read", mutates_args=())
+def _memory_read_op(memory: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    from attnmem.kernels import memory_read as kernel
+
+    return kernel.memory_read_forward(memory, weights)
+
+
+@_memory_read_op.register_fake
+def _(memory, weights):
+    return memory.new_empty((*weights.shape[:2], memory.shape[2]))
+
+
+@torch.library.custom_op("attnmem::memory_read_backward", mutates_args=())
+def _memory_read_backward_op(dread: torch.Tensor, memory: torch.Tensor, weights: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    from attnmem.kernels import memory_read as kernel
+
+    return kernel.memory_read_backward(dread, memory, weights)
+
+
+@_memory_read_backward_op.register_fake
+def _(dread, memory, weights):
+    return memory.new_empty(memory.shape), weights.new_empty(weights.shape)
+
+
+def _read_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _read_backward(ctx, dread):
+    return _memory_read_backward_op(dread, *ctx.saved_tensors)
+
+
+_memory_read_op.register_autograd(_read_backward, setup_context=_read_setup_context)
+
+
 def _dtype_reasons(x) -> list[str]:
     if x.dtype not in TRITON_DTYPES:
         return [f"dtype {x.dtype} (supported: float16, bfloat16, float32)"]
@@ -226,7 +263,12 @@ def memory_read(memory, weights):
     """Read vectors (B, R, D): r = sum_n w_n M_n for weights (B, R, N)."""
     _memory(memory)
     _weights("weights", weights, memory, "(B, R, N)")
-    _run_on_torch("memory_read", (memory, weights))
+    chosen = _backend.resolve(_backend.requested_backend(), (memory, weights),
+                              _dtype_reasons(memory) + ([f"{weights.shape[1]} heads > 128"]
+                                                        if weights.shape[1] > 128 else []),
+                              "memory_read")
+    if chosen == "triton":
+        return _memory_read_op(memory, weights)
     return _reference.memory_read(memory, weights)
 
 
