@@ -3,9 +3,7 @@ reading, and erase/add writing. Shapes: memory (B, N, D), keys (B, R, D), read w
 (B, R, N), write weights (B, W, N), erase and add (B, W, D).
 
 The ops validate their inputs, then run on the pure-torch twin (attnmem.reference.memory)
-or on their Triton kernels (memory_address, memory_attend, memory_read, memory_write).
-Ops without a kernel yet say so when `use_backend("triton")` asks for one, and "auto" runs
-them on torch.
+or on their Triton kernels, as attnmem.backend chooses.
 """
 
 
@@ -164,6 +162,50 @@ def _read_backward(ctx, dread):
 _memory_read_op.register_autograd(_read_backward, setup_context=_read_setup_context)
 
 
+@torch.library.custom_op("attnmem::location_address", mutates_args=())
+def _location_op(content_weights: torch.Tensor, prev_weights: torch.Tensor, gate: torch.Tensor,
+                 shift: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (weights, float32 row sums of the sharpened weights)."""
+    from attnmem.kernels import location_address as kernel
+
+    return kernel.location_address_forward(content_weights, prev_weights, gate, shift, gamma)
+
+
+@_location_op.register_fake
+def _(content_weights, prev_weights, gate, shift, gamma):
+    return (content_weights.new_empty(content_weights.shape),
+            gate.new_empty(gate.shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("attnmem::location_address_backward", mutates_args=())
+def _location_backward_op(dout: torch.Tensor, out: torch.Tensor, total: torch.Tensor,
+                          content_weights: torch.Tensor, prev_weights: torch.Tensor,
+                          gate: torch.Tensor, shift: torch.Tensor, gamma: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor]:
+    from attnmem.kernels import location_address as kernel
+
+    return kernel.location_address_backward(dout, out, total, content_weights, prev_weights,
+                                             gate, shift, gamma)
+
+
+@_location_backward_op.register_fake
+def _(dout, out, total, content_weights, prev_weights, gate, shift, gamma):
+    return tuple(x.new_empty(x.shape) for x in (content_weights, prev_weights, gate, shift,
+                                                gamma))
+
+
+def _location_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output, *inputs)
+
+
+def _location_backward(ctx, dout, dtotal):
+    return _location_backward_op(dout, *ctx.saved_tensors)
+
+
+_location_op.register_autograd(_location_backward, setup_context=_location_setup_context)
+
+
 def _dtype_reasons(x) -> list[str]:
     if x.dtype not in TRITON_DTYPES:
         return [f"dtype {x.dtype} (supported: float16, bfloat16, float32)"]
@@ -178,11 +220,6 @@ def _attend_triton_reasons(memory, keys, values) -> list[str]:
     if keys.shape[1] > 128:
         reasons.append(f"{keys.shape[1]} heads > 128")
     return reasons
-
-
-def _run_on_torch(op, tensors):
-    _backend.resolve(_backend.requested_backend(), tensors,
-                     [f"attnmem.{op} has no Triton kernel yet"], op)
 
 
 def _tensor(name, x, ndim, what):
@@ -344,5 +381,8 @@ def location_address(content_weights, prev_weights, gate, shift, gamma):
     if shift.shape[:2] != content_weights.shape[:2] or shift.shape[2] % 2 != 1:
         raise ValueError(f"shift must be (B, R, S) with (B, R) = "
                          f"{tuple(content_weights.shape[:2])} and S odd, got {tuple(shift.shape)}")
-    _run_on_torch("location_address", (content_weights,))
+    chosen = _backend.resolve(_backend.requested_backend(), (content_weights,),
+                              _dtype_reasons(content_weights), "location_address")
+    if chosen == "triton":
+        return _location_op(content_weights, prev_weights, gate, shift, gamma)[0]
     return _reference.location_address(content_weights, prev_weights, gate, shift, gamma)

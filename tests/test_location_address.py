@@ -1,0 +1,72 @@
+"""location_address on both backends against float64, every gradient, and sm_80/sm_90 builds."""
+
+import os
+
+import pytest
+import torch
+
+import attnmem
+from aot import TRITON_TYPES, compile_all
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+BACKENDS = ["torch"] + (["triton"] if INTERPRET or torch.cuda.is_available() else [])
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+# (B, R, N, S): a single slot, S > N (shifts wrap more than once), no shift at all.
+SHAPES = [(2, 3, 75, 3), (1, 1, 5, 7), (2, 2, 1, 3), (1, 2, 40, 1)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
+def test_matches_float64(shape, dtype, backend):
+    b, r, n, s = shape
+    content = torch.softmax(torch.randn(b, r, n, device=DEVICE), -1)
+    prev = torch.softmax(torch.randn(b, r, n, device=DEVICE), -1)
+    if n > 3:  # zeros that the shift carries to other slots: w~ = 0 under sharpening
+        content[0, 0, :3], prev[0, 0, :3] = 0, 0
+    tensors = [content, prev, torch.rand(b, r, device=DEVICE),
+               torch.softmax(torch.randn(b, r, s, device=DEVICE), -1),
+               1 + 3 * torch.rand(b, r, device=DEVICE)]
+    dout = torch.randn(b, r, n, device=DEVICE)
+
+    def run(xs, use_backend):
+        xs = [x.detach().requires_grad_() for x in xs]
+        with attnmem.use_backend(use_backend):
+            out = attnmem.location_address(*xs)
+        return [out.detach(), *torch.autograd.grad((out.float() * dout).sum(), xs)]
+
+    got = run([x.to(dtype) for x in tensors], backend)
+    expect = run([x.double() for x in tensors], "torch")
+    base = run([x.to(dtype) for x in tensors], "torch")
+    for i, (o, e, t) in enumerate(zip(got, expect, base)):
+        assert o.dtype == dtype and torch.isfinite(o).all(), f"output {i}"
+        err, base_err = ((x.double() - e).abs().max().item() for x in (o, t))
+        atol = ATOL[dtype] * max(1.0, e.abs().max().item())
+        assert err <= 2 * base_err + atol, f"output {i}: error {err:.3g}, torch's {base_err:.3g}"
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("aot")
+def test_kernels_compile_for_sm80_and_sm90():
+    jobs = {}
+    for kernel in ("_location_fwd", "_location_bwd"):
+        for arch in (80, 90):
+            for dtype in ("float16", "bfloat16", "float32"):
+                t = TRITON_TYPES[dtype]
+                pointers = {p: t for p in ("content_ptr", "prev_ptr", "gate_ptr", "shift_ptr",
+                                           "gamma_ptr")}
+                if kernel == "_location_fwd":
+                    pointers.update(part_ptr="fp32", total_ptr="fp32", out_ptr=t)
+                    constexprs = dict(NORMALIZE=True, BLOCK_N=256)
+                else:
+                    pointers.update(total_ptr="fp32", centre_ptr="fp32", dout_ptr=t,
+                                    dcontent_ptr=t, dprev_ptr=t, part_dgate_ptr="fp32",
+                                    part_dshift_ptr="fp32", part_dgamma_ptr="fp32")
+                    constexprs = dict(BLOCK_N=256)
+                jobs[f"{kernel}-sm{arch}-{dtype}"] = dict(
+                    module="attnmem.kernels.location_address", kernel=kernel, arch=arch,
+                    constexprs=constexprs, pointers=pointers, num_warps=4, num_stages=2)
+    results = dict(zip(jobs, compile_all(list(jobs.values()))))
+    failures = {k: r["error"] for k, r in results.items() if r["error"]}
+    assert not failures, failures
