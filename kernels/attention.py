@@ -11,11 +11,11 @@ The backward is deterministic: dK/dV programs own a key tile and loop over every
 of their group; dQ programs own a query tile. Nothing accumulates through atomics.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from attnmem.kernels._launch import interpreting, lastdim_contiguous
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -427,10 +427,6 @@ def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int):
     return list(dict.fromkeys(out))
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _smem_limit(device: torch.device) -> int:
     props = torch.cuda.get_device_properties(device)
     return getattr(props, "shared_memory_per_block_optin", SMEM_LIMIT[80])
@@ -453,7 +449,7 @@ def _launcher(kernel: str, fn, device, block_d: int, elem: int):
 
 def _run(kernel: str, fn, grid, args, meta, device, config):
     """Launch fn with a fixed config (given, or the interpreter's) or through autotuning."""
-    if config is None and _interpreting():
+    if config is None and interpreting():
         config = INTERPRET_CONFIG
     if config is not None:
         block_m, block_n, warps, stages = config
@@ -463,10 +459,6 @@ def _run(kernel: str, fn, grid, args, meta, device, config):
     elem = args[0].element_size()
     tuned = _launcher(kernel, fn, device, meta["BLOCK_D"], elem)
     tuned[lambda m: grid(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
-
-
-def _lastdim_contiguous(x):
-    return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
 def _common(q, k, kv_lengths, window_left, window_right):
@@ -486,7 +478,7 @@ def _common(q, k, kv_lengths, window_left, window_right):
 
 def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, config=None):
     """-> out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32 natural log."""
-    q, k, v = (_lastdim_contiguous(x) for x in (q, k, v))
+    q, k, v = (lastdim_contiguous(x) for x in (q, k, v))
     batch, heads, n_q, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
@@ -503,7 +495,7 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, con
 def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_left,
                        window_right, config=None):
     """-> dq, dk, dv in the dtypes of q, k, v. dlse, the gradient of lse, may be None."""
-    dout, q, k, v, out = (_lastdim_contiguous(x) for x in (dout, q, k, v, out))
+    dout, q, k, v, out = (lastdim_contiguous(x) for x in (dout, q, k, v, out))
     # Row statistics are indexed as dense (B, H, Nq); autograd may hand dlse in expanded.
     lse = lse.contiguous()
     dlse = None if dlse is None else dlse.float().contiguous()
@@ -518,7 +510,7 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
 
     delta = torch.empty_like(lse)
     block_d = meta["BLOCK_D"]
-    rows = 16 if _interpreting() else 64
+    rows = 16 if interpreting() else 64
     _attn_bwd_delta[(triton.cdiv(n_q, rows), heads, batch)](
         out, dout, dlse if dlse is not None else lse, delta, *out.stride()[:3],
         *dout.stride()[:3], heads, n_q, HEAD_DIM=head_dim, BLOCK_D=block_d,

@@ -8,11 +8,11 @@ backward recomputes w~ where it needs it (its own slots and their shifted neighb
 writes per-split partial sums of the gate, shift and gamma gradients.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from attnmem.kernels._launch import interpreting, slot_splits
 
 BLOCK_N = 256
 INTERPRET_BLOCK_N = 16
@@ -135,20 +135,9 @@ def _location_bwd(content_ptr, prev_ptr, gate_ptr, shift_ptr, gamma_ptr, total_p
     tl.store(part_dgamma_ptr + row * n_splits + split, tl.sum(dgamma, 0))
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _splits(n_slots, rows, device):
-    block_n = INTERPRET_BLOCK_N if _interpreting() else BLOCK_N
-    if _interpreting():
-        target = 3
-    else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        target = max(1, triton.cdiv(2 * sms, rows))
-    tiles = triton.cdiv(max(n_slots, 1), block_n)
-    split_len = block_n * triton.cdiv(tiles, min(target, tiles))
-    return block_n, split_len, triton.cdiv(max(n_slots, 1), split_len)
+    block_n = INTERPRET_BLOCK_N if interpreting() else BLOCK_N
+    return (block_n, *slot_splits(n_slots, rows, block_n, device))
 
 
 def location_address_forward(content, prev, gate, shift, gamma):

@@ -12,11 +12,11 @@ logsumexp, writes dMemory and dValues of its slots directly and partial dKeys an
 dStrength per split, summed by the launcher: no atomics, deterministic.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from attnmem.kernels._launch import interpreting, lastdim_contiguous, slot_splits
 
 LOG2E = tl.constexpr(1.4426950408889634)
 EPS_SQ = tl.constexpr(1e-16)  # cosine's max(|u||v|, 1e-8), squared
@@ -217,23 +217,12 @@ INTERPRET_BLOCK_N = 16
 MAX_DIM = 256
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _layout(memory, keys, values):
     batch, n_slots, head_dim = memory.shape
     n_heads = keys.shape[1]
     value_dim = head_dim if values is None else values.shape[2]
-    block_n = INTERPRET_BLOCK_N if _interpreting() else BLOCK_N
-    if _interpreting():
-        target = 3
-    else:
-        sms = torch.cuda.get_device_properties(memory.device).multi_processor_count
-        target = max(1, triton.cdiv(2 * sms, batch))
-    tiles = triton.cdiv(max(n_slots, 1), block_n)
-    split_len = block_n * triton.cdiv(tiles, min(target, tiles))
-    n_splits = triton.cdiv(max(n_slots, 1), split_len)
+    block_n = INTERPRET_BLOCK_N if interpreting() else BLOCK_N
+    split_len, n_splits = slot_splits(n_slots, batch, block_n, memory.device)
     meta = dict(SIMILARITY=None, HAS_VALUES=values is not None,
                 DOT_PRECISION="ieee" if memory.dtype == torch.float32 else "tf32",
                 BLOCK_R=max(16, triton.next_power_of_2(n_heads)),
@@ -242,15 +231,11 @@ def _layout(memory, keys, values):
     return (batch, n_slots, head_dim, n_heads, value_dim, split_len, n_splits), meta
 
 
-def _lastdim_contiguous(x):
-    return x if x is None or x.stride(-1) == 1 else x.contiguous()
-
-
 def memory_attend_forward(memory, keys, values, strength, mask, similarity, need_scores,
                           need_read=True):
     """-> read (B, R, Dv) in memory's dtype (empty unless need_read), lse (B, R) float32
     and, if need_scores, the float32 scores (B, R, N) (-inf on masked slots)."""
-    memory, keys, values = (_lastdim_contiguous(x) for x in (memory, keys, values))
+    memory, keys, values = (lastdim_contiguous(x) for x in (memory, keys, values))
     strength = None if strength is None else strength.contiguous()
     mask = None if mask is None else mask.contiguous()
     (batch, n_slots, head_dim, n_heads, value_dim, split_len, n_splits), meta = _layout(
@@ -287,7 +272,7 @@ def memory_attend_backward(dread, dweights, memory, keys, values, strength, mask
                            weights, lse, similarity):
     """-> dmemory, dkeys, dvalues (None without values), dstrength (None without strength).
     dread (None when only weights were computed) and dweights may be None."""
-    memory, keys, values = (_lastdim_contiguous(x) for x in (memory, keys, values))
+    memory, keys, values = (lastdim_contiguous(x) for x in (memory, keys, values))
     strength = None if strength is None else strength.contiguous()
     mask = None if mask is None else mask.contiguous()
     (batch, n_slots, head_dim, n_heads, value_dim, split_len, n_splits), meta = _layout(

@@ -5,11 +5,11 @@ GPU) and sums the per-split partial reads; the backward's programs own slot tile
 write dMemory = w^T dr and dWeights = dr M^T for them. Both walk D in chunks: any width.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from attnmem.kernels._launch import interpreting, lastdim_contiguous, slot_splits
 
 BLOCK_N = 64
 INTERPRET_BLOCK_N = 16
@@ -72,37 +72,22 @@ def _memory_read_bwd(dread_ptr, mem_ptr, weights_ptr, dmem_ptr, dweights_ptr,
              dw.to(dweights_ptr.dtype.element_ty), mask=w_mask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _meta(memory, n_heads):
     width = memory.shape[2]
     block_d = min(MAX_BLOCK_D, max(16, triton.next_power_of_2(width)))
     return dict(DOT_PRECISION="ieee" if memory.dtype == torch.float32 else "tf32",
                 BLOCK_R=max(16, triton.next_power_of_2(n_heads)),
-                BLOCK_N=INTERPRET_BLOCK_N if _interpreting() else BLOCK_N,
-                BLOCK_D=min(block_d, 32) if _interpreting() else block_d)
-
-
-def _lastdim_contiguous(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
+                BLOCK_N=INTERPRET_BLOCK_N if interpreting() else BLOCK_N,
+                BLOCK_D=min(block_d, 32) if interpreting() else block_d)
 
 
 def memory_read_forward(memory, weights):
     """-> read (B, R, D) in memory's dtype."""
-    memory, weights = _lastdim_contiguous(memory), _lastdim_contiguous(weights)
+    memory, weights = lastdim_contiguous(memory), lastdim_contiguous(weights)
     batch, n_slots, width = memory.shape
     n_heads = weights.shape[1]
     meta = _meta(memory, n_heads)
-    if _interpreting():
-        target = 3
-    else:
-        sms = torch.cuda.get_device_properties(memory.device).multi_processor_count
-        target = max(1, triton.cdiv(2 * sms, batch))
-    tiles = triton.cdiv(max(n_slots, 1), meta["BLOCK_N"])
-    split_len = meta["BLOCK_N"] * triton.cdiv(tiles, min(target, tiles))
-    n_splits = triton.cdiv(max(n_slots, 1), split_len)
+    split_len, n_splits = slot_splits(n_slots, batch, meta["BLOCK_N"], memory.device)
     part = torch.empty((batch, n_splits, n_heads, width), dtype=torch.float32,
                        device=memory.device)
     if memory.numel() == 0 or n_slots == 0:
@@ -115,7 +100,7 @@ def memory_read_forward(memory, weights):
 
 def memory_read_backward(dread, memory, weights):
     """-> dmemory, dweights in the inputs' dtypes."""
-    memory, weights = _lastdim_contiguous(memory), _lastdim_contiguous(weights)
+    memory, weights = lastdim_contiguous(memory), lastdim_contiguous(weights)
     dread = dread.float().contiguous()  # (B, R, D): small, and the kernel works in fp32
     batch, n_slots, width = memory.shape
     n_heads = weights.shape[1]

@@ -10,11 +10,11 @@ launcher; no atomics. The product over the other heads is recomputed, not divide
 1 - w e is exactly 0 under a full erase.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from attnmem.kernels._launch import interpreting, lastdim_contiguous, slot_splits
 
 BLOCK_N = 64
 INTERPRET_BLOCK_N = 16
@@ -118,22 +118,17 @@ def _memory_write_bwd(dout_ptr, mem_ptr, weights_ptr, erase_ptr, add_ptr, dmem_p
                          + tl.sum(dout * w[:, None], 0), mask=d_ok)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _blocks(width):
-    block_n = INTERPRET_BLOCK_N if _interpreting() else BLOCK_N
+    block_n = INTERPRET_BLOCK_N if interpreting() else BLOCK_N
     block_d = min(MAX_BLOCK_D, max(16, triton.next_power_of_2(width)))
-    if _interpreting():
+    if interpreting():
         block_d = min(block_d, 32)  # several width chunks even on test sizes
     return block_n, block_d
 
 
 def memory_write_forward(memory, weights, erase, add, out=None):
     """-> M' in memory's dtype, written to `out` (which may be memory itself) if given."""
-    if memory.stride(-1) != 1:
-        memory = memory.contiguous()
+    memory = lastdim_contiguous(memory)
     weights, erase, add = (x.contiguous() for x in (weights, erase, add))
     batch, n_slots, width = memory.shape
     out = torch.empty_like(memory, memory_format=torch.contiguous_format) if out is None \
@@ -149,19 +144,12 @@ def memory_write_forward(memory, weights, erase, add, out=None):
 
 def memory_write_backward(dout, memory, weights, erase, add):
     """-> dmemory, dweights, derase, dadd in the inputs' dtypes."""
-    dout, memory = (x if x.stride(-1) == 1 else x.contiguous() for x in (dout, memory))
+    dout, memory = lastdim_contiguous(dout), lastdim_contiguous(memory)
     weights, erase, add = (x.contiguous() for x in (weights, erase, add))
     batch, n_slots, width = memory.shape
     n_writes = weights.shape[1]
     block_n, block_d = _blocks(width)
-    if _interpreting():
-        target = 3
-    else:
-        sms = torch.cuda.get_device_properties(memory.device).multi_processor_count
-        target = max(1, triton.cdiv(2 * sms, batch))
-    tiles = triton.cdiv(max(n_slots, 1), block_n)
-    split_len = block_n * triton.cdiv(tiles, min(target, tiles))
-    n_splits = triton.cdiv(max(n_slots, 1), split_len)
+    split_len, n_splits = slot_splits(n_slots, batch, block_n, memory.device)
     f32 = dict(dtype=torch.float32, device=memory.device)
     dmemory = torch.empty(memory.shape, dtype=memory.dtype, device=memory.device)
     dweights = torch.zeros(weights.shape, **f32)

@@ -1,0 +1,25 @@
+"""The examples run end to end at tiny sizes, so they cannot rot."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = {
+    "attention_demo.py": ["--seq", "64", "--heads", "2", "--reps", "1"],
+    "ntm_copy.py": ["--steps", "3", "--batch", "2", "--max-length", "3"],
+    "memn2n_babi.py": ["--train", "40", "--test", "20", "--epochs", "2", "--linear-start", "1"],
+}
+
+
+@pytest.mark.parametrize("script", list(RUNS))
+def test_example_runs(script):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    env.pop("TRITON_INTERPRET", None)  # examples run as users run them
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script),
+                             *RUNS[script]], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip()
