@@ -18,6 +18,8 @@ SIMILARITIES = ("cosine", "dot", "scaled_dot")
 
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# memory_attend keeps a slot (and a value) row in registers.
+MAX_TRITON_WIDTH = 256
 
 
 @torch.library.custom_op("attnmem::memory_attend", mutates_args=())
@@ -215,8 +217,8 @@ def _dtype_reasons(x) -> list[str]:
 def _attend_triton_reasons(memory, keys, values) -> list[str]:
     reasons = _dtype_reasons(memory)
     value_dim = memory.shape[2] if values is None else values.shape[2]
-    if max(memory.shape[2], value_dim) > 256:
-        reasons.append(f"slot width {max(memory.shape[2], value_dim)} > 256")
+    if max(memory.shape[2], value_dim) > MAX_TRITON_WIDTH:
+        reasons.append(f"slot width {max(memory.shape[2], value_dim)} > {MAX_TRITON_WIDTH}")
     if keys.shape[1] > 128:
         reasons.append(f"{keys.shape[1]} heads > 128")
     return reasons

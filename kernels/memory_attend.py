@@ -214,7 +214,6 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ls
 # Slots per tile, and per split under the interpreter (several splits even on test sizes).
 BLOCK_N = 64
 INTERPRET_BLOCK_N = 16
-MAX_DIM = 256
 
 
 def _layout(memory, keys, values):

@@ -152,9 +152,9 @@ TARGET_JOBS.update({f"{k}-sm{arch}-address-only": _job(k, arch, "fp16", 128, 16,
 @pytest.mark.slow
 @pytest.mark.xdist_group("aot")
 def test_kernels_compile_for_sm80_and_sm90():
-    from attnmem.kernels.memory_attend import MAX_DIM
+    from attnmem.memory import MAX_TRITON_WIDTH
 
-    assert max(j["constexprs"]["BLOCK_D"] for j in TARGET_JOBS.values()) == MAX_DIM
+    assert max(j["constexprs"]["BLOCK_D"] for j in TARGET_JOBS.values()) == MAX_TRITON_WIDTH
     results = dict(zip(TARGET_JOBS, compile_all(list(TARGET_JOBS.values()))))
     limits = {80: 166912, 90: 232448}
     failures = {k: r["error"] or f"shared {r['shared']}" for k, r in results.items()
