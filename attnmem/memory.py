@@ -6,7 +6,6 @@ The ops validate their inputs, then run on the pure-torch twin (attnmem.referenc
 or on their Triton kernels, as attnmem.backend chooses.
 """
 
-
 from typing import Optional
 
 import torch
@@ -15,8 +14,6 @@ from attnmem import backend as _backend
 from attnmem.reference import memory as _reference
 
 SIMILARITIES = ("cosine", "dot", "scaled_dot")
-
-
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # memory_attend keeps a slot (and a value) row in registers.
 MAX_TRITON_WIDTH = 256
