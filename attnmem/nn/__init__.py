@@ -1,5 +1,11 @@
 """nn.Modules built on attnmem's ops."""
 
+from attnmem.nn.attention import (
+    MultiheadSelfAttention,
+    SinusoidalPositionalEncoding,
+    TransformerEncoderLayer,
+)
 from attnmem.nn.memory import NTM, KeyValueMemory, MemN2N, NTMState
 
-__all__ = ["NTM", "NTMState", "MemN2N", "KeyValueMemory"]
+__all__ = ["NTM", "NTMState", "MemN2N", "KeyValueMemory", "MultiheadSelfAttention",
+           "SinusoidalPositionalEncoding", "TransformerEncoderLayer"]

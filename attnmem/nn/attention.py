@@ -1,0 +1,107 @@
+"""Attention layers on attnmem.attention: self-attention, positional encoding, encoder layer."""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import attnmem
+
+
+class MultiheadSelfAttention(nn.Module):
+    """Self-attention with a fused QKV projection, grouped-query attention (num_kv_heads
+    divides num_heads; 1 is multi-query), causal masking, a sliding window and padding
+    lengths. x: (B, N, embed_dim), batch first. The weights are never materialised; there
+    is no dropout on them (put dropout on the layer's output instead).
+
+    With num_kv_heads == num_heads, `qkv` is laid out as torch.nn.MultiheadAttention's
+    in_proj ([q; k; v] rows) and `out` as its out_proj.
+    """
+
+    def __init__(self, embed_dim, num_heads, num_kv_heads=None, causal=False, window=None,
+                 bias=True):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads {num_kv_heads} must divide num_heads {num_heads}")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.causal, self.window = causal, window
+        self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim,
+                             bias=bias)
+        self.out = nn.Linear(embed_dim, embed_dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, kv_lengths: Optional[torch.Tensor] = None):
+        """x: (B, N, E); kv_lengths: (B,) valid lengths (keys past them are not attended)."""
+        if x.ndim != 3:
+            raise ValueError(f"x must be (B, N, embed_dim), got shape {tuple(x.shape)}")
+        batch, length, _ = x.shape
+        heads = (self.num_heads, self.num_kv_heads, self.num_kv_heads)
+        # Views of the fused projection, (B, heads, N, D) with strides: no copies.
+        q, k, v = (t.unflatten(-1, (h, self.head_dim)).transpose(1, 2) for t, h in zip(
+            self.qkv(x).split([h * self.head_dim for h in heads], dim=-1), heads))
+        out = attnmem.attention(q, k, v, causal=self.causal, window=self.window,
+                                kv_lengths=kv_lengths)
+        return self.out(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """Adds Vaswani et al.'s encoding PE(pos, 2i) = sin(pos / 10000^(2i/d)),
+    PE(pos, 2i+1) = cos(pos / 10000^(2i/d)) to x: (B, N, d_model), then dropout."""
+
+    def __init__(self, d_model, max_len=8192, dropout=0.0):
+        super().__init__()
+        position = torch.arange(max_len, dtype=torch.float32)[:, None]
+        rate = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32)
+                         * (-math.log(10000.0) / d_model))
+        table = torch.zeros(max_len, d_model)
+        table[:, 0::2] = torch.sin(position * rate)
+        table[:, 1::2] = torch.cos(position * rate[: d_model // 2])
+        self.register_buffer("table", table, persistent=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] > self.table.shape[0]:
+            raise ValueError(f"sequence length {x.shape[1]} exceeds max_len "
+                             f"{self.table.shape[0]}")
+        return self.dropout(x + self.table[: x.shape[1]].to(x.dtype))
+
+
+class TransformerEncoderLayer(nn.Module):
+    """Vaswani et al.'s encoder layer on MultiheadSelfAttention: post-norm
+    (x = norm(x + sublayer(x))) by default, pre-norm with norm_first=True, as
+    torch.nn.TransformerEncoderLayer (batch first). Adds num_kv_heads, causal and window."""
+
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
+                 layer_norm_eps=1e-5, norm_first=False, bias=True, num_kv_heads=None,
+                 causal=False, window=None):
+        super().__init__()
+        if activation not in ("relu", "gelu"):
+            raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
+        self.self_attn = MultiheadSelfAttention(d_model, nhead, num_kv_heads, causal, window,
+                                                bias)
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias)
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
+        self.dropout, self.dropout1, self.dropout2 = (nn.Dropout(dropout) for _ in range(3))
+        self.activation = F.relu if activation == "relu" else F.gelu
+        self.norm_first = norm_first
+
+    def _attend(self, x, kv_lengths):
+        return self.dropout1(self.self_attn(x, kv_lengths))
+
+    def _feed_forward(self, x):
+        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+    def forward(self, x: torch.Tensor, kv_lengths: Optional[torch.Tensor] = None):
+        """x: (B, N, d_model); kv_lengths: (B,) lengths of the unpadded sequences."""
+        if self.norm_first:
+            x = x + self._attend(self.norm1(x), kv_lengths)
+            return x + self._feed_forward(self.norm2(x))
+        x = self.norm1(x + self._attend(x, kv_lengths))
+        return self.norm2(x + self._feed_forward(x))
