@@ -216,6 +216,16 @@ BLOCK_N = 64
 INTERPRET_BLOCK_N = 16
 
 
+def _prepare(memory, keys, values, strength, mask, similarity):
+    """The inputs as the kernels take them, their sizes and the kernels' meta-parameters."""
+    memory, keys, values = (lastdim_contiguous(x) for x in (memory, keys, values))
+    strength = None if strength is None else strength.contiguous()
+    mask = None if mask is None else mask.contiguous()
+    sizes, meta = _layout(memory, keys, values)
+    meta["SIMILARITY"] = SIMILARITY_CODES[similarity]
+    return (memory, keys, values, strength, mask), sizes, meta
+
+
 def _layout(memory, keys, values):
     batch, n_slots, head_dim = memory.shape
     n_heads = keys.shape[1]
@@ -234,12 +244,9 @@ def memory_attend_forward(memory, keys, values, strength, mask, similarity, need
                           need_read=True):
     """-> read (B, R, Dv) in memory's dtype (empty unless need_read), lse (B, R) float32
     and, if need_scores, the float32 scores (B, R, N) (-inf on masked slots)."""
-    memory, keys, values = (lastdim_contiguous(x) for x in (memory, keys, values))
-    strength = None if strength is None else strength.contiguous()
-    mask = None if mask is None else mask.contiguous()
-    (batch, n_slots, head_dim, n_heads, value_dim, split_len, n_splits), meta = _layout(
-        memory, keys, values)
-    meta["SIMILARITY"] = SIMILARITY_CODES[similarity]
+    (memory, keys, values, strength, mask), sizes, meta = _prepare(
+        memory, keys, values, strength, mask, similarity)
+    batch, n_slots, head_dim, n_heads, value_dim, split_len, n_splits = sizes
     f32 = dict(dtype=torch.float32, device=memory.device)
     part_read = torch.empty((batch, n_splits, n_heads, value_dim) if need_read else (0,), **f32)
     part_max = torch.empty((batch, n_splits, n_heads), **f32)
@@ -271,12 +278,9 @@ def memory_attend_backward(dread, dweights, memory, keys, values, strength, mask
                            weights, lse, similarity):
     """-> dmemory, dkeys, dvalues (None without values), dstrength (None without strength).
     dread (None when only weights were computed) and dweights may be None."""
-    memory, keys, values = (lastdim_contiguous(x) for x in (memory, keys, values))
-    strength = None if strength is None else strength.contiguous()
-    mask = None if mask is None else mask.contiguous()
-    (batch, n_slots, head_dim, n_heads, value_dim, split_len, n_splits), meta = _layout(
-        memory, keys, values)
-    meta["SIMILARITY"] = SIMILARITY_CODES[similarity]
+    (memory, keys, values, strength, mask), sizes, meta = _prepare(
+        memory, keys, values, strength, mask, similarity)
+    batch, n_slots, head_dim, n_heads, value_dim, split_len, n_splits = sizes
     delta = lse.new_zeros(lse.shape)
     if dread is not None:
         dread = dread.float().contiguous()
