@@ -15,8 +15,9 @@ from attnmem.reference import memory as _reference
 
 SIMILARITIES = ("cosine", "dot", "scaled_dot")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# memory_attend keeps a slot (and a value) row in registers.
+# memory_attend keeps every head, and a slot (and a value) row, in registers.
 MAX_TRITON_WIDTH = 256
+MAX_TRITON_HEADS = 128
 
 
 @torch.library.custom_op("attnmem::memory_attend", mutates_args=())
@@ -114,15 +115,20 @@ def _(dout, memory, weights, erase, add):
     return tuple(x.new_empty(x.shape) for x in (memory, weights, erase, add))
 
 
-def _write_setup_context(ctx, inputs, output):
+def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _write_backward(ctx, dout):
-    return _memory_write_backward_op(dout, *ctx.saved_tensors)
+def _backward_through(op):
+    """An autograd backward handing the first output's gradient and the saved tensors to
+    op; gradients of the other outputs (internal statistics) are not used."""
+    def backward(ctx, grad, *unused):
+        return op(grad, *ctx.saved_tensors)
+    return backward
 
 
-_memory_write_op.register_autograd(_write_backward, setup_context=_write_setup_context)
+_memory_write_op.register_autograd(_backward_through(_memory_write_backward_op),
+                                   setup_context=_save_inputs)
 
 
 @torch.library.custom_op("attnmem::memory_read", mutates_args=())
@@ -150,15 +156,8 @@ def _(dread, memory, weights):
     return memory.new_empty(memory.shape), weights.new_empty(weights.shape)
 
 
-def _read_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _read_backward(ctx, dread):
-    return _memory_read_backward_op(dread, *ctx.saved_tensors)
-
-
-_memory_read_op.register_autograd(_read_backward, setup_context=_read_setup_context)
+_memory_read_op.register_autograd(_backward_through(_memory_read_backward_op),
+                                  setup_context=_save_inputs)
 
 
 @torch.library.custom_op("attnmem::location_address", mutates_args=())
@@ -194,31 +193,26 @@ def _(dout, out, total, content_weights, prev_weights, gate, shift, gamma):
                                                 gamma))
 
 
-def _location_setup_context(ctx, inputs, output):
+def _save_outputs_and_inputs(ctx, inputs, output):
     ctx.save_for_backward(*output, *inputs)
 
 
-def _location_backward(ctx, dout, dtotal):
-    return _location_backward_op(dout, *ctx.saved_tensors)
+_location_op.register_autograd(_backward_through(_location_backward_op),
+                               setup_context=_save_outputs_and_inputs)
 
 
-_location_op.register_autograd(_location_backward, setup_context=_location_setup_context)
-
-
-def _dtype_reasons(x) -> list[str]:
+def _choose(op, tensors, heads=None, width=None) -> str:
+    """The backend for op: what the triton kernels lack here (dtype; heads and slot width
+    where the kernel holds them in registers) decides with the requested backend."""
+    x = tensors[0]
+    reasons = []
     if x.dtype not in TRITON_DTYPES:
-        return [f"dtype {x.dtype} (supported: float16, bfloat16, float32)"]
-    return []
-
-
-def _attend_triton_reasons(memory, keys, values) -> list[str]:
-    reasons = _dtype_reasons(memory)
-    value_dim = memory.shape[2] if values is None else values.shape[2]
-    if max(memory.shape[2], value_dim) > MAX_TRITON_WIDTH:
-        reasons.append(f"slot width {max(memory.shape[2], value_dim)} > {MAX_TRITON_WIDTH}")
-    if keys.shape[1] > 128:
-        reasons.append(f"{keys.shape[1]} heads > 128")
-    return reasons
+        reasons.append(f"dtype {x.dtype} (supported: float16, bfloat16, float32)")
+    if heads is not None and heads > MAX_TRITON_HEADS:
+        reasons.append(f"{heads} heads > {MAX_TRITON_HEADS}")
+    if width is not None and width > MAX_TRITON_WIDTH:
+        reasons.append(f"slot width {width} > {MAX_TRITON_WIDTH}")
+    return _backend.resolve(_backend.requested_backend(), tensors, reasons, op)
 
 
 def _tensor(name, x, ndim, what):
@@ -288,8 +282,7 @@ def memory_address(memory, keys, *, strength=None, similarity="cosine", mask=Non
     (NTM/DNC, u.v / max(|u||v|, 1e-8)), "dot" (MemN2N) or "scaled_dot" (u.v / sqrt(D));
     mask: (B, N) bool, True = usable slot. A head with no usable slot gets zero weights."""
     _address_args(memory, keys, strength, similarity, mask)
-    chosen = _backend.resolve(_backend.requested_backend(), (memory, keys),
-                              _attend_triton_reasons(memory, keys, None), "memory_address")
+    chosen = _choose("memory_address", (memory, keys), keys.shape[1], memory.shape[2])
     if chosen == "triton":
         return _memory_attend_op(memory, keys, None, strength, mask, similarity, False, True)[1]
     return _reference.memory_address(memory, keys, strength, similarity, mask)
@@ -299,10 +292,7 @@ def memory_read(memory, weights):
     """Read vectors (B, R, D): r = sum_n w_n M_n for weights (B, R, N)."""
     _memory(memory)
     _weights("weights", weights, memory, "(B, R, N)")
-    chosen = _backend.resolve(_backend.requested_backend(), (memory, weights),
-                              _dtype_reasons(memory) + ([f"{weights.shape[1]} heads > 128"]
-                                                        if weights.shape[1] > 128 else []),
-                              "memory_read")
+    chosen = _choose("memory_read", (memory, weights), heads=weights.shape[1])
     if chosen == "triton":
         return _memory_read_op(memory, weights)
     return _reference.memory_read(memory, weights)
@@ -321,8 +311,8 @@ def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosin
         if values.shape[:2] != memory.shape[:2]:
             raise ValueError(f"values must be (B, N, Dv) with B, N = {tuple(memory.shape[:2])},"
                              f" got {tuple(values.shape)}")
-    chosen = _backend.resolve(_backend.requested_backend(), (memory, keys),
-                              _attend_triton_reasons(memory, keys, values), "memory_attend")
+    width = memory.shape[2] if values is None else max(memory.shape[2], values.shape[2])
+    chosen = _choose("memory_attend", (memory, keys), keys.shape[1], width)
     if chosen == "triton":
         read, weights, _ = _memory_attend_op(memory, keys, values, strength, mask, similarity,
                                              True, return_weights)
@@ -342,8 +332,7 @@ def memory_write(memory, weights, erase, add, *, inplace=False):
         _tensor(name, x, 3, "(B, W, D)")
         _like(name, x, memory, "memory")
         _shape(name, x, (*weights.shape[:2], memory.shape[2]), "(B, W, D)")
-    chosen = _backend.resolve(_backend.requested_backend(), (memory, weights),
-                              _dtype_reasons(memory), "memory_write")
+    chosen = _choose("memory_write", (memory, weights))
     if not inplace:
         if chosen == "triton":
             return _memory_write_op(memory, weights, erase, add)
@@ -380,8 +369,7 @@ def location_address(content_weights, prev_weights, gate, shift, gamma):
     if shift.shape[:2] != content_weights.shape[:2] or shift.shape[2] % 2 != 1:
         raise ValueError(f"shift must be (B, R, S) with (B, R) = "
                          f"{tuple(content_weights.shape[:2])} and S odd, got {tuple(shift.shape)}")
-    chosen = _backend.resolve(_backend.requested_backend(), (content_weights,),
-                              _dtype_reasons(content_weights), "location_address")
+    chosen = _choose("location_address", (content_weights,))
     if chosen == "triton":
         return _location_op(content_weights, prev_weights, gate, shift, gamma)[0]
     return _reference.location_address(content_weights, prev_weights, gate, shift, gamma)

@@ -180,6 +180,15 @@ def test_triton_backend_says_what_it_lacks():
             call()
         with attnmem.use_backend("auto"):
             call()
+    memory = torch.randn(1, 6, 300)
+    for message, call in (
+            ("129 heads > 128", lambda: attnmem.memory_read(memory, torch.rand(1, 129, 6))),
+            ("slot width 300 > 256", lambda: attnmem.memory_attend(memory,
+                                                                   torch.randn(1, 2, 300)))):
+        with attnmem.use_backend("triton"), pytest.raises(RuntimeError, match=message):
+            call()
+        with attnmem.use_backend("auto"):
+            call()
 
 
 M, K = torch.randn(2, 8, 4), torch.randn(2, 3, 4)
