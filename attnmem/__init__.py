@@ -15,6 +15,7 @@ if not _os.path.isdir(_os.path.join(_here, "kernels")):
     kernels = _sys.modules["attnmem.kernels"] = _util.module_from_spec(_spec)
     _spec.loader.exec_module(kernels)
 
+from attnmem.additive import additive_attention, hard_attention, pointer_attention  # noqa: E402
 from attnmem.attention import attention  # noqa: E402
 from attnmem.backend import use_backend  # noqa: E402
 from attnmem.memory import (  # noqa: E402
@@ -25,6 +26,7 @@ from attnmem.memory import (  # noqa: E402
     memory_write,
 )
 
-__all__ = ["attention", "location_address", "memory_address", "memory_attend", "memory_read",
-           "memory_write", "use_backend"]
+__all__ = ["additive_attention", "attention", "hard_attention", "location_address",
+           "memory_address", "memory_attend", "memory_read", "memory_write", "pointer_attention",
+           "use_backend"]
 __version__ = "0.1.0"

@@ -1,0 +1,188 @@
+"""Additive (Bahdanau) attention and the ops read off its distribution: pointer attention
+(log-probabilities over the inputs) and hard attention (one chosen input per query).
+
+The score is v . tanh(q_i + k_j) on projected queries q = W_q query (+ bias) and keys
+k = W_k key: the projections stay ordinary matmuls, and the Triton kernel fuses the tanh
+scores, the softmax and the weighted sum without forming the (B, Nq, Nk, A) tensor that
+eager torch does.
+"""
+
+from typing import Optional
+
+import torch
+
+from attnmem import backend as _backend
+from attnmem.reference import additive as _reference
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The kernel holds a (BLOCK_M, value width) accumulator in registers.
+MAX_TRITON_VALUE_DIM = 256
+
+
+@torch.library.custom_op("attnmem::additive_attention", mutates_args=())
+def _additive_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 values: Optional[torch.Tensor], kv_lengths: Optional[torch.Tensor],
+                 need_scores: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton path -> (out, scores, lse); out is (B, Nq, 0) without values, scores (0,)
+    unless need_scores."""
+    from attnmem.kernels import additive_attention as kernel
+
+    out, lse, scores = kernel.additive_attention_forward(q, k, v, values, kv_lengths,
+                                                         need_scores)
+    return out, scores, lse
+
+
+@_additive_op.register_fake
+def _(q, k, v, values, kv_lengths, need_scores):
+    batch, n_q, _ = q.shape
+    return (q.new_empty((batch, n_q, 0 if values is None else values.shape[2])),
+            q.new_empty((batch, n_q, k.shape[1]) if need_scores else (0,), dtype=torch.float32),
+            q.new_empty((batch, n_q), dtype=torch.float32))
+
+
+@torch.library.custom_op("attnmem::additive_attention_backward", mutates_args=())
+def _additive_backward_op(dout: Optional[torch.Tensor], dscores: Optional[torch.Tensor],
+                          dlse: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, values: Optional[torch.Tensor],
+                          kv_lengths: Optional[torch.Tensor], out: torch.Tensor,
+                          lse: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq, dk, dv, dvalues (empty without values)."""
+    from attnmem.kernels import additive_attention as kernel
+
+    dq, dk, dv, dvalues = kernel.additive_attention_backward(dout, dscores, dlse, q, k, v,
+                                                             values, kv_lengths, out, lse)
+    return dq, dk, dv, q.new_empty(0) if dvalues is None else dvalues
+
+
+@_additive_backward_op.register_fake
+def _(dout, dscores, dlse, q, k, v, values, kv_lengths, out, lse):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty(0 if values is None else values.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, values, kv_lengths, need_scores = inputs
+    out, _, lse = output
+    ctx.save_for_backward(q, k, v, values, kv_lengths, out, lse)
+    ctx.need_scores = need_scores
+
+
+def _backward(ctx, dout, dscores, dlse):
+    q, k, v, values, kv_lengths, out, lse = ctx.saved_tensors
+    dq, dk, dv, dvalues = _additive_backward_op(
+        None if values is None else dout, dscores if ctx.need_scores else None, dlse, q, k, v,
+        values, kv_lengths, out, lse)
+    return dq, dk, dv, None if values is None else dvalues, None, None
+
+
+_additive_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _tensor(name, x, ndim, what, like=None):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be {what}, got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if like is not None:
+        if x.dtype != like.dtype:
+            raise TypeError(f"{name} must have q's dtype {like.dtype}, got {x.dtype}")
+        if x.device != like.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {like.device}")
+
+
+def _validate(q, k, values, v, kv_lengths):
+    _tensor("q", q, 3, "(B, Nq, A)")
+    _tensor("k", k, 3, "(B, Nk, A)", q)
+    if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"k must be (B, Nk, A) with B, A = {q.shape[0]}, {q.shape[2]} from q, "
+                         f"got {tuple(k.shape)}")
+    _tensor("v", v, 1, "(A,)", q)
+    if v.shape[0] != q.shape[2]:
+        raise ValueError(f"v must be (A,) = ({q.shape[2]},), got {tuple(v.shape)}")
+    if values is not None:
+        _tensor("values", values, 3, "(B, Nk, Dv)", q)
+        if values.shape[:2] != k.shape[:2]:
+            raise ValueError(f"values must be (B, Nk, Dv) with B, Nk = {tuple(k.shape[:2])}, "
+                             f"got {tuple(values.shape)}")
+    if kv_lengths is not None:
+        if not isinstance(kv_lengths, torch.Tensor) or kv_lengths.dtype.is_floating_point \
+                or kv_lengths.dtype in (torch.bool, torch.complex64, torch.complex128):
+            raise TypeError("kv_lengths must be an integer tensor (B,)")
+        if tuple(kv_lengths.shape) != (q.shape[0],):
+            raise ValueError(f"kv_lengths must have shape (B,) = ({q.shape[0]},), "
+                             f"got {tuple(kv_lengths.shape)}")
+        if kv_lengths.device != q.device:
+            raise ValueError(f"kv_lengths is on {kv_lengths.device} but q is on {q.device}")
+
+
+def _run(q, k, values, v, kv_lengths, need_scores):
+    """(out, scores, lse) on the backend chosen for these inputs."""
+    _validate(q, k, values, v, kv_lengths)
+    reasons = []
+    if q.dtype not in TRITON_DTYPES:
+        reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
+    if values is not None and values.shape[2] > MAX_TRITON_VALUE_DIM:
+        reasons.append(f"value width {values.shape[2]} > {MAX_TRITON_VALUE_DIM}")
+    if _backend.resolve(_backend.requested_backend(), (q, k, v), reasons,
+                        "additive_attention") == "triton":
+        return _additive_op(q, k, v, values, kv_lengths, need_scores)
+    return _reference.additive_attention(q, k, v, values, kv_lengths)
+
+
+def _log_weights(scores, lse):
+    """log softmax from the scores and their logsumexp: -inf where masked, never NaN."""
+    return scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None]
+
+
+def additive_attention(q, k, values, v, *, kv_lengths=None, return_weights=False):
+    """Bahdanau attention: out_i = sum_j softmax_j(v . tanh(q_i + k_j)) values_j.
+
+    q: (B, Nq, A) projected queries (W_q query + bias); k: (B, Nk, A) projected keys
+    (W_k key); values: (B, Nk, Dv); v: (A,). kv_lengths (B,): keys j >= kv_lengths[b] are
+    padding. Returns (B, Nq, Dv), and with return_weights=True also the weights
+    (B, Nq, Nk). A query with no key outputs zeros and zero weights.
+    """
+    out, scores, lse = _run(q, k, values, v, kv_lengths, return_weights)
+    if not return_weights:
+        return out
+    return out, torch.exp(_log_weights(scores, lse)).to(q.dtype)
+
+
+def pointer_attention(q, k, v, *, kv_lengths=None):
+    """Pointer-network attention (Vinyals et al. 2015): the log-probabilities (B, Nq, Nk),
+    in float32, of pointing at input j from output step i, log softmax_j(v . tanh(q_i + k_j)).
+    Padding keys (j >= kv_lengths[b]) get -inf. Shapes as in additive_attention."""
+    _, scores, lse = _run(q, k, None, v, kv_lengths, True)
+    return _log_weights(scores, lse).float()
+
+
+def hard_attention(log_weights, values, *, sample=False, generator=None):
+    """Hard attention: each query attends to one input, the most likely (sample=False) or
+    one drawn from the distribution (Xu et al. 2015's stochastic hard attention).
+
+    log_weights: (B, Nq, Nk) log-probabilities (e.g. pointer_attention's); values:
+    (B, Nk, Dv). Returns (indices (B, Nq) int64, chosen values (B, Nq, Dv), log-probability
+    of each choice (B, Nq)); only the last is differentiable (REINFORCE's score function).
+    A query whose inputs are all -inf picks index 0 with log-probability -inf.
+    """
+    _tensor("log_weights", log_weights, 3, "(B, Nq, Nk)")
+    _tensor("values", values, 3, "(B, Nk, Dv)")
+    if values.shape[:2] != (log_weights.shape[0], log_weights.shape[2]):
+        raise ValueError(f"values must be (B, Nk, Dv) with B, Nk = {log_weights.shape[0]}, "
+                         f"{log_weights.shape[2]} from log_weights, got {tuple(values.shape)}")
+    if log_weights.shape[2] == 0:
+        raise ValueError("log_weights must have at least one input (Nk >= 1) to choose from")
+    with torch.no_grad():
+        if sample:
+            probs = torch.exp(log_weights.detach().float()).flatten(0, 1)
+            empty = probs.sum(-1) == 0
+            probs[empty, 0] = 1.0
+            indices = torch.multinomial(probs, 1, generator=generator).view(
+                log_weights.shape[:2])
+        else:
+            indices = log_weights.argmax(-1)
+    chosen = torch.gather(values, 1, indices[..., None].expand(-1, -1, values.shape[2]))
+    return indices, chosen, torch.gather(log_weights, 2, indices[..., None]).squeeze(-1)

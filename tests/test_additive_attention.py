@@ -1,0 +1,230 @@
+"""Additive, pointer and hard attention: both backends against float64, every gradient,
+bad input, opcheck, torch.compile, and sm_80/sm_90 builds of the kernel.
+
+Kernel outputs are poisoned with NaN before they are written, so an element the kernel
+forgets fails. Tolerance as in test_memory_attend: the kernel recomputes the weights from the
+logsumexp, so rounding units scale with the largest |score|.
+"""
+
+import os
+
+import pytest
+import torch
+
+import attnmem
+from aot import TRITON_TYPES, compile_all
+from attnmem.kernels.attention import SMEM_LIMIT
+from attnmem.reference import additive as twin
+from tolerance import assert_close_to_float64
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+BACKENDS = ["torch"] + (["triton"] if INTERPRET or torch.cuda.is_available() else [])
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+
+# name: (B, Nq, Nk, A, Dv, kv_lengths or None)
+CASES = {
+    "one_key": (2, 3, 1, 8, 16, None),
+    "odd": (2, 37, 45, 20, 24, [45, 0]),
+    "decode_step": (3, 1, 70, 33, 5, [70, 1, 64]),
+    "wide_values": (1, 20, 19, 9, 72, None),
+    "short_keys": (2, 40, 3, 40, 3, [2, 3]),
+}
+
+
+@pytest.fixture(autouse=True)
+def _poison_empty():
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def make(case, dtype):
+    b, nq, nk, a, dv, lengths = case
+    q, k = torch.randn(b, nq, a, device=DEVICE), torch.randn(b, nk, a, device=DEVICE)
+    values = torch.randn(b, nk, dv, device=DEVICE)
+    v = torch.randn(a, device=DEVICE) / a ** 0.5 * 3
+    lengths = None if lengths is None else torch.tensor(lengths, device=DEVICE)
+    return [x.to(dtype) for x in (q, k, values, v)], lengths
+
+
+def finite(x):
+    return x.masked_fill(~torch.isfinite(x), 0)
+
+
+def run(fn, tensors, lengths, grads_out):
+    """Outputs of fn (out, weights, log-probs) and the gradient of a loss using all three."""
+    tensors = [x.detach().requires_grad_() for x in tensors]
+    outs = fn(*tensors, lengths)
+    loss = sum((finite(o).double() * g).sum() for o, g in zip(outs, grads_out))
+    return [o.detach() for o in outs] + list(torch.autograd.grad(loss, tensors))
+
+
+def ours(q, k, values, v, lengths):
+    out, weights = attnmem.additive_attention(q, k, values, v, kv_lengths=lengths,
+                                              return_weights=True)
+    return out, weights, attnmem.pointer_attention(q, k, v, kv_lengths=lengths)
+
+
+def float64_reference(q, k, values, v, lengths):
+    out, scores, lse = twin.additive_attention(q, k, v, values, lengths)
+    weights, _ = twin.softmax_with_lse(scores)
+    return out, weights, scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_float64(name, dtype, backend):
+    tensors, lengths = make(CASES[name], dtype)
+    b, nq, nk, _, dv, _ = CASES[name]
+    grads_out = [torch.randn(b, nq, dv, device=DEVICE, dtype=torch.float64),
+                 torch.randn(b, nq, nk, device=DEVICE, dtype=torch.float64),
+                 torch.randn(b, nq, nk, device=DEVICE, dtype=torch.float64)]
+    with attnmem.use_backend(backend):
+        got = run(ours, tensors, lengths, grads_out)
+    expect = run(float64_reference, [x.double() for x in tensors], lengths, grads_out)
+    with attnmem.use_backend("torch"):
+        base = run(ours, [x.float() for x in tensors], lengths, grads_out)
+    log_probs, expect_log_probs = got.pop(2), expect.pop(2)
+    base.pop(2)
+    masked = ~torch.isfinite(expect_log_probs)
+    assert torch.equal(masked, log_probs == float("-inf")), "-inf exactly at the padding keys"
+    torch.testing.assert_close(finite(log_probs).double(), finite(expect_log_probs),
+                               atol=20 * dtype.itemsize * 1e-4, rtol=0)
+    largest_score = expect_log_probs[~masked].abs().max().item() if (~masked).any() else 1.0
+    assert_close_to_float64(got, expect, [x.to(dtype) for x in base], dtype,
+                            condition=max(1.0, largest_score))
+    if lengths is not None and (lengths == 0).any():
+        empty = lengths == 0
+        assert (got[0][empty] == 0).all() and (got[1][empty] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_the_output_needs_no_weights(backend):
+    tensors, lengths = make(CASES["odd"], torch.float32)
+    with attnmem.use_backend(backend):
+        out = attnmem.additive_attention(*tensors, kv_lengths=lengths)
+    expect, _, _ = twin.additive_attention(*(x.double() for x in (tensors[0], tensors[1],
+                                                                   tensors[3], tensors[2])),
+                                           lengths)
+    torch.testing.assert_close(out.double(), expect, atol=1e-5, rtol=1e-5)
+
+
+def test_hard_attention_argmax_and_sampling():
+    log_weights = torch.log_softmax(torch.randn(2, 3, 5) * 2, -1)
+    log_weights[1, 2] = float("-inf")  # a query with nothing to attend to
+    values = torch.randn(2, 5, 4)
+    log_weights.requires_grad_()
+    indices, chosen, chosen_log_prob = attnmem.hard_attention(log_weights, values)
+    assert torch.equal(indices[0], log_weights[0].argmax(-1))
+    assert torch.equal(chosen[0, 1], values[0, indices[0, 1]])
+    assert indices[1, 2] == 0 and chosen_log_prob[1, 2] == float("-inf")
+    chosen_log_prob[torch.isfinite(chosen_log_prob)].sum().backward()
+    assert log_weights.grad.sum() == 5  # one unit of gradient per finite choice
+
+    probs = torch.softmax(torch.tensor([[[0.0, 1.0, 2.0, -30.0]]]), -1)
+    values = torch.arange(4.0).view(1, 4, 1)
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(4)
+    for _ in range(4000):
+        indices, chosen, _ = attnmem.hard_attention(probs.log(), values, sample=True,
+                                                    generator=generator)
+        counts[indices.item()] += 1
+        assert chosen.item() == indices.item()
+    # Binomial standard deviations are below 0.008 at n=4000: 0.03 is about four of them.
+    torch.testing.assert_close(counts / 4000, probs.view(-1), atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("message,call", [
+    ("q must be (B, Nq, A)", lambda q, k, val, v: attnmem.additive_attention(q[0], k, val, v)),
+    ("k must be (B, Nk, A) with B, A", lambda q, k, val, v: attnmem.additive_attention(
+        q, k[..., :3], val, v)),
+    ("v must be (A,)", lambda q, k, val, v: attnmem.additive_attention(q, k, val, v[:2])),
+    ("values must be (B, Nk, Dv)", lambda q, k, val, v: attnmem.additive_attention(
+        q, k, val[:, :2], v)),
+    ("k must have q's dtype", lambda q, k, val, v: attnmem.additive_attention(
+        q, k.double(), val, v)),
+    ("kv_lengths must be an integer", lambda q, k, val, v: attnmem.additive_attention(
+        q, k, val, v, kv_lengths=torch.ones(2))),
+    ("kv_lengths must have shape", lambda q, k, val, v: attnmem.additive_attention(
+        q, k, val, v, kv_lengths=torch.ones(3, dtype=torch.long))),
+    ("values must be (B, Nk, Dv) with B, Nk", lambda q, k, val, v: attnmem.hard_attention(
+        torch.zeros(2, 4, 7), val)),
+])
+def test_bad_input_raises_a_named_error(message, call):
+    q, k, val, v = torch.randn(2, 4, 8), torch.randn(2, 6, 8), torch.randn(2, 6, 5), \
+        torch.randn(8)
+    with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(").replace(
+            ")", r"\)")):
+        call(q, k, val, v)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter runs the kernel on CPU tensors")
+def test_opcheck():
+    from attnmem.additive import _additive_backward_op, _additive_op
+
+    q, k, values, v = (x.requires_grad_() for x in make(CASES["odd"], torch.float32)[0])
+    lengths = torch.tensor([30, 7])
+    torch.library.opcheck(_additive_op, (q, k, v, values, lengths, True))
+    out, scores, lse = _additive_op(q, k, v, values, lengths, True)
+    torch.library.opcheck(_additive_backward_op, (
+        torch.randn_like(out), torch.randn_like(scores), torch.randn_like(lse), q.detach(),
+        k.detach(), v.detach(), values.detach(), lengths, out.detach(), lse.detach()))
+
+
+def test_torch_compile_fullgraph():
+    tensors = [x.requires_grad_() for x in make(CASES["odd"], torch.float32)[0]]
+    lengths = torch.tensor([40, 9], device=DEVICE)
+
+    def f(q, k, values, v):
+        out, weights = attnmem.additive_attention(q, k, values, v, kv_lengths=lengths,
+                                                  return_weights=True)
+        return out.sin().sum() + (weights * weights).sum()
+
+    with attnmem.use_backend(BACKENDS[-1]):
+        expect = torch.autograd.grad(f(*tensors), tensors)
+        got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(
+            *tensors), tensors)
+    for g, e in zip(got, expect):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("aot")
+def test_kernel_compiles_for_sm80_and_sm90():
+    from attnmem.kernels import additive_attention as kernel
+
+    block_m, block_n, block_a, num_warps = kernel.CONFIG
+    jobs = {}
+    for arch in (80, 90):
+        for dtype in ("float16", "bfloat16", "float32"):
+            t = TRITON_TYPES[dtype]
+            tiles = dict(DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_A=block_a, BLOCK_DV=256,
+                         HAS_LENGTHS=True, HAS_VALUES=True)
+            jobs[f"fwd-sm{arch}-{dtype}"] = dict(
+                kernel="_additive_fwd", constexprs=dict(tiles, STORE_SCORES=True),
+                pointers={"q_ptr": t, "k_ptr": t, "v_ptr": t, "val_ptr": t, "lengths_ptr": "i64",
+                          "out_ptr": t, "lse_ptr": "fp32", "scores_ptr": "fp32"})
+            for own_keys in (True, False):
+                jobs[f"bwd-own_keys={own_keys}-sm{arch}-{dtype}"] = dict(
+                    kernel="_additive_bwd",
+                    constexprs=dict(tiles, OWN_KEYS=own_keys, HAS_DSCORES=True),
+                    pointers={"q_ptr": t, "k_ptr": t, "v_ptr": t, "val_ptr": t,
+                              "lengths_ptr": "i64", "lse_ptr": "fp32", "delta_ptr": "fp32",
+                              "dout_ptr": t, "dscores_ptr": "fp32", "dq_ptr": "fp32",
+                              "dk_ptr": "fp32", "dval_ptr": t, "dv_part_ptr": "fp32"})
+            for name in list(jobs):
+                if name.endswith(f"sm{arch}-{dtype}"):
+                    jobs[name].update(module="attnmem.kernels.additive_attention", arch=arch,
+                                      num_warps=num_warps, num_stages=1)
+    results = dict(zip(jobs, compile_all(list(jobs.values()))))
+    failures = {k: r["error"] for k, r in results.items() if r["error"]}
+    assert not failures, failures
+    for name, result in results.items():
+        arch = 80 if "sm80" in name else 90
+        assert result["shared"] <= SMEM_LIMIT[arch], (name, result["shared"])
+    for name, result in results.items():  # the value products run on tensor cores
+        if "float32" not in name:
+            assert result["mma_sync"] or result["wgmma"], name
