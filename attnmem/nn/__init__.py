@@ -1,11 +1,19 @@
 """nn.Modules built on attnmem's ops."""
 
+from attnmem.nn.additive import (
+    AdditiveAttention,
+    HardAttention,
+    LuongAttention,
+    PointerAttention,
+)
 from attnmem.nn.attention import (
     MultiheadSelfAttention,
     SinusoidalPositionalEncoding,
     TransformerEncoderLayer,
 )
 from attnmem.nn.memory import NTM, KeyValueMemory, MemN2N, NTMState
+from attnmem.nn.multihead import MultiheadAttention
 
-__all__ = ["NTM", "NTMState", "MemN2N", "KeyValueMemory", "MultiheadSelfAttention",
+__all__ = ["NTM", "NTMState", "MemN2N", "KeyValueMemory", "AdditiveAttention", "HardAttention",
+           "LuongAttention", "PointerAttention", "MultiheadAttention", "MultiheadSelfAttention",
            "SinusoidalPositionalEncoding", "TransformerEncoderLayer"]

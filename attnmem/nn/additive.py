@@ -1,0 +1,202 @@
+"""Attention modules of the encoder-decoder literature: Bahdanau's additive attention,
+Luong's global and local attention, pointer attention and hard attention."""
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+import attnmem
+from attnmem.reference.additive import softmax_with_lse
+
+
+def _steps(query):
+    """A decoder step (B, D) as a one-query sequence (B, 1, D), and whether it was one."""
+    if query.dim() == 2:
+        return query[:, None], True
+    if query.dim() != 3:
+        raise ValueError(f"query must be (B, Nq, D) or (B, D), got shape {tuple(query.shape)}")
+    return query, False
+
+
+class _Additive(nn.Module):
+    """The projections of score(i, j) = v . tanh(W_q query_i + b + W_k key_j)."""
+
+    def __init__(self, query_dim, key_dim, attn_dim):
+        super().__init__()
+        self.query_proj = nn.Linear(query_dim, attn_dim)
+        self.key_proj = nn.Linear(key_dim, attn_dim, bias=False)
+        self.v = nn.Parameter(torch.empty(attn_dim).uniform_(-attn_dim ** -0.5,
+                                                             attn_dim ** -0.5))
+
+    def project_keys(self, keys):
+        """W_k keys (B, Nk, attn_dim): compute once per source sequence and pass as
+        projected_keys to every decoder step."""
+        return self.key_proj(keys)
+
+    def _projected(self, query, keys, projected_keys):
+        if keys.dim() != 3:
+            raise ValueError(f"keys must be (B, Nk, key_dim), got shape {tuple(keys.shape)}")
+        k = self.project_keys(keys) if projected_keys is None else projected_keys
+        return self.query_proj(query), k
+
+
+class AdditiveAttention(_Additive):
+    """Bahdanau et al. (2015) attention, score(i, j) = v . tanh(W_q q_i + W_k k_j), on the
+    fused attnmem.additive_attention kernel. query (B, Nq, query_dim) or one decoder step
+    (B, query_dim); keys (B, Nk, key_dim); values (B, Nk, Dv), by default the keys."""
+
+    def forward(self, query, keys, values=None, kv_lengths: Optional[torch.Tensor] = None,
+                return_weights: bool = False, projected_keys: Optional[torch.Tensor] = None):
+        """-> context (B, Nq, Dv) (or (B, Dv) for one step), and weights (B, Nq, Nk) (or
+        (B, Nk)) with return_weights=True."""
+        query, step = _steps(query)
+        q, k = self._projected(query, keys, projected_keys)
+        result = attnmem.additive_attention(q, k, keys if values is None else values, self.v,
+                                            kv_lengths=kv_lengths, return_weights=return_weights)
+        if step:
+            result = tuple(x[:, 0] for x in result) if return_weights else result[:, 0]
+        return result
+
+
+class PointerAttention(_Additive):
+    """Pointer-network attention (Vinyals et al. 2015): log-probabilities (B, Nq, Nk) of
+    pointing at each input, log softmax_j(v . tanh(W_q q_i + W_k k_j)); -inf at padding."""
+
+    def forward(self, query, keys, kv_lengths: Optional[torch.Tensor] = None,
+                projected_keys: Optional[torch.Tensor] = None):
+        query, step = _steps(query)
+        q, k = self._projected(query, keys, projected_keys)
+        log_probs = attnmem.pointer_attention(q, k, self.v, kv_lengths=kv_lengths)
+        return log_probs[:, 0] if step else log_probs
+
+
+class HardAttention(PointerAttention):
+    """Hard attention (Xu et al. 2015): each query takes one input's value, drawn from the
+    additive attention distribution while training (stochastic hard attention, trained
+    with REINFORCE through the returned log-probability) and its argmax in eval mode."""
+
+    def forward(self, query, keys, values=None, kv_lengths: Optional[torch.Tensor] = None,
+                sample: Optional[bool] = None, generator: Optional[torch.Generator] = None):
+        """-> (indices (B, Nq), chosen values (B, Nq, Dv), log-probability of each choice
+        (B, Nq)); a single step (B, query_dim) drops the Nq dimension."""
+        query, step = _steps(query)
+        log_probs = super().forward(query, keys, kv_lengths)
+        sample = self.training if sample is None else sample
+        result = attnmem.hard_attention(log_probs, keys if values is None else values,
+                                        sample=sample, generator=generator)
+        return tuple(x[:, 0] for x in result) if step else result
+
+
+SCORES = ("dot", "general", "concat")
+MODES = ("global", "local-m", "local-p")
+
+
+class LuongAttention(nn.Module):
+    """Luong et al. (2015) attention for a decoder state h_t over source states h_s.
+
+    score: "dot" h_t . h_s, "general" h_t . W_a h_s, or "concat" v . tanh(W_a [h_t; h_s]).
+    mode: "global" attends to every source position (on attnmem.attention for dot and
+    general, on the additive kernel for concat). "local-m" attends to the window
+    [p_t - D, p_t + D] around p_t = t; "local-p" predicts p_t = S sigmoid(v_p . tanh(W_p h_t))
+    (S the source length) and multiplies the window's alignment by
+    exp(-(s - p_t)^2 / (2 sigma^2)), sigma = D / 2. The local modes gather the 2D + 1 window
+    positions and score them in torch. Returns the attentional state
+    h~_t = tanh(W_c [c_t; h_t]) (B, Nq, hidden_size).
+    """
+
+    def __init__(self, hidden_size, score="general", mode="global", window=10,
+                 source_size=None, attn_dim=None):
+        super().__init__()
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ValueError(f"window must be an int >= 0 (D), got {window!r}")
+        source_size = hidden_size if source_size is None else source_size
+        if score == "dot" and source_size != hidden_size:
+            raise ValueError(f"score='dot' needs source_size == hidden_size, got "
+                             f"{source_size} and {hidden_size}")
+        self.score, self.mode, self.window = score, mode, window
+        if score == "general":
+            self.W_a = nn.Linear(source_size, hidden_size, bias=False)
+        elif score == "concat":
+            self.concat = _Additive(hidden_size, source_size, attn_dim or hidden_size)
+        if mode == "local-p":
+            self.W_p = nn.Linear(hidden_size, hidden_size, bias=False)
+            self.v_p = nn.Linear(hidden_size, 1, bias=False)
+        self.W_c = nn.Linear(source_size + hidden_size, hidden_size, bias=False)
+
+    def forward(self, query, source, source_lengths: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None, return_weights: bool = False):
+        """query: (B, Nq, hidden_size) decoder states or one step (B, hidden_size); source:
+        (B, Ns, source_size); source_lengths: (B,); positions: (B, Nq) target positions t for
+        local-m (default 0..Nq-1). -> h~ (B, Nq, hidden_size), and the alignment weights
+        (B, Nq, Ns) with return_weights=True."""
+        query, step = _steps(query)
+        if source.dim() != 3:
+            raise ValueError(f"source must be (B, Ns, source_size), got {tuple(source.shape)}")
+        if self.mode == "global":
+            context, weights = self._global(query, source, source_lengths, return_weights)
+        else:
+            context, weights = self._local(query, source, source_lengths, positions)
+        out = torch.tanh(self.W_c(torch.cat([context, query], -1)))
+        if step:
+            out, weights = out[:, 0], weights[:, 0] if weights is not None else None
+        return (out, weights) if return_weights else out
+
+    def _keys(self, source):
+        return self.W_a(source) if self.score == "general" else source
+
+    def _global(self, query, source, lengths, return_weights):
+        if self.score == "concat":
+            q, k = self.concat._projected(query, source, None)
+            result = attnmem.additive_attention(q, k, source, self.concat.v, kv_lengths=lengths,
+                                                return_weights=return_weights)
+            return result if return_weights else (result, None)
+        keys = self._keys(source)
+        context, lse = attnmem.attention(query[:, None], keys[:, None], source[:, None],
+                                         scale=1.0, kv_lengths=lengths, return_lse=True)
+        weights = None
+        if return_weights:
+            scores = query @ keys.transpose(1, 2)
+            if lengths is not None:
+                past = torch.arange(source.shape[1], device=source.device) >= lengths[:, None]
+                scores = scores.masked_fill(past[:, None], float("-inf"))
+            lse = lse[:, 0].to(scores.dtype)
+            weights = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+        return context[:, 0], weights
+
+    def _local(self, query, source, lengths, positions):
+        batch, n_q, _ = query.shape
+        n_s = source.shape[1]
+        length = (torch.full((batch,), n_s, device=source.device) if lengths is None
+                  else lengths.clamp(0, n_s)).to(query.dtype)
+        if self.mode == "local-p":
+            center = length[:, None] * torch.sigmoid(
+                self.v_p(torch.tanh(self.W_p(query)))).squeeze(-1)
+        elif positions is None:
+            center = torch.arange(n_q, device=query.device, dtype=query.dtype).expand(batch, -1)
+        else:
+            center = positions.to(query.dtype).expand(batch, n_q)
+        offsets = torch.arange(-self.window, self.window + 1, device=query.device)
+        index = center.detach().round().long()[..., None] + offsets  # (B, Nq, 2D + 1)
+        inside = (index >= 0) & (index < length[:, None, None])
+        index = index.clamp(0, max(n_s - 1, 0))
+        gathered = source[torch.arange(batch, device=source.device)[:, None, None], index]
+        if self.score == "concat":
+            q, k = self.concat._projected(query, source, None)
+            keys = k[torch.arange(batch, device=source.device)[:, None, None], index]
+            scores = torch.tanh(q[:, :, None] + keys) @ self.concat.v
+        else:
+            keys = self._keys(source)[torch.arange(batch, device=source.device)[:, None, None],
+                                      index]
+            scores = (query[:, :, None] * keys).sum(-1)
+        align, _ = softmax_with_lse(scores.masked_fill(~inside, float("-inf")))
+        if self.mode == "local-p":
+            sigma = self.window / 2
+            align = align * torch.exp(-(index - center[..., None]) ** 2 / (2 * sigma ** 2))
+        context = (align[..., None] * gathered).sum(2)
+        weights = align.new_zeros(batch, n_q, n_s).scatter_add(2, index, align)
+        return context, weights

@@ -1,0 +1,210 @@
+"""A drop-in for torch.nn.MultiheadAttention on attnmem.attention."""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import attnmem
+from attnmem.reference.additive import softmax_with_lse
+
+
+def _prefix_lengths(key_padding_mask):
+    """(B,) lengths if the bool mask pads only on the right (True past each length), else
+    None. One host sync: the layout decides which path runs."""
+    lengths = (~key_padding_mask).sum(1)
+    keys = torch.arange(key_padding_mask.shape[1], device=key_padding_mask.device)
+    return lengths if torch.equal(key_padding_mask, keys >= lengths[:, None]) else None
+
+
+def _additive_mask(mask, dtype):
+    """A float mask to add to the scores: bool True (not allowed) becomes -inf."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _check_mask(name, mask, query):
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
+    if mask.device != query.device:
+        raise ValueError(f"{name} is on {mask.device} but query is on {query.device}")
+
+
+class MultiheadAttention(nn.Module):
+    """torch.nn.MultiheadAttention's constructor, parameters, state_dict and forward, with
+    the attention itself on attnmem.attention whenever the weights are not needed.
+
+    The kernel runs when need_weights=False, dropout is inactive, and the masks are what it
+    expresses: no attn_mask (or is_causal=True with a square one, trusted as torch does),
+    and a key_padding_mask that pads only at the end of each sequence. Otherwise the layer
+    computes the exact weights (with dropout, float masks, add_bias_kv, add_zero_attn).
+    Unlike torch, a query that may attend to no key gets zeros, never NaN. is_causal=True
+    without an attn_mask applies a causal mask (torch raises instead).
+    """
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
+                 add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
+                 dtype=None):
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(f"embed_dim and num_heads must be greater than 0, got "
+                             f"embed_dim={embed_dim} and num_heads={num_heads}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.kdim = embed_dim if kdim is None else kdim
+        self.vdim = embed_dim if vdim is None else vdim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.dropout, self.batch_first = dropout, batch_first
+        self.head_dim = embed_dim // num_heads
+        self.add_zero_attn = add_zero_attn
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+            for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                self.register_parameter(name, None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+        else:
+            self.bias_k = self.bias_v = None
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        """torch's initialisation: Xavier-uniform projections, zero biases, Xavier-normal
+        bias_k and bias_v."""
+        for weight in (self.in_proj_weight, self.q_proj_weight, self.k_proj_weight,
+                       self.v_proj_weight):
+            if weight is not None:
+                nn.init.xavier_uniform_(weight)
+        if self.in_proj_bias is not None:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj.bias)
+        for extra in (self.bias_k, self.bias_v):
+            if extra is not None:
+                nn.init.xavier_normal_(extra)
+
+    def _project(self, query, key, value):
+        """Batch-first (B, L, E), (B, S, E), (B, S, E) projections."""
+        e = self.embed_dim
+        if self._qkv_same_embed_dim:
+            weights = self.in_proj_weight.split(e)
+        else:
+            weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+        biases = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.split(e)
+        return [F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases)]
+
+    def _heads(self, x):
+        """(B, L, E) -> (B, H, L, head_dim), a view."""
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, query, key, value, key_padding_mask: Optional[torch.Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[torch.Tensor] = None,
+                average_attn_weights: bool = True, is_causal: bool = False):
+        """query (L, N, E), key (S, N, kdim), value (S, N, vdim), or (N, L, E) ... with
+        batch_first, or unbatched (L, E) ...; key_padding_mask (N, S) or (S,); attn_mask
+        (L, S) or (N * num_heads, L, S). Bool masks: True = may not attend; float masks are
+        added to the scores. Returns (output like query, weights (N, L, S) averaged over
+        heads, or (N, num_heads, L, S), or None when need_weights=False)."""
+        batched = query.dim() == 3
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"query, key and value must all be 3-D (batched) or 2-D "
+                             f"(unbatched), got {query.dim()}-D, {key.dim()}-D, {value.dim()}-D")
+        if not batched:
+            query, key, value = query[None], key[None], value[None]
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask[None]
+        elif not self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        for name, x, width in (("query", query, self.embed_dim), ("key", key, self.kdim),
+                               ("value", value, self.vdim)):
+            if x.shape[-1] != width:
+                raise ValueError(f"{name} must have {width} features, got {x.shape[-1]}")
+        if key.shape[:2] != value.shape[:2] or key.shape[0] != query.shape[0]:
+            raise ValueError(f"key and value must have query's batch and one length, got key "
+                             f"{tuple(key.shape)} and value {tuple(value.shape)}")
+        batch, n_q, n_k = query.shape[0], query.shape[1], key.shape[1]
+        if key_padding_mask is not None:
+            _check_mask("key_padding_mask", key_padding_mask, query)
+            if tuple(key_padding_mask.shape) != (batch, n_k):
+                raise ValueError(f"key_padding_mask must be (N, S) = ({batch}, {n_k}), got "
+                                 f"{tuple(key_padding_mask.shape)}")
+        if attn_mask is not None:
+            _check_mask("attn_mask", attn_mask, query)
+            if attn_mask.dim() == 2:
+                attn_mask = attn_mask[None, None]
+            elif attn_mask.dim() == 3 and attn_mask.shape[0] == batch * self.num_heads:
+                attn_mask = attn_mask.unflatten(0, (batch, self.num_heads))
+            if attn_mask.dim() != 4 or attn_mask.shape[-2:] != (n_q, n_k):
+                raise ValueError(f"attn_mask must be (L, S) = ({n_q}, {n_k}) or "
+                                 f"(N * num_heads, L, S), got {tuple(attn_mask.shape)}")
+
+        q, k, v = self._project(query, key, value)
+        extra = int(self.bias_k is not None) + int(self.add_zero_attn)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(batch, 1, -1)], 1)
+            v = torch.cat([v, self.bias_v.expand(batch, 1, -1)], 1)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        if self.add_zero_attn:
+            k, v = (torch.cat([x, x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[3])], 2)
+                    for x in (k, v))
+
+        dropout = self.dropout if self.training else 0.0
+        lengths = None
+        kernel = not need_weights and dropout == 0.0
+        if kernel and key_padding_mask is not None:
+            kernel = key_padding_mask.dtype == torch.bool and extra == 0
+            lengths = _prefix_lengths(key_padding_mask) if kernel else None
+            kernel = lengths is not None
+        # The kernel's causal mask is the square one; bias_k and the zero key stay visible.
+        causal = is_causal and n_q == n_k and extra == 0
+        if kernel and (attn_mask is not None or is_causal):
+            kernel = causal
+        if kernel:
+            weights = None
+            out = attnmem.attention(q, k, v, causal=causal, kv_lengths=lengths)
+        else:
+            out, weights = self._exact(q, k, v, key_padding_mask, attn_mask, is_causal, extra,
+                                       dropout)
+        out = self.out_proj(out.transpose(1, 2).flatten(2))
+        if not need_weights:
+            weights = None
+        elif average_attn_weights:
+            weights = weights.mean(1)
+        if not batched:
+            out = out[0]
+            weights = None if weights is None else weights[0]
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def _exact(self, q, k, v, key_padding_mask, attn_mask, is_causal, extra, dropout):
+        """Scores, masks and softmax in full: -> out (B, H, L, hd), weights (B, H, L, S')."""
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+        n_q, n_k = q.shape[2], k.shape[2] - extra
+        pad = (0, extra)  # bias_k and the zero key stay visible to every query
+        if attn_mask is not None:
+            scores = scores + F.pad(_additive_mask(attn_mask, scores.dtype), pad)
+        elif is_causal:
+            future = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores + F.pad(_additive_mask(future, scores.dtype), pad)
+        if key_padding_mask is not None:
+            scores = scores + F.pad(_additive_mask(key_padding_mask, scores.dtype),
+                                    pad)[:, None, None]
+        weights, _ = softmax_with_lse(scores)
+        weights = F.dropout(weights, dropout) if dropout > 0 else weights
+        return weights @ v, weights
