@@ -8,18 +8,23 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = {
-    "attention_demo.py": ["--seq", "64", "--heads", "2", "--reps", "1"],
-    "ntm_copy.py": ["--steps", "3", "--batch", "2", "--max-length", "3"],
-    "memn2n_babi.py": ["--train", "40", "--test", "20", "--epochs", "2", "--linear-start", "1"],
+    "attention_demo": ("attention_demo.py", ["--seq", "64", "--heads", "2", "--reps", "1"]),
+    "ntm_copy": ("ntm_copy.py", ["--steps", "3", "--batch", "2", "--max-length", "3"]),
+    "memn2n_babi": ("memn2n_babi.py", ["--train", "40", "--test", "20", "--epochs", "2",
+                                       "--linear-start", "1"]),
+    **{f"seq2seq_{kind}": ("seq2seq_attention.py", ["--attention", kind, "--steps", "3",
+                                                    "--batch", "4", "--hidden", "16"])
+       for kind in ("bahdanau", "luong")},
 }
 
 
-@pytest.mark.parametrize("script", list(RUNS))
-def test_example_runs(script):
+@pytest.mark.parametrize("name", list(RUNS))
+def test_example_runs(name, tmp_path):
+    script, args = RUNS[name]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     env.pop("TRITON_INTERPRET", None)  # examples run as users run them
     result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script),
-                             *RUNS[script]], capture_output=True, text=True, env=env,
-                            timeout=600)
+                             *args], capture_output=True, text=True, env=env, timeout=600,
+                            cwd=tmp_path)  # files the examples write land there
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip()
