@@ -1,0 +1,239 @@
+"""What the benchmarks time: each op's providers (attnmem and what users would pick
+instead), its size sweep per profile, and how one point becomes a call to time.
+
+A point is a dict: "op", "provider", "mode" ("fwd", "bwd" or "fwd_bwd"), "x" (the swept
+size: sequence length or memory slots) and the op's other sizes. build(point, device)
+returns (fn, work): the call to time and the work it does, in FLOPs (attention,
+FlashAttention's convention) or bytes (memory ops: each input read once, each output
+written once), or None where time is the measure.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+import attnmem
+from attnmem.nn import MultiheadAttention, MultiheadSelfAttention
+
+OPS = ("attention", "memory_attend", "memory_write", "additive", "mha")
+PROFILES = ("smoke", "quick", "cpu", "gpu")
+SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
+                 "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
+PROVIDERS = {
+    "attention": ("attnmem", "sdpa", *SDPA_BACKENDS, "flex", "eager"),
+    "memory_attend": ("attnmem", "eager", "compile"),
+    "memory_write": ("attnmem", "eager", "compile"),
+    "additive": ("attnmem", "eager"),
+    "mha": ("attnmem-mha", "attnmem-self", "torch-mha"),
+}
+MODES = {"attention": ("fwd", "bwd", "fwd_bwd"), "memory_attend": ("fwd",),
+         "memory_write": ("fwd",), "additive": ("fwd", "fwd_bwd"), "mha": ("fwd", "fwd_bwd")}
+
+# Per profile: the swept sizes and the fixed ones. "smoke" only checks that the harness runs.
+SIZES = {
+    "attention": {
+        "gpu": dict(x=[512, 1024, 2048, 4096, 8192, 16384], d=[64, 128], tokens=16384,
+                    width=2048),
+        "cpu": dict(x=[128, 256, 512, 1024], d=[64, 128], tokens=1024, width=512),
+        "quick": dict(x=[128, 256, 512], d=[64, 128], tokens=512, width=256),
+        "smoke": dict(x=[16, 32], d=[16], tokens=32, width=32),
+    },
+    "memory": {
+        "gpu": dict(x=[1000, 10_000, 100_000, 1_000_000, 4_000_000], d=[32, 64, 128], batch=8),
+        "cpu": dict(x=[1000, 10_000, 100_000, 1_000_000], d=[32, 128], batch=2),
+        "quick": dict(x=[1000, 10_000, 100_000], d=[64], batch=2),
+        "smoke": dict(x=[64, 256], d=[16], batch=2),
+    },
+    "additive": {
+        "gpu": dict(x=[128, 256, 512, 1024, 2048], batch=8, attn=128, dv=128),
+        "cpu": dict(x=[32, 64, 128, 256], batch=2, attn=64, dv=64),
+        "quick": dict(x=[32, 64, 128], batch=2, attn=64, dv=64),
+        "smoke": dict(x=[8, 16], batch=1, attn=16, dv=16),
+    },
+    "mha": {
+        "gpu": dict(x=[512, 1024, 2048, 4096], batch=8, embed=1024, heads=16),
+        "cpu": dict(x=[128, 256, 512], batch=2, embed=256, heads=4),
+        "quick": dict(x=[128, 256], batch=2, embed=256, heads=4),
+        "smoke": dict(x=[16], batch=1, embed=32, heads=2),
+    },
+}
+READ_HEADS, WRITE_HEADS = 4, 1
+
+
+def default_profile() -> str:
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def dtype_for(op: str, device) -> torch.dtype:
+    """bfloat16 on a GPU (float32 for the memory ops, as NTMs train), float32 on a CPU."""
+    if torch.device(device).type == "cuda" and not op.startswith("memory"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def points(op: str, profile: str):
+    """Every point of op's sweep, in order."""
+    sizes = SIZES["memory" if op.startswith("memory") else op][profile]
+    configs = [{}]
+    if op == "attention":
+        configs = [dict(d=d, causal=c) for d in sizes["d"] for c in (False, True)]
+    elif op.startswith("memory"):
+        configs = [dict(d=d) for d in sizes["d"]]
+    fixed = {k: v for k, v in sizes.items() if k not in ("x", "d")}
+    return [dict(op=op, provider=provider, mode=mode, x=x, **fixed, **config)
+            for config in configs for mode in MODES[op] for provider in PROVIDERS[op]
+            for x in sizes["x"]]
+
+
+# Baselines, written as a user would write them in torch.
+
+def eager_attention(q, k, v, causal):
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        n_q, n_k = scores.shape[-2:]
+        future = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).triu(n_k - n_q + 1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return torch.softmax(scores.float(), -1).to(q.dtype) @ v
+
+
+def eager_memory_attend(memory, keys, strength):
+    """NTM content addressing and read: cosine similarity, sharpened softmax, weighted sum."""
+    norms = keys.norm(dim=-1)[:, :, None] * memory.norm(dim=-1)[:, None, :]
+    similarity = (keys @ memory.transpose(1, 2)) / norms.clamp_min(1e-8)
+    return torch.softmax(strength[:, :, None] * similarity, -1) @ memory
+
+
+def eager_memory_write(memory, weights, erase, add):
+    """NTM erase then add over the write heads."""
+    keep = torch.prod(1 - weights[:, :, :, None] * erase[:, :, None, :], dim=1)
+    return memory * keep + weights.transpose(1, 2) @ add
+
+
+def eager_additive(q, k, values, v):
+    scores = torch.tanh(q[:, :, None, :] + k[:, None, :, :]) @ v
+    return torch.softmax(scores.float(), -1).to(values.dtype) @ values
+
+
+_COMPILED = {}
+
+
+def _compiled(fn):
+    """torch.compile with dynamic shapes: one compilation serves the whole sweep."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
+def _flex(q, k, v, causal):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if q.device.type != "cuda":
+        raise RuntimeError("FlexAttention is timed on CUDA only: its CPU path compiles "
+                           "through inductor's C++ backend at every shape")
+    mask = None
+    if causal:
+        n = q.shape[2]
+        mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, n, n,
+                                 device=q.device)
+    return _compiled(flex_attention)(q, k, v, block_mask=mask)
+
+
+def _sdpa(backend):
+    def run(q, k, v, causal):
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([getattr(SDPBackend, backend)]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return run
+
+
+def _attention_fn(provider):
+    if provider == "attnmem":
+        return lambda q, k, v, causal: attnmem.attention(q, k, v, causal=causal)
+    if provider == "sdpa":
+        return _sdpa(None)
+    if provider in SDPA_BACKENDS:
+        return _sdpa(SDPA_BACKENDS[provider])
+    if provider == "flex":
+        return _flex
+    return eager_attention
+
+
+def _timed(mode, forward, inputs):
+    """The call to time for mode: forward alone (no graph), backward of a kept graph, or
+    both."""
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                forward()
+        return run
+    out = forward()
+    grad = torch.randn_like(out)
+    if mode == "bwd":
+        return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
+    return lambda: torch.autograd.grad(forward(), inputs, grad)
+
+
+def _randn(*shape, device, dtype, grad=False):
+    return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
+
+
+def build(point, device):
+    """(fn, work) for one point; raises if the provider cannot run here."""
+    op, mode, n = point["op"], point["mode"], point["x"]
+    dtype = dtype_for(op, device)
+    grad = mode != "fwd"
+    if op == "attention":
+        d = point["d"]
+        batch, heads = max(1, point["tokens"] // n), max(1, point["width"] // d)
+        q, k, v = (_randn(batch, heads, n, d, device=device, dtype=dtype, grad=grad)
+                   for _ in range(3))
+        fn = _attention_fn(point["provider"])
+        flops = 4 * batch * heads * n * n * d / (2 if point["causal"] else 1)
+        return (_timed(mode, lambda: fn(q, k, v, point["causal"]), (q, k, v)),
+                flops * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode])
+    if op.startswith("memory"):
+        batch, d = point["batch"], point["d"]
+        memory = _randn(batch, n, d, device=device, dtype=dtype)
+        size = memory.element_size()
+        if op == "memory_attend":
+            keys = _randn(batch, READ_HEADS, d, device=device, dtype=dtype)
+            strength = torch.rand(batch, READ_HEADS, device=device, dtype=dtype) * 10
+            args = (memory, keys, strength)
+            fn = {"attnmem": lambda m, k, s: attnmem.memory_attend(m, k, strength=s),
+                  "eager": eager_memory_attend,
+                  "compile": _compiled(eager_memory_attend)}[point["provider"]]
+            work = size * (batch * n * d + batch * READ_HEADS * (2 * d + 1))
+        else:
+            weights = torch.softmax(_randn(batch, WRITE_HEADS, n, device=device, dtype=dtype), -1)
+            erase = torch.rand(batch, WRITE_HEADS, d, device=device, dtype=dtype)
+            add = _randn(batch, WRITE_HEADS, d, device=device, dtype=dtype)
+            args = (memory, weights, erase, add)
+            fn = {"attnmem": attnmem.memory_write, "eager": eager_memory_write,
+                  "compile": _compiled(eager_memory_write)}[point["provider"]]
+            work = size * (2 * batch * n * d + batch * WRITE_HEADS * (n + 2 * d))
+        return _timed(mode, lambda: fn(*args), ()), work
+    if op == "additive":
+        batch = point["batch"]
+        q = _randn(batch, n, point["attn"], device=device, dtype=dtype, grad=grad)
+        k = _randn(batch, n, point["attn"], device=device, dtype=dtype, grad=grad)
+        values = _randn(batch, n, point["dv"], device=device, dtype=dtype, grad=grad)
+        v = _randn(point["attn"], device=device, dtype=dtype, grad=grad) / math.sqrt(
+            point["attn"])
+        fn = attnmem.additive_attention if point["provider"] == "attnmem" else eager_additive
+        return _timed(mode, lambda: fn(q, k, values, v), (q, k, values)), None
+    # mha: self-attention, batch first, the output only (need_weights=False)
+    batch, embed, heads = point["batch"], point["embed"], point["heads"]
+    x = _randn(batch, n, embed, device=device, dtype=dtype, grad=grad)
+    if point["provider"] == "attnmem-self":
+        layer = MultiheadSelfAttention(embed, heads).to(device, dtype)
+        forward = lambda: layer(x)  # noqa: E731
+    else:
+        cls = MultiheadAttention if point["provider"] == "attnmem-mha" \
+            else torch.nn.MultiheadAttention
+        layer = cls(embed, heads, batch_first=True).to(device, dtype)
+        forward = lambda: layer(x, x, x, need_weights=False)[0]  # noqa: E731
+    return _timed(mode, forward, (x,)), None

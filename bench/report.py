@@ -1,0 +1,269 @@
+"""The report command: sweep the points of bench.cases, time each, and write
+DIR/<device-slug>/ results.json (every point with its median and 20th/80th percentiles),
+report.md (tables) and PNG plots."""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from bench import cases, timing
+
+UNITS = {"cuda": ("TFLOP/s", 1e12), "cpu": ("GFLOP/s", 1e9)}
+CPU_NOTE = ("**This is a CPU report.** On a CPU, attnmem runs its pure-torch fallback (its "
+            "Triton kernels need a GPU, and Triton interpreter timings are never reported), so "
+            "these numbers compare torch implementations on this CPU and say nothing about "
+            "attnmem's kernels. Peak memory is measured on CUDA only.")
+
+
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total):
+        self.total, self.done, self.start = total, 0, time.time()
+
+    def step(self, label):
+        self.done += 1
+        width = 30
+        filled = width * self.done // max(1, self.total)
+        elapsed = time.time() - self.start
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}"
+                         f" {elapsed:5.0f}s  {label[:60]:<60}")
+        if self.done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _availability(op, device):
+    """provider -> None if it runs here, else the reason it does not."""
+    reasons = {}
+    profile_point = cases.points(op, "smoke")
+    for provider in cases.PROVIDERS[op]:
+        point = next(p for p in profile_point if p["provider"] == provider)
+        try:
+            fn, _ = cases.build(point, device)
+            fn()
+            reasons[provider] = None
+        except Exception as e:  # noqa: BLE001 - any failure means "not on this machine"
+            reasons[provider] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return reasons
+
+
+def run_point(point, device, budget_s):
+    fn, work = cases.build(point, device)
+    median, p20, p80 = timing.measure(fn, device, budget_s)
+    row = dict(point, median_ms=median, p20_ms=p20, p80_ms=p80,
+               peak_mib=timing.peak_memory_mib(fn, device))
+    if work is not None:
+        per_s = work / (median * 1e-3)
+        row["tflops" if point["op"] == "attention" else "gbs"] = per_s / (
+            1e12 if point["op"] == "attention" else 1e9)
+    return row
+
+
+def sweep(ops, profile, device, budget_s):
+    unavailable, todo = {}, []
+    for op in ops:
+        reasons = _availability(op, device)
+        unavailable.update({f"{op}/{p}": r for p, r in reasons.items() if r})
+        todo += [p for p in cases.points(op, profile) if not reasons[p["provider"]]]
+    rows, progress = [], Progress(len(todo))
+    for point in todo:
+        label = " ".join(f"{k}={v}" for k, v in point.items() if k in (
+            "op", "provider", "mode", "x", "d", "causal"))
+        try:
+            rows.append(run_point(point, device, budget_s))
+        except torch.OutOfMemoryError:
+            rows.append(dict(point, error="out of memory"))
+        except RuntimeError as e:
+            rows.append(dict(point, error=str(e).splitlines()[0][:200]))
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        progress.step(label)
+    return rows, unavailable
+
+
+def _series(rows, key, **match):
+    """{provider: [(x, value)]} of the rows matching, errors left out."""
+    out = {}
+    for row in rows:
+        if all(row.get(k) == v for k, v in match.items()) and row.get(key) is not None:
+            out.setdefault(row["provider"], []).append((row["x"], row[key]))
+    return out
+
+
+def _plot(path, panels, xlabel, ylabel, roof=None, logy=False):
+    """panels: [(title, {provider: [(x, y)]})] side by side; roof: a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, (title, series) in zip(axes.flat, panels):
+        for provider, points in sorted(series.items()):
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", ms=3, label=provider,
+                    lw=2.5 if provider.startswith("attnmem") else 1.2)
+        if roof:
+            ax.axhline(roof[1], color="k", ls="--", lw=1, label=roof[0])
+        ax.set_xscale("log", base=2 if max(x for s in series.values() for x, _ in s) < 1e5
+                      else 10)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _table(rows, key, fmt, label, **match):
+    """A markdown table of key: a row per swept size, a column per provider."""
+    series = _series(rows, key, **match)
+    if not series:
+        return ""
+    providers = sorted(series)
+    xs = sorted({x for s in series.values() for x, _ in s})
+    lines = [f"| {label} | " + " | ".join(providers) + " |",
+             "|" + " --- |" * (len(providers) + 1)]
+    for x in xs:
+        cells = [fmt.format(dict(series[p]).get(x)) if x in dict(series[p]) else "-"
+                 for p in providers]
+        lines.append(f"| {x} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir, meta, rows, unavailable):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(dict(meta=meta, unavailable=unavailable, results=rows), f, indent=1)
+    kind = meta["device_type"]
+    unit, scale = UNITS[kind]
+    md = [f"# attnmem benchmarks: {meta['device']}", ""]
+    if kind == "cpu":
+        md += [CPU_NOTE, ""]
+    md += ["| | |", "| --- | --- |"] + [f"| {k} | {v:.1f} |" if isinstance(v, float) else
+                                         f"| {k} | {v} |" for k, v in meta.items()] + [""]
+    md += ["Each value is the median of repeated calls; results.json also holds the 20th and "
+           "80th percentiles. attnmem's lines are drawn thick.", ""]
+    ops = [op for op in cases.OPS if any(r["op"] == op for r in rows)]
+
+    if "attention" in ops:
+        configs = sorted({(r["mode"], r["d"], r["causal"]) for r in rows
+                          if r["op"] == "attention"}, key=lambda c: (
+            cases.MODES["attention"].index(c[0]), c[1], c[2]))
+        panels = []
+        for mode, d, causal in configs:
+            series = {p: [(x, y * 1e12 / scale) for x, y in s] for p, s in _series(
+                rows, "tflops", op="attention", mode=mode, d=d, causal=causal).items()}
+            panels.append((f"{mode}, head dim {d}, {'causal' if causal else 'not causal'}",
+                           series))
+        _plot(os.path.join(out_dir, "attention.png"), panels, "sequence length", unit)
+        md += ["## Attention", "", f"{unit} (FlashAttention's count: forward 4·B·H·N²·D, "
+               "halved when causal; backward 2.5× forward) against sequence length, at a "
+               "fixed number of tokens per batch.", "", "![attention](attention.png)", ""]
+        for mode, d, causal in configs:
+            md += [f"**{mode}, head dim {d}, {'causal' if causal else 'not causal'}** "
+                   f"({unit})", "", _table(
+                       [dict(r, tflops=r["tflops"] * 1e12 / scale) for r in rows
+                        if "tflops" in r], "tflops", "{:.3g}", op="attention", mode=mode,
+                       d=d, causal=causal, label="N")]
+        if kind == "cuda":
+            memory_panels = [(f"fwd_bwd, head dim {d}, {'causal' if c else 'not causal'}",
+                              _series(rows, "peak_mib", op="attention", mode="fwd_bwd", d=d,
+                                      causal=c)) for _, d, c in configs if _ == "fwd_bwd"]
+            _plot(os.path.join(out_dir, "attention_memory.png"), memory_panels,
+                  "sequence length", "peak MiB", logy=True)
+            md += ["Peak memory of forward and backward:", "",
+                   "![attention memory](attention_memory.png)", ""]
+
+    memory_ops = [op for op in ops if op.startswith("memory")]
+    if memory_ops:
+        widths = sorted({r["d"] for r in rows if r["op"] in memory_ops})
+        panels = [(f"{op}, width {d}", _series(rows, "gbs", op=op, d=d))
+                  for op in memory_ops for d in widths]
+        _plot(os.path.join(out_dir, "memory.png"), panels, "memory slots N", "GB/s",
+              roof=("copy bandwidth", meta["copy_bandwidth_gbs"]))
+        md += ["## Memory ops", "", "GB/s (each input read once, each output written once) "
+               "against memory size; the dashed line is this device's measured copy "
+               f"bandwidth, {meta['copy_bandwidth_gbs']:.1f} GB/s. memory_attend: "
+               f"{cases.READ_HEADS} read heads, cosine similarity; memory_write: "
+               f"{cases.WRITE_HEADS} write head.", "", "![memory](memory.png)", ""]
+        for op in memory_ops:
+            for d in widths:
+                md += [f"**{op}, width {d}** (GB/s)", "",
+                       _table(rows, "gbs", "{:.3g}", op=op, d=d, label="N")]
+
+    for op, title, what in (("additive", "Additive attention",
+                             "Bahdanau attention, forward and forward+backward"),
+                            ("mha", "Multi-head attention layers",
+                             "self-attention layers, need_weights=False")):
+        if op not in ops:
+            continue
+        modes = cases.MODES[op]
+        panels = [(f"{op} {mode}, time", _series(rows, "median_ms", op=op, mode=mode))
+                  for mode in modes]
+        if kind == "cuda":
+            panels += [(f"{op} {mode}, peak memory", _series(rows, "peak_mib", op=op,
+                                                             mode=mode)) for mode in modes]
+        _plot(os.path.join(out_dir, f"{op}.png"), panels, "sequence length",
+              "ms (time) / MiB (memory)", logy=True)
+        md += [f"## {title}", "", f"Time in ms, {what}.", "", f"![{op}]({op}.png)", ""]
+        for mode in modes:
+            md += [f"**{mode}** (ms)", "", _table(rows, "median_ms", "{:.3g}", op=op,
+                                                  mode=mode, label="N")]
+            if kind == "cuda":
+                md += [f"**{mode}** (peak MiB)", "", _table(rows, "peak_mib", "{:.0f}", op=op,
+                                                            mode=mode, label="N")]
+    errors = [r for r in rows if "error" in r]
+    if unavailable or errors:
+        md += ["## Not measured", ""]
+        md += [f"- {key}: {reason}" for key, reason in sorted(unavailable.items())]
+        md += [f"- {r['op']}/{r['provider']} {r['mode']} x={r['x']}: {r['error']}"
+               for r in errors]
+        md += [""]
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(md))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=(
+        "Time attnmem against the alternatives and write a report to DIR/<device-slug>/."))
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer sizes and repetitions: a couple of minutes on a CPU")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, one repetition: checks the harness, numbers mean "
+                             "nothing (CI)")
+    parser.add_argument("--out", default="reports", help="output directory (default reports)")
+    parser.add_argument("--ops", nargs="+", choices=cases.OPS, default=list(cases.OPS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("TRITON_INTERPRET=1 runs Triton kernels through its interpreter, whose "
+                     "timings are not performance: unset it to benchmark")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        profile = "smoke" if args.smoke else "gpu"
+    else:
+        profile = "smoke" if args.smoke else "quick" if args.quick else "cpu"
+    budget_s = 0.02 if args.smoke else 0.2 if args.quick else 0.5
+    meta = dict(timing.environment(device), profile=profile,
+                copy_bandwidth_gbs=timing.copy_bandwidth_gbs(device, 16 if args.smoke else None))
+    out_dir = os.path.join(args.out, timing.device_slug(device))
+    print(f"attnmem benchmarks on {meta['device']} ({profile} profile) -> {out_dir}")
+    if device.type == "cpu":
+        print("CPU: attnmem runs its pure-torch fallback here; these are not kernel timings.")
+    rows, unavailable = sweep(args.ops, profile, device, budget_s)
+    write_report(out_dir, meta, rows, unavailable)
+    print(f"wrote {out_dir}/report.md, results.json and plots ({len(rows)} points)")

@@ -1,0 +1,66 @@
+"""pytest-benchmark suites: `pytest bench --benchmark-only` (add --benchmark-json=FILE to keep
+the numbers). One test per op, parametrised by provider, mode and size from bench.cases,
+at the GPU sizes when CUDA is there and CPU sizes otherwise; ATTNMEM_BENCH_PROFILE
+(smoke, quick, cpu, gpu) overrides. On a GPU every timed call synchronises the device."""
+
+import os
+
+import pytest
+import torch
+
+from bench import cases
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PROFILE = os.environ.get("ATTNMEM_BENCH_PROFILE", cases.default_profile())
+if PROFILE not in cases.PROFILES:
+    raise ValueError(f"ATTNMEM_BENCH_PROFILE must be one of {cases.PROFILES}, got {PROFILE!r}")
+
+
+def _id(point):
+    extra = [f"d{point['d']}"] if "d" in point else []
+    extra += ["causal"] if point.get("causal") else []
+    return "-".join([point["provider"], point["mode"], *extra, str(point["x"])])
+
+
+def _run(benchmark, point):
+    try:
+        fn, work = cases.build(point, DEVICE)
+        fn()  # warm-up, and the check that this provider runs here
+    except RuntimeError as e:
+        pytest.skip(f"{point['provider']} does not run here: {str(e).splitlines()[0]}")
+    if DEVICE == "cuda":
+        timed = fn
+
+        def fn():
+            timed()
+            torch.cuda.synchronize()
+    benchmark.group = f"{point['op']} {point['mode']}" + (
+        f" d={point['d']}" if "d" in point else "") + (" causal" if point.get("causal") else "")
+    benchmark.extra_info.update(point, work=work, device=DEVICE, dtype=str(
+        cases.dtype_for(point["op"], DEVICE)))
+    benchmark(fn)
+
+
+@pytest.mark.parametrize("point", cases.points("attention", PROFILE), ids=_id)
+def test_attention(benchmark, point):
+    _run(benchmark, point)
+
+
+@pytest.mark.parametrize("point", cases.points("memory_attend", PROFILE), ids=_id)
+def test_memory_attend(benchmark, point):
+    _run(benchmark, point)
+
+
+@pytest.mark.parametrize("point", cases.points("memory_write", PROFILE), ids=_id)
+def test_memory_write(benchmark, point):
+    _run(benchmark, point)
+
+
+@pytest.mark.parametrize("point", cases.points("additive", PROFILE), ids=_id)
+def test_additive_attention(benchmark, point):
+    _run(benchmark, point)
+
+
+@pytest.mark.parametrize("point", cases.points("mha", PROFILE), ids=_id)
+def test_multihead_layers(benchmark, point):
+    _run(benchmark, point)

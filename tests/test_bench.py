@@ -1,0 +1,56 @@
+"""The benchmark harness runs end to end at tiny sizes (its numbers mean nothing here), so
+the report command and the pytest-benchmark suites cannot rot."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(**extra):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    env.pop("TRITON_INTERPRET", None)  # benchmarks never time the interpreter
+    return {**env, **extra}
+
+
+def test_report_command_writes_json_markdown_and_plots(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)],
+                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (out,) = tmp_path.iterdir()  # one directory, named after the device
+    data = json.loads((out / "results.json").read_text())
+    for key in ("device", "torch", "triton", "commit", "date", "copy_bandwidth_gbs"):
+        assert data["meta"][key], key
+    rows = [r for r in data["results"] if "error" not in r]
+    assert {r["op"] for r in rows} == {"attention", "memory_attend", "memory_write", "additive",
+                                       "mha"}
+    for row in rows:
+        assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"], row
+    assert {r["provider"] for r in rows if r["op"] == "attention"} >= {"attnmem", "sdpa",
+                                                                        "eager"}
+    assert all(r["tflops"] > 0 for r in rows if r["op"] == "attention")
+    assert all(r["gbs"] > 0 for r in rows if r["op"].startswith("memory"))
+    report = (out / "report.md").read_text()
+    assert "This is a CPU report" in report or data["meta"]["device_type"] == "cuda"
+    for plot in ("attention.png", "memory.png", "additive.png", "mha.png"):
+        assert (out / plot).stat().st_size > 1000, plot
+        assert f"]({plot})" in report
+
+
+def test_report_command_refuses_interpreter_timings(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)],
+                            cwd=ROOT, env=_env(TRITON_INTERPRET="1"), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0 and "interpreter" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_pytest_benchmark_suites_run(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pytest", "bench", "-q", "-p",
+                             "no:cacheprovider", "--benchmark-disable"],
+                            cwd=ROOT, env=_env(ATTNMEM_BENCH_PROFILE="smoke"),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout
