@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from attnmem import _checks
 from attnmem import backend as _backend
 from attnmem.reference import additive as _reference
 
@@ -79,18 +80,10 @@ def _backward(ctx, dout, dscores, dlse):
 _additive_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _tensor(name, x, ndim, what, like=None):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != ndim:
-        raise ValueError(f"{name} must be {what}, got shape {tuple(x.shape)}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if like is not None:
-        if x.dtype != like.dtype:
-            raise TypeError(f"{name} must have q's dtype {like.dtype}, got {x.dtype}")
-        if x.device != like.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {like.device}")
+def _tensor(name, x, ndim, what, q=None):
+    _checks.tensor(name, x, ndim, what)
+    if q is not None:
+        _checks.like(name, x, q, "q")
 
 
 def _validate(q, k, values, v, kv_lengths):

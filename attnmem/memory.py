@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from attnmem import _checks
 from attnmem import backend as _backend
 from attnmem.reference import memory as _reference
 
@@ -215,35 +216,19 @@ def _choose(op, tensors, heads=None, width=None) -> str:
     return _backend.resolve(_backend.requested_backend(), tensors, reasons, op)
 
 
-def _tensor(name, x, ndim, what):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != ndim:
-        raise ValueError(f"{name} must be {what}, got shape {tuple(x.shape)}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-
-
-def _like(name, x, ref, ref_name):
-    if x.dtype != ref.dtype:
-        raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {x.dtype}")
-    if x.device != ref.device:
-        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
-
-
 def _shape(name, x, expected, what):
     if tuple(x.shape) != tuple(expected):
         raise ValueError(f"{name} must be {what} = {tuple(expected)}, got {tuple(x.shape)}")
 
 
 def _memory(memory):
-    _tensor("memory", memory, 3, "(B, N, D)")
+    _checks.tensor("memory", memory, 3, "(B, N, D)")
 
 
 def _heads(name, x, memory, what):
     """x: (B, R, D) against memory (B, N, D)."""
-    _tensor(name, x, 3, what)
-    _like(name, x, memory, "memory")
+    _checks.tensor(name, x, 3, what)
+    _checks.like(name, x, memory, "memory")
     batch, _, width = memory.shape
     if x.shape[0] != batch or x.shape[2] != width or x.shape[1] < 1:
         raise ValueError(f"{name} must be {what} with B={batch}, D={width} and at least one "
@@ -251,8 +236,8 @@ def _heads(name, x, memory, what):
 
 
 def _weights(name, weights, memory, what):
-    _tensor(name, weights, 3, what)
-    _like(name, weights, memory, "memory")
+    _checks.tensor(name, weights, 3, what)
+    _checks.like(name, weights, memory, "memory")
     if weights.shape[0] != memory.shape[0] or weights.shape[2] != memory.shape[1] \
             or weights.shape[1] < 1:
         raise ValueError(f"{name} must be {what} with B={memory.shape[0]}, "
@@ -263,8 +248,8 @@ def _address_args(memory, keys, strength, similarity, mask):
     _memory(memory)
     _heads("keys", keys, memory, "(B, R, D)")
     if strength is not None:
-        _tensor("strength", strength, 2, "(B, R)")
-        _like("strength", strength, memory, "memory")
+        _checks.tensor("strength", strength, 2, "(B, R)")
+        _checks.like("strength", strength, memory, "memory")
         _shape("strength", strength, keys.shape[:2], "(B, R)")
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
@@ -306,8 +291,8 @@ def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosin
     with return_weights=True also the weights (B, R, N)."""
     _address_args(memory, keys, strength, similarity, mask)
     if values is not None:
-        _tensor("values", values, 3, "(B, N, Dv)")
-        _like("values", values, memory, "memory")
+        _checks.tensor("values", values, 3, "(B, N, Dv)")
+        _checks.like("values", values, memory, "memory")
         if values.shape[:2] != memory.shape[:2]:
             raise ValueError(f"values must be (B, N, Dv) with B, N = {tuple(memory.shape[:2])},"
                              f" got {tuple(values.shape)}")
@@ -329,8 +314,8 @@ def memory_write(memory, weights, erase, add, *, inplace=False):
     _memory(memory)
     _weights("weights", weights, memory, "(B, W, N)")
     for name, x in (("erase", erase), ("add", add)):
-        _tensor(name, x, 3, "(B, W, D)")
-        _like(name, x, memory, "memory")
+        _checks.tensor(name, x, 3, "(B, W, D)")
+        _checks.like(name, x, memory, "memory")
         _shape(name, x, (*weights.shape[:2], memory.shape[2]), "(B, W, D)")
     chosen = _choose("memory_write", (memory, weights))
     if not inplace:
@@ -355,17 +340,17 @@ def location_address(content_weights, prev_weights, gate, shift, gamma):
     convolution with the shift distribution shift (B, R, S), S odd, where shift[..., j] moves
     the focus by j - S//2 slots, then sharpening w^gamma / sum(w^gamma). gate: (B, R) in
     [0, 1]; gamma: (B, R), >= 1."""
-    _tensor("content_weights", content_weights, 3, "(B, R, N)")
+    _checks.tensor("content_weights", content_weights, 3, "(B, R, N)")
     for name, x in (("prev_weights", prev_weights),):
-        _tensor(name, x, 3, "(B, R, N)")
-        _like(name, x, content_weights, "content_weights")
+        _checks.tensor(name, x, 3, "(B, R, N)")
+        _checks.like(name, x, content_weights, "content_weights")
         _shape(name, x, content_weights.shape, "(B, R, N)")
     for name, x in (("gate", gate), ("gamma", gamma)):
-        _tensor(name, x, 2, "(B, R)")
-        _like(name, x, content_weights, "content_weights")
+        _checks.tensor(name, x, 2, "(B, R)")
+        _checks.like(name, x, content_weights, "content_weights")
         _shape(name, x, content_weights.shape[:2], "(B, R)")
-    _tensor("shift", shift, 3, "(B, R, S)")
-    _like("shift", shift, content_weights, "content_weights")
+    _checks.tensor("shift", shift, 3, "(B, R, S)")
+    _checks.like("shift", shift, content_weights, "content_weights")
     if shift.shape[:2] != content_weights.shape[:2] or shift.shape[2] % 2 != 1:
         raise ValueError(f"shift must be (B, R, S) with (B, R) = "
                          f"{tuple(content_weights.shape[:2])} and S odd, got {tuple(shift.shape)}")

@@ -1,5 +1,5 @@
 """pytest-benchmark suites: `pytest bench --benchmark-only` (add --benchmark-json=FILE to keep
-the numbers). One test per op, parametrised by provider, mode and size from bench.cases,
+the numbers), parametrised by op, provider, mode and size from bench.cases,
 at the GPU sizes when CUDA is there and CPU sizes otherwise; ATTNMEM_BENCH_PROFILE
 (smoke, quick, cpu, gpu) overrides. On a GPU every timed call synchronises the device."""
 
@@ -41,26 +41,8 @@ def _run(benchmark, point):
     benchmark(fn)
 
 
-@pytest.mark.parametrize("point", cases.points("attention", PROFILE), ids=_id)
-def test_attention(benchmark, point):
-    _run(benchmark, point)
-
-
-@pytest.mark.parametrize("point", cases.points("memory_attend", PROFILE), ids=_id)
-def test_memory_attend(benchmark, point):
-    _run(benchmark, point)
-
-
-@pytest.mark.parametrize("point", cases.points("memory_write", PROFILE), ids=_id)
-def test_memory_write(benchmark, point):
-    _run(benchmark, point)
-
-
-@pytest.mark.parametrize("point", cases.points("additive", PROFILE), ids=_id)
-def test_additive_attention(benchmark, point):
-    _run(benchmark, point)
-
-
-@pytest.mark.parametrize("point", cases.points("mha", PROFILE), ids=_id)
-def test_multihead_layers(benchmark, point):
+@pytest.mark.parametrize("point", [p for op in cases.OPS for p in cases.points(op, PROFILE)],
+                         ids=lambda point: f"{point['op']}-{_id(point)}")
+def test_benchmark(benchmark, point):
+    """Select an op with -k: attention, memory_attend, memory_write, additive, mha."""
     _run(benchmark, point)

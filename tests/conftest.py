@@ -23,3 +23,12 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed(request):
     torch.manual_seed(int(os.environ["ATTNMEM_SEED"]) + zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def poison_empty():
+    """torch.empty fills with NaN, so an output element a kernel forgets to write fails."""
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)

@@ -31,12 +31,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _poison_empty():
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(False)
+pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
 def make(case, dtype):

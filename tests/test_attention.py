@@ -62,12 +62,7 @@ FAST_CASES = ["plain", "causal_nq_gt_nk", "decode", "lengths_window_gqa", "head_
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-@pytest.fixture(autouse=True)
-def _poison_empty():
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(False)
+pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
 def make_inputs(case, dtype, device, layout="contiguous"):

@@ -76,7 +76,13 @@ def test_matches_float64(name, similarity, dtype, backend):
     got = _run(ours, tensors, grads_out)
     expect = _run(reference, [None if x is None else x.double() for x in tensors], grads_out)
     base = _run(reference, tensors, grads_out)
-    assert_close_to_float64(got, expect, base, dtype, cond)
+    conditions = [cond] * len(got)
+    if strength is not None:
+        # dStrength sums dS * sim over the slots: terms of size |sim| that mostly cancel, so
+        # its rounding follows the summands, not the (small) result.
+        sims = twin.similarity(memory.double(), keys.double(), similarity).abs().max().item()
+        conditions[4] = cond * max(1.0, sims)
+    assert_close_to_float64(got, expect, base, dtype, conditions)
     if with_mask:
         assert (got[0][-1] == 0).all() and (got[1][-1] == 0).all()
 

@@ -10,8 +10,10 @@ def assert_close_to_float64(got, expect, base, dtype, condition=1.0):
     """Each of `got` (outputs and gradients in `dtype`) is finite and within twice the error
     of `base` (torch on the same rounded inputs) of `expect` (float64), plus rounding units
     scaled by the largest value compared and by `condition` (the op's sensitivity, e.g. the
-    largest logit for softmax weights recomputed from a logsumexp)."""
-    for i, (o, e, t) in enumerate(zip(got, expect, base, strict=True)):
+    largest logit for softmax weights recomputed from a logsumexp), a number or one per
+    output."""
+    conditions = condition if isinstance(condition, (list, tuple)) else [condition] * len(got)
+    for i, (o, e, t, condition) in enumerate(zip(got, expect, base, conditions, strict=True)):
         assert o.dtype == dtype and torch.isfinite(o).all(), f"output {i}"
         err, base_err = ((x.double() - e).abs().max().item() for x in (o, t))
         atol = ATOL[dtype] * max(1.0, e.abs().max().item()) * condition

@@ -1,0 +1,21 @@
+"""Argument checks shared by the public ops: errors that name the argument."""
+
+import torch
+
+
+def tensor(name, x, ndim, what):
+    """x is a floating-point tensor of ndim dimensions, described by what: '(B, N, D)'."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be {what}, got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def like(name, x, ref, ref_name):
+    """x has ref's dtype and device."""
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {x.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
