@@ -100,15 +100,7 @@ def _validate(q, k, values, v, kv_lengths):
         if values.shape[:2] != k.shape[:2]:
             raise ValueError(f"values must be (B, Nk, Dv) with B, Nk = {tuple(k.shape[:2])}, "
                              f"got {tuple(values.shape)}")
-    if kv_lengths is not None:
-        if not isinstance(kv_lengths, torch.Tensor) or kv_lengths.dtype.is_floating_point \
-                or kv_lengths.dtype in (torch.bool, torch.complex64, torch.complex128):
-            raise TypeError("kv_lengths must be an integer tensor (B,)")
-        if tuple(kv_lengths.shape) != (q.shape[0],):
-            raise ValueError(f"kv_lengths must have shape (B,) = ({q.shape[0]},), "
-                             f"got {tuple(kv_lengths.shape)}")
-        if kv_lengths.device != q.device:
-            raise ValueError(f"kv_lengths is on {kv_lengths.device} but q is on {q.device}")
+    _checks.lengths("kv_lengths", kv_lengths, q.shape[0], q.device)
 
 
 def _run(q, k, values, v, kv_lengths, need_scores):

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from attnmem import _checks
 from attnmem import backend as _backend
 from attnmem.reference import attention as _reference
 
@@ -125,17 +126,7 @@ def _validate(q, k, v, causal, scale, kv_lengths, window):
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    if kv_lengths is not None:
-        if not isinstance(kv_lengths, torch.Tensor):
-            raise TypeError(f"kv_lengths must be a tensor, got {type(kv_lengths).__name__}")
-        if kv_lengths.dtype.is_floating_point or kv_lengths.dtype.is_complex \
-                or kv_lengths.dtype == torch.bool:
-            raise TypeError(f"kv_lengths must be an integer tensor, got {kv_lengths.dtype}")
-        if tuple(kv_lengths.shape) != (q.shape[0],):
-            raise ValueError(f"kv_lengths must have shape (B,) = ({q.shape[0]},), "
-                             f"got {tuple(kv_lengths.shape)}")
-        if kv_lengths.device != q.device:
-            raise ValueError(f"kv_lengths is on {kv_lengths.device} but q is on {q.device}")
+    _checks.lengths("kv_lengths", kv_lengths, q.shape[0], q.device)
     if window is None:
         return -1, -1
     if not isinstance(window, (tuple, list)) or len(window) != 2:

@@ -1,9 +1,10 @@
-"""Launch helpers shared by the kernel files."""
+"""Helpers shared by the kernel files: launch decisions and small jit functions."""
 
 import os
 
 import torch
 import triton
+import triton.language as tl
 
 
 def interpreting() -> bool:
@@ -28,3 +29,12 @@ def slot_splits(n_slots: int, rows: int, block_n: int, device):
     tiles = triton.cdiv(max(n_slots, 1), block_n)
     split_len = block_n * triton.cdiv(tiles, min(target, tiles))
     return split_len, triton.cdiv(max(n_slots, 1), split_len)
+
+
+@triton.jit
+def kv_length(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS: tl.constexpr):
+    """Batch b's number of valid keys: kv_lengths[b] clamped to [0, n_k], else n_k."""
+    kv_len = n_k
+    if HAS_KV_LENGTHS:
+        kv_len = tl.minimum(tl.maximum(tl.load(kv_lengths_ptr + b).to(tl.int32), 0), n_k)
+    return kv_len

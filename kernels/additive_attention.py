@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnmem.kernels._launch import interpreting, lastdim_contiguous
+from attnmem.kernels._launch import interpreting, kv_length, lastdim_contiguous
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # (BLOCK_M, BLOCK_N, BLOCK_A, num_warps): the (M, N, A) tanh tile is 16K values, 64 a thread.
@@ -52,13 +52,6 @@ def _scores(q_base, k_base, v_ptr, offs_m, offs_n, stride_qm, stride_kn, n_q, n_
 
 
 @triton.jit
-def _valid_keys(lengths_ptr, b, n_k, HAS_LENGTHS: tl.constexpr):
-    if HAS_LENGTHS:
-        return tl.minimum(tl.maximum(tl.load(lengths_ptr + b).to(tl.int32), 0), n_k)
-    return n_k
-
-
-@triton.jit
 def _additive_fwd(q_ptr, k_ptr, v_ptr, val_ptr, lengths_ptr, out_ptr, lse_ptr, scores_ptr,
                   stride_qb, stride_qm, stride_kb, stride_kn, stride_valb, stride_valn,
                   n_q, n_k, attn_dim, value_dim, HAS_LENGTHS: tl.constexpr,
@@ -74,7 +67,7 @@ def _additive_fwd(q_ptr, k_ptr, v_ptr, val_ptr, lengths_ptr, out_ptr, lse_ptr, s
     stride_kn = tl.cast(stride_kn, tl.int64)
     stride_valn = tl.cast(stride_valn, tl.int64)
     rows = b * n_q + offs_m
-    n_valid = _valid_keys(lengths_ptr, b, n_k, HAS_LENGTHS)
+    n_valid = kv_length(lengths_ptr, b, n_k, HAS_LENGTHS)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -128,7 +121,7 @@ def _additive_bwd(q_ptr, k_ptr, v_ptr, val_ptr, lengths_ptr, lse_ptr, delta_ptr,
     stride_kn = tl.cast(stride_kn, tl.int64)
     stride_valn = tl.cast(stride_valn, tl.int64)
     offs_dv = tl.arange(0, BLOCK_DV)
-    n_valid = _valid_keys(lengths_ptr, b, n_k, HAS_LENGTHS)
+    n_valid = kv_length(lengths_ptr, b, n_k, HAS_LENGTHS)
     if OWN_KEYS:
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         loop_end = tl.where(pid * BLOCK_N < n_valid, n_q, 0)

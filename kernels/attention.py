@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnmem.kernels._launch import interpreting, lastdim_contiguous
+from attnmem.kernels._launch import interpreting, kv_length, lastdim_contiguous
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -64,14 +64,6 @@ def _visible(rows, keys, offset, n_q, kv_len, window_left, window_right):
     aligned = rows[:, None] + offset
     return ((keys[None, :] < kv_len) & (rows[:, None] < n_q)
             & (keys[None, :] >= aligned - window_left) & (keys[None, :] <= aligned + window_right))
-
-
-@triton.jit
-def _kv_len(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS: tl.constexpr):
-    kv_len = n_k
-    if HAS_KV_LENGTHS:
-        kv_len = tl.minimum(tl.maximum(tl.load(kv_lengths_ptr + b).to(tl.int32), 0), n_k)
-    return kv_len
 
 
 # ---------------------------------------------------------------------------------------
@@ -126,7 +118,7 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     hk = h // group
-    kv_len = _kv_len(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS)
+    kv_len = kv_length(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS)
     offset = n_k - n_q
     # One (b, h) slice of a long, strided sequence can pass 2^31 elements.
     stride_qm = tl.cast(stride_qm, tl.int64)
@@ -248,7 +240,7 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    kv_len = _kv_len(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS)
+    kv_len = kv_length(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS)
     offset = n_k - n_q
     stride_qm = tl.cast(stride_qm, tl.int64)
     stride_kn = tl.cast(stride_kn, tl.int64)
@@ -343,7 +335,7 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     hk = h // group
-    kv_len = _kv_len(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS)
+    kv_len = kv_length(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS)
     offset = n_k - n_q
     stride_qm = tl.cast(stride_qm, tl.int64)
     stride_kn = tl.cast(stride_kn, tl.int64)

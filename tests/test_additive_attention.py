@@ -6,7 +6,6 @@ forgets fails. Tolerance as in test_memory_attend: the kernel recomputes the wei
 logsumexp, so rounding units scale with the largest |score|.
 """
 
-import os
 
 import pytest
 import torch
@@ -15,11 +14,9 @@ import attnmem
 from aot import TRITON_TYPES, compile_all
 from attnmem.kernels.attention import SMEM_LIMIT
 from attnmem.reference import additive as twin
+from attnmem.reference.attention import softmax_with_lse
+from backends import BACKENDS, DEVICE, INTERPRET
 from tolerance import assert_close_to_float64
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-BACKENDS = ["torch"] + (["triton"] if INTERPRET or torch.cuda.is_available() else [])
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 
 # name: (B, Nq, Nk, A, Dv, kv_lengths or None)
 CASES = {
@@ -63,7 +60,7 @@ def ours(q, k, values, v, lengths):
 
 def float64_reference(q, k, values, v, lengths):
     out, scores, lse = twin.additive_attention(q, k, v, values, lengths)
-    weights, _ = twin.softmax_with_lse(scores)
+    weights, _ = softmax_with_lse(scores)
     return out, weights, scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None]
 
 

@@ -1,17 +1,14 @@
 """location_address on both backends against float64, every gradient, and sm_80/sm_90 builds."""
 
-import os
 
 import pytest
 import torch
 
 import attnmem
 from aot import TRITON_TYPES, compile_all
+from backends import BACKENDS, DEVICE
 from tolerance import assert_close_to_float64
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-BACKENDS = ["torch"] + (["triton"] if INTERPRET or torch.cuda.is_available() else [])
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 # (B, R, N, S): a single slot, S > N (shifts wrap more than once), no shift at all.
 SHAPES = [(2, 3, 75, 3), (1, 1, 5, 7), (2, 2, 1, 3), (1, 2, 40, 1)]
 

@@ -7,7 +7,6 @@ eps * |s| (dot similarity with strength 3 reaches |s| ~ 200), and, as FlashAtten
 round p to the input dtype before the read.
 """
 
-import os
 
 import pytest
 import torch
@@ -15,11 +14,8 @@ import torch
 import attnmem
 from aot import TRITON_TYPES, compile_all
 from attnmem.reference import memory as twin
+from backends import BACKENDS, DEVICE, INTERPRET
 from tolerance import assert_close_to_float64
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-BACKENDS = ["torch"] + (["triton"] if INTERPRET or torch.cuda.is_available() else [])
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 
 # name: (B, N, D, R, Dv or None, with strength, with mask)
 CASES = {

@@ -1,17 +1,14 @@
 """memory_read on both backends against float64, both gradients, and sm_80/sm_90 builds."""
 
-import os
 
 import pytest
 import torch
 
 import attnmem
 from aot import TRITON_TYPES, compile_all
+from backends import BACKENDS, DEVICE
 from tolerance import assert_close_to_float64
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-BACKENDS = ["torch"] + (["triton"] if INTERPRET or torch.cuda.is_available() else [])
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 # (B, N, D, R): one slot, several width chunks (D > 32 under the interpreter), many heads.
 SHAPES = [(2, 1, 5, 2), (2, 75, 20, 3), (1, 40, 70, 1), (2, 130, 16, 17)]
 

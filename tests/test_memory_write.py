@@ -1,6 +1,5 @@
 """memory_write on both backends against float64, every gradient, in place, sm_80/sm_90."""
 
-import os
 
 import pytest
 import torch
@@ -8,11 +7,8 @@ import torch
 import attnmem
 from aot import TRITON_TYPES, compile_all
 from attnmem.reference import memory as twin
+from backends import BACKENDS, DEVICE
 from tolerance import assert_close_to_float64
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-BACKENDS = ["torch"] + (["triton"] if INTERPRET or torch.cuda.is_available() else [])
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 
 # (B, N, D, W): one slot, several width chunks (D > 32 under the interpreter), many heads.
 SHAPES = [(2, 1, 5, 2), (2, 75, 20, 1), (1, 40, 70, 3), (3, 33, 16, 4)]

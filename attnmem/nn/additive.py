@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import attnmem
-from attnmem.reference.additive import softmax_with_lse
+from attnmem.reference.attention import softmax_with_lse
 
 
 def _steps(query):
@@ -156,17 +156,15 @@ class LuongAttention(nn.Module):
                                                 return_weights=return_weights)
             return result if return_weights else (result, None)
         keys = self._keys(source)
-        context, lse = attnmem.attention(query[:, None], keys[:, None], source[:, None],
-                                         scale=1.0, kv_lengths=lengths, return_lse=True)
-        weights = None
-        if return_weights:
-            scores = query @ keys.transpose(1, 2)
-            if lengths is not None:
-                past = torch.arange(source.shape[1], device=source.device) >= lengths[:, None]
-                scores = scores.masked_fill(past[:, None], float("-inf"))
-            lse = lse[:, 0].to(scores.dtype)
-            weights = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
-        return context[:, 0], weights
+        context = attnmem.attention(query[:, None], keys[:, None], source[:, None], scale=1.0,
+                                    kv_lengths=lengths)[:, 0]
+        if not return_weights:
+            return context, None
+        scores = query @ keys.transpose(1, 2)
+        if lengths is not None:
+            past = torch.arange(source.shape[1], device=source.device) >= lengths[:, None]
+            scores = scores.masked_fill(past[:, None], float("-inf"))
+        return context, softmax_with_lse(scores)[0]
 
     def _local(self, query, source, lengths, positions):
         batch, n_q, _ = query.shape

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnmem
-from attnmem.reference.additive import softmax_with_lse
+from attnmem.reference.attention import softmax_with_lse
 
 
 def _prefix_lengths(key_padding_mask):

@@ -6,7 +6,7 @@ leaves the gradient to torch autograd.
 
 import torch
 
-from attnmem.reference.attention import compute_dtype
+from attnmem.reference.attention import compute_dtype, softmax_with_lse
 
 
 def additive_scores(q, k, v, kv_lengths):
@@ -16,18 +16,6 @@ def additive_scores(q, k, v, kv_lengths):
         keys = torch.arange(k.shape[1], device=k.device)
         scores = scores.masked_fill(keys >= kv_lengths[:, None, None], float("-inf"))
     return scores
-
-
-def softmax_with_lse(scores):
-    """(weights, lse) of a softmax over the last dim; a row of -inf scores gets zero
-    weights, lse -inf and zero gradients (never NaN)."""
-    top = scores.amax(-1, keepdim=True).detach()
-    exps = torch.exp(scores - torch.where(torch.isfinite(top), top, 0.0))
-    total = exps.sum(-1, keepdim=True)
-    nonempty = total > 0
-    total = torch.where(nonempty, total, 1.0)
-    lse = torch.where(nonempty, top + torch.log(total), float("-inf")).squeeze(-1)
-    return exps / total, lse
 
 
 def additive_attention(q, k, v, values, kv_lengths):

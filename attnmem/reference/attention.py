@@ -18,6 +18,18 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def softmax_with_lse(scores):
+    """(weights, lse) of a softmax over the last dim; a row of -inf scores gets zero
+    weights, lse -inf and zero gradients (never NaN)."""
+    top = scores.amax(-1, keepdim=True).detach()
+    exps = torch.exp(scores - torch.where(torch.isfinite(top), top, 0.0))
+    total = exps.sum(-1, keepdim=True)
+    nonempty = total > 0
+    total = torch.where(nonempty, total, 1.0)
+    lse = torch.where(nonempty, top + torch.log(total), float("-inf")).squeeze(-1)
+    return exps / total, lse
+
+
 def visible(rows, n_q, n_k, window_left, window_right, kv_lengths):
     """Bool mask (B or 1, 1, len(rows), Nk): query row i sees key j; None if all do."""
     if window_left < 0 and window_right < 0 and kv_lengths is None:

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from attnmem.reference.attention import compute_dtype
+from attnmem.reference.attention import compute_dtype, softmax_with_lse
 
 EPS = 1e-8
 
@@ -38,10 +38,7 @@ def _masked_softmax(scores, mask):
     """Softmax over slots; slots with mask False get weight 0, rows with none usable are 0."""
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-    top = scores.amax(-1, keepdim=True).detach()
-    p = torch.exp(scores - torch.where(torch.isfinite(top), top, 0.0))
-    total = p.sum(-1, keepdim=True)
-    return p / torch.where(total > 0, total, 1.0)
+    return softmax_with_lse(scores)[0]
 
 
 def memory_address(memory, keys, strength, kind, mask):
