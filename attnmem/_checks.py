@@ -21,10 +21,11 @@ def like(name, x, ref, ref_name):
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
 
 
-def lengths(name, x, batch, device):
-    """x is None or an integer tensor (B,) on device."""
+def lengths(name, x, batch, n, device):
+    """x is None or an integer tensor (B,) on device. Returns it as the kernels read it:
+    contiguous int32 clamped to [0, n] (clamped before the cast, so 2**32 + 3 is n, not 3)."""
     if x is None:
-        return
+        return None
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
@@ -33,3 +34,4 @@ def lengths(name, x, batch, device):
         raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(x.shape)}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but q is on {device}")
+    return x.clamp(0, n).to(torch.int32).contiguous()

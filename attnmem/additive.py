@@ -100,12 +100,12 @@ def _validate(q, k, values, v, kv_lengths):
         if values.shape[:2] != k.shape[:2]:
             raise ValueError(f"values must be (B, Nk, Dv) with B, Nk = {tuple(k.shape[:2])}, "
                              f"got {tuple(values.shape)}")
-    _checks.lengths("kv_lengths", kv_lengths, q.shape[0], q.device)
+    return _checks.lengths("kv_lengths", kv_lengths, q.shape[0], k.shape[1], q.device)
 
 
 def _run(q, k, values, v, kv_lengths, need_scores):
     """(out, scores, lse) on the backend chosen for these inputs."""
-    _validate(q, k, values, v, kv_lengths)
+    kv_lengths = _validate(q, k, values, v, kv_lengths)
     reasons = []
     if q.dtype not in TRITON_DTYPES:
         reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")

@@ -126,12 +126,12 @@ def _validate(q, k, v, causal, scale, kv_lengths, window):
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    _checks.lengths("kv_lengths", kv_lengths, q.shape[0], q.device)
+    kv_lengths = _checks.lengths("kv_lengths", kv_lengths, q.shape[0], k.shape[2], q.device)
     if window is None:
-        return -1, -1
+        return -1, -1, kv_lengths
     if not isinstance(window, (tuple, list)) or len(window) != 2:
         raise ValueError(f"window must be a pair (left, right), got {window!r}")
-    return _window_side("left", window[0]), _window_side("right", window[1])
+    return _window_side("left", window[0]), _window_side("right", window[1]), kv_lengths
 
 
 def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None,
@@ -152,7 +152,8 @@ def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None
     scale defaults to 1/sqrt(D). Inputs may be strided; a non-contiguous last dimension is
     copied once for the triton backend.
     """
-    window_left, window_right = _validate(q, k, v, causal, scale, kv_lengths, window)
+    window_left, window_right, kv_lengths = _validate(q, k, v, causal, scale, kv_lengths,
+                                                      window)
     if causal:
         window_right = 0 if window_right < 0 else min(window_right, 0)
     if scale is None:
