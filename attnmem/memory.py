@@ -164,7 +164,7 @@ _memory_read_op.register_autograd(_backward_through(_memory_read_backward_op),
 @torch.library.custom_op("attnmem::location_address", mutates_args=())
 def _location_op(content_weights: torch.Tensor, prev_weights: torch.Tensor, gate: torch.Tensor,
                  shift: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (weights, float32 row sums of the sharpened weights)."""
+    """-> (weights, float32 (2, B, R) row statistics of the sharpening softmax)."""
     from attnmem.kernels import location_address as kernel
 
     return kernel.location_address_forward(content_weights, prev_weights, gate, shift, gamma)
@@ -173,23 +173,23 @@ def _location_op(content_weights: torch.Tensor, prev_weights: torch.Tensor, gate
 @_location_op.register_fake
 def _(content_weights, prev_weights, gate, shift, gamma):
     return (content_weights.new_empty(content_weights.shape),
-            gate.new_empty(gate.shape, dtype=torch.float32))
+            gate.new_empty((2, *gate.shape), dtype=torch.float32))
 
 
 @torch.library.custom_op("attnmem::location_address_backward", mutates_args=())
-def _location_backward_op(dout: torch.Tensor, out: torch.Tensor, total: torch.Tensor,
+def _location_backward_op(dout: torch.Tensor, out: torch.Tensor, stats: torch.Tensor,
                           content_weights: torch.Tensor, prev_weights: torch.Tensor,
                           gate: torch.Tensor, shift: torch.Tensor, gamma: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                      torch.Tensor]:
     from attnmem.kernels import location_address as kernel
 
-    return kernel.location_address_backward(dout, out, total, content_weights, prev_weights,
+    return kernel.location_address_backward(dout, out, stats, content_weights, prev_weights,
                                              gate, shift, gamma)
 
 
 @_location_backward_op.register_fake
-def _(dout, out, total, content_weights, prev_weights, gate, shift, gamma):
+def _(dout, out, stats, content_weights, prev_weights, gate, shift, gamma):
     return tuple(x.new_empty(x.shape) for x in (content_weights, prev_weights, gate, shift,
                                                 gamma))
 

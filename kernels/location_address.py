@@ -1,11 +1,14 @@
 """The NTM's location addressing over (B, R, N) weights: forward, backward and launchers.
 
 w_g = g w_c + (1 - g) w_prev; w~(i) = sum_j s_j w_g((i - (j - S//2)) mod N);
-w = w~^gamma / sum_i w~^gamma. Rows (b, r) are independent and N may be millions, so each
-program owns one row and one split of its slots. The forward runs twice: once for each
-split's sum of w~^gamma, once to normalise; nothing between the passes is stored. The
-backward recomputes w~ where it needs it (its own slots and their shifted neighbours) and
-writes per-split partial sums of the gate, shift and gamma gradients.
+w = w~^gamma / sum_i w~^gamma, computed as a softmax over slots of gamma log w~ so that a
+sharp gamma never underflows a row to zeros. Rows (b, r) are independent and N may be
+millions, so each program owns one row and one split of its slots. The forward runs twice:
+once for each split's running max and sum of exp2(logit - max) (an online softmax), once to
+normalise by the row's max and sum, kept apart: a logsumexp near gamma log2 w~ ~ -1000
+would round every weight by float32's step there. Nothing between the passes is stored.
+The backward recomputes w~ and w where it needs them (its own slots and their shifted
+neighbours) and writes per-split partial sums of the gate, shift and gamma gradients.
 """
 
 import torch
@@ -33,67 +36,79 @@ def _shifted(content_ptr, prev_ptr, shift_ptr, row, slots, ok, gate, n_slots, n_
 
 
 @triton.jit
-def _sharpen(shifted, gamma):
-    """w~^gamma, 0 where w~ is 0 (no log(0))."""
+def _logits(shifted, gamma):
+    """gamma log2 w~, -inf where w~ is 0 (no log(0))."""
     positive = shifted > 0
-    return tl.where(positive, tl.math.exp2(gamma * tl.math.log2(tl.where(positive, shifted,
-                                                                            1.0))), 0.0)
+    return tl.where(positive, gamma * tl.math.log2(tl.where(positive, shifted, 1.0)),
+                    float("-inf"))
 
 
 @triton.jit
-def _location_fwd(content_ptr, prev_ptr, gate_ptr, shift_ptr, gamma_ptr, part_ptr, total_ptr,
-                  out_ptr, n_slots, n_shift, split_len, NORMALIZE: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+def _location_fwd(content_ptr, prev_ptr, gate_ptr, shift_ptr, gamma_ptr, part_max_ptr,
+                  part_sum_ptr, row_max_ptr, row_sum_ptr, out_ptr, n_slots, n_shift, split_len,
+                  NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr):
     split = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     gate = tl.load(gate_ptr + row).to(tl.float32)
     gamma = tl.load(gamma_ptr + row).to(tl.float32)
-    total = 1.0
+    row_max = 0.0
+    row_sum = 1.0
     if NORMALIZE:
-        total = tl.load(total_ptr + row)
-        total = tl.where(total > 0, total, 1.0)
+        row_max = tl.load(row_max_ptr + row)
+        row_sum = tl.load(row_sum_ptr + row)
     start = split * split_len
     end = tl.minimum(start + split_len, n_slots)
-    partial = tl.zeros([BLOCK_N], tl.float32)
+    m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_N], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         slots = n0 + tl.arange(0, BLOCK_N)
         ok = slots < end
-        sharp = _sharpen(_shifted(content_ptr, prev_ptr, shift_ptr, row, slots, ok, gate,
+        logits = _logits(_shifted(content_ptr, prev_ptr, shift_ptr, row, slots, ok, gate,
                                   n_slots, n_shift), gamma)
-        sharp = tl.where(ok, sharp, 0.0)
+        logits = tl.where(ok, logits, float("-inf"))
         if NORMALIZE:
-            tl.store(out_ptr + row * n_slots + slots, (sharp / total).to(
-                out_ptr.dtype.element_ty), mask=ok)
+            tl.store(out_ptr + row * n_slots + slots,
+                     (tl.math.exp2(logits - row_max) / row_sum).to(out_ptr.dtype.element_ty),
+                     mask=ok)
         else:
-            partial += sharp
+            m_new = tl.maximum(m_i, logits)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.math.exp2(logits - m_safe)
+            m_i = m_new
     if not NORMALIZE:
-        tl.store(part_ptr + row * tl.num_programs(0) + split, tl.sum(partial, 0))
+        m = tl.max(m_i, 0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        part = row * tl.num_programs(0) + split
+        tl.store(part_max_ptr + part, m)
+        tl.store(part_sum_ptr + part, tl.sum(l_i * tl.math.exp2(m_i - m_safe), 0))
 
 
 @triton.jit
-def _dshifted(content_ptr, prev_ptr, shift_ptr, dout_ptr, row, slots, ok, gate, gamma, total,
-              centre, n_slots, n_shift):
-    """(dL/dw~, w~, w~^gamma) at `slots`: w = w~^gamma / T, so dL/dw~^gamma = (dw - c) / T
-    with c = sum_i dw_i w_i, and dw~^gamma/dw~ = gamma w~^(gamma - 1)."""
+def _dshifted(content_ptr, prev_ptr, shift_ptr, dout_ptr, row, slots, ok, gate, gamma,
+              row_max, row_sum, centre, n_slots, n_shift):
+    """(dL/dw~, w~, dL/dlogit) at `slots`. w = softmax(gamma ln w~), so the gradient of the
+    logit gamma ln w~ is w (dw - c) with c = sum_i dw_i w_i, and dL/dw~ = gamma/w~ times it."""
     shifted = _shifted(content_ptr, prev_ptr, shift_ptr, row, slots, ok, gate, n_slots, n_shift)
-    sharp = _sharpen(shifted, gamma)
+    weight = tl.math.exp2(_logits(shifted, gamma) - row_max) / row_sum
     dout = tl.load(dout_ptr + row * n_slots + slots, mask=ok, other=0.0).to(tl.float32)
-    dsharp = tl.where(total > 0, (dout - centre) / tl.where(total > 0, total, 1.0), 0.0)
+    dlogit = tl.where(ok, weight * (dout - centre), 0.0)
     positive = shifted > 0
-    dshifted = tl.where(positive, dsharp * gamma * sharp / tl.where(positive, shifted, 1.0), 0.0)
-    return tl.where(ok, dshifted, 0.0), shifted, tl.where(ok, dsharp * sharp, 0.0)
+    dshifted = tl.where(positive, dlogit * gamma / tl.where(positive, shifted, 1.0), 0.0)
+    return dshifted, shifted, dlogit
 
 
 @triton.jit
-def _location_bwd(content_ptr, prev_ptr, gate_ptr, shift_ptr, gamma_ptr, total_ptr, centre_ptr,
-                  dout_ptr, dcontent_ptr, dprev_ptr, part_dgate_ptr, part_dshift_ptr,
-                  part_dgamma_ptr, n_slots, n_shift, split_len, BLOCK_N: tl.constexpr):
+def _location_bwd(content_ptr, prev_ptr, gate_ptr, shift_ptr, gamma_ptr, row_max_ptr,
+                  row_sum_ptr, centre_ptr, dout_ptr, dcontent_ptr, dprev_ptr, part_dgate_ptr,
+                  part_dshift_ptr, part_dgamma_ptr, n_slots, n_shift, split_len,
+                  BLOCK_N: tl.constexpr):
     split = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     n_splits = tl.num_programs(0)
     gate = tl.load(gate_ptr + row).to(tl.float32)
     gamma = tl.load(gamma_ptr + row).to(tl.float32)
-    total = tl.load(total_ptr + row)
+    row_max = tl.load(row_max_ptr + row)
+    row_sum = tl.load(row_sum_ptr + row)
     centre = tl.load(centre_ptr + row)
     half = n_shift // 2
     start = split * split_len
@@ -104,12 +119,11 @@ def _location_bwd(content_ptr, prev_ptr, gate_ptr, shift_ptr, gamma_ptr, total_p
         slots = n0 + tl.arange(0, BLOCK_N)
         ok = slots < end
         # Own slots: the gamma and shift gradients.
-        dshifted, shifted, dsharp_sharp = _dshifted(content_ptr, prev_ptr, shift_ptr, dout_ptr,
-                                                    row, slots, ok, gate, gamma, total, centre,
-                                                    n_slots, n_shift)
+        dshifted, shifted, dlogit = _dshifted(content_ptr, prev_ptr, shift_ptr, dout_ptr, row,
+                                              slots, ok, gate, gamma, row_max, row_sum, centre,
+                                              n_slots, n_shift)
         positive = shifted > 0
-        dgamma += tl.where(positive, dsharp_sharp * tl.log(tl.where(positive, shifted, 1.0)),
-                           0.0)
+        dgamma += tl.where(positive, dlogit * tl.log(tl.where(positive, shifted, 1.0)), 0.0)
         for j in range(n_shift):
             src = ((slots - (j - half)) % n_slots + n_slots) % n_slots
             wc = tl.load(content_ptr + row * n_slots + src, mask=ok, other=0.0).to(tl.float32)
@@ -122,7 +136,7 @@ def _location_bwd(content_ptr, prev_ptr, gate_ptr, shift_ptr, gamma_ptr, total_p
             s_j = tl.load(shift_ptr + row * n_shift + j).to(tl.float32)
             dst = ((slots + (j - half)) % n_slots + n_slots) % n_slots
             d_dst, _s, _g = _dshifted(content_ptr, prev_ptr, shift_ptr, dout_ptr, row, dst, ok,
-                                      gate, gamma, total, centre, n_slots, n_shift)
+                                      gate, gamma, row_max, row_sum, centre, n_slots, n_shift)
             dgated += s_j * d_dst
         wc = tl.load(content_ptr + row * n_slots + slots, mask=ok, other=0.0).to(tl.float32)
         wp = tl.load(prev_ptr + row * n_slots + slots, mask=ok, other=0.0).to(tl.float32)
@@ -141,26 +155,35 @@ def _splits(n_slots, rows, device):
 
 
 def location_address_forward(content, prev, gate, shift, gamma):
-    """-> (weights (B, R, N) in content's dtype, float32 row sums of w~^gamma (B, R))."""
+    """-> (weights (B, R, N) in content's dtype, float32 (2, B, R) row statistics: the max
+    of gamma log2 w~ and the sum of exp2(gamma log2 w~ - max); 0 and 1 for a row of zeros,
+    whose weights stay 0)."""
     content, prev, gate, shift, gamma = (x.contiguous() for x in
                                          (content, prev, gate, shift, gamma))
     batch, heads, n_slots = content.shape
     rows = batch * heads
     block_n, split_len, n_splits = _splits(n_slots, rows, content.device)
-    part = torch.empty((batch, heads, n_splits), dtype=torch.float32, device=content.device)
+    f32 = dict(dtype=torch.float32, device=content.device)
     out = torch.empty_like(content)
+    stats = torch.stack([torch.zeros((batch, heads), **f32), torch.ones((batch, heads), **f32)])
     if content.numel() == 0:
-        return out, part.zero_().sum(-1)
-    args = (content, prev, gate, shift, gamma)
-    _location_fwd[(n_splits, rows)](*args, part, part, out, n_slots, shift.shape[-1], split_len,
+        return out, stats
+    part_max = torch.empty((batch, heads, n_splits), **f32)
+    part_sum = torch.empty((batch, heads, n_splits), **f32)
+    args = (content, prev, gate, shift, gamma, part_max, part_sum)
+    _location_fwd[(n_splits, rows)](*args, *stats, out, n_slots, shift.shape[-1], split_len,
                                     NORMALIZE=False, BLOCK_N=block_n)
-    total = part.sum(-1)
-    _location_fwd[(n_splits, rows)](*args, part, total, out, n_slots, shift.shape[-1],
-                                    split_len, NORMALIZE=True, BLOCK_N=block_n)
-    return out, total
+    top = part_max.amax(-1)
+    total = (part_sum * torch.exp2(part_max - torch.where(torch.isfinite(top), top, 0.0)[
+        ..., None])).sum(-1)
+    nonzero = total > 0
+    stats = torch.stack([torch.where(nonzero, top, 0.0), torch.where(nonzero, total, 1.0)])
+    _location_fwd[(n_splits, rows)](*args, *stats, out, n_slots, shift.shape[-1], split_len,
+                                    NORMALIZE=True, BLOCK_N=block_n)
+    return out, stats
 
 
-def location_address_backward(dout, out, total, content, prev, gate, shift, gamma):
+def location_address_backward(dout, out, stats, content, prev, gate, shift, gamma):
     """-> dcontent, dprev, dgate, dshift, dgamma in the inputs' dtypes."""
     content, prev, gate, shift, gamma = (x.contiguous() for x in
                                          (content, prev, gate, shift, gamma))
@@ -178,7 +201,7 @@ def location_address_backward(dout, out, total, content, prev, gate, shift, gamm
         return (dcontent, dprev, gate.new_zeros(gate.shape), shift.new_zeros(shift.shape),
                 gamma.new_zeros(gamma.shape))
     _location_bwd[(n_splits, rows)](
-        content, prev, gate, shift, gamma, total.contiguous(), centre, dout, dcontent, dprev,
+        content, prev, gate, shift, gamma, *stats.contiguous(), centre, dout, dcontent, dprev,
         part_dgate, part_dshift, part_dgamma, n_slots, shift.shape[-1], split_len,
         BLOCK_N=block_n)
     return (dcontent, dprev, part_dgate.sum(-1).to(gate.dtype),

@@ -39,6 +39,45 @@ def test_matches_float64(shape, dtype, backend):
     assert_close_to_float64(got, expect, base, dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gamma", [25.0, 200.0])
+def test_sharp_gamma_keeps_rows_normalised(gamma, backend):
+    """w^gamma of 128 near-uniform slots underflows float32 (128^-25 = 2^-175): the weights
+    must still sum to 1 and match float64, gradients included."""
+    b, r, n = 2, 2, 128
+    content = torch.softmax(0.01 * torch.randn(b, r, n, device=DEVICE), -1)
+    tensors = [content, content.roll(1, -1), torch.rand(b, r, device=DEVICE),
+               torch.softmax(torch.randn(b, r, 3, device=DEVICE), -1),
+               torch.full((b, r), gamma, device=DEVICE)]
+    dout = torch.randn(b, r, n, device=DEVICE)
+
+    def run(xs, use_backend):
+        xs = [x.detach().requires_grad_() for x in xs]
+        with attnmem.use_backend(use_backend):
+            out = attnmem.location_address(*xs)
+        return [out.detach(), *torch.autograd.grad((out * dout).sum(), xs)]
+
+    got = run(tensors, backend)
+    torch.testing.assert_close(got[0].sum(-1), torch.ones(b, r, device=DEVICE))
+    # The logits gamma log w~ round gamma times as coarsely as w~: condition gamma.
+    assert_close_to_float64(got, run([x.double() for x in tensors], "torch"),
+                            run(tensors, "torch"), torch.float32, condition=gamma)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_zero_row_gives_zeros(backend):
+    zeros = torch.zeros(1, 2, 9, device=DEVICE)
+    xs = [x.requires_grad_() for x in (zeros.clone(), zeros.clone(),
+                                       torch.full((1, 2), 0.5, device=DEVICE),
+                                       torch.full((1, 2, 3), 1 / 3, device=DEVICE),
+                                       torch.full((1, 2), 3.0, device=DEVICE))]
+    with attnmem.use_backend(backend):
+        out = attnmem.location_address(*xs)
+    grads = torch.autograd.grad(out.sum(), xs)
+    assert (out == 0).all()
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("aot")
 def test_kernels_compile_for_sm80_and_sm90():
@@ -50,11 +89,12 @@ def test_kernels_compile_for_sm80_and_sm90():
                 pointers = {p: t for p in ("content_ptr", "prev_ptr", "gate_ptr", "shift_ptr",
                                            "gamma_ptr")}
                 if kernel == "_location_fwd":
-                    pointers.update(part_ptr="fp32", total_ptr="fp32", out_ptr=t)
+                    pointers.update(part_max_ptr="fp32", part_sum_ptr="fp32",
+                                    row_max_ptr="fp32", row_sum_ptr="fp32", out_ptr=t)
                     constexprs = dict(NORMALIZE=True, BLOCK_N=256)
                 else:
-                    pointers.update(total_ptr="fp32", centre_ptr="fp32", dout_ptr=t,
-                                    dcontent_ptr=t, dprev_ptr=t, part_dgate_ptr="fp32",
+                    pointers.update(row_max_ptr="fp32", row_sum_ptr="fp32", centre_ptr="fp32",
+                                    dout_ptr=t, dcontent_ptr=t, dprev_ptr=t, part_dgate_ptr="fp32",
                                     part_dshift_ptr="fp32", part_dgamma_ptr="fp32")
                     constexprs = dict(BLOCK_N=256)
                 jobs[f"{kernel}-sm{arch}-{dtype}"] = dict(

@@ -34,21 +34,23 @@ def similarity(memory, keys, kind):
     return dots / norms_sq.clamp_min(EPS * EPS).sqrt()
 
 
-def _masked_softmax(scores, mask):
-    """Softmax over slots; slots with mask False get weight 0, rows with none usable are 0."""
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-    return softmax_with_lse(scores)[0]
+def _usable(x, mask):
+    """x (B, N, ...) with the slots mask excludes zeroed: whatever they hold (NaN, inf)
+    contributes nothing, and their gradient is zero."""
+    return x if mask is None else x.masked_fill(~mask[:, :, None], 0)
 
 
 def memory_address(memory, keys, strength, kind, mask):
-    """Content weights (B, R, N): softmax over slots of strength * sim(key, slot)."""
+    """Content weights (B, R, N): softmax over slots of strength * sim(key, slot); slots
+    with mask False get weight 0, and a head with no usable slot gets zero weights."""
     dtype = memory.dtype
-    memory, keys, strength = _upcast(memory, keys, strength)
+    memory, keys, strength = _upcast(_usable(memory, mask), keys, strength)
     scores = similarity(memory, keys, kind)
     if strength is not None:
         scores = scores * strength[:, :, None]
-    return _masked_softmax(scores, mask).to(dtype)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    return softmax_with_lse(scores)[0].to(dtype)
 
 
 def memory_read(memory, weights):
@@ -59,7 +61,7 @@ def memory_read(memory, weights):
 def memory_attend(memory, keys, values, strength, kind, mask):
     """Address by content and read in one: (read (B, R, Dv), weights (B, R, N))."""
     weights = memory_address(memory, keys, strength, kind, mask)
-    return memory_read(memory if values is None else values, weights), weights
+    return memory_read(_usable(memory if values is None else values, mask), weights), weights
 
 
 def memory_write(memory, weights, erase, add):
@@ -83,12 +85,12 @@ def location_address(content_weights, prev_weights, gate, shift, gamma):
     half = shift.shape[-1] // 2
     shifted = sum(shift[..., j, None] * torch.roll(gated, j - half, dims=-1)
                   for j in range(shift.shape[-1]))
-    # w^gamma as exp(gamma log w) where w > 0, and 0 elsewhere: no log(0) in the gradient.
+    # w^gamma / sum(w^gamma) is a softmax of gamma log w: it never underflows to an all-zero
+    # row however sharp gamma is. w = 0 has logit -inf, and no log(0) in the gradient.
     positive = shifted > 0
     safe = torch.where(positive, shifted, 1.0)
-    sharp = torch.where(positive, torch.exp(gamma[..., None] * torch.log(safe)), 0.0)
-    total = sharp.sum(-1, keepdim=True)
-    return (sharp / torch.where(total > 0, total, 1.0)).to(dtype)
+    logits = torch.where(positive, gamma[..., None] * torch.log(safe), float("-inf"))
+    return softmax_with_lse(logits)[0].to(dtype)
 
 
 def memory_write_(memory, weights, erase, add):
