@@ -167,27 +167,161 @@ def test_kernel_path_is_taken_only_when_it_is_exact(monkeypatch):
     _, ours = pair({})
     tensors = inputs({}, False)
     prefix, scattered = masks("padding_prefix")[0], masks("padding_scattered")[0]
-    ours(*tensors, need_weights=False, key_padding_mask=prefix)
-    assert calls and calls[-1]["kv_lengths"].tolist() == [S, 4, 1]
-    for kwargs in (dict(), dict(key_padding_mask=scattered),
-                   dict(attn_mask=torch.zeros(L, S))):
+    for mask in (prefix, scattered):  # any layout: the unpadded keys move to the front
         calls.clear()
-        ours(*tensors, need_weights=kwargs == {}, **kwargs)
+        ours(*tensors, need_weights=False, key_padding_mask=mask)
+        assert calls and calls[-1]["kv_lengths"].tolist() == (~mask).sum(1).tolist()
+    x = tensors[0]
+    for args, kwargs in (
+            (tensors, dict()),
+            (tensors, dict(attn_mask=torch.zeros(L, S))),
+            (tensors, dict(key_padding_mask=masks("padding_float")[0].float())),
+            ((x, x, x), dict(is_causal=True, key_padding_mask=prefix[:, :L]))):
+        calls.clear()
+        ours(*args, need_weights=kwargs == {}, **kwargs)
         assert not calls, kwargs
+
+
+def padding(layout, n_k=S):
+    """(B, n_k) bool padding masks, True = padding, each keeping key 0 or the last key."""
+    keep = torch.tensor([n_k, 4, 1])
+    positions = torch.arange(n_k)
+    if layout == "right":
+        return positions >= keep[:, None]
+    if layout == "left":
+        return positions < n_k - keep[:, None]
+    scattered = torch.rand(B, n_k) > 0.5
+    scattered[:, 0] = False
+    return scattered
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout,causal", [("right", False), ("left", False),
+                                           ("scattered", False), ("right", True),
+                                           ("scattered", True)])
+def test_any_padding_layout_matches_torch(layout, causal, backend):
+    """Right-, left- and scattered padding, causal or not, on both backends against torch in
+    float64 (float32 through the triton kernels). Causal self-attention keeps key 0, so
+    every query sees a key and torch has no NaN (left padding would hide every key from the
+    first queries)."""
+    torch_mha, ours = pair(dict(batch_first=True))
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    ours.to(dtype)
+    x = torch.randn(B, L, E, dtype=torch.float64)
+    keys = x if causal else torch.randn(B, S, E, dtype=torch.float64)
+    mask = padding(layout, keys.shape[1])
+    attn_mask = torch.ones(L, L, dtype=torch.bool).triu(1) if causal else None
+    kwargs = dict(key_padding_mask=mask, attn_mask=attn_mask, is_causal=causal,
+                  need_weights=False)
+    x.requires_grad_()
+    keys.requires_grad_()
+    expect = outputs_and_grads(torch_mha, [x, keys, keys], **kwargs)
+    query = x.detach().to(dtype).requires_grad_()
+    key = query if causal else keys.detach().to(dtype).requires_grad_()
+    with attnmem.use_backend(backend):
+        got = outputs_and_grads(ours, [query, key, key], **kwargs)
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-9)
+    for i, (g, e) in enumerate(zip(got, expect)):
+        if e is not None:
+            torch.testing.assert_close(g.double(), e, **tol, msg=f"output {i}")
+
+
+def test_padding_mask_traces_whole_under_torch_compile():
+    """No host sync decides the path: fullgraph tracing succeeds, output and gradients match
+    eager for a scattered padding mask."""
+    torch._dynamo.reset()
+    _, ours = pair(dict(batch_first=True))
+    x, keys = (torch.randn(B, n, E, dtype=torch.float64) for n in (L, S))
+    mask = padding("scattered")
+
+    def run(module):
+        query, key = x.clone().requires_grad_(), keys.clone().requires_grad_()
+        out, _ = module(query, key, key, key_padding_mask=mask, need_weights=False)
+        out.square().sum().backward()
+        return out.detach(), query.grad, key.grad
+
+    eager = run(ours)
+    compiled = run(torch.compile(ours, backend="aot_eager", fullgraph=True))
+    for g, e in zip(compiled, eager):
+        torch.testing.assert_close(g, e)
+
+
+def _forward(*tensors, options=None, **kwargs):
+    return lambda: MultiheadAttention(E, H, **(options or {}))(*tensors, **kwargs)
+
+
+def _seqs(n_q=L, n_k=S, batch=B, widths=(E, E, E), dtype=torch.float32):
+    return [torch.randn(n, batch, w, dtype=dtype) for n, w in zip((n_q, n_k, n_k), widths)]
 
 
 @pytest.mark.parametrize("message,call", [
     ("embed_dim 10 must be divisible by num_heads 3", lambda: MultiheadAttention(10, 3)),
-    ("query must have 24 features", lambda: MultiheadAttention(E, H)(
-        torch.randn(L, B, 5), torch.randn(S, B, E), torch.randn(S, B, E))),
-    ("key_padding_mask must be", lambda: MultiheadAttention(E, H)(
-        *inputs({}, False, dtype=torch.float32), key_padding_mask=torch.zeros(B, S + 1,
-                                                                              dtype=torch.bool))),
-    ("attn_mask must be", lambda: MultiheadAttention(E, H)(
-        *inputs({}, False, dtype=torch.float32), attn_mask=torch.zeros(2, L, S))),
-    ("attn_mask must be a bool or floating-point", lambda: MultiheadAttention(E, H)(
-        *inputs({}, False, dtype=torch.float32), attn_mask=torch.zeros(L, S, dtype=torch.int))),
+    ("num_heads must be an int >= 1, got 0", lambda: MultiheadAttention(E, 0)),
+    ("embed_dim must be an int, got bool", lambda: MultiheadAttention(True, 1)),
+    ("embed_dim must be an int, got float", lambda: MultiheadAttention(24.0, 3)),
+    ("dropout must be in \\[0.0, 1.0\\], got 1.5", lambda: MultiheadAttention(E, H, 1.5)),
+    ("kdim must be an int >= 1, got 0", lambda: MultiheadAttention(E, H, kdim=0)),
+    ("batch_first must be a bool", lambda: MultiheadAttention(E, H, batch_first="yes")),
+    ("query must be \\(L, N, 24\\) or \\(L, 24\\), got shape \\(7, 3, 5\\)",
+     _forward(*_seqs(widths=(5, E, E)))),
+    ("query must be \\(N, L, 24\\)", _forward(torch.randn(B, L, E, 1), *_seqs()[1:],
+                                              options=dict(batch_first=True))),
+    ("key must be \\(S, 3, 10\\)", _forward(*_seqs(), options=dict(kdim=10, vdim=6))),
+    ("value must be \\(S, 3, 24\\)", _forward(*_seqs()[:2], torch.randn(S, 2, E))),
+    ("value must have key's length S=9", _forward(*_seqs()[:2], torch.randn(S + 1, B, E))),
+    ("key must be \\(S, 24\\)", _forward(torch.randn(L, E), *_seqs()[1:])),
+    ("query must be a floating-point tensor", _forward(
+        torch.ones(L, B, E, dtype=torch.long), *_seqs()[1:])),
+    ("key must have the module's dtype torch.float32, got torch.float64",
+     _forward(_seqs()[0], *_seqs(dtype=torch.float64)[1:])),
+    ("query must be a torch.Tensor", _forward("query", *_seqs()[1:])),
+    ("need_weights must be a bool", _forward(*_seqs(), need_weights=None)),
+    ("key_padding_mask must be \\(3, 9\\), got shape \\(3, 10\\)",
+     _forward(*_seqs(), key_padding_mask=torch.zeros(B, S + 1, dtype=torch.bool))),
+    ("key_padding_mask must be \\(9,\\)", _forward(
+        torch.randn(L, E), torch.randn(S, E), torch.randn(S, E),
+        key_padding_mask=torch.zeros(1, S, dtype=torch.bool))),
+    ("key_padding_mask must be a bool or floating-point",
+     _forward(*_seqs(), key_padding_mask=torch.zeros(B, S, dtype=torch.long))),
+    ("attn_mask must be \\(7, 9\\) or \\(9, 7, 9\\), got shape \\(2, 7, 9\\)",
+     _forward(*_seqs(), attn_mask=torch.zeros(2, L, S))),
+    ("attn_mask must be a bool or floating-point",
+     _forward(*_seqs(), attn_mask=torch.zeros(L, S, dtype=torch.int))),
+    ("attn_mask must be a torch.Tensor", _forward(*_seqs(), attn_mask=[[0.0]])),
 ])
 def test_bad_input_raises_a_named_error(message, call):
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+def test_numpy_integers_are_ints():
+    np = pytest.importorskip("numpy")
+    layer = MultiheadAttention(np.int64(E), np.int32(H), kdim=np.int16(10), batch_first=np.True_)
+    assert (layer.embed_dim, layer.num_heads, layer.kdim, layer.batch_first) == (E, H, 10, True)
+    assert type(layer.embed_dim) is int and type(layer.head_dim) is int
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("batch,n_q,n_k", [(0, L, S), (B, 0, S), (B, L, 0)])
+def test_empty_inputs_match_torch(batch, n_q, n_k, need_weights, backend):
+    """Zero batch, zero queries or zero keys: outputs (out_proj's bias where no key is
+    seen), weights (N, L, S) of zeros, and zero gradients, on both backends."""
+    torch_mha, ours = pair(dict(batch_first=True))
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    ours.to(dtype)
+    query, key = (torch.randn(batch, n, E, dtype=dtype, requires_grad=True)
+                  for n in (n_q, n_k))
+    padding = torch.zeros(batch, n_k, dtype=torch.bool)
+    with attnmem.use_backend(backend):
+        out, weights = ours(query, key, key, key_padding_mask=padding, need_weights=need_weights)
+        (out.square().sum() + (0 if weights is None else weights.sum())).backward()
+    assert out.shape == (batch, n_q, E)
+    torch.testing.assert_close(out, ours.out_proj.bias.expand_as(out) if n_k == 0 else
+                               torch_mha(query.double(), key.double(), key.double(),
+                                         need_weights=False)[0].to(dtype))
+    assert (weights is None) == (not need_weights)
+    if need_weights:
+        assert weights.shape == (batch, n_q, n_k) and not weights.any()
+    for grad in (query.grad, key.grad, ours.in_proj_weight.grad):
+        assert grad is not None and not grad.any()

@@ -8,15 +8,19 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnmem
+from attnmem.nn import _checks
 from attnmem.reference.attention import softmax_with_lse
 
 
-def _prefix_lengths(key_padding_mask):
-    """(B,) lengths if the bool mask pads only on the right (True past each length), else
-    None. One host sync: the layout decides which path runs."""
-    lengths = (~key_padding_mask).sum(1)
-    keys = torch.arange(key_padding_mask.shape[1], device=key_padding_mask.device)
-    return lengths if torch.equal(key_padding_mask, keys >= lengths[:, None]) else None
+def _compact_keys(k, v, key_padding_mask):
+    """Stably move each sequence's unpadded keys (and values) to the front: softmax
+    attention is invariant to the order of its keys, so any padding layout becomes lengths
+    the kernel reads, decided on the device without a host sync. key_padding_mask (B, S')
+    bool, True = padding -> k, v (B, H, S', hd) reordered, lengths (B,)."""
+    order = torch.sort(key_padding_mask.to(torch.uint8), dim=1, stable=True).indices
+    index = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+    lengths = key_padding_mask.shape[1] - key_padding_mask.sum(1)
+    return k.gather(2, index), v.gather(2, index), lengths
 
 
 def _additive_mask(mask, dtype):
@@ -27,11 +31,16 @@ def _additive_mask(mask, dtype):
     return mask.to(dtype)
 
 
-def _check_mask(name, mask, query):
+def _check_mask(name, mask, shapes, like):
+    """mask: a bool or floating-point tensor of one of shapes, on like's device."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
         raise TypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
-    if mask.device != query.device:
-        raise ValueError(f"{name} is on {mask.device} but query is on {query.device}")
+    if tuple(mask.shape) not in shapes:
+        raise ValueError(f"{name} must be {' or '.join(map(str, shapes))}, got shape "
+                         f"{tuple(mask.shape)}")
+    _checks.same_device(name, mask, like)
 
 
 class MultiheadAttention(nn.Module):
@@ -40,25 +49,32 @@ class MultiheadAttention(nn.Module):
 
     The kernel runs when need_weights=False, dropout is inactive, and the masks are what it
     expresses: no attn_mask (or is_causal=True with a square one, trusted as torch does),
-    and a key_padding_mask that pads only at the end of each sequence. Otherwise the layer
-    computes the exact weights (with dropout, float masks, add_bias_kv, add_zero_attn).
-    Unlike torch, a query that may attend to no key gets zeros, never NaN. is_causal=True
-    without an attn_mask applies a causal mask (torch raises instead).
+    and, without causal masking, a bool key_padding_mask of any layout (the unpadded keys are
+    moved to the front on the device, no host sync, so the layer traces whole under
+    torch.compile). Otherwise the layer computes the exact weights (dropout, float masks,
+    causal with padding). Unlike torch, a query that may attend to no key (S = 0 included)
+    gets zeros, never NaN. is_causal=True without an attn_mask applies a causal mask (torch
+    raises instead). Wrong arguments raise ValueError or TypeError (torch: AssertionError).
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
                  add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
                  dtype=None):
-        if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(f"embed_dim and num_heads must be greater than 0, got "
-                             f"embed_dim={embed_dim} and num_heads={num_heads}")
+        embed_dim = _checks.integer("embed_dim", embed_dim)
+        num_heads = _checks.integer("num_heads", num_heads)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+        dropout = _checks.number("dropout", dropout, 0.0, 1.0)
+        bias, add_bias_kv, add_zero_attn, batch_first = (_checks.flag(name, given) for name, given
+                                                         in (("bias", bias),
+                                                             ("add_bias_kv", add_bias_kv),
+                                                             ("add_zero_attn", add_zero_attn),
+                                                             ("batch_first", batch_first)))
         super().__init__()
         factory = dict(device=device, dtype=dtype)
         self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.kdim = embed_dim if kdim is None else kdim
-        self.vdim = embed_dim if vdim is None else vdim
+        self.kdim = _checks.optional_integer("kdim", kdim) or embed_dim
+        self.vdim = _checks.optional_integer("vdim", vdim) or embed_dim
         self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
         self.dropout, self.batch_first = dropout, batch_first
         self.head_dim = embed_dim // num_heads
@@ -112,6 +128,33 @@ class MultiheadAttention(nn.Module):
         """(B, L, E) -> (B, H, L, head_dim), a view."""
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
+    def _check(self, query, key, value, key_padding_mask, attn_mask):
+        """Shapes, dtypes and devices of forward's arguments, in the caller's layout."""
+        like = self.out_proj.weight
+        e, h = self.embed_dim, self.num_heads
+        layout = ("N", "L", e) if self.batch_first else ("L", "N", e)
+        shape = _checks.tensor("query", query, [layout, ("L", e)], like)
+        batched = len(shape) == 3
+        n, n_q = (query.shape[0 if self.batch_first else 1] if batched else None,
+                  query.shape[1 if self.batch_first and batched else 0])
+        for name, x, width in (("key", key, self.kdim), ("value", value, self.vdim)):
+            if not batched:
+                expected = ("S", width)
+            else:
+                expected = (n, "S", width) if self.batch_first else ("S", n, width)
+            _checks.tensor(name, x, [expected], like)
+        time = 1 if self.batch_first and batched else 0
+        n_k = key.shape[time]
+        if value.shape[time] != n_k:
+            raise ValueError(f"value must have key's length S={n_k}, got shape "
+                             f"{tuple(value.shape)}")
+        if key_padding_mask is not None:
+            _check_mask("key_padding_mask", key_padding_mask,
+                        [(n, n_k)] if batched else [(n_k,)], like)
+        if attn_mask is not None:
+            _check_mask("attn_mask", attn_mask,
+                        [(n_q, n_k), ((n if batched else 1) * h, n_q, n_k)], like)
+
     def forward(self, query, key, value, key_padding_mask: Optional[torch.Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[torch.Tensor] = None,
                 average_attn_weights: bool = True, is_causal: bool = False):
@@ -120,38 +163,22 @@ class MultiheadAttention(nn.Module):
         (L, S) or (N * num_heads, L, S). Bool masks: True = may not attend; float masks are
         added to the scores. Returns (output like query, weights (N, L, S) averaged over
         heads, or (N, num_heads, L, S), or None when need_weights=False)."""
+        self._check(query, key, value, key_padding_mask, attn_mask)
+        need_weights, average_attn_weights, is_causal = (
+            _checks.flag(name, given) for name, given in (
+                ("need_weights", need_weights), ("average_attn_weights", average_attn_weights),
+                ("is_causal", is_causal)))
         batched = query.dim() == 3
-        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(f"query, key and value must all be 3-D (batched) or 2-D "
-                             f"(unbatched), got {query.dim()}-D, {key.dim()}-D, {value.dim()}-D")
         if not batched:
             query, key, value = query[None], key[None], value[None]
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask[None]
         elif not self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
-        for name, x, width in (("query", query, self.embed_dim), ("key", key, self.kdim),
-                               ("value", value, self.vdim)):
-            if x.shape[-1] != width:
-                raise ValueError(f"{name} must have {width} features, got {x.shape[-1]}")
-        if key.shape[:2] != value.shape[:2] or key.shape[0] != query.shape[0]:
-            raise ValueError(f"key and value must have query's batch and one length, got key "
-                             f"{tuple(key.shape)} and value {tuple(value.shape)}")
         batch, n_q, n_k = query.shape[0], query.shape[1], key.shape[1]
-        if key_padding_mask is not None:
-            _check_mask("key_padding_mask", key_padding_mask, query)
-            if tuple(key_padding_mask.shape) != (batch, n_k):
-                raise ValueError(f"key_padding_mask must be (N, S) = ({batch}, {n_k}), got "
-                                 f"{tuple(key_padding_mask.shape)}")
         if attn_mask is not None:
-            _check_mask("attn_mask", attn_mask, query)
-            if attn_mask.dim() == 2:
-                attn_mask = attn_mask[None, None]
-            elif attn_mask.dim() == 3 and attn_mask.shape[0] == batch * self.num_heads:
-                attn_mask = attn_mask.unflatten(0, (batch, self.num_heads))
-            if attn_mask.dim() != 4 or attn_mask.shape[-2:] != (n_q, n_k):
-                raise ValueError(f"attn_mask must be (L, S) = ({n_q}, {n_k}) or "
-                                 f"(N * num_heads, L, S), got {tuple(attn_mask.shape)}")
+            attn_mask = (attn_mask[None, None] if attn_mask.dim() == 2
+                         else attn_mask.unflatten(0, (batch, self.num_heads)))
 
         q, k, v = self._project(query, key, value)
         extra = int(self.bias_k is not None) + int(self.add_zero_attn)
@@ -164,18 +191,17 @@ class MultiheadAttention(nn.Module):
                     for x in (k, v))
 
         dropout = self.dropout if self.training else 0.0
-        lengths = None
-        kernel = not need_weights and dropout == 0.0
-        if kernel and key_padding_mask is not None:
-            kernel = key_padding_mask.dtype == torch.bool and extra == 0
-            lengths = _prefix_lengths(key_padding_mask) if kernel else None
-            kernel = lengths is not None
         # The kernel's causal mask is the square one; bias_k and the zero key stay visible.
         causal = is_causal and n_q == n_k and extra == 0
-        if kernel and (attn_mask is not None or is_causal):
-            kernel = causal
+        kernel = not need_weights and dropout == 0.0 and (
+            attn_mask is None and not is_causal or causal)
+        if key_padding_mask is not None:
+            # Compacting keys would break causal order: causal padding takes the exact path.
+            kernel = kernel and key_padding_mask.dtype == torch.bool and not causal
         if kernel:
-            weights = None
+            weights, lengths = None, None
+            if key_padding_mask is not None:
+                k, v, lengths = _compact_keys(k, v, F.pad(key_padding_mask, (0, extra)))
             out = attnmem.attention(q, k, v, causal=causal, kv_lengths=lengths)
         else:
             out, weights = self._exact(q, k, v, key_padding_mask, attn_mask, is_causal, extra,
@@ -205,6 +231,6 @@ class MultiheadAttention(nn.Module):
         if key_padding_mask is not None:
             scores = scores + F.pad(_additive_mask(key_padding_mask, scores.dtype),
                                     pad)[:, None, None]
-        weights, _ = softmax_with_lse(scores)
+        weights = softmax_with_lse(scores)[0] if scores.shape[-1] else scores  # S' = 0: empty
         weights = F.dropout(weights, dropout) if dropout > 0 else weights
         return weights @ v, weights
