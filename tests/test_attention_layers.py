@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import attnmem
 from attnmem.nn import MultiheadSelfAttention, SinusoidalPositionalEncoding, TransformerEncoderLayer
+from backends import BACKENDS
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -88,12 +89,68 @@ def test_sinusoidal_positional_encoding():
         pe(torch.zeros(1, 51, 7))
 
 
-def test_layer_arguments_are_checked():
-    with pytest.raises(ValueError, match="divisible by num_heads"):
-        MultiheadSelfAttention(30, 4)
-    with pytest.raises(ValueError, match="num_kv_heads 3 must divide num_heads 4"):
-        MultiheadSelfAttention(32, 4, num_kv_heads=3)
-    with pytest.raises(ValueError, match="x must be \\(B, N, embed_dim\\)"):
-        MultiheadSelfAttention(32, 4)(torch.randn(5, 32))
-    with pytest.raises(ValueError, match="activation must be"):
-        TransformerEncoderLayer(32, 4, activation="tanh")
+LENGTHS = torch.tensor([3, 1])
+
+
+@pytest.mark.parametrize("message,call", [
+    ("divisible by num_heads", lambda: MultiheadSelfAttention(30, 4)),
+    ("num_heads must be an int >= 1, got 0", lambda: MultiheadSelfAttention(32, 0)),
+    ("num_kv_heads 3 must divide num_heads 4", lambda: MultiheadSelfAttention(32, 4, 3)),
+    ("num_kv_heads must be an int >= 1, got 0", lambda: MultiheadSelfAttention(32, 4, 0)),
+    ("embed_dim must be an int, got bool", lambda: MultiheadSelfAttention(True, 1)),
+    ("causal must be a bool", lambda: MultiheadSelfAttention(32, 4, causal="yes")),
+    ("window must be None or a pair", lambda: MultiheadSelfAttention(32, 4, window=3)),
+    ("window left must be an int >= 0, got -2",
+     lambda: MultiheadSelfAttention(32, 4, window=(-2, 0))),
+    ("x must be \\(B, N, 32\\), got shape \\(5, 32\\)",
+     lambda: MultiheadSelfAttention(32, 4)(torch.randn(5, 32))),
+    ("x must be \\(B, N, 32\\), got shape \\(2, 5, 16\\)",
+     lambda: MultiheadSelfAttention(32, 4)(torch.randn(2, 5, 16))),
+    ("x must be a floating-point tensor",
+     lambda: MultiheadSelfAttention(32, 4)(torch.ones(2, 5, 32, dtype=torch.long))),
+    ("x must have the module's dtype torch.float32",
+     lambda: MultiheadSelfAttention(32, 4)(torch.randn(2, 5, 32, dtype=torch.float64))),
+    ("kv_lengths must be \\(B,\\) = \\(2,\\), got shape \\(3,\\)",
+     lambda: MultiheadSelfAttention(32, 4)(torch.randn(2, 5, 32), torch.tensor([1, 2, 3]))),
+    ("kv_lengths must be an integer tensor",
+     lambda: MultiheadSelfAttention(32, 4)(torch.randn(2, 5, 32), LENGTHS.float())),
+    ("activation must be one of", lambda: TransformerEncoderLayer(32, 4, activation="tanh")),
+    ("dim_feedforward must be an int >= 1", lambda: TransformerEncoderLayer(32, 4, 0)),
+    ("dropout must be in", lambda: TransformerEncoderLayer(32, 4, dropout=-0.1)),
+    ("layer_norm_eps must be in \\(0.0, inf\\)",
+     lambda: TransformerEncoderLayer(32, 4, layer_norm_eps=0)),
+    ("x must be \\(B, N, 32\\)", lambda: TransformerEncoderLayer(32, 4)(torch.randn(2, 32))),
+    ("kv_lengths must be \\(B,\\)",
+     lambda: TransformerEncoderLayer(32, 4)(torch.randn(2, 5, 32), LENGTHS[:1])),
+    ("d_model must be an int >= 1", lambda: SinusoidalPositionalEncoding(0)),
+    ("max_len must be an int", lambda: SinusoidalPositionalEncoding(8, max_len=10.0)),
+    ("x must be \\(B, N, 8\\)", lambda: SinusoidalPositionalEncoding(8)(torch.randn(2, 5, 7))),
+])
+def test_layer_arguments_are_checked(message, call):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
+
+
+def test_numpy_integers_are_ints():
+    np = pytest.importorskip("numpy")
+    layer = TransformerEncoderLayer(np.int64(16), np.int32(4), np.int16(24),
+                                    num_kv_heads=np.int8(2), window=(np.int64(3), -1))
+    assert layer.self_attn.window == (3, None) and layer.linear1.out_features == 24
+    layer(torch.randn(2, 5, 16), kv_lengths=torch.tensor([5, 2], dtype=torch.int16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch,length", [(0, 5), (2, 0)])
+def test_empty_batch_or_sequence(batch, length, backend):
+    """Zero batch or zero length runs forward and backward on both backends: empty output,
+    finite zero gradients, as torch.nn.TransformerEncoderLayer gives."""
+    layer = TransformerEncoderLayer(16, 4, dim_feedforward=24, dropout=0.0, causal=True)
+    pe = SinusoidalPositionalEncoding(16)
+    x = torch.randn(batch, length, 16, requires_grad=True)
+    with attnmem.use_backend(backend):
+        out = layer(pe(x), kv_lengths=torch.zeros(batch, dtype=torch.long))
+        out.sum().backward()
+    assert out.shape == (batch, length, 16)
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and not p.grad.any(), name
+    assert x.grad.shape == x.shape

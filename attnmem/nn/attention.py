@@ -8,6 +8,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnmem
+from attnmem.nn import _checks
+
+
+def _window(window):
+    """None, or (left, right) with each side an int >= 0, or None or -1 for unbounded."""
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window must be None or a pair (left, right), got {window!r}")
+    return tuple(None if side is None or side == -1 else _checks.integer(f"window {name}", side, 0)
+                 for name, side in zip(("left", "right"), window))
 
 
 class MultiheadSelfAttention(nn.Module):
@@ -23,30 +34,33 @@ class MultiheadSelfAttention(nn.Module):
     def __init__(self, embed_dim, num_heads, num_kv_heads=None, causal=False, window=None,
                  bias=True):
         super().__init__()
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        embed_dim = _checks.integer("embed_dim", embed_dim)
+        num_heads = _checks.integer("num_heads", num_heads)
+        num_kv_heads = _checks.optional_integer("num_kv_heads", num_kv_heads) or num_heads
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
-        if num_kv_heads < 1 or num_heads % num_kv_heads:
+        if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads {num_kv_heads} must divide num_heads {num_heads}")
-        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
-        self.causal, self.window = causal, window
+        self.causal, self.window = _checks.flag("causal", causal), _window(window)
+        bias = _checks.flag("bias", bias)
         self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim,
                              bias=bias)
         self.out = nn.Linear(embed_dim, embed_dim, bias=bias)
 
     def forward(self, x: torch.Tensor, kv_lengths: Optional[torch.Tensor] = None):
         """x: (B, N, E); kv_lengths: (B,) valid lengths (keys past them are not attended)."""
-        if x.ndim != 3:
-            raise ValueError(f"x must be (B, N, embed_dim), got shape {tuple(x.shape)}")
+        _checks.tensor("x", x, [("B", "N", self.embed_dim)], self.out.weight)
         batch, length, _ = x.shape
+        _checks.lengths("kv_lengths", kv_lengths, batch, self.out.weight)
         heads = (self.num_heads, self.num_kv_heads, self.num_kv_heads)
         # Views of the fused projection, (B, heads, N, D) with strides: no copies.
         q, k, v = (t.unflatten(-1, (h, self.head_dim)).transpose(1, 2) for t, h in zip(
             self.qkv(x).split([h * self.head_dim for h in heads], dim=-1), heads))
         out = attnmem.attention(q, k, v, causal=self.causal, window=self.window,
                                 kv_lengths=kv_lengths)
-        return self.out(out.transpose(1, 2).reshape(batch, length, -1))
+        return self.out(out.transpose(1, 2).flatten(2))
 
 
 class SinusoidalPositionalEncoding(nn.Module):
@@ -55,6 +69,10 @@ class SinusoidalPositionalEncoding(nn.Module):
 
     def __init__(self, d_model, max_len=8192, dropout=0.0):
         super().__init__()
+        d_model = _checks.integer("d_model", d_model)
+        max_len = _checks.integer("max_len", max_len, 0)
+        dropout = _checks.number("dropout", dropout, 0.0, 1.0)
+        self.d_model = d_model
         position = torch.arange(max_len, dtype=torch.float32)[:, None]
         rate = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32)
                          * (-math.log(10000.0) / d_model))
@@ -65,6 +83,8 @@ class SinusoidalPositionalEncoding(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _checks.tensor("x", x, [("B", "N", self.d_model)])
+        _checks.same_device("x", x, self.table)
         if x.shape[1] > self.table.shape[0]:
             raise ValueError(f"sequence length {x.shape[1]} exceeds max_len "
                              f"{self.table.shape[0]}")
@@ -80,8 +100,13 @@ class TransformerEncoderLayer(nn.Module):
                  layer_norm_eps=1e-5, norm_first=False, bias=True, num_kv_heads=None,
                  causal=False, window=None):
         super().__init__()
-        if activation not in ("relu", "gelu"):
-            raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
+        d_model = _checks.integer("d_model", d_model)
+        dim_feedforward = _checks.integer("dim_feedforward", dim_feedforward)
+        dropout = _checks.number("dropout", dropout, 0.0, 1.0)
+        activation = _checks.choice("activation", activation, ("relu", "gelu"))
+        layer_norm_eps = _checks.number("layer_norm_eps", layer_norm_eps, 0.0, low_open=True)
+        norm_first, bias = _checks.flag("norm_first", norm_first), _checks.flag("bias", bias)
+        self.d_model = d_model
         self.self_attn = MultiheadSelfAttention(d_model, nhead, num_kv_heads, causal, window,
                                                 bias)
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias)
@@ -100,6 +125,7 @@ class TransformerEncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, kv_lengths: Optional[torch.Tensor] = None):
         """x: (B, N, d_model); kv_lengths: (B,) lengths of the unpadded sequences."""
+        _checks.tensor("x", x, [("B", "N", self.d_model)], self.linear1.weight)
         if self.norm_first:
             x = x + self._attend(self.norm1(x), kv_lengths)
             return x + self._feed_forward(self.norm2(x))
