@@ -26,15 +26,15 @@ def _memory_attend_op(memory: torch.Tensor, keys: torch.Tensor, values: Optional
                       strength: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                       similarity: str, need_read: bool, need_weights: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton path -> (read, weights, lse); an output not asked for is an empty tensor."""
+    """Triton path -> (read, weights, stats); an output not asked for is an empty tensor.
+    stats (2, B, R) holds each head's max score and sum of exp(score - max)."""
     from attnmem.kernels import memory_attend as kernel
 
-    read, lse, scores = kernel.memory_attend_forward(memory, keys, values, strength, mask,
-                                                     similarity, need_weights, need_read)
-    if need_weights:  # heads with no usable slot have lse = -inf and zero weights
-        scores = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
-    weights = scores
-    return read, weights.to(memory.dtype), lse
+    read, stats, scores = kernel.memory_attend_forward(memory, keys, values, strength, mask,
+                                                       similarity, need_weights, need_read)
+    if need_weights:  # masked slots have score -inf: weight 0
+        scores = torch.exp(scores - stats[0][..., None]) / stats[1][..., None]
+    return read, scores.to(memory.dtype), stats
 
 
 @_memory_attend_op.register_fake
@@ -44,7 +44,7 @@ def _(memory, keys, values, strength, mask, similarity, need_read, need_weights)
     heads = keys.shape[1]
     weights = memory.new_empty((batch, heads, n_slots) if need_weights else (0,))
     return (memory.new_empty((batch, heads, value_dim) if need_read else (0,)), weights,
-            memory.new_empty((batch, heads), dtype=torch.float32))
+            memory.new_empty((2, batch, heads), dtype=torch.float32))
 
 
 @torch.library.custom_op("attnmem::memory_attend_backward", mutates_args=())
@@ -53,18 +53,18 @@ def _memory_attend_backward_op(dread: Optional[torch.Tensor],
                                memory: torch.Tensor, keys: torch.Tensor,
                                values: Optional[torch.Tensor], strength: Optional[torch.Tensor],
                                mask: Optional[torch.Tensor], read: torch.Tensor,
-                               weights: torch.Tensor, lse: torch.Tensor, similarity: str
+                               weights: torch.Tensor, stats: torch.Tensor, similarity: str
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dmemory, dkeys, dvalues, dstrength; an empty tensor for an absent input."""
     from attnmem.kernels import memory_attend as kernel
 
     grads = kernel.memory_attend_backward(dread, dweights, memory, keys, values, strength, mask,
-                                          read, weights, lse, similarity)
+                                          read, weights, stats, similarity)
     return tuple(memory.new_empty(0) if g is None else g for g in grads)
 
 
 @_memory_attend_backward_op.register_fake
-def _(dread, dweights, memory, keys, values, strength, mask, read, weights, lse, similarity):
+def _(dread, dweights, memory, keys, values, strength, mask, read, weights, stats, similarity):
     return (memory.new_empty(memory.shape), keys.new_empty(keys.shape),
             memory.new_empty(0 if values is None else values.shape),
             memory.new_empty(0 if strength is None else strength.shape))
@@ -72,16 +72,16 @@ def _(dread, dweights, memory, keys, values, strength, mask, read, weights, lse,
 
 def _attend_setup_context(ctx, inputs, output):
     memory, keys, values, strength, mask, similarity, need_read, need_weights = inputs
-    read, weights, lse = output
-    ctx.save_for_backward(memory, keys, values, strength, mask, read, weights, lse)
+    read, weights, stats = output
+    ctx.save_for_backward(memory, keys, values, strength, mask, read, weights, stats)
     ctx.similarity, ctx.need_read, ctx.need_weights = similarity, need_read, need_weights
 
 
-def _attend_backward(ctx, dread, dweights, dlse):
-    memory, keys, values, strength, mask, read, weights, lse = ctx.saved_tensors
+def _attend_backward(ctx, dread, dweights, dstats):
+    memory, keys, values, strength, mask, read, weights, stats = ctx.saved_tensors
     dmemory, dkeys, dvalues, dstrength = _memory_attend_backward_op(
         dread if ctx.need_read else None, dweights if ctx.need_weights else None, memory,
-        keys, values, strength, mask, read, weights, lse, ctx.similarity)
+        keys, values, strength, mask, read, weights, stats, ctx.similarity)
     return (dmemory, dkeys, None if values is None else dvalues,
             None if strength is None else dstrength, None, None, None, None)
 
@@ -230,18 +230,17 @@ def _heads(name, x, memory, what):
     _checks.tensor(name, x, 3, what)
     _checks.like(name, x, memory, "memory")
     batch, _, width = memory.shape
-    if x.shape[0] != batch or x.shape[2] != width or x.shape[1] < 1:
-        raise ValueError(f"{name} must be {what} with B={batch}, D={width} and at least one "
-                         f"head, got {tuple(x.shape)}")
+    if x.shape[0] != batch or x.shape[2] != width:
+        raise ValueError(f"{name} must be {what} with B={batch}, D={width}, got "
+                         f"{tuple(x.shape)}")
 
 
 def _weights(name, weights, memory, what):
     _checks.tensor(name, weights, 3, what)
     _checks.like(name, weights, memory, "memory")
-    if weights.shape[0] != memory.shape[0] or weights.shape[2] != memory.shape[1] \
-            or weights.shape[1] < 1:
+    if weights.shape[0] != memory.shape[0] or weights.shape[2] != memory.shape[1]:
         raise ValueError(f"{name} must be {what} with B={memory.shape[0]}, "
-                         f"N={memory.shape[1]} and at least one head, got {tuple(weights.shape)}")
+                         f"N={memory.shape[1]}, got {tuple(weights.shape)}")
 
 
 def _address_args(memory, keys, strength, similarity, mask):
@@ -325,6 +324,15 @@ def memory_write(memory, weights, erase, add, *, inplace=False):
     if torch.is_grad_enabled() and any(x.requires_grad for x in (memory, weights, erase, add)):
         raise RuntimeError("memory_write(inplace=True) overwrites memory, which autograd needs "
                            "for the gradient: use inplace=False, or run under torch.no_grad()")
+    # torch's own in-place ops refuse these: one written element would stand for several.
+    if torch._debug_has_internal_overlap(memory) == 1:
+        raise ValueError("memory_write(inplace=True) needs a memory whose elements do not "
+                         "overlap (an expanded or stride-0 memory would mix batches): pass "
+                         "memory.clone(), or use inplace=False")
+    for name, x in (("weights", weights), ("erase", erase), ("add", add)):
+        if torch._C._overlaps(memory, x):
+            raise ValueError(f"memory_write(inplace=True): {name} shares storage with memory, "
+                             "which the write overwrites; pass a copy, or use inplace=False")
     if chosen == "triton":
         from attnmem.kernels import memory_write as kernel
 

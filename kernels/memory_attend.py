@@ -7,9 +7,12 @@ memory (B, N, D), keys (B, R, D), values (B, N, Dv) (memory itself when absent),
 Few heads over a large memory must still fill a GPU, so each program owns one batch entry
 and one split of the slots (flash-decoding): it keeps all R heads in registers, streams its
 slots through tiles and writes a partial read with its running max and sum, which the
-launcher combines by logsumexp. The backward recomputes the scores from the saved
-logsumexp, writes dMemory and dValues of its slots directly and partial dKeys and
-dStrength per split, summed by the launcher: no atomics, deterministic.
+launcher combines into each head's max score and sum of exp(s - max), kept apart: at
+strengths like 1e8 a logsumexp rounds by float32's step there (8), and weights recomputed
+from it would not sum to 1. Masked slots are never loaded, so whatever they hold counts
+for nothing. The backward recomputes the scores and weights from the saved max and sum,
+writes dMemory and dValues of its slots directly and partial dKeys and dStrength per
+split, summed by the launcher: no atomics, deterministic.
 """
 
 import torch
@@ -72,27 +75,26 @@ def _memory_attend_fwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr,
     for n0 in range(start, end, BLOCK_N):
         slots = n0 + tl.arange(0, BLOCK_N)
         usable = slots < end
-        mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
-                      mask=usable[:, None] & (offs_d[None, :] < head_dim), other=0.0)
         if HAS_MASK:
             usable &= tl.load(mask_ptr + b * n_slots + slots, mask=usable, other=0) != 0
+        mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
+                      mask=usable[:, None] & (offs_d[None, :] < head_dim), other=0.0)
         s, _, _, _ = _scores(keys, k_sq, strength, mem, head_dim, SIMILARITY, DOT_PRECISION)
         s = tl.where(usable[None, :], s, float("-inf"))
         if STORE_SCORES:
             tl.store(scores_ptr + (b * n_heads + heads[:, None]) * n_slots + slots[None, :], s,
                      mask=(heads[:, None] < n_heads) & (slots[None, :] < end))
-        s = s * LOG2E
+        # The max in natural units is a score itself, so s - max is exact near the top.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_shift)
-        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2((m_i - m_shift) * LOG2E)
+        p = tl.math.exp2((s - m_shift[:, None]) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
         if READ:
             if HAS_VALUES:
                 val = tl.load(values_ptr + b * stride_vb + slots[:, None] * stride_vn
                               + offs_dv[None, :],
-                              mask=(slots[:, None] < end) & (offs_dv[None, :] < value_dim),
-                              other=0.0)
+                              mask=usable[:, None] & (offs_dv[None, :] < value_dim), other=0.0)
             else:
                 val = mem
             acc = tl.dot(p.to(val.dtype), val, acc * alpha[:, None],
@@ -108,7 +110,8 @@ def _memory_attend_fwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr,
 
 
 @triton.jit
-def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, lse_ptr,
+def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, row_max_ptr,
+                       row_sum_ptr,
                        dread_ptr, delta_ptr, dweights_ptr, dmem_ptr, dvalues_ptr,
                        part_dkeys_ptr, part_dstrength_ptr,
                        stride_mb, stride_mn, stride_kb, stride_kr, stride_vb, stride_vn,
@@ -139,8 +142,9 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ls
         strength = tl.load(strength_ptr + b * n_heads + heads, mask=head_ok,
                            other=1.0).to(tl.float32)
     row = b * n_heads + heads
-    # Heads with no usable slot have lse = -inf; their p is masked to 0 below.
-    lse = tl.load(lse_ptr + row, mask=head_ok, other=0.0)
+    # Heads with no usable slot have max 0 and sum 1: every p is masked to 0 below.
+    row_max = tl.load(row_max_ptr + row, mask=head_ok, other=0.0)
+    row_sum = tl.load(row_sum_ptr + row, mask=head_ok, other=1.0)
     delta = tl.load(delta_ptr + row, mask=head_ok, other=0.0)
     if HAS_DREAD:
         dread = tl.load(dread_ptr + row[:, None] * value_dim + offs_dv[None, :],
@@ -155,21 +159,20 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ls
         slots = n0 + tl.arange(0, BLOCK_N)
         in_range = slots < end
         usable = in_range
-        mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
-                      mask=in_range[:, None] & (offs_d[None, :] < head_dim), other=0.0)
         if HAS_MASK:
             usable &= tl.load(mask_ptr + b * n_slots + slots, mask=in_range, other=0) != 0
+        mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
+                      mask=usable[:, None] & (offs_d[None, :] < head_dim), other=0.0)
         s, sim, denom, m_sq = _scores(keys, k_sq, strength, mem, head_dim, SIMILARITY,
                                       DOT_PRECISION)
         keep = usable[None, :] & head_ok[:, None]
-        p = tl.where(keep, tl.math.exp2((s - lse[:, None]) * LOG2E), 0.0)
+        p = tl.where(keep, tl.math.exp2((s - row_max[:, None]) * LOG2E) / row_sum[:, None], 0.0)
         dp = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
         if HAS_DREAD:
             if HAS_VALUES:
                 val = tl.load(values_ptr + b * stride_vb + slots[:, None] * stride_vn
                               + offs_dv[None, :],
-                              mask=in_range[:, None] & (offs_dv[None, :] < value_dim),
-                              other=0.0)
+                              mask=usable[:, None] & (offs_dv[None, :] < value_dim), other=0.0)
             else:
                 val = mem
             dp = tl.dot(dread.to(val.dtype), tl.trans(val), input_precision=DOT_PRECISION)
@@ -242,7 +245,8 @@ def _layout(memory, keys, values):
 
 def memory_attend_forward(memory, keys, values, strength, mask, similarity, need_scores,
                           need_read=True):
-    """-> read (B, R, Dv) in memory's dtype (empty unless need_read), lse (B, R) float32
+    """-> read (B, R, Dv) in memory's dtype (empty unless need_read), float32 stats (2, B, R)
+    (each head's max score and sum of exp(s - max); 0 and 1 for a head with no usable slot)
     and, if need_scores, the float32 scores (B, R, N) (-inf on masked slots)."""
     (memory, keys, values, strength, mask), sizes, meta = _prepare(
         memory, keys, values, strength, mask, similarity)
@@ -261,27 +265,26 @@ def memory_attend_forward(memory, keys, values, strength, mask, similarity, need
         n_heads, n_slots, head_dim, value_dim, split_len,
         HAS_STRENGTH=strength is not None, HAS_MASK=mask is not None,
         STORE_SCORES=need_scores, READ=need_read, **meta)
-    # Combine the splits: each holds sum_n exp2(s_n log2e - max) v_n and its sum.
-    part_lse = torch.where(part_sum > 0, part_max + torch.log2(part_sum), float("-inf"))
-    lse2 = torch.logsumexp(part_lse * 0.6931471805599453, dim=1) * 1.4426950408889634
-    seen = torch.isfinite(lse2)
-    lse2_safe = torch.where(seen, lse2, 0.0)
-    lse = torch.where(seen, lse2 * 0.6931471805599453, float("-inf"))
+    # Combine the splits: each holds sum_n exp(s_n - max) v_n, that sum of exps and its max.
+    top = part_max.amax(1)
+    scale = torch.exp(part_max - torch.where(torch.isfinite(top), top, 0.0)[:, None])
+    total = (part_sum * scale).sum(1)
+    seen = total > 0
+    stats = torch.stack([torch.where(seen, top, 0.0), torch.where(seen, total, 1.0)])
     if not need_read:
-        return memory.new_empty(0), lse, scores
-    scale = torch.exp2(part_max - lse2_safe[:, None])
-    read = (part_read * scale[..., None]).sum(1)
-    return read.to(memory.dtype), lse, scores
+        return memory.new_empty(0), stats, scores
+    read = (part_read * scale[..., None]).sum(1) / stats[1][..., None]
+    return read.to(memory.dtype), stats, scores
 
 
 def memory_attend_backward(dread, dweights, memory, keys, values, strength, mask, read,
-                           weights, lse, similarity):
+                           weights, stats, similarity):
     """-> dmemory, dkeys, dvalues (None without values), dstrength (None without strength).
     dread (None when only weights were computed) and dweights may be None."""
     (memory, keys, values, strength, mask), sizes, meta = _prepare(
         memory, keys, values, strength, mask, similarity)
     batch, n_slots, head_dim, n_heads, value_dim, split_len, n_splits = sizes
-    delta = lse.new_zeros(lse.shape)
+    delta = stats.new_zeros(stats.shape[1:])
     if dread is not None:
         dread = dread.float().contiguous()
         delta = (dread * read.float()).sum(-1)
@@ -298,8 +301,8 @@ def memory_attend_backward(dread, dweights, memory, keys, values, strength, mask
     dvalues_arg = dmemory if dvalues is None else dvalues
     _memory_attend_bwd[(n_splits, batch)](
         memory, keys, values_arg, keys if strength is None else strength,
-        memory if mask is None else mask, lse.contiguous(), lse if dread is None else dread,
-        delta.contiguous(), lse if dweights is None else dweights, dmemory, dvalues_arg,
+        memory if mask is None else mask, *stats.contiguous(), delta if dread is None else dread,
+        delta.contiguous(), delta if dweights is None else dweights, dmemory, dvalues_arg,
         part_dkeys,
         part_dstrength,
         memory.stride(0), memory.stride(1), keys.stride(0), keys.stride(1),

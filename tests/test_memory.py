@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import attnmem
+from backends import BACKENDS, DEVICE
 
 f64 = dict(dtype=torch.float64)
 
@@ -228,3 +229,110 @@ BAD = [
 def test_bad_input_raises_a_named_error(message, call):
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["cosine", "dot"])
+@pytest.mark.parametrize("with_values", [False, True], ids=["memory", "values"])
+def test_masked_slots_count_for_nothing_whatever_they_hold(with_values, kind, backend):
+    """NaN and inf stored in masked slots (and their values) change nothing: the same
+    read, weights and gradients as finite contents, and zero gradients there."""
+    memory = torch.randn(2, 37, 6, device=DEVICE)
+    values = torch.randn(2, 37, 3, device=DEVICE) if with_values else None
+    keys, strength = torch.randn(2, 3, 6, device=DEVICE), torch.rand(2, 3, device=DEVICE) + 1
+    mask = torch.rand(2, 37, device=DEVICE) > 0.3
+    poisoned = [memory.masked_fill(~mask[..., None], float("nan"))]
+    if with_values:
+        poisoned.append(values.masked_fill(~mask[..., None], float("inf")))
+
+    def run(memory, values):
+        tensors = [x.detach().requires_grad_() for x in (memory, keys, strength, values)
+                   if x is not None]
+        with attnmem.use_backend(backend):
+            read, weights = attnmem.memory_attend(
+                tensors[0], tensors[1], strength=tensors[2],
+                values=tensors[3] if with_values else None, similarity=kind, mask=mask,
+                return_weights=True)
+        grads = torch.autograd.grad((read.sum(), weights[..., ::2].sum()), tensors)
+        return read, weights, grads
+
+    read, weights, grads = run(*poisoned) if with_values else run(poisoned[0], None)
+    clean = run(memory, values)
+    torch.testing.assert_close(read, clean[0])
+    torch.testing.assert_close(weights, clean[1])
+    for got, expect in zip(grads, clean[2]):
+        torch.testing.assert_close(got, expect)
+    assert (grads[0][~mask] == 0).all()
+    if with_values:
+        assert (grads[3][~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["cosine", "dot"])
+def test_weights_sum_to_one_at_huge_strengths(kind, backend):
+    """At strength 1e8 scores are ~1e8, where float32 steps by 8: weights recomputed from a
+    logsumexp rounded there summed to 0.02 for some heads."""
+    memory, keys = torch.randn(2, 1000, 16, device=DEVICE), torch.randn(2, 4, 16, device=DEVICE)
+    strength = torch.full((2, 4), 1e8, device=DEVICE)
+    with attnmem.use_backend(backend):
+        weights = attnmem.memory_address(memory, keys, strength=strength, similarity=kind)
+        read = attnmem.memory_attend(memory, keys, strength=strength, similarity=kind)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, device=DEVICE))
+    # One slot wins outright: the read is that slot.
+    expect = torch.gather(memory, 1, weights.argmax(-1)[..., None].expand(-1, -1, 16))
+    torch.testing.assert_close(read, expect)
+
+
+def _grads_or_zeros(outputs, tensors):
+    grads = torch.autograd.grad([o.sum() for o in outputs], tensors, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors)]
+
+
+EMPTY = {  # name: (B, R or W, N, D)
+    "no slots": (2, 3, 0, 4), "no heads": (2, 0, 5, 4), "no batch": (0, 3, 5, 4),
+    "no width": (2, 3, 5, 0),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", EMPTY.values(), ids=EMPTY.keys())
+def test_empty_inputs_are_valid(shape, backend):
+    """Zero slots, heads, batch or width: the right shapes, zeros where nothing is seen,
+    and finite zero gradients, forward and backward, for every memory op."""
+    b, r, n, d = shape
+    memory = torch.randn(b, n, d, device=DEVICE, requires_grad=True)
+    keys = torch.randn(b, r, d, device=DEVICE, requires_grad=True)
+    strength = torch.rand(b, r, device=DEVICE, requires_grad=True)
+    weights = torch.rand(b, r, n, device=DEVICE, requires_grad=True)
+    erase = torch.rand(b, r, d, device=DEVICE, requires_grad=True)
+    add = torch.randn(b, r, d, device=DEVICE, requires_grad=True)
+    gate, gamma = torch.rand(b, r, device=DEVICE), torch.ones(b, r, device=DEVICE)
+    shift = torch.full((b, r, 3), 1 / 3, device=DEVICE)
+    with attnmem.use_backend(backend):
+        address = attnmem.memory_address(memory, keys, strength=strength)
+        read = attnmem.memory_attend(memory, keys, strength=strength)
+        plain_read = attnmem.memory_read(memory, weights)
+        written = attnmem.memory_write(memory, weights, erase, add)
+        located = attnmem.location_address(weights, weights, gate, shift, gamma)
+    assert address.shape == (b, r, n) and located.shape == (b, r, n)
+    assert read.shape == plain_read.shape == (b, r, d) and written.shape == (b, n, d)
+    assert (read == 0).all() if n == 0 else torch.isfinite(read).all()
+    torch.testing.assert_close(written, memory * torch.prod(
+        1 - weights[..., None] * erase[:, :, None], 1) + weights.transpose(1, 2) @ add)
+    grads = _grads_or_zeros([address, read, plain_read, written, located],
+                            [memory, keys, strength, weights, erase, add])
+    assert all(torch.isfinite(g).all() for g in grads)
+    if n == 0:
+        assert all((g == 0).all() for g in grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_write_refuses_overlapping_memory(backend):
+    memory = torch.randn(1, 6, 4, device=DEVICE).expand(2, 6, 4)
+    weights, erase = torch.rand(2, 1, 6, device=DEVICE), torch.rand(2, 1, 4, device=DEVICE)
+    with attnmem.use_backend(backend), pytest.raises(ValueError, match="overlap"):
+        attnmem.memory_write(memory, weights, erase, torch.randn(2, 1, 4, device=DEVICE),
+                             inplace=True)
+    own = torch.randn(2, 6, 4, device=DEVICE)
+    with attnmem.use_backend(backend), pytest.raises(ValueError, match="add shares storage"):
+        attnmem.memory_write(own, weights, erase, own[:, :1], inplace=True)

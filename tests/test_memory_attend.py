@@ -134,9 +134,10 @@ def _job(kernel, arch, dtype, width, heads, read=True):
         constexprs["STORE_SCORES"] = True
     else:
         pointers = {k: v for k, v in pointers.items() if not k.startswith(("part", "scores"))}
-        pointers.update({"lse_ptr": "fp32", "dread_ptr": "fp32", "delta_ptr": "fp32",
-                         "dweights_ptr": "fp32", "dmem_ptr": dtype, "dvalues_ptr": dtype,
-                         "part_dkeys_ptr": "fp32", "part_dstrength_ptr": "fp32"})
+        pointers.update({"row_max_ptr": "fp32", "row_sum_ptr": "fp32", "dread_ptr": "fp32",
+                         "delta_ptr": "fp32", "dweights_ptr": "fp32", "dmem_ptr": dtype,
+                         "dvalues_ptr": dtype, "part_dkeys_ptr": "fp32",
+                         "part_dstrength_ptr": "fp32"})
         constexprs.update(HAS_DREAD=read, HAS_DWEIGHTS=True)
         del constexprs["READ"]
     return dict(module="attnmem.kernels.memory_attend", kernel=kernel, arch=arch,
