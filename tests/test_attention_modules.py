@@ -9,6 +9,7 @@ import torch
 
 import attnmem
 from attnmem.nn import AdditiveAttention, HardAttention, LuongAttention, PointerAttention
+from attnmem.nn.additive import MODES, SCORES
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BACKENDS = ["torch"] + (["triton"] if INTERPRET else [])
@@ -117,7 +118,8 @@ def test_luong_attention_follows_the_paper(score, mode):
     expect_grads = torch.autograd.grad(expect.sum(), [query, *module.parameters()])
     for g, e in zip(grads, expect_grads):
         torch.testing.assert_close(g, e)
-    step = module(query[:, 3], source, LENGTHS, positions=torch.tensor([3]))
+    positions = torch.tensor([3]) if mode == "local-m" else None
+    step = module(query[:, 3], source, LENGTHS, positions=positions)
     torch.testing.assert_close(step, out[:, 3])
 
 
@@ -146,3 +148,141 @@ def test_bad_arguments_raise_named_errors():
     with torch.no_grad():  # a source of length 0 gives a zero context, not NaN
         out = LuongAttention(HID)(torch.randn(2, HID), torch.randn(2, 3, HID), torch.tensor([0, 3]))
     assert math.isfinite(out.sum().item())
+
+
+def _additive(cls=AdditiveAttention):
+    return cls(HID, 7, 9)
+
+
+Q, K, V = torch.randn(B, NQ, HID), torch.randn(B, NS, 7), torch.randn(B, NS, 5)
+
+
+@pytest.mark.parametrize("message,call", [
+    ("query_dim must be an int >= 1, got 0", lambda: AdditiveAttention(0, 7, 9)),
+    ("attn_dim must be an int, got bool", lambda: PointerAttention(HID, 7, True)),
+    ("query must be \\(B, Nq, 12\\) or \\(B, 12\\), got shape \\(12,\\)",
+     lambda: _additive()(torch.randn(HID), K)),
+    ("query must be \\(B, Nq, 12\\) or \\(B, 12\\), got shape \\(3, 6, 5\\)",
+     lambda: _additive()(torch.randn(B, NQ, 5), K)),
+    ("keys must be \\(3, Nk, 7\\), got shape \\(3, 11, 4\\)",
+     lambda: _additive()(Q, torch.randn(B, NS, 4))),
+    ("keys must be \\(3, Nk, 7\\), got shape \\(2, 11, 7\\)", lambda: _additive()(Q, K[:2])),
+    ("values must be \\(3, 11, Dv\\), got shape \\(3, 10, 5\\)",
+     lambda: _additive()(Q, K, V[:, :10])),
+    ("kv_lengths must be \\(B,\\) = \\(3,\\), got shape \\(3, 1\\)",
+     lambda: _additive()(Q, K, kv_lengths=LENGTHS[:, None])),
+    ("kv_lengths must be an integer tensor", lambda: _additive()(Q, K, kv_lengths=LENGTHS * 1.0)),
+    ("projected_keys must be \\(3, 11, 9\\), got shape \\(3, 11, 7\\)",
+     lambda: _additive()(Q, K, projected_keys=K)),
+    ("query must be a floating-point tensor",
+     lambda: _additive()(torch.ones(B, NQ, HID, dtype=torch.long), K)),
+    ("query must have the module's dtype torch.float32", lambda: _additive()(Q.double(), K)),
+    ("return_weights must be a bool", lambda: _additive()(Q, K, return_weights="yes")),
+    ("keys must be \\(3, Nk, 7\\)", lambda: _additive(PointerAttention)(Q, K[..., :6])),
+    ("values must be \\(3, 11, Dv\\)", lambda: _additive(HardAttention)(Q, K, V[:1])),
+    ("sample must be a bool", lambda: _additive(HardAttention)(Q, K, sample=1)),
+    ("generator must be a torch.Generator", lambda: _additive(HardAttention)(Q, K, generator=0)),
+    ("hidden_size must be an int >= 1", lambda: LuongAttention(0)),
+    ("score must be one of", lambda: LuongAttention(HID, score="bilinear")),
+    ("mode must be one of", lambda: LuongAttention(HID, mode="local")),
+    ("window must be an int >= 0, got -1", lambda: LuongAttention(HID, mode="local-m", window=-1)),
+    ("window must be an int, got float", lambda: LuongAttention(HID, mode="local-m", window=2.0)),
+    ("needs source_size == hidden_size", lambda: LuongAttention(HID, score="dot",
+                                                               source_size=HID + 1)),
+    ("attn_dim must be an int >= 1", lambda: LuongAttention(HID, score="concat", attn_dim=0)),
+    ("source must be \\(3, Ns, 12\\), got shape \\(3, 11, 7\\)",
+     lambda: LuongAttention(HID)(Q, K)),
+    ("query must be \\(B, Nq, 12\\) or \\(B, 12\\)",
+     lambda: LuongAttention(HID, source_size=7)(K, K)),
+    *[("source_lengths must be \\(B,\\) = \\(3,\\), got shape \\(1,\\)",
+       lambda mode=mode: LuongAttention(HID, mode=mode)(Q, Q, LENGTHS[:1])) for mode in MODES],
+    *[("source_lengths must be an integer tensor",
+       lambda mode=mode: LuongAttention(HID, mode=mode)(Q, Q, LENGTHS.float())) for mode in MODES],
+    ("positions is read only by mode='local-m', not 'local-p'",
+     lambda: LuongAttention(HID, mode="local-p")(Q, Q, positions=torch.arange(NQ))),
+    ("positions must be \\(3, 6\\) or \\(6,\\), got shape \\(5,\\)",
+     lambda: LuongAttention(HID, mode="local-m")(Q, Q, positions=torch.arange(5))),
+    ("positions must be an integer or floating-point tensor",
+     lambda: LuongAttention(HID, mode="local-m")(Q, Q, positions=torch.ones(NQ, dtype=torch.bool))),
+])
+def test_bad_inputs_raise_named_errors(message, call):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
+
+
+def test_numpy_integers_and_step_positions():
+    np = pytest.importorskip("numpy")
+    module = LuongAttention(np.int64(HID), mode="local-m", window=np.int32(2),
+                            source_size=np.int16(7))
+    assert module.window == 2 and type(module.window) is int
+    query, source = torch.randn(B, NQ, HID), torch.randn(B, NS, 7)
+    positions = torch.tensor([3, 1, 0])
+    out = module(query, source, LENGTHS, positions=positions[:, None].expand(B, NQ))
+    step = module(query[:, 2], source, LENGTHS, positions=positions)  # (B,) for one step
+    torch.testing.assert_close(step, out[:, 2])
+    assert AdditiveAttention(np.int64(HID), np.int8(7), np.uint8(9))(Q, K).shape == (B, NQ, 7)
+
+
+def _sizes(batch, n_q, n_s):
+    return (torch.randn(batch, n_q, HID, requires_grad=True),
+            torch.randn(batch, n_s, 7, requires_grad=True),
+            torch.randn(batch, n_s, 5, requires_grad=True),
+            torch.full((batch,), n_s))
+
+
+EMPTY = [(0, NQ, NS), (B, 0, NS), (B, NQ, 0)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch,n_q,n_s", EMPTY)
+def test_additive_and_pointer_attention_take_empty_inputs(batch, n_q, n_s, backend):
+    """Zero batch, queries or keys, forward and backward on both backends: a query that
+    sees no key gives a zero context, pointer log-probabilities (B, Nq, 0), and zero
+    gradients."""
+    additive, pointer = _additive(AdditiveAttention), _additive(PointerAttention)
+    query, keys, values, lengths = _sizes(batch, n_q, n_s)
+    with attnmem.use_backend(backend):
+        context, weights = additive(query, keys, values, lengths, return_weights=True)
+        log_probs = pointer(query, keys, lengths)
+        (context.sum() + weights.sum() + log_probs.exp().sum()).backward()
+    assert context.shape == (batch, n_q, 5) and not context.any()
+    assert weights.shape == log_probs.shape == (batch, n_q, n_s)
+    for t in (query, keys, values, *additive.parameters(), *pointer.parameters()):
+        assert t.grad is not None and not t.grad.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch,n_q,n_s", EMPTY)
+def test_hard_attention_takes_empty_inputs(batch, n_q, n_s, backend):
+    """With no input to choose, as with inputs all -inf: index 0, a zero value and
+    log-probability -inf; zero batch or queries give empty results."""
+    hard = _additive(HardAttention)
+    query, keys, values, lengths = _sizes(batch, n_q, n_s)
+    with attnmem.use_backend(backend):
+        for sample in (False, True):
+            indices, chosen, log_prob = hard(query, keys, values, lengths, sample=sample)
+            assert indices.shape == log_prob.shape == (batch, n_q)
+            assert chosen.shape == (batch, n_q, 5) and not chosen.any()
+            assert not indices.any() and (log_prob == float("-inf")).all()
+
+
+@pytest.mark.parametrize("batch,n_q,n_s", EMPTY)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("score", SCORES)
+def test_luong_attention_takes_empty_inputs(score, mode, batch, n_q, n_s):
+    """No source position: a zero context, h~ = tanh(W_c [0; h]), finite gradients; on the
+    kernels' backends for global mode (the local modes run in torch)."""
+    module = LuongAttention(HID, score=score, mode=mode, window=2)
+    for backend in BACKENDS if mode == "global" else ["torch"]:
+        module.zero_grad()
+        query, source = (torch.randn(batch, n, HID, requires_grad=True) for n in (n_q, n_s))
+        with attnmem.use_backend(backend):
+            out, weights = module(query, source, torch.full((batch,), n_s),
+                                  return_weights=True)
+            out.square().sum().backward()
+        assert out.shape == (batch, n_q, HID) and weights.shape == (batch, n_q, n_s)
+        if n_s == 0:
+            zeros = torch.zeros(batch, n_q, HID)
+            torch.testing.assert_close(out, torch.tanh(module.W_c(torch.cat([zeros, query], -1))))
+        for t in (query, source, *module.parameters()):
+            assert t.grad is None or torch.isfinite(t.grad).all()

@@ -7,16 +7,21 @@ import torch
 from torch import nn
 
 import attnmem
+from attnmem.nn import _checks
 from attnmem.reference.attention import softmax_with_lse
 
 
-def _steps(query):
-    """A decoder step (B, D) as a one-query sequence (B, 1, D), and whether it was one."""
-    if query.dim() == 2:
-        return query[:, None], True
-    if query.dim() != 3:
-        raise ValueError(f"query must be (B, Nq, D) or (B, D), got shape {tuple(query.shape)}")
-    return query, False
+def _steps(query, width, like):
+    """Checks query (B, Nq, width) or one decoder step (B, width); -> (B, Nq, width) and
+    whether it was one step."""
+    shape = _checks.tensor("query", query, [("B", "Nq", width), ("B", width)], like)
+    return (query[:, None], True) if len(shape) == 2 else (query, False)
+
+
+def _sequence(name, x, batch, length, width, like):
+    """x: (batch, length, width); None, or a str in the sizes, leaves that size free."""
+    _checks.tensor(name, x, [(batch, "Nk" if length is None else length,
+                              "Dv" if width is None else width)], like)
 
 
 class _Additive(nn.Module):
@@ -24,6 +29,10 @@ class _Additive(nn.Module):
 
     def __init__(self, query_dim, key_dim, attn_dim):
         super().__init__()
+        self.query_dim, self.key_dim, self.attn_dim = (
+            _checks.integer("query_dim", query_dim), _checks.integer("key_dim", key_dim),
+            _checks.integer("attn_dim", attn_dim))
+        query_dim, key_dim, attn_dim = self.query_dim, self.key_dim, self.attn_dim
         self.query_proj = nn.Linear(query_dim, attn_dim)
         self.key_proj = nn.Linear(key_dim, attn_dim, bias=False)
         self.v = nn.Parameter(torch.empty(attn_dim).uniform_(-attn_dim ** -0.5,
@@ -34,11 +43,24 @@ class _Additive(nn.Module):
         projected_keys to every decoder step."""
         return self.key_proj(keys)
 
-    def _projected(self, query, keys, projected_keys):
-        if keys.dim() != 3:
-            raise ValueError(f"keys must be (B, Nk, key_dim), got shape {tuple(keys.shape)}")
-        k = self.project_keys(keys) if projected_keys is None else projected_keys
-        return self.query_proj(query), k
+    def _projected(self, query, keys, projected_keys, keys_name="keys"):
+        """query (B, Nq, query_dim), checked; keys (B, Nk, key_dim) and projected_keys
+        (B, Nk, attn_dim) checked here. -> W_q query + b, W_k keys."""
+        batch = query.shape[0]
+        _sequence(keys_name, keys, batch, None, self.key_dim, self.v)
+        if projected_keys is None:
+            return self.query_proj(query), self.project_keys(keys)
+        _sequence("projected_keys", projected_keys, batch, keys.shape[1], self.attn_dim, self.v)
+        return self.query_proj(query), projected_keys
+
+    def _inputs(self, query, keys, values, kv_lengths, projected_keys):
+        """Checks every input; -> (query (B, Nq, query_dim), step, q, k, values)."""
+        query, step = _steps(query, self.query_dim, self.v)
+        q, k = self._projected(query, keys, projected_keys)
+        values = keys if values is None else values
+        _sequence("values", values, query.shape[0], keys.shape[1], None, self.v)
+        _checks.lengths("kv_lengths", kv_lengths, query.shape[0], self.v)
+        return query, step, q, k, values
 
 
 class AdditiveAttention(_Additive):
@@ -50,10 +72,10 @@ class AdditiveAttention(_Additive):
                 return_weights: bool = False, projected_keys: Optional[torch.Tensor] = None):
         """-> context (B, Nq, Dv) (or (B, Dv) for one step), and weights (B, Nq, Nk) (or
         (B, Nk)) with return_weights=True."""
-        query, step = _steps(query)
-        q, k = self._projected(query, keys, projected_keys)
-        result = attnmem.additive_attention(q, k, keys if values is None else values, self.v,
-                                            kv_lengths=kv_lengths, return_weights=return_weights)
+        return_weights = _checks.flag("return_weights", return_weights)
+        _, step, q, k, values = self._inputs(query, keys, values, kv_lengths, projected_keys)
+        result = attnmem.additive_attention(q, k, values, self.v, kv_lengths=kv_lengths,
+                                            return_weights=return_weights)
         if step:
             result = tuple(x[:, 0] for x in result) if return_weights else result[:, 0]
         return result
@@ -65,8 +87,7 @@ class PointerAttention(_Additive):
 
     def forward(self, query, keys, kv_lengths: Optional[torch.Tensor] = None,
                 projected_keys: Optional[torch.Tensor] = None):
-        query, step = _steps(query)
-        q, k = self._projected(query, keys, projected_keys)
+        _, step, q, k, _ = self._inputs(query, keys, None, kv_lengths, projected_keys)
         log_probs = attnmem.pointer_attention(q, k, self.v, kv_lengths=kv_lengths)
         return log_probs[:, 0] if step else log_probs
 
@@ -80,11 +101,12 @@ class HardAttention(PointerAttention):
                 sample: Optional[bool] = None, generator: Optional[torch.Generator] = None):
         """-> (indices (B, Nq), chosen values (B, Nq, Dv), log-probability of each choice
         (B, Nq)); a single step (B, query_dim) drops the Nq dimension."""
-        query, step = _steps(query)
-        log_probs = super().forward(query, keys, kv_lengths)
-        sample = self.training if sample is None else sample
-        result = attnmem.hard_attention(log_probs, keys if values is None else values,
-                                        sample=sample, generator=generator)
+        sample = self.training if sample is None else _checks.flag("sample", sample)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        query, step, q, k, values = self._inputs(query, keys, values, kv_lengths, None)
+        log_probs = attnmem.pointer_attention(q, k, self.v, kv_lengths=kv_lengths)
+        result = attnmem.hard_attention(log_probs, values, sample=sample, generator=generator)
         return tuple(x[:, 0] for x in result) if step else result
 
 
@@ -108,13 +130,13 @@ class LuongAttention(nn.Module):
     def __init__(self, hidden_size, score="general", mode="global", window=10,
                  source_size=None, attn_dim=None):
         super().__init__()
-        if score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-            raise ValueError(f"window must be an int >= 0 (D), got {window!r}")
-        source_size = hidden_size if source_size is None else source_size
+        hidden_size = _checks.integer("hidden_size", hidden_size)
+        score = _checks.choice("score", score, SCORES)
+        mode = _checks.choice("mode", mode, MODES)
+        window = _checks.integer("window", window, 0)
+        source_size = _checks.optional_integer("source_size", source_size) or hidden_size
+        attn_dim = _checks.optional_integer("attn_dim", attn_dim)
+        self.hidden_size, self.source_size = hidden_size, source_size
         if score == "dot" and source_size != hidden_size:
             raise ValueError(f"score='dot' needs source_size == hidden_size, got "
                              f"{source_size} and {hidden_size}")
@@ -134,9 +156,14 @@ class LuongAttention(nn.Module):
         (B, Ns, source_size); source_lengths: (B,); positions: (B, Nq) target positions t for
         local-m (default 0..Nq-1). -> h~ (B, Nq, hidden_size), and the alignment weights
         (B, Nq, Ns) with return_weights=True."""
-        query, step = _steps(query)
-        if source.dim() != 3:
-            raise ValueError(f"source must be (B, Ns, source_size), got {tuple(source.shape)}")
+        like = self.W_c.weight
+        query, step = _steps(query, self.hidden_size, like)
+        batch, n_q = query.shape[:2]
+        _checks.tensor("source", source, [(batch, "Ns", self.source_size)], like)
+        source_lengths = _checks.lengths("source_lengths", source_lengths, batch, like)
+        return_weights = _checks.flag("return_weights", return_weights)
+        if positions is not None:
+            positions = self._positions(positions, batch, n_q, step, like)
         if self.mode == "global":
             context, weights = self._global(query, source, source_lengths, return_weights)
         else:
@@ -146,12 +173,28 @@ class LuongAttention(nn.Module):
             out, weights = out[:, 0], weights[:, 0] if weights is not None else None
         return (out, weights) if return_weights else out
 
+    def _positions(self, positions, batch, n_q, step, like):
+        """positions (B, Nq) or (Nq,), or (B,) for one step -> broadcastable to (B, Nq)."""
+        if self.mode != "local-m":
+            raise ValueError(f"positions is read only by mode='local-m', not {self.mode!r}")
+        if not isinstance(positions, torch.Tensor):
+            raise TypeError(f"positions must be a torch.Tensor, got {type(positions).__name__}")
+        shapes = [(batch, n_q), (n_q,)] + ([(batch,)] if step else [])
+        if tuple(positions.shape) not in shapes:
+            raise ValueError(f"positions must be {' or '.join(map(str, shapes))}, got shape "
+                             f"{tuple(positions.shape)}")
+        if positions.dtype == torch.bool or positions.dtype.is_complex:
+            raise TypeError(f"positions must be an integer or floating-point tensor, got "
+                            f"{positions.dtype}")
+        _checks.same_device("positions", positions, like)
+        return positions[:, None] if step and positions.shape == (batch,) else positions
+
     def _keys(self, source):
         return self.W_a(source) if self.score == "general" else source
 
     def _global(self, query, source, lengths, return_weights):
         if self.score == "concat":
-            q, k = self.concat._projected(query, source, None)
+            q, k = self.concat._projected(query, source, None, "source")
             result = attnmem.additive_attention(q, k, source, self.concat.v, kv_lengths=lengths,
                                                 return_weights=return_weights)
             return result if return_weights else (result, None)
@@ -164,13 +207,15 @@ class LuongAttention(nn.Module):
         if lengths is not None:
             past = torch.arange(source.shape[1], device=source.device) >= lengths[:, None]
             scores = scores.masked_fill(past[:, None], float("-inf"))
-        return context, softmax_with_lse(scores)[0]
+        return context, softmax_with_lse(scores)[0] if source.shape[1] else scores
 
     def _local(self, query, source, lengths, positions):
         batch, n_q, _ = query.shape
         n_s = source.shape[1]
         length = (torch.full((batch,), n_s, device=source.device) if lengths is None
                   else lengths.clamp(0, n_s)).to(query.dtype)
+        if n_s == 0:  # a zero row to gather from; length 0 keeps it out of every window
+            source = source.new_zeros(batch, 1, source.shape[2])
         if self.mode == "local-p":
             center = length[:, None] * torch.sigmoid(
                 self.v_p(torch.tanh(self.W_p(query)))).squeeze(-1)
@@ -181,10 +226,10 @@ class LuongAttention(nn.Module):
         offsets = torch.arange(-self.window, self.window + 1, device=query.device)
         index = center.detach().round().long()[..., None] + offsets  # (B, Nq, 2D + 1)
         inside = (index >= 0) & (index < length[:, None, None])
-        index = index.clamp(0, max(n_s - 1, 0))
+        index = index.clamp(0, source.shape[1] - 1)
         gathered = source[torch.arange(batch, device=source.device)[:, None, None], index]
         if self.score == "concat":
-            q, k = self.concat._projected(query, source, None)
+            q, k = self.concat._projected(query, source, None, "source")
             keys = k[torch.arange(batch, device=source.device)[:, None, None], index]
             scores = torch.tanh(q[:, :, None] + keys) @ self.concat.v
         else:
@@ -196,5 +241,5 @@ class LuongAttention(nn.Module):
             sigma = self.window / 2
             align = align * torch.exp(-(index - center[..., None]) ** 2 / (2 * sigma ** 2))
         context = (align[..., None] * gathered).sum(2)
-        weights = align.new_zeros(batch, n_q, n_s).scatter_add(2, index, align)
-        return context, weights
+        weights = align.new_zeros(batch, n_q, source.shape[1]).scatter_add(2, index, align)
+        return context, weights[..., :n_s]
