@@ -14,6 +14,7 @@ import torch
 from attnmem import _checks
 from attnmem import backend as _backend
 from attnmem.reference import additive as _reference
+from attnmem.reference.attention import softmax_with_lse
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The kernel holds a (BLOCK_M, value width) accumulator in registers.
@@ -130,6 +131,9 @@ def additive_attention(q, k, values, v, *, kv_lengths=None, return_weights=False
     padding. Returns (B, Nq, Dv), and with return_weights=True also the weights
     (B, Nq, Nk). A query with no key outputs zeros and zero weights.
     """
+    if values is None:
+        raise TypeError("values must be a tensor (B, Nk, Dv); for the distribution alone, "
+                        "use pointer_attention")
     out, scores, lse = _run(q, k, values, v, kv_lengths, return_weights)
     if not return_weights:
         return out
@@ -160,9 +164,19 @@ def hard_attention(log_weights, values, *, sample=False, generator=None):
                          f"{log_weights.shape[2]} from log_weights, got {tuple(values.shape)}")
     if log_weights.shape[2] == 0:
         raise ValueError("log_weights must have at least one input (Nk >= 1) to choose from")
+    if values.device != log_weights.device:
+        raise ValueError(f"values is on {values.device} but log_weights is on "
+                         f"{log_weights.device}")
+    if not isinstance(sample, bool):
+        raise TypeError(f"sample must be a bool, got {type(sample).__name__}")
+    # One host sync: NaN or +inf log-probabilities would pick arbitrary inputs silently.
+    if not bool((log_weights < float("inf")).all()):
+        raise ValueError("log_weights must be log-probabilities: finite or -inf, without NaN "
+                         "or +inf")
     with torch.no_grad():
         if sample:
-            probs = torch.exp(log_weights.detach().float()).flatten(0, 1)
+            # Normalised here, so log-weights off by a constant (or far below 0) sample right.
+            probs = softmax_with_lse(log_weights.detach().float())[0].flatten(0, 1)
             empty = probs.sum(-1) == 0
             probs[empty, 0] = 1.0
             indices = torch.multinomial(probs, 1, generator=generator).view(

@@ -29,7 +29,8 @@ def _tanh(x):
 @triton.jit
 def _tanh_tile(q_base, k_base, v_ptr, offs_m, offs_n, stride_qm, stride_kn, n_q, n_k, a0,
                attn_dim, BLOCK_A: tl.constexpr):
-    """tanh(q_i + k_j) on the (M, N, BLOCK_A) tile of width chunk a0, and that chunk of v."""
+    """tanh(q_i + k_j) on the (M, N, BLOCK_A) tile of width chunk a0, and that chunk of v;
+    keys j >= n_k read as zeros."""
     offs_a = a0 + tl.arange(0, BLOCK_A)
     in_a = offs_a < attn_dim
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_a[None, :],
@@ -74,7 +75,8 @@ def _additive_fwd(q_ptr, k_ptr, v_ptr, val_ptr, lengths_ptr, out_ptr, lse_ptr, s
     # Every visited tile holds a valid key, so the running max is finite after the first.
     for n0 in range(0, n_valid, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        s = _scores(q_base, k_base, v_ptr, offs_m, offs_n, stride_qm, stride_kn, n_q, n_k,
+        # Keys past n_valid load as zeros: whatever padding holds stays out of the tanh.
+        s = _scores(q_base, k_base, v_ptr, offs_m, offs_n, stride_qm, stride_kn, n_q, n_valid,
                     attn_dim, BLOCK_M, BLOCK_N, BLOCK_A)
         s = tl.where(offs_n[None, :] < n_valid, s, float("-inf"))
         if STORE_SCORES:
@@ -143,7 +145,7 @@ def _additive_bwd(q_ptr, k_ptr, v_ptr, val_ptr, lengths_ptr, lse_ptr, delta_ptr,
             offs_n = start + tl.arange(0, BLOCK_N)
         rows = b * n_q + offs_m
         valid = (offs_m[:, None] < n_q) & (offs_n[None, :] < n_valid)
-        s = _scores(q_base, k_base, v_ptr, offs_m, offs_n, stride_qm, stride_kn, n_q, n_k,
+        s = _scores(q_base, k_base, v_ptr, offs_m, offs_n, stride_qm, stride_kn, n_q, n_valid,
                     attn_dim, BLOCK_M, BLOCK_N, BLOCK_A)
         lse = tl.load(lse_ptr + rows, mask=offs_m < n_q, other=0.0)
         lse = tl.where(lse == float("-inf"), 0.0, lse)
@@ -169,7 +171,7 @@ def _additive_bwd(q_ptr, k_ptr, v_ptr, val_ptr, lengths_ptr, lse_ptr, delta_ptr,
                           other=0.0)
         for a0 in range(0, attn_dim, BLOCK_A):
             t, v = _tanh_tile(q_base, k_base, v_ptr, offs_m, offs_n, stride_qm, stride_kn, n_q,
-                              n_k, a0, attn_dim, BLOCK_A)
+                              n_valid, a0, attn_dim, BLOCK_A)
             offs_a = a0 + tl.arange(0, BLOCK_A)
             g = ds[:, :, None] * (1.0 - t * t) * v[None, None, :]
             if OWN_KEYS:

@@ -103,6 +103,58 @@ def test_only_the_output_needs_no_weights(backend):
     torch.testing.assert_close(out.double(), expect, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_counts_for_nothing_whatever_it_holds(backend):
+    """NaN and inf in keys and values past kv_lengths change no output and no gradient,
+    and get zero gradients themselves."""
+    (q, k, values, v), lengths = make(CASES["odd"], torch.float32)
+    padding = (torch.arange(k.shape[1], device=DEVICE) >= lengths[:, None])[..., None]
+    poisoned = [q, k.masked_fill(padding, float("nan")),
+                values.masked_fill(padding, float("inf")), v]
+    grads_out = [torch.randn(2, 37, 24, device=DEVICE, dtype=torch.float64),
+                 torch.randn(2, 37, 45, device=DEVICE, dtype=torch.float64),
+                 torch.randn(2, 37, 45, device=DEVICE, dtype=torch.float64)]
+    with attnmem.use_backend(backend):
+        got = run(ours, poisoned, lengths, grads_out)
+        clean = run(ours, [q, k, values, v], lengths, grads_out)
+    for g, c in zip(got, clean):
+        torch.testing.assert_close(g, c, equal_nan=False)
+    dq, dk, dvalues, dv = got[3:]
+    assert all(torch.isfinite(g).all() for g in (dq, dk, dvalues, dv))
+    assert (dk.masked_select(padding) == 0).all() and (dvalues.masked_select(padding) == 0).all()
+
+
+EMPTY = {"no keys": (2, 3, 0), "no queries": (2, 0, 5), "no batch": (0, 3, 5)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", EMPTY.values(), ids=EMPTY.keys())
+def test_empty_inputs_are_valid(shape, backend):
+    """No key: zero outputs, -inf log-probabilities, zero gradients; no query or no batch:
+    empty outputs. Forward and backward, never NaN."""
+    b, nq, nk = shape
+    tensors = [torch.randn(*size, device=DEVICE, requires_grad=True)
+               for size in ((b, nq, 8), (b, nk, 8), (b, nk, 5), (8,))]
+    with attnmem.use_backend(backend):
+        out, weights, log_probs = ours(*tensors, None)
+    assert out.shape == (b, nq, 5) and weights.shape == log_probs.shape == (b, nq, nk)
+    assert (out == 0).all()
+    grads = torch.autograd.grad(out.sum() + weights.sum() + log_probs.sum(), tensors,
+                                allow_unused=True)
+    assert all(g is None or (g == 0).all() for g in grads)
+
+
+def test_hard_attention_samples_unnormalised_log_weights():
+    """Log-weights far below zero (exp underflows to 0) are still a distribution."""
+    log_weights = torch.tensor([[[-1000.0, -999.0, float("-inf")]]])
+    indices, _, _ = attnmem.hard_attention(log_weights, torch.randn(1, 3, 2), sample=True)
+    assert indices.item() in (0, 1)
+    counts = torch.bincount(torch.stack([attnmem.hard_attention(
+        log_weights, torch.randn(1, 3, 2), sample=True)[0].view(()) for _ in range(400)]),
+        minlength=3)
+    assert counts[2] == 0 and counts[1] > counts[0] > 0
+
+
 def test_hard_attention_argmax_and_sampling():
     log_weights = torch.log_softmax(torch.randn(2, 3, 5) * 2, -1)
     log_weights[1, 2] = float("-inf")  # a query with nothing to attend to
@@ -143,6 +195,14 @@ def test_hard_attention_argmax_and_sampling():
         q, k, val, v, kv_lengths=torch.ones(3, dtype=torch.long))),
     ("values must be (B, Nk, Dv) with B, Nk", lambda q, k, val, v: attnmem.hard_attention(
         torch.zeros(2, 4, 7), val)),
+    ("values must be a tensor (B, Nk, Dv); for the distribution alone, use pointer_attention",
+     lambda q, k, val, v: attnmem.additive_attention(q, k, None, v)),
+    ("log_weights must be log-probabilities", lambda q, k, val, v: attnmem.hard_attention(
+        torch.full((2, 4, 6), float("nan")), val, sample=True)),
+    ("log_weights must be log-probabilities", lambda q, k, val, v: attnmem.hard_attention(
+        torch.full((2, 4, 6), float("inf")), val)),
+    ("sample must be a bool", lambda q, k, val, v: attnmem.hard_attention(
+        torch.zeros(2, 4, 6), val, sample="yes")),
 ])
 def test_bad_input_raises_a_named_error(message, call):
     q, k, val, v = torch.randn(2, 4, 8), torch.randn(2, 6, 8), torch.randn(2, 6, 5), \
