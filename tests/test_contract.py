@@ -1,0 +1,541 @@
+"""The API contract, property by property, on both backends (issue 9).
+
+Every public op and module either gives the right answer (float64 reference on the same
+rounded inputs, gradients included, finite where the contract promises numbers, inputs
+unchanged) or raises ValueError/TypeError naming the argument. Empty inputs (zero batch,
+queries, keys, slots, heads) are valid; padding (keys past kv_lengths, masked slots)
+contributes nothing whatever it holds. References are written out from the docstrings'
+formulas in float64 (the pure-torch twins are what the torch backend runs, so they cannot
+be their own reference).
+
+Shapes stay small: the Triton kernels run through the interpreter here.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from contract_strategies import (
+    ERRORS,
+    Data,
+    arrange,
+    check_call,
+    compare,
+    contract,
+    dtypes,
+    layouts,
+    lengths,
+    named,
+    poisons,
+    same,
+    seeds,
+)
+from hypothesis import given
+from hypothesis import strategies as st
+
+import attnmem
+from backends import BACKENDS
+
+INF = float("inf")
+
+
+def safe_softmax(scores, keep):
+    """(weights, lse) over the last dim of scores where keep; a row with nothing kept gets
+    zero weights and lse -inf, and no gradient."""
+    scores = scores.masked_fill(~keep, -INF)
+    if scores.shape[-1] == 0:
+        return scores, scores.sum(-1) - INF
+    top = scores.amax(-1, keepdim=True).detach()
+    exps = torch.exp(scores - torch.where(torch.isfinite(top), top, 0.0))
+    total = exps.sum(-1, keepdim=True)
+    seen = total > 0
+    total = torch.where(seen, total, 1.0)
+    lse = torch.where(seen, top + torch.log(total), -INF).squeeze(-1)
+    return exps / total, lse
+
+
+def integers(low, high):
+    """Python ints and numpy ints alike: numpy integers are accepted where ints are."""
+    return st.integers(low, high).flatmap(
+        lambda v: st.sampled_from([v, np.int64(v), np.int32(v)]))
+
+
+def key_padding(batch, n, lens):
+    """(B, N) bool: True where position j is past lens[b]."""
+    if lens is None:
+        return torch.zeros(batch, n, dtype=torch.bool)
+    return torch.arange(n)[None, :] >= torch.tensor(lens, dtype=torch.long).view(batch, 1)
+
+
+def poisoned(x, padding, value):
+    """x with value at padding (broadcast over x's trailing dims)."""
+    return x.masked_fill(padding.view(*padding.shape, *[1] * (x.ndim - padding.ndim)), value)
+
+
+# attention ---------------------------------------------------------------------------------
+
+def attention_visible(n_q, n_k, causal, window, lens, batch):
+    """(B, 1, Nq, Nk): query i sees key j (the docstring's rules, a = i + Nk - Nq)."""
+    i = torch.arange(n_q)[:, None]
+    j = torch.arange(n_k)[None, :]
+    a = i + n_k - n_q
+    keep = torch.ones(n_q, n_k, dtype=torch.bool)
+    if causal:
+        keep &= j <= a
+    if window is not None:
+        left, right = (-1 if side is None else int(side) for side in window)
+        if left >= 0:
+            keep &= j >= a - left
+        if right >= 0:
+            keep &= j <= a + right
+    return keep[None, None] & ~key_padding(batch, n_k, lens)[:, None, None, :]
+
+
+def attention_reference(keep, scale, return_lse):
+    def ref(q, k, v, **unused):
+        group = q.shape[1] // k.shape[1]
+        k, v = (x.repeat_interleave(group, 1) for x in (k, v))
+        weights, lse = safe_softmax(q @ k.transpose(-1, -2) * scale, keep)
+        out = (weights @ v).to(q.dtype)
+        return (out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)) \
+            if return_lse else (out,)
+    return ref
+
+
+@st.composite
+def attention_cases(draw, backend):
+    batch, kv_heads, group = draw(st.integers(0, 2)), draw(st.integers(1, 2)), \
+        draw(st.integers(1, 2))
+    n_q, n_k, dim = draw(st.integers(0, 5)), draw(st.integers(0, 6)), \
+        draw(st.sampled_from([1, 3, 4, 5, 8]))
+    side = st.none() | integers(-1, 4)
+    window = draw(st.none() | st.tuples(side, side))
+    kv = draw(st.none() | lengths(batch, n_k))
+    return dict(shape=(batch, kv_heads * group, kv_heads, n_q, n_k, dim),
+                causal=draw(st.booleans()), window=window, kv=kv,
+                scale=draw(st.none() | st.floats(0.05, 2.0)), dtype=draw(dtypes(backend)),
+                layout=draw(layouts), poison=draw(poisons), seed=draw(seeds),
+                return_lse=draw(st.booleans()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@contract
+@given(data=st.data())
+def test_attention_matches_float64(backend, data):
+    case = data.draw(attention_cases(backend))
+    batch, heads, kv_heads, n_q, n_k, dim = case["shape"]
+    rand, dtype, layout = Data(case["seed"]), case["dtype"], case["layout"]
+    q, k, v = rand.randn(batch, heads, n_q, dim), rand.randn(batch, kv_heads, n_k, dim), \
+        rand.randn(batch, kv_heads, n_k, dim)
+    kv_lengths, lens = case["kv"] or (None, None)
+    padding = key_padding(batch, n_k, lens)[:, None]
+    given_ = dict(q=arrange(q.to(dtype), layout),
+                  k=arrange(poisoned(k, padding, case["poison"]).to(dtype), layout),
+                  v=arrange(poisoned(v, padding, case["poison"]).to(dtype), layout))
+    keep = attention_visible(n_q, n_k, case["causal"], case["window"], lens, batch)
+    scale = 1 / math.sqrt(dim) if case["scale"] is None else case["scale"]
+    kwargs = dict(causal=case["causal"], scale=case["scale"], window=case["window"],
+                  kv_lengths=kv_lengths, return_lse=case["return_lse"])
+
+    def op(q, k, v):
+        out = attnmem.attention(q, k, v, **kwargs)
+        return out if case["return_lse"] else (out,)
+
+    lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    check_call(backend, op, attention_reference(keep, scale, case["return_lse"]), given_,
+               dict(q=q, k=k, v=v), rand, [True, True], [dtype, lse_dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@contract
+@given(data=st.data())
+def test_attention_huge_scale_is_hard_attention(backend, data):
+    """A scale whose scores overflow the dtype: the softmax becomes a max (ties share)."""
+    batch, heads, n_q, n_k, dim = (data.draw(st.integers(1, n)) for n in (2, 2, 3, 5, 4))
+    scale = data.draw(st.sampled_from([1e10, 1e30, 1e38, 3e38]))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16]))
+    rand = Data(data.draw(seeds))
+    # Small integers: the dot products are exact, so the argmax is the same in every dtype.
+    q, k = (torch.randint(-2, 3, (batch, heads, n, dim), generator=rand.gen).double()
+            for n in (n_q, n_k))
+    v = rand.randn(batch, heads, n_k, dim)
+    scores = q @ k.transpose(-1, -2)
+    top = scores == scores.amax(-1, keepdim=True)
+    expect = (top.double() / top.sum(-1, keepdim=True)) @ v.to(dtype).double()
+    with attnmem.use_backend(backend):
+        try:
+            out, lse = attnmem.attention(q.to(dtype), k.to(dtype), v.to(dtype), scale=scale,
+                                         return_lse=True)
+        except ERRORS as error:  # a scale the computation cannot hold may be refused
+            named(error, "scale")
+            return
+    assert torch.isfinite(out).all(), f"non-finite output at scale {scale}"
+    assert not torch.isnan(lse).any(), "NaN lse"
+    torch.testing.assert_close(out.double(), expect, atol=4e-3 if dtype == torch.float16
+                               else 1e-5, rtol=0)
+
+
+# memory ops --------------------------------------------------------------------------------
+
+def similarity(memory, keys, kind):
+    dots = keys @ memory.transpose(1, 2)
+    if kind == "dot":
+        return dots
+    if kind == "scaled_dot":
+        return dots / math.sqrt(memory.shape[-1])
+    norms_sq = keys.pow(2).sum(-1)[:, :, None] * memory.pow(2).sum(-1)[:, None, :]
+    return dots / norms_sq.clamp_min(1e-16).sqrt()
+
+
+def address_reference(memory, keys, strength, kind, mask):
+    scores = similarity(memory, keys, kind)
+    if strength is not None:
+        scores = scores * strength[:, :, None]
+    keep = torch.ones_like(scores, dtype=torch.bool) if mask is None else \
+        mask[:, None, :].expand_as(scores)
+    return safe_softmax(scores, keep)[0]
+
+
+@st.composite
+def memory_cases(draw, backend):
+    batch, n, dim, heads = draw(st.integers(0, 2)), draw(st.integers(0, 6)), \
+        draw(st.sampled_from([1, 2, 3, 5, 8])), draw(st.integers(0, 3))
+    return dict(batch=batch, n=n, dim=dim, heads=heads,
+                similarity=draw(st.sampled_from(["cosine", "dot", "scaled_dot"])),
+                strength=draw(st.sampled_from([None, 1.0, 5.0])),
+                masked=draw(st.booleans()), value_dim=draw(st.none() | st.integers(1, 4)),
+                zero_rows=draw(st.booleans()), return_weights=draw(st.booleans()),
+                dtype=draw(dtypes(backend)), layout=draw(layouts), poison=draw(poisons),
+                seed=draw(seeds))
+
+
+def memory_inputs(case):
+    """(given, clean, mask): memory, keys, strength, values; masked slots poisoned."""
+    rand, dtype, layout = Data(case["seed"]), case["dtype"], case["layout"]
+    b, n, d, r = case["batch"], case["n"], case["dim"], case["heads"]
+    memory, keys = rand.randn(b, n, d), rand.randn(b, r, d)
+    # Zero-norm keys and slots: cosine similarity must stay finite. (The gradient for a
+    # zero key is of order 1/eps = 1e8: more than float16 holds.)
+    if case["zero_rows"] and dtype != torch.float16:
+        memory[:, :1] = 0
+        keys[:, :1] = 0
+    clean = dict(memory=memory, keys=keys)
+    if case["strength"] is not None:
+        clean["strength"] = rand.rand(b, r) * case["strength"]
+    if case["value_dim"] is not None:
+        clean["values"] = rand.randn(b, n, case["value_dim"])
+    mask = rand.bools(b, n) if case["masked"] else None
+    given_ = {}
+    for name, x in clean.items():
+        if mask is not None and name in ("memory", "values"):
+            x = poisoned(x, ~mask, case["poison"])
+        given_[name] = arrange(x.to(dtype), layout)
+    return given_, clean, mask, rand
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@contract
+@given(data=st.data())
+def test_memory_address_and_attend_match_float64(backend, data):
+    case = data.draw(memory_cases(backend))
+    given_, clean, mask, rand = memory_inputs(case)
+    kind, return_weights = case["similarity"], case["return_weights"]
+
+    def address(memory, keys, strength=None, values=None):
+        return (attnmem.memory_address(memory, keys, strength=strength, similarity=kind,
+                                       mask=mask),)
+
+    def address_ref(memory, keys, strength=None, values=None):
+        return (address_reference(memory, keys, strength, kind, mask).to(memory.dtype),)
+
+    def attend(memory, keys, strength=None, values=None):
+        out = attnmem.memory_attend(memory, keys, values=values, strength=strength,
+                                    similarity=kind, mask=mask, return_weights=return_weights)
+        return out if return_weights else (out,)
+
+    def attend_ref(memory, keys, strength=None, values=None):
+        weights = address_reference(memory, keys, strength, kind, mask)
+        read = (weights @ (memory if values is None else values)).to(memory.dtype)
+        return (read, weights.to(memory.dtype)) if return_weights else (read,)
+
+    # A cosine score's gradient divides by the norms; strengths scale the logits.
+    condition = 1.0 + (case["strength"] or 1.0)
+    dtype = case["dtype"]
+    check_call(backend, address, address_ref, given_, clean, rand, [True], [dtype], condition)
+    check_call(backend, attend, attend_ref, given_, clean, rand, [True, True], [dtype, dtype],
+               condition)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@contract
+@given(data=st.data())
+def test_addressing_weights_sum_to_one_at_huge_strengths(backend, data):
+    batch, n, dim, heads = (data.draw(st.integers(1, m)) for m in (2, 20, 8, 3))
+    kind = data.draw(st.sampled_from(["cosine", "dot", "scaled_dot"]))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16]))
+    strength = data.draw(st.sampled_from([1e4, 6e4] if dtype == torch.float16 else
+                                         [1e4, 1e8, 1e12]))
+    rand = Data(data.draw(seeds))
+    memory, keys = rand.randn(batch, n, dim).to(dtype), rand.randn(batch, heads, dim).to(dtype)
+    mask = rand.bools(batch, n, p=0.8)
+    mask[:, 0] = True
+    with attnmem.use_backend(backend):
+        weights = attnmem.memory_address(memory, keys, strength=torch.full(
+            (batch, heads), strength, dtype=dtype), similarity=kind, mask=mask)
+        read, attended = attnmem.memory_attend(memory, keys, strength=torch.full(
+            (batch, heads), strength, dtype=dtype), similarity=kind, mask=mask,
+            return_weights=True)
+    for w in (weights, attended):
+        assert torch.isfinite(w).all() and (w >= 0).all(), "weights not finite or negative"
+        assert (w.masked_select(~mask[:, None, :]) == 0).all(), "weight on a masked slot"
+        sums = w.double().sum(-1)
+        assert torch.allclose(sums, torch.ones_like(sums), atol=1e-2 if dtype == torch.float16
+                              else 1e-5), f"weights sum to {sums.tolist()} at strength {strength}"
+    assert torch.isfinite(read).all(), "read not finite"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@contract
+@given(data=st.data())
+def test_memory_read_matches_float64(backend, data):
+    b, n, d, r = (data.draw(st.integers(0, m)) for m in (2, 6, 5, 3))
+    dtype, layout, rand = data.draw(dtypes(backend)), data.draw(layouts), Data(data.draw(seeds))
+    d = max(d, 1)
+    clean = dict(memory=rand.randn(b, n, d), weights=rand.randn(b, r, n))
+    given_ = {name: arrange(x.to(dtype), layout) for name, x in clean.items()}
+    check_call(backend, lambda memory, weights: (attnmem.memory_read(memory, weights),),
+               lambda memory, weights: ((weights @ memory).to(memory.dtype),),
+               given_, clean, rand, [True], [dtype])
+
+
+def write_reference(memory, weights, erase, add):
+    keep = torch.prod(1 - weights[:, :, :, None] * erase[:, :, None, :], dim=1)
+    return memory * keep + weights.transpose(1, 2) @ add
+
+
+@st.composite
+def write_cases(draw, backend):
+    b, n, d, w = (draw(st.integers(0, m)) for m in (2, 6, 5, 3))
+    return dict(shape=(b, n, max(d, 1), w), dtype=draw(dtypes(backend)), layout=draw(layouts),
+                seed=draw(seeds))
+
+
+def write_inputs(case):
+    b, n, d, w = case["shape"]
+    rand = Data(case["seed"])
+    clean = dict(memory=rand.randn(b, n, d), weights=rand.rand(b, w, n),
+                 erase=rand.rand(b, w, d), add=rand.randn(b, w, d))
+    return {name: arrange(x.to(case["dtype"]), case["layout"]) for name, x in clean.items()}, \
+        clean, rand
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@contract
+@given(data=st.data())
+def test_memory_write_matches_float64(backend, data):
+    case = data.draw(write_cases(backend))
+    given_, clean, rand = write_inputs(case)
+    check_call(backend, lambda **x: (attnmem.memory_write(**x),),
+               lambda **x: (write_reference(**x).to(x["memory"].dtype),), given_, clean, rand,
+               [True], [case["dtype"]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@contract
+@given(data=st.data())
+def test_memory_write_inplace(backend, data):
+    """inplace=True under no_grad writes memory itself (and nothing else); memory that is
+    an expanded view shares its elements across the batch and cannot be written in place."""
+    case = data.draw(write_cases(backend))
+    given_, clean, _ = write_inputs(case)
+    dtype = case["dtype"]
+    expanded = data.draw(st.booleans()) and case["shape"][0] > 1
+    if expanded:
+        given_["memory"] = given_["memory"][:1].expand_as(given_["memory"])
+    others = {name: x.clone() for name, x in given_.items() if name != "memory"}
+    before = given_["memory"].clone()
+    memory = given_["memory"]
+    with torch.no_grad(), attnmem.use_backend(backend):
+        if expanded:
+            with pytest.raises(ERRORS) as error:
+                attnmem.memory_write(**given_, inplace=True)
+            named(error.value, "memory")
+            assert same(memory, before), "memory was changed by a write that raised"
+            return
+        try:
+            out = attnmem.memory_write(**given_, inplace=True)
+        except ERRORS as error:  # documented: the kernel writes rows with unit stride
+            assert backend == "triton" and memory.stride(-1) != 1, error
+            named(error, "memory")
+            return
+    rounded = {name: x.to(dtype).double() for name, x in clean.items()}
+    expect = write_reference(**rounded).to(dtype)
+    base = write_reference(**{n: x.to(dtype) for n, x in rounded.items()})
+    assert out.data_ptr() == memory.data_ptr() or memory.numel() == 0, "not written in place"
+    compare("memory", memory, expect.double(), base, dtype)
+    for name, x in others.items():
+        assert same(given_[name], x), f"{name} was modified"
+
+
+def location_reference(content_weights, prev_weights, gate, shift, gamma):
+    n, s = content_weights.shape[-1], shift.shape[-1]
+    gated = gate[..., None] * content_weights + (1 - gate[..., None]) * prev_weights
+    if n == 0:
+        return (gated,)
+    # shift[j] moves the focus by j - S//2: slot m receives gated[m - (j - S//2)].
+    source = (torch.arange(n)[None, :] - (torch.arange(s)[:, None] - s // 2)) % n
+    shifted = (shift[..., :, None] * gated[..., source]).sum(-2)
+    positive = shifted > 0
+    sharp = torch.where(positive, torch.exp(gamma[..., None] * torch.log(
+        torch.where(positive, shifted, 1.0))), 0.0)
+    total = sharp.sum(-1, keepdim=True)
+    return ((sharp / torch.where(total > 0, total, 1.0)).to(content_weights.dtype),)
+
+
+@st.composite
+def location_cases(draw, backend):
+    b, r, n = (draw(st.integers(0, m)) for m in (2, 3, 7))
+    return dict(shape=(b, r, n, draw(st.sampled_from([1, 3, 5]))),
+                gamma=draw(st.sampled_from([1.0, 3.0, 25.0])),
+                temperature=draw(st.sampled_from([0.3, 1.0, 100.0])),
+                dtype=draw(dtypes(backend)), layout=draw(layouts), seed=draw(seeds))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@contract
+@given(data=st.data())
+def test_location_address_matches_float64(backend, data):
+    case = data.draw(location_cases(backend))
+    b, r, n, s = case["shape"]
+    rand, dtype = Data(case["seed"]), case["dtype"]
+    clean = dict(content_weights=rand.simplex(b, r, n, temperature=case["temperature"]),
+                 prev_weights=rand.simplex(b, r, n), gate=rand.rand(b, r),
+                 shift=rand.simplex(b, r, s), gamma=1 + rand.rand(b, r) * (case["gamma"] - 1))
+    given_ = {name: arrange(x.to(dtype), case["layout"]) for name, x in clean.items()}
+    out = check_call(backend, lambda **x: (attnmem.location_address(**x),),
+                     location_reference, given_, clean, rand, [True], [dtype],
+                     condition=case["gamma"])
+    sums = out[0].double().sum(-1)
+    assert torch.allclose(sums, torch.ones_like(sums), atol=1e-2), "weights do not sum to 1"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@contract
+@given(data=st.data())
+def test_location_sharpening_near_uniform_weights_sums_to_one(backend, data):
+    """w^gamma of near-uniform weights over many slots underflows in float32 (0.005^25):
+    the weights must still sum to 1 and match float64."""
+    b, r = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2))
+    n = data.draw(st.integers(100, 300))
+    gamma = data.draw(st.floats(15.0, 30.0))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16]))
+    rand = Data(data.draw(seeds))
+    uniform = (1 + 1e-2 * rand.randn(b, r, n)) / n
+    x = dict(content_weights=uniform, prev_weights=uniform.flip(-1), gate=rand.rand(b, r),
+             shift=rand.simplex(b, r, 3), gamma=torch.full((b, r), gamma, dtype=torch.float64))
+    given_ = {name: t.to(dtype) for name, t in x.items()}
+    with attnmem.use_backend(backend):
+        out = attnmem.location_address(**given_)
+    expect = location_reference(**{n_: t.double() for n_, t in given_.items()})[0]
+    assert torch.isfinite(out).all(), "non-finite weights"
+    sums = out.double().sum(-1)
+    assert torch.allclose(sums, torch.ones_like(sums), atol=1e-2), \
+        f"weights sum to {sums.tolist()} (gamma {gamma}, N {n})"
+    torch.testing.assert_close(out.double(), expect, rtol=0.05 if dtype == torch.float16
+                               else 1e-4, atol=1e-6)
+
+
+# additive, pointer and hard attention -----------------------------------------------------
+
+def additive_reference(keep):
+    def ref(q, k, v, values=None):
+        scores = torch.tanh(q[:, :, None, :] + k[:, None, :, :]) @ v
+        weights, lse = safe_softmax(scores, keep)
+        log_probs = torch.where(keep, scores - torch.where(torch.isfinite(lse), lse, 0.0)[
+            ..., None], -INF)
+        return weights, log_probs
+    return ref
+
+
+@st.composite
+def additive_cases(draw, backend):
+    b, n_q, n_k = (draw(st.integers(0, m)) for m in (2, 4, 5))
+    return dict(shape=(b, n_q, n_k, draw(st.sampled_from([1, 3, 4, 7])),
+                       draw(st.integers(1, 4))),
+                kv=draw(st.none() | lengths(b, n_k)), return_weights=draw(st.booleans()),
+                dtype=draw(dtypes(backend)), layout=draw(layouts), poison=draw(poisons),
+                seed=draw(seeds))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@contract
+@given(data=st.data())
+def test_additive_and_pointer_attention_match_float64(backend, data):
+    case = data.draw(additive_cases(backend))
+    b, n_q, n_k, a, dv = case["shape"]
+    rand, dtype, layout = Data(case["seed"]), case["dtype"], case["layout"]
+    kv_lengths, lens = case["kv"] or (None, None)
+    padding = key_padding(b, n_k, lens)
+    keep = ~padding[:, None, :].expand(b, n_q, n_k)
+    clean = dict(q=rand.randn(b, n_q, a), k=rand.randn(b, n_k, a), v=rand.randn(a),
+                 values=rand.randn(b, n_k, dv))
+    given_ = {name: arrange((poisoned(x, padding, case["poison"]) if name in ("k", "values")
+                             else x).to(dtype), layout) for name, x in clean.items()}
+    ref = additive_reference(keep)
+    return_weights = case["return_weights"]
+
+    def additive(q, k, v, values):
+        out = attnmem.additive_attention(q, k, values, v, kv_lengths=kv_lengths,
+                                         return_weights=return_weights)
+        return out if return_weights else (out,)
+
+    def additive_ref(q, k, v, values):
+        weights = ref(q, k, v)[0]
+        out = (weights @ values).to(q.dtype)
+        return (out, weights.to(q.dtype)) if return_weights else (out,)
+
+    def pointer(q, k, v):
+        return (attnmem.pointer_attention(q, k, v, kv_lengths=kv_lengths),)
+
+    def pointer_ref(q, k, v):
+        return (ref(q, k, v)[1].float(),)
+
+    check_call(backend, additive, additive_ref, given_, clean, rand, [True, True],
+               [dtype, dtype])
+    del given_["values"], clean["values"]
+    check_call(backend, pointer, pointer_ref, given_, clean, rand, [True], [torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@contract
+@given(data=st.data())
+def test_hard_attention(backend, data):
+    b, n_q, n_k, dv = (data.draw(st.integers(lo, hi)) for lo, hi in
+                       ((0, 2), (0, 4), (1, 5), (1, 3)))
+    dtype, rand = data.draw(dtypes(backend)), Data(data.draw(seeds))
+    sample = data.draw(st.booleans())
+    allowed = rand.bools(b, n_q, n_k)
+    log_weights = torch.log_softmax(rand.randn(b, n_q, n_k).masked_fill(~allowed, -INF), -1)
+    log_weights = torch.nan_to_num(log_weights, nan=-INF).to(dtype)
+    values = rand.randn(b, n_k, dv).to(dtype)
+    before = (log_weights.clone(), values.clone())
+    leaf = log_weights.clone().requires_grad_()
+    with attnmem.use_backend(backend):
+        indices, chosen, log_prob = attnmem.hard_attention(leaf, values, sample=sample,
+                                                           generator=rand.gen)
+    assert indices.dtype == torch.int64 and indices.shape == (b, n_q)
+    assert ((indices >= 0) & (indices < n_k)).all(), "index out of range"
+    picked = torch.gather(log_weights, 2, indices[..., None]).squeeze(-1)
+    assert same(log_prob.detach(), picked), "log_prob is not the chosen input's"
+    assert same(chosen, torch.gather(values, 1, indices[..., None].expand(-1, -1, dv)))
+    possible = allowed.any(-1)
+    assert torch.isfinite(picked[possible]).all(), "chose an impossible input"
+    assert (indices[~possible] == 0).all() and (log_prob[~possible] == -INF).all()
+    if not sample:
+        assert same(indices, log_weights.argmax(-1)), "not the most likely input"
+    upstream = rand.randn(b, n_q).to(dtype).masked_fill(~possible, 0)
+    (grad,) = torch.autograd.grad(log_prob, leaf, upstream)
+    expect = torch.zeros_like(log_weights).scatter(2, indices[..., None], upstream[..., None])
+    assert same(grad, expect), "log_prob's gradient is not one-hot"
+    assert same(log_weights, before[0]) and same(values, before[1]), "an input was modified"
