@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnmem
+from attnmem.memory import SIMILARITIES
+from attnmem.nn import _checks
 
 
 class NTMState(NamedTuple):
@@ -37,14 +39,16 @@ class NTM(nn.Module):
                  memory_width=20, read_heads=1, write_heads=1, shift_range=1,
                  memory_init="learned", batch_first=False):
         super().__init__()
-        if memory_init not in ("learned", "constant"):
-            raise ValueError(f"memory_init must be 'learned' or 'constant', got {memory_init!r}")
-        for name, value in (("memory_slots", memory_slots), ("memory_width", memory_width),
-                            ("read_heads", read_heads), ("write_heads", write_heads)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if shift_range < 0:
-            raise ValueError(f"shift_range must be >= 0, got {shift_range}")
+        memory_init = _checks.choice("memory_init", memory_init, ("learned", "constant"))
+        input_size, output_size, controller_size, memory_slots, memory_width, read_heads, \
+            write_heads = (_checks.integer(name, given) for name, given in (
+                ("input_size", input_size), ("output_size", output_size),
+                ("controller_size", controller_size), ("memory_slots", memory_slots),
+                ("memory_width", memory_width), ("read_heads", read_heads),
+                ("write_heads", write_heads)))
+        shift_range = _checks.integer("shift_range", shift_range, 0)
+        batch_first = _checks.flag("batch_first", batch_first)
+        self.input_size = input_size
         self.slots, self.width = memory_slots, memory_width
         self.read_heads, self.write_heads = read_heads, write_heads
         self.shifts = 2 * shift_range + 1
@@ -83,34 +87,70 @@ class NTM(nn.Module):
         content = attnmem.memory_address(memory, key, strength=strength, similarity="cosine")
         return attnmem.location_address(content, prev_weights, gate, shift, gamma)
 
+    def _check_state(self, state, batch):
+        if not isinstance(state, NTMState):
+            raise TypeError(f"state must be an NTMState (or None), got {type(state).__name__}")
+        n, m, hidden = self.slots, self.width, self.controller.hidden_size
+        for name, expected in (("h", (batch, hidden)), ("c", (batch, hidden)),
+                               ("memory", (batch, n, m)),
+                               ("read_weights", (batch, self.read_heads, n)),
+                               ("write_weights", (batch, self.write_heads, n)),
+                               ("reads", (batch, self.read_heads, m))):
+            _checks.tensor(f"state.{name}", getattr(state, name), [expected], self.read_init)
+
     def step(self, x: torch.Tensor, state: Optional[NTMState] = None):
         """One time step: x (B, input_size) -> (y (B, output_size), new state)."""
-        if state is None:
-            state = self.initial_state(x.shape[0])
+        _checks.tensor("x", x, [("B", self.input_size)], self.read_init)
         batch = x.shape[0]
+        if state is None:
+            state = self.initial_state(batch)
+        else:
+            self._check_state(state, batch)
+        return self._step(x, state)
+
+    def _step(self, x, state):
         h, c = self.controller(torch.cat([x, state.reads.flatten(1)], dim=1), (state.h, state.c))
-        write = self.write_params(h).view(batch, self.write_heads, -1)
+        write = self.write_params(h).unflatten(-1, (self.write_heads, -1))
         write_weights = self._address(write[..., :self.addressing], state.memory,
                                       state.write_weights)
         erase = torch.sigmoid(write[..., self.addressing:self.addressing + self.width])
         add = torch.tanh(write[..., self.addressing + self.width:])
         memory = attnmem.memory_write(state.memory, write_weights, erase, add)
-        read = self.read_params(h).view(batch, self.read_heads, -1)
+        read = self.read_params(h).unflatten(-1, (self.read_heads, -1))
         read_weights = self._address(read, memory, state.read_weights)
         reads = attnmem.memory_read(memory, read_weights)
         y = self.output(torch.cat([h, reads.flatten(1)], dim=1))
         return y, NTMState(h, c, memory, read_weights, write_weights, reads)
 
     def forward(self, inputs: torch.Tensor, state: Optional[NTMState] = None):
-        """The whole sequence: inputs (T, B, I) -> (outputs (T, B, O), final state)."""
+        """The whole sequence: inputs (T, B, I) -> (outputs (T, B, O), final state); T = 0
+        gives no outputs and the state it was given (the initial one by default)."""
+        _checks.tensor("inputs", inputs, [("B", "T", self.input_size) if self.batch_first
+                                          else ("T", "B", self.input_size)], self.read_init)
         if self.batch_first:
             inputs = inputs.transpose(0, 1)
-        outputs = []
+        if state is None:
+            state = self.initial_state(inputs.shape[1])
+        else:
+            self._check_state(state, inputs.shape[1])
+        outputs = [inputs.new_empty(0, inputs.shape[1], self.output.out_features)]
         for x in inputs:
-            y, state = self.step(x, state)
-            outputs.append(y)
-        outputs = torch.stack(outputs)
+            y, state = self._step(x, state)
+            outputs.append(y[None])
+        outputs = torch.cat(outputs)
         return (outputs.transpose(0, 1) if self.batch_first else outputs), state
+
+
+def _ids(name, x, shape, like):
+    """x: an integer tensor of token ids of shape (str: any size) on like's device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(x).__name__}")
+    if x.ndim != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(shape, x.shape)):
+        raise ValueError(f"{name} must be ({', '.join(map(str, shape))}), got shape "
+                         f"{tuple(x.shape)}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of token ids, got {x.dtype}")
+    _checks.same_device(name, x, like)
 
 
 class MemN2N(nn.Module):
@@ -126,10 +166,13 @@ class MemN2N(nn.Module):
     def __init__(self, vocab_size, embed_dim=20, memory_size=50, hops=3,
                  position_encoding=True, temporal_encoding=True):
         super().__init__()
-        if hops < 1:
-            raise ValueError(f"hops must be >= 1, got {hops}")
+        vocab_size, embed_dim, memory_size, hops = (
+            _checks.integer(name, given) for name, given in (
+                ("vocab_size", vocab_size), ("embed_dim", embed_dim),
+                ("memory_size", memory_size), ("hops", hops)))
+        temporal_encoding = _checks.flag("temporal_encoding", temporal_encoding)
         self.hops, self.memory_size = hops, memory_size
-        self.position_encoding = position_encoding
+        self.position_encoding = _checks.flag("position_encoding", position_encoding)
         self.linear_start = False
         # Adjacent tying: embeddings[k] is A_{k+1} and C_k at once.
         self.embeddings = nn.ModuleList(nn.Embedding(vocab_size, embed_dim, padding_idx=0)
@@ -156,9 +199,10 @@ class MemN2N(nn.Module):
         return e.sum(-2)
 
     def forward(self, story: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        if story.ndim != 3 or query.ndim != 2 or story.shape[0] != query.shape[0]:
-            raise ValueError(f"story must be (B, S, W) and query (B, W), got "
-                             f"{tuple(story.shape)} and {tuple(query.shape)}")
+        """story (B, S, W) and query (B, W) token ids -> answer logits (B, vocab_size)."""
+        like = self.embeddings[0].weight
+        _ids("story", story, ("B", "S", "W"), like)
+        _ids("query", query, (story.shape[0], "W"), like)
         if story.shape[1] > self.memory_size:
             raise ValueError(f"story has {story.shape[1]} sentences, more than memory_size="
                              f"{self.memory_size}")
@@ -186,31 +230,41 @@ class KeyValueMemory(nn.Module):
     out = h + sigmoid(W_g [h, r]) * W_o r, with r = memory_attend(keys, W_q h).
 
     h: (B, state_dim) or (B, R, state_dim) for R queries. Pass keys/values tensors to use a
-    given memory (stored as buffers unless learn=True); otherwise a memory of num_slots is
-    learned from a random start. The memory is shared by the batch without copies.
+    given memory (stored as buffers unless learn=True; key_dim and value_dim, if given, must
+    match); otherwise a memory of num_slots (0 is valid: the read is zero) is learned from a
+    random start, key_dim and value_dim 64 by default. The memory is shared by the batch
+    without copies.
     """
 
-    def __init__(self, state_dim, num_slots=None, key_dim=64, value_dim=64, keys=None,
+    def __init__(self, state_dim, num_slots=None, key_dim=None, value_dim=None, keys=None,
                  values=None, learn=None, similarity="scaled_dot"):
         super().__init__()
+        state_dim = _checks.integer("state_dim", state_dim)
+        num_slots = _checks.optional_integer("num_slots", num_slots, 0)
+        key_dim = _checks.optional_integer("key_dim", key_dim)
+        value_dim = _checks.optional_integer("value_dim", value_dim)
+        similarity = _checks.choice("similarity", similarity, SIMILARITIES)
         given = keys is not None
         if given != (values is not None):
             raise ValueError("pass both keys and values, or neither")
         if given:
-            if keys.ndim != 2 or values.ndim != 2 or keys.shape[0] != values.shape[0]:
-                raise ValueError(f"keys must be (N, Dk) and values (N, Dv), got "
-                                 f"{tuple(keys.shape)} and {tuple(values.shape)}")
+            _checks.tensor("keys", keys, [("N", key_dim or "Dk")])
+            _checks.tensor("values", values, [(keys.shape[0], value_dim or "Dv")])
+            if num_slots is not None and num_slots != keys.shape[0]:
+                raise ValueError(f"num_slots={num_slots} but keys has {keys.shape[0]} slots")
             key_dim, value_dim = keys.shape[1], values.shape[1]
-        elif num_slots is None or num_slots < 1:
-            raise ValueError("give num_slots >= 1, or keys and values")
+        elif num_slots is None:
+            raise ValueError("give num_slots (an int >= 0), or keys and values")
         else:
+            key_dim, value_dim = key_dim or 64, value_dim or 64
             keys, values = torch.randn(num_slots, key_dim), torch.randn(num_slots, value_dim)
-        learn = (not given) if learn is None else learn
+        learn = (not given) if learn is None else _checks.flag("learn", learn)
         for name, tensor in (("keys", keys), ("values", values)):
             if learn:
                 setattr(self, name, nn.Parameter(tensor.clone()))
             else:
                 self.register_buffer(name, tensor.clone())
+        self.state_dim = state_dim
         self.similarity = similarity
         self.query = nn.Linear(state_dim, key_dim)
         self.out = nn.Linear(value_dim, state_dim)
@@ -218,10 +272,24 @@ class KeyValueMemory(nn.Module):
 
     def forward(self, h: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 return_weights: bool = False):
-        single = h.ndim == 2
+        """h (B, state_dim) or (B, R, state_dim); mask (B, N) bool, True = usable slot ->
+        h fused with its reads, like h, and with return_weights=True the weights (B, N) or
+        (B, R, N)."""
+        shape = _checks.tensor("h", h, [("B", self.state_dim), ("B", "R", self.state_dim)],
+                               self.query.weight)
+        return_weights = _checks.flag("return_weights", return_weights)
+        single = len(shape) == 2
         if single:
             h = h[:, None]
         batch = h.shape[0]
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise TypeError(f"mask must be a bool tensor (True = usable slot), got "
+                                f"{getattr(mask, 'dtype', type(mask).__name__)}")
+            if tuple(mask.shape) != (batch, self.keys.shape[0]):
+                raise ValueError(f"mask must be (B, N) = ({batch}, {self.keys.shape[0]}), got "
+                                 f"shape {tuple(mask.shape)}")
+            _checks.same_device("mask", mask, self.query.weight)
         read = attnmem.memory_attend(
             self.keys.expand(batch, -1, -1), self.query(h),
             values=self.values.expand(batch, -1, -1), similarity=self.similarity,
