@@ -17,7 +17,7 @@ import attnmem
 from attnmem.nn import MultiheadAttention, MultiheadSelfAttention
 
 OPS = ("attention", "memory_attend", "memory_write", "additive", "mha")
-PROFILES = ("smoke", "quick", "cpu", "gpu")
+PROFILES = ("smoke", "quick", "cpu", "gpu", "gpu-check")
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                  "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
 PROVIDERS = {
@@ -27,32 +27,40 @@ PROVIDERS = {
     "additive": ("attnmem", "eager"),
     "mha": ("attnmem-mha", "attnmem-self", "torch-mha"),
 }
+# The GPU check (scripts/gpu_check.sh) leaves out the attention baselines that fill N^2 scores.
+PROFILE_PROVIDERS = {("attention", "gpu-check"): ("attnmem", "sdpa", "sdpa-flash", "sdpa-cudnn",
+                                                 "sdpa-efficient", "flex")}
 MODES = {"attention": ("fwd", "bwd", "fwd_bwd"), "memory_attend": ("fwd",),
          "memory_write": ("fwd",), "additive": ("fwd", "fwd_bwd"), "mha": ("fwd", "fwd_bwd")}
 
-# Per profile: the swept sizes and the fixed ones. "smoke" only checks that the harness runs.
+# Per profile: the swept sizes and the fixed ones. "smoke" only checks that the harness runs;
+# "gpu-check" is the few minutes of benchmark that scripts/gpu_check.sh leaves room for.
 SIZES = {
     "attention": {
         "gpu": dict(x=[512, 1024, 2048, 4096, 8192, 16384], d=[64, 128], tokens=16384,
                     width=2048),
+        "gpu-check": dict(x=[1024, 4096, 16384], d=[64, 128], tokens=16384, width=2048),
         "cpu": dict(x=[128, 256, 512, 1024], d=[64, 128], tokens=1024, width=512),
         "quick": dict(x=[128, 256, 512], d=[64, 128], tokens=512, width=256),
         "smoke": dict(x=[16, 32], d=[16], tokens=32, width=32),
     },
     "memory": {
         "gpu": dict(x=[1000, 10_000, 100_000, 1_000_000, 4_000_000], d=[32, 64, 128], batch=8),
+        "gpu-check": dict(x=[10_000, 1_000_000, 4_000_000], d=[64], batch=8),
         "cpu": dict(x=[1000, 10_000, 100_000, 1_000_000], d=[32, 128], batch=2),
         "quick": dict(x=[1000, 10_000, 100_000], d=[64], batch=2),
         "smoke": dict(x=[64, 256], d=[16], batch=2),
     },
     "additive": {
         "gpu": dict(x=[128, 256, 512, 1024, 2048], batch=8, attn=128, dv=128),
+        "gpu-check": dict(x=[256, 1024], batch=8, attn=128, dv=128),
         "cpu": dict(x=[32, 64, 128, 256], batch=2, attn=64, dv=64),
         "quick": dict(x=[32, 64, 128], batch=2, attn=64, dv=64),
         "smoke": dict(x=[8, 16], batch=1, attn=16, dv=16),
     },
     "mha": {
         "gpu": dict(x=[512, 1024, 2048, 4096], batch=8, embed=1024, heads=16),
+        "gpu-check": dict(x=[1024, 4096], batch=8, embed=1024, heads=16),
         "cpu": dict(x=[128, 256, 512], batch=2, embed=256, heads=4),
         "quick": dict(x=[128, 256], batch=2, embed=256, heads=4),
         "smoke": dict(x=[16], batch=1, embed=32, heads=2),
@@ -81,8 +89,9 @@ def points(op: str, profile: str):
     elif op.startswith("memory"):
         configs = [dict(d=d) for d in sizes["d"]]
     fixed = {k: v for k, v in sizes.items() if k not in ("x", "d")}
+    providers = PROFILE_PROVIDERS.get((op, profile), PROVIDERS[op])
     return [dict(op=op, provider=provider, mode=mode, x=x, **fixed, **config)
-            for config in configs for mode in MODES[op] for provider in PROVIDERS[op]
+            for config in configs for mode in MODES[op] for provider in providers
             for x in sizes["x"]]
 
 

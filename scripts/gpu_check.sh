@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU check: one command, at most 9 minutes on an H100, from a bare machine with the
+# repository copied in (missing pure-Python packages come from .whl/, see gpu_wheels.sh).
+#
+#   bash scripts/gpu_check.sh OUT_DIR            on a GPU machine
+#   bash scripts/gpu_check.sh --smoke OUT_DIR    tiny sizes on a CPU (CI, well under a minute)
+#
+# 1. facts: device, driver, torch, triton, Python, commit, copy bandwidth, bf16 matmul rate;
+# 2. tests: the kernel tests on CUDA (TRITON_INTERPRET=0) against float64, stopping at the
+#    first failure (--smoke: two kernel tests through Triton's interpreter);
+# 3. bench: the gpu-check benchmark profile until the time is up (--smoke: attention and
+#    memory_attend at the smoke profile's sizes, attnmem's torch backend on the CPU);
+# 4. OUT_DIR gets summary.json, report.md, tests.log, bench.log and bench.tar.gz (the
+#    benchmark's results.json, report.md and plots, in a folder named after the device).
+# Exit status: 0 when the tests passed, 1 when they failed or ran out of time, 2 on misuse.
+# ATTNMEM_CHECK_BUDGET: the seconds the whole check may take (default 530; --smoke 150).
+set -uo pipefail
+SMOKE=0
+if [ "${1:-}" = --smoke ]; then
+    SMOKE=1
+    shift
+fi
+if [ $# -ne 1 ]; then
+    echo "usage: bash scripts/gpu_check.sh [--smoke] OUT_DIR" >&2
+    exit 2
+fi
+# shellcheck source=scripts/gpu_common.sh
+source "$(dirname "$0")/gpu_common.sh"
+START=$(date +%s)
+DEADLINE=$((START + ${ATTNMEM_CHECK_BUDGET:-$((SMOKE ? 150 : 530))}))
+start_run "$1" $SMOKE
+
+if [ $SMOKE = 1 ]; then
+    pytest_step "$(left "$DEADLINE" 60)" 1 1 -x \
+        "tests/test_attention.py::test_matches_float64[plain-fp32-cpu-triton]" \
+        "tests/test_memory_write.py::test_matches_float64[2x75x20x1-fp32-triton]"
+else
+    # At least 170 s of the call are kept for the benchmarks.
+    limit=$(left "$DEADLINE" 170)
+    pytest_step $((limit < 300 ? limit : 300)) 8 0 tests -x -m "not slow" \
+        --ignore=tests/test_bench.py --ignore=tests/test_examples.py --ignore=tests/test_lint.py
+fi
+TESTS=$?
+
+if [ $SMOKE = 1 ]; then
+    # Two ops, one plot of each kind: tests/test_bench.py sweeps every op at smoke sizes.
+    bench_step "$DEADLINE" --profile smoke --budget-s 0.02 --ops attention memory_attend
+else
+    bench_step "$DEADLINE" --profile gpu-check --budget-s 0.1
+fi
+finish_run
+if [ $TESTS -ne 0 ]; then
+    echo "gpu_check: the tests failed or ran out of time: see $OUT/tests.log" >&2
+    exit 1
+fi

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The full GPU report in parts, each within one 10-minute call (ATTNMEM_PART_BUDGET seconds,
+# default 540), on a bare machine as scripts/gpu_check.sh runs:
+#
+#   bash scripts/gpu_report.sh OUT_DIR PART
+#
+# PART is one of
+#   tests              every test on CUDA, slow ones too, not stopping at a failure
+#   attention-fwd      the gpu benchmark profile's attention forward,
+#   attention-bwd      ... backward,
+#   attention-fwd_bwd  ... forward and backward,
+#   others             memory_attend, memory_write, additive attention and the layers.
+# OUT_DIR gets summary.json, report.md, the log and, for a benchmark part,
+# part-PART.json (its results.json) and bench.tar.gz. Then, on any machine with the parts'
+# JSON files gathered, one report in reports/<device-slug>/:
+#
+#   python -m bench.gpu_check merge reports part-attention-fwd.json part-attention-bwd.json ...
+set -uo pipefail
+PART=${2:-}
+case "$PART" in
+    tests) ;;
+    attention-fwd | attention-bwd | attention-fwd_bwd)
+        SWEEP=(--ops attention --modes "${PART#attention-}")
+        ;;
+    others) SWEEP=(--ops memory_attend memory_write additive mha) ;;
+    *)
+        echo "usage: bash scripts/gpu_report.sh OUT_DIR PART, PART one of tests attention-fwd" \
+            "attention-bwd attention-fwd_bwd others" >&2
+        exit 2
+        ;;
+esac
+if [ $# -ne 2 ]; then
+    echo "usage: bash scripts/gpu_report.sh OUT_DIR PART" >&2
+    exit 2
+fi
+# shellcheck source=scripts/gpu_common.sh
+source "$(dirname "$0")/gpu_common.sh"
+START=$(date +%s)
+DEADLINE=$((START + ${ATTNMEM_PART_BUDGET:-540}))
+start_run "$1" 0
+
+STATUS=0
+if [ "$PART" = tests ]; then
+    pytest_step "$(left "$DEADLINE" 20)" 8 0 tests --ignore=tests/test_bench.py \
+        --ignore=tests/test_examples.py --ignore=tests/test_lint.py
+    STATUS=$?
+else
+    bench_step "$DEADLINE" --profile gpu --budget-s 0.5 "${SWEEP[@]}"
+    for results in "$WORK"/bench/*/results.json; do
+        [ -f "$results" ] && cp "$results" "$OUT/part-$PART.json"
+    done
+fi
+finish_run
+exit $STATUS

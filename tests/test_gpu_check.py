@@ -1,0 +1,75 @@
+"""The GPU check's CPU smoke run (scripts/gpu_check.sh --smoke: two kernel tests through the
+interpreter, the smoke benchmark profile on attnmem's torch backend), so the command a GPU
+machine runs cannot rot; and the merge of a GPU report's parts."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def check(tmp_path_factory):
+    out = tmp_path_factory.mktemp("check")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(["bash", "scripts/gpu_check.sh", "--smoke", str(out)], cwd=ROOT,
+                            env=dict(env, PYTHON=sys.executable), capture_output=True,
+                            text=True, timeout=300)
+    return result, out
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="the check is a bash script")
+def test_smoke_check_writes_its_files(check):
+    result, out = check
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    files = sorted(os.listdir(out))
+    assert files == ["bench.log", "bench.tar.gz", "report.md", "summary.json", "tests.log"]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("device", "torch", "triton", "python", "commit", "copy_bandwidth_gbs",
+                "bf16_matmul_tflops"):
+        assert summary["facts"][key], key
+    assert [s["step"] for s in summary["steps"]] == ["facts", "tests", "bench"]
+    assert all(s["status"] == "ok" for s in summary["steps"]), summary["steps"]
+    assert summary["tests"]["tests"] == 2 and summary["tests"]["failures"] == 0
+    assert summary["bench"]["measured"] > 0
+    assert "2 passed" in (out / "tests.log").read_text()
+    report = (out / "report.md").read_text()
+    for heading in ("# attnmem GPU check", "## Steps", "## Tests", "### Attention",
+                    "### Memory ops"):
+        assert heading in report, heading
+    with tarfile.open(out / "bench.tar.gz") as tar:
+        names = tar.getnames()
+        (results,) = [n for n in names if n.endswith("/results.json")]
+        data = json.load(tar.extractfile(results))
+    assert data["meta"]["commit"] == summary["facts"]["commit"]
+    assert any(n.endswith("/attention.png") for n in names)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="the check is a bash script")
+def test_parts_merge_into_one_report(check, tmp_path):
+    _, out = check
+    with tarfile.open(out / "bench.tar.gz") as tar:
+        tar.extractall(tmp_path / "bench", filter="data")
+    (results,) = (tmp_path / "bench").glob("*/results.json")
+    data = json.loads(results.read_text())
+    parts = []
+    for op in ("attention", "memory_attend"):
+        part = dict(data, results=[r for r in data["results"] if r["op"] == op])
+        parts.append(tmp_path / f"part-{op}.json")
+        parts[-1].write_text(json.dumps(part))
+    result = subprocess.run([sys.executable, "-m", "bench.gpu_check", "merge",
+                             str(tmp_path / "reports"), *map(str, parts)], cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = json.loads((tmp_path / "reports" / data["meta"]["slug"] / "results.json")
+                        .read_text())
+    assert {r["op"] for r in merged["results"]} == {"attention", "memory_attend"}
+    assert len(merged["results"]) == sum(r["op"] in ("attention", "memory_attend")
+                                         for r in data["results"])
