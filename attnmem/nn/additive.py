@@ -29,10 +29,9 @@ class _Additive(nn.Module):
 
     def __init__(self, query_dim, key_dim, attn_dim):
         super().__init__()
-        self.query_dim, self.key_dim, self.attn_dim = (
-            _checks.integer("query_dim", query_dim), _checks.integer("key_dim", key_dim),
-            _checks.integer("attn_dim", attn_dim))
-        query_dim, key_dim, attn_dim = self.query_dim, self.key_dim, self.attn_dim
+        query_dim, key_dim, attn_dim = (_checks.integer(name, given) for name, given in (
+            ("query_dim", query_dim), ("key_dim", key_dim), ("attn_dim", attn_dim)))
+        self.query_dim, self.key_dim, self.attn_dim = query_dim, key_dim, attn_dim
         self.query_proj = nn.Linear(query_dim, attn_dim)
         self.key_proj = nn.Linear(key_dim, attn_dim, bias=False)
         self.v = nn.Parameter(torch.empty(attn_dim).uniform_(-attn_dim ** -0.5,
@@ -43,24 +42,24 @@ class _Additive(nn.Module):
         projected_keys to every decoder step."""
         return self.key_proj(keys)
 
-    def _projected(self, query, keys, projected_keys, keys_name="keys"):
-        """query (B, Nq, query_dim), checked; keys (B, Nk, key_dim) and projected_keys
-        (B, Nk, attn_dim) checked here. -> W_q query + b, W_k keys."""
-        batch = query.shape[0]
-        _sequence(keys_name, keys, batch, None, self.key_dim, self.v)
-        if projected_keys is None:
-            return self.query_proj(query), self.project_keys(keys)
-        _sequence("projected_keys", projected_keys, batch, keys.shape[1], self.attn_dim, self.v)
-        return self.query_proj(query), projected_keys
+    def _projected(self, query, keys, projected_keys):
+        """W_q query + b, and W_k keys unless projected_keys gives them; inputs checked."""
+        return (self.query_proj(query),
+                self.project_keys(keys) if projected_keys is None else projected_keys)
 
     def _inputs(self, query, keys, values, kv_lengths, projected_keys):
-        """Checks every input; -> (query (B, Nq, query_dim), step, q, k, values)."""
+        """Checks every input, then projects; -> (step, q, k, values)."""
         query, step = _steps(query, self.query_dim, self.v)
+        batch = query.shape[0]
+        _sequence("keys", keys, batch, None, self.key_dim, self.v)
+        if projected_keys is not None:
+            _sequence("projected_keys", projected_keys, batch, keys.shape[1], self.attn_dim,
+                      self.v)
+        if values is not None:
+            _sequence("values", values, batch, keys.shape[1], None, self.v)
+        _checks.lengths("kv_lengths", kv_lengths, batch, self.v)
         q, k = self._projected(query, keys, projected_keys)
-        values = keys if values is None else values
-        _sequence("values", values, query.shape[0], keys.shape[1], None, self.v)
-        _checks.lengths("kv_lengths", kv_lengths, query.shape[0], self.v)
-        return query, step, q, k, values
+        return step, q, k, keys if values is None else values
 
 
 class AdditiveAttention(_Additive):
@@ -73,7 +72,7 @@ class AdditiveAttention(_Additive):
         """-> context (B, Nq, Dv) (or (B, Dv) for one step), and weights (B, Nq, Nk) (or
         (B, Nk)) with return_weights=True."""
         return_weights = _checks.flag("return_weights", return_weights)
-        _, step, q, k, values = self._inputs(query, keys, values, kv_lengths, projected_keys)
+        step, q, k, values = self._inputs(query, keys, values, kv_lengths, projected_keys)
         result = attnmem.additive_attention(q, k, values, self.v, kv_lengths=kv_lengths,
                                             return_weights=return_weights)
         if step:
@@ -87,7 +86,7 @@ class PointerAttention(_Additive):
 
     def forward(self, query, keys, kv_lengths: Optional[torch.Tensor] = None,
                 projected_keys: Optional[torch.Tensor] = None):
-        _, step, q, k, _ = self._inputs(query, keys, None, kv_lengths, projected_keys)
+        step, q, k, _ = self._inputs(query, keys, None, kv_lengths, projected_keys)
         log_probs = attnmem.pointer_attention(q, k, self.v, kv_lengths=kv_lengths)
         return log_probs[:, 0] if step else log_probs
 
@@ -104,7 +103,7 @@ class HardAttention(PointerAttention):
         sample = self.training if sample is None else _checks.flag("sample", sample)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        query, step, q, k, values = self._inputs(query, keys, values, kv_lengths, None)
+        step, q, k, values = self._inputs(query, keys, values, kv_lengths, None)
         log_probs = attnmem.pointer_attention(q, k, self.v, kv_lengths=kv_lengths)
         result = attnmem.hard_attention(log_probs, values, sample=sample, generator=generator)
         return tuple(x[:, 0] for x in result) if step else result
@@ -194,7 +193,7 @@ class LuongAttention(nn.Module):
 
     def _global(self, query, source, lengths, return_weights):
         if self.score == "concat":
-            q, k = self.concat._projected(query, source, None, "source")
+            q, k = self.concat._projected(query, source, None)
             result = attnmem.additive_attention(q, k, source, self.concat.v, kv_lengths=lengths,
                                                 return_weights=return_weights)
             return result if return_weights else (result, None)
@@ -229,7 +228,7 @@ class LuongAttention(nn.Module):
         index = index.clamp(0, source.shape[1] - 1)
         gathered = source[torch.arange(batch, device=source.device)[:, None, None], index]
         if self.score == "concat":
-            q, k = self.concat._projected(query, source, None, "source")
+            q, k = self.concat._projected(query, source, None)
             keys = k[torch.arange(batch, device=source.device)[:, None, None], index]
             scores = torch.tanh(q[:, :, None] + keys) @ self.concat.v
         else:
