@@ -6,6 +6,7 @@ triton where it cannot run raises an error that says why.
 """
 
 import contextlib
+import functools
 import importlib.util
 import os
 
@@ -37,9 +38,15 @@ def requested_backend() -> str:
     return _check(os.environ.get("ATTNMEM_BACKEND", "auto"))
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    # Looked up once: a module search walks sys.path, which costs more than a small op.
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_device_reasons(tensors) -> list[str]:
     """Why the triton backend cannot run on these tensors' device (empty if it can)."""
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return ["triton is not installed"]
     device = tensors[0].device
     if device.type == "cuda":

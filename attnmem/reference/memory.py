@@ -29,8 +29,9 @@ def similarity(memory, keys, kind):
     if kind == "scaled_dot":
         return dots / math.sqrt(memory.shape[-1])
     # max(|u||v|, eps) as sqrt(max(|u|^2 |v|^2, eps^2)): the same value, and no 0/0 in the
-    # gradient of a zero vector's norm.
-    norms_sq = keys.pow(2).sum(-1)[:, :, None] * memory.pow(2).sum(-1)[:, None, :]
+    # gradient of a zero vector's norm. vector_norm reduces without a memory-sized square.
+    norms_sq = (torch.linalg.vector_norm(keys, dim=-1).square()[:, :, None]
+                * torch.linalg.vector_norm(memory, dim=-1).square()[:, None, :])
     return dots / norms_sq.clamp_min(EPS * EPS).sqrt()
 
 
@@ -48,9 +49,9 @@ def memory_address(memory, keys, strength, kind, mask):
     scores = similarity(memory, keys, kind)
     if strength is not None:
         scores = scores * strength[:, :, None]
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-    return softmax_with_lse(scores)[0].to(dtype)
+    if mask is None:  # every slot usable: no row without a slot, torch's softmax is safe
+        return torch.softmax(scores, -1).to(dtype)
+    return softmax_with_lse(scores.masked_fill(~mask[:, None, :], float("-inf")))[0].to(dtype)
 
 
 def memory_read(memory, weights):
@@ -65,13 +66,20 @@ def memory_attend(memory, keys, values, strength, kind, mask):
 
 
 def memory_write(memory, weights, erase, add):
-    """M' = M * prod_w (1 - w_w e_w^T) + sum_w w_w a_w^T."""
+    """M' = M * prod_w (1 - w_w e_w^T) + sum_w w_w a_w^T. The last head erases and adds in
+    one pass, M'' = M' + w (a - M' e), so one head streams memory twice, not five times."""
     dtype = memory.dtype
     memory, weights, erase, add = _upcast(memory, weights, erase, add)
-    keep = torch.ones_like(memory)
-    for head in range(weights.shape[1]):
-        keep = keep * (1 - weights[:, head, :, None] * erase[:, head, None, :])
-    return (memory * keep + torch.matmul(weights.transpose(1, 2), add)).to(dtype)
+    if weights.shape[1] == 0:
+        return memory.clone().to(dtype)
+    for head in range(weights.shape[1] - 1):
+        memory = memory * (1 - weights[:, head, :, None] * erase[:, head, None, :])
+    out = torch.addcmul(memory, weights[:, -1, :, None],
+                        torch.addcmul(add[:, -1, None, :], memory, erase[:, -1, None, :],
+                                      value=-1))
+    if weights.shape[1] > 1:
+        out = out.baddbmm(weights[:, :-1].transpose(1, 2), add[:, :-1])
+    return out.to(dtype)
 
 
 def location_address(content_weights, prev_weights, gate, shift, gamma):
