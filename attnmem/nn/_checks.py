@@ -90,3 +90,14 @@ def lengths(name, x, batch, like):
         raise ValueError(f"{name} must be (B,) = ({batch},), got shape {tuple(x.shape)}")
     same_device(name, x, like)
     return x
+
+
+def token_ids(name, x, shape, like):
+    """x: an integer tensor of token ids of shape (str: any size) on like's device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(x).__name__}")
+    if x.ndim != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(shape, x.shape)):
+        raise ValueError(f"{name} must be {_dims(shape)}, got shape {tuple(x.shape)}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of token ids, got {x.dtype}")
+    same_device(name, x, like)

@@ -141,18 +141,6 @@ class NTM(nn.Module):
         return (outputs.transpose(0, 1) if self.batch_first else outputs), state
 
 
-def _ids(name, x, shape, like):
-    """x: an integer tensor of token ids of shape (str: any size) on like's device."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(x).__name__}")
-    if x.ndim != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(shape, x.shape)):
-        raise ValueError(f"{name} must be ({', '.join(map(str, shape))}), got shape "
-                         f"{tuple(x.shape)}")
-    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor of token ids, got {x.dtype}")
-    _checks.same_device(name, x, like)
-
-
 class MemN2N(nn.Module):
     """End-to-end memory network (Sukhbaatar et al. 2015) for question answering.
 
@@ -201,8 +189,8 @@ class MemN2N(nn.Module):
     def forward(self, story: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """story (B, S, W) and query (B, W) token ids -> answer logits (B, vocab_size)."""
         like = self.embeddings[0].weight
-        _ids("story", story, ("B", "S", "W"), like)
-        _ids("query", query, (story.shape[0], "W"), like)
+        _checks.token_ids("story", story, ("B", "S", "W"), like)
+        _checks.token_ids("query", query, (story.shape[0], "W"), like)
         if story.shape[1] > self.memory_size:
             raise ValueError(f"story has {story.shape[1]} sentences, more than memory_size="
                              f"{self.memory_size}")
