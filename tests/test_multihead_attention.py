@@ -288,6 +288,10 @@ def _seqs(n_q=L, n_k=S, batch=B, widths=(E, E, E), dtype=torch.float32):
     ("attn_mask must be a bool or floating-point",
      _forward(*_seqs(), attn_mask=torch.zeros(L, S, dtype=torch.int))),
     ("attn_mask must be a torch.Tensor", _forward(*_seqs(), attn_mask=[[0.0]])),
+    ("query is on meta but the module is on cpu",
+     _forward(torch.randn(L, B, E, device="meta"), *_seqs()[1:])),
+    ("key_padding_mask is on meta but the module is on cpu", _forward(
+        *_seqs(), key_padding_mask=torch.zeros(B, S, dtype=torch.bool, device="meta"))),
 ])
 def test_bad_input_raises_a_named_error(message, call):
     with pytest.raises((ValueError, TypeError), match=message):
