@@ -64,8 +64,9 @@ def facts(smoke):
     return out
 
 
-class Deadline(Exception):
-    """SIGTERM from the step's timeout: stop, and write what was measured."""
+class Deadline(BaseException):
+    """SIGTERM from the step's timeout: stop, and write what was measured (a BaseException,
+    so that no point's error handling swallows it)."""
 
 
 def _stop(signum, frame):
@@ -82,8 +83,9 @@ def _write(out_dir, meta, rows, unavailable):
 
 def sweep(args):
     """Time the profile's points in order until the deadline, each op within its share of
-    the time left; write DIR/<device-slug>/ (report.write_report) whatever happens. The
-    report's facts (device, versions, commit, roofs) are those of the facts step."""
+    the time left (SHARES) but at least its first point; write DIR/<device-slug>/
+    (report.write_report) whatever happens. The report's facts (device, versions, commit,
+    roofs) are those of the facts step."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("TRITON_INTERPRET=1: interpreter timings are not performance")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,20 +102,22 @@ def sweep(args):
                     if not args.modes or p["mode"] in args.modes]
             left = sum(SHARES[o] for o in ops[i:])
             op_deadline = time.time() + (args.deadline - time.time()) * SHARES[op] / left
-            reasons = report._availability(op, device)
-            unavailable.update({f"{op}/{p}": r for p, r in reasons.items() if r})
-            todo = [p for p in todo if not reasons[p["provider"]]]
             done = 0
+            if time.time() < args.deadline:
+                reasons = report._availability(op, device)
+                unavailable.update({f"{op}/{p}": r for p, r in reasons.items() if r})
+                todo = [p for p in todo if not reasons[p["provider"]]]
             for point in todo:
-                if time.time() > op_deadline:
+                # Each op gets its first point while the sweep has time left at all.
+                if time.time() > (op_deadline if done else args.deadline):
                     break
                 try:
                     rows.append(report.run_point(point, device, args.budget_s))
                 except torch.OutOfMemoryError:
                     rows.append(dict(point, error="out of memory"))
                 except Exception as e:  # noqa: BLE001 - one point's failure is its own row
-                    rows.append(dict(point, error=f"{type(e).__name__}: "
-                                                  f"{str(e).splitlines()[0][:200]}"))
+                    first_line = (str(e).splitlines() or [""])[0][:200]
+                    rows.append(dict(point, error=f"{type(e).__name__}: {first_line}"))
                 done += 1
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -121,6 +125,10 @@ def sweep(args):
                 unavailable[f"{op} (time)"] = (f"{len(todo) - done} of {len(todo)} points not "
                                                "reached within the time budget")
             print(f"{op}: {done}/{len(todo)} points, {time.time() - start:.0f}s", flush=True)
+            # Should the step be killed, what was measured stays (merge makes its report).
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, "results.json"), "w") as f:
+                json.dump(dict(meta=meta, unavailable=unavailable, results=rows), f, indent=1)
     except Deadline:
         unavailable["sweep"] = "stopped by its step's timeout"
     finally:
@@ -130,21 +138,30 @@ def sweep(args):
         print(f"wrote {out_dir}: {sum('error' not in r for r in rows)} points measured")
 
 
-def _tests(work):
-    """The test step's outcome from pytest's JUnit XML: counts and the first failure."""
+def _tests(work, steps, log):
+    """The test step's outcome from pytest's JUnit XML (counts and the first failure) and
+    its log (the seed of the random inputs)."""
+    seed = None
+    if os.path.exists(log):
+        with open(log, errors="replace") as f:
+            seed = next((m.group(1) for m in map(re.compile(r"ATTNMEM_SEED=(\d+)").search, f)
+                         if m), None)
     path = os.path.join(work, "tests.xml")
     if not os.path.exists(path):
-        return dict(outcome="no result (see tests.log)")
+        status = next((s["status"] for s in steps if s["step"] == "tests"), "not run")
+        return dict(outcome=f"no result: the test step {status} (see tests.log)", seed=seed)
     suite = ET.parse(path).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    out = dict(counts, seconds=float(suite.get("time", 0)))
+    out = dict(counts, seconds=float(suite.get("time", 0)), seed=seed)
     for case in suite.iter("testcase"):
         bad = case.find("failure")
         bad = bad if bad is not None else case.find("error")
         if bad is not None:
+            # The short traceback's end, where the assertion and its values are.
+            text = bad.text or bad.get("message") or ""
             out["first_failure"] = dict(test=f"{case.get('classname')}::{case.get('name')}",
-                                        message=(bad.get("message") or "")[:2000])
+                                        message=text[-3000:])
             break
     return out
 
@@ -166,7 +183,7 @@ def summarize(out_dir, work):
     with open(os.path.join(work, "facts.json")) as f:
         summary = dict(facts=json.load(f))
     summary["steps"] = _steps(work)
-    summary["tests"] = _tests(work)
+    summary["tests"] = _tests(work, summary["steps"], os.path.join(out_dir, "tests.log"))
     with open(os.path.join(work, "missing.txt")) as f:
         summary["missing_packages"] = f.read().split()
     bench_md, results = None, None
@@ -199,7 +216,8 @@ def summarize(out_dir, work):
     md += ["", "## Tests", ""]
     if "tests" in tests:
         md += [f"{tests['tests']} tests, {tests['failures']} failed, {tests['errors']} errors, "
-               f"{tests['skipped']} skipped in {tests['seconds']:.0f} s; the log is tests.log."]
+               f"{tests['skipped']} skipped in {tests['seconds']:.0f} s, random inputs seeded "
+               f"with ATTNMEM_SEED={tests['seed']}; the log is tests.log."]
         if "first_failure" in tests:
             md += ["", f"First failure: `{tests['first_failure']['test']}`", "", "```",
                    tests["first_failure"]["message"], "```"]
