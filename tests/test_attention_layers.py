@@ -119,6 +119,8 @@ LENGTHS = torch.tensor([3, 1])
     ("kv_lengths must be an integer tensor",
      lambda: MultiheadSelfAttention(32, 4)(torch.randn(2, 5, 32), LENGTHS.float())),
     ("activation must be one of", lambda: TransformerEncoderLayer(32, 4, activation="tanh")),
+    ("nhead must be an int >= 1, got 0", lambda: TransformerEncoderLayer(32, 0)),
+    ("d_model 30 must be divisible by nhead 4", lambda: TransformerEncoderLayer(30, 4)),
     ("dim_feedforward must be an int >= 1", lambda: TransformerEncoderLayer(32, 4, 0)),
     ("dropout must be in", lambda: TransformerEncoderLayer(32, 4, dropout=-0.1)),
     ("layer_norm_eps must be in \\(0.0, inf\\)",

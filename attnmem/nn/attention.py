@@ -101,6 +101,9 @@ class TransformerEncoderLayer(nn.Module):
                  causal=False, window=None):
         super().__init__()
         d_model = _checks.integer("d_model", d_model)
+        nhead = _checks.integer("nhead", nhead)
+        if d_model % nhead:
+            raise ValueError(f"d_model {d_model} must be divisible by nhead {nhead}")
         dim_feedforward = _checks.integer("dim_feedforward", dim_feedforward)
         dropout = _checks.number("dropout", dropout, 0.0, 1.0)
         activation = _checks.choice("activation", activation, ("relu", "gelu"))
