@@ -152,9 +152,10 @@ class LuongAttention(nn.Module):
     def forward(self, query, source, source_lengths: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None, return_weights: bool = False):
         """query: (B, Nq, hidden_size) decoder states or one step (B, hidden_size); source:
-        (B, Ns, source_size); source_lengths: (B,); positions: (B, Nq) target positions t for
-        local-m (default 0..Nq-1). -> h~ (B, Nq, hidden_size), and the alignment weights
-        (B, Nq, Ns) with return_weights=True."""
+        (B, Ns, source_size); source_lengths: (B,) integer, in every mode; positions: the
+        target positions t, local-m only, (B, Nq) or (Nq,) (or (B,) for one step; default
+        0..Nq-1). -> h~ (B, Nq, hidden_size), and the alignment weights (B, Nq, Ns) with
+        return_weights=True. Ns = 0 gives a zero context."""
         like = self.W_c.weight
         query, step = _steps(query, self.hidden_size, like)
         batch, n_q = query.shape[:2]
