@@ -134,18 +134,8 @@ def test_luong_global_attention_runs_on_the_kernels(score, backend):
     torch.testing.assert_close(got.double(), expect, atol=1e-5, rtol=1e-5)
 
 
-def test_bad_arguments_raise_named_errors():
-    with pytest.raises(ValueError, match="score must be one of"):
-        LuongAttention(HID, score="bilinear")
-    with pytest.raises(ValueError, match="mode must be one of"):
-        LuongAttention(HID, mode="local")
-    with pytest.raises(ValueError, match="window must be an int"):
-        LuongAttention(HID, mode="local-m", window=-1)
-    with pytest.raises(ValueError, match="needs source_size == hidden_size"):
-        LuongAttention(HID, score="dot", source_size=HID + 1)
-    with pytest.raises(ValueError, match="query must be"):
-        AdditiveAttention(HID, 7, 9)(torch.randn(HID), torch.randn(B, NS, 7))
-    with torch.no_grad():  # a source of length 0 gives a zero context, not NaN
+def test_a_source_of_length_zero_gives_a_zero_context():
+    with torch.no_grad():
         out = LuongAttention(HID)(torch.randn(2, HID), torch.randn(2, 3, HID), torch.tensor([0, 3]))
     assert math.isfinite(out.sum().item())
 
