@@ -37,8 +37,9 @@ if [ $SMOKE = 1 ]; then
 else
     # At least 170 s of the call are kept for the benchmarks.
     limit=$(left "$DEADLINE" 170)
-    pytest_step $((limit < 300 ? limit : 300)) 8 0 tests -x -m "not slow" \
-        --ignore=tests/test_bench.py --ignore=tests/test_examples.py --ignore=tests/test_lint.py
+    pytest_step $((limit < 300 ? limit : 300)) 12 0 tests -x -m "not slow" \
+        --ignore=tests/test_bench.py --ignore=tests/test_examples.py --ignore=tests/test_lint.py \
+        --ignore=tests/test_gpu_check.py
 fi
 TESTS=$?
 

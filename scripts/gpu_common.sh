@@ -5,8 +5,10 @@
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
 SITE=/tmp/attnmem-site
-# Triton kernels run compiled; only the smoke run's tests ask for the interpreter.
+# Triton kernels run compiled (only the smoke run's tests ask for the interpreter), and the
+# autotuner keeps its choices on disk, so test workers and the benchmark tune a key once.
 export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+export TRITON_CACHE_AUTOTUNING=1
 # Pure-Python packages (import name:distribution) that tests and benchmarks use; a bare GPU
 # machine may lack some. scripts/gpu_wheels.sh downloads them into .whl/.
 PURE_PYTHON=(pytest:pytest pluggy:pluggy iniconfig:iniconfig packaging:packaging
@@ -76,7 +78,9 @@ left() {
 pytest_step() {
     local limit=$1 workers=$2 interpret=$3 extra=()
     shift 3
-    "$PY" -c "import xdist" 2>/dev/null && [ "$workers" -gt 1 ] && extra+=(-n "$workers")
+    # loadgroup: the sm_80/sm_90 compile tests share one worker, as in CI.
+    "$PY" -c "import xdist" 2>/dev/null && [ "$workers" -gt 1 ] &&
+        extra+=(-n "$workers" --dist loadgroup)
     "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 150)
     step tests "$limit" env TRITON_INTERPRET="$interpret" "$PY" -m pytest "$@" \
         "${extra[@]}" -v --tb=short -ra --durations=20 -p no:cacheprovider \

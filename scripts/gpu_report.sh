@@ -41,8 +41,8 @@ start_run "$1" 0
 
 STATUS=0
 if [ "$PART" = tests ]; then
-    pytest_step "$(left "$DEADLINE" 20)" 8 0 tests --ignore=tests/test_bench.py \
-        --ignore=tests/test_examples.py --ignore=tests/test_lint.py
+    pytest_step "$(left "$DEADLINE" 20)" 12 0 tests --ignore=tests/test_bench.py \
+        --ignore=tests/test_examples.py --ignore=tests/test_lint.py --ignore=tests/test_gpu_check.py
     STATUS=$?
 else
     bench_step "$DEADLINE" --profile gpu --budget-s 0.5 "${SWEEP[@]}"
