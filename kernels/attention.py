@@ -11,6 +11,8 @@ The backward is deterministic: dK/dV programs own a key tile and loop over every
 of their group; dQ programs own a query tile. Nothing accumulates through atomics.
 """
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -427,6 +429,14 @@ def _smem_limit(device: torch.device) -> int:
 _autotuned = {}
 
 
+def _persist_tuning() -> dict:
+    """triton.autotune's option to keep tuning results on disk, in triton's cache: keyed by
+    the kernel source, the GPU target, the configs and the tuning key, so that a new process
+    skips the benchmarking. Triton versions without the option tune once per process."""
+    params = inspect.signature(triton.autotune).parameters
+    return {"cache_results": True} if "cache_results" in params else {}
+
+
 def _launcher(kernel: str, fn, device, block_d: int, elem: int):
     """The kernel under an autotuner whose configs fit this device; key: head dim, the
     sequence-length bucket and (added by triton) the argument dtypes."""
@@ -435,7 +445,8 @@ def _launcher(kernel: str, fn, device, block_d: int, elem: int):
     if cache_key not in _autotuned:
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                    for m, n, w, s in configs_for(kernel, block_d, elem, smem)]
-        _autotuned[cache_key] = triton.autotune(configs, key=["BLOCK_D", "seq_bucket"])(fn)
+        _autotuned[cache_key] = triton.autotune(configs, key=["BLOCK_D", "seq_bucket"],
+                                                **_persist_tuning())(fn)
     return _autotuned[cache_key]
 
 

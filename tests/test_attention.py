@@ -253,3 +253,29 @@ def test_torch_backend_chunks_long_sequences(monkeypatch):
     monkeypatch.undo()
     assert max(shapes) <= 64
     torch.testing.assert_close(chunked, whole)
+
+
+def test_autotuning_results_persist(monkeypatch):
+    """The launcher asks triton to keep tuning results on disk where triton can (3.9 can);
+    built here without a GPU, so only its construction is checked."""
+    import functools
+    import inspect
+
+    triton = pytest.importorskip("triton")
+    from attnmem.kernels import attention as kernel
+
+    options = {}
+    real_autotune = triton.autotune
+
+    @functools.wraps(real_autotune)
+    def spy(*args, **kwargs):
+        options.update(kwargs)
+        return real_autotune(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "_autotuned", {})
+    monkeypatch.setattr(kernel, "_smem_limit", lambda device: kernel.SMEM_LIMIT[90])
+    monkeypatch.setattr(triton, "autotune", spy)
+    tuned = kernel._launcher("fwd", kernel._attn_fwd, "cuda", 64, 2)
+    assert len(tuned.configs) == len(kernel.configs_for("fwd", 64, 2, kernel.SMEM_LIMIT[90]))
+    has_option = "cache_results" in inspect.signature(real_autotune).parameters
+    assert options.get("cache_results") is (True if has_option else None)
