@@ -5,7 +5,9 @@ float32. Query head h reads kv head h // (H // Hkv). Masks are one window of key
 around each query's bottom-right aligned position a = i + Nk - Nq: key j is visible iff
 a - window_left <= j <= a + window_right and j < kv_len (see attnmem.reference.attention).
 Each program visits only the tiles its mask leaves non-empty, and evaluates the mask only on
-the tiles at the edges of the visible band.
+the tiles at the edges of the visible band. There, keys that no query of the tile sees are
+loaded as zeros, so that padding holding NaN or inf contributes nothing (a zero weight
+times NaN is still NaN).
 
 The backward is deterministic: dK/dV programs own a key tile and loop over every query head
 of their group; dQ programs own a query tile. Nothing accumulates through atomics.
@@ -75,7 +77,7 @@ def _visible(rows, keys, offset, n_q, kv_len, window_left, window_right):
 
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
-               start, end, offset, n_q, kv_len, window_left, window_right, qk_scale,
+               start, end, key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -84,7 +86,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, rows, off
         start_n = tl.multiple_of(start_n, BLOCK_N)
         keys = start_n + offs_n0
         if MASKED:
-            k_ok = keys < kv_len
+            k_ok = (keys < kv_len) & (keys >= key_lo)
         else:
             k_ok = keys >= 0
         kt = tl.load(k_base + keys[None, :] * stride_kn + offs_d[:, None],
@@ -143,16 +145,17 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     row_last = tl.minimum(row_first + BLOCK_M, n_q) - 1
     lo, full_lo, full_hi, hi = _key_range(row_first, row_last, offset, kv_len, window_left,
                                           window_right, BLOCK_N)
+    key_lo = row_first + offset - window_left  # keys below it: no row of the tile sees them
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, rows,
-                               offs_d, lo, full_lo, offset, n_q, kv_len, window_left,
+                               offs_d, lo, full_lo, key_lo, offset, n_q, kv_len, window_left,
                                window_right, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, True,
                                DOT_PRECISION)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, rows,
-                               offs_d, full_lo, full_hi, offset, n_q, kv_len, window_left,
+                               offs_d, full_lo, full_hi, key_lo, offset, n_q, kv_len, window_left,
                                window_right, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, False,
                                DOT_PRECISION)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, rows,
-                               offs_d, full_hi, hi, offset, n_q, kv_len, window_left,
+                               offs_d, full_hi, hi, key_lo, offset, n_q, kv_len, window_left,
                                window_right, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, True,
                                DOT_PRECISION)
 
@@ -255,10 +258,12 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     keys = key_first + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (keys[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
+    # Keys that no query sees load as zeros: their dk and dv come out zero whatever they hold.
+    seen = (keys[:, None] < kv_len) & (keys[:, None] >= offset - window_left)
     k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + keys[:, None] * stride_kn
-                + offs_d[None, :], mask=kv_mask, other=0.0)
+                + offs_d[None, :], mask=kv_mask & seen, other=0.0)
     v = tl.load(v_ptr + b * stride_vb + hk * stride_vh + keys[:, None] * stride_vn
-                + offs_d[None, :], mask=kv_mask, other=0.0)
+                + offs_d[None, :], mask=kv_mask & seen, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -297,7 +302,7 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
-              start, end, offset, n_q, kv_len, window_left, window_right, qk_scale,
+              start, end, key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
               DOT_PRECISION: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -306,7 +311,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows,
         start_n = tl.multiple_of(start_n, BLOCK_N)
         keys = start_n + offs_n0
         if MASKED:
-            k_ok = keys < kv_len
+            k_ok = (keys < kv_len) & (keys >= key_lo)
         else:
             k_ok = keys >= 0
         kt = tl.load(k_base + keys[None, :] * stride_kn + offs_d[:, None],
@@ -363,14 +368,15 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
     row_last = tl.minimum(row_first + BLOCK_M, n_q) - 1
     lo, full_lo, full_hi, hi = _key_range(row_first, row_last, offset, kv_len, window_left,
                                           window_right, BLOCK_N)
+    key_lo = row_first + offset - window_left
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
-                   lo, full_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
+                   lo, full_lo, key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
                    HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
-                   full_lo, full_hi, offset, n_q, kv_len, window_left, window_right, qk_scale,
-                   HEAD_DIM, BLOCK_N, False, DOT_PRECISION)
+                   full_lo, full_hi, key_lo, offset, n_q, kv_len, window_left, window_right,
+                   qk_scale, HEAD_DIM, BLOCK_N, False, DOT_PRECISION)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
-                   full_hi, hi, offset, n_q, kv_len, window_left, window_right, qk_scale,
+                   full_hi, hi, key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
                    HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)

@@ -105,26 +105,30 @@ def naive(q, k, v, kwargs, scale):
 
 
 def run(fn, q, k, v, dout, dlse):
-    """Out, lse and the gradients of sum(out * dout) + sum(lse * dlse) over finite lse."""
+    """Out, lse and the gradients of sum(out * dout) + sum(lse * dlse) over finite lse (lse
+    left out of the loss when dlse is None)."""
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
     out, lse = fn(q, k, v)
     loss = (out.float() * dout.float()).sum()
-    loss = loss + torch.where(torch.isfinite(lse), lse, 0.0).mul(dlse.float()).sum()
+    if dlse is not None:
+        loss = loss + torch.where(torch.isfinite(lse), lse, 0.0).mul(dlse.float()).sum()
     grads = torch.autograd.grad(loss, (q, k, v), allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, (q, k, v))]
     return out.detach(), lse.detach(), grads
 
 
-def check_against_float64(q, k, v, kwargs, backend):
-    """kwargs: causal, window, kv_lengths and optionally scale, as attnmem.attention takes."""
+def check_against_float64(q, k, v, kwargs, backend, lse_grad=True):
+    """kwargs: causal, window, kv_lengths and optionally scale, as attnmem.attention takes.
+    lse_grad=False leaves lse out of the loss: its gradient is None, not zeros."""
     scale = kwargs.get("scale") or q.shape[-1] ** -0.5
     kwargs = {**kwargs, "scale": scale}
     dout = torch.randn(q.shape, device=q.device).to(q.dtype)
-    dlse = torch.randn(q.shape[:3], device=q.device)
+    dlse = torch.randn(q.shape[:3], device=q.device) if lse_grad else None
     left, right = _window(kwargs)
 
     ref = run(lambda *x: twin.attention_forward(*x, kwargs["kv_lengths"], scale, left, right),
-              q.double(), k.double(), v.double(), dout.double(), dlse.double())
+              q.double(), k.double(), v.double(), dout.double(),
+              None if dlse is None else dlse.double())
     base = run(lambda *x: naive(*x, kwargs, scale), q, k, v, dout, dlse)
     with attnmem.use_backend(backend):
         ours = run(lambda *x: attnmem.attention(*x, **kwargs, return_lse=True), q, k, v, dout,
@@ -254,6 +258,102 @@ def test_torch_backend_chunks_long_sequences(monkeypatch):
     assert max(shapes) <= 64
     torch.testing.assert_close(chunked, whole)
 
+
+# Keys that no query sees: at or past kv_lengths, and before every query's window.
+POISON_CASES = {
+    "lengths": (2, 4, 2, 20, 45, 16, False, None, [30, 7]),
+    "window_lengths": (2, 2, 1, 20, 45, 16, True, (10, 0), [40, 45]),  # keys < 15 unseen
+}
+
+
+@pytest.mark.parametrize("device, backend", TARGETS + [pytest.param("cpu", "twin", id="twin")])
+@pytest.mark.parametrize("lse_grad", [False, True], ids=["out", "out_lse"])
+@pytest.mark.parametrize("name", list(POISON_CASES))
+def test_padding_never_leaks(name, lse_grad, device, backend):
+    """NaN and inf in keys and values that no query sees change no bit of any result, and
+    their gradients are zero; the results on clean inputs match float64."""
+    case = POISON_CASES[name]
+    q, k, v, kwargs = make_inputs(case, torch.float32, device)
+    left, right = _window(kwargs)
+    j = torch.arange(k.shape[2], device=device)
+    first = k.shape[2] - q.shape[2] - left if left >= 0 else 0
+    unseen = ((j < first) | (j >= kwargs["kv_lengths"][:, None]))[:, None, :, None]
+    assert unseen.any() and not unseen.all()
+    poison = torch.full_like(k, float("nan"))
+    poison[..., ::3, :] = float("inf")
+    poison[..., 1::3, :] = float("-inf")
+    dout = torch.randn(q.shape, device=device)
+    dlse = torch.randn(q.shape[:3], device=device) if lse_grad else None
+    scale = q.shape[-1] ** -0.5
+
+    def attend(q, k, v):
+        if backend == "twin":
+            return twin.attention_forward(q, k, v, kwargs["kv_lengths"], scale, left, right)
+        with attnmem.use_backend(backend):
+            return attnmem.attention(q, k, v, **kwargs, return_lse=True)
+
+    clean = run(attend, q, k, v, dout, dlse)
+    poisoned = run(attend, q, torch.where(unseen, poison, k), torch.where(unseen, poison, v),
+                   dout, dlse)
+    for name, c, p in zip(["out", "lse", "dq", "dk", "dv"], [*clean[:2], *clean[2]],
+                          [*poisoned[:2], *poisoned[2]]):
+        assert not torch.isnan(p).any() and torch.equal(p, c), name
+    for grad in poisoned[2][1:]:
+        assert (grad.masked_select(unseen) == 0).all()
+    if backend != "twin":
+        check_against_float64(q, k, v, kwargs, backend, lse_grad=lse_grad)
+
+
+EMPTY_SHAPES = {  # (B, H, Hkv, Nq, Nk)
+    "no_batch": (0, 2, 2, 5, 7),
+    "no_heads": (1, 0, 1, 5, 7),
+    "no_queries": (1, 2, 2, 0, 7),
+    "no_keys": (1, 2, 1, 5, 0),
+}
+
+
+@pytest.mark.parametrize("device, backend", TARGETS)
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+@pytest.mark.parametrize("return_lse", [False, True], ids=["out", "out_lse"])
+@pytest.mark.parametrize("name", list(EMPTY_SHAPES))
+def test_empty_inputs(name, return_lse, masked, device, backend):
+    """Zero batch, heads, queries or keys: zeros out, lse -inf, zero gradients, no error."""
+    b, h, hkv, n_q, n_k = EMPTY_SHAPES[name]
+    q, k, v = (torch.randn(b, heads, n, 8, device=device, requires_grad=True)
+               for heads, n in ((h, n_q), (hkv, n_k), (hkv, n_k)))
+    kwargs = {}
+    if masked:
+        kwargs = dict(causal=True, window=(2, None),
+                      kv_lengths=torch.full((b,), 3, device=device))
+    with attnmem.use_backend(backend):
+        result = attnmem.attention(q, k, v, **kwargs, return_lse=return_lse)
+    out, lse = result if return_lse else (result, None)
+    assert out.shape == q.shape and (out == 0).all()
+    loss = out.sum()
+    if lse is not None:
+        assert lse.shape == q.shape[:3] and (lse == float("-inf")).all()
+        loss = loss + torch.where(torch.isfinite(lse), lse, 0.0).sum()
+    grads = torch.autograd.grad(loss, (q, k, v), allow_unused=True)
+    for grad, x in zip(grads, (q, k, v)):
+        assert grad is None or (grad.shape == x.shape and (grad == 0).all())
+
+
+LENGTH_FORMS = {
+    "strided": lambda: torch.tensor([20, 99, 7, 99])[::2],
+    "expanded": lambda: torch.tensor(7).expand(2),
+    "past_int32": lambda: torch.tensor([2**32 + 3, 2**31 + 5]),  # both clamp to Nk
+    "negative": lambda: torch.tensor([-4, 9]),
+    "int32": lambda: torch.tensor([13, 0], dtype=torch.int32),
+}
+
+
+@pytest.mark.parametrize("device, backend", TARGETS)
+@pytest.mark.parametrize("form", list(LENGTH_FORMS))
+def test_kv_lengths_forms(form, device, backend):
+    q, k, v, kwargs = make_inputs((2, 2, 1, 13, 20, 16, True, None, None), torch.float32,
+                                  device)
+    kwargs["kv_lengths"] = LENGTH_FORMS[form]().to(device)
+    check_against_float64(q, k, v, kwargs, backend)
 
 def test_autotuning_results_persist(monkeypatch):
     """The launcher asks triton to keep tuning results on disk where triton can (3.9 can);

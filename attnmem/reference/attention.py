@@ -3,9 +3,11 @@
 Masks are described by one window `(left, right)` of key offsets around each query's
 bottom-right aligned position `a = i + (Nk - Nq)`: query i sees key j iff
 `a - left <= j <= a + right` and `j < kv_lengths[b]`; `-1` leaves a side unbounded and
-`causal` is `right = 0`. The work runs over chunks of query rows, so no `Nq x Nk` score
-matrix exists for every head at once, and the backward recomputes scores from the saved
-logsumexp, as the kernels do.
+`causal` is `right = 0`. The masks align every batch to the padded key length Nk, whatever
+its kv_lengths (see attnmem.attention). Keys that no query sees are zeroed before use, so
+that padding holding NaN or inf contributes nothing, forward and backward. The work runs
+over chunks of query rows, so no `Nq x Nk` score matrix exists for every head at once, and
+the backward recomputes scores from the saved logsumexp, as the kernels do.
 """
 
 import torch
@@ -47,6 +49,22 @@ def visible(rows, n_q, n_k, window_left, window_right, kv_lengths):
     return keep
 
 
+def without_unseen_keys(k, v, n_q, window_left, kv_lengths):
+    """k, v (B, Hkv, Nk, D) with zeros for the keys that no query sees: those at or past
+    kv_lengths[b] and those before every query's window (j < Nk - Nq - window_left). Whatever
+    padding holds (NaN, inf) then adds nothing to p @ v, dp = dout @ v^T or ds @ k, where a
+    zero weight times NaN would still be NaN."""
+    n_k = k.shape[2]
+    first = n_k - n_q - window_left if window_left >= 0 else 0
+    if first <= 0 and kv_lengths is None:
+        return k, v
+    j = torch.arange(n_k, device=k.device)
+    seen = (j >= first).view(1, 1, n_k, 1)
+    if kv_lengths is not None:
+        seen = seen & (j.view(1, 1, n_k, 1) < kv_lengths.view(-1, 1, 1, 1))
+    return torch.where(seen, k, 0.0), torch.where(seen, v, 0.0)
+
+
 def _row_chunks(q, n_k):
     batch, heads, n_q, _ = q.shape
     step = max(1, CHUNK_ELEMENTS // max(1, batch * heads * n_k))
@@ -76,7 +94,8 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right):
         return q * 0, lse
     ct = compute_dtype(q.dtype)
     n_q, kv_heads = q.shape[2], k.shape[1]
-    qg, kc, vc = _grouped(q, kv_heads).to(ct), k.to(ct), v.to(ct)
+    kc, vc = without_unseen_keys(k.to(ct), v.to(ct), n_q, window_left, kv_lengths)
+    qg = _grouped(q, kv_heads).to(ct)
     outs, lses = [], []
     for rows in _row_chunks(q, k.shape[2]):
         s, keep = _scores(qg[..., rows, :], kc, rows, n_q, scale, window_left, window_right,
@@ -102,7 +121,8 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
     """Gradients (dq, dk, dv) of attention_forward, given dout and optionally dlse."""
     ct = compute_dtype(q.dtype)
     n_q, kv_heads = q.shape[2], k.shape[1]
-    qg, kc, vc = _grouped(q, kv_heads).to(ct), k.to(ct), v.to(ct)
+    kc, vc = without_unseen_keys(k.to(ct), v.to(ct), n_q, window_left, kv_lengths)
+    qg = _grouped(q, kv_heads).to(ct)
     dog = _grouped(dout, kv_heads).to(ct)
     delta = (dout.to(ct) * out.to(ct)).sum(-1)
     if dlse is not None:
