@@ -21,8 +21,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def softmax_with_lse(scores):
-    """(weights, lse) of a softmax over the last dim; a row of -inf scores gets zero
-    weights, lse -inf and zero gradients (never NaN)."""
+    """(weights, lse) of a softmax over the last dim; a row of -inf scores, or an empty row,
+    gets zero weights, lse -inf and zero gradients (never NaN)."""
+    if scores.shape[-1] == 0:  # amax has nothing to reduce; both stay functions of scores
+        return scores * 0, scores.sum(-1) + float("-inf")
     top = scores.amax(-1, keepdim=True).detach()
     exps = torch.exp(scores - torch.where(torch.isfinite(top), top, 0.0))
     total = exps.sum(-1, keepdim=True)
