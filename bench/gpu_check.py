@@ -25,11 +25,11 @@ from bench import cases, report, timing
 
 # The share of the sweep's time each op may use; time an op leaves over passes to the next.
 SHARES = {"attention": 6, "memory_attend": 1, "memory_write": 1, "additive": 1, "mha": 1}
-NO_PLOTS = "plots skipped: matplotlib is not installed"
+NO_PLOTS = "matplotlib is not installed, so no plots were drawn"
 
 
 def _nvidia_smi():
-    """name, driver and memory of GPU 0 as nvidia-smi reports them, or {} without it."""
+    """Driver and memory of GPU 0 as nvidia-smi reports them, or {} without it."""
     try:
         line = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,driver_version,memory.total",

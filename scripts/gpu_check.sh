@@ -8,8 +8,8 @@
 # 1. facts: device, driver, torch, triton, Python, commit, copy bandwidth, bf16 matmul rate;
 # 2. tests: the kernel tests on CUDA (TRITON_INTERPRET=0) against float64, stopping at the
 #    first failure (--smoke: two kernel tests through Triton's interpreter);
-# 3. bench: the gpu-check benchmark profile until the time is up (--smoke: attention and
-#    memory_attend at the smoke profile's sizes, attnmem's torch backend on the CPU);
+# 3. bench: the gpu-check benchmark profile until the time is up (--smoke: the forward of
+#    attention and memory_attend at the smoke sizes, attnmem's torch backend on the CPU);
 # 4. OUT_DIR gets summary.json, report.md, tests.log, bench.log and bench.tar.gz (the
 #    benchmark's results.json, report.md and plots, in a folder named after the device).
 # Exit status: 0 when the tests passed, 1 when they failed or ran out of time, 2 on misuse.
@@ -45,7 +45,8 @@ TESTS=$?
 
 if [ $SMOKE = 1 ]; then
     # Two ops, one plot of each kind: tests/test_bench.py sweeps every op at smoke sizes.
-    bench_step "$DEADLINE" --profile smoke --budget-s 0.02 --ops attention memory_attend
+    bench_step "$DEADLINE" --profile smoke --budget-s 0.02 --ops attention memory_attend \
+        --modes fwd
 else
     bench_step "$DEADLINE" --profile gpu-check --budget-s 0.1
 fi
