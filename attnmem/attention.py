@@ -1,8 +1,10 @@
 """attnmem.attention: tiled softmax attention, validated, dispatched and differentiable.
 
 One torch.library custom op holds the forward (out and logsumexp) and one the backward,
-each running on the triton kernels or the pure-torch twin; torch.compile traces them as
-opaque ops.
+each running on the triton kernels or the torch backend; torch.compile traces them as
+opaque ops. The torch backend runs torch's fused CPU flash-attention kernel on CPU tensors
+(masks it cannot express as is_causal go in as an additive mask) and the pure-torch twin
+elsewhere, and for the gradient of lse, which the fused backward lacks.
 """
 
 import math
@@ -39,6 +41,8 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if _pick(q, k, v, backend) == "triton":
         from attnmem.kernels import attention as kernel
         return kernel.attention_forward(q, k, v, kv_lengths, scale, window_left, window_right)
+    if _fused_cpu(q, k):
+        return _fused_cpu_forward(q, k, v, kv_lengths, scale, window_left, window_right)
     with torch.no_grad():
         return _reference.attention_forward(q, k, v, kv_lengths, scale, window_left,
                                             window_right)
@@ -59,6 +63,9 @@ def _attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     if _pick(q, k, v, backend) == "triton":
         from attnmem.kernels import attention as kernel
         return kernel.attention_backward(*args)
+    if dlse is None and _fused_cpu(q, k):
+        return _fused_cpu_backward(dout, q, k, v, out, lse, kv_lengths, scale, window_left,
+                                   window_right)
     return _reference.attention_backward(*args)
 
 
@@ -72,15 +79,93 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, kv_lengths)
     ctx.args = (scale, window_left, window_right, backend)
+    # An unused lse then gets None rather than zeros, and the fused CPU backward can run.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, kv_lengths = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
     dq, dk, dv = _attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, *ctx.args)
     return dq, dk, dv, None, None, None, None, None
 
 
 _attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# The torch backend on CPU tensors: torch's fused flash-attention kernel
+# ---------------------------------------------------------------------------------------
+
+
+def _fused_cpu(q, k) -> bool:
+    """The fused CPU kernel runs these inputs (it takes GQA as is, every float dtype)."""
+    return q.device.type == "cpu" and q.numel() > 0 and k.numel() > 0
+
+
+def _fused_cpu_masks(q, k, kv_lengths, window_left, window_right):
+    """(is_causal, chunks): what the fused kernel needs for these masks. is_causal is its
+    top-left causal mask, which is ours when offset + window_right == 0; any other mask is
+    additive, built for chunks of query rows, each (rows, mask, seen) with seen (B or 1, 1,
+    rows) telling the rows that see some key; chunks is None when no mask is left."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    if window_left < 0 and kv_lengths is None:
+        if window_right < 0:
+            return False, None
+        if window_right + n_k - n_q == 0:
+            return True, None
+    batch = 1 if kv_lengths is None else q.shape[0]
+    step = max(1, _reference.CHUNK_ELEMENTS // (batch * n_k))
+    chunks = []
+    for start in range(0, n_q, step):
+        rows = torch.arange(start, min(n_q, start + step), device=q.device)
+        keep = _reference.visible(rows, n_q, n_k, window_left, window_right, kv_lengths)
+        mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
+        chunks.append((slice(start, start + len(rows)), mask.masked_fill_(~keep, -math.inf),
+                       keep.any(-1)))
+    return False, chunks
+
+
+def _fused_cpu_forward(q, k, v, kv_lengths, scale, window_left, window_right):
+    """The fused kernel gives lse 0 and zeros to a row that sees no key: lse becomes -inf."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    k, v = _reference.without_unseen_keys(k, v, q.shape[2], window_left, kv_lengths)
+    is_causal, chunks = _fused_cpu_masks(q, k, kv_lengths, window_left, window_right)
+    if chunks is None:
+        return flash(q, k, v, 0.0, is_causal, scale=scale)
+    outs, lses = [], []
+    for rows, mask, seen in chunks:
+        out, lse = flash(q[:, :, rows], k, v, 0.0, False, attn_mask=mask, scale=scale)
+        outs.append(out)
+        lses.append(lse.masked_fill(~seen, -math.inf))
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def _fused_cpu_backward(dout, q, k, v, out, lse, kv_lengths, scale, window_left,
+                        window_right):
+    flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    k_seen, v_seen = _reference.without_unseen_keys(k, v, q.shape[2], window_left, kv_lengths)
+    is_causal, chunks = _fused_cpu_masks(q, k, kv_lengths, window_left, window_right)
+    if chunks is None:
+        return flash_backward(dout, q, k_seen, v_seen, out, lse, 0.0, is_causal, scale=scale)
+    dq = torch.empty_like(q)
+    ct = _reference.compute_dtype(q.dtype)
+    dk, dv = torch.zeros_like(k, dtype=ct), torch.zeros_like(v, dtype=ct)
+    for rows, mask, _ in chunks:
+        # The kernel's own lse for rows that see no key: 0, which its masked scores ignore.
+        lse_rows = lse[:, :, rows].masked_fill(lse[:, :, rows] == -math.inf, 0.0)
+        dq[:, :, rows], dk_rows, dv_rows = flash_backward(
+            dout[:, :, rows], q[:, :, rows], k_seen, v_seen, out[:, :, rows], lse_rows, 0.0,
+            False, attn_mask=mask, scale=scale)
+        dk += dk_rows
+        dv += dv_rows
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# The public function
+# ---------------------------------------------------------------------------------------
 
 
 def _check_tensor(name, x):

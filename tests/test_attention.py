@@ -36,6 +36,8 @@ TARGETS = _targets()
 # name: (B, H, Hkv, Nq, Nk, D, causal, window, kv_lengths)
 CASES = {
     "plain": (2, 3, 3, 37, 37, 40, False, None, None),
+    "causal_gqa": (2, 4, 2, 45, 45, 24, True, None, None),
+    "window_right_top_left": (1, 2, 1, 61, 23, 32, False, (None, 38), None),  # j <= i
     "cross": (1, 2, 2, 23, 61, 16, False, None, None),
     "causal_nq_lt_nk": (1, 2, 2, 23, 61, 64, True, None, None),
     "causal_nq_gt_nk": (1, 2, 1, 61, 23, 32, True, None, None),  # top rows see no key
@@ -240,23 +242,108 @@ def test_float64_gradcheck_on_the_torch_backend():
             (q, k, v))
 
 
-def test_torch_backend_chunks_long_sequences(monkeypatch):
-    """The fallback holds one chunk of scores at a time, and the result does not change."""
+def test_twin_chunks_long_sequences(monkeypatch):
+    """The twin holds one chunk of scores at a time, forward and backward, and the results
+    do not change."""
     q, k, v = (torch.randn(1, 2, 300, 16) for _ in range(3))
-    whole = attnmem.attention(q, k, v, causal=True)
-    shapes = []
+    dout = torch.randn_like(q)
+
+    def forward_backward():
+        out, lse = twin.attention_forward(q, k, v, None, 0.25, -1, 0)
+        grads = twin.attention_backward(dout, q, k, v, out, lse, None, None, 0.25, -1, 0)
+        return out, lse, *grads
+
+    whole = forward_backward()
+    sizes = []
     real_matmul = torch.matmul
 
     def spy(a, b):
-        shapes.append(a.shape[-2])
-        return real_matmul(a, b)
+        product = real_matmul(a, b)
+        sizes.append(product.numel())
+        return product
 
-    monkeypatch.setattr(twin, "CHUNK_ELEMENTS", 2 * 300 * 64)
+    monkeypatch.setattr(twin, "CHUNK_ELEMENTS", 2 * 300 * 64)  # 64 rows of scores
     monkeypatch.setattr(twin.torch, "matmul", spy)
-    chunked = attnmem.attention(q, k, v, causal=True)
+    chunked = forward_backward()
     monkeypatch.undo()
-    assert max(shapes) <= 64
-    torch.testing.assert_close(chunked, whole)
+    assert sizes and max(sizes) <= 2 * 300 * 64
+    for c, w in zip(chunked, whole):
+        torch.testing.assert_close(c, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_cpu_backward_matches_float64(name, dtype):
+    """Without a gradient of lse, the torch backend's CPU backward is torch's fused kernel."""
+    check_against_float64(*make_inputs(CASES[name], dtype, "cpu"), "torch", lse_grad=False)
+
+
+@pytest.mark.parametrize("layout", ["bshd", "sliced"])
+@pytest.mark.parametrize("name", FAST_CASES)
+def test_fused_cpu_backward_strided_inputs(name, layout):
+    check_against_float64(*make_inputs(CASES[name], torch.float32, "cpu", layout), "torch",
+                          lse_grad=False)
+
+
+@pytest.mark.parametrize("name", ["lengths", "lengths_window_gqa", "causal_nq_gt_nk"])
+def test_fused_cpu_masks_in_chunks(name, monkeypatch):
+    """Additive masks are built for a few query rows at a time, as the twin's scores are."""
+    q, k, v, kwargs = make_inputs(CASES[name], torch.float32, "cpu")
+    monkeypatch.setattr(twin, "CHUNK_ELEMENTS", q.shape[0] * k.shape[2] * 8)  # 8 rows
+    calls = spy_fused_cpu(monkeypatch)
+    check_against_float64(q, k, v, kwargs, "torch", lse_grad=False)
+    chunks = -(-q.shape[2] // 8)
+    assert calls == [("fwd", False, True)] * chunks + [("bwd", False, True)] * chunks
+
+
+@pytest.mark.parametrize("device, backend", TARGETS)
+@pytest.mark.parametrize("name", FAST_CASES)
+def test_without_lse_gradient(name, device, backend):
+    check_against_float64(*make_inputs(CASES[name], torch.float32, device), backend,
+                          lse_grad=False)
+
+
+def spy_fused_cpu(monkeypatch):
+    """The list that records each call of torch's fused CPU kernel: ("fwd" or "bwd",
+    is_causal, whether an attn_mask was given)."""
+    calls = []
+
+    def spy(name, op):
+        def call(*args, **kwargs):
+            calls.append((name, args[4 if name == "fwd" else 7], "attn_mask" in kwargs))
+            return op(*args, **kwargs)
+        return call
+
+    for name, suffix in (("fwd", ""), ("bwd", "_backward")):
+        op_name = "_scaled_dot_product_flash_attention_for_cpu" + suffix
+        monkeypatch.setattr(torch.ops.aten, op_name, spy(name, getattr(torch.ops.aten, op_name)))
+    return calls
+
+
+def test_torch_backend_runs_the_fused_cpu_kernel(monkeypatch):
+    """On CPU tensors torch's fused kernel runs forward and backward, with is_causal and no
+    mask where its top-left causal mask is ours; the twin runs only for a gradient of lse."""
+    calls = spy_fused_cpu(monkeypatch)
+    twin_backward = twin.attention_backward
+    monkeypatch.setattr(twin, "attention_forward", None)  # any call fails
+    monkeypatch.setattr(twin, "attention_backward", lambda *args: (calls.append("twin"),
+                                                                   twin_backward(*args))[1])
+    q, k, v = (torch.randn(2, heads, 12, 8, requires_grad=True) for heads in (4, 2, 2))
+    expect = {
+        (): [("fwd", False, False), ("bwd", False, False)],
+        (("causal", True),): [("fwd", True, False), ("bwd", True, False)],
+        (("causal", True), ("window", (3, 0))): [("fwd", False, True), ("bwd", False, True)],
+        (("kv_lengths", torch.tensor([12, 5])),): [("fwd", False, True), ("bwd", False, True)],
+    }
+    with attnmem.use_backend("torch"):
+        for kwargs, expected in expect.items():
+            calls.clear()
+            attnmem.attention(q, k, v, **dict(kwargs)).sum().backward()
+            assert calls == expected, kwargs
+        calls.clear()
+        out, lse = attnmem.attention(q, k, v, causal=True, return_lse=True)
+        (out.sum() + lse.sum()).backward()
+        assert calls == [("fwd", True, False), "twin"]
 
 
 # Keys that no query sees: at or past kv_lengths, and before every query's window.
@@ -354,28 +441,3 @@ def test_kv_lengths_forms(form, device, backend):
                                   device)
     kwargs["kv_lengths"] = LENGTH_FORMS[form]().to(device)
     check_against_float64(q, k, v, kwargs, backend)
-
-def test_autotuning_results_persist(monkeypatch):
-    """The launcher asks triton to keep tuning results on disk where triton can (3.9 can);
-    built here without a GPU, so only its construction is checked."""
-    import functools
-    import inspect
-
-    triton = pytest.importorskip("triton")
-    from attnmem.kernels import attention as kernel
-
-    options = {}
-    real_autotune = triton.autotune
-
-    @functools.wraps(real_autotune)
-    def spy(*args, **kwargs):
-        options.update(kwargs)
-        return real_autotune(*args, **kwargs)
-
-    monkeypatch.setattr(kernel, "_autotuned", {})
-    monkeypatch.setattr(kernel, "_smem_limit", lambda device: kernel.SMEM_LIMIT[90])
-    monkeypatch.setattr(triton, "autotune", spy)
-    tuned = kernel._launcher("fwd", kernel._attn_fwd, "cuda", 64, 2)
-    assert len(tuned.configs) == len(kernel.configs_for("fwd", 64, 2, kernel.SMEM_LIMIT[90]))
-    has_option = "cache_results" in inspect.signature(real_autotune).parameters
-    assert options.get("cache_results") is (True if has_option else None)
