@@ -230,7 +230,31 @@ def summarize(out_dir, work):
         md += ["", re.sub(r"^(#+) ", r"#\1 ", bench_md, flags=re.MULTILINE)]
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(md) + "\n")
-    return summary
+    _print_summary(summary)
+
+
+def _print_summary(summary):
+    """A few lines for the end of the console output, which is what a remote call shows."""
+    facts_ = summary["facts"]
+    print(f"{facts_['device']}, driver {facts_['driver']}, torch {facts_['torch']}, triton "
+          f"{facts_['triton']}, Python {facts_['python']}, commit {facts_['commit']}")
+    print(f"copy {facts_['copy_bandwidth_gbs']:.0f} GB/s, bf16 matmul "
+          f"{facts_['bf16_matmul_tflops']:.1f} TFLOP/s")
+    for s in summary["steps"]:
+        print(f"{s['step']:>6}: {s['seconds']:4d} s of {s['limit_s']:4d} s, {s['status']}")
+    tests = summary["tests"]
+    if "tests" in tests:
+        print(f" tests: {tests['tests']} run, {tests['failures']} failed, {tests['errors']} "
+              f"errors, {tests['skipped']} skipped (ATTNMEM_SEED={tests['seed']})")
+        if "first_failure" in tests:
+            print(f" first failure: {tests['first_failure']['test']}")
+    else:
+        print(f" tests: {tests['outcome']}")
+    if "bench" in summary:
+        bench = summary["bench"]
+        print(f" bench: {bench['measured']} of {bench['points']} points measured")
+        for key, reason in bench["not_measured"].items():
+            print(f"   not measured, {key}: {reason[:120]}")
 
 
 def merge(out, parts):

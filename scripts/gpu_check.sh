@@ -14,6 +14,10 @@
 #    benchmark's results.json, report.md and plots, in a folder named after the device).
 # Exit status: 0 when the tests passed, 1 when they failed or ran out of time, 2 on misuse.
 # ATTNMEM_CHECK_BUDGET: the seconds the whole check may take (default 530; --smoke 150).
+# The split, estimated before any run on a GPU (summary.json's steps hold the real times):
+# facts about 20 s; tests at most 300 s (about 1000 tests, 200 of them on the kernels, which
+# compile and autotune some 600 kernel variants on 12 workers); bench the rest, at least
+# 170 s, stopping 30 s before the end; summary and tarball a few seconds.
 set -uo pipefail
 SMOKE=0
 if [ "${1:-}" = --smoke ]; then
