@@ -8,6 +8,8 @@ elsewhere, and for the gradient of lse, which the fused backward lacks.
 """
 
 import math
+import numbers
+import operator
 from typing import Optional
 
 import torch
@@ -19,6 +21,7 @@ from attnmem.reference import attention as _reference
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_HEAD_DIM = 256
+LOG2E = 1.4426950408889634
 
 
 def _triton_reasons(q) -> list[str]:
@@ -176,16 +179,37 @@ def _check_tensor(name, x):
         raise ValueError(f"{name} must be {what}, got shape {tuple(x.shape)}")
 
 
-def _window_side(name, value) -> int:
+def _window_side(name, value, n_unbounded) -> int:
+    """The side as an int, -1 when unbounded; n_unbounded is the width at and past which it
+    leaves every query's keys unbounded (so huge ints fit the op's int64)."""
     if value is None:
         return -1
-    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+    try:
+        side = operator.index(value)  # Python and numpy integers, not floats
+    except TypeError:
+        side = None
+    if isinstance(value, bool) or side is None or side < -1:
         raise ValueError(f"window {name} must be an int >= 0, or None or -1 for unbounded, "
                          f"got {value!r}")
-    return value
+    return -1 if side >= n_unbounded else side
 
 
-def _validate(q, k, v, causal, scale, kv_lengths, window):
+def _scale(scale, q) -> float:
+    """scale as a float, refused where it would overflow the computation: the kernels
+    multiply it by log2(e) in float32 (float64 for float64 inputs)."""
+    if scale is None:
+        return 1.0 / math.sqrt(q.shape[-1])
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    scale = float(scale)
+    limit = torch.finfo(_reference.compute_dtype(q.dtype)).max / LOG2E
+    if abs(scale) > limit:
+        raise ValueError(f"scale {scale!r} overflows the {_reference.compute_dtype(q.dtype)} "
+                         f"computation: its magnitude must be at most {limit:.4g}")
+    return scale
+
+
+def _validate(q, k, v, causal, scale, kv_lengths, window, return_lse):
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x)
     if q.dtype not in FLOAT_DTYPES:
@@ -208,15 +232,19 @@ def _validate(q, k, v, causal, scale, kv_lengths, window):
                          "(grouped-query attention)")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    scale = _scale(scale, q)
     kv_lengths = _checks.lengths("kv_lengths", kv_lengths, q.shape[0], k.shape[2], q.device)
     if window is None:
-        return -1, -1, kv_lengths
+        window = (None, None)
     if not isinstance(window, (tuple, list)) or len(window) != 2:
         raise ValueError(f"window must be a pair (left, right), got {window!r}")
-    return _window_side("left", window[0]), _window_side("right", window[1]), kv_lengths
+    # Query i's window [a - left, a + right], a = i + Nk - Nq, spans all keys for every i
+    # once left >= Nk - 1 and right >= Nq - 1.
+    left = _window_side("left", window[0], max(k.shape[2] - 1, 0))
+    right = _window_side("right", window[1], max(q.shape[2] - 1, 0))
+    return scale, left, right, kv_lengths
 
 
 def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None,
@@ -228,21 +256,36 @@ def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None
     natural-log logsumexp (B, H, Nq) of the scaled, masked scores (differentiable), in
     float32 (float64 for float64 inputs).
 
-    Query i sees key j when all of these hold, with a = i + Nk - Nq (bottom-right alignment,
-    as in FlashAttention >= 2.1 and KV-cache decoding):
+    Masks align every batch to the padded key length Nk, not to its own kv_lengths[b]: query
+    i sits at a = i + Nk - Nq (bottom-right on the padded keys) and sees key j when all of
+    these hold:
       causal:            j <= a
       window=(l, r):     a - l <= j <= a + r   (None or -1 leaves a side unbounded)
       kv_lengths (B,):   j < kv_lengths[b]     (values are clamped to [0, Nk])
+    FlashAttention's varlen and KV-cache kernels instead align each sequence to its own
+    length, a = i + kv_lengths[b] - Nq; the two agree when kv_lengths is None or neither
+    causal nor window is set. Decoding Nq = 3 new tokens from a right-padded cache of
+    Nk = 401 slots holding 15 keys (kv_lengths = 15), with causal=True and window=(128, 0),
+    puts a at 398 + i here: every window starts past key 269, so each query sees no key and
+    outputs zeros, where FlashAttention puts a at 12 + i and attends to keys 0 to 12 + i.
+    Decode from a padded cache with the planned KV-cache API (attnmem.attention_with_kvcache,
+    not yet built), or pass the cache sliced to its length.
+
+    Keys that no query sees (j >= kv_lengths[b], or j < Nk - Nq - l, before every query's
+    window) contribute nothing, forward and backward, whatever they hold: padding that holds
+    NaN or inf reaches no output and gets zero gradients. A non-finite key or value that
+    some query sees is a non-finite input, which may also reach queries beside it.
     A query that sees no key outputs zeros, has lse -inf and gets zero gradients.
-    scale defaults to 1/sqrt(D). Inputs may be strided; a non-contiguous last dimension is
-    copied once for the triton backend.
+    scale defaults to 1/sqrt(D); numpy numbers are accepted for scale and the window sides.
+    Inputs may be strided; a non-contiguous last dimension is copied once for the triton
+    backend. On CPU tensors the torch backend runs torch's fused flash-attention kernel (the
+    one F.scaled_dot_product_attention runs there); the chunked pure-torch twin runs on
+    other devices and for the gradient of lse, which that kernel's backward lacks.
     """
-    window_left, window_right, kv_lengths = _validate(q, k, v, causal, scale, kv_lengths,
-                                                      window)
-    if causal:
+    scale, window_left, window_right, kv_lengths = _validate(q, k, v, causal, scale,
+                                                             kv_lengths, window, return_lse)
+    if causal and q.shape[2] > 1:  # with one query, causal hides no key
         window_right = 0 if window_right < 0 else min(window_right, 0)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    out, lse = _attention_forward(q, k, v, kv_lengths, float(scale), window_left, window_right,
+    out, lse = _attention_forward(q, k, v, kv_lengths, scale, window_left, window_right,
                                   _backend.requested_backend())
     return (out, lse) if return_lse else out

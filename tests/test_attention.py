@@ -425,6 +425,33 @@ def test_empty_inputs(name, return_lse, masked, device, backend):
         assert grad is None or (grad.shape == x.shape and (grad == 0).all())
 
 
+@pytest.mark.parametrize("device, backend", TARGETS)
+def test_masks_align_to_the_padded_length(device, backend):
+    """The docstring's decoding example: 3 new tokens, a right-padded cache of 401 slots
+    holding 15 keys, causal with a window of 128 keys back. The masks align to the 401
+    slots, so every window starts past key 269 and no query sees a key. FlashAttention
+    aligns to the 15 keys, as attention on the cache sliced to its length does, and there
+    query i attends to keys 0 to 12 + i."""
+    q = torch.randn(1, 2, 3, 16, device=device)
+    k, v = (torch.randn(1, 1, 401, 16, device=device) for _ in range(2))
+    lengths = torch.tensor([15], device=device)
+    ks, vs = k[:, :, :15], v[:, :, :15]
+    with attnmem.use_backend(backend):
+        out, lse = attnmem.attention(q, k, v, causal=True, window=(128, 0), kv_lengths=lengths,
+                                     return_lse=True)
+        assert (out == 0).all() and (lse == float("-inf")).all()
+        per_sequence, lse = attnmem.attention(q, ks, vs, causal=True, window=(128, 0),
+                                              return_lse=True)
+        assert torch.isfinite(lse).all() and (per_sequence != 0).all()
+        # Causal alone: here each query sees all 15 keys; aligned to 15, query 0 sees 13.
+        padded = attnmem.attention(q, k, v, causal=True, kv_lengths=lengths)
+        torch.testing.assert_close(padded, attnmem.attention(q, ks, vs))
+        assert not torch.allclose(padded, attnmem.attention(q, ks, vs, causal=True))
+        # With neither causal nor window, the two alignments agree.
+        torch.testing.assert_close(attnmem.attention(q, k, v, kv_lengths=lengths),
+                                   attnmem.attention(q, ks, vs))
+
+
 LENGTH_FORMS = {
     "strided": lambda: torch.tensor([20, 99, 7, 99])[::2],
     "expanded": lambda: torch.tensor(7).expand(2),
@@ -441,3 +468,29 @@ def test_kv_lengths_forms(form, device, backend):
                                   device)
     kwargs["kv_lengths"] = LENGTH_FORMS[form]().to(device)
     check_against_float64(q, k, v, kwargs, backend)
+
+
+def test_autotuning_results_persist(monkeypatch):
+    """The launcher asks triton to keep tuning results on disk where triton can (3.9 can);
+    built here without a GPU, so only its construction is checked."""
+    import functools
+    import inspect
+
+    triton = pytest.importorskip("triton")
+    from attnmem.kernels import attention as kernel
+
+    options = {}
+    real_autotune = triton.autotune
+
+    @functools.wraps(real_autotune)
+    def spy(*args, **kwargs):
+        options.update(kwargs)
+        return real_autotune(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "_autotuned", {})
+    monkeypatch.setattr(kernel, "_smem_limit", lambda device: kernel.SMEM_LIMIT[90])
+    monkeypatch.setattr(triton, "autotune", spy)
+    tuned = kernel._launcher("fwd", kernel._attn_fwd, "cuda", 64, 2)
+    assert len(tuned.configs) == len(kernel.configs_for("fwd", 64, 2, kernel.SMEM_LIMIT[90]))
+    has_option = "cache_results" in inspect.signature(real_autotune).parameters
+    assert options.get("cache_results") is (True if has_option else None)

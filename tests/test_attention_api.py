@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,6 +38,16 @@ BAD_INPUTS = [
         (q.int(), k.int(), v.int()), {})),
     ("causal must be a bool", lambda q, k, v: ((q, k, v), {"causal": 1})),
     ("scale must be a finite number", lambda q, k, v: ((q, k, v), {"scale": float("nan")})),
+    ("scale must be a finite number", lambda q, k, v: ((q, k, v), {"scale": "0.5"})),
+    ("scale must be a finite number", lambda q, k, v: ((q, k, v), {"scale": torch.tensor(0.5)})),
+    # The kernels multiply scale by log2(e) in float32 (float64 for float64 inputs).
+    ("scale 1e\\+39 overflows the torch.float32 computation", lambda q, k, v: (
+        (q, k, v), {"scale": 1e39})),
+    ("scale -3e\\+38 overflows the torch.float32 computation", lambda q, k, v: (
+        (q.half(), k.half(), v.half()), {"scale": np.float64(-3e38)})),
+    ("scale 1.5e\\+308 overflows the torch.float64 computation", lambda q, k, v: (
+        (q.double(), k.double(), v.double()), {"scale": 1.5e308})),
+    ("return_lse must be a bool", lambda q, k, v: ((q, k, v), {"return_lse": 1})),
     ("kv_lengths must be a tensor", lambda q, k, v: ((q, k, v), {"kv_lengths": [3, 4]})),
     ("kv_lengths must be an integer tensor", lambda q, k, v: (
         (q, k, v), {"kv_lengths": torch.tensor([3.0, 4.0])})),
@@ -45,6 +56,11 @@ BAD_INPUTS = [
     ("window must be a pair", lambda q, k, v: ((q, k, v), {"window": 3})),
     ("window left must be an int >= 0", lambda q, k, v: ((q, k, v), {"window": (-2, 0)})),
     ("window right must be an int >= 0", lambda q, k, v: ((q, k, v), {"window": (1, 2.5)})),
+    ("window left must be an int >= 0", lambda q, k, v: ((q, k, v), {"window": (True, 0)})),
+    ("window left must be an int >= 0", lambda q, k, v: (
+        (q, k, v), {"window": (np.float64(2.0), 0)})),
+    ("window right must be an int >= 0", lambda q, k, v: (
+        (q, k, v), {"window": (0, np.int64(-3))})),
 ]
 
 
@@ -53,6 +69,20 @@ def test_bad_input_raises_a_named_error(message, make):
     args, kwargs = make(*qkv())
     with pytest.raises((ValueError, TypeError), match=message):
         attnmem.attention(*args, **kwargs)
+
+
+def test_numpy_numbers_and_huge_windows_are_accepted():
+    q, k, v = qkv(nq=9, nk=12)
+    expect = attnmem.attention(q, k, v, window=(3, 2), scale=0.5)
+    for left, right, scale in [(np.int64(3), np.int32(2), np.float64(0.5)),
+                               (np.int16(3), np.uint8(2), np.float32(0.5))]:
+        got = attnmem.attention(q, k, v, window=(left, right), scale=scale)
+        torch.testing.assert_close(got, expect)
+    # A side at least as wide as the keys is unbounded, however large the int.
+    torch.testing.assert_close(attnmem.attention(q, k, v, window=(2**70, np.int64(2**62))),
+                               attnmem.attention(q, k, v))
+    wide = attnmem.attention(q.double(), k.double(), v.double(), scale=1e300)
+    assert not torch.isnan(wide).any()
 
 
 def test_backend_names_are_checked(monkeypatch):
