@@ -38,3 +38,13 @@ def kv_length(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS: tl.constexpr):
     if HAS_KV_LENGTHS:
         kv_len = tl.minimum(tl.maximum(tl.load(kv_lengths_ptr + b).to(tl.int32), 0), n_k)
     return kv_len
+
+
+@triton.jit
+def within(offs, size, WHOLE: tl.constexpr):
+    """offs < size, or all True when size is a whole number of blocks: a tile mask that is
+    constant along its contiguous dimension lets the tile load and store 16 bytes at once."""
+    ok = offs < size
+    if WHOLE:
+        ok = tl.full(offs.shape, 1, tl.int1)
+    return ok

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnmem.kernels._launch import interpreting, lastdim_contiguous, slot_splits
+from attnmem.kernels._launch import interpreting, lastdim_contiguous, slot_splits, within
 
 LOG2E = tl.constexpr(1.4426950408889634)
 EPS_SQ = tl.constexpr(1e-16)  # cosine's max(|u||v|, 1e-8), squared
@@ -49,7 +49,8 @@ def _memory_attend_fwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr,
                        SIMILARITY: tl.constexpr, HAS_VALUES: tl.constexpr,
                        HAS_STRENGTH: tl.constexpr, HAS_MASK: tl.constexpr,
                        STORE_SCORES: tl.constexpr, READ: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+                       EVEN_DV: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -59,8 +60,10 @@ def _memory_attend_fwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr,
     heads = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = within(offs_d, head_dim, EVEN_D)
+    dv_ok = within(offs_dv, value_dim, EVEN_DV)
     keys = tl.load(keys_ptr + b * stride_kb + heads[:, None] * stride_kr + offs_d[None, :],
-                   mask=(heads[:, None] < n_heads) & (offs_d[None, :] < head_dim), other=0.0)
+                   mask=(heads[:, None] < n_heads) & d_ok[None, :], other=0.0)
     k_sq = tl.sum(keys.to(tl.float32) * keys.to(tl.float32), 1)
     strength = tl.full([BLOCK_R], 1.0, tl.float32)
     if HAS_STRENGTH:
@@ -78,7 +81,7 @@ def _memory_attend_fwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr,
         if HAS_MASK:
             usable &= tl.load(mask_ptr + b * n_slots + slots, mask=usable, other=0) != 0
         mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
-                      mask=usable[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+                      mask=usable[:, None] & d_ok[None, :], other=0.0)
         s, _, _, _ = _scores(keys, k_sq, strength, mem, head_dim, SIMILARITY, DOT_PRECISION)
         s = tl.where(usable[None, :], s, float("-inf"))
         if STORE_SCORES:
@@ -94,7 +97,7 @@ def _memory_attend_fwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr,
             if HAS_VALUES:
                 val = tl.load(values_ptr + b * stride_vb + slots[:, None] * stride_vn
                               + offs_dv[None, :],
-                              mask=usable[:, None] & (offs_dv[None, :] < value_dim), other=0.0)
+                              mask=usable[:, None] & dv_ok[None, :], other=0.0)
             else:
                 val = mem
             acc = tl.dot(p.to(val.dtype), val, acc * alpha[:, None],
@@ -104,7 +107,7 @@ def _memory_attend_fwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr,
     rows = (split * n_heads) + b * n_splits * n_heads + heads
     if READ:
         tl.store(part_read_ptr + rows[:, None] * value_dim + offs_dv[None, :], acc,
-                 mask=(heads[:, None] < n_heads) & (offs_dv[None, :] < value_dim))
+                 mask=(heads[:, None] < n_heads) & dv_ok[None, :])
     tl.store(part_max_ptr + rows, m_i, mask=heads < n_heads)
     tl.store(part_sum_ptr + rows, l_i, mask=heads < n_heads)
 
@@ -120,9 +123,9 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ro
                        SIMILARITY: tl.constexpr, HAS_VALUES: tl.constexpr,
                        HAS_STRENGTH: tl.constexpr, HAS_MASK: tl.constexpr,
                        HAS_DREAD: tl.constexpr, HAS_DWEIGHTS: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+                       EVEN_DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     n_splits = tl.num_programs(0)
@@ -134,8 +137,10 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ro
     head_ok = heads < n_heads
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = within(offs_d, head_dim, EVEN_D)
+    dv_ok = within(offs_dv, value_dim, EVEN_DV)
     keys = tl.load(keys_ptr + b * stride_kb + heads[:, None] * stride_kr + offs_d[None, :],
-                   mask=head_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+                   mask=head_ok[:, None] & d_ok[None, :], other=0.0)
     k_sq = tl.sum(keys.to(tl.float32) * keys.to(tl.float32), 1)
     strength = tl.full([BLOCK_R], 1.0, tl.float32)
     if HAS_STRENGTH:
@@ -148,7 +153,7 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ro
     delta = tl.load(delta_ptr + row, mask=head_ok, other=0.0)
     if HAS_DREAD:
         dread = tl.load(dread_ptr + row[:, None] * value_dim + offs_dv[None, :],
-                        mask=head_ok[:, None] & (offs_dv[None, :] < value_dim), other=0.0)
+                        mask=head_ok[:, None] & dv_ok[None, :], other=0.0)
 
     dkeys = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     dstrength = tl.zeros([BLOCK_R], tl.float32)
@@ -162,7 +167,7 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ro
         if HAS_MASK:
             usable &= tl.load(mask_ptr + b * n_slots + slots, mask=in_range, other=0) != 0
         mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
-                      mask=usable[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+                      mask=usable[:, None] & d_ok[None, :], other=0.0)
         s, sim, denom, m_sq = _scores(keys, k_sq, strength, mem, head_dim, SIMILARITY,
                                       DOT_PRECISION)
         keep = usable[None, :] & head_ok[:, None]
@@ -172,7 +177,7 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ro
             if HAS_VALUES:
                 val = tl.load(values_ptr + b * stride_vb + slots[:, None] * stride_vn
                               + offs_dv[None, :],
-                              mask=usable[:, None] & (offs_dv[None, :] < value_dim), other=0.0)
+                              mask=usable[:, None] & dv_ok[None, :], other=0.0)
             else:
                 val = mem
             dp = tl.dot(dread.to(val.dtype), tl.trans(val), input_precision=DOT_PRECISION)
@@ -195,18 +200,18 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ro
             if HAS_VALUES:
                 tl.store(dvalues_ptr + b * stride_dvb + slots[:, None] * stride_dvn
                          + offs_dv[None, :], dval.to(dvalues_ptr.dtype.element_ty),
-                         mask=in_range[:, None] & (offs_dv[None, :] < value_dim))
+                         mask=in_range[:, None] & dv_ok[None, :])
             else:
                 dmem += dval
         tl.store(dmem_ptr + b * stride_dmb + slots[:, None] * stride_dmn + offs_d[None, :],
                  dmem.to(dmem_ptr.dtype.element_ty),
-                 mask=in_range[:, None] & (offs_d[None, :] < head_dim))
+                 mask=in_range[:, None] & d_ok[None, :])
 
     if SIMILARITY == 0:
         dkeys += keys.to(tl.float32) * norm_coef[:, None]
     rows = (split * n_heads) + b * n_splits * n_heads + heads
     tl.store(part_dkeys_ptr + rows[:, None] * head_dim + offs_d[None, :], dkeys,
-             mask=head_ok[:, None] & (offs_d[None, :] < head_dim))
+             mask=head_ok[:, None] & d_ok[None, :])
     tl.store(part_dstrength_ptr + rows, dstrength, mask=head_ok)
 
 
@@ -240,6 +245,7 @@ def _layout(memory, keys, values):
                 BLOCK_R=max(16, triton.next_power_of_2(n_heads)),
                 BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                 BLOCK_DV=max(16, triton.next_power_of_2(value_dim)), BLOCK_N=block_n)
+    meta.update(EVEN_D=head_dim == meta["BLOCK_D"], EVEN_DV=value_dim == meta["BLOCK_DV"])
     return (batch, n_slots, head_dim, n_heads, value_dim, split_len, n_splits), meta
 
 
@@ -310,7 +316,10 @@ def memory_attend_backward(dread, dweights, memory, keys, values, strength, mask
         dvalues_arg.stride(0), dvalues_arg.stride(1),
         n_heads, n_slots, head_dim, value_dim, split_len,
         HAS_STRENGTH=strength is not None, HAS_MASK=mask is not None,
-        HAS_DREAD=dread is not None, HAS_DWEIGHTS=dweights is not None, **meta)
+        HAS_DREAD=dread is not None, HAS_DWEIGHTS=dweights is not None,
+        # Width masks kept: unmasked (vector) tiles need 16 KB more shared memory at 128
+        # heads, past an A100's 163 KB (tests/test_memory_attend.py compiles both).
+        **dict(meta, EVEN_D=False, EVEN_DV=False))
     dkeys = part_dkeys.sum(1).to(keys.dtype)
     dstrength = None if strength is None else part_dstrength.sum(1).to(strength.dtype)
     return dmemory, dkeys, dvalues, dstrength

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnmem.kernels._launch import interpreting, lastdim_contiguous, slot_splits
+from attnmem.kernels._launch import interpreting, lastdim_contiguous, slot_splits, within
 
 BLOCK_N = 64
 INTERPRET_BLOCK_N = 16
@@ -19,8 +19,8 @@ MAX_BLOCK_D = 128
 @triton.jit
 def _memory_read_fwd(mem_ptr, weights_ptr, part_ptr, stride_mb, stride_mn, stride_wb,
                      stride_wr, n_heads, n_slots, width, split_len,
-                     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     n_splits = tl.num_programs(0)
@@ -31,23 +31,25 @@ def _memory_read_fwd(mem_ptr, weights_ptr, part_ptr, stride_mb, stride_mn, strid
     rows = (b * n_splits + split) * n_heads + heads
     for d0 in range(0, width, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = within(offs_d, width, EVEN_D)
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         for n0 in range(start, end, BLOCK_N):
             slots = n0 + tl.arange(0, BLOCK_N)
             w = tl.load(weights_ptr + b * stride_wb + heads[:, None] * stride_wr + slots[None, :],
                         mask=(heads[:, None] < n_heads) & (slots[None, :] < end), other=0.0)
             mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
-                          mask=(slots[:, None] < end) & (offs_d[None, :] < width), other=0.0)
+                          mask=(slots[:, None] < end) & d_ok[None, :], other=0.0)
             acc = tl.dot(w.to(mem.dtype), mem, acc, input_precision=DOT_PRECISION)
         tl.store(part_ptr + rows[:, None] * width + offs_d[None, :], acc,
-                 mask=(heads[:, None] < n_heads) & (offs_d[None, :] < width))
+                 mask=(heads[:, None] < n_heads) & d_ok[None, :])
 
 
 @triton.jit
 def _memory_read_bwd(dread_ptr, mem_ptr, weights_ptr, dmem_ptr, dweights_ptr,
                      stride_mb, stride_mn, stride_wb, stride_wr, stride_db, stride_dn,
                      n_heads, n_slots, width, DOT_PRECISION: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                     EVEN_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     slots = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     stride_mn = tl.cast(stride_mn, tl.int64)
@@ -59,9 +61,10 @@ def _memory_read_bwd(dread_ptr, mem_ptr, weights_ptr, dmem_ptr, dweights_ptr,
     dw = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
     for d0 in range(0, width, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        tile = (slots[:, None] < n_slots) & (offs_d[None, :] < width)
+        d_ok = within(offs_d, width, EVEN_D)
+        tile = (slots[:, None] < n_slots) & d_ok[None, :]
         dread = tl.load(dread_ptr + (b * n_heads + heads[:, None]) * width + offs_d[None, :],
-                        mask=(heads[:, None] < n_heads) & (offs_d[None, :] < width), other=0.0)
+                        mask=(heads[:, None] < n_heads) & d_ok[None, :], other=0.0)
         mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
                       mask=tile, other=0.0)
         dmem = tl.dot(tl.trans(w), dread, input_precision=DOT_PRECISION)
@@ -75,10 +78,10 @@ def _memory_read_bwd(dread_ptr, mem_ptr, weights_ptr, dmem_ptr, dweights_ptr,
 def _meta(memory, n_heads):
     width = memory.shape[2]
     block_d = min(MAX_BLOCK_D, max(16, triton.next_power_of_2(width)))
+    block_d = min(block_d, 32) if interpreting() else block_d
     return dict(DOT_PRECISION="ieee" if memory.dtype == torch.float32 else "tf32",
-                BLOCK_R=max(16, triton.next_power_of_2(n_heads)),
-                BLOCK_N=INTERPRET_BLOCK_N if interpreting() else BLOCK_N,
-                BLOCK_D=min(block_d, 32) if interpreting() else block_d)
+                EVEN_D=width % block_d == 0, BLOCK_R=max(16, triton.next_power_of_2(n_heads)),
+                BLOCK_N=INTERPRET_BLOCK_N if interpreting() else BLOCK_N, BLOCK_D=block_d)
 
 
 def memory_read_forward(memory, weights):

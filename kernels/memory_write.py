@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnmem.kernels._launch import interpreting, lastdim_contiguous, slot_splits
+from attnmem.kernels._launch import interpreting, lastdim_contiguous, slot_splits, within
 
 BLOCK_N = 64
 INTERPRET_BLOCK_N = 16
@@ -32,7 +32,7 @@ def _factor(weights_ptr, erase_ptr, w_row, e_row, slots, offs_d, slot_ok, d_ok):
 @triton.jit
 def _memory_write_fwd(mem_ptr, weights_ptr, erase_ptr, add_ptr, out_ptr,
                       stride_mb, stride_mn, stride_ob, stride_on, n_writes, n_slots, width,
-                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                      EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     slots = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     slot_ok = slots < n_slots
@@ -40,7 +40,7 @@ def _memory_write_fwd(mem_ptr, weights_ptr, erase_ptr, add_ptr, out_ptr,
     stride_on = tl.cast(stride_on, tl.int64)
     for d0 in range(0, width, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = offs_d < width
+        d_ok = within(offs_d, width, EVEN_D)
         tile = slot_ok[:, None] & d_ok[None, :]
         mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
                       mask=tile, other=0.0).to(tl.float32)
@@ -62,7 +62,7 @@ def _memory_write_bwd(dout_ptr, mem_ptr, weights_ptr, erase_ptr, add_ptr, dmem_p
                       dweights_ptr, part_derase_ptr, part_dadd_ptr,
                       stride_gb, stride_gn, stride_mb, stride_mn, stride_db, stride_dn,
                       n_writes, n_slots, width, split_len,
-                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                      EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     n_splits = tl.num_programs(0)
@@ -74,7 +74,7 @@ def _memory_write_bwd(dout_ptr, mem_ptr, weights_ptr, erase_ptr, add_ptr, dmem_p
     # dweights (zeroed by the launcher) gathers its sum over D across the width chunks.
     for d0 in range(0, width, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = offs_d < width
+        d_ok = within(offs_d, width, EVEN_D)
         for n0 in range(start, end, BLOCK_N):
             slots = n0 + tl.arange(0, BLOCK_N)
             slot_ok = slots < end
@@ -138,7 +138,8 @@ def memory_write_forward(memory, weights, erase, add, out=None):
     block_n, block_d = _blocks(width)
     _memory_write_fwd[(triton.cdiv(n_slots, block_n), batch)](
         memory, weights, erase, add, out, memory.stride(0), memory.stride(1), out.stride(0),
-        out.stride(1), weights.shape[1], n_slots, width, BLOCK_N=block_n, BLOCK_D=block_d)
+        out.stride(1), weights.shape[1], n_slots, width, EVEN_D=width % block_d == 0,
+        BLOCK_N=block_n, BLOCK_D=block_d)
     return out
 
 
@@ -160,6 +161,6 @@ def memory_write_backward(dout, memory, weights, erase, add):
             dout, memory, weights, erase, add, dmemory, dweights, part_derase, part_dadd,
             dout.stride(0), dout.stride(1), memory.stride(0), memory.stride(1),
             dmemory.stride(0), dmemory.stride(1), n_writes, n_slots, width, split_len,
-            BLOCK_N=block_n, BLOCK_D=block_d)
+            EVEN_D=width % block_d == 0, BLOCK_N=block_n, BLOCK_D=block_d)
     return (dmemory, dweights.to(weights.dtype), part_derase.sum(1).to(erase.dtype),
             part_dadd.sum(1).to(add.dtype))

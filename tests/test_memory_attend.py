@@ -24,6 +24,7 @@ CASES = {
     "key_value": (3, 130, 24, 5, 12, True, False),
     "narrow": (1, 200, 3, 2, 5, False, True),
     "wide": (2, 40, 72, 4, None, True, True),
+    "whole_blocks": (2, 50, 32, 4, 16, True, True),  # unmasked widths: EVEN_D and EVEN_DV
 }
 
 
@@ -123,12 +124,14 @@ def test_read_only_gradients_without_weights():
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 
-def _job(kernel, arch, dtype, width, heads, read=True):
+def _job(kernel, arch, dtype, width, heads, read=True, even=None):
+    even = kernel == "_memory_attend_fwd" if even is None else even  # as the launchers pass
     pointers = {"mem_ptr": dtype, "keys_ptr": dtype, "values_ptr": dtype, "strength_ptr": dtype,
                 "mask_ptr": "i1", "part_read_ptr": "fp32", "part_max_ptr": "fp32",
                 "part_sum_ptr": "fp32", "scores_ptr": "fp32"}
     constexprs = dict(SIMILARITY=0, HAS_VALUES=read, HAS_STRENGTH=True, HAS_MASK=True, READ=read,
-                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_R=heads,
+                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", EVEN_D=even,
+                      EVEN_DV=even, BLOCK_R=heads,
                       BLOCK_D=width, BLOCK_DV=width, BLOCK_N=64)
     if kernel == "_memory_attend_fwd":
         constexprs["STORE_SCORES"] = True
@@ -150,6 +153,8 @@ TARGET_JOBS = {f"{k}-sm{arch}-{dt}-d{w}-r{r}": _job(k, arch, TRITON_TYPES[dt], w
                                 ("float32", 64, 16))}
 TARGET_JOBS.update({f"{k}-sm{arch}-address-only": _job(k, arch, "fp16", 128, 16, read=False)
                     for k in ("_memory_attend_fwd", "_memory_attend_bwd") for arch in (80, 90)})
+TARGET_JOBS["_memory_attend_fwd-sm90-odd-width"] = _job("_memory_attend_fwd", 90, "fp16", 128,
+                                                         16, even=False)
 
 
 @pytest.mark.slow

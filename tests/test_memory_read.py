@@ -38,18 +38,19 @@ def test_matches_float64(shape, dtype, backend):
 @pytest.mark.xdist_group("aot")
 def test_kernels_compile_for_sm80_and_sm90():
     jobs = {}
+    variants = [(arch, dtype, True) for arch in (80, 90)
+                for dtype in ("float16", "bfloat16", "float32")] + [(90, "float16", False)]
     for kernel in ("_memory_read_fwd", "_memory_read_bwd"):
-        for arch in (80, 90):
-            for dtype in ("float16", "bfloat16", "float32"):
-                t = TRITON_TYPES[dtype]
-                pointers = {"mem_ptr": t, "weights_ptr": t}
-                pointers.update({"part_ptr": "fp32"} if kernel.endswith("fwd") else
-                                {"dread_ptr": "fp32", "dmem_ptr": t, "dweights_ptr": t})
-                jobs[f"{kernel}-sm{arch}-{dtype}"] = dict(
-                    module="attnmem.kernels.memory_read", kernel=kernel, arch=arch,
-                    constexprs=dict(DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
-                                    BLOCK_R=16, BLOCK_N=64, BLOCK_D=128),
-                    pointers=pointers, num_warps=4, num_stages=3)
+        for arch, dtype, even in variants:
+            t = TRITON_TYPES[dtype]
+            pointers = {"mem_ptr": t, "weights_ptr": t}
+            pointers.update({"part_ptr": "fp32"} if kernel.endswith("fwd") else
+                            {"dread_ptr": "fp32", "dmem_ptr": t, "dweights_ptr": t})
+            jobs[f"{kernel}-sm{arch}-{dtype}{'' if even else '-odd-width'}"] = dict(
+                module="attnmem.kernels.memory_read", kernel=kernel, arch=arch,
+                constexprs=dict(DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
+                                EVEN_D=even, BLOCK_R=16, BLOCK_N=64, BLOCK_D=128),
+                pointers=pointers, num_warps=4, num_stages=3)
     results = dict(zip(jobs, compile_all(list(jobs.values()))))
     failures = {k: r["error"] for k, r in results.items() if r["error"]}
     assert not failures, failures

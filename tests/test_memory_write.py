@@ -50,7 +50,7 @@ def test_inplace_matches(backend):
     torch.testing.assert_close(memory, expect)
 
 
-def _job(kernel, arch, dtype):
+def _job(kernel, arch, dtype, even=True):
     pointers = {"mem_ptr": dtype, "weights_ptr": dtype, "erase_ptr": dtype, "add_ptr": dtype}
     if kernel == "_memory_write_fwd":
         pointers["out_ptr"] = dtype
@@ -58,8 +58,8 @@ def _job(kernel, arch, dtype):
         pointers.update({"dout_ptr": dtype, "dmem_ptr": dtype, "dweights_ptr": "fp32",
                          "part_derase_ptr": "fp32", "part_dadd_ptr": "fp32"})
     return dict(module="attnmem.kernels.memory_write", kernel=kernel, arch=arch,
-                constexprs=dict(BLOCK_N=64, BLOCK_D=128), pointers=pointers, num_warps=4,
-                num_stages=3)
+                constexprs=dict(EVEN_D=even, BLOCK_N=64, BLOCK_D=128), pointers=pointers,
+                num_warps=4, num_stages=3)
 
 
 @pytest.mark.slow
@@ -68,6 +68,8 @@ def test_kernels_compile_for_sm80_and_sm90():
     jobs = {f"{k}-sm{arch}-{dt}": _job(k, arch, TRITON_TYPES[dt])
             for k in ("_memory_write_fwd", "_memory_write_bwd") for arch in (80, 90)
             for dt in ("float16", "bfloat16", "float32")}
+    jobs.update({f"{k}-sm90-float16-odd-width": _job(k, 90, "fp16", even=False)
+                 for k in ("_memory_write_fwd", "_memory_write_bwd")})
     results = dict(zip(jobs, compile_all(list(jobs.values()))))
     failures = {k: r["error"] for k, r in results.items() if r["error"]}
     assert not failures, failures
