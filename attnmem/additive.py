@@ -155,15 +155,14 @@ def hard_attention(log_weights, values, *, sample=False, generator=None):
     log_weights: (B, Nq, Nk) log-probabilities (e.g. pointer_attention's); values:
     (B, Nk, Dv). Returns (indices (B, Nq) int64, chosen values (B, Nq, Dv), log-probability
     of each choice (B, Nq)); only the last is differentiable (REINFORCE's score function).
-    A query whose inputs are all -inf picks index 0 with log-probability -inf.
+    A query whose inputs are all -inf (or that has none, Nk = 0) picks index 0 with
+    log-probability -inf, and a zero value when there is none.
     """
     _tensor("log_weights", log_weights, 3, "(B, Nq, Nk)")
     _tensor("values", values, 3, "(B, Nk, Dv)")
     if values.shape[:2] != (log_weights.shape[0], log_weights.shape[2]):
         raise ValueError(f"values must be (B, Nk, Dv) with B, Nk = {log_weights.shape[0]}, "
                          f"{log_weights.shape[2]} from log_weights, got {tuple(values.shape)}")
-    if log_weights.shape[2] == 0:
-        raise ValueError("log_weights must have at least one input (Nk >= 1) to choose from")
     if values.device != log_weights.device:
         raise ValueError(f"values is on {values.device} but log_weights is on "
                          f"{log_weights.device}")
@@ -173,6 +172,11 @@ def hard_attention(log_weights, values, *, sample=False, generator=None):
     if not bool((log_weights < float("inf")).all()):
         raise ValueError("log_weights must be log-probabilities: finite or -inf, without NaN "
                          "or +inf")
+    if log_weights.shape[2] == 0:  # nothing to choose: as for a row of -inf inputs
+        batch, n_q = log_weights.shape[:2]
+        return (torch.zeros((batch, n_q), dtype=torch.long, device=values.device),
+                values.new_zeros((batch, n_q, values.shape[2])),
+                log_weights.new_full((batch, n_q), float("-inf")))
     with torch.no_grad():
         if sample:
             # Normalised here, so log-weights off by a constant (or far below 0) sample right.
