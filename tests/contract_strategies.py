@@ -6,6 +6,7 @@ rounded inputs: outputs and gradients finite where the reference is, within the 
 rule of tests/tolerance.py, and inputs left as they were.
 """
 
+import copy
 import os
 import re
 
@@ -109,6 +110,7 @@ def compare(what, got, expect, base, dtype, condition=1.0):
     assert got.shape == expect.shape, f"{what}: shape {tuple(got.shape)}, " \
                                       f"expected {tuple(expect.shape)}"
     got = got.detach().double()
+    assert not got.isnan().any(), f"{what}: NaN at {got.isnan().nonzero()[:4].tolist()}"
     finite = torch.isfinite(expect)
     bad = torch.isfinite(got) != finite
     assert not bad.any(), f"{what}: {got[bad][:4].tolist()} where float64 gives " \
@@ -129,10 +131,12 @@ def _leaves(tensors):
             and t.dtype.is_floating_point else t for n, t in tensors.items()}
 
 
-def _grads(outs, leaves, grad_outputs, what):
-    """Gradients of sum(out * grad_output) for every float leaf (zeros where unused)."""
+def _grads(outs, leaves, grad_outputs, what, constants=()):
+    """Gradients of sum(out * grad_output) for every float leaf (zeros where unused). Every
+    output is differentiable but those whose indices are in constants."""
     inputs = [t for t in leaves.values() if isinstance(t, torch.Tensor) and t.requires_grad]
-    pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None]
+    pairs = [(o, g) for i, (o, g) in enumerate(zip(outs, grad_outputs))
+             if g is not None and i not in constants]
     assert all(o.requires_grad for o, _ in pairs), f"{what}: an output is not differentiable"
     grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],
                                 allow_unused=True) if pairs and inputs else [None] * len(inputs)
@@ -208,3 +212,42 @@ def bad_tensors(x, first_dim_size=True):
         cases.append(("first size + 1", torch.cat([x, x[:1]]) if x.shape[0] else
                       x.new_zeros((1, *x.shape[1:]))))
     return cases
+
+
+def _cast(inputs, dtype):
+    return {n: t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype.is_floating_point
+            else t for n, t in inputs.items()}
+
+
+def check_module(backend, module, inputs, forward, data, dtype, condition=1.0):
+    """forward(module, **inputs) -> a tuple of float outputs on backend, against the module
+    in float64 on the torch backend (the twins, on the same rounded parameters and inputs):
+    outputs, gradients of every parameter and float input, inputs unchanged. An output that
+    depends on no parameter or input (an NTM's constant initial memory) has no gradient."""
+    snapshot = {n: t.clone() for n, t in inputs.items() if isinstance(t, torch.Tensor)}
+    runs = {}
+    for what, m, cast, chosen in (("op", module, dtype, backend),
+                                  ("float64 reference", copy.deepcopy(module).double(),
+                                   torch.float64, "torch"),
+                                  ("reference", copy.deepcopy(module), dtype, "torch")):
+        leaves = _leaves(_cast(inputs, cast))
+        with attnmem.use_backend(chosen):
+            outs = forward(m, **leaves)
+        runs[what] = (outs, {**leaves, **dict(m.named_parameters())})
+    (outs, leaves), (expect, expect_leaves), (base, base_leaves) = runs.values()
+    assert len(outs) == len(expect)
+    for i, (o, e, b) in enumerate(zip(outs, expect, base)):
+        assert o.dtype == b.dtype, f"output {i} is {o.dtype}, not {b.dtype}"
+        compare(f"output {i}", o, e, b, dtype, condition)
+    upstream = [data.randn(*e.shape).masked_fill(~torch.isfinite(e), 0.0) for e in expect]
+    constants = [i for i, e in enumerate(expect) if not e.requires_grad]
+    got = _grads(outs, leaves, [u.to(o.dtype) for u, o in zip(upstream, outs)], "module",
+                 constants)
+    want = _grads(expect, expect_leaves, upstream, "float64 reference", constants)
+    base_grads = _grads(base, base_leaves, [u.to(b.dtype) for u, b in zip(upstream, base)],
+                        "reference", constants)
+    for name in got:
+        compare(f"d{name}", got[name], want[name], base_grads[name], dtype, condition)
+    for name, before in snapshot.items():
+        assert same(inputs[name], before), f"{name} was modified"
+    return outs

@@ -20,7 +20,9 @@ from contract_strategies import (
     ERRORS,
     Data,
     arrange,
+    bad_tensors,
     check_call,
+    check_module,
     compare,
     contract,
     dtypes,
@@ -35,6 +37,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import attnmem
+import attnmem.nn
 from backends import BACKENDS
 
 INF = float("inf")
@@ -350,7 +353,7 @@ def test_memory_write_inplace(backend, data):
     case = data.draw(write_cases(backend))
     given_, clean, _ = write_inputs(case)
     dtype = case["dtype"]
-    expanded = data.draw(st.booleans()) and case["shape"][0] > 1
+    expanded = data.draw(st.booleans()) and case["shape"][0] > 1 and case["shape"][1] > 0
     if expanded:
         given_["memory"] = given_["memory"][:1].expand_as(given_["memory"])
     others = {name: x.clone() for name, x in given_.items() if name != "memory"}
@@ -539,3 +542,494 @@ def test_hard_attention(backend, data):
     expect = torch.zeros_like(log_weights).scatter(2, indices[..., None], upstream[..., None])
     assert same(grad, expect), "log_prob's gradient is not one-hot"
     assert same(log_weights, before[0]) and same(values, before[1]), "an input was modified"
+
+
+# invalid arguments -------------------------------------------------------------------------
+
+@st.composite
+def small_sizes(draw):
+    return dict(b=draw(st.integers(1, 2)), n=draw(st.integers(1, 3)), m=draw(st.integers(1, 3)),
+                d=draw(st.integers(1, 3)), r=draw(st.integers(1, 2)), seed=draw(seeds))
+
+
+def valid_call(op, sizes):
+    """(function, keyword arguments, the argument the others are checked against, arguments
+    whose last size is free) for a small valid call of op."""
+    b, n, m, d, r = (sizes[x] for x in "bnmdr")
+    rand = Data(sizes["seed"])
+
+    def f(*shape):
+        return rand.randn(*shape).float()
+
+    lens = torch.tensor([n] * b)
+    if op == "attention":
+        return (lambda **x: attnmem.attention(**x),
+                dict(q=f(b, 2 * r, m, d), k=f(b, r, n, d), v=f(b, r, n, d), kv_lengths=lens,
+                     causal=False, scale=None, window=None), "q", set())
+    memory = dict(memory=f(b, n, d), keys=f(b, r, d), strength=rand.rand(b, r).float(),
+                  mask=rand.bools(b, n), similarity="cosine")
+    if op == "memory_address":
+        return lambda **x: attnmem.memory_address(**x), memory, "memory", set()
+    if op == "memory_attend":
+        return (lambda **x: attnmem.memory_attend(**x), {**memory, "values": f(b, n, m)},
+                "memory", {"values"})
+    if op == "memory_read":
+        return (lambda **x: attnmem.memory_read(**x), dict(memory=f(b, n, d),
+                                                           weights=f(b, r, n)),
+                "memory", {"memory"})
+    if op == "memory_write":
+        return (lambda **x: attnmem.memory_write(**x),
+                dict(memory=f(b, n, d), weights=rand.rand(b, r, n).float(),
+                     erase=rand.rand(b, r, d).float(), add=f(b, r, d)), "memory", set())
+    if op == "location_address":
+        return (lambda **x: attnmem.location_address(**x),
+                dict(content_weights=rand.simplex(b, r, n).float(),
+                     prev_weights=rand.simplex(b, r, n).float(), gate=rand.rand(b, r).float(),
+                     shift=rand.simplex(b, r, 3).float(), gamma=1 + rand.rand(b, r).float()),
+                "content_weights", set())
+    if op == "additive_attention":
+        return (lambda **x: attnmem.additive_attention(**x),
+                dict(q=f(b, m, d), k=f(b, n, d), values=f(b, n, r), v=f(d), kv_lengths=lens),
+                "q", {"values"})
+    if op == "pointer_attention":
+        return (lambda **x: attnmem.pointer_attention(**x),
+                dict(q=f(b, m, d), k=f(b, n, d), v=f(d), kv_lengths=lens), "q", set())
+    assert op == "hard_attention"
+    return (lambda **x: attnmem.hard_attention(**x),
+            dict(log_weights=torch.log_softmax(f(b, m, n), -1), values=f(b, n, d),
+                 sample=False), "log_weights", {"values"})
+
+
+OPS = ["attention", "memory_address", "memory_attend", "memory_read", "memory_write",
+       "location_address", "additive_attention", "pointer_attention", "hard_attention"]
+# Values of non-tensor arguments that must be refused.
+BAD_OPTIONS = {
+    "causal": [1, "yes", None],
+    "scale": [float("nan"), float("inf"), "1", True, 1j],
+    "window": [3, (1, 2, 3), (-2, 0), (1.5, 0), (True, 0), ("a", None)],
+    "similarity": ["cos", 3, None],
+    "sample": ["yes", 2],
+}
+
+
+def bad_arguments(op, args, primary, free_last):
+    """(argument, what is wrong, bad value, names the error may give): one argument changed."""
+    tensors = [n for n, x in args.items() if isinstance(x, torch.Tensor)]
+    cases = []
+    for name in tensors:
+        x = args[name]
+        partners = tensors if name == primary else [name, primary]
+        bad = bad_tensors(x)
+        if name not in free_last:
+            bad.append(("last size + 1", torch.cat([x, x[..., :1]], -1)))
+        # hard_attention's log-weights (float32 from pointer_attention) and values need not
+        # share a dtype.
+        cases += [(name, what, value, partners if what in (
+            "first size + 1", "last size + 1", "meta device", "other float dtype") else [name])
+            for what, value in bad if not (op == "hard_attention" and what == "other float dtype")]
+    cases += [(name, repr(value), value, [name]) for name in args if name in BAD_OPTIONS
+              for value in BAD_OPTIONS[name]]
+    if op == "additive_attention":
+        cases.append(("values", "None", None, ["values"]))
+    if op == "hard_attention":
+        for value in (float("nan"), float("inf")):
+            poisoned_ = args["log_weights"].clone()
+            poisoned_[0, 0, 0] = value
+            cases.append(("log_weights", f"holds {value}", poisoned_, ["log_weights"]))
+    return cases
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@contract
+@given(sizes=small_sizes())
+def test_invalid_arguments_raise_named_errors(backend, op, sizes):
+    fn, args, primary, free_last = valid_call(op, sizes)
+    with attnmem.use_backend(backend):
+        fn(**args)  # the valid call runs
+        failures = []
+        for name, what, value, names in bad_arguments(op, args, primary, free_last):
+            try:
+                fn(**{**args, name: value})
+            except ERRORS as error:
+                try:
+                    named(error, *names)
+                except AssertionError as unnamed:
+                    failures.append(f"{name} {what}: {unnamed}")
+            except Exception as error:  # noqa: BLE001 - every other error breaks the contract
+                failures.append(f"{name} {what}: {type(error).__name__}: {error}")
+            else:
+                failures.append(f"{name} {what}: accepted")
+    assert not failures, f"{op}:\n" + "\n".join(failures)
+
+
+# modules -----------------------------------------------------------------------------------
+
+def optional_lengths(draw, batch, n):
+    return draw(st.none() | lengths(batch, n).map(lambda pair: pair[0]))
+
+
+def multihead_attention(draw, rand):
+    heads, head_dim = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    embed = heads * head_dim
+    kdim, vdim = draw(st.none() | st.integers(1, 4)), draw(st.none() | st.integers(1, 4))
+    batch_first = draw(st.booleans())
+    module = attnmem.nn.MultiheadAttention(
+        embed, heads, bias=draw(st.booleans()), add_bias_kv=draw(st.booleans()),
+        add_zero_attn=draw(st.booleans()), kdim=kdim, vdim=vdim, batch_first=batch_first)
+    b, n_q, n_k = draw(st.integers(0, 2)), draw(st.integers(0, 4)), draw(st.integers(0, 4))
+    n_k = n_q if draw(st.booleans()) else n_k
+
+    def seq(n, width):
+        x = rand.randn(b, n, width)
+        return x if batch_first else x.transpose(0, 1).contiguous()
+
+    padding = draw(st.sampled_from(["none", "right", "any"]))
+    mask = None if padding == "none" else (
+        key_padding(b, n_k, [draw(st.integers(0, n_k)) for _ in range(b)]) if padding == "right"
+        else rand.bools(b, n_k, p=0.3))
+    causal = n_q == n_k and draw(st.booleans())
+    need_weights = draw(st.booleans())
+    kwargs = dict(key_padding_mask=mask, need_weights=need_weights, is_causal=causal,
+                  attn_mask=torch.ones(n_q, n_k, dtype=torch.bool).triu(1) if causal else None)
+
+    def forward(m, query, key, value):
+        out, weights = m(query, key, value, **kwargs)
+        return (out, weights) if need_weights else (out,)
+
+    return module, dict(query=seq(n_q, embed), key=seq(n_k, kdim or embed),
+                        value=seq(n_k, vdim or embed)), forward
+
+
+def self_attention(draw, rand, layer):
+    kv_heads, group, head_dim = (draw(st.integers(1, 2)) for _ in range(3))
+    heads = kv_heads * group
+    side = st.none() | integers(0, 3)
+    options = dict(num_kv_heads=kv_heads, causal=draw(st.booleans()),
+                   window=draw(st.none() | st.tuples(side, side)), bias=draw(st.booleans()))
+    if layer:
+        module = attnmem.nn.TransformerEncoderLayer(
+            heads * head_dim, heads, dim_feedforward=draw(st.integers(1, 6)), dropout=0.0,
+            activation=draw(st.sampled_from(["relu", "gelu"])), norm_first=draw(st.booleans()),
+            **options)
+    else:
+        module = attnmem.nn.MultiheadSelfAttention(heads * head_dim, heads, **options)
+    b, n = draw(st.integers(0, 2)), draw(st.integers(0, 5))
+    kv_lengths = optional_lengths(draw, b, n)
+    return module, dict(x=rand.randn(b, n, heads * head_dim)), \
+        lambda m, x: (m(x, kv_lengths=kv_lengths),)
+
+
+def positional_encoding(draw, rand):
+    d_model, n = draw(st.integers(1, 6)), draw(st.integers(0, 5))
+    module = attnmem.nn.SinusoidalPositionalEncoding(d_model, max_len=n + draw(
+        st.integers(0, 3)))
+    return module, dict(x=rand.randn(draw(st.integers(0, 2)), n, d_model)), \
+        lambda m, x: (m(x),)
+
+
+def additive_module(draw, rand, pointer):
+    query_dim, key_dim, attn_dim = (draw(st.integers(1, 4)) for _ in range(3))
+    cls = attnmem.nn.PointerAttention if pointer else attnmem.nn.AdditiveAttention
+    module = cls(query_dim, key_dim, attn_dim)
+    b, n_q, n_k = draw(st.integers(0, 2)), draw(st.integers(0, 3)), draw(st.integers(0, 4))
+    step = draw(st.booleans())
+    query = rand.randn(b, query_dim) if step else rand.randn(b, n_q, query_dim)
+    kv_lengths = optional_lengths(draw, b, n_k)
+    inputs = dict(query=query, keys=rand.randn(b, n_k, key_dim))
+    if pointer:
+        return module, inputs, lambda m, query, keys: (m(query, keys, kv_lengths=kv_lengths),)
+    return_weights = draw(st.booleans())
+    if draw(st.booleans()):
+        inputs["values"] = rand.randn(b, n_k, draw(st.integers(1, 3)))
+
+    def forward(m, query, keys, values=None):
+        out = m(query, keys, values, kv_lengths=kv_lengths, return_weights=return_weights)
+        return out if return_weights else (out,)
+
+    return module, inputs, forward
+
+
+def luong(draw, rand):
+    hidden, score = draw(st.integers(1, 4)), draw(st.sampled_from(["dot", "general", "concat"]))
+    source_size = hidden if score == "dot" else draw(st.integers(1, 4))
+    module = attnmem.nn.LuongAttention(
+        hidden, score=score, mode=draw(st.sampled_from(["global", "local-m", "local-p"])),
+        window=draw(st.integers(0, 3)), source_size=source_size,
+        attn_dim=draw(st.none() | st.integers(1, 4)))
+    b, n_q, n_s = draw(st.integers(0, 2)), draw(st.integers(0, 3)), draw(st.integers(0, 5))
+    query = rand.randn(b, hidden) if draw(st.booleans()) else rand.randn(b, n_q, hidden)
+    source_lengths = optional_lengths(draw, b, n_s)
+    return_weights = draw(st.booleans())
+
+    def forward(m, query, source):
+        out = m(query, source, source_lengths=source_lengths, return_weights=return_weights)
+        return out if return_weights else (out,)
+
+    return module, dict(query=query, source=rand.randn(b, n_s, source_size)), forward
+
+
+def ntm(draw, rand):
+    sizes = dict(input_size=draw(st.integers(1, 3)), output_size=draw(st.integers(1, 3)),
+                 controller_size=draw(st.integers(1, 4)), memory_slots=draw(st.integers(1, 5)),
+                 memory_width=draw(st.integers(1, 3)), read_heads=draw(st.integers(1, 2)),
+                 write_heads=draw(st.integers(1, 2)), shift_range=draw(st.integers(0, 1)))
+    batch_first = draw(st.booleans())
+    module = attnmem.nn.NTM(**sizes, memory_init=draw(st.sampled_from(["learned", "constant"])),
+                            batch_first=batch_first)
+    t, b = draw(st.integers(0, 3)), draw(st.integers(0, 2))
+    shape = (b, t) if batch_first else (t, b)
+
+    def forward(m, inputs):
+        outputs, state = m(inputs)
+        return outputs, state.memory, state.reads
+
+    return module, dict(inputs=rand.randn(*shape, sizes["input_size"])), forward
+
+
+def memn2n(draw, rand):
+    vocab, memory_size = draw(st.integers(2, 6)), draw(st.integers(1, 4))
+    module = attnmem.nn.MemN2N(vocab, embed_dim=draw(st.integers(1, 4)),
+                               memory_size=memory_size, hops=draw(st.integers(1, 2)),
+                               position_encoding=draw(st.booleans()),
+                               temporal_encoding=draw(st.booleans()))
+    b, s, w = draw(st.integers(0, 2)), draw(st.integers(0, memory_size)), draw(st.integers(1, 3))
+    story = torch.randint(0, vocab, (b, s, w), generator=rand.gen)
+    query = torch.randint(0, vocab, (b, w), generator=rand.gen)
+    return module, dict(story=story, query=query), lambda m, story, query: (m(story, query),)
+
+
+def key_value_memory(draw, rand):
+    state_dim, slots = draw(st.integers(1, 4)), draw(st.integers(1, 5))
+    module = attnmem.nn.KeyValueMemory(
+        state_dim, num_slots=slots, key_dim=draw(st.integers(1, 3)),
+        value_dim=draw(st.integers(1, 3)),
+        similarity=draw(st.sampled_from(["cosine", "dot", "scaled_dot"])))
+    b = draw(st.integers(0, 2))
+    h = rand.randn(b, state_dim) if draw(st.booleans()) else \
+        rand.randn(b, draw(st.integers(0, 3)), state_dim)
+    mask = rand.bools(b, slots) if draw(st.booleans()) else None
+    return_weights = draw(st.booleans())
+
+    def forward(m, h):
+        out = m(h, mask=mask, return_weights=return_weights)
+        return out if return_weights else (out,)
+
+    return module, dict(h=h), forward
+
+
+MODULES = {
+    "MultiheadAttention": multihead_attention,
+    "MultiheadSelfAttention": lambda draw, rand: self_attention(draw, rand, layer=False),
+    "TransformerEncoderLayer": lambda draw, rand: self_attention(draw, rand, layer=True),
+    "SinusoidalPositionalEncoding": positional_encoding,
+    "AdditiveAttention": lambda draw, rand: additive_module(draw, rand, pointer=False),
+    "PointerAttention": lambda draw, rand: additive_module(draw, rand, pointer=True),
+    "LuongAttention": luong,
+    "NTM": ntm,
+    "MemN2N": memn2n,
+    "KeyValueMemory": key_value_memory,
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(MODULES))
+@contract
+@given(data=st.data())
+def test_module_matches_float64(backend, name, data):
+    """Float32 (float64 on torch too) modules on backend against the same module in float64
+    on the pure-torch twins: outputs, every parameter's and input's gradient."""
+    rand = Data(data.draw(seeds))
+    torch.manual_seed(data.draw(seeds))
+    module, inputs, forward = MODULES[name](data.draw, rand)
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64] if backend == "torch"
+                                      else [torch.float32]))
+    module = module.to(dtype).eval()
+    inputs = {n: x.to(dtype) if x.dtype.is_floating_point else x for n, x in inputs.items()}
+    check_module(backend, module, inputs, forward, rand, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@contract
+@given(data=st.data())
+def test_hard_attention_module(backend, data):
+    rand = Data(data.draw(seeds))
+    torch.manual_seed(data.draw(seeds))
+    query_dim, key_dim, attn_dim = (data.draw(st.integers(1, 4)) for _ in range(3))
+    module = attnmem.nn.HardAttention(query_dim, key_dim, attn_dim)
+    b, n_q, n_k = data.draw(st.integers(0, 2)), data.draw(st.integers(0, 3)), \
+        data.draw(st.integers(1, 4))
+    query, keys = rand.randn(b, n_q, query_dim).float(), rand.randn(b, n_k, key_dim).float()
+    kv_lengths = optional_lengths(data.draw, b, n_k)
+    sample = data.draw(st.booleans())
+    with attnmem.use_backend(backend):
+        indices, chosen, log_prob = module(query, keys, kv_lengths=kv_lengths, sample=sample,
+                                           generator=rand.gen)
+        log_probs = attnmem.nn.PointerAttention.forward(module, query, keys, kv_lengths)
+    picked = torch.gather(log_probs, 2, indices[..., None]).squeeze(-1)
+    possible = torch.isfinite(log_probs).any(-1)
+    assert same(log_prob.detach(), picked), "log_prob is not the chosen key's"
+    assert torch.isfinite(picked[possible]).all(), "chose padding"
+    assert same(chosen, torch.gather(keys, 1, indices[..., None].expand(-1, -1, key_dim)))
+    if log_prob.numel():
+        grads = torch.autograd.grad(log_prob.masked_fill(~possible, 0).sum(),
+                                    list(module.parameters()), allow_unused=True)
+        assert all(g is None or torch.isfinite(g).all() for g in grads), "non-finite gradient"
+
+
+# module arguments --------------------------------------------------------------------------
+
+# name: (constructor, valid arguments, the integer arguments among them, other refused values)
+CONSTRUCTORS = {
+    "MultiheadAttention": (attnmem.nn.MultiheadAttention, dict(embed_dim=4, num_heads=2, kdim=3,
+                                                               vdim=5),
+                           {"dropout": [-0.1, 1.5, "0"], "batch_first": [1]}),
+    "MultiheadSelfAttention": (attnmem.nn.MultiheadSelfAttention,
+                               dict(embed_dim=4, num_heads=2, num_kv_heads=1),
+                               {"causal": [1, "no"], "window": [3, (1, 2, 3), (-2, 0), (1.5, 0)]}),
+    "TransformerEncoderLayer": (attnmem.nn.TransformerEncoderLayer,
+                                dict(d_model=4, nhead=2, dim_feedforward=3, num_kv_heads=1),
+                                {"activation": ["tanh", None], "dropout": [2.0, -1.0]}),
+    "SinusoidalPositionalEncoding": (attnmem.nn.SinusoidalPositionalEncoding,
+                                     dict(d_model=4, max_len=10), {"dropout": [-0.5, "x"]}),
+    "AdditiveAttention": (attnmem.nn.AdditiveAttention, dict(query_dim=2, key_dim=3,
+                                                             attn_dim=4), {}),
+    "PointerAttention": (attnmem.nn.PointerAttention, dict(query_dim=2, key_dim=3, attn_dim=4),
+                         {}),
+    "HardAttention": (attnmem.nn.HardAttention, dict(query_dim=2, key_dim=3, attn_dim=4), {}),
+    "LuongAttention": (attnmem.nn.LuongAttention, dict(hidden_size=3, window=2, source_size=4,
+                                                       attn_dim=2),
+                       {"score": ["cosine", 1], "mode": ["local", None]}),
+    "NTM": (attnmem.nn.NTM, dict(input_size=2, output_size=3, controller_size=4,
+                                 memory_slots=5, memory_width=2, read_heads=1, write_heads=2,
+                                 shift_range=1), {"memory_init": ["random", 0]}),
+    "MemN2N": (attnmem.nn.MemN2N, dict(vocab_size=5, embed_dim=3, memory_size=4, hops=2), {}),
+    "KeyValueMemory": (attnmem.nn.KeyValueMemory, dict(state_dim=3, num_slots=4, key_dim=2,
+                                                       value_dim=2),
+                       {"similarity": ["cos", None]}),
+}
+
+
+@pytest.mark.parametrize("name", list(CONSTRUCTORS))
+def test_module_constructors_name_bad_arguments(name):
+    """Sizes: negative, bool, float or str are refused naming the argument; numpy integers
+    build the same module as ints."""
+    cls, valid, others = CONSTRUCTORS[name]
+    torch.manual_seed(0)
+    reference = cls(**valid)
+    torch.manual_seed(0)
+    numpy_built = cls(**{k: np.int64(v) for k, v in valid.items()})
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(),
+                                                 numpy_built.state_dict().values()))
+    failures = []
+    bad = [(k, v) for k in valid for v in (-1, True, 2.5, "3")]
+    bad += [(k, v) for k, values in others.items() for v in values]
+    for key, value in bad:
+        try:
+            cls(**{**valid, key: value})
+        except ERRORS as error:
+            try:
+                named(error, key)
+            except AssertionError as unnamed:
+                failures.append(f"{key}={value!r}: {unnamed}")
+        except Exception as error:  # noqa: BLE001 - every other error breaks the contract
+            failures.append(f"{key}={value!r}: {type(error).__name__}: {error}")
+        else:
+            failures.append(f"{key}={value!r}: accepted")
+    assert not failures, f"{name}:\n" + "\n".join(failures)
+
+
+def forward_calls(rand):
+    """name: (module, forward, valid inputs, the changes of bad_tensors that are valid,
+    as (input, what) pairs; "*" for what is every change but a device, a size or a list)."""
+    torch.manual_seed(0)
+    b = 2
+    nn_ = attnmem.nn
+    kinds = ["int64", "bool", "float", "other float dtype", "extra dim", "fewer dims"]
+    return {
+        "MultiheadAttention": (
+            nn_.MultiheadAttention(4, 2, kdim=3, vdim=5, batch_first=True),
+            lambda m, **x: m(**x),
+            dict(query=rand.randn(b, 3, 4).float(), key=rand.randn(b, 2, 3).float(),
+                 value=rand.randn(b, 2, 5).float(),
+                 key_padding_mask=torch.tensor([[False, True], [False, False]])),
+            # float padding masks are added to the scores; torch's unbatched 2-D inputs
+            {("key_padding_mask", "*")} | {(k, w) for k in ("query", "key", "value")
+                                           for w in ("extra dim", "fewer dims")}),
+        "MultiheadSelfAttention": (
+            nn_.MultiheadSelfAttention(4, 2), lambda m, **x: m(**x),
+            dict(x=rand.randn(b, 3, 4).float(), kv_lengths=torch.tensor([1, 3])), set()),
+        "TransformerEncoderLayer": (
+            nn_.TransformerEncoderLayer(4, 2, 3), lambda m, **x: m(**x),
+            dict(x=rand.randn(b, 3, 4).float(), kv_lengths=torch.tensor([1, 3])), set()),
+        "SinusoidalPositionalEncoding": (
+            # no parameters: any float dtype, any batch
+            nn_.SinusoidalPositionalEncoding(4, 8), lambda m, **x: m(**x),
+            dict(x=rand.randn(b, 3, 4).float()),
+            {("x", "other float dtype"), ("x", "first size + 1")}),
+        "AdditiveAttention": (
+            nn_.AdditiveAttention(2, 3, 4), lambda m, **x: m(**x),
+            dict(query=rand.randn(b, 3, 2).float(), keys=rand.randn(b, 4, 3).float(),
+                 values=rand.randn(b, 4, 2).float(), kv_lengths=torch.tensor([2, 4])),
+            {("values", "last size + 1"), ("query", "fewer dims")}),
+        "PointerAttention": (
+            nn_.PointerAttention(2, 3, 4), lambda m, **x: m(**x),
+            dict(query=rand.randn(b, 3, 2).float(), keys=rand.randn(b, 4, 3).float(),
+                 kv_lengths=torch.tensor([2, 4])), {("query", "fewer dims")}),
+        "HardAttention": (
+            # values are gathered, never multiplied: any dtype
+            nn_.HardAttention(2, 3, 4).eval(), lambda m, **x: m(**x),
+            dict(query=rand.randn(b, 3, 2).float(), keys=rand.randn(b, 4, 3).float(),
+                 values=rand.randn(b, 4, 2).float(), kv_lengths=torch.tensor([2, 4])),
+            {("values", w) for w in kinds[:4] + ["last size + 1"]} | {("query", "fewer dims")}),
+        "LuongAttention": (
+            nn_.LuongAttention(3, source_size=4), lambda m, **x: m(**x),
+            dict(query=rand.randn(b, 2, 3).float(), source=rand.randn(b, 5, 4).float(),
+                 source_lengths=torch.tensor([5, 1])), {("query", "fewer dims")}),
+        "NTM": (
+            # inputs (T, B, I): any number of steps
+            nn_.NTM(2, 3, 4, 5, 2), lambda m, **x: m(**x)[0],
+            dict(inputs=rand.randn(3, b, 2).float()), {("inputs", "first size + 1")}),
+        "MemN2N": (
+            nn_.MemN2N(5, 3, 4, 2), lambda m, **x: m(**x),
+            dict(story=torch.randint(0, 5, (b, 3, 2), generator=rand.gen),
+                 query=torch.randint(0, 5, (b, 2), generator=rand.gen)),
+            {("story", "last size + 1"), ("query", "last size + 1")}),
+        "KeyValueMemory": (
+            nn_.KeyValueMemory(3, 4, 2, 2), lambda m, **x: m(**x),
+            dict(h=rand.randn(b, 2, 3).float(), mask=rand.bools(b, 4)), {("h", "fewer dims")}),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CONSTRUCTORS))
+def test_module_forward_names_bad_inputs(backend, name):
+    """Each input made wrong in one way (not a tensor, another device, integer or another
+    float dtype, a wrong ndim, a wrong size) is refused with an error naming it (or, for a
+    batch size that disagrees, naming another input)."""
+    module, forward, inputs, valid = forward_calls(Data(0))[name]
+    failures = []
+    with attnmem.use_backend(backend):
+        try:
+            forward(module, **inputs)
+        except Exception as error:  # noqa: BLE001 - reported with the rest
+            failures.append(f"the valid call: {type(error).__name__}: {error}")
+        for key, x in inputs.items():
+            bad = bad_tensors(x) + [("last size + 1", torch.cat([x, x[..., :1]], -1))]
+            for what, value in bad:
+                if (key, what) in valid or ((key, "*") in valid and what not in (
+                        "list", "meta device", "first size + 1", "last size + 1")):
+                    continue
+                names = list(inputs) if what == "first size + 1" else [key]
+                try:
+                    forward(module, **{**inputs, key: value})
+                except ERRORS as error:
+                    try:
+                        named(error, *names)
+                    except AssertionError as unnamed:
+                        failures.append(f"{key} {what}: {unnamed}")
+                except Exception as error:  # noqa: BLE001 - all other errors break the contract
+                    failures.append(f"{key} {what}: {type(error).__name__}: {error}")
+                else:
+                    failures.append(f"{key} {what}: accepted")
+    assert not failures, f"{name}:\n" + "\n".join(failures)
