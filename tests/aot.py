@@ -55,10 +55,18 @@ def compile_job(job):
             "wgmma": "wgmma.mma_async" in ptx, "mma_sync": "mma.sync.aligned" in ptx}
 
 
-def compile_all(jobs):
+def compile_all(jobs, python=sys.executable):
+    """Compiles jobs with `python` (another environment's, another triton: see
+    tests/test_triton_versions.py). With ATTNMEM_AOT_RECORD=FILE set, appends the jobs to FILE
+    as a line of JSON and raises instead: that collects the jobs of the compile tests."""
+    record = os.environ.get("ATTNMEM_AOT_RECORD")
+    if record:
+        with open(record, "a") as f:
+            f.write(json.dumps(jobs) + "\n")
+        raise RuntimeError(f"jobs recorded in {record}, not compiled")
     env = {**os.environ, "TRITON_INTERPRET": "0",
            "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(jobs),
+    result = subprocess.run([python, os.path.abspath(__file__)], input=json.dumps(jobs),
                             capture_output=True, text=True, env=env, timeout=3000)
     if result.returncode != 0:
         raise RuntimeError(f"aot compiler failed:\n{result.stderr[-5000:]}")

@@ -70,15 +70,21 @@ INSTRUCTION_CASES = _instruction_cases()
 
 
 @pytest.fixture(scope="module")
-def compiled():
-    jobs = {**CONFIG_CASES, **INSTRUCTION_CASES}
-    return dict(zip(jobs, compile_all(list(jobs.values()))))
+def compiled_configs():
+    return dict(zip(CONFIG_CASES, compile_all(list(CONFIG_CASES.values()))))
+
+
+@pytest.fixture(scope="module")
+def compiled_instructions():
+    """Apart from the config sweep, so that selecting only these tests (as
+    tests/test_triton_versions.py does) compiles only these."""
+    return dict(zip(INSTRUCTION_CASES, compile_all(list(INSTRUCTION_CASES.values()))))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CONFIG_CASES))
-def test_config_compiles_and_fits_shared_memory(compiled, case):
-    result, spec = compiled[case], CONFIG_CASES[case]
+def test_config_compiles_and_fits_shared_memory(compiled_configs, case):
+    result, spec = compiled_configs[case], CONFIG_CASES[case]
     assert result["error"] is None, result["error"]
     assert result["shared"] <= kernel.SMEM_LIMIT[spec["arch"]]
     if not case.split("-")[2] == "float32":
@@ -87,9 +93,9 @@ def test_config_compiles_and_fits_shared_memory(compiled, case):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(INSTRUCTION_CASES))
-def test_tensor_core_instructions(compiled, case):
+def test_tensor_core_instructions(compiled_instructions, case):
     """Hopper's warpgroup MMA on sm_90 for the first config at D=128; mma.sync on sm_80."""
-    result = compiled[case]
+    result = compiled_instructions[case]
     assert result["error"] is None, result["error"]
     assert result["wgmma"] if "sm90" in case else result["mma_sync"]
 
