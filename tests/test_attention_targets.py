@@ -76,8 +76,7 @@ def compiled_configs():
 
 @pytest.fixture(scope="module")
 def compiled_instructions():
-    """Apart from the config sweep, so that selecting only these tests (as
-    tests/test_triton_versions.py does) compiles only these."""
+    """Apart from the config sweep, so that `-k tensor_core` compiles only these."""
     return dict(zip(INSTRUCTION_CASES, compile_all(list(INSTRUCTION_CASES.values()))))
 
 
