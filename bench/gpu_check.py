@@ -9,6 +9,7 @@ check's summary (summary.json, report.md), and the merge of a report's parts.
 """
 
 import argparse
+import collections
 import importlib.util
 import json
 import os
@@ -138,18 +139,34 @@ def sweep(args):
         print(f"wrote {out_dir}: {sum('error' not in r for r in rows)} points measured")
 
 
+OUTCOME = re.compile(r"\b(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
+
+
 def _tests(work, steps, log):
-    """The test step's outcome from pytest's JUnit XML (counts and the first failure) and
-    its log (the seed of the random inputs)."""
-    seed = None
+    """The test step's outcome from pytest's JUnit XML (counts and the first failure), or,
+    where the step was cut off before pytest wrote it, what its log shows ran; and the seed
+    of the random inputs."""
+    seed, outcomes = None, {}
     if os.path.exists(log):
         with open(log, errors="replace") as f:
-            seed = next((m.group(1) for m in map(re.compile(r"ATTNMEM_SEED=(\d+)").search, f)
-                         if m), None)
+            for line in f:
+                found = re.search(r"ATTNMEM_SEED=(\d+)", line)
+                seed = seed or (found and found.group(1))
+                # pytest -v: "tests/x.py::t PASSED [ 5%]", with xdist "[gw3] [ 5%] PASSED tests/.."
+                found = OUTCOME.search(line)
+                if found and line.startswith(("tests/", "[gw")):
+                    test = line[:found.start()] if line.startswith("tests/") else \
+                        line[found.end():]
+                    outcomes[test.strip()] = found.group()
     path = os.path.join(work, "tests.xml")
     if not os.path.exists(path):
         status = next((s["status"] for s in steps if s["step"] == "tests"), "not run")
-        return dict(outcome=f"no result: the test step {status} (see tests.log)", seed=seed)
+        ran = ", ".join(f"{n} {o.lower()}" for o, n in sorted(
+            collections.Counter(outcomes.values()).items()))
+        return dict(outcome=f"no result: the test step {status}; its log shows "
+                            f"{len(outcomes)} tests before that ({ran or 'none'})",
+                    failed=sorted(t for t, o in outcomes.items() if o in ("FAILED", "ERROR")),
+                    seed=seed)
     suite = ET.parse(path).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
@@ -223,6 +240,7 @@ def summarize(out_dir, work):
                    tests["first_failure"]["message"], "```"]
     else:
         md += [f"{tests['outcome']}."]
+        md += [f"- failed: `{test}`" for test in tests["failed"]]
     if bench_md is None:
         md += ["", "## Benchmarks", "", "No benchmark results (see bench.log)."]
     else:
@@ -250,6 +268,8 @@ def _print_summary(summary):
             print(f" first failure: {tests['first_failure']['test']}")
     else:
         print(f" tests: {tests['outcome']}")
+        for test in tests["failed"][:10]:
+            print(f"   failed: {test}")
     if "bench" in summary:
         bench = summary["bench"]
         print(f" bench: {bench['measured']} of {bench['points']} points measured")

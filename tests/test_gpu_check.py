@@ -73,3 +73,32 @@ def test_parts_merge_into_one_report(check, tmp_path):
     assert {r["op"] for r in merged["results"]} == {"attention", "memory_attend"}
     assert len(merged["results"]) == sum(r["op"] in ("attention", "memory_attend")
                                          for r in data["results"])
+
+
+def test_summary_of_a_test_step_cut_off_by_its_timeout(tmp_path):
+    """No JUnit XML: the summary counts what pytest -v logged, and names the failures."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    out.mkdir()
+    facts = dict(device="GPU", driver="1", torch="2", triton="3", python="3.12", commit="abc",
+                 copy_bandwidth_gbs=3000.0, bf16_matmul_tflops=800.0)
+    (work / "facts.json").write_text(json.dumps(facts))
+    (work / "steps.tsv").write_text("facts 9 120 0\ntests 300 300 124\n")
+    (work / "missing.txt").write_text("\n")
+    (out / "tests.log").write_text(
+        "attnmem: random inputs seeded with ATTNMEM_SEED=123\n"
+        "[gw0] [  1%] PASSED tests/test_a.py::test_x[plain-fp32]\n"
+        "[gw1] [  2%] FAILED tests/test_c.py::test_y[first size + 1-triton]\n"
+        "[gw1] [  3%] SKIPPED tests/test_c.py::test_z\n"
+        "FAILED tests/test_c.py::test_y[first size + 1-triton] - RuntimeError: no\n")
+    result = subprocess.run([sys.executable, "-m", "bench.gpu_check", "summarize", str(out),
+                             str(work)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tests = json.loads((out / "summary.json").read_text())["tests"]
+    assert tests["seed"] == "123"
+    assert tests["failed"] == ["tests/test_c.py::test_y[first size + 1-triton]"]
+    assert "timed out" in tests["outcome"] and "3 tests" in tests["outcome"]
+    assert "1 failed, 1 passed, 1 skipped" in tests["outcome"]
+    report = (out / "report.md").read_text()
+    assert "timed out" in report and "test_y[first size + 1-triton]" in report
