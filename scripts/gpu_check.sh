@@ -13,7 +13,8 @@
 # 4. OUT_DIR gets summary.json, report.md, tests.log, bench.log and bench.tar.gz (the
 #    benchmark's results.json, report.md and plots, in a folder named after the device).
 # Exit status: 0 when the tests passed, 1 when they failed or ran out of time, 2 on misuse.
-# ATTNMEM_CHECK_BUDGET: the seconds the whole check may take (default 530; --smoke 150).
+# ATTNMEM_CHECK_BUDGET: the seconds the whole check may take (default 530; --smoke 150);
+# ATTNMEM_COMMIT: the commit to record where the copy of the repository has no .git.
 # The split, estimated before any run on a GPU (summary.json's steps hold the real times):
 # facts about 20 s; tests at most 300 s (about 1000 tests, 200 of them on the kernels, which
 # compile and autotune some 600 kernel variants on 12 workers); bench the rest, at least
