@@ -161,9 +161,11 @@ def _tests(work, steps, log):
                     test = line[:found.start()] if line.startswith("tests/") else \
                         line[found.end():]
                     outcomes[test.strip()] = found.group()
+    status = next((s["status"] for s in steps if s["step"] == "tests"), None)
+    if status is None:
+        return dict(outcome="not run", failed=[], seed=None)
     path = os.path.join(work, "tests.xml")
     if not os.path.exists(path):
-        status = next((s["status"] for s in steps if s["step"] == "tests"), "not run")
         ran = ", ".join(f"{n} {o.lower()}" for o, n in sorted(
             collections.Counter(outcomes.values()).items()))
         return dict(outcome=f"no result: the test step {status}; its log shows "
@@ -247,8 +249,9 @@ def summarize(out_dir, work):
     if bench_md is None:
         md += ["", "## Benchmarks", "", "No benchmark results (see bench.log)."]
     else:
-        # The benchmark report, one heading level down; its plots are in bench.tar.gz.
-        md += ["", re.sub(r"^(#+) ", r"#\1 ", bench_md, flags=re.MULTILINE)]
+        # The benchmark report, one heading level down.
+        md += ["", "The benchmark's plots and results.json are in bench.tar.gz.", "",
+               re.sub(r"^(#+) ", r"#\1 ", bench_md, flags=re.MULTILINE)]
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     _print_summary(summary)
@@ -289,7 +292,8 @@ def merge(out, parts):
         metas.append(part["meta"])
         rows += part["results"]
         unavailable.update(part["unavailable"])
-    meta = dict(metas[0], profile=",".join(sorted({m["profile"] for m in metas})))
+    meta = dict(metas[0], profile=",".join(sorted({m["profile"] for m in metas})),
+                sweep_s=sum(m.get("sweep_s", 0) for m in metas))
     for key in ("copy_bandwidth_gbs", "bf16_matmul_tflops"):
         values = sorted(m[key] for m in metas if key in m)
         if values:
