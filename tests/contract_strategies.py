@@ -20,7 +20,7 @@ from tolerance import ATOL
 # Few examples per property: the Triton interpreter is slow, and the file runs in a couple
 # of minutes in CI. ATTNMEM_CONTRACT_EXAMPLES=200 searches harder on a workstation.
 settings.register_profile(
-    "attnmem-contract", max_examples=int(os.environ.get("ATTNMEM_CONTRACT_EXAMPLES", "6")),
+    "attnmem-contract", max_examples=int(os.environ.get("ATTNMEM_CONTRACT_EXAMPLES", "12")),
     deadline=None, database=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                            HealthCheck.filter_too_much])
