@@ -4,35 +4,29 @@ import datetime
 import os
 import platform
 import re
-import statistics
 import subprocess
-import time
 
 import torch
+from torch.utils import benchmark
 
 QUANTILES = (0.5, 0.2, 0.8)
 
 
-def measure(fn, device, budget_s=0.5, max_reps=100):
+def measure(fn, device, budget_s=0.5):
     """(median, p20, p80) of fn's time in milliseconds. CUDA: triton.testing.do_bench
-    (synchronises the device, flushes L2 between calls). CPU: repeated wall-clock calls
-    filling about budget_s after one warm-up call, at least three."""
+    (synchronises the device, flushes L2 between calls). CPU: torch.utils.benchmark's
+    blocked_autorange over about budget_s, on torch's current thread count, after one warm-up
+    call; the quantiles are over its blocks, each the mean of enough calls to hide the timer's
+    overhead."""
     if torch.device(device).type == "cuda":
         from triton.testing import do_bench
 
         return tuple(do_bench(fn, warmup=25, rep=max(25, int(budget_s * 1000)),
                               quantiles=list(QUANTILES)))
-    start = time.perf_counter()
     fn()  # warm-up: allocations, compilation
-    first = time.perf_counter() - start
-    reps = max(3, min(max_reps, int(budget_s / max(first, 1e-6))))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    cuts = statistics.quantiles(times, n=10, method="inclusive")
-    return statistics.median(times), cuts[1], cuts[7]
+    timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    times = torch.tensor(timer.blocked_autorange(min_run_time=budget_s).times, dtype=torch.float64)
+    return tuple((times.quantile(torch.tensor(QUANTILES, dtype=torch.float64)) * 1e3).tolist())
 
 
 def peak_memory_mib(fn, device):
