@@ -4,11 +4,11 @@ report.md (tables) and PNG plots."""
 
 import argparse
 import json
+import math
 import os
-import sys
-import time
 
 import torch
+from tqdm import tqdm
 
 from bench import cases, timing
 
@@ -17,24 +17,6 @@ CPU_NOTE = ("**This is a CPU report.** On a CPU, attnmem runs its pure-torch fal
             "Triton kernels need a GPU, and Triton interpreter timings are never reported), so "
             "these numbers compare torch implementations on this CPU and say nothing about "
             "attnmem's kernels. Peak memory is measured on CUDA only.")
-
-
-class Progress:
-    """A one-line progress bar on stderr."""
-
-    def __init__(self, total):
-        self.total, self.done, self.start = total, 0, time.time()
-
-    def step(self, label):
-        self.done += 1
-        width = 30
-        filled = width * self.done // max(1, self.total)
-        elapsed = time.time() - self.start
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}"
-                         f" {elapsed:5.0f}s  {label[:60]:<60}")
-        if self.done == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 def _availability(op, device):
@@ -70,10 +52,12 @@ def sweep(ops, profile, device, budget_s):
         reasons = _availability(op, device)
         unavailable.update({f"{op}/{p}": r for p, r in reasons.items() if r})
         todo += [p for p in cases.points(op, profile) if not reasons[p["provider"]]]
-    rows, progress = [], Progress(len(todo))
-    for point in todo:
-        label = " ".join(f"{k}={v}" for k, v in point.items() if k in (
-            "op", "provider", "mode", "x", "d", "causal"))
+    rows = []
+    # disable=None: a live bar on a terminal, nothing on a pipe or a log file
+    progress = tqdm(todo, unit="point", disable=None, dynamic_ncols=True)
+    for point in progress:
+        progress.set_postfix_str(" ".join(f"{k}={v}" for k, v in point.items() if k in (
+            "op", "provider", "mode", "x", "d", "causal")), refresh=False)
         try:
             rows.append(run_point(point, device, budget_s))
         except torch.OutOfMemoryError:
@@ -82,8 +66,65 @@ def sweep(ops, profile, device, budget_s):
             rows.append(dict(point, error=str(e).splitlines()[0][:200]))
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
-        progress.step(label)
     return rows, unavailable
+
+
+MEASURED = ("provider", "median_ms", "p20_ms", "p80_ms", "peak_mib", "tflops", "gbs", "error")
+FASTEST = "fastest baseline"
+
+
+def ratios(rows):
+    """attnmem's median time over each baseline's at the same point, and over the fastest
+    baseline's there: dicts of the point's fields, provider (attnmem's), baseline and ratio.
+    Above 1, attnmem is slower."""
+    points = {}
+    for row in rows:
+        if "median_ms" in row:
+            key = tuple((k, v) for k, v in row.items() if k not in MEASURED)
+            points.setdefault(key, {})[row["provider"]] = row["median_ms"]
+    out = []
+    for key, times in points.items():
+        baselines = {p: t for p, t in times.items() if not p.startswith("attnmem")}
+        if len(baselines) > 1:
+            baselines[FASTEST] = min(baselines.values())
+        for provider in sorted(p for p in times if p.startswith("attnmem")):
+            out += [dict(key, provider=provider, baseline=b, ratio=times[provider] / t)
+                    for b, t in baselines.items()]
+    return out
+
+
+def _ratio_table(point_ratios, **match):
+    """A markdown table of attnmem's time over each baseline's: a row per swept size."""
+    found = [r for r in point_ratios if all(r.get(k) == v for k, v in match.items())]
+    if not found:
+        return ""
+    columns = sorted({(r["provider"], r["baseline"]) for r in found},
+                     key=lambda c: (c[0], c[1] == FASTEST, c[1]))
+    cells = {(r["provider"], r["baseline"], r["x"]): r["ratio"] for r in found}
+    lines = ["| N | " + " | ".join(f"{p} ÷ {b}" for p, b in columns) + " |",
+             "|" + " --- |" * (len(columns) + 1)]
+    for x in sorted({r["x"] for r in found}):
+        lines.append(f"| {x} | " + " | ".join(
+            f"{cells[(p, b, x)]:.2f}×" if (p, b, x) in cells else "-" for p, b in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _ratio_summary(point_ratios):
+    """A markdown table: per op, mode, attnmem provider and baseline, the range and geometric
+    mean of attnmem's time over the baseline's across the swept points."""
+    groups = {}
+    for r in point_ratios:
+        groups.setdefault((r["op"], r["mode"], r["provider"], r["baseline"]), []).append(
+            r["ratio"])
+    lines = ["| op | mode | attnmem | baseline | points | min | geometric mean | max |",
+             "|" + " --- |" * 8]
+    for (op, mode, provider, baseline), values in sorted(groups.items(), key=lambda g: (
+            cases.OPS.index(g[0][0]), cases.MODES[g[0][0]].index(g[0][1]), g[0][2],
+            g[0][3] == FASTEST, g[0][3])):
+        mean = math.exp(sum(map(math.log, values)) / len(values))
+        lines.append(f"| {op} | {mode} | {provider} | {baseline} | {len(values)} | "
+                     f"{min(values):.2f}× | {mean:.2f}× | {max(values):.2f}× |")
+    return "\n".join(lines) + "\n"
 
 
 def _series(rows, key, **match):
@@ -146,8 +187,10 @@ def _table(rows, key, fmt, label, **match):
 
 def write_report(out_dir, meta, rows, unavailable):
     os.makedirs(out_dir, exist_ok=True)
+    point_ratios = ratios(rows)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(dict(meta=meta, unavailable=unavailable, results=rows), f, indent=1)
+        json.dump(dict(meta=meta, unavailable=unavailable, results=rows, ratios=point_ratios),
+                  f, indent=1)
     kind = meta["device_type"]
     unit, scale = UNITS[kind]
     md = [f"# attnmem benchmarks: {meta['device']}", ""]
@@ -157,6 +200,12 @@ def write_report(out_dir, meta, rows, unavailable):
                                          f"| {k} | {v} |" for k, v in meta.items()] + [""]
     md += ["Each value is the median of repeated calls; results.json also holds the 20th and "
            "80th percentiles. attnmem's lines are drawn thick.", ""]
+    if point_ratios:
+        md += ["## attnmem against the baselines", "", "attnmem's median time divided by "
+               "each baseline's at the same point (below 1: attnmem is faster; 1.10× is 10% "
+               f"slower), and by the {FASTEST}'s at each point; the range and geometric mean "
+               "over the swept points. Each op's section has them point by point.", "",
+               _ratio_summary(point_ratios)]
     ops = [op for op in cases.OPS if any(r["op"] == op for r in rows)]
 
     if "attention" in ops:
@@ -178,7 +227,9 @@ def write_report(out_dir, meta, rows, unavailable):
                    f"({unit})", "", _table(
                        [dict(r, tflops=r["tflops"] * 1e12 / scale) for r in rows
                         if "tflops" in r], "tflops", "{:.3g}", op="attention", mode=mode,
-                       d=d, causal=causal, label="N")]
+                       d=d, causal=causal, label="N"),
+                   "attnmem's time ÷ each baseline's:", "",
+                   _ratio_table(point_ratios, op="attention", mode=mode, d=d, causal=causal)]
         if kind == "cuda":
             memory_panels = [(f"fwd_bwd, head dim {d}, {'causal' if c else 'not causal'}",
                               _series(rows, "peak_mib", op="attention", mode="fwd_bwd", d=d,
@@ -203,7 +254,9 @@ def write_report(out_dir, meta, rows, unavailable):
         for op in memory_ops:
             for d in widths:
                 md += [f"**{op}, width {d}** (GB/s)", "",
-                       _table(rows, "gbs", "{:.3g}", op=op, d=d, label="N")]
+                       _table(rows, "gbs", "{:.3g}", op=op, d=d, label="N"),
+                       "attnmem's time ÷ each baseline's:", "",
+                       _ratio_table(point_ratios, op=op, d=d)]
 
     for op, title, what in (("additive", "Additive attention",
                              "Bahdanau attention, forward and forward+backward"),
@@ -222,7 +275,9 @@ def write_report(out_dir, meta, rows, unavailable):
         md += [f"## {title}", "", f"Time in ms, {what}.", "", f"![{op}]({op}.png)", ""]
         for mode in modes:
             md += [f"**{mode}** (ms)", "", _table(rows, "median_ms", "{:.3g}", op=op,
-                                                  mode=mode, label="N")]
+                                                  mode=mode, label="N"),
+                   "attnmem's time ÷ each baseline's:", "",
+                   _ratio_table(point_ratios, op=op, mode=mode)]
             if kind == "cuda":
                 md += [f"**{mode}** (peak MiB)", "", _table(rows, "peak_mib", "{:.0f}", op=op,
                                                             mode=mode, label="N")]

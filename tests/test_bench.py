@@ -34,9 +34,33 @@ def test_report_command_writes_json_markdown_and_plots(tmp_path):
     assert all(r["gbs"] > 0 for r in rows if r["op"].startswith("memory"))
     report = (out / "report.md").read_text()
     assert "This is a CPU report" in report or data["meta"]["device_type"] == "cuda"
+    assert "## attnmem against the baselines" in report
+    for baseline in ("sdpa", "eager", "compile", "fastest baseline"):
+        assert f"| attnmem ÷ {baseline} |" in report, baseline
+    assert {(r["op"], r["baseline"]) for r in data["ratios"]} >= {
+        ("attention", "sdpa"), ("attention", "eager"), ("memory_attend", "compile"),
+        ("memory_write", "eager"), ("additive", "eager"), ("mha", "torch-mha")}
+    assert "\r" not in result.stderr  # no progress bar drawn into a pipe
     for plot in ("attention.png", "memory.png", "additive.png", "mha.png"):
         assert (out / plot).stat().st_size > 1000, plot
         assert f"]({plot})" in report
+
+
+def test_ratios_divide_attnmem_time_by_each_baseline_at_the_same_point():
+    from bench.report import FASTEST, ratios
+
+    point = dict(op="attention", mode="fwd", d=64, causal=False)
+    rows = [dict(point, x=128, provider="attnmem", median_ms=3.0),
+            dict(point, x=128, provider="sdpa", median_ms=2.0),
+            dict(point, x=128, provider="eager", median_ms=6.0),
+            dict(point, x=256, provider="attnmem", median_ms=1.0),
+            dict(point, x=256, provider="sdpa", error="out of memory"),
+            dict(point, x=256, provider="eager", median_ms=4.0),
+            dict(point, x=128, causal=True, provider="sdpa", median_ms=1.0)]
+    got = {(r["x"], r["baseline"]): r["ratio"] for r in ratios(rows) if not r["causal"]}
+    assert got == {(128, "sdpa"): 1.5, (128, "eager"): 0.5, (128, FASTEST): 1.5,
+                   (256, "eager"): 0.25}
+    assert not [r for r in ratios(rows) if r["causal"]]  # no attnmem time there
 
 
 def test_report_command_refuses_interpreter_timings(tmp_path):
