@@ -77,7 +77,7 @@ def venv_with_triton(version: str) -> str:
             subprocess.run([sys.executable, "-m", "venv", "--clear", "--system-site-packages",
                             where], check=True, timeout=300)
             pip = subprocess.run([python, "-m", "pip", "install", "--disable-pip-version-check",
-                                  "--timeout", "30", "--retries", "2", f"triton=={version}.*"],
+                                  "--timeout", "20", "--retries", "1", f"triton=={version}.*"],
                                  capture_output=True, text=True, timeout=1200)
             if pip.returncode:
                 log = pip.stdout + pip.stderr
