@@ -131,9 +131,10 @@ def test_opcheck(name):
     fwd_args = (q, k, v, lengths, 0.35, 4, 0, name)
     torch.library.opcheck(_attention_forward, fwd_args)
     out, lse = _attention_forward(*fwd_args)
-    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(),
-                lse.detach(), torch.randn_like(lse), lengths, 0.35, 4, 0, name)
-    torch.library.opcheck(_attention_backward, bwd_args)
+    for dlse in (torch.randn_like(lse), None):  # None: the fused CPU backward on torch
+        bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(),
+                    lse.detach(), dlse, lengths, 0.35, 4, 0, name)
+        torch.library.opcheck(_attention_backward, bwd_args)
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
