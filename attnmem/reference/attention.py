@@ -1,4 +1,5 @@
-"""Pure-torch attention: the CPU fallback and the reference the tests compare against.
+"""Pure-torch attention: the reference the tests compare against, and the torch backend
+wherever torch's fused CPU kernel does not run (other devices, a gradient of lse).
 
 Masks are described by one window `(left, right)` of key offsets around each query's
 bottom-right aligned position `a = i + (Nk - Nq)`: query i sees key j iff
