@@ -5,10 +5,8 @@
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
 SITE=/tmp/attnmem-site
-# Triton kernels run compiled (only the smoke run's tests ask for the interpreter), and the
-# autotuner keeps its choices on disk, so test workers and the benchmark tune a key once.
+# Triton kernels run compiled; only the smoke run's tests ask for the interpreter.
 export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
-export TRITON_CACHE_AUTOTUNING=1
 # Pure-Python packages (import name:distribution) that tests and benchmarks use; a bare GPU
 # machine may lack some. scripts/gpu_wheels.sh downloads them into .whl/.
 PURE_PYTHON=(pytest:pytest pluggy:pluggy iniconfig:iniconfig packaging:packaging
@@ -74,7 +72,8 @@ left() {
 # pytest_step LIMIT_S WORKERS INTERPRET ARGS...: the tests (on CUDA with INTERPRET 0, through
 # Triton's interpreter with 1), the log in $OUT/tests.log, the JUnit XML in $WORK; WORKERS
 # processes where pytest-xdist is there, and a hung test fails after 150 s where
-# pytest-timeout is.
+# pytest-timeout is. The workers share their autotuning choices through a Triton cache of
+# their own: choices made while twelve processes share the GPU never reach the benchmarks.
 pytest_step() {
     local limit=$1 workers=$2 interpret=$3 extra=()
     shift 3
@@ -82,7 +81,8 @@ pytest_step() {
     "$PY" -c "import xdist" 2>/dev/null && [ "$workers" -gt 1 ] &&
         extra+=(-n "$workers" --dist loadgroup)
     "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 150)
-    step tests "$limit" env TRITON_INTERPRET="$interpret" "$PY" -m pytest "$@" \
+    step tests "$limit" env TRITON_INTERPRET="$interpret" TRITON_CACHE_AUTOTUNING=1 \
+        TRITON_CACHE_DIR="$WORK/triton-cache" "$PY" -m pytest "$@" \
         "${extra[@]}" -v --tb=short -ra --durations=20 -p no:cacheprovider \
         --junitxml="$WORK/tests.xml" >"$OUT/tests.log" 2>&1
 }
