@@ -64,6 +64,12 @@ def integers(low, high):
         lambda v: st.sampled_from([v, np.int64(v), np.int32(v)]))
 
 
+def lengths_up_to(small, large):
+    """A sequence or slot count: small (0 included), or past the interpreter's 16-wide tiles
+    so that the kernels' multi-tile and multi-split paths run."""
+    return st.integers(0, small) | st.integers(15, large)
+
+
 def key_padding(batch, n, lens):
     """(B, N) bool: True where position j is past lens[b]."""
     if lens is None:
@@ -110,8 +116,8 @@ def attention_reference(keep, scale, return_lse):
 def attention_cases(draw, backend):
     batch, kv_heads, group = draw(st.integers(0, 2)), draw(st.integers(1, 2)), \
         draw(st.integers(1, 2))
-    n_q, n_k, dim = draw(st.integers(0, 5)), draw(st.integers(0, 6)), \
-        draw(st.sampled_from([1, 3, 4, 5, 8]))
+    n_q, n_k, dim = draw(lengths_up_to(5, 40)), draw(lengths_up_to(6, 40)), \
+        draw(st.sampled_from([1, 3, 4, 5, 8, 40]))
     side = st.none() | integers(-1, 4)
     window = draw(st.none() | st.tuples(side, side))
     kv = draw(st.none() | lengths(batch, n_k))
@@ -202,8 +208,8 @@ def address_reference(memory, keys, strength, kind, mask):
 
 @st.composite
 def memory_cases(draw, backend):
-    batch, n, dim, heads = draw(st.integers(0, 2)), draw(st.integers(0, 6)), \
-        draw(st.sampled_from([1, 2, 3, 5, 8])), draw(st.integers(0, 3))
+    batch, n, dim, heads = draw(st.integers(0, 2)), draw(lengths_up_to(6, 50)), \
+        draw(st.sampled_from([1, 2, 3, 5, 8, 40])), draw(st.integers(0, 3))
     return dict(batch=batch, n=n, dim=dim, heads=heads,
                 similarity=draw(st.sampled_from(["cosine", "dot", "scaled_dot"])),
                 strength=draw(st.sampled_from([None, 1.0, 5.0])),
@@ -302,9 +308,9 @@ def test_addressing_weights_sum_to_one_at_huge_strengths(backend, data):
 @contract
 @given(data=st.data())
 def test_memory_read_matches_float64(backend, data):
-    b, n, d, r = (data.draw(st.integers(0, m)) for m in (2, 6, 5, 3))
+    b, n, d, r = (data.draw(s) for s in (st.integers(0, 2), lengths_up_to(6, 50),
+                                         st.integers(1, 5), st.integers(0, 3)))
     dtype, layout, rand = data.draw(dtypes(backend)), data.draw(layouts), Data(data.draw(seeds))
-    d = max(d, 1)
     clean = dict(memory=rand.randn(b, n, d), weights=rand.randn(b, r, n))
     given_ = {name: arrange(x.to(dtype), layout) for name, x in clean.items()}
     check_call(backend, lambda memory, weights: (attnmem.memory_read(memory, weights),),
@@ -319,8 +325,9 @@ def write_reference(memory, weights, erase, add):
 
 @st.composite
 def write_cases(draw, backend):
-    b, n, d, w = (draw(st.integers(0, m)) for m in (2, 6, 5, 3))
-    return dict(shape=(b, n, max(d, 1), w), dtype=draw(dtypes(backend)), layout=draw(layouts),
+    b, n, d, w = (draw(s) for s in (st.integers(0, 2), lengths_up_to(6, 50),
+                                     st.integers(1, 5), st.integers(0, 3)))
+    return dict(shape=(b, n, d, w), dtype=draw(dtypes(backend)), layout=draw(layouts),
                 seed=draw(seeds))
 
 
@@ -408,7 +415,7 @@ def location_reference(content_weights, prev_weights, gate, shift, gamma):
 
 @st.composite
 def location_cases(draw, backend):
-    b, r, n = (draw(st.integers(0, m)) for m in (2, 3, 7))
+    b, r, n = draw(st.integers(0, 2)), draw(st.integers(0, 3)), draw(lengths_up_to(7, 40))
     return dict(shape=(b, r, n, draw(st.sampled_from([1, 3, 5]))),
                 gamma=draw(st.sampled_from([1.0, 3.0, 25.0])),
                 temperature=draw(st.sampled_from([0.3, 1.0, 100.0])),
@@ -474,7 +481,8 @@ def additive_reference(keep):
 
 @st.composite
 def additive_cases(draw, backend):
-    b, n_q, n_k = (draw(st.integers(0, m)) for m in (2, 4, 5))
+    b, n_q, n_k = draw(st.integers(0, 2)), draw(lengths_up_to(4, 20)), \
+        draw(lengths_up_to(5, 40))
     return dict(shape=(b, n_q, n_k, draw(st.sampled_from([1, 3, 4, 7])),
                        draw(st.integers(1, 4))),
                 kv=draw(st.none() | lengths(b, n_k)), return_weights=draw(st.booleans()),
