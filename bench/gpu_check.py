@@ -3,7 +3,8 @@ and roofs, a benchmark sweep that stops at a deadline and keeps what it measured
 check's summary (summary.json, report.md), and the merge of a report's parts.
 
     python -m bench.gpu_check facts FILE [--smoke]
-    python -m bench.gpu_check bench DIR --profile P --deadline EPOCH [--ops ..] [--modes ..]
+    python -m bench.gpu_check bench DIR --profile P --deadline EPOCH --facts FILE [--ops ..]
+                                    [--modes ..] [--budget-s S]
     python -m bench.gpu_check summarize OUT_DIR WORK_DIR
     python -m bench.gpu_check merge DIR PART.json [PART.json ...]
 """
