@@ -8,3 +8,6 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BACKENDS = ["torch"] + (["triton"] if INTERPRET or torch.cuda.is_available() else [])
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+# Kernel test dtypes: bfloat16 dots are wrong under the interpreter, so bf16 runs on CUDA.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+DTYPE_IDS = [str(d).removeprefix("torch.") for d in DTYPES]

@@ -15,7 +15,7 @@ from aot import TRITON_TYPES, compile_all
 from attnmem.kernels.attention import SMEM_LIMIT
 from attnmem.reference import additive as twin
 from attnmem.reference.attention import softmax_with_lse
-from backends import BACKENDS, DEVICE, INTERPRET
+from backends import BACKENDS, DEVICE, DTYPE_IDS, DTYPES, INTERPRET
 from tolerance import assert_close_to_float64
 
 # name: (B, Nq, Nk, A, Dv, kv_lengths or None)
@@ -65,7 +65,7 @@ def float64_reference(q, k, values, v, lengths):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_float64(name, dtype, backend):
     tensors, lengths = make(CASES[name], dtype)

@@ -6,7 +6,7 @@ import torch
 
 import attnmem
 from aot import TRITON_TYPES, compile_all
-from backends import BACKENDS, DEVICE
+from backends import BACKENDS, DEVICE, DTYPE_IDS, DTYPES
 from tolerance import assert_close_to_float64
 
 # (B, R, N, S): a single slot, S > N (shifts wrap more than once), no shift at all.
@@ -14,7 +14,7 @@ SHAPES = [(2, 3, 75, 3), (1, 1, 5, 7), (2, 2, 1, 3), (1, 2, 40, 1)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
 def test_matches_float64(shape, dtype, backend):
     b, r, n, s = shape

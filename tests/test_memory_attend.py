@@ -14,7 +14,7 @@ import torch
 import attnmem
 from aot import TRITON_TYPES, compile_all
 from attnmem.reference import memory as twin
-from backends import BACKENDS, DEVICE, INTERPRET
+from backends import BACKENDS, DEVICE, DTYPE_IDS, DTYPES, INTERPRET
 from tolerance import assert_close_to_float64
 
 # name: (B, N, D, R, Dv or None, with strength, with mask)
@@ -38,7 +38,7 @@ def _run(fn, tensors, grads_out):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("similarity", ["cosine", "dot", "scaled_dot"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_float64(name, similarity, dtype, backend):
@@ -85,7 +85,7 @@ def test_matches_float64(name, similarity, dtype, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("similarity", ["cosine", "dot", "scaled_dot"])
 def test_memory_address_matches_float64(similarity, dtype, backend):
     """Content addressing alone: the attend kernels without the read."""

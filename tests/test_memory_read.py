@@ -6,7 +6,7 @@ import torch
 
 import attnmem
 from aot import TRITON_TYPES, compile_all
-from backends import BACKENDS, DEVICE
+from backends import BACKENDS, DEVICE, DTYPE_IDS, DTYPES
 from tolerance import assert_close_to_float64
 
 # (B, N, D, R): one slot, several width chunks (D > 32 under the interpreter), many heads.
@@ -14,7 +14,7 @@ SHAPES = [(2, 1, 5, 2), (2, 75, 20, 3), (1, 40, 70, 1), (2, 130, 16, 17)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
 def test_matches_float64(shape, dtype, backend):
     b, n, d, r = shape

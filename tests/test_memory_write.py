@@ -7,7 +7,7 @@ import torch
 import attnmem
 from aot import TRITON_TYPES, compile_all
 from attnmem.reference import memory as twin
-from backends import BACKENDS, DEVICE
+from backends import BACKENDS, DEVICE, DTYPE_IDS, DTYPES
 from tolerance import assert_close_to_float64
 
 # (B, N, D, W): one slot, several width chunks (D > 32 under the interpreter), many heads.
@@ -22,7 +22,7 @@ def make(b, n, d, w, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
 def test_matches_float64(shape, dtype, backend):
     tensors = make(*shape, dtype)
