@@ -1,4 +1,5 @@
-"""Every attention autotune config compiles for sm_80 and sm_90 and fits shared memory.
+"""Every attention autotune config compiles for sm_80 and sm_90 and fits shared memory, and
+so does the backward's delta kernel.
 
 No GPU needed: triton compiles to PTX and cubin for a GPUTarget on the CPU. Each config is
 compiled at the largest head dim (hence the most shared memory) at which the pruning in
@@ -67,6 +68,12 @@ def _instruction_cases():
 
 CONFIG_CASES = _config_cases()
 INSTRUCTION_CASES = _instruction_cases()
+DELTA_CASES = {f"delta-sm{arch}-{dtype}": dict(
+    module="attnmem.kernels.attention", kernel="_attn_bwd_delta", arch=arch,
+    constexprs=dict(HEAD_DIM=256, BLOCK_D=256, HAS_DLSE=True, BLOCK_M=64),
+    pointers={"o_ptr": TRITON_TYPES[dtype], "do_ptr": TRITON_TYPES[dtype], "dlse_ptr": "fp32",
+              "delta_ptr": "fp32"}, num_warps=4, num_stages=3)
+    for arch in (80, 90) for dtype in ("float16", "bfloat16", "float32")}
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +104,16 @@ def test_tensor_core_instructions(compiled_instructions, case):
     result = compiled_instructions[case]
     assert result["error"] is None, result["error"]
     assert result["wgmma"] if "sm90" in case else result["mma_sync"]
+
+
+@pytest.mark.slow
+def test_backward_delta_compiles_and_fits_shared_memory():
+    """The backward's rowsum(dO * O) kernel, at the largest head dim and its launch's rows."""
+    results = dict(zip(DELTA_CASES, compile_all(list(DELTA_CASES.values()))))
+    failures = {case: result["error"] or f"shared {result['shared']}"
+                for case, result in results.items() if result["error"]
+                or result["shared"] > kernel.SMEM_LIMIT[DELTA_CASES[case]["arch"]]}
+    assert not failures, failures
 
 
 @pytest.mark.parametrize("arch", [80, 90])

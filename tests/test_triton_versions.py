@@ -12,9 +12,13 @@ unreachable or has no wheel of that version for this Python and platform.
 """
 
 import fcntl
+import importlib
+import inspect
 import json
 import os
+import pkgutil
 import platform
+import re
 import subprocess
 import sys
 from importlib.metadata import requires
@@ -105,6 +109,38 @@ def kernel_jobs(tmp_path_factory):
         for job in json.loads(line):
             jobs.setdefault(f"{job['module']}.{job['kernel']}-sm{job['arch']}", job)
     return jobs
+
+
+def launched_kernels():
+    """Every @triton.jit function in kernels/ that no other calls: the kernels the launchers
+    start ("module.name")."""
+    import attnmem.kernels
+
+    modules = [importlib.import_module(f"attnmem.kernels.{m.name}")
+               for m in pkgutil.iter_modules(attnmem.kernels.__path__)]
+    source = "\n".join(inspect.getsource(module) for module in modules)
+    found = set()
+    for module in modules:
+        for name, obj in vars(module).items():
+            fn = _jit_function(obj)
+            if (fn is not None and fn.__module__ == module.__name__
+                    and len(re.findall(rf"\b{name}\(", source)) == 1):  # its def line only
+                found.add(f"{module.__name__}.{name}")
+    return found
+
+
+def _jit_function(obj):
+    """The Python function under @triton.jit (compiled or interpreted) and any autotune or
+    heuristics wrapper, else None."""
+    wrapped = False
+    while hasattr(obj, "fn") and not inspect.isfunction(obj):
+        obj, wrapped = obj.fn, True
+    return obj if wrapped and inspect.isfunction(obj) else None
+
+
+def test_every_kernel_has_a_compile_job(kernel_jobs):
+    compiled = {name.rsplit("-", 1)[0] for name in kernel_jobs}
+    assert launched_kernels() - compiled == set(), "kernels that no compile test (-m slow) builds"
 
 
 @pytest.mark.parametrize("which", ["oldest supported", "GPU machines'"])
