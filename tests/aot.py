@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -43,13 +44,23 @@ def compile_job(job):
             signature[name] = "i32"
             if name.startswith("stride"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    try:
-        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
-                                  target=GPUTarget("cuda", job["arch"], 32),
-                                  options={"num_warps": job["num_warps"],
-                                           "num_stages": job["num_stages"]})
-    except Exception as e:  # reported per job, so one bad config names itself
-        return {"error": f"{type(e).__name__}: {e}"[:2000]}
+    # MLIR writes why a pass failed to file descriptor 2: keep it for the error message.
+    with tempfile.TemporaryFile() as log:
+        stderr = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                                      target=GPUTarget("cuda", job["arch"], 32),
+                                      options={"num_warps": job["num_warps"],
+                                               "num_stages": job["num_stages"]})
+        except Exception as e:  # reported per job, so one bad config names itself
+            log.seek(0)
+            why = [line for line in log.read().decode(errors="replace").splitlines()
+                   if "error:" in line or "note:" in line or "Assertion" in line]
+            return {"error": "\n".join([f"{type(e).__name__}: {e}"[:2000], *why[-4:]])}
+        finally:
+            os.dup2(stderr, 2)
+            os.close(stderr)
     ptx = compiled.asm["ptx"]
     return {"error": None, "shared": compiled.metadata.shared,
             "wgmma": "wgmma.mma_async" in ptx, "mma_sync": "mma.sync.aligned" in ptx}
