@@ -80,17 +80,17 @@ class Data:
 @st.composite
 def lengths(draw, batch, n):
     """(kv_lengths tensor, the lengths it means, clamped to [0, n]): out-of-range values,
-    int32 or int64 beyond 2**31, contiguous, strided or expanded."""
-    form = draw(st.sampled_from(["int64", "int32", "strided", "expanded"]))
+    int16, int32 or int64 beyond 2**31, contiguous, strided or expanded."""
+    form = draw(st.sampled_from(["int64", "int32", "int16", "strided", "expanded"]))
     value = st.integers(-3, n + 3) | st.sampled_from([-2**40, 2**31 + 5, 2**32 + 1])
-    if form == "int32":
+    if form in ("int32", "int16"):
         value = st.integers(-3, n + 3)
     if form == "expanded":
         values = [draw(value)] * batch
         tensor = torch.tensor([values[0] if batch else 0]).expand(batch)
     else:
         values = draw(st.lists(value, min_size=batch, max_size=batch))
-        dtype = torch.int32 if form == "int32" else torch.int64
+        dtype = {"int32": torch.int32, "int16": torch.int16}.get(form, torch.int64)
         tensor = torch.tensor(values, dtype=dtype)
         if form == "strided":
             tensor = torch.stack([tensor, torch.full_like(tensor, -7)], 1)[:, 0]
