@@ -713,8 +713,18 @@ def multihead_attention(draw, rand):
         else rand.bools(b, n_k, p=0.3))
     causal = n_q == n_k and draw(st.booleans())
     need_weights = draw(st.booleans())
+    # A causal mask, or any bool or float one (rows of -inf or True included: zeros out).
+    attn_mask = draw(st.sampled_from(["none", "bool", "float"]))
+    if causal:
+        attn_mask = torch.ones(n_q, n_k, dtype=torch.bool).triu(1)
+    elif attn_mask == "bool":
+        attn_mask = rand.bools(n_q, n_k, p=0.3)
+    elif attn_mask == "float":
+        attn_mask = rand.randn(n_q, n_k).masked_fill(rand.bools(n_q, n_k, p=0.3), -INF)
+    else:
+        attn_mask = None
     kwargs = dict(key_padding_mask=mask, need_weights=need_weights, is_causal=causal,
-                  attn_mask=torch.ones(n_q, n_k, dtype=torch.bool).triu(1) if causal else None)
+                  attn_mask=attn_mask)
 
     def forward(m, query, key, value):
         out, weights = m(query, key, value, **kwargs)
