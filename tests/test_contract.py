@@ -4,11 +4,14 @@ Every public op and module either gives the right answer (float64 reference on t
 rounded inputs, gradients included, finite where the contract promises numbers, inputs
 unchanged) or raises ValueError/TypeError naming the argument. Empty inputs (zero batch,
 queries, keys, slots, heads) are valid; padding (keys past kv_lengths, masked slots)
-contributes nothing whatever it holds. References are written out from the docstrings'
-formulas in float64 (the pure-torch twins are what the torch backend runs, so they cannot
-be their own reference).
+contributes nothing whatever it holds. The ops' references are written out from the
+docstrings' formulas in float64 (the pure-torch twins are what the torch backend runs, so
+they cannot be their own reference); a module's is itself in float64 on the twins, and
+MultiheadAttention's is also torch.nn.MultiheadAttention.
 
-Shapes stay small: the Triton kernels run through the interpreter here.
+Shapes stay small (the Triton kernels run through the interpreter), with some past the
+interpreter's 16-wide tiles. A failure prints hypothesis's reproduction blob;
+ATTNMEM_CONTRACT_EXAMPLES (default 12 per property) searches longer.
 """
 
 import math
