@@ -222,8 +222,10 @@ def _cast(inputs, dtype):
 def check_module(backend, module, inputs, forward, data, dtype, condition=1.0):
     """forward(module, **inputs) -> a tuple of float outputs on backend, against the module
     in float64 on the torch backend (the twins, on the same rounded parameters and inputs):
-    outputs, gradients of every parameter and float input, inputs unchanged. An output that
-    depends on no parameter or input (an NTM's constant initial memory) has no gradient."""
+    outputs, gradients of every parameter and float input, inputs, parameters and buffers
+    unchanged. An output that depends on no parameter or input (an NTM's constant initial
+    memory) has no gradient."""
+    state = {n: t.clone() for n, t in module.state_dict().items()}
     snapshot = {n: t.clone() for n, t in inputs.items() if isinstance(t, torch.Tensor)}
     runs = {}
     for what, m, cast, chosen in (("op", module, dtype, backend),
@@ -250,4 +252,6 @@ def check_module(backend, module, inputs, forward, data, dtype, condition=1.0):
         compare(f"d{name}", got[name], want[name], base_grads[name], dtype, condition)
     for name, before in snapshot.items():
         assert same(inputs[name], before), f"{name} was modified"
+    for name, before in state.items():
+        assert same(module.state_dict()[name], before), f"the module's {name} was modified"
     return outs

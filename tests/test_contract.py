@@ -218,6 +218,7 @@ def memory_cases(draw, backend):
                 strength=draw(st.sampled_from([None, 1.0, 5.0])),
                 masked=draw(st.booleans()), value_dim=draw(st.none() | st.integers(1, 4)),
                 zero_rows=draw(st.booleans()), return_weights=draw(st.booleans()),
+                shared=draw(st.booleans()),
                 dtype=draw(dtypes(backend)), layout=draw(layouts), poison=draw(poisons),
                 seed=draw(seeds))
 
@@ -242,7 +243,12 @@ def memory_inputs(case):
     for name, x in clean.items():
         if mask is not None and name in ("memory", "values"):
             x = poisoned(x, ~mask, case["poison"])
-        given_[name] = arrange(x.to(dtype), layout)
+        if case["shared"] and mask is None and name in ("memory", "values") and b:
+            # one memory for the whole batch, expanded without copies (KeyValueMemory)
+            clean[name] = x[:1].expand_as(x)
+            given_[name] = arrange(x[:1].to(dtype), layout).expand_as(x)
+        else:
+            given_[name] = arrange(x.to(dtype), layout)
     return given_, clean, mask, rand
 
 
