@@ -11,7 +11,6 @@ check's summary (summary.json, report.md), and the merge of a report's parts.
 
 import argparse
 import collections
-import importlib.util
 import json
 import os
 import platform
@@ -28,7 +27,6 @@ from bench import cases, report, timing
 # The share of the sweep's time each op may use; time an op leaves over passes to the next,
 # and the op with the largest share runs last, so that it gets what the others leave.
 SHARES = {"attention": 4, "memory_attend": 2, "memory_write": 2, "additive": 1, "mha": 1}
-NO_PLOTS = "matplotlib is not installed, so no plots were drawn"
 
 
 def _nvidia_smi():
@@ -77,14 +75,6 @@ class Deadline(BaseException):
 
 def _stop(signum, frame):
     raise Deadline
-
-
-def _write(out_dir, meta, rows, unavailable):
-    if importlib.util.find_spec("matplotlib") is None:
-        # report._plot needs matplotlib; without it the tables and the JSON still get written.
-        report._plot = lambda *args, **kwargs: None
-        unavailable = {**unavailable, "plots": NO_PLOTS}
-    report.write_report(out_dir, meta, rows, unavailable)
 
 
 def sweep(args):
@@ -140,7 +130,7 @@ def sweep(args):
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         meta["sweep_s"] = round(time.time() - start, 1)
-        _write(out_dir, meta, rows, unavailable)
+        report.write_report(out_dir, meta, rows, unavailable)
         print(f"wrote {out_dir}: {sum('error' not in r for r in rows)} points measured")
 
 
@@ -304,7 +294,7 @@ def merge(out, parts):
     if len(commits) > 1:
         meta["commit"] = " and ".join(sorted(commits))
     out_dir = os.path.join(out, meta["slug"])
-    _write(out_dir, meta, rows, unavailable)
+    report.write_report(out_dir, meta, rows, unavailable)
     print(f"wrote {out_dir}: {len(rows)} points from {len(parts)} parts")
 
 

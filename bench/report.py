@@ -3,6 +3,7 @@ DIR/<device-slug>/ results.json (every point with its median and 20th/80th perce
 report.md (tables) and PNG plots."""
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -136,8 +137,18 @@ def _series(rows, key, **match):
     return out
 
 
+NO_PLOTS = "matplotlib is not installed, so no plots were drawn"
+
+
+def _can_plot():
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def _plot(path, panels, xlabel, ylabel, roof=None, logy=False):
-    """panels: [(title, {provider: [(x, y)]})] side by side; roof: a horizontal line."""
+    """panels: [(title, {provider: [(x, y)]})] side by side; roof: a horizontal line.
+    Without matplotlib nothing is drawn (write_report says so)."""
+    if not _can_plot():
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,6 +198,8 @@ def _table(rows, key, fmt, label, **match):
 
 def write_report(out_dir, meta, rows, unavailable):
     os.makedirs(out_dir, exist_ok=True)
+    if not _can_plot():
+        unavailable = {**unavailable, "plots": NO_PLOTS}
     point_ratios = ratios(rows)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(dict(meta=meta, unavailable=unavailable, results=rows, ratios=point_ratios),
@@ -218,7 +231,9 @@ def write_report(out_dir, meta, rows, unavailable):
                 rows, "tflops", op="attention", mode=mode, d=d, causal=causal).items()}
             panels.append((f"{mode}, head dim {d}, {'causal' if causal else 'not causal'}",
                            series))
-        _plot(os.path.join(out_dir, "attention.png"), panels, "sequence length", unit)
+        roof = meta.get("bf16_matmul_tflops")  # measured by the GPU check
+        _plot(os.path.join(out_dir, "attention.png"), panels, "sequence length", unit,
+              roof=None if roof is None else ("bf16 matmul", roof * 1e12 / scale))
         md += ["## Attention", "", f"{unit} (FlashAttention's count: forward 4·B·H·N²·D, "
                "halved when causal; backward 2.5× forward) against sequence length, at a "
                "fixed number of tokens per batch.", "", "![attention](attention.png)", ""]

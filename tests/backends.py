@@ -10,4 +10,4 @@ BACKENDS = ["torch"] + (["triton"] if INTERPRET or torch.cuda.is_available() els
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 # Kernel test dtypes: bfloat16 dots are wrong under the interpreter, so bf16 runs on CUDA.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-DTYPE_IDS = [str(d).removeprefix("torch.") for d in DTYPES]
+DTYPE_IDS = ["fp32", "fp16", "bf16"][:len(DTYPES)]
