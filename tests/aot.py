@@ -2,8 +2,8 @@
 
 The tests run kernels through the interpreter, which decides at definition time and patches
 triton.language, so compilation happens in a clean subprocess: `compile_all(jobs)` sends
-jobs to `python tests/aot.py` and returns, per job, the shared memory the kernel allocates
-and which matrix instructions its PTX uses.
+jobs to `python tests/aot.py` and returns, per job, the shared memory the kernel allocates,
+which matrix instructions its PTX uses, and whether it loads and stores 16 bytes at a time.
 
 A job: {"module", "kernel", "arch", "constexprs", "pointers", "num_warps", "num_stages"};
 `pointers` maps each pointer argument to its element type ("fp16", "fp32", "i32"); other
@@ -63,7 +63,10 @@ def compile_job(job):
             os.close(stderr)
     ptx = compiled.asm["ptx"]
     return {"error": None, "shared": compiled.metadata.shared,
-            "wgmma": "wgmma.mma_async" in ptx, "mma_sync": "mma.sync.aligned" in ptx}
+            "wgmma": "wgmma.mma_async" in ptx, "mma_sync": "mma.sync.aligned" in ptx,
+            # 16 bytes a load: a vector load, or an async copy .cg (which moves 16 bytes only).
+            "vector_loads": "ld.global.v4" in ptx or "cp.async.cg.shared.global" in ptx,
+            "vector_stores": "st.global.v4" in ptx}
 
 
 def compile_all(jobs, python=sys.executable):
