@@ -1138,3 +1138,11 @@ def test_multihead_attention_is_a_drop_in(backend, data):
     names = [*inputs, *(n for n, _ in ours.named_parameters())]
     for name, g, w, bg in zip(names, got, want, base_grads):
         compare(f"d{name}", g, w, bg, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["cuda", "Torch", "", None, 1])
+def test_use_backend_names_bad_backends(name):
+    with pytest.raises(ERRORS) as error:
+        with attnmem.use_backend(name):
+            pass
+    named(error.value, "backend")
