@@ -216,7 +216,9 @@ def memory_cases(draw, backend):
     return dict(batch=batch, n=n, dim=dim, heads=heads,
                 similarity=draw(st.sampled_from(["cosine", "dot", "scaled_dot"])),
                 strength=draw(st.sampled_from([None, 1.0, 5.0])),
-                masked=draw(st.booleans()), value_dim=draw(st.none() | st.integers(1, 4)),
+                # None: no mask; 0.0: every slot masked; else the share of usable slots
+                masked=draw(st.sampled_from([None, 0.0, 0.3, 0.7, 1.0])),
+                value_dim=draw(st.none() | st.integers(1, 4)),
                 zero_rows=draw(st.booleans()), return_weights=draw(st.booleans()),
                 shared=draw(st.booleans()),
                 dtype=draw(dtypes(backend)), layout=draw(layouts), poison=draw(poisons),
@@ -238,7 +240,7 @@ def memory_inputs(case):
         clean["strength"] = rand.rand(b, r) * case["strength"]
     if case["value_dim"] is not None:
         clean["values"] = rand.randn(b, n, case["value_dim"])
-    mask = rand.bools(b, n) if case["masked"] else None
+    mask = None if case["masked"] is None else rand.bools(b, n, p=case["masked"])
     given_ = {}
     for name, x in clean.items():
         if mask is not None and name in ("memory", "values"):
