@@ -135,7 +135,38 @@ def attention_cases(draw, backend):
 @contract
 @given(data=st.data())
 def test_attention_matches_float64(backend, data):
-    case = data.draw(attention_cases(backend))
+    check_attention(backend, data.draw(attention_cases(backend)))
+
+
+def attention_case(**changes):
+    case = dict(shape=(1, 2, 1, 3, 5, 4), causal=False, window=None, kv=None, scale=None,
+                dtype=torch.float32, layout="contiguous", poison=float("nan"), seed=0,
+                return_lse=True)
+    return {**case, **changes}
+
+
+# Each contract clause once, whatever hypothesis draws.
+ATTENTION_CASES = {
+    "strided_last": attention_case(layout="strided_last"),
+    "padded_rows": attention_case(layout="padded_rows"),
+    "transposed": attention_case(layout="transposed"),
+    "no batch": attention_case(shape=(0, 2, 1, 3, 5, 4)),
+    "no query": attention_case(shape=(2, 2, 1, 0, 5, 4)),
+    "no key": attention_case(shape=(2, 2, 1, 3, 0, 4)),
+    "fully masked": attention_case(kv=(torch.tensor([0, 2**32 + 1]), [0, 5]),
+                                   shape=(2, 2, 1, 3, 5, 4), poison=float("inf")),
+    "tiles": attention_case(shape=(1, 4, 2, 33, 40, 40), causal=True, window=(20, None),
+                            kv=(torch.tensor([37]), [37])),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_attention_cases_match_float64(backend, case):
+    check_attention(backend, ATTENTION_CASES[case])
+
+
+def check_attention(backend, case):
     batch, heads, kv_heads, n_q, n_k, dim = case["shape"]
     rand, dtype, layout = Data(case["seed"]), case["dtype"], case["layout"]
     q, k, v = rand.randn(batch, heads, n_q, dim), rand.randn(batch, kv_heads, n_k, dim), \
