@@ -289,7 +289,35 @@ def memory_inputs(case):
 @contract
 @given(data=st.data())
 def test_memory_address_and_attend_match_float64(backend, data):
-    case = data.draw(memory_cases(backend))
+    check_memory(backend, data.draw(memory_cases(backend)))
+
+
+def memory_case(**changes):
+    case = dict(batch=2, n=5, dim=3, heads=2, similarity="cosine", strength=5.0, masked=0.7,
+                value_dim=None, zero_rows=False, return_weights=True, shared=False,
+                dtype=torch.float32, layout="contiguous", poison=float("nan"), seed=0)
+    return {**case, **changes}
+
+
+MEMORY_CASES = {
+    "strided_last": memory_case(layout="strided_last", value_dim=2),
+    "shared memory": memory_case(masked=None, shared=True, value_dim=4),
+    "every slot masked": memory_case(masked=0.0, poison=float("inf")),
+    "no head": memory_case(heads=0),
+    "no slot": memory_case(n=0),
+    "no batch": memory_case(batch=0),
+    "zero-norm rows": memory_case(zero_rows=True, masked=None),
+    "splits": memory_case(n=50, dim=40, similarity="dot", value_dim=3),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(MEMORY_CASES))
+def test_memory_cases_match_float64(backend, case):
+    check_memory(backend, MEMORY_CASES[case])
+
+
+def check_memory(backend, case):
     given_, clean, mask, rand = memory_inputs(case)
     kind, return_weights = case["similarity"], case["return_weights"]
 
@@ -536,7 +564,31 @@ def additive_cases(draw, backend):
 @contract
 @given(data=st.data())
 def test_additive_and_pointer_attention_match_float64(backend, data):
-    case = data.draw(additive_cases(backend))
+    check_additive(backend, data.draw(additive_cases(backend)))
+
+
+def additive_case(**changes):
+    case = dict(shape=(2, 3, 5, 4, 2), kv=(torch.tensor([5, 2]), [5, 2]), return_weights=True,
+                dtype=torch.float32, layout="contiguous", poison=float("nan"), seed=0)
+    return {**case, **changes}
+
+
+ADDITIVE_CASES = {
+    "strided_last": additive_case(layout="strided_last"),
+    "no key": additive_case(shape=(2, 3, 0, 4, 2), kv=None),
+    "no query": additive_case(shape=(2, 0, 5, 4, 2)),
+    "fully masked": additive_case(kv=(torch.tensor([0, -3]), [0, 0]), poison=float("-inf")),
+    "tiles": additive_case(shape=(1, 17, 40, 7, 3), kv=(torch.tensor([33]), [33])),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(ADDITIVE_CASES))
+def test_additive_cases_match_float64(backend, case):
+    check_additive(backend, ADDITIVE_CASES[case])
+
+
+def check_additive(backend, case):
     b, n_q, n_k, a, dv = case["shape"]
     rand, dtype, layout = Data(case["seed"]), case["dtype"], case["layout"]
     kv_lengths, lens = case["kv"] or (None, None)
@@ -922,6 +974,31 @@ def test_module_matches_float64(backend, name, data):
     module = module.to(dtype).eval()
     inputs = {n: x.to(dtype) if x.dtype.is_floating_point else x for n, x in inputs.items()}
     check_module(backend, module, inputs, forward, rand, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("score", ["dot", "general", "concat"])
+@pytest.mark.parametrize("mode", ["global", "local-m", "local-p"])
+@pytest.mark.parametrize("source", ["empty", "fully masked", "wider"])
+@pytest.mark.parametrize("window", [0, 2])
+def test_luong_attention_cases(backend, score, mode, source, window):
+    """Every score and mode with no source position, every position masked, or a source
+    wider than the decoder state (dot needs them equal); a window of 0 (local modes: only
+    p_t itself) or 2."""
+    rand = Data(0)
+    torch.manual_seed(0)
+    hidden, width = 3, 3 if score == "dot" or source != "wider" else 5
+    module = attnmem.nn.LuongAttention(hidden, score=score, mode=mode, window=window,
+                                       source_size=width)
+    n_s = 0 if source == "empty" else 4
+    lengths_ = torch.tensor([0, 0]) if source == "fully masked" else None
+
+    def forward(m, query, source):
+        return m(query, source, source_lengths=lengths_, return_weights=True)
+
+    check_module(backend, module, dict(query=rand.randn(2, 3, hidden).float(),
+                                       source=rand.randn(2, n_s, width).float()),
+                 forward, rand, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
