@@ -195,12 +195,12 @@ def named(error, *names):
         f"{type(error).__name__}({message!r}) names none of {names}"
 
 
-def bad_tensors(x, first_dim_size=True):
+def bad_tensors(x):
     """(description, bad value) pairs for a tensor argument: not a tensor, wrong ndim, wrong
-    dtype kind, another device ("meta"), and, with first_dim_size, a wrong first size."""
+    dtype kind, another device ("meta"), a wrong first size."""
     other = torch.float64 if x.dtype != torch.float64 else torch.float32
     cases = [("list", x.tolist()), ("extra dim", x[None]), ("meta device", x.to("meta")),
-             ("fewer dims", x.flatten(0, 1) if x.ndim >= 2 else x[None, None])]
+             ("fewer dims", x.flatten(0, 1) if x.ndim >= 2 else x.new_zeros(()))]
     if x.dtype.is_floating_point:
         cases += [("int64", x.to(torch.int64)), ("bool", x != 0), ("other float dtype",
                                                                    x.to(other))]
@@ -208,9 +208,8 @@ def bad_tensors(x, first_dim_size=True):
         cases += [("float", x.double()), ("int64", x.long())]
     else:
         cases += [("float", x.double()), ("bool", x != 0)]
-    if first_dim_size:
-        cases.append(("first size + 1", torch.cat([x, x[:1]]) if x.shape[0] else
-                      x.new_zeros((1, *x.shape[1:]))))
+    cases.append(("first size + 1", torch.cat([x, x[:1]]) if x.shape[0] else
+                  x.new_zeros((1, *x.shape[1:]))))
     return cases
 
 
