@@ -297,8 +297,9 @@ def test_fused_cpu_masks_in_chunks(name, monkeypatch):
 
 
 @pytest.mark.parametrize("device, backend", TARGETS)
-@pytest.mark.parametrize("name", FAST_CASES)
+@pytest.mark.parametrize("name", ["causal_nq_gt_nk", "head_dim_3_mqa"])
 def test_without_lse_gradient(name, device, backend):
+    """No dlse pass in the kernels' backward; the padding test covers lengths and windows."""
     check_against_float64(*make_inputs(CASES[name], torch.float32, device), backend,
                           lse_grad=False)
 
