@@ -270,12 +270,12 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     key_last = tl.minimum(key_first + BLOCK_N, kv_len) - 1
     lo, full_lo, full_hi, hi = _query_range(key_first, key_last, offset, n_q, kv_len,
                                             window_left, window_right, BLOCK_M)
-    if key_first + BLOCK_N > kv_len:
-        # Keys past kv_len sit in this tile: every query tile needs the mask.
-        if key_first >= kv_len:
-            hi = lo
-        full_lo = tl.maximum(hi, lo)
-        full_hi = full_lo
+    # Keys past kv_len sit in this tile: every query tile needs the mask. Selects, not
+    # branches: triton 3.4 and 3.5 crash in TritonGPUCoalesce on the reassigning if-blocks.
+    past = key_first + BLOCK_N > kv_len
+    hi = tl.where(key_first >= kv_len, lo, hi)
+    full_lo = tl.where(past, tl.maximum(hi, lo), full_lo)
+    full_hi = tl.where(past, full_lo, full_hi)
     for g in range(group):
         h = hk * group + g
         q_base = q_ptr + b * stride_qb + h * stride_qh
