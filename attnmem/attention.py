@@ -136,7 +136,9 @@ def _fused_cpu_forward(q, k, v, kv_lengths, scale, window_left, window_right):
     k, v = _reference.without_unseen_keys(k, v, q.shape[2], window_left, kv_lengths)
     is_causal, chunks = _fused_cpu_masks(q, k, kv_lengths, window_left, window_right)
     if chunks is None:
-        return flash(q, k, v, 0.0, is_causal, scale=scale)
+        # Its lse comes laid out (B, Nq, H): the op's outputs are contiguous, as the fake says.
+        out, lse = flash(q, k, v, 0.0, is_causal, scale=scale)
+        return out, lse.contiguous()
     outs, lses = [], []
     for rows, mask, seen in chunks:
         out, lse = flash(q[:, :, rows], k, v, 0.0, False, attn_mask=mask, scale=scale)
@@ -151,7 +153,9 @@ def _fused_cpu_backward(dout, q, k, v, out, lse, kv_lengths, scale, window_left,
     k_seen, v_seen = _reference.without_unseen_keys(k, v, q.shape[2], window_left, kv_lengths)
     is_causal, chunks = _fused_cpu_masks(q, k, kv_lengths, window_left, window_right)
     if chunks is None:
-        return flash_backward(dout, q, k_seen, v_seen, out, lse, 0.0, is_causal, scale=scale)
+        # Its gradients come laid out (B, N, H, D); the op's are contiguous, as the fake says.
+        return tuple(g.contiguous() for g in flash_backward(
+            dout, q, k_seen, v_seen, out, lse, 0.0, is_causal, scale=scale))
     dq = torch.empty_like(q)
     ct = _reference.compute_dtype(q.dtype)
     dk, dv = torch.zeros_like(k, dtype=ct), torch.zeros_like(v, dtype=ct)
