@@ -14,10 +14,12 @@ from tqdm import tqdm
 from bench import cases, timing
 
 UNITS = {"cuda": ("TFLOP/s", 1e12), "cpu": ("GFLOP/s", 1e9)}
-CPU_NOTE = ("**This is a CPU report.** On a CPU, attnmem runs its pure-torch fallback (its "
-            "Triton kernels need a GPU, and Triton interpreter timings are never reported), so "
-            "these numbers compare torch implementations on this CPU and say nothing about "
-            "attnmem's kernels. Peak memory is measured on CUDA only.")
+CPU_NOTE = ("**This is a CPU report.** On a CPU, attnmem runs its torch backend: torch's "
+            "fused flash-attention kernel for attention (the one SDPA uses) and its pure-torch "
+            "twins for the other ops. Its Triton kernels need a GPU, and Triton interpreter "
+            "timings are never reported, so these numbers compare torch implementations on "
+            "this CPU and say nothing about attnmem's kernels. Peak memory is measured on CUDA "
+            "only.")
 
 
 def _availability(op, device):
