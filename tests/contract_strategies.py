@@ -44,8 +44,8 @@ seeds = st.integers(0, 2**31 - 1)
 
 
 def arrange(x, layout):
-    """x with the same values in another memory layout; the slack of a strided buffer is
-    NaN, so reading past a view shows."""
+    """A copy of x with the same values in another memory layout; the slack of a strided
+    buffer is NaN, so reading past a view shows."""
     if layout == "transposed" and x.ndim >= 3:
         return x.transpose(1, 2).contiguous().transpose(1, 2)
     if layout in ("padded_rows", "strided_last") and x.ndim >= 1:
@@ -55,7 +55,7 @@ def arrange(x, layout):
         view = buffer[..., :width] if layout == "padded_rows" else buffer[..., ::2]
         view.copy_(x)
         return view
-    return x.contiguous()
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 class Data:
