@@ -133,6 +133,8 @@ def _fused_cpu_masks(q, k, kv_lengths, window_left, window_right):
 def _fused_cpu_forward(q, k, v, kv_lengths, scale, window_left, window_right):
     """The fused kernel gives lse 0 and zeros to a row that sees no key: lse becomes -inf."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    # The fused kernel reads a strided last dimension as if it were contiguous.
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     k, v = _reference.without_unseen_keys(k, v, q.shape[2], window_left, kv_lengths)
     is_causal, chunks = _fused_cpu_masks(q, k, kv_lengths, window_left, window_right)
     if chunks is None:
@@ -150,6 +152,8 @@ def _fused_cpu_forward(q, k, v, kv_lengths, scale, window_left, window_right):
 def _fused_cpu_backward(dout, q, k, v, out, lse, kv_lengths, scale, window_left,
                         window_right):
     flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    dout, q, k, v, out = (x if x.stride(-1) == 1 else x.contiguous()
+                          for x in (dout, q, k, v, out))
     k_seen, v_seen = _reference.without_unseen_keys(k, v, q.shape[2], window_left, kv_lengths)
     is_causal, chunks = _fused_cpu_masks(q, k, kv_lengths, window_left, window_right)
     if chunks is None:
@@ -206,7 +210,9 @@ def _scale(scale, q) -> float:
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     scale = float(scale)
-    limit = torch.finfo(_reference.compute_dtype(q.dtype)).max / LOG2E
+    # Scores are scale * q.k: past 2^64 (float32; 2^512 for float64) inputs of ordinary size
+    # would overflow them to inf and every output to NaN, so such a scale is refused.
+    limit = torch.finfo(_reference.compute_dtype(q.dtype)).max ** 0.5 / 2 ** 32
     if abs(scale) > limit:
         raise ValueError(f"scale {scale!r} overflows the {_reference.compute_dtype(q.dtype)} "
                          f"computation: its magnitude must be at most {limit:.4g}")

@@ -199,15 +199,17 @@ class LuongAttention(nn.Module):
                                                 return_weights=return_weights)
             return result if return_weights else (result, None)
         keys = self._keys(source)
-        context = attnmem.attention(query[:, None], keys[:, None], source[:, None], scale=1.0,
-                                    kv_lengths=lengths)[:, 0]
-        if not return_weights:
-            return context, None
+        # attnmem.attention reads values as wide as its keys: wider or narrower sources
+        # (general scores with source_size != hidden_size) take the exact weights.
+        if not return_weights and keys.shape[-1] == source.shape[-1]:
+            return attnmem.attention(query[:, None], keys[:, None], source[:, None], scale=1.0,
+                                     kv_lengths=lengths)[:, 0], None
         scores = query @ keys.transpose(1, 2)
         if lengths is not None:
             past = torch.arange(source.shape[1], device=source.device) >= lengths[:, None]
             scores = scores.masked_fill(past[:, None], float("-inf"))
-        return context, softmax_with_lse(scores)[0] if source.shape[1] else scores
+        weights = softmax_with_lse(scores)[0] if source.shape[1] else scores
+        return weights @ source, weights if return_weights else None
 
     def _local(self, query, source, lengths, positions):
         batch, n_q, _ = query.shape
@@ -238,8 +240,10 @@ class LuongAttention(nn.Module):
             scores = (query[:, :, None] * keys).sum(-1)
         align, _ = softmax_with_lse(scores.masked_fill(~inside, float("-inf")))
         if self.mode == "local-p":
-            sigma = self.window / 2
-            align = align * torch.exp(-(index - center[..., None]) ** 2 / (2 * sigma ** 2))
+            # A window of one position (D = 0, sigma = 0) has no spread to weigh.
+            if self.window > 0:
+                sigma = self.window / 2
+                align = align * torch.exp(-(index - center[..., None]) ** 2 / (2 * sigma ** 2))
         context = (align[..., None] * gathered).sum(2)
         weights = align.new_zeros(batch, n_q, source.shape[1]).scatter_add(2, index, align)
         return context, weights[..., :n_s]
