@@ -44,8 +44,13 @@ def _usable(x, mask):
 def memory_address(memory, keys, strength, kind, mask):
     """Content weights (B, R, N): softmax over slots of strength * sim(key, slot); slots
     with mask False get weight 0, and a head with no usable slot gets zero weights."""
+    return _address(_usable(memory, mask), keys, strength, kind, mask)
+
+
+def _address(memory, keys, strength, kind, mask):
+    """memory_address on a memory whose masked slots are already zeroed."""
     dtype = memory.dtype
-    memory, keys, strength = _upcast(_usable(memory, mask), keys, strength)
+    memory, keys, strength = _upcast(memory, keys, strength)
     scores = similarity(memory, keys, kind)
     if strength is not None:
         scores = scores * strength[:, :, None]
@@ -61,8 +66,9 @@ def memory_read(memory, weights):
 
 def memory_attend(memory, keys, values, strength, kind, mask):
     """Address by content and read in one: (read (B, R, Dv), weights (B, R, N))."""
-    weights = memory_address(memory, keys, strength, kind, mask)
-    return memory_read(_usable(memory if values is None else values, mask), weights), weights
+    memory = _usable(memory, mask)  # once, for the scores and (without values) the read
+    weights = _address(memory, keys, strength, kind, mask)
+    return memory_read(memory if values is None else _usable(values, mask), weights), weights
 
 
 def memory_write(memory, weights, erase, add):
