@@ -3,7 +3,9 @@
 The tests run kernels through the interpreter, which decides at definition time and patches
 triton.language, so compilation happens in a clean subprocess: `compile_all(jobs)` sends
 jobs to `python tests/aot.py` and returns, per job, the shared memory the kernel allocates,
-which matrix instructions its PTX uses, and whether it loads and stores 16 bytes at a time.
+which matrix instructions its PTX uses, whether it loads and stores 16 bytes at a time, uses
+TMA and warp specialization, and the registers and spill bytes triton's bundled `ptxas -v`
+reports for it.
 
 A job: {"module", "kernel", "arch", "constexprs", "pointers", "num_warps", "num_stages"};
 `pointers` maps each pointer argument to its element type ("fp16", "fp32", "i32"); other
@@ -20,6 +22,31 @@ from concurrent.futures import ProcessPoolExecutor
 
 TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ptxas_usage(ptx, arch):
+    """{"registers", "spill_stores", "spill_loads"} (bytes) as triton's bundled ptxas reports
+    them for `ptx`; spills count every function of the module."""
+    import re
+
+    from triton.backends.nvidia import compiler
+
+    try:
+        ptxas = compiler.get_ptxas(arch).path
+    except TypeError:  # triton 3.4 and 3.5 take no arch
+        ptxas = compiler.get_ptxas().path
+    target = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as src:
+        src.write(ptx)
+        src.flush()
+        report = subprocess.run([ptxas, "-v", f"--gpu-name={target}", src.name,
+                                 "-o", os.devnull], capture_output=True, text=True,
+                                check=True).stderr
+    spills = [tuple(map(int, m)) for m in
+              re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)]
+    return {"registers": max(map(int, re.findall(r"Used (\d+) registers", report)), default=0),
+            "spill_stores": sum(st for st, _ in spills),
+            "spill_loads": sum(ld for _, ld in spills)}
 
 
 def compile_job(job):
@@ -66,7 +93,9 @@ def compile_job(job):
             "wgmma": "wgmma.mma_async" in ptx, "mma_sync": "mma.sync.aligned" in ptx,
             # 16 bytes a load: a vector load, or an async copy .cg (which moves 16 bytes only).
             "vector_loads": "ld.global.v4" in ptx or "cp.async.cg.shared.global" in ptx,
-            "vector_stores": "st.global.v4" in ptx}
+            "vector_stores": "st.global.v4" in ptx,
+            "tma": "cp.async.bulk.tensor" in ptx, "warp_specialized": "setmaxnreg" in ptx,
+            **ptxas_usage(ptx, job["arch"])}
 
 
 def compile_all(jobs, python=sys.executable):
