@@ -11,9 +11,11 @@ from attnmem.nn.attention import (
     SinusoidalPositionalEncoding,
     TransformerEncoderLayer,
 )
+from attnmem.nn.distributed import ShardedKeyValueMemory
 from attnmem.nn.memory import NTM, KeyValueMemory, MemN2N, NTMState
 from attnmem.nn.multihead import MultiheadAttention
 
-__all__ = ["NTM", "NTMState", "MemN2N", "KeyValueMemory", "AdditiveAttention", "HardAttention",
+__all__ = ["NTM", "NTMState", "MemN2N", "KeyValueMemory", "ShardedKeyValueMemory",
+           "AdditiveAttention", "HardAttention",
            "LuongAttention", "PointerAttention", "MultiheadAttention", "MultiheadSelfAttention",
            "SinusoidalPositionalEncoding", "TransformerEncoderLayer"]

@@ -258,6 +258,9 @@ class KeyValueMemory(nn.Module):
         self.out = nn.Linear(value_dim, state_dim)
         self.gate = nn.Linear(state_dim + value_dim, state_dim)
 
+    # ShardedKeyValueMemory reads through attnmem.distributed.memory_attend instead.
+    _memory_attend = staticmethod(attnmem.memory_attend)
+
     def forward(self, h: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 return_weights: bool = False):
         """h (B, state_dim) or (B, R, state_dim); mask (B, N) bool, True = usable slot ->
@@ -278,7 +281,7 @@ class KeyValueMemory(nn.Module):
                 raise ValueError(f"mask must be (B, N) = ({batch}, {self.keys.shape[0]}), got "
                                  f"shape {tuple(mask.shape)}")
             _checks.same_device("mask", mask, self.query.weight)
-        read = attnmem.memory_attend(
+        read = self._memory_attend(
             self.keys.expand(batch, -1, -1), self.query(h),
             values=self.values.expand(batch, -1, -1), similarity=self.similarity,
             mask=mask, return_weights=return_weights)

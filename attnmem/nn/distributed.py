@@ -1,0 +1,42 @@
+"""Modules over a memory split across the ranks of a torch.distributed process group."""
+
+import torch
+import torch.distributed as dist
+
+from attnmem import distributed
+from attnmem.nn import _checks
+from attnmem.nn.memory import KeyValueMemory
+
+
+class ShardedKeyValueMemory(KeyValueMemory):
+    """KeyValueMemory whose slots are split across the ranks of group (the default group if
+    None), so that a model reads a memory larger than one device holds: each rank holds its
+    own keys (N_rank, Dk) and values (N_rank, Dv), and every read attends over all slots
+    (attnmem.distributed.memory_attend).
+
+    Pass this rank's keys and values, or num_slots, the memory's total slot count, to learn
+    a memory from a random start: rank r then holds the r-th of world-size parts as
+    torch.tensor_split cuts them (seed each rank differently for different slots). The
+    query, output and gate layers are replicated: they start from group rank 0's, and every
+    rank passes the same h and gets the same output and the same gradients for them; the
+    slots' gradients stay on their rank. forward's mask (B, N_rank) and the weights it
+    returns (B, N_rank) or (B, R, N_rank) cover this rank's slots.
+    """
+
+    def __init__(self, state_dim, num_slots=None, key_dim=None, value_dim=None, keys=None,
+                 values=None, learn=None, similarity="scaled_dot", group=None):
+        world, rank = distributed._group(group)
+        if num_slots is not None and keys is None:
+            num_slots = _checks.integer("num_slots", num_slots, 0)
+            num_slots = num_slots // world + (rank < num_slots % world)
+        super().__init__(state_dim, num_slots, key_dim, value_dim, keys, values, learn,
+                         similarity)
+        self.group = group
+        source = 0 if group is None else dist.get_global_rank(group, 0)
+        with torch.no_grad():
+            for layer in (self.query, self.out, self.gate):
+                for tensor in layer.parameters():
+                    dist.broadcast(tensor, source, group=group)
+
+    def _memory_attend(self, *args, **kwargs):
+        return distributed.memory_attend(*args, group=self.group, **kwargs)

@@ -1,0 +1,249 @@
+"""attnmem.distributed on 2 and 3 CPU processes (gloo) against single-process attnmem on the
+same full tensors: ring attention (causal or not, GQA, windows, lengths, Nq != Nk, the
+gradient of lse) and the sharded memory ops and module, outputs and every gradient.
+
+Each world size spawns one process group that runs every case, so a test pays for one
+start-up; a hang fails at the deadline instead of blocking the run.
+"""
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import attnmem
+from attnmem import distributed
+from attnmem.nn import KeyValueMemory, ShardedKeyValueMemory
+
+pytestmark = pytest.mark.xdist_group("distributed")
+
+DEADLINE_S = 120
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, seed, cases):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        for case in cases:
+            torch.manual_seed(seed)  # the same full tensors on every rank
+            case(rank, world)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world, cases):
+    context = mp.start_processes(_worker, args=(world, _free_port(),
+                                                int(os.environ["ATTNMEM_SEED"]), cases),
+                                 nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + DEADLINE_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"{world} processes still running after {DEADLINE_S} s: a hang")
+
+
+def _close(actual, expected, what, tol=1e-10):
+    assert actual.shape == expected.shape, what
+    assert not actual.isnan().any(), f"{what}: NaN"
+    torch.testing.assert_close(actual, expected, atol=tol, rtol=tol, msg=what)
+
+
+# ---------------------------------------------------------------------------------------
+# Ring attention
+# ---------------------------------------------------------------------------------------
+
+ATTENTION_CASES = [
+    # (B, H, Hkv, Nq per rank, Nk per rank, D, causal, window, lengths, dtype)
+    (2, 2, 2, 6, 6, 8, False, None, None, torch.float64),
+    (2, 4, 2, 6, 6, 5, True, None, None, torch.float64),
+    (3, 3, 1, 4, 4, 4, True, (5, None), [24, 7, 0], torch.float64),
+    (2, 2, 2, 5, 5, 4, False, (3, 2), [13, 1], torch.float64),
+    (1, 2, 1, 4, 8, 4, True, None, None, torch.float64),
+    (1, 2, 2, 5, 3, 4, False, (2, 4), None, torch.float64),
+    (2, 4, 2, 8, 8, 16, True, (9, 0), None, torch.float32),
+]
+
+
+def _attention_cases(rank, world):
+    for b, h, hkv, nq, nk, d, causal, window, lengths, dtype in ATTENTION_CASES:
+        what = f"world {world}: {(b, h, hkv, nq, nk, d, causal, window, lengths, dtype)}"
+        full = [torch.randn(b, heads, n * world, d, dtype=dtype)
+                for heads, n in ((h, nq), (hkv, nk), (hkv, nk))]
+        kv_lengths = None if lengths is None else torch.tensor(lengths)
+        dout = torch.randn_like(full[0])
+        dlse = torch.randn(full[0].shape[:3], dtype=torch.float64 if dtype == torch.float64
+                           else torch.float32)
+        # The full attention, single process.
+        ref = [x.clone().requires_grad_() for x in full]
+        out, lse = attnmem.attention(*ref, causal=causal, window=window, kv_lengths=kv_lengths,
+                                     return_lse=True)
+        ((out * dout).sum() + (lse.nan_to_num(neginf=0) * dlse).sum()).backward()
+        # The ring, from each rank's shard.
+        shard = [distributed.shard_sequence(x, causal=causal).requires_grad_() for x in full]
+        out_r, lse_r = distributed.ring_attention(*shard, causal=causal, window=window,
+                                                  kv_lengths=kv_lengths, return_lse=True)
+        ((out_r * distributed.shard_sequence(dout, causal=causal)).sum()
+         + (lse_r.nan_to_num(neginf=0)
+            * distributed.shard_sequence(dlse, causal=causal)).sum()).backward()
+        tol = 1e-10 if dtype == torch.float64 else 2e-5
+        _close(out_r, distributed.shard_sequence(out.detach(), causal=causal), f"{what} out",
+               tol)
+        _close(lse_r, distributed.shard_sequence(lse.detach(), causal=causal), f"{what} lse",
+               tol)
+        for name, x, r in zip("qkv", shard, ref):
+            _close(x.grad, distributed.shard_sequence(r.grad, causal=causal),
+                   f"{what} d{name}", tol)
+        _close(distributed.unshard_sequence(out_r.detach(), causal=causal), out.detach(),
+               f"{what} unshard", tol)
+        if lengths is not None and 0 in lengths:  # a batch that sees no key: zeros, -inf
+            empty = lengths.index(0)
+            assert (out_r[empty] == 0).all() and (lse_r[empty] == -float("inf")).all()
+
+
+def _layout_and_errors(rank, world):
+    x = torch.arange(4 * world, dtype=torch.float64).view(1, 1, -1, 1)
+    zigzag = distributed.shard_sequence(x, causal=True).flatten().tolist()
+    assert zigzag == [2 * rank, 2 * rank + 1, 4 * world - 2 - 2 * rank, 4 * world - 1 - 2 * rank]
+    assert distributed.shard_sequence(x).flatten().tolist() == list(range(4 * rank,
+                                                                          4 * rank + 4))
+    # unshard's gradient: the replicated full tensor's gradient, each rank its part.
+    part = distributed.shard_sequence(x, causal=True).requires_grad_()
+    (distributed.unshard_sequence(part, causal=True) * x).sum().backward()
+    _close(part.grad, distributed.shard_sequence(x, causal=True), "unshard backward")
+    with pytest.raises(ValueError, match="not divisible by 2 \\* world size"):
+        distributed.shard_sequence(torch.zeros(1, 1, 2 * world + 1, 1), causal=True)
+    with pytest.raises(ValueError, match="dim"):
+        distributed.shard_sequence(torch.zeros(1, 1, 2 * world, 1), dim=4)
+    q = torch.zeros(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="divisible by 2 \\* world size"):
+        distributed.ring_attention(q, q, q, causal=True)
+    with pytest.raises(ValueError, match="window left"):
+        distributed.ring_attention(q, q, q, window=(-2, 0))
+    with pytest.raises(ValueError, match="kv_lengths"):
+        distributed.ring_attention(q, q, q, kv_lengths=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="heads"):
+        distributed.ring_attention(q, q[:, :1].expand(1, 3, 3, 4), q[:, :1].expand(1, 3, 3, 4))
+    with pytest.raises(TypeError, match="group"):
+        distributed.ring_attention(q, q, q, group="ring")
+
+
+# ---------------------------------------------------------------------------------------
+# Sharded memory
+# ---------------------------------------------------------------------------------------
+
+
+def _split(x, world, rank, dim=1):
+    """Uneven shards along the slots, as torch.tensor_split cuts them."""
+    return torch.tensor_split(x, world, dim)[rank]
+
+
+def _memory_cases(rank, world):
+    b, r, n, d, dv, w = 2, 3, 4 * world + 3, 5, 4, 2
+    memory = torch.randn(b, n, d, dtype=torch.float64)
+    values = torch.randn(b, n, dv, dtype=torch.float64)
+    keys = torch.randn(b, r, d, dtype=torch.float64)
+    strength = torch.rand(b, r, dtype=torch.float64) * 4
+    mask = torch.rand(b, n) < 0.7
+    mask[1, :] = False  # batch 1: one usable slot, on the last rank
+    mask[1, -1] = True
+    mask[0, : n // world + 1] = False  # batch 0: rank 0's slots all masked
+    memory[~mask] = float("nan")  # masked slots count for nothing
+    values[~mask] = float("nan")
+    dread, dweights = torch.randn(b, r, dv, dtype=torch.float64), torch.randn(b, r, n,
+                                                                                dtype=torch.float64)
+    for similarity in ("cosine", "dot"):
+        what = f"world {world}, {similarity}"
+        ref = [x.clone().requires_grad_() for x in (memory, keys, values, strength)]
+        read, weights = attnmem.memory_attend(ref[0], ref[1], values=ref[2], strength=ref[3],
+                                              similarity=similarity, mask=mask,
+                                              return_weights=True)
+        ((read * dread).sum() + (weights * dweights).sum()).backward()
+        mine = [_split(memory, world, rank).requires_grad_(), keys.clone().requires_grad_(),
+                _split(values, world, rank).requires_grad_(), strength.clone().requires_grad_()]
+        read_s, weights_s = distributed.memory_attend(
+            mine[0], mine[1], values=mine[2], strength=mine[3], similarity=similarity,
+            mask=_split(mask, world, rank), return_weights=True)
+        ((read_s * dread).sum() + (weights_s * _split(dweights, world, rank, 2)).sum()
+         ).backward()
+        _close(read_s, read.detach(), f"{what} read")
+        _close(weights_s, _split(weights.detach(), world, rank, 2), f"{what} weights")
+        for name, x, full, dim in zip(("memory", "keys", "values", "strength"), mine, ref,
+                                      (1, None, 1, None)):
+            expected = full.grad if dim is None else _split(full.grad, world, rank)
+            _close(x.grad, expected, f"{what} d{name}")
+    # memory_address, then memory_read and memory_write with those weights.
+    ref = [x.clone().requires_grad_() for x in (memory.nan_to_num(), keys, strength)]
+    erase = torch.rand(b, w, d, dtype=torch.float64, requires_grad=True)
+    add = torch.randn(b, w, d, dtype=torch.float64, requires_grad=True)
+    weights = attnmem.memory_address(ref[0], ref[1], strength=ref[2])
+    written = attnmem.memory_write(ref[0], weights[:, :w], erase, add)
+    read = attnmem.memory_read(written, weights)
+    dwritten = torch.randn_like(written)
+    ((read * dread[..., :1]).sum() + (written * dwritten).sum()).backward()
+    mine = [_split(ref[0].detach(), world, rank).requires_grad_(), keys.clone().requires_grad_(),
+            strength.clone().requires_grad_()]
+    erase_s, add_s = (x.detach().clone().requires_grad_() for x in (erase, add))
+    weights_s = distributed.memory_address(mine[0], mine[1], strength=mine[2])
+    written_s = distributed.memory_write(mine[0], weights_s[:, :w], erase_s, add_s)
+    read_s = distributed.memory_read(written_s, weights_s)
+    ((read_s * dread[..., :1]).sum() + (written_s * _split(dwritten, world, rank)).sum()
+     ).backward()
+    _close(weights_s, _split(weights.detach(), world, rank, 2), "address weights")
+    _close(written_s, _split(written.detach(), world, rank), "written")
+    _close(read_s, read.detach(), "read after write")
+    for name, x, full in (("memory", mine[0], _split(ref[0].grad, world, rank)),
+                          ("keys", mine[1], ref[1].grad), ("strength", mine[2], ref[2].grad),
+                          ("erase", erase_s, erase.grad), ("add", add_s, add.grad)):
+        _close(x.grad, full, f"address/write/read d{name}")
+
+
+def _module_case(rank, world):
+    full = KeyValueMemory(6, num_slots=5 * world + 1, key_dim=4, value_dim=3).double()
+    sharded = ShardedKeyValueMemory(
+        6, keys=_split(full.keys, world, rank, 0), values=_split(full.values, world, rank, 0),
+        learn=True).double()
+    # The replicated layers start from group rank 0's: the full module's on every rank.
+    sharded.load_state_dict({**full.state_dict(), "keys": sharded.keys, "values": sharded.values})
+    h = torch.randn(3, 2, 6, dtype=torch.float64)
+    out, weights = full(h, return_weights=True)
+    out.square().sum().backward()
+    out_s, weights_s = sharded(h, return_weights=True)
+    out_s.square().sum().backward()
+    _close(out_s, out.detach(), "module out")
+    _close(weights_s, _split(weights.detach(), world, rank, 2), "module weights")
+    for name, p in sharded.named_parameters():
+        expected = dict(full.named_parameters())[name].grad
+        if name in ("keys", "values"):
+            expected = _split(expected, world, rank, 0)
+        _close(p.grad, expected, f"module d{name}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed(world):
+    _spawn(world, [_layout_and_errors, _attention_cases, _memory_cases, _module_case])
+
+
+def test_float16_shard_lse_of_nearly_flat_weights():
+    """Past 16k slots of near-uniform weights, float16's top weight is subnormal: the
+    shard's logsumexp is then scored from the slots, not read off the weights."""
+    memory = torch.randn(1, 20000, 2, dtype=torch.float16)
+    keys = torch.randn(1, 1, 2, dtype=torch.float16)
+    strength = torch.full((1, 1), 0.01, dtype=torch.float16)
+    weights = attnmem.memory_address(memory, keys, strength=strength, similarity="dot")
+    lse = distributed._shard_lse(memory, keys, strength, "dot", None, weights)
+    scores = keys.double() @ memory.double().transpose(1, 2) * strength.double()[..., None]
+    torch.testing.assert_close(lse.double(), scores.logsumexp(-1), atol=1e-5, rtol=0)
