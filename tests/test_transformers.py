@@ -1,0 +1,213 @@
+"""attnmem.integrations.transformers: tiny randomly initialised Llama, Mistral (sliding
+window), Gemma 2 (softcapping, which falls back) and gpt-oss (sinks, which fall back) models
+on attn_implementation="attnmem" against transformers' own attention, unpadded and with
+right and left padding, forward, backward and greedy generation through the cache."""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import attnmem  # noqa: E402
+import attnmem.integrations.transformers as attnmem_transformers  # noqa: E402
+
+BATCH, LENGTH, VOCAB = 3, 9, 97
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             max_position_embeddings=64)
+SLIDING = ["sliding_attention", "full_attention"]
+# name: (config, its extra arguments, transformers' attention to compare with, the word the
+# fallback warning names, or None where attnmem's kernel runs every layer).
+MODELS = {
+    "llama": (transformers.LlamaConfig, {}, "sdpa", None),
+    "mistral": (transformers.MistralConfig, {"sliding_window": 3}, "sdpa", None),
+    "gemma2": (transformers.Gemma2Config,
+               {"sliding_window": 3, "layer_types": SLIDING, "query_pre_attn_scalar": 16,
+                "attn_logit_softcapping": 2.0}, "eager", "softcapping"),
+    "gemma2-nosoftcap": (transformers.Gemma2Config,
+                         {"sliding_window": 3, "layer_types": SLIDING,
+                          "query_pre_attn_scalar": 16, "attn_logit_softcapping": None},
+                         "eager", None),
+    "gpt_oss": (transformers.GptOssConfig,
+                {"sliding_window": 3, "layer_types": SLIDING, "num_local_experts": 4,
+                 "num_experts_per_tok": 2}, "eager", "sinks"),
+}
+
+_models = {}
+
+
+@pytest.fixture(autouse=True)
+def _registered(monkeypatch):
+    attnmem_transformers.register()
+    # Each test sees its fallback warnings, which are shown once per process.
+    monkeypatch.setattr(attnmem_transformers, "_warned", set())
+
+
+def _model(name):
+    if name not in _models:
+        config, extra, reference, _ = MODELS[name]
+        model = transformers.AutoModelForCausalLM.from_config(
+            config(**SMALL, **extra), attn_implementation=reference)
+        if name == "gpt_oss":  # initialised to zero, the sinks would test nothing
+            for layer in model.model.layers:
+                torch.nn.init.normal_(layer.self_attn.sinks)
+        _models[name] = model.eval()
+    return _models[name]
+
+
+def _padding(kind, lengths):
+    position = torch.arange(LENGTH)
+    if kind == "none":
+        return None
+    if kind == "right":
+        return (position < lengths[:, None]).long()
+    return (position >= LENGTH - lengths[:, None]).long()
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How many times attnmem.attention runs."""
+    calls = []
+    attention = attnmem.attention
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return attention(*args, **kwargs)
+
+    monkeypatch.setattr(attnmem, "attention", counted)
+    return calls
+
+
+def _run(model, implementation, ids, mask, weights):
+    """Logits and every parameter's gradient of a weighted sum of the real positions' logits."""
+    model.set_attn_implementation(implementation)
+    model.zero_grad()
+    logits = model(ids, attention_mask=mask).logits
+    (logits * weights).sum().backward()
+    return logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def _expect_path(name, record, kernel_calls):
+    """The kernel ran, or the model's fallback warned once and named why."""
+    messages = [str(w.message) for w in record if "attnmem" in str(w.message)]
+    if MODELS[name][3] is None:
+        assert kernel_calls and not messages
+    else:
+        assert not kernel_calls
+        assert len(messages) == 1 and MODELS[name][3] in messages[0], messages
+
+
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_logits_and_gradients(name, padding, kernel_calls):
+    model = _model(name)
+    ids = torch.randint(0, VOCAB, (BATCH, LENGTH))
+    mask = _padding(padding, torch.tensor([LENGTH, 6, 2]))
+    real = torch.ones(BATCH, LENGTH, dtype=torch.bool) if mask is None else mask.bool()
+    weights = torch.randn(BATCH, LENGTH, VOCAB) * real[..., None]
+    expect, expect_grads = _run(model, MODELS[name][2], ids, mask, weights)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got, grads = _run(model, "attnmem", ids, mask, weights)
+    _expect_path(name, record, kernel_calls)
+    torch.testing.assert_close(got[real], expect[real], rtol=1e-4, atol=1e-5)
+    assert len(grads) == len(expect_grads)
+    for grad, expect_grad in zip(grads, expect_grads):
+        torch.testing.assert_close(grad, expect_grad, rtol=1e-4,
+                                   atol=1e-5 * max(1.0, expect_grad.abs().max().item()))
+
+
+def _generate(model, implementation, ids, mask):
+    model.set_attn_implementation(implementation)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True,
+                              pad_token_id=0)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_generate(name, kernel_calls):
+    """Greedy decoding through the dynamic cache from left-padded prompts, as transformers
+    pads for generation: the same tokens, and the same logits at every step."""
+    model = _model(name)
+    ids = torch.randint(1, VOCAB, (BATCH, LENGTH))
+    mask = _padding("left", torch.tensor([LENGTH, 5, 1]))
+    expect = _generate(model, MODELS[name][2], ids, mask)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = _generate(model, "attnmem", ids, mask)
+    _expect_path(name, record, kernel_calls)
+    assert torch.equal(got.sequences, expect.sequences)
+    for step, expect_step in zip(got.logits, expect.logits, strict=True):
+        torch.testing.assert_close(step, expect_step, rtol=1e-4, atol=1e-5)
+
+
+def _decode(model, implementation, ids, mask, new_ids):
+    """The logits of each token of new_ids fed one at a time through a dynamic cache that
+    holds the right-padded prompts ids."""
+    model.set_attn_implementation(implementation)
+    cache = transformers.DynamicCache(config=model.config)
+    logits = []
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        for step in range(new_ids.shape[1]):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            logits.append(model(new_ids[:, step:step + 1], attention_mask=mask,
+                                past_key_values=cache, use_cache=True).logits)
+    return torch.cat(logits, 1)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_decode_after_right_padding(name, kernel_calls):
+    """Tokens decoded after right-padded prompts leave the padding as a hole in the cache,
+    which each step's single query skips."""
+    model = _model(name)
+    ids = torch.randint(1, VOCAB, (BATCH, LENGTH))
+    mask = _padding("right", torch.tensor([LENGTH, 5, 1]))
+    new_ids = torch.randint(1, VOCAB, (BATCH, 3))
+    expect = _decode(model, MODELS[name][2], ids, mask, new_ids)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = _decode(model, "attnmem", ids, mask, new_ids)
+    _expect_path(name, record, kernel_calls)
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_mask_with_holes_falls_back(kernel_calls):
+    """Padding inside a sequence under a causal mask with many queries is no layout attnmem
+    runs: sdpa runs it, with a warning, and the result is sdpa's."""
+    model = _model("llama")
+    ids = torch.randint(0, VOCAB, (2, LENGTH))
+    mask = torch.ones(2, LENGTH, dtype=torch.long)
+    mask[1, 3:5] = 0
+    model.set_attn_implementation("sdpa")
+    expect = model(ids, attention_mask=mask).logits
+    model.set_attn_implementation("attnmem")
+    with pytest.warns(UserWarning, match="padding on both sides or in between"):
+        got = model(ids, attention_mask=mask).logits
+    assert not kernel_calls
+    torch.testing.assert_close(got[mask.bool()], expect[mask.bool()], rtol=1e-4, atol=1e-5)
+
+
+def test_register_is_idempotent():
+    from transformers import AttentionInterface, AttentionMaskInterface
+    attnmem_transformers.register()
+    attnmem_transformers.register()
+    assert AttentionInterface._global_mapping["attnmem"] is attnmem_transformers.attention_forward
+    assert AttentionMaskInterface._global_mapping["attnmem"] is attnmem_transformers.build_mask
+    assert "attnmem" in transformers.AttentionInterface().valid_keys()
+
+
+def test_imports_without_transformers():
+    """The module imports without transformers; register() then raises an ImportError that
+    says what to install."""
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import attnmem.integrations.transformers as t\n"
+            "try:\n    t.register()\nexcept ImportError as e:\n    print(e)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert "needs the transformers package: pip install transformers" in result.stdout
