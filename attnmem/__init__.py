@@ -18,6 +18,7 @@ if not _os.path.isdir(_os.path.join(_here, "kernels")):
 from attnmem.additive import additive_attention, hard_attention, pointer_attention  # noqa: E402
 from attnmem.attention import attention  # noqa: E402
 from attnmem.backend import use_backend  # noqa: E402
+from attnmem.kvcache import attention_with_kvcache  # noqa: E402
 from attnmem.memory import (  # noqa: E402
     location_address,
     memory_address,
@@ -26,7 +27,7 @@ from attnmem.memory import (  # noqa: E402
     memory_write,
 )
 
-__all__ = ["additive_attention", "attention", "hard_attention", "location_address",
-           "memory_address", "memory_attend", "memory_read", "memory_write", "pointer_attention",
-           "use_backend"]
+__all__ = ["additive_attention", "attention", "attention_with_kvcache", "hard_attention",
+           "location_address", "memory_address", "memory_attend", "memory_read", "memory_write",
+           "pointer_attention", "use_backend"]
 __version__ = "0.1.0"

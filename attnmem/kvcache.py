@@ -1,0 +1,295 @@
+"""attnmem.attention_with_kvcache: decoding from a KV cache, contiguous or paged, with the
+new tokens appended in place (FlashAttention's flash_attn_with_kvcache).
+
+Two torch.library custom ops: the append (mutating the caches) and the attention over them,
+each on the triton kernels (split-KV flash-decoding, GQA packing, paged loads) or on the
+pure-torch twin (attnmem.reference.kvcache), as attnmem.backend chooses.
+"""
+
+import numbers
+import operator
+from typing import Optional
+
+import torch
+
+from attnmem import backend as _backend
+from attnmem.attention import (
+    FLOAT_DTYPES,
+    MAX_TRITON_HEAD_DIM,
+    TRITON_DTYPES,
+    _scale,
+    _window_side,
+)
+from attnmem.reference import attention as _attention_twin
+from attnmem.reference import kvcache as _reference
+
+
+def _triton_reasons(q, k_cache, v_cache) -> list[str]:
+    reasons = []
+    if q.dtype not in TRITON_DTYPES:
+        reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
+    if q.shape[-1] > MAX_TRITON_HEAD_DIM:
+        reasons.append(f"head dim {q.shape[-1]} > {MAX_TRITON_HEAD_DIM}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.stride(-1) != 1 and cache.shape[-1] > 1:
+            reasons.append(f"{name}'s last dimension is strided (the kernels write it in "
+                           "place and read it in rows)")
+    return reasons
+
+
+def _pick(q, k_cache, v_cache, backend: str) -> str:
+    return _backend.resolve(backend, (q, k_cache, v_cache), _triton_reasons(q, k_cache, v_cache),
+                            "attention_with_kvcache")
+
+
+@torch.library.custom_op("attnmem::kvcache_append", mutates_args=("k_cache", "v_cache"))
+def _append(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
+            v: torch.Tensor, cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor],
+            backend: str) -> None:
+    if _pick(q, k_cache, v_cache, backend) == "triton":
+        from attnmem.kernels import attention_kvcache as kernel
+        kernel.append(k, v, k_cache, v_cache, cache_seqlens, block_table)
+    else:
+        _reference.append(k_cache, v_cache, k, v, _clamped(cache_seqlens, k_cache, k.shape[1],
+                                                           block_table), block_table)
+
+
+@_append.register_fake
+def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, backend):
+    return None
+
+
+@torch.library.custom_op("attnmem::attention_with_kvcache", mutates_args=())
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor], n_new: int,
+            scale: float, window_left: int, window_right: int, backend: str
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    if _pick(q, k_cache, v_cache, backend) == "triton":
+        from attnmem.kernels import attention_kvcache as kernel
+        return kernel.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table,
+                                             n_new, scale, window_left, window_right)
+    return _reference.attention_with_kvcache_forward(
+        q, k_cache, v_cache, _clamped(cache_seqlens, k_cache, n_new, block_table), block_table,
+        n_new, scale, window_left, window_right)
+
+
+@_attend.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scale, window_left, window_right,
+      backend):
+    batch, n_q, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty(
+        (batch, heads, n_q), dtype=_attention_twin.compute_dtype(q.dtype))
+
+
+def _capacity(k_cache, block_table) -> int:
+    return k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
+
+
+def _clamped(cache_seqlens, k_cache, n_new, block_table):
+    """cache_seqlens as the kernels read it: clamped to [0, capacity - n_new]."""
+    return cache_seqlens.clamp(0, _capacity(k_cache, block_table) - n_new)
+
+
+# ---------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------
+
+
+def _tensor(name, x, what):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"{name} must be {what}, got shape {tuple(x.shape)}")
+
+
+def _like_q(name, x, q):
+    if x.dtype != q.dtype:
+        raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+    if x.device != q.device:
+        raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+
+
+def _block_table(block_table, batch, device):
+    if not isinstance(block_table, torch.Tensor):
+        raise TypeError(f"block_table must be a torch.Tensor or None, got "
+                        f"{type(block_table).__name__}")
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table must be int32 (as FlashAttention's), got "
+                        f"{block_table.dtype}")
+    if block_table.ndim != 2 or block_table.shape[0] != batch:
+        raise ValueError(f"block_table must be (B, max_blocks) with B = {batch}, got shape "
+                         f"{tuple(block_table.shape)}")
+    if block_table.device != device:
+        raise ValueError(f"block_table is on {block_table.device} but q is on {device}")
+
+
+def _seqlens(cache_seqlens, batch, device, limit):
+    """cache_seqlens as an int32 (B,) tensor; an int must lie in [0, limit]."""
+    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+        value = operator.index(cache_seqlens)
+        if not 0 <= value <= limit:
+            raise ValueError(f"cache_seqlens {value} leaves no room in the cache: it must "
+                             f"lie in [0, {limit}] (the capacity less the new tokens)")
+        return torch.full((batch,), value, dtype=torch.int32, device=device)
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be an int or an integer tensor (B,), got "
+                        f"{type(cache_seqlens).__name__}")
+    if (cache_seqlens.dtype.is_floating_point or cache_seqlens.dtype.is_complex
+            or cache_seqlens.dtype == torch.bool):
+        raise TypeError(f"cache_seqlens must be an integer tensor, got {cache_seqlens.dtype}")
+    if tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(f"cache_seqlens must have shape (B,) = ({batch},), got "
+                         f"{tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != device:
+        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {device}")
+    if cache_seqlens.dtype == torch.int32 and cache_seqlens.is_contiguous():
+        return cache_seqlens  # the kernels clamp it
+    # Clamped before the cast, so that 2**32 + 3 is the capacity, not 3.
+    return cache_seqlens.clamp(0, limit).to(torch.int32).contiguous()
+
+
+def _check_pages(block_table, cache_seqlens, n_new, page_size, n_pages):
+    """On CPU tensors (where reading them costs no device sync): every page a sequence uses
+    lies in the pool."""
+    lengths = cache_seqlens.clamp(0, block_table.shape[1] * page_size - n_new) + n_new
+    used = torch.arange(block_table.shape[1]) * page_size < lengths[:, None]
+    bad = used & ((block_table < 0) | (block_table >= n_pages))
+    if bad.any():
+        b, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is not a page of "
+                         f"the pool: pages are 0 to {n_pages - 1}")
+
+
+def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window, scale,
+              return_lse):
+    _tensor("q", q, "(B, Sq, H, D)")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    batch, n_q, heads, head_dim = q.shape
+    if head_dim < 1:
+        raise ValueError("q must have a head dim of at least 1")
+    paged = block_table is not None
+    what = "(num_pages, page_size, Hkv, D)" if paged else "(B, S_max, Hkv, D)"
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _tensor(name, cache, what)
+        _like_q(name, cache, q)
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got "
+                         f"{tuple(v_cache.shape)}")
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache has head dim {k_cache.shape[3]} but q has {head_dim}")
+    kv_heads = k_cache.shape[2]
+    if kv_heads < 1 or heads % kv_heads != 0:
+        raise ValueError(f"k_cache has {kv_heads} heads, which must divide q's {heads} heads "
+                         "(grouped-query attention)")
+    if paged:
+        _block_table(block_table, batch, q.device)
+        if k_cache.shape[1] < 1:
+            raise ValueError("k_cache must have a page_size of at least 1 (its dim 1)")
+    elif k_cache.shape[0] != batch:
+        raise ValueError(f"k_cache has batch {k_cache.shape[0]} but q has batch {batch} "
+                         "(pass block_table for a paged cache)")
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (the new tokens), or both be None")
+    n_new = 0
+    if k is not None:
+        for name, x in (("k", k), ("v", v)):
+            _tensor(name, x, "(B, Sq, Hkv, D)")
+            _like_q(name, x, q)
+            if tuple(x.shape) != (batch, n_q, kv_heads, head_dim):
+                raise ValueError(f"{name} must be (B, Sq, Hkv, D) = "
+                                 f"{(batch, n_q, kv_heads, head_dim)}, got {tuple(x.shape)}")
+        n_new = n_q
+    capacity = _capacity(k_cache, block_table)
+    if n_new > capacity:
+        raise ValueError(f"k holds {n_new} new tokens but the cache holds at most {capacity}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    scale = _scale(scale, q)
+    if window is None:
+        window = (None, None)
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window must be a pair (left, right), got {window!r}")
+    left = _window_side("left", window[0], max(capacity - 1, 0))
+    right = _window_side("right", window[1], max(n_q - 1, 0))
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    seqlens = _seqlens(cache_seqlens, batch, q.device, capacity - n_new)
+    # Checks that read tensor data or storage are left out of a torch.compile trace.
+    tracing = torch.compiler.is_compiling()
+    if paged and q.device.type == "cpu" and not tracing:
+        _check_pages(block_table, seqlens, n_new, k_cache.shape[1], k_cache.shape[0])
+    tensors = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)]
+    if torch.is_grad_enabled():
+        for name, x in tensors:
+            if x is not None and x.requires_grad:
+                raise RuntimeError(
+                    f"attention_with_kvcache has no gradient, and {name} requires grad: run "
+                    "it under torch.no_grad() or torch.inference_mode(), or pass detached "
+                    "tensors (FlashAttention's flash_attn_with_kvcache returns an output "
+                    "detached from autograd; attnmem refuses rather than drop a gradient)")
+    if n_new and not tracing:
+        # As torch's in-place ops: one written element must not stand for several.
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if torch._debug_has_internal_overlap(cache) == 1:
+                raise ValueError(f"{name} has overlapping elements (expanded?): the append "
+                                 "writes it in place")
+            for other, x in tensors[:1] + tensors[3:]:
+                if torch._C._overlaps(cache, x):
+                    raise ValueError(f"{other} shares storage with {name}, which the append "
+                                     "overwrites; pass a copy")
+        if torch._C._overlaps(k_cache, v_cache):
+            raise ValueError("k_cache and v_cache share storage: the append would write one "
+                             "over the other")
+    return n_new, seqlens, scale, left, right
+
+
+def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens,
+                           block_table=None, causal=True, window=None, scale=None,
+                           return_lse=False):
+    """Attention of new queries over a KV cache, appending the new keys and values to the
+    cache in place first: FlashAttention's flash_attn_with_kvcache, whose API semantics it
+    follows (layout, alignment, window).
+
+    q: (B, Sq, H, D). k_cache, v_cache: (B, S_max, Hkv, D), or with block_table a paged pool
+    (num_pages, page_size, Hkv, D), any page size; block_table (B, max_blocks) int32: token
+    t of sequence b sits in page block_table[b, t // page_size] at offset t % page_size.
+    H % Hkv == 0 (query head h reads kv head h // (H // Hkv)). cache_seqlens: an int or an
+    integer tensor (B,), the tokens already in each cache (values clamped to [0, capacity -
+    Sq] when appending, to [0, capacity] otherwise; capacity = S_max or max_blocks *
+    page_size). k, v: (B, Sq, Hkv, D) new tokens or None: they are written in place into
+    the caches at positions cache_seqlens[b] + i (cache_seqlens itself is not advanced), and
+    then attended to with the rest of the cache. Caches that overlap themselves or the other
+    inputs are refused (not inside a torch.compile trace, which cannot inspect storage).
+
+    Each sequence's queries align to the end of its own cache, as FlashAttention's do: with
+    L = cache_seqlens[b] + (Sq if k is given else 0) keys, query i sits at a = L - Sq + i
+    and sees key j < L when all of these hold:
+      causal (the default, True):  j <= a
+      window=(l, r):               a - l <= j <= a + r   (None or -1 leaves a side unbounded)
+    Cache slots at or past L count for nothing whatever they hold (NaN included); a query
+    that sees no key (L = 0, or a window past every key) outputs zeros and has lse -inf.
+    scale defaults to 1/sqrt(D). Returns out (B, Sq, H, D) in q's dtype and, with
+    return_lse=True, the natural-log logsumexp (B, H, Sq) of the scaled, masked scores in
+    float32 (float64 for float64 inputs).
+
+    An inference op: it has no gradient, and raises if an input requires grad while grad
+    mode is on (FlashAttention's returns a detached output instead). Not checked, as that
+    would need a device sync on CUDA: that the block_table entries a sequence uses are pages
+    of the pool (checked on CPU tensors; on CUDA the kernels read and write no memory
+    outside the pool for them, but the result is undefined), and that no two sequences
+    append into the same page slot. The triton backend splits each sequence's keys across
+    programs by the device's SM count (flash-decoding) and combines the splits by
+    logsumexp; the torch backend runs attnmem.reference.kvcache, one sequence at a time.
+    """
+    n_new, seqlens, scale, left, right = _validate(q, k_cache, v_cache, k, v, cache_seqlens,
+                                                   block_table, causal, window, scale,
+                                                   return_lse)
+    backend = _backend.requested_backend()
+    if n_new:
+        _append(q, k_cache, v_cache, k, v, seqlens, block_table, backend)
+    out, lse = _attend(q, k_cache, v_cache, seqlens, block_table, n_new, scale, left, right,
+                       backend)
+    return (out, lse) if return_lse else out

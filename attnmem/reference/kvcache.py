@@ -1,0 +1,59 @@
+"""Pure-torch decoding from a KV cache: the reference the tests compare against, and the
+torch backend of attnmem.attention_with_kvcache.
+
+Each sequence's cache is gathered into a contiguous (1, Hkv, L, D) slice of its own length
+L = cache_seqlens[b] + n_new (through its pages when the cache is paged) and run through the
+attention twin, whose bottom-right alignment of the Sq queries to the L keys is
+FlashAttention's alignment to the end of each cache. Slots past L are never read.
+One sequence at a time: the lengths come to the host, so this is no fast path.
+"""
+
+import torch
+
+from attnmem.reference import attention as _attention
+
+
+def token_slots(cache_seqlens, n_tokens, block_table, page_size):
+    """(index into the cache's first dim, index into its second) of tokens
+    cache_seqlens[b] + i, i < n_tokens, each (B, n_tokens)."""
+    pos = cache_seqlens.long()[:, None] + torch.arange(n_tokens, device=cache_seqlens.device)
+    if block_table is None:
+        return torch.arange(len(pos), device=pos.device)[:, None].expand_as(pos), pos
+    return block_table.long().gather(1, pos // page_size), pos % page_size
+
+
+def append(k_cache, v_cache, k, v, cache_seqlens, block_table):
+    """Writes k, v (B, Sq, Hkv, D) into the caches in place, token i of sequence b at
+    position cache_seqlens[b] + i."""
+    first, second = token_slots(cache_seqlens, k.shape[1], block_table, k_cache.shape[1])
+    k_cache[first, second] = k
+    v_cache[first, second] = v
+
+
+def gather(cache, b, length, block_table):
+    """Sequence b's first `length` tokens of a cache, (length, Hkv, D)."""
+    if block_table is None:
+        return cache[b, :length]
+    page_size = cache.shape[1]
+    pages = block_table[b, :-(-length // page_size)].long()
+    return cache[pages].flatten(0, 1)[:length]
+
+
+def attention_with_kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, n_new,
+                                   scale, window_left, window_right):
+    """q (B, Sq, H, D); the caches hold the n_new new tokens after cache_seqlens[b] old ones
+    (values in range). -> out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) in the twin's
+    compute dtype (-inf where a query sees no key; its output is zero)."""
+    outs, lses = [], []
+    for b, seqlen in enumerate(cache_seqlens.tolist()):
+        length = seqlen + n_new
+        k, v = (gather(c, b, length, block_table).transpose(0, 1)[None]
+                for c in (k_cache, v_cache))
+        out, lse = _attention.attention_forward(q[b:b + 1].transpose(1, 2), k, v, None,
+                                                scale, window_left, window_right)
+        outs.append(out.transpose(1, 2))
+        lses.append(lse)
+    if not outs:
+        return q.new_empty(q.shape), q.new_empty((0, q.shape[2], q.shape[1]),
+                                                 dtype=_attention.compute_dtype(q.dtype))
+    return torch.cat(outs), torch.cat(lses)

@@ -1,0 +1,287 @@
+"""Decoding from a KV cache (flash-decoding): the append, the split-KV attention and the
+combine of its splits, and their launcher.
+
+Layout as FlashAttention's flash_attn_with_kvcache: q, out (B, Sq, H, D); a contiguous cache
+(B, S_max, Hkv, D), or a paged one (num_pages, page_size, Hkv, D) read through block_table
+(B, max_blocks) int32: token t of sequence b sits in page block_table[b, t // page_size] at
+offset t % page_size. cache_seqlens (B,) int32 holds each sequence's tokens before the new
+ones (clamped to [0, capacity - n_new] in the kernels, capacity = S_max or max_blocks *
+page_size), and query i of sequence b sits at a = cache_seqlens[b] + n_new - Sq + i: it sees
+key j iff j < cache_seqlens[b] + n_new and a - window_left <= j <= a + window_right.
+
+Decoding one token gives each (b, kv head) a single row of work, so the attention kernel
+packs the H // Hkv query heads that share a kv head, times Sq, into the rows of one tile
+(GQA packing), and splits each sequence's visible keys evenly across a grid dimension of
+programs (flash-decoding). Each split writes its normalised partial output and logsumexp;
+the combine kernel merges them by logsumexp. With one split the attention kernel writes the
+output directly. Keys that no row of a tile sees are loaded as zeros, so cache slots past a
+sequence's length (or before every row's window) count for nothing whatever they hold.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from attnmem.kernels._launch import (
+    interpreting,
+    kv_length,
+    lastdim_contiguous,
+    slot_splits,
+    within,
+)
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+# Shared memory a block may use: sm_80 (A100) and sm_90 (H100) opt-in limits.
+SMEM_LIMIT = {80: 166912, 90: 232448}
+MAX_SPLITS = 128
+
+
+@triton.jit
+def _cache_rows(cache_ptr, table_ptr, b, tokens, ok, page_size, n_pages, stride_cb,
+                stride_cn, stride_tb, stride_tn, PAGED: tl.constexpr):
+    """Pointers to the rows of tokens of sequence b in a cache (at kv head 0, dim 0), and
+    ok narrowed to the tokens whose page lies in the pool."""
+    if PAGED:
+        page = tl.load(table_ptr + b * stride_tb + (tokens // page_size) * stride_tn, mask=ok,
+                       other=0).to(tl.int64)
+        ok = ok & (page >= 0) & (page < n_pages)
+        rows = cache_ptr + page * stride_cb + (tokens % page_size).to(tl.int64) * stride_cn
+    else:
+        rows = cache_ptr + b * stride_cb + tokens.to(tl.int64) * stride_cn
+    return rows, ok
+
+
+@triton.jit
+def _kvcache_append(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr,
+                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                    stride_kcb, stride_kcn, stride_kch, stride_vcb, stride_vcn, stride_vch,
+                    stride_tb, stride_tn, n_new, n_kv_heads, capacity, page_size, n_pages,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
+                    BLOCK_H: tl.constexpr):
+    """New token i of sequence b, every kv head: k and v into cache slot seqlens[b] + i."""
+    i = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    seqlen = kv_length(seqlens_ptr, b, capacity - n_new, True)
+    heads = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    token = tl.full([1], 0, tl.int32) + seqlen + i
+    inside = (heads[:, None] < n_kv_heads) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(k_ptr + b * stride_kb + i * stride_ks + heads[:, None] * stride_kh
+                + offs_d[None, :], mask=inside)
+    v = tl.load(v_ptr + b * stride_vb + i * stride_vs + heads[:, None] * stride_vh
+                + offs_d[None, :], mask=inside)
+    full = tl.full([1], 1, tl.int1)
+    kc_rows, ok = _cache_rows(kc_ptr, table_ptr, b, token, full, page_size, n_pages,
+                              stride_kcb, stride_kcn, stride_tb, stride_tn, PAGED)
+    vc_rows, _ = _cache_rows(vc_ptr, table_ptr, b, token, full, page_size, n_pages,
+                             stride_vcb, stride_vcn, stride_tb, stride_tn, PAGED)
+    ok = inside & ok[:, None]
+    tl.store(kc_rows[:, None] + heads[:, None] * stride_kch + offs_d[None, :], k, mask=ok)
+    tl.store(vc_rows[:, None] + heads[:, None] * stride_vch + offs_d[None, :], v, mask=ok)
+
+
+@triton.jit
+def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_ptr,
+                    stride_qb, stride_qs, stride_qh, stride_kcb, stride_kcn, stride_kch,
+                    stride_vcb, stride_vcn, stride_vch, stride_tb, stride_tn,
+                    stride_osplit, stride_ob, stride_os, stride_oh, stride_lsplit,
+                    n_heads, n_q, n_new, capacity, page_size, n_pages, group, qk_scale,
+                    window_left, window_right,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One split of the visible keys of sequence b, kv head hk, for a tile of rows r =
+    i * group + g (query i, head hk * group + g). Writes the tile's output normalised by
+    its own softmax sum, and its natural-log logsumexp (-inf for a row that saw no key), at
+    split `split` of o_ptr and lse_ptr."""
+    split = tl.program_id(0)
+    n_splits = tl.num_programs(0)
+    pid_m = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // (n_heads // group)
+    hk = bh % (n_heads // group)
+    total = kv_length(seqlens_ptr, b, capacity - n_new, True) + n_new
+    offset = total - n_q  # query i sits at key position i + offset
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_q * group
+    pos = rows // group
+    heads = hk * group + rows % group
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = within(offs_d, HEAD_DIM, HEAD_DIM == BLOCK_D)
+    q = tl.load(q_ptr + b * stride_qb + pos[:, None].to(tl.int64) * stride_qs
+                + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    # Keys some row of the tile sees, split evenly (in whole tiles) across the programs.
+    pos_first = pid_m * BLOCK_M // group
+    pos_last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_q * group) - 1) // group
+    key_lo = tl.maximum(pos_first + offset - window_left, 0)
+    hi = tl.minimum(pos_last + offset + window_right, total - 1) + 1
+    lo = (key_lo // BLOCK_N) * BLOCK_N
+    tiles = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+    split_len = tl.cdiv(tiles, n_splits) * BLOCK_N
+    start = lo + split * split_len
+    end = tl.minimum(start + split_len, hi)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    aligned = pos + offset
+    for start_n in range(start, end, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        k_ok = (keys < hi) & (keys >= key_lo)
+        k_rows, k_ok = _cache_rows(kc_ptr, table_ptr, b, keys, k_ok, page_size, n_pages,
+                                   stride_kcb, stride_kcn, stride_tb, stride_tn, PAGED)
+        v_rows, _ = _cache_rows(vc_ptr, table_ptr, b, keys, k_ok, page_size, n_pages,
+                                stride_vcb, stride_vcn, stride_tb, stride_tn, PAGED)
+        kt = tl.load(k_rows[None, :] + hk * stride_kch + offs_d[:, None],
+                     mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        keep = ((keys[None, :] < hi) & (keys[None, :] >= aligned[:, None] - window_left)
+                & (keys[None, :] <= aligned[:, None] + window_right) & row_ok[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no key yet keeps m = -inf; shift it by 0 instead.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_shift)
+        p = tl.math.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_rows[:, None] + hk * stride_vch + offs_d[None, :],
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0
+    l_safe = tl.where(seen, l_i, 1.0)
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    o_rows = (split * stride_osplit + b * stride_ob + pos.to(tl.int64) * stride_os
+              + heads * stride_oh)
+    tl.store(o_ptr + o_rows[:, None] + offs_d[None, :],
+             (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + split * stride_lsplit + (b * n_heads + heads) * n_q + pos, lse,
+             mask=row_ok)
+
+
+@triton.jit
+def _kvcache_combine(part_o_ptr, part_lse_ptr, o_ptr, lse_ptr, stride_ob, stride_os,
+                     stride_oh, n_splits, n_heads, n_q, HEAD_DIM: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Row (b, i, h): out = sum_s exp(lse_s - lse) out_s with lse = logsumexp_s lse_s.
+    Partials are dense: out (n_splits, B, Sq, H, D) float32, lse (n_splits, B, H, Sq)."""
+    h = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    n_rows = tl.num_programs(2) * n_q * n_heads
+    splits = tl.arange(0, BLOCK_S).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = splits < n_splits
+    d_ok = within(offs_d, HEAD_DIM, HEAD_DIM == BLOCK_D)
+    part_lse = tl.load(part_lse_ptr + splits * n_rows + (b * n_heads + h) * n_q + i, mask=s_ok,
+                       other=float("-inf"))
+    top = tl.max(part_lse, 0)
+    weights = tl.exp(part_lse - tl.where(top == float("-inf"), 0.0, top))
+    total = tl.sum(weights, 0)
+    row = (b * n_q + i) * n_heads + h
+    part_o = tl.load(part_o_ptr + (splits[:, None] * n_rows + row) * HEAD_DIM + offs_d[None, :],
+                     mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(part_o * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(o_ptr + b * stride_ob + i * stride_os + h * stride_oh + offs_d, out.to(
+        o_ptr.dtype.element_ty), mask=d_ok)
+    tl.store(lse_ptr + (b * n_heads + h) * n_q + i,
+             tl.where(total > 0, top + tl.log(tl.where(total > 0, total, 1.0)), float("-inf")))
+
+
+# ---------------------------------------------------------------------------------------
+# Configs and launcher
+# ---------------------------------------------------------------------------------------
+
+
+def config_for(rows: int, block_d: int, elem: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for `rows` packed query rows per kv head.
+    Decoding streams the cache once, so the tile is the least that keeps the tensor cores'
+    16-row minimum, and keys stream in tiles deep enough to keep several loads in flight."""
+    if interpreting():
+        return 16, 16, 1, 1
+    big = block_d * elem >= 512  # 256-wide fp16 rows or 128-wide fp32 rows
+    block_m = min(max(16, triton.next_power_of_2(rows)), 32 if big else 64)
+    block_n = 32 if big else 64
+    return block_m, block_n, 4, 3 if elem == 2 else 2
+
+
+def smem_estimate(block_m: int, block_n: int, block_d: int, stages: int, elem: int) -> int:
+    """Bytes a config stages: the query tile and the pipelined key and value tiles."""
+    return elem * block_d * (block_m + 2 * stages * block_n)
+
+
+def _splits(capacity, programs, block_n, device):
+    """Splits of each sequence's keys: enough that programs x splits fill the GPU twice over
+    (slot_splits' rule, three under the interpreter), capped at MAX_SPLITS."""
+    _, n_splits = slot_splits(capacity, programs, block_n, device)
+    return min(n_splits, MAX_SPLITS)
+
+
+def append(k, v, k_cache, v_cache, cache_seqlens, block_table):
+    """Writes k, v (B, Sq, Hkv, D) into the caches in place at cache_seqlens[b] + i."""
+    batch, n_new, kv_heads, head_dim = k.shape
+    if k.numel() == 0:
+        return
+    k, v = lastdim_contiguous(k), lastdim_contiguous(v)
+    paged = block_table is not None
+    table = block_table if paged else cache_seqlens
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    _kvcache_append[(n_new, batch)](
+        k, v, k_cache, v_cache, cache_seqlens, table, *k.stride()[:3], *v.stride()[:3],
+        *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0),
+        table.stride(-1), n_new, kv_heads, capacity, k_cache.shape[1] if paged else 1,
+        k_cache.shape[0], HEAD_DIM=head_dim, BLOCK_D=block_d, PAGED=paged,
+        BLOCK_H=triton.next_power_of_2(kv_heads))
+
+
+def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scale,
+                           window_left, window_right, config=None, n_splits=None):
+    """-> out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) float32, natural log. The new keys
+    (n_new of them) are in the caches already; cache_seqlens counts the tokens before
+    them. config and n_splits override the launch's choice (tests)."""
+    q = lastdim_contiguous(q)
+    batch, n_q, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    paged = block_table is not None
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    group = heads // kv_heads
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m, block_n, warps, stages = config or config_for(n_q * group, block_d,
+                                                           q.element_size())
+    m_tiles = triton.cdiv(n_q * group, block_m)
+    if n_splits is None:
+        n_splits = _splits(capacity, batch * kv_heads * m_tiles, block_n, q.device)
+    unbounded = capacity + n_q
+    table = block_table if paged else cache_seqlens
+    if n_splits > 1:
+        part_out = torch.empty((n_splits, *q.shape), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((n_splits, *lse.shape), dtype=torch.float32, device=q.device)
+    else:
+        part_out, part_lse = out, lse
+    _kvcache_attend[(n_splits, m_tiles, batch * kv_heads)](
+        q, k_cache, v_cache, cache_seqlens, table, part_out, part_lse,
+        *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0),
+        table.stride(-1), part_out.stride(0) if n_splits > 1 else 0, *out.stride()[:3],
+        lse.numel() if n_splits > 1 else 0, heads, n_q, n_new, capacity,
+        k_cache.shape[1] if paged else 1, k_cache.shape[0], group, scale * LOG2E.value,
+        unbounded if window_left < 0 else window_left,
+        unbounded if window_right < 0 else window_right,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, PAGED=paged,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    if n_splits > 1:
+        _kvcache_combine[(heads, n_q, batch)](
+            part_out, part_lse, out, lse, *out.stride()[:3], n_splits, heads, n_q,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(n_splits))
+    return out, lse

@@ -1,0 +1,269 @@
+"""attnmem.attention_with_kvcache against float64 on fresh random inputs: contiguous and paged
+caches (shuffled page tables, odd page sizes), with and without appended tokens, one and
+several queries, GQA and MHA, causal or not, windows, ragged lengths from 0 to full. Every
+cache slot past a sequence's length holds NaN, so padding that leaks fails; the append is
+checked slot by slot. Kernel outputs are poisoned with NaN before they are written.
+"""
+
+import math
+import os
+import re
+
+import pytest
+import torch
+
+import attnmem
+from attnmem.reference import kvcache as twin
+from backends import BACKENDS, DEVICE, DTYPE_IDS, DTYPES
+from tolerance import assert_close_to_float64
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+KERNEL = "triton" in BACKENDS
+
+# name: (B, Sq, H, Hkv, D, capacity, cache_seqlens, append, causal, window)
+CASES = {
+    "decode_gqa8": (3, 1, 8, 1, 64, 80, [79, 0, 30], True, True, None),
+    "decode_no_append": (2, 1, 4, 4, 32, 64, [64, 1], False, True, None),
+    "chunk_mha": (2, 3, 4, 4, 40, 48, [0, 45], True, True, None),
+    "chunk_no_append": (3, 2, 4, 2, 24, 48, [0, 48, 17], False, True, None),
+    "not_causal_odd_dim": (2, 4, 2, 1, 33, 56, [5, 20], True, False, None),
+    "window_gqa": (2, 3, 8, 2, 16, 64, [40, 3], True, True, (7, 0)),
+    "window_both_sides": (2, 5, 2, 2, 16, 48, [30, 2], False, False, (4, 2)),
+    "head_dim_3": (2, 2, 4, 2, 3, 32, [10, 30], True, True, None),
+    "empty_cache": (2, 2, 2, 1, 16, 32, [0, 0], False, True, None),
+    "clamped": (2, 2, 2, 2, 16, 32, [99, -3], True, True, None),
+}
+PAGE_SIZE = {"decode_gqa8": 16, "chunk_mha": 12, "not_causal_odd_dim": 7, "window_gqa": 8,
+             "head_dim_3": 1, "clamped": 16}
+
+
+def _inputs(name, dtype):
+    """q, contiguous caches with NaN from every sequence's cache_seqlens on (the slots the
+    append fills, and those past them), new k and v (or None), cache_seqlens, and the
+    keyword arguments."""
+    batch, n_q, heads, kv_heads, d, capacity, seqlens, new, causal, window = CASES[name]
+    seqlens = torch.tensor(seqlens, dtype=torch.int32)
+    n_new = n_q if new else 0
+    used = seqlens.clamp(0, capacity - n_new)
+    caches = []
+    for _ in range(2):
+        cache = torch.randn(batch, capacity, kv_heads, d, dtype=dtype)
+        past = torch.arange(capacity)[None, :] >= used[:, None]
+        caches.append(cache.masked_fill(past[..., None, None], math.nan))
+    q = torch.randn(batch, n_q, heads, d, dtype=dtype)
+    k, v = (torch.randn(batch, n_q, kv_heads, d, dtype=dtype) if new else None
+            for _ in range(2))
+    return q, *caches, k, v, seqlens, dict(causal=causal, window=window)
+
+
+def _paged(cache, page_size, order):
+    """A pool (pages, page_size, Hkv, D) holding cache's pages at shuffled places, two spare
+    pages of NaN, and the block table."""
+    batch, capacity = cache.shape[:2]
+    blocks = capacity // page_size
+    pool = torch.full((batch * blocks + 2, page_size, *cache.shape[2:]), math.nan,
+                      dtype=cache.dtype)
+    table = order[:batch * blocks].view(batch, blocks).to(torch.int32)
+    pool[table.long()] = cache.view(batch, blocks, page_size, *cache.shape[2:])
+    return pool, table
+
+
+def _run(q, k_cache, v_cache, k, v, seqlens, kwargs, backend, block_table=None):
+    """out, lse and the caches after the call, on DEVICE."""
+    to = lambda x: x.to(DEVICE) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    k_cache, v_cache = to(k_cache), to(v_cache)
+    with attnmem.use_backend(backend):
+        out, lse = attnmem.attention_with_kvcache(
+            to(q), k_cache, v_cache, k=to(k), v=to(v), cache_seqlens=to(seqlens),
+            block_table=to(block_table), return_lse=True, **kwargs)
+    return out.cpu(), lse.cpu(), k_cache.cpu(), v_cache.cpu()
+
+
+def _expected_caches(k_cache, v_cache, k, v, seqlens):
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    if k is not None:
+        start = seqlens.clamp(0, k_cache.shape[1] - k.shape[1])
+        for b in range(len(seqlens)):
+            k_cache[b, start[b]:start[b] + k.shape[1]] = k[b]
+            v_cache[b, start[b]:start[b] + k.shape[1]] = v[b]
+    return k_cache, v_cache
+
+
+def _exact(got, expect):
+    torch.testing.assert_close(got, expect, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_float64(name, dtype, backend):
+    q, k_cache, v_cache, k, v, seqlens, kwargs = _inputs(name, dtype)
+    out, lse, k_after, v_after = _run(q, k_cache.clone(), v_cache.clone(), k, v, seqlens,
+                                      kwargs, backend)
+    # The append writes the new tokens at cache_seqlens and nothing else.
+    for got, expect in zip((k_after, v_after), _expected_caches(k_cache, v_cache, k, v, seqlens)):
+        _exact(got, expect)
+    double = lambda x: None if x is None else x.double()  # noqa: E731
+    expect = _run(double(q), double(k_cache), double(v_cache), double(k), double(v), seqlens,
+                  kwargs, "torch")
+    base = _run(q, k_cache.clone(), v_cache.clone(), k, v, seqlens, kwargs, "torch")
+    seen = expect[1] > -math.inf
+    assert torch.equal(lse > -math.inf, seen)
+    assert (out.transpose(1, 2)[~seen] == 0).all(), "a query that sees no key outputs zeros"
+    assert_close_to_float64([out, lse.masked_fill(~seen, 0).to(dtype)],
+                            [expect[0], expect[1].masked_fill(~seen, 0)],
+                            [base[0], base[1].masked_fill(~seen, 0).to(dtype)], dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(PAGE_SIZE))
+def test_paged_matches_contiguous(name, backend):
+    """The same caches paged through a shuffled table (spare pages of NaN, odd page sizes)
+    give the same output and lse, and the append lands in the right pages."""
+    q, k_cache, v_cache, k, v, seqlens, kwargs = _inputs(name, torch.float32)
+    page_size = PAGE_SIZE[name]
+    order = torch.randperm(k_cache.shape[0] * k_cache.shape[1] // page_size + 2)
+    (k_pool, table), (v_pool, _) = (_paged(c, page_size, order) for c in (k_cache, v_cache))
+    flat = _run(q, k_cache, v_cache, k, v, seqlens, kwargs, backend)
+    paged = _run(q, k_pool, v_pool, k, v, seqlens, kwargs, backend, table)
+    torch.testing.assert_close(paged[:2], flat[:2], rtol=1e-6, atol=1e-6)
+    for pool, cache in zip(paged[2:], flat[2:]):
+        _exact(pool[table.long()].flatten(1, 2), cache)
+        _exact(pool[order[-2:]], torch.full_like(pool[order[-2:]], math.nan))
+
+
+@pytest.mark.skipif(not KERNEL, reason="needs the triton backend")
+@pytest.mark.parametrize("n_splits", [1, 2, 7])
+def test_split_counts(n_splits):
+    """The combine by logsumexp gives the same result for any number of splits, including
+    splits left without keys."""
+    from attnmem.kernels import attention_kvcache as kernel
+
+    q, k_cache, v_cache, k, v, seqlens, kwargs = _inputs("window_gqa", torch.float32)
+    k_cache, v_cache = _expected_caches(k_cache, v_cache, k, v, seqlens)
+    args = [x.to(DEVICE) for x in (q, k_cache, v_cache, seqlens)]
+    out, lse = kernel.attention_with_kvcache(*args, None, q.shape[1], q.shape[-1] ** -0.5, 7, 0,
+                                             n_splits=n_splits)
+    expect = twin.attention_with_kvcache_forward(q.double(), k_cache.double(), v_cache.double(),
+                                                 seqlens, None, q.shape[1], q.shape[-1] ** -0.5,
+                                                 7, 0)
+    torch.testing.assert_close(out.cpu().double(), expect[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.cpu().double(), expect[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_seqlens_forms(backend):
+    """An int, an int32 tensor and a strided int64 tensor give the same result."""
+    q, k_cache, v_cache, k, v, _, kwargs = _inputs("decode_gqa8", torch.float32)
+    forms = [9, torch.full((3,), 9, dtype=torch.int32),
+             torch.full((3, 2), 9, dtype=torch.int64)[:, 0]]
+    results = [_run(q, k_cache.clone(), v_cache.clone(), k, v, s, kwargs, backend)
+               for s in forms]
+    for result in results[1:]:
+        for got, expect in zip(result, results[0]):
+            _exact(got, expect)
+
+
+def _good(dtype=torch.float32):
+    q = torch.randn(2, 1, 4, 16, dtype=dtype)
+    k_cache, v_cache = (torch.randn(2, 32, 2, 16, dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(2, 1, 2, 16, dtype=dtype) for _ in range(2))
+    return dict(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v,
+                cache_seqlens=torch.tensor([3, 5], dtype=torch.int32))
+
+
+PAGES = dict(k_cache=torch.zeros(6, 8, 2, 16), v_cache=torch.zeros(6, 8, 2, 16),
+             block_table=torch.tensor([[0, 1], [2, 3]], dtype=torch.int32))
+ERRORS = {
+    "q_not_tensor": (dict(q=[1.0]), TypeError, "q must be a torch.Tensor"),
+    "q_3d": (dict(q=torch.zeros(2, 4, 16)), ValueError, "q must be (B, Sq, H, D)"),
+    "q_int": (dict(q=torch.zeros(2, 1, 4, 16, dtype=torch.int32)), TypeError, "q must be float"),
+    "cache_dtype": (dict(k_cache=torch.zeros(2, 32, 2, 16, dtype=torch.float16)), TypeError,
+                    "k_cache must have q's dtype"),
+    "cache_batch": (dict(k_cache=torch.zeros(3, 32, 2, 16), v_cache=torch.zeros(3, 32, 2, 16)),
+                    ValueError, "k_cache has batch 3"),
+    "v_cache_shape": (dict(v_cache=torch.zeros(2, 31, 2, 16)), ValueError,
+                      "v_cache must have k_cache's shape"),
+    "head_dim": (dict(k_cache=torch.zeros(2, 32, 2, 8), v_cache=torch.zeros(2, 32, 2, 8)),
+                 ValueError, "head dim"),
+    "heads": (dict(k_cache=torch.zeros(2, 32, 3, 16), v_cache=torch.zeros(2, 32, 3, 16),
+                   k=None, v=None), ValueError, "must divide q's 4 heads"),
+    "k_alone": (dict(v=None), ValueError, "k and v must be given together"),
+    "k_shape": (dict(k=torch.zeros(2, 2, 2, 16)), ValueError, "k must be (B, Sq, Hkv, D)"),
+    "v_dtype": (dict(v=torch.zeros(2, 1, 2, 16, dtype=torch.float64)), TypeError,
+                "v must have q's dtype"),
+    "too_many_new": (dict(q=torch.zeros(2, 40, 4, 16), k=torch.zeros(2, 40, 2, 16),
+                          v=torch.zeros(2, 40, 2, 16)), ValueError, "40 new tokens"),
+    "seqlens_float": (dict(cache_seqlens=torch.zeros(2)), TypeError,
+                      "cache_seqlens must be an integer tensor"),
+    "seqlens_shape": (dict(cache_seqlens=torch.zeros(3, dtype=torch.int32)), ValueError,
+                      "cache_seqlens must have shape (B,)"),
+    "seqlens_int_past": (dict(cache_seqlens=32), ValueError, "leaves no room"),
+    "seqlens_bool": (dict(cache_seqlens=True), TypeError, "cache_seqlens must be an int"),
+    "table_dtype": (dict(PAGES, block_table=PAGES["block_table"].long()), TypeError,
+                    "block_table must be int32"),
+    "table_shape": (dict(PAGES, block_table=torch.zeros(3, 2, dtype=torch.int32)), ValueError,
+                    "block_table must be (B, max_blocks)"),
+    "table_page": (dict(PAGES, block_table=torch.tensor([[6, 1], [2, 3]], dtype=torch.int32)),
+                   ValueError, "block_table[0, 0] = 6 is not a page"),
+    "page_size_0": (dict(k_cache=torch.zeros(6, 0, 2, 16), v_cache=torch.zeros(6, 0, 2, 16),
+                         block_table=PAGES["block_table"], k=None, v=None), ValueError,
+                    "page_size of at least 1"),
+    "causal": (dict(causal=1), TypeError, "causal must be a bool"),
+    "window": (dict(window=(3,)), ValueError, "window must be a pair"),
+    "window_side": (dict(window=(-2, 0)), ValueError, "window left"),
+    "scale": (dict(scale=math.inf), ValueError, "scale must be a finite number"),
+    "return_lse": (dict(return_lse=None), TypeError, "return_lse must be a bool"),
+    "requires_grad": (dict(q=torch.zeros(2, 1, 4, 16, requires_grad=True)), RuntimeError,
+                      "has no gradient, and q requires grad"),
+    "expanded_cache": (dict(k_cache=torch.zeros(1, 32, 2, 16).expand(2, -1, -1, -1)),
+                       ValueError, "k_cache has overlapping elements"),
+    "shared_kv_cache": (dict(v_cache="k_cache"), ValueError, "share storage"),
+}
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+def test_errors_name_the_argument(name):
+    change, error, match = ERRORS[name]
+    args = dict(_good(), **change)
+    if args["v_cache"] == "k_cache":
+        args["v_cache"] = args["k_cache"]
+    q = args.pop("q")
+    with pytest.raises(error, match=re.escape(match)):
+        attnmem.attention_with_kvcache(q, args.pop("k_cache"), args.pop("v_cache"), **args)
+
+
+def test_no_gradient_under_no_grad():
+    """Inputs that require grad are fine where grad mode is off: the output has none."""
+    args = _good()
+    q = args.pop("q").requires_grad_()
+    with torch.no_grad():
+        out = attnmem.attention_with_kvcache(q, args.pop("k_cache"), args.pop("v_cache"), **args)
+    assert not out.requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_and_queries(backend):
+    for batch, n_q in ((0, 1), (2, 0)):
+        q = torch.randn(batch, n_q, 4, 16, device=DEVICE)
+        cache = torch.randn(batch, 8, 2, 16, device=DEVICE)
+        with attnmem.use_backend(backend):
+            out, lse = attnmem.attention_with_kvcache(q, cache, cache.clone(), cache_seqlens=3,
+                                                      return_lse=True)
+        assert out.shape == q.shape and lse.shape == (batch, 4, n_q)
+
+
+def test_compiles_under_torch_compile():
+    args = _good()
+    k_cache = args["k_cache"].clone()
+    expect = attnmem.attention_with_kvcache(args["q"], k_cache, args["v_cache"].clone(),
+                                            k=args["k"], v=args["v"],
+                                            cache_seqlens=args["cache_seqlens"])
+    fn = torch.compile(lambda *a, **kw: attnmem.attention_with_kvcache(*a, **kw),
+                       backend="eager", fullgraph=True)
+    got_cache = args["k_cache"].clone()
+    got = fn(args["q"], got_cache, args["v_cache"].clone(), k=args["k"], v=args["v"],
+             cache_seqlens=args["cache_seqlens"])
+    _exact(got, expect)
+    _exact(got_cache, k_cache)
