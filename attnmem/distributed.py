@@ -179,14 +179,39 @@ def _pair(q_seg, k_seg, n_q, n_k, left, right):
             side_right, k_start + k0)
 
 
-def _ring_pairs(rank, src, world, n_q, n_k, causal, left, right):
+def _join(a, b, has_lengths):
+    """One call for two unmasked pairs side by side in the local tensors, or None. Keys
+    side by side locally need not be in the full sequence, so lengths keep them apart."""
+    if a[2:4] != (-1, -1) or b[2:4] != (-1, -1):
+        return None
+    if a[1] == b[1] and a[0].stop == b[0].start:
+        return (slice(a[0].start, b[0].stop), *a[1:])
+    if not has_lengths and a[0] == b[0] and a[1].stop == b[1].start:
+        return (a[0], slice(a[1].start, b[1].stop), *a[2:])
+    return None
+
+
+def _ring_pairs(rank, src, world, n_q, n_k, causal, left, right, has_lengths):
     """The attention calls of one step: this rank's queries against rank src's keys."""
+    if src == rank and causal and left < 0 and n_q == n_k and not has_lengths:
+        # A rank's own zig-zag chunks keep their order: local causal attention is the mask.
+        return [(slice(0, n_q // world), slice(0, n_k // world), -1, 0, 0)]
     n_chunks = len(_chunks_of(0, world, causal)[0])
     cq, ck = n_q // (world * n_chunks), n_k // (world * n_chunks)
     q_segs = [(i * cq, c * cq, cq) for i, c in enumerate(_chunks_of(rank, world, causal)[0])]
     k_segs = [(i * ck, c * ck, ck) for i, c in enumerate(_chunks_of(src, world, causal)[0])]
-    pairs = (_pair(qs, ks, n_q, n_k, left, right) for qs in q_segs for ks in k_segs)
-    return [p for p in pairs if p is not None]
+    calls = []
+    for pair in (_pair(qs, ks, n_q, n_k, left, right) for qs in q_segs for ks in k_segs):
+        if pair is None:
+            continue
+        for i, call in enumerate(calls):
+            joined = _join(call, pair, has_lengths)
+            if joined is not None:
+                calls[i] = joined
+                break
+        else:
+            calls.append(pair)
+    return calls
 
 
 def _local_lengths(kv_lengths, key_start, n_keys):
@@ -215,7 +240,8 @@ class _RingAttention(torch.autograd.Function):
             if step < ring.world - 1:
                 received, requests = ring.shift(kv)
             for rows, keys, l_side, r_side, start in _ring_pairs(
-                    ring.rank, src, ring.world, n_q, n_k, causal, left, right):
+                    ring.rank, src, ring.world, n_q, n_k, causal, left, right,
+                    kv_lengths is not None):
                 part, part_lse = attnmem.attention(
                     q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys], scale=scale,
                     window=(l_side, r_side), return_lse=True,
@@ -249,7 +275,8 @@ class _RingAttention(torch.autograd.Function):
                 received, requests = ring.shift(kv)
             dkv = torch.zeros(kv.shape, dtype=ct, device=kv.device)
             for rows, keys, l_side, r_side, start in _ring_pairs(
-                    ring.rank, src, ring.world, n_q, n_k, causal, left, right):
+                    ring.rank, src, ring.world, n_q, n_k, causal, left, right,
+                    kv_lengths is not None):
                 # attnmem's backward op with the global out and lse gives this pair's share
                 # of the gradients directly: nothing is recomputed or kept per step.
                 dq_part, dk_part, dv_part = torch.ops.attnmem.attention_backward(
