@@ -139,6 +139,23 @@ def _layout_and_errors(rank, world):
         distributed.ring_attention(q, q[:, :1].expand(1, 3, 3, 4), q[:, :1].expand(1, 3, 3, 4))
     with pytest.raises(TypeError, match="group"):
         distributed.ring_attention(q, q, q, group="ring")
+    empty = torch.zeros(2, 2, 0, 4, requires_grad=True)
+    out = distributed.ring_attention(empty, empty, empty, causal=True)
+    out.sum().backward()
+    assert out.shape == empty.shape and empty.grad.shape == empty.shape
+
+
+def _subgroup(rank, world):
+    """A ring over some of the ranks: its peers are global ranks, not group ranks."""
+    members = [0, world - 1]
+    group = dist.new_group(members)
+    if rank not in members:
+        return
+    q, k, v = (torch.randn(1, 2, 8, 4, dtype=torch.float64) for _ in range(3))
+    part = [distributed.shard_sequence(x, group=group, causal=True) for x in (q, k, v)]
+    out = distributed.ring_attention(*part, group=group, causal=True)
+    _close(out, distributed.shard_sequence(attnmem.attention(q, k, v, causal=True), group=group,
+                                           causal=True), "subgroup out")
 
 
 # ---------------------------------------------------------------------------------------
@@ -234,7 +251,8 @@ def _module_case(rank, world):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed(world):
-    _spawn(world, [_layout_and_errors, _attention_cases, _memory_cases, _module_case])
+    _spawn(world, [_layout_and_errors, _attention_cases, _memory_cases, _module_case,
+                   _subgroup])
 
 
 def test_float16_shard_lse_of_nearly_flat_weights():
