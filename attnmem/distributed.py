@@ -479,7 +479,9 @@ def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosin
     (B, R, Dv), the same on every rank, and with return_weights=True this rank's part of
     the weights (B, R, N_rank). One all-gather of the (B, R) logsumexps and one all-reduce of
     the reads forward; backward, one all-reduce of the (B, R) logsumexp gradients and one of
-    the keys' and strengths' gradients."""
+    the keys' and strengths' gradients. attnmem.memory_attend returns no logsumexp, so each
+    rank asks it for its weights too (B, R, N_rank, R/D of the memory's size) and reads the
+    shard's logsumexp off the top weight."""
     _group(group)
     keys, strength = _replicate(group, keys, strength)
     read, weights = attnmem.memory_attend(memory, keys, values=values, strength=strength,
