@@ -3,6 +3,7 @@ window), Gemma 2 (softcapping, which falls back) and gpt-oss (sinks, which fall 
 on attn_implementation="attnmem" against transformers' own attention, unpadded and with
 right and left padding, forward, backward and greedy generation through the cache."""
 
+import copy
 import subprocess
 import sys
 import warnings
@@ -14,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 import attnmem  # noqa: E402
 import attnmem.integrations.transformers as attnmem_transformers  # noqa: E402
+from backends import BACKENDS, DEVICE  # noqa: E402
 
 BATCH, LENGTH, VOCAB = 3, 9, 97
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -24,6 +26,8 @@ SLIDING = ["sliding_attention", "full_attention"]
 # fallback warning names, or None where attnmem's kernel runs every layer).
 MODELS = {
     "llama": (transformers.LlamaConfig, {}, "sdpa", None),
+    # A decoder made bidirectional (config.is_causal), as embedding models built on one are.
+    "llama-bidirectional": (transformers.LlamaConfig, {"is_causal": False}, "eager", None),
     "mistral": (transformers.MistralConfig, {"sliding_window": 3}, "sdpa", None),
     "gemma2": (transformers.Gemma2Config,
                {"sliding_window": 3, "layer_types": SLIDING, "query_pre_attn_scalar": 16,
@@ -121,6 +125,25 @@ def test_logits_and_gradients(name, padding, kernel_calls):
                                    atol=1e-5 * max(1.0, expect_grad.abs().max().item()))
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="no GPU and no Triton interpreter")
+def test_triton_backend(kernel_calls):
+    """The same through attnmem's Triton kernels (the interpreter on a CPU): left padding
+    and a sliding window, forward and backward."""
+    model = copy.deepcopy(_model("mistral")).to(DEVICE)
+    ids = torch.randint(0, VOCAB, (BATCH, LENGTH), device=DEVICE)
+    mask = _padding("left", torch.tensor([LENGTH, 6, 2])).to(DEVICE)
+    weights = torch.randn(BATCH, LENGTH, VOCAB, device=DEVICE) * mask[..., None]
+    expect, expect_grads = _run(model, "sdpa", ids, mask, weights)
+    with attnmem.use_backend("triton"):
+        got, grads = _run(model, "attnmem", ids, mask, weights)
+    assert kernel_calls
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expect[real], rtol=1e-4, atol=1e-5)
+    for grad, expect_grad in zip(grads, expect_grads, strict=True):
+        torch.testing.assert_close(grad, expect_grad, rtol=1e-4,
+                                   atol=1e-5 * max(1.0, expect_grad.abs().max().item()))
+
+
 def _generate(model, implementation, ids, mask):
     model.set_attn_implementation(implementation)
     with torch.no_grad():
@@ -146,11 +169,13 @@ def test_generate(name, kernel_calls):
         torch.testing.assert_close(step, expect_step, rtol=1e-4, atol=1e-5)
 
 
-def _decode(model, implementation, ids, mask, new_ids):
+def _decode(model, implementation, ids, mask, new_ids, cache):
     """The logits of each token of new_ids fed one at a time through a dynamic cache that
-    holds the right-padded prompts ids."""
+    holds the prompts ids."""
     model.set_attn_implementation(implementation)
-    cache = transformers.DynamicCache(config=model.config)
+    # A dynamic cache built from the config trims sliding-window layers to their window;
+    # one built without keeps every key, so the window masks the cache.
+    cache = transformers.DynamicCache(**({"config": model.config} if cache == "sliding" else {}))
     logits = []
     with torch.no_grad():
         model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
@@ -161,18 +186,20 @@ def _decode(model, implementation, ids, mask, new_ids):
     return torch.cat(logits, 1)
 
 
+@pytest.mark.parametrize("cache", ["sliding", "full"])
+@pytest.mark.parametrize("padding", ["left", "right"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_decode_after_right_padding(name, kernel_calls):
-    """Tokens decoded after right-padded prompts leave the padding as a hole in the cache,
-    which each step's single query skips."""
+def test_decode(name, padding, cache, kernel_calls):
+    """Tokens decoded one at a time after padded prompts; after right-padded prompts the
+    padding is a hole in the cache that each step's single query skips."""
     model = _model(name)
     ids = torch.randint(1, VOCAB, (BATCH, LENGTH))
-    mask = _padding("right", torch.tensor([LENGTH, 5, 1]))
+    mask = _padding(padding, torch.tensor([LENGTH, 5, 1]))
     new_ids = torch.randint(1, VOCAB, (BATCH, 3))
-    expect = _decode(model, MODELS[name][2], ids, mask, new_ids)
+    expect = _decode(model, MODELS[name][2], ids, mask, new_ids, cache)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        got = _decode(model, "attnmem", ids, mask, new_ids)
+        got = _decode(model, "attnmem", ids, mask, new_ids, cache)
     _expect_path(name, record, kernel_calls)
     torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
 

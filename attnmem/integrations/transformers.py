@@ -80,10 +80,12 @@ class _Mask:
         self._dense = None
 
     def dense(self):
-        """transformers' sdpa mask, (B, 1, Nq, Nk) bool, built once."""
+        """transformers' sdpa mask, (B, 1, Nq, Nk) bool, built once; never None, which sdpa
+        would read as the module's is_causal rather than this mask."""
         if self._dense is None:
             from transformers.masking_utils import sdpa_mask
-            self._dense = sdpa_mask(**{**self.sdpa_kwargs, "allow_is_causal_skip": False})
+            self._dense = sdpa_mask(**{**self.sdpa_kwargs, "allow_is_causal_skip": False,
+                                       "allow_is_bidirectional_skip": False})
         return self._dense
 
 
