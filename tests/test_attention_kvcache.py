@@ -5,19 +5,20 @@ cache slot past a sequence's length holds NaN, so padding that leaks fails; the 
 checked slot by slot. Kernel outputs are poisoned with NaN before they are written.
 """
 
+import importlib.util
 import math
-import os
 import re
 
 import pytest
 import torch
 
 import attnmem
+from aot import TRITON_TYPES, compile_all
 from attnmem.reference import kvcache as twin
 from backends import BACKENDS, DEVICE, DTYPE_IDS, DTYPES
 from tolerance import assert_close_to_float64
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 KERNEL = "triton" in BACKENDS
 
 # name: (B, Sq, H, Hkv, D, capacity, cache_seqlens, append, causal, window)
@@ -267,3 +268,96 @@ def test_compiles_under_torch_compile():
              cache_seqlens=args["cache_seqlens"])
     _exact(got, expect)
     _exact(got_cache, k_cache)
+
+
+# ---------------------------------------------------------------------------------------
+# Compiled for sm_80 and sm_90 (no GPU needed; see tests/aot.py)
+# ---------------------------------------------------------------------------------------
+
+KERNEL_MODULE = "attnmem.kernels.attention_kvcache"
+
+
+def kernel_module():
+    from attnmem.kernels import attention_kvcache
+
+    return attention_kvcache
+
+
+def _attend_job(arch, dtype, head_dim, rows, paged, split):
+    kernel = kernel_module()
+    elem = 4 if dtype == "float32" else 2
+    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    block_m, block_n, warps, stages = kernel.config_for(rows, block_d, elem, interpret=False)
+    data = TRITON_TYPES[dtype]
+    return dict(module=KERNEL_MODULE, kernel="_kvcache_attend", arch=arch,
+                constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=block_d, PAGED=paged,
+                                DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
+                                BLOCK_M=block_m, BLOCK_N=block_n),
+                pointers=dict(q_ptr=data, kc_ptr=data, vc_ptr=data, seqlens_ptr="i32",
+                              table_ptr="i32", o_ptr="fp32" if split else data, lse_ptr="fp32"),
+                num_warps=warps, num_stages=stages)
+
+
+# (dtype, head dim, packed rows: GQA 8:1 decoding, or a chunk of 16 queries at 8:1, paged,
+# split) for both archs.
+ATTEND_CASES = {f"sm{arch}-{dtype}-d{d}-rows{rows}-{'paged' if paged else 'flat'}"
+                f"{'-split' if split else ''}": _attend_job(arch, dtype, d, rows, paged, split)
+                for arch in (80, 90)
+                for dtype, d, rows, paged, split in (
+                    ("float16", 128, 8, False, True), ("bfloat16", 128, 8, True, True),
+                    ("float16", 64, 8, True, True), ("bfloat16", 256, 8, False, True),
+                    ("float16", 128, 128, True, False), ("bfloat16", 256, 128, True, False),
+                    ("float32", 128, 8, True, True), ("float32", 256, 64, False, False))
+                } if HAS_TRITON else {}
+OTHER_CASES = {
+    **{f"append-sm{arch}-{dtype}-{'paged' if paged else 'flat'}": dict(
+        module=KERNEL_MODULE, kernel="_kvcache_append", arch=arch,
+        constexprs=dict(HEAD_DIM=256, BLOCK_D=256, PAGED=paged, BLOCK_H=16),
+        pointers=dict(k_ptr=TRITON_TYPES[dtype], v_ptr=TRITON_TYPES[dtype],
+                      kc_ptr=TRITON_TYPES[dtype], vc_ptr=TRITON_TYPES[dtype],
+                      seqlens_ptr="i32", table_ptr="i32"), num_warps=4, num_stages=1)
+       for arch in (80, 90) for dtype in ("float16", "bfloat16") for paged in (False, True)},
+    **{f"combine-sm{arch}-{dtype}": dict(
+        module=KERNEL_MODULE, kernel="_kvcache_combine", arch=arch,
+        constexprs=dict(HEAD_DIM=256, BLOCK_D=256, BLOCK_S=128),
+        pointers=dict(part_o_ptr="fp32", part_lse_ptr="fp32", o_ptr=TRITON_TYPES[dtype],
+                      lse_ptr="fp32"), num_warps=kernel_module().combine_warps(256),
+        num_stages=1)
+       for arch in (80, 90) for dtype in ("float16", "bfloat16")},
+} if HAS_TRITON else {}
+
+
+@pytest.fixture(scope="module")
+def compiled_kernels():
+    cases = {**ATTEND_CASES, **OTHER_CASES}
+    return dict(zip(cases, compile_all(list(cases.values()))))
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("aot")
+@pytest.mark.parametrize("case", list(ATTEND_CASES))
+def test_attend_compiles_with_tensor_cores_without_spills(compiled_kernels, case):
+    """16-bit dots on tensor cores (wgmma or mma.sync: a 16-row decode tile is below the
+    64 rows of a Hopper warpgroup MMA, so sm_90 runs mma.sync there too), within the
+    shared memory the config's estimate promises, and no register spills on sm_90."""
+    kernel = kernel_module()
+    result, job = compiled_kernels[case], ATTEND_CASES[case]
+    assert result["error"] is None, result["error"]
+    meta = job["constexprs"]
+    elem = 4 if "float32" in case else 2
+    estimate = kernel.smem_estimate(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_D"],
+                                    job["num_stages"], elem)
+    assert result["shared"] <= min(estimate, kernel.SMEM_LIMIT[job["arch"]]), result["shared"]
+    if elem == 2:
+        assert result["wgmma"] or result["mma_sync"]
+    if job["arch"] == 90:
+        assert result["spill_stores"] == result["spill_loads"] == 0, result
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("aot")
+@pytest.mark.parametrize("case", list(OTHER_CASES))
+def test_append_and_combine_compile(compiled_kernels, case):
+    result = compiled_kernels[case]
+    assert result["error"] is None, result["error"]
+    assert result["spill_stores"] == result["spill_loads"] == 0, result
