@@ -247,6 +247,15 @@ def _module_case(rank, world):
         if name in ("keys", "values"):
             expected = _split(expected, world, rank, 0)
         _close(p.grad, expected, f"module d{name}")
+    # Built from num_slots on ranks seeded apart: own slots, the same replicated layers.
+    torch.manual_seed(rank)
+    learned = ShardedKeyValueMemory(6, num_slots=3 * world + 2, key_dim=4, value_dim=3)
+    assert learned.keys.shape == (3 + (rank < 2), 4)
+    for p in learned.parameters():
+        if p is not learned.keys and p is not learned.values:
+            parts = [torch.empty_like(p) for _ in range(world)]
+            dist.all_gather(parts, p.detach())
+            assert all(torch.equal(part, parts[0]) for part in parts)
 
 
 @pytest.mark.parametrize("world", [2, 3])
