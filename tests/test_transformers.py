@@ -169,19 +169,23 @@ def test_generate(name, kernel_calls):
         torch.testing.assert_close(step, expect_step, rtol=1e-4, atol=1e-5)
 
 
-def _decode(model, implementation, ids, mask, new_ids, cache):
-    """The logits of each token of new_ids fed one at a time through a dynamic cache that
-    holds the prompts ids."""
+def _decode(model, implementation, ids, mask, new_ids, cache, chunk=1):
+    """The logits of new_ids fed chunk tokens at a time through a cache that holds the
+    prompts ids."""
     model.set_attn_implementation(implementation)
     # A dynamic cache built from the config trims sliding-window layers to their window;
     # one built without keeps every key, so the window masks the cache.
-    cache = transformers.DynamicCache(**({"config": model.config} if cache == "sliding" else {}))
+    if cache == "static":
+        cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+    else:
+        cache = transformers.DynamicCache(**({"config": model.config} if cache == "sliding"
+                                             else {}))
     logits = []
     with torch.no_grad():
         model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-        for step in range(new_ids.shape[1]):
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            logits.append(model(new_ids[:, step:step + 1], attention_mask=mask,
+        for step in range(0, new_ids.shape[1], chunk):
+            mask = torch.cat([mask, torch.ones_like(mask[:, step:step + chunk])], 1)
+            logits.append(model(new_ids[:, step:step + chunk], attention_mask=mask,
                                 past_key_values=cache, use_cache=True).logits)
     return torch.cat(logits, 1)
 
@@ -204,20 +208,98 @@ def test_decode(name, padding, cache, kernel_calls):
     torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
 
 
-def test_mask_with_holes_falls_back(kernel_calls):
-    """Padding inside a sequence under a causal mask with many queries is no layout attnmem
-    runs: sdpa runs it, with a warning, and the result is sdpa's."""
-    model = _model("llama")
-    ids = torch.randint(0, VOCAB, (2, LENGTH))
+@pytest.mark.parametrize("cache", ["sliding", "full"])
+@pytest.mark.parametrize("name", [name for name in MODELS if MODELS[name][3] is None])
+def test_decode_chunks_after_left_padding(name, cache, kernel_calls):
+    """Three tokens at once through the cache after left-padded prompts (speculative
+    decoding, chunked prefill): queries that end the keys, with padding at the start."""
+    model = _model(name)
+    ids = torch.randint(1, VOCAB, (BATCH, LENGTH))
+    mask = _padding("left", torch.tensor([LENGTH, 5, 1]))
+    new_ids = torch.randint(1, VOCAB, (BATCH, 6))
+    expect = _decode(model, MODELS[name][2], ids, mask, new_ids, cache, chunk=3)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = _decode(model, "attnmem", ids, mask, new_ids, cache, chunk=3)
+    _expect_path(name, record, kernel_calls)
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
+
+
+def _holes():
     mask = torch.ones(2, LENGTH, dtype=torch.long)
     mask[1, 3:5] = 0
+    return {"attention_mask": mask}
+
+
+def _packed():
+    # Two sequences packed in one row, found from position_ids restarting at 0 where there
+    # is no cache (as in training).
+    return {"position_ids": torch.cat([torch.arange(5), torch.arange(LENGTH - 5)])[None],
+            "use_cache": False}
+
+
+@pytest.mark.parametrize("inputs, warning", [
+    (_holes, "padding on both sides or in between"),
+    (_packed, "a mask attnmem cannot express"),
+], ids=["holes", "packed"])
+def test_masks_attnmem_cannot_express_fall_back(inputs, warning, kernel_calls):
+    """Padding inside a sequence under a causal mask with many queries, and packed
+    sequences: sdpa runs them, with a warning, and the results are sdpa's."""
+    model = _model("llama")
+    inputs = inputs()
+    batch = inputs.get("attention_mask", inputs.get("position_ids")).shape[0]
+    ids = torch.randint(0, VOCAB, (batch, LENGTH))
     model.set_attn_implementation("sdpa")
-    expect = model(ids, attention_mask=mask).logits
+    expect = model(ids, **inputs).logits
     model.set_attn_implementation("attnmem")
-    with pytest.warns(UserWarning, match="padding on both sides or in between"):
-        got = model(ids, attention_mask=mask).logits
+    with pytest.warns(UserWarning, match=warning):
+        got = model(ids, **inputs).logits
     assert not kernel_calls
-    torch.testing.assert_close(got[mask.bool()], expect[mask.bool()], rtol=1e-4, atol=1e-5)
+    real = inputs.get("attention_mask", torch.ones(batch, LENGTH)).bool()
+    torch.testing.assert_close(got[real], expect[real], rtol=1e-4, atol=1e-5)
+
+
+def test_static_cache_falls_back(kernel_calls):
+    """A static cache holds keys past the last query and gives its offset as a tensor:
+    decoding from it runs on sdpa, with a warning, and gives sdpa's logits."""
+    model = _model("llama")
+    ids = torch.randint(1, VOCAB, (BATCH, LENGTH))
+    mask = _padding("left", torch.tensor([LENGTH, 5, 1]))
+    new_ids = torch.randint(1, VOCAB, (BATCH, 3))
+    expect = _decode(model, "sdpa", ids, mask, new_ids, "static")
+    with pytest.warns(UserWarning, match="a static cache"):
+        got = _decode(model, "attnmem", ids, mask, new_ids, "static")
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_static_sliding_cache(kernel_calls):
+    """A full static sliding-window cache keeps its keys ending at the last query, as a
+    dynamic one does: attnmem runs it."""
+    model = _model("mistral")
+    ids = torch.randint(1, VOCAB, (BATCH, LENGTH))
+    mask = _padding("left", torch.tensor([LENGTH, 5, 1]))
+    new_ids = torch.randint(1, VOCAB, (BATCH, 3))
+    expect = _decode(model, "sdpa", ids, mask, new_ids, "static")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = _decode(model, "attnmem", ids, mask, new_ids, "static")
+    _expect_path("mistral", record, kernel_calls)
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_falls_back():
+    """Attention dropout in training runs on sdpa, with a warning: the same random draws
+    as sdpa's."""
+    config = transformers.LlamaConfig(**SMALL, attention_dropout=0.5)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    ids = torch.randint(0, VOCAB, (BATCH, LENGTH))
+    seed = torch.seed()
+    expect = model(ids).logits
+    model.set_attn_implementation("attnmem")
+    torch.manual_seed(seed)
+    with pytest.warns(UserWarning, match="attention dropout"):
+        got = model(ids).logits
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
 
 
 def test_register_is_idempotent():
