@@ -21,13 +21,17 @@ runs `attnmem.attention`:
 - one query (decoding) or a bidirectional mask, with any padding: each row's visible keys
   move to the front (a stable sort on the device) and become kv_lengths.
 
+A layer given no mask reads it as transformers' sdpa does: causal (top-left) past one query
+when the module is causal. Real tokens get transformers' results; padded query positions,
+which no real token reads, get attnmem's (zeros where they see no key).
+
 Everything else runs on transformers' own attention, with a warning naming the reason shown
 once per reason: its sdpa for attention dropout, for masks attnmem cannot express (custom
-mask functions, packed sequences found from position_ids, chunked attention, static caches,
-4D masks passed in, padding with holes under a causal mask with more than one query), for
-paged caches and position biases; the model's eager attention for logit softcapping
-(Gemma 2) and attention sinks (gpt-oss), which sdpa lacks. The fallbacks give transformers'
-results, never a different one.
+mask functions, packed sequences found from position_ids, chunked attention, static caches
+other than full sliding-window layers, 4D masks passed in, padding with holes under a
+causal mask with more than one query), for paged caches and position biases; the model's
+eager attention for logit softcapping (Gemma 2) and attention sinks (gpt-oss), which sdpa
+lacks. The fallbacks give transformers' results, never a different one.
 
 Host syncs: the mask function reads the padding mask's layout once per forward and mask
 type (one small device-to-host copy, as transformers' own sdpa and flash-attention mask
