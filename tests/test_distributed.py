@@ -6,6 +6,7 @@ Each world size spawns one process group that runs every case, so a test pays fo
 start-up; a hang fails at the deadline instead of blocking the run.
 """
 
+import functools
 import os
 import socket
 import time
@@ -67,7 +68,8 @@ def _close(actual, expected, what, tol=1e-10):
 # ---------------------------------------------------------------------------------------
 
 ATTENTION_CASES = [
-    # (B, H, Hkv, Nq per rank, Nk per rank, D, causal, window, lengths, dtype)
+    # (B, H, Hkv, Nq per rank, Nk per rank, D, causal, window, lengths, dtype); the float32
+    # cases run again on the triton kernels (through the interpreter)
     (2, 2, 2, 6, 6, 8, False, None, None, torch.float64),
     (2, 4, 2, 6, 6, 5, True, None, None, torch.float64),
     (3, 3, 1, 4, 4, 4, True, (5, None), [24, 7, 0], torch.float64),
@@ -75,15 +77,21 @@ ATTENTION_CASES = [
     (1, 2, 1, 4, 8, 4, True, None, None, torch.float64),
     (1, 2, 2, 5, 3, 4, False, (2, 4), None, torch.float64),
     (2, 4, 2, 8, 8, 16, True, (9, 0), None, torch.float32),
+    (2, 2, 1, 6, 6, 8, False, None, [15, 4], torch.float32),
 ]
 
 
-def _attention_cases(rank, world):
+def _attention_cases(rank, world, backend="torch"):
     for b, h, hkv, nq, nk, d, causal, window, lengths, dtype in ATTENTION_CASES:
-        what = f"world {world}: {(b, h, hkv, nq, nk, d, causal, window, lengths, dtype)}"
+        if backend == "triton" and dtype == torch.float64:
+            continue
+        what = (f"world {world}, {backend}: "
+                f"{(b, h, hkv, nq, nk, d, causal, window, lengths, dtype)}")
         full = [torch.randn(b, heads, n * world, d, dtype=dtype)
                 for heads, n in ((h, nq), (hkv, nk), (hkv, nk))]
         kv_lengths = None if lengths is None else torch.tensor(lengths)
+        for i, length in enumerate(lengths or []):  # padding counts for nothing
+            full[1][i, :, length:] = full[2][i, :, length:] = float("nan")
         dout = torch.randn_like(full[0])
         dlse = torch.randn(full[0].shape[:3], dtype=torch.float64 if dtype == torch.float64
                            else torch.float32)
@@ -94,11 +102,12 @@ def _attention_cases(rank, world):
         ((out * dout).sum() + (lse.nan_to_num(neginf=0) * dlse).sum()).backward()
         # The ring, from each rank's shard.
         shard = [distributed.shard_sequence(x, causal=causal).requires_grad_() for x in full]
-        out_r, lse_r = distributed.ring_attention(*shard, causal=causal, window=window,
-                                                  kv_lengths=kv_lengths, return_lse=True)
-        ((out_r * distributed.shard_sequence(dout, causal=causal)).sum()
-         + (lse_r.nan_to_num(neginf=0)
-            * distributed.shard_sequence(dlse, causal=causal)).sum()).backward()
+        with attnmem.use_backend(backend):
+            out_r, lse_r = distributed.ring_attention(*shard, causal=causal, window=window,
+                                                      kv_lengths=kv_lengths, return_lse=True)
+            ((out_r * distributed.shard_sequence(dout, causal=causal)).sum()
+             + (lse_r.nan_to_num(neginf=0)
+                * distributed.shard_sequence(dlse, causal=causal)).sum()).backward()
         tol = 1e-10 if dtype == torch.float64 else 2e-5
         _close(out_r, distributed.shard_sequence(out.detach(), causal=causal), f"{what} out",
                tol)
@@ -168,7 +177,21 @@ def _split(x, world, rank, dim=1):
     return torch.tensor_split(x, world, dim)[rank]
 
 
-def _memory_cases(rank, world):
+def _memory_cases(rank, world, dtype=torch.float64, backend="torch"):
+    """The sharded ops in dtype on backend against single-process float64 on the torch
+    backend."""
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+
+    def mine(x, dim=None):
+        """This rank's slots of x (all of x for a replicated input), a leaf in dtype."""
+        x = x.detach() if dim is None else _split(x.detach(), world, rank, dim)
+        return x.to(dtype, copy=True).requires_grad_()
+
+    def check(actual, expected, what, dim=None):
+        expected = expected.detach() if dim is None else _split(expected.detach(), world, rank,
+                                                                 dim)
+        _close(actual, expected.to(dtype), f"world {world}, {backend}, {dtype}: {what}", tol)
+
     b, r, n, d, dv, w = 2, 3, 4 * world + 3, 5, 4, 2
     memory = torch.randn(b, n, d, dtype=torch.float64)
     values = torch.randn(b, n, dv, dtype=torch.float64)
@@ -183,25 +206,23 @@ def _memory_cases(rank, world):
     dread, dweights = torch.randn(b, r, dv, dtype=torch.float64), torch.randn(b, r, n,
                                                                                 dtype=torch.float64)
     for similarity in ("cosine", "dot"):
-        what = f"world {world}, {similarity}"
         ref = [x.clone().requires_grad_() for x in (memory, keys, values, strength)]
         read, weights = attnmem.memory_attend(ref[0], ref[1], values=ref[2], strength=ref[3],
                                               similarity=similarity, mask=mask,
                                               return_weights=True)
         ((read * dread).sum() + (weights * dweights).sum()).backward()
-        mine = [_split(memory, world, rank).requires_grad_(), keys.clone().requires_grad_(),
-                _split(values, world, rank).requires_grad_(), strength.clone().requires_grad_()]
-        read_s, weights_s = distributed.memory_attend(
-            mine[0], mine[1], values=mine[2], strength=mine[3], similarity=similarity,
-            mask=_split(mask, world, rank), return_weights=True)
-        ((read_s * dread).sum() + (weights_s * _split(dweights, world, rank, 2)).sum()
-         ).backward()
-        _close(read_s, read.detach(), f"{what} read")
-        _close(weights_s, _split(weights.detach(), world, rank, 2), f"{what} weights")
-        for name, x, full, dim in zip(("memory", "keys", "values", "strength"), mine, ref,
+        shard = [mine(memory, 1), mine(keys), mine(values, 1), mine(strength)]
+        with attnmem.use_backend(backend):
+            read_s, weights_s = distributed.memory_attend(
+                shard[0], shard[1], values=shard[2], strength=shard[3], similarity=similarity,
+                mask=_split(mask, world, rank), return_weights=True)
+            ((read_s * dread.to(dtype)).sum()
+             + (weights_s * _split(dweights, world, rank, 2).to(dtype)).sum()).backward()
+        check(read_s, read, f"{similarity} read")
+        check(weights_s, weights, f"{similarity} weights", 2)
+        for name, x, full, dim in zip(("memory", "keys", "values", "strength"), shard, ref,
                                       (1, None, 1, None)):
-            expected = full.grad if dim is None else _split(full.grad, world, rank)
-            _close(x.grad, expected, f"{what} d{name}")
+            check(x.grad, full.grad, f"{similarity} d{name}", dim)
     # memory_address, then memory_read and memory_write with those weights.
     ref = [x.clone().requires_grad_() for x in (memory.nan_to_num(), keys, strength)]
     erase = torch.rand(b, w, d, dtype=torch.float64, requires_grad=True)
@@ -211,21 +232,19 @@ def _memory_cases(rank, world):
     read = attnmem.memory_read(written, weights)
     dwritten = torch.randn_like(written)
     ((read * dread[..., :1]).sum() + (written * dwritten).sum()).backward()
-    mine = [_split(ref[0].detach(), world, rank).requires_grad_(), keys.clone().requires_grad_(),
-            strength.clone().requires_grad_()]
-    erase_s, add_s = (x.detach().clone().requires_grad_() for x in (erase, add))
-    weights_s = distributed.memory_address(mine[0], mine[1], strength=mine[2])
-    written_s = distributed.memory_write(mine[0], weights_s[:, :w], erase_s, add_s)
-    read_s = distributed.memory_read(written_s, weights_s)
-    ((read_s * dread[..., :1]).sum() + (written_s * _split(dwritten, world, rank)).sum()
-     ).backward()
-    _close(weights_s, _split(weights.detach(), world, rank, 2), "address weights")
-    _close(written_s, _split(written.detach(), world, rank), "written")
-    _close(read_s, read.detach(), "read after write")
-    for name, x, full in (("memory", mine[0], _split(ref[0].grad, world, rank)),
-                          ("keys", mine[1], ref[1].grad), ("strength", mine[2], ref[2].grad),
-                          ("erase", erase_s, erase.grad), ("add", add_s, add.grad)):
-        _close(x.grad, full, f"address/write/read d{name}")
+    shard = [mine(ref[0], 1), mine(keys), mine(strength), mine(erase), mine(add)]
+    with attnmem.use_backend(backend):
+        weights_s = distributed.memory_address(shard[0], shard[1], strength=shard[2])
+        written_s = distributed.memory_write(shard[0], weights_s[:, :w], shard[3], shard[4])
+        read_s = distributed.memory_read(written_s, weights_s)
+        ((read_s * dread[..., :1].to(dtype)).sum()
+         + (written_s * _split(dwritten, world, rank).to(dtype)).sum()).backward()
+    check(weights_s, weights, "address weights", 2)
+    check(written_s, written, "written", 1)
+    check(read_s, read, "read after write")
+    for name, x, full, dim in zip(("memory", "keys", "strength", "erase", "add"), shard,
+                                  (*ref, erase, add), (1, None, None, None, None)):
+        check(x.grad, full.grad, f"address/write/read d{name}", dim)
 
 
 def _module_case(rank, world):
@@ -260,8 +279,11 @@ def _module_case(rank, world):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed(world):
-    _spawn(world, [_layout_and_errors, _attention_cases, _memory_cases, _module_case,
-                   _subgroup])
+    cases = [_layout_and_errors, _attention_cases, _memory_cases, _module_case, _subgroup]
+    if world == 2:  # the triton kernels, through the interpreter, on one world size
+        cases += [functools.partial(_attention_cases, backend="triton"),
+                  functools.partial(_memory_cases, dtype=torch.float32, backend="triton")]
+    _spawn(world, cases)
 
 
 def test_float16_shard_lse_of_nearly_flat_weights():
