@@ -302,6 +302,19 @@ def test_dropout_falls_back():
     torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
 
 
+def test_from_pretrained(tmp_path, kernel_calls):
+    """from_pretrained(..., attn_implementation="attnmem") loads a model that runs attnmem."""
+    model = _model("llama")
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="attnmem").eval()
+    assert loaded.config._attn_implementation == "attnmem"
+    ids = torch.randint(0, VOCAB, (BATCH, LENGTH))
+    model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+    assert kernel_calls
+
+
 def test_register_is_idempotent():
     from transformers import AttentionInterface, AttentionMaskInterface
     attnmem_transformers.register()
