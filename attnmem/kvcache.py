@@ -283,6 +283,8 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     append into the same page slot. The triton backend splits each sequence's keys across
     programs by the device's SM count (flash-decoding) and combines the splits by
     logsumexp; the torch backend runs attnmem.reference.kvcache, one sequence at a time.
+    FlashAttention's rotary_cos/rotary_sin, cache_batch_idx, cache_leftpad, softcap,
+    alibi_slopes and num_splits arguments have no counterpart here.
     """
     n_new, seqlens, scale, left, right = _validate(q, k_cache, v_cache, k, v, cache_seqlens,
                                                    block_table, causal, window, scale,

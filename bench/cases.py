@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import attnmem
 from attnmem.nn import MultiheadAttention, MultiheadSelfAttention
 
-OPS = ("attention", "memory_attend", "memory_write", "additive", "mha")
+OPS = ("attention", "memory_attend", "memory_write", "additive", "mha", "decode")
 PROFILES = ("smoke", "quick", "cpu", "gpu", "gpu-check")
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                  "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
@@ -26,12 +26,14 @@ PROVIDERS = {
     "memory_write": ("attnmem", "eager", "compile"),
     "additive": ("attnmem", "eager"),
     "mha": ("attnmem-mha", "attnmem-self", "torch-mha"),
+    "decode": ("attnmem", "attnmem-paged", "sdpa", "flex"),
 }
 # The GPU check (scripts/gpu_check.sh) leaves out the attention baselines that fill N^2 scores.
 PROFILE_PROVIDERS = {("attention", "gpu-check"): ("attnmem", "sdpa", "sdpa-flash", "sdpa-cudnn",
                                                  "sdpa-efficient", "flex")}
 MODES = {"attention": ("fwd", "bwd", "fwd_bwd"), "memory_attend": ("fwd",),
-         "memory_write": ("fwd",), "additive": ("fwd", "fwd_bwd"), "mha": ("fwd", "fwd_bwd")}
+         "memory_write": ("fwd",), "additive": ("fwd", "fwd_bwd"), "mha": ("fwd", "fwd_bwd"),
+         "decode": ("fwd",)}
 
 # Per profile: the swept sizes and the fixed ones. "smoke" only checks that the harness runs;
 # "gpu-check" is the few minutes of benchmark that scripts/gpu_check.sh leaves room for.
@@ -82,6 +84,8 @@ def dtype_for(op: str, device) -> torch.dtype:
 
 def points(op: str, profile: str):
     """Every point of op's sweep, in order."""
+    if op == "decode":
+        return decode_points(profile)
     sizes = SIZES["memory" if op.startswith("memory") else op][profile]
     configs = [{}]
     if op == "attention":
@@ -193,6 +197,8 @@ def _randn(*shape, device, dtype, grad=False):
 def build(point, device):
     """(fn, work) for one point; raises if the provider cannot run here."""
     op, mode, n = point["op"], point["mode"], point["x"]
+    if op == "decode":
+        return build_decode(point, device)
     dtype = dtype_for(op, device)
     grad = mode != "fwd"
     if op == "attention":
@@ -246,3 +252,70 @@ def build(point, device):
         layer = cls(embed, heads, batch_first=True).to(device, dtype)
         forward = lambda: layer(x, x, x, need_weights=False)[0]  # noqa: E731
     return _timed(mode, forward, (x,)), None
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding from a KV cache: one new query token per sequence over a cache of x tokens, GQA
+# 8:1, against SDPA and FlexAttention on the same cache. Every provider attends over the
+# x cached tokens (attnmem with k=None: the append is a separate write for every provider).
+# ---------------------------------------------------------------------------------------
+
+DECODE_SIZES = {
+    "gpu": dict(x=[1024, 4096, 16384, 65536, 131072], batch=[1, 8, 64], heads=32, kv_heads=4,
+                d=128, page_size=16),
+    "gpu-check": dict(x=[4096, 65536], batch=[1, 64], heads=32, kv_heads=4, d=128,
+                      page_size=16),
+    "cpu": dict(x=[1024, 4096, 16384], batch=[1, 8], heads=8, kv_heads=1, d=64, page_size=16),
+    "quick": dict(x=[1024, 4096], batch=[1, 4], heads=8, kv_heads=1, d=64, page_size=16),
+    "smoke": dict(x=[32, 64], batch=[1, 2], heads=8, kv_heads=1, d=16, page_size=16),
+}
+
+
+def decode_points(profile):
+    sizes = DECODE_SIZES[profile]
+    fixed = {k: v for k, v in sizes.items() if k not in ("x", "batch")}
+    return [dict(op="decode", provider=provider, mode="fwd", x=x, batch=batch, **fixed)
+            for batch in sizes["batch"] for provider in PROVIDERS["decode"]
+            for x in sizes["x"]]
+
+
+def _decode_fn(provider, q, k, v, page_size):
+    """The call for one provider: q (B, 1, H, D) and the cache k, v (B, N, Hkv, D), each
+    laid out as the provider takes them."""
+    if provider.startswith("attnmem"):
+        batch, n = k.shape[:2]
+        table = None
+        if provider == "attnmem-paged":  # the cache's pages shuffled through the pool
+            blocks = -(-n // page_size)
+            order = torch.randperm(batch * blocks, device=k.device)
+            table = order.view(batch, blocks).to(torch.int32)
+            pools = []
+            for cache in (k, v):
+                pool = cache.new_zeros(batch * blocks, page_size, *cache.shape[2:])
+                pool.view(batch, blocks * page_size, *cache.shape[2:])[:, :n] = cache
+                pools.append(pool[torch.argsort(order)])
+            k, v = pools
+        seqlens = torch.full((batch,), n, dtype=torch.int32, device=k.device)
+        return lambda: attnmem.attention_with_kvcache(q, k, v, cache_seqlens=seqlens,
+                                                      block_table=table)
+    q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # (B, heads, N, D)
+    if provider == "sdpa":
+        return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    if q.device.type != "cuda":
+        raise RuntimeError("FlexAttention is timed on CUDA only: its CPU path compiles "
+                           "through inductor's C++ backend at every shape")
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return lambda: _compiled(flex_attention)(q, k, v, enable_gqa=True)
+
+
+def build_decode(point, device):
+    """(fn, bytes): the cache is read once, the query read and the output written once."""
+    batch, n, d = point["batch"], point["x"], point["d"]
+    dtype = dtype_for("decode", device)
+    q = _randn(batch, 1, point["heads"], d, device=device, dtype=dtype)
+    k, v = (_randn(batch, n, point["kv_heads"], d, device=device, dtype=dtype)
+            for _ in range(2))
+    fn = _decode_fn(point["provider"], q, k, v, point["page_size"])
+    work = q.element_size() * (2 * k.numel() + 2 * q.numel())
+    return _timed("fwd", fn, ()), work

@@ -298,6 +298,24 @@ def write_report(out_dir, meta, rows, unavailable):
             if kind == "cuda":
                 md += [f"**{mode}** (peak MiB)", "", _table(rows, "peak_mib", "{:.0f}", op=op,
                                                             mode=mode, label="N")]
+    if "decode" in ops:
+        batches = sorted({r["batch"] for r in rows if r["op"] == "decode"})
+        point = next(r for r in rows if r["op"] == "decode")
+        _plot(os.path.join(out_dir, "decode.png"),
+              [(f"decode, batch {b}", _series(rows, "gbs", op="decode", batch=b))
+               for b in batches], "cached tokens", "GB/s",
+              roof=("copy bandwidth", meta["copy_bandwidth_gbs"]))
+        md += ["## Decoding from a KV cache", "", "GB/s (the cache read once, the query read "
+               "and the output written once) against the cached tokens per sequence: one new "
+               f"query token, {point['heads']} query heads over {point['kv_heads']} kv heads, "
+               f"head dim {point['d']}; attnmem-paged reads the same cache through a shuffled "
+               f"table of {point['page_size']}-token pages. The dashed line is this device's "
+               "measured copy bandwidth.", "", "![decode](decode.png)", ""]
+        for b in batches:
+            md += [f"**batch {b}** (GB/s)", "",
+                   _table(rows, "gbs", "{:.3g}", op="decode", batch=b, label="N"),
+                   "attnmem's time ÷ each baseline's:", "",
+                   _ratio_table(point_ratios, op="decode", batch=b)]
     errors = [r for r in rows if "error" in r]
     if unavailable or errors:
         md += ["## Not measured", ""]

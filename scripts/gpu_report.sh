@@ -10,7 +10,8 @@
 #   attention-fwd      the gpu benchmark profile's attention forward,
 #   attention-bwd      ... backward,
 #   attention-fwd_bwd  ... forward and backward,
-#   others             memory_attend, memory_write, additive attention and the layers.
+#   others             memory_attend, memory_write, additive attention and the layers,
+#   decode             decoding from a KV cache (attention_with_kvcache).
 # OUT_DIR gets summary.json, report.md, the log and, for a benchmark part,
 # part-PART.json (its results.json) and bench.tar.gz. Then, on any machine with the parts'
 # JSON files gathered, one report in reports/<device-slug>/:
@@ -24,9 +25,10 @@ case "$PART" in
         SWEEP=(--ops attention --modes "${PART#attention-}")
         ;;
     others) SWEEP=(--ops memory_attend memory_write additive mha) ;;
+    decode) SWEEP=(--ops decode) ;;
     *)
         echo "usage: bash scripts/gpu_report.sh OUT_DIR PART, PART one of tests attention-fwd" \
-            "attention-bwd attention-fwd_bwd others" >&2
+            "attention-bwd attention-fwd_bwd others decode" >&2
         exit 2
         ;;
 esac

@@ -25,13 +25,13 @@ def test_report_command_writes_json_markdown_and_plots(tmp_path):
         assert data["meta"][key], key
     rows = [r for r in data["results"] if "error" not in r]
     assert {r["op"] for r in rows} == {"attention", "memory_attend", "memory_write", "additive",
-                                       "mha"}
+                                       "mha", "decode"}
     for row in rows:
         assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"], row
     assert {r["provider"] for r in rows if r["op"] == "attention"} >= {"attnmem", "sdpa",
                                                                         "eager"}
     assert all(r["tflops"] > 0 for r in rows if r["op"] == "attention")
-    assert all(r["gbs"] > 0 for r in rows if r["op"].startswith("memory"))
+    assert all(r["gbs"] > 0 for r in rows if r["op"].startswith("memory") or r["op"] == "decode")
     report = (out / "report.md").read_text()
     assert "This is a CPU report" in report or data["meta"]["device_type"] == "cuda"
     assert "## attnmem against the baselines" in report
@@ -39,9 +39,10 @@ def test_report_command_writes_json_markdown_and_plots(tmp_path):
         assert f"| attnmem ÷ {baseline} |" in report, baseline
     assert {(r["op"], r["baseline"]) for r in data["ratios"]} >= {
         ("attention", "sdpa"), ("attention", "eager"), ("memory_attend", "compile"),
-        ("memory_write", "eager"), ("additive", "eager"), ("mha", "torch-mha")}
+        ("memory_write", "eager"), ("additive", "eager"), ("mha", "torch-mha"),
+        ("decode", "sdpa")}
     assert "\r" not in result.stderr  # no progress bar drawn into a pipe
-    for plot in ("attention.png", "memory.png", "additive.png", "mha.png"):
+    for plot in ("attention.png", "memory.png", "additive.png", "mha.png", "decode.png"):
         assert (out / plot).stat().st_size > 1000, plot
         assert f"]({plot})" in report
 
