@@ -166,6 +166,41 @@ def test_cache_seqlens_forms(backend):
             _exact(got, expect)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend):
+    """q laid out (B, H, Sq, D) and transposed, caches that are slices of larger ones (along
+    the tokens and the heads), new tokens strided: the same result as contiguous copies."""
+    q, k_cache, v_cache, k, v, seqlens, kwargs = _inputs("window_gqa", torch.float32)
+    contiguous = _run(q, k_cache.clone(), v_cache.clone(), k, v, seqlens, kwargs, backend)
+    bigger = lambda x: torch.randn(x.shape[0], x.shape[1] + 5, 2 * x.shape[2], x.shape[3])  # noqa: E731
+    views = []
+    for cache in (k_cache, v_cache):
+        big = bigger(cache)
+        big[:, 3:3 + cache.shape[1], 1::2] = cache
+        views.append(big[:, 3:3 + cache.shape[1], 1::2])
+    strided_q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    strided_k, strided_v = (torch.stack([x, x], 2)[:, :, 0] for x in (k, v))
+    got = _run(strided_q, *views, strided_k, strided_v, seqlens, kwargs, backend)
+    torch.testing.assert_close(got, contiguous, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_bench_decode_points_compute_the_same_attention():
+    """Every provider of the GPU profile's decode points gets the same inputs and computes
+    the same attention (at shrunk sizes, on the CPU; FlexAttention runs on CUDA only)."""
+    from bench import cases
+
+    point = next(p for p in cases.decode_points("gpu"))
+    q = torch.randn(2, 1, point["heads"], point["d"])
+    k, v = (torch.randn(2, 50, point["kv_heads"], point["d"]) for _ in range(2))
+    outs = {provider: cases._decode_fn(provider, q, k, v, point["page_size"])()
+            for provider in cases.PROVIDERS["decode"] if provider != "flex"}
+    outs["sdpa"] = outs["sdpa"].transpose(1, 2)
+    for provider, out in outs.items():
+        torch.testing.assert_close(out, outs["sdpa"], rtol=1e-5, atol=1e-5, msg=provider)
+    assert {p["batch"] for p in cases.decode_points("gpu")} == {1, 8, 64}
+    assert point["heads"] == 8 * point["kv_heads"]
+
+
 def _good(dtype=torch.float32):
     q = torch.randn(2, 1, 4, 16, dtype=dtype)
     k_cache, v_cache = (torch.randn(2, 32, 2, 16, dtype=dtype) for _ in range(2))
