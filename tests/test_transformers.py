@@ -4,6 +4,7 @@ on attn_implementation="attnmem" against transformers' own attention, unpadded a
 right and left padding, forward, backward and greedy generation through the cache."""
 
 import copy
+import pathlib
 import subprocess
 import sys
 import warnings
@@ -330,6 +331,7 @@ def test_imports_without_transformers():
     code = ("import sys; sys.modules['transformers'] = None\n"
             "import attnmem.integrations.transformers as t\n"
             "try:\n    t.register()\nexcept ImportError as e:\n    print(e)\n")
+    root = pathlib.Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True)
+                            check=True, cwd=root)
     assert "needs the transformers package: pip install transformers" in result.stdout
