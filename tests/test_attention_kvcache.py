@@ -31,11 +31,13 @@ CASES = {
     "window_gqa": (2, 3, 8, 2, 16, 64, [40, 3], True, True, (7, 0)),
     "window_both_sides": (2, 5, 2, 2, 16, 48, [30, 2], False, False, (4, 2)),
     "head_dim_3": (2, 2, 4, 2, 3, 32, [10, 30], True, True, None),
+    "row_tiles": (2, 7, 8, 2, 32, 64, [20, 57], True, True, None),  # 28 rows: 2 tiles of 16
+    "row_tiles_window": (2, 9, 4, 2, 16, 48, [30, 0], True, False, (5, 1)),
     "empty_cache": (2, 2, 2, 1, 16, 32, [0, 0], False, True, None),
     "clamped": (2, 2, 2, 2, 16, 32, [99, -3], True, True, None),
 }
 PAGE_SIZE = {"decode_gqa8": 16, "chunk_mha": 12, "not_causal_odd_dim": 7, "window_gqa": 8,
-             "head_dim_3": 1, "clamped": 16}
+             "head_dim_3": 1, "clamped": 16, "row_tiles": 16, "row_tiles_window": 6}
 
 
 def _inputs(name, dtype):
@@ -288,6 +290,19 @@ def test_empty_batch_and_queries(backend):
             out, lse = attnmem.attention_with_kvcache(q, cache, cache.clone(), cache_seqlens=3,
                                                       return_lse=True)
         assert out.shape == q.shape and lse.shape == (batch, 4, n_q)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    """The custom ops' schemas (the append mutates the caches), fakes and dispatch."""
+    from attnmem import kvcache
+
+    args = _good()
+    seqlens = args["cache_seqlens"]
+    torch.library.opcheck(kvcache._append, (args["q"], args["k_cache"], args["v_cache"],
+                                            args["k"], args["v"], seqlens, None, backend))
+    torch.library.opcheck(kvcache._attend, (args["q"], args["k_cache"], args["v_cache"],
+                                            seqlens, None, 1, 0.25, 3, 0, backend))
 
 
 def test_compiles_under_torch_compile():
