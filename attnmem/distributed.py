@@ -418,7 +418,9 @@ def _shard_lse(memory, keys, strength, similarity, mask, weights):
     batch, heads, _ = weights.shape
     ct = compute_dtype(memory.dtype)
     if weights.shape[2] == 0:
-        return torch.full((batch, heads), -math.inf, dtype=ct, device=memory.device)
+        # -inf that still depends on the inputs: every rank then runs the backward's
+        # all-reduce, shard empty or not.
+        return weights.sum(-1).to(ct) - math.inf
     top_weight, top = weights.max(-1)
     usable = top_weight > 0
     rows = memory.gather(1, top[..., None].expand(-1, -1, memory.shape[2]))

@@ -245,6 +245,18 @@ def _memory_cases(rank, world, dtype=torch.float64, backend="torch"):
     for name, x, full, dim in zip(("memory", "keys", "strength", "erase", "add"), shard,
                                   (*ref, erase, add), (1, None, None, None, None)):
         check(x.grad, full.grad, f"address/write/read d{name}", dim)
+    # world - 1 slots: the last rank holds none.
+    ref = [x[:, : world - 1].nan_to_num().requires_grad_() for x in (memory, values)]
+    ref.append(keys.clone().requires_grad_())
+    read = attnmem.memory_attend(ref[0], ref[2], values=ref[1])
+    (read * dread).sum().backward()
+    shard = [mine(ref[0], 1), mine(ref[1], 1), mine(keys)]
+    with attnmem.use_backend(backend):
+        read_s = distributed.memory_attend(shard[0], shard[2], values=shard[1])
+        (read_s * dread.to(dtype)).sum().backward()
+    check(read_s, read, "empty shard read")
+    for name, x, full, dim in zip(("memory", "values", "keys"), shard, ref, (1, 1, None)):
+        check(x.grad, full.grad, f"empty shard d{name}", dim)
 
 
 def _module_case(rank, world):
