@@ -47,6 +47,11 @@ def _group(group):
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("attnmem.distributed needs torch.distributed initialized: call "
                            "torch.distributed.init_process_group first")
+    # new_group hands the ranks outside it this sentinel instead of a group.
+    if group is dist.GroupMember.NON_GROUP_MEMBER or (
+            isinstance(group, dist.ProcessGroup) and dist.get_rank(group) < 0):
+        raise ValueError("group does not contain this rank: call attnmem.distributed on the "
+                         "ranks of group only")
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got "
                         f"{type(group).__name__}")

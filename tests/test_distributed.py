@@ -159,6 +159,8 @@ def _subgroup(rank, world):
     members = [0, world - 1]
     group = dist.new_group(members)
     if rank not in members:
+        with pytest.raises(ValueError, match="group does not contain this rank"):
+            distributed.shard_sequence(torch.zeros(1, 1, 4, 1), group=group)
         return
     q, k, v = (torch.randn(1, 2, 8, 4, dtype=torch.float64) for _ in range(3))
     part = [distributed.shard_sequence(x, group=group, causal=True) for x in (q, k, v)]
