@@ -14,11 +14,14 @@ memory split across the ranks along its slots (each rank passes its own slots, i
 order; shards may differ in size). Each rank addresses its slots with attnmem's op, the
 shards' logsumexps combine the partial reads exactly, and one all-reduce sums them.
 
-Conventions (those of tensor-parallel training): every rank passes the same replicated
-inputs (queries and, for the memory, keys, strengths, erase and add vectors) and gets the
-same replicated outputs (attention's outputs are per shard); the loss computed from a
-replicated output is the same on every rank, so its gradient is too. Gradients of
+Conventions (those of tensor-parallel training): every rank of group makes the same calls
+in the same order, with shards of the same shapes (memory shards aside) and the same
+requires_grad. The memory ops' replicated inputs (keys, strengths, erase and add vectors)
+are the same on every rank, and so are their replicated outputs (reads); a loss computed
+from a replicated output is the same on every rank, so its gradient is too. Gradients of
 replicated inputs come back summed over the ranks: every rank holds the full gradient.
+Sharded inputs and outputs (sequence shards, memory slots, weights over the slots) keep
+their gradients on their rank.
 """
 
 import math
