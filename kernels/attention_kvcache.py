@@ -95,10 +95,10 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
     i * group + g (query i, head hk * group + g). Writes the tile's output normalised by
     its own softmax sum, and its natural-log logsumexp (-inf for a row that saw no key), at
     split `split` of o_ptr and lse_ptr."""
-    split = tl.program_id(0)
-    n_splits = tl.num_programs(0)
+    bh = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
-    bh = tl.program_id(2).to(tl.int64)
+    split = tl.program_id(2)
+    n_splits = tl.num_programs(2)
     b = bh // (n_heads // group)
     hk = bh % (n_heads // group)
     total = kv_length(seqlens_ptr, b, capacity - n_new, True) + n_new
@@ -172,10 +172,11 @@ def _kvcache_combine(part_o_ptr, part_lse_ptr, o_ptr, lse_ptr, stride_ob, stride
     """Row (b, i, h): out = sum_s exp(lse_s - lse) out_s with lse = logsumexp_s lse_s.
     Partials are dense: out (n_splits, B, Sq, H, D) float32, lse (n_splits, B, H, Sq).
     The splits' outputs stream through one at a time: a (splits, D) tile would spill."""
-    h = tl.program_id(0).to(tl.int64)
-    i = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    n_rows = tl.num_programs(2) * n_q * n_heads
+    row = tl.program_id(0).to(tl.int64)  # (b * n_q + i) * n_heads + h
+    n_rows = tl.num_programs(0)
+    h = row % n_heads
+    i = (row // n_heads) % n_q
+    b = row // (n_heads * n_q)
     lse_row = (b * n_heads + h) * n_q + i
     splits = tl.arange(0, BLOCK_S).to(tl.int64)
     part_lse = tl.load(part_lse_ptr + splits * n_rows + lse_row, mask=splits < n_splits,
@@ -185,7 +186,7 @@ def _kvcache_combine(part_o_ptr, part_lse_ptr, o_ptr, lse_ptr, stride_ob, stride
     total = tl.sum(tl.exp(part_lse - shift), 0)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = within(offs_d, HEAD_DIM, HEAD_DIM == BLOCK_D)
-    part_o = part_o_ptr + ((b * n_q + i) * n_heads + h) * HEAD_DIM + offs_d
+    part_o = part_o_ptr + row * HEAD_DIM + offs_d
     acc = tl.zeros([BLOCK_D], tl.float32)
     for split in range(n_splits):
         weight = tl.exp(tl.load(part_lse_ptr + split * n_rows + lse_row) - shift)
@@ -281,7 +282,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
         part_lse = torch.empty((n_splits, *lse.shape), dtype=torch.float32, device=q.device)
     else:
         part_out, part_lse = out, lse
-    _kvcache_attend[(n_splits, m_tiles, batch * kv_heads)](
+    _kvcache_attend[(batch * kv_heads, m_tiles, n_splits)](
         q, k_cache, v_cache, cache_seqlens, table, part_out, part_lse,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0),
         table.stride(-1), part_out.stride(0) if n_splits > 1 else 0, *out.stride()[:3],
@@ -293,7 +294,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     if n_splits > 1:
-        _kvcache_combine[(heads, n_q, batch)](
+        _kvcache_combine[(batch * n_q * heads,)](
             part_out, part_lse, out, lse, *out.stride()[:3], n_splits, heads, n_q,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(n_splits),
             num_warps=combine_warps(block_d))
