@@ -162,11 +162,17 @@ def _subgroup(rank, world):
         with pytest.raises(ValueError, match="group does not contain this rank"):
             distributed.shard_sequence(torch.zeros(1, 1, 4, 1), group=group)
         return
-    q, k, v = (torch.randn(1, 2, 8, 4, dtype=torch.float64) for _ in range(3))
-    part = [distributed.shard_sequence(x, group=group, causal=True) for x in (q, k, v)]
-    out = distributed.ring_attention(*part, group=group, causal=True)
-    _close(out, distributed.shard_sequence(attnmem.attention(q, k, v, causal=True), group=group,
-                                           causal=True), "subgroup out")
+    full = [torch.randn(1, 2, 8, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    part = [distributed.shard_sequence(x.detach(), group=group, causal=True).requires_grad_()
+            for x in full]
+    out = distributed.ring_attention(*part, group=group, causal=True)  # no lse: dlse is None
+    out.square().sum().backward()
+    expected = attnmem.attention(*full, causal=True)
+    expected.square().sum().backward()
+    for name, actual, wanted in zip(("out", "dq", "dk", "dv"), (out, *(x.grad for x in part)),
+                                    (expected, *(x.grad for x in full))):
+        _close(actual, distributed.shard_sequence(wanted.detach(), group=group, causal=True),
+               f"subgroup {name}")
 
 
 # ---------------------------------------------------------------------------------------
