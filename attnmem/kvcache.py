@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from attnmem import _checks
 from attnmem import backend as _backend
 from attnmem.attention import (
     FLOAT_DTYPES,
@@ -95,20 +96,6 @@ def _clamped(cache_seqlens, k_cache, n_new, block_table):
 # ---------------------------------------------------------------------------------------
 
 
-def _tensor(name, x, what):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != 4:
-        raise ValueError(f"{name} must be {what}, got shape {tuple(x.shape)}")
-
-
-def _like_q(name, x, q):
-    if x.dtype != q.dtype:
-        raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
-    if x.device != q.device:
-        raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
-
-
 def _block_table(block_table, batch, device):
     if not isinstance(block_table, torch.Tensor):
         raise TypeError(f"block_table must be a torch.Tensor or None, got "
@@ -162,7 +149,7 @@ def _check_pages(block_table, cache_seqlens, n_new, page_size, n_pages):
 
 def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window, scale,
               return_lse):
-    _tensor("q", q, "(B, Sq, H, D)")
+    _checks.tensor("q", q, 4, "(B, Sq, H, D)")
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
     batch, n_q, heads, head_dim = q.shape
@@ -171,8 +158,8 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
     paged = block_table is not None
     what = "(num_pages, page_size, Hkv, D)" if paged else "(B, S_max, Hkv, D)"
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _tensor(name, cache, what)
-        _like_q(name, cache, q)
+        _checks.tensor(name, cache, 4, what)
+        _checks.like(name, cache, q, "q")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got "
                          f"{tuple(v_cache.shape)}")
@@ -194,8 +181,8 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
     n_new = 0
     if k is not None:
         for name, x in (("k", k), ("v", v)):
-            _tensor(name, x, "(B, Sq, Hkv, D)")
-            _like_q(name, x, q)
+            _checks.tensor(name, x, 4, "(B, Sq, Hkv, D)")
+            _checks.like(name, x, q, "q")
             if tuple(x.shape) != (batch, n_q, kv_heads, head_dim):
                 raise ValueError(f"{name} must be (B, Sq, Hkv, D) = "
                                  f"{(batch, n_q, kv_heads, head_dim)}, got {tuple(x.shape)}")
