@@ -119,6 +119,31 @@ def test_matches_float64(name, dtype, backend):
                             [base[0], base[1].masked_fill(~seen, 0).to(dtype)], dtype)
 
 
+@pytest.mark.parametrize("name", ["window_gqa", "window_both_sides", "chunk_no_append"])
+def test_twin_matches_the_definition(name):
+    """The twin against the docstring's mask written out over the whole cache: query i of
+    sequence b sits at a = L - Sq + i and sees key j < L with a - l <= j <= a + r."""
+    q, k_cache, v_cache, k, v, seqlens, kwargs = _inputs(name, torch.float64)
+    out, lse, k_cache, v_cache = _run(q, k_cache, v_cache, k, v, seqlens, kwargs, "torch")
+    n_q, group = q.shape[1], q.shape[2] // k_cache.shape[2]
+    left, right = kwargs["window"] or (-1, -1)
+    right = 0 if kwargs["causal"] else right
+    length = seqlens + (n_q if k is not None else 0)
+    a = (length - n_q)[:, None, None] + torch.arange(n_q)[None, :, None]
+    j = torch.arange(k_cache.shape[1])
+    keep = j < length[:, None, None]
+    keep = keep & ((j >= a - left) if left >= 0 else True) & ((j <= a + right) if right >= 0
+                                                              else True)
+    kk, vv = (c.nan_to_num().repeat_interleave(group, 2) for c in (k_cache, v_cache))
+    scores = torch.einsum("bihd,bjhd->bhij", q, kk) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~keep[:, None], -math.inf)
+    expect_lse = scores.logsumexp(-1)
+    weights = torch.exp(scores - expect_lse[..., None]).nan_to_num()
+    expect = torch.einsum("bhij,bjhd->bihd", weights, vv)
+    torch.testing.assert_close(lse, expect_lse)
+    torch.testing.assert_close(out, expect)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(PAGE_SIZE))
 def test_paged_matches_contiguous(name, backend):
