@@ -148,13 +148,17 @@ def test_twin_matches_the_definition(name):
 @pytest.mark.parametrize("name", list(PAGE_SIZE))
 def test_paged_matches_contiguous(name, backend):
     """The same caches paged through a shuffled table (spare pages of NaN, odd page sizes)
-    give the same output and lse, and the append lands in the right pages."""
+    give the same output and lse, and the append lands in the right pages. Table entries
+    past a sequence's pages are -1: they are never read."""
     q, k_cache, v_cache, k, v, seqlens, kwargs = _inputs(name, torch.float32)
     page_size = PAGE_SIZE[name]
     order = torch.randperm(k_cache.shape[0] * k_cache.shape[1] // page_size + 2)
     (k_pool, table), (v_pool, _) = (_paged(c, page_size, order) for c in (k_cache, v_cache))
+    n_new = q.shape[1] if k is not None else 0
+    length = seqlens.clamp(0, k_cache.shape[1] - n_new) + n_new
+    unused = torch.arange(table.shape[1]) * page_size >= length[:, None]
     flat = _run(q, k_cache, v_cache, k, v, seqlens, kwargs, backend)
-    paged = _run(q, k_pool, v_pool, k, v, seqlens, kwargs, backend, table)
+    paged = _run(q, k_pool, v_pool, k, v, seqlens, kwargs, backend, table.masked_fill(unused, -1))
     torch.testing.assert_close(paged[:2], flat[:2], rtol=1e-6, atol=1e-6)
     for pool, cache in zip(paged[2:], flat[2:]):
         _exact(pool[table.long()].flatten(1, 2), cache)
