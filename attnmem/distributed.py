@@ -24,6 +24,7 @@ Sharded inputs and outputs (sequence shards, memory slots, weights over the slot
 their gradients on their rank.
 """
 
+import functools
 import math
 
 import torch
@@ -66,21 +67,22 @@ def _global_rank(group, rank):
 
 
 class _Ring:
-    """Sends to the next rank and receives from the previous one, without waiting."""
+    """Sends to a rank ahead and receives from the rank as far behind, without waiting."""
 
     def __init__(self, group):
         self.group = group
         self.world, self.rank = _group(group)
-        self.next = _global_rank(group, (self.rank + 1) % self.world)
-        self.prev = _global_rank(group, (self.rank - 1) % self.world)
 
-    def shift(self, tensor):
-        """Start sending tensor on and receiving the previous rank's: -> (buffer, requests);
-        the buffer holds the received tensor once every request has been waited on."""
+    def shift(self, tensor, hops=1):
+        """Start sending tensor to the rank hops ahead and receiving from the rank hops
+        behind: -> (buffer, requests); the buffer holds the received tensor once every
+        request has been waited on."""
         received = torch.empty_like(tensor)
+        to, source = ((_global_rank(self.group, (self.rank + sign * hops) % self.world))
+                      for sign in (1, -1))
         requests = dist.batch_isend_irecv([
-            dist.P2POp(dist.isend, tensor, self.next, self.group),
-            dist.P2POp(dist.irecv, received, self.prev, self.group)])
+            dist.P2POp(dist.isend, tensor, to, self.group),
+            dist.P2POp(dist.irecv, received, source, self.group)])
         return received, requests
 
 
@@ -222,6 +224,15 @@ def _ring_pairs(rank, src, world, n_q, n_k, causal, left, right, has_lengths):
     return calls
 
 
+@functools.lru_cache(maxsize=256)
+def _ring_steps(world, n_q, n_k, causal, left, right, has_lengths):
+    """How many steps of the ring some rank has work in: with a one-sided window (a causal
+    sliding window) the shards stop travelling once no rank needs them."""
+    return 1 + max((step for step in range(world) for rank in range(world)
+                    if _ring_pairs(rank, (rank - step) % world, world, n_q, n_k, causal, left,
+                                   right, has_lengths)), default=0)
+
+
 def _local_lengths(kv_lengths, key_start, n_keys):
     return None if kv_lengths is None else (kv_lengths - key_start).clamp(0, n_keys)
 
@@ -243,9 +254,10 @@ class _RingAttention(torch.autograd.Function):
         out = torch.zeros(q.shape, dtype=ct, device=q.device)
         lse = torch.full(q.shape[:3], -math.inf, dtype=ct, device=q.device)
         kv = torch.stack([k, v])
-        for step in range(ring.world):
+        steps = _ring_steps(ring.world, n_q, n_k, causal, left, right, kv_lengths is not None)
+        for step in range(steps):
             src = (ring.rank - step) % ring.world
-            if step < ring.world - 1:
+            if step < steps - 1:
                 received, requests = ring.shift(kv)
             for rows, keys, l_side, r_side, start in _ring_pairs(
                     ring.rank, src, ring.world, n_q, n_k, causal, left, right,
@@ -255,7 +267,7 @@ class _RingAttention(torch.autograd.Function):
                     window=(l_side, r_side), return_lse=True,
                     kv_lengths=_local_lengths(kv_lengths, start, keys.stop - keys.start))
                 _merge(out[:, :, rows], lse[:, :, rows], part, part_lse)
-            if step < ring.world - 1:
+            if step < steps - 1:
                 _wait(requests)
                 kv = received
         out = out.to(q.dtype)
@@ -277,9 +289,10 @@ class _RingAttention(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=ct, device=q.device)
         kv = torch.stack([k, v])
         dkv_received, dkv_requests = None, []
-        for step in range(ring.world):
+        steps = _ring_steps(ring.world, n_q, n_k, causal, left, right, kv_lengths is not None)
+        for step in range(steps):
             src = (ring.rank - step) % ring.world
-            if step < ring.world - 1:
+            if step < steps - 1:
                 received, requests = ring.shift(kv)
             dkv = torch.zeros(kv.shape, dtype=ct, device=kv.device)
             for rows, keys, l_side, r_side, start in _ring_pairs(
@@ -300,13 +313,16 @@ class _RingAttention(torch.autograd.Function):
                 # was computed while they travelled.
                 _wait(dkv_requests)
                 dkv += dkv_received
-            if ring.world > 1:
-                # After the last step this sends src's gradients home, to rank src.
+            if step < steps - 1:
                 dkv_received, dkv_requests = ring.shift(dkv)
-            if step < ring.world - 1:
+            elif steps > 1:
+                # Home to rank src (the next rank when the ring went all the way round),
+                # while this rank's own gradients come back from `step` ranks ahead.
+                dkv_received, dkv_requests = ring.shift(dkv, -step)
+            if step < steps - 1:
                 _wait(requests)
                 kv = received
-        if ring.world > 1:
+        if steps > 1:
             _wait(dkv_requests)
             dkv = dkv_received
         return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None,
@@ -327,8 +343,11 @@ def ring_attention(q, k, v, *, group=None, causal=False, window=None, kv_lengths
     global key lengths (the same tensor on every rank); GQA as there. Key/value shards go
     round the ring with point-to-point sends that overlap the attention on the shard in hand
     (W - 1 sends of k and v forward; backward, W - 1 of k and v and W of their float32
-    gradients); pairs of chunks that a mask empties are skipped, but every shard still goes
-    round. A query that sees no key outputs zeros, has lse -inf and gets zero gradients.
+    gradients). Pairs of chunks that a mask empties are skipped, and the shards stop going
+    round once no rank needs them: a sliding window, window=(left, 0) with causal=False on
+    contiguous shards, takes 1 + ceil(left / shard length) steps. With causal=True every
+    shard goes all the way round (each zig-zag shard borders ranks on both sides). A query
+    that sees no key outputs zeros, has lse -inf and gets zero gradients.
     """
     world, _ = _group(group)
     # Shapes, dtypes, devices, heads and scale as attnmem.attention checks them; the window

@@ -76,6 +76,9 @@ ATTENTION_CASES = [
     (2, 2, 2, 5, 5, 4, False, (3, 2), [13, 1], torch.float64),
     (1, 2, 1, 4, 8, 4, True, None, None, torch.float64),
     (1, 2, 2, 5, 3, 4, False, (2, 4), None, torch.float64),
+    # sliding windows on contiguous shards: the ring stops after 2 steps, or after 1
+    (2, 2, 1, 6, 6, 4, False, (4, 0), [17, 3], torch.float64),
+    (1, 2, 2, 4, 4, 4, False, (0, 0), None, torch.float64),
     (2, 4, 2, 8, 8, 16, True, (9, 0), None, torch.float32),
     (2, 2, 1, 6, 6, 8, False, None, [15, 4], torch.float32),
 ]
