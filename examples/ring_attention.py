@@ -95,14 +95,31 @@ def run(args):
     # A memory of --slots slots, split across the ranks along the slots.
     slots = args.slots
     memory = torch.randn(b, slots, d, device=device, dtype=dtype)
-    keys = torch.randn(b, 4, d, device=device, dtype=dtype)
-    mine = torch.tensor_split(memory, world, 1)[rank]
-    read = distributed.memory_attend(mine, keys, similarity="scaled_dot")
-    expect = attnmem.memory_attend(memory, keys, similarity="scaled_dot")
-    err = torch.tensor((read.float() - expect.float()).abs().max().item(), device=device)
+    keys = torch.randn(b, 4, d, device=device, dtype=dtype, requires_grad=True)
+    mine = torch.tensor_split(memory, world, 1)[rank].clone().requires_grad_()
+    whole_memory = memory.clone().requires_grad_()
+
+    def sharded_step():
+        read = distributed.memory_attend(mine, keys, similarity="scaled_dot")
+        return read, torch.autograd.grad(read.sum(), (mine, keys))
+
+    def whole_memory_step():
+        read = attnmem.memory_attend(whole_memory, keys, similarity="scaled_dot")
+        return read, torch.autograd.grad(read.sum(), (whole_memory, keys))
+
+    (read, (_, dkeys)), (expect, (_, expect_dkeys)) = sharded_step(), whole_memory_step()
+    err = torch.tensor(max((read.float() - expect.float()).abs().max().item(),
+                           (dkeys.float() - expect_dkeys.float()).abs().max().item()),
+                       device=device)
     dist.all_reduce(err, op=dist.ReduceOp.MAX)
-    say(f"\nsharded memory: {slots} slots, {mine.shape[1]} on rank 0; max |sharded read - one "
-        f"process| {err.item():.2e}")
+    say(f"\nsharded memory: {slots} slots, {mine.shape[1]} on rank 0; max |sharded - one "
+        f"process| over the read and dkeys {err.item():.2e}")
+    memory_ms = torch.tensor(median_ms(sharded_step, device, args.reps), device=device)
+    dist.all_reduce(memory_ms, op=dist.ReduceOp.MAX)
+    say(f"sharded memory_attend forward+backward: {memory_ms.item():.1f} ms a step")
+    if args.time_whole:
+        say(f"one process, whole memory: {median_ms(whole_memory_step, device, args.reps):.1f}"
+            " ms a step")
 
 
 def worker(rank, world, port, args):
@@ -128,7 +145,8 @@ def main():
     parser.add_argument("--slots", type=int, default=100_000)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--time-whole", action="store_true",
-                        help="also time attention on the whole sequence in each process")
+                        help="also time attention on the whole sequence, and the whole "
+                        "memory, in each process")
     args = parser.parse_args()
     if "RANK" in os.environ:  # started by torchrun
         cuda = torch.cuda.is_available()
