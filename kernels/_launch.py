@@ -48,3 +48,38 @@ def within(offs, size, WHOLE: tl.constexpr):
     if WHOLE:
         ok = tl.full(offs.shape, 1, tl.int1)
     return ok
+
+
+_TUNERS = {}
+
+
+def autotuned(fn, configs, key, **options):
+    """fn under triton.autotune over `configs` (dicts of constexprs with num_warps and
+    num_stages), one autotuner per (fn, configs, key, options). Tuning results are kept on
+    disk in triton's cache where the installed triton can (its cache_results option: keyed
+    by the kernel source, the target, the configs and the key), so that a new process skips
+    the benchmarking; older tritons tune once per process."""
+    import inspect
+
+    frozen = (fn, tuple(tuple(sorted(c.items())) for c in configs), tuple(key),
+              tuple(sorted((k, tuple(v)) for k, v in options.items())))
+    if frozen not in _TUNERS:
+        if "cache_results" in inspect.signature(triton.autotune).parameters:
+            options = dict(options, cache_results=True)
+        _TUNERS[frozen] = triton.autotune(
+            [triton.Config({k: v for k, v in c.items() if not k.startswith("num_")},
+                           num_warps=c["num_warps"], num_stages=c["num_stages"])
+             for c in configs], key=list(key), **options)(fn)
+    return _TUNERS[frozen]
+
+
+def launch(fn, grid, args, meta, configs, key, interpret_config, **options):
+    """Launch fn(*args, **meta): at interpret_config under the interpreter (small tiles, so
+    test sizes span several), else autotuned over configs (see autotuned; options such as
+    reset_to_zero and restore_value go to triton.autotune). grid: the config's constexprs ->
+    the launch grid."""
+    if interpreting():
+        config = dict(interpret_config)
+        fn[grid(config)](*args, **meta, **config)
+        return
+    autotuned(fn, configs, key, **options)[grid](*args, **meta)

@@ -8,17 +8,48 @@ The backward's programs each own a split of the slots: they write dMemory and dW
 their slots and accumulate dErase and dAdd into their own partial rows, summed by the
 launcher; no atomics. The product over the other heads is recomputed, not divided out:
 1 - w e is exactly 0 under a full erase.
+
+Width chunks of at most 64 and the configs of `configs_for` keep every tile in registers:
+none spills on sm_90 (tests/test_memory_write.py). Slots per tile, warps and stages are
+autotuned per width chunk, head count and dtype.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from attnmem.kernels._launch import interpreting, lastdim_contiguous, slot_splits, within
+from attnmem.kernels._launch import interpreting, lastdim_contiguous, launch, slot_splits, within
 
-BLOCK_N = 64
-INTERPRET_BLOCK_N = 16
-MAX_BLOCK_D = 128
+MAX_BLOCK_D = 64
+# (BLOCK_N, num_warps, num_stages) per kernel, element size and width chunk: the configs
+# that compile without register spills on sm_90 and move memory tiles 16 bytes at a time
+# (tests/test_memory_write.py fails on either). ptxas is not monotonic in the tile size: a
+# smaller tile can spill where a larger one does not, hence a measured table.
+CONFIGS = {
+    ("fwd", 2, 16): [(64, 4, 1), (128, 8, 1)],
+    ("fwd", 2, 32): [(64, 4, 1), (32, 4, 1), (128, 8, 1), (64, 8, 1)],
+    ("fwd", 2, 64): [(64, 4, 1), (32, 4, 1), (128, 8, 1), (64, 8, 1)],
+    ("fwd", 4, 16): [(64, 4, 1), (32, 4, 1), (128, 8, 1), (64, 8, 1)],
+    ("fwd", 4, 32): [(64, 4, 1), (32, 4, 1), (128, 8, 1), (64, 8, 1)],
+    ("fwd", 4, 64): [(64, 4, 1), (32, 4, 1), (128, 8, 1), (64, 8, 1)],
+    ("bwd", 2, 16): [(64, 4, 2)],
+    ("bwd", 2, 32): [(32, 4, 2), (64, 8, 2), (64, 4, 2)],
+    ("bwd", 2, 64): [(64, 8, 2), (16, 4, 3), (32, 8, 3), (64, 4, 2)],
+    ("bwd", 4, 16): [(64, 8, 2), (64, 4, 2)],
+    ("bwd", 4, 32): [(16, 4, 3), (32, 8, 3), (64, 4, 2)],
+    ("bwd", 4, 64): [(32, 4, 2), (64, 8, 2), (16, 4, 3), (64, 4, 2)],
+}
+# The backward's splits are whole multiples of the largest BLOCK_N: its grid is the same
+# for every config.
+SPLIT_QUANTUM = 64
+INTERPRET_CONFIG = dict(BLOCK_N=16, num_warps=1, num_stages=1)
+
+
+def configs_for(kernel, block_d, elem):
+    """The autotuning configs of kernel ("fwd" or "bwd") at this width chunk and element
+    size."""
+    return [dict(BLOCK_N=n, num_warps=w, num_stages=s)
+            for n, w, s in CONFIGS[(kernel, elem, block_d)]]
 
 
 @triton.jit
@@ -118,12 +149,11 @@ def _memory_write_bwd(dout_ptr, mem_ptr, weights_ptr, erase_ptr, add_ptr, dmem_p
                          + tl.sum(dout * w[:, None], 0), mask=d_ok)
 
 
-def _blocks(width):
-    block_n = INTERPRET_BLOCK_N if interpreting() else BLOCK_N
+def _block_d(width):
     block_d = min(MAX_BLOCK_D, max(16, triton.next_power_of_2(width)))
     if interpreting():
         block_d = min(block_d, 32)  # several width chunks even on test sizes
-    return block_n, block_d
+    return block_d
 
 
 def memory_write_forward(memory, weights, erase, add, out=None):
@@ -135,11 +165,14 @@ def memory_write_forward(memory, weights, erase, add, out=None):
         else out
     if memory.numel() == 0:
         return out
-    block_n, block_d = _blocks(width)
-    _memory_write_fwd[(triton.cdiv(n_slots, block_n), batch)](
-        memory, weights, erase, add, out, memory.stride(0), memory.stride(1), out.stride(0),
-        out.stride(1), weights.shape[1], n_slots, width, EVEN_D=width % block_d == 0,
-        BLOCK_N=block_n, BLOCK_D=block_d)
+    block_d = _block_d(width)
+    # Tuning runs the kernel several times: out is restored after each, as it may be memory.
+    launch(_memory_write_fwd, lambda m: (triton.cdiv(n_slots, m["BLOCK_N"]), batch),
+           (memory, weights, erase, add, out, memory.stride(0), memory.stride(1), out.stride(0),
+            out.stride(1), weights.shape[1], n_slots, width),
+           dict(EVEN_D=width % block_d == 0, BLOCK_D=block_d),
+           configs_for("fwd", block_d, memory.element_size()),
+           ["BLOCK_D", "EVEN_D", "n_writes"], INTERPRET_CONFIG, restore_value=["out_ptr"])
     return out
 
 
@@ -149,18 +182,22 @@ def memory_write_backward(dout, memory, weights, erase, add):
     weights, erase, add = (x.contiguous() for x in (weights, erase, add))
     batch, n_slots, width = memory.shape
     n_writes = weights.shape[1]
-    block_n, block_d = _blocks(width)
-    split_len, n_splits = slot_splits(n_slots, batch, block_n, memory.device)
+    block_d = _block_d(width)
+    quantum = INTERPRET_CONFIG["BLOCK_N"] if interpreting() else SPLIT_QUANTUM
+    split_len, n_splits = slot_splits(n_slots, batch, quantum, memory.device)
     f32 = dict(dtype=torch.float32, device=memory.device)
     dmemory = torch.empty(memory.shape, dtype=memory.dtype, device=memory.device)
     dweights = torch.zeros(weights.shape, **f32)
     part_derase = torch.zeros((batch, n_splits, n_writes, width), **f32)
     part_dadd = torch.zeros((batch, n_splits, n_writes, width), **f32)
     if memory.numel():
-        _memory_write_bwd[(n_splits, batch)](
-            dout, memory, weights, erase, add, dmemory, dweights, part_derase, part_dadd,
-            dout.stride(0), dout.stride(1), memory.stride(0), memory.stride(1),
-            dmemory.stride(0), dmemory.stride(1), n_writes, n_slots, width, split_len,
-            EVEN_D=width % block_d == 0, BLOCK_N=block_n, BLOCK_D=block_d)
+        launch(_memory_write_bwd, lambda m: (n_splits, batch),
+               (dout, memory, weights, erase, add, dmemory, dweights, part_derase, part_dadd,
+                dout.stride(0), dout.stride(1), memory.stride(0), memory.stride(1),
+                dmemory.stride(0), dmemory.stride(1), n_writes, n_slots, width, split_len),
+               dict(EVEN_D=width % block_d == 0, BLOCK_D=block_d),
+               configs_for("bwd", block_d, memory.element_size()),
+               ["BLOCK_D", "EVEN_D", "n_writes"], INTERPRET_CONFIG,
+               reset_to_zero=["dweights_ptr", "part_derase_ptr", "part_dadd_ptr"])
     return (dmemory, dweights.to(weights.dtype), part_derase.sum(1).to(erase.dtype),
             part_dadd.sum(1).to(add.dtype))

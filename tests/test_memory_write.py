@@ -50,30 +50,59 @@ def test_inplace_matches(backend):
     torch.testing.assert_close(memory, expect)
 
 
-def _job(kernel, arch, dtype, even=True):
-    pointers = {"mem_ptr": dtype, "weights_ptr": dtype, "erase_ptr": dtype, "add_ptr": dtype}
-    if kernel == "_memory_write_fwd":
-        pointers["out_ptr"] = dtype
+def _job(kernel, arch, dtype, block_d, config, even=True):
+    t = TRITON_TYPES[dtype]
+    pointers = {"mem_ptr": t, "weights_ptr": t, "erase_ptr": t, "add_ptr": t}
+    if kernel == "fwd":
+        pointers["out_ptr"] = t
     else:
-        pointers.update({"dout_ptr": dtype, "dmem_ptr": dtype, "dweights_ptr": "fp32",
+        pointers.update({"dout_ptr": t, "dmem_ptr": t, "dweights_ptr": "fp32",
                          "part_derase_ptr": "fp32", "part_dadd_ptr": "fp32"})
-    return dict(module="attnmem.kernels.memory_write", kernel=kernel, arch=arch,
-                constexprs=dict(EVEN_D=even, BLOCK_N=64, BLOCK_D=128), pointers=pointers,
-                num_warps=4, num_stages=3)
+    return dict(module="attnmem.kernels.memory_write", kernel=f"_memory_write_{kernel}",
+                arch=arch, constexprs=dict(EVEN_D=even, BLOCK_N=config["BLOCK_N"],
+                                           BLOCK_D=block_d),
+                pointers=pointers, num_warps=config["num_warps"],
+                num_stages=config["num_stages"])
+
+
+def _jobs():
+    """Every config of the tables at its width chunk in every dtype on sm_90, at the widest
+    chunk on sm_80, and masked (odd) widths at the first config."""
+    from attnmem.kernels import memory_write as kernel_module
+
+    jobs = {}
+    widths = [d for d in (16, 32, 64) if d <= kernel_module.MAX_BLOCK_D]
+    for kernel in ("fwd", "bwd"):
+        for dtype in ("float16", "bfloat16", "float32"):
+            elem = 4 if dtype == "float32" else 2
+            for block_d in widths:
+                for config in kernel_module.configs_for(kernel, block_d, elem):
+                    name = "-".join(f"{k}{v}" for k, v in config.items())
+                    jobs[f"{kernel}-sm90-{dtype}-d{block_d}-{name}"] = _job(
+                        kernel, 90, dtype, block_d, config)
+                    if block_d == widths[-1] and dtype != "bfloat16":
+                        jobs[f"{kernel}-sm80-{dtype}-d{block_d}-{name}"] = _job(
+                            kernel, 80, dtype, block_d, config)
+            config = kernel_module.configs_for(kernel, widths[-1], elem)[0]
+            jobs[f"{kernel}-sm90-{dtype}-odd-width"] = _job(kernel, 90, dtype, widths[-1],
+                                                            config, even=False)
+    return jobs
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("aot")
-def test_kernels_compile_for_sm80_and_sm90():
-    jobs = {f"{k}-sm{arch}-{dt}": _job(k, arch, TRITON_TYPES[dt])
-            for k in ("_memory_write_fwd", "_memory_write_bwd") for arch in (80, 90)
-            for dt in ("float16", "bfloat16", "float32")}
-    jobs.update({f"{k}-sm90-float16-odd-width": _job(k, 90, "fp16", even=False)
-                 for k in ("_memory_write_fwd", "_memory_write_bwd")})
+def test_every_config_compiles_without_spills():
+    """Issue 15: no register spills on sm_90 at any width (wider slots are walked in chunks
+    of MAX_BLOCK_D; write heads are a loop), and whole-block widths move memory tiles 16
+    bytes at a time."""
+    jobs = _jobs()
     results = dict(zip(jobs, compile_all(list(jobs.values()))))
     failures = {k: r["error"] for k, r in results.items() if r["error"]}
     assert not failures, failures
-    # Whole-block widths move memory tiles 16 bytes at a time (issue 15).
+    spills = {k: (r["registers"], r["spill_stores"], r["spill_loads"])
+              for k, r in results.items()
+              if "sm90" in k and (r["spill_stores"] or r["spill_loads"])}
+    assert not spills, spills
     scalar = [k for k, r in results.items() if "odd" not in k
               and not (r["vector_loads"] and r["vector_stores"])]
     assert not scalar, scalar
