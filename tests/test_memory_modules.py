@@ -59,6 +59,42 @@ def test_ntm_backends_agree():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("backend", ["torch"] + (
+    [pytest.param("triton", marks=pytest.mark.slow)] if INTERPRET else []))
+def test_ntm_training_step_traces_whole_and_matches_eager(backend):
+    """Issue 15: a whole NTM training step (forward, loss, backward) under
+    torch.compile(fullgraph=True): no host sync or data-dependent branch breaks the graph,
+    which is what a CUDA graph (mode="reduce-overhead", NTM.graphed) needs."""
+    torch.manual_seed(0)
+    ntm = NTM(5, 4, controller_size=16, memory_slots=12, memory_width=6, read_heads=2,
+              write_heads=2)
+    x, target = torch.randn(4, 3, 5), torch.rand(4, 3, 4)
+
+    def loss_fn(x, target):
+        out, state = ntm(x)
+        return (torch.nn.functional.binary_cross_entropy_with_logits(out, target)
+                + state.memory.square().mean())
+
+    params = list(ntm.parameters())
+    torch._dynamo.reset()
+    with attnmem.use_backend(backend):
+        expect = loss_fn(x, target)
+        expect_grads = torch.autograd.grad(expect, params)
+        got = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(x, target)
+        got_grads = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got, expect)
+    for a, b in zip(got_grads, expect_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_ntm_graphed_needs_cuda():
+    ntm = NTM(5, 4, controller_size=8, memory_slots=6, memory_width=4)
+    with pytest.raises(ValueError, match="CUDA device"):
+        ntm.graphed(torch.randn(3, 2, 5))
+    with pytest.raises(ValueError, match="sample_inputs"):
+        ntm.graphed(torch.randn(3, 2, 7))
+
+
 def test_memn2n_position_encoding_and_tying():
     l = MemN2N.position_weights(4, 3)  # noqa: E741 (the paper's name)
     assert torch.isclose(l[0, 0], torch.tensor((1 - 1 / 4) - (1 / 3) * (1 - 2 / 4)))

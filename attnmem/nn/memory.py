@@ -33,6 +33,14 @@ class NTM(nn.Module):
 
     memory_init: "learned" (a trained (N, M) matrix) or "constant" (every cell 1e-6).
     Inputs (T, B, input_size), or (B, T, input_size) with batch_first.
+
+    A step makes a dozen small kernel launches, too few cycles each to keep a GPU busy at
+    the sizes NTMs train with (a 128 x 20 memory, batch 16). `step` and `forward` have no
+    host syncs, no data-dependent branches and static shapes, so a whole sequence can run as
+    one CUDA graph: `torch.compile(model, mode="reduce-overhead")` (traced whole, no graph
+    breaks: tests/test_memory_modules.py checks it on the CPU), or `model.graphed(inputs)`,
+    which captures forward and backward for one input shape. Neither CUDA-graph path has
+    been run on a GPU yet.
     """
 
     def __init__(self, input_size, output_size, controller_size=100, memory_slots=128,
@@ -122,6 +130,23 @@ class NTM(nn.Module):
         y = self.output(torch.cat([h, reads.flatten(1)], dim=1))
         return y, NTMState(h, c, memory, read_weights, write_weights, reads)
 
+    def graphed(self, sample_inputs: torch.Tensor):
+        """This model's forward from the initial state and its backward captured in CUDA
+        graphs (torch.cuda.make_graphed_callables) for inputs of sample_inputs' shape: a
+        callable inputs (T, B, I) -> (outputs, final state) like `self(inputs)`, replaying
+        one graph forward and one backward instead of launching every kernel. The model and
+        the inputs must be on a CUDA device, in training mode as they will be used; other
+        shapes need another `graphed`. Capture runs the model a few times first (warm-up,
+        autotuning) and leaves `self` unchanged. Untested on a GPU so far."""
+        _checks.tensor("sample_inputs", sample_inputs,
+                       [("B", "T", self.input_size) if self.batch_first
+                        else ("T", "B", self.input_size)], self.read_init)
+        if sample_inputs.device.type != "cuda":
+            raise ValueError(f"NTM.graphed captures CUDA graphs: the model and sample_inputs "
+                             f"must be on a CUDA device, got {sample_inputs.device}; on the "
+                             f"CPU call the model itself")
+        return torch.cuda.make_graphed_callables(_Sequence(self), (sample_inputs,))
+
     def forward(self, inputs: torch.Tensor, state: Optional[NTMState] = None):
         """The whole sequence: inputs (T, B, I) -> (outputs (T, B, O), final state); T = 0
         gives no outputs and the state it was given (the initial one by default)."""
@@ -139,6 +164,18 @@ class NTM(nn.Module):
             outputs.append(y[None])
         outputs = torch.cat(outputs)
         return (outputs.transpose(0, 1) if self.batch_first else outputs), state
+
+
+class _Sequence(nn.Module):
+    """ntm(inputs) from the initial state, as a module of its own: make_graphed_callables
+    replaces the forward of the module it is given, and takes its parameters from it."""
+
+    def __init__(self, ntm):
+        super().__init__()
+        self.ntm = ntm
+
+    def forward(self, inputs):
+        return self.ntm(inputs)
 
 
 class MemN2N(nn.Module):
