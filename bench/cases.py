@@ -319,3 +319,61 @@ def build_decode(point, device):
     fn = _decode_fn(point["provider"], q, k, v, point["page_size"])
     work = q.element_size() * (2 * k.numel() + 2 * q.numel())
     return _timed("fwd", fn, ()), work
+
+
+# NTM training steps on the copy task (issue 15): not in OPS; `python -m bench.ntm` runs
+# them. x is the copy length L: a sequence is 2L + 1 NTM steps. A 128 x 20 memory, batch 16,
+# 8-bit vectors, an LSTM controller of 100, as NTMs train.
+NTM_PROVIDERS = ("attnmem", "attnmem-graphed", "eager", "compile")
+NTM_SIZES = {
+    "gpu": dict(x=[5, 10, 20], batch=16, slots=128, width=20, heads=2),
+    "cpu": dict(x=[5, 10, 20], batch=16, slots=128, width=20, heads=2),
+    "quick": dict(x=[5, 10], batch=16, slots=128, width=20, heads=2),
+    "smoke": dict(x=[2], batch=2, slots=16, width=4, heads=1),
+}
+NTM_BITS = 8
+
+
+def ntm_points(profile):
+    sizes = NTM_SIZES[profile]
+    fixed = {k: v for k, v in sizes.items() if k != "x"}
+    return [dict(op="ntm", provider=provider, mode="train", x=x, **fixed)
+            for provider in NTM_PROVIDERS for x in sizes["x"]]
+
+
+def build_ntm(point, device):
+    """(fn, None): one training step (forward over the sequence, loss, backward, Adam) of
+    attnmem's NTM on its default backend ("attnmem"), replayed from CUDA graphs
+    ("attnmem-graphed", NTM.graphed: CUDA only), on the pure-torch twins ("eager": the same
+    model in eager torch) or under torch.compile ("compile": mode="reduce-overhead", CUDA
+    graphs, on a GPU)."""
+    from attnmem.nn import NTM
+
+    provider, length, batch = point["provider"], point["x"], point["batch"]
+    generator = torch.Generator().manual_seed(length)
+    seq = torch.randint(0, 2, (length, batch, NTM_BITS), generator=generator).float()
+    inputs = torch.zeros(2 * length + 1, batch, NTM_BITS + 1)
+    inputs[:length, :, :NTM_BITS] = seq
+    inputs[length, :, NTM_BITS] = 1.0
+    inputs, targets = inputs.to(device), seq.to(device)
+    torch.manual_seed(0)
+    model = NTM(NTM_BITS + 1, NTM_BITS, controller_size=100, memory_slots=point["slots"],
+                memory_width=point["width"], read_heads=point["heads"],
+                write_heads=point["heads"]).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    forward = model
+    if provider == "attnmem-graphed":
+        forward = model.graphed(inputs)
+    elif provider == "compile":
+        cuda = torch.device(device).type == "cuda"
+        forward = torch.compile(model, mode="reduce-overhead" if cuda else None)
+    backend = "torch" if provider == "eager" else "auto"
+
+    def step():
+        with attnmem.use_backend(backend):
+            out, _ = forward(inputs)
+            loss = F.binary_cross_entropy_with_logits(out[length + 1:], targets)
+        optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        optimizer.step()
+    return step, None
