@@ -2,18 +2,54 @@
 
 The forward splits the slots across programs (few heads over a large memory still fill a
 GPU) and sums the per-split partial reads; the backward's programs own slot tiles and
-write dMemory = w^T dr and dWeights = dr M^T for them. Both walk D in chunks: any width.
+write dMemory = w^T dr and dWeights = dr M^T for them. Both walk D in chunks of BLOCK_D and
+the heads in blocks of BLOCK_R, so that no tile outgrows the registers: any width, any
+number of heads. Tile sizes, warps and stages are autotuned per width bucket, head block
+and dtype over the configs of `configs_for`, all of which compile without register spills
+on sm_80 and sm_90 (tests/test_memory_read.py).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from attnmem.kernels._launch import interpreting, lastdim_contiguous, slot_splits, within
+from attnmem.kernels._launch import interpreting, lastdim_contiguous, launch, slot_splits, within
 
-BLOCK_N = 64
-INTERPRET_BLOCK_N = 16
-MAX_BLOCK_D = 128
+# Heads per block: tl.dot's smallest M. More heads loop over blocks of 16.
+BLOCK_R = 16
+# Width chunk: 16-bit memories up to 128, float32 up to 64 (full-precision float32 dots run
+# on FMA units and hold their operands in registers).
+MAX_BLOCK_D = {2: 128, 4: 64}
+# (BLOCK_N, num_warps, num_stages) per kernel, element size and width chunk: the configs
+# that compile without register spills on sm_90 and load memory tiles 16 bytes at a time
+# (tests/test_memory_read.py fails on any spill or scalar load). ptxas is not monotonic in
+# the tile size: a smaller tile can spill where a larger one does not, hence a table.
+CONFIGS = {
+    ("fwd", 2, 16): [(64, 4, 3), (128, 8, 4)],
+    ("fwd", 2, 32): [(64, 4, 3), (128, 8, 4), (32, 4, 4)],
+    ("fwd", 2, 64): [(64, 4, 3), (128, 4, 3), (128, 8, 4), (32, 4, 4)],
+    ("fwd", 2, 128): [(64, 4, 3), (128, 4, 3), (128, 8, 4), (32, 4, 4)],
+    ("fwd", 4, 16): [(128, 4, 3), (128, 8, 4)],
+    ("fwd", 4, 32): [(128, 4, 3), (128, 8, 4), (32, 4, 4)],
+    ("fwd", 4, 64): [(128, 8, 4), (32, 4, 4)],
+    ("bwd", 2, 16): [(64, 4, 2), (128, 8, 2)],
+    ("bwd", 2, 32): [(64, 4, 2), (32, 4, 2), (64, 8, 2), (128, 8, 2)],
+    ("bwd", 2, 64): [(64, 4, 2), (32, 4, 2), (64, 8, 2), (128, 8, 2)],
+    ("bwd", 2, 128): [(64, 4, 2), (32, 4, 2), (64, 8, 2), (128, 8, 2)],
+    ("bwd", 4, 16): [(32, 4, 2), (64, 8, 2), (128, 8, 2)],
+    ("bwd", 4, 32): [(32, 4, 2), (64, 8, 2), (128, 8, 2)],
+    ("bwd", 4, 64): [(64, 4, 2), (32, 4, 2)],
+}
+# Forward splits are whole multiples of the largest BLOCK_N: the grid is the same for all.
+SPLIT_QUANTUM = 128
+INTERPRET_CONFIG = dict(BLOCK_N=16, num_warps=1, num_stages=1)
+
+
+def configs_for(kernel, block_d, elem):
+    """The autotuning configs of kernel ("fwd" or "bwd") at this width chunk and element
+    size."""
+    return [dict(BLOCK_N=n, num_warps=w, num_stages=s)
+            for n, w, s in CONFIGS[(kernel, elem, block_d)]]
 
 
 @triton.jit
@@ -25,23 +61,26 @@ def _memory_read_fwd(mem_ptr, weights_ptr, part_ptr, stride_mb, stride_mn, strid
     b = tl.program_id(1).to(tl.int64)
     n_splits = tl.num_programs(0)
     stride_mn = tl.cast(stride_mn, tl.int64)
-    heads = tl.arange(0, BLOCK_R)
     start = split * split_len
     end = tl.minimum(start + split_len, n_slots)
-    rows = (b * n_splits + split) * n_heads + heads
-    for d0 in range(0, width, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = within(offs_d, width, EVEN_D)
-        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
-            slots = n0 + tl.arange(0, BLOCK_N)
-            w = tl.load(weights_ptr + b * stride_wb + heads[:, None] * stride_wr + slots[None, :],
-                        mask=(heads[:, None] < n_heads) & (slots[None, :] < end), other=0.0)
-            mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
-                          mask=(slots[:, None] < end) & d_ok[None, :], other=0.0)
-            acc = tl.dot(w.to(mem.dtype), mem, acc, input_precision=DOT_PRECISION)
-        tl.store(part_ptr + rows[:, None] * width + offs_d[None, :], acc,
-                 mask=(heads[:, None] < n_heads) & d_ok[None, :])
+    for r0 in range(0, n_heads, BLOCK_R):
+        heads = r0 + tl.arange(0, BLOCK_R)
+        rows = (b * n_splits + split) * n_heads + heads
+        for d0 in range(0, width, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = within(offs_d, width, EVEN_D)
+            acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+            for n0 in range(start, end, BLOCK_N):
+                slots = n0 + tl.arange(0, BLOCK_N)
+                w = tl.load(weights_ptr + b * stride_wb + heads[:, None] * stride_wr
+                            + slots[None, :],
+                            mask=(heads[:, None] < n_heads) & (slots[None, :] < end), other=0.0)
+                mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn
+                              + offs_d[None, :],
+                              mask=(slots[:, None] < end) & d_ok[None, :], other=0.0)
+                acc = tl.dot(w.to(mem.dtype), mem, acc, input_precision=DOT_PRECISION)
+            tl.store(part_ptr + rows[:, None] * width + offs_d[None, :], acc,
+                     mask=(heads[:, None] < n_heads) & d_ok[None, :])
 
 
 @triton.jit
@@ -52,36 +91,59 @@ def _memory_read_bwd(dread_ptr, mem_ptr, weights_ptr, dmem_ptr, dweights_ptr,
                      BLOCK_D: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     slots = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slot_ok = slots < n_slots
     stride_mn = tl.cast(stride_mn, tl.int64)
     stride_dn = tl.cast(stride_dn, tl.int64)
-    heads = tl.arange(0, BLOCK_R)
-    w_mask = (heads[:, None] < n_heads) & (slots[None, :] < n_slots)
-    w = tl.load(weights_ptr + b * stride_wb + heads[:, None] * stride_wr + slots[None, :],
-                mask=w_mask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    # dMemory of a width chunk sums every head block; dWeights of a head block sums every
+    # width chunk: two loop nests, so that each accumulator is one tile. Only the second
+    # reads memory, once.
     for d0 in range(0, width, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_ok = within(offs_d, width, EVEN_D)
-        tile = (slots[:, None] < n_slots) & d_ok[None, :]
-        dread = tl.load(dread_ptr + (b * n_heads + heads[:, None]) * width + offs_d[None, :],
-                        mask=(heads[:, None] < n_heads) & d_ok[None, :], other=0.0)
-        mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
-                      mask=tile, other=0.0)
-        dmem = tl.dot(tl.trans(w), dread, input_precision=DOT_PRECISION)
+        dmem = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for r0 in range(0, n_heads, BLOCK_R):
+            heads = r0 + tl.arange(0, BLOCK_R)
+            w = tl.load(weights_ptr + b * stride_wb + heads[:, None] * stride_wr
+                        + slots[None, :],
+                        mask=(heads[:, None] < n_heads) & slot_ok[None, :], other=0.0)
+            dread = tl.load(dread_ptr + (b * n_heads + heads[:, None]) * width + offs_d[None, :],
+                            mask=(heads[:, None] < n_heads) & d_ok[None, :], other=0.0)
+            dmem = tl.dot(tl.trans(w.to(tl.float32)), dread, dmem,
+                          input_precision=DOT_PRECISION)
         tl.store(dmem_ptr + b * stride_db + slots[:, None] * stride_dn + offs_d[None, :],
-                 dmem.to(dmem_ptr.dtype.element_ty), mask=tile)
-        dw = tl.dot(dread, tl.trans(mem.to(tl.float32)), dw, input_precision=DOT_PRECISION)
-    tl.store(dweights_ptr + (b * n_heads + heads[:, None]) * n_slots + slots[None, :],
-             dw.to(dweights_ptr.dtype.element_ty), mask=w_mask)
+                 dmem.to(dmem_ptr.dtype.element_ty), mask=slot_ok[:, None] & d_ok[None, :])
+    for r0 in range(0, n_heads, BLOCK_R):
+        heads = r0 + tl.arange(0, BLOCK_R)
+        dw = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+        for d0 in range(0, width, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = within(offs_d, width, EVEN_D)
+            dread = tl.load(dread_ptr + (b * n_heads + heads[:, None]) * width + offs_d[None, :],
+                            mask=(heads[:, None] < n_heads) & d_ok[None, :], other=0.0)
+            mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
+                          mask=slot_ok[:, None] & d_ok[None, :], other=0.0)
+            dw = tl.dot(dread, tl.trans(mem.to(tl.float32)), dw, input_precision=DOT_PRECISION)
+        tl.store(dweights_ptr + (b * n_heads + heads[:, None]) * n_slots + slots[None, :],
+                 dw.to(dweights_ptr.dtype.element_ty),
+                 mask=(heads[:, None] < n_heads) & slot_ok[None, :])
 
 
-def _meta(memory, n_heads):
-    width = memory.shape[2]
-    block_d = min(MAX_BLOCK_D, max(16, triton.next_power_of_2(width)))
-    block_d = min(block_d, 32) if interpreting() else block_d
+def block_d_for(width, elem):
+    """The width chunk: the width's power of two, at least 16, at most MAX_BLOCK_D."""
+    return min(MAX_BLOCK_D[elem], max(16, triton.next_power_of_2(width)))
+
+
+def _meta(memory):
+    width, elem = memory.shape[2], memory.element_size()
+    block_d = block_d_for(width, elem)
     return dict(DOT_PRECISION="ieee" if memory.dtype == torch.float32 else "tf32",
-                EVEN_D=width % block_d == 0, BLOCK_R=max(16, triton.next_power_of_2(n_heads)),
-                BLOCK_N=INTERPRET_BLOCK_N if interpreting() else BLOCK_N, BLOCK_D=block_d)
+                EVEN_D=width % block_d == 0, BLOCK_R=BLOCK_R, BLOCK_D=block_d)
+
+
+# Under the interpreter: width chunks of 32 at most, so that test widths span several.
+def _interpret_meta(meta, width):
+    block_d = min(meta["BLOCK_D"], 32)
+    return dict(meta, BLOCK_D=block_d, EVEN_D=width % block_d == 0)
 
 
 def memory_read_forward(memory, weights):
@@ -89,15 +151,20 @@ def memory_read_forward(memory, weights):
     memory, weights = lastdim_contiguous(memory), lastdim_contiguous(weights)
     batch, n_slots, width = memory.shape
     n_heads = weights.shape[1]
-    meta = _meta(memory, n_heads)
-    split_len, n_splits = slot_splits(n_slots, batch, meta["BLOCK_N"], memory.device)
+    meta = _meta(memory)
+    if interpreting():
+        meta = _interpret_meta(meta, width)
+    quantum = INTERPRET_CONFIG["BLOCK_N"] if interpreting() else SPLIT_QUANTUM
+    split_len, n_splits = slot_splits(n_slots, batch, quantum, memory.device)
     part = torch.empty((batch, n_splits, n_heads, width), dtype=torch.float32,
                        device=memory.device)
-    if memory.numel() == 0 or n_slots == 0:
+    if memory.numel() == 0 or n_slots == 0 or n_heads == 0:
         return part.zero_().sum(1).to(memory.dtype)
-    _memory_read_fwd[(n_splits, batch)](
-        memory, weights, part, memory.stride(0), memory.stride(1), weights.stride(0),
-        weights.stride(1), n_heads, n_slots, width, split_len, **meta)
+    launch(_memory_read_fwd, lambda m: (n_splits, batch),
+           (memory, weights, part, memory.stride(0), memory.stride(1), weights.stride(0),
+            weights.stride(1), n_heads, n_slots, width, split_len), meta,
+           configs_for("fwd", meta["BLOCK_D"], memory.element_size()),
+           ["BLOCK_D", "EVEN_D", "n_heads"], INTERPRET_CONFIG)
     return part.sum(1).to(memory.dtype)
 
 
@@ -106,14 +173,17 @@ def memory_read_backward(dread, memory, weights):
     memory, weights = lastdim_contiguous(memory), lastdim_contiguous(weights)
     dread = dread.float().contiguous()  # (B, R, D): small, and the kernel works in fp32
     batch, n_slots, width = memory.shape
-    n_heads = weights.shape[1]
-    meta = _meta(memory, n_heads)
+    meta = _meta(memory)
+    if interpreting():
+        meta = _interpret_meta(meta, width)
     dmemory = torch.empty(memory.shape, dtype=memory.dtype, device=memory.device)
     dweights = torch.empty(weights.shape, dtype=weights.dtype, device=weights.device)
     if memory.numel() == 0 or dweights.numel() == 0:
         return dmemory.zero_(), dweights.zero_()
-    _memory_read_bwd[(triton.cdiv(n_slots, meta["BLOCK_N"]), batch)](
-        dread, memory, weights, dmemory, dweights, memory.stride(0), memory.stride(1),
-        weights.stride(0), weights.stride(1), dmemory.stride(0), dmemory.stride(1),
-        n_heads, n_slots, width, **meta)
+    launch(_memory_read_bwd, lambda m: (triton.cdiv(n_slots, m["BLOCK_N"]), batch),
+           (dread, memory, weights, dmemory, dweights, memory.stride(0), memory.stride(1),
+            weights.stride(0), weights.stride(1), dmemory.stride(0), dmemory.stride(1),
+            weights.shape[1], n_slots, width), meta,
+           configs_for("bwd", meta["BLOCK_D"], memory.element_size()),
+           ["BLOCK_D", "EVEN_D", "n_heads"], INTERPRET_CONFIG)
     return dmemory, dweights

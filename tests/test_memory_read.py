@@ -34,26 +34,58 @@ def test_matches_float64(shape, dtype, backend):
     assert_close_to_float64(got, expect, base, dtype)
 
 
+def _job(kernel, arch, dtype, block_d, config, even=True):
+    from attnmem.kernels import memory_read as kernel_module
+
+    t = TRITON_TYPES[dtype]
+    pointers = {"mem_ptr": t, "weights_ptr": t}
+    pointers.update({"part_ptr": "fp32"} if kernel == "fwd" else
+                    {"dread_ptr": "fp32", "dmem_ptr": t, "dweights_ptr": t})
+    return dict(module="attnmem.kernels.memory_read", kernel=f"_memory_read_{kernel}",
+                arch=arch, pointers=pointers, num_warps=config["num_warps"],
+                num_stages=config["num_stages"],
+                constexprs=dict(DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
+                                EVEN_D=even, BLOCK_R=kernel_module.BLOCK_R,
+                                BLOCK_N=config["BLOCK_N"], BLOCK_D=block_d))
+
+
+def _jobs():
+    """Every config of the tables at every width chunk it serves, every dtype, on sm_90; on
+    sm_80 at the widest chunk; and masked (odd) widths at the first config."""
+    from attnmem.kernels import memory_read as kernel_module
+
+    jobs = {}
+    for kernel in ("fwd", "bwd"):
+        for dtype in ("float16", "bfloat16", "float32"):
+            elem = 4 if dtype == "float32" else 2
+            widths = [d for d in (16, 32, 64, 128) if d <= kernel_module.MAX_BLOCK_D[elem]]
+            for block_d in widths:
+                for config in kernel_module.configs_for(kernel, block_d, elem):
+                    name = "-".join(f"{k}{v}" for k, v in config.items())
+                    jobs[f"{kernel}-sm90-{dtype}-d{block_d}-{name}"] = _job(
+                        kernel, 90, dtype, block_d, config)
+                    if block_d == widths[-1] and dtype != "bfloat16":
+                        jobs[f"{kernel}-sm80-{dtype}-d{block_d}-{name}"] = _job(
+                            kernel, 80, dtype, block_d, config)
+            config = kernel_module.configs_for(kernel, widths[-1], elem)[0]
+            jobs[f"{kernel}-sm90-{dtype}-odd-width"] = _job(kernel, 90, dtype, widths[-1],
+                                                            config, even=False)
+    return jobs
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("aot")
-def test_kernels_compile_for_sm80_and_sm90():
-    jobs = {}
-    variants = [(arch, dtype, True) for arch in (80, 90)
-                for dtype in ("float16", "bfloat16", "float32")] + [(90, "float16", False)]
-    for kernel in ("_memory_read_fwd", "_memory_read_bwd"):
-        for arch, dtype, even in variants:
-            t = TRITON_TYPES[dtype]
-            pointers = {"mem_ptr": t, "weights_ptr": t}
-            pointers.update({"part_ptr": "fp32"} if kernel.endswith("fwd") else
-                            {"dread_ptr": "fp32", "dmem_ptr": t, "dweights_ptr": t})
-            jobs[f"{kernel}-sm{arch}-{dtype}{'' if even else '-odd-width'}"] = dict(
-                module="attnmem.kernels.memory_read", kernel=kernel, arch=arch,
-                constexprs=dict(DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
-                                EVEN_D=even, BLOCK_R=16, BLOCK_N=64, BLOCK_D=128),
-                pointers=pointers, num_warps=4, num_stages=3)
+def test_every_config_compiles_without_spills():
+    """Issue 15: no register spills on sm_90 at any width (the launcher walks wider slots in
+    chunks of MAX_BLOCK_D) or head count (blocks of BLOCK_R), and whole-block widths move
+    memory tiles 16 bytes at a time."""
+    jobs = _jobs()
     results = dict(zip(jobs, compile_all(list(jobs.values()))))
     failures = {k: r["error"] for k, r in results.items() if r["error"]}
     assert not failures, failures
-    # Whole-block widths load memory tiles 16 bytes at a time (issue 15).
+    spills = {k: (r["registers"], r["spill_stores"], r["spill_loads"])
+              for k, r in results.items()
+              if "sm90" in k and (r["spill_stores"] or r["spill_loads"])}
+    assert not spills, spills
     scalar = [k for k, r in results.items() if "odd" not in k and not r["vector_loads"]]
     assert not scalar, scalar
