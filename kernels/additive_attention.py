@@ -15,9 +15,25 @@ import triton.language as tl
 from attnmem.kernels._launch import interpreting, kv_length, lastdim_contiguous
 
 LOG2E = tl.constexpr(1.4426950408889634)
-# (BLOCK_M, BLOCK_N, BLOCK_A, num_warps): the (M, N, A) tanh tile is 16K values, 64 a thread.
-CONFIG = (64, 32, 8, 8)
+# (BLOCK_M, BLOCK_N, BLOCK_A, num_warps) per kernel ("fwd", the backward's key-owning
+# "dkv" and query-owning "dq" programs), element size and value-width bucket (BLOCK_DV up
+# to 64, or wider): the tiles that compile without register spills on sm_90 at value widths
+# up to 256 in 16-bit and 128 in float32 (tests/test_additive_attention.py fails on any).
+# float32 forwards at 256 still spill: no tiling of this kernel avoids it.
+CONFIGS = {
+    ("fwd", 2, False): (64, 32, 8, 8), ("fwd", 2, True): (64, 32, 8, 8),
+    ("fwd", 4, False): (64, 32, 8, 8), ("fwd", 4, True): (32, 32, 8, 8),
+    ("dkv", 2, False): (64, 16, 8, 8), ("dkv", 2, True): (64, 16, 8, 8),
+    ("dkv", 4, False): (64, 32, 8, 8), ("dkv", 4, True): (64, 16, 8, 8),
+    ("dq", 2, False): (32, 16, 8, 4), ("dq", 2, True): (32, 16, 8, 4),
+    ("dq", 4, False): (32, 16, 8, 4), ("dq", 4, True): (32, 16, 8, 4),
+}
 INTERPRET_CONFIG = (16, 16, 8, 1)
+
+
+def config_for(kernel, elem, block_dv):
+    """(BLOCK_M, BLOCK_N, BLOCK_A, num_warps) of kernel at this element size and BLOCK_DV."""
+    return INTERPRET_CONFIG if interpreting() else CONFIGS[(kernel, elem, block_dv > 64)]
 
 
 @triton.jit
@@ -194,12 +210,13 @@ def _additive_bwd(q_ptr, k_ptr, v_ptr, val_ptr, lengths_ptr, lse_ptr, delta_ptr,
                  mask=(offs_n[:, None] < n_k) & (offs_dv[None, :] < value_dim))
 
 
-def _meta(q, values):
-    block_m, block_n, block_a, num_warps = INTERPRET_CONFIG if interpreting() else CONFIG
+def _meta(kernel, q, values):
     value_dim = 1 if values is None else values.shape[2]
+    block_dv = max(16, triton.next_power_of_2(value_dim))
+    block_m, block_n, block_a, num_warps = config_for(kernel, q.element_size(), block_dv)
     return dict(DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_A=block_a,
-                BLOCK_DV=max(16, triton.next_power_of_2(value_dim)), num_warps=num_warps)
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_A=block_a, BLOCK_DV=block_dv,
+                num_warps=num_warps)
 
 
 def _strides(q, k, values):
@@ -220,7 +237,7 @@ def additive_attention_forward(q, k, v, values, kv_lengths, need_scores):
                         dtype=torch.float32, device=q.device)
     if batch * n_q == 0:
         return out, lse, scores
-    meta = _meta(q, values)
+    meta = _meta("fwd", q, values)
     _additive_fwd[(triton.cdiv(n_q, meta["BLOCK_M"]), batch)](
         q, k, v, values, kv_lengths, None if values is None else out, lse,
         scores if need_scores else None, *_strides(q, k, values), n_q, n_k,
@@ -245,8 +262,8 @@ def additive_attention_backward(dout, dscores, dlse, q, k, v, values, kv_lengths
         delta -= dlse.float()
     if dscores is not None:
         dscores = dscores.float().contiguous()
-    meta = _meta(q, values)
-    n_key_tiles = triton.cdiv(n_k, meta["BLOCK_N"])
+    own_keys, own_queries = _meta("dkv", q, values), _meta("dq", q, values)
+    n_key_tiles = triton.cdiv(n_k, own_keys["BLOCK_N"])
     dq = torch.zeros((batch, n_q, attn_dim), dtype=torch.float32, device=q.device)
     dk = torch.zeros((batch, n_k, attn_dim), dtype=torch.float32, device=q.device)
     dv_part = torch.zeros((batch, n_key_tiles, attn_dim), dtype=torch.float32, device=q.device)
@@ -256,8 +273,8 @@ def additive_attention_backward(dout, dscores, dlse, q, k, v, values, kv_lengths
         args = (q, k, v, values, kv_lengths, lse, delta, dout, dscores, dq, dk, dvalues,
                 dv_part, *_strides(q, k, values), n_q, n_k, attn_dim, value_dim)
         flags = dict(HAS_LENGTHS=kv_lengths is not None, HAS_VALUES=values is not None,
-                     HAS_DSCORES=dscores is not None, **meta)
-        _additive_bwd[(n_key_tiles, batch)](*args, OWN_KEYS=True, **flags)
-        _additive_bwd[(triton.cdiv(n_q, meta["BLOCK_M"]), batch)](*args, OWN_KEYS=False,
-                                                                   **flags)
+                     HAS_DSCORES=dscores is not None)
+        _additive_bwd[(n_key_tiles, batch)](*args, OWN_KEYS=True, **flags, **own_keys)
+        _additive_bwd[(triton.cdiv(n_q, own_queries["BLOCK_M"]), batch)](
+            *args, OWN_KEYS=False, **flags, **own_queries)
     return (dq.to(q.dtype), dk.to(k.dtype), dv_part.sum((0, 1)).to(v.dtype), dvalues)

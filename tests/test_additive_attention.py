@@ -245,32 +245,39 @@ def test_torch_compile_fullgraph():
 @pytest.mark.slow
 @pytest.mark.xdist_group("aot")
 def test_kernel_compiles_for_sm80_and_sm90():
+    """Each kernel's config at value widths 32 to 256 (float32: to 128) compiles for sm_80 and
+    sm_90, fits shared memory, and spills no register on sm_90 (issue 15)."""
     from attnmem.kernels import additive_attention as kernel
 
-    block_m, block_n, block_a, num_warps = kernel.CONFIG
     jobs = {}
     for arch in (80, 90):
         for dtype in ("float16", "bfloat16", "float32"):
             t = TRITON_TYPES[dtype]
-            tiles = dict(DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
-                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_A=block_a, BLOCK_DV=256,
-                         HAS_LENGTHS=True, HAS_VALUES=True)
-            jobs[f"fwd-sm{arch}-{dtype}"] = dict(
-                kernel="_additive_fwd", constexprs=dict(tiles, STORE_SCORES=True),
-                pointers={"q_ptr": t, "k_ptr": t, "v_ptr": t, "val_ptr": t, "lengths_ptr": "i64",
-                          "out_ptr": t, "lse_ptr": "fp32", "scores_ptr": "fp32"})
-            for own_keys in (True, False):
-                jobs[f"bwd-own_keys={own_keys}-sm{arch}-{dtype}"] = dict(
-                    kernel="_additive_bwd",
-                    constexprs=dict(tiles, OWN_KEYS=own_keys, HAS_DSCORES=True),
-                    pointers={"q_ptr": t, "k_ptr": t, "v_ptr": t, "val_ptr": t,
-                              "lengths_ptr": "i64", "lse_ptr": "fp32", "delta_ptr": "fp32",
-                              "dout_ptr": t, "dscores_ptr": "fp32", "dq_ptr": "fp32",
-                              "dk_ptr": "fp32", "dval_ptr": t, "dv_part_ptr": "fp32"})
-            for name in list(jobs):
-                if name.endswith(f"sm{arch}-{dtype}"):
-                    jobs[name].update(module="attnmem.kernels.additive_attention", arch=arch,
-                                      num_warps=num_warps, num_stages=1)
+            for block_dv in (32, 64, 128, 256) if dtype != "float32" else (32, 64, 128):
+                for name in ("fwd", "dkv", "dq"):
+                    elem = 4 if dtype == "float32" else 2
+                    block_m, block_n, block_a, num_warps = kernel.CONFIGS[
+                        (name, elem, block_dv > 64)]
+                    tiles = dict(DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
+                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_A=block_a,
+                                 BLOCK_DV=block_dv, HAS_LENGTHS=True, HAS_VALUES=True)
+                    job = dict(module="attnmem.kernels.additive_attention", arch=arch,
+                               num_warps=num_warps, num_stages=1)
+                    if name == "fwd":
+                        job.update(kernel="_additive_fwd",
+                                   constexprs=dict(tiles, STORE_SCORES=True),
+                                   pointers={"q_ptr": t, "k_ptr": t, "v_ptr": t, "val_ptr": t,
+                                             "lengths_ptr": "i64", "out_ptr": t,
+                                             "lse_ptr": "fp32", "scores_ptr": "fp32"})
+                    else:
+                        job.update(kernel="_additive_bwd", constexprs=dict(
+                            tiles, OWN_KEYS=name == "dkv", HAS_DSCORES=True),
+                            pointers={"q_ptr": t, "k_ptr": t, "v_ptr": t, "val_ptr": t,
+                                      "lengths_ptr": "i64", "lse_ptr": "fp32",
+                                      "delta_ptr": "fp32", "dout_ptr": t, "dscores_ptr": "fp32",
+                                      "dq_ptr": "fp32", "dk_ptr": "fp32", "dval_ptr": t,
+                                      "dv_part_ptr": "fp32"})
+                    jobs[f"{name}-sm{arch}-{dtype}-dv{block_dv}"] = job
     results = dict(zip(jobs, compile_all(list(jobs.values()))))
     failures = {k: r["error"] for k, r in results.items() if r["error"]}
     assert not failures, failures
@@ -280,3 +287,7 @@ def test_kernel_compiles_for_sm80_and_sm90():
     for name, result in results.items():  # the value products run on tensor cores
         if "float32" not in name:
             assert result["mma_sync"] or result["wgmma"], name
+    spills = {k: (r["registers"], r["spill_stores"], r["spill_loads"])
+              for k, r in results.items()
+              if "sm90" in k and (r["spill_stores"] or r["spill_loads"])}
+    assert not spills, spills
