@@ -19,7 +19,7 @@ from bench import cases, timing
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.ntm", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="copy lengths 5 and 10")
+    parser.add_argument("--quick", action="store_true", help="copy length 5 only")
     parser.add_argument("--smoke", action="store_true", help="a tiny NTM: checks the harness")
     parser.add_argument("--out", default="reports")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
