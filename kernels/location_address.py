@@ -15,10 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
-from attnmem.kernels._launch import interpreting, slot_splits
+from attnmem.kernels._launch import interpreting, launch, slot_splits
 
-BLOCK_N = 256
-INTERPRET_BLOCK_N = 16
+# (BLOCK_N, num_warps, num_stages), autotuned per kernel, dtype and shift count: slots are
+# gathered through the circular shift, a few registers each; none spills on sm_90
+# (tests/test_location_address.py). Splits are whole multiples of the largest BLOCK_N, so
+# the grid is the same for every config.
+CONFIGS = [(256, 4, 2), (512, 4, 2), (128, 4, 3), (512, 8, 2), (1024, 8, 2)]
+SPLIT_QUANTUM = 1024
+INTERPRET_CONFIG = dict(BLOCK_N=16, num_warps=1, num_stages=1)
 
 
 @triton.jit
@@ -150,8 +155,14 @@ def _location_bwd(content_ptr, prev_ptr, gate_ptr, shift_ptr, gamma_ptr, row_max
 
 
 def _splits(n_slots, rows, device):
-    block_n = INTERPRET_BLOCK_N if interpreting() else BLOCK_N
-    return (block_n, *slot_splits(n_slots, rows, block_n, device))
+    quantum = INTERPRET_CONFIG["BLOCK_N"] if interpreting() else SPLIT_QUANTUM
+    return slot_splits(n_slots, rows, quantum, device)
+
+
+def _launch(kernel, grid, args, meta, **options):
+    configs = [dict(BLOCK_N=n, num_warps=w, num_stages=s) for n, w, s in CONFIGS]
+    launch(kernel, lambda m: grid, args, meta, configs, ["n_shift", "NORMALIZE"]
+           if kernel is _location_fwd else ["n_shift"], INTERPRET_CONFIG, **options)
 
 
 def location_address_forward(content, prev, gate, shift, gamma):
@@ -162,7 +173,7 @@ def location_address_forward(content, prev, gate, shift, gamma):
                                          (content, prev, gate, shift, gamma))
     batch, heads, n_slots = content.shape
     rows = batch * heads
-    block_n, split_len, n_splits = _splits(n_slots, rows, content.device)
+    split_len, n_splits = _splits(n_slots, rows, content.device)
     f32 = dict(dtype=torch.float32, device=content.device)
     out = torch.empty_like(content)
     stats = torch.stack([torch.zeros((batch, heads), **f32), torch.ones((batch, heads), **f32)])
@@ -171,15 +182,15 @@ def location_address_forward(content, prev, gate, shift, gamma):
     part_max = torch.empty((batch, heads, n_splits), **f32)
     part_sum = torch.empty((batch, heads, n_splits), **f32)
     args = (content, prev, gate, shift, gamma, part_max, part_sum)
-    _location_fwd[(n_splits, rows)](*args, *stats, out, n_slots, shift.shape[-1], split_len,
-                                    NORMALIZE=False, BLOCK_N=block_n)
+    _launch(_location_fwd, (n_splits, rows),
+            (*args, *stats, out, n_slots, shift.shape[-1], split_len), dict(NORMALIZE=False))
     top = part_max.amax(-1)
     total = (part_sum * torch.exp2(part_max - torch.where(torch.isfinite(top), top, 0.0)[
         ..., None])).sum(-1)
     nonzero = total > 0
     stats = torch.stack([torch.where(nonzero, top, 0.0), torch.where(nonzero, total, 1.0)])
-    _location_fwd[(n_splits, rows)](*args, *stats, out, n_slots, shift.shape[-1], split_len,
-                                    NORMALIZE=True, BLOCK_N=block_n)
+    _launch(_location_fwd, (n_splits, rows),
+            (*args, *stats, out, n_slots, shift.shape[-1], split_len), dict(NORMALIZE=True))
     return out, stats
 
 
@@ -190,7 +201,7 @@ def location_address_backward(dout, out, stats, content, prev, gate, shift, gamm
     dout = dout.contiguous()
     batch, heads, n_slots = content.shape
     rows = batch * heads
-    block_n, split_len, n_splits = _splits(n_slots, rows, content.device)
+    split_len, n_splits = _splits(n_slots, rows, content.device)
     centre = (dout.float() * out.float()).sum(-1).contiguous()
     f32 = dict(dtype=torch.float32, device=content.device)
     dcontent, dprev = torch.empty_like(content), torch.empty_like(prev)
@@ -200,9 +211,9 @@ def location_address_backward(dout, out, stats, content, prev, gate, shift, gamm
     if content.numel() == 0:
         return (dcontent, dprev, gate.new_zeros(gate.shape), shift.new_zeros(shift.shape),
                 gamma.new_zeros(gamma.shape))
-    _location_bwd[(n_splits, rows)](
-        content, prev, gate, shift, gamma, *stats.contiguous(), centre, dout, dcontent, dprev,
-        part_dgate, part_dshift, part_dgamma, n_slots, shift.shape[-1], split_len,
-        BLOCK_N=block_n)
+    _launch(_location_bwd, (n_splits, rows),
+            (content, prev, gate, shift, gamma, *stats.contiguous(), centre, dout, dcontent,
+             dprev, part_dgate, part_dshift, part_dgamma, n_slots, shift.shape[-1], split_len),
+            {}, reset_to_zero=["part_dshift_ptr"])
     return (dcontent, dprev, part_dgate.sum(-1).to(gate.dtype),
             part_dshift.sum(2).to(shift.dtype), part_dgamma.sum(-1).to(gamma.dtype))
