@@ -4,9 +4,10 @@ Content addressing alone (memory_address) is the same pass without the read (REA
 memory (B, N, D), keys (B, R, D), values (B, N, Dv) (memory itself when absent), strength
 (B, R), mask (B, N). Scores s = strength * sim(key, slot); read = softmax_n(s) @ values.
 
-Few heads over a large memory must still fill a GPU, so each program owns one batch entry
-and one split of the slots (flash-decoding): it keeps all R heads in registers, streams its
-slots through tiles and writes a partial read with its running max and sum, which the
+Few heads over a large memory must still fill a GPU, so each forward program owns one batch
+entry, one split of the slots (flash-decoding) and a block of BLOCK_R heads (more heads
+stream memory once per block: no tile outgrows the registers), streams its slots through
+tiles and writes a partial read with its running max and sum, which the
 launcher combines into each head's max score and sum of exp(s - max), kept apart: at
 strengths like 1e8 a logsumexp rounds by float32's step there (8), and weights recomputed
 from it would not sum to 1. Masked slots are never loaded, so whatever they hold counts
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnmem.kernels._launch import interpreting, lastdim_contiguous, slot_splits, within
+from attnmem.kernels._launch import interpreting, lastdim_contiguous, launch, slot_splits, within
 
 LOG2E = tl.constexpr(1.4426950408889634)
 EPS_SQ = tl.constexpr(1e-16)  # cosine's max(|u||v|, 1e-8), squared
@@ -53,11 +54,11 @@ def _memory_attend_fwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr,
                        EVEN_DV: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
     split = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     n_splits = tl.num_programs(0)
     stride_mn = tl.cast(stride_mn, tl.int64)
     stride_vn = tl.cast(stride_vn, tl.int64)
-    heads = tl.arange(0, BLOCK_R)
+    heads = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = within(offs_d, head_dim, EVEN_D)
@@ -222,28 +223,57 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ro
 # Slots per tile, and per split under the interpreter (several splits even on test sizes).
 BLOCK_N = 64
 INTERPRET_BLOCK_N = 16
+# The forward: heads per program, and slot splits in whole multiples of the largest BLOCK_N
+# of its configs, so that its grid is the same for every config.
+FWD_BLOCK_R = 16
+SPLIT_QUANTUM = 64
+# (BLOCK_N, num_warps, num_stages) of the forward per element size and the wider of its
+# width chunks: the configs that compile without register spills on sm_90 and load
+# memory tiles 16 bytes at a time (tests/test_memory_attend.py fails on either).
+_ALL = [(64, 4, 3), (32, 4, 3), (64, 8, 3), (32, 8, 3), (16, 4, 3)]
+FWD_CONFIGS = {
+    (2, 16): [(64, 4, 3)], (2, 32): _ALL[:3], (2, 64): _ALL, (2, 128): _ALL, (2, 256): _ALL,
+    (4, 16): _ALL[:3], (4, 32): _ALL, (4, 64): _ALL,
+    (4, 128): [(64, 4, 3), (32, 8, 3), (16, 4, 3)],
+    # Past the issue's float32 range (128): the smallest tile, not checked for spills.
+    (4, 256): [(16, 4, 3)],
+}
+# Masked (odd) widths hold their masks too: at the widest chunks fewer configs fit.
+MASKED_FWD_CONFIGS = {**FWD_CONFIGS, (2, 256): [(32, 4, 3), (64, 8, 3), (32, 8, 3)],
+                      (4, 128): [(32, 8, 3), (16, 4, 3)]}
 
 
-def _prepare(memory, keys, values, strength, mask, similarity):
+def fwd_configs(elem, block_d, even):
+    """The forward's autotuning configs at this element size and width chunk, for whole
+    (even) or masked widths."""
+    table = FWD_CONFIGS if even else MASKED_FWD_CONFIGS
+    return [dict(BLOCK_N=n, num_warps=w, num_stages=s) for n, w, s in table[(elem, block_d)]]
+
+
+def _prepare(memory, keys, values, strength, mask, similarity, **layout):
     """The inputs as the kernels take them, their sizes and the kernels' meta-parameters."""
     memory, keys, values = (lastdim_contiguous(x) for x in (memory, keys, values))
     strength = None if strength is None else strength.contiguous()
     mask = None if mask is None else mask.contiguous()
-    sizes, meta = _layout(memory, keys, values)
+    sizes, meta = _layout(memory, keys, values, **layout)
     meta["SIMILARITY"] = SIMILARITY_CODES[similarity]
     return (memory, keys, values, strength, mask), sizes, meta
 
 
-def _layout(memory, keys, values):
+def _layout(memory, keys, values, block_r=None, quantum=None):
+    """Sizes and meta-parameters: BLOCK_R heads per program (all of them by default) and
+    slot splits of whole multiples of `quantum` slots (BLOCK_N by default)."""
     batch, n_slots, head_dim = memory.shape
     n_heads = keys.shape[1]
     value_dim = head_dim if values is None else values.shape[2]
     block_n = INTERPRET_BLOCK_N if interpreting() else BLOCK_N
-    split_len, n_splits = slot_splits(n_slots, batch, block_n, memory.device)
+    block_r = block_r or max(16, triton.next_power_of_2(n_heads))
+    split_len, n_splits = slot_splits(n_slots, batch * triton.cdiv(n_heads, block_r),
+                                      block_n if interpreting() else quantum or block_n,
+                                      memory.device)
     meta = dict(SIMILARITY=None, HAS_VALUES=values is not None,
                 DOT_PRECISION="ieee" if memory.dtype == torch.float32 else "tf32",
-                BLOCK_R=max(16, triton.next_power_of_2(n_heads)),
-                BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                BLOCK_R=block_r, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                 BLOCK_DV=max(16, triton.next_power_of_2(value_dim)), BLOCK_N=block_n)
     meta.update(EVEN_D=head_dim == meta["BLOCK_D"], EVEN_DV=value_dim == meta["BLOCK_DV"])
     return (batch, n_slots, head_dim, n_heads, value_dim, split_len, n_splits), meta
@@ -255,7 +285,8 @@ def memory_attend_forward(memory, keys, values, strength, mask, similarity, need
     (each head's max score and sum of exp(s - max); 0 and 1 for a head with no usable slot)
     and, if need_scores, the float32 scores (B, R, N) (-inf on masked slots)."""
     (memory, keys, values, strength, mask), sizes, meta = _prepare(
-        memory, keys, values, strength, mask, similarity)
+        memory, keys, values, strength, mask, similarity, block_r=FWD_BLOCK_R,
+        quantum=SPLIT_QUANTUM)
     batch, n_slots, head_dim, n_heads, value_dim, split_len, n_splits = sizes
     f32 = dict(dtype=torch.float32, device=memory.device)
     part_read = torch.empty((batch, n_splits, n_heads, value_dim) if need_read else (0,), **f32)
@@ -263,14 +294,21 @@ def memory_attend_forward(memory, keys, values, strength, mask, similarity, need
     part_sum = torch.empty((batch, n_splits, n_heads), **f32)
     scores = torch.empty((batch, n_heads, n_slots) if need_scores else (0,), **f32)
     values_arg = memory if values is None else values
-    _memory_attend_fwd[(n_splits, batch)](
-        memory, keys, values_arg, keys if strength is None else strength,
-        memory if mask is None else mask, part_read, part_max, part_sum, scores,
-        memory.stride(0), memory.stride(1), keys.stride(0), keys.stride(1),
-        values_arg.stride(0), values_arg.stride(1),
-        n_heads, n_slots, head_dim, value_dim, split_len,
-        HAS_STRENGTH=strength is not None, HAS_MASK=mask is not None,
-        STORE_SCORES=need_scores, READ=need_read, **meta)
+    del meta["BLOCK_N"]  # from the config
+    head_blocks = max(1, triton.cdiv(n_heads, FWD_BLOCK_R))
+    widest = max(meta["BLOCK_D"], meta["BLOCK_DV"] if need_read else 16)
+    launch(_memory_attend_fwd, lambda m: (n_splits, head_blocks, batch),
+           (memory, keys, values_arg, keys if strength is None else strength,
+            memory if mask is None else mask, part_read, part_max, part_sum, scores,
+            memory.stride(0), memory.stride(1), keys.stride(0), keys.stride(1),
+            values_arg.stride(0), values_arg.stride(1),
+            n_heads, n_slots, head_dim, value_dim, split_len),
+           dict(meta, HAS_STRENGTH=strength is not None, HAS_MASK=mask is not None,
+                STORE_SCORES=need_scores, READ=need_read),
+           fwd_configs(memory.element_size(), widest,
+                       meta["EVEN_D"] and (meta["EVEN_DV"] or not need_read)),
+           ["BLOCK_D", "BLOCK_DV", "EVEN_D", "EVEN_DV", "READ", "n_heads"],
+           dict(BLOCK_N=INTERPRET_BLOCK_N, num_warps=1, num_stages=1))
     # Combine the splits: each holds sum_n exp(s_n - max) v_n, that sum of exps and its max.
     top = part_max.amax(1)
     scale = torch.exp(part_max - torch.where(torch.isfinite(top), top, 0.0)[:, None])
