@@ -241,9 +241,12 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
         dk = tl.dot(dst, tl.trans(qt), dk, input_precision=DOT_PRECISION)
         if ATOMIC_DQ:
             # Unseen keys are zeros in k, so padding holding NaN adds nothing here either.
-            dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION) * scale
-            tl.atomic_add(dq_b + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
-                          dq, mask=r_ok[:, None] & d_ok[None, :], sem="relaxed")
+            # Transposed, dQ's product has the head dim as its M side: 64 or more fills a
+            # warpgroup's wgmma on sm_90 where BLOCK_M does not (at D=128, 32x128 tiles and 8
+            # warps: every product on wgmma, no spill, 16 KB less shared memory).
+            dqt = tl.dot(tl.trans(k), dst, input_precision=DOT_PRECISION) * scale
+            tl.atomic_add(dq_b + h * stride_dqh + rows[None, :] * stride_dqm + offs_d[:, None],
+                          dqt, mask=r_ok[None, :] & d_ok[:, None], sem="relaxed")
     return dk, dv
 
 
@@ -413,14 +416,22 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
 # Configs and launchers
 # ---------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Forward and dQ tile queries by BLOCK_M and walk
-# keys by BLOCK_N; dK/dV tiles keys by BLOCK_N and walks queries by BLOCK_M.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, largest head dim]). Forward and dQ tile queries
+# by BLOCK_M and walk keys by BLOCK_N; dK/dV tiles keys by BLOCK_N and walks queries by BLOCK_M.
 FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 4, 4),
                (64, 64, 4, 3), (64, 32, 4, 4), (64, 128, 4, 2), (32, 32, 4, 2)]
-DKDV_CONFIGS = [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2),
-                (16, 64, 4, 2), (16, 32, 4, 2)]
-DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2),
-              (16, 32, 4, 2)]
+# The backward's tiles on sm_90, 16-bit inputs (tests/aot.py: ptxas -v): the tile that
+# wgmma's M walks (BLOCK_N for dK/dV, BLOCK_M for dQ) is 64 or more, and each config is kept
+# up to the largest head dim at which neither the atomic nor the deterministic variant
+# spills. At head dim 256 every dK/dV tile spills a little (its dk and dv accumulators alone
+# fill 128 registers a thread): the least is kept. The last tile of each table is the one
+# that fits sm_80's shared memory with float32 inputs at head dim 256 (dK/dV's holds k and v
+# of 32 keys, too few rows for wgmma: mma.sync with 16-bit inputs).
+DKDV_CONFIGS = [(32, 128, 8, 3, 128), (64, 128, 8, 2, 64), (32, 64, 8, 2, 128),
+                (32, 64, 4, 3, 64), (64, 64, 4, 2, 64), (16, 64, 4, 2, 128),
+                (16, 64, 8, 2, 256), (16, 32, 4, 2, 256)]
+DQ_CONFIGS = [(128, 32, 8, 3, 256), (128, 64, 8, 2, 128), (64, 32, 4, 3, 128),
+              (64, 32, 8, 2, 128), (64, 64, 4, 2, 64), (64, 16, 4, 2, 256), (64, 16, 4, 1, 256)]
 # Under the interpreter: small tiles, so that short test sequences span several of them.
 INTERPRET_CONFIG = (16, 16, 1, 1)
 
@@ -441,7 +452,10 @@ def smem_estimate(kernel: str, block_m: int, block_n: int, block_d: int, stages:
 def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int):
     table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kernel]
     out = []
-    for block_m, block_n, warps, stages in table:
+    for block_m, block_n, warps, stages, *largest_head_dim in table:
+        # A fifth field bounds the head dims a config serves: past it the tile spills.
+        if largest_head_dim and block_d > largest_head_dim[0]:
+            continue
         # fp32 dots run on FMA units and 256-wide fp16 rows fill the registers: small tiles.
         if (elem >= 4 or block_d * elem >= 512) and block_m * block_n > 64 * 64:
             continue
@@ -534,6 +548,11 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, con
 # The backward's autotuning beyond the shared key: the atomic dK/dV variant adds into dq,
 # which every benchmarked launch must find zeroed, and tunes apart from the other variant.
 BACKWARD_TUNING = {"dkdv": {"key": ["ATOMIC_DQ"], "reset_to_zero": ["dq_ptr"]}}
+# Launch options of the backward's kernels. Without a register cap in the PTX, ptxas (12.8 in
+# triton 3.6, 12.9 in 3.9) at -O3 gives a tile that must spill on sm_80 far fewer registers
+# than it may use: dK/dV at D=128, 64x64 tiles, 4 warps got 32 registers and 38 KB of spills
+# where a cap at the architectural 255 gives 255 registers and 4 KB.
+BACKWARD_OPTIONS = {"maxnreg": 255}
 
 
 def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_left,
@@ -579,11 +598,11 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
          lambda bm, bn: (triton.cdiv(n_k, bn), kv_heads, batch),
          (*common, dk, dv, dq, dummy, *strides, *dk.stride()[:3], *dv.stride()[:3],
           *dq.stride()[:3], *tail),
-         dict(meta, ATOMIC_DQ=not deterministic), q.device, config)
+         dict(meta, ATOMIC_DQ=not deterministic, **BACKWARD_OPTIONS), q.device, config)
     if not deterministic:
         return dq.to(q.dtype), dk, dv
     _run("dq", _attn_bwd_dq,
          lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch),
          (*common, dq, dummy, *strides, *dq.stride()[:3], *tail),
-         meta, q.device, config)
+         dict(meta, **BACKWARD_OPTIONS), q.device, config)
     return dq, dk, dv
