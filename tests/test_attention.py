@@ -582,3 +582,16 @@ def test_autotuning_results_persist(monkeypatch):
     assert len(tuned.configs) == len(kernel.configs_for("fwd", 64, 2, kernel.SMEM_LIMIT[90]))
     has_option = "cache_results" in inspect.signature(real_autotune).parameters
     assert options.get("cache_results") is (True if has_option else None)
+
+
+def test_atomic_backward_autotunes_from_zeroed_dq(monkeypatch):
+    """Every benchmarked launch of the atomic dK/dV kernel adds into dq: the tuner zeroes it
+    before each, and tunes the two variants apart. Built here without a GPU."""
+    pytest.importorskip("triton")
+    from attnmem.kernels import attention as kernel
+
+    monkeypatch.setattr(kernel, "_autotuned", {})
+    monkeypatch.setattr(kernel, "_smem_limit", lambda device: kernel.SMEM_LIMIT[90])
+    tuned = kernel._launcher("dkdv", kernel._attn_bwd_dkdv, "cuda", 128, 2)
+    assert tuned.reset_to_zero == ["dq_ptr"] and "ATOMIC_DQ" in tuned.keys
+    assert kernel._launcher("dq", kernel._attn_bwd_dq, "cuda", 128, 2).reset_to_zero == []
