@@ -287,6 +287,10 @@ def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None
     some query sees is a non-finite input, which may also reach queries beside it.
     A query that sees no key outputs zeros, has lse -inf and gets zero gradients.
     scale defaults to 1/sqrt(D); numpy numbers are accepted for scale and the window sides.
+    The triton backward adds the gradient of q up with float32 atomics by default (5 matrix
+    products per tile pair, as FlashAttention-2 and -3; on a GPU its last bits vary from run
+    to run); under torch.use_deterministic_algorithms(True) it computes it in a separate
+    kernel instead (7 products, bit-for-bit repeatable), as torch's own attention does.
     Inputs may be strided; a non-contiguous last dimension is copied once for the triton
     backend. On CPU tensors the torch backend runs torch's fused flash-attention kernel (the
     one F.scaled_dot_product_attention runs there); the chunked pure-torch twin runs on

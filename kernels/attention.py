@@ -9,8 +9,11 @@ the tiles at the edges of the visible band. There, keys that no query of the til
 loaded as zeros, so that padding holding NaN or inf contributes nothing (a zero weight
 times NaN is still NaN).
 
-The backward is deterministic: dK/dV programs own a key tile and loop over every query head
-of their group; dQ programs own a query tile. Nothing accumulates through atomics.
+The backward's dK/dV programs own a key tile and loop over every (query head of their group,
+query tile) pair. By default they also add dQ into a float32 buffer with atomics: 5 GEMMs
+per pair, as FlashAttention-2 and -3 run. The deterministic backward (ATOMIC_DQ off, chosen
+as torch chooses: torch.are_deterministic_algorithms_enabled()) leaves dQ to programs that
+own a query tile: 7 GEMMs per pair, and nothing accumulates through atomics.
 """
 
 import inspect
@@ -200,59 +203,83 @@ def _attn_bwd_delta(o_ptr, do_ptr, dlse_ptr, delta_ptr,
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
+                stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                 keys, offs_d, start, end, offset, n_q, kv_len, window_left, window_right,
-                qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                scale, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Query tiles [start, end) of each query head head0 + g, g < group: one loop over
+    (head, tile) pairs, so that a runtime group size adds no loop around the pipelined one.
+    With ATOMIC_DQ, also adds each tile's dQ = dS K * scale into dq (float32)."""
     offs_m0 = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
-    for start_m in range(start, end, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
+    tiles = tl.cdiv(tl.maximum(end - start, 0), BLOCK_M)
+    for i in range(0, group * tiles):
+        g = i // tiles
+        h = head0 + g
+        start_m = tl.multiple_of(start + (i - g * tiles) * BLOCK_M, BLOCK_M)
         rows = start_m + offs_m0
         if MASKED:
             r_ok = rows < n_q
         else:
             r_ok = rows >= 0
-        qt = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None],
+        qt = tl.load(q_b + h * stride_qh + rows[None, :] * stride_qm + offs_d[:, None],
                      mask=r_ok[None, :] & d_ok[:, None], other=0.0)
-        lse = tl.load(lse_base + rows, mask=r_ok, other=0.0)
+        lse = tl.load(lse_b + h * n_q + rows, mask=r_ok, other=0.0)
         st = tl.dot(k, qt, input_precision=DOT_PRECISION)
         # Rows that see no key have lse = -inf, so exp2 gives inf there: the mask zeroes it.
         pt = tl.math.exp2(st * qk_scale - lse[None, :] * LOG2E)
         if MASKED:
             keep = _visible(rows, keys, offset, n_q, kv_len, window_left, window_right)
             pt = tl.where(tl.trans(keep), pt, 0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :],
+        do = tl.load(do_b + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
                      mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        delta = tl.load(delta_base + rows, mask=r_ok, other=0.0)
+        delta = tl.load(delta_b + h * n_q + rows, mask=r_ok, other=0.0)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
+        dst = (pt * (dpt - delta[None, :])).to(qt.dtype)
+        dk = tl.dot(dst, tl.trans(qt), dk, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            # Unseen keys are zeros in k, so padding holding NaN adds nothing here either.
+            # Transposed, dQ's product has the head dim as its M side: 64 or more fills a
+            # warpgroup's wgmma on sm_90 where BLOCK_M does not (at D=128, 32x128 tiles and 8
+            # warps: every product on wgmma, no spill, 16 KB less shared memory).
+            dqt = tl.dot(tl.trans(k), dst, input_precision=DOT_PRECISION) * scale
+            tl.atomic_add(dq_b + h * stride_dqh + rows[None, :] * stride_dqm + offs_d[:, None],
+                          dqt, mask=r_ok[None, :] & d_ok[:, None], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr,
                    kv_lengths_ptr,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                   stride_dqb, stride_dqh, stride_dqm,
                    n_heads, n_q, n_k, group, scale, qk_scale, window_left, window_right,
                    seq_bucket, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    HAS_KV_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of one key tile from every query head of its group; with ATOMIC_DQ also the
+    dQ those query heads get from it, added into dq_ptr (float32, zeroed, scaled)."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     kv_len = kv_length(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS)
     offset = n_k - n_q
+    # One (b, h) slice, and a group's heads, of a long strided sequence can pass 2^31
+    # elements: head offsets are computed from int64 strides too.
+    stride_qh = tl.cast(stride_qh, tl.int64)
     stride_qm = tl.cast(stride_qm, tl.int64)
     stride_kn = tl.cast(stride_kn, tl.int64)
     stride_vn = tl.cast(stride_vn, tl.int64)
+    stride_doh = tl.cast(stride_doh, tl.int64)
     stride_dom = tl.cast(stride_dom, tl.int64)
     stride_dkn = tl.cast(stride_dkn, tl.int64)
     stride_dvn = tl.cast(stride_dvn, tl.int64)
+    stride_dqh = tl.cast(stride_dqh, tl.int64)
+    stride_dqm = tl.cast(stride_dqm, tl.int64)
 
     key_first = pid_n * BLOCK_N
     keys = key_first + tl.arange(0, BLOCK_N)
@@ -276,24 +303,27 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     hi = tl.where(key_first >= kv_len, lo, hi)
     full_lo = tl.where(past, tl.maximum(hi, lo), full_lo)
     full_hi = tl.where(past, full_lo, full_hi)
-    for g in range(group):
-        h = hk * group + g
-        q_base = q_ptr + b * stride_qb + h * stride_qh
-        do_base = do_ptr + b * stride_dob + h * stride_doh
-        lse_base = lse_ptr + (b * n_heads + h) * n_q
-        delta_base = delta_ptr + (b * n_heads + h) * n_q
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm,
-                             stride_dom, keys, offs_d, lo, full_lo, offset, n_q, kv_len,
-                             window_left, window_right, qk_scale, HEAD_DIM, BLOCK_M, True,
-                             DOT_PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm,
-                             stride_dom, keys, offs_d, full_lo, full_hi, offset, n_q, kv_len,
-                             window_left, window_right, qk_scale, HEAD_DIM, BLOCK_M, False,
-                             DOT_PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm,
-                             stride_dom, keys, offs_d, full_hi, hi, offset, n_q, kv_len,
-                             window_left, window_right, qk_scale, HEAD_DIM, BLOCK_M, True,
-                             DOT_PRECISION)
+    head0 = hk * group
+    q_b = q_ptr + b * stride_qb
+    do_b = do_ptr + b * stride_dob
+    dq_b = dq_ptr + b * stride_dqb
+    lse_b = lse_ptr + b * n_heads * n_q
+    delta_b = delta_ptr + b * n_heads * n_q
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
+                         stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
+                         keys, offs_d, lo, full_lo, offset, n_q, kv_len, window_left,
+                         window_right, scale, qk_scale, HEAD_DIM, BLOCK_M, True, ATOMIC_DQ,
+                         DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
+                         stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
+                         keys, offs_d, full_lo, full_hi, offset, n_q, kv_len, window_left,
+                         window_right, scale, qk_scale, HEAD_DIM, BLOCK_M, False, ATOMIC_DQ,
+                         DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
+                         stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
+                         keys, offs_d, full_hi, hi, offset, n_q, kv_len, window_left,
+                         window_right, scale, qk_scale, HEAD_DIM, BLOCK_M, True, ATOMIC_DQ,
+                         DOT_PRECISION)
     tl.store(dk_ptr + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkn
              + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + b * stride_dvb + hk * stride_dvh + keys[:, None] * stride_dvn
@@ -386,14 +416,22 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
 # Configs and launchers
 # ---------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Forward and dQ tile queries by BLOCK_M and walk
-# keys by BLOCK_N; dK/dV tiles keys by BLOCK_N and walks queries by BLOCK_M.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, largest head dim]). Forward and dQ tile queries
+# by BLOCK_M and walk keys by BLOCK_N; dK/dV tiles keys by BLOCK_N and walks queries by BLOCK_M.
 FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 4, 4),
                (64, 64, 4, 3), (64, 32, 4, 4), (64, 128, 4, 2), (32, 32, 4, 2)]
-DKDV_CONFIGS = [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2),
-                (16, 64, 4, 2), (16, 32, 4, 2)]
-DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2),
-              (16, 32, 4, 2)]
+# The backward's tiles on sm_90, 16-bit inputs (tests/aot.py: ptxas -v): the tile that
+# wgmma's M walks (BLOCK_N for dK/dV, BLOCK_M for dQ) is 64 or more, and each config is kept
+# up to the largest head dim at which neither the atomic nor the deterministic variant
+# spills. At head dim 256 every dK/dV tile spills a little (its dk and dv accumulators alone
+# fill 128 registers a thread): the least is kept. The last tile of each table is the one
+# that fits sm_80's shared memory with float32 inputs at head dim 256 (dK/dV's holds k and v
+# of 32 keys, too few rows for wgmma: mma.sync with 16-bit inputs).
+DKDV_CONFIGS = [(32, 128, 8, 3, 128), (64, 128, 8, 2, 64), (32, 64, 8, 2, 128),
+                (32, 64, 4, 3, 64), (64, 64, 4, 2, 64), (16, 64, 4, 2, 128),
+                (16, 64, 8, 2, 256), (16, 32, 4, 2, 256)]
+DQ_CONFIGS = [(128, 32, 8, 3, 256), (128, 64, 8, 2, 128), (64, 32, 4, 3, 128),
+              (64, 32, 8, 2, 128), (64, 64, 4, 2, 64), (64, 16, 4, 2, 256), (64, 16, 4, 1, 256)]
 # Under the interpreter: small tiles, so that short test sequences span several of them.
 INTERPRET_CONFIG = (16, 16, 1, 1)
 
@@ -414,7 +452,10 @@ def smem_estimate(kernel: str, block_m: int, block_n: int, block_d: int, stages:
 def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int):
     table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kernel]
     out = []
-    for block_m, block_n, warps, stages in table:
+    for block_m, block_n, warps, stages, *largest_head_dim in table:
+        # A fifth field bounds the head dims a config serves: past it the tile spills.
+        if largest_head_dim and block_d > largest_head_dim[0]:
+            continue
         # fp32 dots run on FMA units and 256-wide fp16 rows fill the registers: small tiles.
         if (elem >= 4 or block_d * elem >= 512) and block_m * block_n > 64 * 64:
             continue
@@ -451,7 +492,10 @@ def _launcher(kernel: str, fn, device, block_d: int, elem: int):
     if cache_key not in _autotuned:
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                    for m, n, w, s in configs_for(kernel, block_d, elem, smem)]
-        _autotuned[cache_key] = triton.autotune(configs, key=["BLOCK_D", "seq_bucket"],
+        extra = BACKWARD_TUNING.get(kernel, {})
+        _autotuned[cache_key] = triton.autotune(configs, key=["BLOCK_D", "seq_bucket",
+                                                              *extra.get("key", ())],
+                                                reset_to_zero=extra.get("reset_to_zero"),
                                                 **_persist_tuning())(fn)
     return _autotuned[cache_key]
 
@@ -501,18 +545,40 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, con
     return out, lse
 
 
+# The backward's autotuning beyond the shared key: the atomic dK/dV variant adds into dq,
+# which every benchmarked launch must find zeroed, and tunes apart from the other variant.
+BACKWARD_TUNING = {"dkdv": {"key": ["ATOMIC_DQ"], "reset_to_zero": ["dq_ptr"]}}
+# Launch options of the backward's kernels. Without a register cap in the PTX, ptxas (12.8 in
+# triton 3.6, 12.9 in 3.9) at -O3 gives a tile that must spill on sm_80 far fewer registers
+# than it may use: dK/dV at D=128, 64x64 tiles, 4 warps got 32 registers and 38 KB of spills
+# where a cap at the architectural 255 gives 255 registers and 4 KB.
+BACKWARD_OPTIONS = {"maxnreg": 255}
+
+
 def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_left,
-                       window_right, config=None):
-    """-> dq, dk, dv in the dtypes of q, k, v. dlse, the gradient of lse, may be None."""
+                       window_right, config=None, deterministic=None):
+    """-> dq, dk, dv in the dtypes of q, k, v. dlse, the gradient of lse, may be None.
+
+    By default 5 GEMMs per (query tile, key tile) pair: the dK/dV programs also add dQ into
+    a float32 buffer with atomics, in an order that varies from run to run. deterministic=True
+    runs 7: dK/dV, then a dQ kernel whose programs own their query rows, so that results are
+    bit-for-bit repeatable. None (default) follows torch.are_deterministic_algorithms_enabled(),
+    as torch's own attention backward does.
+    """
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     dout, q, k, v, out = (lastdim_contiguous(x) for x in (dout, q, k, v, out))
     # Row statistics are indexed as dense (B, H, Nq); autograd may hand dlse in expanded.
     lse = lse.contiguous()
     dlse = None if dlse is None else dlse.float().contiguous()
     batch, heads, n_q, head_dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if deterministic or q.numel() == 0 or k.numel() == 0:
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    else:
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     if dk.numel() == 0 or dq.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right)
@@ -530,10 +596,13 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
     tail = (*scalars, scale, scale * LOG2E.value, *window)
     _run("dkdv", _attn_bwd_dkdv,
          lambda bm, bn: (triton.cdiv(n_k, bn), kv_heads, batch),
-         (*common, dk, dv, dummy, *strides, *dk.stride()[:3], *dv.stride()[:3], *tail),
-         meta, q.device, config)
+         (*common, dk, dv, dq, dummy, *strides, *dk.stride()[:3], *dv.stride()[:3],
+          *dq.stride()[:3], *tail),
+         dict(meta, ATOMIC_DQ=not deterministic, **BACKWARD_OPTIONS), q.device, config)
+    if not deterministic:
+        return dq.to(q.dtype), dk, dv
     _run("dq", _attn_bwd_dq,
          lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch),
          (*common, dq, dummy, *strides, *dq.stride()[:3], *tail),
-         meta, q.device, config)
+         dict(meta, **BACKWARD_OPTIONS), q.device, config)
     return dq, dk, dv

@@ -6,6 +6,13 @@ the largest value compared (the backward's rowsum(dO * O) cancels against dO . v
 torch's softmax backward can get exactly right where p is 0 or 1).
 Kernel outputs are poisoned with NaN before they are written (fill_uninitialized_memory),
 so an element a kernel forgets to write fails the test.
+
+The triton backward runs in two modes, both tested: by default its dK/dV kernel adds dQ with
+atomics; under torch.use_deterministic_algorithms(True) a separate dQ kernel computes it.
+torch poisons memory only in its deterministic mode, so the atomic mode runs unpoisoned
+through the public function (its dQ buffer starts from zeros by design; dK and dV are written
+by the same code in both modes) and poisoned through the kernel's own switch in
+test_kernel_tile_shapes.
 """
 
 import os
@@ -32,6 +39,24 @@ def _targets():
 
 
 TARGETS = _targets()
+BACKWARD_MODES = ["atomic", "deterministic"]
+
+
+def _backward_targets():
+    """TARGETS with the backward mode: both for the triton backend, None for the torch one."""
+    out = []
+    for target in TARGETS:
+        device, backend = target.values
+        if backend == "triton":
+            out += [pytest.param(device, backend, mode, id=f"{target.id}-{mode}")
+                    for mode in BACKWARD_MODES]
+        else:
+            out.append(pytest.param(device, backend, None, id=target.id))
+    return out
+
+
+BACKWARD_TARGETS = _backward_targets()
+TRITON_TARGETS = [t for t in TARGETS if t.values[1] == "triton"]
 
 # name: (B, H, Hkv, Nq, Nk, D, causal, window, kv_lengths)
 CASES = {
@@ -65,6 +90,20 @@ ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
+
+
+@pytest.fixture
+def mode(request):
+    """The triton backward's mode (parametrized indirectly), chosen through torch's switch:
+    "atomic", the default, or "deterministic"; None leaves the switch as it is. The switch
+    is restored afterwards."""
+    mode = getattr(request, "param", None)
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    if mode is not None:
+        torch.use_deterministic_algorithms(mode == "deterministic")
+    yield mode
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def make_inputs(case, dtype, device, layout="contiguous"):
@@ -157,33 +196,35 @@ def check_against_float64(q, k, v, kwargs, backend, lse_grad=True):
         assert (ours[2][0][unseen] == 0).all()
 
 
-@pytest.mark.parametrize("device, backend", TARGETS)
+@pytest.mark.parametrize("device, backend, mode", BACKWARD_TARGETS, indirect=["mode"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_float64(name, dtype, device, backend):
+def test_matches_float64(name, dtype, device, backend, mode):
     check_against_float64(*make_inputs(CASES[name], dtype, device), backend)
 
 
-@pytest.mark.parametrize("device, backend", TARGETS)
+@pytest.mark.parametrize("device, backend, mode", BACKWARD_TARGETS, indirect=["mode"])
 @pytest.mark.parametrize("layout", ["bshd", "sliced"])
 @pytest.mark.parametrize("name", FAST_CASES)
-def test_strided_inputs(name, layout, device, backend):
+def test_strided_inputs(name, layout, device, backend, mode):
     check_against_float64(*make_inputs(CASES[name], torch.float32, device, layout), backend)
 
 
-@pytest.mark.parametrize("device, backend", TARGETS)
+@pytest.mark.parametrize("device, backend, mode", BACKWARD_TARGETS, indirect=["mode"])
 @pytest.mark.parametrize("name", FAST_CASES)
-def test_bfloat16(name, device, backend):
+def test_bfloat16(name, device, backend, mode):
     if backend == "triton" and device == "cpu":
         pytest.skip("the interpreter's tl.dot is wrong on bfloat16 (triton issue 11584)")
     check_against_float64(*make_inputs(CASES[name], torch.bfloat16, device), backend)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="drives the kernels through the interpreter")
+@pytest.mark.parametrize("deterministic", [False, True], ids=BACKWARD_MODES)
 @pytest.mark.parametrize("config", [(16, 32, 1, 1), (32, 16, 1, 1), (64, 64, 1, 1)])
 @pytest.mark.parametrize("name", ["causal_nq_lt_nk", "window_causal", "lengths_window_gqa"])
-def test_kernel_tile_shapes(name, config):
-    """Tile boundaries fall elsewhere when BLOCK_M != BLOCK_N or tiles outgrow the sequence."""
+def test_kernel_tile_shapes(name, config, deterministic):
+    """Tile boundaries fall elsewhere when BLOCK_M != BLOCK_N or tiles outgrow the sequence.
+    Both backward modes, chosen by the kernel's own switch, so torch keeps poisoning."""
     from attnmem.kernels import attention as kernel
 
     q, k, v, kwargs = make_inputs(CASES[name], torch.float32, "cpu")
@@ -201,9 +242,48 @@ def test_kernel_tile_shapes(name, config):
     expect = twin.attention_backward(dout.double(), q.double(), k.double(), v.double(),
                                      ref_out, ref_lse, None, lengths, scale, left, right)
     got = kernel.attention_backward(dout, q, k, v, out, lse, None, lengths, scale, left, right,
-                                    config=config)
+                                    config=config, deterministic=deterministic)
     for g, e in zip(got, expect):
         torch.testing.assert_close(g.double(), e, **tol)
+
+
+@pytest.mark.parametrize("device, backend, mode",
+                         [t for t in BACKWARD_TARGETS if t.values[1] == "triton"],
+                         indirect=["mode"])
+def test_backward_mode_follows_torch(device, backend, mode, monkeypatch):
+    """By default one dK/dV launch also adds dQ with atomics (5 GEMMs); with torch's
+    deterministic switch on, a dQ kernel follows it (7 GEMMs). The interpreter runs atomics
+    one after another, so the results alone cannot tell the two apart: the launches do."""
+    from attnmem.kernels import attention as kernel
+
+    launches = []
+    real_run = kernel._run
+
+    def spy(name, fn, grid, args, meta, device, config):
+        launches.append((name, meta.get("ATOMIC_DQ")))
+        return real_run(name, fn, grid, args, meta, device, config)
+
+    monkeypatch.setattr(kernel, "_run", spy)
+    q, k, v, kwargs = make_inputs(CASES["lengths_window_gqa"], torch.float32, device)
+    with attnmem.use_backend(backend):
+        attnmem.attention(q.requires_grad_(), k, v, **kwargs).sum().backward()
+    assert launches == {"atomic": [("fwd", None), ("dkdv", True)],
+                        "deterministic": [("fwd", None), ("dkdv", False), ("dq", None)]}[mode]
+
+
+@pytest.mark.parametrize("device, backend, mode", [
+    pytest.param(*t.values, "deterministic", id=t.id) for t in TRITON_TARGETS],
+    indirect=["mode"])
+@pytest.mark.parametrize("name", ["lengths_window_gqa", "head_dim_3_mqa"])
+def test_deterministic_backward_repeats_bit_for_bit(name, device, backend, mode):
+    q, k, v, kwargs = make_inputs(CASES[name], torch.float16, device)
+    dout = torch.randn(q.shape, device=device).to(q.dtype)
+    dlse = torch.randn(q.shape[:3], device=device)
+    with attnmem.use_backend(backend):
+        first, second = (run(lambda *x: attnmem.attention(*x, **kwargs, return_lse=True),
+                             q, k, v, dout, dlse)[2] for _ in range(2))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
 
 
 def test_twin_matches_sdpa_with_explicit_mask():
@@ -296,9 +376,9 @@ def test_fused_cpu_masks_in_chunks(name, monkeypatch):
     assert calls == [("fwd", False, True)] * chunks + [("bwd", False, True)] * chunks
 
 
-@pytest.mark.parametrize("device, backend", TARGETS)
+@pytest.mark.parametrize("device, backend, mode", BACKWARD_TARGETS, indirect=["mode"])
 @pytest.mark.parametrize("name", ["causal_nq_gt_nk", "head_dim_3_mqa"])
-def test_without_lse_gradient(name, device, backend):
+def test_without_lse_gradient(name, device, backend, mode):
     """No dlse pass in the kernels' backward; the padding test covers lengths and windows."""
     check_against_float64(*make_inputs(CASES[name], torch.float32, device), backend,
                           lse_grad=False)
@@ -354,12 +434,15 @@ POISON_CASES = {
 }
 
 
-@pytest.mark.parametrize("device, backend", TARGETS + [pytest.param("cpu", "twin", id="twin")])
+@pytest.mark.parametrize("device, backend, mode",
+                         BACKWARD_TARGETS + [pytest.param("cpu", "twin", None, id="twin")],
+                         indirect=["mode"])
 @pytest.mark.parametrize("lse_grad", [False, True], ids=["out", "out_lse"])
 @pytest.mark.parametrize("name", list(POISON_CASES))
-def test_padding_never_leaks(name, lse_grad, device, backend):
-    """NaN and inf in keys and values that no query sees change no bit of any result, and
-    their gradients are zero; the results on clean inputs match float64."""
+def test_padding_never_leaks(name, lse_grad, device, backend, mode):
+    """NaN and inf in keys and values that no query sees change no bit of any result (nor
+    dq beyond the rounding of atomics, whose order varies on a GPU), and their gradients are
+    zero; the results on clean inputs match float64."""
     case = POISON_CASES[name]
     q, k, v, kwargs = make_inputs(case, torch.float32, device)
     left, right = _window(kwargs)
@@ -385,7 +468,11 @@ def test_padding_never_leaks(name, lse_grad, device, backend):
                    dout, dlse)
     for name, c, p in zip(["out", "lse", "dq", "dk", "dv"], [*clean[:2], *clean[2]],
                           [*poisoned[:2], *poisoned[2]]):
-        assert not torch.isnan(p).any() and torch.equal(p, c), name
+        assert not torch.isnan(p).any(), name
+        if name == "dq" and mode == "atomic" and device != "cpu":
+            torch.testing.assert_close(p, c)
+        else:
+            assert torch.equal(p, c), name
     for grad in poisoned[2][1:]:
         assert (grad.masked_select(unseen) == 0).all()
     if backend != "twin":
@@ -400,11 +487,11 @@ EMPTY_SHAPES = {  # (B, H, Hkv, Nq, Nk)
 }
 
 
-@pytest.mark.parametrize("device, backend", TARGETS)
+@pytest.mark.parametrize("device, backend, mode", BACKWARD_TARGETS, indirect=["mode"])
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
 @pytest.mark.parametrize("return_lse", [False, True], ids=["out", "out_lse"])
 @pytest.mark.parametrize("name", list(EMPTY_SHAPES))
-def test_empty_inputs(name, return_lse, masked, device, backend):
+def test_empty_inputs(name, return_lse, masked, device, backend, mode):
     """Zero batch, heads, queries or keys: zeros out, lse -inf, zero gradients, no error."""
     b, h, hkv, n_q, n_k = EMPTY_SHAPES[name]
     q, k, v = (torch.randn(b, heads, n, 8, device=device, requires_grad=True)
@@ -462,9 +549,9 @@ LENGTH_FORMS = {
 }
 
 
-@pytest.mark.parametrize("device, backend", TARGETS)
+@pytest.mark.parametrize("device, backend, mode", BACKWARD_TARGETS, indirect=["mode"])
 @pytest.mark.parametrize("form", list(LENGTH_FORMS))
-def test_kv_lengths_forms(form, device, backend):
+def test_kv_lengths_forms(form, device, backend, mode):
     q, k, v, kwargs = make_inputs((2, 2, 1, 13, 20, 16, True, None, None), torch.float32,
                                   device)
     kwargs["kv_lengths"] = LENGTH_FORMS[form]().to(device)
@@ -495,3 +582,16 @@ def test_autotuning_results_persist(monkeypatch):
     assert len(tuned.configs) == len(kernel.configs_for("fwd", 64, 2, kernel.SMEM_LIMIT[90]))
     has_option = "cache_results" in inspect.signature(real_autotune).parameters
     assert options.get("cache_results") is (True if has_option else None)
+
+
+def test_atomic_backward_autotunes_from_zeroed_dq(monkeypatch):
+    """Every benchmarked launch of the atomic dK/dV kernel adds into dq: the tuner zeroes it
+    before each, and tunes the two variants apart. Built here without a GPU."""
+    pytest.importorskip("triton")
+    from attnmem.kernels import attention as kernel
+
+    monkeypatch.setattr(kernel, "_autotuned", {})
+    monkeypatch.setattr(kernel, "_smem_limit", lambda device: kernel.SMEM_LIMIT[90])
+    tuned = kernel._launcher("dkdv", kernel._attn_bwd_dkdv, "cuda", 128, 2)
+    assert tuned.reset_to_zero == ["dq_ptr"] and "ATOMIC_DQ" in tuned.keys
+    assert kernel._launcher("dq", kernel._attn_bwd_dq, "cuda", 128, 2).reset_to_zero == []
