@@ -7,7 +7,8 @@ which matrix instructions its PTX uses, whether it loads and stores 16 bytes at 
 TMA and warp specialization, and the registers and spill bytes triton's bundled `ptxas -v`
 reports for it.
 
-A job: {"module", "kernel", "arch", "constexprs", "pointers", "num_warps", "num_stages"};
+A job: {"module", "kernel", "arch", "constexprs", "pointers", "num_warps", "num_stages"} and
+optionally "options", more compiler options (e.g. maxnreg) as the launcher passes them;
 `pointers` maps each pointer argument to its element type ("fp16", "fp32", "i32"); other
 arguments are float32 if named *scale, else int32. Pointers and strides are declared
 16-divisible, as aligned torch tensors make them.
@@ -79,7 +80,8 @@ def compile_job(job):
             compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
                                       target=GPUTarget("cuda", job["arch"], 32),
                                       options={"num_warps": job["num_warps"],
-                                               "num_stages": job["num_stages"]})
+                                               "num_stages": job["num_stages"],
+                                               **job.get("options", {})})
         except Exception as e:  # reported per job, so one bad config names itself
             log.seek(0)
             why = [line for line in log.read().decode(errors="replace").splitlines()

@@ -21,21 +21,27 @@ TABLES = {"fwd": ("_attn_fwd", kernel.FWD_CONFIGS),
 HEAD_DIMS = (256, 128, 64, 32, 16)
 ELEM = {"float16": 2, "bfloat16": 2, "float32": 4}
 POINTERS = {"_attn_fwd": ["q", "k", "v", "o", "lse", "kv_lengths"],
-            "_attn_bwd_dkdv": ["q", "k", "v", "do", "lse", "delta", "dk", "dv", "kv_lengths"],
+            "_attn_bwd_dkdv": ["q", "k", "v", "do", "lse", "delta", "dk", "dv", "dq",
+                               "kv_lengths"],
             "_attn_bwd_dq": ["q", "k", "v", "do", "lse", "delta", "dq", "kv_lengths"]}
 
 
-def job(name, arch, dtype, block_d, config):
+def job(name, arch, dtype, block_d, config, atomic_dq=True):
     fn = TABLES[name][0]
     block_m, block_n, warps, stages = config
-    pointers = {f"{p}_ptr": ("fp32" if p in ("lse", "delta") else
+    # dK/dV's dq is the float32 buffer its atomic variant adds into.
+    fp32 = ("lse", "delta", "dq") if fn == "_attn_bwd_dkdv" else ("lse", "delta")
+    pointers = {f"{p}_ptr": ("fp32" if p in fp32 else
                              "i32" if p == "kv_lengths" else TRITON_TYPES[dtype])
                 for p in POINTERS[fn]}
     constexprs = dict(HEAD_DIM=block_d, BLOCK_D=block_d, HAS_KV_LENGTHS=True,
                       DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
                       BLOCK_M=block_m, BLOCK_N=block_n)
+    if fn == "_attn_bwd_dkdv":
+        constexprs["ATOMIC_DQ"] = atomic_dq
     return dict(module="attnmem.kernels.attention", kernel=fn, arch=arch, constexprs=constexprs,
-                pointers=pointers, num_warps=warps, num_stages=stages)
+                pointers=pointers, num_warps=warps, num_stages=stages,
+                options={} if name == "fwd" else kernel.BACKWARD_OPTIONS)
 
 
 def _config_cases():
