@@ -9,6 +9,11 @@ the tiles at the edges of the visible band. There, keys that no query of the til
 loaded as zeros, so that padding holding NaN or inf contributes nothing (a zero weight
 times NaN is still NaN).
 
+The forward is one body specialised at compile time: without a mask (and with Nk a multiple
+of KEY_TILE_MULTIPLE) it compiles one unmasked loop; on sm_90 its configs may load and store
+through TMA descriptors (USE_TMA, where strides are 16-byte aligned) and warp-specialize that
+loop (WARP_SPECIALIZE). Results are the same whichever config runs, up to rounding.
+
 The backward's dK/dV programs own a key tile and loop over every (query head of their group,
 query tile) pair. By default they also add dQ into a float32 buffer with atomics: 5 GEMMs
 per pair, as FlashAttention-2 and -3 run. The deterministic backward (ATOMIC_DQ off, chosen
@@ -16,13 +21,15 @@ as torch chooses: torch.are_deterministic_algorithms_enabled()) leaves dQ to pro
 own a query tile: 7 GEMMs per pair, and nothing accumulates through atomics.
 """
 
+import contextlib
+import contextvars
 import inspect
 
 import torch
 import triton
 import triton.language as tl
 
-from attnmem.kernels._launch import interpreting, kv_length, lastdim_contiguous
+from attnmem.kernels._launch import interpreting, kv_length, lastdim_contiguous, within
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -79,24 +86,86 @@ def _visible(rows, keys, offset, n_q, kv_len, window_left, window_right):
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
-               start, end, key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    offs_n0 = tl.arange(0, BLOCK_N)
-    d_ok = offs_d < HEAD_DIM
-    for start_n in range(start, end, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        keys = start_n + offs_n0
-        if MASKED:
-            k_ok = (keys < kv_len) & (keys >= key_lo)
+def _rows_source(base, lo, hi, stride_m, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr,
+                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What _load_rows and _store_rows move tiles of rows [lo, hi) of the (rows, HEAD_DIM)
+    matrix at `base` through: `base` itself, or a TMA descriptor of those rows alone, which
+    reads zeros for every row outside them. Made on the device, per program: triton's warp
+    specialization splits a device-made descriptor between its consumer warp groups, a host
+    one it cannot."""
+    if USE_TMA:
+        src = tl.make_tensor_descriptor(base + lo * stride_m, [tl.maximum(hi - lo, 0), HEAD_DIM],
+                                        [stride_m, 1], [BLOCK, BLOCK_D])
+    else:
+        src = base
+    return src
+
+
+@triton.jit
+def _load_rows(src, row0, lo, hi, stride_m, offs_d, HEAD_DIM: tl.constexpr,
+               MASK_ROWS: tl.constexpr, USE_TMA: tl.constexpr, BLOCK: tl.constexpr,
+               TRANS: tl.constexpr = False):
+    """Rows [row0, row0 + BLOCK) of the matrix of _rows_source(base, lo, hi, ...) as a
+    (BLOCK, BLOCK_D) tile, or its transpose with TRANS; columns past HEAD_DIM and rows
+    outside [lo, hi) read as zeros. Pointer loads check rows only with MASK_ROWS: without it
+    they must lie in [lo, hi)."""
+    if USE_TMA:
+        # Coordinates are relative to row lo; TMA zero-fills outside the box, below it too.
+        tile = src.load([row0 - lo, 0])
+        if TRANS:
+            tile = tl.trans(tile)
+    else:
+        rows = row0 + tl.arange(0, BLOCK)
+        d_ok = within(offs_d, HEAD_DIM, HEAD_DIM == offs_d.shape[0])
+        row_ok = (rows >= lo) & (rows < hi)
+        # Transposed addressing rather than tl.trans: pre-Hopper dots take it as loaded.
+        if TRANS:
+            mask = d_ok[:, None]
+            if MASK_ROWS:
+                mask = mask & row_ok[None, :]
+            tile = tl.load(src + rows[None, :] * stride_m + offs_d[:, None], mask=mask,
+                           other=0.0)
         else:
-            k_ok = keys >= 0
-        kt = tl.load(k_base + keys[None, :] * stride_kn + offs_d[:, None],
-                     mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+            mask = d_ok[None, :]
+            if MASK_ROWS:
+                mask = mask & row_ok[:, None]
+            tile = tl.load(src + rows[:, None] * stride_m + offs_d[None, :], mask=mask,
+                           other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_rows(dst, row0, hi, stride_m, offs_d, tile, HEAD_DIM: tl.constexpr,
+                MASK_ROWS: tl.constexpr, USE_TMA: tl.constexpr, BLOCK: tl.constexpr):
+    """Stores a (BLOCK, BLOCK_D) tile at rows [row0, row0 + BLOCK) of the matrix of
+    _rows_source(base, 0, hi, ...), dropping columns past HEAD_DIM and rows from hi on
+    (pointer stores check rows only with MASK_ROWS)."""
+    if USE_TMA:
+        dst.store([row0, 0], tile)
+    else:
+        rows = row0 + tl.arange(0, BLOCK)
+        mask = within(offs_d, HEAD_DIM, HEAD_DIM == offs_d.shape[0])[None, :]
+        if MASK_ROWS:
+            mask = mask & (rows < hi)[:, None]
+        tl.store(dst + rows[:, None] * stride_m + offs_d[None, :], tile, mask=mask)
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows, offs_d, start, end,
+               key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """Key tiles [start, end). MASKED ones evaluate the mask, and their keys that no row of
+    the tile sees (below key_lo or from kv_len on) read as zeros."""
+    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        kt = _load_rows(k_src, start_n, key_lo, kv_len, stride_kn, offs_d, HEAD_DIM, MASKED,
+                        USE_TMA, BLOCK_N, True)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
-            keep = _visible(rows, keys, offset, n_q, kv_len, window_left, window_right)
+            keep = _visible(rows, start_n + tl.arange(0, BLOCK_N), offset, n_q, kv_len,
+                            window_left, window_right)
             s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row that has seen no key yet keeps m = -inf; shift it by 0 instead.
@@ -107,20 +176,30 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, rows, off
         alpha = tl.math.exp2(m_i - m_shift)
         p = tl.math.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + keys[:, None] * stride_vn + offs_d[None, :],
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        v = _load_rows(v_src, start_n, key_lo, kv_len, stride_vn, offs_d, HEAD_DIM, MASKED,
+                       USE_TMA, BLOCK_N)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
+@triton.heuristics({"EVEN_M": lambda args: args["n_q"] % args["BLOCK_M"] == 0})
 @triton.jit
 def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
               n_heads, n_q, n_k, group, qk_scale, window_left, window_right, seq_bucket,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KV_LENGTHS: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, MASK_KEYS: tl.constexpr, EVEN_M: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False,
+              WARP_SPECIALIZE: tl.constexpr = False):
+    """One query tile of one head. MASK_KEYS: some key tile may need the mask (a causal mask,
+    a window, lengths, or Nk not a multiple of KEY_TILE_MULTIPLE); without it one unmasked
+    loop is all that is compiled. EVEN_M: Nq is a multiple of BLOCK_M, so rows need no
+    bounds. USE_TMA: q, k, v and out move through TMA descriptors (sm_90+, 16-byte aligned
+    strides).
+    WARP_SPECIALIZE: producer and consumer warp groups run the loop, when it is the only one
+    (triton's Hopper warp specialization takes kernels of one loop)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -136,40 +215,55 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     row_first = pid_m * BLOCK_M
     rows = row_first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    k_base = k_ptr + b * stride_kb + hk * stride_kh
-    v_base = v_ptr + b * stride_vb + hk * stride_vh
-    q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :],
-                mask=(rows[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    # Keys below key_lo or from kv_len on: no row of the tile sees them.
+    key_lo = tl.maximum(row_first + offset - window_left, 0)
+    q_src = _rows_source(q_ptr + b * stride_qb + h * stride_qh, 0, n_q, stride_qm, HEAD_DIM,
+                         USE_TMA, BLOCK_M, BLOCK_D)
+    k_src = _rows_source(k_ptr + b * stride_kb + hk * stride_kh, key_lo, kv_len, stride_kn,
+                         HEAD_DIM, USE_TMA, BLOCK_N, BLOCK_D)
+    v_src = _rows_source(v_ptr + b * stride_vb + hk * stride_vh, key_lo, kv_len, stride_vn,
+                         HEAD_DIM, USE_TMA, BLOCK_N, BLOCK_D)
+    q = _load_rows(q_src, row_first, 0, n_q, stride_qm, offs_d, HEAD_DIM, not EVEN_M, USE_TMA,
+                   BLOCK_M)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    row_last = tl.minimum(row_first + BLOCK_M, n_q) - 1
-    lo, full_lo, full_hi, hi = _key_range(row_first, row_last, offset, kv_len, window_left,
-                                          window_right, BLOCK_N)
-    key_lo = row_first + offset - window_left  # keys below it: no row of the tile sees them
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, rows,
-                               offs_d, lo, full_lo, key_lo, offset, n_q, kv_len, window_left,
-                               window_right, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, True,
-                               DOT_PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, rows,
-                               offs_d, full_lo, full_hi, key_lo, offset, n_q, kv_len, window_left,
-                               window_right, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, False,
-                               DOT_PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, rows,
-                               offs_d, full_hi, hi, key_lo, offset, n_q, kv_len, window_left,
-                               window_right, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, True,
-                               DOT_PRECISION)
+    if MASK_KEYS:
+        row_last = tl.minimum(row_first + BLOCK_M, n_q) - 1
+        lo, full_lo, full_hi, hi = _key_range(row_first, row_last, offset, kv_len, window_left,
+                                              window_right, BLOCK_N)
+        # No tile when no key is visible: a TMA descriptor of no rows is never read.
+        hi = tl.where(hi > key_lo, hi, lo)
+        full_hi = tl.minimum(full_hi, hi)
+        full_lo = tl.minimum(full_lo, full_hi)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
+                                   offs_d, lo, full_lo, key_lo, offset, n_q, kv_len,
+                                   window_left, window_right, qk_scale, HEAD_DIM, BLOCK_N, True,
+                                   USE_TMA, False, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
+                                   offs_d, full_lo, full_hi, key_lo, offset, n_q, kv_len,
+                                   window_left, window_right, qk_scale, HEAD_DIM, BLOCK_N, False,
+                                   USE_TMA, False, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
+                                   offs_d, full_hi, hi, key_lo, offset, n_q, kv_len,
+                                   window_left, window_right, qk_scale, HEAD_DIM, BLOCK_N, True,
+                                   USE_TMA, False, DOT_PRECISION)
+    else:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
+                                   offs_d, 0, n_k, 0, offset, n_q, kv_len, window_left,
+                                   window_right, qk_scale, HEAD_DIM, BLOCK_N, False, USE_TMA,
+                                   WARP_SPECIALIZE, DOT_PRECISION)
 
     # A query that saw no key outputs zeros and has lse = -inf.
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    out = (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty)
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
-    o_base = o_ptr + b * stride_ob + h * stride_oh
-    tl.store(o_base + rows[:, None] * stride_om + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=(rows[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM))
+    o_dst = _rows_source(o_ptr + b * stride_ob + h * stride_oh, 0, n_q, stride_om, HEAD_DIM,
+                         USE_TMA, BLOCK_M, BLOCK_D)
+    _store_rows(o_dst, row_first, n_q, stride_om, offs_d, out, HEAD_DIM, not EVEN_M, USE_TMA,
+                BLOCK_M)
     tl.store(lse_ptr + (b * n_heads + h) * n_q + rows, lse, mask=rows < n_q)
 
 
@@ -434,37 +528,76 @@ DQ_CONFIGS = [(128, 32, 8, 3, 256), (128, 64, 8, 2, 128), (64, 32, 4, 3, 128),
               (64, 32, 8, 2, 128), (64, 64, 4, 2, 64), (64, 16, 4, 2, 256), (64, 16, 4, 1, 256)]
 # Under the interpreter: small tiles, so that short test sequences span several of them.
 INTERPRET_CONFIG = (16, 16, 1, 1)
+# The forward on sm_90 with 16-bit inputs, per head dim: tiles that use wgmma and spill no
+# register with and without masks (ptxas -v, tests/test_attention_targets.py), among them
+# 4-warp (one warpgroup) and 8-warp ones. Flags: USE_TMA loads and stores through tensor
+# descriptors (kept only for 16-byte aligned strides); WARP_SPECIALIZE adds a producer warp
+# group to two consumer ones, which split BLOCK_M (it specializes only the unmasked kernel).
+# Every config that could be the fastest stays a candidate: the pointer twins too.
+_TMA, _WS = "USE_TMA", "WARP_SPECIALIZE"
+_FWD_SM90_SMALL_D = [(128, 128, 4, 3, _TMA, _WS), (128, 64, 4, 3, _TMA, _WS),
+                     (128, 128, 8, 3, _TMA), (128, 64, 4, 3, _TMA), (128, 128, 8, 3),
+                     (128, 64, 4, 3), (64, 64, 4, 3)]
+FWD_CONFIGS_SM90 = {
+    16: _FWD_SM90_SMALL_D, 32: _FWD_SM90_SMALL_D, 64: _FWD_SM90_SMALL_D,
+    128: [(128, 128, 4, 2, _TMA, _WS), (128, 64, 4, 3, _TMA, _WS), (128, 128, 8, 2, _TMA),
+          (128, 64, 8, 3, _TMA), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
+    256: [(128, 32, 4, 2, _TMA, _WS), (128, 64, 8, 2, _TMA), (128, 32, 8, 3, _TMA),
+          (64, 64, 4, 2, _TMA), (128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 8, 3)],
+}
+# Every forward BLOCK_N divides it: with Nk a multiple, no key tile is partial.
+KEY_TILE_MULTIPLE = 128
 
 
 def smem_estimate(kernel: str, block_m: int, block_n: int, block_d: int, stages: int,
-                  elem: int) -> int:
+                  elem: int, flags=()) -> int:
     """Bytes of shared memory a config stages: the streamed tiles times the pipeline depth,
     plus the tiles held across the loop. An upper-bound guide used to prune configs; the
-    compile test checks it against what triton really allocates."""
+    compile test checks it against what triton really allocates. flags: the config's
+    (USE_TMA, WARP_SPECIALIZE)."""
     if kernel == "fwd":
-        return elem * block_d * (block_m + 2 * stages * block_n)
+        size = elem * block_d * (block_m + 2 * stages * block_n)
+        if "USE_TMA" in flags:
+            size += 1024  # the pipeline's mbarriers
+        if "WARP_SPECIALIZE" in flags:
+            # Each of the two consumer warp groups stages its output rows, 64 at least.
+            size += elem * block_d * max(block_m, 128)
+        return size
     if kernel == "dkdv":
         # Each stage also holds the lse and delta of its query rows (float32).
         return elem * block_d * (2 * block_n + 2 * stages * block_m) + 8 * stages * block_m
     return elem * block_d * (2 * block_m + 2 * stages * block_n)
 
 
-def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int):
-    table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kernel]
-    out = []
-    for block_m, block_n, warps, stages, *largest_head_dim in table:
-        # A fifth field bounds the head dims a config serves: past it the tile spills.
-        if largest_head_dim and block_d > largest_head_dim[0]:
-            continue
+def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int, arch=None,
+                tma: bool = False):
+    """The configs of `kernel` that fit smem_limit bytes of shared memory at head dim block_d
+    (a power of two) with elem-byte inputs. arch: the GPU's compute capability (90 for
+    sm_90); None, or any other than 90, takes the tables every GPU from sm_80 on runs. TMA
+    configs only with `tma` (the tensors allow descriptors)."""
+    if kernel == "fwd" and arch == 90 and elem == 2:
+        table, small = FWD_CONFIGS_SM90[block_d], False
+    else:
+        table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kernel]
         # fp32 dots run on FMA units and 256-wide fp16 rows fill the registers: small tiles.
-        if (elem >= 4 or block_d * elem >= 512) and block_m * block_n > 64 * 64:
+        small = elem >= 4 or block_d * elem >= 512
+    out = []
+    for block_m, block_n, warps, stages, *extra in table:
+        # Strings are flags; a number bounds the head dims a config serves (past it, it spills).
+        flags = tuple(e for e in extra if isinstance(e, str))
+        if any(isinstance(e, int) and block_d > e for e in extra):
+            continue
+        if (small and block_m * block_n > 64 * 64) or ("USE_TMA" in flags and not tma):
+            continue
+        # Hopper's warpgroup MMA takes 64 rows at least: fewer fall back to mma.sync.
+        if arch == 90 and elem == 2 and (block_n if kernel == "dkdv" else block_m) < 64:
             continue
         # Fewer stages fit more, but an unpipelined loop is no config worth tuning.
-        while stages > 2 and smem_estimate(kernel, block_m, block_n, block_d, stages,
-                                           elem) > smem_limit:
+        while stages > 2 and smem_estimate(kernel, block_m, block_n, block_d, stages, elem,
+                                           flags) > smem_limit:
             stages -= 1
-        if smem_estimate(kernel, block_m, block_n, block_d, stages, elem) <= smem_limit:
-            out.append((block_m, block_n, warps, stages))
+        if smem_estimate(kernel, block_m, block_n, block_d, stages, elem, flags) <= smem_limit:
+            out.append((block_m, block_n, warps, stages, *flags))
     return list(dict.fromkeys(out))
 
 
@@ -473,6 +606,60 @@ def _smem_limit(device: torch.device) -> int:
     return getattr(props, "shared_memory_per_block_optin", SMEM_LIMIT[80])
 
 
+def _arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _tma_aligned(*tensors) -> bool:
+    """TMA descriptors can address the rows of these tensors: 16-byte aligned data and every
+    stride but the last (1) a multiple of 16 bytes, as Hopper's tensor memory accelerator
+    requires. Dimensions of size 1 are never stepped over, whatever their stride."""
+    return all(x.data_ptr() % 16 == 0 and all(
+        (stride * x.element_size()) % 16 == 0 for size, stride in zip(x.shape[:-1], x.stride())
+        if size > 1) for x in tensors)
+
+
+@contextlib.contextmanager
+def _descriptor_scratch(needed: bool):
+    """Device-made TMA descriptors live in global scratch memory that triton asks its
+    allocator for at launch: torch's, for the launch, unless the caller has set one."""
+    from triton.runtime import _allocation
+
+    current = _allocation._allocator  # a ContextVar from triton 3.5 on, the allocator before
+    current = current.get() if isinstance(current, contextvars.ContextVar) else current
+    if not needed or interpreting() or not isinstance(current, _allocation.NullAllocator):
+        yield
+        return
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8,
+                                                                     device="cuda"))
+    try:
+        yield
+    finally:
+        triton.set_allocator(current)
+
+
+def _config_meta(config) -> dict:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, *flags) -> the kernel's tile sizes and each
+    flag (the name of a constexpr, e.g. USE_TMA) set True."""
+    return {"BLOCK_M": config[0], "BLOCK_N": config[1], **dict.fromkeys(config[4:], True)}
+
+
+def _without_unused_specialization(configs, nargs, **meta):
+    """Warp-specialized configs only where the forward compiles its one unmasked loop: with
+    MASK_KEYS they would run, and be timed, as their plain twins."""
+    if meta.get("MASK_KEYS"):
+        return [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE")] or configs
+    return configs
+
+
+# Each kernel's autotuning beyond the shared key (head dim, sequence-length bucket, dtypes):
+# the forward tunes masked and unmasked calls apart and times no warp-specialized config where
+# it would run as its plain twin; the atomic dK/dV variant adds into dq, which every
+# benchmarked launch must find zeroed, and tunes apart from the deterministic variant.
+TUNING = {"fwd": {"key": ["MASK_KEYS"],
+                  "prune_configs_by": {"early_config_prune": _without_unused_specialization}},
+          "dkdv": {"key": ["ATOMIC_DQ"], "reset_to_zero": ["dq_ptr"]}}
 _autotuned = {}
 
 
@@ -484,34 +671,39 @@ def _persist_tuning() -> dict:
     return {"cache_results": True} if "cache_results" in params else {}
 
 
-def _launcher(kernel: str, fn, device, block_d: int, elem: int):
-    """The kernel under an autotuner whose configs fit this device; key: head dim, the
-    sequence-length bucket and (added by triton) the argument dtypes."""
+def _launcher(kernel: str, fn, device, block_d: int, elem: int, arch=None, tma: bool = False):
+    """The kernel under an autotuner whose configs fit this device (see configs_for); key:
+    head dim, the sequence-length bucket, whether the forward masks keys and (added by
+    triton) the argument dtypes."""
     smem = _smem_limit(device)
-    cache_key = (kernel, block_d, elem, smem)
+    cache_key = (kernel, block_d, elem, smem, arch, tma)
     if cache_key not in _autotuned:
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                   for m, n, w, s in configs_for(kernel, block_d, elem, smem)]
-        extra = BACKWARD_TUNING.get(kernel, {})
-        _autotuned[cache_key] = triton.autotune(configs, key=["BLOCK_D", "seq_bucket",
-                                                              *extra.get("key", ())],
-                                                reset_to_zero=extra.get("reset_to_zero"),
-                                                **_persist_tuning())(fn)
+        configs = [triton.Config(_config_meta(c), num_warps=c[2], num_stages=c[3])
+                   for c in configs_for(kernel, block_d, elem, smem, arch, tma)]
+        extra = TUNING.get(kernel, {})
+        _autotuned[cache_key] = triton.autotune(
+            configs, key=["BLOCK_D", "seq_bucket", *extra.get("key", ())],
+            prune_configs_by=extra.get("prune_configs_by"),
+            reset_to_zero=extra.get("reset_to_zero"), **_persist_tuning())(fn)
     return _autotuned[cache_key]
 
 
-def _run(kernel: str, fn, grid, args, meta, device, config):
-    """Launch fn with a fixed config (given, or the interpreter's) or through autotuning."""
+def _run(kernel: str, fn, grid, args, meta, device, config, tma: bool = False):
+    """Launch fn with a fixed config (given, or the interpreter's) or through autotuning.
+    tma: the tensors allow TMA descriptors, so TMA configs may run."""
     if config is None and interpreting():
         config = INTERPRET_CONFIG
-    if config is not None:
-        block_m, block_n, warps, stages = config
-        fn[grid(block_m, block_n)](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n,
-                                    num_warps=warps, num_stages=stages)
-        return
-    elem = args[0].element_size()
-    tuned = _launcher(kernel, fn, device, meta["BLOCK_D"], elem)
-    tuned[lambda m: grid(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
+    if config is not None and "USE_TMA" in config and not tma:
+        raise ValueError(f"config {config} loads through TMA descriptors: only the forward "
+                         "does, on tensors with 16-byte aligned data and strides")
+    with _descriptor_scratch(tma):
+        if config is not None:
+            fn[grid(config[0], config[1])](*args, **meta, **_config_meta(config),
+                                           num_warps=config[2], num_stages=config[3])
+            return
+        elem = args[0].element_size()
+        tuned = _launcher(kernel, fn, device, meta["BLOCK_D"], elem, _arch(device), tma)
+        tuned[lambda m: grid(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
 
 
 def _common(q, k, kv_lengths, window_left, window_right):
@@ -538,16 +730,16 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, con
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right)
+    # Nk a multiple of every forward BLOCK_N: no key tile is partial, whichever config runs.
+    meta["MASK_KEYS"] = (kv_lengths is not None or window_left >= 0 or window_right >= 0
+                         or k.shape[2] % KEY_TILE_MULTIPLE != 0)
     args = (q, k, v, out, lse, dummy, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *out.stride()[:3], *scalars, scale * LOG2E.value, *window)
     _run("fwd", _attn_fwd, lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch), args, meta,
-         q.device, config)
+         q.device, config, tma=_tma_aligned(q, k, v, out))
     return out, lse
 
 
-# The backward's autotuning beyond the shared key: the atomic dK/dV variant adds into dq,
-# which every benchmarked launch must find zeroed, and tunes apart from the other variant.
-BACKWARD_TUNING = {"dkdv": {"key": ["ATOMIC_DQ"], "reset_to_zero": ["dq_ptr"]}}
 # Launch options of the backward's kernels. Without a register cap in the PTX, ptxas (12.8 in
 # triton 3.6, 12.9 in 3.9) at -O3 gives a tile that must spill on sm_80 far fewer registers
 # than it may use: dK/dV at D=128, 64x64 tiles, 4 warps got 32 registers and 38 KB of spills

@@ -3,15 +3,17 @@
 The tests run kernels through the interpreter, which decides at definition time and patches
 triton.language, so compilation happens in a clean subprocess: `compile_all(jobs)` sends
 jobs to `python tests/aot.py` and returns, per job, the shared memory the kernel allocates,
-which matrix instructions its PTX uses, whether it loads and stores 16 bytes at a time, uses
-TMA and warp specialization, and the registers and spill bytes triton's bundled `ptxas -v`
-reports for it.
+which matrix instructions its PTX uses and how many, whether it loads and stores 16 bytes at
+a time, uses TMA and warp specialization, and the registers and spill bytes triton's bundled
+`ptxas -v` reports for it.
 
 A job: {"module", "kernel", "arch", "constexprs", "pointers", "num_warps", "num_stages"} and
 optionally "options", more compiler options (e.g. maxnreg) as the launcher passes them;
 `pointers` maps each pointer argument to its element type ("fp16", "fp32", "i32"); other
 arguments are float32 if named *scale, else int32. Pointers and strides are declared
-16-divisible, as aligned torch tensors make them.
+16-divisible, as aligned torch tensors make them. The kernel may sit under triton.heuristics
+or triton.autotune: the jit function beneath is compiled. Other keys of a job (an "expect"
+that tests check) are left alone.
 """
 
 import json
@@ -56,8 +58,11 @@ def compile_job(job):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
 
     fn = getattr(importlib.import_module(job["module"]), job["kernel"])
+    while not isinstance(fn, JITFunction):
+        fn = fn.fn
     constexprs, pointers = job["constexprs"], job["pointers"]
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -93,6 +98,7 @@ def compile_job(job):
     ptx = compiled.asm["ptx"]
     return {"error": None, "shared": compiled.metadata.shared,
             "wgmma": "wgmma.mma_async" in ptx, "mma_sync": "mma.sync.aligned" in ptx,
+            "mma_instructions": ptx.count("wgmma.mma_async") + ptx.count("mma.sync.aligned"),
             # 16 bytes a load: a vector load, or an async copy .cg (which moves 16 bytes only).
             "vector_loads": "ld.global.v4" in ptx or "cp.async.cg.shared.global" in ptx,
             "vector_stores": "st.global.v4" in ptx,

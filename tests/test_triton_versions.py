@@ -1,6 +1,8 @@
 """attnmem imports and each kernel compiles for sm_80 and sm_90 on the oldest Triton that
 pyproject.toml accepts here and on the GPU machines' Triton, not only on the installed one
-(which the rest of the suite covers, every config and dtype).
+(which the rest of the suite covers, every config and dtype); on the GPU machines' Triton the
+compile jobs that state what they must compile to (wgmma, no spill, TMA, warp
+specialization) are checked as well.
 
 Each version gets a virtual environment under ~/.cache/attnmem/ that sees this Python's
 packages (torch and attnmem itself are reused) and holds only that triton, installed from the
@@ -95,19 +97,24 @@ def venv_with_triton(version: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def kernel_jobs(tmp_path_factory):
-    """{"module.kernel-smXX": job}: the first job the compile tests build for each kernel
-    and arch."""
+def recorded_jobs(tmp_path_factory):
+    """Every job the compile tests build."""
     record = tmp_path_factory.mktemp("aot") / "jobs.jsonl"
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow",
                     "tests", "-k", "not triton_versions"], cwd=ROOT,
                    env={**_clean_env(), "ATTNMEM_AOT_RECORD": str(record)},
                    capture_output=True, text=True, timeout=600)
     assert record.exists(), "the compile tests recorded no jobs"
+    return [job for line in record.read_text().splitlines() for job in json.loads(line)]
+
+
+@pytest.fixture(scope="module")
+def kernel_jobs(recorded_jobs):
+    """{"module.kernel-smXX": job}: the first job the compile tests build for each kernel
+    and arch."""
     jobs = {}
-    for line in record.read_text().splitlines():
-        for job in json.loads(line):
-            jobs.setdefault(f"{job['module']}.{job['kernel']}-sm{job['arch']}", job)
+    for job in recorded_jobs:
+        jobs.setdefault(f"{job['module']}.{job['kernel']}-sm{job['arch']}", job)
     return jobs
 
 
@@ -156,3 +163,23 @@ def test_imports_and_kernels_compile_on_other_triton_versions(kernel_jobs, which
     results = dict(zip(kernel_jobs, compile_all(list(kernel_jobs.values()), python=python)))
     failures = {name: result["error"] for name, result in results.items() if result["error"]}
     assert not failures, f"on triton {version}: {failures}"
+
+
+def test_gpu_machines_triton_compiles_as_expected(recorded_jobs):
+    """The jobs that carry an "expect" (tests/test_attention_targets.py: wgmma, no spill, TMA,
+    warp specialization on sm_90) compile to what they expect on the GPU machines' triton
+    too, not only on the installed one."""
+    if minor(triton.__version__) == GPU_MACHINES_TRITON:
+        pytest.skip(f"triton {GPU_MACHINES_TRITON} is the installed one, which the rest of the "
+                    "suite checks")
+    jobs = list({json.dumps(job, sort_keys=True): job for job in recorded_jobs
+                 if "expect" in job}.values())
+    assert jobs, "no compile job carries an expectation"
+    python = venv_with_triton(GPU_MACHINES_TRITON)
+    failures = {}
+    for job, result in zip(jobs, compile_all(jobs, python=python)):
+        got = {key: result.get(key) for key in job["expect"]}
+        if result["error"] or got != job["expect"]:
+            name = f"{job['kernel']}-sm{job['arch']}-{job['constexprs']}-{job['num_warps']}w"
+            failures[name] = result["error"] or got
+    assert not failures, f"on triton {GPU_MACHINES_TRITON}: {failures}"
