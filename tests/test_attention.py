@@ -259,9 +259,9 @@ def test_backward_mode_follows_torch(device, backend, mode, monkeypatch):
     launches = []
     real_run = kernel._run
 
-    def spy(name, fn, grid, args, meta, device, config):
+    def spy(name, fn, grid, args, meta, *rest, **options):
         launches.append((name, meta.get("ATOMIC_DQ")))
-        return real_run(name, fn, grid, args, meta, device, config)
+        return real_run(name, fn, grid, args, meta, *rest, **options)
 
     monkeypatch.setattr(kernel, "_run", spy)
     q, k, v, kwargs = make_inputs(CASES["lengths_window_gqa"], torch.float32, device)
