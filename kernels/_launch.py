@@ -50,6 +50,11 @@ def within(offs, size, WHOLE: tl.constexpr):
     return ok
 
 
+def slot_configs(rows):
+    """(BLOCK_N, num_warps, num_stages) rows of a measured table -> configs for `launch`."""
+    return [dict(BLOCK_N=n, num_warps=w, num_stages=s) for n, w, s in rows]
+
+
 _TUNERS = {}
 
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnmem.kernels._launch import interpreting, launch, slot_splits
+from attnmem.kernels._launch import interpreting, launch, slot_configs, slot_splits
 
 # (BLOCK_N, num_warps, num_stages), autotuned per kernel, dtype and shift count: slots are
 # gathered through the circular shift, a few registers each; none spills on sm_90
@@ -160,8 +160,7 @@ def _splits(n_slots, rows, device):
 
 
 def _launch(kernel, grid, args, meta, **options):
-    configs = [dict(BLOCK_N=n, num_warps=w, num_stages=s) for n, w, s in CONFIGS]
-    launch(kernel, lambda m: grid, args, meta, configs, ["n_shift", "NORMALIZE"]
+    launch(kernel, lambda m: grid, args, meta, slot_configs(CONFIGS), ["n_shift", "NORMALIZE"]
            if kernel is _location_fwd else ["n_shift"], INTERPRET_CONFIG, **options)
 
 

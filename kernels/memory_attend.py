@@ -20,7 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-from attnmem.kernels._launch import interpreting, lastdim_contiguous, launch, slot_splits, within
+from attnmem.kernels._launch import (
+    interpreting,
+    lastdim_contiguous,
+    launch,
+    slot_configs,
+    slot_splits,
+    within,
+)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 EPS_SQ = tl.constexpr(1e-16)  # cosine's max(|u||v|, 1e-8), squared
@@ -247,7 +254,7 @@ def fwd_configs(elem, block_d, even):
     """The forward's autotuning configs at this element size and width chunk, for whole
     (even) or masked widths."""
     table = FWD_CONFIGS if even else MASKED_FWD_CONFIGS
-    return [dict(BLOCK_N=n, num_warps=w, num_stages=s) for n, w, s in table[(elem, block_d)]]
+    return slot_configs(table[(elem, block_d)])
 
 
 def _prepare(memory, keys, values, strength, mask, similarity, **layout):

@@ -13,7 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
-from attnmem.kernels._launch import interpreting, lastdim_contiguous, launch, slot_splits, within
+from attnmem.kernels._launch import (
+    interpreting,
+    lastdim_contiguous,
+    launch,
+    slot_configs,
+    slot_splits,
+    within,
+)
 
 # Heads per block: tl.dot's smallest M. More heads loop over blocks of 16.
 BLOCK_R = 16
@@ -48,8 +55,7 @@ INTERPRET_CONFIG = dict(BLOCK_N=16, num_warps=1, num_stages=1)
 def configs_for(kernel, block_d, elem):
     """The autotuning configs of kernel ("fwd" or "bwd") at this width chunk and element
     size."""
-    return [dict(BLOCK_N=n, num_warps=w, num_stages=s)
-            for n, w, s in CONFIGS[(kernel, elem, block_d)]]
+    return slot_configs(CONFIGS[(kernel, elem, block_d)])
 
 
 @triton.jit

@@ -106,6 +106,36 @@ def compile_job(job):
             **ptxas_usage(ptx, job["arch"])}
 
 
+def sm90_spills(results):
+    """{job: (registers, spill store bytes, spill load bytes)} of the sm_90 jobs that spill."""
+    return {k: (r["registers"], r["spill_stores"], r["spill_loads"]) for k, r in results.items()
+            if "sm90" in k and (r["spill_stores"] or r["spill_loads"])}
+
+
+def table_jobs(make_job, configs_for, widths):
+    """Compile jobs for every config of a width-chunked kernel's tables ("fwd" and "bwd"):
+    at each width chunk widths(elem) gives, every dtype, on sm_90; at the widest chunk on
+    sm_80; and a masked (odd, "odd" in its name) width at the first config.
+    make_job(kernel, arch, dtype, block_d, config, even=True) builds one job."""
+    jobs = {}
+    for kernel in ("fwd", "bwd"):
+        for dtype in ("float16", "bfloat16", "float32"):
+            elem = 4 if dtype == "float32" else 2
+            chunks = widths(elem)
+            for block_d in chunks:
+                for config in configs_for(kernel, block_d, elem):
+                    name = "-".join(f"{k}{v}" for k, v in config.items())
+                    jobs[f"{kernel}-sm90-{dtype}-d{block_d}-{name}"] = make_job(
+                        kernel, 90, dtype, block_d, config)
+                    if block_d == chunks[-1] and dtype != "bfloat16":
+                        jobs[f"{kernel}-sm80-{dtype}-d{block_d}-{name}"] = make_job(
+                            kernel, 80, dtype, block_d, config)
+            config = configs_for(kernel, chunks[-1], elem)[0]
+            jobs[f"{kernel}-sm90-{dtype}-odd-width"] = make_job(kernel, 90, dtype, chunks[-1],
+                                                                config, even=False)
+    return jobs
+
+
 def compile_all(jobs, python=sys.executable):
     """Compiles jobs with `python` (another environment's, another triton: see
     tests/test_triton_versions.py). With ATTNMEM_AOT_RECORD=FILE set, appends the jobs to FILE

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import attnmem
-from aot import TRITON_TYPES, compile_all
+from aot import TRITON_TYPES, compile_all, sm90_spills
 from attnmem.kernels.attention import SMEM_LIMIT
 from attnmem.reference import additive as twin
 from attnmem.reference.attention import softmax_with_lse
@@ -287,7 +287,5 @@ def test_kernel_compiles_for_sm80_and_sm90():
     for name, result in results.items():  # the value products run on tensor cores
         if "float32" not in name:
             assert result["mma_sync"] or result["wgmma"], name
-    spills = {k: (r["registers"], r["spill_stores"], r["spill_loads"])
-              for k, r in results.items()
-              if "sm90" in k and (r["spill_stores"] or r["spill_loads"])}
+    spills = sm90_spills(results)
     assert not spills, spills

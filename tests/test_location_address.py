@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attnmem
-from aot import TRITON_TYPES, compile_all
+from aot import TRITON_TYPES, compile_all, sm90_spills
 from backends import BACKENDS, DEVICE, DTYPE_IDS, DTYPES
 from tolerance import assert_close_to_float64
 
@@ -114,7 +114,5 @@ def test_kernels_compile_for_sm80_and_sm90():
     results = dict(zip(jobs, compile_all(list(jobs.values()))))
     failures = {k: r["error"] for k, r in results.items() if r["error"]}
     assert not failures, failures
-    spills = {k: (r["registers"], r["spill_stores"], r["spill_loads"])
-              for k, r in results.items()
-              if "sm90" in k and (r["spill_stores"] or r["spill_loads"])}
+    spills = sm90_spills(results)
     assert not spills, spills

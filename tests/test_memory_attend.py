@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import attnmem
-from aot import TRITON_TYPES, compile_all
+from aot import TRITON_TYPES, compile_all, sm90_spills
 from attnmem.reference import memory as twin
 from backends import BACKENDS, DEVICE, DTYPE_IDS, DTYPES, INTERPRET
 from tolerance import assert_close_to_float64
@@ -205,9 +205,7 @@ def test_forward_configs_compile_without_spills():
     jobs = _forward_jobs()
     results = dict(zip(jobs, compile_all(list(jobs.values()))))
     _check(jobs, results)
-    spills = {k: (r["registers"], r["spill_stores"], r["spill_loads"])
-              for k, r in results.items()
-              if "sm90" in k and (r["spill_stores"] or r["spill_loads"])}
+    spills = sm90_spills(results)
     assert not spills, spills
     scalar = [k for k, r in results.items() if "odd" not in k and not r["vector_loads"]]
     assert not scalar, scalar

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attnmem
-from aot import TRITON_TYPES, compile_all
+from aot import TRITON_TYPES, compile_all, sm90_spills, table_jobs
 from attnmem.reference import memory as twin
 from backends import BACKENDS, DEVICE, DTYPE_IDS, DTYPES
 from tolerance import assert_close_to_float64
@@ -70,23 +70,8 @@ def _jobs():
     chunk on sm_80, and masked (odd) widths at the first config."""
     from attnmem.kernels import memory_write as kernel_module
 
-    jobs = {}
     widths = [d for d in (16, 32, 64) if d <= kernel_module.MAX_BLOCK_D]
-    for kernel in ("fwd", "bwd"):
-        for dtype in ("float16", "bfloat16", "float32"):
-            elem = 4 if dtype == "float32" else 2
-            for block_d in widths:
-                for config in kernel_module.configs_for(kernel, block_d, elem):
-                    name = "-".join(f"{k}{v}" for k, v in config.items())
-                    jobs[f"{kernel}-sm90-{dtype}-d{block_d}-{name}"] = _job(
-                        kernel, 90, dtype, block_d, config)
-                    if block_d == widths[-1] and dtype != "bfloat16":
-                        jobs[f"{kernel}-sm80-{dtype}-d{block_d}-{name}"] = _job(
-                            kernel, 80, dtype, block_d, config)
-            config = kernel_module.configs_for(kernel, widths[-1], elem)[0]
-            jobs[f"{kernel}-sm90-{dtype}-odd-width"] = _job(kernel, 90, dtype, widths[-1],
-                                                            config, even=False)
-    return jobs
+    return table_jobs(_job, kernel_module.configs_for, lambda elem: widths)
 
 
 @pytest.mark.slow
@@ -99,9 +84,7 @@ def test_every_config_compiles_without_spills():
     results = dict(zip(jobs, compile_all(list(jobs.values()))))
     failures = {k: r["error"] for k, r in results.items() if r["error"]}
     assert not failures, failures
-    spills = {k: (r["registers"], r["spill_stores"], r["spill_loads"])
-              for k, r in results.items()
-              if "sm90" in k and (r["spill_stores"] or r["spill_loads"])}
+    spills = sm90_spills(results)
     assert not spills, spills
     scalar = [k for k, r in results.items() if "odd" not in k
               and not (r["vector_loads"] and r["vector_stores"])]
