@@ -202,6 +202,18 @@ def _window_side(name, value, n_unbounded) -> int:
     return -1 if side >= n_unbounded else side
 
 
+def _window(window, n_q, n_k) -> tuple[int, int]:
+    """window (None, or a pair of sides) -> (left, right) ints, -1 where unbounded. Query i's
+    window [a - left, a + right], a = i + Nk - Nq, spans all keys for every i once
+    left >= Nk - 1 and right >= Nq - 1."""
+    if window is None:
+        window = (None, None)
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window must be a pair (left, right), got {window!r}")
+    return (_window_side("left", window[0], max(n_k - 1, 0)),
+            _window_side("right", window[1], max(n_q - 1, 0)))
+
+
 def _scale(scale, q) -> float:
     """scale as a float, refused where it would overflow the computation: the kernels
     multiply it by log2(e) in float32 (float64 for float64 inputs)."""
@@ -246,14 +258,7 @@ def _validate(q, k, v, causal, scale, kv_lengths, window, return_lse):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     scale = _scale(scale, q)
     kv_lengths = _checks.lengths("kv_lengths", kv_lengths, q.shape[0], k.shape[2], q.device)
-    if window is None:
-        window = (None, None)
-    if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise ValueError(f"window must be a pair (left, right), got {window!r}")
-    # Query i's window [a - left, a + right], a = i + Nk - Nq, spans all keys for every i
-    # once left >= Nk - 1 and right >= Nq - 1.
-    left = _window_side("left", window[0], max(k.shape[2] - 1, 0))
-    right = _window_side("right", window[1], max(q.shape[2] - 1, 0))
+    left, right = _window(window, q.shape[2], k.shape[2])
     return scale, left, right, kv_lengths
 
 

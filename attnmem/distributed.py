@@ -33,7 +33,7 @@ import torch.distributed as dist
 import attnmem
 from attnmem import _checks
 from attnmem import backend as _backend
-from attnmem.attention import _validate, _window_side
+from attnmem.attention import _validate, _window
 from attnmem.reference.attention import compute_dtype, softmax_with_lse
 from attnmem.reference.memory import similarity as _similarity
 
@@ -359,12 +359,7 @@ def ring_attention(q, k, v, *, group=None, causal=False, window=None, kv_lengths
                          f"causal=True): the sequence lengths must be divisible by 2 * world "
                          f"size = {2 * world}, got q {n_q} and k {n_k}")
     kv_lengths = _checks.lengths("kv_lengths", kv_lengths, q.shape[0], n_k, q.device)
-    if window is None:
-        window = (None, None)
-    if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise ValueError(f"window must be a pair (left, right), got {window!r}")
-    left = _window_side("left", window[0], max(n_k - 1, 0))
-    right = _window_side("right", window[1], max(n_q - 1, 0))
+    left, right = _window(window, n_q, n_k)
     if causal and n_q > 1:  # as attnmem.attention: with one query, causal hides no key
         right = 0 if right < 0 else min(right, 0)
     out, lse = _RingAttention.apply(q, k, v, kv_lengths, scale, left, right, causal, group)

@@ -19,7 +19,7 @@ from attnmem.attention import (
     MAX_TRITON_HEAD_DIM,
     TRITON_DTYPES,
     _scale,
-    _window_side,
+    _window,
 )
 from attnmem.reference import attention as _attention_twin
 from attnmem.reference import kvcache as _reference
@@ -195,12 +195,7 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     scale = _scale(scale, q)
-    if window is None:
-        window = (None, None)
-    if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise ValueError(f"window must be a pair (left, right), got {window!r}")
-    left = _window_side("left", window[0], max(capacity - 1, 0))
-    right = _window_side("right", window[1], max(n_q - 1, 0))
+    left, right = _window(window, n_q, capacity)
     if causal:
         right = 0 if right < 0 else min(right, 0)
     seqlens = _seqlens(cache_seqlens, batch, q.device, capacity - n_new)
