@@ -9,12 +9,89 @@ kernels (attnmem.kernels.product_key), as attnmem.backend chooses.
 
 import numbers
 
+import torch
+
 from attnmem import _checks
 from attnmem import backend as _backend
 from attnmem.reference import product_key as _reference
 
 # Value rows are packed with their score into 64-bit sort keys: 31 bits of row index.
 MAX_ROWS = 2**31 - 1
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The selection kernel holds each half's best (16 queries, 2 * topk) in registers.
+MAX_TRITON_TOPK = 64
+
+
+@torch.library.custom_op("attnmem::product_key_lookup", mutates_args=())
+def _lookup_op(queries: torch.Tensor, sub_keys: torch.Tensor, values: torch.Tensor, topk: int,
+               sparse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton path -> (out (B, Dv), rows (B, H, topk) int64, weights (B, H, topk) float32)."""
+    from attnmem.kernels import product_key as kernel
+
+    rows, weights = kernel.select(queries, sub_keys, topk)
+    return kernel.gather(values, rows, weights), rows, weights
+
+
+@_lookup_op.register_fake
+def _(queries, sub_keys, values, topk, sparse):
+    batch, heads = queries.shape[:2]
+    return (values.new_empty((batch, values.shape[1])),
+            queries.new_empty((batch, heads, topk), dtype=torch.int64),
+            queries.new_empty((batch, heads, topk), dtype=torch.float32))
+
+
+@torch.library.custom_op("attnmem::product_key_lookup_backward", mutates_args=())
+def _lookup_backward_op(dout: torch.Tensor, dweights: torch.Tensor, queries: torch.Tensor,
+                        sub_keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
+                        weights: torch.Tensor, sparse: bool, deterministic: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dqueries, dsub_keys, dvalues, touched): dvalues dense (n_keys ** 2, Dv) and
+    touched empty, or with sparse the gradients (U, Dv) of the touched rows (U,)."""
+    from attnmem.kernels import product_key as kernel
+
+    dscores, dvalues = kernel.gather_backward(dout, values, rows, weights, deterministic,
+                                              sparse)
+    dscores = dscores + dweights
+    dscores = weights * (dscores - (weights * dscores).sum(-1, keepdim=True))
+    dqueries, dsub_keys = kernel.score_backward(dscores, queries, sub_keys, rows)
+    touched, dvalues = dvalues if sparse else (rows.new_empty(0), dvalues)
+    return dqueries, dsub_keys, dvalues, touched
+
+
+@_lookup_backward_op.register_fake
+def _(dout, dweights, queries, sub_keys, values, rows, weights, sparse, deterministic):
+    if sparse:
+        touched = torch.library.get_ctx().new_dynamic_size()
+        return (queries.new_empty(queries.shape), sub_keys.new_empty(sub_keys.shape),
+                values.new_empty((touched, values.shape[1])),
+                rows.new_empty((touched,)))
+    return (queries.new_empty(queries.shape), sub_keys.new_empty(sub_keys.shape),
+            values.new_empty(values.shape), rows.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    queries, sub_keys, values, topk, sparse = inputs
+    _, rows, weights = output
+    ctx.save_for_backward(queries, sub_keys, values, rows, weights)
+    ctx.sparse = sparse
+
+
+def _backward(ctx, dout, drows, dweights):
+    queries, sub_keys, values, rows, weights = ctx.saved_tensors
+    if dweights is None:
+        dweights = torch.zeros_like(weights)
+    if dout is None:
+        dout = values.new_zeros((queries.shape[0], values.shape[1]))
+    dqueries, dsub_keys, dvalues, touched = _lookup_backward_op(
+        dout, dweights, queries, sub_keys, values, rows, weights, ctx.sparse,
+        torch.are_deterministic_algorithms_enabled())
+    if ctx.sparse:
+        dvalues = torch.sparse_coo_tensor(touched[None], dvalues, values.shape,
+                                          is_coalesced=True, check_invariants=False)
+    return dqueries, dsub_keys, dvalues, None, None
+
+
+_lookup_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _arguments(queries, sub_keys, values, topk):
@@ -48,7 +125,7 @@ def product_key_lookup(queries, sub_keys, values, *, topk, return_indices=False,
     weights, and their value rows (row = i1 * n_keys + i2) are summed by weight; the heads'
     reads are summed, as Lample et al.'s memory does. Returns (B, Dv) in the inputs' dtype,
     and with return_indices=True also the rows (B, H, topk) int64 and the weights
-    (B, H, topk) float32.
+    (B, H, topk) in float32 (float64 for float64 inputs).
 
     Gradients flow to queries, sub_keys and values through the selected candidates (the
     selection has none); sparse=True makes the values' gradient a sparse COO tensor of the
@@ -56,8 +133,19 @@ def product_key_lookup(queries, sub_keys, values, *, topk, return_indices=False,
     sub-key index, then to the lower row, on both backends."""
     _arguments(queries, sub_keys, values, topk)
     topk, sparse = int(topk), bool(sparse)
-    _backend.resolve(_backend.requested_backend(), (queries,), [], "product_key_lookup")
-    out, rows, weights = _reference.product_key_lookup(queries, sub_keys, values, topk, sparse)
+    reasons = []
+    if queries.dtype not in TRITON_DTYPES:
+        reasons.append(f"dtype {queries.dtype} (supported: float16, bfloat16, float32)")
+    if topk > MAX_TRITON_TOPK:
+        reasons.append(f"topk {topk} > {MAX_TRITON_TOPK}")
+    chosen = _backend.resolve(_backend.requested_backend(), (queries,), reasons,
+                              "product_key_lookup")
+    if chosen == "triton":
+        out, rows, weights = _lookup_op(queries, sub_keys, values, topk, sparse)
+    else:
+        out, rows, weights = _reference.product_key_lookup(queries, sub_keys, values, topk,
+                                                           sparse)
     if return_indices:
-        return out, rows, weights.float()
+        return out, rows, weights.to(torch.float64 if out.dtype == torch.float64 else
+                                     torch.float32)
     return out

@@ -1,0 +1,331 @@
+"""Product-key memory lookup: fused selection, weighted gather, and their backward.
+
+Shapes: queries (B, H, Dk), sub_keys (H, 2, n_keys, Dk / 2), values (n_keys ** 2, Dv);
+rows and weights (B, H, topk).
+
+- `_pkm_select`: a program scores BLOCK_B queries of one head against both sub-key tables
+  in tiles of BLOCK_N keys (tl.dot, Dk / 2 in chunks of BLOCK_D) and keeps each half's
+  running top-K (K = topk rounded up to a power of two) as 64-bit keys that pack the float32
+  score, order-preserved, above the inverted index, so that one integer tl.topk orders by
+  score and breaks ties towards the lower index, as the torch twin's stable sorts do. The
+  topk x topk Cartesian sums then reduce to the topk best, one row of the first half's list
+  at a time, and get their softmax weights. Neither the (B, H, n_keys) scores nor the
+  candidates reach memory. tl.sort and tl.topk exist in every triton attnmem supports
+  (3.4 to 3.9); their k must be a power of two, hence K, and at least 2 (triton 3.4 has no
+  k = 1 path), the extra entries masked.
+- `_pkm_gather`: out[b] = sum over heads and their topk rows of weight * values[row], one
+  program per query and Dv chunk, rows loaded BLOCK_D wide (16-byte loads for whole chunks).
+- `_pkm_gather_bwd`: dweights[b, h, k] = dout[b] . values[row], and with ATOMIC the value
+  gradient w * dout[b] added into a float32 dense gradient with atomics.
+- `_pkm_value_grad`: the deterministic value gradient: the (B * H * topk) entries sorted by
+  row (a stable torch.sort), one program per touched row and Dv chunk sums its entries in
+  sorted order and stores the row, into the dense gradient or, COMPACT, into the rows of a
+  sparse gradient. No atomics, so it repeats bit for bit.
+
+The gradients of the queries and sub-keys go through the (B, H, topk) score gradient, which
+torch scatters into a dense (B, H, 2, n_keys) gradient of the half scores; two batched
+matmuls then give both (the forward scoring's work again, on tensor cores, deterministic).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from attnmem.kernels._launch import interpreting, lastdim_contiguous, launch, within
+
+# Value rows are 31-bit indices in the packed keys.
+MAX_INDEX = 2**31 - 1
+# The Triton path keeps (BLOCK_B, 2 K) packed keys per half in registers.
+MAX_TOPK = 64
+# Queries per selection program: tl.dot's smallest M.
+BLOCK_B = 16
+# Cartesian candidates per query merged at once (A rows of the first half's list).
+CANDIDATES = 64
+# (BLOCK_D, num_warps) of the gather kernels.
+GATHER_CONFIGS = [(128, 4), (256, 4), (64, 2)]
+# Entries per step of the deterministic value gradient.
+BLOCK_E = 16
+INTERPRET_GATHER = dict(BLOCK_D=16, num_warps=1, num_stages=1)
+
+
+def pad_topk(topk):
+    """K: topk rounded up to a power of two, at least 2."""
+    return max(2, triton.next_power_of_2(topk))
+
+
+def select_config(topk):
+    """The selection kernel's one config: K keys a tile (16 at least, tl.dot's smallest N),
+    so that a merge sorts 2 K keys; A rows of candidates a merge; from K = 64, 8 warps and
+    one stage.
+    These compile without register spills on sm_90 (tests/test_product_key.py); wider
+    tiles or more candidates a merge spill the packed int64 keys."""
+    k = pad_topk(topk)
+    return dict(BLOCK_N=max(16, k), BLOCK_D=32, A=max(1, min(k, CANDIDATES // k)),
+                num_warps=4 if k <= 32 else 8, num_stages=2 if k <= 32 else 1)
+
+
+def gather_configs():
+    return [dict(BLOCK_D=d, num_warps=w, num_stages=1) for d, w in GATHER_CONFIGS]
+
+
+@triton.jit
+def _pack(score, index, valid):
+    """int64 keys ordered as (score, -index); invalid entries below every valid one."""
+    score = tl.where(score == 0.0, 0.0, score)  # -0.0 and 0.0 tie, as they compare
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    ordered = tl.where(valid, ordered, -2147483648)
+    low = tl.where(valid, 0x7FFFFFFF - index, 0)
+    return (ordered.to(tl.int64) << 32) | low.to(tl.int64)
+
+
+@triton.jit
+def _unpack(packed):
+    """-> (score float32, index int32) of keys made by _pack."""
+    ordered = (packed >> 32).to(tl.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True), 0x7FFFFFFF - (packed & 0x7FFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def _merge(best, new, K: tl.constexpr):
+    """The K largest keys of best (BLOCK_B, K) and new (BLOCK_B, N >= K), in order."""
+    if new.shape[1] > K:
+        new = tl.topk(new, K)
+    both = tl.reshape(tl.join(best, new), (best.shape[0], 2 * K))
+    return tl.topk(both, K)
+
+
+@triton.jit
+def _pkm_select(q_ptr, keys_ptr, rows_ptr, weights_ptr, stride_qb, stride_qh, stride_kh,
+                stride_ks, stride_kn, n_queries, n_heads, n_keys, half,
+                TOPK: tl.constexpr, K: tl.constexpr, A: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    h = tl.program_id(1).to(tl.int64)
+    queries = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    query_ok = queries < n_queries
+    q_rows = q_ptr + queries[:, None] * stride_qb + h * stride_qh
+    keys = keys_ptr + h * stride_kh
+    empty = tl.full((BLOCK_B, K), -9223372036854775807 - 1, tl.int64)
+    best1, best2 = empty, empty
+    for n0 in range(0, n_keys, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < n_keys
+        key_rows = keys + offs_n[:, None] * stride_kn
+        s1 = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
+        s2 = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
+        for d0 in range(0, half, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = offs_d < half
+            q_mask = query_ok[:, None] & d_ok[None, :]
+            k_mask = key_ok[:, None] & d_ok[None, :]
+            q1 = tl.load(q_rows + offs_d[None, :], mask=q_mask, other=0.0)
+            q2 = tl.load(q_rows + half + offs_d[None, :], mask=q_mask, other=0.0)
+            k1 = tl.load(key_rows + offs_d[None, :], mask=k_mask, other=0.0)
+            k2 = tl.load(key_rows + stride_ks + offs_d[None, :], mask=k_mask, other=0.0)
+            s1 = tl.dot(q1, tl.trans(k1), s1, input_precision=DOT_PRECISION)
+            s2 = tl.dot(q2, tl.trans(k2), s2, input_precision=DOT_PRECISION)
+        index = tl.broadcast_to(offs_n[None, :], (BLOCK_B, BLOCK_N))
+        best1 = _merge(best1, _pack(s1, index, key_ok[None, :]), K)
+        best2 = _merge(best2, _pack(s2, index, key_ok[None, :]), K)
+    score1, index1 = _unpack(best1)
+    score2, index2 = _unpack(best2)
+    cols = tl.arange(0, K)[None, :]
+    in_top = cols < TOPK
+    best = empty
+    # Candidates (a, b): A rows a of the first half's list at a time, each with the second
+    # half's topk. Both lists are sorted, so once no row's best remaining candidate,
+    # score1[a0] + score2[0], reaches its topk-th best score, the rest are skipped.
+    rank = tl.arange(0, A)[None, :, None]
+    for a0 in range(0, TOPK, A):
+        kth = tl.sum(tl.where(cols == TOPK - 1, _unpack(best)[0], 0.0), 1)
+        bound = tl.sum(tl.where(cols == a0, score1, 0.0), 1) + tl.max(
+            tl.where(in_top, score2, float("-inf")), 1)
+        if tl.max((~(bound < kth)).to(tl.int32), 0) > 0:  # a NaN kth: not yet topk found
+            first = cols[:, None, :] == a0 + rank                       # (1, A, K)
+            score_a = tl.sum(tl.where(first, score1[:, None, :], 0.0), 2)   # (BLOCK_B, A)
+            index_a = tl.sum(tl.where(first, index1[:, None, :], 0), 2)
+            ok = (a0 + rank < TOPK) & in_top[:, None, :]
+            candidates = _pack(score_a[:, :, None] + score2[:, None, :],
+                               index_a[:, :, None] * n_keys + index2[:, None, :], ok)
+            best = _merge(best, tl.reshape(candidates, (BLOCK_B, A * K)), K)
+    score, row = _unpack(best)
+    score = tl.where(in_top, score, float("-inf"))
+    p = tl.exp(score - tl.max(score, 1)[:, None])
+    p = p / tl.sum(p, 1)[:, None]
+    out = (queries[:, None] * n_heads + h) * TOPK + cols
+    mask = query_ok[:, None] & in_top
+    tl.store(rows_ptr + out, row.to(tl.int64), mask=mask)
+    tl.store(weights_ptr + out, p, mask=mask)
+
+
+@triton.jit
+def _pkm_gather(values_ptr, rows_ptr, weights_ptr, out_ptr, stride_vn, n_heads, value_dim,
+                TOPK: tl.constexpr, K: tl.constexpr, EVEN_D: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = within(offs_d, value_dim, EVEN_D)
+    offs_k = tl.arange(0, K)
+    k_ok = offs_k < TOPK
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for h in range(n_heads):
+        entries = (b * n_heads + h) * TOPK + offs_k
+        rows = tl.load(rows_ptr + entries, mask=k_ok, other=0)
+        w = tl.load(weights_ptr + entries, mask=k_ok, other=0.0)
+        v = tl.load(values_ptr + rows[:, None] * stride_vn + offs_d[None, :],
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * v.to(tl.float32), 0)
+    tl.store(out_ptr + b * value_dim + offs_d, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _pkm_gather_bwd(values_ptr, rows_ptr, weights_ptr, dout_ptr, dweights_ptr, dvalues_ptr,
+                    stride_vn, n_heads, value_dim, TOPK: tl.constexpr, K: tl.constexpr,
+                    ATOMIC: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_k = tl.arange(0, K)
+    k_ok = offs_k < TOPK
+    entries = (b * n_heads + h) * TOPK + offs_k
+    rows = tl.load(rows_ptr + entries, mask=k_ok, other=0)
+    w = tl.load(weights_ptr + entries, mask=k_ok, other=0.0)
+    dw = tl.zeros((K,), tl.float32)
+    for d0 in range(0, value_dim, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = within(offs_d, value_dim, EVEN_D)
+        mask = k_ok[:, None] & d_ok[None, :]
+        g = tl.load(dout_ptr + b * value_dim + offs_d, mask=d_ok, other=0.0)
+        v = tl.load(values_ptr + rows[:, None] * stride_vn + offs_d[None, :], mask=mask,
+                    other=0.0)
+        dw += tl.sum(v.to(tl.float32) * g[None, :], 1)
+        if ATOMIC:
+            tl.atomic_add(dvalues_ptr + rows[:, None] * value_dim + offs_d[None, :],
+                          w[:, None] * g[None, :], mask=mask)
+    tl.store(dweights_ptr + entries, dw, mask=k_ok)
+
+
+@triton.jit
+def _pkm_value_grad(unique_ptr, starts_ptr, order_ptr, weights_ptr, dout_ptr, out_ptr,
+                    stride_on, entries_per_query, value_dim, COMPACT: tl.constexpr,
+                    EVEN_D: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    u = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = within(offs_d, value_dim, EVEN_D)
+    start = tl.load(starts_ptr + u)
+    end = tl.load(starts_ptr + u + 1)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for e0 in range(start, end, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        e_ok = offs_e < end
+        entry = tl.load(order_ptr + offs_e, mask=e_ok, other=0)
+        w = tl.load(weights_ptr + entry, mask=e_ok, other=0.0)
+        g = tl.load(dout_ptr + (entry // entries_per_query)[:, None] * value_dim
+                    + offs_d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * g, 0)
+    row = u
+    if not COMPACT:
+        row = tl.load(unique_ptr + u)
+    tl.store(out_ptr + row * stride_on + offs_d, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def _gather_meta(value_dim, topk):
+    return dict(TOPK=topk, K=pad_topk(topk))
+
+
+def _gather_launch(fn, grid, args, meta, value_dim, **options):
+    """fn over gather_configs; EVEN_D follows each config's BLOCK_D."""
+    configs = [dict(c, EVEN_D=value_dim % c["BLOCK_D"] == 0) for c in gather_configs()]
+    interpret = dict(INTERPRET_GATHER, EVEN_D=value_dim % INTERPRET_GATHER["BLOCK_D"] == 0)
+    launch(fn, grid, args, meta, configs, ["value_dim", "TOPK"], interpret, **options)
+
+
+def select(queries, sub_keys, topk):
+    """-> rows (B, H, topk) int64 and softmax weights (B, H, topk) float32."""
+    queries, sub_keys = lastdim_contiguous(queries), lastdim_contiguous(sub_keys)
+    batch, heads, _ = queries.shape
+    n_keys, half = sub_keys.shape[2], sub_keys.shape[3]
+    rows = torch.empty((batch, heads, topk), dtype=torch.int64, device=queries.device)
+    weights = torch.empty((batch, heads, topk), dtype=torch.float32, device=queries.device)
+    if batch == 0 or heads == 0:
+        return rows, weights
+    config = select_config(topk)
+    meta = dict(TOPK=topk, K=pad_topk(topk), BLOCK_B=BLOCK_B,
+                DOT_PRECISION="ieee" if queries.dtype == torch.float32 else "tf32")
+    interpret = dict(config, BLOCK_D=16, num_warps=1, num_stages=1)
+    launch(_pkm_select, lambda m: (triton.cdiv(batch, BLOCK_B), heads),
+           (queries, sub_keys, rows, weights, queries.stride(0), queries.stride(1),
+            sub_keys.stride(0), sub_keys.stride(1), sub_keys.stride(2), batch, heads, n_keys,
+            half), meta, [config], ["TOPK"], interpret)
+    return rows, weights
+
+
+def gather(values, rows, weights):
+    """-> (B, Dv) in values' dtype: the weighted sum of each query's rows over its heads."""
+    values = lastdim_contiguous(values)
+    batch, heads, topk = rows.shape
+    value_dim = values.shape[1]
+    out = torch.empty((batch, value_dim), dtype=values.dtype, device=values.device)
+    if batch == 0 or value_dim == 0:
+        return out
+    if heads == 0:
+        return out.zero_()
+    _gather_launch(_pkm_gather, lambda m: (batch, triton.cdiv(value_dim, m["BLOCK_D"])),
+                   (values, rows, weights, out, values.stride(0), heads, value_dim),
+                   _gather_meta(value_dim, topk), value_dim)
+    return out
+
+
+def gather_backward(dout, values, rows, weights, deterministic, sparse):
+    """-> (dweights (B, H, topk) float32, dvalues) with dvalues the dense (n_rows, Dv)
+    gradient in values' dtype, or (touched rows (U,) int64, their gradients (U, Dv)) for a
+    sparse gradient. Atomic unless deterministic or sparse."""
+    values = lastdim_contiguous(values)
+    dout = dout.float().contiguous()
+    batch, heads, topk = rows.shape
+    n_rows, value_dim = values.shape
+    atomic = not (deterministic or sparse)
+    dweights = torch.zeros((batch, heads, topk), dtype=torch.float32, device=values.device)
+    dvalues = None
+    if atomic:
+        dvalues = torch.zeros((n_rows, value_dim), dtype=torch.float32, device=values.device)
+    if dweights.numel() and value_dim:
+        _gather_launch(_pkm_gather_bwd, lambda m: (batch, heads),
+                       (values, rows, weights, dout, dweights,
+                        dvalues if atomic else dweights, values.stride(0), heads, value_dim),
+                       dict(_gather_meta(value_dim, topk), ATOMIC=atomic), value_dim,
+                       reset_to_zero=["dvalues_ptr"] if atomic else [])
+    if atomic:
+        return dweights, dvalues.to(values.dtype)
+    flat = rows.reshape(-1)
+    sorted_rows, order = torch.sort(flat, stable=True)
+    unique, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    starts = torch.zeros(len(unique) + 1, dtype=torch.int64, device=values.device)
+    torch.cumsum(counts, 0, out=starts[1:])
+    if sparse:
+        out = torch.empty((len(unique), value_dim), dtype=values.dtype, device=values.device)
+    else:
+        out = torch.zeros((n_rows, value_dim), dtype=values.dtype, device=values.device)
+    if len(unique) and value_dim:
+        block_d = 16 if interpreting() else min(128, triton.next_power_of_2(value_dim))
+        _pkm_value_grad[(len(unique), triton.cdiv(value_dim, block_d))](
+            unique, starts, order, weights, dout, out, out.stride(0), heads * topk, value_dim,
+            COMPACT=sparse, EVEN_D=value_dim % block_d == 0, BLOCK_E=BLOCK_E,
+            BLOCK_D=block_d)
+    return dweights, (unique, out) if sparse else out
+
+
+def score_backward(dscores, queries, sub_keys, rows):
+    """Gradients (dqueries, dsub_keys) in the inputs' dtypes from the gradient of the
+    selected candidates' scores (B, H, topk), through a dense (B, H, 2, n_keys) gradient of
+    the half scores: scatter_add_ is deterministic under torch's deterministic mode."""
+    batch, heads, dim = queries.shape
+    n_keys, half = sub_keys.shape[2], sub_keys.shape[3]
+    dhalves = dscores.new_zeros((batch, heads, 2, n_keys))
+    dhalves[:, :, 0].scatter_add_(-1, rows // n_keys, dscores)
+    dhalves[:, :, 1].scatter_add_(-1, rows % n_keys, dscores)
+    dqueries = torch.einsum("bhsn,hsnd->bhsd", dhalves, sub_keys.float())
+    dsub_keys = torch.einsum("bhsn,bhsd->hsnd", dhalves,
+                             queries.float().unflatten(-1, (2, half)))
+    return dqueries.reshape(batch, heads, dim).to(queries.dtype), dsub_keys.to(sub_keys.dtype)
