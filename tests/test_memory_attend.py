@@ -124,18 +124,20 @@ def test_read_only_gradients_without_weights():
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 
-def _job(kernel, arch, dtype, width, heads, read=True, even=None, config=(64, 4, 3)):
+def _job(kernel, arch, dtype, width, heads, read=True, even=None, config=(64, 4, 3), topk=0):
+    """A compile job as the launchers pass it; topk > 0: the forward's top-k selection with
+    topk candidates per head (no read, no scores)."""
     even = kernel == "_memory_attend_fwd" if even is None else even  # as the launchers pass
     pointers = {"mem_ptr": dtype, "keys_ptr": dtype, "values_ptr": dtype, "strength_ptr": dtype,
                 "mask_ptr": "i1", "part_read_ptr": "fp32", "part_max_ptr": "fp32",
-                "part_sum_ptr": "fp32", "scores_ptr": "fp32"}
+                "part_sum_ptr": "fp32", "scores_ptr": "fp32", "part_top_ptr": "i64"}
     block_n, num_warps, num_stages = config
     constexprs = dict(SIMILARITY=0, HAS_VALUES=read, HAS_STRENGTH=True, HAS_MASK=True, READ=read,
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", EVEN_D=even,
                       EVEN_DV=even, BLOCK_R=heads,
                       BLOCK_D=width, BLOCK_DV=width, BLOCK_N=block_n)
     if kernel == "_memory_attend_fwd":
-        constexprs["STORE_SCORES"] = True
+        constexprs.update(STORE_SCORES=not topk, TOPK=topk)
     else:
         pointers = {k: v for k, v in pointers.items() if not k.startswith(("part", "scores"))}
         pointers.update({"row_max_ptr": "fp32", "row_sum_ptr": "fp32", "dread_ptr": "fp32",
