@@ -15,12 +15,13 @@ rows and weights (B, H, topk).
   k = 1 path), the extra entries masked.
 - `_pkm_gather`: out[b] = sum over heads and their topk rows of weight * values[row], one
   program per query and Dv chunk, rows loaded BLOCK_D wide (16-byte loads for whole chunks).
-- `_pkm_gather_bwd`: dweights[b, h, k] = dout[b] . values[row], and with ATOMIC the value
-  gradient w * dout[b] added into a float32 dense gradient with atomics.
-- `_pkm_value_grad`: the deterministic value gradient: the (B * H * topk) entries sorted by
-  row (a stable torch.sort), one program per touched row and Dv chunk sums its entries in
-  sorted order and stores the row, into the dense gradient or, COMPACT, into the rows of a
-  sparse gradient. No atomics, so it repeats bit for bit.
+- `_pkm_gather_bwd`: dweights[b, h, k] = dout[b] . values[row], and with ATOMIC (float32
+  values) the value gradient w * dout[b] added into the dense gradient with atomics.
+- `_pkm_value_grad`: the sorted value gradient, for torch's deterministic mode, sparse
+  gradients and half-precision values: the (B * H * topk) entries sorted by row (a stable
+  torch.sort), the first entry of each row's run sums the run in sorted order and stores
+  the row, into the dense gradient or into the rows of a sparse one. No atomics, so it
+  repeats bit for bit, and no host sync for a dense gradient.
 
 The gradients of the queries and sub-keys go through the (B, H, topk) score gradient, which
 torch scatters into a dense (B, H, 2, n_keys) gradient of the half scores; two batched
@@ -207,27 +208,27 @@ def _pkm_gather_bwd(values_ptr, rows_ptr, weights_ptr, dout_ptr, dweights_ptr, d
 
 
 @triton.jit
-def _pkm_value_grad(unique_ptr, starts_ptr, order_ptr, weights_ptr, dout_ptr, out_ptr,
-                    stride_on, entries_per_query, value_dim, COMPACT: tl.constexpr,
-                    EVEN_D: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
-    u = tl.program_id(0).to(tl.int64)
+def _pkm_value_grad(sorted_rows_ptr, ends_ptr, dest_ptr, order_ptr, weights_ptr, dout_ptr,
+                    out_ptr, stride_on, entries_per_query, value_dim, EVEN_D: tl.constexpr,
+                    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    s = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = within(offs_d, value_dim, EVEN_D)
-    start = tl.load(starts_ptr + u)
-    end = tl.load(starts_ptr + u + 1)
-    acc = tl.zeros((BLOCK_D,), tl.float32)
-    for e0 in range(start, end, BLOCK_E):
-        offs_e = e0 + tl.arange(0, BLOCK_E)
-        e_ok = offs_e < end
-        entry = tl.load(order_ptr + offs_e, mask=e_ok, other=0)
-        w = tl.load(weights_ptr + entry, mask=e_ok, other=0.0)
-        g = tl.load(dout_ptr + (entry // entries_per_query)[:, None] * value_dim
-                    + offs_d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += tl.sum(w[:, None] * g, 0)
-    row = u
-    if not COMPACT:
-        row = tl.load(unique_ptr + u)
-    tl.store(out_ptr + row * stride_on + offs_d, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+    row = tl.load(sorted_rows_ptr + s)
+    previous = tl.load(sorted_rows_ptr + s - 1, mask=s > 0, other=-1)
+    if previous != row:  # the first entry of its row's run sums the run, in order
+        end = tl.load(ends_ptr + s)
+        acc = tl.zeros((BLOCK_D,), tl.float32)
+        for e0 in range(s, end, BLOCK_E):
+            offs_e = e0 + tl.arange(0, BLOCK_E)
+            e_ok = offs_e < end
+            entry = tl.load(order_ptr + offs_e, mask=e_ok, other=0)
+            w = tl.load(weights_ptr + entry, mask=e_ok, other=0.0)
+            g = tl.load(dout_ptr + (entry // entries_per_query)[:, None] * value_dim
+                        + offs_d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
+            acc += tl.sum(w[:, None] * g, 0)
+        tl.store(out_ptr + tl.load(dest_ptr + s) * stride_on + offs_d,
+                 acc.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 def _gather_meta(value_dim, topk):
@@ -280,40 +281,46 @@ def gather(values, rows, weights):
 def gather_backward(dout, values, rows, weights, deterministic, sparse):
     """-> (dweights (B, H, topk) float32, dvalues) with dvalues the dense (n_rows, Dv)
     gradient in values' dtype, or (touched rows (U,) int64, their gradients (U, Dv)) for a
-    sparse gradient. Atomic unless deterministic or sparse."""
+    sparse gradient. float32 atomics for float32 values unless deterministic or sparse;
+    otherwise the sorted path, which needs no table-sized float32 buffer (and for a sparse
+    gradient, one host sync for U)."""
     values = lastdim_contiguous(values)
     dout = dout.float().contiguous()
     batch, heads, topk = rows.shape
     n_rows, value_dim = values.shape
-    atomic = not (deterministic or sparse)
+    atomic = values.dtype == torch.float32 and not (deterministic or sparse)
     dweights = torch.zeros((batch, heads, topk), dtype=torch.float32, device=values.device)
-    dvalues = None
-    if atomic:
-        dvalues = torch.zeros((n_rows, value_dim), dtype=torch.float32, device=values.device)
+    dvalues = torch.zeros(values.shape if atomic else 0, dtype=values.dtype,
+                          device=values.device)
     if dweights.numel() and value_dim:
         _gather_launch(_pkm_gather_bwd, lambda m: (batch, heads),
-                       (values, rows, weights, dout, dweights,
-                        dvalues if atomic else dweights, values.stride(0), heads, value_dim),
+                       (values, rows, weights, dout, dweights, dvalues, values.stride(0), heads,
+                        value_dim),
                        dict(_gather_meta(value_dim, topk), ATOMIC=atomic), value_dim,
                        reset_to_zero=["dvalues_ptr"] if atomic else [])
     if atomic:
-        return dweights, dvalues.to(values.dtype)
-    flat = rows.reshape(-1)
-    sorted_rows, order = torch.sort(flat, stable=True)
-    unique, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-    starts = torch.zeros(len(unique) + 1, dtype=torch.int64, device=values.device)
-    torch.cumsum(counts, 0, out=starts[1:])
+        return dweights, dvalues
+    # Entries sorted by row; the first of each run sums it and writes the row.
+    sorted_rows, order = torch.sort(rows.reshape(-1), stable=True)
+    n = sorted_rows.numel()
+    first = torch.ones(n, dtype=torch.bool, device=values.device)
+    first[1:] = sorted_rows[1:] != sorted_rows[:-1]
+    starts = torch.where(first, torch.arange(n, device=values.device), n)
+    # A run ends where the next one starts: the smallest start after each entry.
+    ends = torch.cat([starts[1:], starts.new_full((1,), n)]).flip(0).cummin(0).values.flip(0)
     if sparse:
-        out = torch.empty((len(unique), value_dim), dtype=values.dtype, device=values.device)
+        touched = sorted_rows[first]
+        dest = torch.cumsum(first, 0) - 1
+        out = torch.empty((len(touched), value_dim), dtype=values.dtype, device=values.device)
     else:
+        dest = sorted_rows
         out = torch.zeros((n_rows, value_dim), dtype=values.dtype, device=values.device)
-    if len(unique) and value_dim:
+    if n and value_dim:
         block_d = 16 if interpreting() else min(128, triton.next_power_of_2(value_dim))
-        _pkm_value_grad[(len(unique), triton.cdiv(value_dim, block_d))](
-            unique, starts, order, weights, dout, out, out.stride(0), heads * topk, value_dim,
-            COMPACT=sparse, EVEN_D=value_dim % block_d == 0, BLOCK_E=BLOCK_E,
-            BLOCK_D=block_d)
-    return dweights, (unique, out) if sparse else out
+        _pkm_value_grad[(n, triton.cdiv(value_dim, block_d))](
+            sorted_rows, ends, dest, order, weights, dout, out, out.stride(0), heads * topk,
+            value_dim, EVEN_D=value_dim % block_d == 0, BLOCK_E=BLOCK_E, BLOCK_D=block_d)
+    return dweights, (touched, out) if sparse else out
 
 
 def score_backward(dscores, queries, sub_keys, rows):

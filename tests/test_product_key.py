@@ -216,10 +216,9 @@ def _jobs():
         {"values_ptr": t, "rows_ptr": "i64", "weights_ptr": "fp32", "dout_ptr": "fp32",
          "dweights_ptr": "fp32", "dvalues_ptr": "fp32"}, config["num_warps"])
     jobs["value_grad-sm90-float16"] = _job(
-        "_pkm_value_grad", dict(COMPACT=False, EVEN_D=True, BLOCK_E=kernel.BLOCK_E,
-                                BLOCK_D=128),
-        {"unique_ptr": "i64", "starts_ptr": "i64", "order_ptr": "i64", "weights_ptr": "fp32",
-         "dout_ptr": "fp32", "out_ptr": t}, 4)
+        "_pkm_value_grad", dict(EVEN_D=True, BLOCK_E=kernel.BLOCK_E, BLOCK_D=128),
+        {"sorted_rows_ptr": "i64", "ends_ptr": "i64", "dest_ptr": "i64", "order_ptr": "i64",
+         "weights_ptr": "fp32", "dout_ptr": "fp32", "out_ptr": t}, 4)
     return jobs
 
 
