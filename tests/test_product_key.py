@@ -144,6 +144,8 @@ def test_module_trains_with_sparse_adam():
             opt.step()
     changed = (memory.values.weight.detach() != before).any(1).nonzero().flatten()
     assert 0 < len(changed) < 64 and losses[1] < losses[0]
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):  # queries in bf16, tables in fp32
+        assert memory.eval()(x).shape == (4, 6, 5)
 
 
 def test_bad_input_names_the_argument():

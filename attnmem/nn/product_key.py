@@ -67,8 +67,10 @@ class ProductKeyMemory(nn.Module):
         queries = self.query(x.reshape(-1, self.dim))
         if self.query_norm is not None:
             queries = self.query_norm(queries)
+        # Under autocast the lookup runs in the tables' dtype: no copy of the value table.
+        queries = queries.view(-1, self.heads, self.query_dim).to(self.sub_keys.dtype)
         out, rows, weights = attnmem.product_key_lookup(
-            queries.view(-1, self.heads, self.query_dim), self.sub_keys, self.values.weight,
+            queries, self.sub_keys, self.values.weight,
             topk=self.topk, return_indices=True, sparse=self.sparse)
         out = out.view(*lead, self.value_dim)
         if return_indices:
