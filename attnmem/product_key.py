@@ -1,10 +1,11 @@
 """Product-key memory lookup (Lample et al. 2019, "Large Memory Layers with Product Keys";
 Berges et al. 2024, "Memory Layers at Scale").
 
-Shapes: queries (B, H, Dk) for H heads, sub_keys (H, 2, n_keys, Dk / 2): each head its own
-two sub-key tables, values (n_keys ** 2, Dv) shared by the heads. The op validates its
-inputs, then runs on the pure-torch twin (attnmem.reference.product_key) or on the Triton
-kernels (attnmem.kernels.product_key), as attnmem.backend chooses.
+Shapes: queries (..., H, Dk) for H heads (leading dims flattened to B), sub_keys
+(H, 2, n_keys, Dk / 2): each head its own two sub-key tables, values (n_keys ** 2, Dv)
+shared by the heads. The op validates its inputs, then runs on the pure-torch twin
+(attnmem.reference.product_key) or on the Triton kernels (attnmem.kernels.product_key),
+as attnmem.backend chooses.
 """
 
 import numbers
@@ -95,12 +96,12 @@ _lookup_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _arguments(queries, sub_keys, values, topk):
-    _checks.tensor("queries", queries, 3, "(B, H, Dk)")
+    _checks.tensor("queries", queries, max(3, getattr(queries, "ndim", 3)), "(..., H, Dk)")
     _checks.tensor("sub_keys", sub_keys, 4, "(H, 2, n_keys, Dk / 2)")
     _checks.like("sub_keys", sub_keys, queries, "queries")
     _checks.tensor("values", values, 2, "(n_keys ** 2, Dv)")
     _checks.like("values", values, queries, "queries")
-    heads, dim = queries.shape[1:]
+    heads, dim = queries.shape[-2:]
     if sub_keys.shape[0] != heads or sub_keys.shape[1] != 2 or 2 * sub_keys.shape[3] != dim:
         raise ValueError(f"sub_keys must be (H, 2, n_keys, Dk / 2) with H={heads} and "
                          f"Dk / 2={dim / 2:g} (queries {tuple(queries.shape)}; Dk must be "
@@ -119,13 +120,13 @@ def _arguments(queries, sub_keys, values, topk):
 
 def product_key_lookup(queries, sub_keys, values, *, topk, return_indices=False,
                        sparse=False):
-    """Product-key memory read. Per head, each half of the query (B, H, Dk) is scored (dot
+    """Product-key memory read. Per head, each half of the query (..., H, Dk) is scored (dot
     product) against its sub-key table, the topk best of each half combine into topk ** 2
     candidates scored by the sum of their halves, the topk best candidates get softmax
     weights, and their value rows (row = i1 * n_keys + i2) are summed by weight; the heads'
-    reads are summed, as Lample et al.'s memory does. Returns (B, Dv) in the inputs' dtype,
-    and with return_indices=True also the rows (B, H, topk) int64 and the weights
-    (B, H, topk) in float32 (float64 for float64 inputs).
+    reads are summed, as Lample et al.'s memory does. Returns (..., Dv) in the inputs' dtype,
+    and with return_indices=True also the rows (..., H, topk) int64 and the weights
+    (..., H, topk) in float32 (float64 for float64 inputs).
 
     Gradients flow to queries, sub_keys and values through the selected candidates (the
     selection has none); sparse=True makes the values' gradient a sparse COO tensor of the
@@ -133,6 +134,8 @@ def product_key_lookup(queries, sub_keys, values, *, topk, return_indices=False,
     sub-key index, then to the lower row, on both backends."""
     _arguments(queries, sub_keys, values, topk)
     topk, sparse = int(topk), bool(sparse)
+    lead = queries.shape[:-2]
+    queries = queries.reshape(lead.numel(), *queries.shape[-2:])
     reasons = []
     if queries.dtype not in TRITON_DTYPES:
         reasons.append(f"dtype {queries.dtype} (supported: float16, bfloat16, float32)")
@@ -145,7 +148,8 @@ def product_key_lookup(queries, sub_keys, values, *, topk, return_indices=False,
     else:
         out, rows, weights = _reference.product_key_lookup(queries, sub_keys, values, topk,
                                                            sparse)
+    out = out.view(*lead, out.shape[-1])
     if return_indices:
-        return out, rows, weights.to(torch.float64 if out.dtype == torch.float64 else
-                                     torch.float32)
+        weights = weights.to(torch.float64 if out.dtype == torch.float64 else torch.float32)
+        return out, rows.view(*lead, *rows.shape[1:]), weights.view(*lead, *weights.shape[1:])
     return out

@@ -111,6 +111,17 @@ def test_sparse_value_gradient(backend):
         torch.testing.assert_close(x, y)
 
 
+def test_leading_dims():
+    (queries, sub_keys, values), topk = make(CASES["odd"], torch.float32)
+    out, rows, weights = attnmem.product_key_lookup(queries[None, 1:], sub_keys, values,
+                                                    topk=topk, return_indices=True)
+    flat = attnmem.product_key_lookup(queries[1:], sub_keys, values, topk=topk,
+                                      return_indices=True)
+    assert out.shape == (1, 4, 7) and rows.shape == weights.shape == (1, 4, 2, topk)
+    for x, y in zip((out, rows, weights), flat):
+        assert torch.equal(x[0], y)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch_and_heads(backend):
     queries, sub_keys, values = make((0, 2, 4, 6, 5, 2), torch.float32)[0]
@@ -152,7 +163,7 @@ def test_bad_input_names_the_argument():
     (queries, sub_keys, values), _ = make(CASES["odd"], torch.float32)
     lookup = attnmem.product_key_lookup
     for call, error, name in [
-        (lambda: lookup(queries[0], sub_keys, values, topk=2), ValueError, "queries"),
+        (lambda: lookup(queries[0, 0], sub_keys, values, topk=2), ValueError, "queries"),
         (lambda: lookup(queries, sub_keys[:, :, :, :4], values, topk=2), ValueError,
          "sub_keys"),
         (lambda: lookup(queries, sub_keys.double(), values, topk=2), TypeError, "sub_keys"),
