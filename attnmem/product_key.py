@@ -44,23 +44,31 @@ def _(queries, sub_keys, values, topk, sparse):
 @torch.library.custom_op("attnmem::product_key_lookup_backward", mutates_args=())
 def _lookup_backward_op(dout: torch.Tensor, dweights: torch.Tensor, queries: torch.Tensor,
                         sub_keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
-                        weights: torch.Tensor, sparse: bool, deterministic: bool
+                        weights: torch.Tensor, sparse: bool, deterministic: bool,
+                        need_values: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dqueries, dsub_keys, dvalues, touched): dvalues dense (n_keys ** 2, Dv) and
-    touched empty, or with sparse the gradients (U, Dv) of the touched rows (U,)."""
+    touched empty, or with sparse the gradients (U, Dv) of the touched rows (U,); both
+    empty without need_values."""
     from attnmem.kernels import product_key as kernel
 
     dscores, dvalues = kernel.gather_backward(dout, values, rows, weights, deterministic,
-                                              sparse)
+                                              sparse, need_values)
     dscores = dscores + dweights
     dscores = weights * (dscores - (weights * dscores).sum(-1, keepdim=True))
     dqueries, dsub_keys = kernel.score_backward(dscores, queries, sub_keys, rows)
-    touched, dvalues = dvalues if sparse else (rows.new_empty(0), dvalues)
+    if dvalues is None:
+        dvalues = values.new_empty(0)
+    touched, dvalues = dvalues if sparse and need_values else (rows.new_empty(0), dvalues)
     return dqueries, dsub_keys, dvalues, touched
 
 
 @_lookup_backward_op.register_fake
-def _(dout, dweights, queries, sub_keys, values, rows, weights, sparse, deterministic):
+def _(dout, dweights, queries, sub_keys, values, rows, weights, sparse, deterministic,
+      need_values):
+    if not need_values:
+        return (queries.new_empty(queries.shape), sub_keys.new_empty(sub_keys.shape),
+                values.new_empty(0), rows.new_empty(0))
     if sparse:
         touched = torch.library.get_ctx().new_dynamic_size()
         return (queries.new_empty(queries.shape), sub_keys.new_empty(sub_keys.shape),
@@ -85,8 +93,10 @@ def _backward(ctx, dout, drows, dweights):
         dout = values.new_zeros((queries.shape[0], values.shape[1]))
     dqueries, dsub_keys, dvalues, touched = _lookup_backward_op(
         dout, dweights, queries, sub_keys, values, rows, weights, ctx.sparse,
-        torch.are_deterministic_algorithms_enabled())
-    if ctx.sparse:
+        torch.are_deterministic_algorithms_enabled(), ctx.needs_input_grad[2])
+    if not ctx.needs_input_grad[2]:
+        dvalues = None
+    elif ctx.sparse:
         dvalues = torch.sparse_coo_tensor(touched[None], dvalues, values.shape,
                                           is_coalesced=True, check_invariants=False)
     return dqueries, dsub_keys, dvalues, None, None

@@ -8,8 +8,9 @@ rows and weights (B, H, topk).
   running top-K (K = topk rounded up to a power of two) as 64-bit keys that pack the float32
   score, order-preserved, above the inverted index, so that one integer tl.topk orders by
   score and breaks ties towards the lower index, as the torch twin's stable sorts do. The
-  topk x topk Cartesian sums then reduce to the topk best, one row of the first half's list
-  at a time, and get their softmax weights. Neither the (B, H, n_keys) scores nor the
+  topk x topk Cartesian sums then reduce to the topk best, A rows of the first half's list
+  at a time (rows that cannot reach the topk-th best skipped), and get their softmax
+  weights. Neither the (B, H, n_keys) scores nor the
   candidates reach memory. tl.sort and tl.topk exist in every triton attnmem supports
   (3.4 to 3.9); their k must be a power of two, hence K, and at least 2 (triton 3.4 has no
   k = 1 path), the extra entries masked.
@@ -34,10 +35,6 @@ import triton.language as tl
 
 from attnmem.kernels._launch import interpreting, lastdim_contiguous, launch, within
 
-# Value rows are 31-bit indices in the packed keys.
-MAX_INDEX = 2**31 - 1
-# The Triton path keeps (BLOCK_B, 2 K) packed keys per half in registers.
-MAX_TOPK = 64
 # Queries per selection program: tl.dot's smallest M.
 BLOCK_B = 16
 # Cartesian candidates per query merged at once (A rows of the first half's list).
@@ -57,9 +54,9 @@ def pad_topk(topk):
 def select_config(topk):
     """The selection kernel's one config: K keys a tile (16 at least, tl.dot's smallest N),
     so that a merge sorts 2 K keys; A rows of candidates a merge; from K = 64, 8 warps and
-    one stage.
-    These compile without register spills on sm_90 (tests/test_product_key.py); wider
-    tiles or more candidates a merge spill the packed int64 keys."""
+    one stage. These compile without register spills on sm_90 at K = 32 and 64
+    (tests/test_product_key.py); 64-key tiles, or 128 candidates a merge, spill the packed
+    int64 keys at K = 32."""
     k = pad_topk(topk)
     return dict(BLOCK_N=max(16, k), BLOCK_D=32, A=max(1, min(k, CANDIDATES // k)),
                 num_warps=4 if k <= 32 else 8, num_stages=2 if k <= 32 else 1)
@@ -278,17 +275,17 @@ def gather(values, rows, weights):
     return out
 
 
-def gather_backward(dout, values, rows, weights, deterministic, sparse):
+def gather_backward(dout, values, rows, weights, deterministic, sparse, need_values=True):
     """-> (dweights (B, H, topk) float32, dvalues) with dvalues the dense (n_rows, Dv)
     gradient in values' dtype, or (touched rows (U,) int64, their gradients (U, Dv)) for a
-    sparse gradient. float32 atomics for float32 values unless deterministic or sparse;
-    otherwise the sorted path, which needs no table-sized float32 buffer (and for a sparse
-    gradient, one host sync for U)."""
+    sparse gradient, or None without need_values. float32 atomics for float32 values unless
+    deterministic or sparse; otherwise the sorted path, which needs no table-sized float32
+    buffer (and for a sparse gradient, one host sync for U)."""
     values = lastdim_contiguous(values)
     dout = dout.float().contiguous()
     batch, heads, topk = rows.shape
     n_rows, value_dim = values.shape
-    atomic = values.dtype == torch.float32 and not (deterministic or sparse)
+    atomic = need_values and values.dtype == torch.float32 and not (deterministic or sparse)
     dweights = torch.zeros((batch, heads, topk), dtype=torch.float32, device=values.device)
     dvalues = torch.zeros(values.shape if atomic else 0, dtype=values.dtype,
                           device=values.device)
@@ -298,8 +295,8 @@ def gather_backward(dout, values, rows, weights, deterministic, sparse):
                         value_dim),
                        dict(_gather_meta(value_dim, topk), ATOMIC=atomic), value_dim,
                        reset_to_zero=["dvalues_ptr"] if atomic else [])
-    if atomic:
-        return dweights, dvalues
+    if atomic or not need_values:
+        return dweights, dvalues if atomic else None
     # Entries sorted by row; the first of each run sums it and writes the row.
     sorted_rows, order = torch.sort(rows.reshape(-1), stable=True)
     n = sorted_rows.numel()

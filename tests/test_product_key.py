@@ -123,6 +123,18 @@ def test_leading_dims():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_fixed_value_table(backend):
+    """A value table without gradient (a buffer): the other gradients are the same."""
+    (queries, sub_keys, values), topk = make(CASES["odd"], torch.float32)
+    queries.requires_grad_()
+    with attnmem.use_backend(backend):
+        out = attnmem.product_key_lookup(queries, sub_keys, values, topk=topk)
+    (dqueries,) = torch.autograd.grad(out.square().sum(), queries)
+    expect = attnmem.product_key_lookup(queries, sub_keys, values.requires_grad_(), topk=topk)
+    torch.testing.assert_close(dqueries, torch.autograd.grad(expect.square().sum(), queries)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch_and_heads(backend):
     queries, sub_keys, values = make((0, 2, 4, 6, 5, 2), torch.float32)[0]
     with attnmem.use_backend(backend):
@@ -188,10 +200,10 @@ def test_opcheck():
     torch.library.opcheck(_lookup_op, (queries, sub_keys, values, topk, False),
                           test_utils=("test_schema", "test_faketensor"))
     out, rows, weights = _lookup_op(queries, sub_keys, values, topk, False)
-    for sparse in (False, True):
+    for sparse, need_values in ((False, True), (True, True), (False, False)):
         torch.library.opcheck(_lookup_backward_op, (
             torch.randn_like(out), torch.randn_like(weights), queries, sub_keys, values, rows,
-            weights, sparse, True), test_utils=("test_schema", "test_faketensor"))
+            weights, sparse, True, need_values), test_utils=("test_schema", "test_faketensor"))
 
 
 def _job(kernel, constexprs, pointers, num_warps, num_stages=1):
