@@ -14,6 +14,11 @@ from it would not sum to 1. Masked slots are never loaded, so whatever they hold
 for nothing. The backward recomputes the scores and weights from the saved max and sum,
 writes dMemory and dValues of its slots directly and partial dKeys and dStrength per
 split, summed by the launcher: no atomics, deterministic.
+
+Top-k selection (memory_topk_forward, TOPK > 0) is the same forward pass without the
+softmax: each program keeps a running best TOPK scores per head as int64s that order as
+(score, -slot), merged tile by tile with tl.topk (triton 3.4 has it), and writes them; the
+launcher merges the splits' candidates with torch.topk. Neither writes the scores.
 """
 
 import torch
@@ -28,10 +33,11 @@ from attnmem.kernels._launch import (
     slot_splits,
     within,
 )
+from attnmem.kernels.product_key import _merge, _pack
 
 LOG2E = tl.constexpr(1.4426950408889634)
 EPS_SQ = tl.constexpr(1e-16)  # cosine's max(|u||v|, 1e-8), squared
-NO_SLOT = tl.constexpr(-(2**63))  # a packed top-k entry that holds no slot (see _pack)
+NO_SLOT = tl.constexpr(-(2**63))  # a packed top-k entry that holds no slot (_pack's)
 SIMILARITY_CODES = {"cosine": 0, "dot": 1, "scaled_dot": 2}
 
 
@@ -51,26 +57,13 @@ def _scores(keys, k_sq, strength, mem, head_dim, SIMILARITY: tl.constexpr,
 
 
 @triton.jit
-def _pack(s, slots, usable):
-    """Scores and slots as int64s that order as (score, -slot): the float32's bits made
-    order-preserving as a signed int32 above, 2^31 - 1 - slot below (ties go to the lower
-    slot). Unusable slots are NO_SLOT, below every score."""
-    bits = s.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-    packed = (key << 32) | (0x7FFFFFFF - slots).to(tl.int64)[None, :]
-    return tl.where(usable[None, :], packed, NO_SLOT)
-
-
-@triton.jit
-def _merge_top(top, packed, TOPK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The TOPK largest of a head's running top (BLOCK_R, TOPK) and a tile's packed scores
-    (BLOCK_R, BLOCK_N), TOPK <= BLOCK_N powers of two. Past the first tiles few tiles hold a
-    score above some head's running TOPK-th: the others skip the sorting networks."""
+def _merge_top(top, packed, TOPK: tl.constexpr):
+    """A head's running TOPK best (BLOCK_R, TOPK) merged with a tile's packed scores
+    (product_key's _pack and _merge: int64s ordered as (score, -slot)). Past the first
+    tiles few tiles hold a score above some head's running TOPK-th: the others skip the
+    sorting networks."""
     if tl.max((tl.max(packed, 1) > tl.min(top, 1)).to(tl.int32), 0) > 0:
-        best = packed
-        if TOPK < BLOCK_N:
-            best = tl.topk(packed, TOPK)
-        top = tl.topk(tl.reshape(tl.join(top, best), [top.shape[0], 2 * TOPK]), TOPK)
+        top = _merge(top, packed, TOPK)
     return top
 
 
@@ -119,7 +112,7 @@ def _memory_attend_fwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr,
                       mask=usable[:, None] & d_ok[None, :], other=0.0)
         s, _, _, _ = _scores(keys, k_sq, strength, mem, head_dim, SIMILARITY, DOT_PRECISION)
         if TOPK > 0:
-            top = _merge_top(top, _pack(s, slots, usable), TOPK, BLOCK_N)
+            top = _merge_top(top, _pack(s, slots[None, :], usable[None, :]), TOPK)
         else:
             s = tl.where(usable[None, :], s, float("-inf"))
             if STORE_SCORES:
@@ -386,7 +379,7 @@ def memory_topk_forward(memory, keys, strength, mask, similarity, k):
     """-> the k best-scoring usable slots per head, int64 (B, R, k), best first, ties to the
     lower slot; -1 past a head's last usable slot. One pass over memory: each program keeps
     its split's best topk_block(k) per head (_merge_top), and torch.topk merges the splits'
-    candidates. Scores are never written."""
+    candidates."""
     # The interpreter runs triton's sorting networks element by element: fewer heads a
     # program keep test sizes fast.
     block_r = max(2, triton.next_power_of_2(keys.shape[1])) if interpreting() else FWD_BLOCK_R

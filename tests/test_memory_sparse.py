@@ -318,6 +318,10 @@ def test_key_value_memory_topk(backend):
     # The dense module restricted to those slots reads the same.
     mask = torch.zeros(2, 40, dtype=torch.bool, device=DEVICE).scatter_(1, slots, True)
     torch.testing.assert_close(out, dense(h, mask=mask))
+    with pytest.raises(ValueError, match="topk=5 is more than the memory's 4 slots"):
+        KeyValueMemory(8, num_slots=4, topk=5)
+    with pytest.raises(TypeError, match="topk must be an int"):
+        KeyValueMemory(8, num_slots=4, topk=2.0)
 
 
 def _topk_jobs():

@@ -176,7 +176,7 @@ def memory_write_slots(memory, slots, weights, erase, add, write=memory_write, i
     flat = slots.reshape(batch, entries)
     # A slot-less entry becomes a zero-weight write to a slot its batch touches anyway.
     flat = torch.where(flat >= 0, flat, flat.amax(1, keepdim=True).clamp_min(0))
-    ordered, order = flat.sort(-1)
+    ordered, order = flat.sort(dim=-1, stable=True)
     first = torch.ones_like(ordered, dtype=torch.bool)
     first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
     row_of_sorted = first.cumsum(-1) - 1  # the touched row each sorted entry writes
