@@ -52,11 +52,9 @@ def _lookup_backward_op(dout: torch.Tensor, dweights: torch.Tensor, queries: tor
     empty without need_values."""
     from attnmem.kernels import product_key as kernel
 
-    dscores, dvalues = kernel.gather_backward(dout, values, rows, weights, deterministic,
-                                              sparse, need_values)
-    dscores = dscores + dweights
-    dscores = weights * (dscores - (weights * dscores).sum(-1, keepdim=True))
-    dqueries, dsub_keys = kernel.score_backward(dscores, queries, sub_keys, rows)
+    dqueries, dsub_keys, dvalues = kernel.backward(dout, dweights, queries, sub_keys, values,
+                                                   rows, weights, deterministic, sparse,
+                                                   need_values)
     if dvalues is None:
         dvalues = values.new_empty(0)
     touched, dvalues = dvalues if sparse and need_values else (rows.new_empty(0), dvalues)

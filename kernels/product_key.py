@@ -16,17 +16,18 @@ rows and weights (B, H, topk).
   k = 1 path), the extra entries masked.
 - `_pkm_gather`: out[b] = sum over heads and their topk rows of weight * values[row], one
   program per query and Dv chunk, rows loaded BLOCK_D wide (16-byte loads for whole chunks).
-- `_pkm_gather_bwd`: dweights[b, h, k] = dout[b] . values[row], and with ATOMIC (float32
-  values) the value gradient w * dout[b] added into the dense gradient with atomics.
-- `_pkm_value_grad`: the sorted value gradient, for torch's deterministic mode, sparse
-  gradients and half-precision values: the (B * H * topk) entries sorted by row (a stable
-  torch.sort), the first entry of each row's run sums the run in sorted order and stores
-  the row, into the dense gradient or into the rows of a sparse one. No atomics, so it
-  repeats bit for bit, and no host sync for a dense gradient.
+- `_pkm_gather_bwd`, one program per query and head: dweights[k] = dout . values[row_k],
+  through the softmax the candidates' score gradient ds, and from it the query's gradient,
+  sum_k ds_k (keys1[row_k // n_keys], keys2[row_k % n_keys]); with ATOMIC (float32
+  values) the value gradient w * dout added into the dense gradient with atomics.
+- `_pkm_row_sums`: gradients of table rows without atomics, for the sub-keys (always) and
+  the values (deterministic mode, sparse gradients, half-precision values): the entries
+  sorted by target row (a stable torch.sort), the first entry of each row's run sums the
+  run in sorted order and stores the row, into the dense gradient or into the rows of a
+  sparse one. It repeats bit for bit and, for a dense gradient, needs no host sync.
 
-The gradients of the queries and sub-keys go through the (B, H, topk) score gradient, which
-torch scatters into a dense (B, H, 2, n_keys) gradient of the half scores; two batched
-matmuls then give both (the forward scoring's work again, on tensor cores, deterministic).
+The backward runs no cuBLAS matmul and builds no (B, H, n_keys)-sized tensor: it touches the
+selected rows only, and torch's deterministic mode needs no CUBLAS_WORKSPACE_CONFIG for it.
 """
 
 import torch
@@ -179,8 +180,9 @@ def _pkm_gather(values_ptr, rows_ptr, weights_ptr, out_ptr, stride_vn, n_heads, 
 
 
 @triton.jit
-def _pkm_gather_bwd(values_ptr, rows_ptr, weights_ptr, dout_ptr, dweights_ptr, dvalues_ptr,
-                    stride_vn, n_heads, value_dim, TOPK: tl.constexpr, K: tl.constexpr,
+def _pkm_gather_bwd(values_ptr, rows_ptr, weights_ptr, dout_ptr, dweights_ptr, dscores_ptr,
+                    dvalues_ptr, keys_ptr, dq_ptr, stride_vn, stride_kh, stride_ks, stride_kn,
+                    n_heads, value_dim, n_keys, half, TOPK: tl.constexpr, K: tl.constexpr,
                     ATOMIC: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -189,7 +191,7 @@ def _pkm_gather_bwd(values_ptr, rows_ptr, weights_ptr, dout_ptr, dweights_ptr, d
     entries = (b * n_heads + h) * TOPK + offs_k
     rows = tl.load(rows_ptr + entries, mask=k_ok, other=0)
     w = tl.load(weights_ptr + entries, mask=k_ok, other=0.0)
-    dw = tl.zeros((K,), tl.float32)
+    dw = tl.load(dweights_ptr + entries, mask=k_ok, other=0.0)
     for d0 in range(0, value_dim, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_ok = within(offs_d, value_dim, EVEN_D)
@@ -201,16 +203,29 @@ def _pkm_gather_bwd(values_ptr, rows_ptr, weights_ptr, dout_ptr, dweights_ptr, d
         if ATOMIC:
             tl.atomic_add(dvalues_ptr + rows[:, None] * value_dim + offs_d[None, :],
                           w[:, None] * g[None, :], mask=mask)
-    tl.store(dweights_ptr + entries, dw, mask=k_ok)
+    ds = w * (dw - tl.sum(w * dw, 0))  # through the softmax: the candidates' scores
+    tl.store(dscores_ptr + entries, ds, mask=k_ok)
+    # score = q1 . keys1[row // n_keys] + q2 . keys2[row % n_keys]: dq from the picked keys
+    keys1 = keys_ptr + h * stride_kh + (rows // n_keys)[:, None] * stride_kn
+    keys2 = keys_ptr + h * stride_kh + stride_ks + (rows % n_keys)[:, None] * stride_kn
+    dq = dq_ptr + (b * n_heads + h) * 2 * half
+    for d0 in range(0, half, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = k_ok[:, None] & (offs_d < half)[None, :]
+        k1 = tl.load(keys1 + offs_d[None, :], mask=mask, other=0.0)
+        k2 = tl.load(keys2 + offs_d[None, :], mask=mask, other=0.0)
+        tl.store(dq + offs_d, tl.sum(ds[:, None] * k1.to(tl.float32), 0), mask=offs_d < half)
+        tl.store(dq + half + offs_d, tl.sum(ds[:, None] * k2.to(tl.float32), 0),
+                 mask=offs_d < half)
 
 
 @triton.jit
-def _pkm_value_grad(sorted_rows_ptr, ends_ptr, dest_ptr, order_ptr, weights_ptr, dout_ptr,
-                    out_ptr, stride_on, entries_per_query, value_dim, EVEN_D: tl.constexpr,
-                    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+def _pkm_row_sums(sorted_rows_ptr, ends_ptr, dest_ptr, order_ptr, weights_ptr, src_ptr,
+                  out_ptr, stride_src, stride_on, entries_per_src, width,
+                  EVEN_D: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = within(offs_d, value_dim, EVEN_D)
+    d_ok = within(offs_d, width, EVEN_D)
     row = tl.load(sorted_rows_ptr + s)
     previous = tl.load(sorted_rows_ptr + s - 1, mask=s > 0, other=-1)
     if previous != row:  # the first entry of its row's run sums the run, in order
@@ -221,9 +236,9 @@ def _pkm_value_grad(sorted_rows_ptr, ends_ptr, dest_ptr, order_ptr, weights_ptr,
             e_ok = offs_e < end
             entry = tl.load(order_ptr + offs_e, mask=e_ok, other=0)
             w = tl.load(weights_ptr + entry, mask=e_ok, other=0.0)
-            g = tl.load(dout_ptr + (entry // entries_per_query)[:, None] * value_dim
+            g = tl.load(src_ptr + (entry // entries_per_src)[:, None] * stride_src
                         + offs_d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
-            acc += tl.sum(w[:, None] * g, 0)
+            acc += tl.sum(w[:, None] * g.to(tl.float32), 0)
         tl.store(out_ptr + tl.load(dest_ptr + s) * stride_on + offs_d,
                  acc.to(out_ptr.dtype.element_ty), mask=d_ok)
 
@@ -275,61 +290,69 @@ def gather(values, rows, weights):
     return out
 
 
-def gather_backward(dout, values, rows, weights, deterministic, sparse, need_values=True):
-    """-> (dweights (B, H, topk) float32, dvalues) with dvalues the dense (n_rows, Dv)
-    gradient in values' dtype, or (touched rows (U,) int64, their gradients (U, Dv)) for a
-    sparse gradient, or None without need_values. float32 atomics for float32 values unless
-    deterministic or sparse; otherwise the sorted path, which needs no table-sized float32
-    buffer (and for a sparse gradient, one host sync for U)."""
-    values = lastdim_contiguous(values)
+def _row_sums(targets, weights, src, entries_per_src, out, compact):
+    """out[target] = sum of weights[e] * src[e // entries_per_src] over the entries e with
+    that target, summed in entry order (a stable sort by target), one program per target:
+    no atomics. compact: out's rows are the touched targets in order, returned with them."""
+    sorted_rows, order = torch.sort(targets.reshape(-1), stable=True)
+    n = sorted_rows.numel()
+    first = torch.ones(n, dtype=torch.bool, device=targets.device)
+    first[1:] = sorted_rows[1:] != sorted_rows[:-1]
+    starts = torch.where(first, torch.arange(n, device=targets.device), n)
+    # A run ends where the next one starts: the smallest start after each entry.
+    ends = torch.cat([starts[1:], starts.new_full((1,), n)]).flip(0).cummin(0).values.flip(0)
+    touched, dest = None, sorted_rows
+    if compact:
+        touched = sorted_rows[first]
+        dest = torch.cumsum(first, 0) - 1
+        out = out.new_empty((len(touched), out.shape[1]))
+    width = out.shape[1]
+    if n and width:
+        block_d = 16 if interpreting() else min(128, triton.next_power_of_2(width))
+        _pkm_row_sums[(n, triton.cdiv(width, block_d))](
+            sorted_rows, ends, dest, order, weights, src, out, src.stride(0), out.stride(0),
+            entries_per_src, width, EVEN_D=width % block_d == 0, BLOCK_E=BLOCK_E,
+            BLOCK_D=block_d)
+    return (touched, out) if compact else out
+
+
+def backward(dout, dweights, queries, sub_keys, values, rows, weights, deterministic, sparse,
+             need_values):
+    """-> (dqueries, dsub_keys, dvalues) in the inputs' dtypes, dvalues the dense
+    (n_rows, Dv) gradient, or (touched rows (U,) int64, their gradients (U, Dv)) for a
+    sparse gradient, or None without need_values. The value gradient takes float32 atomics
+    for float32 values unless deterministic or sparse, otherwise the sorted row sums, which
+    need no table-sized float32 buffer (and, for a sparse gradient, one host sync for U).
+    The sub-keys' gradient is always the sorted row sums: deterministic."""
+    values, sub_keys = lastdim_contiguous(values), lastdim_contiguous(sub_keys)
+    queries = queries.contiguous()
     dout = dout.float().contiguous()
     batch, heads, topk = rows.shape
     n_rows, value_dim = values.shape
+    n_keys, half = sub_keys.shape[2], sub_keys.shape[3]
     atomic = need_values and values.dtype == torch.float32 and not (deterministic or sparse)
-    dweights = torch.zeros((batch, heads, topk), dtype=torch.float32, device=values.device)
+    dscores = torch.zeros((batch, heads, topk), dtype=torch.float32, device=values.device)
+    dqueries = torch.zeros(queries.shape, dtype=torch.float32, device=values.device)
     dvalues = torch.zeros(values.shape if atomic else 0, dtype=values.dtype,
                           device=values.device)
-    if dweights.numel() and value_dim:
+    if dscores.numel():
         _gather_launch(_pkm_gather_bwd, lambda m: (batch, heads),
-                       (values, rows, weights, dout, dweights, dvalues, values.stride(0), heads,
-                        value_dim),
+                       (values, rows, weights, dout, dweights.float().contiguous(), dscores,
+                        dvalues, sub_keys, dqueries, values.stride(0), sub_keys.stride(0),
+                        sub_keys.stride(1), sub_keys.stride(2), heads, value_dim, n_keys,
+                        half),
                        dict(_gather_meta(value_dim, topk), ATOMIC=atomic), value_dim,
                        reset_to_zero=["dvalues_ptr"] if atomic else [])
+    # Sub-key rows (h, s, i) of the flattened (H * 2 * n_keys, Dk / 2) gradient.
+    dsub_keys = torch.zeros(sub_keys.shape, dtype=sub_keys.dtype, device=values.device)
+    table = torch.arange(heads, device=values.device)[None, :, None] * 2 * n_keys
+    flat_queries = queries.view(batch * heads, 2, half)
+    for side, index in enumerate((rows // n_keys, rows % n_keys)):
+        _row_sums(table + side * n_keys + index, dscores, flat_queries[:, side], topk,
+                  dsub_keys.view(-1, half), compact=False)
     if atomic or not need_values:
-        return dweights, dvalues if atomic else None
-    # Entries sorted by row; the first of each run sums it and writes the row.
-    sorted_rows, order = torch.sort(rows.reshape(-1), stable=True)
-    n = sorted_rows.numel()
-    first = torch.ones(n, dtype=torch.bool, device=values.device)
-    first[1:] = sorted_rows[1:] != sorted_rows[:-1]
-    starts = torch.where(first, torch.arange(n, device=values.device), n)
-    # A run ends where the next one starts: the smallest start after each entry.
-    ends = torch.cat([starts[1:], starts.new_full((1,), n)]).flip(0).cummin(0).values.flip(0)
-    if sparse:
-        touched = sorted_rows[first]
-        dest = torch.cumsum(first, 0) - 1
-        out = torch.empty((len(touched), value_dim), dtype=values.dtype, device=values.device)
+        dvalues = dvalues if atomic else None
     else:
-        dest = sorted_rows
-        out = torch.zeros((n_rows, value_dim), dtype=values.dtype, device=values.device)
-    if n and value_dim:
-        block_d = 16 if interpreting() else min(128, triton.next_power_of_2(value_dim))
-        _pkm_value_grad[(n, triton.cdiv(value_dim, block_d))](
-            sorted_rows, ends, dest, order, weights, dout, out, out.stride(0), heads * topk,
-            value_dim, EVEN_D=value_dim % block_d == 0, BLOCK_E=BLOCK_E, BLOCK_D=block_d)
-    return dweights, (touched, out) if sparse else out
-
-
-def score_backward(dscores, queries, sub_keys, rows):
-    """Gradients (dqueries, dsub_keys) in the inputs' dtypes from the gradient of the
-    selected candidates' scores (B, H, topk), through a dense (B, H, 2, n_keys) gradient of
-    the half scores: scatter_add_ is deterministic under torch's deterministic mode."""
-    batch, heads, dim = queries.shape
-    n_keys, half = sub_keys.shape[2], sub_keys.shape[3]
-    dhalves = dscores.new_zeros((batch, heads, 2, n_keys))
-    dhalves[:, :, 0].scatter_add_(-1, rows // n_keys, dscores)
-    dhalves[:, :, 1].scatter_add_(-1, rows % n_keys, dscores)
-    dqueries = torch.einsum("bhsn,hsnd->bhsd", dhalves, sub_keys.float())
-    dsub_keys = torch.einsum("bhsn,bhsd->hsnd", dhalves,
-                             queries.float().unflatten(-1, (2, half)))
-    return dqueries.reshape(batch, heads, dim).to(queries.dtype), dsub_keys.to(sub_keys.dtype)
+        dvalues = _row_sums(rows, weights, dout, heads * topk,
+                            values.new_zeros((n_rows, value_dim)), compact=sparse)
+    return dqueries.to(queries.dtype), dsub_keys, dvalues

@@ -239,11 +239,12 @@ def _jobs():
     jobs["gather_bwd-sm90-float16"] = _job(
         "_pkm_gather_bwd", dict(meta, ATOMIC=True),
         {"values_ptr": t, "rows_ptr": "i64", "weights_ptr": "fp32", "dout_ptr": "fp32",
-         "dweights_ptr": "fp32", "dvalues_ptr": "fp32"}, config["num_warps"])
-    jobs["value_grad-sm90-float16"] = _job(
-        "_pkm_value_grad", dict(EVEN_D=True, BLOCK_E=kernel.BLOCK_E, BLOCK_D=128),
+         "dweights_ptr": "fp32", "dscores_ptr": "fp32", "dvalues_ptr": "fp32",
+         "keys_ptr": t, "dq_ptr": "fp32"}, config["num_warps"])
+    jobs["row_sums-sm90-float16"] = _job(
+        "_pkm_row_sums", dict(EVEN_D=True, BLOCK_E=kernel.BLOCK_E, BLOCK_D=128),
         {"sorted_rows_ptr": "i64", "ends_ptr": "i64", "dest_ptr": "i64", "order_ptr": "i64",
-         "weights_ptr": "fp32", "dout_ptr": "fp32", "out_ptr": t}, 4)
+         "weights_ptr": "fp32", "src_ptr": t, "out_ptr": t}, 4)
     return jobs
 
 
