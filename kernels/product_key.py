@@ -63,8 +63,12 @@ def select_config(topk):
                 num_warps=4 if k <= 32 else 8, num_stages=2 if k <= 32 else 1)
 
 
-def gather_configs():
-    return [dict(BLOCK_D=d, num_warps=w, num_stages=1) for d, w in GATHER_CONFIGS]
+def gather_configs(topk):
+    """The gathers' configs at this topk: value chunks narrowed to K * BLOCK_D <= 1024 *
+    num_warps (32 elements a thread), past which the backward's atomics spill on sm_90."""
+    k = pad_topk(topk)
+    configs = sorted({(min(d, 1024 * w // k), w) for d, w in GATHER_CONFIGS})
+    return [dict(BLOCK_D=d, num_warps=w, num_stages=1) for d, w in configs]
 
 
 @triton.jit
@@ -249,7 +253,8 @@ def _gather_meta(value_dim, topk):
 
 def _gather_launch(fn, grid, args, meta, value_dim, **options):
     """fn over gather_configs; EVEN_D follows each config's BLOCK_D."""
-    configs = [dict(c, EVEN_D=value_dim % c["BLOCK_D"] == 0) for c in gather_configs()]
+    configs = [dict(c, EVEN_D=value_dim % c["BLOCK_D"] == 0)
+               for c in gather_configs(meta["TOPK"])]
     interpret = dict(INTERPRET_GATHER, EVEN_D=value_dim % INTERPRET_GATHER["BLOCK_D"] == 0)
     launch(fn, grid, args, meta, configs, ["value_dim", "TOPK"], interpret, **options)
 

@@ -214,7 +214,7 @@ def _job(kernel, constexprs, pointers, num_warps, num_stages=1):
 
 def _jobs():
     """The selection kernel at topk 32 in float16 (4 warps, mma) and at topk 64 in float32
-    (8 warps, the most registers), the gathers at a 256-wide chunk."""
+    (8 warps, the most registers), the gathers at their widest value chunks."""
     from attnmem.kernels import product_key as kernel
 
     jobs = {}
@@ -231,16 +231,18 @@ def _jobs():
         job["expect"] = dict(spill_stores=0, spill_loads=0, mma_sync=dtype == "float16")
         jobs[f"select-sm90-{dtype}-topk{topk}"] = job
     t = TRITON_TYPES["float16"]
-    config = kernel.gather_configs()[1]
+    config = kernel.gather_configs(32)[-1]
     meta = dict(TOPK=32, K=32, EVEN_D=True, BLOCK_D=config["BLOCK_D"])
     jobs["gather-sm90-float16"] = _job(
         "_pkm_gather", meta, {"values_ptr": t, "rows_ptr": "i64", "weights_ptr": "fp32",
                               "out_ptr": t}, config["num_warps"])
-    jobs["gather_bwd-sm90-float16"] = _job(
-        "_pkm_gather_bwd", dict(meta, ATOMIC=True),
-        {"values_ptr": t, "rows_ptr": "i64", "weights_ptr": "fp32", "dout_ptr": "fp32",
+    config = kernel.gather_configs(64)[-1]  # the most registers: float32 atomics, K = 64
+    jobs["gather_bwd-sm90-float32-topk64"] = _job(
+        "_pkm_gather_bwd", dict(TOPK=64, K=64, EVEN_D=True, BLOCK_D=config["BLOCK_D"],
+                                ATOMIC=True),
+        {"values_ptr": "fp32", "rows_ptr": "i64", "weights_ptr": "fp32", "dout_ptr": "fp32",
          "dweights_ptr": "fp32", "dscores_ptr": "fp32", "dvalues_ptr": "fp32",
-         "keys_ptr": t, "dq_ptr": "fp32"}, config["num_warps"])
+         "keys_ptr": "fp32", "dq_ptr": "fp32"}, config["num_warps"])
     jobs["row_sums-sm90-float16"] = _job(
         "_pkm_row_sums", dict(EVEN_D=True, BLOCK_E=kernel.BLOCK_E, BLOCK_D=128),
         {"sorted_rows_ptr": "i64", "ends_ptr": "i64", "dest_ptr": "i64", "order_ptr": "i64",
