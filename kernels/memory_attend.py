@@ -57,6 +57,19 @@ def _scores(keys, k_sq, strength, mem, head_dim, SIMILARITY: tl.constexpr,
 
 
 @triton.jit
+def _values_tile(values_ptr, mem, b, stride_vb, stride_vn, slots, offs_dv, usable, dv_ok,
+                 HAS_VALUES: tl.constexpr):
+    """The values of a tile's usable slots (BLOCK_N, BLOCK_DV); memory's tile without
+    values."""
+    if HAS_VALUES:
+        val = tl.load(values_ptr + b * stride_vb + slots[:, None] * stride_vn + offs_dv[None, :],
+                      mask=usable[:, None] & dv_ok[None, :], other=0.0)
+    else:
+        val = mem
+    return val
+
+
+@triton.jit
 def _merge_top(top, packed, TOPK: tl.constexpr):
     """A head's running TOPK best (BLOCK_R, TOPK) merged with a tile's packed scores
     (product_key's _pack and _merge: int64s ordered as (score, -slot)). Past the first
@@ -126,12 +139,8 @@ def _memory_attend_fwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr,
             p = tl.math.exp2((s - m_shift[:, None]) * LOG2E)
             l_i = l_i * alpha + tl.sum(p, 1)
             if READ:
-                if HAS_VALUES:
-                    val = tl.load(values_ptr + b * stride_vb + slots[:, None] * stride_vn
-                                  + offs_dv[None, :],
-                                  mask=usable[:, None] & dv_ok[None, :], other=0.0)
-                else:
-                    val = mem
+                val = _values_tile(values_ptr, mem, b, stride_vb, stride_vn, slots, offs_dv,
+                                   usable, dv_ok, HAS_VALUES)
                 acc = tl.dot(p.to(val.dtype), val, acc * alpha[:, None],
                              input_precision=DOT_PRECISION)
             m_i = m_new
@@ -210,12 +219,8 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ro
         p = tl.where(keep, tl.math.exp2((s - row_max[:, None]) * LOG2E) / row_sum[:, None], 0.0)
         dp = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
         if HAS_DREAD:
-            if HAS_VALUES:
-                val = tl.load(values_ptr + b * stride_vb + slots[:, None] * stride_vn
-                              + offs_dv[None, :],
-                              mask=usable[:, None] & dv_ok[None, :], other=0.0)
-            else:
-                val = mem
+            val = _values_tile(values_ptr, mem, b, stride_vb, stride_vn, slots, offs_dv, usable,
+                               dv_ok, HAS_VALUES)
             dp = tl.dot(dread.to(val.dtype), tl.trans(val), input_precision=DOT_PRECISION)
         if HAS_DWEIGHTS:
             dp += tl.load(dweights_ptr + row[:, None] * n_slots + slots[None, :],

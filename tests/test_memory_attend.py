@@ -37,12 +37,9 @@ def _run(fn, tensors, grads_out):
     return [read.detach(), weights.detach(), *torch.autograd.grad(loss, present)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("similarity", ["cosine", "dot", "scaled_dot"])
-@pytest.mark.parametrize("name", list(CASES))
-def test_matches_float64(name, similarity, dtype, backend):
-    b, n, d, r, dv, with_strength, with_mask = CASES[name]
+def draw(b, n, d, r, dv, with_strength, with_mask, dtype):
+    """memory_attend's inputs [memory, keys, strength, values] in dtype (None where absent)
+    and a mask (B, N) or None, whose last batch entry has no usable slot."""
     memory = torch.randn(b, n, d, device=DEVICE)
     if n > 4 and dtype == torch.float32:
         # A zero slot: cosine's gradient there is ~1/eps = 1e8, beyond half precision.
@@ -54,7 +51,30 @@ def test_matches_float64(name, similarity, dtype, backend):
     if with_mask:
         mask = torch.rand(b, n, device=DEVICE) > 0.3
         mask[-1] = False  # the last batch entry has no usable slot
-    tensors = [None if x is None else x.to(dtype) for x in (memory, keys, strength, values)]
+    return [None if x is None else x.to(dtype) for x in (memory, keys, strength, values)], mask
+
+
+def tolerance_conditions(memory, keys, strength, similarity, outputs):
+    """The tolerance's condition of each of the outputs (read, weights, dMemory, dKeys,
+    dStrength, ...): the largest |logit| (masked slots' NaN read as 0)."""
+    sims = twin.similarity(memory.double().nan_to_num(), keys.double(), similarity).abs()
+    logits = sims if strength is None else sims * strength.double()[..., None]
+    cond = max(1.0, logits.max().item())
+    result = [cond] * outputs
+    if strength is not None:
+        # dStrength sums dS * sim over the slots: terms of size |sim| that mostly cancel, so
+        # its rounding follows the summands, not the (small) result.
+        result[4] = cond * max(1.0, sims.max().item())
+    return result
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("similarity", ["cosine", "dot", "scaled_dot"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_float64(name, similarity, dtype, backend):
+    b, n, d, r, dv, with_strength, with_mask = CASES[name]
+    tensors, mask = draw(*CASES[name], dtype)
     grads_out = (torch.randn(b, r, d if dv is None else dv, device=DEVICE),
                  torch.randn(b, r, n, device=DEVICE))
 
@@ -66,19 +86,10 @@ def test_matches_float64(name, similarity, dtype, backend):
     def reference(m, k, s, v):
         return twin.memory_attend(m, k, v, s, similarity, mask)
 
-    logits = twin.similarity(memory.double(), keys.double(), similarity).abs()
-    if strength is not None:
-        logits = logits * strength.double()[..., None]
-    cond = max(1.0, logits.max().item())
     got = _run(ours, tensors, grads_out)
     expect = _run(reference, [None if x is None else x.double() for x in tensors], grads_out)
     base = _run(reference, tensors, grads_out)
-    conditions = [cond] * len(got)
-    if strength is not None:
-        # dStrength sums dS * sim over the slots: terms of size |sim| that mostly cancel, so
-        # its rounding follows the summands, not the (small) result.
-        sims = twin.similarity(memory.double(), keys.double(), similarity).abs().max().item()
-        conditions[4] = cond * max(1.0, sims)
+    conditions = tolerance_conditions(*tensors[:3], similarity, len(got))
     assert_close_to_float64(got, expect, base, dtype, conditions)
     if with_mask:
         assert (got[0][-1] == 0).all() and (got[1][-1] == 0).all()

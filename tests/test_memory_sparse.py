@@ -8,7 +8,7 @@ float64 on the same rounded inputs. Inputs are drawn again while some head's K-t
 
 import pytest
 import torch
-from test_memory_attend import _job
+from test_memory_attend import _job, draw, tolerance_conditions
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnmem
@@ -48,19 +48,14 @@ def _separated(scores, k):
 
 
 def _draw(case, dtype):
-    b, n, d, r, dv, with_strength, with_mask, k, kind = case
+    """draw's inputs, the first batch entry with fewer than K usable slots, masked slots
+    holding NaN, and every head's selection well defined."""
+    *sizes, k, kind = case
     while True:
-        memory = torch.randn(b, n, d, device=DEVICE)
-        keys = torch.randn(b, r, d, device=DEVICE)
-        values = None if dv is None else torch.randn(b, n, dv, device=DEVICE)
-        strength = torch.rand(b, r, device=DEVICE) * 3 if with_strength else None
-        mask = None
-        if with_mask:
-            mask = torch.rand(b, n, device=DEVICE) > 0.3
-            mask[-1] = False  # the last batch entry has no usable slot
-            mask[0, :n - k + 2] = False  # and the first fewer than K
-        tensors = [None if x is None else x.to(dtype) for x in (memory, keys, strength, values)]
-        if _separated(_scores64(tensors[0], tensors[1], tensors[2], kind, mask), k):
+        tensors, mask = draw(*sizes, dtype)
+        if mask is not None:
+            mask[0, :sizes[1] - k + 2] = False
+        if _separated(_scores64(*tensors[:3], kind, mask), k):
             if mask is not None:  # masked slots hold anything; they count for nothing
                 tensors[0] = tensors[0].masked_fill(~mask[..., None], float("nan"))
             return tensors, mask
@@ -128,12 +123,7 @@ def test_attend_matches_dense_topk_float64(name, dtype, backend):
     untouched.scatter_(1, torch.where(chosen["slots"] < 0, n, chosen["slots"]).flatten(1),
                        False)
     assert (got[2][untouched[:, :n]] == 0).all()
-    cond = max(1.0, scores.nan_to_num(0, 0, 0).abs().max().item())
-    conditions = [cond] * len(got)
-    if tensors[2] is not None:  # dStrength: summands of size |sim| that mostly cancel
-        sims = twin.similarity(tensors[0].double().nan_to_num(), tensors[1].double(),
-                               kind).abs().max().item()
-        conditions[4] = cond * max(1.0, sims)
+    conditions = tolerance_conditions(*tensors[:3], kind, len(got))
     assert_close_to_float64(got, expect, base, dtype, conditions)
     if mask is not None:
         assert (got[0][-1] == 0).all() and (chosen["slots"][-1] == -1).all()
