@@ -332,7 +332,7 @@ def build_decode(point, device):
 # their two half-queries against n_keys sub-keys, keep the top-k of the k x k candidates
 # and sum the softmax-weighted value rows; x is the value table's size, n_keys^2 rows.
 # "attnmem" is attnmem.product_key_lookup ("attnmem-sparse": with sparse=True, the values'
-# gradient a sparse tensor of the touched rows; forward and backward only); "eager" the
+# gradient a sparse tensor of the touched rows; its forward is attnmem's); "eager" the
 # lookup as users write it in torch (two topk, the Cartesian sum, a topk, softmax,
 # F.embedding_bag); "dense" memory_attend over all n_keys^2 rows with the same queries
 # (every head's product keys materialised: the softmax over all rows that top-k prunes).
@@ -352,7 +352,7 @@ def product_key_points(profile):
     fixed = {k: v for k, v in sizes.items() if k != "n_keys"}
     return [dict(op="product_key", provider=provider, mode=mode, x=n * n, n_keys=n, **fixed)
             for mode in MODES["product_key"] for provider in PROVIDERS["product_key"]
-            for n in sizes["n_keys"] if mode != "fwd" or provider != "attnmem-sparse"]
+            for n in sizes["n_keys"]]
 
 
 def eager_product_key_lookup(queries, sub_keys, values, topk):

@@ -34,8 +34,8 @@ def test_report_command_writes_json_markdown_and_plots(tmp_path):
     assert all(r["gbs"] > 0 for r in rows if r["op"].startswith("memory") or r["op"] == "decode"
                or (r["op"], r["mode"]) == ("product_key", "fwd"))
     assert {(r["provider"], r["mode"]) for r in rows if r["op"] == "product_key"} == {
-        (p, m) for p in ("attnmem", "eager", "dense") for m in ("fwd", "fwd_bwd")} | {
-        ("attnmem-sparse", "fwd_bwd")}
+        (p, m) for p in ("attnmem", "attnmem-sparse", "eager", "dense")
+        for m in ("fwd", "fwd_bwd")}
     report = (out / "report.md").read_text()
     assert "This is a CPU report" in report or data["meta"]["device_type"] == "cuda"
     assert "## attnmem against the baselines" in report
