@@ -192,6 +192,17 @@ def test_bad_input_names_the_argument():
             call()
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend")
+def test_triton_says_what_it_lacks():
+    (queries, sub_keys, values), _ = make((1, 1, 65, 4, 1, 1), torch.float32)
+    with attnmem.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="topk 65 > 64"):
+            attnmem.product_key_lookup(queries, sub_keys, values, topk=65)
+        with pytest.raises(RuntimeError, match="float64"):
+            attnmem.product_key_lookup(queries.double(), sub_keys.double(), values.double(),
+                                       topk=2)
+
+
 @pytest.mark.skipif(not INTERPRET and DEVICE == "cpu", reason="needs the triton backend")
 def test_opcheck():
     from attnmem.product_key import _lookup_backward_op, _lookup_op
