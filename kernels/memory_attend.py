@@ -33,11 +33,10 @@ from attnmem.kernels._launch import (
     slot_splits,
     within,
 )
-from attnmem.kernels.product_key import _merge, _pack
+from attnmem.kernels._topk import EMPTY, merge, pack
 
 LOG2E = tl.constexpr(1.4426950408889634)
 EPS_SQ = tl.constexpr(1e-16)  # cosine's max(|u||v|, 1e-8), squared
-NO_SLOT = tl.constexpr(-(2**63))  # a packed top-k entry that holds no slot (_pack's)
 SIMILARITY_CODES = {"cosine": 0, "dot": 1, "scaled_dot": 2}
 
 
@@ -72,11 +71,11 @@ def _values_tile(values_ptr, mem, b, stride_vb, stride_vn, slots, offs_dv, usabl
 @triton.jit
 def _merge_top(top, packed, TOPK: tl.constexpr):
     """A head's running TOPK best (BLOCK_R, TOPK) merged with a tile's packed scores
-    (product_key's _pack and _merge: int64s ordered as (score, -slot)). Past the first
+    (kernels/_topk's pack and merge: int64s ordered as (score, -slot)). Past the first
     tiles few tiles hold a score above some head's running TOPK-th: the others skip the
     sorting networks."""
     if tl.max((tl.max(packed, 1) > tl.min(top, 1)).to(tl.int32), 0) > 0:
-        top = _merge(top, packed, TOPK)
+        top = merge(top, packed, TOPK)
     return top
 
 
@@ -113,7 +112,7 @@ def _memory_attend_fwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr,
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
     if TOPK > 0:
-        top = tl.full([BLOCK_R, TOPK], NO_SLOT, tl.int64)
+        top = tl.full([BLOCK_R, TOPK], EMPTY, tl.int64)
     start = split * split_len
     end = tl.minimum(start + split_len, n_slots)
     for n0 in range(start, end, BLOCK_N):
@@ -125,7 +124,7 @@ def _memory_attend_fwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr,
                       mask=usable[:, None] & d_ok[None, :], other=0.0)
         s, _, _, _ = _scores(keys, k_sq, strength, mem, head_dim, SIMILARITY, DOT_PRECISION)
         if TOPK > 0:
-            top = _merge_top(top, _pack(s, slots[None, :], usable[None, :]), TOPK)
+            top = _merge_top(top, pack(s, slots[None, :], usable[None, :]), TOPK)
         else:
             s = tl.where(usable[None, :], s, float("-inf"))
             if STORE_SCORES:
@@ -415,7 +414,7 @@ def memory_topk_forward(memory, keys, strength, mask, similarity, k):
     best = part_top.permute(0, 2, 1, 3).reshape(batch, n_heads, n_splits * block_k)
     best = best.topk(k, dim=-1).values
     slots = 0x7FFFFFFF - (best & 0x7FFFFFFF)
-    return torch.where(best == NO_SLOT.value, -1, slots)
+    return torch.where(best == EMPTY.value, -1, slots)
 
 
 def memory_attend_backward(dread, dweights, memory, keys, values, strength, mask, read,

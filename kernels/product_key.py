@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from attnmem.kernels._launch import interpreting, lastdim_contiguous, launch, within
+from attnmem.kernels._topk import EMPTY, merge, pack, unpack
 
 # Queries per selection program: tl.dot's smallest M.
 BLOCK_B = 16
@@ -72,34 +73,6 @@ def gather_configs(topk):
 
 
 @triton.jit
-def _pack(score, index, valid):
-    """int64 keys ordered as (score, -index); invalid entries below every valid one."""
-    score = tl.where(score == 0.0, 0.0, score)  # -0.0 and 0.0 tie, as they compare
-    bits = score.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    ordered = tl.where(valid, ordered, -2147483648)
-    low = tl.where(valid, 0x7FFFFFFF - index, 0)
-    return (ordered.to(tl.int64) << 32) | low.to(tl.int64)
-
-
-@triton.jit
-def _unpack(packed):
-    """-> (score float32, index int32) of keys made by _pack."""
-    ordered = (packed >> 32).to(tl.int32)
-    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
-    return bits.to(tl.float32, bitcast=True), 0x7FFFFFFF - (packed & 0x7FFFFFFF).to(tl.int32)
-
-
-@triton.jit
-def _merge(best, new, K: tl.constexpr):
-    """The K largest keys of best (BLOCK_B, K) and new (BLOCK_B, N >= K), in order."""
-    if new.shape[1] > K:
-        new = tl.topk(new, K)
-    both = tl.reshape(tl.join(best, new), (best.shape[0], 2 * K))
-    return tl.topk(both, K)
-
-
-@triton.jit
 def _pkm_select(q_ptr, keys_ptr, rows_ptr, weights_ptr, stride_qb, stride_qh, stride_kh,
                 stride_ks, stride_kn, n_queries, n_heads, n_keys, half,
                 TOPK: tl.constexpr, K: tl.constexpr, A: tl.constexpr,
@@ -110,7 +83,7 @@ def _pkm_select(q_ptr, keys_ptr, rows_ptr, weights_ptr, stride_qb, stride_qh, st
     query_ok = queries < n_queries
     q_rows = q_ptr + queries[:, None] * stride_qb + h * stride_qh
     keys = keys_ptr + h * stride_kh
-    empty = tl.full((BLOCK_B, K), -9223372036854775807 - 1, tl.int64)
+    empty = tl.full((BLOCK_B, K), EMPTY, tl.int64)
     best1, best2 = empty, empty
     for n0 in range(0, n_keys, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -130,10 +103,10 @@ def _pkm_select(q_ptr, keys_ptr, rows_ptr, weights_ptr, stride_qb, stride_qh, st
             s1 = tl.dot(q1, tl.trans(k1), s1, input_precision=DOT_PRECISION)
             s2 = tl.dot(q2, tl.trans(k2), s2, input_precision=DOT_PRECISION)
         index = tl.broadcast_to(offs_n[None, :], (BLOCK_B, BLOCK_N))
-        best1 = _merge(best1, _pack(s1, index, key_ok[None, :]), K)
-        best2 = _merge(best2, _pack(s2, index, key_ok[None, :]), K)
-    score1, index1 = _unpack(best1)
-    score2, index2 = _unpack(best2)
+        best1 = merge(best1, pack(s1, index, key_ok[None, :]), K)
+        best2 = merge(best2, pack(s2, index, key_ok[None, :]), K)
+    score1, index1 = unpack(best1)
+    score2, index2 = unpack(best2)
     cols = tl.arange(0, K)[None, :]
     in_top = cols < TOPK
     best = empty
@@ -142,7 +115,7 @@ def _pkm_select(q_ptr, keys_ptr, rows_ptr, weights_ptr, stride_qb, stride_qh, st
     # score1[a0] + score2[0], reaches its topk-th best score, the rest are skipped.
     rank = tl.arange(0, A)[None, :, None]
     for a0 in range(0, TOPK, A):
-        kth = tl.sum(tl.where(cols == TOPK - 1, _unpack(best)[0], 0.0), 1)
+        kth = tl.sum(tl.where(cols == TOPK - 1, unpack(best)[0], 0.0), 1)
         bound = tl.sum(tl.where(cols == a0, score1, 0.0), 1) + tl.max(
             tl.where(in_top, score2, float("-inf")), 1)
         if tl.max((~(bound < kth)).to(tl.int32), 0) > 0:  # a NaN kth: not yet topk found
@@ -150,10 +123,10 @@ def _pkm_select(q_ptr, keys_ptr, rows_ptr, weights_ptr, stride_qb, stride_qh, st
             score_a = tl.sum(tl.where(first, score1[:, None, :], 0.0), 2)   # (BLOCK_B, A)
             index_a = tl.sum(tl.where(first, index1[:, None, :], 0), 2)
             ok = (a0 + rank < TOPK) & in_top[:, None, :]
-            candidates = _pack(score_a[:, :, None] + score2[:, None, :],
+            candidates = pack(score_a[:, :, None] + score2[:, None, :],
                                index_a[:, :, None] * n_keys + index2[:, None, :], ok)
-            best = _merge(best, tl.reshape(candidates, (BLOCK_B, A * K)), K)
-    score, row = _unpack(best)
+            best = merge(best, tl.reshape(candidates, (BLOCK_B, A * K)), K)
+    score, row = unpack(best)
     score = tl.where(in_top, score, float("-inf"))
     p = tl.exp(score - tl.max(score, 1)[:, None])
     p = p / tl.sum(p, 1)[:, None]
