@@ -19,7 +19,18 @@ from attnmem.reference.attention import compute_dtype
 
 def _top(scores, order_key, topk):
     """(scores, positions) of the topk largest scores along the last dim; among equal
-    scores, the lower order_key first (order_key None: the lower position)."""
+    scores, the lower order_key first (order_key None: the lower position). float32 scores
+    go through one torch.topk on int64 keys that pack the score, order-preserved, above the
+    inverted order key (as the kernels' selection does): the keys are unique, so topk has no
+    tie to break. Other dtypes take a stable sort."""
+    if scores.dtype == torch.float32:
+        order = (torch.arange(scores.shape[-1], device=scores.device) if order_key is None
+                 else order_key)
+        bits = torch.where(scores == 0, 0.0, scores).view(torch.int32)  # -0.0 ties 0.0
+        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        keys = (ordered.to(torch.int64) << 32) | (0x7FFFFFFF - order)
+        positions = keys.topk(topk, dim=-1).indices
+        return scores.gather(-1, positions), positions
     if order_key is not None:
         by_key = order_key.argsort(-1)
         scores = scores.gather(-1, by_key)
