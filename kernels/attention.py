@@ -74,6 +74,28 @@ def _query_range(key_first, key_last, offset, n_q, kv_len, window_left, window_r
 
 
 @triton.jit
+def _packed_sequence(cu_seqlens_ptr, b, total):
+    """VARLEN: sequence b's first row in the packed rows and its length, from cumulative
+    lengths; both clamped into [0, total], so that cumulative lengths that are not (checked
+    on CPU tensors only) still read and write no row outside the tensors."""
+    start = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + b), 0), total)
+    end = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + b + 1), start), total)
+    return start.to(tl.int64), end - start
+
+
+@triton.jit
+def _varlen_sequences(cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, h, total_q, total_k):
+    """VARLEN: sequence b of a packed batch, (q_start, n_q, k_start, n_k, lse_row). The
+    kernels run it as a batch of one of their dense layout, moved to its first rows: its
+    queries are rows [q_start, q_start + n_q) of the packed q (total_q, H, D), its keys rows
+    [k_start, k_start + n_k) of k and v, and its lse row 0 of head h sits at lse_row of lse
+    (H, total_q). The launchers pass 0 for the batch strides, and total_q, total_k as Nq, Nk."""
+    q_start, n_q = _packed_sequence(cu_seqlens_q_ptr, b, total_q)
+    k_start, n_k = _packed_sequence(cu_seqlens_k_ptr, b, total_k)
+    return q_start, n_q, k_start, n_k, h * total_q + q_start
+
+
+@triton.jit
 def _visible(rows, keys, offset, n_q, kv_len, window_left, window_right):
     aligned = rows[:, None] + offset
     return ((keys[None, :] < kv_len) & (rows[:, None] < n_q)
@@ -183,7 +205,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows, offs_
     return acc, l_i, m_i
 
 
-@triton.heuristics({"EVEN_M": lambda args: args["n_q"] % args["BLOCK_M"] == 0})
+@triton.heuristics({"EVEN_M": lambda args: args["n_q"] % args["BLOCK_M"] == 0
+                    and not args.get("VARLEN")})
 @triton.jit
 def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
@@ -192,17 +215,30 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KV_LENGTHS: tl.constexpr,
               DOT_PRECISION: tl.constexpr, MASK_KEYS: tl.constexpr, EVEN_M: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False,
-              WARP_SPECIALIZE: tl.constexpr = False):
+              WARP_SPECIALIZE: tl.constexpr = False, cu_seqlens_q_ptr=None,
+              cu_seqlens_k_ptr=None, VARLEN: tl.constexpr = False):
     """One query tile of one head. MASK_KEYS: some key tile may need the mask (a causal mask,
     a window, lengths, or Nk not a multiple of KEY_TILE_MULTIPLE); without it one unmasked
     loop is all that is compiled. EVEN_M: Nq is a multiple of BLOCK_M, so rows need no
     bounds. USE_TMA: q, k, v and out move through TMA descriptors (sm_90+, 16-byte aligned
     strides).
     WARP_SPECIALIZE: producer and consumer warp groups run the loop, when it is the only one
-    (triton's Hopper warp specialization takes kernels of one loop)."""
+    (triton's Hopper warp specialization takes kernels of one loop).
+    VARLEN: b is a sequence of a packed batch (see _varlen_sequences); tiles past its end
+    exit at once."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
+    if VARLEN:
+        q_start, n_q, k_start, n_k, lse_row = _varlen_sequences(
+            cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, h, n_q, n_k)
+        if pid_m * BLOCK_M >= n_q:
+            return
+        q_ptr += q_start * stride_qm
+        o_ptr += q_start * stride_om
+        lse_ptr += lse_row
+        k_ptr += k_start * stride_kn
+        v_ptr += k_start * stride_vn
     hk = h // group
     kv_len = kv_length(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS)
     offset = n_k - n_q
@@ -264,7 +300,9 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
                          USE_TMA, BLOCK_M, BLOCK_D)
     _store_rows(o_dst, row_first, n_q, stride_om, offs_d, out, HEAD_DIM, not EVEN_M, USE_TMA,
                 BLOCK_M)
-    tl.store(lse_ptr + (b * n_heads + h) * n_q + rows, lse, mask=rows < n_q)
+    if not VARLEN:
+        lse_ptr += (b * n_heads + h) * n_q
+    tl.store(lse_ptr + rows, lse, mask=rows < n_q)
 
 
 # ---------------------------------------------------------------------------------------
@@ -301,10 +339,12 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                 stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                 keys, offs_d, start, end, offset, n_q, kv_len, window_left, window_right,
                 scale, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                stride_stats_h):
     """Query tiles [start, end) of each query head head0 + g, g < group: one loop over
     (head, tile) pairs, so that a runtime group size adds no loop around the pipelined one.
-    With ATOMIC_DQ, also adds each tile's dQ = dS K * scale into dq (float32)."""
+    With ATOMIC_DQ, also adds each tile's dQ = dS K * scale into dq (float32). Head h's lse
+    and delta rows start at h * stride_stats_h."""
     offs_m0 = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
     tiles = tl.cdiv(tl.maximum(end - start, 0), BLOCK_M)
@@ -319,7 +359,7 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
             r_ok = rows >= 0
         qt = tl.load(q_b + h * stride_qh + rows[None, :] * stride_qm + offs_d[:, None],
                      mask=r_ok[None, :] & d_ok[:, None], other=0.0)
-        lse = tl.load(lse_b + h * n_q + rows, mask=r_ok, other=0.0)
+        lse = tl.load(lse_b + h * stride_stats_h + rows, mask=r_ok, other=0.0)
         st = tl.dot(k, qt, input_precision=DOT_PRECISION)
         # Rows that see no key have lse = -inf, so exp2 gives inf there: the mask zeroes it.
         pt = tl.math.exp2(st * qk_scale - lse[None, :] * LOG2E)
@@ -329,7 +369,7 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
         do = tl.load(do_b + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
                      mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        delta = tl.load(delta_b + h * n_q + rows, mask=r_ok, other=0.0)
+        delta = tl.load(delta_b + h * stride_stats_h + rows, mask=r_ok, other=0.0)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dst = (pt * (dpt - delta[None, :])).to(qt.dtype)
         dk = tl.dot(dst, tl.trans(qt), dk, input_precision=DOT_PRECISION)
@@ -354,12 +394,27 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                    n_heads, n_q, n_k, group, scale, qk_scale, window_left, window_right,
                    seq_bucket, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    HAS_KV_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   cu_seqlens_q_ptr=None, cu_seqlens_k_ptr=None, VARLEN: tl.constexpr = False):
     """dK, dV of one key tile from every query head of its group; with ATOMIC_DQ also the
-    dQ those query heads get from it, added into dq_ptr (float32, zeroed, scaled)."""
+    dQ those query heads get from it, added into dq_ptr (float32, zeroed, scaled). VARLEN:
+    b is a sequence of a packed batch (see _varlen_sequences)."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
+    stats_b, stride_stats_h = b * n_heads * n_q, n_q
+    if VARLEN:
+        q_start, n_q, k_start, n_k, stats_b = _varlen_sequences(
+            cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, 0, n_q, n_k)
+        if pid_n * BLOCK_N >= n_k:
+            return
+        q_ptr += q_start * stride_qm
+        do_ptr += q_start * stride_dom
+        dq_ptr += q_start * stride_dqm
+        k_ptr += k_start * stride_kn
+        v_ptr += k_start * stride_vn
+        dk_ptr += k_start * stride_dkn
+        dv_ptr += k_start * stride_dvn
     kv_len = kv_length(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS)
     offset = n_k - n_q
     # One (b, h) slice, and a group's heads, of a long strided sequence can pass 2^31
@@ -401,23 +456,23 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     q_b = q_ptr + b * stride_qb
     do_b = do_ptr + b * stride_dob
     dq_b = dq_ptr + b * stride_dqb
-    lse_b = lse_ptr + b * n_heads * n_q
-    delta_b = delta_ptr + b * n_heads * n_q
+    lse_b = lse_ptr + stats_b
+    delta_b = delta_ptr + stats_b
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                          stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                          keys, offs_d, lo, full_lo, offset, n_q, kv_len, window_left,
                          window_right, scale, qk_scale, HEAD_DIM, BLOCK_M, True, ATOMIC_DQ,
-                         DOT_PRECISION)
+                         DOT_PRECISION, stride_stats_h)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                          stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                          keys, offs_d, full_lo, full_hi, offset, n_q, kv_len, window_left,
                          window_right, scale, qk_scale, HEAD_DIM, BLOCK_M, False, ATOMIC_DQ,
-                         DOT_PRECISION)
+                         DOT_PRECISION, stride_stats_h)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                          stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                          keys, offs_d, full_hi, hi, offset, n_q, kv_len, window_left,
                          window_right, scale, qk_scale, HEAD_DIM, BLOCK_M, True, ATOMIC_DQ,
-                         DOT_PRECISION)
+                         DOT_PRECISION, stride_stats_h)
     tl.store(dk_ptr + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkn
              + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + b * stride_dvb + hk * stride_dvh + keys[:, None] * stride_dvn
@@ -461,10 +516,24 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
                  n_heads, n_q, n_k, group, scale, qk_scale, window_left, window_right,
                  seq_bucket, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  HAS_KV_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, cu_seqlens_q_ptr=None,
+                 cu_seqlens_k_ptr=None, VARLEN: tl.constexpr = False):
+    """dQ of one query tile of one head. VARLEN: b is a sequence of a packed batch (see
+    _varlen_sequences)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
+    lse_row = (b * n_heads + h) * n_q
+    if VARLEN:
+        q_start, n_q, k_start, n_k, lse_row = _varlen_sequences(
+            cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, h, n_q, n_k)
+        if pid_m * BLOCK_M >= n_q:
+            return
+        q_ptr += q_start * stride_qm
+        do_ptr += q_start * stride_dom
+        dq_ptr += q_start * stride_dqm
+        k_ptr += k_start * stride_kn
+        v_ptr += k_start * stride_vn
     hk = h // group
     kv_len = kv_length(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS)
     offset = n_k - n_q
@@ -482,7 +551,7 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
                 + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom
                  + offs_d[None, :], mask=mask, other=0.0)
-    row_ids = (b * n_heads + h) * n_q + rows
+    row_ids = lse_row + rows
     lse = tl.load(lse_ptr + row_ids, mask=rows < n_q, other=0.0)
     delta = tl.load(delta_ptr + row_ids, mask=rows < n_q, other=0.0)
     k_base = k_ptr + b * stride_kb + hk * stride_kh
@@ -656,10 +725,12 @@ def _without_unused_specialization(configs, nargs, **meta):
 # Each kernel's autotuning beyond the shared key (head dim, sequence-length bucket, dtypes):
 # the forward tunes masked and unmasked calls apart and times no warp-specialized config where
 # it would run as its plain twin; the atomic dK/dV variant adds into dq, which every
-# benchmarked launch must find zeroed, and tunes apart from the deterministic variant.
-TUNING = {"fwd": {"key": ["MASK_KEYS"],
+# benchmarked launch must find zeroed, and tunes apart from the deterministic variant; packed
+# variable-length batches (VARLEN) tune apart from dense ones.
+TUNING = {"fwd": {"key": ["MASK_KEYS", "VARLEN"],
                   "prune_configs_by": {"early_config_prune": _without_unused_specialization}},
-          "dkdv": {"key": ["ATOMIC_DQ"], "reset_to_zero": ["dq_ptr"]}}
+          "dkdv": {"key": ["ATOMIC_DQ", "VARLEN"], "reset_to_zero": ["dq_ptr"]},
+          "dq": {"key": ["VARLEN"]}}
 _autotuned = {}
 
 
@@ -796,5 +867,100 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
     _run("dq", _attn_bwd_dq,
          lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch),
          (*common, dq, dummy, *strides, *dq.stride()[:3], *tail),
+         dict(meta, **BACKWARD_OPTIONS), q.device, config)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------
+# Packed variable-length batches (VARLEN)
+# ---------------------------------------------------------------------------------------
+
+
+def _packed(x):
+    """A packed (total, H, D) tensor as the dense kernels' (1, H, total, D), batch stride 0:
+    with VARLEN each program moves its bases to its own sequence's rows instead."""
+    rows, heads, dim = x.shape
+    return x.as_strided((1, heads, rows, dim), (0, x.stride(1), x.stride(0), x.stride(2)))
+
+
+def _varlen_common(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
+                   window_right):
+    """_common for packed (1, H, total, D) views: total_q and total_k go in as Nq and Nk
+    (the kernels read them as the packed sizes), the longest sequences size the tiling key."""
+    meta, scalars, window, dummy = _common(q, k, None, window_left, window_right)
+    meta.update(VARLEN=True, cu_seqlens_q_ptr=cu_seqlens_q, cu_seqlens_k_ptr=cu_seqlens_k)
+    bucket = min(triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)), 1 << 16)
+    return meta, scalars, (*window[:2], bucket), dummy
+
+
+def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             scale, window_left, window_right, config=None):
+    """Packed q (total_q, H, D), k, v (total_k, Hkv, D): sequence b is rows cu_seqlens[b] to
+    cu_seqlens[b + 1] (int32, (B + 1,)), at most max_seqlen rows long, its masks aligned to
+    its own lengths. -> out (total_q, H, D) in q's dtype, lse (H, total_q) float32. The grid
+    runs ceil(max_seqlen_q / BLOCK_M) query tiles per sequence and head; those past a
+    sequence's end exit at once."""
+    q, k, v = (lastdim_contiguous(x) for x in (q, k, v))
+    total_q, heads, _ = q.shape
+    batch = cu_seqlens_q.shape[0] - 1
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    views = [_packed(x) for x in (q, k, v, out)]
+    meta, scalars, window, dummy = _varlen_common(*views[:2], cu_seqlens_q, cu_seqlens_k,
+                                                  max_seqlen_q, max_seqlen_k, window_left,
+                                                  window_right)
+    meta["MASK_KEYS"] = True
+    args = (*views, lse, dummy, *(s for x in views for s in x.stride()[:3]), *scalars,
+            scale * LOG2E.value, *window)
+    tiles = min(max_seqlen_q, total_q)
+    _run("fwd", _attn_fwd, lambda bm, bn: (triton.cdiv(tiles, bm), heads, batch), args, meta,
+         q.device, config, tma=_tma_aligned(q, k, v, out))
+    return out, lse
+
+
+def attention_varlen_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
+                              max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
+                              config=None, deterministic=None):
+    """-> dq, dk, dv (packed, contiguous, in the dtypes of q, k, v) of
+    attention_varlen_forward; dlse (H, total_q) may be None. deterministic: as in
+    attention_backward (None follows torch.are_deterministic_algorithms_enabled())."""
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    total_q, heads, head_dim = q.shape
+    total_k, kv_heads, _ = k.shape
+    batch = cu_seqlens_q.shape[0] - 1
+    atomic = not deterministic and q.numel() > 0 and k.numel() > 0
+    dq = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic
+          else torch.empty(q.shape, dtype=q.dtype, device=q.device))
+    dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (k, v))
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    dout, q, k, v, out, dq_v, dk_v, dv_v = (_packed(lastdim_contiguous(x)) for x in
+                                            (dout, q, k, v, out, dq, dk, dv))
+    lse = lse.contiguous()
+    meta, scalars, window, dummy = _varlen_common(q, k, cu_seqlens_q, cu_seqlens_k,
+                                                  max_seqlen_q, max_seqlen_k, window_left,
+                                                  window_right)
+    # delta needs no sequence bounds: a dense batch of one over every packed row.
+    delta = torch.empty_like(lse)
+    rows = 16 if interpreting() else 64
+    _attn_bwd_delta[(triton.cdiv(total_q, rows), heads, 1)](
+        out, dout, lse if dlse is None else dlse.float().contiguous(), delta,
+        *out.stride()[:3], *dout.stride()[:3], heads, total_q, HEAD_DIM=head_dim,
+        BLOCK_D=meta["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_M=rows)
+    inputs = (q, k, v, dout, lse, delta)
+    strides = [s for x in inputs[:4] for s in x.stride()[:3]]
+    tail = (*scalars, scale, scale * LOG2E.value, *window)
+    key_tiles, query_tiles = min(max_seqlen_k, total_k), min(max_seqlen_q, total_q)
+    _run("dkdv", _attn_bwd_dkdv, lambda bm, bn: (triton.cdiv(key_tiles, bn), kv_heads, batch),
+         (*inputs, dk_v, dv_v, dq_v, dummy, *strides,
+          *(s for x in (dk_v, dv_v, dq_v) for s in x.stride()[:3]), *tail),
+         dict(meta, ATOMIC_DQ=atomic, **BACKWARD_OPTIONS), q.device, config)
+    if not deterministic:
+        return dq.to(q.dtype), dk, dv
+    _run("dq", _attn_bwd_dq, lambda bm, bn: (triton.cdiv(query_tiles, bm), heads, batch),
+         (*inputs, dq_v, dummy, *strides, *dq_v.stride()[:3], *tail),
          dict(meta, **BACKWARD_OPTIONS), q.device, config)
     return dq, dk, dv

@@ -63,7 +63,10 @@ def compile_job(job):
     fn = getattr(importlib.import_module(job["module"]), job["kernel"])
     while not isinstance(fn, JITFunction):
         fn = fn.fn
-    constexprs, pointers = job["constexprs"], job["pointers"]
+    pointers = job["pointers"]
+    # Arguments a job leaves out keep their defaults: flags added to a kernel later stay off.
+    constexprs = {**{p.name: p.default for p in fn.params
+                     if p.has_default and p.name not in pointers}, **job["constexprs"]}
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
