@@ -26,8 +26,9 @@ from attnmem.memory import (  # noqa: E402
     memory_read,
     memory_write,
 )
+from attnmem.varlen import attention_varlen  # noqa: E402
 
-__all__ = ["additive_attention", "attention", "attention_with_kvcache", "hard_attention",
-           "location_address", "memory_address", "memory_attend", "memory_read", "memory_write",
-           "pointer_attention", "use_backend"]
+__all__ = ["additive_attention", "attention", "attention_varlen", "attention_with_kvcache",
+           "hard_attention", "location_address", "memory_address", "memory_attend",
+           "memory_read", "memory_write", "pointer_attention", "use_backend"]
 __version__ = "0.1.0"
