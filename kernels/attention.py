@@ -19,6 +19,14 @@ query tile) pair. By default they also add dQ into a float32 buffer with atomics
 per pair, as FlashAttention-2 and -3 run. The deterministic backward (ATOMIC_DQ off, chosen
 as torch chooses: torch.are_deterministic_algorithms_enabled()) leaves dQ to programs that
 own a query tile: 7 GEMMs per pair, and nothing accumulates through atomics.
+
+Packed variable-length batches (VARLEN, FlashAttention's varlen layout): q (total_q, H, D),
+k, v (total_k, Hkv, D), sequence b in rows cu_seqlens[b] to cu_seqlens[b + 1]; lse and
+delta (H, total_q). The launchers pass the tensors as (1, H, total, D) views with batch
+stride 0 and launch the grid's last axis over sequences, sized by the longest: each program
+reads its sequence's bounds, moves its bases to the sequence's first rows and runs the dense
+body there, with the sequence's own lengths as Nq and Nk (so masks align to them); tiles past
+a sequence's end exit at once.
 """
 
 import contextlib
