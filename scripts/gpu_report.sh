@@ -10,7 +10,8 @@
 #   attention-fwd      the gpu benchmark profile's attention forward,
 #   attention-bwd      ... backward,
 #   attention-fwd_bwd  ... forward and backward,
-#   others             memory_attend, memory_write, additive attention and the layers,
+#   others             memory_attend, memory_write, additive attention, the layers and
+#                      packed variable-length batches (attention_varlen),
 #   decode             decoding from a KV cache (attention_with_kvcache).
 # OUT_DIR gets summary.json, report.md, the log and, for a benchmark part,
 # part-PART.json (its results.json) and bench.tar.gz. Then, on any machine with the parts'
@@ -24,7 +25,7 @@ case "$PART" in
     attention-fwd | attention-bwd | attention-fwd_bwd)
         SWEEP=(--ops attention --modes "${PART#attention-}")
         ;;
-    others) SWEEP=(--ops memory_attend memory_write additive mha) ;;
+    others) SWEEP=(--ops memory_attend memory_write additive mha varlen) ;;
     decode) SWEEP=(--ops decode) ;;
     *)
         echo "usage: bash scripts/gpu_report.sh OUT_DIR PART, PART one of tests attention-fwd" \

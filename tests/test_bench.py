@@ -25,12 +25,12 @@ def test_report_command_writes_json_markdown_and_plots(tmp_path):
         assert data["meta"][key], key
     rows = [r for r in data["results"] if "error" not in r]
     assert {r["op"] for r in rows} == {"attention", "memory_attend", "memory_write", "additive",
-                                       "mha", "decode"}
+                                       "mha", "decode", "varlen"}
     for row in rows:
         assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"], row
     assert {r["provider"] for r in rows if r["op"] == "attention"} >= {"attnmem", "sdpa",
                                                                         "eager"}
-    assert all(r["tflops"] > 0 for r in rows if r["op"] == "attention")
+    assert all(r["tflops"] > 0 for r in rows if r["op"] in ("attention", "varlen"))
     assert all(r["gbs"] > 0 for r in rows if r["op"].startswith("memory") or r["op"] == "decode")
     report = (out / "report.md").read_text()
     assert "This is a CPU report" in report or data["meta"]["device_type"] == "cuda"
@@ -40,9 +40,10 @@ def test_report_command_writes_json_markdown_and_plots(tmp_path):
     assert {(r["op"], r["baseline"]) for r in data["ratios"]} >= {
         ("attention", "sdpa"), ("attention", "eager"), ("memory_attend", "compile"),
         ("memory_write", "eager"), ("additive", "eager"), ("mha", "torch-mha"),
-        ("decode", "sdpa")}
+        ("decode", "sdpa"), ("varlen", "padded")}
     assert "\r" not in result.stderr  # no progress bar drawn into a pipe
-    for plot in ("attention.png", "memory.png", "additive.png", "mha.png", "decode.png"):
+    for plot in ("attention.png", "memory.png", "additive.png", "mha.png", "decode.png",
+                 "varlen.png"):
         assert (out / plot).stat().st_size > 1000, plot
         assert f"]({plot})" in report
 
