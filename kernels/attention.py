@@ -410,8 +410,8 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    stats_b, stride_stats_h = b * n_heads * n_q, n_q
     if VARLEN:
+        stride_stats_h = n_q  # total_q: lse and delta are (H, total_q)
         q_start, n_q, k_start, n_k, stats_b = _varlen_sequences(
             cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, 0, n_q, n_k)
         if pid_n * BLOCK_N >= n_k:
@@ -464,8 +464,13 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     q_b = q_ptr + b * stride_qb
     do_b = do_ptr + b * stride_dob
     dq_b = dq_ptr + b * stride_dqb
-    lse_b = lse_ptr + stats_b
-    delta_b = delta_ptr + stats_b
+    if VARLEN:
+        lse_b = lse_ptr + stats_b
+        delta_b = delta_ptr + stats_b
+    else:
+        stride_stats_h = n_q
+        lse_b = lse_ptr + b * n_heads * n_q
+        delta_b = delta_ptr + b * n_heads * n_q
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                          stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                          keys, offs_d, lo, full_lo, offset, n_q, kv_len, window_left,
@@ -531,7 +536,6 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    lse_row = (b * n_heads + h) * n_q
     if VARLEN:
         q_start, n_q, k_start, n_k, lse_row = _varlen_sequences(
             cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, h, n_q, n_k)
@@ -559,6 +563,8 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
                 + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom
                  + offs_d[None, :], mask=mask, other=0.0)
+    if not VARLEN:
+        lse_row = (b * n_heads + h) * n_q
     row_ids = lse_row + rows
     lse = tl.load(lse_ptr + row_ids, mask=rows < n_q, other=0.0)
     delta = tl.load(delta_ptr + row_ids, mask=rows < n_q, other=0.0)
