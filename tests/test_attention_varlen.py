@@ -204,6 +204,33 @@ def test_grid_spans_the_longest_sequence(deterministic, monkeypatch):
     assert launches == expect + ([("dq", (2, 3, 3), True)] if deterministic else [])
 
 
+@pytest.mark.skipif(DEVICE != "cpu" or "triton" not in BACKENDS,
+                    reason="drives the kernels through the interpreter")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_kernel_tiles_larger_than_sequences(deterministic):
+    """64-query, 32-key tiles: most sequences end inside their first tile. Both backward
+    modes, chosen by the kernel's own switch, so torch keeps poisoning."""
+    from attnmem.kernels import attention as kernel
+
+    q, k, v, args, _ = make_inputs(CASES["causal_gqa"], torch.float32)
+    scale, config = 0.3, (64, 32, 1, 1)
+    out, lse = kernel.attention_varlen_forward(q, k, v, *args, scale, -1, 0, config=config)
+    dout = torch.randn_like(out)
+    grads = kernel.attention_varlen_backward(dout, q, k, v, out, lse, None, *args, scale, -1,
+                                             0, config=config, deterministic=deterministic)
+
+    def twin_fn(q, k, v):
+        return twin.attention_forward(q, k, v, None, scale, -1, 0)
+
+    ref = run(lambda *x: per_sequence(twin_fn, *x, *args[:2]), q.double(), k.double(),
+              v.double(), dout.double(), None)
+    tol = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), ref[0], **tol)
+    torch.testing.assert_close(lse.double(), ref[1], **tol)
+    for got, expect in zip(grads, ref[2]):
+        torch.testing.assert_close(got.double(), expect, **tol)
+
+
 def test_torch_backend_runs_attention_per_sequence(monkeypatch):
     """The torch backend calls attnmem.attention's ops once a sequence, forward and
     backward, so torch's fused CPU kernel runs where that op would run it."""
