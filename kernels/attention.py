@@ -928,8 +928,8 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     meta["MASK_KEYS"] = True
     args = (*views, lse, dummy, *(s for x in views for s in x.stride()[:3]), *scalars,
             scale * LOG2E.value, *window)
-    tiles = min(max_seqlen_q, total_q)
-    _run("fwd", _attn_fwd, lambda bm, bn: (triton.cdiv(tiles, bm), heads, batch), args, meta,
+    longest_q = min(max_seqlen_q, total_q)
+    _run("fwd", _attn_fwd, lambda bm, bn: (triton.cdiv(longest_q, bm), heads, batch), args, meta,
          q.device, config, tma=_tma_aligned(q, k, v, out))
     return out, lse
 
@@ -967,14 +967,14 @@ def attention_varlen_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_se
     inputs = (q, k, v, dout, lse, delta)
     strides = [s for x in inputs[:4] for s in x.stride()[:3]]
     tail = (*scalars, scale, scale * LOG2E.value, *window)
-    key_tiles, query_tiles = min(max_seqlen_k, total_k), min(max_seqlen_q, total_q)
-    _run("dkdv", _attn_bwd_dkdv, lambda bm, bn: (triton.cdiv(key_tiles, bn), kv_heads, batch),
+    longest_k, longest_q = min(max_seqlen_k, total_k), min(max_seqlen_q, total_q)
+    _run("dkdv", _attn_bwd_dkdv, lambda bm, bn: (triton.cdiv(longest_k, bn), kv_heads, batch),
          (*inputs, dk_v, dv_v, dq_v, dummy, *strides,
           *(s for x in (dk_v, dv_v, dq_v) for s in x.stride()[:3]), *tail),
          dict(meta, ATOMIC_DQ=atomic, **BACKWARD_OPTIONS), q.device, config)
     if not deterministic:
         return dq.to(q.dtype), dk, dv
-    _run("dq", _attn_bwd_dq, lambda bm, bn: (triton.cdiv(query_tiles, bm), heads, batch),
+    _run("dq", _attn_bwd_dq, lambda bm, bn: (triton.cdiv(longest_q, bm), heads, batch),
          (*inputs, dq_v, dummy, *strides, *dq_v.stride()[:3], *tail),
          dict(meta, **BACKWARD_OPTIONS), q.device, config)
     return dq, dk, dv
