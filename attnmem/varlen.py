@@ -142,8 +142,10 @@ def _max_seqlen(name, value, total, batch) -> int:
         value = operator.index(value)  # Python and numpy integers, not floats
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    # Checks on sizes alone, which need no look at the lengths.
-    if value < 0 or value * batch < total:
+    if value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value}")
+    # A check on sizes alone, which needs no look at the lengths.
+    if value * batch < total:
         raise ValueError(f"{name} = {value} cannot hold {total} rows in {batch} sequences: it "
                          "must be at least the longest sequence's length")
     return value

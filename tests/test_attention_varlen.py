@@ -286,6 +286,7 @@ ERRORS = {
                   "max_seqlen_q = 6 is less than the longest sequence in cu_seqlens_q, 7"),
     "max_total": (dict(max_seqlen_k=3), ValueError, "max_seqlen_k = 3 cannot hold 7 rows"),
     "max_float": (dict(max_seqlen_k=7.0), TypeError, "max_seqlen_k must be an int"),
+    "max_negative": (dict(max_seqlen_q=-1), ValueError, "max_seqlen_q must be an int >= 0"),
     "causal": (dict(causal=1), TypeError, "causal must be a bool"),
     "window": (dict(window=(2,)), ValueError, "window must be a pair"),
     "scale": (dict(scale=float("nan")), ValueError, "scale must be a finite number"),
