@@ -63,7 +63,10 @@ def compile_job(job):
     fn = getattr(importlib.import_module(job["module"]), job["kernel"])
     while not isinstance(fn, JITFunction):
         fn = fn.fn
-    constexprs, pointers = job["constexprs"], job["pointers"]
+    pointers = job["pointers"]
+    # Flags a job leaves out keep their defaults (kernels gain them with later features).
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default},
+                  **job["constexprs"]}
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
