@@ -81,15 +81,17 @@ def _visible(rows, keys, offset, n_q, kv_len, window_left, window_right):
 
 
 @triton.jit
-def _dropout_keep(seed, b, h, rows, keys, dropout_cutoff):
-    """Which (row, key) pairs of batch b, head h dropout keeps, for rows and keys shaped to
-    broadcast into a tile: Philox 4x32-10 keyed by the 64-bit seed, on the counter
-    (key, query, head, batch). Every element draws from its own counter, so the forward and
-    both backward kernels draw the same number for it, whatever their tiles. A pair is kept
-    when the top 31 bits of the draw exceed dropout_cutoff (round(p * 2^31) - 1)."""
-    keys, rows = tl.broadcast(keys, rows)
-    draw, _, _, _ = tl.philox(seed, keys, rows, h.to(tl.int32), b.to(tl.int32))
-    return (draw >> 1).to(tl.int32, bitcast=True) > dropout_cutoff
+def _dropout_keep(seed, b, h, rows, key0, dropout_cutoff, BLOCK_N: tl.constexpr):
+    """(rows, BLOCK_N) bool: which pairs of query rows and keys [key0, key0 + BLOCK_N)
+    (key0 a multiple of 4) of batch b, head h dropout keeps. Philox 4x32-10, keyed by the
+    64-bit seed, on the counter (j // 4, query, head, batch) gives key j its word j % 4: one
+    Philox round trip for four pairs, and the same number for a pair in every kernel,
+    whatever its tiles. A pair is kept when the top 31 bits of its word exceed
+    dropout_cutoff (round(p * 2^31) - 1)."""
+    quads, rows = tl.broadcast((key0 // 4 + tl.arange(0, BLOCK_N // 4))[None, :], rows[:, None])
+    w0, w1, w2, w3 = tl.philox(seed, quads, rows, h.to(tl.int32), b.to(tl.int32))
+    words = tl.reshape(tl.join(tl.join(w0, w1), tl.join(w2, w3)), [rows.shape[0], BLOCK_N])
+    return (words >> 1).to(tl.int32, bitcast=True) > dropout_cutoff
 
 
 # ---------------------------------------------------------------------------------------
@@ -191,9 +193,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows, offs_
         p = tl.math.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, b, h, rows[:, None],
-                                       (start_n + tl.arange(0, BLOCK_N))[None, :],
-                                       dropout_cutoff), p, 0.0)
+            p = tl.where(_dropout_keep(seed, b, h, rows, start_n, dropout_cutoff, BLOCK_N),
+                         p, 0.0)
         v = _load_rows(v_src, start_n, key_lo, kv_len, stride_vn, offs_d, HEAD_DIM, MASKED,
                        USE_TMA, BLOCK_N)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
@@ -332,7 +333,7 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                 keys, offs_d, start, end, offset, n_q, kv_len, window_left, window_right,
                 scale, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                 MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                seed, b, dropout_cutoff, dropout_scale, DROPOUT: tl.constexpr):
+                seed, b, key_first, dropout_cutoff, dropout_scale, DROPOUT: tl.constexpr):
     """Query tiles [start, end) of each query head head0 + g, g < group: one loop over
     (head, tile) pairs, so that a runtime group size adds no loop around the pipelined one.
     With ATOMIC_DQ, also adds each tile's dQ = dS K * scale into dq (float32). DROPOUT
@@ -362,7 +363,8 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
         do = tl.load(do_b + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
                      mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         if DROPOUT:
-            keep = _dropout_keep(seed, b, h, rows[None, :], keys[:, None], dropout_cutoff)
+            keep = tl.trans(_dropout_keep(seed, b, h, rows, key_first, dropout_cutoff,
+                                          keys.shape[0]))
             dv = tl.dot(tl.where(keep, pt, 0.0).to(do.dtype), do, dv,
                         input_precision=DOT_PRECISION)
         else:
@@ -453,17 +455,20 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                          stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                          keys, offs_d, lo, full_lo, offset, n_q, kv_len, window_left,
                          window_right, scale, qk_scale, HEAD_DIM, BLOCK_M, True, ATOMIC_DQ,
-                         DOT_PRECISION, seed, b, dropout_cutoff, dropout_scale, DROPOUT)
+                         DOT_PRECISION, seed, b, key_first, dropout_cutoff, dropout_scale,
+                         DROPOUT)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                          stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                          keys, offs_d, full_lo, full_hi, offset, n_q, kv_len, window_left,
                          window_right, scale, qk_scale, HEAD_DIM, BLOCK_M, False, ATOMIC_DQ,
-                         DOT_PRECISION, seed, b, dropout_cutoff, dropout_scale, DROPOUT)
+                         DOT_PRECISION, seed, b, key_first, dropout_cutoff, dropout_scale,
+                         DROPOUT)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                          stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                          keys, offs_d, full_hi, hi, offset, n_q, kv_len, window_left,
                          window_right, scale, qk_scale, HEAD_DIM, BLOCK_M, True, ATOMIC_DQ,
-                         DOT_PRECISION, seed, b, dropout_cutoff, dropout_scale, DROPOUT)
+                         DOT_PRECISION, seed, b, key_first, dropout_cutoff, dropout_scale,
+                         DROPOUT)
     if DROPOUT:
         dv = dv * dropout_scale
     tl.store(dk_ptr + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkn
@@ -498,8 +503,8 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows,
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
         if DROPOUT:
-            dp = tl.where(_dropout_keep(seed, b, h, rows[:, None], keys[None, :],
-                                        dropout_cutoff), dp * dropout_scale, 0.0)
+            dp = tl.where(_dropout_keep(seed, b, h, rows, start_n, dropout_cutoff, BLOCK_N),
+                          dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
     return dq
@@ -576,7 +581,7 @@ def _dropout_keep_mask(seed_ptr, keep_ptr, n_heads, n_q, n_k, dropout_cutoff,
     row_ptr = keep_ptr + ((b * n_heads + h) * n_q + rows.to(tl.int64)) * n_k
     for start_n in range(0, n_k, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, b, h, rows[:, None], keys[None, :], dropout_cutoff)
+        keep = _dropout_keep(seed, b, h, rows, start_n, dropout_cutoff, BLOCK_N)
         tl.store(row_ptr[:, None] + keys[None, :], keep.to(tl.int8),
                  mask=(rows[:, None] < n_q) & (keys[None, :] < n_k))
 
@@ -728,22 +733,21 @@ def _without_unused_specialization(configs, nargs, **meta):
     return configs
 
 
-# With dropout the forward draws a Philox number for each score a thread holds: past 32 scores
-# a thread (BLOCK_M x BLOCK_N over the warps that compute scores, both consumer warp groups
-# of a warp-specialized config) its sm_90 configs spill (ptxas -v, triton 3.9: 2 to 4.5 KB at
-# head dims 64 and 128), and at 32 or fewer none does.
+# With dropout the forward draws Philox words for the scores a thread holds: past 32 scores a
+# thread (BLOCK_M x BLOCK_N over the warps) its sm_90 configs spilled (ptxas -v, triton 3.9,
+# one Philox per score: 2 to 4.5 KB at head dims 64 and 128), and at 32 or fewer none did.
 DROPOUT_SCORES_PER_THREAD = 32
 
 
 def _forward_prune(configs, nargs, **meta):
     """_without_unused_specialization; with DROPOUT, only the configs within
-    DROPOUT_SCORES_PER_THREAD (all, if none is)."""
+    DROPOUT_SCORES_PER_THREAD (all, if none is), none warp-specialized: triton 3.4 to 3.6
+    fail to warp-specialize the loop with dropout's Philox (NVGPUWarpSpecialization)."""
     configs = _without_unused_specialization(configs, nargs, **meta)
     if not meta.get("DROPOUT"):
         return configs
-    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= (
-        DROPOUT_SCORES_PER_THREAD * 32 * c.num_warps
-        * (2 if c.kwargs.get("WARP_SPECIALIZE") else 1))] or configs
+    return [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE") and c.kwargs["BLOCK_M"]
+            * c.kwargs["BLOCK_N"] <= DROPOUT_SCORES_PER_THREAD * 32 * c.num_warps] or configs
 
 
 # Each kernel's autotuning beyond the shared key (head dim, sequence-length bucket, dtypes):

@@ -117,6 +117,33 @@ def test_matches_float64_with_the_same_mask(name, backend, mode):
     assert (ours[0][unseen] == 0).all() and (ours[2][unseen] == 0).all()
 
 
+@pytest.mark.skipif("triton" not in BACKENDS or DEVICE != "cpu",
+                    reason="drives the kernels through the interpreter")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("config", [(32, 16, 1, 1), (16, 64, 1, 1)])
+def test_every_tile_shape_draws_the_same_mask(config, deterministic):
+    """A pair's number depends on the pair alone: kernels tiled otherwise than the mask
+    kernel apply its mask, forward and backward."""
+    from attnmem.kernels import attention as kernel
+
+    q, k, v = (torch.randn(1, heads, n, 16) for heads, n in ((2, 37), (1, 45), (1, 45)))
+    seed, p = torch.tensor([987654321]), 0.3
+    keep = kernel.dropout_keep_mask(seed, (1, 2, 37, 45), p)
+    out, lse = kernel.attention_forward(q, k, v, None, 0.25, -1, 0, config=config,
+                                        dropout_p=p, seed=seed)
+    ref_out, ref_lse = twin.attention_forward(q.double(), k.double(), v.double(), None, 0.25,
+                                              -1, 0, p, keep)
+    dout = torch.randn_like(out)
+    got = kernel.attention_backward(dout, q, k, v, out, lse, None, None, 0.25, -1, 0,
+                                    config=config, deterministic=deterministic, dropout_p=p,
+                                    seed=seed)
+    expect = twin.attention_backward(dout.double(), q.double(), k.double(), v.double(),
+                                     ref_out, ref_lse, None, None, 0.25, -1, 0, p, keep)
+    tol = dict(atol=ATOL[torch.float32], rtol=ATOL[torch.float32])
+    for g, e in zip([out, lse, *got], [ref_out, ref_lse, *expect]):
+        torch.testing.assert_close(g.double(), e.double(), **tol)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kept_fraction_is_one_minus_p(backend):
     """A mask keeps 1 - p of the weights within 5 sigma, and so does each (batch, head)
@@ -235,3 +262,43 @@ def test_torch_compile_fullgraph_draws_the_eager_seed():
                               (q, k, v))
     for g, e in zip(got, expect):
         torch.testing.assert_close(g, e)
+
+
+def _compile_jobs():
+    """sm_90 float16 jobs at head dim 128 with dropout compiled in, each expected to use wgmma
+    and spill nothing: a masked TMA forward, dK/dV in both backward modes and the dQ kernel
+    (32 x 64 and 64 x 32 tiles, 8 warps: the backward's larger tiles spill a few bytes with
+    dropout); and the mask kernel on sm_80 and sm_90."""
+    from test_attention_targets import expecting, job
+
+    jobs = {}
+    for name, kernel_name, config, atomic_dq, expect in [
+            ("fwd", "fwd", (128, 64, 8, 3, "USE_TMA"), True, dict(tma=True)),
+            ("dkdv", "dkdv", (32, 64, 8, 2), True, {}),
+            ("dkdv-det", "dkdv", (32, 64, 8, 2), False, {}),
+            ("dq", "dq", (64, 32, 8, 2), True, {})]:
+        spec = job(kernel_name, 90, "float16", 128, config, atomic_dq=atomic_dq)
+        spec["constexprs"]["DROPOUT"] = True
+        spec["pointers"]["seed_ptr"] = "i64"
+        jobs[name] = expecting(spec, wgmma=True, spill_stores=0, spill_loads=0, **expect)
+    for arch in (80, 90):
+        jobs[f"mask-sm{arch}"] = dict(
+            module="attnmem.kernels.attention", kernel="_dropout_keep_mask", arch=arch,
+            constexprs=dict(BLOCK_M=64, BLOCK_N=64), pointers=dict(seed_ptr="i64", keep_ptr="i8"),
+            num_warps=4, num_stages=3)
+    return jobs
+
+
+@pytest.mark.slow
+def test_kernels_with_dropout_compile_for_sm90_without_spills():
+    """With Philox compiled in, these configs keep wgmma and spill nothing (tests/aot.py:
+    ptxas -v); the mask kernel compiles."""
+    pytest.importorskip("triton")
+    from aot import compile_all
+
+    jobs = _compile_jobs()
+    results = dict(zip(jobs, compile_all(list(jobs.values()))))
+    failures = {name: result["error"] or {key: result[key] for key in jobs[name]["expect"]}
+                for name, result in results.items() if result["error"] or any(
+                    result[key] != value for key, value in jobs[name].get("expect", {}).items())}
+    assert not failures, failures
