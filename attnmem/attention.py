@@ -366,16 +366,19 @@ def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None
     with SDPA. Each call draws one int64 seed with torch.randint from `generator` (a
     torch.Generator on q's device; torch's default one for that device when None), on
     the device, so there is no host sync and the same generator state gives the same
-    mask, output and gradients. The triton kernels draw the mask inside the kernels with
-    Philox, keyed by the seed, on a counter unique to each (batch, head, query, key); the
-    backward regenerates it from the saved seed instead of storing it, and the
-    deterministic backward stays bit-for-bit repeatable. The torch backend runs the twin
-    with a mask of torch.rand draws, one generator seeded with seed + i for query row i
-    (it reads the seed on the host), regenerated the same way in the backward. The two
-    backends draw different masks from the same seed. dropout_mask(q, k, dropout_p,
-    generator) returns the mask a call applies. Under torch.compile the seed's randint
-    is traced with the rest of the graph (inductor may draw it with its own generator);
-    under CUDA graph capture, torch's CUDA generator gives each replay a new seed.
+    mask, output and gradients. The triton kernels draw the mask with Philox 4x32 keyed
+    by the seed, one counter for each four keys of a (batch, head, query) and one word of
+    it for each key; the backward regenerates the mask from the saved seed instead of
+    storing it, and the deterministic backward stays bit-for-bit repeatable. The torch
+    backend runs the twin with a mask of torch.rand draws, query row i from a generator
+    seeded with seed + i (it reads the seed on the host), regenerated the same way in the
+    backward: the two backends draw different masks from the same seed.
+    dropout_mask(q, k, dropout_p, generator) returns the mask a call applies.
+    torch.compile(fullgraph=True) traces the seed's randint with the default generator
+    (with torch 2.13, aot_eager and inductor draw the eager seed); dynamo refuses an
+    explicit generator, as for torch.rand(generator=...). Under CUDA graph capture the
+    seed is a captured randint, which torch's CUDA generator redraws on each replay (not
+    yet run on a GPU).
     """
     scale, window_left, window_right, kv_lengths = _validate(q, k, v, causal, scale,
                                                              kv_lengths, window, return_lse)

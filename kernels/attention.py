@@ -19,6 +19,10 @@ query tile) pair. By default they also add dQ into a float32 buffer with atomics
 per pair, as FlashAttention-2 and -3 run. The deterministic backward (ATOMIC_DQ off, chosen
 as torch chooses: torch.are_deterministic_algorithms_enabled()) leaves dQ to programs that
 own a query tile: 7 GEMMs per pair, and nothing accumulates through atomics.
+
+Dropout (DROPOUT, compiled out when off) zeroes the weights that _dropout_keep drops, from
+a seed in device memory, and scales the rest; each kernel draws a pair's number from the
+pair's own Philox counter, so the backward regenerates the forward's mask.
 """
 
 import contextlib
