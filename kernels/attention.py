@@ -738,8 +738,9 @@ def _without_unused_specialization(configs, nargs, **meta):
 
 
 # With dropout the forward draws Philox words for the scores a thread holds: past 32 scores a
-# thread (BLOCK_M x BLOCK_N over the warps) its sm_90 configs spilled (ptxas -v, triton 3.9,
-# one Philox per score: 2 to 4.5 KB at head dims 64 and 128), and at 32 or fewer none did.
+# thread (BLOCK_M x BLOCK_N over the warps) most sm_90 16-bit configs spill (ptxas -v, triton
+# 3.9, head dims 64 and 128: 8 to 340 bytes; 2 to 4.5 KB when each score took its own
+# Philox); those within 32 that were compiled (64x64, 4 warps; 128x64, 8 warps) spill none.
 DROPOUT_SCORES_PER_THREAD = 32
 
 
