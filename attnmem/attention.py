@@ -4,7 +4,7 @@ One torch.library custom op holds the forward (out and logsumexp) and one the ba
 each running on the triton kernels or the torch backend; torch.compile traces them as
 opaque ops. The torch backend runs torch's fused CPU flash-attention kernel on CPU tensors
 (masks it cannot express as is_causal go in as an additive mask) and the pure-torch twin
-elsewhere, and for the gradient of lse, which the fused backward lacks.
+elsewhere, and for the gradient of lse, which the fused backward lacks, and for dropout.
 """
 
 import math
@@ -40,10 +40,17 @@ def _pick(q, k, v, backend: str) -> str:
 @torch.library.custom_op("attnmem::attention_forward", mutates_args=())
 def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        kv_lengths: Optional[torch.Tensor], scale: float, window_left: int,
-                       window_right: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                       window_right: int, backend: str, dropout_p: float = 0.0,
+                       seed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     if _pick(q, k, v, backend) == "triton":
         from attnmem.kernels import attention as kernel
-        return kernel.attention_forward(q, k, v, kv_lengths, scale, window_left, window_right)
+        return kernel.attention_forward(q, k, v, kv_lengths, scale, window_left, window_right,
+                                        dropout_p=dropout_p, seed=seed)
+    if dropout_p > 0:
+        with torch.no_grad():
+            return _reference.attention_forward(q, k, v, kv_lengths, scale, window_left,
+                                                window_right, dropout_p,
+                                                _torch_dropout_mask(seed, dropout_p, q, k))
     if _fused_cpu(q, k):
         return _fused_cpu_forward(q, k, v, kv_lengths, scale, window_left, window_right)
     with torch.no_grad():
@@ -52,7 +59,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 @_attention_forward.register_fake
-def _(q, k, v, kv_lengths, scale, window_left, window_right, backend):
+def _(q, k, v, kv_lengths, scale, window_left, window_right, backend, dropout_p=0.0, seed=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_reference.compute_dtype(q.dtype))
 
 
@@ -60,12 +67,16 @@ def _(q, k, v, kv_lengths, scale, window_left, window_right, backend):
 def _attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
                         kv_lengths: Optional[torch.Tensor], scale: float, window_left: int,
-                        window_right: int, backend: str
+                        window_right: int, backend: str, dropout_p: float = 0.0,
+                        seed: Optional[torch.Tensor] = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_left, window_right)
     if _pick(q, k, v, backend) == "triton":
         from attnmem.kernels import attention as kernel
-        return kernel.attention_backward(*args)
+        return kernel.attention_backward(*args, dropout_p=dropout_p, seed=seed)
+    if dropout_p > 0:
+        return _reference.attention_backward(*args, dropout_p,
+                                             _torch_dropout_mask(seed, dropout_p, q, k))
     if dlse is None and _fused_cpu(q, k):
         return _fused_cpu_backward(dout, q, k, v, out, lse, kv_lengths, scale, window_left,
                                    window_right)
@@ -73,28 +84,37 @@ def _attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
 
 
 @_attention_backward.register_fake
-def _(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_left, window_right, backend):
+def _(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_left, window_right, backend,
+      dropout_p=0.0, seed=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_lengths, scale, window_left, window_right, backend = inputs
+    q, k, v, kv_lengths, scale, window_left, window_right, backend, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kv_lengths)
-    ctx.args = (scale, window_left, window_right, backend)
+    ctx.save_for_backward(q, k, v, out, lse, kv_lengths, seed)
+    ctx.args = (scale, window_left, window_right, backend, dropout_p)
     # An unused lse then gets None rather than zeros, and the fused CPU backward can run.
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, kv_lengths = ctx.saved_tensors
+    q, k, v, out, lse, kv_lengths, seed = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = _attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, *ctx.args,
+                                     seed)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _torch_dropout_mask(seed, dropout_p, q, k):
+    """The torch backend's keep mask for this seed, drawn per query row (the twin's
+    seeded_keep); the seed is read on the host (a sync on CUDA tensors)."""
+    return _reference.seeded_keep(int(seed[0]), dropout_p, q.shape[0], q.shape[1], k.shape[2],
+                                  q.device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -262,8 +282,47 @@ def _validate(q, k, v, causal, scale, kv_lengths, window, return_lse):
     return scale, left, right, kv_lengths
 
 
+def _dropout_p(dropout_p) -> float:
+    if (isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real)
+            or not 0 <= dropout_p <= 1):
+        raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def _dropout_seed(dropout_p, generator, q):
+    """The seed, a (1,) int64 tensor on q's device, that keys one call's dropout draws: one
+    torch.randint from generator (torch's default generator of q's device when None) on the
+    device, so no host sync; None without dropout."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
+    if generator is not None and generator.device != q.device:
+        raise ValueError(f"generator is on {generator.device} but q is on {q.device}")
+    if dropout_p == 0:
+        return None
+    return torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=q.device,
+                         generator=generator)
+
+
+def dropout_mask(q, k, dropout_p, generator=None):
+    """The keep mask (B, H, Nq, Nk) bool that attention(q, k, v, dropout_p=dropout_p,
+    generator=generator) applies on the backend it picks, where generator is in the state
+    that call found it in (draw one seed from it, as the call does): the tests run the
+    float64 twin with it, as FlashAttention's tests read their kernel's mask back."""
+    dropout_p = _dropout_p(dropout_p)
+    if dropout_p == 0:
+        raise ValueError("dropout_p must be > 0 for a dropout mask")
+    seed = _dropout_seed(dropout_p, generator, q)
+    shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if _pick(q, k, k, _backend.requested_backend()) == "triton":
+        from attnmem.kernels import attention as kernel
+        return kernel.dropout_keep_mask(seed, shape, dropout_p)
+    return _torch_dropout_mask(seed, dropout_p, q, k)(torch.arange(q.shape[2],
+                                                                   device=q.device))
+
+
 def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None,
-              return_lse=False):
+              return_lse=False, dropout_p=0.0, generator=None):
     """Softmax attention `softmax(q k^T * scale + mask) v`, tiled so scores never fill memory.
 
     q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D) with H % Hkv == 0 (query head h reads kv head
@@ -300,11 +359,33 @@ def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None
     backend. On CPU tensors the torch backend runs torch's fused flash-attention kernel (the
     one F.scaled_dot_product_attention runs there); the chunked pure-torch twin runs on
     other devices and for the gradient of lse, which that kernel's backward lacks.
+
+    dropout_p (as FlashAttention's and SDPA's): each weight of the softmax is dropped with
+    probability dropout_p (0 to 1) and the rest are scaled by 1 / (1 - dropout_p); lse is
+    that of the undropped scores. Apply it in training only: pass 0.0 in evaluation, as
+    with SDPA. Each call draws one int64 seed with torch.randint from `generator` (a
+    torch.Generator on q's device; torch's default one for that device when None), on
+    the device, so there is no host sync and the same generator state gives the same
+    mask, output and gradients. The triton kernels draw the mask with Philox 4x32 keyed
+    by the seed, one counter for each four keys of a (batch, head, query) and one word of
+    it for each key; the backward regenerates the mask from the saved seed instead of
+    storing it, and the deterministic backward stays bit-for-bit repeatable. The torch
+    backend runs the twin with a mask of torch.rand draws, query row i from a generator
+    seeded with seed + i (it reads the seed on the host), regenerated the same way in the
+    backward: the two backends draw different masks from the same seed.
+    dropout_mask(q, k, dropout_p, generator) returns the mask a call applies.
+    torch.compile(fullgraph=True) traces the seed's randint with the default generator
+    (with torch 2.13, aot_eager and inductor draw the eager seed); dynamo refuses an
+    explicit generator, as for torch.rand(generator=...). Under CUDA graph capture the
+    seed is a captured randint, which torch's CUDA generator redraws on each replay (not
+    yet run on a GPU).
     """
     scale, window_left, window_right, kv_lengths = _validate(q, k, v, causal, scale,
                                                              kv_lengths, window, return_lse)
+    dropout_p = _dropout_p(dropout_p)
+    seed = _dropout_seed(dropout_p, generator, q)
     if causal and q.shape[2] > 1:  # with one query, causal hides no key
         window_right = 0 if window_right < 0 else min(window_right, 0)
     out, lse = _attention_forward(q, k, v, kv_lengths, scale, window_left, window_right,
-                                  _backend.requested_backend())
+                                  _backend.requested_backend(), dropout_p, seed)
     return (out, lse) if return_lse else out

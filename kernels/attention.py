@@ -27,6 +27,10 @@ stride 0 and launch the grid's last axis over sequences, sized by the longest: e
 reads its sequence's bounds, moves its bases to the sequence's first rows and runs the dense
 body there, with the sequence's own lengths as Nq and Nk (so masks align to them); tiles past
 a sequence's end exit at once.
+
+Dropout (DROPOUT, compiled out when off) zeroes the weights that _dropout_keep drops, from
+a seed in device memory, and scales the rest; each kernel draws a pair's number from the
+pair's own Philox counter, so the backward regenerates the forward's mask.
 """
 
 import contextlib
@@ -110,6 +114,20 @@ def _visible(rows, keys, offset, n_q, kv_len, window_left, window_right):
             & (keys[None, :] >= aligned - window_left) & (keys[None, :] <= aligned + window_right))
 
 
+@triton.jit
+def _dropout_keep(seed, b, h, rows, key0, dropout_cutoff, BLOCK_N: tl.constexpr):
+    """(rows, BLOCK_N) bool: which pairs of query rows and keys [key0, key0 + BLOCK_N)
+    (key0 a multiple of 4) of batch b, head h dropout keeps. Philox 4x32-10, keyed by the
+    64-bit seed, on the counter (j // 4, query, head, batch) gives key j its word j % 4: one
+    Philox round trip for four pairs, and the same number for a pair in every kernel,
+    whatever its tiles. A pair is kept when the top 31 bits of its word exceed
+    dropout_cutoff (round(p * 2^31) - 1)."""
+    quads, rows = tl.broadcast((key0 // 4 + tl.arange(0, BLOCK_N // 4))[None, :], rows[:, None])
+    w0, w1, w2, w3 = tl.philox(seed, quads, rows, h.to(tl.int32), b.to(tl.int32))
+    words = tl.reshape(tl.join(tl.join(w0, w1), tl.join(w2, w3)), [rows.shape[0], BLOCK_N])
+    return (words >> 1).to(tl.int32, bitcast=True) > dropout_cutoff
+
+
 # ---------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------
@@ -185,9 +203,11 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows, offs_
                key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, seed, b, h, dropout_cutoff,
+               DROPOUT: tl.constexpr):
     """Key tiles [start, end). MASKED ones evaluate the mask, and their keys that no row of
-    the tile sees (below key_lo or from kv_len on) read as zeros."""
+    the tile sees (below key_lo or from kv_len on) read as zeros. DROPOUT zeroes the weights
+    that _dropout_keep drops after they join the row sums, which stay those of the softmax."""
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kt = _load_rows(k_src, start_n, key_lo, kv_len, stride_kn, offs_d, HEAD_DIM, MASKED,
@@ -206,6 +226,9 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows, offs_
         alpha = tl.math.exp2(m_i - m_shift)
         p = tl.math.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, b, h, rows, start_n, dropout_cutoff, BLOCK_N),
+                         p, 0.0)
         v = _load_rows(v_src, start_n, key_lo, kv_len, stride_vn, offs_d, HEAD_DIM, MASKED,
                        USE_TMA, BLOCK_N)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
@@ -224,7 +247,9 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
               DOT_PRECISION: tl.constexpr, MASK_KEYS: tl.constexpr, EVEN_M: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False,
               WARP_SPECIALIZE: tl.constexpr = False, cu_seqlens_q_ptr=None,
-              cu_seqlens_k_ptr=None, VARLEN: tl.constexpr = False):
+              cu_seqlens_k_ptr=None, VARLEN: tl.constexpr = False,
+              DROPOUT: tl.constexpr = False, seed_ptr=None, dropout_cutoff=0,
+              dropout_scale=1.0):
     """One query tile of one head. MASK_KEYS: some key tile may need the mask (a causal mask,
     a window, lengths, or Nk not a multiple of KEY_TILE_MULTIPLE); without it one unmasked
     loop is all that is compiled. EVEN_M: Nq is a multiple of BLOCK_M, so rows need no
@@ -233,7 +258,9 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     WARP_SPECIALIZE: producer and consumer warp groups run the loop, when it is the only one
     (triton's Hopper warp specialization takes kernels of one loop).
     VARLEN: b is a sequence of a packed batch (see _varlen_sequences); tiles past its end
-    exit at once."""
+    exit at once.
+    DROPOUT: drops weights as _dropout_keep draws them from the seed at seed_ptr and scales
+    the survivors by dropout_scale; lse stays that of the undropped scores."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -273,6 +300,9 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     if MASK_KEYS:
         row_last = tl.minimum(row_first + BLOCK_M, n_q) - 1
         lo, full_lo, full_hi, hi = _key_range(row_first, row_last, offset, kv_len, window_left,
@@ -284,21 +314,27 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
                                    offs_d, lo, full_lo, key_lo, offset, n_q, kv_len,
                                    window_left, window_right, qk_scale, HEAD_DIM, BLOCK_N, True,
-                                   USE_TMA, False, DOT_PRECISION)
+                                   USE_TMA, False, DOT_PRECISION, seed, b, h,
+                                   dropout_cutoff, DROPOUT)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
                                    offs_d, full_lo, full_hi, key_lo, offset, n_q, kv_len,
                                    window_left, window_right, qk_scale, HEAD_DIM, BLOCK_N, False,
-                                   USE_TMA, False, DOT_PRECISION)
+                                   USE_TMA, False, DOT_PRECISION, seed, b, h,
+                                   dropout_cutoff, DROPOUT)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
                                    offs_d, full_hi, hi, key_lo, offset, n_q, kv_len,
                                    window_left, window_right, qk_scale, HEAD_DIM, BLOCK_N, True,
-                                   USE_TMA, False, DOT_PRECISION)
+                                   USE_TMA, False, DOT_PRECISION, seed, b, h,
+                                   dropout_cutoff, DROPOUT)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
                                    offs_d, 0, n_k, 0, offset, n_q, kv_len, window_left,
                                    window_right, qk_scale, HEAD_DIM, BLOCK_N, False, USE_TMA,
-                                   WARP_SPECIALIZE, DOT_PRECISION)
+                                   WARP_SPECIALIZE, DOT_PRECISION, seed, b, h, dropout_cutoff,
+                                   DROPOUT)
 
+    if DROPOUT:
+        acc = acc * dropout_scale
     # A query that saw no key outputs zeros and has lse = -inf.
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -348,11 +384,13 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                 keys, offs_d, start, end, offset, n_q, kv_len, window_left, window_right,
                 scale, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                 MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                stride_stats_h):
+                stride_stats_h, seed, b, key_first, dropout_cutoff, dropout_scale,
+                DROPOUT: tl.constexpr):
     """Query tiles [start, end) of each query head head0 + g, g < group: one loop over
     (head, tile) pairs, so that a runtime group size adds no loop around the pipelined one.
     With ATOMIC_DQ, also adds each tile's dQ = dS K * scale into dq (float32). Head h's lse
-    and delta rows start at h * stride_stats_h."""
+    and delta rows start at h * stride_stats_h. DROPOUT regenerates the forward's keep
+    mask: dv takes the kept weights (scaled by the caller), dP the kept, scaled gradients."""
     offs_m0 = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
     tiles = tl.cdiv(tl.maximum(end - start, 0), BLOCK_M)
@@ -376,9 +414,17 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
             pt = tl.where(tl.trans(keep), pt, 0.0)
         do = tl.load(do_b + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
                      mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = tl.trans(_dropout_keep(seed, b, h, rows, key_first, dropout_cutoff,
+                                          keys.shape[0]))
+            dv = tl.dot(tl.where(keep, pt, 0.0).to(do.dtype), do, dv,
+                        input_precision=DOT_PRECISION)
+        else:
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         delta = tl.load(delta_b + h * stride_stats_h + rows, mask=r_ok, other=0.0)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            dpt = tl.where(keep, dpt * dropout_scale, 0.0)
         dst = (pt * (dpt - delta[None, :])).to(qt.dtype)
         dk = tl.dot(dst, tl.trans(qt), dk, input_precision=DOT_PRECISION)
         if ATOMIC_DQ:
@@ -403,10 +449,13 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                    seq_bucket, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    HAS_KV_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   cu_seqlens_q_ptr=None, cu_seqlens_k_ptr=None, VARLEN: tl.constexpr = False):
+                   cu_seqlens_q_ptr=None, cu_seqlens_k_ptr=None, VARLEN: tl.constexpr = False,
+                   DROPOUT: tl.constexpr = False, seed_ptr=None, dropout_cutoff=0,
+                   dropout_scale=1.0):
     """dK, dV of one key tile from every query head of its group; with ATOMIC_DQ also the
     dQ those query heads get from it, added into dq_ptr (float32, zeroed, scaled). VARLEN:
-    b is a sequence of a packed batch (see _varlen_sequences)."""
+    b is a sequence of a packed batch (see _varlen_sequences). DROPOUT: the forward's
+    dropout, regenerated from the seed at seed_ptr."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -450,6 +499,9 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                 + offs_d[None, :], mask=kv_mask & seen, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
 
     key_last = tl.minimum(key_first + BLOCK_N, kv_len) - 1
     lo, full_lo, full_hi, hi = _query_range(key_first, key_last, offset, n_q, kv_len,
@@ -475,17 +527,22 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                          stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                          keys, offs_d, lo, full_lo, offset, n_q, kv_len, window_left,
                          window_right, scale, qk_scale, HEAD_DIM, BLOCK_M, True, ATOMIC_DQ,
-                         DOT_PRECISION, stride_stats_h)
+                         DOT_PRECISION, stride_stats_h, seed, b, key_first, dropout_cutoff,
+                         dropout_scale, DROPOUT)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                          stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                          keys, offs_d, full_lo, full_hi, offset, n_q, kv_len, window_left,
                          window_right, scale, qk_scale, HEAD_DIM, BLOCK_M, False, ATOMIC_DQ,
-                         DOT_PRECISION, stride_stats_h)
+                         DOT_PRECISION, stride_stats_h, seed, b, key_first, dropout_cutoff,
+                         dropout_scale, DROPOUT)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                          stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                          keys, offs_d, full_hi, hi, offset, n_q, kv_len, window_left,
                          window_right, scale, qk_scale, HEAD_DIM, BLOCK_M, True, ATOMIC_DQ,
-                         DOT_PRECISION, stride_stats_h)
+                         DOT_PRECISION, stride_stats_h, seed, b, key_first, dropout_cutoff,
+                         dropout_scale, DROPOUT)
+    if DROPOUT:
+        dv = dv * dropout_scale
     tl.store(dk_ptr + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkn
              + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + b * stride_dvb + hk * stride_dvh + keys[:, None] * stride_dvn
@@ -496,7 +553,8 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
 def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
               start, end, key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, seed, b, h, dropout_cutoff, dropout_scale,
+              DROPOUT: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
@@ -516,6 +574,9 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows,
             keep = _visible(rows, keys, offset, n_q, kv_len, window_left, window_right)
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        if DROPOUT:
+            dp = tl.where(_dropout_keep(seed, b, h, rows, start_n, dropout_cutoff, BLOCK_N),
+                          dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
     return dq
@@ -530,7 +591,9 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
                  seq_bucket, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  HAS_KV_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, cu_seqlens_q_ptr=None,
-                 cu_seqlens_k_ptr=None, VARLEN: tl.constexpr = False):
+                 cu_seqlens_k_ptr=None, VARLEN: tl.constexpr = False,
+                 DROPOUT: tl.constexpr = False, seed_ptr=None, dropout_cutoff=0,
+                 dropout_scale=1.0):
     """dQ of one query tile of one head. VARLEN: b is a sequence of a packed batch (see
     _varlen_sequences)."""
     pid_m = tl.program_id(0)
@@ -571,6 +634,9 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
 
     row_last = tl.minimum(row_first + BLOCK_M, n_q) - 1
     lo, full_lo, full_hi, hi = _key_range(row_first, row_last, offset, kv_len, window_left,
@@ -578,15 +644,34 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
     key_lo = row_first + offset - window_left
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
                    lo, full_lo, key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
-                   HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+                   HEAD_DIM, BLOCK_N, True, DOT_PRECISION, seed, b, h, dropout_cutoff,
+                   dropout_scale, DROPOUT)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
                    full_lo, full_hi, key_lo, offset, n_q, kv_len, window_left, window_right,
-                   qk_scale, HEAD_DIM, BLOCK_N, False, DOT_PRECISION)
+                   qk_scale, HEAD_DIM, BLOCK_N, False, DOT_PRECISION, seed, b, h, dropout_cutoff,
+                   dropout_scale, DROPOUT)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
                    full_hi, hi, key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
-                   HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+                   HEAD_DIM, BLOCK_N, True, DOT_PRECISION, seed, b, h, dropout_cutoff,
+                   dropout_scale, DROPOUT)
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dropout_keep_mask(seed_ptr, keep_ptr, n_heads, n_q, n_k, dropout_cutoff,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """keep (B, H, Nq, Nk) int8: 1 where _dropout_keep keeps the pair in every kernel."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    seed = tl.load(seed_ptr)
+    row_ptr = keep_ptr + ((b * n_heads + h) * n_q + rows.to(tl.int64)) * n_k
+    for start_n in range(0, n_k, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, b, h, rows, start_n, dropout_cutoff, BLOCK_N)
+        tl.store(row_ptr[:, None] + keys[None, :], keep.to(tl.int8),
+                 mask=(rows[:, None] < n_q) & (keys[None, :] < n_k))
 
 
 # ---------------------------------------------------------------------------------------
@@ -736,13 +821,31 @@ def _without_unused_specialization(configs, nargs, **meta):
     return configs
 
 
+# With dropout the forward draws Philox words for the scores a thread holds: past 32 scores a
+# thread (BLOCK_M x BLOCK_N over the warps) most sm_90 16-bit configs spill (ptxas -v, triton
+# 3.9, head dims 64 and 128: 8 to 340 bytes; 2 to 4.5 KB when each score took its own
+# Philox); those within 32 that were compiled (64x64, 4 warps; 128x64, 8 warps) spill none.
+DROPOUT_SCORES_PER_THREAD = 32
+
+
+def _forward_prune(configs, nargs, **meta):
+    """_without_unused_specialization; with DROPOUT, only the configs within
+    DROPOUT_SCORES_PER_THREAD (all, if none is), none warp-specialized: triton 3.4 to 3.6
+    fail to warp-specialize the loop with dropout's Philox (NVGPUWarpSpecialization)."""
+    configs = _without_unused_specialization(configs, nargs, **meta)
+    if not meta.get("DROPOUT"):
+        return configs
+    return [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE") and c.kwargs["BLOCK_M"]
+            * c.kwargs["BLOCK_N"] <= DROPOUT_SCORES_PER_THREAD * 32 * c.num_warps] or configs
+
+
 # Each kernel's autotuning beyond the shared key (head dim, sequence-length bucket, dtypes):
 # the forward tunes masked and unmasked calls apart and times no warp-specialized config where
 # it would run as its plain twin; the atomic dK/dV variant adds into dq, which every
 # benchmarked launch must find zeroed, and tunes apart from the deterministic variant; packed
 # variable-length batches (VARLEN) tune apart from dense ones.
 TUNING = {"fwd": {"key": ["MASK_KEYS", "VARLEN"],
-                  "prune_configs_by": {"early_config_prune": _without_unused_specialization}},
+                  "prune_configs_by": {"early_config_prune": _forward_prune}},
           "dkdv": {"key": ["ATOMIC_DQ", "VARLEN"], "reset_to_zero": ["dq_ptr"]},
           "dq": {"key": ["VARLEN"]}}
 _autotuned = {}
@@ -758,8 +861,8 @@ def _persist_tuning() -> dict:
 
 def _launcher(kernel: str, fn, device, block_d: int, elem: int, arch=None, tma: bool = False):
     """The kernel under an autotuner whose configs fit this device (see configs_for); key:
-    head dim, the sequence-length bucket, whether the forward masks keys and (added by
-    triton) the argument dtypes."""
+    head dim, the sequence-length bucket, dropout, whether the forward masks keys and (added
+    by triton) the argument dtypes."""
     smem = _smem_limit(device)
     cache_key = (kernel, block_d, elem, smem, arch, tma)
     if cache_key not in _autotuned:
@@ -767,7 +870,7 @@ def _launcher(kernel: str, fn, device, block_d: int, elem: int, arch=None, tma: 
                    for c in configs_for(kernel, block_d, elem, smem, arch, tma)]
         extra = TUNING.get(kernel, {})
         _autotuned[cache_key] = triton.autotune(
-            configs, key=["BLOCK_D", "seq_bucket", *extra.get("key", ())],
+            configs, key=["BLOCK_D", "seq_bucket", "DROPOUT", *extra.get("key", ())],
             prune_configs_by=extra.get("prune_configs_by"),
             reset_to_zero=extra.get("reset_to_zero"), **_persist_tuning())(fn)
     return _autotuned[cache_key]
@@ -806,8 +909,21 @@ def _common(q, k, kv_lengths, window_left, window_right):
     return meta, scalars, window, dummy
 
 
-def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, config=None):
-    """-> out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32 natural log."""
+def dropout_meta(dropout_p, seed) -> dict:
+    """The kernels' dropout arguments: with dropout_p > 0, the seed (an int64 tensor whose
+    first element keys the draws), the cutoff that _dropout_keep compares 31 random bits with
+    (so that round(p * 2^31) of every 2^31 draws drop) and the survivors' scale 1 / (1 - p),
+    0 at p = 1, where none survives. dropout_p = 0 compiles dropout out."""
+    if dropout_p == 0:
+        return dict(DROPOUT=False)
+    return dict(DROPOUT=True, seed_ptr=seed, dropout_cutoff=round(dropout_p * 2**31) - 1,
+                dropout_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
+
+
+def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, config=None,
+                      dropout_p=0.0, seed=None):
+    """-> out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32 natural log. dropout_p > 0
+    drops weights as dropout_keep_mask(seed, ...) says (see dropout_meta)."""
     q, k, v = (lastdim_contiguous(x) for x in (q, k, v))
     batch, heads, n_q, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -818,6 +934,7 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, con
     # Nk a multiple of every forward BLOCK_N: no key tile is partial, whichever config runs.
     meta["MASK_KEYS"] = (kv_lengths is not None or window_left >= 0 or window_right >= 0
                          or k.shape[2] % KEY_TILE_MULTIPLE != 0)
+    meta.update(dropout_meta(dropout_p, seed))
     args = (q, k, v, out, lse, dummy, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *out.stride()[:3], *scalars, scale * LOG2E.value, *window)
     _run("fwd", _attn_fwd, lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch), args, meta,
@@ -833,8 +950,10 @@ BACKWARD_OPTIONS = {"maxnreg": 255}
 
 
 def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_left,
-                       window_right, config=None, deterministic=None):
+                       window_right, config=None, deterministic=None, dropout_p=0.0,
+                       seed=None):
     """-> dq, dk, dv in the dtypes of q, k, v. dlse, the gradient of lse, may be None.
+    dropout_p and seed: the forward's, whose keep mask both kernels regenerate.
 
     By default 5 GEMMs per (query tile, key tile) pair: the dK/dV programs also add dQ into
     a float32 buffer with atomics, in an order that varies from run to run. deterministic=True
@@ -859,6 +978,7 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
     if dk.numel() == 0 or dq.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right)
+    meta.update(dropout_meta(dropout_p, seed))
 
     delta = torch.empty_like(lse)
     block_d = meta["BLOCK_D"]
@@ -883,6 +1003,20 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
          (*common, dq, dummy, *strides, *dq.stride()[:3], *tail),
          dict(meta, **BACKWARD_OPTIONS), q.device, config)
     return dq, dk, dv
+
+
+def dropout_keep_mask(seed, shape, dropout_p):
+    """The keep mask (B, H, Nq, Nk) bool that the kernels apply for this seed (an int64
+    tensor) and dropout_p > 0, at every element (masked ones too): the tests run the float64
+    twin with it."""
+    batch, heads, n_q, n_k = shape
+    keep = torch.empty(shape, dtype=torch.int8, device=seed.device)
+    if keep.numel():
+        rows, keys = (16, 16) if interpreting() else (64, 64)
+        _dropout_keep_mask[(triton.cdiv(n_q, rows), heads, batch)](
+            seed, keep, heads, n_q, n_k, dropout_meta(dropout_p, seed)["dropout_cutoff"],
+            BLOCK_M=rows, BLOCK_N=keys)
+    return keep.bool()
 
 
 # ---------------------------------------------------------------------------------------

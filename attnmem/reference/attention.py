@@ -9,6 +9,11 @@ its kv_lengths (see attnmem.attention). Keys that no query sees are zeroed befor
 that padding holding NaN or inf contributes nothing, forward and backward. The work runs
 over chunks of query rows, so no `Nq x Nk` score matrix exists for every head at once, and
 the backward recomputes scores from the saved logsumexp, as the kernels do.
+
+Dropout (FlashAttention's and SDPA's): the softmax weights that a keep mask drops become
+zeros and the rest are scaled by 1 / (1 - p); lse stays that of the undropped scores. The
+dropout_mask of kept weights is a bool tensor (B, H, Nq, Nk) (the tests pass the kernels'
+own) or a function of a row chunk, as seeded_keep makes for the torch backend.
 """
 
 import torch
@@ -68,6 +73,40 @@ def without_unseen_keys(k, v, n_q, window_left, kv_lengths):
     return torch.where(seen, k, 0.0), torch.where(seen, v, 0.0)
 
 
+def seeded_keep(seed, dropout_p, batch, heads, n_k, device):
+    """The torch backend's keep mask, a function rows -> bool (B, H, len(rows), Nk): row i
+    keeps torch.rand(B, H, Nk) >= p, drawn from a generator on device seeded with
+    seed + i, so that the backward regenerates each row of the forward's mask from seed
+    alone, whatever its row chunks."""
+    generator = torch.Generator(device)
+
+    def keep(rows):
+        out = torch.empty(batch, heads, len(rows), n_k, dtype=torch.bool, device=device)
+        for i, row in enumerate(rows.tolist()):
+            generator.manual_seed(seed + row)
+            out[:, :, i] = torch.rand(batch, heads, n_k, generator=generator,
+                                      device=device) >= dropout_p
+        return out
+    return keep
+
+
+def _kept(dropout_mask, rows, kv_heads, dropout_p):
+    """(mask of the row chunk grouped as (B, Hkv, G, rows, Nk), the survivors' scale
+    1 / (1 - p), 0 at p = 1 where none survives), or None without dropout."""
+    if dropout_p == 0:
+        return None
+    chunk = dropout_mask(rows) if callable(dropout_mask) else dropout_mask[:, :, rows]
+    return _grouped(chunk, kv_heads), 1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0
+
+
+def _dropout(x, kept):
+    """x (B, Hkv, G, rows, Nk), zero where _kept's mask drops, scaled elsewhere."""
+    if kept is None:
+        return x
+    mask, rescale = kept
+    return torch.where(mask, x, 0.0) * rescale
+
+
 def _row_chunks(q, n_k):
     batch, heads, n_q, _ = q.shape
     step = max(1, CHUNK_ELEMENTS // max(1, batch * heads * n_k))
@@ -87,10 +126,12 @@ def _scores(qg_rows, k, rows, n_q, scale, window_left, window_right, kv_lengths)
     return s, None if keep is None else keep[:, :, None]
 
 
-def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right):
+def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, dropout_p=0.0,
+                      dropout_mask=None):
     """q: (B, H, Nq, D), k, v: (B, Hkv, Nk, D) -> out (B, H, Nq, D) in q's dtype and the
     natural-log logsumexp (B, H, Nq) of the scaled, masked scores in compute_dtype (-inf
-    where a query sees no key; its output is zero). Differentiable through torch autograd."""
+    where a query sees no key; its output is zero). Differentiable through torch autograd.
+    dropout_p > 0: dropout on the weights with dropout_mask (see the module's docstring)."""
     if q.shape[2] == 0 or k.shape[2] == 0:
         # No query, or no key to see: zero output (still a function of q for autograd).
         lse = torch.full(q.shape[:3], float("-inf"), dtype=compute_dtype(q.dtype), device=q.device)
@@ -112,6 +153,7 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right):
         row_sum = p.sum(-1, keepdim=True)
         seen = row_sum > 0
         l_safe = torch.where(seen, row_sum, 1.0)
+        p = _dropout(p, _kept(dropout_mask, rows, kv_heads, dropout_p))
         outs.append(torch.matmul(p, vc[:, :, None]) / l_safe)
         lses.append(torch.where(seen, m + torch.log(l_safe), float("-inf")).squeeze(-1))
     out = torch.cat(outs, dim=-2).flatten(1, 2).to(q.dtype)
@@ -120,8 +162,9 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right):
 
 
 def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_left,
-                       window_right):
-    """Gradients (dq, dk, dv) of attention_forward, given dout and optionally dlse."""
+                       window_right, dropout_p=0.0, dropout_mask=None):
+    """Gradients (dq, dk, dv) of attention_forward, given dout and optionally dlse, and the
+    forward's dropout_p and dropout_mask."""
     ct = compute_dtype(q.dtype)
     n_q, kv_heads = q.shape[2], k.shape[1]
     kc, vc = without_unseen_keys(k.to(ct), v.to(ct), n_q, window_left, kv_lengths)
@@ -140,8 +183,9 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
         if keep is not None:  # rows that see no key have lse = -inf: the mask zeroes them
             p = torch.where(keep, p, 0.0)
         do_rows = dog[..., rows, :]
-        dv += torch.matmul(p.transpose(-1, -2), do_rows).sum(2)
-        dp = torch.matmul(do_rows, vc[:, :, None].transpose(-1, -2))
+        kept = _kept(dropout_mask, rows, kv_heads, dropout_p)
+        dv += torch.matmul(_dropout(p, kept).transpose(-1, -2), do_rows).sum(2)
+        dp = _dropout(torch.matmul(do_rows, vc[:, :, None].transpose(-1, -2)), kept)
         ds = p * (dp - delta[..., rows, :])
         dq[..., rows, :] = torch.matmul(ds, kc[:, :, None]) * scale
         dk += torch.matmul(ds.transpose(-1, -2), qg[..., rows, :]).sum(2) * scale
