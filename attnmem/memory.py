@@ -1,12 +1,15 @@
 """External-memory ops for memory-augmented networks: content and location addressing,
 reading, and erase/add writing. Shapes: memory (B, N, D), keys (B, R, D), read weights
-(B, R, N), write weights (B, W, N), erase and add (B, W, D).
+(B, R, N), write weights (B, W, N), erase and add (B, W, D). With topk=K, content
+addressing keeps each head's K best slots: its weights are SparseWeights, indices and
+weights (B, R, K), which memory_write takes too.
 
 The ops validate their inputs, then run on the pure-torch twin (attnmem.reference.memory)
 or on their Triton kernels, as attnmem.backend chooses.
 """
 
-from typing import Optional
+import numbers
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -19,6 +22,16 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # memory_attend keeps every head, and a slot (and a value) row, in registers.
 MAX_TRITON_WIDTH = 256
 MAX_TRITON_HEADS = 128
+# The top-k selection keeps each head's candidates in registers (see kernels.memory_attend).
+MAX_TRITON_TOPK = 32
+
+
+class SparseWeights(NamedTuple):
+    """Weights on K slots per head: indices (B, R, K) int64, best first (ties to the lower
+    slot), -1 where a head has fewer than K usable slots; weights (B, R, K), 0 at -1."""
+
+    indices: torch.Tensor
+    weights: torch.Tensor
 
 
 @torch.library.custom_op("attnmem::memory_attend", mutates_args=())
@@ -87,6 +100,20 @@ def _attend_backward(ctx, dread, dweights, dstats):
 
 
 _memory_attend_op.register_autograd(_attend_backward, setup_context=_attend_setup_context)
+
+
+@torch.library.custom_op("attnmem::memory_topk", mutates_args=())
+def _memory_topk_op(memory: torch.Tensor, keys: torch.Tensor, strength: Optional[torch.Tensor],
+                    mask: Optional[torch.Tensor], similarity: str, k: int) -> torch.Tensor:
+    """Triton path of the top-k selection -> slots (B, R, k) int64; no gradient."""
+    from attnmem.kernels import memory_attend as kernel
+
+    return kernel.memory_topk_forward(memory, keys, strength, mask, similarity, k)
+
+
+@_memory_topk_op.register_fake
+def _(memory, keys, strength, mask, similarity, k):
+    return keys.new_empty((*keys.shape[:2], k), dtype=torch.int64)
 
 
 @torch.library.custom_op("attnmem::memory_write", mutates_args=())
@@ -202,11 +229,13 @@ _location_op.register_autograd(_backward_through(_location_backward_op),
                                setup_context=_save_outputs_and_inputs)
 
 
-def _choose(op, tensors, heads=None, width=None) -> str:
-    """The backend for op: what the triton kernels lack here (dtype; heads and slot width
-    where the kernel holds them in registers) decides with the requested backend."""
+def _choose(op, tensors, heads=None, width=None, topk=None) -> str:
+    """The backend for op: what the triton kernels lack here (dtype; heads, slot width and
+    top-k where the kernel holds them in registers) decides with the requested backend."""
     x = tensors[0]
     reasons = []
+    if topk is not None and topk > MAX_TRITON_TOPK:
+        reasons.append(f"topk {topk} > {MAX_TRITON_TOPK}")
     if x.dtype not in TRITON_DTYPES:
         reasons.append(f"dtype {x.dtype} (supported: float16, bfloat16, float32)")
     if heads is not None and heads > MAX_TRITON_HEADS:
@@ -260,13 +289,44 @@ def _address_args(memory, keys, strength, similarity, mask):
             raise ValueError(f"mask is on {mask.device} but memory is on {memory.device}")
 
 
-def memory_address(memory, keys, *, strength=None, similarity="cosine", mask=None):
+def _topk(topk, n_slots):
+    """topk as an int in [1, N] (numpy integers too; a bool is not an int)."""
+    if isinstance(topk, bool) or not isinstance(topk, numbers.Integral):
+        raise TypeError(f"topk must be an int, got {type(topk).__name__} {topk!r}")
+    if not 1 <= topk <= n_slots:
+        raise ValueError(f"topk must be an int in [1, N] = [1, {n_slots}], got {topk}")
+    return int(topk)
+
+
+def _top_slots(chosen, memory, keys, strength, similarity, mask, topk):
+    """Each head's topk best usable slots (B, R, topk), -1 past its last; no gradient."""
+    if chosen == "triton":
+        return _memory_topk_op(memory.detach(), keys.detach(),
+                               None if strength is None else strength.detach(), mask,
+                               similarity, topk)
+    return _reference.top_slots(memory, keys, strength, similarity, mask, topk)
+
+
+def memory_address(memory, keys, *, strength=None, similarity="cosine", mask=None,
+                   topk=None):
     """Content addressing: weights (B, R, N) = softmax over slots of
     strength * sim(key, slot). strength: (B, R), >= 0 (default 1); similarity: "cosine"
     (NTM/DNC, u.v / max(|u||v|, 1e-8)), "dot" (MemN2N) or "scaled_dot" (u.v / sqrt(D));
-    mask: (B, N) bool, True = usable slot. A head with no usable slot gets zero weights."""
+    mask: (B, N) bool, True = usable slot. A head with no usable slot gets zero weights.
+
+    topk=K (an int in [1, N]): the softmax runs over each head's K best-scoring usable
+    slots only, found in one pass over memory that never holds the (B, R, N) scores;
+    returns SparseWeights (indices and weights (B, R, K)). A head with fewer than K usable
+    slots gets index -1 and weight 0 past them. Gradients reach the K slots' rows, the keys
+    and strength; the selection itself has none."""
     _address_args(memory, keys, strength, similarity, mask)
-    chosen = _choose("memory_address", (memory, keys), keys.shape[1], memory.shape[2])
+    if topk is not None:
+        topk = _topk(topk, memory.shape[1])
+    chosen = _choose("memory_address", (memory, keys), keys.shape[1], memory.shape[2], topk)
+    if topk is not None:
+        slots = _top_slots(chosen, memory, keys, strength, similarity, mask, topk)
+        return SparseWeights(slots, _reference.address_slots(memory, keys, strength,
+                                                             similarity, slots))
     if chosen == "triton":
         return _memory_attend_op(memory, keys, None, strength, mask, similarity, False, True)[1]
     return _reference.memory_address(memory, keys, strength, similarity, mask)
@@ -283,20 +343,34 @@ def memory_read(memory, weights):
 
 
 def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosine", mask=None,
-                  return_weights=False):
+                  return_weights=False, topk=None):
     """Content addressing and read in one: softmax over slots of strength * sim(key, slot),
     then the weighted sum of values (B, N, Dv), by default of memory itself (a key-value
     memory such as MemN2N's A and C embeddings passes values). Returns (B, R, Dv), and
-    with return_weights=True also the weights (B, R, N)."""
+    with return_weights=True also the weights (B, R, N).
+
+    topk=K: the read uses each head's K best-scoring usable slots only (see
+    memory_address), gathering K rows per head after one pass over memory; the weights
+    returned are SparseWeights (indices and weights (B, R, K)). Gradients reach the K
+    slots' rows of memory and values, the keys and strength."""
     _address_args(memory, keys, strength, similarity, mask)
+    if topk is not None:
+        topk = _topk(topk, memory.shape[1])
     if values is not None:
         _checks.tensor("values", values, 3, "(B, N, Dv)")
         _checks.like("values", values, memory, "memory")
         if values.shape[:2] != memory.shape[:2]:
             raise ValueError(f"values must be (B, N, Dv) with B, N = {tuple(memory.shape[:2])},"
                              f" got {tuple(values.shape)}")
-    width = memory.shape[2] if values is None else max(memory.shape[2], values.shape[2])
-    chosen = _choose("memory_attend", (memory, keys), keys.shape[1], width)
+    # With topk, the kernel scores memory only; values are gathered by torch.
+    width = memory.shape[2] if values is None or topk is not None else max(memory.shape[2],
+                                                                           values.shape[2])
+    chosen = _choose("memory_attend", (memory, keys), keys.shape[1], width, topk)
+    if topk is not None:
+        slots = _top_slots(chosen, memory, keys, strength, similarity, mask, topk)
+        read, weights = _reference.attend_slots(memory, keys, values, strength, similarity,
+                                                slots)
+        return (read, SparseWeights(slots, weights)) if return_weights else read
     if chosen == "triton":
         read, weights, _ = _memory_attend_op(memory, keys, values, strength, mask, similarity,
                                              True, return_weights)
@@ -306,21 +380,80 @@ def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosin
     return (read, weights) if return_weights else read
 
 
+def _sparse_write_weights(weights, memory):
+    """(indices, weights) of a sparse write, checked: indices an integer (B, W, K) tensor of
+    slots in [-1, N) (-1: none; checking the range costs one device-to-host sync), weights
+    (B, W, K) like memory."""
+    if len(weights) != 2:
+        raise ValueError(f"weights must be a (B, W, N) tensor or (indices, weights) of "
+                         f"(B, W, K), got a sequence of {len(weights)}")
+    indices, weights = weights
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"weights' indices must be a torch.Tensor, got "
+                        f"{type(indices).__name__}")
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or \
+            indices.dtype == torch.bool:
+        raise TypeError(f"weights' indices must be an integer tensor, got {indices.dtype}")
+    if indices.ndim != 3 or indices.shape[0] != memory.shape[0]:
+        raise ValueError(f"weights' indices must be (B, W, K) with B={memory.shape[0]}, got "
+                         f"{tuple(indices.shape)}")
+    if indices.device != memory.device:
+        raise ValueError(f"weights' indices are on {indices.device} but memory is on "
+                         f"{memory.device}")
+    _checks.tensor("weights", weights, 3, "(B, W, K)")
+    _checks.like("weights", weights, memory, "memory")
+    _shape("weights", weights, indices.shape, "(B, W, K) like its indices")
+    if indices.numel():
+        low, high = torch.aminmax(indices)
+        if low < -1 or high >= memory.shape[1]:
+            raise ValueError(f"weights' indices must be slots in [-1, N) = [-1, "
+                             f"{memory.shape[1]}), got values in [{low}, {high}]")
+    return indices.long(), weights
+
+
 def memory_write(memory, weights, erase, add, *, inplace=False):
     """Erase then add: M' = M * prod_w (1 - w_w e_w^T) + sum_w w_w a_w^T, for write weights
     (B, W, N), erase (B, W, D) in [0, 1] and add (B, W, D). inplace=True updates memory
-    itself (inference) and raises if autograd would need the old memory."""
+    itself (inference) and raises if autograd would need the old memory.
+
+    Sparse weights: (indices, weights) of (B, W, K), e.g. memory_address's SparseWeights,
+    write only those slots, exactly as the dense write with the weights scattered into
+    (B, W, N) (an index repeated within a head adds its weights; -1 writes nothing). Heads
+    hitting one slot compose as in the dense write: the product of their erases, the sum
+    of their adds. Only the touched rows are computed (each slot once, however many
+    entries name it); out of place, memory is still copied once."""
     _memory(memory)
-    _weights("weights", weights, memory, "(B, W, N)")
+    sparse = isinstance(weights, (tuple, list))
+    if sparse:
+        indices, weights = _sparse_write_weights(weights, memory)
+    else:
+        _weights("weights", weights, memory, "(B, W, N)")
     for name, x in (("erase", erase), ("add", add)):
         _checks.tensor(name, x, 3, "(B, W, D)")
         _checks.like(name, x, memory, "memory")
         _shape(name, x, (*weights.shape[:2], memory.shape[2]), "(B, W, D)")
+    if sparse:
+        if inplace:
+            _check_inplace(memory, weights, erase, add)
+        return _reference.memory_write_slots(memory, indices, weights, erase, add,
+                                             write=memory_write, inplace=inplace)
     chosen = _choose("memory_write", (memory, weights))
     if not inplace:
         if chosen == "triton":
             return _memory_write_op(memory, weights, erase, add)
         return _reference.memory_write(memory, weights, erase, add)
+    _check_inplace(memory, weights, erase, add)
+    if chosen == "triton":
+        from attnmem.kernels import memory_write as kernel
+
+        if memory.stride(-1) != 1:
+            raise ValueError("memory_write(inplace=True) needs memory's last dimension "
+                             "contiguous on the triton backend")
+        return kernel.memory_write_forward(memory, weights, erase, add, out=memory)
+    return _reference.memory_write_(memory, weights, erase, add)
+
+
+def _check_inplace(memory, weights, erase, add):
     if torch.is_grad_enabled() and any(x.requires_grad for x in (memory, weights, erase, add)):
         raise RuntimeError("memory_write(inplace=True) overwrites memory, which autograd needs "
                            "for the gradient: use inplace=False, or run under torch.no_grad()")
@@ -333,14 +466,6 @@ def memory_write(memory, weights, erase, add, *, inplace=False):
         if torch._C._overlaps(memory, x):
             raise ValueError(f"memory_write(inplace=True): {name} shares storage with memory, "
                              "which the write overwrites; pass a copy, or use inplace=False")
-    if chosen == "triton":
-        from attnmem.kernels import memory_write as kernel
-
-        if memory.stride(-1) != 1:
-            raise ValueError("memory_write(inplace=True) needs memory's last dimension "
-                             "contiguous on the triton backend")
-        return kernel.memory_write_forward(memory, weights, erase, add, out=memory)
-    return _reference.memory_write_(memory, weights, erase, add)
 
 
 def location_address(content_weights, prev_weights, gate, shift, gamma):

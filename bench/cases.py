@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import attnmem
 from attnmem.nn import MultiheadAttention, MultiheadSelfAttention
 
-OPS = ("attention", "memory_attend", "memory_write", "additive", "mha", "decode", "varlen")
+OPS = ("attention", "memory_attend", "memory_write", "additive", "mha", "decode", "varlen",
+       "product_key")
 PROFILES = ("smoke", "quick", "cpu", "gpu", "gpu-check")
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                  "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
@@ -28,13 +29,14 @@ PROVIDERS = {
     "mha": ("attnmem-mha", "attnmem-self", "torch-mha"),
     "decode": ("attnmem", "attnmem-paged", "sdpa", "flex"),
     "varlen": ("attnmem", "padded"),
+    "product_key": ("attnmem", "attnmem-sparse", "eager", "dense"),
 }
 # The GPU check (scripts/gpu_check.sh) leaves out the attention baselines that fill N^2 scores.
 PROFILE_PROVIDERS = {("attention", "gpu-check"): ("attnmem", "sdpa", "sdpa-flash", "sdpa-cudnn",
                                                  "sdpa-efficient", "flex")}
 MODES = {"attention": ("fwd", "bwd", "fwd_bwd"), "memory_attend": ("fwd",),
          "memory_write": ("fwd",), "additive": ("fwd", "fwd_bwd"), "mha": ("fwd", "fwd_bwd"),
-         "decode": ("fwd",), "varlen": ("fwd", "fwd_bwd")}
+         "decode": ("fwd",), "varlen": ("fwd", "fwd_bwd"), "product_key": ("fwd", "fwd_bwd")}
 
 # Per profile: the swept sizes and the fixed ones. "smoke" only checks that the harness runs;
 # "gpu-check" is the few minutes of benchmark that scripts/gpu_check.sh leaves room for.
@@ -89,6 +91,8 @@ def points(op: str, profile: str):
         return decode_points(profile)
     if op == "varlen":
         return varlen_points(profile)
+    if op == "product_key":
+        return product_key_points(profile)
     sizes = SIZES["memory" if op.startswith("memory") else op][profile]
     configs = [{}]
     if op == "attention":
@@ -204,6 +208,8 @@ def build(point, device):
         return build_decode(point, device)
     if op == "varlen":
         return build_varlen(point, device)
+    if op == "product_key":
+        return build_product_key(point, device)
     dtype = dtype_for(op, device)
     grad = mode != "fwd"
     if op == "attention":
@@ -378,6 +384,93 @@ def build_varlen(point, device):
     flops = sum(4 * heads * n * n * d for n in lengths) / (2 if causal else 1)
     return (_timed(point["mode"], forward, (q, k, v)),
             flops * {"fwd": 1.0, "fwd_bwd": 3.5}[point["mode"]])
+
+# Product-key memory lookup (issue 14): `batch` query tokens of `heads` heads each score
+# their two half-queries against n_keys sub-keys, keep the top-k of the k x k candidates
+# and sum the softmax-weighted value rows; x is the value table's size, n_keys^2 rows.
+# "attnmem" is attnmem.product_key_lookup ("attnmem-sparse": with sparse=True, the values'
+# gradient a sparse tensor of the touched rows; its forward is attnmem's); "eager" the
+# lookup as users write it in torch (two topk, the Cartesian sum, a topk, softmax,
+# F.embedding_bag); "dense" memory_attend over all n_keys^2 rows with the same queries
+# (every head's product keys materialised: the softmax over all rows that top-k prunes).
+# ---------------------------------------------------------------------------------------
+
+PRODUCT_KEY_SIZES = {
+    "gpu": dict(n_keys=[100, 316, 1000, 3162], batch=1024, heads=4, dk=128, dv=256, topk=32),
+    "gpu-check": dict(n_keys=[1000, 3162], batch=1024, heads=4, dk=128, dv=256, topk=32),
+    "cpu": dict(n_keys=[100, 316, 1000], batch=64, heads=4, dk=64, dv=64, topk=16),
+    "quick": dict(n_keys=[100, 316], batch=64, heads=4, dk=64, dv=64, topk=16),
+    "smoke": dict(n_keys=[8, 16], batch=4, heads=2, dk=16, dv=16, topk=4),
+}
+
+
+def product_key_points(profile):
+    sizes = PRODUCT_KEY_SIZES[profile]
+    fixed = {k: v for k, v in sizes.items() if k != "n_keys"}
+    return [dict(op="product_key", provider=provider, mode=mode, x=n * n, n_keys=n, **fixed)
+            for mode in MODES["product_key"] for provider in PROVIDERS["product_key"]
+            for n in sizes["n_keys"]]
+
+
+def eager_product_key_lookup(queries, sub_keys, values, topk):
+    """queries (B, H, Dk), sub_keys (H, 2, n, Dk / 2), values (n^2, Dv) -> (B, Dv)."""
+    batch, heads, dk = queries.shape
+    n_keys = sub_keys.shape[2]
+    scores = torch.einsum("bhsd,hsnd->bhsn", queries.view(batch, heads, 2, dk // 2), sub_keys)
+    half_scores, half_indices = scores.topk(topk, dim=-1)  # (B, H, 2, k)
+    candidates = half_scores[:, :, 0, :, None] + half_scores[:, :, 1, None, :]
+    rows = half_indices[:, :, 0, :, None] * n_keys + half_indices[:, :, 1, None, :]
+    best, chosen = candidates.flatten(2).topk(topk, dim=-1)  # (B, H, k)
+    rows = rows.flatten(2).gather(-1, chosen)
+    weights = torch.softmax(best, -1)
+    return F.embedding_bag(rows.reshape(batch, -1), values, mode="sum",
+                           per_sample_weights=weights.reshape(batch, -1))
+
+
+def dense_product_key_lookup(queries, keys, values):
+    """memory_attend over all rows: per head, softmax(q . key) over its n^2 product keys
+    (keys: (H, n^2, Dk)), the values shared; heads summed. A call reads at most
+    memory.MAX_TRITON_HEADS queries per head (the kernel's limit), so the queries go in
+    blocks of that many, each block a pass over the table."""
+    from attnmem.memory import MAX_TRITON_HEADS
+
+    values = values.expand(keys.shape[0], *values.shape)
+    return torch.cat([attnmem.memory_attend(keys, block.transpose(0, 1), values=values,
+                                            similarity="dot").sum(0)
+                      for block in queries.split(MAX_TRITON_HEADS)])
+
+
+def build_product_key(point, device):
+    """(fn, bytes) for the forward: every selected value row read once per selection (B H k
+    Dv), the sub-keys and queries read once, the output written once; the same count for
+    every provider (dense reads all n^2 rows per block of queries). None for fwd_bwd."""
+    batch, heads, dk, dv = point["batch"], point["heads"], point["dk"], point["dv"]
+    n_keys, topk, mode = point["n_keys"], point["topk"], point["mode"]
+    dtype = dtype_for("product_key", device)
+    grad = mode != "fwd"
+    queries = _randn(batch, heads, dk, device=device, dtype=dtype, grad=grad)
+    sub_keys = _randn(heads, 2, n_keys, dk // 2, device=device, dtype=dtype) * dk ** -0.5
+    sub_keys.requires_grad_(grad)
+    values = _randn(n_keys ** 2, dv, device=device, dtype=dtype, grad=grad)
+    provider = point["provider"]
+    if provider == "dense":
+        with torch.no_grad():
+            keys = torch.cat([sub_keys[:, 0, :, None].expand(-1, -1, n_keys, -1),
+                              sub_keys[:, 1, None, :].expand(-1, n_keys, -1, -1)], -1)
+        keys = keys.view(heads, n_keys ** 2, dk).requires_grad_(grad)
+        inputs = (queries, keys, values)
+        forward = lambda: dense_product_key_lookup(queries, keys, values)  # noqa: E731
+    else:
+        inputs = (queries, sub_keys, values)
+        if provider == "eager":
+            forward = lambda: eager_product_key_lookup(queries, sub_keys, values, topk)  # noqa: E731
+        else:
+            sparse = provider == "attnmem-sparse"
+            forward = lambda: attnmem.product_key_lookup(  # noqa: E731
+                queries, sub_keys, values, topk=topk, sparse=sparse)
+    work = queries.element_size() * (batch * heads * topk * dv + heads * n_keys * dk
+                                     + batch * heads * dk + batch * dv)
+    return _timed(mode, forward, inputs), work if mode == "fwd" else None
 
 
 # NTM training steps on the copy task (issue 15): not in OPS; `python -m bench.ntm` runs

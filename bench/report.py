@@ -339,6 +339,46 @@ def write_report(out_dir, meta, rows, unavailable):
                        causal=causal, label="longest"),
                    "attnmem's time ÷ padded's:", "",
                    _ratio_table(point_ratios, op="varlen", mode=mode, causal=causal)]
+    if "product_key" in ops:
+        point = next(r for r in rows if r["op"] == "product_key")
+        modes = cases.MODES["product_key"]
+        _plot(os.path.join(out_dir, "product_key.png"), [
+            ("product_key fwd", _series(rows, "gbs", op="product_key", mode="fwd"))],
+            "value rows n_keys²", "GB/s", roof=("copy bandwidth", meta["copy_bandwidth_gbs"]),
+            logy=True)
+        panels = [(f"product_key {mode}, time", _series(rows, "median_ms", op="product_key",
+                                                        mode=mode)) for mode in modes]
+        if kind == "cuda":
+            panels += [(f"product_key {mode}, peak memory", _series(
+                rows, "peak_mib", op="product_key", mode=mode)) for mode in modes]
+        _plot(os.path.join(out_dir, "product_key_time.png"), panels, "value rows n_keys²",
+              "ms (time) / MiB (memory)", logy=True)
+        md += ["## Product-key memory", "", f"A lookup of {point['batch']} query tokens, "
+               f"{point['heads']} heads, query width {point['dk']}, top {point['topk']}, into "
+               f"a table of n_keys² value rows of width {point['dv']}, forward (fwd) and "
+               "forward+backward with gradients for the queries, the keys and the values "
+               "(fwd_bwd). attnmem: `product_key_lookup`; attnmem-sparse: the same with "
+               "sparse=True (the values' gradient a sparse tensor of the touched rows, for "
+               "sparse optimisers; the same forward); eager: two torch.topk, the "
+               "Cartesian sum, a topk, softmax and F.embedding_bag, as users write it; dense: "
+               "`memory_attend` with the same queries over every row's product key (softmax "
+               "over all rows, no top-k). GB/s of the forward count the bytes a lookup "
+               "needs, the same for every provider: each selected row read once per "
+               "selection (B·H·k·Dv), the sub-keys and queries read once, the output written "
+               "once. The dashed line is this device's measured copy bandwidth.", "",
+               "![product_key](product_key.png)", "",
+               "![product_key time](product_key_time.png)", "",
+               "**fwd** (GB/s)", "",
+               _table(rows, "gbs", "{:.3g}", op="product_key", mode="fwd", label="rows")]
+        for mode in modes:
+            md += [f"**{mode}** (ms)", "",
+                   _table(rows, "median_ms", "{:.3g}", op="product_key", mode=mode,
+                          label="rows"),
+                   "attnmem's time ÷ each baseline's:", "",
+                   _ratio_table(point_ratios, op="product_key", mode=mode)]
+            if kind == "cuda":
+                md += [f"**{mode}** (peak MiB)", "", _table(
+                    rows, "peak_mib", "{:.0f}", op="product_key", mode=mode, label="rows")]
     errors = [r for r in rows if "error" in r]
     if unavailable or errors:
         md += ["## Not measured", ""]

@@ -14,6 +14,11 @@ from it would not sum to 1. Masked slots are never loaded, so whatever they hold
 for nothing. The backward recomputes the scores and weights from the saved max and sum,
 writes dMemory and dValues of its slots directly and partial dKeys and dStrength per
 split, summed by the launcher: no atomics, deterministic.
+
+Top-k selection (memory_topk_forward, TOPK > 0) is the same forward pass without the
+softmax: each program keeps a running best TOPK scores per head as int64s that order as
+(score, -slot), merged tile by tile with tl.topk (triton 3.4 has it), and writes them; the
+launcher merges the splits' candidates with torch.topk. Neither writes the scores.
 """
 
 import torch
@@ -28,6 +33,7 @@ from attnmem.kernels._launch import (
     slot_splits,
     within,
 )
+from attnmem.kernels._topk import EMPTY, merge, pack
 
 LOG2E = tl.constexpr(1.4426950408889634)
 EPS_SQ = tl.constexpr(1e-16)  # cosine's max(|u||v|, 1e-8), squared
@@ -50,13 +56,37 @@ def _scores(keys, k_sq, strength, mem, head_dim, SIMILARITY: tl.constexpr,
 
 
 @triton.jit
+def _values_tile(values_ptr, mem, b, stride_vb, stride_vn, slots, offs_dv, usable, dv_ok,
+                 HAS_VALUES: tl.constexpr):
+    """The values of a tile's usable slots (BLOCK_N, BLOCK_DV); memory's tile without
+    values."""
+    if HAS_VALUES:
+        val = tl.load(values_ptr + b * stride_vb + slots[:, None] * stride_vn + offs_dv[None, :],
+                      mask=usable[:, None] & dv_ok[None, :], other=0.0)
+    else:
+        val = mem
+    return val
+
+
+@triton.jit
+def _merge_top(top, packed, TOPK: tl.constexpr):
+    """A head's running TOPK best (BLOCK_R, TOPK) merged with a tile's packed scores
+    (kernels/_topk's pack and merge: int64s ordered as (score, -slot)). Past the first
+    tiles few tiles hold a score above some head's running TOPK-th: the others skip the
+    sorting networks."""
+    if tl.max((tl.max(packed, 1) > tl.min(top, 1)).to(tl.int32), 0) > 0:
+        top = merge(top, packed, TOPK)
+    return top
+
+
+@triton.jit
 def _memory_attend_fwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr,
-                       part_read_ptr, part_max_ptr, part_sum_ptr, scores_ptr,
+                       part_read_ptr, part_max_ptr, part_sum_ptr, scores_ptr, part_top_ptr,
                        stride_mb, stride_mn, stride_kb, stride_kr, stride_vb, stride_vn,
                        n_heads, n_slots, head_dim, value_dim, split_len,
                        SIMILARITY: tl.constexpr, HAS_VALUES: tl.constexpr,
                        HAS_STRENGTH: tl.constexpr, HAS_MASK: tl.constexpr,
-                       STORE_SCORES: tl.constexpr, READ: tl.constexpr,
+                       STORE_SCORES: tl.constexpr, READ: tl.constexpr, TOPK: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
                        EVEN_DV: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -81,6 +111,8 @@ def _memory_attend_fwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr,
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    if TOPK > 0:
+        top = tl.full([BLOCK_R, TOPK], EMPTY, tl.int64)
     start = split * split_len
     end = tl.minimum(start + split_len, n_slots)
     for n0 in range(start, end, BLOCK_N):
@@ -91,33 +123,37 @@ def _memory_attend_fwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr,
         mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
                       mask=usable[:, None] & d_ok[None, :], other=0.0)
         s, _, _, _ = _scores(keys, k_sq, strength, mem, head_dim, SIMILARITY, DOT_PRECISION)
-        s = tl.where(usable[None, :], s, float("-inf"))
-        if STORE_SCORES:
-            tl.store(scores_ptr + (b * n_heads + heads[:, None]) * n_slots + slots[None, :], s,
-                     mask=(heads[:, None] < n_heads) & (slots[None, :] < end))
-        # The max in natural units is a score itself, so s - max is exact near the top.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2((m_i - m_shift) * LOG2E)
-        p = tl.math.exp2((s - m_shift[:, None]) * LOG2E)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if READ:
-            if HAS_VALUES:
-                val = tl.load(values_ptr + b * stride_vb + slots[:, None] * stride_vn
-                              + offs_dv[None, :],
-                              mask=usable[:, None] & dv_ok[None, :], other=0.0)
-            else:
-                val = mem
-            acc = tl.dot(p.to(val.dtype), val, acc * alpha[:, None],
-                         input_precision=DOT_PRECISION)
-        m_i = m_new
+        if TOPK > 0:
+            top = _merge_top(top, pack(s, slots[None, :], usable[None, :]), TOPK)
+        else:
+            s = tl.where(usable[None, :], s, float("-inf"))
+            if STORE_SCORES:
+                tl.store(scores_ptr + (b * n_heads + heads[:, None]) * n_slots
+                         + slots[None, :], s,
+                         mask=(heads[:, None] < n_heads) & (slots[None, :] < end))
+            # The max in natural units is a score itself, so s - max is exact near the top.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2((m_i - m_shift) * LOG2E)
+            p = tl.math.exp2((s - m_shift[:, None]) * LOG2E)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if READ:
+                val = _values_tile(values_ptr, mem, b, stride_vb, stride_vn, slots, offs_dv,
+                                   usable, dv_ok, HAS_VALUES)
+                acc = tl.dot(p.to(val.dtype), val, acc * alpha[:, None],
+                             input_precision=DOT_PRECISION)
+            m_i = m_new
 
     rows = (split * n_heads) + b * n_splits * n_heads + heads
-    if READ:
-        tl.store(part_read_ptr + rows[:, None] * value_dim + offs_dv[None, :], acc,
-                 mask=(heads[:, None] < n_heads) & dv_ok[None, :])
-    tl.store(part_max_ptr + rows, m_i, mask=heads < n_heads)
-    tl.store(part_sum_ptr + rows, l_i, mask=heads < n_heads)
+    if TOPK > 0:
+        tl.store(part_top_ptr + rows[:, None] * TOPK + tl.arange(0, TOPK)[None, :], top,
+                 mask=heads[:, None] < n_heads)
+    else:
+        if READ:
+            tl.store(part_read_ptr + rows[:, None] * value_dim + offs_dv[None, :], acc,
+                     mask=(heads[:, None] < n_heads) & dv_ok[None, :])
+        tl.store(part_max_ptr + rows, m_i, mask=heads < n_heads)
+        tl.store(part_sum_ptr + rows, l_i, mask=heads < n_heads)
 
 
 @triton.jit
@@ -182,12 +218,8 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ro
         p = tl.where(keep, tl.math.exp2((s - row_max[:, None]) * LOG2E) / row_sum[:, None], 0.0)
         dp = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
         if HAS_DREAD:
-            if HAS_VALUES:
-                val = tl.load(values_ptr + b * stride_vb + slots[:, None] * stride_vn
-                              + offs_dv[None, :],
-                              mask=usable[:, None] & dv_ok[None, :], other=0.0)
-            else:
-                val = mem
+            val = _values_tile(values_ptr, mem, b, stride_vb, stride_vn, slots, offs_dv, usable,
+                               dv_ok, HAS_VALUES)
             dp = tl.dot(dread.to(val.dtype), tl.trans(val), input_precision=DOT_PRECISION)
         if HAS_DWEIGHTS:
             dp += tl.load(dweights_ptr + row[:, None] * n_slots + slots[None, :],
@@ -250,6 +282,13 @@ MASKED_FWD_CONFIGS = {**FWD_CONFIGS, (2, 256): [(32, 4, 3), (64, 8, 3), (32, 8, 
                       (4, 128): [(32, 8, 3), (16, 4, 3)]}
 
 
+# (BLOCK_N, num_warps, num_stages) of the top-k selection (TOPK > 0) per element size and
+# width: no register spills on sm_90 with 2 to 32 candidates per head, on triton 3.6 and
+# 3.9 (tests/test_memory_sparse.py; float32 at 256 spills 4 bytes at 3 stages on 3.6).
+TOPK_CONFIGS = {**{(elem, width): [(32, 8, 3)] for elem in (2, 4)
+                   for width in (16, 32, 64, 128, 256)}, (4, 256): [(32, 8, 2)]}
+
+
 def fwd_configs(elem, block_d, even):
     """The forward's autotuning configs at this element size and width chunk, for whole
     (even) or masked widths."""
@@ -306,15 +345,15 @@ def memory_attend_forward(memory, keys, values, strength, mask, similarity, need
     widest = max(meta["BLOCK_D"], meta["BLOCK_DV"] if need_read else 16)
     launch(_memory_attend_fwd, lambda m: (n_splits, head_blocks, batch),
            (memory, keys, values_arg, keys if strength is None else strength,
-            memory if mask is None else mask, part_read, part_max, part_sum, scores,
+            memory if mask is None else mask, part_read, part_max, part_sum, scores, part_max,
             memory.stride(0), memory.stride(1), keys.stride(0), keys.stride(1),
             values_arg.stride(0), values_arg.stride(1),
             n_heads, n_slots, head_dim, value_dim, split_len),
            dict(meta, HAS_STRENGTH=strength is not None, HAS_MASK=mask is not None,
-                STORE_SCORES=need_scores, READ=need_read),
+                STORE_SCORES=need_scores, READ=need_read, TOPK=0),
            fwd_configs(memory.element_size(), widest,
                        meta["EVEN_D"] and (meta["EVEN_DV"] or not need_read)),
-           ["BLOCK_D", "BLOCK_DV", "EVEN_D", "EVEN_DV", "READ", "n_heads"],
+           ["BLOCK_D", "BLOCK_DV", "EVEN_D", "EVEN_DV", "READ", "TOPK", "n_heads"],
            dict(BLOCK_N=INTERPRET_BLOCK_N, num_warps=1, num_stages=1))
     # Combine the splits: each holds sum_n exp(s_n - max) v_n, that sum of exps and its max.
     top = part_max.amax(1)
@@ -326,6 +365,56 @@ def memory_attend_forward(memory, keys, values, strength, mask, similarity, need
         return memory.new_empty(0), stats, scores
     read = (part_read * scale[..., None]).sum(1) / stats[1][..., None]
     return read.to(memory.dtype), stats, scores
+
+
+def topk_block(k):
+    """Candidates each program keeps per head for the top k: a power of two (tl.topk's),
+    at least 2 (triton 3.4 and 3.6's tl.topk cannot take k = 1)."""
+    return max(2, triton.next_power_of_2(k))
+
+
+def topk_configs(elem, block_d, k):
+    """The selection's configs at this element size and width: those whose tiles hold at
+    least topk_block(k) slots (a tile's best are taken from a whole tile)."""
+    return slot_configs([c for c in TOPK_CONFIGS[(elem, block_d)] if c[0] >= topk_block(k)])
+
+
+def memory_topk_forward(memory, keys, strength, mask, similarity, k):
+    """-> the k best-scoring usable slots per head, int64 (B, R, k), best first, ties to the
+    lower slot; -1 past a head's last usable slot. One pass over memory: each program keeps
+    its split's best topk_block(k) per head (_merge_top), and torch.topk merges the splits'
+    candidates."""
+    # The interpreter runs triton's sorting networks element by element: fewer heads a
+    # program keep test sizes fast.
+    block_r = max(2, triton.next_power_of_2(keys.shape[1])) if interpreting() else FWD_BLOCK_R
+    (memory, keys, _, strength, mask), sizes, meta = _prepare(
+        memory, keys, None, strength, mask, similarity, block_r=min(block_r, FWD_BLOCK_R),
+        quantum=SPLIT_QUANTUM)
+    batch, n_slots, head_dim, n_heads, _, split_len, n_splits = sizes
+    block_k = topk_block(k)
+    if batch * n_heads == 0:
+        return torch.empty((batch, n_heads, k), dtype=torch.int64, device=memory.device)
+    part_top = torch.empty((batch, n_splits, n_heads, block_k), dtype=torch.int64,
+                           device=memory.device)
+    del meta["BLOCK_N"]  # from the config
+    head_blocks = max(1, triton.cdiv(n_heads, meta["BLOCK_R"]))
+    unused = part_top.new_empty(0, dtype=torch.float32)
+    launch(_memory_attend_fwd, lambda m: (n_splits, head_blocks, batch),
+           (memory, keys, memory, keys if strength is None else strength,
+            memory if mask is None else mask, unused, unused, unused, unused, part_top,
+            memory.stride(0), memory.stride(1), keys.stride(0), keys.stride(1),
+            memory.stride(0), memory.stride(1), n_heads, n_slots, head_dim, head_dim,
+            split_len),
+           dict(meta, HAS_STRENGTH=strength is not None, HAS_MASK=mask is not None,
+                STORE_SCORES=False, READ=False, TOPK=block_k),
+           topk_configs(memory.element_size(), meta["BLOCK_D"], k),
+           ["BLOCK_D", "EVEN_D", "TOPK", "n_heads"],
+           dict(BLOCK_N=max(INTERPRET_BLOCK_N, block_k), num_warps=1, num_stages=1))
+    # Packed entries are distinct (one slot each) and order as (score, -slot).
+    best = part_top.permute(0, 2, 1, 3).reshape(batch, n_heads, n_splits * block_k)
+    best = best.topk(k, dim=-1).values
+    slots = 0x7FFFFFFF - (best & 0x7FFFFFFF)
+    return torch.where(best == EMPTY.value, -1, slots)
 
 
 def memory_attend_backward(dread, dweights, memory, keys, values, strength, mask, read,

@@ -12,7 +12,9 @@
 #   attention-fwd_bwd  ... forward and backward,
 #   others             memory_attend, memory_write, additive attention, the layers and
 #                      packed variable-length batches (attention_varlen),
-#   decode             decoding from a KV cache (attention_with_kvcache).
+#   decode             decoding from a KV cache (attention_with_kvcache),
+#   product-key        the product-key memory lookup (product_key_lookup) against eager
+#                      torch and dense memory_attend, value tables of 1e4 to 1e7 rows.
 # OUT_DIR gets summary.json, report.md, the log and, for a benchmark part,
 # part-PART.json (its results.json) and bench.tar.gz. Then, on any machine with the parts'
 # JSON files gathered, one report in reports/<device-slug>/:
@@ -27,9 +29,10 @@ case "$PART" in
         ;;
     others) SWEEP=(--ops memory_attend memory_write additive mha varlen) ;;
     decode) SWEEP=(--ops decode) ;;
+    product-key) SWEEP=(--ops product_key) ;;
     *)
         echo "usage: bash scripts/gpu_report.sh OUT_DIR PART, PART one of tests attention-fwd" \
-            "attention-bwd attention-fwd_bwd others decode" >&2
+            "attention-bwd attention-fwd_bwd others decode product-key" >&2
         exit 2
         ;;
 esac

@@ -18,6 +18,7 @@ RUNS = {
     **{f"seq2seq_{kind}": ("seq2seq_attention.py", ["--attention", kind, "--steps", "3",
                                                     "--batch", "4", "--hidden", "16"])
        for kind in ("bahdanau", "luong")},
+    "product_key_lm": ("product_key_lm.py", ["--quick", "--report", "product_key_lm.md"]),
 }
 
 

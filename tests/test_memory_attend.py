@@ -37,12 +37,9 @@ def _run(fn, tensors, grads_out):
     return [read.detach(), weights.detach(), *torch.autograd.grad(loss, present)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("similarity", ["cosine", "dot", "scaled_dot"])
-@pytest.mark.parametrize("name", list(CASES))
-def test_matches_float64(name, similarity, dtype, backend):
-    b, n, d, r, dv, with_strength, with_mask = CASES[name]
+def draw(b, n, d, r, dv, with_strength, with_mask, dtype):
+    """memory_attend's inputs [memory, keys, strength, values] in dtype (None where absent)
+    and a mask (B, N) or None, whose last batch entry has no usable slot."""
     memory = torch.randn(b, n, d, device=DEVICE)
     if n > 4 and dtype == torch.float32:
         # A zero slot: cosine's gradient there is ~1/eps = 1e8, beyond half precision.
@@ -54,7 +51,30 @@ def test_matches_float64(name, similarity, dtype, backend):
     if with_mask:
         mask = torch.rand(b, n, device=DEVICE) > 0.3
         mask[-1] = False  # the last batch entry has no usable slot
-    tensors = [None if x is None else x.to(dtype) for x in (memory, keys, strength, values)]
+    return [None if x is None else x.to(dtype) for x in (memory, keys, strength, values)], mask
+
+
+def tolerance_conditions(memory, keys, strength, similarity, outputs):
+    """The tolerance's condition of each of the outputs (read, weights, dMemory, dKeys,
+    dStrength, ...): the largest |logit| (masked slots' NaN read as 0)."""
+    sims = twin.similarity(memory.double().nan_to_num(), keys.double(), similarity).abs()
+    logits = sims if strength is None else sims * strength.double()[..., None]
+    cond = max(1.0, logits.max().item())
+    result = [cond] * outputs
+    if strength is not None:
+        # dStrength sums dS * sim over the slots: terms of size |sim| that mostly cancel, so
+        # its rounding follows the summands, not the (small) result.
+        result[4] = cond * max(1.0, sims.max().item())
+    return result
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("similarity", ["cosine", "dot", "scaled_dot"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_float64(name, similarity, dtype, backend):
+    b, n, d, r, dv, with_strength, with_mask = CASES[name]
+    tensors, mask = draw(*CASES[name], dtype)
     grads_out = (torch.randn(b, r, d if dv is None else dv, device=DEVICE),
                  torch.randn(b, r, n, device=DEVICE))
 
@@ -66,19 +86,10 @@ def test_matches_float64(name, similarity, dtype, backend):
     def reference(m, k, s, v):
         return twin.memory_attend(m, k, v, s, similarity, mask)
 
-    logits = twin.similarity(memory.double(), keys.double(), similarity).abs()
-    if strength is not None:
-        logits = logits * strength.double()[..., None]
-    cond = max(1.0, logits.max().item())
     got = _run(ours, tensors, grads_out)
     expect = _run(reference, [None if x is None else x.double() for x in tensors], grads_out)
     base = _run(reference, tensors, grads_out)
-    conditions = [cond] * len(got)
-    if strength is not None:
-        # dStrength sums dS * sim over the slots: terms of size |sim| that mostly cancel, so
-        # its rounding follows the summands, not the (small) result.
-        sims = twin.similarity(memory.double(), keys.double(), similarity).abs().max().item()
-        conditions[4] = cond * max(1.0, sims)
+    conditions = tolerance_conditions(*tensors[:3], similarity, len(got))
     assert_close_to_float64(got, expect, base, dtype, conditions)
     if with_mask:
         assert (got[0][-1] == 0).all() and (got[1][-1] == 0).all()
@@ -124,18 +135,20 @@ def test_read_only_gradients_without_weights():
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 
-def _job(kernel, arch, dtype, width, heads, read=True, even=None, config=(64, 4, 3)):
+def _job(kernel, arch, dtype, width, heads, read=True, even=None, config=(64, 4, 3), topk=0):
+    """A compile job as the launchers pass it; topk > 0: the forward's top-k selection with
+    topk candidates per head (no read, no scores)."""
     even = kernel == "_memory_attend_fwd" if even is None else even  # as the launchers pass
     pointers = {"mem_ptr": dtype, "keys_ptr": dtype, "values_ptr": dtype, "strength_ptr": dtype,
                 "mask_ptr": "i1", "part_read_ptr": "fp32", "part_max_ptr": "fp32",
-                "part_sum_ptr": "fp32", "scores_ptr": "fp32"}
+                "part_sum_ptr": "fp32", "scores_ptr": "fp32", "part_top_ptr": "i64"}
     block_n, num_warps, num_stages = config
     constexprs = dict(SIMILARITY=0, HAS_VALUES=read, HAS_STRENGTH=True, HAS_MASK=True, READ=read,
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", EVEN_D=even,
                       EVEN_DV=even, BLOCK_R=heads,
                       BLOCK_D=width, BLOCK_DV=width, BLOCK_N=block_n)
     if kernel == "_memory_attend_fwd":
-        constexprs["STORE_SCORES"] = True
+        constexprs.update(STORE_SCORES=not topk, TOPK=topk)
     else:
         pointers = {k: v for k, v in pointers.items() if not k.startswith(("part", "scores"))}
         pointers.update({"row_max_ptr": "fp32", "row_sum_ptr": "fp32", "dread_ptr": "fp32",

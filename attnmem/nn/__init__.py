@@ -14,8 +14,9 @@ from attnmem.nn.attention import (
 from attnmem.nn.distributed import ShardedKeyValueMemory
 from attnmem.nn.memory import NTM, KeyValueMemory, MemN2N, NTMState
 from attnmem.nn.multihead import MultiheadAttention
+from attnmem.nn.product_key import ProductKeyMemory
 
 __all__ = ["NTM", "NTMState", "MemN2N", "KeyValueMemory", "ShardedKeyValueMemory",
-           "AdditiveAttention", "HardAttention",
+           "ProductKeyMemory", "AdditiveAttention", "HardAttention",
            "LuongAttention", "PointerAttention", "MultiheadAttention", "MultiheadSelfAttention",
            "SinusoidalPositionalEncoding", "TransformerEncoderLayer"]

@@ -259,13 +259,19 @@ class KeyValueMemory(nn.Module):
     match); otherwise a memory of num_slots (0 is valid: the read is zero) is learned from a
     random start, key_dim and value_dim 64 by default. The memory is shared by the batch
     without copies.
+
+    topk=K reads each query's K best-scoring slots only (attnmem.memory_attend's topk):
+    after one pass over the keys a read costs O(K), and only those K slots' keys and values
+    get gradients. K must not exceed the slot count; forward's weights are then
+    SparseWeights (indices and weights (B, K) or (B, R, K)).
     """
 
     def __init__(self, state_dim, num_slots=None, key_dim=None, value_dim=None, keys=None,
-                 values=None, learn=None, similarity="scaled_dot"):
+                 values=None, learn=None, similarity="scaled_dot", topk=None):
         super().__init__()
         state_dim = _checks.integer("state_dim", state_dim)
         num_slots = _checks.optional_integer("num_slots", num_slots, 0)
+        topk = _checks.optional_integer("topk", topk)
         key_dim = _checks.optional_integer("key_dim", key_dim)
         value_dim = _checks.optional_integer("value_dim", value_dim)
         similarity = _checks.choice("similarity", similarity, SIMILARITIES)
@@ -283,6 +289,8 @@ class KeyValueMemory(nn.Module):
         else:
             key_dim, value_dim = key_dim or 64, value_dim or 64
             keys, values = torch.randn(num_slots, key_dim), torch.randn(num_slots, value_dim)
+        if topk is not None and topk > keys.shape[0]:
+            raise ValueError(f"topk={topk} is more than the memory's {keys.shape[0]} slots")
         learn = (not given) if learn is None else _checks.flag("learn", learn)
         for name, tensor in (("keys", keys), ("values", values)):
             if learn:
@@ -291,6 +299,7 @@ class KeyValueMemory(nn.Module):
                 self.register_buffer(name, tensor.clone())
         self.state_dim = state_dim
         self.similarity = similarity
+        self.topk = topk
         self.query = nn.Linear(state_dim, key_dim)
         self.out = nn.Linear(value_dim, state_dim)
         self.gate = nn.Linear(state_dim + value_dim, state_dim)
@@ -302,7 +311,7 @@ class KeyValueMemory(nn.Module):
                 return_weights: bool = False):
         """h (B, state_dim) or (B, R, state_dim); mask (B, N) bool, True = usable slot ->
         h fused with its reads, like h, and with return_weights=True the weights (B, N) or
-        (B, R, N)."""
+        (B, R, N); with topk, SparseWeights of (B, K) or (B, R, K)."""
         shape = _checks.tensor("h", h, [("B", self.state_dim), ("B", "R", self.state_dim)],
                                self.query.weight)
         return_weights = _checks.flag("return_weights", return_weights)
@@ -318,13 +327,16 @@ class KeyValueMemory(nn.Module):
                 raise ValueError(f"mask must be (B, N) = ({batch}, {self.keys.shape[0]}), got "
                                  f"shape {tuple(mask.shape)}")
             _checks.same_device("mask", mask, self.query.weight)
+        sparse = {} if self.topk is None else {"topk": self.topk}
         read = self._memory_attend(
             self.keys.expand(batch, -1, -1), self.query(h),
             values=self.values.expand(batch, -1, -1), similarity=self.similarity,
-            mask=mask, return_weights=return_weights)
+            mask=mask, return_weights=return_weights, **sparse)
         read, weights = read if return_weights else (read, None)
         fused = h + torch.sigmoid(self.gate(torch.cat([h, read], -1))) * self.out(read)
         if single:
             fused = fused[:, 0]
-            weights = None if weights is None else weights[:, 0]
+            if weights is not None:
+                weights = type(weights)(*(w[:, 0] for w in weights)) if sparse \
+                    else weights[:, 0]
         return (fused, weights) if return_weights else fused

@@ -20,19 +20,27 @@ def _upcast(*tensors):
     return [None if x is None else x.to(compute_dtype(x.dtype)) for x in tensors]
 
 
-def similarity(memory, keys, kind):
-    """(B, R, N) similarity of every key with every slot: "cosine" u.v / max(|u||v|, 1e-8),
-    "dot" u.v or "scaled_dot" u.v / sqrt(D)."""
-    dots = torch.matmul(keys, memory.transpose(1, 2))
+def _norm_sq(x):
+    """|x|^2 over the last dim; vector_norm reduces without a memory-sized square."""
+    return torch.linalg.vector_norm(x, dim=-1).square()
+
+
+def _similarity(dots, kind, width, norms_sq):
+    """Dot products made the similarity `kind`; norms_sq() gives |u|^2 |v|^2 like dots."""
     if kind == "dot":
         return dots
     if kind == "scaled_dot":
-        return dots / math.sqrt(memory.shape[-1])
+        return dots / math.sqrt(width)
     # max(|u||v|, eps) as sqrt(max(|u|^2 |v|^2, eps^2)): the same value, and no 0/0 in the
-    # gradient of a zero vector's norm. vector_norm reduces without a memory-sized square.
-    norms_sq = (torch.linalg.vector_norm(keys, dim=-1).square()[:, :, None]
-                * torch.linalg.vector_norm(memory, dim=-1).square()[:, None, :])
-    return dots / norms_sq.clamp_min(EPS * EPS).sqrt()
+    # gradient of a zero vector's norm.
+    return dots / norms_sq().clamp_min(EPS * EPS).sqrt()
+
+
+def similarity(memory, keys, kind):
+    """(B, R, N) similarity of every key with every slot: "cosine" u.v / max(|u||v|, 1e-8),
+    "dot" u.v or "scaled_dot" u.v / sqrt(D)."""
+    return _similarity(torch.matmul(keys, memory.transpose(1, 2)), kind, memory.shape[-1],
+                       lambda: _norm_sq(keys)[:, :, None] * _norm_sq(memory)[:, None, :])
 
 
 def _usable(x, mask):
@@ -71,6 +79,74 @@ def memory_attend(memory, keys, values, strength, kind, mask):
     return memory_read(memory if values is None else _usable(values, mask), weights), weights
 
 
+# Slots scored at once by top_slots: (B, R, TOP_CHUNK) scores at a time, never (B, R, N).
+TOP_CHUNK = 4096
+
+
+def top_slots(memory, keys, strength, kind, mask, k):
+    """The k best-scoring usable slots per head, int64 (B, R, k), best first, ties to the
+    lower slot, -1 past a head's last usable slot; no gradient. One pass over memory in
+    chunks of TOP_CHUNK slots, keeping each head's best k."""
+    with torch.no_grad():
+        memory, keys, strength = _upcast(memory, keys, strength)
+        batch, heads = keys.shape[:2]
+        best = keys.new_empty((batch, heads, 0))
+        slots = torch.empty((batch, heads, 0), dtype=torch.int64, device=keys.device)
+        for start in range(0, memory.shape[1], TOP_CHUNK):
+            chunk = memory[:, start:start + TOP_CHUNK]
+            scores = similarity(chunk, keys, kind)
+            if strength is not None:
+                scores = scores * strength[:, :, None]
+            ids = torch.arange(start, start + chunk.shape[1], device=keys.device)
+            ids = ids.expand(batch, heads, -1)
+            if mask is not None:  # whatever masked slots hold, they are never chosen
+                usable = mask[:, None, start:start + chunk.shape[1]]
+                scores = scores.masked_fill(~usable, float("-inf"))
+                ids = ids.masked_fill(~usable, -1)
+            # A stable sort keeps earlier slots (the running best come first) ahead on ties.
+            scores, ids = torch.cat([best, scores], -1), torch.cat([slots, ids], -1)
+            order = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+            best, slots = scores.gather(-1, order), ids.gather(-1, order)
+        return slots
+
+
+def _gather(x, slots):
+    """Rows of x (B, N, D) at slots (B, R, K), -1 for none: (B, R, K, D), zero at -1."""
+    batch, heads, k = slots.shape
+    index = slots.clamp_min(0).reshape(batch, heads * k, 1).expand(-1, -1, x.shape[2])
+    rows = x.gather(1, index).reshape(batch, heads, k, x.shape[2])
+    return rows.masked_fill((slots < 0)[..., None], 0)
+
+
+def _slot_weights(rows, keys, strength, kind, slots):
+    """Softmax weights (B, R, K) over each head's gathered rows (B, R, K, D); -1 slots get
+    weight 0, a head with none gets zeros."""
+    dots = torch.matmul(rows, keys[..., None])[..., 0]
+    scores = _similarity(dots, kind, rows.shape[-1],
+                         lambda: _norm_sq(keys)[:, :, None] * _norm_sq(rows))
+    if strength is not None:
+        scores = scores * strength[:, :, None]
+    return softmax_with_lse(scores.masked_fill(slots < 0, float("-inf")))[0]
+
+
+def address_slots(memory, keys, strength, kind, slots):
+    """memory_address over the given slots (B, R, K) of each head (-1: none): weights
+    (B, R, K). Gradients reach those slots' rows only."""
+    rows, keys, strength = _upcast(_gather(memory, slots), keys, strength)
+    return _slot_weights(rows, keys, strength, kind, slots).to(memory.dtype)
+
+
+def attend_slots(memory, keys, values, strength, kind, slots):
+    """memory_attend over the given slots (B, R, K) of each head (-1: none) ->
+    (read (B, R, Dv), weights (B, R, K)). Gradients reach those slots' rows only."""
+    rows = _gather(memory, slots)
+    vals = rows if values is None else _gather(values, slots)
+    rows, vals, keys, strength = _upcast(rows, vals, keys, strength)
+    weights = _slot_weights(rows, keys, strength, kind, slots)
+    read = torch.matmul(weights[:, :, None], vals)[:, :, 0]
+    return read.to(memory.dtype), weights.to(memory.dtype)
+
+
 def memory_write(memory, weights, erase, add):
     """M' = M * prod_w (1 - w_w e_w^T) + sum_w w_w a_w^T. The last head erases and adds in
     one pass, M'' = M' + w (a - M' e), so one head streams memory twice, not five times."""
@@ -86,6 +162,36 @@ def memory_write(memory, weights, erase, add):
     if weights.shape[1] > 1:
         out = out.baddbmm(weights[:, :-1].transpose(1, 2), add[:, :-1])
     return out.to(dtype)
+
+
+def memory_write_slots(memory, slots, weights, erase, add, write=memory_write, inplace=False):
+    """memory_write with sparse weights (B, W, K) on slots (B, W, K) (-1: none): the dense
+    write with them scattered, summed, into (B, W, N), computed on the touched rows only.
+    Each touched slot's row is gathered once, the rows are written by `write` (a dense
+    memory_write) with their heads' weights, and put back; inplace=True puts them back into
+    memory itself. Untouched rows are memory's own."""
+    batch, heads, k = slots.shape
+    entries = heads * k
+    weights = weights.masked_fill(slots < 0, 0)
+    flat = slots.reshape(batch, entries)
+    # A slot-less entry becomes a zero-weight write to a slot its batch touches anyway.
+    flat = torch.where(flat >= 0, flat, flat.amax(1, keepdim=True).clamp_min(0))
+    ordered, order = flat.sort(dim=-1, stable=True)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    row_of_sorted = first.cumsum(-1) - 1  # the touched row each sorted entry writes
+    row_of = torch.empty_like(row_of_sorted).scatter_(1, order, row_of_sorted)
+    touched = torch.zeros_like(flat).scatter_(1, row_of_sorted, ordered)
+    dense = weights.new_zeros((batch, heads, entries)).scatter_add(
+        2, row_of.reshape(batch, heads, k), weights)
+    width = memory.shape[2]
+    rows = memory.gather(1, touched[..., None].expand(-1, -1, width))
+    rows = write(rows, dense, erase, add).gather(1, row_of_sorted[..., None].expand(-1, -1,
+                                                                                    width))
+    # Repeats of a slot put back the same row; the gradient flows through its first only.
+    rows = torch.where(first[..., None], rows, rows.detach())
+    index = ordered[..., None].expand(-1, -1, width)
+    return memory.scatter_(1, index, rows) if inplace else memory.scatter(1, index, rows)
 
 
 def location_address(content_weights, prev_weights, gate, shift, gamma):
