@@ -385,12 +385,11 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
         do = tl.load(do_b + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
                      mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if SOFTCAP:
+            pt *= 1.0 - tt * tt  # the cap's derivative, folded in while one tile is live
         delta = tl.load(delta_b + h * n_q + rows, mask=r_ok, other=0.0)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        if SOFTCAP:
-            dst *= 1.0 - tt * tt  # the cap's derivative
-        dst = dst.to(qt.dtype)
+        dst = (pt * (dpt - delta[None, :])).to(qt.dtype)
         dk = tl.dot(dst, tl.trans(qt), dk, input_precision=DOT_PRECISION)
         if ATOMIC_DQ:
             # Unseen keys are zeros in k, so padding holding NaN adds nothing here either.
@@ -519,10 +518,10 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows,
         if MASKED:
             keep = _visible(rows, keys, offset, n_q, kv_len, window_left, window_right)
             p = tl.where(keep, p, 0.0)
+        if SOFTCAP:
+            p *= 1.0 - t * t  # the cap's derivative, folded in while one tile is live
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds *= 1.0 - t * t
         dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
     return dq
 
