@@ -1,7 +1,8 @@
 """attnmem.integrations.transformers: tiny randomly initialised Llama, Mistral (sliding
-window), Gemma 2 (softcapping, which falls back) and gpt-oss (sinks, which fall back) models
-on attn_implementation="attnmem" against transformers' own attention, unpadded and with
-right and left padding, forward, backward and greedy generation through the cache."""
+window), Gemma 2 (softcapping and sliding window) and gpt-oss (sinks and sliding window)
+models on attn_implementation="attnmem" against transformers' own attention, unpadded and
+with right and left padding, forward, backward (the sinks' gradients too) and greedy
+generation through the cache."""
 
 import copy
 import pathlib
@@ -32,14 +33,14 @@ MODELS = {
     "mistral": (transformers.MistralConfig, {"sliding_window": 3}, "sdpa", None),
     "gemma2": (transformers.Gemma2Config,
                {"sliding_window": 3, "layer_types": SLIDING, "query_pre_attn_scalar": 16,
-                "attn_logit_softcapping": 2.0}, "eager", "softcapping"),
+                "attn_logit_softcapping": 2.0}, "eager", None),
     "gemma2-nosoftcap": (transformers.Gemma2Config,
                          {"sliding_window": 3, "layer_types": SLIDING,
                           "query_pre_attn_scalar": 16, "attn_logit_softcapping": None},
                          "eager", None),
     "gpt_oss": (transformers.GptOssConfig,
                 {"sliding_window": 3, "layer_types": SLIDING, "num_local_experts": 4,
-                 "num_experts_per_tok": 2}, "eager", "sinks"),
+                 "num_experts_per_tok": 2}, "eager", None),
 }
 
 _models = {}
@@ -127,14 +128,16 @@ def test_logits_and_gradients(name, padding, kernel_calls):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="no GPU and no Triton interpreter")
-def test_triton_backend(kernel_calls):
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gpt_oss"])
+def test_triton_backend(name, kernel_calls):
     """The same through attnmem's Triton kernels (the interpreter on a CPU): left padding
-    and a sliding window, forward and backward."""
-    model = copy.deepcopy(_model("mistral")).to(DEVICE)
+    and a sliding window, with softcapping (Gemma 2) and sinks (gpt-oss), forward and
+    backward."""
+    model = copy.deepcopy(_model(name)).to(DEVICE)
     ids = torch.randint(0, VOCAB, (BATCH, LENGTH), device=DEVICE)
     mask = _padding("left", torch.tensor([LENGTH, 6, 2])).to(DEVICE)
     weights = torch.randn(BATCH, LENGTH, VOCAB, device=DEVICE) * mask[..., None]
-    expect, expect_grads = _run(model, "sdpa", ids, mask, weights)
+    expect, expect_grads = _run(model, MODELS[name][2], ids, mask, weights)
     with attnmem.use_backend("triton"):
         got, grads = _run(model, "attnmem", ids, mask, weights)
     assert kernel_calls
@@ -254,6 +257,25 @@ def test_masks_attnmem_cannot_express_fall_back(inputs, warning, kernel_calls):
     expect = model(ids, **inputs).logits
     model.set_attn_implementation("attnmem")
     with pytest.warns(UserWarning, match=warning):
+        got = model(ids, **inputs).logits
+    assert not kernel_calls
+    real = inputs.get("attention_mask", torch.ones(batch, LENGTH)).bool()
+    torch.testing.assert_close(got[real], expect[real], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, inputs", [("gemma2", _packed), ("gpt_oss", _holes)])
+def test_softcap_and_sinks_fall_back_to_eager(name, inputs, kernel_calls):
+    """Masks attnmem cannot express (packed sequences, padding in between) in a model that
+    softcaps or has sinks: its eager attention runs them (sdpa has neither), with a
+    warning, and the results are eager's."""
+    model = _model(name)
+    inputs = inputs()
+    batch = inputs.get("attention_mask", inputs.get("position_ids")).shape[0]
+    ids = torch.randint(0, VOCAB, (batch, LENGTH))
+    model.set_attn_implementation("eager")
+    expect = model(ids, **inputs).logits
+    model.set_attn_implementation("attnmem")
+    with pytest.warns(UserWarning, match="runs on transformers' eager attention"):
         got = model(ids, **inputs).logits
     assert not kernel_calls
     real = inputs.get("attention_mask", torch.ones(batch, LENGTH)).bool()
