@@ -286,10 +286,9 @@ def _head_params(name, x, q, shapes, what):
     return x
 
 
-def _validate_score_mods(q, scale, softcap, sinks, alibi_slopes):
+def _validate_score_mods(q, scale, softcap, sinks, alibi_slopes, batch, heads):
     """(softcap, sinks, alibi_slopes) checked: softcap a float (0.0 for none), sinks (H,),
     alibi_slopes (H,) or (B, H) that asks for no gradient (it gets none)."""
-    batch, heads = q.shape[0], q.shape[1]
     softcap = _softcap(softcap, scale, q)
     sinks = _head_params("sinks", sinks, q, [(heads,)], f"(H,) = ({heads},)")
     alibi_slopes = _head_params("alibi_slopes", alibi_slopes, q, [(heads,), (batch, heads)],
@@ -391,7 +390,8 @@ def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None
     """
     scale, window_left, window_right, kv_lengths = _validate(q, k, v, causal, scale,
                                                              kv_lengths, window, return_lse)
-    softcap, sinks, alibi_slopes = _validate_score_mods(q, scale, softcap, sinks, alibi_slopes)
+    softcap, sinks, alibi_slopes = _validate_score_mods(q, scale, softcap, sinks, alibi_slopes,
+                                                        q.shape[0], q.shape[1])
     if causal and q.shape[2] > 1:  # with one query, causal hides no key
         window_right = 0 if window_right < 0 else min(window_right, 0)
     out, lse = _attention_forward(q, k, v, kv_lengths, scale, window_left, window_right,

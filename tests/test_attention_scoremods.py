@@ -215,15 +215,23 @@ def kernel_config(name):
 @pytest.mark.xdist_group("aot")
 def test_flags_compile_for_sm90_without_spills():
     """The forward with every flag, and the backward's kernels with softcap and ALiBi (sinks
-    need nothing there), at the first sm_90 config of head dim 128: wgmma, no spill. With
-    the flags off the kernels compile as before (test_attention_targets)."""
+    need nothing there), at the first sm_90 config of head dim 128: wgmma, no spill; the
+    KV-cache kernel with every flag, decoding at GQA 8:1 with splits: no spill. With the
+    flags off the kernels compile as before (test_attention_targets and
+    test_attention_kvcache check them)."""
     pytest.importorskip("triton")
+    from test_attention_kvcache import _attend_job
+
     from aot import compile_all
 
-    jobs = {"fwd": _sm90_job("fwd", SOFTCAP=True, HAS_SINKS=True, HAS_ALIBI=True),
+    flags = dict(SOFTCAP=True, HAS_SINKS=True, HAS_ALIBI=True)
+    decode = _attend_job(90, "float16", 128, 8, False, True)
+    decode["constexprs"].update(flags)
+    decode["pointers"].update(sinks_ptr="fp32", alibi_ptr="fp32")
+    jobs = {"fwd": _sm90_job("fwd", **flags),
             "dkdv": _sm90_job("dkdv", SOFTCAP=True, HAS_ALIBI=True),
-            "dq": _sm90_job("dq", SOFTCAP=True, HAS_ALIBI=True)}
+            "dq": _sm90_job("dq", SOFTCAP=True, HAS_ALIBI=True), "kvcache": decode}
     for name, result in zip(jobs, compile_all(list(jobs.values()))):
         assert result["error"] is None, f"{name}: {result['error']}"
-        assert result["wgmma"], name
+        assert result["wgmma"] or name == "kvcache", name  # 16 rows: below wgmma's 64
         assert result["spill_stores"] == result["spill_loads"] == 0, (name, result)
