@@ -54,7 +54,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return _fused_cpu_forward(q, k, v, kv_lengths, scale, window_left, window_right)
     with torch.no_grad():
         return _reference.attention_forward(q, k, v, kv_lengths, scale, window_left,
-                                            window_right, **mods)
+                                            window_right, softcap, sinks, alibi_slopes)
 
 
 @_attention_forward.register_fake
@@ -86,7 +86,7 @@ def _attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         grads = _fused_cpu_backward(dout, q, k, v, out, lse, kv_lengths, scale, window_left,
                                     window_right)
     else:
-        grads = _reference.attention_backward(*args, **mods)
+        grads = _reference.attention_backward(*args, softcap, sinks, alibi_slopes)
     return grads if sinks is not None else (*grads, q.new_empty(0))
 
 

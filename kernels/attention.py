@@ -765,7 +765,8 @@ def _launcher(kernel: str, fn, device, block_d: int, elem: int, arch=None, tma: 
                    for c in configs_for(kernel, block_d, elem, smem, arch, tma)]
         extra = TUNING.get(kernel, {})
         _autotuned[cache_key] = triton.autotune(
-            configs, key=["BLOCK_D", "seq_bucket", *SCORE_MOD_FLAGS, *extra.get("key", ())],
+            configs, key=["BLOCK_D", "seq_bucket", *extra.get("key", ()),
+                          *(f for f in SCORE_MOD_FLAGS if f in fn.arg_names)],
             prune_configs_by=extra.get("prune_configs_by"),
             reset_to_zero=extra.get("reset_to_zero"), **_persist_tuning())(fn)
     return _autotuned[cache_key]

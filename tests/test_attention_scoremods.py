@@ -195,21 +195,38 @@ def test_opcheck(name):
     torch.library.opcheck(_attention_backward, bwd_args)
 
 
-def _sm90_job(name, **flags):
-    """A compile job of test_attention_targets at head dim 128, 16-bit, with the flags on."""
+def _sm90_job(name, tma=False, **flags):
+    """A compile job of test_attention_targets at head dim 128, 16-bit, with the flags on,
+    at the first config (with tma, the first TMA config, warp-specialized, unmasked)."""
     from test_attention_targets import job
 
-    spec = job(name, 90, "float16", 128, kernel_config(name), atomic_dq=name == "dkdv")
+    spec = job(name, 90, "float16", 128, kernel_config(name, tma), masked=not tma,
+               atomic_dq=name == "dkdv")
     spec["constexprs"].update(flags)
     spec["pointers"].update(alibi_ptr="fp32", **({"sinks_ptr": "fp32"} if "HAS_SINKS" in flags
                                                   else {}))
     return spec
 
 
-def kernel_config(name):
+def kernel_config(name, tma=False):
     from attnmem.kernels import attention as kernel
 
-    return kernel.configs_for(name, 128, 2, kernel.SMEM_LIMIT[90], 90)[0]
+    return kernel.configs_for(name, 128, 2, kernel.SMEM_LIMIT[90], 90, tma)[0]
+
+
+def test_autotuning_keys_hold_the_flags(monkeypatch):
+    """Each kernel tunes its score-modified variants apart from the plain one, keyed by the
+    flags it has (the backward's kernels have no HAS_SINKS). Built here without a GPU."""
+    pytest.importorskip("triton")
+    from attnmem.kernels import attention as kernel
+
+    monkeypatch.setattr(kernel, "_autotuned", {})
+    monkeypatch.setattr(kernel, "_smem_limit", lambda device: kernel.SMEM_LIMIT[90])
+    for name, fn, flags in (("fwd", kernel._attn_fwd, {"SOFTCAP", "HAS_SINKS", "HAS_ALIBI"}),
+                            ("dkdv", kernel._attn_bwd_dkdv, {"SOFTCAP", "HAS_ALIBI"}),
+                            ("dq", kernel._attn_bwd_dq, {"SOFTCAP", "HAS_ALIBI"})):
+        keys = kernel._launcher(name, fn, "cuda", 128, 2).keys
+        assert flags <= set(keys) and "HAS_SINKS" not in set(keys) - flags, name
 
 
 @pytest.mark.xdist_group("aot")
@@ -228,10 +245,12 @@ def test_flags_compile_for_sm90_without_spills():
     decode = _attend_job(90, "float16", 128, 8, False, True)
     decode["constexprs"].update(flags)
     decode["pointers"].update(sinks_ptr="fp32", alibi_ptr="fp32")
-    jobs = {"fwd": _sm90_job("fwd", **flags),
+    jobs = {"fwd": _sm90_job("fwd", **flags), "fwd-tma-ws": _sm90_job("fwd", True, **flags),
             "dkdv": _sm90_job("dkdv", SOFTCAP=True, HAS_ALIBI=True),
             "dq": _sm90_job("dq", SOFTCAP=True, HAS_ALIBI=True), "kvcache": decode}
-    for name, result in zip(jobs, compile_all(list(jobs.values()))):
+    results = dict(zip(jobs, compile_all(list(jobs.values()))))
+    for name, result in results.items():
         assert result["error"] is None, f"{name}: {result['error']}"
         assert result["wgmma"] or name == "kvcache", name  # 16 rows: below wgmma's 64
         assert result["spill_stores"] == result["spill_loads"] == 0, (name, result)
+    assert results["fwd-tma-ws"]["tma"] and results["fwd-tma-ws"]["warp_specialized"]
