@@ -19,6 +19,12 @@ query tile) pair. By default they also add dQ into a float32 buffer with atomics
 per pair, as FlashAttention-2 and -3 run. The deterministic backward (ATOMIC_DQ off, chosen
 as torch chooses: torch.are_deterministic_algorithms_enabled()) leaves dQ to programs that
 own a query tile: 7 GEMMs per pair, and nothing accumulates through atomics.
+
+Score modifications are constexpr flags too, compiled out when off: SOFTCAP (Gemma 2's tanh
+cap) and HAS_ALIBI (ALiBi's distance bias) in all three kernels, HAS_SINKS in the forward
+only. A sink enters each row's softmax as a key seen first, of value zero, so lse includes
+it: the backward's p = exp(s - lse) and delta = rowsum(dO * O) then need nothing more, and
+the sinks' gradient is one reduction over lse and delta in the launcher.
 """
 
 import contextlib

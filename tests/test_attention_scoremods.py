@@ -261,3 +261,4 @@ def test_flags_compile_for_sm90_without_spills():
         assert result["wgmma"] or name == "kvcache", name  # 16 rows: below wgmma's 64
         assert result["spill_stores"] == result["spill_loads"] == 0, (name, result)
     assert results["fwd-tma-ws"]["tma"] and results["fwd-tma-ws"]["warp_specialized"]
+
