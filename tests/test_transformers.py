@@ -242,40 +242,25 @@ def _packed():
             "use_cache": False}
 
 
-@pytest.mark.parametrize("inputs, warning", [
-    (_holes, "padding on both sides or in between"),
-    (_packed, "a mask attnmem cannot express"),
-], ids=["holes", "packed"])
-def test_masks_attnmem_cannot_express_fall_back(inputs, warning, kernel_calls):
+@pytest.mark.parametrize("name, inputs, warning, reference", [
+    ("llama", _holes, "padding on both sides or in between", "sdpa"),
+    ("llama", _packed, "a mask attnmem cannot express", "sdpa"),
+    ("gemma2", _packed, "a mask attnmem cannot express", "eager"),
+    ("gpt_oss", _holes, "padding on both sides or in between", "eager"),
+], ids=["holes", "packed", "packed-softcap", "holes-sinks"])
+def test_masks_attnmem_cannot_express_fall_back(name, inputs, warning, reference,
+                                                kernel_calls):
     """Padding inside a sequence under a causal mask with many queries, and packed
-    sequences: sdpa runs them, with a warning, and the results are sdpa's."""
-    model = _model("llama")
-    inputs = inputs()
-    batch = inputs.get("attention_mask", inputs.get("position_ids")).shape[0]
-    ids = torch.randint(0, VOCAB, (batch, LENGTH))
-    model.set_attn_implementation("sdpa")
-    expect = model(ids, **inputs).logits
-    model.set_attn_implementation("attnmem")
-    with pytest.warns(UserWarning, match=warning):
-        got = model(ids, **inputs).logits
-    assert not kernel_calls
-    real = inputs.get("attention_mask", torch.ones(batch, LENGTH)).bool()
-    torch.testing.assert_close(got[real], expect[real], rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("name, inputs", [("gemma2", _packed), ("gpt_oss", _holes)])
-def test_softcap_and_sinks_fall_back_to_eager(name, inputs, kernel_calls):
-    """Masks attnmem cannot express (packed sequences, padding in between) in a model that
-    softcaps or has sinks: its eager attention runs them (sdpa has neither), with a
-    warning, and the results are eager's."""
+    sequences: sdpa runs them, or the model's eager attention where it softcaps or has
+    sinks (sdpa has neither), with a warning, and the results are theirs."""
     model = _model(name)
     inputs = inputs()
     batch = inputs.get("attention_mask", inputs.get("position_ids")).shape[0]
     ids = torch.randint(0, VOCAB, (batch, LENGTH))
-    model.set_attn_implementation("eager")
+    model.set_attn_implementation(reference)
     expect = model(ids, **inputs).logits
     model.set_attn_implementation("attnmem")
-    with pytest.warns(UserWarning, match="runs on transformers' eager attention"):
+    with pytest.warns(UserWarning, match=f"{warning}.*: this runs on transformers' {reference} "):
         got = model(ids, **inputs).logits
     assert not kernel_calls
     real = inputs.get("attention_mask", torch.ones(batch, LENGTH)).bool()
