@@ -28,6 +28,8 @@ CASES = {
     "all_window_lengths_gqa": ((2, 4, 2, 25, 33, 24, True, (9, 0), [21, 33]), 2.0, True, "h"),
     "all_unseen_rows": ((2, 2, 1, 30, 14, 16, True, None, [14, 0]), 1.0, True, "h"),
     "all_decode": ((3, 4, 2, 1, 45, 80, True, None, [45, 13, 1]), 3.0, True, "bh"),
+    # No mask and Nk a multiple of KEY_TILE_MULTIPLE: the forward's unmasked loop.
+    "all_unmasked": ((1, 2, 1, 17, 128, 16, False, None, None), 1.0, True, "bh"),
 }
 
 
@@ -128,7 +130,8 @@ def check(name, dtype, device, backend):
 FLOAT64_PARAMS = [pytest.param(name, *t.values, id=f"{name}-{t.id}") for name in CASES
                   for t in BACKWARD_TARGETS
                   if t.values[2] != "deterministic" or name not in ("sinks_causal_gqa",
-                                                                    "alibi_cross")]
+                                                                    "alibi_cross",
+                                                                    "all_unmasked")]
 
 
 @pytest.mark.parametrize("name, device, backend, mode", FLOAT64_PARAMS, indirect=["mode"])
