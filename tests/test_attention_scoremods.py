@@ -241,11 +241,12 @@ def test_autotuning_keys_hold_the_flags(monkeypatch):
 
 @pytest.mark.xdist_group("aot")
 def test_flags_compile_for_sm90_without_spills():
-    """The forward with every flag, and the backward's kernels with softcap and ALiBi (sinks
-    need nothing there), at the first sm_90 config of head dim 128: wgmma, no spill; the
-    KV-cache kernel with every flag, decoding at GQA 8:1 with splits: no spill. With the
-    flags off the kernels compile as before (test_attention_targets and
-    test_attention_kvcache check them)."""
+    """The forward with every flag (pointer loads with masks; TMA and warp specialization
+    without), and the atomic dK/dV kernel with softcap and ALiBi (sinks need nothing there;
+    the deterministic dQ kernel is left out for time), at the first sm_90 configs of head
+    dim 128: wgmma, no spill; the KV-cache kernel with every flag, decoding at GQA 8:1 with
+    splits: no spill. With the flags off the kernels compile as before
+    (test_attention_targets and test_attention_kvcache check them)."""
     pytest.importorskip("triton")
     from test_attention_kvcache import _attend_job
 
@@ -256,8 +257,7 @@ def test_flags_compile_for_sm90_without_spills():
     decode["constexprs"].update(flags)
     decode["pointers"].update(sinks_ptr="fp32", alibi_ptr="fp32")
     jobs = {"fwd": _sm90_job("fwd", **flags), "fwd-tma-ws": _sm90_job("fwd", True, **flags),
-            "dkdv": _sm90_job("dkdv", SOFTCAP=True, HAS_ALIBI=True),
-            "dq": _sm90_job("dq", SOFTCAP=True, HAS_ALIBI=True), "kvcache": decode}
+            "dkdv": _sm90_job("dkdv", SOFTCAP=True, HAS_ALIBI=True), "kvcache": decode}
     results = dict(zip(jobs, compile_all(list(jobs.values()))))
     for name, result in results.items():
         assert result["error"] is None, f"{name}: {result['error']}"
