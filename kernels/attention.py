@@ -31,6 +31,12 @@ a sequence's end exit at once.
 Dropout (DROPOUT, compiled out when off) zeroes the weights that _dropout_keep drops, from
 a seed in device memory, and scales the rest; each kernel draws a pair's number from the
 pair's own Philox counter, so the backward regenerates the forward's mask.
+
+Score modifications are constexpr flags too, compiled out when off: SOFTCAP (Gemma 2's tanh
+cap) and HAS_ALIBI (ALiBi's distance bias) in all three kernels, HAS_SINKS in the forward
+only. A sink enters each row's softmax as a key seen first, of value zero, so lse includes
+it: the backward's p = exp(s - lse) and delta = rowsum(dO * O) then need nothing more, and
+the sinks' gradient is one reduction over lse and delta in the launcher.
 """
 
 import contextlib
@@ -128,6 +134,33 @@ def _dropout_keep(seed, b, h, rows, key0, dropout_cutoff, BLOCK_N: tl.constexpr)
     return (words >> 1).to(tl.int32, bitcast=True) > dropout_cutoff
 
 
+@triton.jit
+def _tanh(x):
+    """tanh from one exp2 of -2|x| (libdevice's tanh has no interpreter twin): exact to
+    float32 rounding in absolute terms, which is what a softmax's scores need."""
+    t = tl.math.exp2(tl.abs(x) * (-2.0 * LOG2E))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _modified_scores(dot, aligned, keys, qk_scale, softcap_scale, slope, SOFTCAP: tl.constexpr,
+                     HAS_ALIBI: tl.constexpr):
+    """(scores in log2 units, t) from the raw products q.k: dot * qk_scale, or with SOFTCAP
+    softcap_scale * t with t = tanh(dot * qk_scale) (the launcher then passes qk_scale =
+    scale / softcap, softcap_scale = softcap * log2(e)); with HAS_ALIBI plus the bias
+    -slope * |aligned - keys| (slope in log2 units; aligned and keys broadcast to dot)."""
+    if SOFTCAP:
+        t = _tanh(dot * qk_scale)
+        s = t * softcap_scale
+    else:
+        t = dot
+        s = dot * qk_scale
+    if HAS_ALIBI:
+        s -= slope * tl.abs(aligned - keys).to(tl.float32)
+    return s, t
+
+
 # ---------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------
@@ -204,15 +237,19 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows, offs_
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
                DOT_PRECISION: tl.constexpr, seed, b, h, dropout_cutoff,
-               DROPOUT: tl.constexpr):
+               DROPOUT: tl.constexpr, softcap_scale=1.0, slope=0.0,
+               SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False):
     """Key tiles [start, end). MASKED ones evaluate the mask, and their keys that no row of
     the tile sees (below key_lo or from kv_len on) read as zeros. DROPOUT zeroes the weights
-    that _dropout_keep drops after they join the row sums, which stay those of the softmax."""
+    that _dropout_keep drops after they join the row sums, which stay those of the softmax.
+    SOFTCAP and HAS_ALIBI modify the scores (see _modified_scores)."""
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kt = _load_rows(k_src, start_n, key_lo, kv_len, stride_kn, offs_d, HEAD_DIM, MASKED,
                         USE_TMA, BLOCK_N, True)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        s, _ = _modified_scores(tl.dot(q, kt, input_precision=DOT_PRECISION),
+                                rows[:, None] + offset, (start_n + tl.arange(0, BLOCK_N))[None, :],
+                                qk_scale, softcap_scale, slope, SOFTCAP, HAS_ALIBI)
         if MASKED:
             keep = _visible(rows, start_n + tl.arange(0, BLOCK_N), offset, n_q, kv_len,
                             window_left, window_right)
@@ -249,7 +286,9 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
               WARP_SPECIALIZE: tl.constexpr = False, cu_seqlens_q_ptr=None,
               cu_seqlens_k_ptr=None, VARLEN: tl.constexpr = False,
               DROPOUT: tl.constexpr = False, seed_ptr=None, dropout_cutoff=0,
-              dropout_scale=1.0):
+              dropout_scale=1.0, sinks_ptr=None, alibi_ptr=None, stride_alibi_b=0,
+              softcap_scale=1.0, SOFTCAP: tl.constexpr = False,
+              HAS_SINKS: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False):
     """One query tile of one head. MASK_KEYS: some key tile may need the mask (a causal mask,
     a window, lengths, or Nk not a multiple of KEY_TILE_MULTIPLE); without it one unmasked
     loop is all that is compiled. EVEN_M: Nq is a multiple of BLOCK_M, so rows need no
@@ -260,7 +299,11 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     VARLEN: b is a sequence of a packed batch (see _varlen_sequences); tiles past its end
     exit at once.
     DROPOUT: drops weights as _dropout_keep draws them from the seed at seed_ptr and scales
-    the survivors by dropout_scale; lse stays that of the undropped scores."""
+    the survivors by dropout_scale; lse stays that of the undropped scores.
+    SOFTCAP, HAS_ALIBI: scores capped and biased (_modified_scores; ALiBi slopes (B or 1, H)
+    float32 at alibi_ptr, batch stride stride_alibi_b). HAS_SINKS: the row's softmax starts
+    from the head's sink logit (float32 at sinks_ptr), a key of value zero, so out and lse
+    include it."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -299,10 +342,17 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINKS:
+        # The sink as a key seen first: exp(sink - m) = 1 at m = sink, and it adds no value.
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(sinks_ptr + h) * LOG2E
+        l_i += 1.0
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(alibi_ptr + b * stride_alibi_b + h).to(tl.float32) * LOG2E
     if MASK_KEYS:
         row_last = tl.minimum(row_first + BLOCK_M, n_q) - 1
         lo, full_lo, full_hi, hi = _key_range(row_first, row_last, offset, kv_len, window_left,
@@ -315,23 +365,26 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
                                    offs_d, lo, full_lo, key_lo, offset, n_q, kv_len,
                                    window_left, window_right, qk_scale, HEAD_DIM, BLOCK_N, True,
                                    USE_TMA, False, DOT_PRECISION, seed, b, h,
-                                   dropout_cutoff, DROPOUT)
+                                   dropout_cutoff, DROPOUT, softcap_scale, slope, SOFTCAP,
+                                   HAS_ALIBI)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
                                    offs_d, full_lo, full_hi, key_lo, offset, n_q, kv_len,
                                    window_left, window_right, qk_scale, HEAD_DIM, BLOCK_N, False,
                                    USE_TMA, False, DOT_PRECISION, seed, b, h,
-                                   dropout_cutoff, DROPOUT)
+                                   dropout_cutoff, DROPOUT, softcap_scale, slope, SOFTCAP,
+                                   HAS_ALIBI)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
                                    offs_d, full_hi, hi, key_lo, offset, n_q, kv_len,
                                    window_left, window_right, qk_scale, HEAD_DIM, BLOCK_N, True,
                                    USE_TMA, False, DOT_PRECISION, seed, b, h,
-                                   dropout_cutoff, DROPOUT)
+                                   dropout_cutoff, DROPOUT, softcap_scale, slope, SOFTCAP,
+                                   HAS_ALIBI)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
                                    offs_d, 0, n_k, 0, offset, n_q, kv_len, window_left,
                                    window_right, qk_scale, HEAD_DIM, BLOCK_N, False, USE_TMA,
                                    WARP_SPECIALIZE, DOT_PRECISION, seed, b, h, dropout_cutoff,
-                                   DROPOUT)
+                                   DROPOUT, softcap_scale, slope, SOFTCAP, HAS_ALIBI)
 
     if DROPOUT:
         acc = acc * dropout_scale
@@ -385,12 +438,14 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                 scale, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                 MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 stride_stats_h, seed, b, key_first, dropout_cutoff, dropout_scale,
-                DROPOUT: tl.constexpr):
+                DROPOUT: tl.constexpr, alibi_b=None, softcap_scale=1.0,
+                SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False):
     """Query tiles [start, end) of each query head head0 + g, g < group: one loop over
     (head, tile) pairs, so that a runtime group size adds no loop around the pipelined one.
     With ATOMIC_DQ, also adds each tile's dQ = dS K * scale into dq (float32). Head h's lse
     and delta rows start at h * stride_stats_h. DROPOUT regenerates the forward's keep
-    mask: dv takes the kept weights (scaled by the caller), dP the kept, scaled gradients."""
+    mask: dv takes the kept weights (scaled by the caller), dP the kept, scaled gradients.
+    SOFTCAP and HAS_ALIBI (slopes at alibi_b, per query head) as in the forward."""
     offs_m0 = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
     tiles = tl.cdiv(tl.maximum(end - start, 0), BLOCK_M)
@@ -406,9 +461,14 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
         qt = tl.load(q_b + h * stride_qh + rows[None, :] * stride_qm + offs_d[:, None],
                      mask=r_ok[None, :] & d_ok[:, None], other=0.0)
         lse = tl.load(lse_b + h * stride_stats_h + rows, mask=r_ok, other=0.0)
-        st = tl.dot(k, qt, input_precision=DOT_PRECISION)
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(alibi_b + h).to(tl.float32) * LOG2E
+        st, tt = _modified_scores(tl.dot(k, qt, input_precision=DOT_PRECISION),
+                                  rows[None, :] + offset, keys[:, None], qk_scale,
+                                  softcap_scale, slope, SOFTCAP, HAS_ALIBI)
         # Rows that see no key have lse = -inf, so exp2 gives inf there: the mask zeroes it.
-        pt = tl.math.exp2(st * qk_scale - lse[None, :] * LOG2E)
+        pt = tl.math.exp2(st - lse[None, :] * LOG2E)
         if MASKED:
             keep = _visible(rows, keys, offset, n_q, kv_len, window_left, window_right)
             pt = tl.where(tl.trans(keep), pt, 0.0)
@@ -421,6 +481,8 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                         input_precision=DOT_PRECISION)
         else:
             dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if SOFTCAP:
+            pt *= 1.0 - tt * tt  # the cap's derivative, folded in while one tile is live
         delta = tl.load(delta_b + h * stride_stats_h + rows, mask=r_ok, other=0.0)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
@@ -451,11 +513,14 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                    ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    cu_seqlens_q_ptr=None, cu_seqlens_k_ptr=None, VARLEN: tl.constexpr = False,
                    DROPOUT: tl.constexpr = False, seed_ptr=None, dropout_cutoff=0,
-                   dropout_scale=1.0):
+                   dropout_scale=1.0, alibi_ptr=None, stride_alibi_b=0, softcap_scale=1.0,
+                   SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False):
     """dK, dV of one key tile from every query head of its group; with ATOMIC_DQ also the
     dQ those query heads get from it, added into dq_ptr (float32, zeroed, scaled). VARLEN:
     b is a sequence of a packed batch (see _varlen_sequences). DROPOUT: the forward's
-    dropout, regenerated from the seed at seed_ptr."""
+    dropout, regenerated from the seed at seed_ptr. SOFTCAP, HAS_ALIBI as in the forward.
+    Sinks need nothing here: the forward's lse includes them, so p = exp(s - lse) and
+    delta = rowsum(dO * O) already account for them."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -523,24 +588,27 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
         stride_stats_h = n_q
         lse_b = lse_ptr + b * n_heads * n_q
         delta_b = delta_ptr + b * n_heads * n_q
+    alibi_b = alibi_ptr
+    if HAS_ALIBI:
+        alibi_b = alibi_ptr + b * stride_alibi_b
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                          stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                          keys, offs_d, lo, full_lo, offset, n_q, kv_len, window_left,
                          window_right, scale, qk_scale, HEAD_DIM, BLOCK_M, True, ATOMIC_DQ,
                          DOT_PRECISION, stride_stats_h, seed, b, key_first, dropout_cutoff,
-                         dropout_scale, DROPOUT)
+                         dropout_scale, DROPOUT, alibi_b, softcap_scale, SOFTCAP, HAS_ALIBI)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                          stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                          keys, offs_d, full_lo, full_hi, offset, n_q, kv_len, window_left,
                          window_right, scale, qk_scale, HEAD_DIM, BLOCK_M, False, ATOMIC_DQ,
                          DOT_PRECISION, stride_stats_h, seed, b, key_first, dropout_cutoff,
-                         dropout_scale, DROPOUT)
+                         dropout_scale, DROPOUT, alibi_b, softcap_scale, SOFTCAP, HAS_ALIBI)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                          stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                          keys, offs_d, full_hi, hi, offset, n_q, kv_len, window_left,
                          window_right, scale, qk_scale, HEAD_DIM, BLOCK_M, True, ATOMIC_DQ,
                          DOT_PRECISION, stride_stats_h, seed, b, key_first, dropout_cutoff,
-                         dropout_scale, DROPOUT)
+                         dropout_scale, DROPOUT, alibi_b, softcap_scale, SOFTCAP, HAS_ALIBI)
     if DROPOUT:
         dv = dv * dropout_scale
     tl.store(dk_ptr + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkn
@@ -554,7 +622,8 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows,
               start, end, key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
               DOT_PRECISION: tl.constexpr, seed, b, h, dropout_cutoff, dropout_scale,
-              DROPOUT: tl.constexpr):
+              DROPOUT: tl.constexpr, softcap_scale=1.0, slope=0.0,
+              SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False):
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
@@ -568,11 +637,15 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows,
                      mask=k_ok[None, :] & d_ok[:, None], other=0.0)
         vt = tl.load(v_base + keys[None, :] * stride_vn + offs_d[:, None],
                      mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
-        p = tl.math.exp2(s * qk_scale - lse[:, None] * LOG2E)
+        s, t = _modified_scores(tl.dot(q, kt, input_precision=DOT_PRECISION),
+                                rows[:, None] + offset, keys[None, :], qk_scale, softcap_scale,
+                                slope, SOFTCAP, HAS_ALIBI)
+        p = tl.math.exp2(s - lse[:, None] * LOG2E)
         if MASKED:
             keep = _visible(rows, keys, offset, n_q, kv_len, window_left, window_right)
             p = tl.where(keep, p, 0.0)
+        if SOFTCAP:
+            p *= 1.0 - t * t  # the cap's derivative, folded in while one tile is live
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
         if DROPOUT:
             dp = tl.where(_dropout_keep(seed, b, h, rows, start_n, dropout_cutoff, BLOCK_N),
@@ -593,9 +666,10 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, cu_seqlens_q_ptr=None,
                  cu_seqlens_k_ptr=None, VARLEN: tl.constexpr = False,
                  DROPOUT: tl.constexpr = False, seed_ptr=None, dropout_cutoff=0,
-                 dropout_scale=1.0):
+                 dropout_scale=1.0, alibi_ptr=None, stride_alibi_b=0, softcap_scale=1.0,
+                 SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False):
     """dQ of one query tile of one head. VARLEN: b is a sequence of a packed batch (see
-    _varlen_sequences)."""
+    _varlen_sequences). DROPOUT, SOFTCAP and HAS_ALIBI as in the dK/dV kernel."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -642,18 +716,21 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
     lo, full_lo, full_hi, hi = _key_range(row_first, row_last, offset, kv_len, window_left,
                                           window_right, BLOCK_N)
     key_lo = row_first + offset - window_left
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(alibi_ptr + b * stride_alibi_b + h).to(tl.float32) * LOG2E
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
                    lo, full_lo, key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
                    HEAD_DIM, BLOCK_N, True, DOT_PRECISION, seed, b, h, dropout_cutoff,
-                   dropout_scale, DROPOUT)
+                   dropout_scale, DROPOUT, softcap_scale, slope, SOFTCAP, HAS_ALIBI)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
                    full_lo, full_hi, key_lo, offset, n_q, kv_len, window_left, window_right,
                    qk_scale, HEAD_DIM, BLOCK_N, False, DOT_PRECISION, seed, b, h, dropout_cutoff,
-                   dropout_scale, DROPOUT)
+                   dropout_scale, DROPOUT, softcap_scale, slope, SOFTCAP, HAS_ALIBI)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
                    full_hi, hi, key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
                    HEAD_DIM, BLOCK_N, True, DOT_PRECISION, seed, b, h, dropout_cutoff,
-                   dropout_scale, DROPOUT)
+                   dropout_scale, DROPOUT, softcap_scale, slope, SOFTCAP, HAS_ALIBI)
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)
 
@@ -849,6 +926,8 @@ TUNING = {"fwd": {"key": ["MASK_KEYS", "VARLEN"],
           "dkdv": {"key": ["ATOMIC_DQ", "VARLEN"], "reset_to_zero": ["dq_ptr"]},
           "dq": {"key": ["VARLEN"]}}
 _autotuned = {}
+# The score modifications' flags: tuned apart from the plain kernels (absent when off).
+SCORE_MOD_FLAGS = ("SOFTCAP", "HAS_SINKS", "HAS_ALIBI")
 
 
 def _persist_tuning() -> dict:
@@ -870,7 +949,8 @@ def _launcher(kernel: str, fn, device, block_d: int, elem: int, arch=None, tma: 
                    for c in configs_for(kernel, block_d, elem, smem, arch, tma)]
         extra = TUNING.get(kernel, {})
         _autotuned[cache_key] = triton.autotune(
-            configs, key=["BLOCK_D", "seq_bucket", "DROPOUT", *extra.get("key", ())],
+            configs, key=["BLOCK_D", "seq_bucket", "DROPOUT", *extra.get("key", ()),
+                          *(f for f in SCORE_MOD_FLAGS if f in fn.arg_names)],
             prune_configs_by=extra.get("prune_configs_by"),
             reset_to_zero=extra.get("reset_to_zero"), **_persist_tuning())(fn)
     return _autotuned[cache_key]
@@ -920,9 +1000,28 @@ def dropout_meta(dropout_p, seed) -> dict:
                 dropout_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
 
 
+def _score_mods(scale, softcap, alibi_slopes) -> tuple[float, dict]:
+    """(qk_scale, the kernels' keyword arguments) for a softcap (0: none) and ALiBi slopes
+    (None, or (H,) or (B, H)); nothing is passed for what is off, so the flags compile out."""
+    qk_scale, extra = scale * LOG2E.value, {}
+    if softcap:
+        # tanh takes the scaled scores over the cap; the cap brings them back, in log2 units.
+        qk_scale = scale / softcap
+        extra.update(softcap_scale=softcap * LOG2E.value, SOFTCAP=True)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(torch.float32).contiguous()
+        extra.update(alibi_ptr=slopes, stride_alibi_b=slopes.stride(0) if slopes.ndim == 2 else 0,
+                     HAS_ALIBI=True)
+    return qk_scale, extra
+
+
 def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, config=None,
-                      dropout_p=0.0, seed=None):
-    """-> out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32 natural log. dropout_p > 0
+                      softcap=0.0, sinks=None, alibi_slopes=None, dropout_p=0.0, seed=None):
+    """-> out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32 natural log.
+
+    softcap > 0 caps the scaled scores at softcap * tanh(s / softcap); sinks (H,) adds one
+    logit per query head to every row's softmax (lse includes it); alibi_slopes (H,) or
+    (B, H) adds -slope * |i + Nk - Nq - j| to the scaled (capped) scores. dropout_p > 0
     drops weights as dropout_keep_mask(seed, ...) says (see dropout_meta)."""
     q, k, v = (lastdim_contiguous(x) for x in (q, k, v))
     batch, heads, n_q, _ = q.shape
@@ -931,14 +1030,17 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, con
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right)
+    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes)
+    if sinks is not None:
+        mods.update(sinks_ptr=sinks.to(torch.float32).contiguous(), HAS_SINKS=True)
     # Nk a multiple of every forward BLOCK_N: no key tile is partial, whichever config runs.
     meta["MASK_KEYS"] = (kv_lengths is not None or window_left >= 0 or window_right >= 0
                          or k.shape[2] % KEY_TILE_MULTIPLE != 0)
     meta.update(dropout_meta(dropout_p, seed))
     args = (q, k, v, out, lse, dummy, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *out.stride()[:3], *scalars, scale * LOG2E.value, *window)
-    _run("fwd", _attn_fwd, lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch), args, meta,
-         q.device, config, tma=_tma_aligned(q, k, v, out))
+            *out.stride()[:3], *scalars, qk_scale, *window)
+    _run("fwd", _attn_fwd, lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch), args,
+         dict(meta, **mods), q.device, config, tma=_tma_aligned(q, k, v, out))
     return out, lse
 
 
@@ -950,10 +1052,12 @@ BACKWARD_OPTIONS = {"maxnreg": 255}
 
 
 def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_left,
-                       window_right, config=None, deterministic=None, dropout_p=0.0,
-                       seed=None):
-    """-> dq, dk, dv in the dtypes of q, k, v. dlse, the gradient of lse, may be None.
-    dropout_p and seed: the forward's, whose keep mask both kernels regenerate.
+                       window_right, config=None, deterministic=None, softcap=0.0, sinks=None,
+                       alibi_slopes=None, dropout_p=0.0, seed=None):
+    """-> dq, dk, dv in the dtypes of q, k, v, and with sinks also dsinks in theirs. dlse,
+    the gradient of lse, may be None. softcap, sinks and alibi_slopes as the forward took
+    them (its lse includes the sinks); alibi_slopes get no gradient. dropout_p and seed: the
+    forward's, whose keep mask both kernels regenerate.
 
     By default 5 GEMMs per (query tile, key tile) pair: the dK/dV programs also add dQ into
     a float32 buffer with atomics, in an order that varies from run to run. deterministic=True
@@ -976,9 +1080,14 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
     else:
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     if dk.numel() == 0 or dq.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        grads = dq.zero_(), dk.zero_(), dv.zero_()
+        if sinks is None:
+            return grads
+        delta = -dlse if dlse is not None else torch.zeros_like(lse)
+        return (*grads, _sinks_grad(sinks, lse, delta))
     meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right)
     meta.update(dropout_meta(dropout_p, seed))
+    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes)
 
     delta = torch.empty_like(lse)
     block_d = meta["BLOCK_D"]
@@ -990,19 +1099,30 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
 
     common = (q, k, v, dout, lse, delta)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-    tail = (*scalars, scale, scale * LOG2E.value, *window)
+    tail = (*scalars, scale, qk_scale, *window)
     _run("dkdv", _attn_bwd_dkdv,
          lambda bm, bn: (triton.cdiv(n_k, bn), kv_heads, batch),
          (*common, dk, dv, dq, dummy, *strides, *dk.stride()[:3], *dv.stride()[:3],
           *dq.stride()[:3], *tail),
-         dict(meta, ATOMIC_DQ=not deterministic, **BACKWARD_OPTIONS), q.device, config)
+         dict(meta, ATOMIC_DQ=not deterministic, **BACKWARD_OPTIONS, **mods), q.device, config)
     if not deterministic:
-        return dq.to(q.dtype), dk, dv
-    _run("dq", _attn_bwd_dq,
-         lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch),
-         (*common, dq, dummy, *strides, *dq.stride()[:3], *tail),
-         dict(meta, **BACKWARD_OPTIONS), q.device, config)
-    return dq, dk, dv
+        dq = dq.to(q.dtype)
+    else:
+        _run("dq", _attn_bwd_dq,
+             lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch),
+             (*common, dq, dummy, *strides, *dq.stride()[:3], *tail),
+             dict(meta, **BACKWARD_OPTIONS, **mods), q.device, config)
+    if sinks is None:
+        return dq, dk, dv
+    return dq, dk, dv, _sinks_grad(sinks, lse, delta)
+
+
+def _sinks_grad(sinks, lse, delta):
+    """d sink_h = -sum over batches and rows of p_sink * delta, p_sink = exp(sink_h - lse):
+    the sink's score enters the softmax like a key's, with dO . v = 0 for its zero value.
+    Rows with lse = -inf (a -inf sink and no key) add nothing."""
+    p_sink = torch.exp(sinks.float()[None, :, None] - lse)
+    return -torch.where(lse == float("-inf"), 0.0, p_sink * delta).sum((0, 2)).to(sinks.dtype)
 
 
 def dropout_keep_mask(seed, shape, dropout_p):

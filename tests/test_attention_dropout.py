@@ -101,7 +101,7 @@ def test_matches_float64_with_the_same_mask(name, backend, mode):
                                                 generator=with_seed(11)), q, k, v, dout, dlse)
     left, right = sides(kwargs, q.shape[2], k.shape[2])
     ref = run(lambda *x: twin.attention_forward(*x, kwargs["kv_lengths"], scale, left, right,
-                                                p, keep),
+                                                dropout_p=p, dropout_mask=keep),
               q.double(), k.double(), v.double(), dout.double(), dlse.double())
     base = run(lambda *x: naive(*x, kwargs, scale, keep, p), q, k, v, dout, dlse)
 
@@ -132,13 +132,14 @@ def test_every_tile_shape_draws_the_same_mask(config, deterministic):
     out, lse = kernel.attention_forward(q, k, v, None, 0.25, -1, 0, config=config,
                                         dropout_p=p, seed=seed)
     ref_out, ref_lse = twin.attention_forward(q.double(), k.double(), v.double(), None, 0.25,
-                                              -1, 0, p, keep)
+                                              -1, 0, dropout_p=p, dropout_mask=keep)
     dout = torch.randn_like(out)
     got = kernel.attention_backward(dout, q, k, v, out, lse, None, None, 0.25, -1, 0,
                                     config=config, deterministic=deterministic, dropout_p=p,
                                     seed=seed)
     expect = twin.attention_backward(dout.double(), q.double(), k.double(), v.double(),
-                                     ref_out, ref_lse, None, None, 0.25, -1, 0, p, keep)
+                                     ref_out, ref_lse, None, None, 0.25, -1, 0, dropout_p=p,
+                                     dropout_mask=keep)
     tol = dict(atol=ATOL[torch.float32], rtol=ATOL[torch.float32])
     for g, e in zip([out, lse, *got], [ref_out, ref_lse, *expect]):
         torch.testing.assert_close(g.double(), e.double(), **tol)

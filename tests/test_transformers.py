@@ -1,7 +1,8 @@
 """attnmem.integrations.transformers: tiny randomly initialised Llama, Mistral (sliding
-window), Gemma 2 (softcapping, which falls back) and gpt-oss (sinks, which fall back) models
-on attn_implementation="attnmem" against transformers' own attention, unpadded and with
-right and left padding, forward, backward and greedy generation through the cache."""
+window), Gemma 2 (softcapping and sliding window) and gpt-oss (sinks and sliding window)
+models on attn_implementation="attnmem" against transformers' own attention, unpadded and
+with right and left padding, forward, backward (the sinks' gradients too) and greedy
+generation through the cache."""
 
 import copy
 import pathlib
@@ -32,14 +33,14 @@ MODELS = {
     "mistral": (transformers.MistralConfig, {"sliding_window": 3}, "sdpa", None),
     "gemma2": (transformers.Gemma2Config,
                {"sliding_window": 3, "layer_types": SLIDING, "query_pre_attn_scalar": 16,
-                "attn_logit_softcapping": 2.0}, "eager", "softcapping"),
+                "attn_logit_softcapping": 2.0}, "eager", None),
     "gemma2-nosoftcap": (transformers.Gemma2Config,
                          {"sliding_window": 3, "layer_types": SLIDING,
                           "query_pre_attn_scalar": 16, "attn_logit_softcapping": None},
                          "eager", None),
     "gpt_oss": (transformers.GptOssConfig,
                 {"sliding_window": 3, "layer_types": SLIDING, "num_local_experts": 4,
-                 "num_experts_per_tok": 2}, "eager", "sinks"),
+                 "num_experts_per_tok": 2}, "eager", None),
 }
 
 _models = {}
@@ -127,14 +128,16 @@ def test_logits_and_gradients(name, padding, kernel_calls):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="no GPU and no Triton interpreter")
-def test_triton_backend(kernel_calls):
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gpt_oss"])
+def test_triton_backend(name, kernel_calls):
     """The same through attnmem's Triton kernels (the interpreter on a CPU): left padding
-    and a sliding window, forward and backward."""
-    model = copy.deepcopy(_model("mistral")).to(DEVICE)
+    and a sliding window, with softcapping (Gemma 2) and sinks (gpt-oss), forward and
+    backward."""
+    model = copy.deepcopy(_model(name)).to(DEVICE)
     ids = torch.randint(0, VOCAB, (BATCH, LENGTH), device=DEVICE)
     mask = _padding("left", torch.tensor([LENGTH, 6, 2])).to(DEVICE)
     weights = torch.randn(BATCH, LENGTH, VOCAB, device=DEVICE) * mask[..., None]
-    expect, expect_grads = _run(model, "sdpa", ids, mask, weights)
+    expect, expect_grads = _run(model, MODELS[name][2], ids, mask, weights)
     with attnmem.use_backend("triton"):
         got, grads = _run(model, "attnmem", ids, mask, weights)
     assert kernel_calls
@@ -239,21 +242,25 @@ def _packed():
             "use_cache": False}
 
 
-@pytest.mark.parametrize("inputs, warning", [
-    (_holes, "padding on both sides or in between"),
-    (_packed, "a mask attnmem cannot express"),
-], ids=["holes", "packed"])
-def test_masks_attnmem_cannot_express_fall_back(inputs, warning, kernel_calls):
+@pytest.mark.parametrize("name, inputs, warning, reference", [
+    ("llama", _holes, "padding on both sides or in between", "sdpa"),
+    ("llama", _packed, "a mask attnmem cannot express", "sdpa"),
+    ("gemma2", _packed, "a mask attnmem cannot express", "eager"),
+    ("gpt_oss", _holes, "padding on both sides or in between", "eager"),
+], ids=["holes", "packed", "packed-softcap", "holes-sinks"])
+def test_masks_attnmem_cannot_express_fall_back(name, inputs, warning, reference,
+                                                kernel_calls):
     """Padding inside a sequence under a causal mask with many queries, and packed
-    sequences: sdpa runs them, with a warning, and the results are sdpa's."""
-    model = _model("llama")
+    sequences: sdpa runs them, or the model's eager attention where it softcaps or has
+    sinks (sdpa has neither), with a warning, and the results are theirs."""
+    model = _model(name)
     inputs = inputs()
     batch = inputs.get("attention_mask", inputs.get("position_ids")).shape[0]
     ids = torch.randint(0, VOCAB, (batch, LENGTH))
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(reference)
     expect = model(ids, **inputs).logits
     model.set_attn_implementation("attnmem")
-    with pytest.warns(UserWarning, match=warning):
+    with pytest.warns(UserWarning, match=f"{warning}.*: this runs on transformers' {reference} "):
         got = model(ids, **inputs).logits
     assert not kernel_calls
     real = inputs.get("attention_mask", torch.ones(batch, LENGTH)).bool()

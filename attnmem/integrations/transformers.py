@@ -23,15 +23,17 @@ runs `attnmem.attention`:
 
 A layer given no mask reads it as transformers' sdpa does: causal (top-left) past one query
 when the module is causal. Real tokens get transformers' results; padded query positions,
-which no real token reads, get attnmem's (zeros where they see no key).
+which no real token reads, get attnmem's (zeros where they see no key). Logit softcapping
+(Gemma 2's `softcap`) and attention sinks (gpt-oss's `s_aux`, differentiable) pass through
+to attnmem.attention's `softcap` and `sinks`, on every path above.
 
 Everything else runs on transformers' own attention, with a warning naming the reason shown
-once per reason: its sdpa for attention dropout, for masks attnmem cannot express (custom
-mask functions, packed sequences found from position_ids, chunked attention, static caches
-other than full sliding-window layers, 4D masks passed in, padding with holes under a
-causal mask with more than one query), for paged caches and position biases; the model's
-eager attention for logit softcapping (Gemma 2) and attention sinks (gpt-oss), which sdpa
-lacks. The fallbacks give transformers' results, never a different one.
+once per reason: attention dropout, masks attnmem cannot express (custom mask functions,
+packed sequences found from position_ids, chunked attention, static caches other than full
+sliding-window layers, 4D masks passed in, padding with holes under a causal mask with more
+than one query), paged caches and position biases. They run on its sdpa, or on the model's
+eager attention where the layer softcaps or has sinks, which sdpa lacks. The fallbacks give
+transformers' results, never a different one.
 
 Host syncs: the mask function reads the padding mask's layout once per forward and mask
 type (one small device-to-host copy, as transformers' own sdpa and flash-attention mask
@@ -203,47 +205,43 @@ def _sdpa_causal(module, query, is_causal) -> bool:
     return bool(is_causal) and query.shape[2] > 1
 
 
-def _reason(attention_mask, query, key, value, dropout, softcap, s_aux, is_causal, module,
-            kwargs):
-    """(why attnmem cannot run this call, whether the fallback is eager) or None."""
-    if softcap is not None:
-        return "logit softcapping is not implemented in attnmem.attention yet", True
-    if s_aux is not None:
-        return "attention sinks (s_aux) are not implemented in attnmem.attention yet", True
+def _reason(attention_mask, query, key, value, dropout, is_causal, module, kwargs):
+    """Why attnmem cannot run this call, or None."""
     if dropout:
-        return "attention dropout is not implemented in attnmem.attention yet", False
+        return "attention dropout is not implemented in attnmem.attention yet"
     if kwargs.get("position_bias") is not None:
-        return "attnmem.attention takes no position bias", False
+        return "attnmem.attention takes no position bias"
     if kwargs.get("cache") is not None:
-        return "paged caches are not implemented in attnmem.attention yet", False
+        return "paged caches are not implemented in attnmem.attention yet"
     if value.shape[-1] != key.shape[-1]:
-        return "values with another head dim than the keys", False
+        return "values with another head dim than the keys"
     n_q, n_k = query.shape[2], key.shape[2]
     if isinstance(attention_mask, torch.Tensor):
         return ("a mask attnmem cannot express (a custom mask function, packed sequences, "
-                "chunked attention, a static cache or a 4D mask passed in)"), False
+                "chunked attention, a static cache or a 4D mask passed in)")
     if attention_mask is None:
         if _sdpa_causal(module, query, is_causal) and n_k < n_q:
-            return "a causal mask over fewer keys than queries without a mask", False
+            return "a causal mask over fewer keys than queries without a mask"
         return None
     if (attention_mask.q_length, attention_mask.kv_length) != (n_q, n_k):
-        return "keys or queries of another length than their mask", False
+        return "keys or queries of another length than their mask"
     if attention_mask.causal and attention_mask.layout == "any" and n_q > 1:
         return ("a causal mask with padding on both sides or in between (or any padding "
-                "while torch.compile traces)"), False
+                "while torch.compile traces)")
     return None
 
 
-def _attend(m, q, k, v, scale):
-    """attnmem.attention on (B, H, Nq, D) q and (B, Hkv, Nk, D) k, v under mask m."""
+def _attend(m, q, k, v, scale, mods):
+    """attnmem.attention on (B, H, Nq, D) q and (B, Hkv, Nk, D) k, v under mask m, with the
+    score modifications `mods` (softcap, sinks)."""
     n_q, n_k = q.shape[2], k.shape[2]
     w = m.window
     if m.layout == "none":
         return attnmem.attention(q, k, v, causal=m.causal, scale=scale,
-                                 window=None if w is None else (w - 1, 0))
+                                 window=None if w is None else (w - 1, 0), **mods)
     if m.layout == "right":
         return attnmem.attention(q, k, v, causal=m.causal, scale=scale, kv_lengths=m.lengths,
-                                 window=None if w is None else (w - 1, 0))
+                                 window=None if w is None else (w - 1, 0), **mods)
     if m.causal and m.layout == "left":
         # Flipped, query i* = Nq - 1 - i sees key j* = Nk - 1 - j when i* <= j* (causal)
         # <= i* + w - 1 (window) and j* < length: at attnmem's a = i* + Nk - Nq that is the
@@ -254,14 +252,14 @@ def _attend(m, q, k, v, scale):
             k, v, padding, n_k = k[:, :, cut:], v[:, :, cut:], padding[:, cut:], n_k - cut
         window = (n_k - n_q, None if w is None else w - 1 - (n_k - n_q))
         out = attnmem.attention(q.flip(2), k.flip(2), v.flip(2), scale=scale, window=window,
-                                kv_lengths=padding.sum(-1))
+                                kv_lengths=padding.sum(-1), **mods)
         return out.flip(2)
     # One query, or no causal mask: the keys it sees, in any layout, move to the front.
     visible = m.padding
     if m.causal and w is not None:
         visible = visible & (torch.arange(n_k, device=k.device) >= n_k - w)
     k, v, lengths = _compact_keys(k, v, ~visible)
-    return attnmem.attention(q, k, v, scale=scale, kv_lengths=lengths)
+    return attnmem.attention(q, k, v, scale=scale, kv_lengths=lengths, **mods)
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -270,21 +268,23 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
     query (B, H, Nq, D); key, value (B, Hkv, Nk, D) with Hkv dividing H (grouped-query
     attention runs as is); attention_mask as `build_mask` made it (or None: sdpa's meaning, a
-    top-left causal mask past one query when the module is causal). Returns the output
-    (B, Nq, H, D) and None for the attention weights."""
-    found = _reason(attention_mask, query, key, value, dropout, softcap, s_aux, is_causal,
-                    module, kwargs)
-    if found is not None:
-        reason, eager = found
+    top-left causal mask past one query when the module is causal); softcap (Gemma 2) and
+    s_aux, the sinks (H,) (gpt-oss), go to attnmem.attention's softcap and sinks. Returns
+    the output (B, Nq, H, D) and None for the attention weights."""
+    reason = _reason(attention_mask, query, key, value, dropout, is_causal, module, kwargs)
+    if reason is not None:
+        # sdpa has no softcap and no sinks: such layers fall back to their eager attention.
+        eager = softcap is not None or s_aux is not None
         return _fall_back(reason, eager, module, query, key, value, attention_mask, dropout,
                           scaling, is_causal, dict(kwargs, softcap=softcap, s_aux=s_aux))
     scale = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else scaling
+    mods = dict(softcap=softcap, sinks=s_aux)
     if isinstance(attention_mask, _Mask):
-        out = _attend(attention_mask, query, key, value, scale)
+        out = _attend(attention_mask, query, key, value, scale, mods)
     else:
         causal = _sdpa_causal(module, query, is_causal)
         if causal:
             # sdpa's top-left causal mask reads no key past the last query.
             key, value = key[:, :, :query.shape[2]], value[:, :, :query.shape[2]]
-        out = attnmem.attention(query, key, value, causal=causal, scale=scale)
+        out = attnmem.attention(query, key, value, causal=causal, scale=scale, **mods)
     return out.transpose(1, 2).contiguous(), None
