@@ -240,7 +240,7 @@ def test_opcheck_with_dropout():
     q, k, v = (torch.randn(2, heads, n, 8, requires_grad=True)
                for heads, n in ((4, 9), (2, 12), (2, 12)))
     seed = torch.tensor([1234])
-    fwd_args = (q, k, v, torch.tensor([12, 5]), 0.35, 4, 0, "torch", 0.25, seed)
+    fwd_args = (q, k, v, torch.tensor([12, 5]), 0.35, 4, 0, "torch", 0.0, None, None, 0.25, seed)
     torch.library.opcheck(_attention_forward, fwd_args)
     out, lse = _attention_forward(*fwd_args)
     torch.library.opcheck(_attention_backward, (
