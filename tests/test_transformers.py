@@ -2,7 +2,8 @@
 window), Gemma 2 (softcapping and sliding window) and gpt-oss (sinks and sliding window)
 models on attn_implementation="attnmem" against transformers' own attention, unpadded and
 with right and left padding, forward, backward (the sinks' gradients too) and greedy
-generation through the cache."""
+generation through the cache; packed sequences on attnmem.attention_varlen, and attention
+dropout in training."""
 
 import copy
 import pathlib
@@ -76,23 +77,27 @@ def _padding(kind, lengths):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """How many times attnmem.attention runs."""
+    """The calls of attnmem.attention and attnmem.attention_varlen: (name, keywords)."""
     calls = []
-    attention = attnmem.attention
 
-    def counted(*args, **kwargs):
-        calls.append(kwargs)
-        return attention(*args, **kwargs)
+    def counting(name):
+        op = getattr(attnmem, name)
 
-    monkeypatch.setattr(attnmem, "attention", counted)
+        def counted(*args, **kwargs):
+            calls.append((name, kwargs))
+            return op(*args, **kwargs)
+        return counted
+
+    for name in ("attention", "attention_varlen"):
+        monkeypatch.setattr(attnmem, name, counting(name))
     return calls
 
 
-def _run(model, implementation, ids, mask, weights):
+def _run(model, implementation, ids, mask, weights, **inputs):
     """Logits and every parameter's gradient of a weighted sum of the real positions' logits."""
     model.set_attn_implementation(implementation)
     model.zero_grad()
-    logits = model(ids, attention_mask=mask).logits
+    logits = model(ids, attention_mask=mask, **inputs).logits
     (logits * weights).sum().backward()
     return logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
@@ -244,15 +249,16 @@ def _packed():
 
 @pytest.mark.parametrize("name, inputs, warning, reference", [
     ("llama", _holes, "padding on both sides or in between", "sdpa"),
-    ("llama", _packed, "a mask attnmem cannot express", "sdpa"),
-    ("gemma2", _packed, "a mask attnmem cannot express", "eager"),
+    ("gemma2", _packed, "packed sequences with attention dropout, softcapping or sinks",
+     "eager"),
     ("gpt_oss", _holes, "padding on both sides or in between", "eager"),
-], ids=["holes", "packed", "packed-softcap", "holes-sinks"])
+], ids=["holes", "packed-softcap", "holes-sinks"])
 def test_masks_attnmem_cannot_express_fall_back(name, inputs, warning, reference,
                                                 kernel_calls):
     """Padding inside a sequence under a causal mask with many queries, and packed
-    sequences: sdpa runs them, or the model's eager attention where it softcaps or has
-    sinks (sdpa has neither), with a warning, and the results are theirs."""
+    sequences that softcap (attention_varlen has no softcap yet): sdpa runs them, or the
+    model's eager attention where it softcaps or has sinks (sdpa has neither), with a
+    warning, and the results are theirs."""
     model = _model(name)
     inputs = inputs()
     batch = inputs.get("attention_mask", inputs.get("position_ids")).shape[0]
@@ -265,6 +271,77 @@ def test_masks_attnmem_cannot_express_fall_back(name, inputs, warning, reference
     assert not kernel_calls
     real = inputs.get("attention_mask", torch.ones(batch, LENGTH)).bool()
     torch.testing.assert_close(got[real], expect[real], rtol=1e-4, atol=1e-5)
+
+
+# Each row packs 3 documents (lengths 1 and 2 included: shorter than the window of 3).
+DOCUMENTS = [[4, 1, 6], [2, 5, 4]]
+
+
+def _packed_positions():
+    return torch.stack([torch.cat([torch.arange(n) for n in row]) for row in DOCUMENTS])
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_packed_sequences(name, kernel_calls):
+    """Rows of 3 packed documents, found from position_ids restarting at 0, run on
+    attnmem.attention_varlen (one sequence per document, the window per document): the
+    logits and gradients of transformers' sdpa on the same packed rows, and those of each
+    document run alone."""
+    model = _model(name)
+    positions = _packed_positions()
+    ids = torch.randint(0, VOCAB, positions.shape)
+    weights = torch.randn(*positions.shape, VOCAB)
+
+    def run(implementation, ids, weights, **inputs):
+        model.set_attn_implementation(implementation)
+        model.zero_grad()
+        logits = model(ids, use_cache=False, **inputs).logits
+        (logits * weights).sum().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    expect, expect_grads = run("sdpa", ids, weights, position_ids=positions)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got, grads = run("attnmem", ids, weights, position_ids=positions)
+    assert not [w for w in record if "attnmem" in str(w.message)]
+    assert [op for op, _ in kernel_calls] == ["attention_varlen"] * 2  # both layers
+    tolerance = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, expect, **tolerance)
+    for grad, expect_grad in zip(grads, expect_grads, strict=True):
+        torch.testing.assert_close(grad, expect_grad, rtol=1e-4,
+                                   atol=1e-5 * max(1.0, expect_grad.abs().max().item()))
+    # Each document alone: its logits, and gradients that sum over the documents.
+    alone_grads = None
+    for row, lengths in enumerate(DOCUMENTS):
+        for start, end in zip([0, *torch.tensor(lengths).cumsum(0)[:-1].tolist()],
+                              torch.tensor(lengths).cumsum(0).tolist()):
+            logits, doc_grads = run("sdpa", ids[row:row + 1, start:end],
+                                    weights[row:row + 1, start:end])
+            torch.testing.assert_close(got[row:row + 1, start:end], logits, **tolerance)
+            alone_grads = doc_grads if alone_grads is None else [
+                a + b for a, b in zip(alone_grads, doc_grads)]
+    for grad, alone_grad in zip(grads, alone_grads, strict=True):
+        torch.testing.assert_close(grad, alone_grad, rtol=1e-4,
+                                   atol=1e-5 * max(1.0, alone_grad.abs().max().item()))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="no GPU and no Triton interpreter")
+def test_packed_sequences_triton_backend(kernel_calls):
+    """Packed documents under a sliding window through attnmem's varlen Triton kernels (the
+    interpreter on a CPU), forward and backward, against sdpa."""
+    model = copy.deepcopy(_model("mistral")).to(DEVICE)
+    positions = _packed_positions().to(DEVICE)
+    ids = torch.randint(0, VOCAB, positions.shape, device=DEVICE)
+    weights = torch.randn(*positions.shape, VOCAB, device=DEVICE)
+    packed = dict(position_ids=positions, use_cache=False)
+    expect, expect_grads = _run(model, "sdpa", ids, None, weights, **packed)
+    with attnmem.use_backend("triton"):
+        got, grads = _run(model, "attnmem", ids, None, weights, **packed)
+    assert [op for op, _ in kernel_calls] == ["attention_varlen"] * 2
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
+    for grad, expect_grad in zip(grads, expect_grads, strict=True):
+        torch.testing.assert_close(grad, expect_grad, rtol=1e-4,
+                                   atol=1e-5 * max(1.0, expect_grad.abs().max().item()))
 
 
 def test_static_cache_falls_back(kernel_calls):
@@ -295,18 +372,56 @@ def test_static_sliding_cache(kernel_calls):
     torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
 
 
-def test_dropout_falls_back():
-    """Attention dropout in training runs on sdpa, with a warning: the same random draws
-    as sdpa's."""
-    config = transformers.LlamaConfig(**SMALL, attention_dropout=0.5)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+def _dropout_model():
+    config = transformers.LlamaConfig(**SMALL, attention_dropout=0.1)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_dropout(padding, kernel_calls):
+    """A model with attention_dropout = 0.1 runs on attnmem.attention with dropout_p: in
+    evaluation (dropout 0) sdpa's logits; in training logits that differ from those without
+    dropout, the same logits and gradients again under the same torch seed, finite
+    gradients, and no fallback."""
+    model = _dropout_model().eval()
     ids = torch.randint(0, VOCAB, (BATCH, LENGTH))
+    mask = _padding(padding, torch.tensor([LENGTH, 6, 2]))
+    real = torch.ones(BATCH, LENGTH, dtype=torch.bool) if mask is None else mask.bool()
+    weights = torch.randn(BATCH, LENGTH, VOCAB) * real[..., None]
+    expect, _ = _run(model, "sdpa", ids, mask, weights)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        evaluated, _ = _run(model, "attnmem", ids, mask, weights)
+        torch.testing.assert_close(evaluated[real], expect[real], rtol=1e-4, atol=1e-5)
+        assert {kw["dropout_p"] for _, kw in kernel_calls} == {0.0}
+        kernel_calls.clear()
+        model.train()
+        torch.manual_seed(0)
+        trained, grads = _run(model, "attnmem", ids, mask, weights)
+        torch.manual_seed(0)
+        again, grads_again = _run(model, "attnmem", ids, mask, weights)
+    assert not [w for w in record if "attnmem" in str(w.message)]
+    assert {kw["dropout_p"] for _, kw in kernel_calls} == {0.1}
+    assert not torch.allclose(trained[real], evaluated[real], rtol=1e-3, atol=1e-3)
+    assert torch.equal(trained, again)
+    for grad, grad_again in zip(grads, grads_again, strict=True):
+        assert grad.isfinite().all()
+        assert torch.equal(grad, grad_again)
+
+
+def test_dropout_on_packed_sequences_falls_back(kernel_calls):
+    """Packed sequences in training with attention dropout run on sdpa (attention_varlen
+    has no dropout yet), with a warning: the same random draws as sdpa's."""
+    model = _dropout_model().train()
+    positions = _packed_positions()
+    ids = torch.randint(0, VOCAB, positions.shape)
     seed = torch.seed()
-    expect = model(ids).logits
+    expect = model(ids, position_ids=positions, use_cache=False).logits
     model.set_attn_implementation("attnmem")
     torch.manual_seed(seed)
-    with pytest.warns(UserWarning, match="attention dropout"):
-        got = model(ids).logits
+    with pytest.warns(UserWarning, match="packed sequences with attention dropout"):
+        got = model(ids, position_ids=positions, use_cache=False).logits
+    assert not kernel_calls
     torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
 
 
