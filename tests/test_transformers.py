@@ -281,13 +281,13 @@ def _packed_positions():
     return torch.stack([torch.cat([torch.arange(n) for n in row]) for row in DOCUMENTS])
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2-nosoftcap"])
 def test_packed_sequences(name, kernel_calls):
     """Rows of 3 packed documents, found from position_ids restarting at 0, run on
-    attnmem.attention_varlen (one sequence per document, the window per document): the
-    logits and gradients of transformers' sdpa on the same packed rows, and those of each
-    document run alone."""
-    model = _model(name)
+    attnmem.attention_varlen (one sequence per document, the window per document; Gemma 2's
+    sliding and full layers side by side): the logits and gradients of transformers' own
+    attention on the same packed rows, and those of each document run alone."""
+    model, reference = _model(name), MODELS[name][2]
     positions = _packed_positions()
     ids = torch.randint(0, VOCAB, positions.shape)
     weights = torch.randn(*positions.shape, VOCAB)
@@ -299,7 +299,7 @@ def test_packed_sequences(name, kernel_calls):
         (logits * weights).sum().backward()
         return logits.detach(), [p.grad.clone() for p in model.parameters()]
 
-    expect, expect_grads = run("sdpa", ids, weights, position_ids=positions)
+    expect, expect_grads = run(reference, ids, weights, position_ids=positions)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         got, grads = run("attnmem", ids, weights, position_ids=positions)
@@ -315,7 +315,7 @@ def test_packed_sequences(name, kernel_calls):
     for row, lengths in enumerate(DOCUMENTS):
         for start, end in zip([0, *torch.tensor(lengths).cumsum(0)[:-1].tolist()],
                               torch.tensor(lengths).cumsum(0).tolist()):
-            logits, doc_grads = run("sdpa", ids[row:row + 1, start:end],
+            logits, doc_grads = run(reference, ids[row:row + 1, start:end],
                                     weights[row:row + 1, start:end])
             torch.testing.assert_close(got[row:row + 1, start:end], logits, **tolerance)
             alone_grads = doc_grads if alone_grads is None else [
