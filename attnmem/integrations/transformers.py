@@ -167,10 +167,12 @@ def _unpack(mask_function):
     return _cells(parts[1])["mask_function"], _cells(parts[0])["packed_sequence_mask"]
 
 
+@torch.compiler.disable
 def _documents(indices):
     """(cu_seqlens int32 (documents + 1,), the longest document) of packed sequence indices
     (B, N), each row's documents one after another: one device-to-host copy of where the
-    documents start."""
+    documents start. Called only outside tracing; disabled for dynamo, which would otherwise
+    try to compile it where torch.compile runs the mask function eagerly."""
     starts = torch.ones_like(indices, dtype=torch.bool)
     starts[:, 1:] = indices[:, 1:] != indices[:, :-1]
     starts = starts.flatten().cpu().nonzero().flatten()
