@@ -300,7 +300,8 @@ def _reason(attention_mask, query, key, value, dropout, is_causal, module, mods,
 
 def _attend(m, q, k, v, scale, mods):
     """attnmem.attention on (B, H, Nq, D) q and (B, Hkv, Nk, D) k, v under mask m, with
-    `mods` (softcap, sinks, dropout_p); packed sequences on attnmem.attention_varlen."""
+    `mods` (softcap, sinks, dropout_p); packed sequences on attnmem.attention_varlen, which
+    takes none of them (`_reason` sends packed calls that use them to the fallback)."""
     n_q, n_k = q.shape[2], k.shape[2]
     w = m.window
     if m.layout == "packed":
@@ -344,8 +345,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     query (B, H, Nq, D); key, value (B, Hkv, Nk, D) with Hkv dividing H (grouped-query
     attention runs as is); attention_mask as `build_mask` made it (or None: sdpa's meaning, a
     top-left causal mask past one query when the module is causal); softcap (Gemma 2) and
-    s_aux, the sinks (H,) (gpt-oss), go to attnmem.attention's softcap and sinks. Returns
-    the output (B, Nq, H, D) and None for the attention weights."""
+    s_aux, the sinks (H,) (gpt-oss), go to attnmem.attention's softcap and sinks, dropout to
+    its dropout_p. Returns the output (B, Nq, H, D) and None for the attention weights."""
     mods = dict(softcap=softcap, sinks=s_aux)
     reason = _reason(attention_mask, query, key, value, dropout, is_causal, module, mods,
                      kwargs)
