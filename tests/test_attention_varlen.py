@@ -12,14 +12,16 @@ the input dtype, plus a few rounding units (tests/tolerance.py).
 import re
 
 import pytest
+import test_attention_dropout
+import test_attention_scoremods
 import torch
-from test_attention import naive, run
+from test_attention import _window, naive, run
 
 import attnmem
 from attnmem import varlen
 from attnmem.reference import attention as twin
 from backends import BACKENDS, DEVICE, DTYPE_IDS, DTYPES
-from tolerance import assert_close_to_float64
+from tolerance import ATOL, assert_close_to_float64
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
@@ -237,14 +239,151 @@ def test_torch_backend_runs_attention_per_sequence(monkeypatch):
     calls = []
     for first, name in enumerate(("_attention_forward", "_attention_backward")):
         real = getattr(varlen, name)  # its q comes first, after dout in the backward
-        monkeypatch.setattr(varlen, name, lambda *a, real=real, name=name, first=first: (
-            calls.append((name, a[first].shape[2], a[first + 1].shape[2])), real(*a))[1])
+        monkeypatch.setattr(varlen, name, lambda *a, real=real, name=name, first=first, **kw: (
+            calls.append((name, a[first].shape[2], a[first + 1].shape[2])), real(*a, **kw))[1])
     q, k, v, args, kwargs = make_inputs(CASES["window"], torch.float32)
     with attnmem.use_backend("torch"):
         attnmem.attention_varlen(q.requires_grad_(), k, v, *args, **kwargs).sum().backward()
     sizes = [(13, 20), (7, 7), (12, 3)]
     assert calls == ([("_attention_forward", *s) for s in sizes]
                      + [("_attention_backward", *s) for s in sizes])
+
+
+# ---------------------------------------------------------------------------------------
+# Score modifications and dropout
+# ---------------------------------------------------------------------------------------
+
+# name: (case as CASES, softcap, sinks, ALiBi slopes' shape: "h" (H,), "bh" (B, H) or None)
+MOD_CASES = {
+    # Empty sequences (sinks alone there), more queries than keys, GQA.
+    "softcap_sinks_alibi_h": (CASES["causal_gqa"], 2.0, True, "h"),
+    "alibi_bh_window": (CASES["window"], None, False, "bh"),
+}
+
+
+def make_mods(case, softcap, sinks, alibi):
+    heads, batch = case[0], len(case[3])
+    return dict(softcap=softcap,
+                sinks=torch.randn(heads, device=DEVICE) * 2 if sinks else None,
+                alibi_slopes=None if alibi is None else
+                torch.rand((heads,) if alibi == "h" else (batch, heads), device=DEVICE))
+
+
+def per_sequence_with(fn, q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, slopes):
+    """per_sequence for fn(q, k, v, sinks, slopes), with sequence b's row of (B, H) slopes."""
+    rows = varlen._sequences(cu_seqlens_q, cu_seqlens_k)
+    outs, lses = [], []
+    for b, (rows_q, rows_k) in enumerate(rows):
+        slopes_b = slopes if slopes is None or slopes.ndim == 1 else slopes[b:b + 1]
+        out, lse = fn(*(x.transpose(0, 1)[None] for x in (q[rows_q], k[rows_k], v[rows_k])),
+                      sinks, slopes_b)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, 1)
+
+
+def compare(ours, base, ref, dtype):
+    """flash-attention's rule on every output, where the float64 one is finite; infinities
+    (lse of queries that see no key and no sink) must match."""
+    for what, o, b, r in zip(["out", "lse", "dq", "dk", "dv", "dsinks"], ours, base, ref):
+        assert o.shape == r.shape, what
+        assert not torch.isnan(o).any(), f"{what} has NaN"
+        finite = torch.isfinite(r)
+        assert torch.equal(torch.isfinite(o), finite), f"{what}: infinities differ"
+        err = (o.double() - r)[finite].abs().max().item()
+        base_err = (b.double() - r)[finite].abs().max().item()
+        atol = ATOL[dtype] * max(1.0, r[finite].abs().max().item())
+        assert err <= 2 * base_err + atol, f"{what}: error {err:.3g}, torch's {base_err:.3g}"
+
+
+@pytest.mark.parametrize("backend, deterministic", TARGETS, indirect=["deterministic"])
+@pytest.mark.parametrize("name", list(MOD_CASES))
+def test_score_mods_match_float64(name, backend, deterministic):
+    """softcap, sinks (and their gradient) and ALiBi (H,) and (B, H) against float64
+    attention run one sequence at a time, each sequence's ALiBi distance from its own end."""
+    case, *mod_args = MOD_CASES[name]
+    q, k, v, args, kwargs = make_inputs(case, torch.float32)
+    mods = make_mods(case, *mod_args)
+    softcap, sinks, slopes = mods["softcap"], mods["sinks"], mods["alibi_slopes"]
+    scale = q.shape[-1] ** -0.5
+    left, right = _window(kwargs)
+    dense = dict(kwargs, kv_lengths=None)
+    dout = torch.randn(q.shape, device=DEVICE)
+    dlse = torch.randn(q.shape[1], q.shape[0], device=DEVICE)
+
+    def twin_fn(q, k, v, s, a):
+        return twin.attention_forward(q, k, v, None, scale, left, right, softcap or 0.0, s,
+                                      None if a is None else a.double())
+
+    def packed(fn):
+        return lambda q, k, v, s: per_sequence_with(fn, q, k, v, s, *args[:2], slopes)
+
+    ref = test_attention_scoremods.run(packed(twin_fn), q.double(), k.double(), v.double(),
+                                       None if sinks is None else sinks.double(),
+                                       dout.double(), dlse.double())
+    base = test_attention_scoremods.run(
+        packed(lambda q, k, v, s, a: test_attention_scoremods.naive(q, k, v, s, dense, scale,
+                                                                    softcap, a)),
+        q, k, v, sinks, dout, dlse)
+    with attnmem.use_backend(backend):
+        ours = test_attention_scoremods.run(
+            lambda q, k, v, s: attnmem.attention_varlen(q, k, v, *args, **kwargs, **dict(
+                mods, sinks=s), return_lse=True),
+            q, k, v, sinks, dout, dlse)
+    compare(ours, base, ref, torch.float32)
+    if sinks is not None:  # queries that see no key: zero output, all weight on the sink
+        unseen = ~torch.isfinite(per_sequence(lambda *x: twin.attention_forward(
+            *x, None, scale, left, right), q, k, v, *args[:2])[1])
+        assert unseen.any() and (ours[0].transpose(0, 1)[unseen] == 0).all()
+        torch.testing.assert_close(ours[1][unseen],
+                                   sinks[:, None].expand(unseen.shape)[unseen])
+
+
+@pytest.mark.parametrize("backend, deterministic", TARGETS, indirect=["deterministic"])
+def test_dropout_matches_float64_with_the_same_mask(backend, deterministic):
+    """Dropout against float64 run with the mask the backend applied (varlen.dropout_mask
+    reads it back), sequence by sequence; the same generator state gives the same output."""
+    q, k, v, args, kwargs = make_inputs(CASES["causal_gqa"], torch.float32)
+    p, scale = 0.3, q.shape[-1] ** -0.5
+    left, right = _window(kwargs)
+    dense = dict(kwargs, kv_lengths=None)
+    dout = torch.randn(q.shape, device=DEVICE)
+    dlse = torch.randn(q.shape[1], q.shape[0], device=DEVICE)
+    rows = varlen._sequences(*args[:2])
+
+    def attend(q, k, v):
+        return attnmem.attention_varlen(q, k, v, *args, **kwargs, return_lse=True, dropout_p=p,
+                                        generator=test_attention_dropout.with_seed(5))
+
+    with attnmem.use_backend(backend):
+        keep = varlen.dropout_mask(q, k, *args, p, test_attention_dropout.with_seed(5))
+        ours = run(attend, q, k, v, dout, dlse)
+        again = run(attend, q, k, v, dout, dlse)
+    for a, b in zip([*ours[:2], *ours[2]], [*again[:2], *again[2]]):
+        assert torch.equal(a, b)
+
+    def sequence_by_sequence(fn):
+        def packed(q, k, v):
+            outs, lses = [], []
+            for b, (rows_q, rows_k) in enumerate(rows):
+                keep_b = keep[b:b + 1, :, :rows_q.stop - rows_q.start, :rows_k.stop - rows_k.start]
+                out, lse = fn(*(x.transpose(0, 1)[None] for x in (q[rows_q], k[rows_k],
+                                                                    v[rows_k])), keep_b)
+                outs.append(out[0].transpose(0, 1))
+                lses.append(lse[0])
+            return torch.cat(outs), torch.cat(lses, 1)
+        return packed
+
+    ref = run(sequence_by_sequence(lambda q, k, v, m: twin.attention_forward(
+        q, k, v, None, scale, left, right, dropout_p=p, dropout_mask=m)),
+        q.double(), k.double(), v.double(), dout.double(), dlse.double())
+    base = run(sequence_by_sequence(lambda q, k, v, m: test_attention_dropout.naive(
+        q, k, v, dense, scale, m, p)), q, k, v, dout, dlse)
+    compare([*ours[:2], *ours[2]], [*base[:2], *base[2]], [*ref[:2], *ref[2]], torch.float32)
+    # The mask drops some weights and keeps most, and differs between sequences.
+    kept = keep[0, :, :5, :9]
+    assert 0.5 < kept.float().mean() < 0.9
+    assert not torch.equal(kept[:, :1], keep[2, :, :1, :9])
 
 
 def _good():
