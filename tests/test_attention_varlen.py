@@ -380,10 +380,11 @@ def test_dropout_matches_float64_with_the_same_mask(backend, deterministic):
     base = run(sequence_by_sequence(lambda q, k, v, m: test_attention_dropout.naive(
         q, k, v, dense, scale, m, p)), q, k, v, dout, dlse)
     compare([*ours[:2], *ours[2]], [*base[:2], *base[2]], [*ref[:2], *ref[2]], torch.float32)
-    # The mask drops some weights and keeps most, and differs between sequences.
-    kept = keep[0, :, :5, :9]
-    assert 0.5 < kept.float().mean() < 0.9
-    assert not torch.equal(kept[:, :1], keep[2, :, :1, :9])
+    # The mask drops some weights and keeps most, and sequences draw their own: the same
+    # rows and keys of two sequences differ.
+    kept = keep[0, 0, :5, :9]
+    assert 0.5 < keep[0, :, :5, :9].float().mean() < 0.9
+    assert not torch.equal(kept, keep[2, 0, :5, :9])
 
 
 def _good():
@@ -429,6 +430,18 @@ ERRORS = {
     "causal": (dict(causal=1), TypeError, "causal must be a bool"),
     "window": (dict(window=(2,)), ValueError, "window must be a pair"),
     "scale": (dict(scale=float("nan")), ValueError, "scale must be a finite number"),
+    "softcap": (dict(softcap=-1.0), ValueError, "softcap must be a finite number > 0"),
+    "sinks_shape": (dict(sinks=torch.zeros(2, device=DEVICE)), ValueError,
+                    "sinks must be (H,) = (4,)"),
+    "sinks_dtype": (dict(sinks=torch.zeros(4, dtype=torch.int32, device=DEVICE)), TypeError,
+                    "sinks must be a floating-point tensor"),
+    "alibi_shape": (dict(alibi_slopes=torch.zeros(3, 4, device=DEVICE)), ValueError,
+                    "alibi_slopes must be (H,) = (4,) or (B, H) = (2, 4)"),
+    "alibi_grad": (dict(alibi_slopes=torch.zeros(4, device=DEVICE, requires_grad=True)),
+                   ValueError, "alibi_slopes get no gradient"),
+    "dropout_p": (dict(dropout_p=1.5), ValueError, "dropout_p must be a number in [0, 1]"),
+    "generator": (dict(dropout_p=0.1, generator=3), TypeError,
+                  "generator must be a torch.Generator"),
 }
 
 
@@ -441,31 +454,41 @@ def test_errors_name_the_argument(name):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
-    """The custom ops' schemas, fakes, autograd registration and dispatch; for the triton
-    backend, the checks that its outputs have the fakes' shapes, strides and dtypes."""
+@pytest.mark.parametrize("modified", [False, True], ids=["plain", "mods_dropout"])
+def test_opcheck(backend, modified):
+    """The custom ops' schemas, fakes, autograd registration and dispatch, plain and with
+    softcap, sinks, (B, H) ALiBi slopes and dropout; for the triton backend, the checks that
+    its outputs have the fakes' shapes, strides and dtypes."""
     args = _good()
     q, k, v = (args[x].requires_grad_() for x in "qkv")
     lengths = (args["cu_seqlens_q"], args["cu_seqlens_k"], 5, 7)
+    mods = ()
+    if modified:
+        mods = (1.5, torch.randn(4, device=DEVICE, requires_grad=True),
+                torch.rand(2, 4, device=DEVICE), 0.2, torch.tensor([123], device=DEVICE))
     checks = {} if backend == "torch" else dict(test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(varlen._varlen_forward, (q, k, v, *lengths, 0.3, 2, 0, backend),
-                          **checks)
-    out, lse = varlen._varlen_forward(q, k, v, *lengths, 0.3, 2, 0, backend)
+    torch.library.opcheck(varlen._varlen_forward,
+                          (q, k, v, *lengths, 0.3, 2, 0, backend, *mods), **checks)
+    out, lse = varlen._varlen_forward(q, k, v, *lengths, 0.3, 2, 0, backend, *mods)
     torch.library.opcheck(varlen._varlen_backward, (
         torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
-        torch.randn_like(lse), *lengths, 0.3, 2, 0, backend), **checks)
+        torch.randn_like(lse), *lengths, 0.3, 2, 0, backend,
+        *(x.detach() if isinstance(x, torch.Tensor) else x for x in mods)), **checks)
 
 
 def test_traces_under_torch_compile():
-    """Forward and backward under torch.compile(fullgraph=True), through the fake kernels."""
+    """Forward and backward under torch.compile(fullgraph=True), through the fake kernels,
+    with softcap, sinks and ALiBi slopes (and their gradients: the sinks' too)."""
     args = _good()
     q, k, v = (args.pop(x).requires_grad_() for x in "qkv")
-    expect = attnmem.attention_varlen(q, k, v, **args, causal=True)
-    grads = torch.autograd.grad(expect.sum(), (q, k, v))
+    sinks = torch.randn(4, device=DEVICE, requires_grad=True)
+    mods = dict(softcap=2.0, sinks=sinks, alibi_slopes=torch.rand(4, device=DEVICE))
+    expect = attnmem.attention_varlen(q, k, v, **args, causal=True, **mods)
+    grads = torch.autograd.grad(expect.sum(), (q, k, v, sinks))
     fn = torch.compile(attnmem.attention_varlen, backend="aot_eager", fullgraph=True)
-    got = fn(q, k, v, **args, causal=True)
+    got = fn(q, k, v, **args, causal=True, **mods)
     torch.testing.assert_close(got, expect, rtol=0, atol=0)
-    for g, e in zip(torch.autograd.grad(got.sum(), (q, k, v)), grads):
+    for g, e in zip(torch.autograd.grad(got.sum(), (q, k, v, sinks)), grads):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
