@@ -497,24 +497,29 @@ def test_traces_under_torch_compile():
 # ---------------------------------------------------------------------------------------
 
 
-def _varlen_job(name, config, **options):
-    """test_attention_targets' job for a kernel, with VARLEN on (float16, head dim 128),
-    expecting wgmma and no spill (tests/test_triton_versions.py checks it on the GPU
-    machines' triton too), and TMA from the forward's TMA configs."""
+def _varlen_job(name, config, flags=(), **options):
+    """test_attention_targets' job for a kernel, with VARLEN on (float16, head dim 128) and
+    the score modifications' `flags`, expecting wgmma and no spill
+    (tests/test_triton_versions.py checks it on the GPU machines' triton too), and TMA from
+    the forward's TMA configs."""
     from test_attention_targets import expecting, job
 
     spec = job(name, 90, "float16", 128, config, **options)
-    constexprs = dict(spec["constexprs"], HAS_KV_LENGTHS=False, VARLEN=True)
+    constexprs = dict(spec["constexprs"], HAS_KV_LENGTHS=False, VARLEN=True,
+                      **dict.fromkeys(flags, True))
     if name == "fwd":
         constexprs.update(MASK_KEYS=True, EVEN_M=False)
-    pointers = dict(spec["pointers"], cu_seqlens_q_ptr="i32", cu_seqlens_k_ptr="i32")
+    pointers = dict(spec["pointers"], cu_seqlens_q_ptr="i32", cu_seqlens_k_ptr="i32",
+                    **{f"{flag.removeprefix('HAS_').lower()}_ptr": "fp32" for flag in flags
+                       if flag != "SOFTCAP"})
     return expecting({**spec, "constexprs": constexprs, "pointers": pointers}, wgmma=True,
                      spill_stores=0, spill_loads=0, tma="USE_TMA" in config)
 
 
 def _compile_cases():
     """The first sm_90 config of each kernel at head dim 128 (the forward's first that a
-    masked call runs: it loads through TMA); dK/dV atomic and deterministic."""
+    masked call runs: it loads through TMA); dK/dV atomic and deterministic; the forward
+    with softcap, sinks and ALiBi."""
     from attnmem.kernels import attention as kernel
 
     def first(name, **options):
@@ -522,6 +527,8 @@ def _compile_cases():
                                                   **options) if "WARP_SPECIALIZE" not in c)
 
     return {"fwd": _varlen_job("fwd", first("fwd", tma=True)),
+            "fwd-mods": _varlen_job("fwd", first("fwd", tma=True),
+                                    ("SOFTCAP", "HAS_SINKS", "HAS_ALIBI")),
             "dkdv": _varlen_job("dkdv", first("dkdv")),
             "dkdv-det": _varlen_job("dkdv", first("dkdv"), atomic_dq=False),
             "dq": _varlen_job("dq", first("dq"))}
@@ -537,9 +544,9 @@ def compiled():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["fwd", "dkdv", "dkdv-det", "dq"])
+@pytest.mark.parametrize("case", ["fwd", "fwd-mods", "dkdv", "dkdv-det", "dq"])
 def test_sm90_varlen_kernels_use_wgmma_and_spill_no_register(compiled, case):
     result, expect = compiled[case], _compile_cases()[case]["expect"]
     assert result["error"] is None, result["error"]
-    assert expect["tma"] == (case == "fwd")
+    assert expect["tma"] == case.startswith("fwd")
     assert {k: result[k] for k in expect} == expect, f"{result['registers']} registers"
