@@ -145,13 +145,17 @@ _varlen_forward.register_autograd(_backward, setup_context=_setup_context)
 
 def _sequence_mods(mods, b, rows_q, seed):
     """attnmem.attention's score modifications and dropout for sequence b (query rows
-    rows_q), a batch of one: its row of (B, H) ALiBi slopes, and the seed shifted by its
-    first packed row, so that the torch backend draws packed query row r's mask from
-    seed + r (attnmem.attention draws its row i from seed + i)."""
+    rows_q), a batch of one: its row of (B, H) ALiBi slopes, and _sequence_seed."""
     slopes = mods["alibi_slopes"]
     if slopes is not None and slopes.ndim == 2:
         slopes = slopes[b:b + 1]
-    return dict(mods, alibi_slopes=slopes, seed=None if seed is None else seed + rows_q.start)
+    return dict(mods, alibi_slopes=slopes, seed=_sequence_seed(seed, rows_q))
+
+
+def _sequence_seed(seed, rows_q):
+    """The seed shifted by the sequence's first packed row: attnmem.attention's torch path
+    draws its query row i's mask from seed + i, so packed row r's comes from seed + r."""
+    return None if seed is None else seed + rows_q.start
 
 
 def _sequences(cu_seqlens_q, cu_seqlens_k):
@@ -271,13 +275,11 @@ def dropout_mask(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, d
         from attnmem.kernels import attention as kernel
         return kernel.dropout_keep_mask(seed, shape, dropout_p)
     keep = torch.zeros(shape, dtype=torch.bool, device=q.device)
-    mods = dict(alibi_slopes=None)
     for b, (rows_q, rows_k) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
-        seed_b = _sequence_mods(mods, b, rows_q, seed)["seed"]
         n_q, n_k = rows_q.stop - rows_q.start, rows_k.stop - rows_k.start
-        keep[b, :, :n_q, :n_k] = _torch_dropout_mask(seed_b, dropout_p, _dense(q[rows_q]),
-                                                     _dense(k[rows_k]))(
-            torch.arange(n_q, device=q.device))[0]
+        draw = _torch_dropout_mask(_sequence_seed(seed, rows_q), dropout_p, _dense(q[rows_q]),
+                                   _dense(k[rows_k]))
+        keep[b, :, :n_q, :n_k] = draw(torch.arange(n_q, device=q.device))[0]
     return keep
 
 
