@@ -73,9 +73,14 @@ def make_inputs(case, dtype):
 def per_sequence(fn, q, k, v, cu_seqlens_q, cu_seqlens_k):
     """fn(q, k, v) -> (out, lse) on dense (1, H, N, D) batches, run on each sequence and
     packed: out (total_q, H, D), lse (H, total_q)."""
+    return each_sequence(lambda q, k, v, b: fn(q, k, v), q, k, v, cu_seqlens_q, cu_seqlens_k)
+
+
+def each_sequence(fn, q, k, v, cu_seqlens_q, cu_seqlens_k):
+    """per_sequence for fn(q, k, v, b), b the sequence's index."""
     outs, lses = [], []
-    for rows_q, rows_k in varlen._sequences(cu_seqlens_q, cu_seqlens_k):
-        out, lse = fn(*(x.transpose(0, 1)[None] for x in (q[rows_q], k[rows_k], v[rows_k])))
+    for b, (rows_q, rows_k) in enumerate(varlen._sequences(cu_seqlens_q, cu_seqlens_k)):
+        out, lse = fn(*(x.transpose(0, 1)[None] for x in (q[rows_q], k[rows_k], v[rows_k])), b)
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])
     return torch.cat(outs), torch.cat(lses, 1)
@@ -269,19 +274,6 @@ def make_mods(case, softcap, sinks, alibi):
                 torch.rand((heads,) if alibi == "h" else (batch, heads), device=DEVICE))
 
 
-def per_sequence_with(fn, q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, slopes):
-    """per_sequence for fn(q, k, v, sinks, slopes), with sequence b's row of (B, H) slopes."""
-    rows = varlen._sequences(cu_seqlens_q, cu_seqlens_k)
-    outs, lses = [], []
-    for b, (rows_q, rows_k) in enumerate(rows):
-        slopes_b = slopes if slopes is None or slopes.ndim == 1 else slopes[b:b + 1]
-        out, lse = fn(*(x.transpose(0, 1)[None] for x in (q[rows_q], k[rows_k], v[rows_k])),
-                      sinks, slopes_b)
-        outs.append(out[0].transpose(0, 1))
-        lses.append(lse[0])
-    return torch.cat(outs), torch.cat(lses, 1)
-
-
 def compare(ours, base, ref, dtype):
     """flash-attention's rule on every output, where the float64 one is finite; infinities
     (lse of queries that see no key and no sink) must match."""
@@ -316,7 +308,10 @@ def test_score_mods_match_float64(name, backend, deterministic):
                                       None if a is None else a.double())
 
     def packed(fn):
-        return lambda q, k, v, s: per_sequence_with(fn, q, k, v, s, *args[:2], slopes)
+        """fn(q, k, v, sinks, slopes) per sequence, with sequence b's row of (B, H) slopes."""
+        return lambda q, k, v, s: each_sequence(
+            lambda q, k, v, b: fn(q, k, v, s, slopes if slopes is None or slopes.ndim == 1
+                                  else slopes[b:b + 1]), q, k, v, *args[:2])
 
     ref = test_attention_scoremods.run(packed(twin_fn), q.double(), k.double(), v.double(),
                                        None if sinks is None else sinks.double(),
@@ -349,7 +344,6 @@ def test_dropout_matches_float64_with_the_same_mask(backend, deterministic):
     dense = dict(kwargs, kv_lengths=None)
     dout = torch.randn(q.shape, device=DEVICE)
     dlse = torch.randn(q.shape[1], q.shape[0], device=DEVICE)
-    rows = varlen._sequences(*args[:2])
 
     def attend(q, k, v):
         return attnmem.attention_varlen(q, k, v, *args, **kwargs, return_lse=True, dropout_p=p,
@@ -363,16 +357,10 @@ def test_dropout_matches_float64_with_the_same_mask(backend, deterministic):
         assert torch.equal(a, b)
 
     def sequence_by_sequence(fn):
-        def packed(q, k, v):
-            outs, lses = [], []
-            for b, (rows_q, rows_k) in enumerate(rows):
-                keep_b = keep[b:b + 1, :, :rows_q.stop - rows_q.start, :rows_k.stop - rows_k.start]
-                out, lse = fn(*(x.transpose(0, 1)[None] for x in (q[rows_q], k[rows_k],
-                                                                    v[rows_k])), keep_b)
-                outs.append(out[0].transpose(0, 1))
-                lses.append(lse[0])
-            return torch.cat(outs), torch.cat(lses, 1)
-        return packed
+        """fn(q, k, v, mask) per sequence, with sequence b's mask."""
+        return lambda q, k, v: each_sequence(
+            lambda q, k, v, b: fn(q, k, v, keep[b:b + 1, :, :q.shape[2], :k.shape[2]]),
+            q, k, v, *args[:2])
 
     ref = run(sequence_by_sequence(lambda q, k, v, m: twin.attention_forward(
         q, k, v, None, scale, left, right, dropout_p=p, dropout_mask=m)),
