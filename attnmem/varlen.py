@@ -5,7 +5,8 @@ One torch.library custom op holds the forward (out and logsumexp) and one the ba
 The triton backend runs the attention kernels with their VARLEN flag: each program finds its
 sequence in the cumulative lengths, and tiles past a sequence's end exit at once, so no work
 goes to padding. The torch backend runs attnmem.attention's torch path (torch's fused CPU
-kernel, or the pure-torch twin) on one sequence at a time.
+kernel, or the pure-torch twin) on one sequence at a time. Both take attnmem.attention's
+score modifications (softcap, sinks, ALiBi slopes) and dropout.
 """
 
 import operator
@@ -19,8 +20,12 @@ from attnmem.attention import (
     FLOAT_DTYPES,
     _attention_backward,
     _attention_forward,
+    _dropout_p,
+    _dropout_seed,
     _scale,
+    _torch_dropout_mask,
     _triton_reasons,
+    _validate_score_mods,
     _window,
 )
 from attnmem.reference import attention as _reference
@@ -35,19 +40,22 @@ def _pick(q, k, v, backend: str) -> str:
 def _varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
                     max_seqlen_k: int, scale: float, window_left: int, window_right: int,
-                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                    backend: str, softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
+                    alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                    seed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
     if _pick(q, k, v, backend) == "triton":
         from attnmem.kernels import attention as kernel
         return kernel.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                max_seqlen_q, max_seqlen_k, scale, window_left,
-                                               window_right)
+                                               window_right, **mods, seed=seed)
     out = q.new_zeros(q.shape)
     lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"),
                      dtype=_reference.compute_dtype(q.dtype))
-    for rows_q, rows_k in _sequences(cu_seqlens_q, cu_seqlens_k):
+    for b, (rows_q, rows_k) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
         out_b, lse_b = _attention_forward(
             _dense(q[rows_q]), _dense(k[rows_k]), _dense(v[rows_k]), None, scale, window_left,
-            window_right, "torch")
+            window_right, "torch", **_sequence_mods(mods, b, rows_q, seed))
         out[rows_q] = out_b[0].transpose(0, 1)
         lse[:, rows_q] = lse_b[0]
     return out, lse
@@ -55,7 +63,8 @@ def _varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @_varlen_forward.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-      window_right, backend):
+      window_right, backend, softcap=0.0, sinks=None, alibi_slopes=None, dropout_p=0.0,
+      seed=None):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]),
                                              dtype=_reference.compute_dtype(q.dtype))
 
@@ -65,47 +74,88 @@ def _varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                      out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
                      max_seqlen_k: int, scale: float, window_left: int, window_right: int,
-                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     backend: str, softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
+                     alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                     seed: Optional[torch.Tensor] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv and dsinks (empty without sinks)."""
+    mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
     if _pick(q, k, v, backend) == "triton":
         from attnmem.kernels import attention as kernel
-        return kernel.attention_varlen_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q,
-                                                cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                scale, window_left, window_right)
+        grads = kernel.attention_varlen_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q,
+                                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                 scale, window_left, window_right, **mods,
+                                                 seed=seed)
+        return grads if sinks is not None else (*grads, q.new_empty(0))
     grads = [x.new_zeros(x.shape) for x in (q, k, v)]
-    for rows_q, rows_k in _sequences(cu_seqlens_q, cu_seqlens_k):
+    dsinks = q.new_empty(0) if sinks is None else torch.zeros_like(sinks)
+    for b, (rows_q, rows_k) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
         stats = [None if x is None else x[None, :, rows_q].contiguous() for x in (lse, dlse)]
-        grads_b = _attention_backward(
+        *grads_b, dsinks_b = _attention_backward(
             _dense(dout[rows_q]), _dense(q[rows_q]), _dense(k[rows_k]), _dense(v[rows_k]),
-            _dense(out[rows_q]), *stats, None, scale, window_left, window_right, "torch")
+            _dense(out[rows_q]), *stats, None, scale, window_left, window_right, "torch",
+            **_sequence_mods(mods, b, rows_q, seed))
         for grad, grad_b, rows in zip(grads, grads_b, (rows_q, rows_k, rows_k)):
             grad[rows] = grad_b[0].transpose(0, 1)
-    return tuple(grads)
+        if sinks is not None:
+            dsinks += dsinks_b
+    return (*grads, dsinks)
 
 
 @_varlen_backward.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      scale, window_left, window_right, backend):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+      scale, window_left, window_right, backend, softcap=0.0, sinks=None, alibi_slopes=None,
+      dropout_p=0.0, seed=None):
+    dsinks = q.new_empty(0) if sinks is None else sinks.new_empty(sinks.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
+
+
+# The forward op's inputs from max_seqlen_q to backend, then its optional ones with their
+# defaults (callers may leave them out).
+_REQUIRED_ARGS = 6
+_OPTIONAL_INPUTS = (0.0, None, None, 0.0, None)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens_q, cu_seqlens_k, *args = inputs
-    ctx.save_for_backward(q, k, v, *output, cu_seqlens_q, cu_seqlens_k)
-    ctx.args = tuple(args)
+    args, rest = args[:_REQUIRED_ARGS], args[_REQUIRED_ARGS:]
+    softcap, sinks, alibi_slopes, dropout_p, seed = (*rest, *_OPTIONAL_INPUTS[len(rest):])
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens_q, cu_seqlens_k, sinks, alibi_slopes,
+                          seed)
+    ctx.args = (*args, softcap)
+    ctx.dropout_p = dropout_p
     # An unused lse then gets None rather than zeros, and the fused CPU backward can run.
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sinks, alibi_slopes, seed = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    grads = _varlen_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
-                             *ctx.args)
-    return *grads, None, None, None, None, None, None, None, None
+    *grads, dsinks = _varlen_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
+                                      *ctx.args, sinks, alibi_slopes, ctx.dropout_p, seed)
+    # ALiBi slopes get no gradient, as in FlashAttention (attention_varlen() refuses ones
+    # that ask).
+    return (*grads, None, None, None, None, None, None, None, None, None,
+            None if sinks is None else dsinks, None, None, None)
 
 
 _varlen_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _sequence_mods(mods, b, rows_q, seed):
+    """attnmem.attention's score modifications and dropout for sequence b (query rows
+    rows_q), a batch of one: its row of (B, H) ALiBi slopes, and _sequence_seed."""
+    slopes = mods["alibi_slopes"]
+    if slopes is not None and slopes.ndim == 2:
+        slopes = slopes[b:b + 1]
+    return dict(mods, alibi_slopes=slopes, seed=_sequence_seed(seed, rows_q))
+
+
+def _sequence_seed(seed, rows_q):
+    """The seed shifted by the sequence's first packed row: attnmem.attention's torch path
+    draws its query row i's mask from seed + i, so packed row r's comes from seed + r."""
+    return None if seed is None else seed + rows_q.start
 
 
 def _sequences(cu_seqlens_q, cu_seqlens_k):
@@ -209,8 +259,33 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, c
     return max_seqlen_q, max_seqlen_k, scale, left, right
 
 
+def dropout_mask(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                 generator=None):
+    """The keep masks (B, H, max_seqlen_q, max_seqlen_k) bool that attention_varlen(q, k, v,
+    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
+    generator=generator) applies on the backend it picks, where generator is in the state
+    that call found it in: sequence b's mask is [b, :, :Lq, :Lk] (the rest is not used, and
+    is False on the torch backend). The tests run the float64 twin with it."""
+    dropout_p = _dropout_p(dropout_p)
+    if dropout_p == 0:
+        raise ValueError("dropout_p must be > 0 for a dropout mask")
+    seed = _dropout_seed(dropout_p, generator, q)
+    shape = (cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k)
+    if _pick(q, k, k, _backend.requested_backend()) == "triton":
+        from attnmem.kernels import attention as kernel
+        return kernel.dropout_keep_mask(seed, shape, dropout_p)
+    keep = torch.zeros(shape, dtype=torch.bool, device=q.device)
+    for b, (rows_q, rows_k) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
+        n_q, n_k = rows_q.stop - rows_q.start, rows_k.stop - rows_k.start
+        draw = _torch_dropout_mask(_sequence_seed(seed, rows_q), dropout_p, _dense(q[rows_q]),
+                                   _dense(k[rows_k]))
+        keep[b, :, :n_q, :n_k] = draw(torch.arange(n_q, device=q.device))[0]
+    return keep
+
+
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
-                     causal=False, scale=None, window=None, return_lse=False):
+                     causal=False, scale=None, window=None, return_lse=False, softcap=None,
+                     sinks=None, alibi_slopes=None, dropout_p=0.0, generator=None):
     """Softmax attention over a packed batch of variable-length sequences, in the layout of
     FlashAttention's flash_attn_varlen_func and with its semantics.
 
@@ -248,10 +323,26 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     wrong lengths read and write nothing outside the tensors, but rows that no sequence
     covers, or that lie past max_seqlen in theirs, are left unwritten. Checked everywhere,
     from sizes alone: max_seqlen * B covers the totals.
+
+    softcap, sinks ((H,)), alibi_slopes ((H,) or (B, H), row b for sequence b), dropout_p
+    and generator: as attnmem.attention takes them (FlashAttention's varlen function takes
+    softcap, alibi_slopes and dropout_p alike), with the same checks. ALiBi's bias
+    -slope * |a - j| measures from the sequence's own aligned position a = i + Lk - Lq, and
+    a query that sees no key has lse = sinks[h] with sinks. Dropout draws one seed as
+    attnmem.attention does; the triton kernels key sequence b's Philox counters by b where
+    attnmem.attention's use the batch index, and the torch backend draws packed query row
+    r's mask from a generator seeded with seed + r. dropout_mask(q, k, cu_seqlens_q,
+    cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, generator), in this module,
+    returns the masks a call applies.
     """
     max_seqlen_q, max_seqlen_k, scale, window_left, window_right = _validate(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window,
         return_lse)
+    softcap, sinks, alibi_slopes = _validate_score_mods(q, scale, softcap, sinks, alibi_slopes,
+                                                        cu_seqlens_q.shape[0] - 1, q.shape[1])
+    dropout_p = _dropout_p(dropout_p)
+    seed = _dropout_seed(dropout_p, generator, q)
     out, lse = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               scale, window_left, window_right, _backend.requested_backend())
+                               scale, window_left, window_right, _backend.requested_backend(),
+                               softcap, sinks, alibi_slopes, dropout_p, seed)
     return (out, lse) if return_lse else out

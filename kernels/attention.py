@@ -26,7 +26,9 @@ delta (H, total_q). The launchers pass the tensors as (1, H, total, D) views wit
 stride 0 and launch the grid's last axis over sequences, sized by the longest: each program
 reads its sequence's bounds, moves its bases to the sequence's first rows and runs the dense
 body there, with the sequence's own lengths as Nq and Nk (so masks align to them); tiles past
-a sequence's end exit at once.
+a sequence's end exit at once. The other flags need nothing more: b, the sequence's index,
+selects its row of (B, H) ALiBi slopes and is the batch word of its dropout counters, and the
+sinks' gradient reduces over the packed lse and delta.
 
 Dropout (DROPOUT, compiled out when off) zeroes the weights that _dropout_keep drops, from
 a seed in device memory, and scales the rest; each kernel draws a pair's number from the
@@ -1000,9 +1002,10 @@ def dropout_meta(dropout_p, seed) -> dict:
                 dropout_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
 
 
-def _score_mods(scale, softcap, alibi_slopes) -> tuple[float, dict]:
-    """(qk_scale, the kernels' keyword arguments) for a softcap (0: none) and ALiBi slopes
-    (None, or (H,) or (B, H)); nothing is passed for what is off, so the flags compile out."""
+def _score_mods(scale, softcap, alibi_slopes, sinks=None) -> tuple[float, dict]:
+    """(qk_scale, the kernels' keyword arguments) for a softcap (0: none), ALiBi slopes
+    (None, or (H,) or (B, H)) and, for the forward, sinks (None or (H,)); nothing is passed
+    for what is off, so the flags compile out."""
     qk_scale, extra = scale * LOG2E.value, {}
     if softcap:
         # tanh takes the scaled scores over the cap; the cap brings them back, in log2 units.
@@ -1012,6 +1015,8 @@ def _score_mods(scale, softcap, alibi_slopes) -> tuple[float, dict]:
         slopes = alibi_slopes.to(torch.float32).contiguous()
         extra.update(alibi_ptr=slopes, stride_alibi_b=slopes.stride(0) if slopes.ndim == 2 else 0,
                      HAS_ALIBI=True)
+    if sinks is not None:
+        extra.update(sinks_ptr=sinks.to(torch.float32).contiguous(), HAS_SINKS=True)
     return qk_scale, extra
 
 
@@ -1030,9 +1035,7 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, con
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right)
-    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes)
-    if sinks is not None:
-        mods.update(sinks_ptr=sinks.to(torch.float32).contiguous(), HAS_SINKS=True)
+    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks)
     # Nk a multiple of every forward BLOCK_N: no key tile is partial, whichever config runs.
     meta["MASK_KEYS"] = (kv_lengths is not None or window_left >= 0 or window_right >= 0
                          or k.shape[2] % KEY_TILE_MULTIPLE != 0)
@@ -1162,12 +1165,19 @@ def _varlen_common(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
 
 
 def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             scale, window_left, window_right, config=None):
+                             scale, window_left, window_right, config=None, softcap=0.0,
+                             sinks=None, alibi_slopes=None, dropout_p=0.0, seed=None):
     """Packed q (total_q, H, D), k, v (total_k, Hkv, D): sequence b is rows cu_seqlens[b] to
     cu_seqlens[b + 1] (int32, (B + 1,)), at most max_seqlen rows long, its masks aligned to
     its own lengths. -> out (total_q, H, D) in q's dtype, lse (H, total_q) float32. The grid
     runs ceil(max_seqlen_q / BLOCK_M) query tiles per sequence and head; those past a
-    sequence's end exit at once."""
+    sequence's end exit at once.
+
+    softcap, sinks (H,) and alibi_slopes ((H,) or (B, H), row b for sequence b) as in
+    attention_forward, ALiBi's distance measured from each sequence's own bottom-right
+    aligned position. dropout_p > 0: sequence b's mask is dropout_keep_mask(seed, (B, H,
+    max_seqlen_q, max_seqlen_k), dropout_p)[b, :, :Lq, :Lk] (the sequence index is Philox's
+    batch word, its own rows and keys the others)."""
     q, k, v = (lastdim_contiguous(x) for x in (q, k, v))
     total_q, heads, _ = q.shape
     batch = cu_seqlens_q.shape[0] - 1
@@ -1180,20 +1190,25 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
                                                   max_seqlen_q, max_seqlen_k, window_left,
                                                   window_right)
     meta["MASK_KEYS"] = True
+    meta.update(dropout_meta(dropout_p, seed))
+    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks)
     args = (*views, lse, dummy, *(s for x in views for s in x.stride()[:3]), *scalars,
-            scale * LOG2E.value, *window)
+            qk_scale, *window)
     longest_q = min(max_seqlen_q, total_q)
-    _run("fwd", _attn_fwd, lambda bm, bn: (triton.cdiv(longest_q, bm), heads, batch), args, meta,
-         q.device, config, tma=_tma_aligned(q, k, v, out))
+    _run("fwd", _attn_fwd, lambda bm, bn: (triton.cdiv(longest_q, bm), heads, batch), args,
+         dict(meta, **mods), q.device, config, tma=_tma_aligned(q, k, v, out))
     return out, lse
 
 
 def attention_varlen_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
                               max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
-                              config=None, deterministic=None):
+                              config=None, deterministic=None, softcap=0.0, sinks=None,
+                              alibi_slopes=None, dropout_p=0.0, seed=None):
     """-> dq, dk, dv (packed, contiguous, in the dtypes of q, k, v) of
-    attention_varlen_forward; dlse (H, total_q) may be None. deterministic: as in
-    attention_backward (None follows torch.are_deterministic_algorithms_enabled())."""
+    attention_varlen_forward, and with sinks also dsinks in their dtype (one reduction over
+    the packed lse and delta (H, total_q)); dlse (H, total_q) may be None. deterministic: as
+    in attention_backward (None follows torch.are_deterministic_algorithms_enabled()).
+    softcap, sinks, alibi_slopes, dropout_p and seed: the forward's."""
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     total_q, heads, head_dim = q.shape
@@ -1203,32 +1218,42 @@ def attention_varlen_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_se
     dq = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic
           else torch.empty(q.shape, dtype=q.dtype, device=q.device))
     dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (k, v))
+    lse = lse.contiguous()
+    dlse = None if dlse is None else dlse.float().contiguous()
     if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        grads = dq.zero_(), dk.zero_(), dv.zero_()
+        if sinks is None:
+            return grads
+        delta = -dlse if dlse is not None else torch.zeros_like(lse)
+        return (*grads, _sinks_grad(sinks, lse[None], delta[None]))
     dout, q, k, v, out, dq_v, dk_v, dv_v = (_packed(lastdim_contiguous(x)) for x in
                                             (dout, q, k, v, out, dq, dk, dv))
-    lse = lse.contiguous()
     meta, scalars, window, dummy = _varlen_common(q, k, cu_seqlens_q, cu_seqlens_k,
                                                   max_seqlen_q, max_seqlen_k, window_left,
                                                   window_right)
+    meta.update(dropout_meta(dropout_p, seed))
+    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes)
     # delta needs no sequence bounds: a dense batch of one over every packed row.
     delta = torch.empty_like(lse)
     rows = 16 if interpreting() else 64
     _attn_bwd_delta[(triton.cdiv(total_q, rows), heads, 1)](
-        out, dout, lse if dlse is None else dlse.float().contiguous(), delta,
-        *out.stride()[:3], *dout.stride()[:3], heads, total_q, HEAD_DIM=head_dim,
-        BLOCK_D=meta["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_M=rows)
+        out, dout, lse if dlse is None else dlse, delta, *out.stride()[:3], *dout.stride()[:3],
+        heads, total_q, HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], HAS_DLSE=dlse is not None,
+        BLOCK_M=rows)
     inputs = (q, k, v, dout, lse, delta)
     strides = [s for x in inputs[:4] for s in x.stride()[:3]]
-    tail = (*scalars, scale, scale * LOG2E.value, *window)
+    tail = (*scalars, scale, qk_scale, *window)
     longest_k, longest_q = min(max_seqlen_k, total_k), min(max_seqlen_q, total_q)
     _run("dkdv", _attn_bwd_dkdv, lambda bm, bn: (triton.cdiv(longest_k, bn), kv_heads, batch),
          (*inputs, dk_v, dv_v, dq_v, dummy, *strides,
           *(s for x in (dk_v, dv_v, dq_v) for s in x.stride()[:3]), *tail),
-         dict(meta, ATOMIC_DQ=atomic, **BACKWARD_OPTIONS), q.device, config)
+         dict(meta, ATOMIC_DQ=atomic, **BACKWARD_OPTIONS, **mods), q.device, config)
     if not deterministic:
-        return dq.to(q.dtype), dk, dv
-    _run("dq", _attn_bwd_dq, lambda bm, bn: (triton.cdiv(longest_q, bm), heads, batch),
-         (*inputs, dq_v, dummy, *strides, *dq_v.stride()[:3], *tail),
-         dict(meta, **BACKWARD_OPTIONS), q.device, config)
-    return dq, dk, dv
+        dq = dq.to(q.dtype)
+    else:
+        _run("dq", _attn_bwd_dq, lambda bm, bn: (triton.cdiv(longest_q, bm), heads, batch),
+             (*inputs, dq_v, dummy, *strides, *dq_v.stride()[:3], *tail),
+             dict(meta, **BACKWARD_OPTIONS, **mods), q.device, config)
+    if sinks is None:
+        return dq, dk, dv
+    return dq, dk, dv, _sinks_grad(sinks, lse[None], delta[None])

@@ -12,14 +12,16 @@ the input dtype, plus a few rounding units (tests/tolerance.py).
 import re
 
 import pytest
+import test_attention_dropout
+import test_attention_scoremods
 import torch
-from test_attention import naive, run
+from test_attention import _window, naive, run
 
 import attnmem
 from attnmem import varlen
 from attnmem.reference import attention as twin
 from backends import BACKENDS, DEVICE, DTYPE_IDS, DTYPES
-from tolerance import assert_close_to_float64
+from tolerance import ATOL, assert_close_to_float64
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
@@ -71,9 +73,14 @@ def make_inputs(case, dtype):
 def per_sequence(fn, q, k, v, cu_seqlens_q, cu_seqlens_k):
     """fn(q, k, v) -> (out, lse) on dense (1, H, N, D) batches, run on each sequence and
     packed: out (total_q, H, D), lse (H, total_q)."""
+    return each_sequence(lambda q, k, v, b: fn(q, k, v), q, k, v, cu_seqlens_q, cu_seqlens_k)
+
+
+def each_sequence(fn, q, k, v, cu_seqlens_q, cu_seqlens_k):
+    """per_sequence for fn(q, k, v, b), b the sequence's index."""
     outs, lses = [], []
-    for rows_q, rows_k in varlen._sequences(cu_seqlens_q, cu_seqlens_k):
-        out, lse = fn(*(x.transpose(0, 1)[None] for x in (q[rows_q], k[rows_k], v[rows_k])))
+    for b, (rows_q, rows_k) in enumerate(varlen._sequences(cu_seqlens_q, cu_seqlens_k)):
+        out, lse = fn(*(x.transpose(0, 1)[None] for x in (q[rows_q], k[rows_k], v[rows_k])), b)
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])
     return torch.cat(outs), torch.cat(lses, 1)
@@ -237,14 +244,135 @@ def test_torch_backend_runs_attention_per_sequence(monkeypatch):
     calls = []
     for first, name in enumerate(("_attention_forward", "_attention_backward")):
         real = getattr(varlen, name)  # its q comes first, after dout in the backward
-        monkeypatch.setattr(varlen, name, lambda *a, real=real, name=name, first=first: (
-            calls.append((name, a[first].shape[2], a[first + 1].shape[2])), real(*a))[1])
+        monkeypatch.setattr(varlen, name, lambda *a, real=real, name=name, first=first, **kw: (
+            calls.append((name, a[first].shape[2], a[first + 1].shape[2])), real(*a, **kw))[1])
     q, k, v, args, kwargs = make_inputs(CASES["window"], torch.float32)
     with attnmem.use_backend("torch"):
         attnmem.attention_varlen(q.requires_grad_(), k, v, *args, **kwargs).sum().backward()
     sizes = [(13, 20), (7, 7), (12, 3)]
     assert calls == ([("_attention_forward", *s) for s in sizes]
                      + [("_attention_backward", *s) for s in sizes])
+
+
+# ---------------------------------------------------------------------------------------
+# Score modifications and dropout
+# ---------------------------------------------------------------------------------------
+
+# name: (case as CASES, softcap, sinks, ALiBi slopes' shape: "h" (H,), "bh" (B, H) or None)
+MOD_CASES = {
+    # Empty sequences (sinks alone there), more queries than keys, GQA.
+    "softcap_sinks_alibi_h": (CASES["causal_gqa"], 2.0, True, "h"),
+    "alibi_bh_window": (CASES["window"], None, False, "bh"),
+}
+
+
+def make_mods(case, softcap, sinks, alibi):
+    heads, batch = case[0], len(case[3])
+    return dict(softcap=softcap,
+                sinks=torch.randn(heads, device=DEVICE) * 2 if sinks else None,
+                alibi_slopes=None if alibi is None else
+                torch.rand((heads,) if alibi == "h" else (batch, heads), device=DEVICE))
+
+
+def compare(ours, base, ref, dtype):
+    """flash-attention's rule on every output, where the float64 one is finite; infinities
+    (lse of queries that see no key and no sink) must match."""
+    for what, o, b, r in zip(["out", "lse", "dq", "dk", "dv", "dsinks"], ours, base, ref):
+        assert o.shape == r.shape, what
+        assert not torch.isnan(o).any(), f"{what} has NaN"
+        finite = torch.isfinite(r)
+        assert torch.equal(torch.isfinite(o), finite), f"{what}: infinities differ"
+        err = (o.double() - r)[finite].abs().max().item()
+        base_err = (b.double() - r)[finite].abs().max().item()
+        atol = ATOL[dtype] * max(1.0, r[finite].abs().max().item())
+        assert err <= 2 * base_err + atol, f"{what}: error {err:.3g}, torch's {base_err:.3g}"
+
+
+@pytest.mark.parametrize("backend, deterministic", TARGETS, indirect=["deterministic"])
+@pytest.mark.parametrize("name", list(MOD_CASES))
+def test_score_mods_match_float64(name, backend, deterministic):
+    """softcap, sinks (and their gradient) and ALiBi (H,) and (B, H) against float64
+    attention run one sequence at a time, each sequence's ALiBi distance from its own end."""
+    case, *mod_args = MOD_CASES[name]
+    q, k, v, args, kwargs = make_inputs(case, torch.float32)
+    mods = make_mods(case, *mod_args)
+    softcap, sinks, slopes = mods["softcap"], mods["sinks"], mods["alibi_slopes"]
+    scale = q.shape[-1] ** -0.5
+    left, right = _window(kwargs)
+    dense = dict(kwargs, kv_lengths=None)
+    dout = torch.randn(q.shape, device=DEVICE)
+    dlse = torch.randn(q.shape[1], q.shape[0], device=DEVICE)
+
+    def twin_fn(q, k, v, s, a):
+        return twin.attention_forward(q, k, v, None, scale, left, right, softcap or 0.0, s,
+                                      None if a is None else a.double())
+
+    def packed(fn):
+        """fn(q, k, v, sinks, slopes) per sequence, with sequence b's row of (B, H) slopes."""
+        return lambda q, k, v, s: each_sequence(
+            lambda q, k, v, b: fn(q, k, v, s, slopes if slopes is None or slopes.ndim == 1
+                                  else slopes[b:b + 1]), q, k, v, *args[:2])
+
+    ref = test_attention_scoremods.run(packed(twin_fn), q.double(), k.double(), v.double(),
+                                       None if sinks is None else sinks.double(),
+                                       dout.double(), dlse.double())
+    base = test_attention_scoremods.run(
+        packed(lambda q, k, v, s, a: test_attention_scoremods.naive(q, k, v, s, dense, scale,
+                                                                    softcap, a)),
+        q, k, v, sinks, dout, dlse)
+    with attnmem.use_backend(backend):
+        ours = test_attention_scoremods.run(
+            lambda q, k, v, s: attnmem.attention_varlen(q, k, v, *args, **kwargs, **dict(
+                mods, sinks=s), return_lse=True),
+            q, k, v, sinks, dout, dlse)
+    compare(ours, base, ref, torch.float32)
+    if sinks is not None:  # queries that see no key: zero output, all weight on the sink
+        unseen = ~torch.isfinite(per_sequence(lambda *x: twin.attention_forward(
+            *x, None, scale, left, right), q, k, v, *args[:2])[1])
+        assert unseen.any() and (ours[0].transpose(0, 1)[unseen] == 0).all()
+        torch.testing.assert_close(ours[1][unseen],
+                                   sinks[:, None].expand(unseen.shape)[unseen])
+
+
+@pytest.mark.parametrize("backend, deterministic", TARGETS, indirect=["deterministic"])
+def test_dropout_matches_float64_with_the_same_mask(backend, deterministic):
+    """Dropout against float64 run with the mask the backend applied (varlen.dropout_mask
+    reads it back), sequence by sequence; the same generator state gives the same output."""
+    q, k, v, args, kwargs = make_inputs(CASES["causal_gqa"], torch.float32)
+    p, scale = 0.3, q.shape[-1] ** -0.5
+    left, right = _window(kwargs)
+    dense = dict(kwargs, kv_lengths=None)
+    dout = torch.randn(q.shape, device=DEVICE)
+    dlse = torch.randn(q.shape[1], q.shape[0], device=DEVICE)
+
+    def attend(q, k, v):
+        return attnmem.attention_varlen(q, k, v, *args, **kwargs, return_lse=True, dropout_p=p,
+                                        generator=test_attention_dropout.with_seed(5))
+
+    with attnmem.use_backend(backend):
+        keep = varlen.dropout_mask(q, k, *args, p, test_attention_dropout.with_seed(5))
+        ours = run(attend, q, k, v, dout, dlse)
+        again = run(attend, q, k, v, dout, dlse)
+    for a, b in zip([*ours[:2], *ours[2]], [*again[:2], *again[2]]):
+        assert torch.equal(a, b)
+
+    def sequence_by_sequence(fn):
+        """fn(q, k, v, mask) per sequence, with sequence b's mask."""
+        return lambda q, k, v: each_sequence(
+            lambda q, k, v, b: fn(q, k, v, keep[b:b + 1, :, :q.shape[2], :k.shape[2]]),
+            q, k, v, *args[:2])
+
+    ref = run(sequence_by_sequence(lambda q, k, v, m: twin.attention_forward(
+        q, k, v, None, scale, left, right, dropout_p=p, dropout_mask=m)),
+        q.double(), k.double(), v.double(), dout.double(), dlse.double())
+    base = run(sequence_by_sequence(lambda q, k, v, m: test_attention_dropout.naive(
+        q, k, v, dense, scale, m, p)), q, k, v, dout, dlse)
+    compare([*ours[:2], *ours[2]], [*base[:2], *base[2]], [*ref[:2], *ref[2]], torch.float32)
+    # The mask drops some weights and keeps most, and sequences draw their own: the same
+    # rows and keys of two sequences differ.
+    kept = keep[0, 0, :5, :9]
+    assert 0.5 < keep[0, :, :5, :9].float().mean() < 0.9
+    assert not torch.equal(kept, keep[2, 0, :5, :9])
 
 
 def _good():
@@ -290,6 +418,18 @@ ERRORS = {
     "causal": (dict(causal=1), TypeError, "causal must be a bool"),
     "window": (dict(window=(2,)), ValueError, "window must be a pair"),
     "scale": (dict(scale=float("nan")), ValueError, "scale must be a finite number"),
+    "softcap": (dict(softcap=-1.0), ValueError, "softcap must be a finite number > 0"),
+    "sinks_shape": (dict(sinks=torch.zeros(2, device=DEVICE)), ValueError,
+                    "sinks must be (H,) = (4,)"),
+    "sinks_dtype": (dict(sinks=torch.zeros(4, dtype=torch.int32, device=DEVICE)), TypeError,
+                    "sinks must be a floating-point tensor"),
+    "alibi_shape": (dict(alibi_slopes=torch.zeros(3, 4, device=DEVICE)), ValueError,
+                    "alibi_slopes must be (H,) = (4,) or (B, H) = (2, 4)"),
+    "alibi_grad": (dict(alibi_slopes=torch.zeros(4, device=DEVICE, requires_grad=True)),
+                   ValueError, "alibi_slopes get no gradient"),
+    "dropout_p": (dict(dropout_p=1.5), ValueError, "dropout_p must be a number in [0, 1]"),
+    "generator": (dict(dropout_p=0.1, generator=3), TypeError,
+                  "generator must be a torch.Generator"),
 }
 
 
@@ -302,31 +442,41 @@ def test_errors_name_the_argument(name):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
-    """The custom ops' schemas, fakes, autograd registration and dispatch; for the triton
-    backend, the checks that its outputs have the fakes' shapes, strides and dtypes."""
+@pytest.mark.parametrize("modified", [False, True], ids=["plain", "mods_dropout"])
+def test_opcheck(backend, modified):
+    """The custom ops' schemas, fakes, autograd registration and dispatch, plain and with
+    softcap, sinks, (B, H) ALiBi slopes and dropout; for the triton backend, the checks that
+    its outputs have the fakes' shapes, strides and dtypes."""
     args = _good()
     q, k, v = (args[x].requires_grad_() for x in "qkv")
     lengths = (args["cu_seqlens_q"], args["cu_seqlens_k"], 5, 7)
+    mods = ()
+    if modified:
+        mods = (1.5, torch.randn(4, device=DEVICE, requires_grad=True),
+                torch.rand(2, 4, device=DEVICE), 0.2, torch.tensor([123], device=DEVICE))
     checks = {} if backend == "torch" else dict(test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(varlen._varlen_forward, (q, k, v, *lengths, 0.3, 2, 0, backend),
-                          **checks)
-    out, lse = varlen._varlen_forward(q, k, v, *lengths, 0.3, 2, 0, backend)
+    torch.library.opcheck(varlen._varlen_forward,
+                          (q, k, v, *lengths, 0.3, 2, 0, backend, *mods), **checks)
+    out, lse = varlen._varlen_forward(q, k, v, *lengths, 0.3, 2, 0, backend, *mods)
     torch.library.opcheck(varlen._varlen_backward, (
         torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
-        torch.randn_like(lse), *lengths, 0.3, 2, 0, backend), **checks)
+        torch.randn_like(lse), *lengths, 0.3, 2, 0, backend,
+        *(x.detach() if isinstance(x, torch.Tensor) else x for x in mods)), **checks)
 
 
 def test_traces_under_torch_compile():
-    """Forward and backward under torch.compile(fullgraph=True), through the fake kernels."""
+    """Forward and backward under torch.compile(fullgraph=True), through the fake kernels,
+    with softcap, sinks and ALiBi slopes (and their gradients: the sinks' too)."""
     args = _good()
     q, k, v = (args.pop(x).requires_grad_() for x in "qkv")
-    expect = attnmem.attention_varlen(q, k, v, **args, causal=True)
-    grads = torch.autograd.grad(expect.sum(), (q, k, v))
+    sinks = torch.randn(4, device=DEVICE, requires_grad=True)
+    mods = dict(softcap=2.0, sinks=sinks, alibi_slopes=torch.rand(4, device=DEVICE))
+    expect = attnmem.attention_varlen(q, k, v, **args, causal=True, **mods)
+    grads = torch.autograd.grad(expect.sum(), (q, k, v, sinks))
     fn = torch.compile(attnmem.attention_varlen, backend="aot_eager", fullgraph=True)
-    got = fn(q, k, v, **args, causal=True)
+    got = fn(q, k, v, **args, causal=True, **mods)
     torch.testing.assert_close(got, expect, rtol=0, atol=0)
-    for g, e in zip(torch.autograd.grad(got.sum(), (q, k, v)), grads):
+    for g, e in zip(torch.autograd.grad(got.sum(), (q, k, v, sinks)), grads):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
@@ -335,24 +485,29 @@ def test_traces_under_torch_compile():
 # ---------------------------------------------------------------------------------------
 
 
-def _varlen_job(name, config, **options):
-    """test_attention_targets' job for a kernel, with VARLEN on (float16, head dim 128),
-    expecting wgmma and no spill (tests/test_triton_versions.py checks it on the GPU
-    machines' triton too), and TMA from the forward's TMA configs."""
+def _varlen_job(name, config, flags=(), **options):
+    """test_attention_targets' job for a kernel, with VARLEN on (float16, head dim 128) and
+    the score modifications' `flags`, expecting wgmma and no spill
+    (tests/test_triton_versions.py checks it on the GPU machines' triton too), and TMA from
+    the forward's TMA configs."""
     from test_attention_targets import expecting, job
 
     spec = job(name, 90, "float16", 128, config, **options)
-    constexprs = dict(spec["constexprs"], HAS_KV_LENGTHS=False, VARLEN=True)
+    constexprs = dict(spec["constexprs"], HAS_KV_LENGTHS=False, VARLEN=True,
+                      **dict.fromkeys(flags, True))
     if name == "fwd":
         constexprs.update(MASK_KEYS=True, EVEN_M=False)
-    pointers = dict(spec["pointers"], cu_seqlens_q_ptr="i32", cu_seqlens_k_ptr="i32")
+    pointers = dict(spec["pointers"], cu_seqlens_q_ptr="i32", cu_seqlens_k_ptr="i32",
+                    **{f"{flag.removeprefix('HAS_').lower()}_ptr": "fp32" for flag in flags
+                       if flag != "SOFTCAP"})
     return expecting({**spec, "constexprs": constexprs, "pointers": pointers}, wgmma=True,
                      spill_stores=0, spill_loads=0, tma="USE_TMA" in config)
 
 
 def _compile_cases():
     """The first sm_90 config of each kernel at head dim 128 (the forward's first that a
-    masked call runs: it loads through TMA); dK/dV atomic and deterministic."""
+    masked call runs: it loads through TMA); dK/dV atomic and deterministic; the forward
+    with softcap, sinks and ALiBi."""
     from attnmem.kernels import attention as kernel
 
     def first(name, **options):
@@ -360,6 +515,8 @@ def _compile_cases():
                                                   **options) if "WARP_SPECIALIZE" not in c)
 
     return {"fwd": _varlen_job("fwd", first("fwd", tma=True)),
+            "fwd-mods": _varlen_job("fwd", first("fwd", tma=True),
+                                    ("SOFTCAP", "HAS_SINKS", "HAS_ALIBI")),
             "dkdv": _varlen_job("dkdv", first("dkdv")),
             "dkdv-det": _varlen_job("dkdv", first("dkdv"), atomic_dq=False),
             "dq": _varlen_job("dq", first("dq"))}
@@ -375,9 +532,9 @@ def compiled():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["fwd", "dkdv", "dkdv-det", "dq"])
+@pytest.mark.parametrize("case", ["fwd", "fwd-mods", "dkdv", "dkdv-det", "dq"])
 def test_sm90_varlen_kernels_use_wgmma_and_spill_no_register(compiled, case):
     result, expect = compiled[case], _compile_cases()[case]["expect"]
     assert result["error"] is None, result["error"]
-    assert expect["tma"] == (case == "fwd")
+    assert expect["tma"] == case.startswith("fwd")
     assert {k: result[k] for k in expect} == expect, f"{result['registers']} registers"
