@@ -249,16 +249,13 @@ def _packed():
 
 @pytest.mark.parametrize("name, inputs, warning, reference", [
     ("llama", _holes, "padding on both sides or in between", "sdpa"),
-    ("gemma2", _packed, "packed sequences with attention dropout, softcapping or sinks",
-     "eager"),
     ("gpt_oss", _holes, "padding on both sides or in between", "eager"),
-], ids=["holes", "packed-softcap", "holes-sinks"])
+], ids=["holes", "holes-sinks"])
 def test_masks_attnmem_cannot_express_fall_back(name, inputs, warning, reference,
                                                 kernel_calls):
-    """Padding inside a sequence under a causal mask with many queries, and packed
-    sequences that softcap (attention_varlen has no softcap yet): sdpa runs them, or the
-    model's eager attention where it softcaps or has sinks (sdpa has neither), with a
-    warning, and the results are theirs."""
+    """Padding inside a sequence under a causal mask with many queries: sdpa runs it, or
+    the model's eager attention where it has sinks (sdpa has none), with a warning, and the
+    results are theirs."""
     model = _model(name)
     inputs = inputs()
     batch = inputs.get("attention_mask", inputs.get("position_ids")).shape[0]
@@ -281,7 +278,7 @@ def _packed_positions():
     return torch.stack([torch.cat([torch.arange(n) for n in row]) for row in DOCUMENTS])
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2-nosoftcap"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2-nosoftcap", "gemma2"])
 def test_packed_sequences(name, kernel_calls):
     """Rows of 3 packed documents, found from position_ids restarting at 0, run on
     attnmem.attention_varlen (one sequence per document, the window per document; Gemma 2's
@@ -409,20 +406,27 @@ def test_dropout(padding, kernel_calls):
         assert torch.equal(grad, grad_again)
 
 
-def test_dropout_on_packed_sequences_falls_back(kernel_calls):
-    """Packed sequences in training with attention dropout run on sdpa (attention_varlen
-    has no dropout yet), with a warning: the same random draws as sdpa's."""
-    model = _dropout_model().train()
+def test_dropout_on_packed_sequences(kernel_calls):
+    """Packed sequences in training with attention dropout run on attention_varlen with the
+    module's dropout: repeatable under the same seed, unlike evaluation, finite gradients."""
+    model = _dropout_model()
     positions = _packed_positions()
     ids = torch.randint(0, VOCAB, positions.shape)
-    seed = torch.seed()
-    expect = model(ids, position_ids=positions, use_cache=False).logits
-    model.set_attn_implementation("attnmem")
-    torch.manual_seed(seed)
-    with pytest.warns(UserWarning, match="packed sequences with attention dropout"):
-        got = model(ids, position_ids=positions, use_cache=False).logits
-    assert not kernel_calls
-    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
+    weights = torch.randn(*positions.shape, VOCAB)
+    packed = dict(position_ids=positions, use_cache=False)
+    evaluated, _ = _run(model.eval(), "attnmem", ids, None, weights, **packed)
+    model.train()
+    torch.manual_seed(0)
+    trained, grads = _run(model, "attnmem", ids, None, weights, **packed)
+    torch.manual_seed(0)
+    again, grads_again = _run(model, "attnmem", ids, None, weights, **packed)
+    assert {op for op, _ in kernel_calls} == {"attention_varlen"}
+    assert {kw["dropout_p"] for _, kw in kernel_calls} == {0.0, 0.1}
+    assert not torch.allclose(trained, evaluated, rtol=1e-3, atol=1e-3)
+    assert torch.equal(trained, again)
+    for grad, grad_again in zip(grads, grads_again, strict=True):
+        assert grad.isfinite().all()
+        assert torch.equal(grad, grad_again)
 
 
 def test_from_pretrained(tmp_path, kernel_calls):

@@ -34,12 +34,11 @@ which no real token reads, get attnmem's (zeros where they see no key). Logit so
 (Gemma 2's `softcap`) and attention sinks (gpt-oss's `s_aux`, differentiable) pass through
 to attnmem.attention's `softcap` and `sinks`, and attention dropout (the `dropout`
 transformers passes: the module's attention_dropout in training, 0.0 in evaluation) to its
-`dropout_p`, on every path above but packed sequences. attnmem draws its own dropout mask
-(from torch's generator, reproducible under the same seed), not sdpa's.
+`dropout_p`, on every path above (attention_varlen takes them too). attnmem draws its own
+dropout mask (from torch's generator, reproducible under the same seed), not sdpa's.
 
 Everything else runs on transformers' own attention, with a warning naming the reason shown
-once per reason: packed sequences with softcapping, sinks or attention dropout
-(attnmem.attention_varlen takes none of them yet), masks attnmem cannot express (custom mask
+once per reason: masks attnmem cannot express (custom mask
 functions, packed sequences while torch.compile traces, chunked attention, static caches
 other than full sliding-window layers, 4D masks passed in, padding with holes under a causal
 mask with more than one query), paged caches and position biases. They run on its sdpa, or
@@ -269,7 +268,7 @@ def _sdpa_causal(module, query, is_causal) -> bool:
     return bool(is_causal) and query.shape[2] > 1
 
 
-def _reason(attention_mask, query, key, value, dropout, is_causal, module, mods, kwargs):
+def _reason(attention_mask, query, key, value, is_causal, module, kwargs):
     """Why attnmem cannot run this call, or None."""
     if kwargs.get("position_bias") is not None:
         return "attnmem.attention takes no position bias"
@@ -288,10 +287,6 @@ def _reason(attention_mask, query, key, value, dropout, is_causal, module, mods,
         return None
     if (attention_mask.q_length, attention_mask.kv_length) != (n_q, n_k):
         return "keys or queries of another length than their mask"
-    if attention_mask.layout == "packed" and (dropout or any(x is not None
-                                                             for x in mods.values())):
-        return ("packed sequences with attention dropout, softcapping or sinks "
-                "(attnmem.attention_varlen takes none of them yet)")
     if attention_mask.causal and attention_mask.layout == "any" and n_q > 1:
         return ("a causal mask with padding on both sides or in between (or any padding "
                 "while torch.compile traces)")
@@ -300,8 +295,7 @@ def _reason(attention_mask, query, key, value, dropout, is_causal, module, mods,
 
 def _attend(m, q, k, v, scale, mods):
     """attnmem.attention on (B, H, Nq, D) q and (B, Hkv, Nk, D) k, v under mask m, with
-    `mods` (softcap, sinks, dropout_p); packed sequences on attnmem.attention_varlen, which
-    takes none of them (`_reason` sends packed calls that use them to the fallback)."""
+    `mods` (softcap, sinks, dropout_p); packed sequences on attnmem.attention_varlen."""
     n_q, n_k = q.shape[2], k.shape[2]
     w = m.window
     if m.layout == "packed":
@@ -310,7 +304,7 @@ def _attend(m, q, k, v, scale, mods):
         cu_seqlens, max_seqlen = m.packed
         out = attnmem.attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                        causal=m.causal, scale=scale,
-                                       window=None if w is None else (w - 1, 0))
+                                       window=None if w is None else (w - 1, 0), **mods)
         return out.view(batch, n_q, heads, dim).transpose(1, 2)
     if m.layout == "none":
         return attnmem.attention(q, k, v, causal=m.causal, scale=scale,
@@ -347,9 +341,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     top-left causal mask past one query when the module is causal); softcap (Gemma 2) and
     s_aux, the sinks (H,) (gpt-oss), go to attnmem.attention's softcap and sinks, dropout to
     its dropout_p. Returns the output (B, Nq, H, D) and None for the attention weights."""
-    mods = dict(softcap=softcap, sinks=s_aux)
-    reason = _reason(attention_mask, query, key, value, dropout, is_causal, module, mods,
-                     kwargs)
+    reason = _reason(attention_mask, query, key, value, is_causal, module, kwargs)
     if reason is not None:
         # sdpa has no softcap and no sinks: such layers fall back to their eager attention.
         eager = softcap is not None or s_aux is not None
@@ -357,7 +349,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                           scaling, is_causal, dict(kwargs, softcap=softcap, s_aux=s_aux))
     scale = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else scaling
     # transformers passes the module's attention_dropout in training and 0.0 in evaluation.
-    mods = dict(mods, dropout_p=dropout)
+    mods = dict(softcap=softcap, sinks=s_aux, dropout_p=dropout)
     if isinstance(attention_mask, _Mask):
         out = _attend(attention_mask, query, key, value, scale, mods)
     else:
