@@ -27,8 +27,10 @@ from attnmem.memory import (  # noqa: E402
     memory_write,
 )
 from attnmem.product_key import product_key_lookup  # noqa: E402
+from attnmem.varlen import attention_varlen  # noqa: E402
 
-__all__ = ["additive_attention", "attention", "attention_with_kvcache", "hard_attention",
-           "location_address", "memory_address", "memory_attend", "memory_read", "memory_write",
-           "pointer_attention", "product_key_lookup", "use_backend"]
+__all__ = ["additive_attention", "attention", "attention_varlen", "attention_with_kvcache",
+           "hard_attention", "location_address", "memory_address", "memory_attend",
+           "memory_read", "memory_write", "pointer_attention", "product_key_lookup",
+           "use_backend"]
 __version__ = "0.1.0"

@@ -4,7 +4,8 @@ One torch.library custom op holds the forward (out and logsumexp) and one the ba
 each running on the triton kernels or the torch backend; torch.compile traces them as
 opaque ops. The torch backend runs torch's fused CPU flash-attention kernel on CPU tensors
 (masks it cannot express as is_causal go in as an additive mask) and the pure-torch twin
-elsewhere, and for the gradient of lse, which the fused backward lacks.
+elsewhere, for the gradient of lse, which the fused backward lacks, for softcap, sinks
+and ALiBi slopes, which the fused kernel cannot express, and for dropout.
 """
 
 import math
@@ -40,61 +41,107 @@ def _pick(q, k, v, backend: str) -> str:
 @torch.library.custom_op("attnmem::attention_forward", mutates_args=())
 def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        kv_lengths: Optional[torch.Tensor], scale: float, window_left: int,
-                       window_right: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                       window_right: int, backend: str, softcap: float = 0.0,
+                       sinks: Optional[torch.Tensor] = None,
+                       alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                       seed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
     if _pick(q, k, v, backend) == "triton":
         from attnmem.kernels import attention as kernel
-        return kernel.attention_forward(q, k, v, kv_lengths, scale, window_left, window_right)
-    if _fused_cpu(q, k):
+        return kernel.attention_forward(q, k, v, kv_lengths, scale, window_left, window_right,
+                                        **mods, dropout_p=dropout_p, seed=seed)
+    if dropout_p > 0:
+        with torch.no_grad():
+            return _reference.attention_forward(
+                q, k, v, kv_lengths, scale, window_left, window_right, **mods,
+                dropout_p=dropout_p, dropout_mask=_torch_dropout_mask(seed, dropout_p, q, k))
+    if _fused_cpu(q, k) and not _modified(**mods):
         return _fused_cpu_forward(q, k, v, kv_lengths, scale, window_left, window_right)
     with torch.no_grad():
         return _reference.attention_forward(q, k, v, kv_lengths, scale, window_left,
-                                            window_right)
+                                            window_right, softcap, sinks, alibi_slopes)
 
 
 @_attention_forward.register_fake
-def _(q, k, v, kv_lengths, scale, window_left, window_right, backend):
+def _(q, k, v, kv_lengths, scale, window_left, window_right, backend, softcap=0.0, sinks=None,
+      alibi_slopes=None, dropout_p=0.0, seed=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_reference.compute_dtype(q.dtype))
+
+
+def _modified(softcap, sinks, alibi_slopes) -> bool:
+    """Some score modification is on: torch's fused CPU kernel cannot run it."""
+    return bool(softcap) or sinks is not None or alibi_slopes is not None
 
 
 @torch.library.custom_op("attnmem::attention_backward", mutates_args=())
 def _attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
                         kv_lengths: Optional[torch.Tensor], scale: float, window_left: int,
-                        window_right: int, backend: str
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        window_right: int, backend: str, softcap: float = 0.0,
+                        sinks: Optional[torch.Tensor] = None,
+                        alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                        seed: Optional[torch.Tensor] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv and dsinks (empty without sinks)."""
     args = (dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_left, window_right)
+    mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
     if _pick(q, k, v, backend) == "triton":
         from attnmem.kernels import attention as kernel
-        return kernel.attention_backward(*args)
-    if dlse is None and _fused_cpu(q, k):
-        return _fused_cpu_backward(dout, q, k, v, out, lse, kv_lengths, scale, window_left,
-                                   window_right)
-    return _reference.attention_backward(*args)
+        grads = kernel.attention_backward(*args, **mods, dropout_p=dropout_p, seed=seed)
+    elif dropout_p > 0:
+        grads = _reference.attention_backward(
+            *args, **mods, dropout_p=dropout_p,
+            dropout_mask=_torch_dropout_mask(seed, dropout_p, q, k))
+    elif dlse is None and _fused_cpu(q, k) and not _modified(**mods):
+        grads = _fused_cpu_backward(dout, q, k, v, out, lse, kv_lengths, scale, window_left,
+                                    window_right)
+    else:
+        grads = _reference.attention_backward(*args, **mods)
+    return grads if sinks is not None else (*grads, q.new_empty(0))
 
 
 @_attention_backward.register_fake
-def _(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_left, window_right, backend):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_left, window_right, backend,
+      softcap=0.0, sinks=None, alibi_slopes=None, dropout_p=0.0, seed=None):
+    dsinks = q.new_empty(0) if sinks is None else sinks.new_empty(sinks.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
+
+
+# The forward op's optional inputs after backend, with their defaults (callers may leave
+# them out).
+_OPTIONAL_INPUTS = (0.0, None, None, 0.0, None)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_lengths, scale, window_left, window_right, backend = inputs
+    q, k, v, kv_lengths, scale, window_left, window_right, backend, *rest = inputs
+    softcap, sinks, alibi_slopes, dropout_p, seed = (*rest, *_OPTIONAL_INPUTS[len(rest):])
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kv_lengths)
-    ctx.args = (scale, window_left, window_right, backend)
+    ctx.save_for_backward(q, k, v, out, lse, kv_lengths, sinks, alibi_slopes, seed)
+    ctx.args = (scale, window_left, window_right, backend, softcap)
+    ctx.dropout_p = dropout_p
     # An unused lse then gets None rather than zeros, and the fused CPU backward can run.
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, kv_lengths = ctx.saved_tensors
+    q, k, v, out, lse, kv_lengths, sinks, alibi_slopes, seed = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv, dsinks = _attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths,
+                                             *ctx.args, sinks, alibi_slopes, ctx.dropout_p, seed)
+    # ALiBi slopes get no gradient, as in FlashAttention (attention() refuses ones that ask).
+    return (dq, dk, dv, None, None, None, None, None, None, None if sinks is None else dsinks,
+            None, None, None)
 
 
 _attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _torch_dropout_mask(seed, dropout_p, q, k):
+    """The torch backend's keep mask for this seed, drawn per query row (the twin's
+    seeded_keep); the seed is read on the host (a sync on CUDA tensors)."""
+    return _reference.seeded_keep(int(seed[0]), dropout_p, q.shape[0], q.shape[1], k.shape[2],
+                                  q.device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,6 +278,51 @@ def _scale(scale, q) -> float:
     return scale
 
 
+def _softcap(softcap, scale, q) -> float:
+    """softcap as a float, 0.0 for none (None or 0, FlashAttention's off value); refused where
+    scale / softcap would overflow the computation, as a scale would."""
+    if softcap is None:
+        return 0.0
+    if (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)
+            or not math.isfinite(softcap) or softcap < 0):
+        raise ValueError(f"softcap must be a finite number > 0 (or None or 0 for none), "
+                         f"got {softcap!r}")
+    softcap = float(softcap)
+    limit = torch.finfo(_reference.compute_dtype(q.dtype)).max ** 0.5 / 2 ** 32
+    if softcap and abs(scale) / softcap > limit:
+        raise ValueError(f"softcap {softcap!r} is too small for scale {scale!r}: scale / softcap "
+                         f"must be at most {limit:.4g}")
+    return softcap
+
+
+def _head_params(name, x, q, shapes, what):
+    """x is None or a floating-point tensor of one of `shapes` on q's device."""
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if tuple(x.shape) not in shapes:
+        raise ValueError(f"{name} must be {what}, got shape {tuple(x.shape)}")
+    if x.device != q.device:
+        raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    return x
+
+
+def _validate_score_mods(q, scale, softcap, sinks, alibi_slopes, batch, heads):
+    """(softcap, sinks, alibi_slopes) checked: softcap a float (0.0 for none), sinks (H,),
+    alibi_slopes (H,) or (B, H) that asks for no gradient (it gets none)."""
+    softcap = _softcap(softcap, scale, q)
+    sinks = _head_params("sinks", sinks, q, [(heads,)], f"(H,) = ({heads},)")
+    alibi_slopes = _head_params("alibi_slopes", alibi_slopes, q, [(heads,), (batch, heads)],
+                                f"(H,) = ({heads},) or (B, H) = ({batch}, {heads})")
+    if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
+        raise ValueError("alibi_slopes get no gradient (as in FlashAttention): pass them "
+                         "detached")
+    return softcap, sinks, alibi_slopes
+
+
 def _validate(q, k, v, causal, scale, kv_lengths, window, return_lse):
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x)
@@ -262,8 +354,48 @@ def _validate(q, k, v, causal, scale, kv_lengths, window, return_lse):
     return scale, left, right, kv_lengths
 
 
+def _dropout_p(dropout_p) -> float:
+    if (isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real)
+            or not 0 <= dropout_p <= 1):
+        raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def _dropout_seed(dropout_p, generator, q):
+    """The seed, a (1,) int64 tensor on q's device, that keys one call's dropout draws: one
+    torch.randint from generator (torch's default generator of q's device when None) on the
+    device, so no host sync; None without dropout."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
+    if generator is not None and generator.device != q.device:
+        raise ValueError(f"generator is on {generator.device} but q is on {q.device}")
+    if dropout_p == 0:
+        return None
+    return torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=q.device,
+                         generator=generator)
+
+
+def dropout_mask(q, k, dropout_p, generator=None):
+    """The keep mask (B, H, Nq, Nk) bool that attention(q, k, v, dropout_p=dropout_p,
+    generator=generator) applies on the backend it picks, where generator is in the state
+    that call found it in (draw one seed from it, as the call does): the tests run the
+    float64 twin with it, as FlashAttention's tests read their kernel's mask back."""
+    dropout_p = _dropout_p(dropout_p)
+    if dropout_p == 0:
+        raise ValueError("dropout_p must be > 0 for a dropout mask")
+    seed = _dropout_seed(dropout_p, generator, q)
+    shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if _pick(q, k, k, _backend.requested_backend()) == "triton":
+        from attnmem.kernels import attention as kernel
+        return kernel.dropout_keep_mask(seed, shape, dropout_p)
+    return _torch_dropout_mask(seed, dropout_p, q, k)(torch.arange(q.shape[2],
+                                                                   device=q.device))
+
+
 def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None,
-              return_lse=False):
+              return_lse=False, softcap=None, sinks=None, alibi_slopes=None, dropout_p=0.0,
+              generator=None):
     """Softmax attention `softmax(q k^T * scale + mask) v`, tiled so scores never fill memory.
 
     q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D) with H % Hkv == 0 (query head h reads kv head
@@ -283,8 +415,8 @@ def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None
     Nk = 401 slots holding 15 keys (kv_lengths = 15), with causal=True and window=(128, 0),
     puts a at 398 + i here: every window starts past key 269, so each query sees no key and
     outputs zeros, where FlashAttention puts a at 12 + i and attends to keys 0 to 12 + i.
-    Decode from a padded cache with the planned KV-cache API (attnmem.attention_with_kvcache,
-    not yet built), or pass the cache sliced to its length.
+    Decode from a padded cache with attnmem.attention_with_kvcache, and run packed batches
+    with attnmem.attention_varlen: both align each sequence to its own length.
 
     Keys that no query sees (j >= kv_lengths[b], or j < Nk - Nq - l, before every query's
     window) contribute nothing, forward and backward, whatever they hold: padding that holds
@@ -299,12 +431,56 @@ def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None
     Inputs may be strided; a non-contiguous last dimension is copied once for the triton
     backend. On CPU tensors the torch backend runs torch's fused flash-attention kernel (the
     one F.scaled_dot_product_attention runs there); the chunked pure-torch twin runs on
-    other devices and for the gradient of lse, which that kernel's backward lacks.
+    other devices, for the gradient of lse, which that kernel's backward lacks, and for the
+    score modifications below, which it cannot express.
+
+    Score modifications (FlashAttention's semantics), applied in this order to the scaled
+    scores s = scale * q.k before the mask:
+      softcap (float > 0; None or 0 for none): s becomes softcap * tanh(s / softcap), as
+        Gemma 2 and FlashAttention's softcap do: scale applies before the cap.
+      alibi_slopes ((H,) or (B, H), any float dtype, computed in float32): the bias
+        -slope * |a - j| is added, with a = i + Nk - Nq as above (FlashAttention's
+        -alibi_slope * |i + seqlen_k - seqlen_q - j|; its causal kernel adds slope * j
+        instead, which differs by a per-row constant: the same output and gradients, an lse
+        larger by slope * a there). No gradient reaches the slopes, as in FlashAttention: a
+        tensor that requires grad is refused while grad mode is on.
+      sinks ((H,), any float dtype, differentiable): one logit per query head joins every
+        row's softmax denominator and contributes no value (gpt-oss's attention sinks):
+        out_i = sum_j p_ij v_j with p_ij = exp(s_ij) / (exp(sinks[h]) + sum_k exp(s_ik)).
+        lse then includes the sink, log(exp(sinks[h]) + sum_k exp(s_ik)); a query that sees
+        no key puts all its weight on the sink: it outputs zeros and has lse = sinks[h] (a
+        sink of -inf is no sink). The sinks' gradient is -sum over batches and queries of
+        exp(sinks[h] - lse) * (dout . out - dlse).
+
+    dropout_p (as FlashAttention's and SDPA's): each weight of the softmax is dropped with
+    probability dropout_p (0 to 1) and the rest are scaled by 1 / (1 - dropout_p); lse is
+    that of the undropped scores. Apply it in training only: pass 0.0 in evaluation, as
+    with SDPA. Each call draws one int64 seed with torch.randint from `generator` (a
+    torch.Generator on q's device; torch's default one for that device when None), on
+    the device, so there is no host sync and the same generator state gives the same
+    mask, output and gradients. The triton kernels draw the mask with Philox 4x32 keyed
+    by the seed, one counter for each four keys of a (batch, head, query) and one word of
+    it for each key; the backward regenerates the mask from the saved seed instead of
+    storing it, and the deterministic backward stays bit-for-bit repeatable. The torch
+    backend runs the twin with a mask of torch.rand draws, query row i from a generator
+    seeded with seed + i (it reads the seed on the host), regenerated the same way in the
+    backward: the two backends draw different masks from the same seed.
+    dropout_mask(q, k, dropout_p, generator) returns the mask a call applies.
+    torch.compile(fullgraph=True) traces the seed's randint with the default generator
+    (with torch 2.13, aot_eager and inductor draw the eager seed); dynamo refuses an
+    explicit generator, as for torch.rand(generator=...). Under CUDA graph capture the
+    seed is a captured randint, which torch's CUDA generator redraws on each replay (not
+    yet run on a GPU).
     """
     scale, window_left, window_right, kv_lengths = _validate(q, k, v, causal, scale,
                                                              kv_lengths, window, return_lse)
+    softcap, sinks, alibi_slopes = _validate_score_mods(q, scale, softcap, sinks, alibi_slopes,
+                                                        q.shape[0], q.shape[1])
+    dropout_p = _dropout_p(dropout_p)
+    seed = _dropout_seed(dropout_p, generator, q)
     if causal and q.shape[2] > 1:  # with one query, causal hides no key
         window_right = 0 if window_right < 0 else min(window_right, 0)
     out, lse = _attention_forward(q, k, v, kv_lengths, scale, window_left, window_right,
-                                  _backend.requested_backend())
+                                  _backend.requested_backend(), softcap, sinks, alibi_slopes,
+                                  dropout_p, seed)
     return (out, lse) if return_lse else out

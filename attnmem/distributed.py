@@ -300,7 +300,7 @@ class _RingAttention(torch.autograd.Function):
                     kv_lengths is not None):
                 # attnmem's backward op with the global out and lse gives this pair's share
                 # of the gradients directly: nothing is recomputed or kept per step.
-                dq_part, dk_part, dv_part = torch.ops.attnmem.attention_backward(
+                dq_part, dk_part, dv_part, _ = torch.ops.attnmem.attention_backward(
                     dout[:, :, rows], q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys],
                     out[:, :, rows], lse[:, :, rows], None if dlse is None else dlse[:, :, rows],
                     _local_lengths(kv_lengths, start, keys.stop - keys.start), scale, l_side,

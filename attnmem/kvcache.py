@@ -19,6 +19,7 @@ from attnmem.attention import (
     MAX_TRITON_HEAD_DIM,
     TRITON_DTYPES,
     _scale,
+    _validate_score_mods,
     _window,
 )
 from attnmem.reference import attention as _attention_twin
@@ -63,20 +64,22 @@ def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, backend):
 @torch.library.custom_op("attnmem::attention_with_kvcache", mutates_args=())
 def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor], n_new: int,
-            scale: float, window_left: int, window_right: int, backend: str
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            scale: float, window_left: int, window_right: int, backend: str,
+            softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
+            alibi_slopes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
     if _pick(q, k_cache, v_cache, backend) == "triton":
         from attnmem.kernels import attention_kvcache as kernel
         return kernel.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table,
-                                             n_new, scale, window_left, window_right)
+                                             n_new, scale, window_left, window_right, **mods)
     return _reference.attention_with_kvcache_forward(
         q, k_cache, v_cache, _clamped(cache_seqlens, k_cache, n_new, block_table), block_table,
-        n_new, scale, window_left, window_right)
+        n_new, scale, window_left, window_right, **mods)
 
 
 @_attend.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scale, window_left, window_right,
-      backend):
+      backend, softcap=0.0, sinks=None, alibi_slopes=None):
     batch, n_q, heads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty(
         (batch, heads, n_q), dtype=_attention_twin.compute_dtype(q.dtype))
@@ -148,7 +151,7 @@ def _check_pages(block_table, cache_seqlens, n_new, page_size, n_pages):
 
 
 def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window, scale,
-              return_lse):
+              return_lse, softcap=None, sinks=None, alibi_slopes=None):
     _checks.tensor("q", q, 4, "(B, Sq, H, D)")
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
@@ -195,6 +198,8 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     scale = _scale(scale, q)
+    softcap, sinks, alibi_slopes = _validate_score_mods(q, scale, softcap, sinks, alibi_slopes,
+                                                        batch, heads)
     left, right = _window(window, n_q, capacity)
     if causal:
         right = 0 if right < 0 else min(right, 0)
@@ -203,7 +208,8 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
     tracing = torch.compiler.is_compiling()
     if paged and q.device.type == "cpu" and not tracing:
         _check_pages(block_table, seqlens, n_new, k_cache.shape[1], k_cache.shape[0])
-    tensors = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)]
+    tensors = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
+               ("sinks", sinks)]
     if torch.is_grad_enabled():
         for name, x in tensors:
             if x is not None and x.requires_grad:
@@ -219,18 +225,18 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
                 raise ValueError(f"{name} has overlapping elements (expanded?): the append "
                                  "writes it in place")
             for other, x in tensors[:1] + tensors[3:]:
-                if torch._C._overlaps(cache, x):
+                if x is not None and torch._C._overlaps(cache, x):
                     raise ValueError(f"{other} shares storage with {name}, which the append "
                                      "overwrites; pass a copy")
         if torch._C._overlaps(k_cache, v_cache):
             raise ValueError("k_cache and v_cache share storage: the append would write one "
                              "over the other")
-    return n_new, seqlens, scale, left, right
+    return n_new, seqlens, scale, left, right, (softcap, sinks, alibi_slopes)
 
 
 def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens,
                            block_table=None, causal=True, window=None, scale=None,
-                           return_lse=False):
+                           return_lse=False, softcap=None, sinks=None, alibi_slopes=None):
     """Attention of new queries over a KV cache, appending the new keys and values to the
     cache in place first: FlashAttention's flash_attn_with_kvcache, whose API semantics it
     follows (layout, alignment, window).
@@ -265,15 +271,22 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     append into the same page slot. The triton backend splits each sequence's keys across
     programs by the device's SM count (flash-decoding) and combines the splits by
     logsumexp; the torch backend runs attnmem.reference.kvcache, one sequence at a time.
-    FlashAttention's rotary_cos/rotary_sin, cache_batch_idx, cache_leftpad, softcap,
-    alibi_slopes and num_splits arguments have no counterpart here.
+
+    softcap, sinks and alibi_slopes act as in attnmem.attention (its docstring): the cap
+    c * tanh(s / c) on the scaled scores, the ALiBi bias -slope * |a - j| from each query's
+    position a above (FlashAttention's i + seqlen_k - seqlen_q with each sequence's own
+    length), and one sink logit per query head joining every softmax (lse includes it; a
+    query that sees no key outputs zeros and has lse = sinks[h]). No gradient here either:
+    sinks that require grad are refused while grad mode is on.
+    FlashAttention's rotary_cos/rotary_sin, cache_batch_idx, cache_leftpad and num_splits
+    arguments have no counterpart here.
     """
-    n_new, seqlens, scale, left, right = _validate(q, k_cache, v_cache, k, v, cache_seqlens,
-                                                   block_table, causal, window, scale,
-                                                   return_lse)
+    n_new, seqlens, scale, left, right, mods = _validate(
+        q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window, scale,
+        return_lse, softcap, sinks, alibi_slopes)
     backend = _backend.requested_backend()
     if n_new:
         _append(q, k_cache, v_cache, k, v, seqlens, block_table, backend)
     out, lse = _attend(q, k_cache, v_cache, seqlens, block_table, n_new, scale, left, right,
-                       backend)
+                       backend, *mods)
     return (out, lse) if return_lse else out

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import attnmem
 from attnmem.nn import MultiheadAttention, MultiheadSelfAttention
 
-OPS = ("attention", "memory_attend", "memory_write", "additive", "mha", "decode",
+OPS = ("attention", "memory_attend", "memory_write", "additive", "mha", "decode", "varlen",
        "product_key")
 PROFILES = ("smoke", "quick", "cpu", "gpu", "gpu-check")
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
@@ -28,6 +28,7 @@ PROVIDERS = {
     "additive": ("attnmem", "eager"),
     "mha": ("attnmem-mha", "attnmem-self", "torch-mha"),
     "decode": ("attnmem", "attnmem-paged", "sdpa", "flex"),
+    "varlen": ("attnmem", "padded"),
     "product_key": ("attnmem", "attnmem-sparse", "eager", "dense"),
 }
 # The GPU check (scripts/gpu_check.sh) leaves out the attention baselines that fill N^2 scores.
@@ -35,7 +36,7 @@ PROFILE_PROVIDERS = {("attention", "gpu-check"): ("attnmem", "sdpa", "sdpa-flash
                                                  "sdpa-efficient", "flex")}
 MODES = {"attention": ("fwd", "bwd", "fwd_bwd"), "memory_attend": ("fwd",),
          "memory_write": ("fwd",), "additive": ("fwd", "fwd_bwd"), "mha": ("fwd", "fwd_bwd"),
-         "decode": ("fwd",), "product_key": ("fwd", "fwd_bwd")}
+         "decode": ("fwd",), "varlen": ("fwd", "fwd_bwd"), "product_key": ("fwd", "fwd_bwd")}
 
 # Per profile: the swept sizes and the fixed ones. "smoke" only checks that the harness runs;
 # "gpu-check" is the few minutes of benchmark that scripts/gpu_check.sh leaves room for.
@@ -88,6 +89,8 @@ def points(op: str, profile: str):
     """Every point of op's sweep, in order."""
     if op == "decode":
         return decode_points(profile)
+    if op == "varlen":
+        return varlen_points(profile)
     if op == "product_key":
         return product_key_points(profile)
     sizes = SIZES["memory" if op.startswith("memory") else op][profile]
@@ -203,6 +206,8 @@ def build(point, device):
     op, mode, n = point["op"], point["mode"], point["x"]
     if op == "decode":
         return build_decode(point, device)
+    if op == "varlen":
+        return build_varlen(point, device)
     if op == "product_key":
         return build_product_key(point, device)
     dtype = dtype_for(op, device)
@@ -328,6 +333,58 @@ def build_decode(point, device):
 
 
 # ---------------------------------------------------------------------------------------
+# Packed variable-length batches: attention_varlen on a packed batch of sequences whose
+# lengths are spread uniformly up to x, against the same batch padded to x and run through
+# attnmem.attention with kv_lengths ("padded"): the computation a user without a varlen op
+# would run. Both count the same useful FLOPs (the padded call also computes the padding's).
+# ---------------------------------------------------------------------------------------
+
+VARLEN_SIZES = {
+    "gpu": dict(x=[512, 1024, 2048, 4096, 8192], batch=16, heads=16, d=128),
+    "gpu-check": dict(x=[1024, 4096], batch=16, heads=16, d=128),
+    "cpu": dict(x=[128, 256, 512], batch=8, heads=4, d=64),
+    "quick": dict(x=[128, 256], batch=8, heads=4, d=64),
+    "smoke": dict(x=[16, 32], batch=3, heads=2, d=16),
+}
+
+
+def varlen_points(profile):
+    sizes = VARLEN_SIZES[profile]
+    fixed = {k: v for k, v in sizes.items() if k != "x"}
+    return [dict(op="varlen", provider=provider, mode=mode, x=x, causal=causal, **fixed)
+            for causal in (False, True) for mode in MODES["varlen"]
+            for provider in PROVIDERS["varlen"] for x in sizes["x"]]
+
+
+def varlen_lengths(batch, longest):
+    """The batch's sequence lengths: the longest, then uniform in [1, longest], the same for
+    every provider and run (about half of the padded batch is padding)."""
+    rest = torch.randint(1, longest + 1, (batch - 1,),
+                         generator=torch.Generator().manual_seed(longest))
+    return [longest, *rest.tolist()]
+
+
+def build_varlen(point, device):
+    """(fn, FLOPs): the useful work, each sequence's own attention, by FlashAttention's count."""
+    longest, heads, d, causal = point["x"], point["heads"], point["d"], point["causal"]
+    lengths = varlen_lengths(point["batch"], longest)
+    dtype, grad = dtype_for("attention", device), point["mode"] != "fwd"
+    if point["provider"] == "attnmem":
+        q, k, v = (_randn(sum(lengths), heads, d, device=device, dtype=dtype, grad=grad)
+                   for _ in range(3))
+        cu_seqlens = torch.tensor([0, *lengths]).cumsum(0).to(device, torch.int32)
+        forward = lambda: attnmem.attention_varlen(  # noqa: E731
+            q, k, v, cu_seqlens, cu_seqlens, longest, longest, causal=causal)
+    else:
+        q, k, v = (_randn(len(lengths), heads, longest, d, device=device, dtype=dtype,
+                          grad=grad) for _ in range(3))
+        kv_lengths = torch.tensor(lengths, device=device)
+        forward = lambda: attnmem.attention(q, k, v, causal=causal,  # noqa: E731
+                                            kv_lengths=kv_lengths)
+    flops = sum(4 * heads * n * n * d for n in lengths) / (2 if causal else 1)
+    return (_timed(point["mode"], forward, (q, k, v)),
+            flops * {"fwd": 1.0, "fwd_bwd": 3.5}[point["mode"]])
+
 # Product-key memory lookup (issue 14): `batch` query tokens of `heads` heads each score
 # their two half-queries against n_keys sub-keys, keep the top-k of the k x k candidates
 # and sum the softmax-weighted value rows; x is the value table's size, n_keys^2 rows.

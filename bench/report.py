@@ -44,8 +44,8 @@ def run_point(point, device, budget_s):
                peak_mib=timing.peak_memory_mib(fn, device))
     if work is not None:
         per_s = work / (median * 1e-3)
-        row["tflops" if point["op"] == "attention" else "gbs"] = per_s / (
-            1e12 if point["op"] == "attention" else 1e9)
+        flops = point["op"] in ("attention", "varlen")
+        row["tflops" if flops else "gbs"] = per_s / (1e12 if flops else 1e9)
     return row
 
 
@@ -316,6 +316,29 @@ def write_report(out_dir, meta, rows, unavailable):
                    _table(rows, "gbs", "{:.3g}", op="decode", batch=b, label="N"),
                    "attnmem's time ÷ each baseline's:", "",
                    _ratio_table(point_ratios, op="decode", batch=b)]
+    if "varlen" in ops:
+        configs = sorted({(r["mode"], r["causal"]) for r in rows if r["op"] == "varlen"},
+                         key=lambda c: (cases.MODES["varlen"].index(c[0]), c[1]))
+        point = next(r for r in rows if r["op"] == "varlen")
+        panels = [(f"varlen {mode}, {'causal' if causal else 'not causal'}",
+                   {p: [(x, y * 1e12 / scale) for x, y in s] for p, s in _series(
+                       rows, "tflops", op="varlen", mode=mode, causal=causal).items()})
+                  for mode, causal in configs]
+        _plot(os.path.join(out_dir, "varlen.png"), panels, "longest sequence", unit)
+        md += ["## Packed variable-length batches", "", f"Useful {unit} (each sequence's own "
+               "attention, FlashAttention's count) against the longest sequence x of a batch "
+               f"of {point['batch']} sequences, the others uniform in [1, x]; "
+               f"{point['heads']} heads, head dim {point['d']}. attnmem: attention_varlen on "
+               "the packed batch; padded: the batch padded to x through attnmem.attention "
+               "with kv_lengths.", "", "![varlen](varlen.png)", ""]
+        for mode, causal in configs:
+            what = f"{mode}, {'causal' if causal else 'not causal'}"
+            md += [f"**{what}** ({unit})", "", _table(
+                       [dict(r, tflops=r["tflops"] * 1e12 / scale) for r in rows
+                        if "tflops" in r], "tflops", "{:.3g}", op="varlen", mode=mode,
+                       causal=causal, label="longest"),
+                   "attnmem's time ÷ padded's:", "",
+                   _ratio_table(point_ratios, op="varlen", mode=mode, causal=causal)]
     if "product_key" in ops:
         point = next(r for r in rows if r["op"] == "product_key")
         modes = cases.MODES["product_key"]

@@ -19,6 +19,26 @@ query tile) pair. By default they also add dQ into a float32 buffer with atomics
 per pair, as FlashAttention-2 and -3 run. The deterministic backward (ATOMIC_DQ off, chosen
 as torch chooses: torch.are_deterministic_algorithms_enabled()) leaves dQ to programs that
 own a query tile: 7 GEMMs per pair, and nothing accumulates through atomics.
+
+Packed variable-length batches (VARLEN, FlashAttention's varlen layout): q (total_q, H, D),
+k, v (total_k, Hkv, D), sequence b in rows cu_seqlens[b] to cu_seqlens[b + 1]; lse and
+delta (H, total_q). The launchers pass the tensors as (1, H, total, D) views with batch
+stride 0 and launch the grid's last axis over sequences, sized by the longest: each program
+reads its sequence's bounds, moves its bases to the sequence's first rows and runs the dense
+body there, with the sequence's own lengths as Nq and Nk (so masks align to them); tiles past
+a sequence's end exit at once. The other flags need nothing more: b, the sequence's index,
+selects its row of (B, H) ALiBi slopes and is the batch word of its dropout counters, and the
+sinks' gradient reduces over the packed lse and delta.
+
+Dropout (DROPOUT, compiled out when off) zeroes the weights that _dropout_keep drops, from
+a seed in device memory, and scales the rest; each kernel draws a pair's number from the
+pair's own Philox counter, so the backward regenerates the forward's mask.
+
+Score modifications are constexpr flags too, compiled out when off: SOFTCAP (Gemma 2's tanh
+cap) and HAS_ALIBI (ALiBi's distance bias) in all three kernels, HAS_SINKS in the forward
+only. A sink enters each row's softmax as a key seen first, of value zero, so lse includes
+it: the backward's p = exp(s - lse) and delta = rowsum(dO * O) then need nothing more, and
+the sinks' gradient is one reduction over lse and delta in the launcher.
 """
 
 import contextlib
@@ -74,10 +94,73 @@ def _query_range(key_first, key_last, offset, n_q, kv_len, window_left, window_r
 
 
 @triton.jit
+def _packed_sequence(cu_seqlens_ptr, b, total):
+    """VARLEN: sequence b's first row in the packed rows and its length, from cumulative
+    lengths; both clamped into [0, total], so that cumulative lengths that are not (checked
+    on CPU tensors only) still read and write no row outside the tensors."""
+    start = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + b), 0), total)
+    end = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + b + 1), start), total)
+    return start.to(tl.int64), end - start
+
+
+@triton.jit
+def _varlen_sequences(cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, h, total_q, total_k):
+    """VARLEN: sequence b of a packed batch, (q_start, n_q, k_start, n_k, lse_row). The
+    kernels run it as a batch of one of their dense layout, moved to its first rows: its
+    queries are rows [q_start, q_start + n_q) of the packed q (total_q, H, D), its keys rows
+    [k_start, k_start + n_k) of k and v, and its lse row 0 of head h sits at lse_row of lse
+    (H, total_q). The launchers pass 0 for the batch strides, and total_q, total_k as Nq, Nk."""
+    q_start, n_q = _packed_sequence(cu_seqlens_q_ptr, b, total_q)
+    k_start, n_k = _packed_sequence(cu_seqlens_k_ptr, b, total_k)
+    return q_start, n_q, k_start, n_k, h * total_q + q_start
+
+
+@triton.jit
 def _visible(rows, keys, offset, n_q, kv_len, window_left, window_right):
     aligned = rows[:, None] + offset
     return ((keys[None, :] < kv_len) & (rows[:, None] < n_q)
             & (keys[None, :] >= aligned - window_left) & (keys[None, :] <= aligned + window_right))
+
+
+@triton.jit
+def _dropout_keep(seed, b, h, rows, key0, dropout_cutoff, BLOCK_N: tl.constexpr):
+    """(rows, BLOCK_N) bool: which pairs of query rows and keys [key0, key0 + BLOCK_N)
+    (key0 a multiple of 4) of batch b, head h dropout keeps. Philox 4x32-10, keyed by the
+    64-bit seed, on the counter (j // 4, query, head, batch) gives key j its word j % 4: one
+    Philox round trip for four pairs, and the same number for a pair in every kernel,
+    whatever its tiles. A pair is kept when the top 31 bits of its word exceed
+    dropout_cutoff (round(p * 2^31) - 1)."""
+    quads, rows = tl.broadcast((key0 // 4 + tl.arange(0, BLOCK_N // 4))[None, :], rows[:, None])
+    w0, w1, w2, w3 = tl.philox(seed, quads, rows, h.to(tl.int32), b.to(tl.int32))
+    words = tl.reshape(tl.join(tl.join(w0, w1), tl.join(w2, w3)), [rows.shape[0], BLOCK_N])
+    return (words >> 1).to(tl.int32, bitcast=True) > dropout_cutoff
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from one exp2 of -2|x| (libdevice's tanh has no interpreter twin): exact to
+    float32 rounding in absolute terms, which is what a softmax's scores need."""
+    t = tl.math.exp2(tl.abs(x) * (-2.0 * LOG2E))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _modified_scores(dot, aligned, keys, qk_scale, softcap_scale, slope, SOFTCAP: tl.constexpr,
+                     HAS_ALIBI: tl.constexpr):
+    """(scores in log2 units, t) from the raw products q.k: dot * qk_scale, or with SOFTCAP
+    softcap_scale * t with t = tanh(dot * qk_scale) (the launcher then passes qk_scale =
+    scale / softcap, softcap_scale = softcap * log2(e)); with HAS_ALIBI plus the bias
+    -slope * |aligned - keys| (slope in log2 units; aligned and keys broadcast to dot)."""
+    if SOFTCAP:
+        t = _tanh(dot * qk_scale)
+        s = t * softcap_scale
+    else:
+        t = dot
+        s = dot * qk_scale
+    if HAS_ALIBI:
+        s -= slope * tl.abs(aligned - keys).to(tl.float32)
+    return s, t
 
 
 # ---------------------------------------------------------------------------------------
@@ -155,14 +238,20 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows, offs_
                key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, seed, b, h, dropout_cutoff,
+               DROPOUT: tl.constexpr, softcap_scale=1.0, slope=0.0,
+               SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False):
     """Key tiles [start, end). MASKED ones evaluate the mask, and their keys that no row of
-    the tile sees (below key_lo or from kv_len on) read as zeros."""
+    the tile sees (below key_lo or from kv_len on) read as zeros. DROPOUT zeroes the weights
+    that _dropout_keep drops after they join the row sums, which stay those of the softmax.
+    SOFTCAP and HAS_ALIBI modify the scores (see _modified_scores)."""
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kt = _load_rows(k_src, start_n, key_lo, kv_len, stride_kn, offs_d, HEAD_DIM, MASKED,
                         USE_TMA, BLOCK_N, True)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        s, _ = _modified_scores(tl.dot(q, kt, input_precision=DOT_PRECISION),
+                                rows[:, None] + offset, (start_n + tl.arange(0, BLOCK_N))[None, :],
+                                qk_scale, softcap_scale, slope, SOFTCAP, HAS_ALIBI)
         if MASKED:
             keep = _visible(rows, start_n + tl.arange(0, BLOCK_N), offset, n_q, kv_len,
                             window_left, window_right)
@@ -176,6 +265,9 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows, offs_
         alpha = tl.math.exp2(m_i - m_shift)
         p = tl.math.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, b, h, rows, start_n, dropout_cutoff, BLOCK_N),
+                         p, 0.0)
         v = _load_rows(v_src, start_n, key_lo, kv_len, stride_vn, offs_d, HEAD_DIM, MASKED,
                        USE_TMA, BLOCK_N)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
@@ -183,7 +275,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows, offs_
     return acc, l_i, m_i
 
 
-@triton.heuristics({"EVEN_M": lambda args: args["n_q"] % args["BLOCK_M"] == 0})
+@triton.heuristics({"EVEN_M": lambda args: args["n_q"] % args["BLOCK_M"] == 0
+                    and not args.get("VARLEN")})
 @triton.jit
 def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
@@ -192,17 +285,40 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KV_LENGTHS: tl.constexpr,
               DOT_PRECISION: tl.constexpr, MASK_KEYS: tl.constexpr, EVEN_M: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False,
-              WARP_SPECIALIZE: tl.constexpr = False):
+              WARP_SPECIALIZE: tl.constexpr = False, cu_seqlens_q_ptr=None,
+              cu_seqlens_k_ptr=None, VARLEN: tl.constexpr = False,
+              DROPOUT: tl.constexpr = False, seed_ptr=None, dropout_cutoff=0,
+              dropout_scale=1.0, sinks_ptr=None, alibi_ptr=None, stride_alibi_b=0,
+              softcap_scale=1.0, SOFTCAP: tl.constexpr = False,
+              HAS_SINKS: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False):
     """One query tile of one head. MASK_KEYS: some key tile may need the mask (a causal mask,
     a window, lengths, or Nk not a multiple of KEY_TILE_MULTIPLE); without it one unmasked
     loop is all that is compiled. EVEN_M: Nq is a multiple of BLOCK_M, so rows need no
     bounds. USE_TMA: q, k, v and out move through TMA descriptors (sm_90+, 16-byte aligned
     strides).
     WARP_SPECIALIZE: producer and consumer warp groups run the loop, when it is the only one
-    (triton's Hopper warp specialization takes kernels of one loop)."""
+    (triton's Hopper warp specialization takes kernels of one loop).
+    VARLEN: b is a sequence of a packed batch (see _varlen_sequences); tiles past its end
+    exit at once.
+    DROPOUT: drops weights as _dropout_keep draws them from the seed at seed_ptr and scales
+    the survivors by dropout_scale; lse stays that of the undropped scores.
+    SOFTCAP, HAS_ALIBI: scores capped and biased (_modified_scores; ALiBi slopes (B or 1, H)
+    float32 at alibi_ptr, batch stride stride_alibi_b). HAS_SINKS: the row's softmax starts
+    from the head's sink logit (float32 at sinks_ptr), a key of value zero, so out and lse
+    include it."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
+    if VARLEN:
+        q_start, n_q, k_start, n_k, lse_row = _varlen_sequences(
+            cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, h, n_q, n_k)
+        if pid_m * BLOCK_M >= n_q:
+            return
+        q_ptr += q_start * stride_qm
+        o_ptr += q_start * stride_om
+        lse_ptr += lse_row
+        k_ptr += k_start * stride_kn
+        v_ptr += k_start * stride_vn
     hk = h // group
     kv_len = kv_length(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS)
     offset = n_k - n_q
@@ -228,7 +344,17 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINKS:
+        # The sink as a key seen first: exp(sink - m) = 1 at m = sink, and it adds no value.
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(sinks_ptr + h) * LOG2E
+        l_i += 1.0
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(alibi_ptr + b * stride_alibi_b + h).to(tl.float32) * LOG2E
     if MASK_KEYS:
         row_last = tl.minimum(row_first + BLOCK_M, n_q) - 1
         lo, full_lo, full_hi, hi = _key_range(row_first, row_last, offset, kv_len, window_left,
@@ -240,21 +366,30 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
                                    offs_d, lo, full_lo, key_lo, offset, n_q, kv_len,
                                    window_left, window_right, qk_scale, HEAD_DIM, BLOCK_N, True,
-                                   USE_TMA, False, DOT_PRECISION)
+                                   USE_TMA, False, DOT_PRECISION, seed, b, h,
+                                   dropout_cutoff, DROPOUT, softcap_scale, slope, SOFTCAP,
+                                   HAS_ALIBI)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
                                    offs_d, full_lo, full_hi, key_lo, offset, n_q, kv_len,
                                    window_left, window_right, qk_scale, HEAD_DIM, BLOCK_N, False,
-                                   USE_TMA, False, DOT_PRECISION)
+                                   USE_TMA, False, DOT_PRECISION, seed, b, h,
+                                   dropout_cutoff, DROPOUT, softcap_scale, slope, SOFTCAP,
+                                   HAS_ALIBI)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
                                    offs_d, full_hi, hi, key_lo, offset, n_q, kv_len,
                                    window_left, window_right, qk_scale, HEAD_DIM, BLOCK_N, True,
-                                   USE_TMA, False, DOT_PRECISION)
+                                   USE_TMA, False, DOT_PRECISION, seed, b, h,
+                                   dropout_cutoff, DROPOUT, softcap_scale, slope, SOFTCAP,
+                                   HAS_ALIBI)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
                                    offs_d, 0, n_k, 0, offset, n_q, kv_len, window_left,
                                    window_right, qk_scale, HEAD_DIM, BLOCK_N, False, USE_TMA,
-                                   WARP_SPECIALIZE, DOT_PRECISION)
+                                   WARP_SPECIALIZE, DOT_PRECISION, seed, b, h, dropout_cutoff,
+                                   DROPOUT, softcap_scale, slope, SOFTCAP, HAS_ALIBI)
 
+    if DROPOUT:
+        acc = acc * dropout_scale
     # A query that saw no key outputs zeros and has lse = -inf.
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -264,7 +399,9 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
                          USE_TMA, BLOCK_M, BLOCK_D)
     _store_rows(o_dst, row_first, n_q, stride_om, offs_d, out, HEAD_DIM, not EVEN_M, USE_TMA,
                 BLOCK_M)
-    tl.store(lse_ptr + (b * n_heads + h) * n_q + rows, lse, mask=rows < n_q)
+    if not VARLEN:
+        lse_ptr += (b * n_heads + h) * n_q
+    tl.store(lse_ptr + rows, lse, mask=rows < n_q)
 
 
 # ---------------------------------------------------------------------------------------
@@ -301,10 +438,16 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                 stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                 keys, offs_d, start, end, offset, n_q, kv_len, window_left, window_right,
                 scale, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                stride_stats_h, seed, b, key_first, dropout_cutoff, dropout_scale,
+                DROPOUT: tl.constexpr, alibi_b=None, softcap_scale=1.0,
+                SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False):
     """Query tiles [start, end) of each query head head0 + g, g < group: one loop over
     (head, tile) pairs, so that a runtime group size adds no loop around the pipelined one.
-    With ATOMIC_DQ, also adds each tile's dQ = dS K * scale into dq (float32)."""
+    With ATOMIC_DQ, also adds each tile's dQ = dS K * scale into dq (float32). Head h's lse
+    and delta rows start at h * stride_stats_h. DROPOUT regenerates the forward's keep
+    mask: dv takes the kept weights (scaled by the caller), dP the kept, scaled gradients.
+    SOFTCAP and HAS_ALIBI (slopes at alibi_b, per query head) as in the forward."""
     offs_m0 = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
     tiles = tl.cdiv(tl.maximum(end - start, 0), BLOCK_M)
@@ -319,18 +462,33 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
             r_ok = rows >= 0
         qt = tl.load(q_b + h * stride_qh + rows[None, :] * stride_qm + offs_d[:, None],
                      mask=r_ok[None, :] & d_ok[:, None], other=0.0)
-        lse = tl.load(lse_b + h * n_q + rows, mask=r_ok, other=0.0)
-        st = tl.dot(k, qt, input_precision=DOT_PRECISION)
+        lse = tl.load(lse_b + h * stride_stats_h + rows, mask=r_ok, other=0.0)
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(alibi_b + h).to(tl.float32) * LOG2E
+        st, tt = _modified_scores(tl.dot(k, qt, input_precision=DOT_PRECISION),
+                                  rows[None, :] + offset, keys[:, None], qk_scale,
+                                  softcap_scale, slope, SOFTCAP, HAS_ALIBI)
         # Rows that see no key have lse = -inf, so exp2 gives inf there: the mask zeroes it.
-        pt = tl.math.exp2(st * qk_scale - lse[None, :] * LOG2E)
+        pt = tl.math.exp2(st - lse[None, :] * LOG2E)
         if MASKED:
             keep = _visible(rows, keys, offset, n_q, kv_len, window_left, window_right)
             pt = tl.where(tl.trans(keep), pt, 0.0)
         do = tl.load(do_b + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
                      mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        delta = tl.load(delta_b + h * n_q + rows, mask=r_ok, other=0.0)
+        if DROPOUT:
+            keep = tl.trans(_dropout_keep(seed, b, h, rows, key_first, dropout_cutoff,
+                                          keys.shape[0]))
+            dv = tl.dot(tl.where(keep, pt, 0.0).to(do.dtype), do, dv,
+                        input_precision=DOT_PRECISION)
+        else:
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if SOFTCAP:
+            pt *= 1.0 - tt * tt  # the cap's derivative, folded in while one tile is live
+        delta = tl.load(delta_b + h * stride_stats_h + rows, mask=r_ok, other=0.0)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            dpt = tl.where(keep, dpt * dropout_scale, 0.0)
         dst = (pt * (dpt - delta[None, :])).to(qt.dtype)
         dk = tl.dot(dst, tl.trans(qt), dk, input_precision=DOT_PRECISION)
         if ATOMIC_DQ:
@@ -354,12 +512,33 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                    n_heads, n_q, n_k, group, scale, qk_scale, window_left, window_right,
                    seq_bucket, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    HAS_KV_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   cu_seqlens_q_ptr=None, cu_seqlens_k_ptr=None, VARLEN: tl.constexpr = False,
+                   DROPOUT: tl.constexpr = False, seed_ptr=None, dropout_cutoff=0,
+                   dropout_scale=1.0, alibi_ptr=None, stride_alibi_b=0, softcap_scale=1.0,
+                   SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False):
     """dK, dV of one key tile from every query head of its group; with ATOMIC_DQ also the
-    dQ those query heads get from it, added into dq_ptr (float32, zeroed, scaled)."""
+    dQ those query heads get from it, added into dq_ptr (float32, zeroed, scaled). VARLEN:
+    b is a sequence of a packed batch (see _varlen_sequences). DROPOUT: the forward's
+    dropout, regenerated from the seed at seed_ptr. SOFTCAP, HAS_ALIBI as in the forward.
+    Sinks need nothing here: the forward's lse includes them, so p = exp(s - lse) and
+    delta = rowsum(dO * O) already account for them."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
+    if VARLEN:
+        stride_stats_h = n_q  # total_q: lse and delta are (H, total_q)
+        q_start, n_q, k_start, n_k, stats_b = _varlen_sequences(
+            cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, 0, n_q, n_k)
+        if pid_n * BLOCK_N >= n_k:
+            return
+        q_ptr += q_start * stride_qm
+        do_ptr += q_start * stride_dom
+        dq_ptr += q_start * stride_dqm
+        k_ptr += k_start * stride_kn
+        v_ptr += k_start * stride_vn
+        dk_ptr += k_start * stride_dkn
+        dv_ptr += k_start * stride_dvn
     kv_len = kv_length(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS)
     offset = n_k - n_q
     # One (b, h) slice, and a group's heads, of a long strided sequence can pass 2^31
@@ -387,6 +566,9 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                 + offs_d[None, :], mask=kv_mask & seen, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
 
     key_last = tl.minimum(key_first + BLOCK_N, kv_len) - 1
     lo, full_lo, full_hi, hi = _query_range(key_first, key_last, offset, n_q, kv_len,
@@ -401,23 +583,36 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     q_b = q_ptr + b * stride_qb
     do_b = do_ptr + b * stride_dob
     dq_b = dq_ptr + b * stride_dqb
-    lse_b = lse_ptr + b * n_heads * n_q
-    delta_b = delta_ptr + b * n_heads * n_q
+    if VARLEN:
+        lse_b = lse_ptr + stats_b
+        delta_b = delta_ptr + stats_b
+    else:
+        stride_stats_h = n_q
+        lse_b = lse_ptr + b * n_heads * n_q
+        delta_b = delta_ptr + b * n_heads * n_q
+    alibi_b = alibi_ptr
+    if HAS_ALIBI:
+        alibi_b = alibi_ptr + b * stride_alibi_b
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                          stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                          keys, offs_d, lo, full_lo, offset, n_q, kv_len, window_left,
                          window_right, scale, qk_scale, HEAD_DIM, BLOCK_M, True, ATOMIC_DQ,
-                         DOT_PRECISION)
+                         DOT_PRECISION, stride_stats_h, seed, b, key_first, dropout_cutoff,
+                         dropout_scale, DROPOUT, alibi_b, softcap_scale, SOFTCAP, HAS_ALIBI)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                          stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                          keys, offs_d, full_lo, full_hi, offset, n_q, kv_len, window_left,
                          window_right, scale, qk_scale, HEAD_DIM, BLOCK_M, False, ATOMIC_DQ,
-                         DOT_PRECISION)
+                         DOT_PRECISION, stride_stats_h, seed, b, key_first, dropout_cutoff,
+                         dropout_scale, DROPOUT, alibi_b, softcap_scale, SOFTCAP, HAS_ALIBI)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                          stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                          keys, offs_d, full_hi, hi, offset, n_q, kv_len, window_left,
                          window_right, scale, qk_scale, HEAD_DIM, BLOCK_M, True, ATOMIC_DQ,
-                         DOT_PRECISION)
+                         DOT_PRECISION, stride_stats_h, seed, b, key_first, dropout_cutoff,
+                         dropout_scale, DROPOUT, alibi_b, softcap_scale, SOFTCAP, HAS_ALIBI)
+    if DROPOUT:
+        dv = dv * dropout_scale
     tl.store(dk_ptr + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkn
              + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + b * stride_dvb + hk * stride_dvh + keys[:, None] * stride_dvn
@@ -428,7 +623,9 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
 def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
               start, end, key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, seed, b, h, dropout_cutoff, dropout_scale,
+              DROPOUT: tl.constexpr, softcap_scale=1.0, slope=0.0,
+              SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False):
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
@@ -442,12 +639,19 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows,
                      mask=k_ok[None, :] & d_ok[:, None], other=0.0)
         vt = tl.load(v_base + keys[None, :] * stride_vn + offs_d[:, None],
                      mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
-        p = tl.math.exp2(s * qk_scale - lse[:, None] * LOG2E)
+        s, t = _modified_scores(tl.dot(q, kt, input_precision=DOT_PRECISION),
+                                rows[:, None] + offset, keys[None, :], qk_scale, softcap_scale,
+                                slope, SOFTCAP, HAS_ALIBI)
+        p = tl.math.exp2(s - lse[:, None] * LOG2E)
         if MASKED:
             keep = _visible(rows, keys, offset, n_q, kv_len, window_left, window_right)
             p = tl.where(keep, p, 0.0)
+        if SOFTCAP:
+            p *= 1.0 - t * t  # the cap's derivative, folded in while one tile is live
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        if DROPOUT:
+            dp = tl.where(_dropout_keep(seed, b, h, rows, start_n, dropout_cutoff, BLOCK_N),
+                          dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
     return dq
@@ -461,10 +665,26 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
                  n_heads, n_q, n_k, group, scale, qk_scale, window_left, window_right,
                  seq_bucket, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  HAS_KV_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, cu_seqlens_q_ptr=None,
+                 cu_seqlens_k_ptr=None, VARLEN: tl.constexpr = False,
+                 DROPOUT: tl.constexpr = False, seed_ptr=None, dropout_cutoff=0,
+                 dropout_scale=1.0, alibi_ptr=None, stride_alibi_b=0, softcap_scale=1.0,
+                 SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False):
+    """dQ of one query tile of one head. VARLEN: b is a sequence of a packed batch (see
+    _varlen_sequences). DROPOUT, SOFTCAP and HAS_ALIBI as in the dK/dV kernel."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
+    if VARLEN:
+        q_start, n_q, k_start, n_k, lse_row = _varlen_sequences(
+            cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, h, n_q, n_k)
+        if pid_m * BLOCK_M >= n_q:
+            return
+        q_ptr += q_start * stride_qm
+        do_ptr += q_start * stride_dom
+        dq_ptr += q_start * stride_dqm
+        k_ptr += k_start * stride_kn
+        v_ptr += k_start * stride_vn
     hk = h // group
     kv_len = kv_length(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS)
     offset = n_k - n_q
@@ -482,28 +702,55 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
                 + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom
                  + offs_d[None, :], mask=mask, other=0.0)
-    row_ids = (b * n_heads + h) * n_q + rows
+    if not VARLEN:
+        lse_row = (b * n_heads + h) * n_q
+    row_ids = lse_row + rows
     lse = tl.load(lse_ptr + row_ids, mask=rows < n_q, other=0.0)
     delta = tl.load(delta_ptr + row_ids, mask=rows < n_q, other=0.0)
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
 
     row_last = tl.minimum(row_first + BLOCK_M, n_q) - 1
     lo, full_lo, full_hi, hi = _key_range(row_first, row_last, offset, kv_len, window_left,
                                           window_right, BLOCK_N)
     key_lo = row_first + offset - window_left
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(alibi_ptr + b * stride_alibi_b + h).to(tl.float32) * LOG2E
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
                    lo, full_lo, key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
-                   HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+                   HEAD_DIM, BLOCK_N, True, DOT_PRECISION, seed, b, h, dropout_cutoff,
+                   dropout_scale, DROPOUT, softcap_scale, slope, SOFTCAP, HAS_ALIBI)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
                    full_lo, full_hi, key_lo, offset, n_q, kv_len, window_left, window_right,
-                   qk_scale, HEAD_DIM, BLOCK_N, False, DOT_PRECISION)
+                   qk_scale, HEAD_DIM, BLOCK_N, False, DOT_PRECISION, seed, b, h, dropout_cutoff,
+                   dropout_scale, DROPOUT, softcap_scale, slope, SOFTCAP, HAS_ALIBI)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
                    full_hi, hi, key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
-                   HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+                   HEAD_DIM, BLOCK_N, True, DOT_PRECISION, seed, b, h, dropout_cutoff,
+                   dropout_scale, DROPOUT, softcap_scale, slope, SOFTCAP, HAS_ALIBI)
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dropout_keep_mask(seed_ptr, keep_ptr, n_heads, n_q, n_k, dropout_cutoff,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """keep (B, H, Nq, Nk) int8: 1 where _dropout_keep keeps the pair in every kernel."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    seed = tl.load(seed_ptr)
+    row_ptr = keep_ptr + ((b * n_heads + h) * n_q + rows.to(tl.int64)) * n_k
+    for start_n in range(0, n_k, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, b, h, rows, start_n, dropout_cutoff, BLOCK_N)
+        tl.store(row_ptr[:, None] + keys[None, :], keep.to(tl.int8),
+                 mask=(rows[:, None] < n_q) & (keys[None, :] < n_k))
 
 
 # ---------------------------------------------------------------------------------------
@@ -653,14 +900,36 @@ def _without_unused_specialization(configs, nargs, **meta):
     return configs
 
 
+# With dropout the forward draws Philox words for the scores a thread holds: past 32 scores a
+# thread (BLOCK_M x BLOCK_N over the warps) most sm_90 16-bit configs spill (ptxas -v, triton
+# 3.9, head dims 64 and 128: 8 to 340 bytes; 2 to 4.5 KB when each score took its own
+# Philox); those within 32 that were compiled (64x64, 4 warps; 128x64, 8 warps) spill none.
+DROPOUT_SCORES_PER_THREAD = 32
+
+
+def _forward_prune(configs, nargs, **meta):
+    """_without_unused_specialization; with DROPOUT, only the configs within
+    DROPOUT_SCORES_PER_THREAD (all, if none is), none warp-specialized: triton 3.4 to 3.6
+    fail to warp-specialize the loop with dropout's Philox (NVGPUWarpSpecialization)."""
+    configs = _without_unused_specialization(configs, nargs, **meta)
+    if not meta.get("DROPOUT"):
+        return configs
+    return [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE") and c.kwargs["BLOCK_M"]
+            * c.kwargs["BLOCK_N"] <= DROPOUT_SCORES_PER_THREAD * 32 * c.num_warps] or configs
+
+
 # Each kernel's autotuning beyond the shared key (head dim, sequence-length bucket, dtypes):
 # the forward tunes masked and unmasked calls apart and times no warp-specialized config where
 # it would run as its plain twin; the atomic dK/dV variant adds into dq, which every
-# benchmarked launch must find zeroed, and tunes apart from the deterministic variant.
-TUNING = {"fwd": {"key": ["MASK_KEYS"],
-                  "prune_configs_by": {"early_config_prune": _without_unused_specialization}},
-          "dkdv": {"key": ["ATOMIC_DQ"], "reset_to_zero": ["dq_ptr"]}}
+# benchmarked launch must find zeroed, and tunes apart from the deterministic variant; packed
+# variable-length batches (VARLEN) tune apart from dense ones.
+TUNING = {"fwd": {"key": ["MASK_KEYS", "VARLEN"],
+                  "prune_configs_by": {"early_config_prune": _forward_prune}},
+          "dkdv": {"key": ["ATOMIC_DQ", "VARLEN"], "reset_to_zero": ["dq_ptr"]},
+          "dq": {"key": ["VARLEN"]}}
 _autotuned = {}
+# The score modifications' flags: tuned apart from the plain kernels (absent when off).
+SCORE_MOD_FLAGS = ("SOFTCAP", "HAS_SINKS", "HAS_ALIBI")
 
 
 def _persist_tuning() -> dict:
@@ -673,8 +942,8 @@ def _persist_tuning() -> dict:
 
 def _launcher(kernel: str, fn, device, block_d: int, elem: int, arch=None, tma: bool = False):
     """The kernel under an autotuner whose configs fit this device (see configs_for); key:
-    head dim, the sequence-length bucket, whether the forward masks keys and (added by
-    triton) the argument dtypes."""
+    head dim, the sequence-length bucket, dropout, whether the forward masks keys and (added
+    by triton) the argument dtypes."""
     smem = _smem_limit(device)
     cache_key = (kernel, block_d, elem, smem, arch, tma)
     if cache_key not in _autotuned:
@@ -682,7 +951,8 @@ def _launcher(kernel: str, fn, device, block_d: int, elem: int, arch=None, tma: 
                    for c in configs_for(kernel, block_d, elem, smem, arch, tma)]
         extra = TUNING.get(kernel, {})
         _autotuned[cache_key] = triton.autotune(
-            configs, key=["BLOCK_D", "seq_bucket", *extra.get("key", ())],
+            configs, key=["BLOCK_D", "seq_bucket", "DROPOUT", *extra.get("key", ()),
+                          *(f for f in SCORE_MOD_FLAGS if f in fn.arg_names)],
             prune_configs_by=extra.get("prune_configs_by"),
             reset_to_zero=extra.get("reset_to_zero"), **_persist_tuning())(fn)
     return _autotuned[cache_key]
@@ -721,8 +991,43 @@ def _common(q, k, kv_lengths, window_left, window_right):
     return meta, scalars, window, dummy
 
 
-def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, config=None):
-    """-> out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32 natural log."""
+def dropout_meta(dropout_p, seed) -> dict:
+    """The kernels' dropout arguments: with dropout_p > 0, the seed (an int64 tensor whose
+    first element keys the draws), the cutoff that _dropout_keep compares 31 random bits with
+    (so that round(p * 2^31) of every 2^31 draws drop) and the survivors' scale 1 / (1 - p),
+    0 at p = 1, where none survives. dropout_p = 0 compiles dropout out."""
+    if dropout_p == 0:
+        return dict(DROPOUT=False)
+    return dict(DROPOUT=True, seed_ptr=seed, dropout_cutoff=round(dropout_p * 2**31) - 1,
+                dropout_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
+
+
+def _score_mods(scale, softcap, alibi_slopes, sinks=None) -> tuple[float, dict]:
+    """(qk_scale, the kernels' keyword arguments) for a softcap (0: none), ALiBi slopes
+    (None, or (H,) or (B, H)) and, for the forward, sinks (None or (H,)); nothing is passed
+    for what is off, so the flags compile out."""
+    qk_scale, extra = scale * LOG2E.value, {}
+    if softcap:
+        # tanh takes the scaled scores over the cap; the cap brings them back, in log2 units.
+        qk_scale = scale / softcap
+        extra.update(softcap_scale=softcap * LOG2E.value, SOFTCAP=True)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(torch.float32).contiguous()
+        extra.update(alibi_ptr=slopes, stride_alibi_b=slopes.stride(0) if slopes.ndim == 2 else 0,
+                     HAS_ALIBI=True)
+    if sinks is not None:
+        extra.update(sinks_ptr=sinks.to(torch.float32).contiguous(), HAS_SINKS=True)
+    return qk_scale, extra
+
+
+def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, config=None,
+                      softcap=0.0, sinks=None, alibi_slopes=None, dropout_p=0.0, seed=None):
+    """-> out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32 natural log.
+
+    softcap > 0 caps the scaled scores at softcap * tanh(s / softcap); sinks (H,) adds one
+    logit per query head to every row's softmax (lse includes it); alibi_slopes (H,) or
+    (B, H) adds -slope * |i + Nk - Nq - j| to the scaled (capped) scores. dropout_p > 0
+    drops weights as dropout_keep_mask(seed, ...) says (see dropout_meta)."""
     q, k, v = (lastdim_contiguous(x) for x in (q, k, v))
     batch, heads, n_q, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -730,13 +1035,15 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, con
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right)
+    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks)
     # Nk a multiple of every forward BLOCK_N: no key tile is partial, whichever config runs.
     meta["MASK_KEYS"] = (kv_lengths is not None or window_left >= 0 or window_right >= 0
                          or k.shape[2] % KEY_TILE_MULTIPLE != 0)
+    meta.update(dropout_meta(dropout_p, seed))
     args = (q, k, v, out, lse, dummy, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *out.stride()[:3], *scalars, scale * LOG2E.value, *window)
-    _run("fwd", _attn_fwd, lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch), args, meta,
-         q.device, config, tma=_tma_aligned(q, k, v, out))
+            *out.stride()[:3], *scalars, qk_scale, *window)
+    _run("fwd", _attn_fwd, lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch), args,
+         dict(meta, **mods), q.device, config, tma=_tma_aligned(q, k, v, out))
     return out, lse
 
 
@@ -748,8 +1055,12 @@ BACKWARD_OPTIONS = {"maxnreg": 255}
 
 
 def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_left,
-                       window_right, config=None, deterministic=None):
-    """-> dq, dk, dv in the dtypes of q, k, v. dlse, the gradient of lse, may be None.
+                       window_right, config=None, deterministic=None, softcap=0.0, sinks=None,
+                       alibi_slopes=None, dropout_p=0.0, seed=None):
+    """-> dq, dk, dv in the dtypes of q, k, v, and with sinks also dsinks in theirs. dlse,
+    the gradient of lse, may be None. softcap, sinks and alibi_slopes as the forward took
+    them (its lse includes the sinks); alibi_slopes get no gradient. dropout_p and seed: the
+    forward's, whose keep mask both kernels regenerate.
 
     By default 5 GEMMs per (query tile, key tile) pair: the dK/dV programs also add dQ into
     a float32 buffer with atomics, in an order that varies from run to run. deterministic=True
@@ -772,8 +1083,14 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
     else:
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     if dk.numel() == 0 or dq.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        grads = dq.zero_(), dk.zero_(), dv.zero_()
+        if sinks is None:
+            return grads
+        delta = -dlse if dlse is not None else torch.zeros_like(lse)
+        return (*grads, _sinks_grad(sinks, lse, delta))
     meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right)
+    meta.update(dropout_meta(dropout_p, seed))
+    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes)
 
     delta = torch.empty_like(lse)
     block_d = meta["BLOCK_D"]
@@ -785,16 +1102,158 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
 
     common = (q, k, v, dout, lse, delta)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-    tail = (*scalars, scale, scale * LOG2E.value, *window)
+    tail = (*scalars, scale, qk_scale, *window)
     _run("dkdv", _attn_bwd_dkdv,
          lambda bm, bn: (triton.cdiv(n_k, bn), kv_heads, batch),
          (*common, dk, dv, dq, dummy, *strides, *dk.stride()[:3], *dv.stride()[:3],
           *dq.stride()[:3], *tail),
-         dict(meta, ATOMIC_DQ=not deterministic, **BACKWARD_OPTIONS), q.device, config)
+         dict(meta, ATOMIC_DQ=not deterministic, **BACKWARD_OPTIONS, **mods), q.device, config)
     if not deterministic:
-        return dq.to(q.dtype), dk, dv
-    _run("dq", _attn_bwd_dq,
-         lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch),
-         (*common, dq, dummy, *strides, *dq.stride()[:3], *tail),
-         dict(meta, **BACKWARD_OPTIONS), q.device, config)
-    return dq, dk, dv
+        dq = dq.to(q.dtype)
+    else:
+        _run("dq", _attn_bwd_dq,
+             lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch),
+             (*common, dq, dummy, *strides, *dq.stride()[:3], *tail),
+             dict(meta, **BACKWARD_OPTIONS, **mods), q.device, config)
+    if sinks is None:
+        return dq, dk, dv
+    return dq, dk, dv, _sinks_grad(sinks, lse, delta)
+
+
+def _sinks_grad(sinks, lse, delta):
+    """d sink_h = -sum over batches and rows of p_sink * delta, p_sink = exp(sink_h - lse):
+    the sink's score enters the softmax like a key's, with dO . v = 0 for its zero value.
+    Rows with lse = -inf (a -inf sink and no key) add nothing."""
+    p_sink = torch.exp(sinks.float()[None, :, None] - lse)
+    return -torch.where(lse == float("-inf"), 0.0, p_sink * delta).sum((0, 2)).to(sinks.dtype)
+
+
+def dropout_keep_mask(seed, shape, dropout_p):
+    """The keep mask (B, H, Nq, Nk) bool that the kernels apply for this seed (an int64
+    tensor) and dropout_p > 0, at every element (masked ones too): the tests run the float64
+    twin with it."""
+    batch, heads, n_q, n_k = shape
+    keep = torch.empty(shape, dtype=torch.int8, device=seed.device)
+    if keep.numel():
+        rows, keys = (16, 16) if interpreting() else (64, 64)
+        _dropout_keep_mask[(triton.cdiv(n_q, rows), heads, batch)](
+            seed, keep, heads, n_q, n_k, dropout_meta(dropout_p, seed)["dropout_cutoff"],
+            BLOCK_M=rows, BLOCK_N=keys)
+    return keep.bool()
+
+
+# ---------------------------------------------------------------------------------------
+# Packed variable-length batches (VARLEN)
+# ---------------------------------------------------------------------------------------
+
+
+def _packed(x):
+    """A packed (total, H, D) tensor as the dense kernels' (1, H, total, D), batch stride 0:
+    with VARLEN each program moves its bases to its own sequence's rows instead."""
+    rows, heads, dim = x.shape
+    return x.as_strided((1, heads, rows, dim), (0, x.stride(1), x.stride(0), x.stride(2)))
+
+
+def _varlen_common(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
+                   window_right):
+    """_common for packed (1, H, total, D) views: total_q and total_k go in as Nq and Nk
+    (the kernels read them as the packed sizes), the longest sequences size the tiling key."""
+    meta, scalars, window, dummy = _common(q, k, None, window_left, window_right)
+    meta.update(VARLEN=True, cu_seqlens_q_ptr=cu_seqlens_q, cu_seqlens_k_ptr=cu_seqlens_k)
+    bucket = min(triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)), 1 << 16)
+    return meta, scalars, (*window[:2], bucket), dummy
+
+
+def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             scale, window_left, window_right, config=None, softcap=0.0,
+                             sinks=None, alibi_slopes=None, dropout_p=0.0, seed=None):
+    """Packed q (total_q, H, D), k, v (total_k, Hkv, D): sequence b is rows cu_seqlens[b] to
+    cu_seqlens[b + 1] (int32, (B + 1,)), at most max_seqlen rows long, its masks aligned to
+    its own lengths. -> out (total_q, H, D) in q's dtype, lse (H, total_q) float32. The grid
+    runs ceil(max_seqlen_q / BLOCK_M) query tiles per sequence and head; those past a
+    sequence's end exit at once.
+
+    softcap, sinks (H,) and alibi_slopes ((H,) or (B, H), row b for sequence b) as in
+    attention_forward, ALiBi's distance measured from each sequence's own bottom-right
+    aligned position. dropout_p > 0: sequence b's mask is dropout_keep_mask(seed, (B, H,
+    max_seqlen_q, max_seqlen_k), dropout_p)[b, :, :Lq, :Lk] (the sequence index is Philox's
+    batch word, its own rows and keys the others)."""
+    q, k, v = (lastdim_contiguous(x) for x in (q, k, v))
+    total_q, heads, _ = q.shape
+    batch = cu_seqlens_q.shape[0] - 1
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    views = [_packed(x) for x in (q, k, v, out)]
+    meta, scalars, window, dummy = _varlen_common(*views[:2], cu_seqlens_q, cu_seqlens_k,
+                                                  max_seqlen_q, max_seqlen_k, window_left,
+                                                  window_right)
+    meta["MASK_KEYS"] = True
+    meta.update(dropout_meta(dropout_p, seed))
+    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks)
+    args = (*views, lse, dummy, *(s for x in views for s in x.stride()[:3]), *scalars,
+            qk_scale, *window)
+    longest_q = min(max_seqlen_q, total_q)
+    _run("fwd", _attn_fwd, lambda bm, bn: (triton.cdiv(longest_q, bm), heads, batch), args,
+         dict(meta, **mods), q.device, config, tma=_tma_aligned(q, k, v, out))
+    return out, lse
+
+
+def attention_varlen_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
+                              max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
+                              config=None, deterministic=None, softcap=0.0, sinks=None,
+                              alibi_slopes=None, dropout_p=0.0, seed=None):
+    """-> dq, dk, dv (packed, contiguous, in the dtypes of q, k, v) of
+    attention_varlen_forward, and with sinks also dsinks in their dtype (one reduction over
+    the packed lse and delta (H, total_q)); dlse (H, total_q) may be None. deterministic: as
+    in attention_backward (None follows torch.are_deterministic_algorithms_enabled()).
+    softcap, sinks, alibi_slopes, dropout_p and seed: the forward's."""
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    total_q, heads, head_dim = q.shape
+    total_k, kv_heads, _ = k.shape
+    batch = cu_seqlens_q.shape[0] - 1
+    atomic = not deterministic and q.numel() > 0 and k.numel() > 0
+    dq = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic
+          else torch.empty(q.shape, dtype=q.dtype, device=q.device))
+    dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (k, v))
+    lse = lse.contiguous()
+    dlse = None if dlse is None else dlse.float().contiguous()
+    if q.numel() == 0 or k.numel() == 0:
+        grads = dq.zero_(), dk.zero_(), dv.zero_()
+        if sinks is None:
+            return grads
+        delta = -dlse if dlse is not None else torch.zeros_like(lse)
+        return (*grads, _sinks_grad(sinks, lse[None], delta[None]))
+    dout, q, k, v, out, dq_v, dk_v, dv_v = (_packed(lastdim_contiguous(x)) for x in
+                                            (dout, q, k, v, out, dq, dk, dv))
+    meta, scalars, window, dummy = _varlen_common(q, k, cu_seqlens_q, cu_seqlens_k,
+                                                  max_seqlen_q, max_seqlen_k, window_left,
+                                                  window_right)
+    meta.update(dropout_meta(dropout_p, seed))
+    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes)
+    # delta needs no sequence bounds: a dense batch of one over every packed row.
+    delta = torch.empty_like(lse)
+    rows = 16 if interpreting() else 64
+    _attn_bwd_delta[(triton.cdiv(total_q, rows), heads, 1)](
+        out, dout, lse if dlse is None else dlse, delta, *out.stride()[:3], *dout.stride()[:3],
+        heads, total_q, HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], HAS_DLSE=dlse is not None,
+        BLOCK_M=rows)
+    inputs = (q, k, v, dout, lse, delta)
+    strides = [s for x in inputs[:4] for s in x.stride()[:3]]
+    tail = (*scalars, scale, qk_scale, *window)
+    longest_k, longest_q = min(max_seqlen_k, total_k), min(max_seqlen_q, total_q)
+    _run("dkdv", _attn_bwd_dkdv, lambda bm, bn: (triton.cdiv(longest_k, bn), kv_heads, batch),
+         (*inputs, dk_v, dv_v, dq_v, dummy, *strides,
+          *(s for x in (dk_v, dv_v, dq_v) for s in x.stride()[:3]), *tail),
+         dict(meta, ATOMIC_DQ=atomic, **BACKWARD_OPTIONS, **mods), q.device, config)
+    if not deterministic:
+        dq = dq.to(q.dtype)
+    else:
+        _run("dq", _attn_bwd_dq, lambda bm, bn: (triton.cdiv(longest_q, bm), heads, batch),
+             (*inputs, dq_v, dummy, *strides, *dq_v.stride()[:3], *tail),
+             dict(meta, **BACKWARD_OPTIONS, **mods), q.device, config)
+    if sinks is None:
+        return dq, dk, dv
+    return dq, dk, dv, _sinks_grad(sinks, lse[None], delta[None])

@@ -16,6 +16,12 @@ programs (flash-decoding). Each split writes its normalised partial output and l
 the combine kernel merges them by logsumexp. With one split the attention kernel writes the
 output directly. Keys that no row of a tile sees are loaded as zeros, so cache slots past a
 sequence's length (or before every row's window) count for nothing whatever they hold.
+
+The score modifications of attnmem.attention are flags of the attention kernel: SOFTCAP and
+HAS_ALIBI modify each score as the attention kernels do (kernels/attention.py, with each
+packed row's own head's slope, its distance measured from its position a); HAS_SINKS starts
+split 0's softmax of each row from its head's sink logit (a key of value zero), so that the
+combine by logsumexp counts the sink once.
 """
 
 import torch
@@ -29,6 +35,7 @@ from attnmem.kernels._launch import (
     slot_splits,
     within,
 )
+from attnmem.kernels.attention import _modified_scores, _score_mods
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -90,11 +97,16 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
                     n_heads, n_q, n_new, capacity, page_size, n_pages, group, qk_scale,
                     window_left, window_right,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    sinks_ptr=None, alibi_ptr=None, stride_alibi_b=0, softcap_scale=1.0,
+                    SOFTCAP: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
+                    HAS_ALIBI: tl.constexpr = False):
     """One split of the visible keys of sequence b, kv head hk, for a tile of rows r =
     i * group + g (query i, head hk * group + g). Writes the tile's output normalised by
     its own softmax sum, and its natural-log logsumexp (-inf for a row that saw no key), at
-    split `split` of o_ptr and lse_ptr."""
+    split `split` of o_ptr and lse_ptr. SOFTCAP, HAS_SINKS, HAS_ALIBI: see the module's
+    docstring (sinks float32 (H,), slopes float32 (B or 1, H) with batch stride
+    stride_alibi_b)."""
     bh = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -127,6 +139,15 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_SINKS:
+        # Split 0 starts from the sink: exp(sink - m) = 1 at m = sink.
+        sink = tl.load(sinks_ptr + heads, mask=row_ok, other=0.0) * LOG2E
+        m_i = tl.where(split == 0, sink, m_i)
+        l_i = tl.where(split == 0, 1.0, l_i)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(alibi_ptr + b * stride_alibi_b + heads, mask=row_ok, other=0.0)
+        slope = (slope * LOG2E)[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     aligned = pos + offset
     for start_n in range(start, end, BLOCK_N):
@@ -138,7 +159,9 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
                                 stride_vcb, stride_vcn, stride_tb, stride_tn, PAGED)
         kt = tl.load(k_rows[None, :] + hk * stride_kch + offs_d[:, None],
                      mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        s, _ = _modified_scores(tl.dot(q, kt, input_precision=DOT_PRECISION), aligned[:, None],
+                                keys[None, :], qk_scale, softcap_scale, slope, SOFTCAP,
+                                HAS_ALIBI)
         keep = ((keys[None, :] < hi) & (keys[None, :] >= aligned[:, None] - window_left)
                 & (keys[None, :] <= aligned[:, None] + window_right) & row_ok[:, None])
         s = tl.where(keep, s, float("-inf"))
@@ -255,10 +278,13 @@ def append(k, v, k_cache, v_cache, cache_seqlens, block_table):
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scale,
-                           window_left, window_right, config=None, n_splits=None):
+                           window_left, window_right, config=None, n_splits=None, softcap=0.0,
+                           sinks=None, alibi_slopes=None):
     """-> out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) float32, natural log. The new keys
     (n_new of them) are in the caches already; cache_seqlens counts the tokens before
-    them. config and n_splits override the launch's choice (tests)."""
+    them. config and n_splits override the launch's choice (tests). softcap, sinks (H,)
+    and alibi_slopes (H,) or (B, H) as attnmem.attention takes them; lse includes the
+    sinks."""
     q = lastdim_contiguous(q)
     batch, n_q, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
@@ -282,17 +308,20 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
         part_lse = torch.empty((n_splits, *lse.shape), dtype=torch.float32, device=q.device)
     else:
         part_out, part_lse = out, lse
+    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes)
+    if sinks is not None:
+        mods.update(sinks_ptr=sinks.to(torch.float32).contiguous(), HAS_SINKS=True)
     _kvcache_attend[(batch * kv_heads, m_tiles, n_splits)](
         q, k_cache, v_cache, cache_seqlens, table, part_out, part_lse,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0),
         table.stride(-1), part_out.stride(0) if n_splits > 1 else 0, *out.stride()[:3],
         lse.numel() if n_splits > 1 else 0, heads, n_q, n_new, capacity,
-        k_cache.shape[1] if paged else 1, k_cache.shape[0], group, scale * LOG2E.value,
+        k_cache.shape[1] if paged else 1, k_cache.shape[0], group, qk_scale,
         unbounded if window_left < 0 else window_left,
         unbounded if window_right < 0 else window_right,
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGED=paged,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **mods)
     if n_splits > 1:
         _kvcache_combine[(batch * n_q * heads,)](
             part_out, part_lse, out, lse, *out.stride()[:3], n_splits, heads, n_q,

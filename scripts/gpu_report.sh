@@ -10,7 +10,8 @@
 #   attention-fwd      the gpu benchmark profile's attention forward,
 #   attention-bwd      ... backward,
 #   attention-fwd_bwd  ... forward and backward,
-#   others             memory_attend, memory_write, additive attention and the layers,
+#   others             memory_attend, memory_write, additive attention, the layers and
+#                      packed variable-length batches (attention_varlen),
 #   decode             decoding from a KV cache (attention_with_kvcache),
 #   product-key        the product-key memory lookup (product_key_lookup) against eager
 #                      torch and dense memory_attend, value tables of 1e4 to 1e7 rows.
@@ -26,7 +27,7 @@ case "$PART" in
     attention-fwd | attention-bwd | attention-fwd_bwd)
         SWEEP=(--ops attention --modes "${PART#attention-}")
         ;;
-    others) SWEEP=(--ops memory_attend memory_write additive mha) ;;
+    others) SWEEP=(--ops memory_attend memory_write additive mha varlen) ;;
     decode) SWEEP=(--ops decode) ;;
     product-key) SWEEP=(--ops product_key) ;;
     *)

@@ -54,6 +54,7 @@ def ptxas_usage(ptx, arch):
 
 def compile_job(job):
     import importlib
+    import inspect
 
     import triton
     from triton.backends.compiler import GPUTarget
@@ -63,7 +64,12 @@ def compile_job(job):
     fn = getattr(importlib.import_module(job["module"]), job["kernel"])
     while not isinstance(fn, JITFunction):
         fn = fn.fn
-    constexprs, pointers = job["constexprs"], job["pointers"]
+    pointers = job["pointers"]
+    # Constexprs the job leaves out take their defaults, and so do pointers defaulting to
+    # None, as a launch that does not pass them compiles them.
+    constexprs = {**{p.name: p.default for p in fn.params
+                     if (p.is_constexpr and p.default is not inspect.Parameter.empty)
+                     or (p.default is None and p.name not in pointers)}, **job["constexprs"]}
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:

@@ -144,6 +144,77 @@ def test_twin_matches_the_definition(name):
     torch.testing.assert_close(out, expect)
 
 
+# name: (case, softcap, sinks, ALiBi slopes' shape "h" (H,) or "bh" (B, H), or None)
+MOD_CASES = {
+    "decode_gqa8_all": ("decode_gqa8", 1.5, True, "bh"),
+    "window_gqa_all": ("window_gqa", 2.0, True, "h"),
+    "row_tiles_window_softcap_alibi": ("row_tiles_window", 1.0, False, "h"),
+    "empty_cache_sinks": ("empty_cache", None, True, None),
+}
+
+
+def _mods(name, q):
+    batch, _, heads, _ = q.shape
+    _, softcap, sinks, alibi = MOD_CASES[name]
+    return dict(softcap=softcap, sinks=torch.randn(heads) * 2 if sinks else None,
+                alibi_slopes=None if alibi is None else
+                torch.rand((heads,) if alibi == "h" else (batch, heads)))
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(MOD_CASES))
+def test_softcap_sinks_alibi_match_float64(name, backend):
+    """softcap, sinks and ALiBi slopes, as attnmem.attention takes them, against the twin
+    in float64; a query that sees no key outputs zeros and has lse = its head's sink."""
+    dtype = torch.float32
+    q, k_cache, v_cache, k, v, seqlens, kwargs = _inputs(MOD_CASES[name][0], dtype)
+    mods = _mods(name, q)
+    out, lse, *_ = _run(q, k_cache.clone(), v_cache.clone(), k, v, seqlens,
+                        dict(kwargs, **mods), backend)
+    double = lambda x: None if x is None else x.double()  # noqa: E731
+    expect = _run(double(q), double(k_cache), double(v_cache), double(k), double(v), seqlens,
+                  dict(kwargs, **mods), "torch")
+    base = _run(q, k_cache.clone(), v_cache.clone(), k, v, seqlens, dict(kwargs, **mods),
+                "torch")
+    if mods["sinks"] is not None:  # every row has its sink to see
+        assert torch.isfinite(lse).all()
+    assert_close_to_float64([out, lse.nan_to_num(neginf=0.0).to(dtype)],
+                            [expect[0], expect[1].nan_to_num(neginf=0.0)],
+                            [base[0], base[1].nan_to_num(neginf=0.0).to(dtype)], dtype)
+    if name == "empty_cache_sinks":
+        assert (out == 0).all()
+        torch.testing.assert_close(lse, mods["sinks"].view(1, -1, 1).expand_as(lse))
+
+
+def test_twin_score_mods_match_the_definition():
+    """The twin against softcap, ALiBi and sinks written out over the whole cache: the bias
+    -slope * |a - j| measures from a = L - Sq + i, each sequence's own alignment, and the
+    sink joins each row's softmax once."""
+    q, k_cache, v_cache, k, v, seqlens, kwargs = _inputs("window_gqa", torch.float64)
+    mods = {name: x.double() if isinstance(x, torch.Tensor) else x
+            for name, x in _mods("window_gqa_all", q).items()}
+    out, lse, k_cache, v_cache = _run(q, k_cache, v_cache, k, v, seqlens, dict(kwargs, **mods),
+                                      "torch")
+    n_q, group = q.shape[1], q.shape[2] // k_cache.shape[2]
+    left = kwargs["window"][0]
+    length = seqlens + n_q
+    a = (length - n_q)[:, None, None] + torch.arange(n_q)[None, :, None]
+    j = torch.arange(k_cache.shape[1])
+    keep = (j < length[:, None, None]) & (j >= a - left) & (j <= a)
+    kk, vv = (c.nan_to_num().repeat_interleave(group, 2) for c in (k_cache, v_cache))
+    scores = torch.einsum("bihd,bjhd->bhij", q, kk) * q.shape[-1] ** -0.5
+    scores = torch.tanh(scores / mods["softcap"]) * mods["softcap"]
+    scores = scores - mods["alibi_slopes"].view(1, -1, 1, 1) * (a - j).abs()[:, None]
+    scores = scores.masked_fill(~keep[:, None], -math.inf)
+    sink = mods["sinks"].view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+    expect_lse = torch.cat([scores, sink], -1).logsumexp(-1)
+    weights = torch.exp(scores - expect_lse[..., None]).nan_to_num()
+    expect = torch.einsum("bhij,bjhd->bihd", weights, vv)
+    torch.testing.assert_close(lse, expect_lse)
+    torch.testing.assert_close(out, expect)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(PAGE_SIZE))
 def test_paged_matches_contiguous(name, backend):
@@ -166,20 +237,23 @@ def test_paged_matches_contiguous(name, backend):
 
 
 @pytest.mark.skipif(not KERNEL, reason="needs the triton backend")
+@pytest.mark.parametrize("sinks", [False, True], ids=["", "sinks"])
 @pytest.mark.parametrize("n_splits", [1, 2, 7])
-def test_split_counts(n_splits):
+def test_split_counts(n_splits, sinks):
     """The combine by logsumexp gives the same result for any number of splits, including
-    splits left without keys."""
+    splits left without keys; with sinks, it counts each sink once."""
     from attnmem.kernels import attention_kvcache as kernel
 
     q, k_cache, v_cache, k, v, seqlens, kwargs = _inputs("window_gqa", torch.float32)
     k_cache, v_cache = _expected_caches(k_cache, v_cache, k, v, seqlens)
     args = [x.to(DEVICE) for x in (q, k_cache, v_cache, seqlens)]
+    sink = torch.randn(q.shape[2]) if sinks else None
     out, lse = kernel.attention_with_kvcache(*args, None, q.shape[1], q.shape[-1] ** -0.5, 7, 0,
-                                             n_splits=n_splits)
+                                             n_splits=n_splits,
+                                             sinks=None if sink is None else sink.to(DEVICE))
     expect = twin.attention_with_kvcache_forward(q.double(), k_cache.double(), v_cache.double(),
                                                  seqlens, None, q.shape[1], q.shape[-1] ** -0.5,
-                                                 7, 0)
+                                                 7, 0, sinks=sink)
     torch.testing.assert_close(out.cpu().double(), expect[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse.cpu().double(), expect[1], rtol=1e-5, atol=1e-5)
 
@@ -288,6 +362,12 @@ ERRORS = {
     "expanded_cache": (dict(k_cache=torch.zeros(1, 32, 2, 16).expand(2, -1, -1, -1)),
                        ValueError, "k_cache has overlapping elements"),
     "shared_kv_cache": (dict(v_cache="k_cache"), ValueError, "share storage"),
+    "softcap": (dict(softcap=-2.0), ValueError, "softcap must be a finite number > 0"),
+    "sinks_shape": (dict(sinks=torch.zeros(2)), ValueError, "sinks must be (H,) = (4,)"),
+    "sinks_grad": (dict(sinks=torch.zeros(4, requires_grad=True)), RuntimeError,
+                   "has no gradient, and sinks requires grad"),
+    "alibi_shape": (dict(alibi_slopes=torch.zeros(4, 2)), ValueError,
+                    "alibi_slopes must be (H,) = (4,) or (B, H) = (2, 4)"),
 }
 
 
@@ -333,6 +413,9 @@ def test_opcheck(backend):
                                             args["k"], args["v"], seqlens, None, backend))
     torch.library.opcheck(kvcache._attend, (args["q"], args["k_cache"], args["v_cache"],
                                             seqlens, None, 1, 0.25, 3, 0, backend))
+    torch.library.opcheck(kvcache._attend, (args["q"], args["k_cache"], args["v_cache"],
+                                            seqlens, None, 1, 0.25, 3, 0, backend, 1.5,
+                                            torch.randn(4), torch.rand(2, 4)))
 
 
 def test_compiles_under_torch_compile():

@@ -1,5 +1,6 @@
 """Attention layers against torch's own modules and formulas."""
 
+import importlib
 import math
 import os
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 import attnmem
 from attnmem.nn import MultiheadSelfAttention, SinusoidalPositionalEncoding, TransformerEncoderLayer
+from attnmem.reference import attention as twin
 from backends import BACKENDS
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -77,6 +79,45 @@ def test_backends_agree():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_self_attention_dropout_runs_in_the_kernel(backend):
+    """In training the weights are dropped by attnmem.attention (torch's default generator):
+    the float64 twin with the mask that call applied gives the same output."""
+    api = importlib.import_module("attnmem.attention")
+    layer = MultiheadSelfAttention(32, 8, num_kv_heads=2, causal=True, dropout=0.3)
+    x, lengths = torch.randn(2, 9, 32), torch.tensor([9, 5])
+    with attnmem.use_backend(backend):
+        torch.manual_seed(3)
+        got = layer(x, lengths)
+        q, k, v = (t.unflatten(-1, (-1, 4)).transpose(1, 2)
+                   for t in layer.qkv(x).detach().split([32, 8, 8], dim=-1))
+        torch.manual_seed(3)
+        keep = api.dropout_mask(q, k, 0.3)
+        evaluated = layer.eval()(x, lengths)
+    for p, mask, out in [(0.3, keep, got), (0.0, None, evaluated)]:
+        expect, _ = twin.attention_forward(q.double(), k.double(), v.double(), lengths, 0.5,
+                                           -1, 0, p, mask)
+        expect = F.linear(expect.transpose(1, 2).flatten(2), layer.out.weight.double(),
+                          layer.out.bias.double())
+        torch.testing.assert_close(out.double(), expect, atol=2e-5, rtol=1e-4)
+
+
+def test_encoder_layer_drops_attention_weights_in_training_only(monkeypatch):
+    """As torch.nn.TransformerEncoderLayer: its dropout also drops the attention weights,
+    in training; in evaluation the layer matches torch's."""
+    calls = []
+    real = attnmem.attention
+    monkeypatch.setattr(attnmem, "attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    theirs = torch.nn.TransformerEncoderLayer(16, 4, dim_feedforward=24, dropout=0.2,
+                                              batch_first=True).double()
+    ours = TransformerEncoderLayer(16, 4, dim_feedforward=24, dropout=0.2).double()
+    _copy_from_torch(ours, theirs)
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    ours(x).sum().backward()
+    torch.testing.assert_close(ours.eval()(x), theirs.eval()(x))
+    assert [c["dropout_p"] for c in calls] == [0.2, 0.0]
+
+
 def test_sinusoidal_positional_encoding():
     pe = SinusoidalPositionalEncoding(7, max_len=50)
     x = torch.zeros(1, 10, 7)
@@ -100,6 +141,9 @@ LENGTHS = torch.tensor([3, 1])
     ("embed_dim must be an int, got bool", lambda: MultiheadSelfAttention(True, 1)),
     ("causal must be a bool", lambda: MultiheadSelfAttention(32, 4, causal="yes")),
     ("window must be None or a pair", lambda: MultiheadSelfAttention(32, 4, window=3)),
+    ("dropout must be in \\[0.0, 1.0\\], got 1.5",
+     lambda: MultiheadSelfAttention(32, 4, dropout=1.5)),
+    ("dropout must be a number, got str", lambda: MultiheadSelfAttention(32, 4, dropout="0.1")),
     ("window left must be an int >= 0, got -2",
      lambda: MultiheadSelfAttention(32, 4, window=(-2, 0))),
     ("x must be \\(B, N, 32\\), got shape \\(5, 32\\)",

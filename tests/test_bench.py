@@ -25,12 +25,12 @@ def test_report_command_writes_json_markdown_and_plots(tmp_path):
         assert data["meta"][key], key
     rows = [r for r in data["results"] if "error" not in r]
     assert {r["op"] for r in rows} == {"attention", "memory_attend", "memory_write", "additive",
-                                       "mha", "decode", "product_key"}
+                                       "mha", "decode", "varlen", "product_key"}
     for row in rows:
         assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"], row
     assert {r["provider"] for r in rows if r["op"] == "attention"} >= {"attnmem", "sdpa",
                                                                         "eager"}
-    assert all(r["tflops"] > 0 for r in rows if r["op"] == "attention")
+    assert all(r["tflops"] > 0 for r in rows if r["op"] in ("attention", "varlen"))
     assert all(r["gbs"] > 0 for r in rows if r["op"].startswith("memory") or r["op"] == "decode"
                or (r["op"], r["mode"]) == ("product_key", "fwd"))
     assert {(r["provider"], r["mode"]) for r in rows if r["op"] == "product_key"} == {
@@ -44,10 +44,11 @@ def test_report_command_writes_json_markdown_and_plots(tmp_path):
     assert {(r["op"], r["baseline"]) for r in data["ratios"]} >= {
         ("attention", "sdpa"), ("attention", "eager"), ("memory_attend", "compile"),
         ("memory_write", "eager"), ("additive", "eager"), ("mha", "torch-mha"),
-        ("decode", "sdpa"), ("product_key", "eager"), ("product_key", "dense")}
+        ("decode", "sdpa"), ("varlen", "padded"), ("product_key", "eager"),
+        ("product_key", "dense")}
     assert "\r" not in result.stderr  # no progress bar drawn into a pipe
     for plot in ("attention.png", "memory.png", "additive.png", "mha.png", "decode.png",
-                 "product_key.png", "product_key_time.png"):
+                 "varlen.png", "product_key.png", "product_key_time.png"):
         assert (out / plot).stat().st_size > 1000, plot
         assert f"]({plot})" in report
 

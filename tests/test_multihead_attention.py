@@ -2,14 +2,17 @@
 outputs, weights and every gradient, in float64, for each constructor option and mask kind;
 the kernel path against float64 on both backends."""
 
+import importlib
 import itertools
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import attnmem
 from attnmem.nn import MultiheadAttention
+from attnmem.reference import attention as twin
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BACKENDS = ["torch"] + (["triton"] if INTERPRET else [])
@@ -180,6 +183,41 @@ def test_kernel_path_is_taken_only_when_it_is_exact(monkeypatch):
         calls.clear()
         ours(*args, need_weights=kwargs == {}, **kwargs)
         assert not calls, kwargs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_in_training_stays_on_the_kernel(backend, monkeypatch):
+    """need_weights=False in training runs attnmem.attention with the layer's dropout as
+    dropout_p, drawn from torch's default generator: the output is the float64 twin's with
+    the mask that call applied. In evaluation nothing is dropped."""
+    calls = []
+    real = attnmem.attention
+    monkeypatch.setattr(attnmem, "attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    api = importlib.import_module("attnmem.attention")
+    torch_mha, ours = pair(dict(dropout=0.4, batch_first=True))
+    ours.float().train()
+    x = torch.randn(B, L, E, requires_grad=True)
+    with attnmem.use_backend(backend):
+        torch.manual_seed(5)
+        out, weights = ours(x, x, x, need_weights=False)
+        out.sum().backward()
+        q, k, v = (ours._heads(t).detach() for t in ours._project(x, x, x))
+        torch.manual_seed(5)
+        keep = api.dropout_mask(q, k, 0.4)
+    assert weights is None and [c["dropout_p"] for c in calls] == [0.4]
+    assert torch.isfinite(x.grad).all() and keep.any() and not keep.all()
+    dropped, _ = twin.attention_forward(q.double(), k.double(), v.double(), None,
+                                        (E // H) ** -0.5, -1, -1, 0.4, keep)
+    expect = F.linear(dropped.transpose(1, 2).flatten(2), ours.out_proj.weight.double(),
+                      ours.out_proj.bias.double())
+    torch.testing.assert_close(out.double(), expect, atol=2e-5, rtol=1e-4)
+
+    torch_mha.eval()
+    with attnmem.use_backend(backend):
+        out, _ = ours.eval()(x, x, x, need_weights=False)
+    assert calls[-1]["dropout_p"] == 0.0
+    torch.testing.assert_close(out.double(), torch_mha(*(x.double(),) * 3)[0], atol=2e-5,
+                               rtol=1e-4)
 
 
 def padding(layout, n_k=S):

@@ -1,7 +1,9 @@
 """attnmem.integrations.transformers: tiny randomly initialised Llama, Mistral (sliding
-window), Gemma 2 (softcapping, which falls back) and gpt-oss (sinks, which fall back) models
-on attn_implementation="attnmem" against transformers' own attention, unpadded and with
-right and left padding, forward, backward and greedy generation through the cache."""
+window), Gemma 2 (softcapping and sliding window) and gpt-oss (sinks and sliding window)
+models on attn_implementation="attnmem" against transformers' own attention, unpadded and
+with right and left padding, forward, backward (the sinks' gradients too) and greedy
+generation through the cache; packed sequences on attnmem.attention_varlen, and attention
+dropout in training."""
 
 import copy
 import pathlib
@@ -32,14 +34,14 @@ MODELS = {
     "mistral": (transformers.MistralConfig, {"sliding_window": 3}, "sdpa", None),
     "gemma2": (transformers.Gemma2Config,
                {"sliding_window": 3, "layer_types": SLIDING, "query_pre_attn_scalar": 16,
-                "attn_logit_softcapping": 2.0}, "eager", "softcapping"),
+                "attn_logit_softcapping": 2.0}, "eager", None),
     "gemma2-nosoftcap": (transformers.Gemma2Config,
                          {"sliding_window": 3, "layer_types": SLIDING,
                           "query_pre_attn_scalar": 16, "attn_logit_softcapping": None},
                          "eager", None),
     "gpt_oss": (transformers.GptOssConfig,
                 {"sliding_window": 3, "layer_types": SLIDING, "num_local_experts": 4,
-                 "num_experts_per_tok": 2}, "eager", "sinks"),
+                 "num_experts_per_tok": 2}, "eager", None),
 }
 
 _models = {}
@@ -75,23 +77,27 @@ def _padding(kind, lengths):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """How many times attnmem.attention runs."""
+    """The calls of attnmem.attention and attnmem.attention_varlen: (name, keywords)."""
     calls = []
-    attention = attnmem.attention
 
-    def counted(*args, **kwargs):
-        calls.append(kwargs)
-        return attention(*args, **kwargs)
+    def counting(name):
+        op = getattr(attnmem, name)
 
-    monkeypatch.setattr(attnmem, "attention", counted)
+        def counted(*args, **kwargs):
+            calls.append((name, kwargs))
+            return op(*args, **kwargs)
+        return counted
+
+    for name in ("attention", "attention_varlen"):
+        monkeypatch.setattr(attnmem, name, counting(name))
     return calls
 
 
-def _run(model, implementation, ids, mask, weights):
+def _run(model, implementation, ids, mask, weights, **inputs):
     """Logits and every parameter's gradient of a weighted sum of the real positions' logits."""
     model.set_attn_implementation(implementation)
     model.zero_grad()
-    logits = model(ids, attention_mask=mask).logits
+    logits = model(ids, attention_mask=mask, **inputs).logits
     (logits * weights).sum().backward()
     return logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
@@ -127,14 +133,16 @@ def test_logits_and_gradients(name, padding, kernel_calls):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="no GPU and no Triton interpreter")
-def test_triton_backend(kernel_calls):
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gpt_oss"])
+def test_triton_backend(name, kernel_calls):
     """The same through attnmem's Triton kernels (the interpreter on a CPU): left padding
-    and a sliding window, forward and backward."""
-    model = copy.deepcopy(_model("mistral")).to(DEVICE)
+    and a sliding window, with softcapping (Gemma 2) and sinks (gpt-oss), forward and
+    backward."""
+    model = copy.deepcopy(_model(name)).to(DEVICE)
     ids = torch.randint(0, VOCAB, (BATCH, LENGTH), device=DEVICE)
     mask = _padding("left", torch.tensor([LENGTH, 6, 2])).to(DEVICE)
     weights = torch.randn(BATCH, LENGTH, VOCAB, device=DEVICE) * mask[..., None]
-    expect, expect_grads = _run(model, "sdpa", ids, mask, weights)
+    expect, expect_grads = _run(model, MODELS[name][2], ids, mask, weights)
     with attnmem.use_backend("triton"):
         got, grads = _run(model, "attnmem", ids, mask, weights)
     assert kernel_calls
@@ -239,25 +247,98 @@ def _packed():
             "use_cache": False}
 
 
-@pytest.mark.parametrize("inputs, warning", [
-    (_holes, "padding on both sides or in between"),
-    (_packed, "a mask attnmem cannot express"),
-], ids=["holes", "packed"])
-def test_masks_attnmem_cannot_express_fall_back(inputs, warning, kernel_calls):
-    """Padding inside a sequence under a causal mask with many queries, and packed
-    sequences: sdpa runs them, with a warning, and the results are sdpa's."""
-    model = _model("llama")
+@pytest.mark.parametrize("name, inputs, warning, reference", [
+    ("llama", _holes, "padding on both sides or in between", "sdpa"),
+    ("gpt_oss", _holes, "padding on both sides or in between", "eager"),
+], ids=["holes", "holes-sinks"])
+def test_masks_attnmem_cannot_express_fall_back(name, inputs, warning, reference,
+                                                kernel_calls):
+    """Padding inside a sequence under a causal mask with many queries: sdpa runs it, or
+    the model's eager attention where it has sinks (sdpa has none), with a warning, and the
+    results are theirs."""
+    model = _model(name)
     inputs = inputs()
     batch = inputs.get("attention_mask", inputs.get("position_ids")).shape[0]
     ids = torch.randint(0, VOCAB, (batch, LENGTH))
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(reference)
     expect = model(ids, **inputs).logits
     model.set_attn_implementation("attnmem")
-    with pytest.warns(UserWarning, match=warning):
+    with pytest.warns(UserWarning, match=f"{warning}.*: this runs on transformers' {reference} "):
         got = model(ids, **inputs).logits
     assert not kernel_calls
     real = inputs.get("attention_mask", torch.ones(batch, LENGTH)).bool()
     torch.testing.assert_close(got[real], expect[real], rtol=1e-4, atol=1e-5)
+
+
+# Each row packs 3 documents (lengths 1 and 2 included: shorter than the window of 3).
+DOCUMENTS = [[4, 1, 6], [2, 5, 4]]
+
+
+def _packed_positions():
+    return torch.stack([torch.cat([torch.arange(n) for n in row]) for row in DOCUMENTS])
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2-nosoftcap", "gemma2"])
+def test_packed_sequences(name, kernel_calls):
+    """Rows of 3 packed documents, found from position_ids restarting at 0, run on
+    attnmem.attention_varlen (one sequence per document, the window per document; Gemma 2's
+    sliding and full layers side by side): the logits and gradients of transformers' own
+    attention on the same packed rows, and those of each document run alone."""
+    model, reference = _model(name), MODELS[name][2]
+    positions = _packed_positions()
+    ids = torch.randint(0, VOCAB, positions.shape)
+    weights = torch.randn(*positions.shape, VOCAB)
+
+    def run(implementation, ids, weights, **inputs):
+        model.set_attn_implementation(implementation)
+        model.zero_grad()
+        logits = model(ids, use_cache=False, **inputs).logits
+        (logits * weights).sum().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    expect, expect_grads = run(reference, ids, weights, position_ids=positions)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got, grads = run("attnmem", ids, weights, position_ids=positions)
+    assert not [w for w in record if "attnmem" in str(w.message)]
+    assert [op for op, _ in kernel_calls] == ["attention_varlen"] * 2  # both layers
+    tolerance = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, expect, **tolerance)
+    for grad, expect_grad in zip(grads, expect_grads, strict=True):
+        torch.testing.assert_close(grad, expect_grad, rtol=1e-4,
+                                   atol=1e-5 * max(1.0, expect_grad.abs().max().item()))
+    # Each document alone: its logits, and gradients that sum over the documents.
+    alone_grads = None
+    for row, lengths in enumerate(DOCUMENTS):
+        for start, end in zip([0, *torch.tensor(lengths).cumsum(0)[:-1].tolist()],
+                              torch.tensor(lengths).cumsum(0).tolist()):
+            logits, doc_grads = run(reference, ids[row:row + 1, start:end],
+                                    weights[row:row + 1, start:end])
+            torch.testing.assert_close(got[row:row + 1, start:end], logits, **tolerance)
+            alone_grads = doc_grads if alone_grads is None else [
+                a + b for a, b in zip(alone_grads, doc_grads)]
+    for grad, alone_grad in zip(grads, alone_grads, strict=True):
+        torch.testing.assert_close(grad, alone_grad, rtol=1e-4,
+                                   atol=1e-5 * max(1.0, alone_grad.abs().max().item()))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="no GPU and no Triton interpreter")
+def test_packed_sequences_triton_backend(kernel_calls):
+    """Packed documents under a sliding window through attnmem's varlen Triton kernels (the
+    interpreter on a CPU), forward and backward, against sdpa."""
+    model = copy.deepcopy(_model("mistral")).to(DEVICE)
+    positions = _packed_positions().to(DEVICE)
+    ids = torch.randint(0, VOCAB, positions.shape, device=DEVICE)
+    weights = torch.randn(*positions.shape, VOCAB, device=DEVICE)
+    packed = dict(position_ids=positions, use_cache=False)
+    expect, expect_grads = _run(model, "sdpa", ids, None, weights, **packed)
+    with attnmem.use_backend("triton"):
+        got, grads = _run(model, "attnmem", ids, None, weights, **packed)
+    assert [op for op, _ in kernel_calls] == ["attention_varlen"] * 2
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
+    for grad, expect_grad in zip(grads, expect_grads, strict=True):
+        torch.testing.assert_close(grad, expect_grad, rtol=1e-4,
+                                   atol=1e-5 * max(1.0, expect_grad.abs().max().item()))
 
 
 def test_static_cache_falls_back(kernel_calls):
@@ -288,19 +369,64 @@ def test_static_sliding_cache(kernel_calls):
     torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
 
 
-def test_dropout_falls_back():
-    """Attention dropout in training runs on sdpa, with a warning: the same random draws
-    as sdpa's."""
-    config = transformers.LlamaConfig(**SMALL, attention_dropout=0.5)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+def _dropout_model():
+    config = transformers.LlamaConfig(**SMALL, attention_dropout=0.1)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_dropout(padding, kernel_calls):
+    """A model with attention_dropout = 0.1 runs on attnmem.attention with dropout_p: in
+    evaluation (dropout 0) sdpa's logits; in training logits that differ from those without
+    dropout, the same logits and gradients again under the same torch seed, finite
+    gradients, and no fallback."""
+    model = _dropout_model().eval()
     ids = torch.randint(0, VOCAB, (BATCH, LENGTH))
-    seed = torch.seed()
-    expect = model(ids).logits
-    model.set_attn_implementation("attnmem")
-    torch.manual_seed(seed)
-    with pytest.warns(UserWarning, match="attention dropout"):
-        got = model(ids).logits
-    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
+    mask = _padding(padding, torch.tensor([LENGTH, 6, 2]))
+    real = torch.ones(BATCH, LENGTH, dtype=torch.bool) if mask is None else mask.bool()
+    weights = torch.randn(BATCH, LENGTH, VOCAB) * real[..., None]
+    expect, _ = _run(model, "sdpa", ids, mask, weights)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        evaluated, _ = _run(model, "attnmem", ids, mask, weights)
+        torch.testing.assert_close(evaluated[real], expect[real], rtol=1e-4, atol=1e-5)
+        assert {kw["dropout_p"] for _, kw in kernel_calls} == {0.0}
+        kernel_calls.clear()
+        model.train()
+        torch.manual_seed(0)
+        trained, grads = _run(model, "attnmem", ids, mask, weights)
+        torch.manual_seed(0)
+        again, grads_again = _run(model, "attnmem", ids, mask, weights)
+    assert not [w for w in record if "attnmem" in str(w.message)]
+    assert {kw["dropout_p"] for _, kw in kernel_calls} == {0.1}
+    assert not torch.allclose(trained[real], evaluated[real], rtol=1e-3, atol=1e-3)
+    assert torch.equal(trained, again)
+    for grad, grad_again in zip(grads, grads_again, strict=True):
+        assert grad.isfinite().all()
+        assert torch.equal(grad, grad_again)
+
+
+def test_dropout_on_packed_sequences(kernel_calls):
+    """Packed sequences in training with attention dropout run on attention_varlen with the
+    module's dropout: repeatable under the same seed, unlike evaluation, finite gradients."""
+    model = _dropout_model()
+    positions = _packed_positions()
+    ids = torch.randint(0, VOCAB, positions.shape)
+    weights = torch.randn(*positions.shape, VOCAB)
+    packed = dict(position_ids=positions, use_cache=False)
+    evaluated, _ = _run(model.eval(), "attnmem", ids, None, weights, **packed)
+    model.train()
+    torch.manual_seed(0)
+    trained, grads = _run(model, "attnmem", ids, None, weights, **packed)
+    torch.manual_seed(0)
+    again, grads_again = _run(model, "attnmem", ids, None, weights, **packed)
+    assert {op for op, _ in kernel_calls} == {"attention_varlen"}
+    assert {kw["dropout_p"] for _, kw in kernel_calls} == {0.0, 0.1}
+    assert not torch.allclose(trained, evaluated, rtol=1e-3, atol=1e-3)
+    assert torch.equal(trained, again)
+    for grad, grad_again in zip(grads, grads_again, strict=True):
+        assert grad.isfinite().all()
+        assert torch.equal(grad, grad_again)
 
 
 def test_from_pretrained(tmp_path, kernel_calls):

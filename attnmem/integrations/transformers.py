@@ -10,8 +10,9 @@ every layer calls) and `AttentionMaskInterface` (the function a model calls once
 and mask type to build its mask). The mask function does not build the (B, 1, Nq, Nk) mask
 transformers' sdpa path builds: it recognises the masks attnmem runs (causal, sliding-window
 causal and bidirectional mask functions, with the keys ending at the last query, as dynamic
-caches keep them) and hands the layers the 2D padding mask with its layout. Each layer then
-runs `attnmem.attention`:
+caches keep them, and transformers' packed-sequence wrapper of the causal ones) and hands the
+layers the 2D padding mask with its layout. Each layer then runs `attnmem.attention`, or
+`attnmem.attention_varlen` for packed sequences:
 
 - no padding: causal=True (bottom-right), a sliding window w as window=(w - 1, 0);
 - right padding (each row's tokens a prefix): kv_lengths;
@@ -19,24 +20,38 @@ runs `attnmem.attention`:
   flipped along the sequence, which turns the padding into kv_lengths and the causal mask
   and window into a window of fixed width; keys no query's window reaches are sliced off;
 - one query (decoding) or a bidirectional mask, with any padding: each row's visible keys
-  move to the front (a stable sort on the device) and become kv_lengths.
+  move to the front (a stable sort on the device) and become kv_lengths;
+- packed sequences (several documents in one row, which transformers finds where
+  position_ids do not step by 1, as when each document restarts at 0, given no padding
+  mask and no cache, as in training; it wraps the causal or sliding-window mask function in its
+  packed_sequence_compatibility_function): attnmem.attention_varlen, every document of
+  every row one sequence, causal and the window per document, with cumulative lengths
+  from transformers' packed sequence indices (the document ids of each row's tokens).
 
 A layer given no mask reads it as transformers' sdpa does: causal (top-left) past one query
 when the module is causal. Real tokens get transformers' results; padded query positions,
-which no real token reads, get attnmem's (zeros where they see no key).
+which no real token reads, get attnmem's (zeros where they see no key). Logit softcapping
+(Gemma 2's `softcap`) and attention sinks (gpt-oss's `s_aux`, differentiable) pass through
+to attnmem.attention's `softcap` and `sinks`, and attention dropout (the `dropout`
+transformers passes: the module's attention_dropout in training, 0.0 in evaluation) to its
+`dropout_p`, on every path above (attention_varlen takes them too). attnmem draws its own
+dropout mask (from torch's generator, reproducible under the same seed), not sdpa's.
 
 Everything else runs on transformers' own attention, with a warning naming the reason shown
-once per reason: its sdpa for attention dropout, for masks attnmem cannot express (custom
-mask functions, packed sequences found from position_ids, chunked attention, static caches
-other than full sliding-window layers, 4D masks passed in, padding with holes under a
-causal mask with more than one query), for paged caches and position biases; the model's
-eager attention for logit softcapping (Gemma 2) and attention sinks (gpt-oss), which sdpa
-lacks. The fallbacks give transformers' results, never a different one.
+once per reason: masks attnmem cannot express (custom mask
+functions, packed sequences while torch.compile traces, chunked attention, static caches
+other than full sliding-window layers, 4D masks passed in, padding with holes under a causal
+mask with more than one query), paged caches and position biases. They run on its sdpa, or
+on the model's eager attention where the layer softcaps or has sinks, which sdpa lacks. The
+fallbacks give transformers' results, never a different one.
 
 Host syncs: the mask function reads the padding mask's layout once per forward and mask
 type (one small device-to-host copy, as transformers' own sdpa and flash-attention mask
-functions do when they check for padding); the layers never sync. While torch.compile
-traces, the layout is not read: padded batches then take the sort path or fall back.
+functions do when they check for padding), and for packed sequences where the documents
+start (one device-to-host copy of B * N bools, and the cumulative lengths copied back); the
+layers never sync. While torch.compile traces, neither is read: padded batches then take
+the sort path or fall back, and packed sequences fall back.
+
 Tested against transformers 5.23.
 """
 
@@ -72,12 +87,15 @@ class _Mask:
     causal: whether key j is hidden from queries before it (bottom-right aligned, as the keys
     end at the last query); window: the sliding window w (a query sees its w - 1 previous
     keys and itself) or None; padding: (B, Nk) bool, True for a real token, or None when
-    every key is one; layout: "none", "right", "left" or "any"; lengths: padding's (B,)
-    counts. sdpa_kwargs rebuild transformers' sdpa mask for a fallback."""
+    every key is one; layout: "none", "right", "left", "any" or "packed"; lengths: padding's
+    (B,) counts. For packed sequences, packed is (cu_seqlens, max_seqlen): the documents of
+    every row, one after another, as attnmem.attention_varlen takes them. sdpa_kwargs
+    rebuild transformers' sdpa mask for a fallback."""
 
-    def __init__(self, causal, window, padding, layout, q_length, kv_length, sdpa_kwargs):
+    def __init__(self, causal, window, padding, layout, q_length, kv_length, sdpa_kwargs,
+                 packed=None):
         self.causal, self.window = causal, window
-        self.padding, self.layout = padding, layout
+        self.padding, self.layout, self.packed = padding, layout, packed
         self.lengths = None if padding is None else padding.sum(-1)
         self.q_length, self.kv_length = q_length, kv_length
         self.sdpa_kwargs = sdpa_kwargs
@@ -127,6 +145,40 @@ def _kind(mask_function, local_size):
     return None
 
 
+def _cells(function) -> dict:
+    """A closure's captured values by name."""
+    return dict(zip(function.__code__.co_freevars,
+                    (cell.cell_contents for cell in function.__closure__ or ())))
+
+
+def _unpack(mask_function):
+    """(the wrapped mask function, the packed sequence indices (B, N)) when mask_function is
+    transformers' packed-sequence wrapper (packed_sequence_compatibility_function: keys of
+    the query's own document, positions remapped to position_ids), else None."""
+    from transformers import masking_utils as mu
+    template = mu.packed_sequence_compatibility_function(mu.causal_mask_function, None, None)
+    if getattr(mask_function, "__code__", None) is not template.__code__:
+        return None
+    parts, template_parts = (_cells(f)["mask_functions"] for f in (mask_function, template))
+    if len(parts) != 2 or any(getattr(f, "__code__", None) is not t.__code__
+                              for f, t in zip(parts, template_parts)):
+        return None
+    return _cells(parts[1])["mask_function"], _cells(parts[0])["packed_sequence_mask"]
+
+
+@torch.compiler.disable
+def _documents(indices):
+    """(cu_seqlens int32 (documents + 1,), the longest document) of packed sequence indices
+    (B, N), each row's documents one after another: one device-to-host copy of where the
+    documents start. Called only outside tracing; disabled for dynamo, which would otherwise
+    try to compile it where torch.compile runs the mask function eagerly."""
+    starts = torch.ones_like(indices, dtype=torch.bool)
+    starts[:, 1:] = indices[:, 1:] != indices[:, :-1]
+    starts = starts.flatten().cpu().nonzero().flatten()
+    cu_seqlens = torch.cat([starts, torch.tensor([indices.numel()])])
+    return cu_seqlens.to(torch.int32).to(indices.device), int(cu_seqlens.diff().max())
+
+
 def _layout(padding) -> str:
     """"none", "right" (each row's real tokens a prefix), "left" (a suffix) or "any": read
     with one device-to-host copy, and not at all while torch.compile traces."""
@@ -150,10 +202,23 @@ def build_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fu
                        q_offset=q_offset, kv_offset=kv_offset,
                        mask_function=mask_function or causal_mask_function,
                        attention_mask=attention_mask, local_size=local_size, **kwargs)
-    kind = _kind(sdpa_kwargs["mask_function"], local_size)
     # Static caches give q_offset as a tensor and keys past the last query.
     aligned = (type(q_offset) is int and type(kv_offset) is int and kv_offset <= q_offset
                and kv_offset + kv_length == q_offset + q_length)
+    packed = _unpack(sdpa_kwargs["mask_function"])
+    if packed is not None:
+        # transformers finds packed sequences only without a padding mask or a cache, where
+        # a document's positions step by 1, so its causal mask and window on positions are
+        # those on its rows. Reading where documents start needs the host: not while
+        # torch.compile traces.
+        kind, indices = _kind(packed[0], local_size), packed[1]
+        if (kind is None or not kind[0] or attention_mask is not None or not aligned
+                or q_offset != 0 or tuple(indices.shape) != (batch_size, q_length)
+                or kv_length != q_length or torch.compiler.is_compiling()):
+            return sdpa_mask(**sdpa_kwargs)
+        return _Mask(*kind, None, "packed", q_length, kv_length, sdpa_kwargs,
+                     packed=_documents(indices))
+    kind = _kind(sdpa_kwargs["mask_function"], local_size)
     if kind is None or (kind[0] and not aligned):
         return sdpa_mask(**sdpa_kwargs)
     padding, layout = None, "none"
@@ -203,47 +268,50 @@ def _sdpa_causal(module, query, is_causal) -> bool:
     return bool(is_causal) and query.shape[2] > 1
 
 
-def _reason(attention_mask, query, key, value, dropout, softcap, s_aux, is_causal, module,
-            kwargs):
-    """(why attnmem cannot run this call, whether the fallback is eager) or None."""
-    if softcap is not None:
-        return "logit softcapping is not implemented in attnmem.attention yet", True
-    if s_aux is not None:
-        return "attention sinks (s_aux) are not implemented in attnmem.attention yet", True
-    if dropout:
-        return "attention dropout is not implemented in attnmem.attention yet", False
+def _reason(attention_mask, query, key, value, is_causal, module, kwargs):
+    """Why attnmem cannot run this call, or None."""
     if kwargs.get("position_bias") is not None:
-        return "attnmem.attention takes no position bias", False
+        return "attnmem.attention takes no position bias"
     if kwargs.get("cache") is not None:
-        return "paged caches are not implemented in attnmem.attention yet", False
+        return "paged caches are not implemented in attnmem.attention yet"
     if value.shape[-1] != key.shape[-1]:
-        return "values with another head dim than the keys", False
+        return "values with another head dim than the keys"
     n_q, n_k = query.shape[2], key.shape[2]
     if isinstance(attention_mask, torch.Tensor):
-        return ("a mask attnmem cannot express (a custom mask function, packed sequences, "
-                "chunked attention, a static cache or a 4D mask passed in)"), False
+        return ("a mask attnmem cannot express (a custom mask function, packed sequences "
+                "while torch.compile traces, chunked attention, a static cache or a 4D mask "
+                "passed in)")
     if attention_mask is None:
         if _sdpa_causal(module, query, is_causal) and n_k < n_q:
-            return "a causal mask over fewer keys than queries without a mask", False
+            return "a causal mask over fewer keys than queries without a mask"
         return None
     if (attention_mask.q_length, attention_mask.kv_length) != (n_q, n_k):
-        return "keys or queries of another length than their mask", False
+        return "keys or queries of another length than their mask"
     if attention_mask.causal and attention_mask.layout == "any" and n_q > 1:
         return ("a causal mask with padding on both sides or in between (or any padding "
-                "while torch.compile traces)"), False
+                "while torch.compile traces)")
     return None
 
 
-def _attend(m, q, k, v, scale):
-    """attnmem.attention on (B, H, Nq, D) q and (B, Hkv, Nk, D) k, v under mask m."""
+def _attend(m, q, k, v, scale, mods):
+    """attnmem.attention on (B, H, Nq, D) q and (B, Hkv, Nk, D) k, v under mask m, with
+    `mods` (softcap, sinks, dropout_p); packed sequences on attnmem.attention_varlen."""
     n_q, n_k = q.shape[2], k.shape[2]
     w = m.window
+    if m.layout == "packed":
+        batch, heads, _, dim = q.shape
+        q, k, v = (x.transpose(1, 2).reshape(-1, x.shape[1], dim) for x in (q, k, v))
+        cu_seqlens, max_seqlen = m.packed
+        out = attnmem.attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                       causal=m.causal, scale=scale,
+                                       window=None if w is None else (w - 1, 0), **mods)
+        return out.view(batch, n_q, heads, dim).transpose(1, 2)
     if m.layout == "none":
         return attnmem.attention(q, k, v, causal=m.causal, scale=scale,
-                                 window=None if w is None else (w - 1, 0))
+                                 window=None if w is None else (w - 1, 0), **mods)
     if m.layout == "right":
         return attnmem.attention(q, k, v, causal=m.causal, scale=scale, kv_lengths=m.lengths,
-                                 window=None if w is None else (w - 1, 0))
+                                 window=None if w is None else (w - 1, 0), **mods)
     if m.causal and m.layout == "left":
         # Flipped, query i* = Nq - 1 - i sees key j* = Nk - 1 - j when i* <= j* (causal)
         # <= i* + w - 1 (window) and j* < length: at attnmem's a = i* + Nk - Nq that is the
@@ -254,14 +322,14 @@ def _attend(m, q, k, v, scale):
             k, v, padding, n_k = k[:, :, cut:], v[:, :, cut:], padding[:, cut:], n_k - cut
         window = (n_k - n_q, None if w is None else w - 1 - (n_k - n_q))
         out = attnmem.attention(q.flip(2), k.flip(2), v.flip(2), scale=scale, window=window,
-                                kv_lengths=padding.sum(-1))
+                                kv_lengths=padding.sum(-1), **mods)
         return out.flip(2)
     # One query, or no causal mask: the keys it sees, in any layout, move to the front.
     visible = m.padding
     if m.causal and w is not None:
         visible = visible & (torch.arange(n_k, device=k.device) >= n_k - w)
     k, v, lengths = _compact_keys(k, v, ~visible)
-    return attnmem.attention(q, k, v, scale=scale, kv_lengths=lengths)
+    return attnmem.attention(q, k, v, scale=scale, kv_lengths=lengths, **mods)
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -270,21 +338,24 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
     query (B, H, Nq, D); key, value (B, Hkv, Nk, D) with Hkv dividing H (grouped-query
     attention runs as is); attention_mask as `build_mask` made it (or None: sdpa's meaning, a
-    top-left causal mask past one query when the module is causal). Returns the output
-    (B, Nq, H, D) and None for the attention weights."""
-    found = _reason(attention_mask, query, key, value, dropout, softcap, s_aux, is_causal,
-                    module, kwargs)
-    if found is not None:
-        reason, eager = found
+    top-left causal mask past one query when the module is causal); softcap (Gemma 2) and
+    s_aux, the sinks (H,) (gpt-oss), go to attnmem.attention's softcap and sinks, dropout to
+    its dropout_p. Returns the output (B, Nq, H, D) and None for the attention weights."""
+    reason = _reason(attention_mask, query, key, value, is_causal, module, kwargs)
+    if reason is not None:
+        # sdpa has no softcap and no sinks: such layers fall back to their eager attention.
+        eager = softcap is not None or s_aux is not None
         return _fall_back(reason, eager, module, query, key, value, attention_mask, dropout,
                           scaling, is_causal, dict(kwargs, softcap=softcap, s_aux=s_aux))
     scale = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else scaling
+    # transformers passes the module's attention_dropout in training and 0.0 in evaluation.
+    mods = dict(softcap=softcap, sinks=s_aux, dropout_p=dropout)
     if isinstance(attention_mask, _Mask):
-        out = _attend(attention_mask, query, key, value, scale)
+        out = _attend(attention_mask, query, key, value, scale, mods)
     else:
         causal = _sdpa_causal(module, query, is_causal)
         if causal:
             # sdpa's top-left causal mask reads no key past the last query.
             key, value = key[:, :, :query.shape[2]], value[:, :, :query.shape[2]]
-        out = attnmem.attention(query, key, value, causal=causal, scale=scale)
+        out = attnmem.attention(query, key, value, causal=causal, scale=scale, **mods)
     return out.transpose(1, 2).contiguous(), None

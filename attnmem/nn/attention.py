@@ -24,15 +24,16 @@ def _window(window):
 class MultiheadSelfAttention(nn.Module):
     """Self-attention with a fused QKV projection, grouped-query attention (num_kv_heads
     divides num_heads; 1 is multi-query), causal masking, a sliding window and padding
-    lengths. x: (B, N, embed_dim), batch first. The weights are never materialised; there
-    is no dropout on them (put dropout on the layer's output instead).
+    lengths. x: (B, N, embed_dim), batch first. The weights are never materialised; in
+    training, dropout (a probability) drops them in the kernel (attnmem.attention's
+    dropout_p, drawn from torch's default generator).
 
     With num_kv_heads == num_heads, `qkv` is laid out as torch.nn.MultiheadAttention's
     in_proj ([q; k; v] rows) and `out` as its out_proj.
     """
 
     def __init__(self, embed_dim, num_heads, num_kv_heads=None, causal=False, window=None,
-                 bias=True):
+                 bias=True, dropout=0.0):
         super().__init__()
         embed_dim = _checks.integer("embed_dim", embed_dim)
         num_heads = _checks.integer("num_heads", num_heads)
@@ -45,6 +46,7 @@ class MultiheadSelfAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.causal, self.window = _checks.flag("causal", causal), _window(window)
         bias = _checks.flag("bias", bias)
+        self.dropout = _checks.number("dropout", dropout, 0.0, 1.0)
         self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim,
                              bias=bias)
         self.out = nn.Linear(embed_dim, embed_dim, bias=bias)
@@ -59,7 +61,8 @@ class MultiheadSelfAttention(nn.Module):
         q, k, v = (t.unflatten(-1, (h, self.head_dim)).transpose(1, 2) for t, h in zip(
             self.qkv(x).split([h * self.head_dim for h in heads], dim=-1), heads))
         out = attnmem.attention(q, k, v, causal=self.causal, window=self.window,
-                                kv_lengths=kv_lengths)
+                                kv_lengths=kv_lengths,
+                                dropout_p=self.dropout if self.training else 0.0)
         return self.out(out.transpose(1, 2).flatten(2))
 
 
@@ -94,7 +97,9 @@ class SinusoidalPositionalEncoding(nn.Module):
 class TransformerEncoderLayer(nn.Module):
     """Vaswani et al.'s encoder layer on MultiheadSelfAttention: post-norm
     (x = norm(x + sublayer(x))) by default, pre-norm with norm_first=True, as
-    torch.nn.TransformerEncoderLayer (batch first). Adds num_kv_heads, causal and window."""
+    torch.nn.TransformerEncoderLayer (batch first), dropout included: on the attention
+    weights (in the kernel), after the attention and in the feed-forward block. Adds
+    num_kv_heads, causal and window."""
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
                  layer_norm_eps=1e-5, norm_first=False, bias=True, num_kv_heads=None,
@@ -111,7 +116,7 @@ class TransformerEncoderLayer(nn.Module):
         norm_first, bias = _checks.flag("norm_first", norm_first), _checks.flag("bias", bias)
         self.d_model = d_model
         self.self_attn = MultiheadSelfAttention(d_model, nhead, num_kv_heads, causal, window,
-                                                bias)
+                                                bias, dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias)
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias)
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)

@@ -47,12 +47,14 @@ class MultiheadAttention(nn.Module):
     """torch.nn.MultiheadAttention's constructor, parameters, state_dict and forward, with
     the attention itself on attnmem.attention whenever the weights are not needed.
 
-    The kernel runs when need_weights=False, dropout is inactive, and the masks are what it
-    expresses: no attn_mask (or is_causal=True with a square one, trusted as torch does),
-    and, without causal masking, a bool key_padding_mask of any layout (the unpadded keys are
-    moved to the front on the device, no host sync, so the layer traces whole under
-    torch.compile). Otherwise the layer computes the exact weights (dropout, float masks,
-    causal with padding). Unlike torch, a query that may attend to no key (S = 0 included)
+    The kernel runs when need_weights=False and the masks are what it expresses: no
+    attn_mask (or is_causal=True with a square one, trusted as torch does), and, without
+    causal masking, a bool key_padding_mask of any layout (the unpadded keys are moved to the
+    front on the device, no host sync, so the layer traces whole under torch.compile). In
+    training its dropout on the weights is attnmem.attention's dropout_p, drawn in the
+    kernel from torch's default generator (other draws than torch's own dropout). Otherwise
+    the layer computes the exact weights (float masks, causal with padding) and drops them
+    with F.dropout, as torch does. Unlike torch, a query that may attend to no key (S = 0 included)
     gets zeros, never NaN. is_causal=True without an attn_mask applies a causal mask (torch
     raises instead). Wrong arguments raise ValueError or TypeError (torch: AssertionError).
     """
@@ -193,8 +195,7 @@ class MultiheadAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         # The kernel's causal mask is the square one; bias_k and the zero key stay visible.
         causal = is_causal and n_q == n_k and extra == 0
-        kernel = not need_weights and dropout == 0.0 and (
-            attn_mask is None and not is_causal or causal)
+        kernel = not need_weights and (attn_mask is None and not is_causal or causal)
         if key_padding_mask is not None:
             # Compacting keys would break causal order: causal padding takes the exact path.
             kernel = kernel and key_padding_mask.dtype == torch.bool and not causal
@@ -202,7 +203,8 @@ class MultiheadAttention(nn.Module):
             weights, lengths = None, None
             if key_padding_mask is not None:
                 k, v, lengths = _compact_keys(k, v, F.pad(key_padding_mask, (0, extra)))
-            out = attnmem.attention(q, k, v, causal=causal, kv_lengths=lengths)
+            out = attnmem.attention(q, k, v, causal=causal, kv_lengths=lengths,
+                                    dropout_p=dropout)
         else:
             out, weights = self._exact(q, k, v, key_padding_mask, attn_mask, is_causal, extra,
                                        dropout)

@@ -9,6 +9,17 @@ its kv_lengths (see attnmem.attention). Keys that no query sees are zeroed befor
 that padding holding NaN or inf contributes nothing, forward and backward. The work runs
 over chunks of query rows, so no `Nq x Nk` score matrix exists for every head at once, and
 the backward recomputes scores from the saved logsumexp, as the kernels do.
+
+Score modifications, in this order on the scaled scores s = scale * q.k (FlashAttention's
+and Gemma 2's): a softcap c > 0 makes them c * tanh(s / c); ALiBi slopes (H,) or (B, H) add
+-slope * |a - j|; then the mask. Sinks (H,) add one logit per query head to every row's
+softmax denominator, with no value (gpt-oss): the output is sum_j p_j v_j with
+p_j = exp(s_j) / (exp(sink) + sum_k exp(s_k)), and lse includes the sink.
+
+Dropout (FlashAttention's and SDPA's): the softmax weights that a keep mask drops become
+zeros and the rest are scaled by 1 / (1 - p); lse stays that of the undropped scores. The
+dropout_mask of kept weights is a bool tensor (B, H, Nq, Nk) (the tests pass the kernels'
+own) or a function of a row chunk, as seeded_keep makes for the torch backend.
 """
 
 import torch
@@ -68,6 +79,40 @@ def without_unseen_keys(k, v, n_q, window_left, kv_lengths):
     return torch.where(seen, k, 0.0), torch.where(seen, v, 0.0)
 
 
+def seeded_keep(seed, dropout_p, batch, heads, n_k, device):
+    """The torch backend's keep mask, a function rows -> bool (B, H, len(rows), Nk): row i
+    keeps torch.rand(B, H, Nk) >= p, drawn from a generator on device seeded with
+    seed + i, so that the backward regenerates each row of the forward's mask from seed
+    alone, whatever its row chunks."""
+    generator = torch.Generator(device)
+
+    def keep(rows):
+        out = torch.empty(batch, heads, len(rows), n_k, dtype=torch.bool, device=device)
+        for i, row in enumerate(rows.tolist()):
+            generator.manual_seed(seed + row)
+            out[:, :, i] = torch.rand(batch, heads, n_k, generator=generator,
+                                      device=device) >= dropout_p
+        return out
+    return keep
+
+
+def _kept(dropout_mask, rows, kv_heads, dropout_p):
+    """(mask of the row chunk grouped as (B, Hkv, G, rows, Nk), the survivors' scale
+    1 / (1 - p), 0 at p = 1 where none survives), or None without dropout."""
+    if dropout_p == 0:
+        return None
+    chunk = dropout_mask(rows) if callable(dropout_mask) else dropout_mask[:, :, rows]
+    return _grouped(chunk, kv_heads), 1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0
+
+
+def _dropout(x, kept):
+    """x (B, Hkv, G, rows, Nk), zero where _kept's mask drops, scaled elsewhere."""
+    if kept is None:
+        return x
+    mask, rescale = kept
+    return torch.where(mask, x, 0.0) * rescale
+
+
 def _row_chunks(q, n_k):
     batch, heads, n_q, _ = q.shape
     step = max(1, CHUNK_ELEMENTS // max(1, batch * heads * n_k))
@@ -80,38 +125,67 @@ def _grouped(x, kv_heads):
     return x.unflatten(1, (kv_heads, x.shape[1] // kv_heads))
 
 
-def _scores(qg_rows, k, rows, n_q, scale, window_left, window_right, kv_lengths):
-    """Scaled scores (B, Hkv, G, rows, Nk) of one row chunk and their visibility mask."""
-    s = torch.matmul(qg_rows, k[:, :, None].transpose(-1, -2)) * scale
+def _scores(qg_rows, k, rows, n_q, scale, window_left, window_right, kv_lengths, softcap=0.0,
+            alibi=None):
+    """Scaled scores (B, Hkv, G, rows, Nk) of one row chunk, capped at softcap and biased by
+    the ALiBi slopes `alibi` (B or 1, Hkv, G, 1, 1), their visibility mask, and the cap's
+    tanh (None without one)."""
+    s, t = torch.matmul(qg_rows, k[:, :, None].transpose(-1, -2)) * scale, None
+    if softcap:
+        t = torch.tanh(s / softcap)
+        s = t * softcap
+    if alibi is not None:
+        distance = rows[:, None] + (k.shape[2] - n_q) - torch.arange(k.shape[2], device=k.device)
+        s = s - alibi * distance.abs().to(s.dtype)
     keep = visible(rows, n_q, k.shape[2], window_left, window_right, kv_lengths)
-    return s, None if keep is None else keep[:, :, None]
+    return s, None if keep is None else keep[:, :, None], t
 
 
-def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right):
+def _slopes(alibi_slopes, heads, kv_heads, ct):
+    """ALiBi slopes (H,) or (B, H) -> (B or 1, Hkv, G, 1, 1) in ct, or None."""
+    if alibi_slopes is None:
+        return None
+    return _grouped(alibi_slopes.to(ct).reshape(-1, heads, 1, 1), kv_heads)
+
+
+def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, softcap=0.0,
+                      sinks=None, alibi_slopes=None, dropout_p=0.0, dropout_mask=None):
     """q: (B, H, Nq, D), k, v: (B, Hkv, Nk, D) -> out (B, H, Nq, D) in q's dtype and the
-    natural-log logsumexp (B, H, Nq) of the scaled, masked scores in compute_dtype (-inf
-    where a query sees no key; its output is zero). Differentiable through torch autograd."""
+    natural-log logsumexp (B, H, Nq) of the scaled, masked scores (and the sinks) in
+    compute_dtype (-inf where a query sees no key and no sink; its output is zero).
+    Differentiable through torch autograd, in the sinks too. dropout_p > 0: dropout on the
+    weights with dropout_mask (see the module's docstring)."""
+    ct = compute_dtype(q.dtype)
     if q.shape[2] == 0 or k.shape[2] == 0:
         # No query, or no key to see: zero output (still a function of q for autograd).
-        lse = torch.full(q.shape[:3], float("-inf"), dtype=compute_dtype(q.dtype), device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=ct, device=q.device)
+        if sinks is not None:  # only the sink: all weight on it
+            lse = lse.maximum(sinks.to(ct)[:, None])
         return q * 0, lse
-    ct = compute_dtype(q.dtype)
     n_q, kv_heads = q.shape[2], k.shape[1]
     kc, vc = without_unseen_keys(k.to(ct), v.to(ct), n_q, window_left, kv_lengths)
     qg = _grouped(q, kv_heads).to(ct)
+    alibi = _slopes(alibi_slopes, q.shape[1], kv_heads, ct)
+    sink = None if sinks is None else _grouped(sinks.to(ct).view(1, -1, 1, 1), kv_heads)
     outs, lses = [], []
     for rows in _row_chunks(q, k.shape[2]):
-        s, keep = _scores(qg[..., rows, :], kc, rows, n_q, scale, window_left, window_right,
-                          kv_lengths)
+        s, keep, _ = _scores(qg[..., rows, :], kc, rows, n_q, scale, window_left, window_right,
+                             kv_lengths, softcap, alibi)
         if keep is not None:
             s = s.masked_fill(~keep, float("-inf"))
         # The row max only shifts the exponent; softmax does not depend on it.
-        m = s.amax(-1, keepdim=True).detach()
+        m = s.amax(-1, keepdim=True)
+        if sink is not None:
+            m = torch.maximum(m, sink)
+        m = m.detach()
         m = torch.where(torch.isfinite(m), m, 0.0)
         p = torch.exp(s - m)
         row_sum = p.sum(-1, keepdim=True)
+        if sink is not None:
+            row_sum = row_sum + torch.exp(sink - m)
         seen = row_sum > 0
         l_safe = torch.where(seen, row_sum, 1.0)
+        p = _dropout(p, _kept(dropout_mask, rows, kv_heads, dropout_p))
         outs.append(torch.matmul(p, vc[:, :, None]) / l_safe)
         lses.append(torch.where(seen, m + torch.log(l_safe), float("-inf")).squeeze(-1))
     out = torch.cat(outs, dim=-2).flatten(1, 2).to(q.dtype)
@@ -120,8 +194,12 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right):
 
 
 def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_left,
-                       window_right):
-    """Gradients (dq, dk, dv) of attention_forward, given dout and optionally dlse."""
+                       window_right, softcap=0.0, sinks=None, alibi_slopes=None,
+                       dropout_p=0.0, dropout_mask=None):
+    """Gradients (dq, dk, dv) of attention_forward, given dout and optionally dlse, and the
+    forward's dropout_p and dropout_mask; with sinks also dsinks: -sum over batches and rows
+    of exp(sink - lse) * delta, where delta = rowsum(dout * out) - dlse (the sink's value is
+    zero). ALiBi slopes get none."""
     ct = compute_dtype(q.dtype)
     n_q, kv_heads = q.shape[2], k.shape[1]
     kc, vc = without_unseen_keys(k.to(ct), v.to(ct), n_q, window_left, kv_lengths)
@@ -130,19 +208,30 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
     delta = (dout.to(ct) * out.to(ct)).sum(-1)
     if dlse is not None:
         delta = delta - dlse.to(ct)
+    dsinks = None
+    if sinks is not None:
+        lse_c = lse.to(ct)
+        p_sink = torch.exp(sinks.to(ct)[:, None] - lse_c)
+        dsinks = -torch.where(lse_c == float("-inf"), 0.0, p_sink * delta).sum((0, 2))
+        dsinks = dsinks.to(sinks.dtype)
+    alibi = _slopes(alibi_slopes, q.shape[1], kv_heads, ct)
     delta, lse_g = _grouped(delta[..., None], kv_heads), _grouped(lse.to(ct)[..., None], kv_heads)
     dq = torch.empty_like(qg)
     dk, dv = torch.zeros_like(kc), torch.zeros_like(vc)
     for rows in _row_chunks(q, k.shape[2]):
-        s, keep = _scores(qg[..., rows, :], kc, rows, n_q, scale, window_left, window_right,
-                          kv_lengths)
+        s, keep, t = _scores(qg[..., rows, :], kc, rows, n_q, scale, window_left, window_right,
+                             kv_lengths, softcap, alibi)
         p = torch.exp(s - lse_g[..., rows, :])
         if keep is not None:  # rows that see no key have lse = -inf: the mask zeroes them
             p = torch.where(keep, p, 0.0)
         do_rows = dog[..., rows, :]
-        dv += torch.matmul(p.transpose(-1, -2), do_rows).sum(2)
-        dp = torch.matmul(do_rows, vc[:, :, None].transpose(-1, -2))
+        kept = _kept(dropout_mask, rows, kv_heads, dropout_p)
+        dv += torch.matmul(_dropout(p, kept).transpose(-1, -2), do_rows).sum(2)
+        dp = _dropout(torch.matmul(do_rows, vc[:, :, None].transpose(-1, -2)), kept)
         ds = p * (dp - delta[..., rows, :])
+        if t is not None:  # the cap c tanh(x / c) has derivative 1 - tanh^2
+            ds = ds * (1 - t * t)
         dq[..., rows, :] = torch.matmul(ds, kc[:, :, None]) * scale
         dk += torch.matmul(ds.transpose(-1, -2), qg[..., rows, :]).sum(2) * scale
-    return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    grads = dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return grads if sinks is None else (*grads, dsinks)

@@ -40,17 +40,23 @@ def gather(cache, b, length, block_table):
 
 
 def attention_with_kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, n_new,
-                                   scale, window_left, window_right):
+                                   scale, window_left, window_right, softcap=0.0, sinks=None,
+                                   alibi_slopes=None):
     """q (B, Sq, H, D); the caches hold the n_new new tokens after cache_seqlens[b] old ones
     (values in range). -> out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) in the twin's
-    compute dtype (-inf where a query sees no key; its output is zero)."""
+    compute dtype (-inf where a query sees no key and no sink; its output is zero).
+    softcap, sinks (H,) and alibi_slopes (H,) or (B, H) as the attention twin takes them."""
     outs, lses = [], []
     for b, seqlen in enumerate(cache_seqlens.tolist()):
         length = seqlen + n_new
         k, v = (gather(c, b, length, block_table).transpose(0, 1)[None]
                 for c in (k_cache, v_cache))
+        slopes = alibi_slopes
+        if slopes is not None and slopes.ndim == 2:
+            slopes = slopes[b:b + 1]
         out, lse = _attention.attention_forward(q[b:b + 1].transpose(1, 2), k, v, None,
-                                                scale, window_left, window_right)
+                                                scale, window_left, window_right, softcap,
+                                                sinks, slopes)
         outs.append(out.transpose(1, 2))
         lses.append(lse)
     if not outs:
