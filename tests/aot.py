@@ -112,6 +112,15 @@ def compile_job(job):
             **ptxas_usage(ptx, job["arch"])}
 
 
+def compiled(jobs):
+    """{name: result} of compiling the named jobs; fails naming every job that did not
+    compile."""
+    results = dict(zip(jobs, compile_all(list(jobs.values()))))
+    failures = {k: r["error"] for k, r in results.items() if r["error"]}
+    assert not failures, failures
+    return results
+
+
 def sm90_spills(results):
     """{job: (registers, spill store bytes, spill load bytes)} of the sm_90 jobs that spill."""
     return {k: (r["registers"], r["spill_stores"], r["spill_loads"]) for k, r in results.items()

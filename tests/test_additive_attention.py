@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import attnmem
-from aot import TRITON_TYPES, compile_all, sm90_spills
+from aot import TRITON_TYPES, compiled, sm90_spills
 from attnmem.kernels.attention import SMEM_LIMIT
 from attnmem.reference import additive as twin
 from attnmem.reference.attention import softmax_with_lse
@@ -278,9 +278,7 @@ def test_kernel_compiles_for_sm80_and_sm90():
                                       "dq_ptr": "fp32", "dk_ptr": "fp32", "dval_ptr": t,
                                       "dv_part_ptr": "fp32"})
                     jobs[f"{name}-sm{arch}-{dtype}-dv{block_dv}"] = job
-    results = dict(zip(jobs, compile_all(list(jobs.values()))))
-    failures = {k: r["error"] for k, r in results.items() if r["error"]}
-    assert not failures, failures
+    results = compiled(jobs)
     for name, result in results.items():
         arch = 80 if "sm80" in name else 90
         assert result["shared"] <= SMEM_LIMIT[arch], (name, result["shared"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attnmem
-from aot import TRITON_TYPES, compile_all, sm90_spills
+from aot import TRITON_TYPES, compiled, sm90_spills
 from backends import BACKENDS, DEVICE, DTYPE_IDS, DTYPES
 from tolerance import assert_close_to_float64
 
@@ -111,8 +111,6 @@ def test_kernels_compile_for_sm80_and_sm90():
                             module="attnmem.kernels.location_address", kernel=kernel, arch=arch,
                             constexprs=constexprs, pointers=pointers, num_warps=warps,
                             num_stages=stages)
-    results = dict(zip(jobs, compile_all(list(jobs.values()))))
-    failures = {k: r["error"] for k, r in results.items() if r["error"]}
-    assert not failures, failures
+    results = compiled(jobs)
     spills = sm90_spills(results)
     assert not spills, spills

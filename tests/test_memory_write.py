@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attnmem
-from aot import TRITON_TYPES, compile_all, sm90_spills, table_jobs
+from aot import TRITON_TYPES, compiled, sm90_spills, table_jobs
 from attnmem.reference import memory as twin
 from backends import BACKENDS, DEVICE, DTYPE_IDS, DTYPES
 from tolerance import assert_close_to_float64
@@ -81,9 +81,7 @@ def test_every_config_compiles_without_spills():
     of MAX_BLOCK_D; write heads are a loop), and whole-block widths move memory tiles 16
     bytes at a time."""
     jobs = _jobs()
-    results = dict(zip(jobs, compile_all(list(jobs.values()))))
-    failures = {k: r["error"] for k, r in results.items() if r["error"]}
-    assert not failures, failures
+    results = compiled(jobs)
     spills = sm90_spills(results)
     assert not spills, spills
     scalar = [k for k, r in results.items() if "odd" not in k

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attnmem
-from aot import TRITON_TYPES, compile_all, sm90_spills
+from aot import TRITON_TYPES, compiled, sm90_spills
 from attnmem.nn import ProductKeyMemory
 from backends import BACKENDS, DEVICE, INTERPRET
 from tolerance import assert_close_to_float64
@@ -267,9 +267,7 @@ def test_kernels_compile_for_sm90_without_spills():
     """The kernels compile for sm_90 without register spills, the float16 selection scores
     with mma, and the gathers load value rows 16 bytes at a time."""
     jobs = _jobs()
-    results = dict(zip(jobs, compile_all(list(jobs.values()))))
-    failures = {k: r["error"] for k, r in results.items() if r["error"]}
-    assert not failures, failures
+    results = compiled(jobs)
     spills = sm90_spills(results)
     assert not spills, spills
     unexpected = {k: r for k, r in results.items() if "expect" in jobs[k]
