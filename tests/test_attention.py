@@ -407,8 +407,8 @@ def test_torch_backend_runs_the_fused_cpu_kernel(monkeypatch):
     calls = spy_fused_cpu(monkeypatch)
     twin_backward = twin.attention_backward
     monkeypatch.setattr(twin, "attention_forward", None)  # any call fails
-    monkeypatch.setattr(twin, "attention_backward", lambda *args: (calls.append("twin"),
-                                                                   twin_backward(*args))[1])
+    monkeypatch.setattr(twin, "attention_backward", lambda *args, **kwargs: (
+        calls.append("twin"), twin_backward(*args, **kwargs))[1])
     q, k, v = (torch.randn(2, heads, 12, 8, requires_grad=True) for heads in (4, 2, 2))
     expect = {
         (): [("fwd", False, False), ("bwd", False, False)],

@@ -96,7 +96,7 @@ def test_self_attention_dropout_runs_in_the_kernel(backend):
         evaluated = layer.eval()(x, lengths)
     for p, mask, out in [(0.3, keep, got), (0.0, None, evaluated)]:
         expect, _ = twin.attention_forward(q.double(), k.double(), v.double(), lengths, 0.5,
-                                           -1, 0, p, mask)
+                                           -1, 0, dropout_p=p, dropout_mask=mask)
         expect = F.linear(expect.transpose(1, 2).flatten(2), layer.out.weight.double(),
                           layer.out.bias.double())
         torch.testing.assert_close(out.double(), expect, atol=2e-5, rtol=1e-4)

@@ -207,7 +207,8 @@ def test_dropout_in_training_stays_on_the_kernel(backend, monkeypatch):
     assert weights is None and [c["dropout_p"] for c in calls] == [0.4]
     assert torch.isfinite(x.grad).all() and keep.any() and not keep.all()
     dropped, _ = twin.attention_forward(q.double(), k.double(), v.double(), None,
-                                        (E // H) ** -0.5, -1, -1, 0.4, keep)
+                                        (E // H) ** -0.5, -1, -1, dropout_p=0.4,
+                                        dropout_mask=keep)
     expect = F.linear(dropped.transpose(1, 2).flatten(2), ours.out_proj.weight.double(),
                       ours.out_proj.bias.double())
     torch.testing.assert_close(out.double(), expect, atol=2e-5, rtol=1e-4)
