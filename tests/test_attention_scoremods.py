@@ -241,6 +241,7 @@ def test_autotuning_keys_hold_the_flags(monkeypatch):
         assert flags <= set(keys) and "HAS_SINKS" not in set(keys) - flags, name
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("aot")
 def test_flags_compile_for_sm90_without_spills():
     """The forward with every flag (pointer loads with masks; TMA and warp specialization
