@@ -308,9 +308,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
         part_lse = torch.empty((n_splits, *lse.shape), dtype=torch.float32, device=q.device)
     else:
         part_out, part_lse = out, lse
-    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes)
-    if sinks is not None:
-        mods.update(sinks_ptr=sinks.to(torch.float32).contiguous(), HAS_SINKS=True)
+    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks)
     _kvcache_attend[(batch * kv_heads, m_tiles, n_splits)](
         q, k_cache, v_cache, cache_seqlens, table, part_out, part_lse,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0),
