@@ -94,6 +94,20 @@ def _query_range(key_first, key_last, offset, n_q, kv_len, window_left, window_r
 
 
 @triton.jit
+def _phase_range(phase: tl.constexpr, lo, full_lo, full_hi, hi):
+    """Tiles [start, end) of phase 0, 1, 2 of a range split by _key_range or _query_range:
+    the masked tiles before the full ones, the full ones (phase 1, unmasked), the masked
+    ones after."""
+    if phase == 0:
+        start, end = lo, full_lo
+    elif phase == 1:
+        start, end = full_lo, full_hi
+    else:
+        start, end = full_hi, hi
+    return start, end
+
+
+@triton.jit
 def _packed_sequence(cu_seqlens_ptr, b, total):
     """VARLEN: sequence b's first row in the packed rows and its length, from cumulative
     lengths; both clamped into [0, total], so that cumulative lengths that are not (checked
@@ -363,24 +377,14 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
         hi = tl.where(hi > key_lo, hi, lo)
         full_hi = tl.minimum(full_hi, hi)
         full_lo = tl.minimum(full_lo, full_hi)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
-                                   offs_d, lo, full_lo, key_lo, offset, n_q, kv_len,
-                                   window_left, window_right, qk_scale, HEAD_DIM, BLOCK_N, True,
-                                   USE_TMA, False, DOT_PRECISION, seed, b, h,
-                                   dropout_cutoff, DROPOUT, softcap_scale, slope, SOFTCAP,
-                                   HAS_ALIBI)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
-                                   offs_d, full_lo, full_hi, key_lo, offset, n_q, kv_len,
-                                   window_left, window_right, qk_scale, HEAD_DIM, BLOCK_N, False,
-                                   USE_TMA, False, DOT_PRECISION, seed, b, h,
-                                   dropout_cutoff, DROPOUT, softcap_scale, slope, SOFTCAP,
-                                   HAS_ALIBI)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
-                                   offs_d, full_hi, hi, key_lo, offset, n_q, kv_len,
-                                   window_left, window_right, qk_scale, HEAD_DIM, BLOCK_N, True,
-                                   USE_TMA, False, DOT_PRECISION, seed, b, h,
-                                   dropout_cutoff, DROPOUT, softcap_scale, slope, SOFTCAP,
-                                   HAS_ALIBI)
+        for phase in tl.static_range(3):
+            start, end = _phase_range(phase, lo, full_lo, full_hi, hi)
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn,
+                                       rows, offs_d, start, end, key_lo, offset, n_q, kv_len,
+                                       window_left, window_right, qk_scale, HEAD_DIM, BLOCK_N,
+                                       phase != 1, USE_TMA, False, DOT_PRECISION, seed, b, h,
+                                       dropout_cutoff, DROPOUT, softcap_scale, slope, SOFTCAP,
+                                       HAS_ALIBI)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
                                    offs_d, 0, n_k, 0, offset, n_q, kv_len, window_left,
@@ -593,24 +597,15 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     alibi_b = alibi_ptr
     if HAS_ALIBI:
         alibi_b = alibi_ptr + b * stride_alibi_b
-    dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
-                         stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
-                         keys, offs_d, lo, full_lo, offset, n_q, kv_len, window_left,
-                         window_right, scale, qk_scale, HEAD_DIM, BLOCK_M, True, ATOMIC_DQ,
-                         DOT_PRECISION, stride_stats_h, seed, b, key_first, dropout_cutoff,
-                         dropout_scale, DROPOUT, alibi_b, softcap_scale, SOFTCAP, HAS_ALIBI)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
-                         stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
-                         keys, offs_d, full_lo, full_hi, offset, n_q, kv_len, window_left,
-                         window_right, scale, qk_scale, HEAD_DIM, BLOCK_M, False, ATOMIC_DQ,
-                         DOT_PRECISION, stride_stats_h, seed, b, key_first, dropout_cutoff,
-                         dropout_scale, DROPOUT, alibi_b, softcap_scale, SOFTCAP, HAS_ALIBI)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
-                         stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
-                         keys, offs_d, full_hi, hi, offset, n_q, kv_len, window_left,
-                         window_right, scale, qk_scale, HEAD_DIM, BLOCK_M, True, ATOMIC_DQ,
-                         DOT_PRECISION, stride_stats_h, seed, b, key_first, dropout_cutoff,
-                         dropout_scale, DROPOUT, alibi_b, softcap_scale, SOFTCAP, HAS_ALIBI)
+    for phase in tl.static_range(3):
+        start, end = _phase_range(phase, lo, full_lo, full_hi, hi)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
+                             stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh,
+                             stride_dqm, keys, offs_d, start, end, offset, n_q, kv_len,
+                             window_left, window_right, scale, qk_scale, HEAD_DIM, BLOCK_M,
+                             phase != 1, ATOMIC_DQ, DOT_PRECISION, stride_stats_h, seed, b,
+                             key_first, dropout_cutoff, dropout_scale, DROPOUT, alibi_b,
+                             softcap_scale, SOFTCAP, HAS_ALIBI)
     if DROPOUT:
         dv = dv * dropout_scale
     tl.store(dk_ptr + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkn
@@ -721,18 +716,13 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(alibi_ptr + b * stride_alibi_b + h).to(tl.float32) * LOG2E
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
-                   lo, full_lo, key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
-                   HEAD_DIM, BLOCK_N, True, DOT_PRECISION, seed, b, h, dropout_cutoff,
-                   dropout_scale, DROPOUT, softcap_scale, slope, SOFTCAP, HAS_ALIBI)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
-                   full_lo, full_hi, key_lo, offset, n_q, kv_len, window_left, window_right,
-                   qk_scale, HEAD_DIM, BLOCK_N, False, DOT_PRECISION, seed, b, h, dropout_cutoff,
-                   dropout_scale, DROPOUT, softcap_scale, slope, SOFTCAP, HAS_ALIBI)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d,
-                   full_hi, hi, key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
-                   HEAD_DIM, BLOCK_N, True, DOT_PRECISION, seed, b, h, dropout_cutoff,
-                   dropout_scale, DROPOUT, softcap_scale, slope, SOFTCAP, HAS_ALIBI)
+    for phase in tl.static_range(3):
+        start, end = _phase_range(phase, lo, full_lo, full_hi, hi)
+        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows,
+                       offs_d, start, end, key_lo, offset, n_q, kv_len, window_left,
+                       window_right, qk_scale, HEAD_DIM, BLOCK_N, phase != 1, DOT_PRECISION,
+                       seed, b, h, dropout_cutoff, dropout_scale, DROPOUT, softcap_scale, slope,
+                       SOFTCAP, HAS_ALIBI)
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)
 
