@@ -17,6 +17,7 @@ import torch
 from attnmem import _checks
 from attnmem import backend as _backend
 from attnmem.attention import (
+    _OPTIONAL_INPUTS,
     FLOAT_DTYPES,
     _attention_backward,
     _attention_forward,
@@ -110,10 +111,9 @@ def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
 
-# The forward op's inputs from max_seqlen_q to backend, then its optional ones with their
-# defaults (callers may leave them out).
+# The forward op's inputs from max_seqlen_q to backend; its optional ones after them are
+# attnmem.attention's, with the same defaults (callers may leave them out).
 _REQUIRED_ARGS = 6
-_OPTIONAL_INPUTS = (0.0, None, None, 0.0, None)
 
 
 def _setup_context(ctx, inputs, output):
