@@ -130,18 +130,21 @@ def _window(kwargs):
     return left, right
 
 
-def naive(q, k, v, kwargs, scale):
-    """Attention in q's dtype with the whole score matrix: torch's own error baseline."""
+def naive(q, k, v, kwargs, scale, keep=None, dropout_p=0.0):
+    """Attention in q's dtype with the whole score matrix: torch's own error baseline. With
+    a dropout keep mask, the weights it drops are zeroed and the rest scaled."""
     left, right = _window(kwargs)
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    keep = twin.visible(torch.arange(q.shape[2], device=q.device), q.shape[2], k.shape[2],
-                        left, right, kwargs["kv_lengths"])
+    visible = twin.visible(torch.arange(q.shape[2], device=q.device), q.shape[2], k.shape[2],
+                           left, right, kwargs["kv_lengths"])
     s = q @ k.transpose(-1, -2) * scale
-    if keep is not None:
-        s = s.masked_fill(~keep, float("-inf"))
+    if visible is not None:
+        s = s.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(s.float(), -1)
     p = torch.softmax(s, -1).nan_to_num(0.0)
+    if keep is not None:
+        p = torch.where(keep, p, 0.0) / (1 - dropout_p)
     return p @ v, lse
 
 

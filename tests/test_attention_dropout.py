@@ -14,6 +14,7 @@ import importlib
 
 import pytest
 import torch
+from test_attention import _window, naive
 
 import attnmem
 from attnmem.reference import attention as twin
@@ -53,28 +54,6 @@ def make_inputs(case, device=DEVICE):
     return q, k, v, dict(causal=causal, window=window, kv_lengths=kv_lengths)
 
 
-def sides(kwargs, n_q, n_k):
-    left, right = api._window(kwargs["window"], n_q, n_k)
-    if kwargs["causal"]:
-        right = 0 if right < 0 else min(right, 0)
-    return left, right
-
-
-def naive(q, k, v, kwargs, scale, keep, p):
-    """Dropped attention in q's dtype with the whole score matrix: torch's error baseline."""
-    left, right = sides(kwargs, q.shape[2], k.shape[2])
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    visible = twin.visible(torch.arange(q.shape[2], device=q.device), q.shape[2], k.shape[2],
-                           left, right, kwargs["kv_lengths"])
-    s = q @ k.transpose(-1, -2) * scale
-    if visible is not None:
-        s = s.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(s.float(), -1)
-    weights = torch.softmax(s, -1).nan_to_num(0.0)
-    return torch.where(keep, weights, 0.0) / (1 - p) @ v, lse
-
-
 def run(fn, q, k, v, dout, dlse):
     """out, lse and the gradients of sum(out * dout) + sum(lse * dlse) over finite lse."""
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
@@ -99,7 +78,7 @@ def test_matches_float64_with_the_same_mask(name, backend, mode):
         keep = api.dropout_mask(q, k, p, with_seed(11))
         ours = run(lambda *x: attnmem.attention(*x, **kwargs, return_lse=True, dropout_p=p,
                                                 generator=with_seed(11)), q, k, v, dout, dlse)
-    left, right = sides(kwargs, q.shape[2], k.shape[2])
+    left, right = _window(kwargs)
     ref = run(lambda *x: twin.attention_forward(*x, kwargs["kv_lengths"], scale, left, right,
                                                 dropout_p=p, dropout_mask=keep),
               q.double(), k.double(), v.double(), dout.double(), dlse.double())
