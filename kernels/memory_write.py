@@ -1,8 +1,10 @@
 """Erase/add memory write in one read and one write of memory: forward, backward, launchers.
 
 memory (B, N, D), write weights (B, W, N), erase and add (B, W, D):
-M' = M * prod_w (1 - w_w e_w^T) + sum_w w_w a_w^T. Programs own tiles of slots and walk
-the slot width in chunks, so any D works. The forward may write into memory itself.
+M' = M * prod_w (1 - w_w e_w^T) + sum_w w_w a_w^T. Forward programs own TILES consecutive
+tiles of slots, which they walk in a loop (pipelined through cp.async where the config has
+several stages), and walk the slot width in chunks, so any D works. The forward may write
+into memory itself.
 
 The backward's programs each own a split of the slots: they write dMemory and dWeights of
 their slots and accumulate dErase and dAdd into their own partial rows, summed by the
@@ -10,8 +12,8 @@ launcher; no atomics. The product over the other heads is recomputed, not divide
 1 - w e is exactly 0 under a full erase.
 
 Width chunks of at most 64 and the configs of `configs_for` keep every tile in registers:
-none spills on sm_90 (tests/test_memory_write.py). Slots per tile, warps and stages are
-autotuned per width chunk, head count and dtype.
+none spills on sm_90 (tests/test_memory_write.py). Slots per tile, tiles per program,
+warps and stages are autotuned per width chunk, head count and dtype.
 """
 
 import torch
@@ -46,16 +48,41 @@ CONFIGS = {
     ("bwd", 4, 32): [(16, 4, 3), (32, 8, 3), (64, 4, 2)],
     ("bwd", 4, 64): [(32, 4, 2), (64, 8, 2), (16, 4, 3), (64, 4, 2)],
 }
+# Forward configs whose programs walk TILES slot tiles in a loop that loads them through
+# LOAD_STAGES - 1 cp.async copies in flight (BLOCK_N, num_warps, stages, TILES), per element
+# size and width chunk: candidates beside the one-tile configs above, for up to
+# MAX_UNROLLED_HEADS write heads (the heads are unrolled so that the tile loop is innermost,
+# which Triton's pipeliner needs). Each compiles without spills at 1 and 2 heads, stores 16
+# bytes at a time and loads memory tiles with 16-byte cp.async (tests/test_memory_write.py).
+PIPELINED = {
+    (2, 16): [(64, 4, 3, 4), (64, 4, 2, 8)],
+    (2, 32): [(64, 4, 3, 4), (64, 8, 3, 8)],
+    (2, 64): [(64, 8, 3, 4), (32, 4, 3, 8)],
+    (4, 16): [(64, 4, 3, 4), (32, 4, 2, 8)],
+    (4, 32): [(64, 4, 3, 4), (32, 8, 2, 8)],
+    (4, 64): [(64, 4, 3, 4), (32, 4, 3, 8)],
+}
+MAX_UNROLLED_HEADS = 2
 # The backward's splits are whole multiples of the largest BLOCK_N: its grid is the same
 # for every config.
 SPLIT_QUANTUM = 64
 INTERPRET_CONFIG = dict(BLOCK_N=16, num_warps=1, num_stages=1)
+# The forward under the interpreter: two tiles a program, heads unrolled, so that the tests
+# run the pipelined configs' code (tests/test_memory_write.py forces the others).
+FWD_INTERPRET_CONFIG = dict(INTERPRET_CONFIG, TILES=2, LOAD_STAGES=2)
 
 
-def configs_for(kernel, block_d, elem):
-    """The autotuning configs of kernel ("fwd" or "bwd") at this width chunk and element
-    size."""
-    return slot_configs(CONFIGS[(kernel, elem, block_d)])
+def configs_for(kernel, block_d, elem, n_writes=MAX_UNROLLED_HEADS):
+    """The autotuning configs of kernel ("fwd" or "bwd") at this width chunk, element size
+    and (forward) number of write heads."""
+    configs = slot_configs(CONFIGS[(kernel, elem, block_d)])
+    if kernel == "bwd":
+        return configs
+    configs = [dict(c, TILES=1, LOAD_STAGES=c["num_stages"]) for c in configs]
+    if n_writes <= MAX_UNROLLED_HEADS:
+        configs += [dict(BLOCK_N=n, TILES=t, LOAD_STAGES=s, num_warps=w, num_stages=s)
+                    for n, w, s, t in PIPELINED[(elem, block_d)]]
+    return configs
 
 
 @triton.jit
@@ -67,31 +94,61 @@ def _factor(weights_ptr, erase_ptr, w_row, e_row, slots, offs_d, slot_ok, d_ok):
 
 
 @triton.jit
+def _write_head(keep, added, weights_ptr, erase_ptr, add_ptr, row, slots, offs_d, slot_ok,
+                d_ok, n_slots, width):
+    """keep and added of a tile with write head `row` (b * W + h) applied."""
+    w, f = _factor(weights_ptr, erase_ptr, row * n_slots, row * width, slots, offs_d, slot_ok,
+                   d_ok)
+    a = tl.load(add_ptr + row * width + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    return keep * f, added + w[:, None] * a[None, :]
+
+
+@triton.jit
+def _write_heads(weights_ptr, erase_ptr, add_ptr, b, slots, offs_d, slot_ok, d_ok, n_slots,
+                 width, N_WRITES: tl.constexpr, UNROLL: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """(prod_h (1 - w_h e_h^T), sum_h w_h a_h^T) over a tile's write heads: a loop, or
+    unrolled (UNROLL) where the tile loop around it must stay innermost to be pipelined."""
+    keep = tl.full([BLOCK_N, BLOCK_D], 1.0, tl.float32)
+    added = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if UNROLL:
+        for h in tl.static_range(N_WRITES):
+            keep, added = _write_head(keep, added, weights_ptr, erase_ptr, add_ptr,
+                                      b * N_WRITES + h, slots, offs_d, slot_ok, d_ok, n_slots,
+                                      width)
+    else:
+        for h in range(N_WRITES):
+            keep, added = _write_head(keep, added, weights_ptr, erase_ptr, add_ptr,
+                                      b * N_WRITES + h, slots, offs_d, slot_ok, d_ok, n_slots,
+                                      width)
+    return keep, added
+
+
+@triton.jit
 def _memory_write_fwd(mem_ptr, weights_ptr, erase_ptr, add_ptr, out_ptr,
-                      stride_mb, stride_mn, stride_ob, stride_on, n_writes, n_slots, width,
-                      EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                      stride_mb, stride_mn, stride_ob, stride_on, n_slots, width,
+                      N_WRITES: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, TILES: tl.constexpr, LOAD_STAGES: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
-    slots = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    slot_ok = slots < n_slots
+    first = tl.program_id(0) * (TILES * BLOCK_N)
     stride_mn = tl.cast(stride_mn, tl.int64)
     stride_on = tl.cast(stride_on, tl.int64)
     for d0 in range(0, width, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_ok = within(offs_d, width, EVEN_D)
-        tile = slot_ok[:, None] & d_ok[None, :]
-        mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
-                      mask=tile, other=0.0).to(tl.float32)
-        keep = tl.full([BLOCK_N, BLOCK_D], 1.0, tl.float32)
-        added = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        for h in range(n_writes):
-            row = b * n_writes + h
-            w, f = _factor(weights_ptr, erase_ptr, row * n_slots, row * width, slots, offs_d,
-                           slot_ok, d_ok)
-            a = tl.load(add_ptr + row * width + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-            keep *= f
-            added += w[:, None] * a[None, :]
-        tl.store(out_ptr + b * stride_ob + slots[:, None] * stride_on + offs_d[None, :],
-                 (mem * keep + added).to(out_ptr.dtype.element_ty), mask=tile)
+        # Triton pipelines innermost loops only, and loads that feed no dot only in a
+        # tl.range given num_stages: the slot tiles are the inner loop, the heads unrolled.
+        for t in tl.range(0, TILES, num_stages=LOAD_STAGES):
+            slots = first + t * BLOCK_N + tl.arange(0, BLOCK_N)
+            slot_ok = slots < n_slots
+            tile = slot_ok[:, None] & d_ok[None, :]
+            mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn
+                          + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
+            keep, added = _write_heads(weights_ptr, erase_ptr, add_ptr, b, slots, offs_d,
+                                       slot_ok, d_ok, n_slots, width, N_WRITES,
+                                       LOAD_STAGES > 1, BLOCK_N, BLOCK_D)
+            tl.store(out_ptr + b * stride_ob + slots[:, None] * stride_on + offs_d[None, :],
+                     (mem * keep + added).to(out_ptr.dtype.element_ty), mask=tile)
 
 
 @triton.jit
@@ -172,13 +229,15 @@ def memory_write_forward(memory, weights, erase, add, out=None):
     if memory.numel() == 0:
         return out
     block_d = _block_d(width)
+    n_writes = weights.shape[1]
     # Tuning runs the kernel several times: out is restored after each, as it may be memory.
-    launch(_memory_write_fwd, lambda m: (triton.cdiv(n_slots, m["BLOCK_N"]), batch),
+    launch(_memory_write_fwd,
+           lambda m: (triton.cdiv(n_slots, m["BLOCK_N"] * m["TILES"]), batch),
            (memory, weights, erase, add, out, memory.stride(0), memory.stride(1), out.stride(0),
-            out.stride(1), weights.shape[1], n_slots, width),
-           dict(EVEN_D=width % block_d == 0, BLOCK_D=block_d),
-           configs_for("fwd", block_d, memory.element_size()),
-           ["BLOCK_D", "EVEN_D", "n_writes"], INTERPRET_CONFIG, restore_value=["out_ptr"])
+            out.stride(1), n_slots, width),
+           dict(N_WRITES=n_writes, EVEN_D=width % block_d == 0, BLOCK_D=block_d),
+           configs_for("fwd", block_d, memory.element_size(), n_writes),
+           ["BLOCK_D", "EVEN_D", "N_WRITES"], FWD_INTERPRET_CONFIG, restore_value=["out_ptr"])
     return out
 
 

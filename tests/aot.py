@@ -108,6 +108,7 @@ def compile_job(job):
             # 16 bytes a load: a vector load, or an async copy .cg (which moves 16 bytes only).
             "vector_loads": "ld.global.v4" in ptx or "cp.async.cg.shared.global" in ptx,
             "vector_stores": "st.global.v4" in ptx,
+            "async_copies": "cp.async.cg.shared.global" in ptx,  # pipelined loads
             "tma": "cp.async.bulk.tensor" in ptx, "warp_specialized": "setmaxnreg" in ptx,
             **ptxas_usage(ptx, job["arch"])}
 

@@ -50,36 +50,67 @@ def test_inplace_matches(backend):
     torch.testing.assert_close(memory, expect)
 
 
-def _job(kernel, arch, dtype, block_d, config, even=True):
+@pytest.mark.parametrize("tiles", [1, 3], ids=["one_tile", "three_tiles"])
+def test_forward_configs_match(tiles, monkeypatch):
+    """The forward's other config shapes under the interpreter (the default walks two tiles
+    a program with the heads unrolled): one tile with the head loop, and three tiles a
+    program over a memory whose last program has fewer than three."""
+    from attnmem.kernels import memory_write as kernel
+
+    monkeypatch.setattr(kernel, "FWD_INTERPRET_CONFIG",
+                        dict(kernel.INTERPRET_CONFIG, TILES=tiles, LOAD_STAGES=min(tiles, 2)))
+    memory, weights, erase, add = make(2, 75, 40, 3, torch.float32)
+    expect = twin.memory_write(*(x.double() for x in (memory, weights, erase, add)))
+    with attnmem.use_backend("triton"):
+        got = attnmem.memory_write(memory, weights, erase, add)
+    torch.testing.assert_close(got, expect.float())
+
+
+def _job(kernel, arch, dtype, block_d, config, even=True, n_writes=None):
     t = TRITON_TYPES[dtype]
     pointers = {"mem_ptr": t, "weights_ptr": t, "erase_ptr": t, "add_ptr": t}
+    constexprs = dict(EVEN_D=even, BLOCK_D=block_d,
+                      **{k: v for k, v in config.items() if not k.startswith("num_")})
     if kernel == "fwd":
         pointers["out_ptr"] = t
+        constexprs["N_WRITES"] = n_writes or _kernel().MAX_UNROLLED_HEADS
     else:
         pointers.update({"dout_ptr": t, "dmem_ptr": t, "dweights_ptr": "fp32",
                          "part_derase_ptr": "fp32", "part_dadd_ptr": "fp32"})
     return dict(module="attnmem.kernels.memory_write", kernel=f"_memory_write_{kernel}",
-                arch=arch, constexprs=dict(EVEN_D=even, BLOCK_N=config["BLOCK_N"],
-                                           BLOCK_D=block_d),
-                pointers=pointers, num_warps=config["num_warps"],
-                num_stages=config["num_stages"])
+                arch=arch, constexprs=constexprs, pointers=pointers,
+                num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+def _kernel():
+    from attnmem.kernels import memory_write
+
+    return memory_write
 
 
 def _jobs():
-    """Every config of the tables at its width chunk in every dtype on sm_90, at the widest
-    chunk on sm_80, and masked (odd) widths at the first config."""
-    from attnmem.kernels import memory_write as kernel_module
-
+    """Every config of the tables at its width chunk in every dtype on sm_90 (the forward
+    at MAX_UNROLLED_HEADS write heads), at the widest chunk on sm_80, and masked (odd)
+    widths at the first config; the pipelined forward configs at one head as well."""
+    kernel_module = _kernel()
     widths = [d for d in (16, 32, 64) if d <= kernel_module.MAX_BLOCK_D]
-    return table_jobs(_job, kernel_module.configs_for, lambda elem: widths)
+    jobs = table_jobs(_job, kernel_module.configs_for, lambda elem: widths)
+    for (elem, block_d), rows in kernel_module.PIPELINED.items():
+        dtype = "float32" if elem == 4 else "float16"
+        for n, w, s, t in rows:
+            config = dict(BLOCK_N=n, TILES=t, LOAD_STAGES=s, num_warps=w, num_stages=s)
+            jobs[f"fwd-sm90-{dtype}-d{block_d}-one-head-BLOCK_N{n}-TILES{t}-stages{s}"] = _job(
+                "fwd", 90, dtype, block_d, config, n_writes=1)
+    return jobs
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("aot")
 def test_every_config_compiles_without_spills():
     """Issue 15: no register spills on sm_90 at any width (wider slots are walked in chunks
-    of MAX_BLOCK_D; write heads are a loop), and whole-block widths move memory tiles 16
-    bytes at a time."""
+    of MAX_BLOCK_D; write heads are a loop, or unrolled up to MAX_UNROLLED_HEADS), whole-block
+    widths move memory tiles 16 bytes at a time, and the multi-tile forward configs load
+    them with cp.async, several tiles in flight."""
     jobs = _jobs()
     results = compiled(jobs)
     spills = sm90_spills(results)
@@ -87,3 +118,6 @@ def test_every_config_compiles_without_spills():
     scalar = [k for k, r in results.items() if "odd" not in k
               and not (r["vector_loads"] and r["vector_stores"])]
     assert not scalar, scalar
+    pipelined = [k for k, j in jobs.items() if j["constexprs"].get("LOAD_STAGES", 1) > 1]
+    assert pipelined and all(results[k]["async_copies"] for k in pipelined), \
+        [k for k in pipelined if not results[k]["async_copies"]]
