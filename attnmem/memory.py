@@ -333,8 +333,19 @@ def memory_address(memory, keys, *, strength=None, similarity="cosine", mask=Non
 
 
 def memory_read(memory, weights):
-    """Read vectors (B, R, D): r = sum_n w_n M_n for weights (B, R, N)."""
+    """Read vectors (B, R, D): r = sum_n w_n M_n for weights (B, R, N).
+
+    Sparse weights: (indices, weights) of (B, R, K), e.g. memory_address's SparseWeights,
+    read K gathered rows per head, r = sum_k w_k M[indices_k], on either backend and never
+    through a (B, R, N) tensor: exactly the dense read of the weights scattered (summed)
+    into (B, R, N). An index -1 reads nothing; indices are range-checked on CPU tensors only
+    (on CUDA, one outside [-1, N) reads nothing). Gradients reach the weights and the
+    gathered rows of memory: the gather's backward scatters them into a dense dMemory,
+    deterministic under torch.use_deterministic_algorithms."""
     _memory(memory)
+    if isinstance(weights, (tuple, list)):
+        indices, weights = _sparse_weights(weights, memory, "R")
+        return _reference.read_slots(memory, indices, weights)
     _weights("weights", weights, memory, "(B, R, N)")
     chosen = _choose("memory_read", (memory, weights), heads=weights.shape[1])
     if chosen == "triton":
@@ -380,13 +391,17 @@ def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosin
     return (read, weights) if return_weights else read
 
 
-def _sparse_write_weights(weights, memory):
-    """(indices, weights) of a sparse write, checked: indices an integer (B, W, K) tensor of
-    slots in [-1, N) (-1: none; checking the range costs one device-to-host sync), weights
-    (B, W, K) like memory."""
+def _sparse_weights(weights, memory, heads):
+    """(indices, weights) of a sparse read ("R" heads) or write ("W"), checked: indices an
+    integer (B, heads, K) tensor of slots in [-1, N) (-1: none), weights (B, heads, K) like
+    memory. The range is checked on CPU tensors only, as FlashAttention checks cu_seqlens:
+    on CUDA reading it would stall the host until the device catches up, and under
+    torch.compile it would break the graph. Unchecked, an index outside [-1, N) counts as
+    -1: its entry reads or writes nothing."""
+    shape = f"(B, {heads}, K)"
     if len(weights) != 2:
-        raise ValueError(f"weights must be a (B, W, N) tensor or (indices, weights) of "
-                         f"(B, W, K), got a sequence of {len(weights)}")
+        raise ValueError(f"weights must be a (B, {heads}, N) tensor or (indices, weights) of "
+                         f"{shape}, got a sequence of {len(weights)}")
     indices, weights = weights
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"weights' indices must be a torch.Tensor, got "
@@ -395,20 +410,22 @@ def _sparse_write_weights(weights, memory):
             indices.dtype == torch.bool:
         raise TypeError(f"weights' indices must be an integer tensor, got {indices.dtype}")
     if indices.ndim != 3 or indices.shape[0] != memory.shape[0]:
-        raise ValueError(f"weights' indices must be (B, W, K) with B={memory.shape[0]}, got "
+        raise ValueError(f"weights' indices must be {shape} with B={memory.shape[0]}, got "
                          f"{tuple(indices.shape)}")
     if indices.device != memory.device:
         raise ValueError(f"weights' indices are on {indices.device} but memory is on "
                          f"{memory.device}")
-    _checks.tensor("weights", weights, 3, "(B, W, K)")
+    _checks.tensor("weights", weights, 3, shape)
     _checks.like("weights", weights, memory, "memory")
-    _shape("weights", weights, indices.shape, "(B, W, K) like its indices")
-    if indices.numel():
+    _shape("weights", weights, indices.shape, f"{shape} like its indices")
+    n_slots = memory.shape[1]
+    if indices.device.type == "cpu" and not torch.compiler.is_compiling() and indices.numel():
         low, high = torch.aminmax(indices)
-        if low < -1 or high >= memory.shape[1]:
-            raise ValueError(f"weights' indices must be slots in [-1, N) = [-1, "
-                             f"{memory.shape[1]}), got values in [{low}, {high}]")
-    return indices.long(), weights
+        if low < -1 or high >= n_slots:
+            raise ValueError(f"weights' indices must be slots in [-1, N) = [-1, {n_slots}), "
+                             f"got values in [{low}, {high}]")
+    indices = indices.long()
+    return torch.where((indices >= 0) & (indices < n_slots), indices, -1), weights
 
 
 def memory_write(memory, weights, erase, add, *, inplace=False):
@@ -421,11 +438,13 @@ def memory_write(memory, weights, erase, add, *, inplace=False):
     (B, W, N) (an index repeated within a head adds its weights; -1 writes nothing). Heads
     hitting one slot compose as in the dense write: the product of their erases, the sum
     of their adds. Only the touched rows are computed (each slot once, however many
-    entries name it); out of place, memory is still copied once."""
+    entries name it); out of place, memory is still copied once. Indices are range-checked
+    on CPU tensors only, without a device sync: on CUDA an index outside [-1, N) writes
+    nothing, as -1 does."""
     _memory(memory)
     sparse = isinstance(weights, (tuple, list))
     if sparse:
-        indices, weights = _sparse_write_weights(weights, memory)
+        indices, weights = _sparse_weights(weights, memory, "W")
     else:
         _weights("weights", weights, memory, "(B, W, N)")
     for name, x in (("erase", erase), ("add", add)):

@@ -169,10 +169,7 @@ def _dense_write_weights(slots, weights, n):
 def test_write_matches_dense_float64(dtype, backend):
     """Heads sharing slots, a slot twice in one head, -1 entries and a full erase."""
     b, n, d, w, k = 3, 45, 20, 3, 4
-    slots = torch.randint(0, 12, (b, w, k), device=DEVICE)  # few slots: many repeats
-    slots[0, 1, 1] = slots[0, 1, 0]
-    slots[1, :, -1] = -1
-    slots[2] = -1  # a batch entry that writes nothing
+    slots = _sparse_entries(b, w, k)
     memory, weights = torch.randn(b, n, d, device=DEVICE), torch.rand(b, w, k, device=DEVICE)
     erase, add = torch.rand(b, w, d, device=DEVICE), torch.randn(b, w, d, device=DEVICE)
     weights[0, 0, 0], erase[0, 0] = 1.0, 1.0
@@ -202,19 +199,63 @@ def test_write_matches_dense_float64(dtype, backend):
     torch.testing.assert_close(inplace, got[0], atol=0, rtol=0)
 
 
+def _sparse_entries(b, w, k):
+    """Slots (B, W, K) with repeats across heads and within one, -1 entries, and a last
+    batch entry that names no slot."""
+    slots = torch.randint(0, 12, (b, w, k), device=DEVICE)  # few slots: many repeats
+    slots[0, 1, 1] = slots[0, 1, 0]
+    slots[1, :, -1] = -1
+    slots[-1] = -1
+    return slots
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_read_matches_dense_float64(dtype, backend):
+    """memory_read with SparseWeights is the dense read of the weights scattered into
+    (B, R, N); gradients reach the named rows only, a head naming no slot reads zeros."""
+    b, n, d, r, k = 3, 45, 37, 3, 5
+    slots = _sparse_entries(b, r, k)
+    memory, weights = torch.randn(b, n, d, device=DEVICE), torch.rand(b, r, k, device=DEVICE)
+    weights[1, :, -1] = float("nan")  # at -1 entries: never read
+    tensors = [memory.to(dtype), weights.to(dtype)]
+    dread = torch.randn(b, r, d, device=DEVICE)
+
+    def run(fn, xs):
+        xs = [x.detach().requires_grad_() for x in xs]
+        out = fn(*xs)
+        return [out.detach(), *torch.autograd.grad((out.float() * dread).sum(), xs)]
+
+    def ours(m, wt):
+        with attnmem.use_backend(backend):
+            return attnmem.memory_read(m, SparseWeights(slots, wt))
+
+    def reference(m, wt):
+        return twin.memory_read(m, _dense_write_weights(slots, wt.masked_fill(slots < 0, 0), n))
+
+    got = run(ours, tensors)
+    expect = run(reference, [x.double() for x in tensors])
+    assert_close_to_float64(got, expect, run(reference, tensors), dtype)
+    assert (got[0][-1] == 0).all() and (got[2][slots < 0] == 0).all()
+    untouched = torch.ones(b, n + 1, dtype=torch.bool, device=DEVICE)
+    untouched.scatter_(1, torch.where(slots < 0, n, slots).flatten(1), False)
+    assert (got[1][untouched[:, :n]] == 0).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_address_then_write_is_deterministic(backend):
-    """A sparse-access step (address the top K, write there, read) repeats bit for bit
-    under torch's deterministic mode, gradients included."""
+    """A sparse-access step (address the top K, write there, read there and by content)
+    repeats bit for bit under torch's deterministic mode, gradients included."""
     def step():
         torch.manual_seed(0)
         memory = torch.randn(2, 40, 16, device=DEVICE, requires_grad=True)
         keys = torch.randn(2, 2, 16, device=DEVICE, requires_grad=True)
         erase, add = torch.rand(2, 2, 16, device=DEVICE), torch.randn(2, 2, 16, device=DEVICE)
         with attnmem.use_backend(backend):
-            written = attnmem.memory_write(memory, attnmem.memory_address(memory, keys,
-                                                                          topk=3), erase, add)
-            read = attnmem.memory_attend(written, keys, topk=3)
+            where = attnmem.memory_address(memory, keys, topk=3)
+            written = attnmem.memory_write(memory, where, erase, add)
+            read = attnmem.memory_attend(written, keys, topk=3) + attnmem.memory_read(written,
+                                                                                       where)
         return [read, *torch.autograd.grad(read.square().sum(), (memory, keys))]
 
     torch.use_deterministic_algorithms(True)
@@ -280,6 +321,29 @@ def test_validation():
             ((slots,), ValueError, "a sequence of 1")):
         with pytest.raises(error, match=match):
             attnmem.memory_write(memory, bad, erase, add)
+        with pytest.raises(error, match=match.replace("W", "R")):
+            attnmem.memory_read(memory, bad)
+
+
+def test_sparse_write_and_read_trace_whole():
+    """A sparse write and read trace into one graph under torch.compile(fullgraph=True):
+    no host sync. Unchecked there, as on CUDA, an index outside [-1, N) reads and writes
+    nothing, as -1 does."""
+    torch._dynamo.reset()
+    memory, erase, add = torch.randn(2, 30, 8), torch.rand(2, 2, 8), torch.randn(2, 2, 8)
+    slots, weights = _sparse_entries(2, 2, 3), torch.rand(2, 2, 3)
+    wild = slots.clone()
+    wild[0, 0, 0], wild[0, 1, 2] = 30, -7
+
+    def step(s):
+        written = attnmem.memory_write(memory, SparseWeights(s, weights), erase, add)
+        return written, attnmem.memory_read(written, SparseWeights(s, weights))
+
+    with attnmem.use_backend("torch"):
+        got = torch.compile(step, fullgraph=True, backend="eager")(wild)
+        expect = step(torch.where((wild >= 0) & (wild < 30), wild, -1))
+    for x, y in zip(got, expect):
+        assert torch.equal(x, y)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the triton limit is what the interpreter checks")

@@ -143,8 +143,21 @@ def attend_slots(memory, keys, values, strength, kind, slots):
     vals = rows if values is None else _gather(values, slots)
     rows, vals, keys, strength = _upcast(rows, vals, keys, strength)
     weights = _slot_weights(rows, keys, strength, kind, slots)
-    read = torch.matmul(weights[:, :, None], vals)[:, :, 0]
-    return read.to(memory.dtype), weights.to(memory.dtype)
+    return _read_rows(weights, vals).to(memory.dtype), weights.to(memory.dtype)
+
+
+def _read_rows(weights, rows):
+    """sum_k w_k rows_k: (B, R, D) from weights (B, R, K) and rows (B, R, K, D)."""
+    return torch.matmul(weights[:, :, None], rows)[:, :, 0]
+
+
+def read_slots(memory, slots, weights):
+    """memory_read with sparse weights (B, R, K) on slots (B, R, K) (-1: none): the dense
+    read with them scattered, summed, into (B, R, N), from K gathered rows per head.
+    Gradients reach those rows of memory only, and the weights (zero at -1)."""
+    weights = weights.masked_fill(slots < 0, 0)
+    rows, weights = _upcast(_gather(memory, slots), weights)
+    return _read_rows(weights, rows).to(memory.dtype)
 
 
 def memory_write(memory, weights, erase, add):
