@@ -7,7 +7,7 @@ import torch
 import attnmem
 from aot import TRITON_TYPES, compiled, sm90_spills, table_jobs
 from attnmem.reference import memory as twin
-from backends import BACKENDS, DEVICE, DTYPE_IDS, DTYPES
+from backends import BACKENDS, DEVICE, DTYPE_IDS, DTYPES, INTERPRET
 from tolerance import assert_close_to_float64
 
 # (B, N, D, W): one slot, several width chunks (D > 32 under the interpreter), many heads.
@@ -50,6 +50,7 @@ def test_inplace_matches(backend):
     torch.testing.assert_close(memory, expect)
 
 
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's config is what it forces")
 @pytest.mark.parametrize("tiles", [1, 3], ids=["one_tile", "three_tiles"])
 def test_forward_configs_match(tiles, monkeypatch):
     """The forward's other config shapes under the interpreter (the default walks two tiles
