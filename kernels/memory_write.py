@@ -78,7 +78,7 @@ def configs_for(kernel, block_d, elem, n_writes=MAX_UNROLLED_HEADS):
     configs = slot_configs(CONFIGS[(kernel, elem, block_d)])
     if kernel == "bwd":
         return configs
-    configs = [dict(c, TILES=1, LOAD_STAGES=c["num_stages"]) for c in configs]
+    configs = [dict(c, TILES=1, LOAD_STAGES=1) for c in configs]  # one tile: nothing ahead
     if n_writes <= MAX_UNROLLED_HEADS:
         configs += [dict(BLOCK_N=n, TILES=t, LOAD_STAGES=s, num_warps=w, num_stages=s)
                     for n, w, s, t in PIPELINED[(elem, block_d)]]
@@ -137,7 +137,8 @@ def _memory_write_fwd(mem_ptr, weights_ptr, erase_ptr, add_ptr, out_ptr,
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_ok = within(offs_d, width, EVEN_D)
         # Triton pipelines innermost loops only, and loads that feed no dot only in a
-        # tl.range given num_stages: the slot tiles are the inner loop, the heads unrolled.
+        # tl.range given num_stages: the slot tiles are the inner loop, and where it is
+        # pipelined (LOAD_STAGES > 1) the heads are unrolled.
         for t in tl.range(0, TILES, num_stages=LOAD_STAGES):
             slots = first + t * BLOCK_N + tl.arange(0, BLOCK_N)
             slot_ok = slots < n_slots
