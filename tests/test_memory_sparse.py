@@ -325,6 +325,20 @@ def test_validation():
             attnmem.memory_read(memory, bad)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_on_a_memory_without_slots(backend):
+    """N = 0 leaves only -1 indices: the read is zeros, the write memory's own."""
+    memory = torch.randn(2, 0, 4, device=DEVICE, requires_grad=True)
+    where = SparseWeights(torch.full((2, 3, 2), -1, device=DEVICE),
+                          torch.rand(2, 3, 2, device=DEVICE, requires_grad=True))
+    erase, add = torch.rand(2, 3, 4, device=DEVICE), torch.randn(2, 3, 4, device=DEVICE)
+    with attnmem.use_backend(backend):
+        read = attnmem.memory_read(memory, where)
+        written = attnmem.memory_write(memory, where, erase, add)
+    assert read.shape == (2, 3, 4) and (read == 0).all() and written.shape == (2, 0, 4)
+    assert (torch.autograd.grad(read.sum(), where.weights)[0] == 0).all()
+
+
 def test_sparse_write_and_read_trace_whole():
     """A sparse write and read trace into one graph under torch.compile(fullgraph=True):
     no host sync. Unchecked there, as on CUDA, an index outside [-1, N) reads and writes

@@ -113,6 +113,8 @@ def top_slots(memory, keys, strength, kind, mask, k):
 def _gather(x, slots):
     """Rows of x (B, N, D) at slots (B, R, K), -1 for none: (B, R, K, D), zero at -1."""
     batch, heads, k = slots.shape
+    if x.shape[1] == 0:  # every slot is -1: gather from a zero row, masked below
+        x = torch.nn.functional.pad(x, (0, 0, 0, 1))
     index = slots.clamp_min(0).reshape(batch, heads * k, 1).expand(-1, -1, x.shape[2])
     rows = x.gather(1, index).reshape(batch, heads, k, x.shape[2])
     return rows.masked_fill((slots < 0)[..., None], 0)
@@ -183,6 +185,8 @@ def memory_write_slots(memory, slots, weights, erase, add, write=memory_write, i
     Each touched slot's row is gathered once, the rows are written by `write` (a dense
     memory_write) with their heads' weights, and put back; inplace=True puts them back into
     memory itself. Untouched rows are memory's own."""
+    if memory.shape[1] == 0:  # every slot is -1: nothing to write
+        return memory if inplace else memory.clone()
     batch, heads, k = slots.shape
     entries = heads * k
     weights = weights.masked_fill(slots < 0, 0)
