@@ -104,6 +104,9 @@ def _jobs():
             name = f"fwd-sm90-{dtype}-d{block_d}-BLOCK_N{n}-TILES{t}-stages{s}"
             jobs[f"{name}-one-head"] = _job("fwd", 90, dtype, block_d, config, n_writes=1)
             if i == 0 and block_d == widths[-1]:
+                # also checked on the GPU machines' triton (test_triton_versions)
+                jobs[f"{name}-one-head"]["expect"] = {"spill_stores": 0, "spill_loads": 0,
+                                                      "async_copies": True}
                 jobs[f"{name}-odd-width"] = _job("fwd", 90, dtype, block_d, config, even=False)
     return jobs
 
