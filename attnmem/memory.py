@@ -2,7 +2,7 @@
 reading, and erase/add writing. Shapes: memory (B, N, D), keys (B, R, D), read weights
 (B, R, N), write weights (B, W, N), erase and add (B, W, D). With topk=K, content
 addressing keeps each head's K best slots: its weights are SparseWeights, indices and
-weights (B, R, K), which memory_write takes too.
+weights (B, R, K), which memory_read and memory_write take too.
 
 The ops validate their inputs, then run on the pure-torch twin (attnmem.reference.memory)
 or on their Triton kernels, as attnmem.backend chooses.
