@@ -336,12 +336,12 @@ def memory_read(memory, weights):
     """Read vectors (B, R, D): r = sum_n w_n M_n for weights (B, R, N).
 
     Sparse weights: (indices, weights) of (B, R, K), e.g. memory_address's SparseWeights,
-    read K gathered rows per head, r = sum_k w_k M[indices_k], on either backend and never
-    through a (B, R, N) tensor: exactly the dense read of the weights scattered (summed)
-    into (B, R, N). An index -1 reads nothing; indices are range-checked on CPU tensors only
-    (on CUDA, one outside [-1, N) reads nothing). Gradients reach the weights and the
-    gathered rows of memory: the gather's backward scatters them into a dense dMemory,
-    deterministic under torch.use_deterministic_algorithms."""
+    read K gathered rows per head, r = sum_k w_k M[indices_k] (torch's gather on either
+    backend), never through a (B, R, N) tensor: exactly the dense read of the weights
+    scattered (summed) into (B, R, N). An index -1 reads nothing; indices are range-checked
+    on CPU tensors only (on CUDA, one outside [-1, N) reads nothing). Gradients reach the
+    weights and the gathered rows of memory: the gather's backward scatters them into a
+    dense dMemory, deterministic under torch.use_deterministic_algorithms."""
     _memory(memory)
     if isinstance(weights, (tuple, list)):
         indices, weights = _sparse_weights(weights, memory, "R")
