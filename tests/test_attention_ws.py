@@ -1,0 +1,176 @@
+"""The forward's warp-specialized configs on masked calls (a causal mask, a window, kv_lengths,
+or Nk not a multiple of KEY_TILE_MULTIPLE). Triton's Hopper warp specialization refuses the
+three loops (masked, full, masked key tiles) the other configs run there, so these run one
+loop over every visited key tile, each through the mask (_visible_span).
+
+Through the interpreter (which ignores warp specialization and runs that one loop as written;
+small tiles) or on a GPU (its tiles, float16) against float64: every kind of mask, GQA, odd
+lengths, rows that see no key, the score modifications, padding that holds NaN, and the
+gradients of the public op with its forward forced onto the config (the backward is the
+usual one). Compiled for sm_90 without a GPU: warp specialization (setmaxnreg), TMA, wgmma,
+no spill and one loop, on the installed triton and (tests/test_triton_versions.py, through
+the jobs' expectations) on the GPU machines' one.
+"""
+
+import os
+
+import pytest
+import torch
+from test_attention import CASES, check_against_float64, make_inputs
+
+from attnmem.reference import attention as twin
+
+triton = pytest.importorskip("triton")
+kernel = pytest.importorskip("attnmem.kernels.attention")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+runs_kernels = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
+                                  reason="needs the interpreter or a GPU")
+# float32 under the interpreter (exact enough to see any key misplaced), float16 on a GPU.
+DTYPE, ATOL = (torch.float32, 1e-5) if INTERPRET else (torch.float16, 2e-3)
+WS = (("USE_TMA", "WARP_SPECIALIZE"), ("WARP_SPECIALIZE",))
+CONFIGS = {("tma" if "USE_TMA" in flags else "pointers"):
+           ((32, 16, 1, 1, *flags) if INTERPRET else (128, 64, 4, 3, *flags)) for flags in WS}
+
+# name: (B, H, Hkv, Nq, Nk, D, window_left, window_right, kv_lengths); -1: unbounded.
+SHAPES = {
+    "causal_odd_gqa": (1, 4, 2, 45, 45, 24, -1, 0, None),
+    "causal_top_rows_see_nothing": (1, 2, 1, 61, 23, 16, -1, 0, None),
+    "window_lengths_gqa": (2, 6, 3, 50, 50, 32, 12, 0, [33, 50]),
+    "window_both_sides": (1, 2, 2, 20, 50, 16, 3, 5, None),
+    "partial_key_tile": (1, 2, 2, 33, 100, 16, -1, -1, None),
+    "no_key_seen": (2, 2, 1, 9, 14, 16, -1, -1, [0, 0]),
+}
+
+
+def inputs(shape):
+    b, h, hkv, nq, nk, d, left, right, lengths = shape
+    q = torch.randn(b, h, nq, d).to(DEVICE, DTYPE)
+    k, v = (torch.randn(b, hkv, nk, d).to(DEVICE, DTYPE) for _ in range(2))
+    lengths = None if lengths is None else torch.tensor(lengths, device=DEVICE)
+    return q, k, v, lengths, left, right
+
+
+def check(q, k, v, lengths, left, right, config, **mods):
+    """out and lse of the kernel with `config` against the float64 twin's; -> out, lse.
+    mods: softcap (a float), sinks, alibi_slopes (tensors)."""
+    out, lse = kernel.attention_forward(q, k, v, lengths, 0.3, left, right, config=config,
+                                        **mods)
+    wide = {name: x if isinstance(x, float) else x.double() for name, x in mods.items()}
+    ref_out, ref_lse = twin.attention_forward(q.double(), k.double(), v.double(), lengths, 0.3,
+                                              left, right, **wide)
+    torch.testing.assert_close(out.double(), ref_out, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-5, rtol=1e-5)
+    return out, lse
+
+
+@runs_kernels
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_masked_forward_matches_float64(name, config):
+    check(*inputs(SHAPES[name]), CONFIGS[config])
+
+
+@runs_kernels
+def test_score_modifications():
+    """Softcap, sinks and ALiBi (B, H) with a window and lengths."""
+    q, k, v, lengths, left, right = inputs(SHAPES["window_lengths_gqa"])
+    b, h = q.shape[:2]
+    check(q, k, v, lengths, left, right, CONFIGS["tma"], softcap=2.0,
+          sinks=torch.randn(h, device=DEVICE), alibi_slopes=torch.rand(b, h, device=DEVICE))
+
+
+@runs_kernels
+def test_unseen_keys_never_leak():
+    """NaN and inf in keys below the window or past kv_lengths change no bit: the one loop
+    masks them and TMA reads them as zeros."""
+    q, k, v, lengths, left, right = inputs(SHAPES["window_lengths_gqa"])
+    n_q, n_k = q.shape[2], k.shape[2]
+    j = torch.arange(n_k, device=DEVICE)
+    unseen = ((j < n_k - n_q - left) | (j >= lengths[:, None]))[:, None, :, None]
+    poison = torch.full_like(k, float("nan"))
+    poison[..., ::2, :] = float("inf")
+    clean = check(q, k, v, lengths, left, right, CONFIGS["tma"])
+    dirty = kernel.attention_forward(q, torch.where(unseen, poison, k),
+                                     torch.where(unseen, poison, v), lengths, 0.3, left, right,
+                                     config=CONFIGS["tma"])
+    for a, b in zip(clean, dirty):
+        assert torch.equal(a, b)
+
+
+@runs_kernels
+def test_gradients_of_the_specialized_forward(monkeypatch):
+    """attnmem.attention's out, lse and gradients against float64 (test_attention's rule),
+    its forward forced onto the warp-specialized config: the backward reads its out and
+    lse. A causal mask with a window, lengths and GQA."""
+    run = kernel._run
+
+    def forced(which, fn, grid, args, meta, device, config, tma=False):
+        return run(which, fn, grid, args, meta, device,
+                   CONFIGS["tma"] if which == "fwd" else config, tma)
+
+    monkeypatch.setattr(kernel, "_run", forced)
+    check_against_float64(*make_inputs(CASES["lengths_window_gqa"], DTYPE, DEVICE), "triton")
+
+
+def test_masked_calls_keep_warp_specialized_configs():
+    """The tuner times them for masked calls; not for packed batches (their programs exit
+    early past a sequence's end, which the pass refuses) nor with dropout."""
+    configs = [triton.Config(kernel._config_meta(c), num_warps=c[2], num_stages=c[3])
+               for c in kernel.FWD_CONFIGS_SM90[128]]
+
+    def specialized(**meta):
+        return [c for c in kernel._forward_prune(configs, {}, **meta)
+                if c.kwargs.get("WARP_SPECIALIZE")]
+
+    assert specialized(MASK_KEYS=True, VARLEN=False, DROPOUT=False)
+    assert specialized(MASK_KEYS=False, VARLEN=False, DROPOUT=False)
+    assert not specialized(MASK_KEYS=True, VARLEN=True, DROPOUT=False)
+    assert not specialized(MASK_KEYS=True, VARLEN=False, DROPOUT=True)
+
+
+def _job(block_d, config, masked=True, **constexprs):
+    """test_attention_targets' sm_90 float16 forward job; masked: kv_lengths and Nq not a
+    multiple of BLOCK_M (else a causal mask or a window alone, whole tiles)."""
+    from test_attention_targets import job
+
+    spec = job("fwd", 90, "float16", block_d, config)
+    spec["constexprs"].update(dict(MASK_KEYS=True, HAS_KV_LENGTHS=masked, EVEN_M=not masked),
+                              **constexprs)
+    spec["pointers"].update({f"{f.removeprefix('HAS_').lower()}_ptr": "fp32"
+                             for f in ("HAS_SINKS", "HAS_ALIBI") if constexprs.get(f)})
+    return spec
+
+
+def _ws_configs(block_d):
+    return [c for c in kernel.FWD_CONFIGS_SM90[block_d] if "WARP_SPECIALIZE" in c]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("aot")
+def test_masked_warp_specialized_forward_compiles_for_sm90():
+    """The warp-specialized configs of head dims 64 and 128 (128 keys a tile) with a causal
+    mask, and at head dim 128 (64 keys a tile) with lengths, a partial query tile and the
+    score modifications: setmaxnreg, TMA, wgmma, no spill; and as many MMAs as the unmasked
+    kernel, whose loop is the only one (the three-loop kernel has three times as many)."""
+    from test_attention_targets import expecting
+
+    from aot import compile_all
+
+    (wide, wide_short), (narrow, _) = _ws_configs(128), _ws_configs(64)
+    jobs = {"d128-causal": _job(128, wide, masked=False),
+            "d64-causal": _job(64, narrow, masked=False),
+            "d128-lengths-mods": _job(128, wide_short, SOFTCAP=True, HAS_SINKS=True,
+                                      HAS_ALIBI=True)}
+    jobs = {name: expecting(spec, wgmma=True, tma=True, warp_specialized=True, spill_stores=0,
+                            spill_loads=0) for name, spec in jobs.items()}
+    unmasked = _job(128, wide, masked=False, MASK_KEYS=False)
+    results = dict(zip([*jobs, "d128-unmasked"], compile_all([*jobs.values(), unmasked])))
+    for name, result in results.items():
+        assert result["error"] is None, f"{name}: {result['error']}"
+    for name, spec in jobs.items():
+        got = {key: results[name][key] for key in spec["expect"]}
+        assert got == spec["expect"], (name, results[name]["registers"], got)
+    assert results["d128-causal"]["mma_instructions"] == \
+        results["d128-unmasked"]["mma_instructions"]
