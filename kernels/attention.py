@@ -335,7 +335,7 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     warp specialization takes kernels of one loop, so with MASK_KEYS one loop runs every
     visited key tile through the mask instead of three (masked, full, masked tiles).
     VARLEN: b is a sequence of a packed batch (see _varlen_sequences); tiles past its end
-    exit at once.
+    exit at once (warp-specialized: run no key tile and store nothing).
     DROPOUT: drops weights as _dropout_keep draws them from the seed at seed_ptr and scales
     the survivors by dropout_scale; lse stays that of the undropped scores.
     SOFTCAP, HAS_ALIBI: scores capped and biased (_modified_scores; ALiBi slopes (B or 1, H)
@@ -348,8 +348,10 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     if VARLEN:
         q_start, n_q, k_start, n_k, lse_row = _varlen_sequences(
             cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, h, n_q, n_k)
-        if pid_m * BLOCK_M >= n_q:
-            return
+        # Warp specialization takes no early exit: its tiles run no key tile instead.
+        if not WARP_SPECIALIZE:
+            if pid_m * BLOCK_M >= n_q:
+                return
         q_ptr += q_start * stride_qm
         o_ptr += q_start * stride_om
         lse_ptr += lse_row
@@ -401,7 +403,8 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
         full_lo = tl.minimum(full_lo, full_hi)
         if WARP_SPECIALIZE:
             # Triton's warp specialization takes a kernel of one loop: phase 0 runs every
-            # tile, each through the mask.
+            # tile, each through the mask; none for a packed tile past its sequence's end.
+            hi = tl.where(row_first < n_q, hi, lo)
             full_lo = hi
         for phase in tl.static_range(1 if WARP_SPECIALIZE else 3):
             start, end = _phase_range(phase, lo, full_lo, full_hi, hi)
@@ -909,16 +912,6 @@ def _config_meta(config) -> dict:
     return {"BLOCK_M": config[0], "BLOCK_N": config[1], **dict.fromkeys(config[4:], True)}
 
 
-def _without_unsupported_specialization(configs, nargs, **meta):
-    """No warp-specialized config for packed batches (VARLEN): their programs past a
-    sequence's end exit early, a branch that triton's Hopper warp specialization fails on
-    (NVGPUWarpSpecialization, triton 3.6 and 3.9). Masked calls keep them: with MASK_KEYS
-    they run one loop over every visited key tile, each through the mask."""
-    if meta.get("VARLEN"):
-        return [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE")] or configs
-    return configs
-
-
 # With dropout the forward draws Philox words for the scores a thread holds: past 32 scores a
 # thread (BLOCK_M x BLOCK_N over the warps) most sm_90 16-bit configs spill (ptxas -v, triton
 # 3.9, head dims 64 and 128: 8 to 340 bytes; 2 to 4.5 KB when each score took its own
@@ -927,10 +920,10 @@ DROPOUT_SCORES_PER_THREAD = 32
 
 
 def _forward_prune(configs, nargs, **meta):
-    """_without_unsupported_specialization; with DROPOUT, only the configs within
-    DROPOUT_SCORES_PER_THREAD (all, if none is), none warp-specialized: triton 3.4 to 3.6
-    fail to warp-specialize the loop with dropout's Philox (NVGPUWarpSpecialization)."""
-    configs = _without_unsupported_specialization(configs, nargs, **meta)
+    """With DROPOUT, only the configs within DROPOUT_SCORES_PER_THREAD (all, if none is),
+    none warp-specialized: triton 3.4 to 3.6 fail to warp-specialize the loop with dropout's
+    Philox (NVGPUWarpSpecialization). Every other call, masked or not, packed or dense,
+    keeps every config."""
     if not meta.get("DROPOUT"):
         return configs
     return [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE") and c.kwargs["BLOCK_M"]
@@ -938,8 +931,8 @@ def _forward_prune(configs, nargs, **meta):
 
 
 # Each kernel's autotuning beyond the shared key (head dim, sequence-length bucket, dtypes):
-# the forward tunes masked and unmasked calls apart and times no warp-specialized config where
-# it cannot compile; the atomic dK/dV variant adds into dq, which every
+# the forward tunes masked and unmasked calls apart and times no warp-specialized config with
+# dropout, where it cannot compile; the atomic dK/dV variant adds into dq, which every
 # benchmarked launch must find zeroed, and tunes apart from the deterministic variant; packed
 # variable-length batches (VARLEN) tune apart from dense ones.
 TUNING = {"fwd": {"key": ["MASK_KEYS", "VARLEN"],

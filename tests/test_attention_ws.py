@@ -15,6 +15,7 @@ the jobs' expectations) on the GPU machines' one.
 import os
 
 import pytest
+import test_attention_varlen as varlen_tests
 import torch
 from test_attention import CASES, check_against_float64, make_inputs
 
@@ -100,6 +101,22 @@ def test_unseen_keys_never_leak():
 
 
 @runs_kernels
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_packed_sequences(config):
+    """attention_varlen_forward: empty sequences, sequences ending inside tiles, tiles past
+    a sequence's end (which run no key tile and store nothing: warp specialization takes no
+    early exit). Under the interpreter 16-row tiles, so that 19 rows span two."""
+    config = (16, *CONFIGS[config][1:]) if INTERPRET else CONFIGS[config]
+    q, k, v, args, _ = varlen_tests.make_inputs(varlen_tests.CASES["causal_gqa"], DTYPE)
+    out, lse = kernel.attention_varlen_forward(q, k, v, *args, 0.3, -1, 0, config=config)
+    ref_out, ref_lse = varlen_tests.per_sequence(
+        lambda q, k, v: twin.attention_forward(q, k, v, None, 0.3, -1, 0), q.double(),
+        k.double(), v.double(), *args[:2])
+    torch.testing.assert_close(out.double(), ref_out, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-5, rtol=1e-5)
+
+
+@runs_kernels
 def test_gradients_of_the_specialized_forward(monkeypatch):
     """attnmem.attention's out, lse and gradients against float64 (test_attention's rule),
     its forward forced onto the warp-specialized config: the backward reads its out and
@@ -115,8 +132,7 @@ def test_gradients_of_the_specialized_forward(monkeypatch):
 
 
 def test_masked_calls_keep_warp_specialized_configs():
-    """The tuner times them for masked calls; not for packed batches (their programs exit
-    early past a sequence's end, which the pass refuses) nor with dropout."""
+    """The tuner times them for masked calls and packed batches, not with dropout."""
     configs = [triton.Config(kernel._config_meta(c), num_warps=c[2], num_stages=c[3])
                for c in kernel.FWD_CONFIGS_SM90[128]]
 
@@ -126,7 +142,7 @@ def test_masked_calls_keep_warp_specialized_configs():
 
     assert specialized(MASK_KEYS=True, VARLEN=False, DROPOUT=False)
     assert specialized(MASK_KEYS=False, VARLEN=False, DROPOUT=False)
-    assert not specialized(MASK_KEYS=True, VARLEN=True, DROPOUT=False)
+    assert specialized(MASK_KEYS=True, VARLEN=True, DROPOUT=False)
     assert not specialized(MASK_KEYS=True, VARLEN=False, DROPOUT=True)
 
 
@@ -140,6 +156,8 @@ def _job(block_d, config, masked=True, **constexprs):
                               **constexprs)
     spec["pointers"].update({f"{f.removeprefix('HAS_').lower()}_ptr": "fp32"
                              for f in ("HAS_SINKS", "HAS_ALIBI") if constexprs.get(f)})
+    if constexprs.get("VARLEN"):
+        spec["pointers"].update(cu_seqlens_q_ptr="i32", cu_seqlens_k_ptr="i32")
     return spec
 
 
@@ -151,9 +169,10 @@ def _ws_configs(block_d):
 @pytest.mark.xdist_group("aot")
 def test_masked_warp_specialized_forward_compiles_for_sm90():
     """The warp-specialized configs of head dims 64 and 128 (128 keys a tile) with a causal
-    mask, and at head dim 128 (64 keys a tile) with lengths, a partial query tile and the
-    score modifications: setmaxnreg, TMA, wgmma, no spill; and as many MMAs as the unmasked
-    kernel, whose loop is the only one (the three-loop kernel has three times as many)."""
+    mask, at head dim 128 (64 keys a tile) with lengths, a partial query tile and the score
+    modifications, and packed sequences: setmaxnreg, TMA, wgmma, no spill; and as many MMAs
+    as the unmasked kernel, whose loop is the only one (the three-loop kernel has three
+    times as many)."""
     from test_attention_targets import expecting
 
     from aot import compile_all
@@ -162,7 +181,8 @@ def test_masked_warp_specialized_forward_compiles_for_sm90():
     jobs = {"d128-causal": _job(128, wide, masked=False),
             "d64-causal": _job(64, narrow, masked=False),
             "d128-lengths-mods": _job(128, wide_short, SOFTCAP=True, HAS_SINKS=True,
-                                      HAS_ALIBI=True)}
+                                      HAS_ALIBI=True),
+            "d128-varlen": _job(128, wide, HAS_KV_LENGTHS=False, VARLEN=True)}
     jobs = {name: expecting(spec, wgmma=True, tma=True, warp_specialized=True, spill_stores=0,
                             spill_loads=0) for name, spec in jobs.items()}
     unmasked = _job(128, wide, masked=False, MASK_KEYS=False)
