@@ -1,31 +1,31 @@
 """The forward's warp-specialized configs on masked calls (a causal mask, a window, kv_lengths,
-or Nk not a multiple of KEY_TILE_MULTIPLE). Triton's Hopper warp specialization refuses the
-three loops (masked, full, masked key tiles) the other configs run there, so these run one
-loop over every visited key tile, each through the mask (_visible_span).
+Nk not a multiple of KEY_TILE_MULTIPLE, packed sequences). Triton's Hopper warp
+specialization refuses the three loops (masked, full, masked key tiles) the other configs
+run there, so these run one loop over every visited key tile, each through the mask
+(_visible_span).
 
 Through the interpreter (which ignores warp specialization and runs that one loop as written;
-small tiles) or on a GPU (its tiles, float16) against float64: every kind of mask, GQA, odd
-lengths, rows that see no key, the score modifications, padding that holds NaN, and the
-gradients of the public op with its forward forced onto the config (the backward is the
-usual one). Compiled for sm_90 without a GPU: warp specialization (setmaxnreg), TMA, wgmma,
-no spill and one loop, on the installed triton and (tests/test_triton_versions.py, through
-the jobs' expectations) on the GPU machines' one.
+small tiles) or on a GPU (its tiles, float16), with the other test files' float64 checks:
+every kind of mask, GQA, odd lengths, rows that see no key, padding that holds NaN, packed
+sequences, the score modifications, and the public ops' gradients with their forward forced
+onto the config (the backward is the usual one). Compiled for sm_90 without a GPU: warp
+specialization (setmaxnreg), TMA, wgmma, no spill and one loop, on the installed triton and
+(tests/test_triton_versions.py, through the jobs' expectations) on the GPU machines' one.
 """
 
 import os
 
 import pytest
+import test_attention_scoremods as scoremods_tests
+import test_attention_variants as variants_tests
 import test_attention_varlen as varlen_tests
 import torch
 from test_attention import CASES, check_against_float64, make_inputs
-
-from attnmem.reference import attention as twin
 
 triton = pytest.importorskip("triton")
 kernel = pytest.importorskip("attnmem.kernels.attention")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
 runs_kernels = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
                                   reason="needs the interpreter or a GPU")
 # float32 under the interpreter (exact enough to see any key misplaced), float16 on a GPU.
@@ -33,8 +33,11 @@ DTYPE, ATOL = (torch.float32, 1e-5) if INTERPRET else (torch.float16, 2e-3)
 WS = (("USE_TMA", "WARP_SPECIALIZE"), ("WARP_SPECIALIZE",))
 CONFIGS = {("tma" if "USE_TMA" in flags else "pointers"):
            ((32, 16, 1, 1, *flags) if INTERPRET else (128, 64, 4, 3, *flags)) for flags in WS}
+# Under the interpreter 16-row tiles for packed sequences, so that 19 rows span two.
+VARLEN_CONFIG = (16, 16, 1, 1, *WS[0]) if INTERPRET else CONFIGS["tma"]
 
-# name: (B, H, Hkv, Nq, Nk, D, window_left, window_right, kv_lengths); -1: unbounded.
+# test_attention_variants' layout: (B, H, Hkv, Nq, Nk, D, window_left, window_right,
+# kv_lengths); -1: unbounded.
 SHAPES = {
     "causal_odd_gqa": (1, 4, 2, 45, 45, 24, -1, 0, None),
     "causal_top_rows_see_nothing": (1, 2, 1, 61, 23, 16, -1, 0, None),
@@ -45,90 +48,59 @@ SHAPES = {
 }
 
 
-def inputs(shape):
-    b, h, hkv, nq, nk, d, left, right, lengths = shape
-    q = torch.randn(b, h, nq, d).to(DEVICE, DTYPE)
-    k, v = (torch.randn(b, hkv, nk, d).to(DEVICE, DTYPE) for _ in range(2))
-    lengths = None if lengths is None else torch.tensor(lengths, device=DEVICE)
-    return q, k, v, lengths, left, right
+def force_forward(monkeypatch, config):
+    """Every forward launch runs `config`, whatever the caller asks (the backward's as
+    asked)."""
+    run = kernel._run
 
+    def forced(which, fn, grid, args, meta, device, asked, tma=False):
+        return run(which, fn, grid, args, meta, device, config if which == "fwd" else asked,
+                   tma)
 
-def check(q, k, v, lengths, left, right, config, **mods):
-    """out and lse of the kernel with `config` against the float64 twin's; -> out, lse.
-    mods: softcap (a float), sinks, alibi_slopes (tensors)."""
-    out, lse = kernel.attention_forward(q, k, v, lengths, 0.3, left, right, config=config,
-                                        **mods)
-    wide = {name: x if isinstance(x, float) else x.double() for name, x in mods.items()}
-    ref_out, ref_lse = twin.attention_forward(q.double(), k.double(), v.double(), lengths, 0.3,
-                                              left, right, **wide)
-    torch.testing.assert_close(out.double(), ref_out, atol=ATOL, rtol=ATOL)
-    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-5, rtol=1e-5)
-    return out, lse
+    monkeypatch.setattr(kernel, "_run", forced)
 
 
 @runs_kernels
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_masked_forward_matches_float64(name, config):
-    check(*inputs(SHAPES[name]), CONFIGS[config])
+    variants_tests.check(*variants_tests.inputs(SHAPES[name], DTYPE), CONFIGS[config], ATOL)
 
 
 @runs_kernels
-def test_score_modifications():
-    """Softcap, sinks and ALiBi (B, H) with a window and lengths."""
-    q, k, v, lengths, left, right = inputs(SHAPES["window_lengths_gqa"])
-    b, h = q.shape[:2]
-    check(q, k, v, lengths, left, right, CONFIGS["tma"], softcap=2.0,
-          sinks=torch.randn(h, device=DEVICE), alibi_slopes=torch.rand(b, h, device=DEVICE))
-
-
-@runs_kernels
-def test_unseen_keys_never_leak():
-    """NaN and inf in keys below the window or past kv_lengths change no bit: the one loop
-    masks them and TMA reads them as zeros."""
-    q, k, v, lengths, left, right = inputs(SHAPES["window_lengths_gqa"])
-    n_q, n_k = q.shape[2], k.shape[2]
-    j = torch.arange(n_k, device=DEVICE)
-    unseen = ((j < n_k - n_q - left) | (j >= lengths[:, None]))[:, None, :, None]
-    poison = torch.full_like(k, float("nan"))
-    poison[..., ::2, :] = float("inf")
-    clean = check(q, k, v, lengths, left, right, CONFIGS["tma"])
-    dirty = kernel.attention_forward(q, torch.where(unseen, poison, k),
-                                     torch.where(unseen, poison, v), lengths, 0.3, left, right,
-                                     config=CONFIGS["tma"])
-    for a, b in zip(clean, dirty):
-        assert torch.equal(a, b)
-
-
-@runs_kernels
-@pytest.mark.parametrize("config", list(CONFIGS))
-def test_packed_sequences(config):
-    """attention_varlen_forward: empty sequences, sequences ending inside tiles, tiles past
-    a sequence's end (which run no key tile and store nothing: warp specialization takes no
-    early exit). Under the interpreter 16-row tiles, so that 19 rows span two."""
-    config = (16, *CONFIGS[config][1:]) if INTERPRET else CONFIGS[config]
-    q, k, v, args, _ = varlen_tests.make_inputs(varlen_tests.CASES["causal_gqa"], DTYPE)
-    out, lse = kernel.attention_varlen_forward(q, k, v, *args, 0.3, -1, 0, config=config)
-    ref_out, ref_lse = varlen_tests.per_sequence(
-        lambda q, k, v: twin.attention_forward(q, k, v, None, 0.3, -1, 0), q.double(),
-        k.double(), v.double(), *args[:2])
-    torch.testing.assert_close(out.double(), ref_out, atol=ATOL, rtol=ATOL)
-    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-5, rtol=1e-5)
+def test_unseen_keys_never_leak(monkeypatch):
+    """test_attention_variants' check that NaN and inf in keys no query sees change no bit,
+    on the warp-specialized TMA config."""
+    monkeypatch.setitem(variants_tests.CONFIGS, "ws", CONFIGS["tma"])
+    variants_tests.test_tma_and_pointers_leave_unseen_keys_out("ws")
 
 
 @runs_kernels
 def test_gradients_of_the_specialized_forward(monkeypatch):
-    """attnmem.attention's out, lse and gradients against float64 (test_attention's rule),
-    its forward forced onto the warp-specialized config: the backward reads its out and
-    lse. A causal mask with a window, lengths and GQA."""
-    run = kernel._run
+    """attnmem.attention's out, lse and gradients against float64 (test_attention's rule):
+    the backward reads this forward's out and lse. A causal mask with a window, lengths and
+    GQA."""
+    force_forward(monkeypatch, CONFIGS["tma"])
+    check_against_float64(*make_inputs(CASES["lengths_window_gqa"], DTYPE, variants_tests.DEVICE),
+                          "triton")
 
-    def forced(which, fn, grid, args, meta, device, config, tma=False):
-        return run(which, fn, grid, args, meta, device,
-                   CONFIGS["tma"] if which == "fwd" else config, tma)
 
-    monkeypatch.setattr(kernel, "_run", forced)
-    check_against_float64(*make_inputs(CASES["lengths_window_gqa"], DTYPE, DEVICE), "triton")
+@runs_kernels
+def test_score_modifications(monkeypatch):
+    """test_attention_scoremods' check (out, lse, the gradients, the sinks' too): softcap,
+    sinks and ALiBi with a causal window, lengths and GQA."""
+    force_forward(monkeypatch, CONFIGS["tma"])
+    scoremods_tests.check("all_window_lengths_gqa", DTYPE, variants_tests.DEVICE, "triton")
+
+
+@runs_kernels
+def test_packed_sequences(monkeypatch):
+    """test_attention_varlen's check: empty sequences, sequences ending inside tiles, tiles
+    past a sequence's end (which run no key tile and store nothing: warp specialization takes
+    no early exit), more queries than keys and fewer."""
+    force_forward(monkeypatch, VARLEN_CONFIG)
+    varlen_tests.check_against_float64(*varlen_tests.make_inputs(varlen_tests.CASES["causal_gqa"],
+                                                                 DTYPE), "triton")
 
 
 def test_masked_calls_keep_warp_specialized_configs():
