@@ -12,7 +12,9 @@ times NaN is still NaN).
 The forward is one body specialised at compile time: without a mask (and with Nk a multiple
 of KEY_TILE_MULTIPLE) it compiles one unmasked loop; on sm_90 its configs may load and store
 through TMA descriptors (USE_TMA, where strides are 16-byte aligned) and warp-specialize that
-loop (WARP_SPECIALIZE). Results are the same whichever config runs, up to rounding.
+loop (WARP_SPECIALIZE). Masked, it runs the tiles that need the mask apart from those that
+do not, in three loops; warp-specialized, in one loop that masks every tile. Results are the
+same whichever config runs, up to rounding.
 
 The backward's dK/dV programs own a key tile and loop over every (query head of their group,
 query tile) pair. By default they also add dQ into a float32 buffer with atomics: 5 GEMMs
@@ -134,6 +136,19 @@ def _visible(rows, keys, offset, n_q, kv_len, window_left, window_right):
     aligned = rows[:, None] + offset
     return ((keys[None, :] < kv_len) & (rows[:, None] < n_q)
             & (keys[None, :] >= aligned - window_left) & (keys[None, :] <= aligned + window_right))
+
+
+@triton.jit
+def _visible_span(rows, offset, n_q, kv_len, window_left, window_right):
+    """(first, count): row i sees keys [first, first + count) (count uint32), those _visible
+    keeps, so that a tile's mask is one unsigned compare a score, (key - first) < count:
+    keys before first wrap to 2^32 - (first - key). The warp-specialized forward, which
+    masks every tile, masks so: 3.6 instructions a score over the unmasked loop where
+    _visible's four compares took 7.2 (sm_90 SASS, head dim 128, 128x128 tiles)."""
+    aligned = rows + offset
+    first = aligned - window_left
+    last = tl.where(rows < n_q, tl.minimum(aligned + window_right, kv_len - 1), -1)
+    return first, tl.maximum(last - first + 1, 0).to(tl.uint32, bitcast=True)
 
 
 @triton.jit
@@ -259,6 +274,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows, offs_
     the tile sees (below key_lo or from kv_len on) read as zeros. DROPOUT zeroes the weights
     that _dropout_keep drops after they join the row sums, which stay those of the softmax.
     SOFTCAP and HAS_ALIBI modify the scores (see _modified_scores)."""
+    if MASKED and WARP_SPECIALIZE:
+        first, count = _visible_span(rows, offset, n_q, kv_len, window_left, window_right)
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kt = _load_rows(k_src, start_n, key_lo, kv_len, stride_kn, offs_d, HEAD_DIM, MASKED,
@@ -267,8 +284,12 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows, offs_
                                 rows[:, None] + offset, (start_n + tl.arange(0, BLOCK_N))[None, :],
                                 qk_scale, softcap_scale, slope, SOFTCAP, HAS_ALIBI)
         if MASKED:
-            keep = _visible(rows, start_n + tl.arange(0, BLOCK_N), offset, n_q, kv_len,
-                            window_left, window_right)
+            keys = start_n + tl.arange(0, BLOCK_N)
+            if WARP_SPECIALIZE:
+                # Every tile is masked: one compare a score (_visible_span).
+                keep = (keys[None, :] - first[:, None]).to(tl.uint32, bitcast=True) < count[:, None]
+            else:
+                keep = _visible(rows, keys, offset, n_q, kv_len, window_left, window_right)
             s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row that has seen no key yet keeps m = -inf; shift it by 0 instead.
@@ -310,10 +331,11 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     loop is all that is compiled. EVEN_M: Nq is a multiple of BLOCK_M, so rows need no
     bounds. USE_TMA: q, k, v and out move through TMA descriptors (sm_90+, 16-byte aligned
     strides).
-    WARP_SPECIALIZE: producer and consumer warp groups run the loop, when it is the only one
-    (triton's Hopper warp specialization takes kernels of one loop).
+    WARP_SPECIALIZE: producer and consumer warp groups run the loop (sm_90); triton's Hopper
+    warp specialization takes kernels of one loop, so with MASK_KEYS one loop runs every
+    visited key tile through the mask instead of three (masked, full, masked tiles).
     VARLEN: b is a sequence of a packed batch (see _varlen_sequences); tiles past its end
-    exit at once.
+    exit at once (warp-specialized: run no key tile and store nothing).
     DROPOUT: drops weights as _dropout_keep draws them from the seed at seed_ptr and scales
     the survivors by dropout_scale; lse stays that of the undropped scores.
     SOFTCAP, HAS_ALIBI: scores capped and biased (_modified_scores; ALiBi slopes (B or 1, H)
@@ -326,8 +348,10 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     if VARLEN:
         q_start, n_q, k_start, n_k, lse_row = _varlen_sequences(
             cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, h, n_q, n_k)
-        if pid_m * BLOCK_M >= n_q:
-            return
+        # Warp specialization takes no early exit: its tiles run no key tile instead.
+        if not WARP_SPECIALIZE:
+            if pid_m * BLOCK_M >= n_q:
+                return
         q_ptr += q_start * stride_qm
         o_ptr += q_start * stride_om
         lse_ptr += lse_row
@@ -377,12 +401,18 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
         hi = tl.where(hi > key_lo, hi, lo)
         full_hi = tl.minimum(full_hi, hi)
         full_lo = tl.minimum(full_lo, full_hi)
-        for phase in tl.static_range(3):
+        if WARP_SPECIALIZE:
+            # Triton's warp specialization takes a kernel of one loop: phase 0 runs every
+            # tile, each through the mask; none for a packed tile past its sequence's end.
+            hi = tl.where(row_first < n_q, hi, lo)
+            full_lo = hi
+        for phase in tl.static_range(1 if WARP_SPECIALIZE else 3):
             start, end = _phase_range(phase, lo, full_lo, full_hi, hi)
             acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn,
                                        rows, offs_d, start, end, key_lo, offset, n_q, kv_len,
                                        window_left, window_right, qk_scale, HEAD_DIM, BLOCK_N,
-                                       phase != 1, USE_TMA, False, DOT_PRECISION, seed, b, h,
+                                       phase != 1, USE_TMA, WARP_SPECIALIZE, DOT_PRECISION,
+                                       seed, b, h,
                                        dropout_cutoff, DROPOUT, softcap_scale, slope, SOFTCAP,
                                        HAS_ALIBI)
     else:
@@ -769,7 +799,7 @@ INTERPRET_CONFIG = (16, 16, 1, 1)
 # register with and without masks (ptxas -v, tests/test_attention_targets.py), among them
 # 4-warp (one warpgroup) and 8-warp ones. Flags: USE_TMA loads and stores through tensor
 # descriptors (kept only for 16-byte aligned strides); WARP_SPECIALIZE adds a producer warp
-# group to two consumer ones, which split BLOCK_M (it specializes only the unmasked kernel).
+# group to two consumer ones, which split BLOCK_M (masked calls: one loop, every tile masked).
 # Every config that could be the fastest stays a candidate: the pointer twins too.
 _TMA, _WS = "USE_TMA", "WARP_SPECIALIZE"
 _FWD_SM90_SMALL_D = [(128, 128, 4, 3, _TMA, _WS), (128, 64, 4, 3, _TMA, _WS),
@@ -882,14 +912,6 @@ def _config_meta(config) -> dict:
     return {"BLOCK_M": config[0], "BLOCK_N": config[1], **dict.fromkeys(config[4:], True)}
 
 
-def _without_unused_specialization(configs, nargs, **meta):
-    """Warp-specialized configs only where the forward compiles its one unmasked loop: with
-    MASK_KEYS they would run, and be timed, as their plain twins."""
-    if meta.get("MASK_KEYS"):
-        return [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE")] or configs
-    return configs
-
-
 # With dropout the forward draws Philox words for the scores a thread holds: past 32 scores a
 # thread (BLOCK_M x BLOCK_N over the warps) most sm_90 16-bit configs spill (ptxas -v, triton
 # 3.9, head dims 64 and 128: 8 to 340 bytes; 2 to 4.5 KB when each score took its own
@@ -898,10 +920,10 @@ DROPOUT_SCORES_PER_THREAD = 32
 
 
 def _forward_prune(configs, nargs, **meta):
-    """_without_unused_specialization; with DROPOUT, only the configs within
-    DROPOUT_SCORES_PER_THREAD (all, if none is), none warp-specialized: triton 3.4 to 3.6
-    fail to warp-specialize the loop with dropout's Philox (NVGPUWarpSpecialization)."""
-    configs = _without_unused_specialization(configs, nargs, **meta)
+    """With DROPOUT, only the configs within DROPOUT_SCORES_PER_THREAD (all, if none is),
+    none warp-specialized: triton 3.4 to 3.6 fail to warp-specialize the loop with dropout's
+    Philox (NVGPUWarpSpecialization). Every other call, masked or not, packed or dense,
+    keeps every config."""
     if not meta.get("DROPOUT"):
         return configs
     return [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE") and c.kwargs["BLOCK_M"]
@@ -909,8 +931,8 @@ def _forward_prune(configs, nargs, **meta):
 
 
 # Each kernel's autotuning beyond the shared key (head dim, sequence-length bucket, dtypes):
-# the forward tunes masked and unmasked calls apart and times no warp-specialized config where
-# it would run as its plain twin; the atomic dK/dV variant adds into dq, which every
+# the forward tunes masked and unmasked calls apart and times no warp-specialized config with
+# dropout, where it cannot compile; the atomic dK/dV variant adds into dq, which every
 # benchmarked launch must find zeroed, and tunes apart from the deterministic variant; packed
 # variable-length batches (VARLEN) tune apart from dense ones.
 TUNING = {"fwd": {"key": ["MASK_KEYS", "VARLEN"],
