@@ -53,6 +53,9 @@ from attnmem.kernels._launch import interpreting, kv_length, lastdim_contiguous,
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# FP8: the forward's weights are exp2(s - m + FP8_P_OFFSET), in [0, 2^8] (e4m3 holds up to 448).
+FP8_P_OFFSET = tl.constexpr(8.0)
+FP8_P_SCALE = tl.constexpr(256.0)
 
 # Shared memory a block may use: sm_80 (A100) and sm_90 (H100) opt-in limits.
 SMEM_LIMIT = {80: 166912, 90: 232448}
@@ -248,17 +251,54 @@ def _store_rows(dst, row0, hi, stride_m, offs_d, tile, HEAD_DIM: tl.constexpr,
 
 
 @triton.jit
+def _keys_major_source(base, hi, stride_d, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr,
+                       BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What _load_keys_major reads a (rows, HEAD_DIM) matrix stored transposed at `base`
+    (row j, column d at base + d * stride_d + j) through: `base`, or a TMA descriptor of its
+    rows [0, hi) (of the (HEAD_DIM, rows) matrix in memory, whose first row starts at
+    `base`, 16-byte aligned where a descriptor starting at a later row would not be)."""
+    if USE_TMA:
+        src = tl.make_tensor_descriptor(base, [HEAD_DIM, hi], [stride_d, 1], [BLOCK_D, BLOCK])
+    else:
+        src = base
+    return src
+
+
+@triton.jit
+def _load_keys_major(src, row0, lo, hi, stride_d, offs_d, HEAD_DIM: tl.constexpr,
+                     MASK_ROWS: tl.constexpr, USE_TMA: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows [row0, row0 + BLOCK) of the matrix of _keys_major_source(base, hi, ...) as a
+    (BLOCK, BLOCK_D) tile, read as _load_rows reads it (pointer loads check rows only with
+    MASK_ROWS; a descriptor reads zeros from row hi on and reads rows below lo as they are,
+    so it serves tiles that need no mask). sm_90's fp8 wgmma takes its B operand only
+    K-major: V^T in memory makes the keys, PV's K dimension, the contiguous one (triton's
+    fused-attention tutorial transposes V on the host for fp8 too)."""
+    if USE_TMA:
+        tile = tl.trans(src.load([0, row0]))
+    else:
+        rows = row0 + tl.arange(0, BLOCK)
+        mask = within(offs_d, HEAD_DIM, HEAD_DIM == offs_d.shape[0])[None, :]
+        if MASK_ROWS:
+            mask = mask & ((rows >= lo) & (rows < hi))[:, None]
+        tile = tl.load(src + offs_d[None, :] * stride_d + rows[:, None], mask=mask, other=0.0)
+    return tile
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows, offs_d, start, end,
                key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
                DOT_PRECISION: tl.constexpr, seed, b, h, dropout_cutoff,
                DROPOUT: tl.constexpr, softcap_scale=1.0, slope=0.0,
-               SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False):
+               SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
+               FP8: tl.constexpr = False, V_TMA: tl.constexpr = False):
     """Key tiles [start, end). MASKED ones evaluate the mask, and their keys that no row of
     the tile sees (below key_lo or from kv_len on) read as zeros. DROPOUT zeroes the weights
     that _dropout_keep drops after they join the row sums, which stay those of the softmax.
-    SOFTCAP and HAS_ALIBI modify the scores (see _modified_scores)."""
+    SOFTCAP and HAS_ALIBI modify the scores (see _modified_scores). FP8: v_src holds V
+    transposed (see _load_keys_major; a TMA descriptor with V_TMA) and the weights are
+    2^FP8_P_OFFSET times the softmax's, cast to e4m3 for the PV product."""
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kt = _load_rows(k_src, start_n, key_lo, kv_len, stride_kn, offs_d, HEAD_DIM, MASKED,
@@ -277,13 +317,22 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows, offs_
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_shift = m_new
         alpha = tl.math.exp2(m_i - m_shift)
-        p = tl.math.exp2(s - m_shift[:, None])
+        if FP8:
+            # Weights in [0, 2^8] rather than [0, 1] use more of e4m3's exponents (as
+            # FlashAttention-3 does); the row sums carry the same factor, which cancels.
+            p = tl.math.exp2(s - (m_shift - FP8_P_OFFSET)[:, None])
+        else:
+            p = tl.math.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, b, h, rows, start_n, dropout_cutoff, BLOCK_N),
                          p, 0.0)
-        v = _load_rows(v_src, start_n, key_lo, kv_len, stride_vn, offs_d, HEAD_DIM, MASKED,
-                       USE_TMA, BLOCK_N)
+        if FP8:
+            v = _load_keys_major(v_src, start_n, key_lo, kv_len, stride_vn, offs_d, HEAD_DIM,
+                                 MASKED, V_TMA, BLOCK_N)
+        else:
+            v = _load_rows(v_src, start_n, key_lo, kv_len, stride_vn, offs_d, HEAD_DIM, MASKED,
+                           USE_TMA, BLOCK_N)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -304,7 +353,8 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
               DROPOUT: tl.constexpr = False, seed_ptr=None, dropout_cutoff=0,
               dropout_scale=1.0, sinks_ptr=None, alibi_ptr=None, stride_alibi_b=0,
               softcap_scale=1.0, SOFTCAP: tl.constexpr = False,
-              HAS_SINKS: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False):
+              HAS_SINKS: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
+              descale_ptr=None, FP8: tl.constexpr = False):
     """One query tile of one head. MASK_KEYS: some key tile may need the mask (a causal mask,
     a window, lengths, or Nk not a multiple of KEY_TILE_MULTIPLE); without it one unmasked
     loop is all that is compiled. EVEN_M: Nq is a multiple of BLOCK_M, so rows need no
@@ -319,7 +369,11 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     SOFTCAP, HAS_ALIBI: scores capped and biased (_modified_scores; ALiBi slopes (B or 1, H)
     float32 at alibi_ptr, batch stride stride_alibi_b). HAS_SINKS: the row's softmax starts
     from the head's sink logit (float32 at sinks_ptr), a key of value zero, so out and lse
-    include it."""
+    include it.
+    FP8: q, k, v in e4m3 (v as V^T, (B, Hkv, D, Nk) with stride_vn its head-dim stride) and
+    float32 descales (B, Hkv, 3) of q, k, v at descale_ptr (contiguous): q's and k's fold
+    into qk_scale, the weights go to e4m3 for PV (see _fwd_tiles) and v's scales the output,
+    whose dtype is o_ptr's (FlashAttention-3's FP8 forward)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -351,8 +405,14 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
                          USE_TMA, BLOCK_M, BLOCK_D)
     k_src = _rows_source(k_ptr + b * stride_kb + hk * stride_kh, key_lo, kv_len, stride_kn,
                          HEAD_DIM, USE_TMA, BLOCK_N, BLOCK_D)
-    v_src = _rows_source(v_ptr + b * stride_vb + hk * stride_vh, key_lo, kv_len, stride_vn,
-                         HEAD_DIM, USE_TMA, BLOCK_N, BLOCK_D)
+    if FP8:
+        # Through TMA in the unmasked kernel only: there no key of a tile is below key_lo
+        # (0), which a descriptor of V^T's rows from key 0 on would read as they are.
+        v_src = _keys_major_source(v_ptr + b * stride_vb + hk * stride_vh, kv_len, stride_vn,
+                                   HEAD_DIM, USE_TMA and not MASK_KEYS, BLOCK_N, BLOCK_D)
+    else:
+        v_src = _rows_source(v_ptr + b * stride_vb + hk * stride_vh, key_lo, kv_len,
+                             stride_vn, HEAD_DIM, USE_TMA, BLOCK_N, BLOCK_D)
     q = _load_rows(q_src, row_first, 0, n_q, stride_qm, offs_d, HEAD_DIM, not EVEN_M, USE_TMA,
                    BLOCK_M)
 
@@ -362,6 +422,11 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
         # The sink as a key seen first: exp(sink - m) = 1 at m = sink, and it adds no value.
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(sinks_ptr + h) * LOG2E
         l_i += 1.0
+    if FP8:
+        descales = descale_ptr + (b * (n_heads // group) + hk) * 3
+        qk_scale = qk_scale * tl.load(descales) * tl.load(descales + 1)
+        # Weights are 2^FP8_P_OFFSET times the softmax's (_fwd_tiles), a sink's too.
+        l_i = l_i * FP8_P_SCALE
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     seed = 0
     if DROPOUT:
@@ -384,16 +449,20 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
                                        window_left, window_right, qk_scale, HEAD_DIM, BLOCK_N,
                                        phase != 1, USE_TMA, False, DOT_PRECISION, seed, b, h,
                                        dropout_cutoff, DROPOUT, softcap_scale, slope, SOFTCAP,
-                                       HAS_ALIBI)
+                                       HAS_ALIBI, FP8)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
                                    offs_d, 0, n_k, 0, offset, n_q, kv_len, window_left,
                                    window_right, qk_scale, HEAD_DIM, BLOCK_N, False, USE_TMA,
                                    WARP_SPECIALIZE, DOT_PRECISION, seed, b, h, dropout_cutoff,
-                                   DROPOUT, softcap_scale, slope, SOFTCAP, HAS_ALIBI)
+                                   DROPOUT, softcap_scale, slope, SOFTCAP, HAS_ALIBI, FP8,
+                                   USE_TMA)
 
     if DROPOUT:
         acc = acc * dropout_scale
+    if FP8:
+        acc = acc * tl.load(descales + 2)
+        m_i -= FP8_P_OFFSET  # the row sums' factor 2^FP8_P_OFFSET leaves lse
     # A query that saw no key outputs zeros and has lse = -inf.
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -782,6 +851,24 @@ FWD_CONFIGS_SM90 = {
     256: [(128, 32, 4, 2, _TMA, _WS), (128, 64, 8, 2, _TMA), (128, 32, 8, 3, _TMA),
           (64, 64, 4, 2, _TMA), (128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 8, 3)],
 }
+# The FP8 forward on sm_90, per head dim (tests/test_attention_fp8.py: ptxas -v, triton 3.9
+# and 3.6): tiles that use e4m3 wgmma and spill no register with and without masks (the
+# warp-specialized ones without, the only kernel they specialize). e4m3 tiles take half the
+# shared memory of 16-bit ones: 128x256 tiles fit with warp specialization at head dims up to
+# 128, and 3 stages where 16-bit tiles keep 2. Dropped because the masked kernel spills
+# (triton 3.9): 128x256x8x2 TMA (16 B at D=64, 2.5 KB at D=128), 128x64x4x3 TMA (D=128,
+# 668 B), 128x64x8x2 (D=256, 32-104 B), 64x64x4x2 TMA (D=256, 1 KB); (triton 3.6, D=128)
+# 128x128x8x3 (136 B) and 64x64x4x3 (16 B), whose 2-stage twins spill on neither.
+_FWD_FP8_SM90_SMALL_D = [(128, 256, 4, 2, _TMA, _WS), (128, 128, 4, 3, _TMA, _WS),
+                         (128, 128, 8, 3, _TMA), (128, 64, 4, 3, _TMA), (128, 128, 8, 3),
+                         (128, 64, 4, 3), (64, 64, 4, 3)]
+FWD_FP8_CONFIGS_SM90 = {
+    16: _FWD_FP8_SM90_SMALL_D, 32: _FWD_FP8_SM90_SMALL_D, 64: _FWD_FP8_SM90_SMALL_D,
+    128: [(128, 256, 4, 2, _TMA, _WS), (128, 128, 4, 3, _TMA, _WS), (128, 128, 8, 3, _TMA),
+          (128, 64, 8, 3, _TMA), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2)],
+    256: [(128, 64, 4, 2, _TMA, _WS), (128, 32, 4, 2, _TMA, _WS), (128, 32, 8, 3, _TMA),
+          (128, 32, 8, 3), (64, 32, 8, 3)],
+}
 # Every forward BLOCK_N divides it: with Nk a multiple, no key tile is partial.
 KEY_TILE_MULTIPLE = 128
 
@@ -810,10 +897,11 @@ def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int, arch=None
                 tma: bool = False):
     """The configs of `kernel` that fit smem_limit bytes of shared memory at head dim block_d
     (a power of two) with elem-byte inputs. arch: the GPU's compute capability (90 for
-    sm_90); None, or any other than 90, takes the tables every GPU from sm_80 on runs. TMA
-    configs only with `tma` (the tensors allow descriptors)."""
-    if kernel == "fwd" and arch == 90 and elem == 2:
-        table, small = FWD_CONFIGS_SM90[block_d], False
+    sm_90); None, or any other than 90, takes the tables every GPU from sm_80 on runs (the
+    FP8 forward's, elem 1, too). TMA configs only with `tma` (the tensors allow
+    descriptors)."""
+    if kernel == "fwd" and arch == 90 and elem <= 2:
+        table, small = (FWD_CONFIGS_SM90 if elem == 2 else FWD_FP8_CONFIGS_SM90)[block_d], False
     else:
         table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kernel]
         # fp32 dots run on FMA units and 256-wide fp16 rows fill the registers: small tiles.
@@ -1034,6 +1122,40 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, con
             *out.stride()[:3], *scalars, qk_scale, *window)
     _run("fwd", _attn_fwd, lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch), args,
          dict(meta, **mods), q.device, config, tma=_tma_aligned(q, k, v, out))
+    return out, lse
+
+
+def attention_forward_fp8(q, k, v, descales, kv_lengths, scale, window_left, window_right,
+                          out_dtype, config=None, softcap=0.0, sinks=None, alibi_slopes=None):
+    """FlashAttention-3's FP8 forward: q (B, H, Nq, D), k, v (B, Hkv, Nk, D) in
+    float8_e4m3fn, descales (B, Hkv, 3) float32 (q's, k's, v's dequantization factors per
+    batch and kv head) -> out (B, H, Nq, D) in out_dtype, lse (B, H, Nq) float32, of the
+    attention of the dequantized inputs, up to e4m3's rounding of the softmax weights. The
+    products run in e4m3 with float32 accumulation; V goes to the kernel transposed (one
+    copy, keys contiguous: see _load_keys_major), its rows padded to 16 bytes for TMA's
+    strides. Masks and softcap, sinks, alibi_slopes as in attention_forward."""
+    q, k = lastdim_contiguous(q), lastdim_contiguous(k)
+    batch, heads, n_q, head_dim = q.shape
+    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    n_k = k.shape[2]
+    v_t = torch.empty((*v.shape[:2], head_dim, triton.cdiv(n_k, 16) * 16), dtype=v.dtype,
+                      device=v.device)[..., :n_k]
+    v_t.copy_(v.transpose(2, 3))
+    descales = descales.to(torch.float32).contiguous()
+    meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right)
+    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks)
+    # e4m3 dots take 32 columns at least (K of the QK^T product): narrower heads are padded.
+    meta["BLOCK_D"] = max(meta["BLOCK_D"], 32)
+    meta.update(MASK_KEYS=(kv_lengths is not None or window_left >= 0 or window_right >= 0
+                           or n_k % KEY_TILE_MULTIPLE != 0), FP8=True, descale_ptr=descales,
+                **dropout_meta(0.0, None))
+    args = (q, k, v_t, out, lse, dummy, *q.stride()[:3], *k.stride()[:3], *v_t.stride()[:3],
+            *out.stride()[:3], *scalars, qk_scale, *window)
+    _run("fwd", _attn_fwd, lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch), args,
+         dict(meta, **mods), q.device, config, tma=_tma_aligned(q, k, out))
     return out, lse
 
 
