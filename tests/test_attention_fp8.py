@@ -99,19 +99,18 @@ def fp8_inputs(case, device):
     return to(qf, kf, vf), to(qd, kd, vd), to(*dequant), lengths
 
 
-@pytest.mark.parametrize("device, backend", TARGETS)
-@pytest.mark.parametrize("name", list(CASES))
-def test_fp8_forward_against_float64(name, device, backend, poison_empty):
-    case = CASES[name]
+def check_against_float64(case, device, backend, **mods):
+    """The FP8 forward of case's inputs (and score modifications `mods`) against float64."""
     causal, window, out_dtype = case[6], case[7], case[9]
     (qf, kf, vf), (qd, kd, vd), (q, k, v), lengths = fp8_inputs(case, device)
     masks = dict(causal=causal, window=window, kv_lengths=lengths)
     with attnmem.use_backend(backend), torch.no_grad():
-        out, lse = attnmem.attention(qf, kf, vf, **masks, q_descale=qd, k_descale=kd,
+        out, lse = attnmem.attention(qf, kf, vf, **masks, **mods, q_descale=qd, k_descale=kd,
                                      v_descale=vd, out_dtype=out_dtype, return_lse=True)
+    mods = {name: x.double() if isinstance(x, torch.Tensor) else x for name, x in mods.items()}
     with attnmem.use_backend("torch"):
-        ref, ref_lse = attnmem.attention(q, k, v, **masks, return_lse=True)
-        ref_abs = attnmem.attention(q, k, v.abs().nan_to_num(), **masks)
+        ref, ref_lse = attnmem.attention(q, k, v, **masks, **mods, return_lse=True)
+        ref_abs = attnmem.attention(q, k, v.abs().nan_to_num(), **masks, **mods)
     assert out.dtype == out_dtype and lse.dtype == torch.float32
     assert torch.isfinite(out).all()
     v_max = v.nan_to_num().abs().max().item()
@@ -124,6 +123,23 @@ def test_fp8_forward_against_float64(name, device, backend, poison_empty):
     assert torch.equal(torch.isfinite(lse), seen)
     assert (lse[~seen] == float("-inf")).all() and (out[~seen] == 0).all()
     torch.testing.assert_close(lse.double()[seen], ref_lse[seen], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device, backend", TARGETS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_fp8_forward_against_float64(name, device, backend, poison_empty):
+    check_against_float64(CASES[name], device, backend)
+
+
+@pytest.mark.parametrize("device, backend", TARGETS)
+def test_fp8_score_modifications(device, backend, poison_empty):
+    """softcap, ALiBi and sinks on the FP8 forward: the sink's weight in the row sums is
+    scaled with the keys' (rows that see no key put all their weight on it)."""
+    heads = 4
+    mods = dict(softcap=4.0, sinks=torch.randn(heads, device=device) * 2,
+                alibi_slopes=torch.rand(heads, device=device) * 0.3)
+    check_against_float64((1, heads, 2, 29, 23, 32, True, None, [23], torch.float32), device,
+                          backend, **mods)
 
 
 @RUNS_KERNELS
