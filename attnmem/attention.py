@@ -614,10 +614,13 @@ def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None
     and later): q's and k's descales fold into the softmax scale, the softmax weights are
     rounded to e4m3 (scaled into [0, 2^8] first) for the product with v, and v's descale
     scales the output. Rounding the weights costs up to 2^-4 of sum_j p_ij |v_jd| per output
-    element; lse is as exact as in float32. causal, window, kv_lengths, grouped-query heads,
-    return_lse, softcap, sinks and alibi_slopes work as above; dropout_p must be 0 and
-    nothing may ask for a gradient (there is no backward). On older GPUs, on the CPU and on
-    the torch backend the inputs are dequantized and the float32 twin runs.
+    element; lse is as exact as in float32. The kernel reads v with its keys contiguous (the
+    operand layout sm_90's e4m3 wgmma takes): a v viewed transposed from (B, Hkv, D, Nk)
+    memory goes in as it is, any other is copied once per call. causal, window, kv_lengths,
+    grouped-query heads, return_lse, softcap, sinks and alibi_slopes work as above;
+    dropout_p must be 0 and nothing may ask for a gradient (there is no backward). On older
+    GPUs, on the CPU and on the torch backend the inputs are dequantized and the float32
+    twin runs.
     """
     if _is_fp8(q):
         return _attention_fp8(q, k, v, causal, scale, kv_lengths, window, return_lse, softcap,

@@ -1131,9 +1131,11 @@ def attention_forward_fp8(q, k, v, descales, kv_lengths, scale, window_left, win
     float8_e4m3fn, descales (B, Hkv, 3) float32 (q's, k's, v's dequantization factors per
     batch and kv head) -> out (B, H, Nq, D) in out_dtype, lse (B, H, Nq) float32, of the
     attention of the dequantized inputs, up to e4m3's rounding of the softmax weights. The
-    products run in e4m3 with float32 accumulation; V goes to the kernel transposed (one
-    copy, keys contiguous: see _load_keys_major), its rows padded to 16 bytes for TMA's
-    strides. Masks and softcap, sinks, alibi_slopes as in attention_forward."""
+    products run in e4m3 with float32 accumulation. The kernel reads V transposed, keys
+    contiguous (see _load_keys_major): a v whose keys are contiguous already (v.stride(2) ==
+    1, a transposed view of (B, Hkv, D, Nk) memory) goes in as it is, any other is copied
+    once, its rows padded to 16 bytes for TMA's strides. Masks and softcap, sinks,
+    alibi_slopes as in attention_forward."""
     q, k = lastdim_contiguous(q), lastdim_contiguous(k)
     batch, heads, n_q, head_dim = q.shape
     out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
@@ -1141,9 +1143,12 @@ def attention_forward_fp8(q, k, v, descales, kv_lengths, scale, window_left, win
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     n_k = k.shape[2]
-    v_t = torch.empty((*v.shape[:2], head_dim, triton.cdiv(n_k, 16) * 16), dtype=v.dtype,
-                      device=v.device)[..., :n_k]
-    v_t.copy_(v.transpose(2, 3))
+    if v.stride(2) == 1:
+        v_t = v.transpose(2, 3)
+    else:
+        v_t = torch.empty((*v.shape[:2], head_dim, triton.cdiv(n_k, 16) * 16), dtype=v.dtype,
+                          device=v.device)[..., :n_k]
+        v_t.copy_(v.transpose(2, 3))
     descales = descales.to(torch.float32).contiguous()
     meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right)
     qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks)
@@ -1155,7 +1160,7 @@ def attention_forward_fp8(q, k, v, descales, kv_lengths, scale, window_left, win
     args = (q, k, v_t, out, lse, dummy, *q.stride()[:3], *k.stride()[:3], *v_t.stride()[:3],
             *out.stride()[:3], *scalars, qk_scale, *window)
     _run("fwd", _attn_fwd, lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch), args,
-         dict(meta, **mods), q.device, config, tma=_tma_aligned(q, k, out))
+         dict(meta, **mods), q.device, config, tma=_tma_aligned(q, k, v_t, out))
     return out, lse
 
 

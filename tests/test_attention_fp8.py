@@ -159,6 +159,19 @@ def test_fp8_tma_and_pointer_configs_agree(name):
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
+@RUNS_KERNELS
+def test_fp8_takes_keys_contiguous_v_as_it_is():
+    """v laid out (B, Hkv, D, Nk) and viewed transposed goes to the kernel without a copy:
+    the same bits as a contiguous v."""
+    from attnmem.kernels import attention as kernel
+
+    (qf, kf, vf), descales, _, lengths = fp8_inputs(CASES["causal_lengths_bf16"], DEVICE)
+    v_keys_major = vf.transpose(2, 3).contiguous().transpose(2, 3)
+    outs = [kernel.attention_forward_fp8(qf, kf, v, torch.stack(descales, -1), lengths, 0.2,
+                                         -1, 0, torch.bfloat16) for v in (vf, v_keys_major)]
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
 def test_quantize_fp8_per_group_and_per_tensor():
     x = torch.randn(2, 6, 9, 24) * torch.tensor([1.0, 5, 0.1])[None, :, None, None].repeat(
         1, 2, 1, 1)
