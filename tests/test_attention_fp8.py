@@ -233,7 +233,8 @@ def test_fp8_with_grad_off_and_quantize_bad_inputs():
 
 def test_fp8_op_traces():
     """The custom op's fake and real outputs agree (torch.library.opcheck, torch backend;
-    its schema test would multiply float8 tensors, which torch's CPU kernels cannot)."""
+    its schema test would multiply float8 tensors, which torch's CPU kernels cannot), and
+    torch.compile(fullgraph=True) traces attention() on float8 inputs."""
     from attnmem.attention import _attention_forward_fp8
 
     q, k, v = (torch.randn(1, 2, 6, 16).to(FP8) for _ in range(3))
@@ -241,6 +242,13 @@ def test_fp8_op_traces():
     torch.library.opcheck(_attention_forward_fp8, (q, k, v, descales, None, 0.25, -1, 0,
                                                    torch.bfloat16, "torch"),
                             test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+    kd = descales[..., 1]
+    traced = torch.compile(lambda q, k, qd, kd: attnmem.attention(
+        q, k, k, causal=True, q_descale=qd, k_descale=kd, v_descale=kd), fullgraph=True,
+        backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(traced(q, k, descales[..., 0], kd), attnmem.attention(
+            q, k, k, causal=True, q_descale=descales[..., 0], k_descale=kd, v_descale=kd))
 
 
 # ---------------------------------------------------------------------------------------
