@@ -162,12 +162,13 @@ def _attention_forward_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """The FP8 forward: descales (B, Hkv, 3) float32 stacks q's, k's and v's. No autograd:
     attention() refuses a call that asks for a gradient."""
-    args = (q, k, v, descales, kv_lengths, scale, window_left, window_right, out_dtype)
     mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
     if _backend.resolve(backend, (q, k, v), _fp8_triton_reasons(q), "attention") == "triton":
         from attnmem.kernels import attention as kernel
-        return kernel.attention_forward_fp8(*args, **mods)
-    return _reference.attention_forward_fp8(*args, **mods)
+        return kernel.attention_forward(q, k, v, kv_lengths, scale, window_left, window_right,
+                                        **mods, descales=descales, out_dtype=out_dtype)
+    return _reference.attention_forward_fp8(q, k, v, descales, kv_lengths, scale, window_left,
+                                            window_right, out_dtype, **mods)
 
 
 @_attention_forward_fp8.register_fake

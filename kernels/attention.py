@@ -1080,6 +1080,26 @@ def dropout_meta(dropout_p, seed) -> dict:
                 dropout_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
 
 
+def keys_major(v):
+    """v (B, Hkv, Nk, D) as _attn_fwd's FP8 reads it: V^T, (B, Hkv, D, Nk) with the keys
+    contiguous (see _load_keys_major). A v whose keys are contiguous already (a transposed
+    view of such memory) is viewed as it is; any other is copied once, into rows padded to
+    16 bytes, as TMA's strides must be."""
+    if v.stride(2) == 1:
+        return v.transpose(2, 3)
+    n_k = v.shape[2]
+    v_t = torch.empty((*v.shape[:2], v.shape[3], triton.cdiv(n_k, 16) * 16), dtype=v.dtype,
+                      device=v.device)[..., :n_k]
+    return v_t.copy_(v.transpose(2, 3))
+
+
+def fp8_meta(descales, block_d) -> dict:
+    """The forward's FP8 arguments: descales (B, Hkv, 3) (q's, k's, v's) as contiguous
+    float32, and head dims padded to 32 columns at least (an e4m3 dot's K)."""
+    return dict(FP8=True, descale_ptr=descales.to(torch.float32).contiguous(),
+                BLOCK_D=max(block_d, 32))
+
+
 def _score_mods(scale, softcap, alibi_slopes, sinks=None) -> tuple[float, dict]:
     """(qk_scale, the kernels' keyword arguments) for a softcap (0: none), ALiBi slopes
     (None, or (H,) or (B, H)) and, for the forward, sinks (None or (H,)); nothing is passed
@@ -1099,16 +1119,23 @@ def _score_mods(scale, softcap, alibi_slopes, sinks=None) -> tuple[float, dict]:
 
 
 def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, config=None,
-                      softcap=0.0, sinks=None, alibi_slopes=None, dropout_p=0.0, seed=None):
-    """-> out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32 natural log.
+                      softcap=0.0, sinks=None, alibi_slopes=None, dropout_p=0.0, seed=None,
+                      descales=None, out_dtype=None):
+    """-> out (B, H, Nq, D) in q's dtype (out_dtype if given), lse (B, H, Nq) float32
+    natural log.
 
     softcap > 0 caps the scaled scores at softcap * tanh(s / softcap); sinks (H,) adds one
     logit per query head to every row's softmax (lse includes it); alibi_slopes (H,) or
     (B, H) adds -slope * |i + Nk - Nq - j| to the scaled (capped) scores. dropout_p > 0
-    drops weights as dropout_keep_mask(seed, ...) says (see dropout_meta)."""
+    drops weights as dropout_keep_mask(seed, ...) says (see dropout_meta).
+    descales (B, Hkv, 3) float32: FlashAttention-3's FP8 forward (see fp8_meta), q, k, v in
+    float8_e4m3fn, the attention of q * descales[b, h // G, 0], k * descales[..., 1] and
+    v * descales[..., 2] up to e4m3's rounding of the softmax weights."""
+    if descales is not None:
+        v = keys_major(v)
     q, k, v = (lastdim_contiguous(x) for x in (q, k, v))
     batch, heads, n_q, _ = q.shape
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
@@ -1118,49 +1145,12 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, con
     meta["MASK_KEYS"] = (kv_lengths is not None or window_left >= 0 or window_right >= 0
                          or k.shape[2] % KEY_TILE_MULTIPLE != 0)
     meta.update(dropout_meta(dropout_p, seed))
+    if descales is not None:
+        meta.update(fp8_meta(descales, meta["BLOCK_D"]))
     args = (q, k, v, out, lse, dummy, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *out.stride()[:3], *scalars, qk_scale, *window)
     _run("fwd", _attn_fwd, lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch), args,
          dict(meta, **mods), q.device, config, tma=_tma_aligned(q, k, v, out))
-    return out, lse
-
-
-def attention_forward_fp8(q, k, v, descales, kv_lengths, scale, window_left, window_right,
-                          out_dtype, config=None, softcap=0.0, sinks=None, alibi_slopes=None):
-    """FlashAttention-3's FP8 forward: q (B, H, Nq, D), k, v (B, Hkv, Nk, D) in
-    float8_e4m3fn, descales (B, Hkv, 3) float32 (q's, k's, v's dequantization factors per
-    batch and kv head) -> out (B, H, Nq, D) in out_dtype, lse (B, H, Nq) float32, of the
-    attention of the dequantized inputs, up to e4m3's rounding of the softmax weights. The
-    products run in e4m3 with float32 accumulation. The kernel reads V transposed, keys
-    contiguous (see _load_keys_major): a v whose keys are contiguous already (v.stride(2) ==
-    1, a transposed view of (B, Hkv, D, Nk) memory) goes in as it is, any other is copied
-    once, its rows padded to 16 bytes for TMA's strides. Masks and softcap, sinks,
-    alibi_slopes as in attention_forward."""
-    q, k = lastdim_contiguous(q), lastdim_contiguous(k)
-    batch, heads, n_q, head_dim = q.shape
-    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
-    lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out, lse.fill_(float("-inf"))
-    n_k = k.shape[2]
-    if v.stride(2) == 1:
-        v_t = v.transpose(2, 3)
-    else:
-        v_t = torch.empty((*v.shape[:2], head_dim, triton.cdiv(n_k, 16) * 16), dtype=v.dtype,
-                          device=v.device)[..., :n_k]
-        v_t.copy_(v.transpose(2, 3))
-    descales = descales.to(torch.float32).contiguous()
-    meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right)
-    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks)
-    # e4m3 dots take 32 columns at least (K of the QK^T product): narrower heads are padded.
-    meta["BLOCK_D"] = max(meta["BLOCK_D"], 32)
-    meta.update(MASK_KEYS=(kv_lengths is not None or window_left >= 0 or window_right >= 0
-                           or n_k % KEY_TILE_MULTIPLE != 0), FP8=True, descale_ptr=descales,
-                **dropout_meta(0.0, None))
-    args = (q, k, v_t, out, lse, dummy, *q.stride()[:3], *k.stride()[:3], *v_t.stride()[:3],
-            *out.stride()[:3], *scalars, qk_scale, *window)
-    _run("fwd", _attn_fwd, lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch), args,
-         dict(meta, **mods), q.device, config, tma=_tma_aligned(q, k, v_t, out))
     return out, lse
 
 

@@ -153,8 +153,8 @@ def test_fp8_tma_and_pointer_configs_agree(name):
     left, right = (9, 4) if name == "window" else (-1, -1)
     tiles = (16, 16, 1, 1) if INTERPRET else (128, 64, 8, 3)
     descales = torch.stack(descales, -1)
-    outs = [kernel.attention_forward_fp8(qf, kf, vf, descales, None, 0.2, left, right,
-                                         torch.float32, config=(*tiles, *flags))
+    outs = [kernel.attention_forward(qf, kf, vf, None, 0.2, left, right, (*tiles, *flags),
+                                     descales=descales, out_dtype=torch.float32)
             for flags in ((), ("USE_TMA",))]
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
@@ -167,8 +167,9 @@ def test_fp8_takes_keys_contiguous_v_as_it_is():
 
     (qf, kf, vf), descales, _, lengths = fp8_inputs(CASES["causal_lengths_bf16"], DEVICE)
     v_keys_major = vf.transpose(2, 3).contiguous().transpose(2, 3)
-    outs = [kernel.attention_forward_fp8(qf, kf, v, torch.stack(descales, -1), lengths, 0.2,
-                                         -1, 0, torch.bfloat16) for v in (vf, v_keys_major)]
+    outs = [kernel.attention_forward(qf, kf, v, lengths, 0.2, -1, 0,
+                                     descales=torch.stack(descales, -1),
+                                     out_dtype=torch.bfloat16) for v in (vf, v_keys_major)]
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
