@@ -452,7 +452,8 @@ def _fp8_descales(q, k, descales):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
         if not x.dtype.is_floating_point or _is_fp8(x):
-            raise TypeError(f"{name} must be a float32 tensor, got {x.dtype}")
+            raise TypeError(f"{name} must be a floating-point tensor (used in float32), got "
+                            f"{x.dtype}")
         if tuple(x.shape) != shape:
             raise ValueError(f"{name} must be (B, Hkv) = {shape}, got shape {tuple(x.shape)}")
         if x.device != q.device:

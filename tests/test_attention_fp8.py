@@ -199,7 +199,7 @@ def _bad_calls():
         (TypeError, "k must have q's dtype", (q, k.float(), v), {}),
         (ValueError, r"k_descale must be \(B, Hkv\) = \(2, 2\)", (q, k2, v2),
          {"k_descale": torch.ones(2, 4)}),
-        (TypeError, "q_descale must be a float32 tensor", (q, k2, v2),
+        (TypeError, "q_descale must be a floating-point tensor", (q, k2, v2),
          {"q_descale": torch.ones(2, 2, dtype=torch.int32)}),
         (TypeError, "v_descale must be a torch.Tensor", (q, k2, v2), {"v_descale": 1.0}),
         (ValueError, "q_descale applies to float8_e4m3fn inputs only",
