@@ -23,6 +23,10 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
+# The FP8 forward (FlashAttention-3's): inputs in e4m3, outputs in one of FP8_OUT_DTYPES.
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+E4M3_MAX = 448.0
 
 
 def _triton_reasons(q) -> list[str]:
@@ -135,6 +139,42 @@ def _backward(ctx, dout, dlse):
 
 
 _attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _fp8_triton_reasons(q) -> list[str]:
+    reasons = []
+    if q.shape[-1] > MAX_TRITON_HEAD_DIM:
+        reasons.append(f"head dim {q.shape[-1]} > {MAX_TRITON_HEAD_DIM}")
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(q.device)
+        reasons.append(f"float8 inputs need fp8 tensor cores (sm_89 or later), this GPU is "
+                       f"sm_{major}{minor}: the torch backend dequantizes them instead")
+    return reasons
+
+
+@torch.library.custom_op("attnmem::attention_forward_fp8", mutates_args=())
+def _attention_forward_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           descales: torch.Tensor, kv_lengths: Optional[torch.Tensor],
+                           scale: float, window_left: int, window_right: int,
+                           out_dtype: torch.dtype, backend: str, softcap: float = 0.0,
+                           sinks: Optional[torch.Tensor] = None,
+                           alibi_slopes: Optional[torch.Tensor] = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 forward: descales (B, Hkv, 3) float32 stacks q's, k's and v's. No autograd:
+    attention() refuses a call that asks for a gradient."""
+    mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
+    if _backend.resolve(backend, (q, k, v), _fp8_triton_reasons(q), "attention") == "triton":
+        from attnmem.kernels import attention as kernel
+        return kernel.attention_forward(q, k, v, kv_lengths, scale, window_left, window_right,
+                                        **mods, descales=descales, out_dtype=out_dtype)
+    return _reference.attention_forward_fp8(q, k, v, descales, kv_lengths, scale, window_left,
+                                            window_right, out_dtype, **mods)
+
+
+@_attention_forward_fp8.register_fake
+def _(q, k, v, descales, kv_lengths, scale, window_left, window_right, out_dtype, backend,
+      softcap=0.0, sinks=None, alibi_slopes=None):
+    return q.new_empty(q.shape, dtype=out_dtype), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _torch_dropout_mask(seed, dropout_p, q, k):
@@ -323,10 +363,13 @@ def _validate_score_mods(q, scale, softcap, sinks, alibi_slopes, batch, heads):
     return softcap, sinks, alibi_slopes
 
 
-def _validate(q, k, v, causal, scale, kv_lengths, window, return_lse):
+def _validate(q, k, v, causal, scale, kv_lengths, window, return_lse, fp8=False):
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x)
-    if q.dtype not in FLOAT_DTYPES:
+    if fp8 and q.dtype != FP8_DTYPE:
+        raise TypeError(f"float8 inputs must be float8_e4m3fn (FlashAttention-3's FP8 forward), "
+                        f"got {q.dtype}")
+    if not fp8 and q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
@@ -393,9 +436,102 @@ def dropout_mask(q, k, dropout_p, generator=None):
                                                                    device=q.device))
 
 
+def _is_fp8(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.dtype.is_floating_point and x.element_size() == 1
+
+
+def _fp8_descales(q, k, descales):
+    """(q_descale, k_descale, v_descale), each None (1) or (B, Hkv) floating point on q's
+    device -> one (B, Hkv, 3) float32 tensor."""
+    shape = (q.shape[0], k.shape[1])
+    checked = []
+    for name, x in zip(("q_descale", "k_descale", "v_descale"), descales):
+        if x is None:
+            checked.append(torch.ones(shape, dtype=torch.float32, device=q.device))
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+        if not x.dtype.is_floating_point or _is_fp8(x):
+            raise TypeError(f"{name} must be a floating-point tensor (used in float32), got "
+                            f"{x.dtype}")
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name} must be (B, Hkv) = {shape}, got shape {tuple(x.shape)}")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+        checked.append(x.to(torch.float32))
+    return torch.stack(checked, -1)
+
+
+def _fp8_out_dtype(out_dtype) -> torch.dtype:
+    if out_dtype is None:
+        return torch.bfloat16
+    if out_dtype not in FP8_OUT_DTYPES:
+        raise TypeError(f"out_dtype must be torch.bfloat16, torch.float16 or torch.float32, "
+                        f"got {out_dtype!r}")
+    return out_dtype
+
+
+def _attention_fp8(q, k, v, causal, scale, kv_lengths, window, return_lse, softcap, sinks,
+                   alibi_slopes, dropout_p, descales, out_dtype):
+    """attention() on float8_e4m3fn inputs: checked, then the FP8 forward (inference only)."""
+    scale, window_left, window_right, kv_lengths = _validate(q, k, v, causal, scale,
+                                                             kv_lengths, window, return_lse,
+                                                             fp8=True)
+    softcap, sinks, alibi_slopes = _validate_score_mods(q, scale, softcap, sinks, alibi_slopes,
+                                                        q.shape[0], q.shape[1])
+    if _dropout_p(dropout_p) != 0:
+        raise ValueError("dropout_p must be 0 with float8 inputs: the FP8 forward is for "
+                         "inference")
+    out_dtype = _fp8_out_dtype(out_dtype)
+    descales_3 = _fp8_descales(q, k, descales)
+    asking = [name for name, x in (("q", q), ("k", k), ("v", v), ("sinks", sinks),
+                                   *zip(("q_descale", "k_descale", "v_descale"), descales))
+              if isinstance(x, torch.Tensor) and x.requires_grad]
+    if asking and torch.is_grad_enabled():
+        raise ValueError(f"the FP8 forward has no backward (as FlashAttention-3's), but "
+                         f"{', '.join(asking)} require grad: run it under torch.no_grad() or "
+                         "torch.inference_mode(), or pass detached tensors")
+    if causal and q.shape[2] > 1:
+        window_right = 0 if window_right < 0 else min(window_right, 0)
+    out, lse = _attention_forward_fp8(q, k, v, descales_3, kv_lengths, scale, window_left,
+                                      window_right, out_dtype, _backend.requested_backend(),
+                                      softcap, sinks, alibi_slopes)
+    return (out, lse) if return_lse else out
+
+
+def quantize_fp8(x, *, kv_heads=None, per_tensor=False):
+    """x (B, H, N, D) floating point -> (x in float8_e4m3fn, descale (B, Hkv) float32) with
+    x ~ x_fp8 * descale[b, h // (H // Hkv)]: the inputs and q_descale, k_descale or
+    v_descale of attention()'s FP8 forward. The scale maps amax to e4m3's largest value, 448:
+    one amax per batch and group of H // Hkv heads (kv_heads = Hkv, default H: per (batch,
+    head); pass k's head count when quantizing a grouped-query q, whose descale is per kv
+    head as FlashAttention-3's), or of the whole tensor with per_tensor=True (the descale
+    then repeats one value). An all-zero group gets descale 1. x must be finite: an inf
+    makes its group's descale inf and its values NaN or zero."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise ValueError(f"x must be a (B, H, N, D) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not x.dtype.is_floating_point or _is_fp8(x):
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    heads = x.shape[1]
+    kv_heads = heads if kv_heads is None else kv_heads
+    if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or (
+            heads % kv_heads):
+        raise ValueError(f"kv_heads must be an int that divides x's {heads} heads, got "
+                         f"{kv_heads!r}")
+    grouped = x.detach().float().unflatten(1, (kv_heads, heads // kv_heads))
+    if per_tensor:
+        amax = grouped.abs().amax().expand(x.shape[0], kv_heads)
+    else:
+        amax = grouped.abs().amax((2, 3, 4))
+    descale = torch.where(amax > 0, amax / E4M3_MAX, 1.0)
+    scaled = grouped / descale[:, :, None, None, None]
+    return scaled.clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE).flatten(1, 2), descale.contiguous()
+
+
 def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None,
               return_lse=False, softcap=None, sinks=None, alibi_slopes=None, dropout_p=0.0,
-              generator=None):
+              generator=None, q_descale=None, k_descale=None, v_descale=None, out_dtype=None):
     """Softmax attention `softmax(q k^T * scale + mask) v`, tiled so scores never fill memory.
 
     q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D) with H % Hkv == 0 (query head h reads kv head
@@ -471,7 +607,32 @@ def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None
     explicit generator, as for torch.rand(generator=...). Under CUDA graph capture the
     seed is a captured randint, which torch's CUDA generator redraws on each replay (not
     yet run on a GPU).
+
+    FP8 (FlashAttention-3's FP8 forward, inference only): q, k, v in torch.float8_e4m3fn
+    with q_descale, k_descale, v_descale ((B, Hkv) float32 each, None for 1) such that the
+    inputs are q * q_descale[b, h // (H // Hkv)] and so on (quantize_fp8 makes both). The
+    output comes in out_dtype (bfloat16 by default; float16 or float32), lse in float32.
+    Both products run in e4m3 with float32 accumulation on GPUs with fp8 tensor cores (sm_89
+    and later): q's and k's descales fold into the softmax scale, the softmax weights are
+    rounded to e4m3 (scaled into [0, 2^8] first) for the product with v, and v's descale
+    scales the output. Rounding the weights costs up to 2^-4 of sum_j p_ij |v_jd| per output
+    element; lse is as exact as in float32. The kernel reads v with its keys contiguous (the
+    operand layout sm_90's e4m3 wgmma takes): a v viewed transposed from (B, Hkv, D, Nk)
+    memory goes in as it is, any other is copied once per call. causal, window, kv_lengths,
+    grouped-query heads, return_lse, softcap, sinks and alibi_slopes work as above;
+    dropout_p must be 0 and nothing may ask for a gradient (there is no backward). On older
+    GPUs, on the CPU and on the torch backend the inputs are dequantized and the float32
+    twin runs.
     """
+    if _is_fp8(q):
+        return _attention_fp8(q, k, v, causal, scale, kv_lengths, window, return_lse, softcap,
+                              sinks, alibi_slopes, dropout_p, (q_descale, k_descale, v_descale),
+                              out_dtype)
+    for name, x in (("q_descale", q_descale), ("k_descale", k_descale),
+                    ("v_descale", v_descale), ("out_dtype", out_dtype)):
+        if x is not None:
+            raise ValueError(f"{name} applies to float8_e4m3fn inputs only (q is "
+                             f"{getattr(q, 'dtype', type(q).__name__)})")
     scale, window_left, window_right, kv_lengths = _validate(q, k, v, causal, scale,
                                                              kv_lengths, window, return_lse)
     softcap, sinks, alibi_slopes = _validate_score_mods(q, scale, softcap, sinks, alibi_slopes,

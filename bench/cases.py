@@ -22,7 +22,7 @@ PROFILES = ("smoke", "quick", "cpu", "gpu", "gpu-check")
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                  "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
 PROVIDERS = {
-    "attention": ("attnmem", "sdpa", *SDPA_BACKENDS, "flex", "eager"),
+    "attention": ("attnmem", "attnmem-fp8", "sdpa", *SDPA_BACKENDS, "flex", "eager"),
     "memory_attend": ("attnmem", "eager", "compile"),
     "memory_write": ("attnmem", "eager", "compile"),
     "additive": ("attnmem", "eager"),
@@ -32,8 +32,10 @@ PROVIDERS = {
     "product_key": ("attnmem", "attnmem-sparse", "eager", "dense"),
 }
 # The GPU check (scripts/gpu_check.sh) leaves out the attention baselines that fill N^2 scores.
-PROFILE_PROVIDERS = {("attention", "gpu-check"): ("attnmem", "sdpa", "sdpa-flash", "sdpa-cudnn",
-                                                 "sdpa-efficient", "flex")}
+PROFILE_PROVIDERS = {("attention", "gpu-check"): ("attnmem", "attnmem-fp8", "sdpa", "sdpa-flash",
+                                                 "sdpa-cudnn", "sdpa-efficient", "flex")}
+# Providers that run some modes only: attnmem's FP8 forward is for inference (no backward).
+PROVIDER_MODES = {"attnmem-fp8": ("fwd",)}
 MODES = {"attention": ("fwd", "bwd", "fwd_bwd"), "memory_attend": ("fwd",),
          "memory_write": ("fwd",), "additive": ("fwd", "fwd_bwd"), "mha": ("fwd", "fwd_bwd"),
          "decode": ("fwd",), "varlen": ("fwd", "fwd_bwd"), "product_key": ("fwd", "fwd_bwd")}
@@ -103,7 +105,7 @@ def points(op: str, profile: str):
     providers = PROFILE_PROVIDERS.get((op, profile), PROVIDERS[op])
     return [dict(op=op, provider=provider, mode=mode, x=x, **fixed, **config)
             for config in configs for mode in MODES[op] for provider in providers
-            for x in sizes["x"]]
+            for x in sizes["x"] if mode in PROVIDER_MODES.get(provider, (mode,))]
 
 
 # Baselines, written as a user would write them in torch.
@@ -182,6 +184,14 @@ def _attention_fn(provider):
     return eager_attention
 
 
+def _fp8_attention(q, k, v, causal):
+    """attnmem's FP8 forward on q, k, v quantized beforehand, one scale per (batch, head) (as
+    an inference stack keeps them), its output in q's dtype: the quantization is not timed."""
+    (qf, qd), (kf, kd), (vf, vd) = (attnmem.quantize_fp8(x) for x in (q, k, v))
+    return lambda: attnmem.attention(qf, kf, vf, causal=causal, q_descale=qd, k_descale=kd,
+                                     v_descale=vd, out_dtype=q.dtype)
+
+
 def _timed(mode, forward, inputs):
     """The call to time for mode: forward alone (no graph), backward of a kept graph, or
     both."""
@@ -217,9 +227,13 @@ def build(point, device):
         batch, heads = max(1, point["tokens"] // n), max(1, point["width"] // d)
         q, k, v = (_randn(batch, heads, n, d, device=device, dtype=dtype, grad=grad)
                    for _ in range(3))
-        fn = _attention_fn(point["provider"])
+        if point["provider"] == "attnmem-fp8":
+            forward = _fp8_attention(q, k, v, point["causal"])
+        else:
+            fn = _attention_fn(point["provider"])
+            forward = lambda: fn(q, k, v, point["causal"])  # noqa: E731
         flops = 4 * batch * heads * n * n * d / (2 if point["causal"] else 1)
-        return (_timed(mode, lambda: fn(q, k, v, point["causal"]), (q, k, v)),
+        return (_timed(mode, forward, (q, k, v)),
                 flops * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode])
     if op.startswith("memory"):
         batch, d = point["batch"], point["d"]

@@ -55,6 +55,9 @@ from attnmem.kernels._launch import interpreting, kv_length, lastdim_contiguous,
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# FP8: the forward's weights are exp2(s - m + FP8_P_OFFSET), in [0, 2^8] (e4m3 holds up to 448).
+FP8_P_OFFSET = tl.constexpr(8.0)
+FP8_P_SCALE = tl.constexpr(256.0)
 
 # Shared memory a block may use: sm_80 (A100) and sm_90 (H100) opt-in limits.
 SMEM_LIMIT = {80: 166912, 90: 232448}
@@ -263,17 +266,54 @@ def _store_rows(dst, row0, hi, stride_m, offs_d, tile, HEAD_DIM: tl.constexpr,
 
 
 @triton.jit
+def _keys_major_source(base, hi, stride_d, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr,
+                       BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What _load_keys_major reads a (rows, HEAD_DIM) matrix stored transposed at `base`
+    (row j, column d at base + d * stride_d + j) through: `base`, or a TMA descriptor of its
+    rows [0, hi) (of the (HEAD_DIM, rows) matrix in memory, whose first row starts at
+    `base`, 16-byte aligned where a descriptor starting at a later row would not be)."""
+    if USE_TMA:
+        src = tl.make_tensor_descriptor(base, [HEAD_DIM, hi], [stride_d, 1], [BLOCK_D, BLOCK])
+    else:
+        src = base
+    return src
+
+
+@triton.jit
+def _load_keys_major(src, row0, lo, hi, stride_d, offs_d, HEAD_DIM: tl.constexpr,
+                     MASK_ROWS: tl.constexpr, USE_TMA: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows [row0, row0 + BLOCK) of the matrix of _keys_major_source(base, hi, ...) as a
+    (BLOCK, BLOCK_D) tile, read as _load_rows reads it (pointer loads check rows only with
+    MASK_ROWS; a descriptor reads zeros from row hi on and reads rows below lo as they are,
+    so it serves tiles that need no mask). sm_90's fp8 wgmma takes its B operand only
+    K-major: V^T in memory makes the keys, PV's K dimension, the contiguous one (triton's
+    fused-attention tutorial transposes V on the host for fp8 too)."""
+    if USE_TMA:
+        tile = tl.trans(src.load([0, row0]))
+    else:
+        rows = row0 + tl.arange(0, BLOCK)
+        mask = within(offs_d, HEAD_DIM, HEAD_DIM == offs_d.shape[0])[None, :]
+        if MASK_ROWS:
+            mask = mask & ((rows >= lo) & (rows < hi))[:, None]
+        tile = tl.load(src + offs_d[None, :] * stride_d + rows[:, None], mask=mask, other=0.0)
+    return tile
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows, offs_d, start, end,
                key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
                DOT_PRECISION: tl.constexpr, seed, b, h, dropout_cutoff,
                DROPOUT: tl.constexpr, softcap_scale=1.0, slope=0.0,
-               SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False):
+               SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
+               FP8: tl.constexpr = False, V_TMA: tl.constexpr = False):
     """Key tiles [start, end). MASKED ones evaluate the mask, and their keys that no row of
     the tile sees (below key_lo or from kv_len on) read as zeros. DROPOUT zeroes the weights
     that _dropout_keep drops after they join the row sums, which stay those of the softmax.
-    SOFTCAP and HAS_ALIBI modify the scores (see _modified_scores)."""
+    SOFTCAP and HAS_ALIBI modify the scores (see _modified_scores). FP8: v_src holds V
+    transposed (see _load_keys_major; a TMA descriptor with V_TMA) and the weights are
+    2^FP8_P_OFFSET times the softmax's, cast to e4m3 for the PV product."""
     if MASKED and WARP_SPECIALIZE:
         first, count = _visible_span(rows, offset, n_q, kv_len, window_left, window_right)
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
@@ -298,13 +338,22 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows, offs_
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_shift = m_new
         alpha = tl.math.exp2(m_i - m_shift)
-        p = tl.math.exp2(s - m_shift[:, None])
+        if FP8:
+            # Weights in [0, 2^8] rather than [0, 1] use more of e4m3's exponents (as
+            # FlashAttention-3 does); the row sums carry the same factor, which cancels.
+            p = tl.math.exp2(s - (m_shift - FP8_P_OFFSET)[:, None])
+        else:
+            p = tl.math.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, b, h, rows, start_n, dropout_cutoff, BLOCK_N),
                          p, 0.0)
-        v = _load_rows(v_src, start_n, key_lo, kv_len, stride_vn, offs_d, HEAD_DIM, MASKED,
-                       USE_TMA, BLOCK_N)
+        if FP8:
+            v = _load_keys_major(v_src, start_n, key_lo, kv_len, stride_vn, offs_d, HEAD_DIM,
+                                 MASKED, V_TMA, BLOCK_N)
+        else:
+            v = _load_rows(v_src, start_n, key_lo, kv_len, stride_vn, offs_d, HEAD_DIM, MASKED,
+                           USE_TMA, BLOCK_N)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -325,7 +374,8 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
               DROPOUT: tl.constexpr = False, seed_ptr=None, dropout_cutoff=0,
               dropout_scale=1.0, sinks_ptr=None, alibi_ptr=None, stride_alibi_b=0,
               softcap_scale=1.0, SOFTCAP: tl.constexpr = False,
-              HAS_SINKS: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False):
+              HAS_SINKS: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
+              descale_ptr=None, FP8: tl.constexpr = False):
     """One query tile of one head. MASK_KEYS: some key tile may need the mask (a causal mask,
     a window, lengths, or Nk not a multiple of KEY_TILE_MULTIPLE); without it one unmasked
     loop is all that is compiled. EVEN_M: Nq is a multiple of BLOCK_M, so rows need no
@@ -341,7 +391,11 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     SOFTCAP, HAS_ALIBI: scores capped and biased (_modified_scores; ALiBi slopes (B or 1, H)
     float32 at alibi_ptr, batch stride stride_alibi_b). HAS_SINKS: the row's softmax starts
     from the head's sink logit (float32 at sinks_ptr), a key of value zero, so out and lse
-    include it."""
+    include it.
+    FP8: q, k, v in e4m3 (v as V^T, (B, Hkv, D, Nk) with stride_vn its head-dim stride) and
+    float32 descales (B, Hkv, 3) of q, k, v at descale_ptr (contiguous): q's and k's fold
+    into qk_scale, the weights go to e4m3 for PV (see _fwd_tiles) and v's scales the output,
+    whose dtype is o_ptr's (FlashAttention-3's FP8 forward)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -375,8 +429,14 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
                          USE_TMA, BLOCK_M, BLOCK_D)
     k_src = _rows_source(k_ptr + b * stride_kb + hk * stride_kh, key_lo, kv_len, stride_kn,
                          HEAD_DIM, USE_TMA, BLOCK_N, BLOCK_D)
-    v_src = _rows_source(v_ptr + b * stride_vb + hk * stride_vh, key_lo, kv_len, stride_vn,
-                         HEAD_DIM, USE_TMA, BLOCK_N, BLOCK_D)
+    if FP8:
+        # Through TMA in the unmasked kernel only: there no key of a tile is below key_lo
+        # (0), which a descriptor of V^T's rows from key 0 on would read as they are.
+        v_src = _keys_major_source(v_ptr + b * stride_vb + hk * stride_vh, kv_len, stride_vn,
+                                   HEAD_DIM, USE_TMA and not MASK_KEYS, BLOCK_N, BLOCK_D)
+    else:
+        v_src = _rows_source(v_ptr + b * stride_vb + hk * stride_vh, key_lo, kv_len,
+                             stride_vn, HEAD_DIM, USE_TMA, BLOCK_N, BLOCK_D)
     q = _load_rows(q_src, row_first, 0, n_q, stride_qm, offs_d, HEAD_DIM, not EVEN_M, USE_TMA,
                    BLOCK_M)
 
@@ -386,6 +446,11 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
         # The sink as a key seen first: exp(sink - m) = 1 at m = sink, and it adds no value.
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(sinks_ptr + h) * LOG2E
         l_i += 1.0
+    if FP8:
+        descales = descale_ptr + (b * (n_heads // group) + hk) * 3
+        qk_scale = qk_scale * tl.load(descales) * tl.load(descales + 1)
+        # Weights are 2^FP8_P_OFFSET times the softmax's (_fwd_tiles), a sink's too.
+        l_i = l_i * FP8_P_SCALE
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     seed = 0
     if DROPOUT:
@@ -414,16 +479,20 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
                                        phase != 1, USE_TMA, WARP_SPECIALIZE, DOT_PRECISION,
                                        seed, b, h,
                                        dropout_cutoff, DROPOUT, softcap_scale, slope, SOFTCAP,
-                                       HAS_ALIBI)
+                                       HAS_ALIBI, FP8)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
                                    offs_d, 0, n_k, 0, offset, n_q, kv_len, window_left,
                                    window_right, qk_scale, HEAD_DIM, BLOCK_N, False, USE_TMA,
                                    WARP_SPECIALIZE, DOT_PRECISION, seed, b, h, dropout_cutoff,
-                                   DROPOUT, softcap_scale, slope, SOFTCAP, HAS_ALIBI)
+                                   DROPOUT, softcap_scale, slope, SOFTCAP, HAS_ALIBI, FP8,
+                                   USE_TMA)
 
     if DROPOUT:
         acc = acc * dropout_scale
+    if FP8:
+        acc = acc * tl.load(descales + 2)
+        m_i -= FP8_P_OFFSET  # the row sums' factor 2^FP8_P_OFFSET leaves lse
     # A query that saw no key outputs zeros and has lse = -inf.
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -812,6 +881,24 @@ FWD_CONFIGS_SM90 = {
     256: [(128, 32, 4, 2, _TMA, _WS), (128, 64, 8, 2, _TMA), (128, 32, 8, 3, _TMA),
           (64, 64, 4, 2, _TMA), (128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 8, 3)],
 }
+# The FP8 forward on sm_90, per head dim (tests/test_attention_fp8.py: ptxas -v, triton 3.9
+# and 3.6): tiles that use e4m3 wgmma and spill no register with and without masks (the
+# warp-specialized ones without, the only kernel they specialize). e4m3 tiles take half the
+# shared memory of 16-bit ones: 128x256 tiles fit with warp specialization at head dims up to
+# 128, and 3 stages where 16-bit tiles keep 2. Dropped because the masked kernel spills
+# (triton 3.9): 128x256x8x2 TMA (16 B at D=64, 2.5 KB at D=128), 128x64x4x3 TMA (D=128,
+# 668 B), 128x64x8x2 (D=256, 32-104 B), 64x64x4x2 TMA (D=256, 1 KB); (triton 3.6, D=128)
+# 128x128x8x3 (136 B) and 64x64x4x3 (16 B), whose 2-stage twins spill on neither.
+_FWD_FP8_SM90_SMALL_D = [(128, 256, 4, 2, _TMA, _WS), (128, 128, 4, 3, _TMA, _WS),
+                         (128, 128, 8, 3, _TMA), (128, 64, 4, 3, _TMA), (128, 128, 8, 3),
+                         (128, 64, 4, 3), (64, 64, 4, 3)]
+FWD_FP8_CONFIGS_SM90 = {
+    16: _FWD_FP8_SM90_SMALL_D, 32: _FWD_FP8_SM90_SMALL_D, 64: _FWD_FP8_SM90_SMALL_D,
+    128: [(128, 256, 4, 2, _TMA, _WS), (128, 128, 4, 3, _TMA, _WS), (128, 128, 8, 3, _TMA),
+          (128, 64, 8, 3, _TMA), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2)],
+    256: [(128, 64, 4, 2, _TMA, _WS), (128, 32, 4, 2, _TMA, _WS), (128, 32, 8, 3, _TMA),
+          (128, 32, 8, 3), (64, 32, 8, 3)],
+}
 # Every forward BLOCK_N divides it: with Nk a multiple, no key tile is partial.
 KEY_TILE_MULTIPLE = 128
 
@@ -840,10 +927,11 @@ def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int, arch=None
                 tma: bool = False):
     """The configs of `kernel` that fit smem_limit bytes of shared memory at head dim block_d
     (a power of two) with elem-byte inputs. arch: the GPU's compute capability (90 for
-    sm_90); None, or any other than 90, takes the tables every GPU from sm_80 on runs. TMA
-    configs only with `tma` (the tensors allow descriptors)."""
-    if kernel == "fwd" and arch == 90 and elem == 2:
-        table, small = FWD_CONFIGS_SM90[block_d], False
+    sm_90); None, or any other than 90, takes the tables every GPU from sm_80 on runs (the
+    FP8 forward's, elem 1, too). TMA configs only with `tma` (the tensors allow
+    descriptors)."""
+    if kernel == "fwd" and arch == 90 and elem <= 2:
+        table, small = (FWD_CONFIGS_SM90 if elem == 2 else FWD_FP8_CONFIGS_SM90)[block_d], False
     else:
         table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kernel]
         # fp32 dots run on FMA units and 256-wide fp16 rows fill the registers: small tiles.
@@ -1014,6 +1102,26 @@ def dropout_meta(dropout_p, seed) -> dict:
                 dropout_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
 
 
+def keys_major(v):
+    """v (B, Hkv, Nk, D) as _attn_fwd's FP8 reads it: V^T, (B, Hkv, D, Nk) with the keys
+    contiguous (see _load_keys_major). A v whose keys are contiguous already (a transposed
+    view of such memory) is viewed as it is; any other is copied once, into rows padded to
+    16 bytes, as TMA's strides must be."""
+    if v.stride(2) == 1:
+        return v.transpose(2, 3)
+    n_k = v.shape[2]
+    v_t = torch.empty((*v.shape[:2], v.shape[3], triton.cdiv(n_k, 16) * 16), dtype=v.dtype,
+                      device=v.device)[..., :n_k]
+    return v_t.copy_(v.transpose(2, 3))
+
+
+def fp8_meta(descales, block_d) -> dict:
+    """The forward's FP8 arguments: descales (B, Hkv, 3) (q's, k's, v's) as contiguous
+    float32, and head dims padded to 32 columns at least (an e4m3 dot's K)."""
+    return dict(FP8=True, descale_ptr=descales.to(torch.float32).contiguous(),
+                BLOCK_D=max(block_d, 32))
+
+
 def _score_mods(scale, softcap, alibi_slopes, sinks=None) -> tuple[float, dict]:
     """(qk_scale, the kernels' keyword arguments) for a softcap (0: none), ALiBi slopes
     (None, or (H,) or (B, H)) and, for the forward, sinks (None or (H,)); nothing is passed
@@ -1033,16 +1141,23 @@ def _score_mods(scale, softcap, alibi_slopes, sinks=None) -> tuple[float, dict]:
 
 
 def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, config=None,
-                      softcap=0.0, sinks=None, alibi_slopes=None, dropout_p=0.0, seed=None):
-    """-> out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32 natural log.
+                      softcap=0.0, sinks=None, alibi_slopes=None, dropout_p=0.0, seed=None,
+                      descales=None, out_dtype=None):
+    """-> out (B, H, Nq, D) in q's dtype (out_dtype if given), lse (B, H, Nq) float32
+    natural log.
 
     softcap > 0 caps the scaled scores at softcap * tanh(s / softcap); sinks (H,) adds one
     logit per query head to every row's softmax (lse includes it); alibi_slopes (H,) or
     (B, H) adds -slope * |i + Nk - Nq - j| to the scaled (capped) scores. dropout_p > 0
-    drops weights as dropout_keep_mask(seed, ...) says (see dropout_meta)."""
+    drops weights as dropout_keep_mask(seed, ...) says (see dropout_meta).
+    descales (B, Hkv, 3) float32: FlashAttention-3's FP8 forward (see fp8_meta), q, k, v in
+    float8_e4m3fn, the attention of q * descales[b, h // G, 0], k * descales[..., 1] and
+    v * descales[..., 2] up to e4m3's rounding of the softmax weights."""
+    if descales is not None:
+        v = keys_major(v)
     q, k, v = (lastdim_contiguous(x) for x in (q, k, v))
     batch, heads, n_q, _ = q.shape
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
@@ -1052,6 +1167,8 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, con
     meta["MASK_KEYS"] = (kv_lengths is not None or window_left >= 0 or window_right >= 0
                          or k.shape[2] % KEY_TILE_MULTIPLE != 0)
     meta.update(dropout_meta(dropout_p, seed))
+    if descales is not None:
+        meta.update(fp8_meta(descales, meta["BLOCK_D"]))
     args = (q, k, v, out, lse, dummy, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *out.stride()[:3], *scalars, qk_scale, *window)
     _run("fwd", _attn_fwd, lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch), args,

@@ -104,6 +104,9 @@ def compile_job(job):
     ptx = compiled.asm["ptx"]
     return {"error": None, "shared": compiled.metadata.shared,
             "wgmma": "wgmma.mma_async" in ptx, "mma_sync": "mma.sync.aligned" in ptx,
+            # Every wgmma multiplies e4m3 by e4m3 (the FP8 attention forward's products).
+            "wgmma_e4m3": {".e4m3.e4m3" in line for line in ptx.splitlines()
+                           if "wgmma.mma_async" in line} == {True},
             "mma_instructions": ptx.count("wgmma.mma_async") + ptx.count("mma.sync.aligned"),
             # 16 bytes a load: a vector load, or an async copy .cg (which moves 16 bytes only).
             "vector_loads": "ld.global.v4" in ptx or "cp.async.cg.shared.global" in ptx,

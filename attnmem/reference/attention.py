@@ -235,3 +235,22 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
         dk += torch.matmul(ds.transpose(-1, -2), qg[..., rows, :]).sum(2) * scale
     grads = dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     return grads if sinks is None else (*grads, dsinks)
+
+
+def dequantize(x, descale):
+    """x (B, Hx, N, D) float8 and its descale (B, Hkv) -> x * descale[b, h // (Hx // Hkv)]
+    in float32."""
+    grouped = _grouped(x.to(torch.float32), descale.shape[1])
+    return (grouped * descale.to(torch.float32)[:, :, None, None, None]).flatten(1, 2)
+
+
+def attention_forward_fp8(q, k, v, descales, kv_lengths, scale, window_left, window_right,
+                          out_dtype, softcap=0.0, sinks=None, alibi_slopes=None):
+    """The FP8 forward's twin: q, k, v float8 with descales (B, Hkv, 3) (q's, k's, v's),
+    dequantized, then attention_forward in float32 -> out in out_dtype, lse float32. The
+    kernel also rounds the softmax weights to e4m3; the twin does not."""
+    q, k, v = (dequantize(x, descales[..., i]) for i, x in enumerate((q, k, v)))
+    with torch.no_grad():
+        out, lse = attention_forward(q, k, v, kv_lengths, scale, window_left, window_right,
+                                     softcap, sinks, alibi_slopes)
+    return out.to(out_dtype), lse
