@@ -1010,8 +1010,11 @@ DROPOUT_SCORES_PER_THREAD = 32
 def _forward_prune(configs, nargs, **meta):
     """With DROPOUT, only the configs within DROPOUT_SCORES_PER_THREAD (all, if none is),
     none warp-specialized: triton 3.4 to 3.6 fail to warp-specialize the loop with dropout's
-    Philox (NVGPUWarpSpecialization). Every other call, masked or not, packed or dense,
-    keeps every config."""
+    Philox (NVGPUWarpSpecialization). FP8 with MASK_KEYS: none warp-specialized either (its
+    masked tiles load V^T through pointers, which the pass rejects in one loop on triton 3.9).
+    Every other call, masked or not, packed or dense, keeps every config."""
+    if meta.get("FP8") and meta.get("MASK_KEYS"):
+        return [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE")]
     if not meta.get("DROPOUT"):
         return configs
     return [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE") and c.kwargs["BLOCK_M"]

@@ -104,7 +104,8 @@ def test_packed_sequences(monkeypatch):
 
 
 def test_masked_calls_keep_warp_specialized_configs():
-    """The tuner times them for masked calls and packed batches, not with dropout."""
+    """The tuner times them for masked calls and packed batches, not with dropout, nor for
+    masked FP8 calls (unmasked FP8 calls keep them)."""
     configs = [triton.Config(kernel._config_meta(c), num_warps=c[2], num_stages=c[3])
                for c in kernel.FWD_CONFIGS_SM90[128]]
 
@@ -116,6 +117,8 @@ def test_masked_calls_keep_warp_specialized_configs():
     assert specialized(MASK_KEYS=False, VARLEN=False, DROPOUT=False)
     assert specialized(MASK_KEYS=True, VARLEN=True, DROPOUT=False)
     assert not specialized(MASK_KEYS=True, VARLEN=False, DROPOUT=True)
+    assert not specialized(MASK_KEYS=True, VARLEN=False, DROPOUT=False, FP8=True)
+    assert specialized(MASK_KEYS=False, VARLEN=False, DROPOUT=False, FP8=True)
 
 
 def _job(block_d, config, masked=True, **constexprs):
