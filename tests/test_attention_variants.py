@@ -79,8 +79,9 @@ def test_float16_forward_variants(config):
 @runs_kernels
 @pytest.mark.parametrize("name", ["unmasked", "causal"])
 def test_warp_specialized_config(name):
-    """Specialized where the kernel is one unmasked loop, its plain twin elsewhere (and
-    everywhere under the interpreter, which ignores warp specialization)."""
+    """Specialized on sm_90 (one loop: unmasked, or every tile through the mask), its plain
+    twin elsewhere (and everywhere under the interpreter, which ignores warp
+    specialization)."""
     check(*inputs(SHAPES[name], torch.float16), SPECIALIZED, atol=2e-3)
 
 
