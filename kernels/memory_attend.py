@@ -229,7 +229,7 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ro
         mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
                       mask=usable[:, None] & d_ok[None, :], other=0.0)
         m_sq = tl.sum(mem.to(tl.float32) * mem.to(tl.float32), 1)
-        if HAS_DREAD:
+        if HAS_DREAD and HAS_VALUES:
             dval = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
         dmem = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         norm_slot = tl.zeros([BLOCK_N], tl.float32)  # cosine: sum_r c_rn |k_r|^2
@@ -263,7 +263,10 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ro
                 dp = _row_dots(dread_ptr, row * value_dim, head_ok, values_ptr + b * stride_vb,
                                slots * stride_vn, usable, value_dim, EVEN_DV, BLOCK_DV,
                                CHUNK_DV, DOT_PRECISION)
-                dval = tl.dot(tl.trans(p), dread, dval, input_precision=DOT_PRECISION)
+                if HAS_VALUES:
+                    dval = tl.dot(tl.trans(p), dread, dval, input_precision=DOT_PRECISION)
+                else:  # the read's gradient reaches memory itself
+                    dmem = tl.dot(tl.trans(p), dread, dmem, input_precision=DOT_PRECISION)
             if HAS_DWEIGHTS:
                 dp += tl.load(dweights_ptr + row[:, None] * n_slots + slots[None, :],
                               mask=head_ok[:, None] & in_range[None, :], other=0.0)
@@ -294,13 +297,10 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ro
             tl.debug_barrier()
         if SIMILARITY == 0:
             dmem += mem.to(tl.float32) * norm_slot[:, None]
-        if HAS_DREAD:
-            if HAS_VALUES:
-                tl.store(dvalues_ptr + b * stride_dvb + slots[:, None] * stride_dvn
-                         + offs_dv[None, :], dval.to(dvalues_ptr.dtype.element_ty),
-                         mask=in_range[:, None] & dv_ok[None, :])
-            else:
-                dmem += dval
+        if HAS_DREAD and HAS_VALUES:
+            tl.store(dvalues_ptr + b * stride_dvb + slots[:, None] * stride_dvn
+                     + offs_dv[None, :], dval.to(dvalues_ptr.dtype.element_ty),
+                     mask=in_range[:, None] & dv_ok[None, :])
         tl.store(dmem_ptr + b * stride_dmb + slots[:, None] * stride_dmn + offs_d[None, :],
                  dmem.to(dmem_ptr.dtype.element_ty),
                  mask=in_range[:, None] & d_ok[None, :])

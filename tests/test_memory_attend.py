@@ -168,8 +168,9 @@ def _job(kernel, arch, dtype, width, heads, read=True, even=True, config=(64, 4,
 
 def _backward_jobs():
     """The backward's first config at the widest width chunk of each dtype (16-bit to 256,
-    float32 to 128) on sm_90; float16 on sm_80 (163 KB of shared memory); address-only (no
-    read) and a masked (odd) width to 128 (at 256 the masked configs spill) in float16."""
+    float32 to 128) on sm_90; float16 on sm_80 (163 KB of shared memory); without values,
+    address-only (no read) and a masked (odd) width to 128 (at 256 the masked configs spill)
+    in float16."""
     from attnmem.kernels import memory_attend as kernel
 
     jobs, heads = {}, kernel.BWD_BLOCK_R
@@ -188,6 +189,9 @@ def _backward_jobs():
         config=kernel.MASKED_BWD_CONFIGS[(2, 128)][0])
     jobs["bwd-sm90-float16-address-only"] = _job("_memory_attend_bwd", 90, "fp16", 256,
                                                  heads, read=False, config=fp16)
+    no_values = _job("_memory_attend_bwd", 90, "fp16", 256, heads, config=fp16)
+    no_values["constexprs"]["HAS_VALUES"] = False  # the read's gradient goes to dMemory
+    jobs["bwd-sm90-float16-no-values"] = no_values
     return jobs
 
 
