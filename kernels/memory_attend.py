@@ -348,24 +348,23 @@ BWD_SPLIT_QUANTUM = 64
 # 16-bit backward spills at width 256.
 DOT_CHUNK = 32
 # (BLOCK_N, num_warps, num_stages) of the backward per element size and the wider of its
-# width chunks: the configs that compile without register spills on sm_90 and load memory
-# tiles 16 bytes at a time, except 16-bit at width 16, whose configs that load 16 bytes
-# spill (triton 3.9, cosine with values, strength, mask and dWeights: the most registers;
-# tests/test_memory_attend.py checks the first config of the widest chunks).
+# width chunks: the configs that compile without register spills on sm_90 on triton 3.9
+# and 3.6 (cosine with values, strength, mask and dWeights: the most registers) and load
+# memory tiles 16 bytes at a time, except 16-bit at width 16, whose configs that load 16
+# bytes spill (tests/test_memory_attend.py checks the first config of the widest chunks).
 BWD_CONFIGS = {
     (2, 16): [(32, 4, 2), (16, 8, 2)], (2, 32): [(64, 4, 2), (32, 4, 2), (64, 8, 2)],
-    (2, 64): [(32, 4, 2), (64, 8, 2), (32, 8, 2)],
-    (2, 128): [(32, 8, 2), (64, 8, 2), (16, 4, 2), (16, 8, 2)], (2, 256): [(16, 8, 1)],
-    (4, 16): [(32, 4, 2), (64, 8, 2)], (4, 32): [(32, 8, 2), (16, 4, 2), (32, 4, 2)],
-    (4, 64): [(32, 8, 2), (16, 4, 2), (16, 8, 2), (64, 8, 2)],
-    (4, 128): [(16, 8, 1), (16, 4, 1)],
+    (2, 64): [(32, 4, 2), (64, 8, 2), (32, 8, 2)], (2, 128): [(64, 8, 2), (16, 8, 2)],
+    (2, 256): [(16, 8, 1)],
+    (4, 16): [(64, 8, 2)], (4, 32): [(32, 8, 2), (16, 4, 2), (32, 4, 2)],
+    (4, 64): [(32, 8, 2), (16, 4, 2), (64, 8, 2)], (4, 128): [(16, 8, 1)],
     # Past the float32 range (128): the smallest tile, not checked for spills.
     (4, 256): [(16, 8, 1)],
 }
 # Masked (odd) widths hold their masks too: fewer configs fit, and none at 16-bit 256,
 # where (16, 8, 1) spills least (204 bytes on triton 3.9).
-MASKED_BWD_CONFIGS = {**BWD_CONFIGS, (2, 128): [(16, 8, 2)], (4, 16): [(64, 8, 2)],
-                      (4, 64): [(32, 8, 2), (16, 8, 2), (64, 8, 2)], (4, 128): [(16, 8, 1)]}
+MASKED_BWD_CONFIGS = {**BWD_CONFIGS, (2, 64): [(64, 8, 2), (32, 8, 2)],
+                      (2, 128): [(16, 8, 2)], (4, 64): [(32, 8, 2), (16, 8, 2), (64, 8, 2)]}
 
 
 def fwd_configs(elem, block_d, even):
