@@ -11,9 +11,18 @@ tiles and writes a partial read with its running max and sum, which the
 launcher combines into each head's max score and sum of exp(s - max), kept apart: at
 strengths like 1e8 a logsumexp rounds by float32's step there (8), and weights recomputed
 from it would not sum to 1. Masked slots are never loaded, so whatever they hold counts
-for nothing. The backward recomputes the scores and weights from the saved max and sum,
-writes dMemory and dValues of its slots directly and partial dKeys and dStrength per
-split, summed by the launcher: no atomics, deterministic.
+for nothing.
+
+The backward recomputes the scores and weights from the saved max and sum. Each program
+owns one batch entry and one split of the slots, streams the split's slot tiles once and,
+for each, walks the heads in blocks of BWD_BLOCK_R: dMemory and dValues of the tile sum
+over the head blocks in registers and are written once, so that its registers do not grow
+with the number of heads. Each head block's dKeys and dStrength of the tile are added to
+the program's own rows of float32 partials (per split; no other program touches them),
+which the launcher sums: no atomics, deterministic. The products over the slot width (the
+scores, and dRead against the values) run DOT_CHUNK columns a step, from tiles the cache
+holds. Tile sizes, warps and stages are autotuned per element size, width chunk and
+whole or masked width over BWD_CONFIGS; whole widths load memory tiles 16 bytes at a time.
 
 Top-k selection (memory_topk_forward, TOPK > 0) is the same forward pass without the
 softmax: each program keeps a running best TOPK scores per head as int64s that order as
@@ -46,13 +55,40 @@ def _scores(keys, k_sq, strength, mem, head_dim, SIMILARITY: tl.constexpr,
     """(s, sim, denom, m_sq) of every head against a tile of slots; s = strength * sim."""
     dots = tl.dot(keys, tl.trans(mem), input_precision=DOT_PRECISION)
     m_sq = tl.sum(mem.to(tl.float32) * mem.to(tl.float32), 1)
+    s, sim, denom = _similarity(dots, k_sq, m_sq, strength, head_dim, SIMILARITY)
+    return s, sim, denom, m_sq
+
+
+@triton.jit
+def _similarity(dots, k_sq, m_sq, strength, head_dim, SIMILARITY: tl.constexpr):
+    """(s, sim, denom) from the dot products of heads (k_sq: their squared norms) and slots
+    (m_sq)."""
     denom = tl.full(dots.shape, 1.0, tl.float32)
     if SIMILARITY == 0:
         denom = tl.sqrt(tl.maximum(k_sq[:, None] * m_sq[None, :], EPS_SQ))
     elif SIMILARITY == 2:
         denom = denom * tl.sqrt(tl.cast(head_dim, tl.float32))
     sim = dots / denom
-    return sim * strength[:, None], sim, denom, m_sq
+    return sim * strength[:, None], sim, denom
+
+
+@triton.jit
+def _row_dots(a_ptr, a_rows, a_ok, b_ptr, b_rows, b_ok, width, EVEN: tl.constexpr,
+              BLOCK: tl.constexpr, CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(len(a_rows), len(b_rows)) float32 dot products of rows a_ptr + a_rows and b_ptr +
+    b_rows (rows not ok count as 0) over their width, CHUNK columns a step (a in b's
+    dtype): operands of a whole wide row, replicated in every warp that computes a few
+    outputs, would hold more registers than a backward program has."""
+    acc = tl.zeros([a_rows.shape[0], b_rows.shape[0]], tl.float32)
+    for d0 in range(0, BLOCK, CHUNK):
+        offs = d0 + tl.arange(0, CHUNK)
+        ok = within(offs, width, EVEN)
+        b = tl.load(b_ptr + b_rows[:, None] + offs[None, :], mask=b_ok[:, None] & ok[None, :],
+                    other=0.0)
+        a = tl.load(a_ptr + a_rows[:, None] + offs[None, :], mask=a_ok[:, None] & ok[None, :],
+                    other=0.0)
+        acc = tl.dot(a.to(b.dtype), tl.trans(b), acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -168,8 +204,9 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ro
                        HAS_STRENGTH: tl.constexpr, HAS_MASK: tl.constexpr,
                        HAS_DREAD: tl.constexpr, HAS_DWEIGHTS: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
-                       EVEN_DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
+                       EVEN_DV: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK_D: tl.constexpr,
+                       CHUNK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     n_splits = tl.num_programs(0)
@@ -177,31 +214,10 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ro
     stride_vn = tl.cast(stride_vn, tl.int64)
     stride_dmn = tl.cast(stride_dmn, tl.int64)
     stride_dvn = tl.cast(stride_dvn, tl.int64)
-    heads = tl.arange(0, BLOCK_R)
-    head_ok = heads < n_heads
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = within(offs_d, head_dim, EVEN_D)
     dv_ok = within(offs_dv, value_dim, EVEN_DV)
-    keys = tl.load(keys_ptr + b * stride_kb + heads[:, None] * stride_kr + offs_d[None, :],
-                   mask=head_ok[:, None] & d_ok[None, :], other=0.0)
-    k_sq = tl.sum(keys.to(tl.float32) * keys.to(tl.float32), 1)
-    strength = tl.full([BLOCK_R], 1.0, tl.float32)
-    if HAS_STRENGTH:
-        strength = tl.load(strength_ptr + b * n_heads + heads, mask=head_ok,
-                           other=1.0).to(tl.float32)
-    row = b * n_heads + heads
-    # Heads with no usable slot have max 0 and sum 1: every p is masked to 0 below.
-    row_max = tl.load(row_max_ptr + row, mask=head_ok, other=0.0)
-    row_sum = tl.load(row_sum_ptr + row, mask=head_ok, other=1.0)
-    delta = tl.load(delta_ptr + row, mask=head_ok, other=0.0)
-    if HAS_DREAD:
-        dread = tl.load(dread_ptr + row[:, None] * value_dim + offs_dv[None, :],
-                        mask=head_ok[:, None] & dv_ok[None, :], other=0.0)
-
-    dkeys = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    dstrength = tl.zeros([BLOCK_R], tl.float32)
-    norm_coef = tl.zeros([BLOCK_R], tl.float32)  # cosine: sum_n c_rn |M_n|^2
     start = split * split_len
     end = tl.minimum(start + split_len, n_slots)
     for n0 in range(start, end, BLOCK_N):
@@ -212,55 +228,89 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ro
             usable &= tl.load(mask_ptr + b * n_slots + slots, mask=in_range, other=0) != 0
         mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
                       mask=usable[:, None] & d_ok[None, :], other=0.0)
-        s, sim, denom, m_sq = _scores(keys, k_sq, strength, mem, head_dim, SIMILARITY,
-                                      DOT_PRECISION)
-        keep = usable[None, :] & head_ok[:, None]
-        p = tl.where(keep, tl.math.exp2((s - row_max[:, None]) * LOG2E) / row_sum[:, None], 0.0)
-        dp = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
-        if HAS_DREAD:
-            val = _values_tile(values_ptr, mem, b, stride_vb, stride_vn, slots, offs_dv, usable,
-                               dv_ok, HAS_VALUES)
-            dp = tl.dot(dread.to(val.dtype), tl.trans(val), input_precision=DOT_PRECISION)
-        if HAS_DWEIGHTS:
-            dp += tl.load(dweights_ptr + row[:, None] * n_slots + slots[None, :],
-                          mask=head_ok[:, None] & in_range[None, :], other=0.0)
-        ds = p * (dp - delta[:, None])
-        dstrength += tl.sum(ds * sim, 1)
-        # Gradient of the dot products; near a zero slot it is ~1/eps, past fp16's range.
-        g = ds * strength[:, None] / denom
-        dkeys = tl.dot(g, mem.to(tl.float32), dkeys, input_precision=DOT_PRECISION)
-        dmem = tl.dot(tl.trans(g), keys.to(tl.float32), input_precision=DOT_PRECISION)
+        m_sq = tl.sum(mem.to(tl.float32) * mem.to(tl.float32), 1)
+        if HAS_DREAD and HAS_VALUES:
+            dval = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+        dmem = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        norm_slot = tl.zeros([BLOCK_N], tl.float32)  # cosine: sum_r c_rn |k_r|^2
+        for r0 in range(0, n_heads, BLOCK_R):
+            heads = r0 + tl.arange(0, BLOCK_R)
+            head_ok = heads < n_heads
+            row = b * n_heads + heads
+            keys = tl.load(keys_ptr + b * stride_kb + heads[:, None] * stride_kr
+                           + offs_d[None, :], mask=head_ok[:, None] & d_ok[None, :], other=0.0)
+            k_sq = tl.sum(keys.to(tl.float32) * keys.to(tl.float32), 1)
+            strength = tl.full([BLOCK_R], 1.0, tl.float32)
+            if HAS_STRENGTH:
+                strength = tl.load(strength_ptr + row, mask=head_ok, other=1.0).to(tl.float32)
+            # Heads with no usable slot have max 0 and sum 1: every p is masked to 0 below.
+            row_max = tl.load(row_max_ptr + row, mask=head_ok, other=0.0)
+            row_sum = tl.load(row_sum_ptr + row, mask=head_ok, other=1.0)
+            delta = tl.load(delta_ptr + row, mask=head_ok, other=0.0)
+            # The products again from the tiles (cached), a width chunk at a time.
+            dots = _row_dots(keys_ptr + b * stride_kb, heads * stride_kr, head_ok,
+                             mem_ptr + b * stride_mb, slots * stride_mn, usable, head_dim,
+                             EVEN_D, BLOCK_D, CHUNK_D, DOT_PRECISION)
+            s, sim, denom = _similarity(dots, k_sq, m_sq, strength, head_dim, SIMILARITY)
+            keep = usable[None, :] & head_ok[:, None]
+            p = tl.where(keep, tl.math.exp2((s - row_max[:, None]) * LOG2E) / row_sum[:, None],
+                         0.0)
+            dp = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+            if HAS_DREAD:
+                dread = tl.load(dread_ptr + row[:, None] * value_dim + offs_dv[None, :],
+                                mask=head_ok[:, None] & dv_ok[None, :], other=0.0)
+                # Values: memory itself (and its strides) without values.
+                dp = _row_dots(dread_ptr, row * value_dim, head_ok, values_ptr + b * stride_vb,
+                               slots * stride_vn, usable, value_dim, EVEN_DV, BLOCK_DV,
+                               CHUNK_DV, DOT_PRECISION)
+                if HAS_VALUES:
+                    dval = tl.dot(tl.trans(p), dread, dval, input_precision=DOT_PRECISION)
+                else:  # the read's gradient reaches memory itself
+                    dmem = tl.dot(tl.trans(p), dread, dmem, input_precision=DOT_PRECISION)
+            if HAS_DWEIGHTS:
+                dp += tl.load(dweights_ptr + row[:, None] * n_slots + slots[None, :],
+                              mask=head_ok[:, None] & in_range[None, :], other=0.0)
+            ds = p * (dp - delta[:, None])
+            # Gradient of the dot products; near a zero slot it is ~1/eps, past fp16's range.
+            g = ds * strength[:, None] / denom
+            dmem = tl.dot(tl.trans(g), keys.to(tl.float32), dmem, input_precision=DOT_PRECISION)
+            # The program's own rows of the partials (no other program touches them), summed
+            # over its slot tiles in place: the first tile overwrites them. n0 > start per
+            # head: the interpreter cannot mask with a scalar and a tensor.
+            rows = (b * n_splits + split) * n_heads + heads
+            ptrs = part_dkeys_ptr + rows[:, None] * head_dim + offs_d[None, :]
+            tile_ok = head_ok[:, None] & d_ok[None, :]
+            again = heads * 0 + n0 > start
+            dkeys = tl.load(ptrs, mask=tile_ok & again[:, None], other=0.0)
+            dkeys = tl.dot(g, mem.to(tl.float32), dkeys, input_precision=DOT_PRECISION)
+            dstrength = tl.sum(ds * sim, 1) + tl.load(part_dstrength_ptr + rows,
+                                                      mask=head_ok & again, other=0.0)
+            if SIMILARITY == 0:
+                # Through the norms, where max(|k|^2 |M|^2, eps^2) is not clamped.
+                c = tl.where(k_sq[:, None] * m_sq[None, :] > EPS_SQ, -g * sim / denom, 0.0)
+                dkeys += keys.to(tl.float32) * tl.sum(c * m_sq[None, :], 1)[:, None]
+                norm_slot += tl.sum(c * k_sq[:, None], 0)
+            tl.store(ptrs, dkeys, mask=tile_ok)
+            tl.store(part_dstrength_ptr + rows, dstrength, mask=head_ok)
+            # The next tile's loads may read partials that other threads of the program
+            # stored: a barrier orders the two.
+            tl.debug_barrier()
         if SIMILARITY == 0:
-            # Through the norms, where max(|k|^2 |M|^2, eps^2) is not clamped.
-            c = tl.where(k_sq[:, None] * m_sq[None, :] > EPS_SQ, -g * sim / denom, 0.0)
-            norm_coef += tl.sum(c * m_sq[None, :], 1)
-            dmem += mem.to(tl.float32) * tl.sum(c * k_sq[:, None], 0)[:, None]
-        if HAS_DREAD:
-            dval = tl.dot(tl.trans(p), dread, input_precision=DOT_PRECISION)
-            if HAS_VALUES:
-                tl.store(dvalues_ptr + b * stride_dvb + slots[:, None] * stride_dvn
-                         + offs_dv[None, :], dval.to(dvalues_ptr.dtype.element_ty),
-                         mask=in_range[:, None] & dv_ok[None, :])
-            else:
-                dmem += dval
+            dmem += mem.to(tl.float32) * norm_slot[:, None]
+        if HAS_DREAD and HAS_VALUES:
+            tl.store(dvalues_ptr + b * stride_dvb + slots[:, None] * stride_dvn
+                     + offs_dv[None, :], dval.to(dvalues_ptr.dtype.element_ty),
+                     mask=in_range[:, None] & dv_ok[None, :])
         tl.store(dmem_ptr + b * stride_dmb + slots[:, None] * stride_dmn + offs_d[None, :],
                  dmem.to(dmem_ptr.dtype.element_ty),
                  mask=in_range[:, None] & d_ok[None, :])
-
-    if SIMILARITY == 0:
-        dkeys += keys.to(tl.float32) * norm_coef[:, None]
-    rows = (split * n_heads) + b * n_splits * n_heads + heads
-    tl.store(part_dkeys_ptr + rows[:, None] * head_dim + offs_d[None, :], dkeys,
-             mask=head_ok[:, None] & d_ok[None, :])
-    tl.store(part_dstrength_ptr + rows, dstrength, mask=head_ok)
 
 
 # ---------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------
 
-# Slots per tile, and per split under the interpreter (several splits even on test sizes).
-BLOCK_N = 64
+# Slots per tile and per split under the interpreter (several splits even on test sizes).
 INTERPRET_BLOCK_N = 16
 # The forward: heads per program, and slot splits in whole multiples of the largest BLOCK_N
 # of its configs, so that its grid is the same for every config.
@@ -289,11 +339,45 @@ TOPK_CONFIGS = {**{(elem, width): [(32, 8, 3)] for elem in (2, 4)
                    for width in (16, 32, 64, 128, 256)}, (4, 256): [(32, 8, 2)]}
 
 
+# The backward: heads per block (tl.dot's smallest M; each program walks all of its batch
+# entry's heads in blocks), and slot splits in whole multiples of the largest BLOCK_N of
+# its configs.
+BWD_BLOCK_R = 16
+BWD_SPLIT_QUANTUM = 64
+# Width chunk of the backward's dot products over the slot width (_row_dots): at 64 the
+# 16-bit backward spills at width 256.
+DOT_CHUNK = 32
+# (BLOCK_N, num_warps, num_stages) of the backward per element size and the wider of its
+# width chunks: the configs that compile without register spills on sm_90 on triton 3.9
+# and 3.6 (cosine with values, strength, mask and dWeights: the most registers) and load
+# memory tiles 16 bytes at a time, except 16-bit at width 16, whose configs that load 16
+# bytes spill (tests/test_memory_attend.py checks the first config of the widest chunks).
+BWD_CONFIGS = {
+    (2, 16): [(32, 4, 2), (16, 8, 2)], (2, 32): [(64, 4, 2), (32, 4, 2), (64, 8, 2)],
+    (2, 64): [(32, 4, 2), (64, 8, 2), (32, 8, 2)], (2, 128): [(64, 8, 2), (16, 8, 2)],
+    (2, 256): [(16, 8, 1)],
+    (4, 16): [(64, 8, 2)], (4, 32): [(32, 8, 2), (16, 4, 2), (32, 4, 2)],
+    (4, 64): [(32, 8, 2), (16, 4, 2), (64, 8, 2)], (4, 128): [(16, 8, 1)],
+    # Past the issue's float32 range (128): the smallest tile, not checked for spills.
+    (4, 256): [(16, 8, 1)],
+}
+# Masked (odd) widths hold their masks too: fewer configs fit, and none at 16-bit 256,
+# where (16, 8, 1) spills least (204 bytes on triton 3.9).
+MASKED_BWD_CONFIGS = {**BWD_CONFIGS, (2, 64): [(64, 8, 2), (32, 8, 2)],
+                      (2, 128): [(16, 8, 2)], (4, 64): [(32, 8, 2), (16, 8, 2), (64, 8, 2)]}
+
+
 def fwd_configs(elem, block_d, even):
     """The forward's autotuning configs at this element size and width chunk, for whole
     (even) or masked widths."""
     table = FWD_CONFIGS if even else MASKED_FWD_CONFIGS
     return slot_configs(table[(elem, block_d)])
+
+
+def bwd_configs(elem, block_d, even):
+    """The backward's autotuning configs at this element size and width chunk, for whole
+    (even) or masked widths."""
+    return slot_configs((BWD_CONFIGS if even else MASKED_BWD_CONFIGS)[(elem, block_d)])
 
 
 def _prepare(memory, keys, values, strength, mask, similarity, **layout):
@@ -306,21 +390,21 @@ def _prepare(memory, keys, values, strength, mask, similarity, **layout):
     return (memory, keys, values, strength, mask), sizes, meta
 
 
-def _layout(memory, keys, values, block_r=None, quantum=None):
-    """Sizes and meta-parameters: BLOCK_R heads per program (all of them by default) and
-    slot splits of whole multiples of `quantum` slots (BLOCK_N by default)."""
+def _layout(memory, keys, values, block_r, quantum, head_grid=True):
+    """Sizes and meta-parameters: BLOCK_R heads per block and slot splits of whole
+    multiples of `quantum` slots (INTERPRET_BLOCK_N under the interpreter), enough to fill
+    the GPU with a program per head block (head_grid) or per batch entry."""
     batch, n_slots, head_dim = memory.shape
     n_heads = keys.shape[1]
     value_dim = head_dim if values is None else values.shape[2]
-    block_n = INTERPRET_BLOCK_N if interpreting() else BLOCK_N
-    block_r = block_r or max(16, triton.next_power_of_2(n_heads))
-    split_len, n_splits = slot_splits(n_slots, batch * triton.cdiv(n_heads, block_r),
-                                      block_n if interpreting() else quantum or block_n,
+    rows = batch * (triton.cdiv(n_heads, block_r) if head_grid else 1)
+    split_len, n_splits = slot_splits(n_slots, rows,
+                                      INTERPRET_BLOCK_N if interpreting() else quantum,
                                       memory.device)
     meta = dict(SIMILARITY=None, HAS_VALUES=values is not None,
                 DOT_PRECISION="ieee" if memory.dtype == torch.float32 else "tf32",
                 BLOCK_R=block_r, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                BLOCK_DV=max(16, triton.next_power_of_2(value_dim)), BLOCK_N=block_n)
+                BLOCK_DV=max(16, triton.next_power_of_2(value_dim)))
     meta.update(EVEN_D=head_dim == meta["BLOCK_D"], EVEN_DV=value_dim == meta["BLOCK_DV"])
     return (batch, n_slots, head_dim, n_heads, value_dim, split_len, n_splits), meta
 
@@ -340,7 +424,6 @@ def memory_attend_forward(memory, keys, values, strength, mask, similarity, need
     part_sum = torch.empty((batch, n_splits, n_heads), **f32)
     scores = torch.empty((batch, n_heads, n_slots) if need_scores else (0,), **f32)
     values_arg = memory if values is None else values
-    del meta["BLOCK_N"]  # from the config
     head_blocks = max(1, triton.cdiv(n_heads, FWD_BLOCK_R))
     widest = max(meta["BLOCK_D"], meta["BLOCK_DV"] if need_read else 16)
     launch(_memory_attend_fwd, lambda m: (n_splits, head_blocks, batch),
@@ -396,7 +479,6 @@ def memory_topk_forward(memory, keys, strength, mask, similarity, k):
         return torch.empty((batch, n_heads, k), dtype=torch.int64, device=memory.device)
     part_top = torch.empty((batch, n_splits, n_heads, block_k), dtype=torch.int64,
                            device=memory.device)
-    del meta["BLOCK_N"]  # from the config
     head_blocks = max(1, triton.cdiv(n_heads, meta["BLOCK_R"]))
     unused = part_top.new_empty(0, dtype=torch.float32)
     launch(_memory_attend_fwd, lambda m: (n_splits, head_blocks, batch),
@@ -422,7 +504,8 @@ def memory_attend_backward(dread, dweights, memory, keys, values, strength, mask
     """-> dmemory, dkeys, dvalues (None without values), dstrength (None without strength).
     dread (None when only weights were computed) and dweights may be None."""
     (memory, keys, values, strength, mask), sizes, meta = _prepare(
-        memory, keys, values, strength, mask, similarity)
+        memory, keys, values, strength, mask, similarity, block_r=BWD_BLOCK_R,
+        quantum=BWD_SPLIT_QUANTUM, head_grid=False)
     batch, n_slots, head_dim, n_heads, value_dim, split_len, n_splits = sizes
     delta = stats.new_zeros(stats.shape[1:])
     if dread is not None:
@@ -435,25 +518,31 @@ def memory_attend_backward(dread, dweights, memory, keys, values, strength, mask
     dmemory = torch.empty(memory.shape, dtype=memory.dtype, device=memory.device)
     dvalues = None if values is None else torch.empty(values.shape, dtype=values.dtype,
                                                       device=values.device)
-    part_dkeys = torch.empty((batch, n_splits, n_heads, head_dim), **f32)
-    part_dstrength = torch.empty((batch, n_splits, n_heads), **f32)
+    # Each program's partials start at its first slot tile: without slots there is none.
+    new = torch.zeros if n_slots == 0 else torch.empty
+    part_dkeys = new((batch, n_splits, n_heads, head_dim), **f32)
+    part_dstrength = new((batch, n_splits, n_heads), **f32)
     values_arg = memory if values is None else values
     dvalues_arg = dmemory if dvalues is None else dvalues
-    _memory_attend_bwd[(n_splits, batch)](
-        memory, keys, values_arg, keys if strength is None else strength,
-        memory if mask is None else mask, *stats.contiguous(), delta if dread is None else dread,
-        delta.contiguous(), delta if dweights is None else dweights, dmemory, dvalues_arg,
-        part_dkeys,
-        part_dstrength,
-        memory.stride(0), memory.stride(1), keys.stride(0), keys.stride(1),
-        values_arg.stride(0), values_arg.stride(1), dmemory.stride(0), dmemory.stride(1),
-        dvalues_arg.stride(0), dvalues_arg.stride(1),
-        n_heads, n_slots, head_dim, value_dim, split_len,
-        HAS_STRENGTH=strength is not None, HAS_MASK=mask is not None,
-        HAS_DREAD=dread is not None, HAS_DWEIGHTS=dweights is not None,
-        # Width masks kept: unmasked (vector) tiles need 16 KB more shared memory at 128
-        # heads, past an A100's 163 KB (tests/test_memory_attend.py compiles both).
-        **dict(meta, EVEN_D=False, EVEN_DV=False))
+    widest = max(meta["BLOCK_D"], meta["BLOCK_DV"] if dread is not None else 16)
+    launch(_memory_attend_bwd, lambda m: (n_splits, batch),
+           (memory, keys, values_arg, keys if strength is None else strength,
+            memory if mask is None else mask, *stats.contiguous(),
+            delta if dread is None else dread, delta.contiguous(),
+            delta if dweights is None else dweights, dmemory, dvalues_arg, part_dkeys,
+            part_dstrength,
+            memory.stride(0), memory.stride(1), keys.stride(0), keys.stride(1),
+            values_arg.stride(0), values_arg.stride(1), dmemory.stride(0), dmemory.stride(1),
+            dvalues_arg.stride(0), dvalues_arg.stride(1),
+            n_heads, n_slots, head_dim, value_dim, split_len),
+           dict(meta, HAS_STRENGTH=strength is not None, HAS_MASK=mask is not None,
+                HAS_DREAD=dread is not None, HAS_DWEIGHTS=dweights is not None,
+                CHUNK_D=min(DOT_CHUNK, meta["BLOCK_D"]),
+                CHUNK_DV=min(DOT_CHUNK, meta["BLOCK_DV"])),
+           bwd_configs(memory.element_size(), widest,
+                       meta["EVEN_D"] and (meta["EVEN_DV"] or dread is None)),
+           ["BLOCK_D", "BLOCK_DV", "EVEN_D", "EVEN_DV", "HAS_DREAD", "n_heads"],
+           dict(BLOCK_N=INTERPRET_BLOCK_N, num_warps=1, num_stages=1))
     dkeys = part_dkeys.sum(1).to(keys.dtype)
     dstrength = None if strength is None else part_dstrength.sum(1).to(strength.dtype)
     return dmemory, dkeys, dvalues, dstrength

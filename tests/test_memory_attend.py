@@ -25,6 +25,8 @@ CASES = {
     "narrow": (1, 200, 3, 2, 5, False, True),
     "wide": (2, 40, 72, 4, None, True, True),
     "whole_blocks": (2, 50, 32, 4, 16, True, True),  # unmasked widths: EVEN_D and EVEN_DV
+    # More heads than the backward's block of 16, an odd count: partials summed in place.
+    "many_heads": (2, 45, 20, 37, 9, True, True),
 }
 
 
@@ -135,10 +137,11 @@ def test_read_only_gradients_without_weights():
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 
-def _job(kernel, arch, dtype, width, heads, read=True, even=None, config=(64, 4, 3), topk=0):
-    """A compile job as the launchers pass it; topk > 0: the forward's top-k selection with
-    topk candidates per head (no read, no scores)."""
-    even = kernel == "_memory_attend_fwd" if even is None else even  # as the launchers pass
+def _job(kernel, arch, dtype, width, heads, read=True, even=True, config=(64, 4, 3), topk=0):
+    """A compile job as the launchers pass it, heads: BLOCK_R; topk > 0: the forward's top-k
+    selection with topk candidates per head (no read, no scores)."""
+    from attnmem.kernels import memory_attend as module
+
     pointers = {"mem_ptr": dtype, "keys_ptr": dtype, "values_ptr": dtype, "strength_ptr": dtype,
                 "mask_ptr": "i1", "part_read_ptr": "fp32", "part_max_ptr": "fp32",
                 "part_sum_ptr": "fp32", "scores_ptr": "fp32", "part_top_ptr": "i64"}
@@ -155,19 +158,41 @@ def _job(kernel, arch, dtype, width, heads, read=True, even=None, config=(64, 4,
                          "delta_ptr": "fp32", "dweights_ptr": "fp32", "dmem_ptr": dtype,
                          "dvalues_ptr": dtype, "part_dkeys_ptr": "fp32",
                          "part_dstrength_ptr": "fp32"})
-        constexprs.update(HAS_DREAD=read, HAS_DWEIGHTS=True)
+        chunk = min(module.DOT_CHUNK, width)
+        constexprs.update(HAS_DREAD=read, HAS_DWEIGHTS=True, CHUNK_D=chunk, CHUNK_DV=chunk)
         del constexprs["READ"]
     return dict(module="attnmem.kernels.memory_attend", kernel=kernel, arch=arch,
                 constexprs=constexprs, pointers=pointers, num_warps=num_warps,
                 num_stages=num_stages)
 
 
-TARGET_JOBS = {f"_memory_attend_bwd-sm{arch}-{dt}-d{w}-r{r}": _job(
-    "_memory_attend_bwd", arch, TRITON_TYPES[dt], w, r) for arch in (80, 90)
-    for dt, w, r in (("float16", 256, 16), ("float16", 64, 128), ("bfloat16", 128, 16),
-                     ("float32", 64, 16))}
-TARGET_JOBS.update({f"_memory_attend_bwd-sm{arch}-address-only": _job(
-    "_memory_attend_bwd", arch, "fp16", 128, 16, read=False) for arch in (80, 90)})
+def _backward_jobs():
+    """The backward's first config at the widest width chunk of each dtype (16-bit to 256,
+    float32 to 128) on sm_90; float16 on sm_80 (163 KB of shared memory); without values,
+    address-only (no read) and a masked (odd) width to 128 (at 256 the masked configs spill)
+    in float16."""
+    from attnmem.kernels import memory_attend as kernel
+
+    jobs, heads = {}, kernel.BWD_BLOCK_R
+    for dtype, width in (("float16", 256), ("bfloat16", 256), ("float32", 128)):
+        elem = 4 if dtype == "float32" else 2
+        config = kernel.BWD_CONFIGS[(elem, width)][0]
+        jobs[f"bwd-sm90-{dtype}-d{width}"] = _job("_memory_attend_bwd", 90, TRITON_TYPES[dtype],
+                                                  width, heads, config=config)
+    for name in ("bwd-sm90-float16-d256", "bwd-sm90-float32-d128"):
+        # tests/test_triton_versions.py checks these on the GPU machines' triton too.
+        jobs[name]["expect"] = dict(spill_stores=0, spill_loads=0, vector_loads=True)
+    fp16 = kernel.BWD_CONFIGS[(2, 256)][0]
+    jobs["bwd-sm80-float16-d256"] = _job("_memory_attend_bwd", 80, "fp16", 256, heads, config=fp16)
+    jobs["bwd-sm90-float16-odd-width"] = _job(
+        "_memory_attend_bwd", 90, "fp16", 128, heads, even=False,
+        config=kernel.MASKED_BWD_CONFIGS[(2, 128)][0])
+    jobs["bwd-sm90-float16-address-only"] = _job("_memory_attend_bwd", 90, "fp16", 256,
+                                                 heads, read=False, config=fp16)
+    no_values = _job("_memory_attend_bwd", 90, "fp16", 256, heads, config=fp16)
+    no_values["constexprs"]["HAS_VALUES"] = False  # the read's gradient goes to dMemory
+    jobs["bwd-sm90-float16-no-values"] = no_values
+    return jobs
 
 
 def _forward_jobs():
@@ -226,11 +251,17 @@ def test_forward_configs_compile_without_spills():
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("aot")
-def test_backward_compiles_for_sm80_and_sm90():
-    """The backward keeps every head of a batch entry in one program (dMemory sums them) and
-    still spills at many heads, wide slots and in float32: issue 15 is open for it."""
+def test_backward_compiles_without_spills():
+    """Issue 15: the backward walks the heads in blocks (its registers do not grow with the
+    head count) and compiles without register spills on sm_90 at the widest width of each
+    dtype, with tensor-core MMA in 16-bit and 16-byte memory-tile loads at whole widths."""
     from attnmem.memory import MAX_TRITON_WIDTH
 
-    assert max(j["constexprs"]["BLOCK_D"] for j in TARGET_JOBS.values()) == MAX_TRITON_WIDTH
-    results = dict(zip(TARGET_JOBS, compile_all(list(TARGET_JOBS.values()))))
-    _check(TARGET_JOBS, results)
+    jobs = _backward_jobs()
+    assert max(j["constexprs"]["BLOCK_D"] for j in jobs.values()) == MAX_TRITON_WIDTH
+    results = dict(zip(jobs, compile_all(list(jobs.values()))))
+    _check(jobs, results)
+    spills = sm90_spills(results)
+    assert not spills, spills
+    scalar = [k for k, r in results.items() if "odd" not in k and not r["vector_loads"]]
+    assert not scalar, scalar
