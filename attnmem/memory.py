@@ -19,7 +19,8 @@ from attnmem.reference import memory as _reference
 
 SIMILARITIES = ("cosine", "dot", "scaled_dot")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# memory_attend keeps every head, and a slot (and a value) row, in registers.
+# memory_attend's tiles hold slot (and value) rows of up to MAX_TRITON_WIDTH in registers;
+# heads run in blocks of 16 (kernels.memory_attend), compile-checked up to MAX_TRITON_HEADS.
 MAX_TRITON_WIDTH = 256
 MAX_TRITON_HEADS = 128
 # The top-k selection keeps each head's candidates in registers (see kernels.memory_attend).
