@@ -772,9 +772,12 @@ DKDV_CONFIGS = [(32, 128, 8, 3, 128), (64, 128, 8, 2, 64), (32, 64, 8, 2, 128),
                 (16, 64, 8, 2, 256), (16, 32, 4, 2, 256)]
 DQ_CONFIGS = [(128, 32, 8, 3, 256), (128, 64, 8, 2, 128), (64, 32, 4, 3, 128),
               (64, 32, 8, 2, 128), (64, 64, 4, 2, 64), (64, 16, 4, 2, 256), (64, 16, 4, 1, 256)]
-# dQ on sm_90 with 16-bit inputs also tries 128x16 tiles: at head dim 256 with dropout the one
-# tile that spills on neither triton 3.6 nor 3.9 (sm_80, which spills 480 B with it, does not).
+# On sm_90 with 16-bit inputs, tiles that flags need to compile without spills on triton 3.6
+# and 3.9 (with dropout, softcap and ALiBi on): dQ at head dim 256 (128x16; sm_80 spills 480 B
+# with it, so it is not tried there); atomic dK/dV up to head dim 32, which keeps 64 query rows
+# for its dQ product's wgmma (64x64 with 8 warps: half the scores a thread of 4 warps holds).
 DQ_CONFIGS_SM90 = DQ_CONFIGS + [(128, 16, 8, 2, 256)]
+DKDV_CONFIGS_SM90 = DKDV_CONFIGS + [(64, 64, 8, 2, 32)]
 # Under the interpreter: small tiles, so that short test sequences span several of them.
 INTERPRET_CONFIG = (16, 16, 1, 1)
 # The forward on sm_90 with 16-bit inputs, per head dim: tiles that use wgmma and spill no
@@ -827,8 +830,9 @@ def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int, arch=None
     if kernel == "fwd" and arch == 90 and elem == 2:
         table, small = FWD_CONFIGS_SM90[block_d], False
     else:
-        table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS,
-                 "dq": DQ_CONFIGS_SM90 if arch == 90 and elem == 2 else DQ_CONFIGS}[kernel]
+        hopper_16bit = arch == 90 and elem == 2
+        table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS_SM90 if hopper_16bit else DKDV_CONFIGS,
+                 "dq": DQ_CONFIGS_SM90 if hopper_16bit else DQ_CONFIGS}[kernel]
         # fp32 dots run on FMA units and 256-wide fp16 rows fill the registers: small tiles.
         small = elem >= 4 or block_d * elem >= 512
     out = []
@@ -931,8 +935,8 @@ def _forward_prune(configs, nargs, **meta):
 # Dropout's Philox words for those scores are live with the accumulators, which grow with the
 # head dim; dK/dV with atomic dQ also holds the dQ product and its atomics' addresses.
 DROPOUT_SCORES_SM90 = {"fwd": {128: 32, 256: 16}, "dq": {64: 16, 128: 8, 256: 4},
-                       "dkdv": {32: 32, 64: 16, 128: 8, 256: 4},
-                       "dkdv-atomic": {32: 32, 64: 16, 128: 4, 256: 4}}
+                       "dkdv": {64: 16, 128: 8, 256: 4},
+                       "dkdv-atomic": {32: 16, 64: 8, 128: 4, 256: 4}}
 # ALiBi in dK/dV with atomic dQ, from head dim 128 (triton 3.6, 32x128 tiles, 8 warps: 12 B
 # spilled; 24 B with softcap too).
 ALIBI_ATOMIC_SCORES_SM90 = 8
@@ -954,7 +958,7 @@ def _scores_per_thread(config) -> int:
 def _within_scores(configs, budget, applies=lambda config: True):
     """The configs within `budget` scores a thread (those `applies` exempts count as within);
     if none is, the lightest: fewest scores a thread, then most warps, then fewest stages (dQ
-    at head dim 256 with dropout: DQ_CONFIGS_SM90's 128x16 tiles)."""
+    at head dim 256 with dropout: DQ_CONFIGS_SM90's 128x16 tiles, the only ones kept)."""
     kept = [c for c in configs if not applies(c) or _scores_per_thread(c) <= budget]
     weight = {id(c): (_scores_per_thread(c), -c.num_warps, c.num_stages) for c in configs}
     lightest = min(weight.values(), default=None)

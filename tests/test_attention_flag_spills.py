@@ -100,6 +100,7 @@ JOBS = {
     "dkdv-d128-dropout-softcap-alibi-det": _flag_job("dkdv", 128, ALL, atomic_dq=False),
     "dkdv-d128-alibi": _flag_job("dkdv", 128, ("HAS_ALIBI",)),
     "dkdv-d32": _flag_job("dkdv", 32, (), mma_sync=False),
+    "dkdv-d32-dropout-softcap-alibi": _flag_job("dkdv", 32, ALL, mma_sync=False),
     "dq-d128-dropout-softcap-alibi": _flag_job("dq", 128, ALL),
     "dq-d256-dropout-softcap-alibi": _flag_job("dq", 256, ALL),
 }
