@@ -937,9 +937,13 @@ def _forward_prune(configs, nargs, **meta):
 DROPOUT_SCORES_SM90 = {"fwd": {128: 32, 256: 16}, "dq": {64: 16, 128: 8, 256: 4},
                        "dkdv": {64: 16, 128: 8, 256: 4},
                        "dkdv-atomic": {32: 16, 64: 8, 128: 4, 256: 4}}
-# ALiBi in dK/dV with atomic dQ, from head dim 128 (triton 3.6, 32x128 tiles, 8 warps: 12 B
-# spilled; 24 B with softcap too).
-ALIBI_ATOMIC_SCORES_SM90 = 8
+# ALiBi in dK/dV with atomic dQ, from head dim 64 (triton 3.6: 32x128 tiles, 8 warps, at head
+# dim 128 12 B spilled, 24 B with softcap too; 64x128 at head dim 64 with softcap 4 B).
+ALIBI_ATOMIC_SCORES_SM90 = {64: 16, 128: 8}
+# With any of the flags on, a tile whose accumulators take 128 registers a thread of one warp
+# group (4 warps: dK/dV's 16x64 tiles at head dim 128, dQ's 64x16 at 256) spills on triton
+# 3.6 (4 to 612 B), where the 8-warp tiles holding as many scores do not.
+ONE_WARPGROUP_ACCUMULATORS_SM90 = 128
 # Softcap and ALiBi together in a forward tile that one warp group runs (4 warps, not warp
 # specialized), from head dim 64 (triton 3.9, 128x64 tiles with TMA: 16 B spilled).
 SCORE_MODS_ONE_WARPGROUP_SCORES_SM90 = 32
@@ -965,11 +969,18 @@ def _within_scores(configs, budget, applies=lambda config: True):
     return kept or [c for c in configs if weight[id(c)] == lightest]
 
 
+def _per_head_dim(budgets: dict, block_d: int) -> int:
+    """The budget of the smallest head dim keying `budgets` that is block_d or more (else of
+    the largest)."""
+    return budgets[min([d for d in budgets if d >= block_d], default=max(budgets))]
+
+
 def _sm90_flag_prune(kernel: str, configs, **meta):
     """The configs of `kernel` ("fwd", "dkdv", "dq") that compile without spills on sm_90 with
     16-bit inputs under the launch's flags (meta): with DROPOUT within
     DROPOUT_SCORES_SM90, with HAS_ALIBI and atomic dQ within ALIBI_ATOMIC_SCORES_SM90, with
-    SOFTCAP and HAS_ALIBI the forward's one-warpgroup tiles within
+    any of them the backward's one-warpgroup tiles within ONE_WARPGROUP_ACCUMULATORS_SM90,
+    with SOFTCAP and HAS_ALIBI the forward's one-warpgroup tiles within
     SCORE_MODS_ONE_WARPGROUP_SCORES_SM90. dK/dV with atomic dQ below head dim 64 keeps tiles
     of 64 query rows or more, the M side of its dQ product there: wgmma, not mma.sync."""
     if not configs:
@@ -980,11 +991,14 @@ def _sm90_flag_prune(kernel: str, configs, **meta):
         if block_d < 64:
             configs = [c for c in configs if c.kwargs["BLOCK_M"] >= 64] or configs
     if meta.get("DROPOUT"):
-        table = DROPOUT_SCORES_SM90[kernel]
-        configs = _within_scores(configs, table[min([d for d in table if d >= block_d],
-                                                    default=max(table))])
-    if kernel == "dkdv-atomic" and meta.get("HAS_ALIBI") and block_d >= 128:
-        configs = _within_scores(configs, ALIBI_ATOMIC_SCORES_SM90)
+        configs = _within_scores(configs, _per_head_dim(DROPOUT_SCORES_SM90[kernel], block_d))
+    if kernel == "dkdv-atomic" and meta.get("HAS_ALIBI") and block_d >= 64:
+        configs = _within_scores(configs, _per_head_dim(ALIBI_ATOMIC_SCORES_SM90, block_d))
+    if kernel != "fwd" and any(meta.get(flag) for flag in ("DROPOUT", "SOFTCAP", "HAS_ALIBI")):
+        rows = (lambda c: 2 * c.kwargs["BLOCK_N"]) if kernel != "dq" else (
+            lambda c: c.kwargs["BLOCK_M"])
+        configs = [c for c in configs if c.num_warps > 4 or rows(c) * block_d
+                   < ONE_WARPGROUP_ACCUMULATORS_SM90 * 32 * c.num_warps] or configs
     if kernel == "fwd" and meta.get("SOFTCAP") and meta.get("HAS_ALIBI") and block_d >= 64:
         configs = _within_scores(configs, SCORE_MODS_ONE_WARPGROUP_SCORES_SM90, lambda c: (
             c.num_warps == 4 and not c.kwargs.get("WARP_SPECIALIZE")))
