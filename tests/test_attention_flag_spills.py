@@ -79,6 +79,16 @@ def test_other_gpus_and_dtypes_prune_nothing_new():
                                       SOFTCAP=True, HAS_ALIBI=True) == configs
 
 
+def test_backward_launchers_prune(monkeypatch):
+    """The dK/dV and dQ autotuners call the pruning (the forward's calls it from its own).
+    Built here without a GPU."""
+    monkeypatch.setattr(kernel, "_autotuned", {})
+    monkeypatch.setattr(kernel, "_smem_limit", lambda device: kernel.SMEM_LIMIT[90])
+    for name, fn in (("dkdv", kernel._attn_bwd_dkdv), ("dq", kernel._attn_bwd_dq)):
+        tuned = kernel._launcher(name, fn, "cuda", 128, 2, 90)
+        assert tuned.early_config_prune is kernel._backward_prune, name
+
+
 def _flag_job(name, block_d, flags, atomic_dq=True, **expect):
     """The first config the pruning keeps for these flags (masked kernels), as a compile job
     expected to use wgmma and spill nothing."""
