@@ -606,8 +606,15 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     alibi_b = alibi_ptr
     if HAS_ALIBI:
         alibi_b = alibi_ptr + b * stride_alibi_b
-    for phase in tl.static_range(3):
+    # From head dim 256 one masked loop over every query tile, not three phases: what the
+    # later phases need is then not live across the first loop, beside dk and dv's 128
+    # registers a thread (sm_90, 16x64 tiles, 8 warps, triton 3.9: deterministic spills 16 B
+    # -> 0, atomic 100 -> 40 B). The mask costs 64x16 compares a tile against 5 GEMMs of
+    # 2x64x16x256 FLOPs.
+    for phase in tl.static_range(1 if BLOCK_D >= 256 else 3):
         start, end = _phase_range(phase, lo, full_lo, full_hi, hi)
+        if BLOCK_D >= 256:
+            end = hi
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                              stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh,
                              stride_dqm, keys, offs_d, start, end, offset, n_q, kv_len,
@@ -763,10 +770,10 @@ FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 4, 
 # The backward's tiles on sm_90, 16-bit inputs (tests/aot.py: ptxas -v): the tile that
 # wgmma's M walks (BLOCK_N for dK/dV, BLOCK_M for dQ) is 64 or more, and each config is kept
 # up to the largest head dim at which neither the atomic nor the deterministic variant
-# spills. At head dim 256 every dK/dV tile spills a little (its dk and dv accumulators alone
-# fill 128 registers a thread): the least is kept. The last tile of each table is the one
-# that fits sm_80's shared memory with float32 inputs at head dim 256 (dK/dV's holds k and v
-# of 32 keys, too few rows for wgmma: mma.sync with 16-bit inputs).
+# spills. At head dim 256 every dK/dV tile spills a little with atomic dQ (its dk and dv
+# accumulators alone fill 128 registers a thread): the least is kept. The last tile of each
+# table is the one that fits sm_80's shared memory with float32 inputs at head dim 256
+# (dK/dV's holds k and v of 32 keys, too few rows for wgmma: mma.sync with 16-bit inputs).
 DKDV_CONFIGS = [(32, 128, 8, 3, 128), (64, 128, 8, 2, 64), (32, 64, 8, 2, 128),
                 (32, 64, 4, 3, 64), (64, 64, 4, 2, 64), (16, 64, 4, 2, 128),
                 (16, 64, 8, 2, 256), (16, 32, 4, 2, 256)]

@@ -30,11 +30,10 @@ POINTERS = {"_attn_fwd": ["q", "k", "v", "o", "lse", "kv_lengths"],
                                "kv_lengths"],
             "_attn_bwd_dq": ["q", "k", "v", "do", "lse", "delta", "dq", "kv_lengths"]}
 FLAG_IDS = {"USE_TMA": "tma", "WARP_SPECIALIZE": "ws"}
-# At head dim 256 the dK/dV accumulators alone fill 128 registers a thread: every tile spills
-# a little on sm_90 (ptxas -v, triton 3.9: 16 B deterministic, 100 B atomic with the tile
-# kept, the least found; reports/hopper-attention.md lists the other tiles and warp counts
-# tried).
-KNOWN_SPILLS = {"dkdv-sm90-float16-d256-16x64x8x2", "dkdv-sm90-float16-d256-16x64x8x2-det"}
+# At head dim 256 the dK/dV accumulators alone fill 128 registers a thread: with atomic dQ
+# every tile spills a little on sm_90 (ptxas -v, triton 3.9: 40 B with the tile kept, the
+# least found; reports/hopper-attention.md lists the other tiles and warp counts tried).
+KNOWN_SPILLS = {"dkdv-sm90-float16-d256-16x64x8x2"}
 
 
 def job(name, arch, dtype, block_d, config, masked=True, atomic_dq=True):
