@@ -598,10 +598,19 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
             # Unseen keys are zeros in k, so padding holding NaN adds nothing here either.
             # Transposed, dQ's product has the head dim as its M side: 64 or more fills a
             # warpgroup's wgmma on sm_90 where BLOCK_M does not (at D=128, 32x128 tiles and 8
-            # warps: every product on wgmma, no spill, 16 KB less shared memory).
-            dqt = tl.dot(tl.trans(k), dst, input_precision=DOT_PRECISION) * scale
-            tl.atomic_add(dq_b + h * stride_dqh + rows[None, :] * stride_dqm + offs_d[:, None],
-                          dqt, mask=r_ok[None, :] & d_ok[:, None], sem="relaxed")
+            # warps: every product on wgmma, no spill, 16 KB less shared memory). Below 64
+            # the query rows take the M side instead: wgmma with BLOCK_M >= 64 (the sm_90
+            # pruning keeps those tiles), where the transposed product fell back to mma.sync.
+            if offs_d.shape[0] >= 64:
+                dqt = tl.dot(tl.trans(k), dst, input_precision=DOT_PRECISION) * scale
+                tl.atomic_add(dq_b + h * stride_dqh + rows[None, :] * stride_dqm
+                              + offs_d[:, None], dqt, mask=r_ok[None, :] & d_ok[:, None],
+                              sem="relaxed")
+            else:
+                dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION) * scale
+                tl.atomic_add(dq_b + h * stride_dqh + rows[:, None] * stride_dqm
+                              + offs_d[None, :], dq, mask=r_ok[:, None] & d_ok[None, :],
+                              sem="relaxed")
     return dk, dv
 
 
@@ -696,8 +705,15 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     alibi_b = alibi_ptr
     if HAS_ALIBI:
         alibi_b = alibi_ptr + b * stride_alibi_b
-    for phase in tl.static_range(3):
+    # From head dim 256 one masked loop over every query tile, not three phases: what the
+    # later phases need is then not live across the first loop, beside dk and dv's 128
+    # registers a thread (sm_90, 16x64 tiles, 8 warps, triton 3.9: deterministic spills 16 B
+    # -> 0, atomic 100 -> 40 B). The mask costs 64x16 compares a tile against 5 GEMMs of
+    # 2x64x16x256 FLOPs.
+    for phase in tl.static_range(1 if BLOCK_D >= 256 else 3):
         start, end = _phase_range(phase, lo, full_lo, full_hi, hi)
+        if BLOCK_D >= 256:
+            end = hi
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                              stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh,
                              stride_dqm, keys, offs_d, start, end, offset, n_q, kv_len,
@@ -853,15 +869,21 @@ FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 4, 
 # The backward's tiles on sm_90, 16-bit inputs (tests/aot.py: ptxas -v): the tile that
 # wgmma's M walks (BLOCK_N for dK/dV, BLOCK_M for dQ) is 64 or more, and each config is kept
 # up to the largest head dim at which neither the atomic nor the deterministic variant
-# spills. At head dim 256 every dK/dV tile spills a little (its dk and dv accumulators alone
-# fill 128 registers a thread): the least is kept. The last tile of each table is the one
-# that fits sm_80's shared memory with float32 inputs at head dim 256 (dK/dV's holds k and v
-# of 32 keys, too few rows for wgmma: mma.sync with 16-bit inputs).
+# spills. At head dim 256 every dK/dV tile spills a little with atomic dQ (its dk and dv
+# accumulators alone fill 128 registers a thread): the least is kept. The last tile of each
+# table is the one that fits sm_80's shared memory with float32 inputs at head dim 256
+# (dK/dV's holds k and v of 32 keys, too few rows for wgmma: mma.sync with 16-bit inputs).
 DKDV_CONFIGS = [(32, 128, 8, 3, 128), (64, 128, 8, 2, 64), (32, 64, 8, 2, 128),
                 (32, 64, 4, 3, 64), (64, 64, 4, 2, 64), (16, 64, 4, 2, 128),
                 (16, 64, 8, 2, 256), (16, 32, 4, 2, 256)]
 DQ_CONFIGS = [(128, 32, 8, 3, 256), (128, 64, 8, 2, 128), (64, 32, 4, 3, 128),
               (64, 32, 8, 2, 128), (64, 64, 4, 2, 64), (64, 16, 4, 2, 256), (64, 16, 4, 1, 256)]
+# On sm_90 with 16-bit inputs, tiles that flags need to compile without spills on triton 3.6
+# and 3.9 (with dropout, softcap and ALiBi on): dQ at head dim 256 (128x16; sm_80 spills 480 B
+# with it, so it is not tried there); atomic dK/dV up to head dim 32, which keeps 64 query rows
+# for its dQ product's wgmma (64x64 with 8 warps: half the scores a thread of 4 warps holds).
+DQ_CONFIGS_SM90 = DQ_CONFIGS + [(128, 16, 8, 2, 256)]
+DKDV_CONFIGS_SM90 = DKDV_CONFIGS + [(64, 64, 8, 2, 32)]
 # Under the interpreter: small tiles, so that short test sequences span several of them.
 INTERPRET_CONFIG = (16, 16, 1, 1)
 # The forward on sm_90 with 16-bit inputs, per head dim: tiles that use wgmma and spill no
@@ -933,7 +955,9 @@ def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int, arch=None
     if kernel == "fwd" and arch == 90 and elem <= 2:
         table, small = (FWD_CONFIGS_SM90 if elem == 2 else FWD_FP8_CONFIGS_SM90)[block_d], False
     else:
-        table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kernel]
+        hopper_16bit = arch == 90 and elem == 2
+        table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS_SM90 if hopper_16bit else DKDV_CONFIGS,
+                 "dq": DQ_CONFIGS_SM90 if hopper_16bit else DQ_CONFIGS}[kernel]
         # fp32 dots run on FMA units and 256-wide fp16 rows fill the registers: small tiles.
         small = elem >= 4 or block_d * elem >= 512
     out = []
@@ -1008,17 +1032,104 @@ DROPOUT_SCORES_PER_THREAD = 32
 
 
 def _forward_prune(configs, nargs, **meta):
-    """With DROPOUT, only the configs within DROPOUT_SCORES_PER_THREAD (all, if none is),
-    none warp-specialized: triton 3.4 to 3.6 fail to warp-specialize the loop with dropout's
-    Philox (NVGPUWarpSpecialization). FP8 with MASK_KEYS: none warp-specialized either (its
-    masked tiles load V^T through pointers, which the pass rejects in one loop on triton 3.9).
-    Every other call, masked or not, packed or dense, keeps every config."""
+    """On sm_90 with 16-bit inputs _sm90_flag_prune first. With DROPOUT, only the configs
+    within DROPOUT_SCORES_PER_THREAD (all, if none is), none warp-specialized: triton 3.4 to
+    3.6 fail to warp-specialize the loop with dropout's Philox (NVGPUWarpSpecialization).
+    FP8 with MASK_KEYS: none warp-specialized either (its masked tiles load V^T through
+    pointers, which the pass rejects in one loop on triton 3.9). Every other call, masked or
+    not, packed or dense, keeps every config."""
+    if _hopper_16bit(nargs):
+        configs = _sm90_flag_prune("fwd", configs, **meta)
     if meta.get("FP8") and meta.get("MASK_KEYS"):
         return [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE")]
     if not meta.get("DROPOUT"):
         return configs
     return [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE") and c.kwargs["BLOCK_M"]
             * c.kwargs["BLOCK_N"] <= DROPOUT_SCORES_PER_THREAD * 32 * c.num_warps] or configs
+
+
+# Scores (BLOCK_M x BLOCK_N over the threads) a thread may hold on sm_90 with 16-bit inputs
+# when flags add registers, per kernel and up to the head dim keying each budget: past them
+# tiles of the tables spill (ptxas -v, triton 3.9 and 3.6, with every combination of dropout,
+# softcap and ALiBi; reports/hopper-attention.md, tests/test_attention_flag_spills.py).
+# Dropout's Philox words for those scores are live with the accumulators, which grow with the
+# head dim; dK/dV with atomic dQ also holds the dQ product and its atomics' addresses.
+DROPOUT_SCORES_SM90 = {"fwd": {128: 32, 256: 16}, "dq": {64: 16, 128: 8, 256: 4},
+                       "dkdv": {64: 16, 128: 8, 256: 4},
+                       "dkdv-atomic": {32: 16, 64: 8, 128: 4, 256: 4}}
+# ALiBi in dK/dV with atomic dQ, from head dim 64 (triton 3.6: 32x128 tiles, 8 warps, at head
+# dim 128 12 B spilled, 24 B with softcap too; 64x128 at head dim 64 with softcap 4 B).
+ALIBI_ATOMIC_SCORES_SM90 = {64: 16, 128: 8}
+# With any of the flags on, a tile whose accumulators take 128 registers a thread of one warp
+# group (4 warps: dK/dV's 16x64 tiles at head dim 128, dQ's 64x16 at 256) spills on triton
+# 3.6 (4 to 612 B), where the 8-warp tiles holding as many scores do not.
+ONE_WARPGROUP_ACCUMULATORS_SM90 = 128
+# Softcap and ALiBi together in a forward tile that one warp group runs (4 warps, not warp
+# specialized), from head dim 64 (triton 3.9, 128x64 tiles with TMA: 16 B spilled).
+SCORE_MODS_ONE_WARPGROUP_SCORES_SM90 = 32
+
+
+def _hopper_16bit(nargs) -> bool:
+    """The launch's q is a 16-bit tensor on an sm_90 GPU, where the budgets above hold."""
+    q = nargs["q_ptr"]
+    return q.is_cuda and q.element_size() == 2 and _arch(q.device) == 90
+
+
+def _scores_per_thread(config) -> int:
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
+
+
+def _within_scores(configs, budget, applies=lambda config: True):
+    """The configs within `budget` scores a thread (those `applies` exempts count as within);
+    if none is, the lightest: fewest scores a thread, then most warps, then fewest stages (dQ
+    at head dim 256 with dropout: DQ_CONFIGS_SM90's 128x16 tiles, the only ones kept)."""
+    kept = [c for c in configs if not applies(c) or _scores_per_thread(c) <= budget]
+    weight = {id(c): (_scores_per_thread(c), -c.num_warps, c.num_stages) for c in configs}
+    lightest = min(weight.values(), default=None)
+    return kept or [c for c in configs if weight[id(c)] == lightest]
+
+
+def _per_head_dim(budgets: dict, block_d: int) -> int:
+    """The budget of the smallest head dim keying `budgets` that is block_d or more (else of
+    the largest)."""
+    return budgets[min([d for d in budgets if d >= block_d], default=max(budgets))]
+
+
+def _sm90_flag_prune(kernel: str, configs, **meta):
+    """The configs of `kernel` ("fwd", "dkdv", "dq") that compile without spills on sm_90 with
+    16-bit inputs under the launch's flags (meta): with DROPOUT within
+    DROPOUT_SCORES_SM90, with HAS_ALIBI and atomic dQ within ALIBI_ATOMIC_SCORES_SM90, with
+    any of them the backward's one-warpgroup tiles within ONE_WARPGROUP_ACCUMULATORS_SM90,
+    with SOFTCAP and HAS_ALIBI the forward's one-warpgroup tiles within
+    SCORE_MODS_ONE_WARPGROUP_SCORES_SM90. dK/dV with atomic dQ below head dim 64 keeps tiles
+    of 64 query rows or more, the M side of its dQ product there: wgmma, not mma.sync."""
+    if not configs:
+        return configs
+    block_d, atomic = meta["BLOCK_D"], meta.get("ATOMIC_DQ")
+    if kernel == "dkdv" and atomic:
+        kernel = "dkdv-atomic"
+        if block_d < 64:
+            configs = [c for c in configs if c.kwargs["BLOCK_M"] >= 64] or configs
+    if meta.get("DROPOUT"):
+        configs = _within_scores(configs, _per_head_dim(DROPOUT_SCORES_SM90[kernel], block_d))
+    if kernel == "dkdv-atomic" and meta.get("HAS_ALIBI") and block_d >= 64:
+        configs = _within_scores(configs, _per_head_dim(ALIBI_ATOMIC_SCORES_SM90, block_d))
+    if kernel != "fwd" and any(meta.get(flag) for flag in ("DROPOUT", "SOFTCAP", "HAS_ALIBI")):
+        rows = (lambda c: 2 * c.kwargs["BLOCK_N"]) if kernel != "dq" else (
+            lambda c: c.kwargs["BLOCK_M"])
+        configs = [c for c in configs if c.num_warps > 4 or rows(c) * block_d
+                   < ONE_WARPGROUP_ACCUMULATORS_SM90 * 32 * c.num_warps] or configs
+    if kernel == "fwd" and meta.get("SOFTCAP") and meta.get("HAS_ALIBI") and block_d >= 64:
+        configs = _within_scores(configs, SCORE_MODS_ONE_WARPGROUP_SCORES_SM90, lambda c: (
+            c.num_warps == 4 and not c.kwargs.get("WARP_SPECIALIZE")))
+    return configs
+
+
+def _backward_prune(configs, nargs, **meta):
+    """dK/dV's (ATOMIC_DQ in meta) and dQ's _sm90_flag_prune on sm_90; elsewhere all."""
+    if not _hopper_16bit(nargs):
+        return configs
+    return _sm90_flag_prune("dkdv" if "ATOMIC_DQ" in meta else "dq", configs, **meta)
 
 
 # Each kernel's autotuning beyond the shared key (head dim, sequence-length bucket, dtypes):
@@ -1028,8 +1139,9 @@ def _forward_prune(configs, nargs, **meta):
 # variable-length batches (VARLEN) tune apart from dense ones.
 TUNING = {"fwd": {"key": ["MASK_KEYS", "VARLEN"],
                   "prune_configs_by": {"early_config_prune": _forward_prune}},
-          "dkdv": {"key": ["ATOMIC_DQ", "VARLEN"], "reset_to_zero": ["dq_ptr"]},
-          "dq": {"key": ["VARLEN"]}}
+          "dkdv": {"key": ["ATOMIC_DQ", "VARLEN"], "reset_to_zero": ["dq_ptr"],
+                   "prune_configs_by": {"early_config_prune": _backward_prune}},
+          "dq": {"key": ["VARLEN"], "prune_configs_by": {"early_config_prune": _backward_prune}}}
 _autotuned = {}
 # The score modifications' flags: tuned apart from the plain kernels (absent when off).
 SCORE_MOD_FLAGS = ("SOFTCAP", "HAS_SINKS", "HAS_ALIBI")
