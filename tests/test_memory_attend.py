@@ -226,6 +226,8 @@ def _forward_jobs():
 
 
 def _check(jobs, results):
+    """Every job compiles within its GPU's shared memory, with tensor-core MMA in 16-bit; none
+    spills on sm_90; memory tiles of whole (not "odd") widths load 16 bytes at a time."""
     limits = {80: 166912, 90: 232448}
     failures = {k: r["error"] or f"shared {r['shared']}" for k, r in results.items()
                 if r["error"] or r["shared"] > limits[jobs[k]["arch"]]}
@@ -233,6 +235,10 @@ def _check(jobs, results):
     for key, result in results.items():
         if "float32" not in key:
             assert result["wgmma"] or result["mma_sync"], f"{key}: no tensor-core MMA"
+    spills = sm90_spills(results)
+    assert not spills, spills
+    scalar = [k for k, r in results.items() if "odd" not in k and not r["vector_loads"]]
+    assert not scalar, scalar
 
 
 @pytest.mark.slow
@@ -241,12 +247,7 @@ def test_forward_configs_compile_without_spills():
     """Issue 15: no forward config spills a register on sm_90 at any width (heads come in
     blocks of FWD_BLOCK_R), and whole-block widths stream memory 16 bytes a load."""
     jobs = _forward_jobs()
-    results = dict(zip(jobs, compile_all(list(jobs.values()))))
-    _check(jobs, results)
-    spills = sm90_spills(results)
-    assert not spills, spills
-    scalar = [k for k, r in results.items() if "odd" not in k and not r["vector_loads"]]
-    assert not scalar, scalar
+    _check(jobs, dict(zip(jobs, compile_all(list(jobs.values())))))
 
 
 @pytest.mark.slow
@@ -259,9 +260,4 @@ def test_backward_compiles_without_spills():
 
     jobs = _backward_jobs()
     assert max(j["constexprs"]["BLOCK_D"] for j in jobs.values()) == MAX_TRITON_WIDTH
-    results = dict(zip(jobs, compile_all(list(jobs.values()))))
-    _check(jobs, results)
-    spills = sm90_spills(results)
-    assert not spills, spills
-    scalar = [k for k, r in results.items() if "odd" not in k and not r["vector_loads"]]
-    assert not scalar, scalar
+    _check(jobs, dict(zip(jobs, compile_all(list(jobs.values())))))
