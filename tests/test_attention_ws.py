@@ -110,7 +110,7 @@ def test_masked_calls_keep_warp_specialized_configs():
                for c in kernel.FWD_CONFIGS_SM90[128]]
 
     def specialized(**meta):
-        return [c for c in kernel._forward_prune(configs, {}, **meta)
+        return [c for c in kernel._forward_prune(configs, {"q_ptr": torch.zeros(1)}, **meta)
                 if c.kwargs.get("WARP_SPECIALIZE")]
 
     assert specialized(MASK_KEYS=True, VARLEN=False, DROPOUT=False)
