@@ -135,6 +135,8 @@ def _location_bwd(content_ptr, prev_ptr, gate_ptr, shift_ptr, gamma_ptr, row_max
             wp = tl.load(prev_ptr + row * n_slots + src, mask=ok, other=0.0).to(tl.float32)
             ptr = part_dshift_ptr + (row * n_splits + split) * n_shift + j
             tl.store(ptr, tl.load(ptr) + tl.sum(dshifted * (gate * wc + (1.0 - gate) * wp), 0))
+        # The next tile reads these sums back, possibly in other threads than stored them.
+        tl.debug_barrier()
         # dL/dw_g at own slots gathers dL/dw~ from the slots each one moves to.
         dgated = tl.zeros([BLOCK_N], tl.float32)
         for j in range(n_shift):

@@ -211,6 +211,8 @@ def _memory_write_bwd(dout_ptr, mem_ptr, weights_ptr, erase_ptr, add_ptr, dmem_p
                 da_ptrs = part_dadd_ptr + part
                 tl.store(da_ptrs, tl.load(da_ptrs, mask=d_ok, other=0.0)
                          + tl.sum(dout * w[:, None], 0), mask=d_ok)
+            # The next tile reads these sums back, possibly in other threads than stored them.
+            tl.debug_barrier()
 
 
 def _block_d(width):
