@@ -29,17 +29,29 @@ FP8_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 E4M3_MAX = 448.0
 
 
-def _triton_reasons(q) -> list[str]:
+def _triton_reasons(q, batch: int) -> list[str]:
     reasons = []
     if q.dtype not in TRITON_DTYPES:
         reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
+    return reasons + _shape_reasons(q, batch)
+
+
+def _shape_reasons(q, batch: int) -> list[str]:
+    """What the kernels lack for q's shape (heads on dim 1) over `batch` batch entries or
+    packed sequences: each is an axis of their launch grid, which CUDA limits to
+    backend.GRID_YZ_LIMIT."""
+    reasons = []
     if q.shape[-1] > MAX_TRITON_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} > {MAX_TRITON_HEAD_DIM}")
+    for name, count in (("heads", q.shape[1]), ("batch entries (sequences)", batch)):
+        if count > _backend.GRID_YZ_LIMIT:
+            reasons.append(f"{count} {name} > {_backend.GRID_YZ_LIMIT}, the CUDA launch "
+                           "grid's limit")
     return reasons
 
 
 def _pick(q, k, v, backend: str) -> str:
-    return _backend.resolve(backend, (q, k, v), _triton_reasons(q), "attention")
+    return _backend.resolve(backend, (q, k, v), _triton_reasons(q, q.shape[0]), "attention")
 
 
 @torch.library.custom_op("attnmem::attention_forward", mutates_args=())
@@ -142,9 +154,7 @@ _attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _fp8_triton_reasons(q) -> list[str]:
-    reasons = []
-    if q.shape[-1] > MAX_TRITON_HEAD_DIM:
-        reasons.append(f"head dim {q.shape[-1]} > {MAX_TRITON_HEAD_DIM}")
+    reasons = _shape_reasons(q, q.shape[0])
     if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 9):
         major, minor = torch.cuda.get_device_capability(q.device)
         reasons.append(f"float8 inputs need fp8 tensor cores (sm_89 or later), this GPU is "

@@ -243,6 +243,9 @@ def _choose(op, tensors, heads=None, width=None, topk=None) -> str:
         reasons.append(f"{heads} heads > {MAX_TRITON_HEADS}")
     if width is not None and width > MAX_TRITON_WIDTH:
         reasons.append(f"slot width {width} > {MAX_TRITON_WIDTH}")
+    if x.shape[0] > _backend.GRID_YZ_LIMIT:  # the batch: the launch grid's 2nd axis
+        reasons.append(f"batch {x.shape[0]} > {_backend.GRID_YZ_LIMIT}, the CUDA launch "
+                       "grid's limit")
     return _backend.resolve(_backend.requested_backend(), tensors, reasons, op)
 
 

@@ -32,8 +32,8 @@ from attnmem.attention import (
 from attnmem.reference import attention as _reference
 
 
-def _pick(q, k, v, backend: str) -> str:
-    return _backend.resolve(backend, (q, k, v), _triton_reasons(q),
+def _pick(q, k, v, cu_seqlens_q, backend: str) -> str:
+    return _backend.resolve(backend, (q, k, v), _triton_reasons(q, cu_seqlens_q.numel() - 1),
                             "attention_varlen")
 
 
@@ -45,7 +45,7 @@ def _varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                     seed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
-    if _pick(q, k, v, backend) == "triton":
+    if _pick(q, k, v, cu_seqlens_q, backend) == "triton":
         from attnmem.kernels import attention as kernel
         return kernel.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                max_seqlen_q, max_seqlen_k, scale, window_left,
@@ -81,7 +81,7 @@ def _varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv and dsinks (empty without sinks)."""
     mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
-    if _pick(q, k, v, backend) == "triton":
+    if _pick(q, k, v, cu_seqlens_q, backend) == "triton":
         from attnmem.kernels import attention as kernel
         grads = kernel.attention_varlen_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q,
                                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k,

@@ -122,6 +122,22 @@ def test_triton_backend_says_what_it_lacks():
         assert attnmem.attention(q, k, v).shape == q.shape
 
 
+@pytest.mark.skipif(not INTERPRET, reason="needs the interpreter for CPU tensors")
+def test_batches_past_the_launch_grid_are_refused():
+    """Heads and batch entries (packed sequences) are launch-grid axes, which CUDA caps at
+    65535: the triton backend says so (auto, on CUDA, runs the torch backend instead)."""
+    q, k, v = qkv(b=65536, h=1, hkv=1, nq=1, nk=1)
+    with attnmem.use_backend("triton"), pytest.raises(RuntimeError, match="65536 batch entries"):
+        attnmem.attention(q, k, v)
+    cu = torch.arange(65537, dtype=torch.int32)
+    packed = [x[:, :, 0].transpose(0, 1).reshape(65536, 1, 8) for x in (q, k, v)]
+    with attnmem.use_backend("triton"), pytest.raises(RuntimeError, match="65536 batch entries"):
+        attnmem.attention_varlen(*packed, cu, cu, 1, 1)
+    q, k, v = qkv(b=1, h=65536, hkv=1, nq=1, nk=1)
+    with attnmem.use_backend("triton"), pytest.raises(RuntimeError, match="65536 heads"):
+        attnmem.attention(q, k, v)
+
+
 @pytest.mark.parametrize("name", ["torch"] + (["triton"] if INTERPRET else []))
 def test_opcheck(name):
     from attnmem.attention import _attention_backward, _attention_forward
