@@ -23,6 +23,9 @@ which the launcher sums: no atomics, deterministic. The products over the slot w
 scores, and dRead against the values) run DOT_CHUNK columns a step, from tiles the cache
 holds. Tile sizes, warps and stages are autotuned per element size, width chunk and
 whole or masked width over BWD_CONFIGS; whole widths load memory tiles 16 bytes at a time.
+Masked widths past 128 (PADDED) carry no width mask through the head loop: the launcher
+pads keys, dRead and the dKeys partials to whole blocks, and memory and values tiles
+repeat their last column past the width, where the padded operands' zeros cancel it.
 
 Top-k selection (memory_topk_forward, TOPK > 0) is the same forward pass without the
 softmax: each program keeps a running best TOPK scores per head as int64s that order as
@@ -74,19 +77,29 @@ def _similarity(dots, k_sq, m_sq, strength, head_dim, SIMILARITY: tl.constexpr):
 
 @triton.jit
 def _row_dots(a_ptr, a_rows, a_ok, b_ptr, b_rows, b_ok, width, EVEN: tl.constexpr,
-              BLOCK: tl.constexpr, CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              BLOCK: tl.constexpr, CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              PADDED: tl.constexpr):
     """(len(a_rows), len(b_rows)) float32 dot products of rows a_ptr + a_rows and b_ptr +
     b_rows (rows not ok count as 0) over their width, CHUNK columns a step (a in b's
     dtype): operands of a whole wide row, replicated in every warp that computes a few
-    outputs, would hold more registers than a backward program has."""
+    outputs, would hold more registers than a backward program has. PADDED: a's rows are
+    whole blocks, zero past the width, and b's columns past the width repeat its last
+    column, whose products vanish against them: no width masks."""
     acc = tl.zeros([a_rows.shape[0], b_rows.shape[0]], tl.float32)
+    if PADDED and not EVEN:  # a width of 0 has no last column
+        b_ok &= b_rows * 0 + width > 0
     for d0 in range(0, BLOCK, CHUNK):
         offs = d0 + tl.arange(0, CHUNK)
-        ok = within(offs, width, EVEN)
-        b = tl.load(b_ptr + b_rows[:, None] + offs[None, :], mask=b_ok[:, None] & ok[None, :],
-                    other=0.0)
-        a = tl.load(a_ptr + a_rows[:, None] + offs[None, :], mask=a_ok[:, None] & ok[None, :],
-                    other=0.0)
+        if PADDED and not EVEN:
+            b = tl.load(b_ptr + b_rows[:, None] + tl.minimum(offs, width - 1)[None, :],
+                        mask=b_ok[:, None], other=0.0)
+            a = tl.load(a_ptr + a_rows[:, None] + offs[None, :], mask=a_ok[:, None], other=0.0)
+        else:
+            ok = within(offs, width, EVEN)
+            b = tl.load(b_ptr + b_rows[:, None] + offs[None, :],
+                        mask=b_ok[:, None] & ok[None, :], other=0.0)
+            a = tl.load(a_ptr + a_rows[:, None] + offs[None, :],
+                        mask=a_ok[:, None] & ok[None, :], other=0.0)
         acc = tl.dot(a.to(b.dtype), tl.trans(b), acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -206,7 +219,8 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ro
                        DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
                        EVEN_DV: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK_D: tl.constexpr,
-                       CHUNK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
+                       CHUNK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                       PADDED: tl.constexpr = False):
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     n_splits = tl.num_programs(0)
@@ -218,6 +232,12 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ro
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = within(offs_d, head_dim, EVEN_D)
     dv_ok = within(offs_dv, value_dim, EVEN_DV)
+    # PADDED (masked widths past 128): the launcher pads keys, dRead and the dKeys partials
+    # to whole blocks, which then load without width masks (at 16-bit width 256 they spill).
+    dread_width = BLOCK_DV if PADDED else value_dim
+    dkeys_width = BLOCK_D if PADDED else head_dim
+    row_d_ok = within(offs_d, head_dim, True) if PADDED else d_ok
+    row_dv_ok = within(offs_dv, value_dim, True) if PADDED else dv_ok
     start = split * split_len
     end = tl.minimum(start + split_len, n_slots)
     for n0 in range(start, end, BLOCK_N):
@@ -226,9 +246,19 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ro
         usable = in_range
         if HAS_MASK:
             usable &= tl.load(mask_ptr + b * n_slots + slots, mask=in_range, other=0) != 0
-        mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
-                      mask=usable[:, None] & d_ok[None, :], other=0.0)
-        m_sq = tl.sum(mem.to(tl.float32) * mem.to(tl.float32), 1)
+        if PADDED and not EVEN_D:
+            # Columns past the width repeat the last one, as in _row_dots: zero in m_sq and
+            # against the padded keys; what they add to dMemory's and the partials' padding
+            # is not stored.
+            mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn
+                          + tl.minimum(offs_d, head_dim - 1)[None, :],
+                          mask=(usable & (slots * 0 + head_dim > 0))[:, None], other=0.0)
+            sq = mem.to(tl.float32) * mem.to(tl.float32)
+            m_sq = tl.sum(tl.where(d_ok[None, :], sq, 0.0), 1)
+        else:
+            mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn
+                          + offs_d[None, :], mask=usable[:, None] & d_ok[None, :], other=0.0)
+            m_sq = tl.sum(mem.to(tl.float32) * mem.to(tl.float32), 1)
         if HAS_DREAD and HAS_VALUES:
             dval = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
         dmem = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -238,7 +268,8 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ro
             head_ok = heads < n_heads
             row = b * n_heads + heads
             keys = tl.load(keys_ptr + b * stride_kb + heads[:, None] * stride_kr
-                           + offs_d[None, :], mask=head_ok[:, None] & d_ok[None, :], other=0.0)
+                           + offs_d[None, :], mask=head_ok[:, None] & row_d_ok[None, :],
+                           other=0.0)
             k_sq = tl.sum(keys.to(tl.float32) * keys.to(tl.float32), 1)
             strength = tl.full([BLOCK_R], 1.0, tl.float32)
             if HAS_STRENGTH:
@@ -250,19 +281,19 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ro
             # The products again from the tiles (cached), a width chunk at a time.
             dots = _row_dots(keys_ptr + b * stride_kb, heads * stride_kr, head_ok,
                              mem_ptr + b * stride_mb, slots * stride_mn, usable, head_dim,
-                             EVEN_D, BLOCK_D, CHUNK_D, DOT_PRECISION)
+                             EVEN_D, BLOCK_D, CHUNK_D, DOT_PRECISION, PADDED)
             s, sim, denom = _similarity(dots, k_sq, m_sq, strength, head_dim, SIMILARITY)
             keep = usable[None, :] & head_ok[:, None]
             p = tl.where(keep, tl.math.exp2((s - row_max[:, None]) * LOG2E) / row_sum[:, None],
                          0.0)
             dp = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
             if HAS_DREAD:
-                dread = tl.load(dread_ptr + row[:, None] * value_dim + offs_dv[None, :],
-                                mask=head_ok[:, None] & dv_ok[None, :], other=0.0)
+                dread = tl.load(dread_ptr + row[:, None] * dread_width + offs_dv[None, :],
+                                mask=head_ok[:, None] & row_dv_ok[None, :], other=0.0)
                 # Values: memory itself (and its strides) without values.
-                dp = _row_dots(dread_ptr, row * value_dim, head_ok, values_ptr + b * stride_vb,
-                               slots * stride_vn, usable, value_dim, EVEN_DV, BLOCK_DV,
-                               CHUNK_DV, DOT_PRECISION)
+                dp = _row_dots(dread_ptr, row * dread_width, head_ok,
+                               values_ptr + b * stride_vb, slots * stride_vn, usable, value_dim,
+                               EVEN_DV, BLOCK_DV, CHUNK_DV, DOT_PRECISION, PADDED)
                 if HAS_VALUES:
                     dval = tl.dot(tl.trans(p), dread, dval, input_precision=DOT_PRECISION)
                 else:  # the read's gradient reaches memory itself
@@ -278,8 +309,8 @@ def _memory_attend_bwd(mem_ptr, keys_ptr, values_ptr, strength_ptr, mask_ptr, ro
             # over its slot tiles in place: the first tile overwrites them. n0 > start per
             # head: the interpreter cannot mask with a scalar and a tensor.
             rows = (b * n_splits + split) * n_heads + heads
-            ptrs = part_dkeys_ptr + rows[:, None] * head_dim + offs_d[None, :]
-            tile_ok = head_ok[:, None] & d_ok[None, :]
+            ptrs = part_dkeys_ptr + rows[:, None] * dkeys_width + offs_d[None, :]
+            tile_ok = head_ok[:, None] & row_d_ok[None, :]
             again = heads * 0 + n0 > start
             dkeys = tl.load(ptrs, mask=tile_ok & again[:, None], other=0.0)
             dkeys = tl.dot(g, mem.to(tl.float32), dkeys, input_precision=DOT_PRECISION)
@@ -361,8 +392,9 @@ BWD_CONFIGS = {
     # Past the issue's float32 range (128): the smallest tile, not checked for spills.
     (4, 256): [(16, 8, 1)],
 }
-# Masked (odd) widths hold their masks too: fewer configs fit, and none at 16-bit 256,
-# where (16, 8, 1) spills least (204 bytes on triton 3.9).
+# Masked (odd) widths hold their masks too: fewer configs fit. At 16-bit 256 (PADDED rows)
+# (16, 8, 1) compiles without spills on triton 3.9 and spills 8 bytes on 3.6 (204 and 40
+# with width masks carried through the loops); (16, 8, 2) spills 64 and 276.
 MASKED_BWD_CONFIGS = {**BWD_CONFIGS, (2, 64): [(64, 8, 2), (32, 8, 2)],
                       (2, 128): [(16, 8, 2)], (4, 64): [(32, 8, 2), (16, 8, 2), (64, 8, 2)]}
 
@@ -508,9 +540,17 @@ def memory_attend_backward(dread, dweights, memory, keys, values, strength, mask
         quantum=BWD_SPLIT_QUANTUM, head_grid=False)
     batch, n_slots, head_dim, n_heads, value_dim, split_len, n_splits = sizes
     delta = stats.new_zeros(stats.shape[1:])
+    # Masked widths past 128: keys, dRead and the dKeys partials in rows of whole blocks,
+    # zero past the width (PADDED: the kernel reads them without width masks).
+    widest = max(meta["BLOCK_D"], meta["BLOCK_DV"] if dread is not None else 16)
+    padded = widest > 128 and not (meta["EVEN_D"] and (meta["EVEN_DV"] or dread is None))
+    pad_d = meta["BLOCK_D"] - head_dim if padded else 0
+    keys = torch.nn.functional.pad(keys, (0, pad_d)) if pad_d else keys
     if dread is not None:
         dread = dread.float().contiguous()
         delta = (dread * read.float()).sum(-1)
+        if padded:
+            dread = torch.nn.functional.pad(dread, (0, meta["BLOCK_DV"] - value_dim))
     if dweights is not None:
         dweights = dweights.float().contiguous()
         delta = delta + (weights.float() * dweights).sum(-1)
@@ -520,11 +560,10 @@ def memory_attend_backward(dread, dweights, memory, keys, values, strength, mask
                                                       device=values.device)
     # Each program's partials start at its first slot tile: without slots there is none.
     new = torch.zeros if n_slots == 0 else torch.empty
-    part_dkeys = new((batch, n_splits, n_heads, head_dim), **f32)
+    part_dkeys = new((batch, n_splits, n_heads, head_dim + pad_d), **f32)
     part_dstrength = new((batch, n_splits, n_heads), **f32)
     values_arg = memory if values is None else values
     dvalues_arg = dmemory if dvalues is None else dvalues
-    widest = max(meta["BLOCK_D"], meta["BLOCK_DV"] if dread is not None else 16)
     launch(_memory_attend_bwd, lambda m: (n_splits, batch),
            (memory, keys, values_arg, keys if strength is None else strength,
             memory if mask is None else mask, *stats.contiguous(),
@@ -538,11 +577,11 @@ def memory_attend_backward(dread, dweights, memory, keys, values, strength, mask
            dict(meta, HAS_STRENGTH=strength is not None, HAS_MASK=mask is not None,
                 HAS_DREAD=dread is not None, HAS_DWEIGHTS=dweights is not None,
                 CHUNK_D=min(DOT_CHUNK, meta["BLOCK_D"]),
-                CHUNK_DV=min(DOT_CHUNK, meta["BLOCK_DV"])),
+                CHUNK_DV=min(DOT_CHUNK, meta["BLOCK_DV"]), PADDED=padded),
            bwd_configs(memory.element_size(), widest,
                        meta["EVEN_D"] and (meta["EVEN_DV"] or dread is None)),
            ["BLOCK_D", "BLOCK_DV", "EVEN_D", "EVEN_DV", "HAS_DREAD", "n_heads"],
            dict(BLOCK_N=INTERPRET_BLOCK_N, num_warps=1, num_stages=1))
-    dkeys = part_dkeys.sum(1).to(keys.dtype)
+    dkeys = part_dkeys[..., :head_dim].sum(1).to(keys.dtype)
     dstrength = None if strength is None else part_dstrength.sum(1).to(strength.dtype)
     return dmemory, dkeys, dvalues, dstrength

@@ -27,6 +27,8 @@ CASES = {
     "whole_blocks": (2, 50, 32, 4, 16, True, True),  # unmasked widths: EVEN_D and EVEN_DV
     # More heads than the backward's block of 16, an odd count: partials summed in place.
     "many_heads": (2, 45, 20, 37, 9, True, True),
+    # A masked width past 128: the backward's padded rows (PADDED).
+    "wide_odd": (2, 21, 150, 3, None, True, True),
 }
 
 
@@ -159,7 +161,8 @@ def _job(kernel, arch, dtype, width, heads, read=True, even=True, config=(64, 4,
                          "dvalues_ptr": dtype, "part_dkeys_ptr": "fp32",
                          "part_dstrength_ptr": "fp32"})
         chunk = min(module.DOT_CHUNK, width)
-        constexprs.update(HAS_DREAD=read, HAS_DWEIGHTS=True, CHUNK_D=chunk, CHUNK_DV=chunk)
+        constexprs.update(HAS_DREAD=read, HAS_DWEIGHTS=True, CHUNK_D=chunk, CHUNK_DV=chunk,
+                          PADDED=not even and width > 128)
         del constexprs["READ"]
     return dict(module="attnmem.kernels.memory_attend", kernel=kernel, arch=arch,
                 constexprs=constexprs, pointers=pointers, num_warps=num_warps,
@@ -169,8 +172,8 @@ def _job(kernel, arch, dtype, width, heads, read=True, even=True, config=(64, 4,
 def _backward_jobs():
     """The backward's first config at the widest width chunk of each dtype (16-bit to 256,
     float32 to 128) on sm_90; float16 on sm_80 (163 KB of shared memory); without values,
-    address-only (no read) and a masked (odd) width to 128 (at 256 the masked configs spill)
-    in float16."""
+    address-only (no read) and masked (odd) widths to 128 and to 256 (padded rows) in
+    float16."""
     from attnmem.kernels import memory_attend as kernel
 
     jobs, heads = {}, kernel.BWD_BLOCK_R
@@ -187,6 +190,10 @@ def _backward_jobs():
     jobs["bwd-sm90-float16-odd-width"] = _job(
         "_memory_attend_bwd", 90, "fp16", 128, heads, even=False,
         config=kernel.MASKED_BWD_CONFIGS[(2, 128)][0])
+    # Spill-free on triton 3.9; 3.6 spills 8 bytes here (kernels/memory_attend.py).
+    jobs["bwd-sm90-float16-odd-width-d256"] = _job(
+        "_memory_attend_bwd", 90, "fp16", 256, heads, even=False,
+        config=kernel.MASKED_BWD_CONFIGS[(2, 256)][0])
     jobs["bwd-sm90-float16-address-only"] = _job("_memory_attend_bwd", 90, "fp16", 256,
                                                  heads, read=False, config=fp16)
     no_values = _job("_memory_attend_bwd", 90, "fp16", 256, heads, config=fp16)
