@@ -537,6 +537,14 @@ def _attn_bwd_delta(o_ptr, do_ptr, dlse_ptr, delta_ptr,
 
 
 @triton.jit
+def _k_columns(k_base, keys, k_seen, stride_kn, offs_c, HEAD_DIM: tl.constexpr):
+    """Columns offs_c of the keys' rows of k at k_base: zeros for unseen keys (k_seen
+    false) and columns past HEAD_DIM, as _attn_bwd_dkdv loads k."""
+    return tl.load(k_base + keys[:, None] * stride_kn + offs_c[None, :],
+                   mask=k_seen[:, None] & (offs_c < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                 stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                 keys, offs_d, start, end, offset, n_q, kv_len, window_left, window_right,
@@ -544,15 +552,24 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                 MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 stride_stats_h, seed, b, key_first, dropout_cutoff, dropout_scale,
                 DROPOUT: tl.constexpr, alibi_b=None, softcap_scale=1.0,
-                SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False):
+                SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False, k_base=None,
+                stride_kn=0):
     """Query tiles [start, end) of each query head head0 + g, g < group: one loop over
     (head, tile) pairs, so that a runtime group size adds no loop around the pipelined one.
     With ATOMIC_DQ, also adds each tile's dQ = dS K * scale into dq (float32). Head h's lse
     and delta rows start at h * stride_stats_h. DROPOUT regenerates the forward's keep
     mask: dv takes the kept weights (scaled by the caller), dP the kept, scaled gradients.
-    SOFTCAP and HAS_ALIBI (slopes at alibi_b, per query head) as in the forward."""
+    SOFTCAP and HAS_ALIBI (slopes at alibi_b, per query head) as in the forward. k_base, at
+    key 0 with key stride stride_kn: the keys of k (zeros where unseen), which 16-bit atomic
+    dQ from head dim 256 reads in column chunks (see K_CHUNKS)."""
     offs_m0 = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
+    # From head dim 256, 16-bit atomic dQ: S and dQ take K in chunks of 64 columns, loaded
+    # (pipelined) per query tile rather than held, and dQ goes out in chunks: only a chunk
+    # of K^T dS^T is live beside dk and dv's 128 registers a thread (sm_90 16x64x8x2, ptxas
+    # -v: spills 40/28 B -> 0 on triton 3.9, 8/4 -> 0 on 3.6; reports/hopper-attention.md 9).
+    K_CHUNKS: tl.constexpr = ATOMIC_DQ and offs_d.shape[0] >= 256 and k.dtype != tl.float32
+    k_seen = (keys < kv_len) & (keys >= offset - window_left)
     tiles = tl.cdiv(tl.maximum(end - start, 0), BLOCK_M)
     for i in range(0, group * tiles):
         g = i // tiles
@@ -569,7 +586,17 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(alibi_b + h).to(tl.float32) * LOG2E
-        st, tt = _modified_scores(tl.dot(k, qt, input_precision=DOT_PRECISION),
+        if K_CHUNKS:
+            s = tl.zeros([keys.shape[0], BLOCK_M], dtype=tl.float32)
+            for c in tl.static_range(offs_d.shape[0] // 64):
+                offs_c = c * 64 + tl.arange(0, 64)
+                qtc = tl.load(q_b + h * stride_qh + rows[None, :] * stride_qm + offs_c[:, None],
+                              mask=r_ok[None, :] & (offs_c < HEAD_DIM)[:, None], other=0.0)
+                s = tl.dot(_k_columns(k_base, keys, k_seen, stride_kn, offs_c, HEAD_DIM), qtc,
+                           s, input_precision=DOT_PRECISION)
+        else:
+            s = tl.dot(k, qt, input_precision=DOT_PRECISION)
+        st, tt = _modified_scores(s,
                                   rows[None, :] + offset, keys[:, None], qk_scale,
                                   softcap_scale, slope, SOFTCAP, HAS_ALIBI)
         # Rows that see no key have lse = -inf, so exp2 gives inf there: the mask zeroes it.
@@ -601,7 +628,15 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
             # warps: every product on wgmma, no spill, 16 KB less shared memory). Below 64
             # the query rows take the M side instead: wgmma with BLOCK_M >= 64 (the sm_90
             # pruning keeps those tiles), where the transposed product fell back to mma.sync.
-            if offs_d.shape[0] >= 64:
+            if K_CHUNKS:
+                for c in tl.static_range(offs_d.shape[0] // 64):
+                    offs_c = c * 64 + tl.arange(0, 64)
+                    kc = _k_columns(k_base, keys, k_seen, stride_kn, offs_c, HEAD_DIM)
+                    dqt = tl.dot(tl.trans(kc), dst, input_precision=DOT_PRECISION) * scale
+                    tl.atomic_add(dq_b + h * stride_dqh + rows[None, :] * stride_dqm
+                                  + offs_c[:, None], dqt,
+                                  mask=r_ok[None, :] & (offs_c < HEAD_DIM)[:, None], sem="relaxed")
+            elif offs_d.shape[0] >= 64:
                 dqt = tl.dot(tl.trans(k), dst, input_precision=DOT_PRECISION) * scale
                 tl.atomic_add(dq_b + h * stride_dqh + rows[None, :] * stride_dqm
                               + offs_d[:, None], dqt, mask=r_ok[None, :] & d_ok[:, None],
@@ -720,7 +755,8 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                              window_left, window_right, scale, qk_scale, HEAD_DIM, BLOCK_M,
                              phase != 1, ATOMIC_DQ, DOT_PRECISION, stride_stats_h, seed, b,
                              key_first, dropout_cutoff, dropout_scale, DROPOUT, alibi_b,
-                             softcap_scale, SOFTCAP, HAS_ALIBI)
+                             softcap_scale, SOFTCAP, HAS_ALIBI,
+                             k_ptr + b * stride_kb + hk * stride_kh, stride_kn)
     if DROPOUT:
         dv = dv * dropout_scale
     tl.store(dk_ptr + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkn
@@ -869,10 +905,12 @@ FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 4, 
 # The backward's tiles on sm_90, 16-bit inputs (tests/aot.py: ptxas -v): the tile that
 # wgmma's M walks (BLOCK_N for dK/dV, BLOCK_M for dQ) is 64 or more, and each config is kept
 # up to the largest head dim at which neither the atomic nor the deterministic variant
-# spills. At head dim 256 every dK/dV tile spills a little with atomic dQ (its dk and dv
-# accumulators alone fill 128 registers a thread): the least is kept. The last tile of each
-# table is the one that fits sm_80's shared memory with float32 inputs at head dim 256
-# (dK/dV's holds k and v of 32 keys, too few rows for wgmma: mma.sync with 16-bit inputs).
+# spills. At head dim 256 dK/dV's dk and dv accumulators alone fill 128 registers a thread:
+# its one sm_90 tile, 16x64x8x2, spills with atomic dQ unless K is read in column chunks
+# (_dkdv_tiles' K_CHUNKS; with dropout, alone or with softcap and ALiBi, it still does). The
+# last tile of each table is the one that fits sm_80's shared memory with float32 inputs at
+# head dim 256 (dK/dV's holds k and v of 32 keys, too few rows for wgmma: mma.sync with
+# 16-bit inputs).
 DKDV_CONFIGS = [(32, 128, 8, 3, 128), (64, 128, 8, 2, 64), (32, 64, 8, 2, 128),
                 (32, 64, 4, 3, 64), (64, 64, 4, 2, 64), (16, 64, 4, 2, 128),
                 (16, 64, 8, 2, 256), (16, 32, 4, 2, 256)]

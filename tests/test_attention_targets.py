@@ -30,10 +30,6 @@ POINTERS = {"_attn_fwd": ["q", "k", "v", "o", "lse", "kv_lengths"],
                                "kv_lengths"],
             "_attn_bwd_dq": ["q", "k", "v", "do", "lse", "delta", "dq", "kv_lengths"]}
 FLAG_IDS = {"USE_TMA": "tma", "WARP_SPECIALIZE": "ws"}
-# At head dim 256 the dK/dV accumulators alone fill 128 registers a thread: with atomic dQ
-# every tile spills a little on sm_90 (ptxas -v, triton 3.9: 40 B with the tile kept, the
-# least found; reports/hopper-attention.md lists the other tiles and warp counts tried).
-KNOWN_SPILLS = {"dkdv-sm90-float16-d256-16x64x8x2"}
 
 
 def job(name, arch, dtype, block_d, config, masked=True, atomic_dq=True):
@@ -160,10 +156,7 @@ def test_config_compiles_and_fits_shared_memory(compiled_configs, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [
-    pytest.param(case, marks=pytest.mark.xfail(
-        strict=True, reason="dK/dV at head dim 256 spills (KNOWN_SPILLS)"))
-    if case in KNOWN_SPILLS else case for case in HOPPER_16BIT])
+@pytest.mark.parametrize("case", HOPPER_16BIT)
 def test_sm90_16bit_uses_wgmma_and_spills_no_register(compiled_configs, case):
     """ptxas -v on the PTX: no spill store or load, and Hopper's warpgroup MMA."""
     result = compiled_configs[case]
