@@ -271,7 +271,7 @@ def dropout_mask(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, d
         raise ValueError("dropout_p must be > 0 for a dropout mask")
     seed = _dropout_seed(dropout_p, generator, q)
     shape = (cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k)
-    if _pick(q, k, k, _backend.requested_backend()) == "triton":
+    if _pick(q, k, k, cu_seqlens_q, _backend.requested_backend()) == "triton":
         from attnmem.kernels import attention as kernel
         return kernel.dropout_keep_mask(seed, shape, dropout_p)
     keep = torch.zeros(shape, dtype=torch.bool, device=q.device)
