@@ -553,15 +553,16 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                 stride_stats_h, seed, b, key_first, dropout_cutoff, dropout_scale,
                 DROPOUT: tl.constexpr, alibi_b=None, softcap_scale=1.0,
                 SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False, k_base=None,
-                stride_kn=0):
+                stride_kn=0, k_seen=None):
     """Query tiles [start, end) of each query head head0 + g, g < group: one loop over
     (head, tile) pairs, so that a runtime group size adds no loop around the pipelined one.
     With ATOMIC_DQ, also adds each tile's dQ = dS K * scale into dq (float32). Head h's lse
     and delta rows start at h * stride_stats_h. DROPOUT regenerates the forward's keep
     mask: dv takes the kept weights (scaled by the caller), dP the kept, scaled gradients.
     SOFTCAP and HAS_ALIBI (slopes at alibi_b, per query head) as in the forward. k_base, at
-    key 0 with key stride stride_kn: the keys of k (zeros where unseen), which 16-bit atomic
-    dQ from head dim 256 reads in column chunks (see K_CHUNKS)."""
+    key 0 with key stride stride_kn: the keys of k (zeros where k_seen is false, as the
+    caller loaded k), which 16-bit atomic dQ from head dim 256 reads in column chunks (see
+    K_CHUNKS)."""
     offs_m0 = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
     # From head dim 256, 16-bit atomic dQ: S and dQ take K in chunks of 64 columns, loaded
@@ -569,7 +570,6 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
     # of K^T dS^T is live beside dk and dv's 128 registers a thread (sm_90 16x64x8x2, ptxas
     # -v: spills 40/28 B -> 0 on triton 3.9, 8/4 -> 0 on 3.6; reports/hopper-attention.md 9).
     K_CHUNKS: tl.constexpr = ATOMIC_DQ and offs_d.shape[0] >= 256 and k.dtype != tl.float32
-    k_seen = (keys < kv_len) & (keys >= offset - window_left)
     tiles = tl.cdiv(tl.maximum(end - start, 0), BLOCK_M)
     for i in range(0, group * tiles):
         g = i // tiles
@@ -706,11 +706,11 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (keys[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
     # Keys that no query sees load as zeros: their dk and dv come out zero whatever they hold.
-    seen = (keys[:, None] < kv_len) & (keys[:, None] >= offset - window_left)
+    seen = (keys < kv_len) & (keys >= offset - window_left)
     k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + keys[:, None] * stride_kn
-                + offs_d[None, :], mask=kv_mask & seen, other=0.0)
+                + offs_d[None, :], mask=kv_mask & seen[:, None], other=0.0)
     v = tl.load(v_ptr + b * stride_vb + hk * stride_vh + keys[:, None] * stride_vn
-                + offs_d[None, :], mask=kv_mask & seen, other=0.0)
+                + offs_d[None, :], mask=kv_mask & seen[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     seed = 0
@@ -756,7 +756,7 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                              phase != 1, ATOMIC_DQ, DOT_PRECISION, stride_stats_h, seed, b,
                              key_first, dropout_cutoff, dropout_scale, DROPOUT, alibi_b,
                              softcap_scale, SOFTCAP, HAS_ALIBI,
-                             k_ptr + b * stride_kb + hk * stride_kh, stride_kn)
+                             k_ptr + b * stride_kb + hk * stride_kh, stride_kn, seen)
     if DROPOUT:
         dv = dv * dropout_scale
     tl.store(dk_ptr + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkn
