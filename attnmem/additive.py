@@ -112,6 +112,7 @@ def _run(q, k, values, v, kv_lengths, need_scores):
         reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
     if values is not None and values.shape[2] > MAX_TRITON_VALUE_DIM:
         reasons.append(f"value width {values.shape[2]} > {MAX_TRITON_VALUE_DIM}")
+    reasons += _backend.grid_reasons([("batch entries", q.shape[0])])
     if _backend.resolve(_backend.requested_backend(), (q, k, v), reasons,
                         "additive_attention") == "triton":
         return _additive_op(q, k, v, values, kv_lengths, need_scores)

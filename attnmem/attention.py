@@ -43,11 +43,8 @@ def _shape_reasons(q, batch: int) -> list[str]:
     reasons = []
     if q.shape[-1] > MAX_TRITON_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} > {MAX_TRITON_HEAD_DIM}")
-    for name, count in (("heads", q.shape[1]), ("batch entries (sequences)", batch)):
-        if count > _backend.GRID_YZ_LIMIT:
-            reasons.append(f"{count} {name} > {_backend.GRID_YZ_LIMIT}, the CUDA launch "
-                           "grid's limit")
-    return reasons
+    return reasons + _backend.grid_reasons((("heads", q.shape[1]),
+                                            ("batch entries (sequences)", batch)))
 
 
 def _pick(q, k, v, backend: str) -> str:

@@ -60,6 +60,13 @@ def triton_device_reasons(tensors) -> list[str]:
             "only through its interpreter (TRITON_INTERPRET=1 before triton is imported)"]
 
 
+def grid_reasons(counts) -> list[str]:
+    """What the triton kernels lack for launch grids whose 2nd or 3rd axis would hold these
+    counts, (name, count) pairs: CUDA limits those axes to GRID_YZ_LIMIT."""
+    return [f"{count} {name} > {GRID_YZ_LIMIT}, the CUDA launch grid's limit"
+            for name, count in counts if count > GRID_YZ_LIMIT]
+
+
 def resolve(requested: str, tensors, reasons: list[str], op: str) -> str:
     """The backend that runs `op`; `reasons` lists what the triton kernel lacks for them."""
     if requested == "torch":

@@ -230,9 +230,11 @@ _location_op.register_autograd(_backward_through(_location_backward_op),
                                setup_context=_save_outputs_and_inputs)
 
 
-def _choose(op, tensors, heads=None, width=None, topk=None) -> str:
+def _choose(op, tensors, heads=None, width=None, topk=None, grid_rows=None) -> str:
     """The backend for op: what the triton kernels lack here (dtype; heads, slot width and
-    top-k where the kernel holds them in registers) decides with the requested backend."""
+    top-k where the kernel holds them in registers; the launch grid's 2nd axis: the batch,
+    or grid_rows (name, count) where the kernel puts other rows there) decides with the
+    requested backend."""
     x = tensors[0]
     reasons = []
     if topk is not None and topk > MAX_TRITON_TOPK:
@@ -243,9 +245,7 @@ def _choose(op, tensors, heads=None, width=None, topk=None) -> str:
         reasons.append(f"{heads} heads > {MAX_TRITON_HEADS}")
     if width is not None and width > MAX_TRITON_WIDTH:
         reasons.append(f"slot width {width} > {MAX_TRITON_WIDTH}")
-    if x.shape[0] > _backend.GRID_YZ_LIMIT:  # the batch: the launch grid's 2nd axis
-        reasons.append(f"batch {x.shape[0]} > {_backend.GRID_YZ_LIMIT}, the CUDA launch "
-                       "grid's limit")
+    reasons += _backend.grid_reasons([grid_rows or ("batch entries", x.shape[0])])
     return _backend.resolve(_backend.requested_backend(), tensors, reasons, op)
 
 
@@ -510,7 +510,9 @@ def location_address(content_weights, prev_weights, gate, shift, gamma):
     if shift.shape[:2] != content_weights.shape[:2] or shift.shape[2] % 2 != 1:
         raise ValueError(f"shift must be (B, R, S) with (B, R) = "
                          f"{tuple(content_weights.shape[:2])} and S odd, got {tuple(shift.shape)}")
-    chosen = _choose("location_address", (content_weights,))
+    batch, heads = content_weights.shape[:2]
+    chosen = _choose("location_address", (content_weights,),
+                     grid_rows=("rows (batch entries x heads)", batch * heads))
     if chosen == "triton":
         return _location_op(content_weights, prev_weights, gate, shift, gamma)[0]
     return _reference.location_address(content_weights, prev_weights, gate, shift, gamma)

@@ -21,6 +21,8 @@ MAX_ROWS = 2**31 - 1
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The selection kernel holds each half's best (16 queries, 2 * topk) in registers.
 MAX_TRITON_TOPK = 64
+# The narrowest column chunk of the gather and row-sum kernels (kernels/product_key.py).
+GRID_COLUMN_CHUNK = 16
 
 
 @torch.library.custom_op("attnmem::product_key_lookup", mutates_args=())
@@ -149,6 +151,13 @@ def product_key_lookup(queries, sub_keys, values, *, topk, return_indices=False,
         reasons.append(f"dtype {queries.dtype} (supported: float16, bfloat16, float32)")
     if topk > MAX_TRITON_TOPK:
         reasons.append(f"topk {topk} > {MAX_TRITON_TOPK}")
+    # Launch grids hold the heads, and the value rows' (and sub-keys') columns in chunks of
+    # at least GRID_COLUMN_CHUNK, on their 2nd axis.
+    columns = max(values.shape[1], sub_keys.shape[3])
+    reasons += _backend.grid_reasons([
+        ("heads", queries.shape[1]),
+        (f"{GRID_COLUMN_CHUNK}-column chunks of the value rows",
+         -(-columns // GRID_COLUMN_CHUNK))])
     chosen = _backend.resolve(_backend.requested_backend(), (queries,), reasons,
                               "product_key_lookup")
     if chosen == "triton":

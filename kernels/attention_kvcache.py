@@ -67,9 +67,11 @@ def _kvcache_append(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr,
                     stride_tb, stride_tn, n_new, n_kv_heads, capacity, page_size, n_pages,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
                     BLOCK_H: tl.constexpr):
-    """New token i of sequence b, every kv head: k and v into cache slot seqlens[b] + i."""
-    i = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    """New token i of sequence b, every kv head: k and v into cache slot seqlens[b] + i.
+    Program b * n_new + i: one grid axis, which CUDA allows 2^31 - 1 programs."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_new
+    i = (pid % n_new).to(tl.int32)
     seqlen = kv_length(seqlens_ptr, b, capacity - n_new, True)
     heads = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -106,11 +108,13 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
     its own softmax sum, and its natural-log logsumexp (-inf for a row that saw no key), at
     split `split` of o_ptr and lse_ptr. SOFTCAP, HAS_SINKS, HAS_ALIBI: see the module's
     docstring (sinks float32 (H,), slopes float32 (B or 1, H) with batch stride
-    stride_alibi_b)."""
-    bh = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1)
-    split = tl.program_id(2)
-    n_splits = tl.num_programs(2)
+    stride_alibi_b). Program (bh * m_tiles + pid_m, split): the row tiles share the 1st grid
+    axis with (b, kv head), as CUDA's 2nd allows only 65535 programs."""
+    m_tiles = tl.cdiv(n_q * group, BLOCK_M)
+    bh = tl.program_id(0).to(tl.int64) // m_tiles
+    pid_m = (tl.program_id(0).to(tl.int64) % m_tiles).to(tl.int32)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
     b = bh // (n_heads // group)
     hk = bh % (n_heads // group)
     total = kv_length(seqlens_ptr, b, capacity - n_new, True) + n_new
@@ -269,7 +273,7 @@ def append(k, v, k_cache, v_cache, cache_seqlens, block_table):
     table = block_table if paged else cache_seqlens
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     block_d = max(16, triton.next_power_of_2(head_dim))
-    _kvcache_append[(n_new, batch)](
+    _kvcache_append[(batch * n_new,)](
         k, v, k_cache, v_cache, cache_seqlens, table, *k.stride()[:3], *v.stride()[:3],
         *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0),
         table.stride(-1), n_new, kv_heads, capacity, k_cache.shape[1] if paged else 1,
@@ -309,7 +313,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
     else:
         part_out, part_lse = out, lse
     qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks)
-    _kvcache_attend[(batch * kv_heads, m_tiles, n_splits)](
+    _kvcache_attend[(batch * kv_heads * m_tiles, n_splits)](
         q, k_cache, v_cache, cache_seqlens, table, part_out, part_lse,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0),
         table.stride(-1), part_out.stride(0) if n_splits > 1 else 0, *out.stride()[:3],

@@ -186,7 +186,7 @@ def test_triton_backend_says_what_it_lacks():
             ("129 heads > 128", lambda: attnmem.memory_read(memory, torch.rand(1, 129, 6))),
             ("slot width 300 > 256", lambda: attnmem.memory_attend(memory,
                                                                    torch.randn(1, 2, 300))),
-            ("batch 65536 > 65535", lambda: attnmem.memory_read(torch.randn(65536, 2, 4),
+            ("65536 batch entries > 65535", lambda: attnmem.memory_read(torch.randn(65536, 2, 4),
                                                                 torch.rand(65536, 1, 2)))):
         with attnmem.use_backend("triton"), pytest.raises(RuntimeError, match=message):
             call()
