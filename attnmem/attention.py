@@ -151,12 +151,16 @@ _attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _fp8_triton_reasons(q) -> list[str]:
-    reasons = _shape_reasons(q, q.shape[0])
-    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(q.device)
-        reasons.append(f"float8 inputs need fp8 tensor cores (sm_89 or later), this GPU is "
-                       f"sm_{major}{minor}: the torch backend dequantizes them instead")
-    return reasons
+    return _shape_reasons(q, q.shape[0]) + fp8_arch_reasons(q.device)
+
+
+def fp8_arch_reasons(device) -> list[str]:
+    """Triton compiles float8_e4m3fn for sm_89 and later only (the e4m3 tensor cores')."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        return [f"float8_e4m3fn needs sm_89 or later (fp8 tensor cores) in triton, this GPU "
+                f"is sm_{major}{minor}: the torch backend dequantizes instead"]
+    return []
 
 
 @torch.library.custom_op("attnmem::attention_forward_fp8", mutates_args=())

@@ -16,11 +16,15 @@ from attnmem import _checks
 from attnmem import backend as _backend
 from attnmem.attention import (
     FLOAT_DTYPES,
+    FP8_DTYPE,
     MAX_TRITON_HEAD_DIM,
     TRITON_DTYPES,
+    _fp8_descales,
+    _is_fp8,
     _scale,
     _validate_score_mods,
     _window,
+    fp8_arch_reasons,
 )
 from attnmem.reference import attention as _attention_twin
 from attnmem.reference import kvcache as _reference
@@ -36,6 +40,8 @@ def _triton_reasons(q, k_cache, v_cache) -> list[str]:
         if cache.stride(-1) != 1 and cache.shape[-1] > 1:
             reasons.append(f"{name}'s last dimension is strided (the kernels write it in "
                            "place and read it in rows)")
+    if k_cache.dtype == FP8_DTYPE:
+        reasons += fp8_arch_reasons(q.device)
     return reasons
 
 
@@ -47,17 +53,19 @@ def _pick(q, k_cache, v_cache, backend: str) -> str:
 @torch.library.custom_op("attnmem::kvcache_append", mutates_args=("k_cache", "v_cache"))
 def _append(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
             v: torch.Tensor, cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor],
-            backend: str) -> None:
+            backend: str, descales: Optional[torch.Tensor] = None) -> None:
+    """descales (B, Hkv, 2) float32 (k's, v's): float8_e4m3fn caches, the new tokens
+    quantized on the way in."""
     if _pick(q, k_cache, v_cache, backend) == "triton":
         from attnmem.kernels import attention_kvcache as kernel
-        kernel.append(k, v, k_cache, v_cache, cache_seqlens, block_table)
+        kernel.append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales)
     else:
         _reference.append(k_cache, v_cache, k, v, _clamped(cache_seqlens, k_cache, k.shape[1],
-                                                           block_table), block_table)
+                                                           block_table), block_table, descales)
 
 
 @_append.register_fake
-def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, backend):
+def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, backend, descales=None):
     return None
 
 
@@ -66,8 +74,9 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor], n_new: int,
             scale: float, window_left: int, window_right: int, backend: str,
             softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
-            alibi_slopes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
+            alibi_slopes: Optional[torch.Tensor] = None,
+            descales: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, descales=descales)
     if _pick(q, k_cache, v_cache, backend) == "triton":
         from attnmem.kernels import attention_kvcache as kernel
         return kernel.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table,
@@ -79,7 +88,7 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 @_attend.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scale, window_left, window_right,
-      backend, softcap=0.0, sinks=None, alibi_slopes=None):
+      backend, softcap=0.0, sinks=None, alibi_slopes=None, descales=None):
     batch, n_q, heads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty(
         (batch, heads, n_q), dtype=_attention_twin.compute_dtype(q.dtype))
@@ -150,8 +159,41 @@ def _check_pages(block_table, cache_seqlens, n_new, page_size, n_pages):
                          f"the pool: pages are 0 to {n_pages - 1}")
 
 
+def _fp8_cache(q, k_cache, v_cache) -> bool:
+    """The caches have q's dtype (False), or are float8_e4m3fn for a 16-bit q (True)."""
+    if k_cache.dtype != FP8_DTYPE:
+        if _is_fp8(k_cache):
+            raise TypeError(f"k_cache must have q's dtype {q.dtype} or be float8_e4m3fn, got "
+                            f"{k_cache.dtype}")
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            _checks.like(name, cache, q, "q")
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"q must be float16 or bfloat16 with a float8_e4m3fn cache (the "
+                        f"kernels widen the cache to q's dtype), got {q.dtype}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _checks.like(name, cache, k_cache, "k_cache")
+        if cache.device != q.device:
+            raise ValueError(f"{name} is on {cache.device} but q is on {q.device}")
+    return True
+
+
+def _descales(q, k_cache, k_descale, v_descale, fp8):
+    """k's and v's descales stacked (B, Hkv, 2) float32 for a float8 cache (None: 1), else
+    None: they apply to float8 caches only."""
+    if not fp8:
+        for name, x in (("k_descale", k_descale), ("v_descale", v_descale)):
+            if x is not None:
+                raise ValueError(f"{name} applies to float8_e4m3fn caches only (k_cache is "
+                                 f"{k_cache.dtype})")
+        return None
+    # attention()'s check of (B, Hkv) descales, with k_cache's heads moved to dim 1.
+    return _fp8_descales(q, k_cache.transpose(1, 2), (None, k_descale, v_descale))[..., 1:]
+
+
 def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window, scale,
-              return_lse, softcap=None, sinks=None, alibi_slopes=None):
+              return_lse, softcap=None, sinks=None, alibi_slopes=None, k_descale=None,
+              v_descale=None):
     _checks.tensor("q", q, 4, "(B, Sq, H, D)")
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
@@ -162,7 +204,7 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
     what = "(num_pages, page_size, Hkv, D)" if paged else "(B, S_max, Hkv, D)"
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         _checks.tensor(name, cache, 4, what)
-        _checks.like(name, cache, q, "q")
+    fp8 = _fp8_cache(q, k_cache, v_cache)
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got "
                          f"{tuple(v_cache.shape)}")
@@ -179,6 +221,7 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
     elif k_cache.shape[0] != batch:
         raise ValueError(f"k_cache has batch {k_cache.shape[0]} but q has batch {batch} "
                          "(pass block_table for a paged cache)")
+    descales = _descales(q, k_cache, k_descale, v_descale, fp8)
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (the new tokens), or both be None")
     n_new = 0
@@ -209,7 +252,7 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
     if paged and q.device.type == "cpu" and not tracing:
         _check_pages(block_table, seqlens, n_new, k_cache.shape[1], k_cache.shape[0])
     tensors = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
-               ("sinks", sinks)]
+               ("sinks", sinks), ("k_descale", k_descale), ("v_descale", v_descale)]
     if torch.is_grad_enabled():
         for name, x in tensors:
             if x is not None and x.requires_grad:
@@ -231,12 +274,13 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
         if torch._C._overlaps(k_cache, v_cache):
             raise ValueError("k_cache and v_cache share storage: the append would write one "
                              "over the other")
-    return n_new, seqlens, scale, left, right, (softcap, sinks, alibi_slopes)
+    return n_new, seqlens, scale, left, right, (softcap, sinks, alibi_slopes, descales)
 
 
 def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens,
                            block_table=None, causal=True, window=None, scale=None,
-                           return_lse=False, softcap=None, sinks=None, alibi_slopes=None):
+                           return_lse=False, softcap=None, sinks=None, alibi_slopes=None,
+                           k_descale=None, v_descale=None):
     """Attention of new queries over a KV cache, appending the new keys and values to the
     cache in place first: FlashAttention's flash_attn_with_kvcache, whose API semantics it
     follows (layout, alignment, window).
@@ -278,15 +322,30 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     length), and one sink logit per query head joining every softmax (lse includes it; a
     query that sees no key outputs zeros and has lse = sinks[h]). No gradient here either:
     sinks that require grad are refused while grad mode is on.
+    FP8 caches (vLLM's kv_cache_dtype="fp8", FlashAttention-3's e4m3 caches): k_cache and
+    v_cache in torch.float8_e4m3fn, contiguous or paged, with k_descale and v_descale
+    ((B, Hkv), any float dtype, used in float32; None for 1) such that the cached keys and
+    values of sequence b, kv head h, are k_cache * k_descale[b, h] and v_cache *
+    v_descale[b, h]. q stays float16 or bfloat16 (float8 queries are not taken), and so do
+    the new k and v, which the append quantizes with the same descales: x / descale in
+    float32, saturated to e4m3's +-448 (NaN stays NaN), rounded to nearest even, as
+    torch's cast of the saturated value (attnmem.reference.kvcache.quantize). The triton
+    kernels read the e4m3 cache (half the bytes of a 16-bit one) and widen it exactly to
+    q's dtype in registers: k's descale folds into the softmax scale and v's scales the
+    output; the dots run in q's dtype with float32 accumulation, as with a 16-bit cache
+    (an e4m3 value is exact in float16 and bfloat16). They need sm_89 or later (where
+    triton compiles e4m3); older GPUs and the torch backend dequantize in float32 and run
+    the twin.
+
     FlashAttention's rotary_cos/rotary_sin, cache_batch_idx, cache_leftpad and num_splits
     arguments have no counterpart here.
     """
     n_new, seqlens, scale, left, right, mods = _validate(
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window, scale,
-        return_lse, softcap, sinks, alibi_slopes)
+        return_lse, softcap, sinks, alibi_slopes, k_descale, v_descale)
     backend = _backend.requested_backend()
     if n_new:
-        _append(q, k_cache, v_cache, k, v, seqlens, block_table, backend)
+        _append(q, k_cache, v_cache, k, v, seqlens, block_table, backend, mods[-1])
     out, lse = _attend(q, k_cache, v_cache, seqlens, block_table, n_new, scale, left, right,
                        backend, *mods)
     return (out, lse) if return_lse else out

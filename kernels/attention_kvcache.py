@@ -22,6 +22,14 @@ HAS_ALIBI modify each score as the attention kernels do (kernels/attention.py, w
 packed row's own head's slope, its distance measured from its position a); HAS_SINKS starts
 split 0's softmax of each row from its head's sink logit (a key of value zero), so that the
 combine by logsumexp counts the sink once.
+
+FP8_KV: the caches hold float8_e4m3fn with float32 descales (B, Hkv, 2) (k's, v's) at
+descale_ptr, so that a cached key is k_fp8 * descale[b, hk, 0] (vLLM's kv_cache_dtype="fp8",
+FlashAttention-3's e4m3 caches). The append quantizes the new tokens, given in q's dtype:
+x / descale in float32 (rounded to nearest), saturated to e4m3's +-448, rounded to nearest
+even (torch's cast of the saturated value). The attention loads e4m3 tiles, which halve
+the bytes it streams, and widens them exactly to q's 16-bit dtype in registers for the
+dots: k's descale folds into the softmax scale and v's scales the output.
 """
 
 import torch
@@ -43,6 +51,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Shared memory a block may use: sm_80 (A100) and sm_90 (H100) opt-in limits.
 SMEM_LIMIT = {80: 166912, 90: 232448}
 MAX_SPLITS = 128
+E4M3_MAX = tl.constexpr(448.0)
 
 
 @triton.jit
@@ -61,13 +70,23 @@ def _cache_rows(cache_ptr, table_ptr, b, tokens, ok, page_size, n_pages, stride_
 
 
 @triton.jit
+def _to_e4m3(x, descale):
+    """x / descale in float32 (IEEE division, as torch's), saturated to +-E4M3_MAX (NaN
+    stays NaN), rounded to e4m3 (to nearest even). sm_90's cvt.rn.satfinite saturates too;
+    the clamp makes the result the documented one whatever the cast does past 448."""
+    x = tl.math.div_rn(x.to(tl.float32), descale)
+    return tl.clamp(x, -E4M3_MAX, E4M3_MAX, propagate_nan=tl.PropagateNan.ALL).to(tl.float8e4nv)
+
+
+@triton.jit
 def _kvcache_append(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr,
                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                     stride_kcb, stride_kcn, stride_kch, stride_vcb, stride_vcn, stride_vch,
                     stride_tb, stride_tn, n_new, n_kv_heads, capacity, page_size, n_pages,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
-                    BLOCK_H: tl.constexpr):
-    """New token i of sequence b, every kv head: k and v into cache slot seqlens[b] + i.
+                    BLOCK_H: tl.constexpr, descale_ptr=None, FP8_KV: tl.constexpr = False):
+    """New token i of sequence b, every kv head: k and v into cache slot seqlens[b] + i
+    (quantized with FP8_KV: see the module's docstring).
     Program b * n_new + i: one grid axis, which CUDA allows 2^31 - 1 programs."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_new
@@ -81,6 +100,11 @@ def _kvcache_append(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr,
                 + offs_d[None, :], mask=inside)
     v = tl.load(v_ptr + b * stride_vb + i * stride_vs + heads[:, None] * stride_vh
                 + offs_d[None, :], mask=inside)
+    if FP8_KV:
+        descales = descale_ptr + (b * n_kv_heads + heads[:, None]) * 2
+        head_ok = heads[:, None] < n_kv_heads
+        k = _to_e4m3(k, tl.load(descales, mask=head_ok, other=1.0))
+        v = _to_e4m3(v, tl.load(descales + 1, mask=head_ok, other=1.0))
     full = tl.full([1], 1, tl.int1)
     kc_rows, ok = _cache_rows(kc_ptr, table_ptr, b, token, full, page_size, n_pages,
                               stride_kcb, stride_kcn, stride_tb, stride_tn, PAGED)
@@ -102,13 +126,15 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     sinks_ptr=None, alibi_ptr=None, stride_alibi_b=0, softcap_scale=1.0,
                     SOFTCAP: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
-                    HAS_ALIBI: tl.constexpr = False):
+                    HAS_ALIBI: tl.constexpr = False, descale_ptr=None,
+                    FP8_KV: tl.constexpr = False):
     """One split of the visible keys of sequence b, kv head hk, for a tile of rows r =
     i * group + g (query i, head hk * group + g). Writes the tile's output normalised by
     its own softmax sum, and its natural-log logsumexp (-inf for a row that saw no key), at
     split `split` of o_ptr and lse_ptr. SOFTCAP, HAS_SINKS, HAS_ALIBI: see the module's
     docstring (sinks float32 (H,), slopes float32 (B or 1, H) with batch stride
-    stride_alibi_b). Program (bh * m_tiles + pid_m, split): the row tiles share the 1st grid
+    stride_alibi_b). FP8_KV: e4m3 caches with descales at descale_ptr (the module's
+    docstring). Program (bh * m_tiles + pid_m, split): the row tiles share the 1st grid
     axis with (b, kv head), as CUDA's 2nd allows only 65535 programs."""
     m_tiles = tl.cdiv(n_q * group, BLOCK_M)
     bh = tl.program_id(0).to(tl.int64) // m_tiles
@@ -141,6 +167,9 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
     start = lo + split * split_len
     end = tl.minimum(start + split_len, hi)
 
+    if FP8_KV:
+        descales = descale_ptr + (b * (n_heads // group) + hk) * 2
+        qk_scale = qk_scale * tl.load(descales)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     if HAS_SINKS:
@@ -163,6 +192,8 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
                                 stride_vcb, stride_vcn, stride_tb, stride_tn, PAGED)
         kt = tl.load(k_rows[None, :] + hk * stride_kch + offs_d[:, None],
                      mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        if FP8_KV:
+            kt = kt.to(q.dtype)
         s, _ = _modified_scores(tl.dot(q, kt, input_precision=DOT_PRECISION), aligned[:, None],
                                 keys[None, :], qk_scale, softcap_scale, slope, SOFTCAP,
                                 HAS_ALIBI)
@@ -177,9 +208,13 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_rows[:, None] + hk * stride_vch + offs_d[None, :],
                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        if FP8_KV:
+            v = v.to(q.dtype)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if FP8_KV:
+        acc = acc * tl.load(descales + 1)
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
@@ -263,8 +298,16 @@ def _splits(capacity, programs, block_n, device):
     return min(n_splits, MAX_SPLITS)
 
 
-def append(k, v, k_cache, v_cache, cache_seqlens, block_table):
-    """Writes k, v (B, Sq, Hkv, D) into the caches in place at cache_seqlens[b] + i."""
+def _fp8_meta(descales) -> dict:
+    """The kernels' FP8_KV arguments for descales (B, Hkv, 2) float32 (k's, v's), or none."""
+    if descales is None:
+        return {}
+    return dict(descale_ptr=descales.to(torch.float32).contiguous(), FP8_KV=True)
+
+
+def append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales=None):
+    """Writes k, v (B, Sq, Hkv, D) into the caches in place at cache_seqlens[b] + i; into
+    float8_e4m3fn caches quantized with descales (B, Hkv, 2) float32 (k's, v's)."""
     batch, n_new, kv_heads, head_dim = k.shape
     if k.numel() == 0:
         return
@@ -278,17 +321,18 @@ def append(k, v, k_cache, v_cache, cache_seqlens, block_table):
         *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0),
         table.stride(-1), n_new, kv_heads, capacity, k_cache.shape[1] if paged else 1,
         k_cache.shape[0], HEAD_DIM=head_dim, BLOCK_D=block_d, PAGED=paged,
-        BLOCK_H=triton.next_power_of_2(kv_heads))
+        BLOCK_H=triton.next_power_of_2(kv_heads), **_fp8_meta(descales))
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scale,
                            window_left, window_right, config=None, n_splits=None, softcap=0.0,
-                           sinks=None, alibi_slopes=None):
+                           sinks=None, alibi_slopes=None, descales=None):
     """-> out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) float32, natural log. The new keys
     (n_new of them) are in the caches already; cache_seqlens counts the tokens before
     them. config and n_splits override the launch's choice (tests). softcap, sinks (H,)
     and alibi_slopes (H,) or (B, H) as attnmem.attention takes them; lse includes the
-    sinks."""
+    sinks. descales (B, Hkv, 2) float32 (k's, v's): float8_e4m3fn caches, q float16 or
+    bfloat16."""
     q = lastdim_contiguous(q)
     batch, n_q, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
@@ -323,7 +367,8 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
         unbounded if window_right < 0 else window_right,
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGED=paged,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **mods)
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **mods,
+        **_fp8_meta(descales))
     if n_splits > 1:
         _kvcache_combine[(batch * n_q * heads,)](
             part_out, part_lse, out, lse, *out.stride()[:3], n_splits, heads, n_q,

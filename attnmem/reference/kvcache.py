@@ -6,6 +6,10 @@ L = cache_seqlens[b] + n_new (through its pages when the cache is paged) and run
 attention twin, whose bottom-right alignment of the Sq queries to the L keys is
 FlashAttention's alignment to the end of each cache. Slots past L are never read.
 One sequence at a time: the lengths come to the host, so this is no fast path.
+
+float8_e4m3fn caches come with descales (B, Hkv, 2) (k's, v's): the append quantizes the
+new tokens (quantize) and the attention dequantizes each sequence's cache in the compute
+dtype (float32, float64 for a float64 q) before it attends.
 """
 
 import torch
@@ -22,10 +26,20 @@ def token_slots(cache_seqlens, n_tokens, block_table, page_size):
     return block_table.long().gather(1, pos // page_size), pos % page_size
 
 
-def append(k_cache, v_cache, k, v, cache_seqlens, block_table):
+def quantize(x, descale):
+    """x (B, Sq, Hkv, D) and descale (B, Hkv) -> x / descale in float32, saturated to
+    e4m3's +-448 (NaN stays NaN) and cast to float8_e4m3fn (round to nearest even)."""
+    limit = torch.finfo(torch.float8_e4m3fn).max
+    scaled = x.to(torch.float32) / descale.to(torch.float32)[:, None, :, None]
+    return scaled.clamp(-limit, limit).to(torch.float8_e4m3fn)
+
+
+def append(k_cache, v_cache, k, v, cache_seqlens, block_table, descales=None):
     """Writes k, v (B, Sq, Hkv, D) into the caches in place, token i of sequence b at
-    position cache_seqlens[b] + i."""
+    position cache_seqlens[b] + i; quantized with descales (B, Hkv, 2) if given."""
     first, second = token_slots(cache_seqlens, k.shape[1], block_table, k_cache.shape[1])
+    if descales is not None:
+        k, v = quantize(k, descales[..., 0]), quantize(v, descales[..., 1])
     k_cache[first, second] = k
     v_cache[first, second] = v
 
@@ -41,16 +55,21 @@ def gather(cache, b, length, block_table):
 
 def attention_with_kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, n_new,
                                    scale, window_left, window_right, softcap=0.0, sinks=None,
-                                   alibi_slopes=None):
+                                   alibi_slopes=None, descales=None):
     """q (B, Sq, H, D); the caches hold the n_new new tokens after cache_seqlens[b] old ones
     (values in range). -> out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) in the twin's
     compute dtype (-inf where a query sees no key and no sink; its output is zero).
-    softcap, sinks (H,) and alibi_slopes (H,) or (B, H) as the attention twin takes them."""
+    softcap, sinks (H,) and alibi_slopes (H,) or (B, H) as the attention twin takes them.
+    descales (B, Hkv, 2): float8 caches, whose keys are k_cache * descales[b, :, 0] and
+    values v_cache * descales[b, :, 1]."""
+    ct = _attention.compute_dtype(q.dtype)
     outs, lses = [], []
     for b, seqlen in enumerate(cache_seqlens.tolist()):
         length = seqlen + n_new
-        k, v = (gather(c, b, length, block_table).transpose(0, 1)[None]
-                for c in (k_cache, v_cache))
+        k, v = (gather(c, b, length, block_table) for c in (k_cache, v_cache))
+        if descales is not None:
+            k, v = (x.to(ct) * descales[b, :, i, None].to(ct) for i, x in enumerate((k, v)))
+        k, v = (x.transpose(0, 1)[None] for x in (k, v))
         slopes = alibi_slopes
         if slopes is not None and slopes.ndim == 2:
             slopes = slopes[b:b + 1]
