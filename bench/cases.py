@@ -27,7 +27,7 @@ PROVIDERS = {
     "memory_write": ("attnmem", "eager", "compile"),
     "additive": ("attnmem", "eager"),
     "mha": ("attnmem-mha", "attnmem-self", "torch-mha"),
-    "decode": ("attnmem", "attnmem-paged", "sdpa", "flex"),
+    "decode": ("attnmem", "attnmem-paged", "attnmem-fp8", "sdpa", "flex"),
     "varlen": ("attnmem", "padded"),
     "product_key": ("attnmem", "attnmem-sparse", "eager", "dense"),
 }
@@ -282,7 +282,8 @@ def build(point, device):
 # ---------------------------------------------------------------------------------------
 # Decoding from a KV cache: one new query token per sequence over a cache of x tokens, GQA
 # 8:1, against SDPA and FlexAttention on the same cache. Every provider attends over the
-# x cached tokens (attnmem with k=None: the append is a separate write for every provider).
+# x cached tokens (attnmem with k=None: the append is a separate write for every provider);
+# attnmem-fp8 over an e4m3 copy of it (16-bit queries only: the GPU profiles' bfloat16).
 # ---------------------------------------------------------------------------------------
 
 DECODE_SIZES = {
@@ -304,6 +305,13 @@ def decode_points(profile):
             for x in sizes["x"]]
 
 
+def _fp8_cache(cache):
+    """cache (B, N, Hkv, D) in float8_e4m3fn, one scale per (batch, kv head) as an FP8
+    serving stack keeps it (quantized outside the timed call), and its descales (B, Hkv)."""
+    fp8, descale = attnmem.quantize_fp8(cache.transpose(1, 2))
+    return fp8.transpose(1, 2).contiguous(), descale
+
+
 def _decode_fn(provider, q, k, v, page_size):
     """The call for one provider: q (B, 1, H, D) and the cache k, v (B, N, Hkv, D), each
     laid out as the provider takes them."""
@@ -320,9 +328,12 @@ def _decode_fn(provider, q, k, v, page_size):
                 pool.view(batch, blocks * page_size, *cache.shape[2:])[:, :n] = cache
                 pools.append(pool[torch.argsort(order)])
             k, v = pools
+        descales = {}
+        if provider == "attnmem-fp8":
+            (k, descales["k_descale"]), (v, descales["v_descale"]) = map(_fp8_cache, (k, v))
         seqlens = torch.full((batch,), n, dtype=torch.int32, device=k.device)
         return lambda: attnmem.attention_with_kvcache(q, k, v, cache_seqlens=seqlens,
-                                                      block_table=table)
+                                                      block_table=table, **descales)
     q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # (B, heads, N, D)
     if provider == "sdpa":
         return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
@@ -335,14 +346,16 @@ def _decode_fn(provider, q, k, v, page_size):
 
 
 def build_decode(point, device):
-    """(fn, bytes): the cache is read once, the query read and the output written once."""
+    """(fn, bytes): the cache is read once (one byte an element in e4m3 for attnmem-fp8),
+    the query read and the output written once."""
     batch, n, d = point["batch"], point["x"], point["d"]
     dtype = dtype_for("decode", device)
     q = _randn(batch, 1, point["heads"], d, device=device, dtype=dtype)
     k, v = (_randn(batch, n, point["kv_heads"], d, device=device, dtype=dtype)
             for _ in range(2))
     fn = _decode_fn(point["provider"], q, k, v, point["page_size"])
-    work = q.element_size() * (2 * k.numel() + 2 * q.numel())
+    cache_bytes = 1 if point["provider"] == "attnmem-fp8" else q.element_size()
+    work = cache_bytes * 2 * k.numel() + q.element_size() * 2 * q.numel()
     return _timed("fwd", fn, ()), work
 
 

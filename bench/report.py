@@ -309,7 +309,9 @@ def write_report(out_dir, meta, rows, unavailable):
                "and the output written once) against the cached tokens per sequence: one new "
                f"query token, {point['heads']} query heads over {point['kv_heads']} kv heads, "
                f"head dim {point['d']}; attnmem-paged reads the same cache through a shuffled "
-               f"table of {point['page_size']}-token pages. The dashed line is this device's "
+               f"table of {point['page_size']}-token pages; attnmem-fp8 reads an e4m3 copy "
+               "of the cache (one scale per batch entry and kv head), and its GB/s count "
+               "those bytes, half the others'. The dashed line is this device's "
                "measured copy bandwidth.", "", "![decode](decode.png)", ""]
         for b in batches:
             md += [f"**batch {b}** (GB/s)", "",

@@ -291,17 +291,23 @@ def test_strided_inputs(backend):
 
 def test_bench_decode_points_compute_the_same_attention():
     """Every provider of the GPU profile's decode points gets the same inputs and computes
-    the same attention (at shrunk sizes, on the CPU; FlexAttention runs on CUDA only)."""
+    the same attention (at shrunk sizes, on the CPU; FlexAttention runs on CUDA only);
+    attnmem-fp8 (given float16 queries) that of SDPA over its dequantized e4m3 cache."""
     from bench import cases
 
     point = next(p for p in cases.decode_points("gpu"))
     q = torch.randn(2, 1, point["heads"], point["d"])
     k, v = (torch.randn(2, 50, point["kv_heads"], point["d"]) for _ in range(2))
     outs = {provider: cases._decode_fn(provider, q, k, v, point["page_size"])()
-            for provider in cases.PROVIDERS["decode"] if provider != "flex"}
+            for provider in cases.PROVIDERS["decode"] if provider not in ("flex", "attnmem-fp8")}
     outs["sdpa"] = outs["sdpa"].transpose(1, 2)
     for provider, out in outs.items():
         torch.testing.assert_close(out, outs["sdpa"], rtol=1e-5, atol=1e-5, msg=provider)
+    fp8 = cases._decode_fn("attnmem-fp8", q.half(), k, v, point["page_size"])()
+    k, v = (x.float() * descale[:, None, :, None]
+            for x, descale in map(cases._fp8_cache, (k, v)))
+    expect = cases._decode_fn("sdpa", q.half().float(), k, v, point["page_size"])()
+    torch.testing.assert_close(fp8.float(), expect.transpose(1, 2), rtol=0, atol=2e-3)
     assert {p["batch"] for p in cases.decode_points("gpu")} == {1, 8, 64}
     assert point["heads"] == 8 * point["kv_heads"]
 
