@@ -111,6 +111,12 @@ def test_matches_float64(name, dtype, backend):
     expect = _run(double(q), double(k_cache), double(v_cache), double(k), double(v), seqlens,
                   kwargs, "torch")
     base = _run(q, k_cache.clone(), v_cache.clone(), k, v, seqlens, kwargs, "torch")
+    assert_matches_float64(out, lse, expect, base, dtype)
+
+
+def assert_matches_float64(out, lse, expect, base, dtype):
+    """out and lse against expect's (float64), within twice base's error (torch in dtype);
+    queries that see no key (lse -inf in expect) have lse -inf and output zeros."""
     seen = expect[1] > -math.inf
     assert torch.equal(lse > -math.inf, seen)
     assert (out.transpose(1, 2)[~seen] == 0).all(), "a query that sees no key outputs zeros"
