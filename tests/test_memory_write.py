@@ -51,6 +51,16 @@ def test_inplace_matches(backend):
     torch.testing.assert_close(memory, expect)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_write_heads_keep_memory(backend):
+    memory = torch.randn(2, 9, 4, device=DEVICE, requires_grad=True)
+    nothing = torch.rand(2, 0, 9, device=DEVICE), torch.rand(2, 0, 4, device=DEVICE)
+    with attnmem.use_backend(backend):
+        out = attnmem.memory_write(memory, nothing[0], nothing[1], nothing[1])
+    assert torch.equal(out, memory)
+    assert (torch.autograd.grad(out.sum(), memory)[0] == 1).all()
+
+
 @pytest.mark.skipif(not INTERPRET, reason="the interpreter's config is what it forces")
 @pytest.mark.parametrize("tiles", [1, 3], ids=["one_tile", "three_tiles"])
 def test_forward_configs_match(tiles, monkeypatch):
