@@ -84,7 +84,8 @@ SPARSE = {"odd": (3, 45, 37, 3, 5), "k1": (2, 20, 16, 4, 1), "k32": (2, 11, 24, 
 
 def _sparse(b, n, d, r, k):
     """Slots (B, R, K) with repeats within a head and across heads, -1 entries (weights NaN
-    there: never read) and a last batch entry that names no slot; memory, weights, dread."""
+    there: never read) and a last batch entry that names no slot; memory (slot rows strided
+    apart, as a slice of wider rows), weights, dread."""
     slots = torch.randint(0, n, (b, r, k), device=DEVICE)
     slots[0, 0, -1] = slots[0, 0, 0]
     slots[0, -1] = slots[0, 0]
@@ -93,7 +94,7 @@ def _sparse(b, n, d, r, k):
         slots[0, 0, 1] = -1
     weights = torch.rand(b, r, k, device=DEVICE)
     weights[slots < 0] = float("nan")
-    return (slots, torch.randn(b, n, d, device=DEVICE), weights,
+    return (slots, torch.randn(b, n, d + 3, device=DEVICE)[..., 3:], weights,
             torch.randn(b, r, d, device=DEVICE))
 
 
