@@ -212,12 +212,23 @@ def _sparse_job(kernel, dtype, width, even=True, atomic=False):
 def test_sparse_compiles_without_spills():
     """Issue 15: the sparse read's kernels at the widest chunks (16-bit 256 = two of 128,
     float32 128 = two of 64; the backward with float32 atomics) keep their tiles in
-    registers on sm_90 and load rows 16 bytes at a time; an odd width compiles masked."""
+    registers on sm_90 and load rows 16 bytes at a time, as do the row sums of dMemory
+    (kernels.product_key); an odd width compiles masked."""
     jobs = {"fwd-bf16-d256": _sparse_job("fwd", "bfloat16", 256),
             "fwd-fp32-d128": _sparse_job("fwd", "float32", 128),
             "bwd-fp16-d256": _sparse_job("bwd", "float16", 256),
             "bwd-fp32-d128-atomic": _sparse_job("bwd", "float32", 128, atomic=True),
             "fwd-fp16-odd-width": _sparse_job("fwd", "float16", 200, even=False)}
+    from attnmem.kernels.product_key import BLOCK_E
+
+    for dtype in ("bfloat16", "float32"):  # dMemory's row sums, as the backward launches them
+        t = TRITON_TYPES[dtype]
+        jobs[f"row-sums-{t}"] = dict(
+            module="attnmem.kernels.product_key", kernel="_pkm_row_sums", arch=90,
+            pointers={"sorted_rows_ptr": "i64", "ends_ptr": "i64", "dest_ptr": "i64",
+                      "order_ptr": "i64", "weights_ptr": t, "src_ptr": "fp32", "out_ptr": t},
+            constexprs=dict(EVEN_D=True, BLOCK_E=BLOCK_E, BLOCK_D=128), num_warps=4, num_stages=1,
+            expect={"spill_stores": 0, "spill_loads": 0, "vector_loads": True})
     results = compiled(jobs)
     got = {k: {key: results[k][key] for key in job["expect"]} for k, job in jobs.items()}
     assert got == {k: job["expect"] for k, job in jobs.items()}
