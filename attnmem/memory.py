@@ -189,6 +189,42 @@ _memory_read_op.register_autograd(_backward_through(_memory_read_backward_op),
                                   setup_context=_save_inputs)
 
 
+@torch.library.custom_op("attnmem::memory_read_sparse", mutates_args=())
+def _memory_read_sparse_op(memory: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+                           ) -> torch.Tensor:
+    from attnmem.kernels import memory_read as kernel
+
+    return kernel.memory_read_sparse_forward(memory, indices, weights)
+
+
+@_memory_read_sparse_op.register_fake
+def _(memory, indices, weights):
+    return memory.new_empty((*weights.shape[:2], memory.shape[2]))
+
+
+@torch.library.custom_op("attnmem::memory_read_sparse_backward", mutates_args=())
+def _memory_read_sparse_backward_op(dread: torch.Tensor, memory: torch.Tensor,
+                                    indices: torch.Tensor, weights: torch.Tensor,
+                                    deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from attnmem.kernels import memory_read as kernel
+
+    return kernel.memory_read_sparse_backward(dread, memory, indices, weights, deterministic)
+
+
+@_memory_read_sparse_backward_op.register_fake
+def _(dread, memory, indices, weights, deterministic):
+    return memory.new_empty(memory.shape), weights.new_empty(weights.shape)
+
+
+def _read_sparse_backward(ctx, dread):
+    dmemory, dweights = _memory_read_sparse_backward_op(
+        dread, *ctx.saved_tensors, torch.are_deterministic_algorithms_enabled())
+    return dmemory, None, dweights
+
+
+_memory_read_sparse_op.register_autograd(_read_sparse_backward, setup_context=_save_inputs)
+
+
 @torch.library.custom_op("attnmem::location_address", mutates_args=())
 def _location_op(content_weights: torch.Tensor, prev_weights: torch.Tensor, gate: torch.Tensor,
                  shift: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,15 +376,18 @@ def memory_read(memory, weights):
     """Read vectors (B, R, D): r = sum_n w_n M_n for weights (B, R, N).
 
     Sparse weights: (indices, weights) of (B, R, K), e.g. memory_address's SparseWeights,
-    read K gathered rows per head, r = sum_k w_k M[indices_k] (torch's gather on either
-    backend), never through a (B, R, N) tensor: exactly the dense read of the weights
-    scattered (summed) into (B, R, N). An index -1 reads nothing; indices are range-checked
-    on CPU tensors only (on CUDA, one outside [-1, N) reads nothing). Gradients reach the
-    weights and the gathered rows of memory: the gather's backward scatters them into a
-    dense dMemory, deterministic under torch.use_deterministic_algorithms."""
+    read K gathered rows per head, r = sum_k w_k M[indices_k], never through a (B, R, N)
+    tensor: exactly the dense read of the weights scattered (summed) into (B, R, N). An
+    index -1 reads nothing; indices are range-checked on CPU tensors only (on CUDA, one
+    outside [-1, N) reads nothing). Gradients reach the weights and the gathered rows of
+    memory, scattered into a dense dMemory: on the triton backend by float32 atomics for a
+    float32 memory, else (16-bit memories, torch.use_deterministic_algorithms) by sorted
+    per-row sums that repeat bit for bit; on the torch backend by the gather's backward."""
     _memory(memory)
     if isinstance(weights, (tuple, list)):
         indices, weights = _sparse_weights(weights, memory, "R")
+        if _choose("memory_read", (memory, weights)) == "triton":
+            return _memory_read_sparse_op(memory, indices, weights)
         return _reference.read_slots(memory, indices, weights)
     _weights("weights", weights, memory, "(B, R, N)")
     chosen = _choose("memory_read", (memory, weights), heads=weights.shape[1])

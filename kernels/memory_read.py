@@ -7,6 +7,19 @@ the heads in blocks of BLOCK_R, so that no tile outgrows the registers: any widt
 number of heads. Tile sizes, warps and stages are autotuned per width bucket, head block
 and dtype over the configs of `configs_for`, all of which compile without register spills
 on sm_80 and sm_90 (tests/test_memory_read.py).
+
+Sparse weights, indices and weights (B, R, K) (-1: no slot), read r = sum_k w_k M[i_k] in
+kernels of their own, because the shapes differ: the dense kernels multiply one slot tile
+shared by a block of 16 heads (tl.dot) and their backward programs own slot tiles, while a
+sparse head's rows are its own, so there is no shared tile to multiply and the backward
+must scatter. `_memory_read_sparse_fwd`'s programs each own a head and a width chunk and
+sum its K gathered rows, BLOCK_K at a time; `_memory_read_sparse_bwd`'s each own a head
+and BLOCK_K of its entries: dWeights_k = dr . M[i_k], and (ATOMIC) w_k dr added into the
+dense float32 dMemory with atomics. Otherwise (16-bit memories, which would need a
+memory-sized float32 buffer, and under torch.use_deterministic_algorithms) dMemory is the
+product-key lookup's sorted row sums (kernels.product_key): each touched row summed by one
+program in a fixed order, bit for bit repeatable. Rows are loaded BLOCK_D wide, 16 bytes at
+a time for whole chunks.
 """
 
 import torch
@@ -193,3 +206,144 @@ def memory_read_backward(dread, memory, weights):
            configs_for("bwd", meta["BLOCK_D"], memory.element_size()),
            ["BLOCK_D", "EVEN_D", "n_heads"], INTERPRET_CONFIG)
     return dmemory, dweights
+
+
+# Sparse read: (BLOCK_D, num_warps) per element size, the widest chunk 256 bytes of a row
+# (a warp's 16-byte loads cover two rows); BLOCK_K entries a step. These compile without
+# register spills on sm_90, atomics included, and load rows 16 bytes at a time
+# (tests/test_memory_read.py).
+SPARSE_CONFIG = {2: (128, 4), 4: (64, 4)}
+MAX_BLOCK_K = 16
+INTERPRET_SPARSE = dict(BLOCK_D=16, BLOCK_K=4, num_warps=1, num_stages=1)
+
+
+@triton.jit
+def _sparse_entries(idx_ptr, weights_ptr, head, offs_k, topk, n_slots):
+    """(slots, weights, usable) of BLOCK_K entries of a head: a slot outside [0, N) and its
+    weight (which may hold anything) count as nothing."""
+    k_ok = offs_k < topk
+    slots = tl.load(idx_ptr + head * topk + offs_k, mask=k_ok, other=-1)
+    ok = k_ok & (slots >= 0) & (slots < n_slots)
+    w = tl.load(weights_ptr + head * topk + offs_k, mask=ok, other=0.0).to(tl.float32)
+    return tl.where(ok, slots, 0), w, ok
+
+
+@triton.jit
+def _memory_read_sparse_fwd(mem_ptr, idx_ptr, weights_ptr, out_ptr, stride_mb, stride_mn,
+                            n_heads, n_slots, width, topk, EVEN_D: tl.constexpr,
+                            BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    head = tl.program_id(0).to(tl.int64)  # b * R + r
+    b = head // n_heads
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = within(offs_d, width, EVEN_D)
+    stride_mn = tl.cast(stride_mn, tl.int64)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for k0 in range(0, topk, BLOCK_K):
+        slots, w, ok = _sparse_entries(idx_ptr, weights_ptr, head, k0 + tl.arange(0, BLOCK_K),
+                                       topk, n_slots)
+        rows = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
+                       mask=ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * rows.to(tl.float32), 0)
+    tl.store(out_ptr + head * width + offs_d, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _memory_read_sparse_bwd(dread_ptr, mem_ptr, idx_ptr, weights_ptr, dmem_ptr, dweights_ptr,
+                            stride_mb, stride_mn, stride_db, stride_dn, n_heads, n_slots,
+                            width, topk, ATOMIC: tl.constexpr, EVEN_D: tl.constexpr,
+                            BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    head = tl.program_id(0).to(tl.int64)
+    b = head // n_heads
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    slots, w, ok = _sparse_entries(idx_ptr, weights_ptr, head, offs_k, topk, n_slots)
+    stride_mn = tl.cast(stride_mn, tl.int64)
+    stride_dn = tl.cast(stride_dn, tl.int64)
+    dw = tl.zeros([BLOCK_K], tl.float32)
+    for d0 in range(0, width, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = within(offs_d, width, EVEN_D)
+        tile = ok[:, None] & d_ok[None, :]
+        g = tl.load(dread_ptr + head * width + offs_d, mask=d_ok, other=0.0)
+        rows = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn + offs_d[None, :],
+                       mask=tile, other=0.0)
+        dw += tl.sum(rows.to(tl.float32) * g[None, :], 1)
+        if ATOMIC:
+            tl.atomic_add(dmem_ptr + b * stride_db + slots[:, None] * stride_dn
+                          + offs_d[None, :], w[:, None] * g[None, :], mask=tile, sem="relaxed")
+    tl.store(dweights_ptr + head * topk + offs_k, dw.to(dweights_ptr.dtype.element_ty),
+             mask=offs_k < topk)
+
+
+def sparse_config(width, topk, elem):
+    """The sparse kernels' launch config on a GPU: the width chunk (at most SPARSE_CONFIG's,
+    at least 16), BLOCK_K entries a step (topk's power of two, 2 to MAX_BLOCK_K), warps."""
+    block_d, warps = SPARSE_CONFIG[elem]
+    return dict(BLOCK_D=min(block_d, max(16, triton.next_power_of_2(width))),
+                BLOCK_K=min(MAX_BLOCK_K, max(2, triton.next_power_of_2(topk))),
+                num_warps=warps, num_stages=1)
+
+
+def _sparse_meta(width, topk, elem):
+    """(meta, config) of a launch: constexprs and the config (under the interpreter, small
+    chunks so that test sizes span several)."""
+    config = dict(INTERPRET_SPARSE) if interpreting() else sparse_config(width, topk, elem)
+    block_d = config.pop("BLOCK_D")
+    meta = dict(EVEN_D=width % block_d == 0, BLOCK_D=block_d, BLOCK_K=config.pop("BLOCK_K"))
+    return meta, config
+
+
+def memory_read_sparse_forward(memory, indices, weights):
+    """-> read (B, R, D) in memory's dtype: sum_k weights[..., k] memory[b, indices[..., k]],
+    entries with an index outside [0, N) left out."""
+    memory = lastdim_contiguous(memory)
+    indices, weights = indices.contiguous(), weights.contiguous()
+    batch, n_slots, width = memory.shape
+    n_heads, topk = indices.shape[1:]
+    out = torch.empty((batch, n_heads, width), dtype=memory.dtype, device=memory.device)
+    if out.numel() == 0:
+        return out
+    if topk == 0 or n_slots == 0:
+        return out.zero_()
+    meta, config = _sparse_meta(width, topk, memory.element_size())
+    launch(_memory_read_sparse_fwd,
+           lambda m: (batch * n_heads, triton.cdiv(width, meta["BLOCK_D"])),
+           (memory, indices, weights, out, memory.stride(0), memory.stride(1), n_heads,
+            n_slots, width, topk), meta, [config], ["BLOCK_D", "EVEN_D", "BLOCK_K"], config)
+    return out
+
+
+def memory_read_sparse_backward(dread, memory, indices, weights, deterministic):
+    """-> dmemory (B, N, D), dweights (B, R, K) in the inputs' dtypes. dMemory by float32
+    atomics for a float32 memory, else (16-bit, or deterministic) by sorted row sums."""
+    from attnmem.kernels.product_key import _row_sums
+
+    memory = lastdim_contiguous(memory)
+    indices, weights = indices.contiguous(), weights.contiguous()
+    dread = dread.float().contiguous()  # (B, R, D): small, and the kernel works in fp32
+    batch, n_slots, width = memory.shape
+    n_heads, topk = indices.shape[1:]
+    atomic = memory.dtype == torch.float32 and not deterministic
+    dmemory = torch.zeros(memory.shape if atomic else 0, dtype=memory.dtype,
+                          device=memory.device)
+    dweights = torch.empty(weights.shape, dtype=weights.dtype, device=weights.device)
+    if dweights.numel() == 0 or n_slots == 0 or width == 0:
+        dmemory = torch.zeros(memory.shape, dtype=memory.dtype, device=memory.device)
+        return dmemory, dweights.zero_()
+    meta, config = _sparse_meta(width, topk, memory.element_size())
+    launch(_memory_read_sparse_bwd,
+           lambda m: (batch * n_heads, triton.cdiv(topk, meta["BLOCK_K"])),
+           (dread, memory, indices, weights, dmemory, dweights, memory.stride(0),
+            memory.stride(1), dmemory.stride(0) if atomic else 0,
+            dmemory.stride(1) if atomic else 0, n_heads, n_slots, width, topk),
+           dict(meta, ATOMIC=atomic), [config], ["BLOCK_D", "EVEN_D", "BLOCK_K", "ATOMIC"],
+           config, reset_to_zero=["dmem_ptr"] if atomic else [])
+    if atomic:
+        return dmemory, dweights
+    # Row b * N + slot of a (B * N + 1, D) gradient; entries without a slot sum into the
+    # last row, which is dropped.
+    usable = (indices >= 0) & (indices < n_slots)
+    batch_rows = torch.arange(batch, device=memory.device)[:, None, None] * n_slots
+    targets = torch.where(usable, batch_rows + indices, batch * n_slots)
+    rows = _row_sums(targets, weights, dread.view(-1, width), topk,
+                     memory.new_zeros((batch * n_slots + 1, width)), compact=False)
+    return rows[:-1].view(memory.shape), dweights

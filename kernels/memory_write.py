@@ -2,9 +2,9 @@
 
 memory (B, N, D), write weights (B, W, N), erase and add (B, W, D):
 M' = M * prod_w (1 - w_w e_w^T) + sum_w w_w a_w^T. Forward programs own TILES consecutive
-tiles of slots, which they walk in a loop (pipelined through cp.async where the config has
-several stages), and walk the slot width in chunks, so any D works. The forward may write
-into memory itself.
+tiles of slots, which they walk with each tile's write heads in one loop (pipelined
+through cp.async where the config has several stages, for any number of heads), and walk
+the slot width in chunks, so any D works. The forward may write into memory itself.
 
 The backward's programs each own a split of the slots: they write dMemory and dWeights of
 their slots and accumulate dErase and dAdd into their own partial rows, summed by the
@@ -50,39 +50,36 @@ CONFIGS = {
 }
 # Forward configs whose programs walk TILES slot tiles in a loop that loads them through
 # LOAD_STAGES - 1 cp.async copies in flight (BLOCK_N, num_warps, stages, TILES), per element
-# size and width chunk: candidates beside the one-tile configs above, for up to
-# MAX_UNROLLED_HEADS write heads (the heads are unrolled so that the tile loop is innermost,
-# which Triton's pipeliner needs). Each compiles without spills at 1 and 2 heads, stores 16
-# bytes at a time and loads memory tiles with 16-byte cp.async (tests/test_memory_write.py).
+# size and width chunk: candidates beside the one-tile configs above, for any number of
+# write heads (one loop walks tiles and heads, so that it is innermost, which Triton's
+# pipeliner needs). Each compiles without spills at 1 and 3 heads, stores 16 bytes at a
+# time and loads memory tiles with 16-byte cp.async (tests/test_memory_write.py).
 PIPELINED = {
     (2, 16): [(64, 4, 3, 4), (64, 4, 2, 8)],
     (2, 32): [(64, 4, 3, 4), (64, 8, 3, 8)],
     (2, 64): [(64, 8, 3, 4), (32, 4, 3, 8)],
     (4, 16): [(64, 4, 3, 4), (32, 4, 2, 8)],
-    (4, 32): [(64, 4, 3, 4), (32, 8, 2, 8)],
-    (4, 64): [(64, 4, 3, 4), (32, 4, 3, 8)],
+    (4, 32): [(64, 8, 3, 4), (32, 8, 2, 8)],
+    (4, 64): [(64, 4, 3, 4), (32, 8, 3, 8)],
 }
-MAX_UNROLLED_HEADS = 2
 # The backward's splits are whole multiples of the largest BLOCK_N: its grid is the same
 # for every config.
 SPLIT_QUANTUM = 64
 INTERPRET_CONFIG = dict(BLOCK_N=16, num_warps=1, num_stages=1)
-# The forward under the interpreter: two tiles a program, heads unrolled, so that the tests
-# run the pipelined configs' code (tests/test_memory_write.py forces the others).
+# The forward under the interpreter: two tiles a program, as the pipelined configs walk
+# them (tests/test_memory_write.py forces the others).
 FWD_INTERPRET_CONFIG = dict(INTERPRET_CONFIG, TILES=2, LOAD_STAGES=2)
 
 
-def configs_for(kernel, block_d, elem, n_writes=MAX_UNROLLED_HEADS):
-    """The autotuning configs of kernel ("fwd" or "bwd") at this width chunk, element size
-    and (forward) number of write heads."""
+def configs_for(kernel, block_d, elem):
+    """The autotuning configs of kernel ("fwd" or "bwd") at this width chunk and element
+    size."""
     configs = slot_configs(CONFIGS[(kernel, elem, block_d)])
     if kernel == "bwd":
         return configs
     configs = [dict(c, TILES=1, LOAD_STAGES=1) for c in configs]  # one tile: nothing ahead
-    if n_writes <= MAX_UNROLLED_HEADS:
-        configs += [dict(BLOCK_N=n, TILES=t, LOAD_STAGES=s, num_warps=w, num_stages=s)
-                    for n, w, s, t in PIPELINED[(elem, block_d)]]
-    return configs
+    return configs + [dict(BLOCK_N=n, TILES=t, LOAD_STAGES=s, num_warps=w, num_stages=s)
+                      for n, w, s, t in PIPELINED[(elem, block_d)]]
 
 
 @triton.jit
@@ -104,27 +101,6 @@ def _write_head(keep, added, weights_ptr, erase_ptr, add_ptr, row, slots, offs_d
 
 
 @triton.jit
-def _write_heads(weights_ptr, erase_ptr, add_ptr, b, slots, offs_d, slot_ok, d_ok, n_slots,
-                 width, N_WRITES: tl.constexpr, UNROLL: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
-    """(prod_h (1 - w_h e_h^T), sum_h w_h a_h^T) over a tile's write heads: a loop, or
-    unrolled (UNROLL) where the tile loop around it must stay innermost to be pipelined."""
-    keep = tl.full([BLOCK_N, BLOCK_D], 1.0, tl.float32)
-    added = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    if UNROLL:
-        for h in tl.static_range(N_WRITES):
-            keep, added = _write_head(keep, added, weights_ptr, erase_ptr, add_ptr,
-                                      b * N_WRITES + h, slots, offs_d, slot_ok, d_ok, n_slots,
-                                      width)
-    else:
-        for h in range(N_WRITES):
-            keep, added = _write_head(keep, added, weights_ptr, erase_ptr, add_ptr,
-                                      b * N_WRITES + h, slots, offs_d, slot_ok, d_ok, n_slots,
-                                      width)
-    return keep, added
-
-
-@triton.jit
 def _memory_write_fwd(mem_ptr, weights_ptr, erase_ptr, add_ptr, out_ptr,
                       stride_mb, stride_mn, stride_ob, stride_on, n_slots, width,
                       N_WRITES: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -137,19 +113,29 @@ def _memory_write_fwd(mem_ptr, weights_ptr, erase_ptr, add_ptr, out_ptr,
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_ok = within(offs_d, width, EVEN_D)
         # Triton pipelines innermost loops only, and loads that feed no dot only in a
-        # tl.range given num_stages: the slot tiles are the inner loop, and where it is
-        # pipelined (LOAD_STAGES > 1) the heads are unrolled.
-        for t in tl.range(0, TILES, num_stages=LOAD_STAGES):
-            slots = first + t * BLOCK_N + tl.arange(0, BLOCK_N)
+        # tl.range given num_stages: one loop walks the tiles and, within each, the heads.
+        # A tile is loaded at its first head and kept in registers through the others, so
+        # its load runs LOAD_STAGES - 1 steps and the tile's other heads ahead of its use.
+        mem = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        keep = tl.full([BLOCK_N, BLOCK_D], 1.0, tl.float32)
+        added = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for step in tl.range(0, TILES * N_WRITES, num_stages=LOAD_STAGES):
+            h = step % N_WRITES
+            slots = first + (step // N_WRITES) * BLOCK_N + tl.arange(0, BLOCK_N)
             slot_ok = slots < n_slots
             tile = slot_ok[:, None] & d_ok[None, :]
-            mem = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn
-                          + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
-            keep, added = _write_heads(weights_ptr, erase_ptr, add_ptr, b, slots, offs_d,
-                                       slot_ok, d_ok, n_slots, width, N_WRITES,
-                                       LOAD_STAGES > 1, BLOCK_N, BLOCK_D)
+            # The head as a tensor: the interpreter's masks take no Python bools.
+            head = h + tl.zeros([BLOCK_N, 1], tl.int32)
+            loaded = tl.load(mem_ptr + b * stride_mb + slots[:, None] * stride_mn
+                             + offs_d[None, :], mask=tile & (head == 0), other=0.0)
+            mem = tl.where(head == 0, loaded.to(tl.float32), mem)
+            keep, added = _write_head(tl.where(head == 0, 1.0, keep),
+                                      tl.where(head == 0, 0.0, added), weights_ptr, erase_ptr,
+                                      add_ptr, b * N_WRITES + h, slots, offs_d, slot_ok, d_ok,
+                                      n_slots, width)
             tl.store(out_ptr + b * stride_ob + slots[:, None] * stride_on + offs_d[None, :],
-                     (mem * keep + added).to(out_ptr.dtype.element_ty), mask=tile)
+                     (mem * keep + added).to(out_ptr.dtype.element_ty),
+                     mask=tile & (head == N_WRITES - 1))
 
 
 @triton.jit
@@ -231,15 +217,17 @@ def memory_write_forward(memory, weights, erase, add, out=None):
         else out
     if memory.numel() == 0:
         return out
-    block_d = _block_d(width)
     n_writes = weights.shape[1]
+    if n_writes == 0:  # nothing erased or added; the kernel's loop would store nothing
+        return out.copy_(memory)
+    block_d = _block_d(width)
     # Tuning runs the kernel several times: out is restored after each, as it may be memory.
     launch(_memory_write_fwd,
            lambda m: (triton.cdiv(n_slots, m["BLOCK_N"] * m["TILES"]), batch),
            (memory, weights, erase, add, out, memory.stride(0), memory.stride(1), out.stride(0),
             out.stride(1), n_slots, width),
            dict(N_WRITES=n_writes, EVEN_D=width % block_d == 0, BLOCK_D=block_d),
-           configs_for("fwd", block_d, memory.element_size(), n_writes),
+           configs_for("fwd", block_d, memory.element_size()),
            ["BLOCK_D", "EVEN_D", "N_WRITES"], FWD_INTERPRET_CONFIG, restore_value=["out_ptr"])
     return out
 

@@ -10,7 +10,8 @@ from attnmem.reference import memory as twin
 from backends import BACKENDS, DEVICE, DTYPE_IDS, DTYPES, INTERPRET
 from tolerance import assert_close_to_float64
 
-# (B, N, D, W): one slot, several width chunks (D > 32 under the interpreter), many heads.
+# (B, N, D, W): one slot, several width chunks (D > 32 under the interpreter), many heads
+# (the interpreter's forward config walks two tiles a program, as the pipelined ones do).
 SHAPES = [(2, 1, 5, 2), (2, 75, 20, 1), (1, 40, 70, 3), (3, 33, 16, 4)]
 
 
@@ -50,12 +51,22 @@ def test_inplace_matches(backend):
     torch.testing.assert_close(memory, expect)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_write_heads_keep_memory(backend):
+    memory = torch.randn(2, 9, 4, device=DEVICE, requires_grad=True)
+    nothing = torch.rand(2, 0, 9, device=DEVICE), torch.rand(2, 0, 4, device=DEVICE)
+    with attnmem.use_backend(backend):
+        out = attnmem.memory_write(memory, nothing[0], nothing[1], nothing[1])
+    assert torch.equal(out, memory)
+    assert (torch.autograd.grad(out.sum(), memory)[0] == 1).all()
+
+
 @pytest.mark.skipif(not INTERPRET, reason="the interpreter's config is what it forces")
 @pytest.mark.parametrize("tiles", [1, 3], ids=["one_tile", "three_tiles"])
 def test_forward_configs_match(tiles, monkeypatch):
     """The forward's other config shapes under the interpreter (the default walks two tiles
-    a program with the heads unrolled): one tile with the head loop, and three tiles a
-    program over a memory whose last program has fewer than three."""
+    a program): one tile, and three tiles a program over a memory whose last program has
+    fewer than three, with three write heads."""
     from attnmem.kernels import memory_write as kernel
 
     monkeypatch.setattr(kernel, "FWD_INTERPRET_CONFIG",
@@ -74,13 +85,17 @@ def _job(kernel, arch, dtype, block_d, config, even=True, n_writes=None):
                       **{k: v for k, v in config.items() if not k.startswith("num_")})
     if kernel == "fwd":
         pointers["out_ptr"] = t
-        constexprs["N_WRITES"] = n_writes or _kernel().MAX_UNROLLED_HEADS
+        constexprs["N_WRITES"] = n_writes or TABLE_HEADS
     else:
         pointers.update({"dout_ptr": t, "dmem_ptr": t, "dweights_ptr": "fp32",
                          "part_derase_ptr": "fp32", "part_dadd_ptr": "fp32"})
     return dict(module="attnmem.kernels.memory_write", kernel=f"_memory_write_{kernel}",
                 arch=arch, constexprs=constexprs, pointers=pointers,
                 num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+# Write heads of the table's forward jobs: not a power of two, so the head index divides.
+TABLE_HEADS = 3
 
 
 def _kernel():
@@ -91,9 +106,9 @@ def _kernel():
 
 def _jobs():
     """Every config of the tables at its width chunk in every dtype on sm_90 (the forward
-    at MAX_UNROLLED_HEADS write heads), at the widest chunk on sm_80, and masked (odd)
-    widths at the first config; the pipelined forward configs at one head as well, and the
-    first at an odd width."""
+    at TABLE_HEADS write heads), at the widest chunk on sm_80, and masked (odd) widths at
+    the first config; the pipelined forward configs at one head as well, and the first at
+    an odd width."""
     kernel_module = _kernel()
     widths = [d for d in (16, 32, 64) if d <= kernel_module.MAX_BLOCK_D]
     jobs = table_jobs(_job, kernel_module.configs_for, lambda elem: widths)
@@ -105,8 +120,10 @@ def _jobs():
             jobs[f"{name}-one-head"] = _job("fwd", 90, dtype, block_d, config, n_writes=1)
             if i == 0 and block_d == widths[-1]:
                 # also checked on the GPU machines' triton (test_triton_versions)
-                jobs[f"{name}-one-head"]["expect"] = {"spill_stores": 0, "spill_loads": 0,
-                                                      "async_copies": True}
+                expect = {"spill_stores": 0, "spill_loads": 0, "async_copies": True}
+                jobs[f"{name}-one-head"]["expect"] = expect
+                jobs[f"{name}-{TABLE_HEADS}-heads"] = dict(
+                    _job("fwd", 90, dtype, block_d, config), expect=expect)
                 jobs[f"{name}-odd-width"] = _job("fwd", 90, dtype, block_d, config, even=False)
     return jobs
 
@@ -115,9 +132,9 @@ def _jobs():
 @pytest.mark.xdist_group("aot")
 def test_every_config_compiles_without_spills():
     """Issue 15: no register spills on sm_90 at any width (wider slots are walked in chunks
-    of MAX_BLOCK_D; write heads are a loop, or unrolled up to MAX_UNROLLED_HEADS), whole-block
-    widths move memory tiles 16 bytes at a time, and the multi-tile forward configs load
-    them with cp.async, several tiles in flight."""
+    of MAX_BLOCK_D; the forward's one loop walks tiles and write heads, for any number of
+    heads), whole-block widths move memory tiles 16 bytes at a time, and the multi-tile
+    forward configs load them with cp.async, several tiles in flight."""
     jobs = _jobs()
     results = compiled(jobs)
     spills = sm90_spills(results)
