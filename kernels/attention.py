@@ -967,8 +967,9 @@ FWD_FP8_CONFIGS_SM90 = {
 # The FP8 forward of packed sequences (VARLEN) on sm_90: configs of FWD_FP8_CONFIGS_SM90 that
 # spill there, where the dense masked kernel does not (ptxas -v, every config without warp
 # specialization at head dims 32 to 256, tests/test_attention_varlen_fp8.py): at head dim 128
-# 128x128x8x3 TMA (12 B, triton 3.6) and 128x128x8x2 (4 B, triton 3.9). Both spilled more
-# (40 to 760 B, at head dims 64 to 256) before V^T's sequences started on 16-byte boundaries.
+# 128x128x8x3 TMA (12 B, triton 3.6) and 128x128x8x2 (4 B, triton 3.9). Before V^T's
+# sequences started on 16-byte boundaries six configs at head dims 64 to 256 spilled 8 to 744 B
+# (triton 3.9; reports/fp8-varlen.md).
 FWD_FP8_VARLEN_SPILLS_SM90 = {128: [(128, 128, 8, 3, _TMA), (128, 128, 8, 2)]}
 # Every forward BLOCK_N divides it: with Nk a multiple, no key tile is partial.
 KEY_TILE_MULTIPLE = 128
@@ -1085,8 +1086,9 @@ def _forward_prune(configs, nargs, **meta):
     within DROPOUT_SCORES_PER_THREAD (all, if none is), none warp-specialized: triton 3.4 to
     3.6 fail to warp-specialize the loop with dropout's Philox (NVGPUWarpSpecialization).
     FP8 with MASK_KEYS: none warp-specialized either (its masked tiles load V^T through
-    pointers, which the pass rejects in one loop on triton 3.9). Every other call, masked or
-    not, packed or dense, keeps every config."""
+    pointers, which the pass rejects in one loop on triton 3.9). FP8 with VARLEN on sm_90:
+    none of FWD_FP8_VARLEN_SPILLS_SM90 either. Every other call, masked or not, packed or
+    dense, keeps every config."""
     if _hopper_16bit(nargs):
         configs = _sm90_flag_prune("fwd", configs, **meta)
     if meta.get("FP8") and meta.get("VARLEN"):
