@@ -184,13 +184,18 @@ def test_quantize_fp8_packed_bad_inputs_raise(cu, error, words):
 
 
 def test_fp8_varlen_op_traces():
-    """The custom op's fake and real outputs agree (opcheck on the torch backend, as the
-    dense FP8 op's), and torch.compile(fullgraph=True) traces attention_varlen on float8."""
+    """The custom op's fake and real outputs agree (opcheck, as the dense FP8 op's: its
+    schema test would multiply float8 tensors, which torch's CPU kernels cannot; on the
+    triton backend the fake's shapes, strides and dtypes), and torch.compile(fullgraph=True)
+    traces attention_varlen on float8."""
     (qf, kf, vf), descales, _, args, _ = fp8_inputs(CASES["causal_window_mqa"])
     descales = torch.stack(descales, -1)
-    torch.library.opcheck(varlen._varlen_forward_fp8,
-                          (qf, kf, vf, descales, *args, 0.25, 4, 0, torch.bfloat16, "torch"),
-                          test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+    for backend in BACKENDS:
+        checks = ("test_faketensor",) + (("test_aot_dispatch_dynamic",) if backend == "torch"
+                                         else ())
+        torch.library.opcheck(varlen._varlen_forward_fp8, (qf, kf, vf, descales, *args, 0.25,
+                                                           4, 0, torch.bfloat16, backend),
+                              test_utils=checks)
     scales = dict(q_descale=descales[..., 0], k_descale=descales[..., 1],
                   v_descale=descales[..., 2])
     masks = dict(causal=True, window=(4, None))
