@@ -6,7 +6,9 @@ The triton backend runs the attention kernels with their VARLEN flag: each progr
 sequence in the cumulative lengths, and tiles past a sequence's end exit at once, so no work
 goes to padding. The torch backend runs attnmem.attention's torch path (torch's fused CPU
 kernel, or the pure-torch twin) on one sequence at a time. Both take attnmem.attention's
-score modifications (softcap, sinks, ALiBi slopes) and dropout.
+score modifications (softcap, sinks, ALiBi slopes) and dropout. A third op holds the FP8
+forward (float8_e4m3fn inputs, inference only, no autograd): the same kernel with its FP8
+flag, or the float32 twin one sequence at a time.
 """
 
 import operator

@@ -31,6 +31,8 @@ body there, with the sequence's own lengths as Nq and Nk (so masks align to them
 a sequence's end exit at once. The other flags need nothing more: b, the sequence's index,
 selects its row of (B, H) ALiBi slopes and is the batch word of its dropout counters, and the
 sinks' gradient reduces over the packed lse and delta.
+FP8 alone needs more: its V^T is laid out by the launcher with each sequence's keys from a
+16-byte boundary (_packed_keys_major), and b selects the sequence's descales.
 
 Dropout (DROPOUT, compiled out when off) zeroes the weights that _dropout_keep drops, from
 a seed in device memory, and scales the rest; each kernel draws a pair's number from the
