@@ -150,8 +150,10 @@ def _backward(ctx, dout, dlse):
 _attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _fp8_triton_reasons(q) -> list[str]:
-    return _shape_reasons(q, q.shape[0]) + fp8_arch_reasons(q.device)
+def _fp8_triton_reasons(q, batch: int) -> list[str]:
+    """What the FP8 forward's kernel lacks for q (heads on dim 1) over `batch` batch entries
+    or packed sequences."""
+    return _shape_reasons(q, batch) + fp8_arch_reasons(q.device)
 
 
 def fp8_arch_reasons(device) -> list[str]:
@@ -174,7 +176,8 @@ def _attention_forward_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """The FP8 forward: descales (B, Hkv, 3) float32 stacks q's, k's and v's. No autograd:
     attention() refuses a call that asks for a gradient."""
     mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
-    if _backend.resolve(backend, (q, k, v), _fp8_triton_reasons(q), "attention") == "triton":
+    if _backend.resolve(backend, (q, k, v), _fp8_triton_reasons(q, q.shape[0]),
+                        "attention") == "triton":
         from attnmem.kernels import attention as kernel
         return kernel.attention_forward(q, k, v, kv_lengths, scale, window_left, window_right,
                                         **mods, descales=descales, out_dtype=out_dtype)
@@ -374,14 +377,19 @@ def _validate_score_mods(q, scale, softcap, sinks, alibi_slopes, batch, heads):
     return softcap, sinks, alibi_slopes
 
 
-def _validate(q, k, v, causal, scale, kv_lengths, window, return_lse, fp8=False):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, x)
+def _check_dtype(q, fp8: bool):
+    """q's dtype is float8_e4m3fn (fp8), else a float dtype attention takes."""
     if fp8 and q.dtype != FP8_DTYPE:
         raise TypeError(f"float8 inputs must be float8_e4m3fn (FlashAttention-3's FP8 forward), "
                         f"got {q.dtype}")
     if not fp8 and q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+
+
+def _validate(q, k, v, causal, scale, kv_lengths, window, return_lse, fp8=False):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x)
+    _check_dtype(q, fp8)
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
@@ -451,10 +459,9 @@ def _is_fp8(x) -> bool:
     return isinstance(x, torch.Tensor) and x.dtype.is_floating_point and x.element_size() == 1
 
 
-def _fp8_descales(q, k, descales):
-    """(q_descale, k_descale, v_descale), each None (1) or (B, Hkv) floating point on q's
-    device -> one (B, Hkv, 3) float32 tensor."""
-    shape = (q.shape[0], k.shape[1])
+def _fp8_descales(q, shape, descales):
+    """(q_descale, k_descale, v_descale), each None (1) or of `shape`, (B, Hkv), floating
+    point on q's device -> one (B, Hkv, 3) float32 tensor."""
     checked = []
     for name, x in zip(("q_descale", "k_descale", "v_descale"), descales):
         if x is None:
@@ -482,6 +489,34 @@ def _fp8_out_dtype(out_dtype) -> torch.dtype:
     return out_dtype
 
 
+def _fp8_inference(q, k, v, batch, sinks, dropout_p, descales, out_dtype):
+    """The FP8 forward's own checks, shared by attention() and attention_varlen(): no
+    dropout, nothing that asks for a gradient, descales (batch, Hkv) each. -> (descales
+    stacked (batch, Hkv, 3) float32, out_dtype)."""
+    if _dropout_p(dropout_p) != 0:
+        raise ValueError("dropout_p must be 0 with float8 inputs: the FP8 forward is for "
+                         "inference")
+    out_dtype = _fp8_out_dtype(out_dtype)
+    descales_3 = _fp8_descales(q, (batch, k.shape[1]), descales)
+    asking = [name for name, x in (("q", q), ("k", k), ("v", v), ("sinks", sinks),
+                                   *zip(("q_descale", "k_descale", "v_descale"), descales))
+              if isinstance(x, torch.Tensor) and x.requires_grad]
+    if asking and torch.is_grad_enabled():
+        raise ValueError(f"the FP8 forward has no backward (as FlashAttention-3's), but "
+                         f"{', '.join(asking)} require grad: run it under torch.no_grad() or "
+                         "torch.inference_mode(), or pass detached tensors")
+    return descales_3, out_dtype
+
+
+def _no_fp8_options(q, descales, out_dtype):
+    """Inputs that are not float8 take no descales and no out_dtype."""
+    for name, x in (*zip(("q_descale", "k_descale", "v_descale"), descales),
+                    ("out_dtype", out_dtype)):
+        if x is not None:
+            raise ValueError(f"{name} applies to float8_e4m3fn inputs only (q is "
+                             f"{getattr(q, 'dtype', type(q).__name__)})")
+
+
 def _attention_fp8(q, k, v, causal, scale, kv_lengths, window, return_lse, softcap, sinks,
                    alibi_slopes, dropout_p, descales, out_dtype):
     """attention() on float8_e4m3fn inputs: checked, then the FP8 forward (inference only)."""
@@ -490,18 +525,8 @@ def _attention_fp8(q, k, v, causal, scale, kv_lengths, window, return_lse, softc
                                                              fp8=True)
     softcap, sinks, alibi_slopes = _validate_score_mods(q, scale, softcap, sinks, alibi_slopes,
                                                         q.shape[0], q.shape[1])
-    if _dropout_p(dropout_p) != 0:
-        raise ValueError("dropout_p must be 0 with float8 inputs: the FP8 forward is for "
-                         "inference")
-    out_dtype = _fp8_out_dtype(out_dtype)
-    descales_3 = _fp8_descales(q, k, descales)
-    asking = [name for name, x in (("q", q), ("k", k), ("v", v), ("sinks", sinks),
-                                   *zip(("q_descale", "k_descale", "v_descale"), descales))
-              if isinstance(x, torch.Tensor) and x.requires_grad]
-    if asking and torch.is_grad_enabled():
-        raise ValueError(f"the FP8 forward has no backward (as FlashAttention-3's), but "
-                         f"{', '.join(asking)} require grad: run it under torch.no_grad() or "
-                         "torch.inference_mode(), or pass detached tensors")
+    descales_3, out_dtype = _fp8_inference(q, k, v, q.shape[0], sinks, dropout_p, descales,
+                                           out_dtype)
     if causal and q.shape[2] > 1:
         window_right = 0 if window_right < 0 else min(window_right, 0)
     out, lse = _attention_forward_fp8(q, k, v, descales_3, kv_lengths, scale, window_left,
@@ -510,7 +535,7 @@ def _attention_fp8(q, k, v, causal, scale, kv_lengths, window, return_lse, softc
     return (out, lse) if return_lse else out
 
 
-def quantize_fp8(x, *, kv_heads=None, per_tensor=False):
+def quantize_fp8(x, *, kv_heads=None, per_tensor=False, cu_seqlens=None):
     """x (B, H, N, D) floating point -> (x in float8_e4m3fn, descale (B, Hkv) float32) with
     x ~ x_fp8 * descale[b, h // (H // Hkv)]: the inputs and q_descale, k_descale or
     v_descale of attention()'s FP8 forward. The scale maps amax to e4m3's largest value, 448:
@@ -518,9 +543,18 @@ def quantize_fp8(x, *, kv_heads=None, per_tensor=False):
     head); pass k's head count when quantizing a grouped-query q, whose descale is per kv
     head as FlashAttention-3's), or of the whole tensor with per_tensor=True (the descale
     then repeats one value). An all-zero group gets descale 1. x must be finite: an inf
-    makes its group's descale inf and its values NaN or zero."""
-    if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        raise ValueError(f"x must be a (B, H, N, D) tensor, got "
+    makes its group's descale inf and its values NaN or zero.
+
+    Packed sequences, as attention_varlen() takes them: x (total, H, D) with cu_seqlens, its
+    int32 (B + 1,) cumulative lengths on x's device, gives descale (B, Hkv), one amax per
+    sequence and group of heads (an empty sequence gets descale 1), computed on the device
+    without reading the lengths on the host. Rows outside every sequence (lengths that do
+    not end at total, which are checked on CPU tensors only) are scaled with the nearest
+    sequence's descale."""
+    packed = cu_seqlens is not None
+    what = "(total, H, D)" if packed else "(B, H, N, D)"
+    if not isinstance(x, torch.Tensor) or x.ndim != (3 if packed else 4):
+        raise ValueError(f"x must be a {what} tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     if not x.dtype.is_floating_point or _is_fp8(x):
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
@@ -531,13 +565,41 @@ def quantize_fp8(x, *, kv_heads=None, per_tensor=False):
         raise ValueError(f"kv_heads must be an int that divides x's {heads} heads, got "
                          f"{kv_heads!r}")
     grouped = x.detach().float().unflatten(1, (kv_heads, heads // kv_heads))
+    if packed:
+        sequence = _packed_rows(cu_seqlens, x)
+        batch = cu_seqlens.shape[0] - 1
+    else:
+        batch = x.shape[0]
     if per_tensor:
-        amax = grouped.abs().amax().expand(x.shape[0], kv_heads)
+        amax = grouped.abs().amax().expand(batch, kv_heads)
+    elif packed:
+        amax = grouped.new_zeros(batch, kv_heads).scatter_reduce_(
+            0, sequence[:, None].expand(-1, kv_heads), grouped.abs().amax((2, 3)), "amax")
     else:
         amax = grouped.abs().amax((2, 3, 4))
     descale = torch.where(amax > 0, amax / E4M3_MAX, 1.0)
-    scaled = grouped / descale[:, :, None, None, None]
+    if packed:
+        scaled = grouped / descale[sequence][:, :, None, None]
+    else:
+        scaled = grouped / descale[:, :, None, None, None]
     return scaled.clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE).flatten(1, 2), descale.contiguous()
+
+
+def _packed_rows(cu_seqlens, x):
+    """The sequence of each of x's packed rows (total,) int64, from cu_seqlens checked as
+    attention_varlen checks them, on the device (rows outside every sequence go to the
+    nearest one)."""
+    from attnmem import varlen
+
+    varlen._cu_seqlens("cu_seqlens", cu_seqlens, x.device)
+    total = x.shape[0]
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        varlen._check_lengths("cu_seqlens", cu_seqlens, total, total, "x's rows")
+    if cu_seqlens.shape[0] < 2 and total:
+        raise ValueError(f"cu_seqlens holds no sequence for x's {total} rows")
+    rows = torch.arange(total, dtype=cu_seqlens.dtype, device=x.device)
+    sequence = torch.searchsorted(cu_seqlens, rows, right=True) - 1
+    return sequence.clamp_(0, max(cu_seqlens.shape[0] - 2, 0))
 
 
 def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None,
@@ -639,11 +701,7 @@ def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None
         return _attention_fp8(q, k, v, causal, scale, kv_lengths, window, return_lse, softcap,
                               sinks, alibi_slopes, dropout_p, (q_descale, k_descale, v_descale),
                               out_dtype)
-    for name, x in (("q_descale", q_descale), ("k_descale", k_descale),
-                    ("v_descale", v_descale), ("out_dtype", out_dtype)):
-        if x is not None:
-            raise ValueError(f"{name} applies to float8_e4m3fn inputs only (q is "
-                             f"{getattr(q, 'dtype', type(q).__name__)})")
+    _no_fp8_options(q, (q_descale, k_descale, v_descale), out_dtype)
     scale, window_left, window_right, kv_lengths = _validate(q, k, v, causal, scale,
                                                              kv_lengths, window, return_lse)
     softcap, sinks, alibi_slopes = _validate_score_mods(q, scale, softcap, sinks, alibi_slopes,

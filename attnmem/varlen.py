@@ -6,7 +6,9 @@ The triton backend runs the attention kernels with their VARLEN flag: each progr
 sequence in the cumulative lengths, and tiles past a sequence's end exit at once, so no work
 goes to padding. The torch backend runs attnmem.attention's torch path (torch's fused CPU
 kernel, or the pure-torch twin) on one sequence at a time. Both take attnmem.attention's
-score modifications (softcap, sinks, ALiBi slopes) and dropout.
+score modifications (softcap, sinks, ALiBi slopes) and dropout. A third op holds the FP8
+forward (float8_e4m3fn inputs, inference only, no autograd): the same kernel with its FP8
+flag, or the float32 twin one sequence at a time.
 """
 
 import operator
@@ -18,11 +20,15 @@ from attnmem import _checks
 from attnmem import backend as _backend
 from attnmem.attention import (
     _OPTIONAL_INPUTS,
-    FLOAT_DTYPES,
     _attention_backward,
     _attention_forward,
+    _check_dtype,
     _dropout_p,
     _dropout_seed,
+    _fp8_inference,
+    _fp8_triton_reasons,
+    _is_fp8,
+    _no_fp8_options,
     _scale,
     _torch_dropout_mask,
     _triton_reasons,
@@ -50,16 +56,11 @@ def _varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return kernel.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                max_seqlen_q, max_seqlen_k, scale, window_left,
                                                window_right, **mods, seed=seed)
-    out = q.new_zeros(q.shape)
-    lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"),
-                     dtype=_reference.compute_dtype(q.dtype))
-    for b, (rows_q, rows_k) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
-        out_b, lse_b = _attention_forward(
-            _dense(q[rows_q]), _dense(k[rows_k]), _dense(v[rows_k]), None, scale, window_left,
-            window_right, "torch", **_sequence_mods(mods, b, rows_q, seed))
-        out[rows_q] = out_b[0].transpose(0, 1)
-        lse[:, rows_q] = lse_b[0]
-    return out, lse
+    return _forward_per_sequence(
+        lambda b, rows_q, *qkv: _attention_forward(
+            *qkv, None, scale, window_left, window_right, "torch",
+            **_sequence_mods(mods, b, rows_q, seed)),
+        q, k, v, cu_seqlens_q, cu_seqlens_k, q.dtype, _reference.compute_dtype(q.dtype))
 
 
 @_varlen_forward.register_fake
@@ -111,6 +112,41 @@ def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
 
+@torch.library.custom_op("attnmem::attention_varlen_forward_fp8", mutates_args=())
+def _varlen_forward_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        descales: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                        cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                        scale: float, window_left: int, window_right: int,
+                        out_dtype: torch.dtype, backend: str, softcap: float = 0.0,
+                        sinks: Optional[torch.Tensor] = None,
+                        alibi_slopes: Optional[torch.Tensor] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 forward of packed sequences: descales (B, Hkv, 3) float32 stacks each
+    sequence's q, k and v descales. No autograd: attention_varlen() refuses a call that asks
+    for a gradient."""
+    mods = dict(softcap=softcap, sinks=sinks)
+    reasons = _fp8_triton_reasons(q, cu_seqlens_q.shape[0] - 1)
+    if _backend.resolve(backend, (q, k, v), reasons, "attention_varlen") == "triton":
+        from attnmem.kernels import attention as kernel
+        return kernel.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                               max_seqlen_q, max_seqlen_k, scale, window_left,
+                                               window_right, **mods, alibi_slopes=alibi_slopes,
+                                               descales=descales, out_dtype=out_dtype)
+    return _forward_per_sequence(
+        lambda b, rows_q, *qkv: _reference.attention_forward_fp8(
+            *qkv, descales[b:b + 1], None, scale, window_left, window_right, out_dtype, **mods,
+            alibi_slopes=_sequence_slopes(alibi_slopes, b)),
+        q, k, v, cu_seqlens_q, cu_seqlens_k, out_dtype, torch.float32)
+
+
+@_varlen_forward_fp8.register_fake
+def _(q, k, v, descales, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+      window_left, window_right, out_dtype, backend, softcap=0.0, sinks=None,
+      alibi_slopes=None):
+    return (q.new_empty(q.shape, dtype=out_dtype),
+            q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
+
+
 # The forward op's inputs from max_seqlen_q to backend; its optional ones after them are
 # attnmem.attention's, with the same defaults (callers may leave them out).
 _REQUIRED_ARGS = 6
@@ -143,13 +179,31 @@ def _backward(ctx, dout, dlse):
 _varlen_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _forward_per_sequence(forward, q, k, v, cu_seqlens_q, cu_seqlens_k, out_dtype,
+                          lse_dtype):
+    """The torch backend's forward: forward(b, rows_q, q, k, v) -> (out, lse) of sequence b
+    (query rows rows_q) as a dense batch of one (see _dense), run on each sequence and
+    packed into out (total_q, H, D) in out_dtype and lse (H, total_q) in lse_dtype."""
+    out = q.new_zeros(q.shape, dtype=out_dtype)
+    lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype)
+    for b, (rows_q, rows_k) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
+        out_b, lse_b = forward(b, rows_q, _dense(q[rows_q]), _dense(k[rows_k]),
+                               _dense(v[rows_k]))
+        out[rows_q] = out_b[0].transpose(0, 1)
+        lse[:, rows_q] = lse_b[0]
+    return out, lse
+
+
 def _sequence_mods(mods, b, rows_q, seed):
     """attnmem.attention's score modifications and dropout for sequence b (query rows
     rows_q), a batch of one: its row of (B, H) ALiBi slopes, and _sequence_seed."""
-    slopes = mods["alibi_slopes"]
-    if slopes is not None and slopes.ndim == 2:
-        slopes = slopes[b:b + 1]
-    return dict(mods, alibi_slopes=slopes, seed=_sequence_seed(seed, rows_q))
+    return dict(mods, alibi_slopes=_sequence_slopes(mods["alibi_slopes"], b),
+                seed=_sequence_seed(seed, rows_q))
+
+
+def _sequence_slopes(slopes, b):
+    """Sequence b's ALiBi slopes: its row of (B, H) slopes, (H,) ones as they are."""
+    return slopes[b:b + 1] if slopes is not None and slopes.ndim == 2 else slopes
 
 
 def _sequence_seed(seed, rows_q):
@@ -219,10 +273,9 @@ def _check_lengths(name, cu_seqlens, total, max_seqlen, max_name):
 
 
 def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-              window, return_lse):
+              window, return_lse, fp8=False):
     _checks.tensor("q", q, 3, "(total_q, H, D)")
-    if q.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    _check_dtype(q, fp8)
     for name, x in (("k", k), ("v", v)):
         _checks.tensor(name, x, 3, "(total_k, Hkv, D)")
         _checks.like(name, x, q, "q")
@@ -285,7 +338,8 @@ def dropout_mask(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, d
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                      causal=False, scale=None, window=None, return_lse=False, softcap=None,
-                     sinks=None, alibi_slopes=None, dropout_p=0.0, generator=None):
+                     sinks=None, alibi_slopes=None, dropout_p=0.0, generator=None,
+                     q_descale=None, k_descale=None, v_descale=None, out_dtype=None):
     """Softmax attention over a packed batch of variable-length sequences, in the layout of
     FlashAttention's flash_attn_varlen_func and with its semantics.
 
@@ -334,12 +388,38 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     r's mask from a generator seeded with seed + r. dropout_mask(q, k, cu_seqlens_q,
     cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, generator), in this module,
     returns the masks a call applies.
+
+    FP8 (FlashAttention-3's FP8 forward of flash_attn_varlen_func, inference only): q, k, v
+    in torch.float8_e4m3fn with q_descale, k_descale, v_descale ((B, Hkv) float32 each, row
+    b for sequence b; None for 1), such that sequence b's inputs are q * q_descale[b,
+    h // (H // Hkv)] and so on (attnmem.quantize_fp8(x, kv_heads=Hkv,
+    cu_seqlens=cu_seqlens) makes both). As attnmem.attention's FP8 forward: out in out_dtype
+    (bfloat16 by default; float16 or float32), lse float32, both products in e4m3 with
+    float32 accumulation on GPUs with fp8 tensor cores (the softmax weights rounded to e4m3,
+    up to 2^-4 of sum_j p_ij |v_jd| per output element), the float32 twin on older GPUs, the
+    CPU and the torch backend; causal, window, grouped-query heads, return_lse, softcap,
+    sinks and alibi_slopes as above; dropout_p must be 0 and nothing may ask for a gradient.
+    The kernel reads v with its keys contiguous: the launcher copies v once per call into
+    (Hkv, D, keys) with each sequence's keys starting on a 16-byte boundary.
     """
+    fp8 = _is_fp8(q)
+    descales = (q_descale, k_descale, v_descale)
+    if not fp8:
+        _no_fp8_options(q, descales, out_dtype)
     max_seqlen_q, max_seqlen_k, scale, window_left, window_right = _validate(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window,
-        return_lse)
+        return_lse, fp8)
+    batch = cu_seqlens_q.shape[0] - 1
     softcap, sinks, alibi_slopes = _validate_score_mods(q, scale, softcap, sinks, alibi_slopes,
-                                                        cu_seqlens_q.shape[0] - 1, q.shape[1])
+                                                        batch, q.shape[1])
+    if fp8:
+        descales, out_dtype = _fp8_inference(q, k, v, batch, sinks, dropout_p, descales,
+                                             out_dtype)
+        out, lse = _varlen_forward_fp8(q, k, v, descales, cu_seqlens_q, cu_seqlens_k,
+                                       max_seqlen_q, max_seqlen_k, scale, window_left,
+                                       window_right, out_dtype, _backend.requested_backend(),
+                                       softcap, sinks, alibi_slopes)
+        return (out, lse) if return_lse else out
     dropout_p = _dropout_p(dropout_p)
     seed = _dropout_seed(dropout_p, generator, q)
     out, lse = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

@@ -31,6 +31,8 @@ body there, with the sequence's own lengths as Nq and Nk (so masks align to them
 a sequence's end exit at once. The other flags need nothing more: b, the sequence's index,
 selects its row of (B, H) ALiBi slopes and is the batch word of its dropout counters, and the
 sinks' gradient reduces over the packed lse and delta.
+FP8 alone needs more: its V^T is laid out by the launcher with each sequence's keys from a
+16-byte boundary (_packed_keys_major), and b selects the sequence's descales.
 
 Dropout (DROPOUT, compiled out when off) zeroes the weights that _dropout_keep drops, from
 a seed in device memory, and scales the rest; each kernel draws a pair's number from the
@@ -410,7 +412,12 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
         o_ptr += q_start * stride_om
         lse_ptr += lse_row
         k_ptr += k_start * stride_kn
-        v_ptr += k_start * stride_vn
+        if FP8:
+            # V^T, whose keys are contiguous, holds each sequence's from a 16-byte boundary
+            # (_packed_keys_major): its loads stay aligned, and the kernel spills less.
+            v_ptr += tl.multiple_of(16 * (b + tl.cdiv(k_start, 16)), 16)
+        else:
+            v_ptr += k_start * stride_vn
     hk = h // group
     kv_len = kv_length(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS)
     offset = n_k - n_q
@@ -959,6 +966,13 @@ FWD_FP8_CONFIGS_SM90 = {
     256: [(128, 64, 4, 2, _TMA, _WS), (128, 32, 4, 2, _TMA, _WS), (128, 32, 8, 3, _TMA),
           (128, 32, 8, 3), (64, 32, 8, 3)],
 }
+# The FP8 forward of packed sequences (VARLEN) on sm_90: configs of FWD_FP8_CONFIGS_SM90 that
+# spill there, where the dense masked kernel does not (ptxas -v, every config without warp
+# specialization at head dims 32 to 256, tests/test_attention_varlen_fp8.py): at head dim 128
+# 128x128x8x3 TMA (12 B, triton 3.6) and 128x128x8x2 (4 B, triton 3.9). Before V^T's
+# sequences started on 16-byte boundaries six configs at head dims 64 to 256 spilled 8 to 744 B
+# (triton 3.9; reports/fp8-varlen.md).
+FWD_FP8_VARLEN_SPILLS_SM90 = {128: [(128, 128, 8, 3, _TMA), (128, 128, 8, 2)]}
 # Every forward BLOCK_N divides it: with Nk a multiple, no key tile is partial.
 KEY_TILE_MULTIPLE = 128
 
@@ -1074,16 +1088,31 @@ def _forward_prune(configs, nargs, **meta):
     within DROPOUT_SCORES_PER_THREAD (all, if none is), none warp-specialized: triton 3.4 to
     3.6 fail to warp-specialize the loop with dropout's Philox (NVGPUWarpSpecialization).
     FP8 with MASK_KEYS: none warp-specialized either (its masked tiles load V^T through
-    pointers, which the pass rejects in one loop on triton 3.9). Every other call, masked or
-    not, packed or dense, keeps every config."""
+    pointers, which the pass rejects in one loop on triton 3.9). FP8 with VARLEN on sm_90:
+    none of FWD_FP8_VARLEN_SPILLS_SM90 either. Every other call, masked or not, packed or
+    dense, keeps every config."""
     if _hopper_16bit(nargs):
         configs = _sm90_flag_prune("fwd", configs, **meta)
+    if meta.get("FP8") and meta.get("VARLEN"):
+        configs = _fp8_varlen_prune(configs, nargs, meta["BLOCK_D"])
     if meta.get("FP8") and meta.get("MASK_KEYS"):
         return [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE")]
     if not meta.get("DROPOUT"):
         return configs
     return [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE") and c.kwargs["BLOCK_M"]
             * c.kwargs["BLOCK_N"] <= DROPOUT_SCORES_PER_THREAD * 32 * c.num_warps] or configs
+
+
+def _fp8_varlen_prune(configs, nargs, block_d: int):
+    """The FP8 forward of packed sequences on sm_90 runs no config of
+    FWD_FP8_VARLEN_SPILLS_SM90 (all, if every one is)."""
+    q = nargs["q_ptr"]
+    if not q.is_cuda or _arch(q.device) != 90:
+        return configs
+    spills = FWD_FP8_VARLEN_SPILLS_SM90.get(block_d, ())
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                   c.num_stages, *(f for f in (_TMA, _WS) if c.kwargs.get(f)))
+            not in spills] or configs
 
 
 # Scores (BLOCK_M x BLOCK_N over the threads) a thread may hold on sm_90 with 16-bit inputs
@@ -1436,6 +1465,26 @@ def _packed(x):
     return x.as_strided((1, heads, rows, dim), (0, x.stride(1), x.stride(0), x.stride(2)))
 
 
+def _packed_keys_major(v, cu_seqlens_k):
+    """A packed v (total_k, Hkv, D) as _attn_fwd's FP8 reads it with VARLEN: V^T, (1, Hkv, D,
+    L) with the keys contiguous and batch stride 0, sequence b's keys from key
+    16 * (b + ceil(start / 16)) on, start its first packed row (clamped into [0, total_k], as
+    _packed_sequence clamps it): a 16-byte boundary, and past the previous sequence's end.
+    The copy runs on the device (no host sync); the gaps are never read."""
+    total, kv_heads, dim = v.shape
+    batch = cu_seqlens_k.shape[0] - 1
+    rows = torch.arange(total, device=v.device)
+    sequence = torch.searchsorted(cu_seqlens_k, rows.to(cu_seqlens_k.dtype), right=True) - 1
+    start = cu_seqlens_k.long().clamp(0, total)[sequence.clamp_(0, max(batch - 1, 0))]
+    keys = rows - start + 16 * (sequence + triton.cdiv(start, 16))
+    # As bytes: torch's indexed copies take no float8.
+    v_t = torch.empty((1, kv_heads, dim, triton.cdiv(total, 16) * 16 + 16 * batch),
+                      dtype=torch.uint8, device=v.device)
+    v_t[..., keys] = _packed(v).transpose(2, 3).view(torch.uint8)
+    v_t = v_t.view(v.dtype)
+    return v_t.as_strided(v_t.shape, (0, *v_t.stride()[1:]))
+
+
 def _varlen_common(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
                    window_right):
     """_common for packed (1, H, total, D) views: total_q and total_k go in as Nq and Nk
@@ -1448,7 +1497,8 @@ def _varlen_common(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
 
 def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              scale, window_left, window_right, config=None, softcap=0.0,
-                             sinks=None, alibi_slopes=None, dropout_p=0.0, seed=None):
+                             sinks=None, alibi_slopes=None, dropout_p=0.0, seed=None,
+                             descales=None, out_dtype=None):
     """Packed q (total_q, H, D), k, v (total_k, Hkv, D): sequence b is rows cu_seqlens[b] to
     cu_seqlens[b + 1] (int32, (B + 1,)), at most max_seqlen rows long, its masks aligned to
     its own lengths. -> out (total_q, H, D) in q's dtype, lse (H, total_q) float32. The grid
@@ -1459,20 +1509,29 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     attention_forward, ALiBi's distance measured from each sequence's own bottom-right
     aligned position. dropout_p > 0: sequence b's mask is dropout_keep_mask(seed, (B, H,
     max_seqlen_q, max_seqlen_k), dropout_p)[b, :, :Lq, :Lk] (the sequence index is Philox's
-    batch word, its own rows and keys the others)."""
-    q, k, v = (lastdim_contiguous(x) for x in (q, k, v))
+    batch word, its own rows and keys the others).
+
+    descales (B, Hkv, 3) float32, row b for sequence b: the FP8 forward, as in
+    attention_forward (out in out_dtype); v is read as V^T (see _packed_keys_major)."""
+    q, k = (lastdim_contiguous(x) for x in (q, k))
+    if descales is None:
+        v = lastdim_contiguous(v)
     total_q, heads, _ = q.shape
     batch = cu_seqlens_q.shape[0] - 1
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     views = [_packed(x) for x in (q, k, v, out)]
+    if descales is not None:
+        views[2] = _packed_keys_major(v, cu_seqlens_k)
     meta, scalars, window, dummy = _varlen_common(*views[:2], cu_seqlens_q, cu_seqlens_k,
                                                   max_seqlen_q, max_seqlen_k, window_left,
                                                   window_right)
     meta["MASK_KEYS"] = True
     meta.update(dropout_meta(dropout_p, seed))
+    if descales is not None:
+        meta.update(fp8_meta(descales, meta["BLOCK_D"]))
     qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks)
     args = (*views, lse, dummy, *(s for x in views for s in x.stride()[:3]), *scalars,
             qk_scale, *window)
