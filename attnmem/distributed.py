@@ -21,11 +21,14 @@ are the same on every rank, and so are their replicated outputs (reads); a loss 
 from a replicated output is the same on every rank, so its gradient is too. Gradients of
 replicated inputs come back summed over the ranks: every rank holds the full gradient.
 Sharded inputs and outputs (sequence shards, memory slots, weights over the slots) keep
-their gradients on their rank.
+their gradients on their rank. ring_attention's sinks are replicated but feed a sharded
+output: each rank's gradient for them is its own rows' part, as the projections feeding
+its shard get theirs (see ring_attention).
 """
 
 import functools
 import math
+import typing
 
 import torch
 import torch.distributed as dist
@@ -208,31 +211,41 @@ def _bound(pick, side, limit):
 
 def _alibi_calls(q_seg, k_seg, n_q, n_k, lo_rel, hi_rel, global_sign=0):
     """The calls of one pair of segments with ALiBi: each as _pair's, with (slope sign, lse
-    shift) in place of shift. A call biases by -slope |a' - j'| from its own alignment; the
-    op's bias is -slope |a - j|, a - j = a' - j' + shift. Where shift is 0 they agree. Where
-    a - j keeps one sign s and a' - j' one sign s' over a call's keys, -slope |a - j| =
-    -(s s' slope) |a' - j'| - slope s shift: the call runs with slopes times s s', and its
-    lse moves by -slope s shift. So the pair splits where a - j changes sign (global_sign 0:
-    not split yet), then each part where a' - j' does: at most four calls."""
+    shift, extra keys) in place of shift. A call biases by -slope |a' - j'| from its own
+    alignment a'; the op's bias is -slope |a - j|, a - j = a' - j' + shift. Where shift is
+    0 they agree. Where a - j keeps one sign s and a' - j' one sign s' over a call's keys,
+    -slope |a - j| = -(s s' slope) |a' - j'| - slope s shift: the call runs with slopes
+    times s s', and its lse moves by -slope s shift, which the merge takes back out.
+
+    So the pair splits where a - j changes sign (global_sign 0: not split yet). Keys at or
+    before a (s = 1, all of them with causal=True): the call takes `extra` keys past its
+    last (masked by its lengths; they lie in the shard's buffer, whatever they hold), which
+    moves a' onto the query's nearest key: a' - j' >= 0, and the weights that count the
+    most get the smallest local bias, as in the op on the full sequence. Keys after a
+    (s = -1, causal=False only): the part splits again where a' - j' changes sign, and the
+    keys after a' run with negated slopes."""
     call = _pair(q_seg, k_seg, n_q, n_k, lo_rel, hi_rel)
     if call is None:
         return []
     rows, keys, left, right, start, shift = call
     if shift == 0:
-        return [(rows, keys, left, right, start, 1, 0)]
+        return [(rows, keys, left, right, start, 1, 0, 0)]
     if global_sign == 0:
         return (_alibi_calls(q_seg, k_seg, n_q, n_k, lo_rel, _bound(min, hi_rel, 0), 1)
                 + _alibi_calls(q_seg, k_seg, n_q, n_k, _bound(max, lo_rel, 1), hi_rel, -1))
+    if global_sign == 1:
+        # j' - a' reaches at most right (or the first query's last key): past it by extra.
+        n_rows = rows.stop - rows.start
+        extra = n_rows - 1 if right < 0 or right >= n_rows - 1 else right
+        return [(rows, keys, -1 if left < 0 else left + extra, -1 if right < 0 else 0, start,
+                 1, shift - extra, extra)]
+    if left == 0 or keys.stop - keys.start == 1:  # every key at or after a'
+        return [(rows, keys, left, right, start, 1, -shift, 0)]
     if right == 0 or rows.stop - rows.start == 1:  # every key at or before a'
-        local_sign = 1
-    elif left == 0 or keys.stop - keys.start == 1:  # every key at or after a'
-        local_sign = -1
-    else:  # a' = j' where j - a = -shift, inside the band: split there
-        return (_alibi_calls(q_seg, k_seg, n_q, n_k, lo_rel, _bound(min, hi_rel, -shift),
-                             global_sign)
-                + _alibi_calls(q_seg, k_seg, n_q, n_k, _bound(max, lo_rel, 1 - shift), hi_rel,
-                               global_sign))
-    return [(rows, keys, left, right, start, global_sign * local_sign, global_sign * shift)]
+        return [(rows, keys, left, right, start, -1, -shift, 0)]
+    # a' = j' where j - a = -shift, inside the band: split there.
+    return (_alibi_calls(q_seg, k_seg, n_q, n_k, lo_rel, _bound(min, hi_rel, -shift), -1)
+            + _alibi_calls(q_seg, k_seg, n_q, n_k, _bound(max, lo_rel, 1 - shift), hi_rel, -1))
 
 
 def _join(a, b, has_lengths):
@@ -250,11 +263,11 @@ def _join(a, b, has_lengths):
 def _ring_pairs(rank, src, world, n_q, n_k, causal, left, right, has_lengths, alibi=False):
     """The attention calls of one step, this rank's queries against rank src's keys: each
     (query slice, key slice, left, right, global start of the keys, ALiBi slope sign, lse
-    shift in slopes; see _alibi_calls). Without ALiBi, calls that keep their alignment
-    join; with it, each pair of chunks keeps its own calls."""
+    shift in slopes, extra keys; see _alibi_calls). Without ALiBi, calls that keep their
+    alignment join; with it, each pair of chunks keeps its own calls."""
     if src == rank and causal and left < 0 and n_q == n_k and not has_lengths and not alibi:
         # A rank's own zig-zag chunks keep their order: local causal attention is the mask.
-        return [(slice(0, n_q // world), slice(0, n_k // world), -1, 0, 0, 1, 0)]
+        return [(slice(0, n_q // world), slice(0, n_k // world), -1, 0, 0, 1, 0, 0)]
     n_chunks = len(_chunks_of(0, world, causal)[0])
     cq, ck = n_q // (world * n_chunks), n_k // (world * n_chunks)
     q_segs = [(i * cq, c * cq, cq) for i, c in enumerate(_chunks_of(rank, world, causal)[0])]
@@ -274,7 +287,7 @@ def _ring_pairs(rank, src, world, n_q, n_k, causal, left, right, has_lengths, al
                 break
         else:
             calls.append(pair[:5])
-    return [(*call, 1, 0) for call in calls]
+    return [(*call, 1, 0, 0) for call in calls]
 
 
 @functools.lru_cache(maxsize=256)
@@ -286,16 +299,43 @@ def _ring_steps(world, n_q, n_k, causal, left, right, has_lengths):
                                    right, has_lengths)), default=0)
 
 
+class _Call(typing.NamedTuple):
+    """One attention call of a ring step (see _ring_pairs and _alibi_calls)."""
+    rows: slice
+    keys: slice
+    left: int
+    right: int
+    key_start: int
+    slope_sign: int
+    lse_shift: int
+    extra: int
+    number: int  # in ring order from 0: the call's dropout seed
+
+
 def _ring_plan(world, rank, n_q, n_k, causal, left, right, has_lengths, alibi):
-    """The calls of every step, each numbered in ring order from 0 (dropout's seeds)."""
+    """The calls of every step, numbered in ring order."""
     steps = _ring_steps(world, n_q, n_k, causal, left, right, has_lengths)
     plan, number = [], 0
     for step in range(steps):
         calls = _ring_pairs(rank, (rank - step) % world, world, n_q, n_k, causal, left, right,
                             has_lengths, alibi)
-        plan.append([(*call, number + i) for i, call in enumerate(calls)])
+        plan.append([_Call(*call, number + i) for i, call in enumerate(calls)])
         number += len(calls)
     return plan
+
+
+def _with_room(kv, room):
+    """kv (2, B, Hkv, N, D) in a buffer with `room` more rows after its keys, which calls
+    with extra keys read (masked by their lengths, so whatever the rows hold)."""
+    if not room:
+        return kv
+    buffer = kv.new_empty(*kv.shape[:3], kv.shape[3] + room, kv.shape[4])
+    buffer[:, :, :, :kv.shape[3]] = kv
+    return buffer
+
+
+def _room(plan):
+    return max((call.extra for calls in plan for call in calls), default=0)
 
 
 def _local_lengths(kv_lengths, key_start, n_keys):
@@ -306,6 +346,19 @@ def _call_seed(seed, number, world, rank, n_q):
     """Call `number`'s dropout seed on rank: seeds n_q apart (the torch backend seeds query
     row i of a call with seed + i) and apart between ranks, so no two calls share draws."""
     return None if seed is None else seed + (number * world + rank) * n_q
+
+
+def _call_inputs(call, kv, kv_lengths, alibi_slopes, seed, world, rank, n_q):
+    """A call's keys and values (with its extra keys), their lengths, its ALiBi slopes and
+    its dropout seed."""
+    n_keys = call.keys.stop - call.keys.start
+    span = slice(call.keys.start, call.keys.stop + call.extra)
+    lengths = _local_lengths(kv_lengths, call.key_start, n_keys)
+    if call.extra and lengths is None:
+        lengths = torch.full((kv.shape[1],), n_keys, device=kv.device)
+    return (kv[0][:, :, span], kv[1][:, :, span], lengths,
+            None if alibi_slopes is None else alibi_slopes * call.slope_sign,
+            _call_seed(seed, call.number, world, rank, n_q))
 
 
 def _slope_shift(alibi_slopes, shift, ct):
@@ -340,16 +393,16 @@ class _RingAttention(torch.autograd.Function):
         for step, calls in enumerate(plan):
             if step < len(plan) - 1:
                 received, requests = ring.shift(kv)
-            for rows, keys, l_side, r_side, start, sign, shift, number in calls:
+            buffer = _with_room(kv, _room(plan))
+            for call in calls:
+                k_call, v_call, lengths, slopes, call_seed = _call_inputs(
+                    call, buffer, kv_lengths, alibi_slopes, seed, ring.world, ring.rank, n_q)
                 part, part_lse = torch.ops.attnmem.attention_forward(
-                    q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys],
-                    _local_lengths(kv_lengths, start, keys.stop - keys.start), scale, l_side,
-                    r_side, backend, softcap, None,
-                    None if alibi_slopes is None else alibi_slopes * sign, dropout_p,
-                    _call_seed(seed, number, ring.world, ring.rank, n_q))
-                if shift:
-                    part_lse = part_lse - _slope_shift(alibi_slopes, shift, ct)
-                _merge(out[:, :, rows], lse[:, :, rows], part, part_lse)
+                    q[:, :, call.rows], k_call, v_call, lengths, scale, call.left, call.right,
+                    backend, softcap, None, slopes, dropout_p, call_seed)
+                if call.lse_shift:
+                    part_lse = part_lse - _slope_shift(alibi_slopes, call.lse_shift, ct)
+                _merge(out[:, :, call.rows], lse[:, :, call.rows], part, part_lse)
             if step < len(plan) - 1:
                 _wait(requests)
                 kv = received
@@ -381,23 +434,25 @@ class _RingAttention(torch.autograd.Function):
             if step < steps - 1:
                 received, requests = ring.shift(kv)
             dkv = torch.zeros(kv.shape, dtype=ct, device=kv.device)
-            for rows, keys, l_side, r_side, start, sign, shift, number in calls:
+            buffer = _with_room(kv, _room(plan))
+            for call in calls:
                 # attnmem's backward op with the global out and lse (in the call's own
                 # ALiBi frame) gives this call's share of the gradients directly: nothing is
                 # recomputed or kept per step.
+                rows, keys = call.rows, call.keys
                 lse_rows = lse[:, :, rows]
-                if shift:
-                    lse_rows = lse_rows + _slope_shift(alibi_slopes, shift, ct)
+                if call.lse_shift:
+                    lse_rows = lse_rows + _slope_shift(alibi_slopes, call.lse_shift, ct)
+                k_call, v_call, lengths, slopes, call_seed = _call_inputs(
+                    call, buffer, kv_lengths, alibi_slopes, seed, ring.world, ring.rank, n_q)
                 dq_part, dk_part, dv_part, _ = torch.ops.attnmem.attention_backward(
-                    dout[:, :, rows], q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys],
-                    out[:, :, rows], lse_rows, None if dlse is None else dlse[:, :, rows],
-                    _local_lengths(kv_lengths, start, keys.stop - keys.start), scale, l_side,
-                    r_side, backend, softcap, None,
-                    None if alibi_slopes is None else alibi_slopes * sign, dropout_p,
-                    _call_seed(seed, number, ring.world, ring.rank, n_q))
+                    dout[:, :, rows], q[:, :, rows], k_call, v_call, out[:, :, rows], lse_rows,
+                    None if dlse is None else dlse[:, :, rows], lengths, scale, call.left,
+                    call.right, backend, softcap, None, slopes, dropout_p, call_seed)
                 dq[:, :, rows] += dq_part
-                dkv[0][:, :, keys] += dk_part
-                dkv[1][:, :, keys] += dv_part
+                # The extra keys are masked: their gradients are zeros.
+                dkv[0][:, :, keys] += dk_part[:, :, :keys.stop - keys.start]
+                dkv[1][:, :, keys] += dv_part[:, :, :keys.stop - keys.start]
             if step > 0:
                 # src's gradients so far, from the ranks before this one: this rank's part
                 # was computed while they travelled.
@@ -473,7 +528,8 @@ def ring_attention(q, k, v, *, group=None, causal=False, window=None, kv_lengths
     round once no rank needs them: a sliding window, window=(left, 0) with causal=False on
     contiguous shards, takes 1 + ceil(left / shard length) steps. With causal=True every
     shard goes all the way round (each zig-zag shard borders ranks on both sides). A query
-    that sees no key outputs zeros, has lse -inf and gets zero gradients.
+    that sees no key outputs zeros, has lse -inf (its sink with sinks) and gets zero
+    gradients.
 
     Score modifications, as attnmem.attention defines them on the full sequences:
       softcap caps every pair of chunks' scores.
@@ -485,16 +541,26 @@ def ring_attention(q, k, v, *, group=None, causal=False, window=None, kv_lengths
         the ring's ranks in its group) completes them all alike.
       alibi_slopes (H,) or (B, H), the same on every rank, bias by global distances
         |i + Nk - Nq - j|. Each call of attnmem's op biases by distances from its own
-        alignment; a call where both distances keep one sign differs by a constant, which
-        moves its lse and is taken back out, so pairs of chunks that the global diagonal or
-        the call's own cross split into up to four calls (two with causal=True), each exact.
-    dropout_p (with generator as in attnmem.attention: one seed drawn per call, on the
-    device) drops each rank's weights in the kernels, exactly as the dense op's dropout is
-    defined (weights of the full softmax dropped with probability dropout_p, survivors scaled
-    by 1 / (1 - dropout_p)), and the backward regenerates the same masks: each call of the
-    op, numbered in ring order, seeds its own Philox stream from the drawn seed, the call's
-    number and the rank. The masks are not those attnmem.attention draws on the full
-    sequence (its counters run over full-sequence positions); dropout_mask gives them back.
+        alignment; where both distances keep one sign they differ by a constant, which moves
+        the call's lse and is taken back out. A pair of chunks with keys on both sides of
+        its queries' positions splits there (pairs on the full sequence's diagonal need
+        not: there the two distances agree). Keys at or before their query (all of them
+        with causal=True) take one call, which reads extra keys past its own (masked, from
+        a buffer with room for them) so that its alignment falls on the query's nearest
+        key: as accurate as attnmem.attention on the full sequence. Keys after their query
+        (causal=False) take two calls, split at the call's own diagonal, one with negated
+        slopes; there the biases that matter reach slope * shard length in float32, an error
+        that grows with it (in float32 on the torch backend, slope 0.5, 2048 keys per rank:
+        1.9e-5 against 8e-7 for attnmem.attention on the full sequence). The kernel takes
+        no position offset per call, which would remove both costs.
+    dropout_p (with generator as in attnmem.attention: one seed drawn per ring_attention
+    call, on the device) drops each rank's weights in the kernels, exactly as the dense op's
+    dropout is defined (weights of the full softmax dropped with probability dropout_p,
+    survivors scaled by 1 / (1 - dropout_p)), and the backward regenerates the same masks:
+    each call of the op, numbered in ring order, seeds its own Philox stream from the drawn
+    seed, the call's number and the rank. The masks are not those attnmem.attention draws
+    on the full sequence (its counters run over full-sequence positions); dropout_mask
+    gives them back.
     """
     (world, scale, left, right, kv_lengths, softcap, sinks, alibi_slopes, dropout_p,
      seed) = _ring_checks(q, k, v, group, causal, window, kv_lengths, scale, return_lse,
@@ -529,23 +595,27 @@ def dropout_mask(q, k, dropout_p, generator=None, *, group=None, causal=False, w
     triton = _pick(q, k, k, _backend.requested_backend()) == "triton"
     plan = _ring_plan(world, rank, n_q, n_k, causal, left, right, kv_lengths is not None,
                       alibi_slopes is not None)
+    kv = torch.stack([k, k])  # only the calls' key counts matter
     for step, calls in enumerate(plan):
         keys_at = _global_positions((rank - step) % world, world, causal, k.shape[2], q.device)
-        for rows, keys, l_side, r_side, start, _, _, number in calls:
-            call_seed = _call_seed(seed, number, world, rank, n_q)
-            n_rows, n_keys = rows.stop - rows.start, keys.stop - keys.start
+        buffer = _with_room(kv, _room(plan))
+        for call in calls:
+            k_call, _, lengths, _, call_seed = _call_inputs(call, buffer, kv_lengths, None, seed,
+                                                            world, rank, n_q)
+            n_rows, n_keys = call.rows.stop - call.rows.start, k_call.shape[2]
             if triton:
                 from attnmem.kernels import attention as kernel
                 drawn = kernel.dropout_keep_mask(call_seed, (*q.shape[:2], n_rows, n_keys),
                                                  dropout_p)
             else:
-                drawn = _torch_dropout_mask(call_seed, dropout_p, q, k[:, :, keys])(
+                drawn = _torch_dropout_mask(call_seed, dropout_p, q, k_call)(
                     torch.arange(n_rows, device=q.device))
-            seen = visible(torch.arange(n_rows, device=q.device), n_rows, n_keys, l_side,
-                           r_side, _local_lengths(kv_lengths, start, n_keys))
+            seen = visible(torch.arange(n_rows, device=q.device), n_rows, n_keys, call.left,
+                           call.right, lengths)
             if seen is not None:
                 drawn = drawn & seen
-            keep[:, :, rows, keys_at[keys]] |= drawn
+            own = call.keys.stop - call.keys.start  # the extra keys are masked
+            keep[:, :, call.rows, keys_at[call.keys]] |= drawn[..., :own]
     return keep
 
 
