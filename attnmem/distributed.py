@@ -210,42 +210,39 @@ def _bound(pick, side, limit):
 
 
 def _alibi_calls(q_seg, k_seg, n_q, n_k, lo_rel, hi_rel, global_sign=0):
-    """The calls of one pair of segments with ALiBi: each as _pair's, with (slope sign, lse
-    shift, extra keys) in place of shift. A call biases by -slope |a' - j'| from its own
-    alignment a'; the op's bias is -slope |a - j|, a - j = a' - j' + shift. Where shift is
-    0 they agree. Where a - j keeps one sign s and a' - j' one sign s' over a call's keys,
-    -slope |a - j| = -(s s' slope) |a' - j'| - slope s shift: the call runs with slopes
-    times s s', and its lse moves by -slope s shift, which the merge takes back out.
+    """The calls of one pair of segments with ALiBi: each as _pair's, with (lse shift, extra
+    keys, extra queries) in place of shift. A call biases by -slope |a' - j'|
+    from its own alignment a' = i' + Nk' - Nq'; the op's bias is -slope |a - j|, and
+    a - j = a' - j' + shift. Where shift is 0 they agree. Where a - j keeps one sign s and
+    a' - j' the same sign over a call's keys, -slope |a - j| = -slope |a' - j'| - slope s
+    shift: the call's lse moves by -slope s shift, which the merge takes back out.
 
-    So the pair splits where a - j changes sign (global_sign 0: not split yet). Keys at or
-    before a (s = 1, all of them with causal=True): the call takes `extra` keys past its
-    last (masked by its lengths; they lie in the shard's buffer, whatever they hold), which
-    moves a' onto the query's nearest key: a' - j' >= 0, and the weights that count the
-    most get the smallest local bias, as in the op on the full sequence. Keys after a
-    (s = -1, causal=False only): the part splits again where a' - j' changes sign, and the
-    keys after a' run with negated slopes."""
+    So the pair splits where a - j changes sign (global_sign 0: not split yet), and each
+    part moves its a' until it meets the nearest key: keys at or before a (s = 1, all of
+    them with causal=True) by extra keys past the call's own (masked by its lengths; they
+    lie in the shard's buffer, whatever they hold), keys after a (s = -1) by extra queries
+    past its own (zeros, whose outputs are dropped). Then a' - j' keeps s's sign, and the
+    weights that count the most get the smallest local bias, as in the op on the full
+    sequence (the bias reaches slope * shard length elsewhere, where float32 rounding of
+    it would cost precision)."""
     call = _pair(q_seg, k_seg, n_q, n_k, lo_rel, hi_rel)
     if call is None:
         return []
     rows, keys, left, right, start, shift = call
     if shift == 0:
-        return [(rows, keys, left, right, start, 1, 0, 0)]
+        return [(rows, keys, left, right, start, 0, 0, 0)]
     if global_sign == 0:
         return (_alibi_calls(q_seg, k_seg, n_q, n_k, lo_rel, _bound(min, hi_rel, 0), 1)
                 + _alibi_calls(q_seg, k_seg, n_q, n_k, _bound(max, lo_rel, 1), hi_rel, -1))
+    n_rows, n_keys = rows.stop - rows.start, keys.stop - keys.start
     if global_sign == 1:
-        # j' - a' reaches at most right (or the first query's last key): past it by extra.
-        n_rows = rows.stop - rows.start
+        # j' - a' reaches right at most (or the first query's last key): a' moves by that.
         extra = n_rows - 1 if right < 0 or right >= n_rows - 1 else right
-        return [(rows, keys, -1 if left < 0 else left + extra, -1 if right < 0 else 0, start,
-                 1, shift - extra, extra)]
-    if left == 0 or keys.stop - keys.start == 1:  # every key at or after a'
-        return [(rows, keys, left, right, start, 1, -shift, 0)]
-    if right == 0 or rows.stop - rows.start == 1:  # every key at or before a'
-        return [(rows, keys, left, right, start, -1, -shift, 0)]
-    # a' = j' where j - a = -shift, inside the band: split there.
-    return (_alibi_calls(q_seg, k_seg, n_q, n_k, lo_rel, _bound(min, hi_rel, -shift), -1)
-            + _alibi_calls(q_seg, k_seg, n_q, n_k, _bound(max, lo_rel, 1 - shift), hi_rel, -1))
+        return [(rows, keys, -1 if left < 0 else left + extra, 0, start, shift - extra, extra, 0)]
+    # a' - j' reaches left at most (or the last query's first key): a' moves back by that,
+    # and the extra queries see no key before their a'.
+    extra = n_keys - 1 if left < 0 or left >= n_keys - 1 else left
+    return [(rows, keys, 0, -1 if right < 0 else right + extra, start, -shift - extra, 0, extra)]
 
 
 def _join(a, b, has_lengths):
@@ -262,12 +259,12 @@ def _join(a, b, has_lengths):
 
 def _ring_pairs(rank, src, world, n_q, n_k, causal, left, right, has_lengths, alibi=False):
     """The attention calls of one step, this rank's queries against rank src's keys: each
-    (query slice, key slice, left, right, global start of the keys, ALiBi slope sign, lse
-    shift in slopes, extra keys; see _alibi_calls). Without ALiBi, calls that keep their
+    (query slice, key slice, left, right, global start of the keys, ALiBi lse shift in
+    slopes, extra keys, extra queries; see _alibi_calls). Without ALiBi, calls that keep their
     alignment join; with it, each pair of chunks keeps its own calls."""
     if src == rank and causal and left < 0 and n_q == n_k and not has_lengths and not alibi:
         # A rank's own zig-zag chunks keep their order: local causal attention is the mask.
-        return [(slice(0, n_q // world), slice(0, n_k // world), -1, 0, 0, 1, 0, 0)]
+        return [(slice(0, n_q // world), slice(0, n_k // world), -1, 0, 0, 0, 0, 0)]
     n_chunks = len(_chunks_of(0, world, causal)[0])
     cq, ck = n_q // (world * n_chunks), n_k // (world * n_chunks)
     q_segs = [(i * cq, c * cq, cq) for i, c in enumerate(_chunks_of(rank, world, causal)[0])]
@@ -287,7 +284,7 @@ def _ring_pairs(rank, src, world, n_q, n_k, causal, left, right, has_lengths, al
                 break
         else:
             calls.append(pair[:5])
-    return [(*call, 1, 0, 0) for call in calls]
+    return [(*call, 0, 0, 0) for call in calls]
 
 
 @functools.lru_cache(maxsize=256)
@@ -306,9 +303,9 @@ class _Call(typing.NamedTuple):
     left: int
     right: int
     key_start: int
-    slope_sign: int
     lse_shift: int
-    extra: int
+    extra: int  # keys read past the call's own, masked
+    extra_rows: int  # zero queries after the call's own, whose outputs are dropped
     number: int  # in ring order from 0: the call's dropout seed
 
 
@@ -334,6 +331,14 @@ def _with_room(kv, room):
     return buffer
 
 
+def _rows(x, rows, extra, fill=0.0):
+    """x's rows (dim 2), then `extra` rows of fill: a call's queries and their extra ones."""
+    x = x[:, :, rows]
+    if not extra:
+        return x
+    return torch.cat([x, x.new_full((*x.shape[:2], extra, *x.shape[3:]), fill)], 2)
+
+
 def _room(plan):
     return max((call.extra for calls in plan for call in calls), default=0)
 
@@ -348,16 +353,15 @@ def _call_seed(seed, number, world, rank, n_q):
     return None if seed is None else seed + (number * world + rank) * n_q
 
 
-def _call_inputs(call, kv, kv_lengths, alibi_slopes, seed, world, rank, n_q):
-    """A call's keys and values (with its extra keys), their lengths, its ALiBi slopes and
-    its dropout seed."""
+def _call_inputs(call, kv, kv_lengths, seed, world, rank, n_q):
+    """A call's keys and values (with its extra keys), their lengths and its dropout
+    seed."""
     n_keys = call.keys.stop - call.keys.start
     span = slice(call.keys.start, call.keys.stop + call.extra)
     lengths = _local_lengths(kv_lengths, call.key_start, n_keys)
     if call.extra and lengths is None:
         lengths = torch.full((kv.shape[1],), n_keys, device=kv.device)
     return (kv[0][:, :, span], kv[1][:, :, span], lengths,
-            None if alibi_slopes is None else alibi_slopes * call.slope_sign,
             _call_seed(seed, call.number, world, rank, n_q))
 
 
@@ -395,11 +399,14 @@ class _RingAttention(torch.autograd.Function):
                 received, requests = ring.shift(kv)
             buffer = _with_room(kv, _room(plan))
             for call in calls:
-                k_call, v_call, lengths, slopes, call_seed = _call_inputs(
-                    call, buffer, kv_lengths, alibi_slopes, seed, ring.world, ring.rank, n_q)
+                k_call, v_call, lengths, call_seed = _call_inputs(
+                    call, buffer, kv_lengths, seed, ring.world, ring.rank, n_q)
                 part, part_lse = torch.ops.attnmem.attention_forward(
-                    q[:, :, call.rows], k_call, v_call, lengths, scale, call.left, call.right,
-                    backend, softcap, None, slopes, dropout_p, call_seed)
+                    _rows(q, call.rows, call.extra_rows), k_call, v_call, lengths, scale,
+                    call.left, call.right, backend, softcap, None, alibi_slopes, dropout_p,
+                    call_seed)
+                n_rows = call.rows.stop - call.rows.start
+                part, part_lse = part[:, :, :n_rows], part_lse[:, :, :n_rows]
                 if call.lse_shift:
                     part_lse = part_lse - _slope_shift(alibi_slopes, call.lse_shift, ct)
                 _merge(out[:, :, call.rows], lse[:, :, call.rows], part, part_lse)
@@ -439,17 +446,23 @@ class _RingAttention(torch.autograd.Function):
                 # attnmem's backward op with the global out and lse (in the call's own
                 # ALiBi frame) gives this call's share of the gradients directly: nothing is
                 # recomputed or kept per step.
-                rows, keys = call.rows, call.keys
+                rows, keys, extra = call.rows, call.keys, call.extra_rows
                 lse_rows = lse[:, :, rows]
                 if call.lse_shift:
                     lse_rows = lse_rows + _slope_shift(alibi_slopes, call.lse_shift, ct)
-                k_call, v_call, lengths, slopes, call_seed = _call_inputs(
-                    call, buffer, kv_lengths, alibi_slopes, seed, ring.world, ring.rank, n_q)
+                if extra:
+                    # The extra queries: zero dout and lse +inf give them zero weights and
+                    # add nothing to dk and dv.
+                    lse_rows = _rows(lse_rows, slice(None), extra, math.inf)
+                k_call, v_call, lengths, call_seed = _call_inputs(
+                    call, buffer, kv_lengths, seed, ring.world, ring.rank, n_q)
                 dq_part, dk_part, dv_part, _ = torch.ops.attnmem.attention_backward(
-                    dout[:, :, rows], q[:, :, rows], k_call, v_call, out[:, :, rows], lse_rows,
-                    None if dlse is None else dlse[:, :, rows], lengths, scale, call.left,
-                    call.right, backend, softcap, None, slopes, dropout_p, call_seed)
-                dq[:, :, rows] += dq_part
+                    _rows(dout, rows, extra), _rows(q, rows, extra), k_call, v_call,
+                    _rows(out, rows, extra), lse_rows,
+                    None if dlse is None else _rows(dlse, rows, extra), lengths, scale,
+                    call.left, call.right, backend, softcap, None, alibi_slopes, dropout_p,
+                    call_seed)
+                dq[:, :, rows] += dq_part[:, :, :rows.stop - rows.start]
                 # The extra keys are masked: their gradients are zeros.
                 dkv[0][:, :, keys] += dk_part[:, :, :keys.stop - keys.start]
                 dkv[1][:, :, keys] += dv_part[:, :, :keys.stop - keys.start]
@@ -541,18 +554,19 @@ def ring_attention(q, k, v, *, group=None, causal=False, window=None, kv_lengths
         the ring's ranks in its group) completes them all alike.
       alibi_slopes (H,) or (B, H), the same on every rank, bias by global distances
         |i + Nk - Nq - j|. Each call of attnmem's op biases by distances from its own
-        alignment; where both distances keep one sign they differ by a constant, which moves
-        the call's lse and is taken back out. A pair of chunks with keys on both sides of
-        its queries' positions splits there (pairs on the full sequence's diagonal need
-        not: there the two distances agree). Keys at or before their query (all of them
-        with causal=True) take one call, which reads extra keys past its own (masked, from
-        a buffer with room for them) so that its alignment falls on the query's nearest
-        key: as accurate as attnmem.attention on the full sequence. Keys after their query
-        (causal=False) take two calls, split at the call's own diagonal, one with negated
-        slopes; there the biases that matter reach slope * shard length in float32, an error
-        that grows with it (in float32 on the torch backend, slope 0.5, 2048 keys per rank:
-        1.9e-5 against 8e-7 for attnmem.attention on the full sequence). The kernel takes
-        no position offset per call, which would remove both costs.
+        alignment; where both keep one sign they differ by a constant, which moves the
+        call's lse and is taken back out. A pair of chunks with keys on both sides of its
+        queries' positions takes two calls, split there (on the full sequence's diagonal
+        one call: there the two distances agree), so with causal=True one per pair. Each
+        call moves its alignment onto its queries' nearest keys: keys before them read
+        extra (masked) keys past the call's own from a buffer with room for them, keys
+        after them take extra zero queries (fewer than the call's keys; their outputs are
+        dropped, and the triangle of keys they see, about half the call's work again with
+        as many queries as keys, is what ALiBi costs without causal). The weights that
+        count then get the smallest biases, and float32 errs as little as
+        attnmem.attention on the full sequence (biases of slope * shard length would cost
+        precision). A position offset per call in attnmem's kernel would remove the extra
+        keys and queries.
     dropout_p (with generator as in attnmem.attention: one seed drawn per ring_attention
     call, on the device) drops each rank's weights in the kernels, exactly as the dense op's
     dropout is defined (weights of the full softmax dropped with probability dropout_p,
@@ -600,9 +614,10 @@ def dropout_mask(q, k, dropout_p, generator=None, *, group=None, causal=False, w
         keys_at = _global_positions((rank - step) % world, world, causal, k.shape[2], q.device)
         buffer = _with_room(kv, _room(plan))
         for call in calls:
-            k_call, _, lengths, _, call_seed = _call_inputs(call, buffer, kv_lengths, None, seed,
-                                                            world, rank, n_q)
-            n_rows, n_keys = call.rows.stop - call.rows.start, k_call.shape[2]
+            k_call, _, lengths, call_seed = _call_inputs(call, buffer, kv_lengths, seed, world,
+                                                         rank, n_q)
+            own_rows, own_keys = call.rows.stop - call.rows.start, call.keys.stop - call.keys.start
+            n_rows, n_keys = own_rows + call.extra_rows, k_call.shape[2]
             if triton:
                 from attnmem.kernels import attention as kernel
                 drawn = kernel.dropout_keep_mask(call_seed, (*q.shape[:2], n_rows, n_keys),
@@ -614,8 +629,8 @@ def dropout_mask(q, k, dropout_p, generator=None, *, group=None, causal=False, w
                            call.right, lengths)
             if seen is not None:
                 drawn = drawn & seen
-            own = call.keys.stop - call.keys.start  # the extra keys are masked
-            keep[:, :, call.rows, keys_at[call.keys]] |= drawn[..., :own]
+            # The extra queries' weights are dropped, the extra keys masked.
+            keep[:, :, call.rows, keys_at[call.keys]] |= drawn[:, :, :own_rows, :own_keys]
     return keep
 
 
