@@ -360,7 +360,7 @@ def _call_inputs(call, kv, kv_lengths, seed, world, rank, n_q):
     span = slice(call.keys.start, call.keys.stop + call.extra)
     lengths = _local_lengths(kv_lengths, call.key_start, n_keys)
     if call.extra and lengths is None:
-        lengths = torch.full((kv.shape[1],), n_keys, device=kv.device)
+        lengths = torch.full((kv.shape[1],), n_keys, dtype=torch.int32, device=kv.device)
     return (kv[0][:, :, span], kv[1][:, :, span], lengths,
             _call_seed(seed, call.number, world, rank, n_q))
 

@@ -131,13 +131,14 @@ def _attention_cases(rank, world, backend="torch"):
 
 SCORE_MOD_CASES = [
     # (B, H, Hkv, Nq per rank, Nk per rank, D, causal, window, lengths, softcap, sinks,
-    # alibi_slopes' shape (H,) or (B, H), dropout_p); the last runs again on the triton
+    # alibi_slopes' shape (H,) or (B, H), dropout_p); the last two run again on the triton
     # kernels (through the interpreter)
     (2, 4, 2, 6, 6, 5, True, None, [12, 0], 2.0, True, "BH", 0.0),
     (2, 2, 1, 5, 5, 4, False, (3, 2), None, None, True, "H", 0.0),
     (1, 2, 1, 4, 8, 4, True, (6, None), None, 3.0, False, "H", 0.0),
     (1, 2, 2, 5, 3, 3, False, None, [9], None, True, "BH", 0.0),
     (2, 2, 2, 6, 6, 4, True, None, [11, 5], 2.0, True, None, 0.3),
+    (2, 2, 1, 4, 4, 4, True, None, None, None, False, "H", 0.0),
     (1, 2, 1, 4, 4, 4, False, (5, 2), [7], 2.0, True, "H", 0.3),
 ]
 
@@ -147,7 +148,7 @@ def _score_mod_cases(rank, world, backend="torch"):
     float64 twin with the ring's own masks under dropout): outputs, lse and every gradient,
     the sinks' summed over the ranks."""
     dtype, tol = (torch.float64, 1e-10) if backend == "torch" else (torch.float32, 2e-5)
-    for case in SCORE_MOD_CASES if backend == "torch" else SCORE_MOD_CASES[-1:]:
+    for case in SCORE_MOD_CASES if backend == "torch" else SCORE_MOD_CASES[-2:]:
         b, h, hkv, nq, nk, d, causal, window, lengths, softcap, sinks, alibi, p = case
         what = f"world {world}, {backend}: {case}"
         full = [torch.randn(b, heads, n * world, d, dtype=torch.float64)
