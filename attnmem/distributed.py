@@ -321,12 +321,14 @@ def _ring_plan(world, rank, n_q, n_k, causal, left, right, has_lengths, alibi):
     return plan
 
 
-def _with_room(kv, room):
-    """kv (2, B, Hkv, N, D) in a buffer with `room` more rows after its keys, which calls
-    with extra keys read (masked by their lengths, so whatever the rows hold)."""
+def _with_room(kv, room, buffer=None):
+    """kv (2, B, Hkv, N, D) in a buffer (the one given, from an earlier step, or a new one)
+    with `room` more rows after its keys, which calls with extra keys read (masked by their
+    lengths, so whatever the rows hold)."""
     if not room:
         return kv
-    buffer = kv.new_empty(*kv.shape[:3], kv.shape[3] + room, kv.shape[4])
+    if buffer is None:
+        buffer = kv.new_empty(*kv.shape[:3], kv.shape[3] + room, kv.shape[4])
     buffer[:, :, :, :kv.shape[3]] = kv
     return buffer
 
@@ -394,10 +396,11 @@ class _RingAttention(torch.autograd.Function):
         kv = torch.stack([k, v])
         plan = _ring_plan(ring.world, ring.rank, n_q, n_k, causal, left, right,
                           kv_lengths is not None, alibi_slopes is not None)
+        room, buffer = _room(plan), None
         for step, calls in enumerate(plan):
             if step < len(plan) - 1:
                 received, requests = ring.shift(kv)
-            buffer = _with_room(kv, _room(plan))
+            buffer = _with_room(kv, room, buffer)
             for call in calls:
                 k_call, v_call, lengths, call_seed = _call_inputs(
                     call, buffer, kv_lengths, seed, ring.world, ring.rank, n_q)
@@ -436,12 +439,12 @@ class _RingAttention(torch.autograd.Function):
         dkv_received, dkv_requests = None, []
         plan = _ring_plan(ring.world, ring.rank, n_q, n_k, causal, left, right,
                           kv_lengths is not None, alibi_slopes is not None)
-        steps = len(plan)
+        steps, room, buffer = len(plan), _room(plan), None
         for step, calls in enumerate(plan):
             if step < steps - 1:
                 received, requests = ring.shift(kv)
             dkv = torch.zeros(kv.shape, dtype=ct, device=kv.device)
-            buffer = _with_room(kv, _room(plan))
+            buffer = _with_room(kv, room, buffer)
             for call in calls:
                 # attnmem's backward op with the global out and lse (in the call's own
                 # ALiBi frame) gives this call's share of the gradients directly: nothing is
@@ -609,10 +612,9 @@ def dropout_mask(q, k, dropout_p, generator=None, *, group=None, causal=False, w
     triton = _pick(q, k, k, _backend.requested_backend()) == "triton"
     plan = _ring_plan(world, rank, n_q, n_k, causal, left, right, kv_lengths is not None,
                       alibi_slopes is not None)
-    kv = torch.stack([k, k])  # only the calls' key counts matter
+    buffer = _with_room(torch.stack([k, k]), _room(plan))  # only the key counts matter
     for step, calls in enumerate(plan):
         keys_at = _global_positions((rank - step) % world, world, causal, k.shape[2], q.device)
-        buffer = _with_room(kv, _room(plan))
         for call in calls:
             k_call, _, lengths, call_seed = _call_inputs(call, buffer, kv_lengths, seed, world,
                                                          rank, n_q)
