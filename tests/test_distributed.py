@@ -220,7 +220,6 @@ def _score_mod_cases(rank, world, backend="torch"):
         distributed.dropout_mask(q, q, 0.0)
 
 
-
 def _alibi_precision(rank, world):
     """ALiBi's bias reaches slope * shard length in a call whose alignment is not the
     query's: the ring's calls align on each query's nearest key, so in float32 they err as
@@ -239,6 +238,7 @@ def _alibi_precision(rank, world):
             causal=causal, alibi_slopes=slopes.float())
         error, dense_error = ((x.double() - exact).abs().max() for x in (ring, dense))
         assert error <= 1.5 * dense_error + 1e-7, (causal, error, dense_error)
+
 
 def _layout_and_errors(rank, world):
     x = torch.arange(4 * world, dtype=torch.float64).view(1, 1, -1, 1)
