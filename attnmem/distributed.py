@@ -21,11 +21,14 @@ are the same on every rank, and so are their replicated outputs (reads); a loss 
 from a replicated output is the same on every rank, so its gradient is too. Gradients of
 replicated inputs come back summed over the ranks: every rank holds the full gradient.
 Sharded inputs and outputs (sequence shards, memory slots, weights over the slots) keep
-their gradients on their rank.
+their gradients on their rank. ring_attention's sinks are replicated but feed a sharded
+output: each rank's gradient for them is its own rows' part, as the projections feeding
+its shard get theirs (see ring_attention).
 """
 
 import functools
 import math
+import typing
 
 import torch
 import torch.distributed as dist
@@ -33,12 +36,20 @@ import torch.distributed as dist
 import attnmem
 from attnmem import _checks
 from attnmem import backend as _backend
-from attnmem.attention import _validate, _window
-from attnmem.reference.attention import compute_dtype, softmax_with_lse
+from attnmem.attention import (
+    _dropout_p,
+    _dropout_seed,
+    _pick,
+    _torch_dropout_mask,
+    _validate,
+    _validate_score_mods,
+    _window,
+)
+from attnmem.reference.attention import compute_dtype, softmax_with_lse, visible
 from attnmem.reference.memory import similarity as _similarity
 
-__all__ = ["memory_address", "memory_attend", "memory_read", "memory_write", "ring_attention",
-           "shard_sequence", "unshard_sequence"]
+__all__ = ["dropout_mask", "memory_address", "memory_attend", "memory_read", "memory_write",
+           "ring_attention", "shard_sequence", "unshard_sequence"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -164,20 +175,24 @@ def unshard_sequence(x, *, dim=2, group=None, causal=False):
 # ---------------------------------------------------------------------------------------
 
 
-def _pair(q_seg, k_seg, n_q, n_k, left, right):
+def _pair(q_seg, k_seg, n_q, n_k, lo_rel, hi_rel):
     """How a query segment sees a key segment, or None if it sees no key of it.
 
-    Segments are (local start, global start, length); left and right are the global window
-    sides (-1 unbounded; causal is right = 0) around query i's position i + n_k - n_q. Query
-    i' of the segment sees key j' when i' + lo <= j' <= i' + hi. attnmem.attention aligns
-    its window to the bottom right of the keys it gets, so cutting the queries and keys no
-    pair needs from either end moves that alignment to where the band lies: -> (query
-    slice, key slice, left, right, global start of the keys) of one attention call."""
+    Segments are (local start, global start, length). Query i sees key j when
+    lo_rel <= j - a <= hi_rel (None: unbounded), a = i + n_k - n_q its aligned position:
+    window=(left, right) is lo_rel = -left, hi_rel = right, and causal hi_rel = 0.
+    attnmem.attention aligns its window to the bottom right of the keys it gets, so cutting
+    the queries and keys no pair needs from either end moves that alignment to where the
+    band lies (the cut's bottom-right corner lies in the band): -> (query slice, key slice,
+    left, right, global start of the keys, shift) of one attention call, where shift is
+    a - j less the call's own a' - j', the same for all its queries and keys."""
     q_local, q_start, len_q = q_seg
     k_local, k_start, len_k = k_seg
     offset = q_start - k_start + n_k - n_q
-    lo = None if left < 0 else offset - left
-    hi = None if right < 0 else offset + right
+    lo = None if lo_rel is None else offset + lo_rel
+    hi = None if hi_rel is None else offset + hi_rel
+    if lo is not None and hi is not None and lo > hi:
+        return None
     q0, q1 = (0 if hi is None else max(0, -hi)), (len_q if lo is None else min(len_q, len_k - lo))
     k0, k1 = (0 if lo is None else max(0, lo)), (len_k if hi is None else min(len_k, len_q + hi))
     if q1 <= q0 or k1 <= k0:
@@ -186,7 +201,48 @@ def _pair(q_seg, k_seg, n_q, n_k, left, right):
     side_left = -1 if lo is None or k1 - q1 - lo >= k1 - k0 - 1 else k1 - q1 - lo
     side_right = -1 if hi is None or hi - k1 + q1 >= q1 - q0 - 1 else hi - k1 + q1
     return (slice(q_local + q0, q_local + q1), slice(k_local + k0, k_local + k1), side_left,
-            side_right, k_start + k0)
+            side_right, k_start + k0, offset - (k1 - q1))
+
+
+def _bound(pick, side, limit):
+    """side (None: unbounded) tightened to limit by pick (min or max)."""
+    return limit if side is None else pick(side, limit)
+
+
+def _alibi_calls(q_seg, k_seg, n_q, n_k, lo_rel, hi_rel, global_sign=0):
+    """The calls of one pair of segments with ALiBi: each as _pair's, with (lse shift, extra
+    keys, extra queries) in place of shift. A call biases by -slope |a' - j'|
+    from its own alignment a' = i' + Nk' - Nq'; the op's bias is -slope |a - j|, and
+    a - j = a' - j' + shift. Where shift is 0 they agree. Where a - j keeps one sign s and
+    a' - j' the same sign over a call's keys, -slope |a - j| = -slope |a' - j'| - slope s
+    shift: the call's lse moves by -slope s shift, which the merge takes back out.
+
+    So the pair splits where a - j changes sign (global_sign 0: not split yet), and each
+    part moves its a' until it meets the nearest key: keys at or before a (s = 1, all of
+    them with causal=True) by extra keys past the call's own (masked by its lengths; they
+    lie in the shard's buffer, whatever they hold), keys after a (s = -1) by extra queries
+    past its own (zeros, whose outputs are dropped). Then a' - j' keeps s's sign, and the
+    weights that count the most get the smallest local bias, as in the op on the full
+    sequence (the bias reaches slope * shard length elsewhere, where float32 rounding of
+    it would cost precision)."""
+    call = _pair(q_seg, k_seg, n_q, n_k, lo_rel, hi_rel)
+    if call is None:
+        return []
+    rows, keys, left, right, start, shift = call
+    if shift == 0:
+        return [(rows, keys, left, right, start, 0, 0, 0)]
+    if global_sign == 0:
+        return (_alibi_calls(q_seg, k_seg, n_q, n_k, lo_rel, _bound(min, hi_rel, 0), 1)
+                + _alibi_calls(q_seg, k_seg, n_q, n_k, _bound(max, lo_rel, 1), hi_rel, -1))
+    n_rows, n_keys = rows.stop - rows.start, keys.stop - keys.start
+    if global_sign == 1:
+        # j' - a' reaches right at most (or the first query's last key): a' moves by that.
+        extra = n_rows - 1 if right < 0 or right >= n_rows - 1 else right
+        return [(rows, keys, -1 if left < 0 else left + extra, 0, start, shift - extra, extra, 0)]
+    # a' - j' reaches left at most (or the last query's first key): a' moves back by that,
+    # and the extra queries see no key before their a'.
+    extra = n_keys - 1 if left < 0 or left >= n_keys - 1 else left
+    return [(rows, keys, 0, -1 if right < 0 else right + extra, start, -shift - extra, 0, extra)]
 
 
 def _join(a, b, has_lengths):
@@ -201,27 +257,34 @@ def _join(a, b, has_lengths):
     return None
 
 
-def _ring_pairs(rank, src, world, n_q, n_k, causal, left, right, has_lengths):
-    """The attention calls of one step: this rank's queries against rank src's keys."""
-    if src == rank and causal and left < 0 and n_q == n_k and not has_lengths:
+def _ring_pairs(rank, src, world, n_q, n_k, causal, left, right, has_lengths, alibi=False):
+    """The attention calls of one step, this rank's queries against rank src's keys: each
+    (query slice, key slice, left, right, global start of the keys, ALiBi lse shift in
+    slopes, extra keys, extra queries; see _alibi_calls). Without ALiBi, calls that keep their
+    alignment join; with it, each pair of chunks keeps its own calls."""
+    if src == rank and causal and left < 0 and n_q == n_k and not has_lengths and not alibi:
         # A rank's own zig-zag chunks keep their order: local causal attention is the mask.
-        return [(slice(0, n_q // world), slice(0, n_k // world), -1, 0, 0)]
+        return [(slice(0, n_q // world), slice(0, n_k // world), -1, 0, 0, 0, 0, 0)]
     n_chunks = len(_chunks_of(0, world, causal)[0])
     cq, ck = n_q // (world * n_chunks), n_k // (world * n_chunks)
     q_segs = [(i * cq, c * cq, cq) for i, c in enumerate(_chunks_of(rank, world, causal)[0])]
     k_segs = [(i * ck, c * ck, ck) for i, c in enumerate(_chunks_of(src, world, causal)[0])]
+    bounds = (None if left < 0 else -left, None if right < 0 else right)
+    if alibi:
+        return [call for qs in q_segs for ks in k_segs
+                for call in _alibi_calls(qs, ks, n_q, n_k, *bounds)]
     calls = []
-    for pair in (_pair(qs, ks, n_q, n_k, left, right) for qs in q_segs for ks in k_segs):
+    for pair in (_pair(qs, ks, n_q, n_k, *bounds) for qs in q_segs for ks in k_segs):
         if pair is None:
             continue
         for i, call in enumerate(calls):
-            joined = _join(call, pair, has_lengths)
+            joined = _join(call, pair[:5], has_lengths)
             if joined is not None:
                 calls[i] = joined
                 break
         else:
-            calls.append(pair)
-    return calls
+            calls.append(pair[:5])
+    return [(*call, 0, 0, 0) for call in calls]
 
 
 @functools.lru_cache(maxsize=256)
@@ -233,53 +296,138 @@ def _ring_steps(world, n_q, n_k, causal, left, right, has_lengths):
                                    right, has_lengths)), default=0)
 
 
+class _Call(typing.NamedTuple):
+    """One attention call of a ring step (see _ring_pairs and _alibi_calls)."""
+    rows: slice
+    keys: slice
+    left: int
+    right: int
+    key_start: int
+    lse_shift: int
+    extra: int  # keys read past the call's own, masked
+    extra_rows: int  # zero queries after the call's own, whose outputs are dropped
+    number: int  # in ring order from 0: the call's dropout seed
+
+
+def _ring_plan(world, rank, n_q, n_k, causal, left, right, has_lengths, alibi):
+    """The calls of every step, numbered in ring order."""
+    steps = _ring_steps(world, n_q, n_k, causal, left, right, has_lengths)
+    plan, number = [], 0
+    for step in range(steps):
+        calls = _ring_pairs(rank, (rank - step) % world, world, n_q, n_k, causal, left, right,
+                            has_lengths, alibi)
+        plan.append([_Call(*call, number + i) for i, call in enumerate(calls)])
+        number += len(calls)
+    return plan
+
+
+def _with_room(kv, room, buffer=None):
+    """kv (2, B, Hkv, N, D) in a buffer (the one given, from an earlier step, or a new one)
+    with `room` more rows after its keys, which calls with extra keys read (masked by their
+    lengths, so whatever the rows hold)."""
+    if not room:
+        return kv
+    if buffer is None:
+        buffer = kv.new_empty(*kv.shape[:3], kv.shape[3] + room, kv.shape[4])
+    buffer[:, :, :, :kv.shape[3]] = kv
+    return buffer
+
+
+def _rows(x, rows, extra, fill=0.0):
+    """x's rows (dim 2), then `extra` rows of fill: a call's queries and their extra ones."""
+    x = x[:, :, rows]
+    if not extra:
+        return x
+    return torch.cat([x, x.new_full((*x.shape[:2], extra, *x.shape[3:]), fill)], 2)
+
+
+def _room(plan):
+    return max((call.extra for calls in plan for call in calls), default=0)
+
+
 def _local_lengths(kv_lengths, key_start, n_keys):
     return None if kv_lengths is None else (kv_lengths - key_start).clamp(0, n_keys)
 
 
+def _call_seed(seed, number, world, rank, n_q):
+    """Call `number`'s dropout seed on rank: seeds n_q apart (the torch backend seeds query
+    row i of a call with seed + i) and apart between ranks, so no two calls share draws."""
+    return None if seed is None else seed + (number * world + rank) * n_q
+
+
+def _call_inputs(call, kv, kv_lengths, seed, world, rank, n_q):
+    """A call's keys and values (with its extra keys), their lengths and its dropout
+    seed."""
+    n_keys = call.keys.stop - call.keys.start
+    span = slice(call.keys.start, call.keys.stop + call.extra)
+    lengths = _local_lengths(kv_lengths, call.key_start, n_keys)
+    if call.extra and lengths is None:
+        lengths = torch.full((kv.shape[1],), n_keys, dtype=torch.int32, device=kv.device)
+    return (kv[0][:, :, span], kv[1][:, :, span], lengths,
+            _call_seed(seed, call.number, world, rank, n_q))
+
+
+def _slope_shift(alibi_slopes, shift, ct):
+    """slope * shift, (B or 1, H, 1): how far a call's lse lies above the op's."""
+    return alibi_slopes.to(ct).reshape(-1, alibi_slopes.shape[-1], 1) * shift
+
+
 def _merge(out, lse, part, part_lse):
-    """out, lse (in place) <- the softmax over the keys of both: weights by logsumexp."""
+    """out, lse (in place) <- the softmax over the keys of both: weights by logsumexp. part
+    None is a sink: mass in the denominator with no value."""
     total = torch.logaddexp(lse, part_lse)
     safe = torch.where(torch.isfinite(total), total, 0.0)  # rows that saw no key yet
-    out.mul_(torch.exp(lse - safe)[..., None]).add_(part * torch.exp(part_lse - safe)[..., None])
+    out.mul_(torch.exp(lse - safe)[..., None])
+    if part is not None:
+        out.add_(part * torch.exp(part_lse - safe)[..., None])
     lse.copy_(total)
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, kv_lengths, scale, left, right, causal, group):
+    def forward(ctx, q, k, v, kv_lengths, sinks, alibi_slopes, seed, scale, left, right,
+                causal, softcap, dropout_p, group):
         ring = _Ring(group)
         n_q, n_k = q.shape[2] * ring.world, k.shape[2] * ring.world
         ct = compute_dtype(q.dtype)
+        backend = _backend.requested_backend()
         out = torch.zeros(q.shape, dtype=ct, device=q.device)
         lse = torch.full(q.shape[:3], -math.inf, dtype=ct, device=q.device)
         kv = torch.stack([k, v])
-        steps = _ring_steps(ring.world, n_q, n_k, causal, left, right, kv_lengths is not None)
-        for step in range(steps):
-            src = (ring.rank - step) % ring.world
-            if step < steps - 1:
+        plan = _ring_plan(ring.world, ring.rank, n_q, n_k, causal, left, right,
+                          kv_lengths is not None, alibi_slopes is not None)
+        room, buffer = _room(plan), None
+        for step, calls in enumerate(plan):
+            if step < len(plan) - 1:
                 received, requests = ring.shift(kv)
-            for rows, keys, l_side, r_side, start in _ring_pairs(
-                    ring.rank, src, ring.world, n_q, n_k, causal, left, right,
-                    kv_lengths is not None):
-                part, part_lse = attnmem.attention(
-                    q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys], scale=scale,
-                    window=(l_side, r_side), return_lse=True,
-                    kv_lengths=_local_lengths(kv_lengths, start, keys.stop - keys.start))
-                _merge(out[:, :, rows], lse[:, :, rows], part, part_lse)
-            if step < steps - 1:
+            buffer = _with_room(kv, room, buffer)
+            for call in calls:
+                k_call, v_call, lengths, call_seed = _call_inputs(
+                    call, buffer, kv_lengths, seed, ring.world, ring.rank, n_q)
+                part, part_lse = torch.ops.attnmem.attention_forward(
+                    _rows(q, call.rows, call.extra_rows), k_call, v_call, lengths, scale,
+                    call.left, call.right, backend, softcap, None, alibi_slopes, dropout_p,
+                    call_seed)
+                n_rows = call.rows.stop - call.rows.start
+                part, part_lse = part[:, :, :n_rows], part_lse[:, :, :n_rows]
+                if call.lse_shift:
+                    part_lse = part_lse - _slope_shift(alibi_slopes, call.lse_shift, ct)
+                _merge(out[:, :, call.rows], lse[:, :, call.rows], part, part_lse)
+            if step < len(plan) - 1:
                 _wait(requests)
                 kv = received
+        if sinks is not None:  # once per row, not once per step
+            _merge(out, lse, None, sinks.to(ct)[:, None].expand_as(lse))
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, kv_lengths)
-        ctx.args = (scale, left, right, causal, group)
+        ctx.save_for_backward(q, k, v, out, lse, kv_lengths, sinks, alibi_slopes, seed)
+        ctx.args = (scale, left, right, causal, softcap, dropout_p, group)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, kv_lengths = ctx.saved_tensors
-        scale, left, right, causal, group = ctx.args
+        q, k, v, out, lse, kv_lengths, sinks, alibi_slopes, seed = ctx.saved_tensors
+        scale, left, right, causal, softcap, dropout_p, group = ctx.args
         ring = _Ring(group)
         n_q, n_k = q.shape[2] * ring.world, k.shape[2] * ring.world
         if dout is None:
@@ -289,25 +437,38 @@ class _RingAttention(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=ct, device=q.device)
         kv = torch.stack([k, v])
         dkv_received, dkv_requests = None, []
-        steps = _ring_steps(ring.world, n_q, n_k, causal, left, right, kv_lengths is not None)
-        for step in range(steps):
-            src = (ring.rank - step) % ring.world
+        plan = _ring_plan(ring.world, ring.rank, n_q, n_k, causal, left, right,
+                          kv_lengths is not None, alibi_slopes is not None)
+        steps, room, buffer = len(plan), _room(plan), None
+        for step, calls in enumerate(plan):
             if step < steps - 1:
                 received, requests = ring.shift(kv)
             dkv = torch.zeros(kv.shape, dtype=ct, device=kv.device)
-            for rows, keys, l_side, r_side, start in _ring_pairs(
-                    ring.rank, src, ring.world, n_q, n_k, causal, left, right,
-                    kv_lengths is not None):
-                # attnmem's backward op with the global out and lse gives this pair's share
-                # of the gradients directly: nothing is recomputed or kept per step.
+            buffer = _with_room(kv, room, buffer)
+            for call in calls:
+                # attnmem's backward op with the global out and lse (in the call's own
+                # ALiBi frame) gives this call's share of the gradients directly: nothing is
+                # recomputed or kept per step.
+                rows, keys, extra = call.rows, call.keys, call.extra_rows
+                lse_rows = lse[:, :, rows]
+                if call.lse_shift:
+                    lse_rows = lse_rows + _slope_shift(alibi_slopes, call.lse_shift, ct)
+                if extra:
+                    # The extra queries: zero dout and lse +inf give them zero weights and
+                    # add nothing to dk and dv.
+                    lse_rows = _rows(lse_rows, slice(None), extra, math.inf)
+                k_call, v_call, lengths, call_seed = _call_inputs(
+                    call, buffer, kv_lengths, seed, ring.world, ring.rank, n_q)
                 dq_part, dk_part, dv_part, _ = torch.ops.attnmem.attention_backward(
-                    dout[:, :, rows], q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys],
-                    out[:, :, rows], lse[:, :, rows], None if dlse is None else dlse[:, :, rows],
-                    _local_lengths(kv_lengths, start, keys.stop - keys.start), scale, l_side,
-                    r_side, backend)
-                dq[:, :, rows] += dq_part
-                dkv[0][:, :, keys] += dk_part
-                dkv[1][:, :, keys] += dv_part
+                    _rows(dout, rows, extra), _rows(q, rows, extra), k_call, v_call,
+                    _rows(out, rows, extra), lse_rows,
+                    None if dlse is None else _rows(dlse, rows, extra), lengths, scale,
+                    call.left, call.right, backend, softcap, None, alibi_slopes, dropout_p,
+                    call_seed)
+                dq[:, :, rows] += dq_part[:, :, :rows.stop - rows.start]
+                # The extra keys are masked: their gradients are zeros.
+                dkv[0][:, :, keys] += dk_part[:, :, :keys.stop - keys.start]
+                dkv[1][:, :, keys] += dv_part[:, :, :keys.stop - keys.start]
             if step > 0:
                 # src's gradients so far, from the ranks before this one: this rank's part
                 # was computed while they travelled.
@@ -325,12 +486,48 @@ class _RingAttention(torch.autograd.Function):
         if steps > 1:
             _wait(dkv_requests)
             dkv = dkv_received
-        return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None,
-                None, None)
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[4]:
+            # The sink's share of each row (0 for a row whose lse is -inf: a sink of -inf
+            # that saw no key), as the dense op's: -sum of exp(sink - lse) (dout.out - dlse)
+            # over this rank's rows only.
+            delta = (dout.to(ct) * out.to(ct)).sum(-1)
+            if dlse is not None:
+                delta = delta - dlse.to(ct)
+            share = torch.exp(sinks.to(ct)[:, None] - lse).nan_to_num(0.0, 0.0, 0.0)
+            dsinks = -(share * delta).sum((0, 2)).to(sinks.dtype)
+        return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, dsinks, None,
+                None, None, None, None, None, None, None, None)
+
+
+def _ring_checks(q, k, v, group, causal, window, kv_lengths, scale, return_lse, softcap,
+                 sinks, alibi_slopes, dropout_p, generator):
+    """ring_attention's arguments checked against the full sequences: -> (world, scale,
+    left, right, kv_lengths, softcap, sinks, alibi_slopes, dropout_p, seed)."""
+    world, _ = _group(group)
+    # Shapes, dtypes, devices, heads, scale and score modifications as attnmem.attention
+    # checks them; the window and the lengths against the full sequences.
+    scale, _, _, _ = _validate(q, k, v, causal, scale, None, None, return_lse)
+    softcap, sinks, alibi_slopes = _validate_score_mods(q, scale, softcap, sinks, alibi_slopes,
+                                                        q.shape[0], q.shape[1])
+    dropout_p = _dropout_p(dropout_p)
+    n_q, n_k = q.shape[2] * world, k.shape[2] * world
+    if causal and (q.shape[2] % 2 or k.shape[2] % 2):
+        raise ValueError(f"causal ring attention takes the zig-zag layout of shard_sequence("
+                         f"causal=True): the sequence lengths must be divisible by 2 * world "
+                         f"size = {2 * world}, got q {n_q} and k {n_k}")
+    kv_lengths = _checks.lengths("kv_lengths", kv_lengths, q.shape[0], n_k, q.device)
+    left, right = _window(window, n_q, n_k)
+    if causal and n_q > 1:  # as attnmem.attention: with one query, causal hides no key
+        right = 0 if right < 0 else min(right, 0)
+    seed = _dropout_seed(dropout_p, generator, q)
+    return (world, scale, left, right, kv_lengths, softcap, sinks, alibi_slopes, dropout_p,
+            seed)
 
 
 def ring_attention(q, k, v, *, group=None, causal=False, window=None, kv_lengths=None,
-                   scale=None, return_lse=False):
+                   scale=None, return_lse=False, softcap=None, sinks=None, alibi_slopes=None,
+                   dropout_p=0.0, generator=None):
     """attnmem.attention over a sequence split across the ranks of group (the default group
     if None): each rank passes its shard q: (B, H, Nq/W, D) and k, v: (B, Hkv, Nk/W, D), cut
     by shard_sequence with the same causal (contiguous shards; with causal=True the zig-zag
@@ -347,23 +544,96 @@ def ring_attention(q, k, v, *, group=None, causal=False, window=None, kv_lengths
     round once no rank needs them: a sliding window, window=(left, 0) with causal=False on
     contiguous shards, takes 1 + ceil(left / shard length) steps. With causal=True every
     shard goes all the way round (each zig-zag shard borders ranks on both sides). A query
-    that sees no key outputs zeros, has lse -inf and gets zero gradients.
+    that sees no key outputs zeros, has lse -inf (its sink with sinks) and gets zero
+    gradients.
+
+    Score modifications, as attnmem.attention defines them on the full sequences:
+      softcap caps every pair of chunks' scores.
+      sinks (H,), the same tensor on every rank, join each row's denominator once: they
+        merge into the lse after the last step. Their gradient on each rank is that rank's
+        part, the sum over its own query rows: the sum over the ranks is the gradient of the
+        full sequence. That is what the projections feeding q, k and v get from their own
+        tokens too, so one all-reduce of the gradients over the ranks (DDP's or FSDP's, with
+        the ring's ranks in its group) completes them all alike.
+      alibi_slopes (H,) or (B, H), the same on every rank, bias by global distances
+        |i + Nk - Nq - j|. Each call of attnmem's op biases by distances from its own
+        alignment; where both keep one sign they differ by a constant, which moves the
+        call's lse and is taken back out. A pair of chunks with keys on both sides of its
+        queries' positions takes two calls, split there (on the full sequence's diagonal
+        one call: there the two distances agree), so with causal=True one per pair. Each
+        call moves its alignment onto its queries' nearest keys: keys before them read
+        extra (masked) keys past the call's own from a buffer with room for them, keys
+        after them take extra zero queries (fewer than the call's keys; their outputs are
+        dropped, and the triangle of keys they see, about half the call's work again with
+        as many queries as keys, is what ALiBi costs without causal). The weights that
+        count then get the smallest biases, and float32 errs as little as
+        attnmem.attention on the full sequence (biases of slope * shard length would cost
+        precision). A position offset per call in attnmem's kernel would remove the extra
+        keys and queries.
+    dropout_p (with generator as in attnmem.attention: one seed drawn per ring_attention
+    call, on the device) drops each rank's weights in the kernels, exactly as the dense op's
+    dropout is defined (weights of the full softmax dropped with probability dropout_p,
+    survivors scaled by 1 / (1 - dropout_p)), and the backward regenerates the same masks:
+    each call of the op, numbered in ring order, seeds its own Philox stream from the drawn
+    seed, the call's number and the rank. The masks are not those attnmem.attention draws
+    on the full sequence (its counters run over full-sequence positions); dropout_mask
+    gives them back.
     """
-    world, _ = _group(group)
-    # Shapes, dtypes, devices, heads and scale as attnmem.attention checks them; the window
-    # and the lengths against the full sequences.
-    scale, _, _, _ = _validate(q, k, v, causal, scale, None, None, return_lse)
-    n_q, n_k = q.shape[2] * world, k.shape[2] * world
-    if causal and (q.shape[2] % 2 or k.shape[2] % 2):
-        raise ValueError(f"causal ring attention takes the zig-zag layout of shard_sequence("
-                         f"causal=True): the sequence lengths must be divisible by 2 * world "
-                         f"size = {2 * world}, got q {n_q} and k {n_k}")
-    kv_lengths = _checks.lengths("kv_lengths", kv_lengths, q.shape[0], n_k, q.device)
-    left, right = _window(window, n_q, n_k)
-    if causal and n_q > 1:  # as attnmem.attention: with one query, causal hides no key
-        right = 0 if right < 0 else min(right, 0)
-    out, lse = _RingAttention.apply(q, k, v, kv_lengths, scale, left, right, causal, group)
+    (world, scale, left, right, kv_lengths, softcap, sinks, alibi_slopes, dropout_p,
+     seed) = _ring_checks(q, k, v, group, causal, window, kv_lengths, scale, return_lse,
+                          softcap, sinks, alibi_slopes, dropout_p, generator)
+    out, lse = _RingAttention.apply(q, k, v, kv_lengths, sinks, alibi_slopes, seed, scale,
+                                    left, right, causal, softcap, dropout_p, group)
     return (out, lse) if return_lse else out
+
+
+def _global_positions(rank, world, causal, length, device):
+    """The full-sequence positions of a rank's shard of `length` rows (shard_sequence's)."""
+    chunks, _ = _chunks_of(rank, world, causal)
+    size = length // len(chunks)
+    return torch.cat([torch.arange(c * size, (c + 1) * size, device=device) for c in chunks])
+
+
+def dropout_mask(q, k, dropout_p, generator=None, *, group=None, causal=False, window=None,
+                 kv_lengths=None, alibi_slopes=None):
+    """The keep mask (B, H, Nq/W, Nk) bool that ring_attention(q, k, v, dropout_p=dropout_p,
+    generator=generator, ...) applies to this rank's queries over the full sequence's keys,
+    in order, with the same group, causal, window, kv_lengths and alibi_slopes (only
+    whether they are given changes the calls), on the backend it picks, from generator in
+    the state that call found it in. Weights that no query sees are False."""
+    (world, _, left, right, kv_lengths, _, _, alibi_slopes, dropout_p, seed) = _ring_checks(
+        q, k, k, group, causal, window, kv_lengths, None, False, None, None, alibi_slopes,
+        dropout_p, generator)
+    if dropout_p == 0:
+        raise ValueError("dropout_p must be > 0 for a dropout mask")
+    _, rank = _group(group)
+    n_q, n_k = q.shape[2] * world, k.shape[2] * world
+    keep = torch.zeros(*q.shape[:3], n_k, dtype=torch.bool, device=q.device)
+    triton = _pick(q, k, k, _backend.requested_backend()) == "triton"
+    plan = _ring_plan(world, rank, n_q, n_k, causal, left, right, kv_lengths is not None,
+                      alibi_slopes is not None)
+    buffer = _with_room(torch.stack([k, k]), _room(plan))  # only the key counts matter
+    for step, calls in enumerate(plan):
+        keys_at = _global_positions((rank - step) % world, world, causal, k.shape[2], q.device)
+        for call in calls:
+            k_call, _, lengths, call_seed = _call_inputs(call, buffer, kv_lengths, seed, world,
+                                                         rank, n_q)
+            own_rows, own_keys = call.rows.stop - call.rows.start, call.keys.stop - call.keys.start
+            n_rows, n_keys = own_rows + call.extra_rows, k_call.shape[2]
+            if triton:
+                from attnmem.kernels import attention as kernel
+                drawn = kernel.dropout_keep_mask(call_seed, (*q.shape[:2], n_rows, n_keys),
+                                                 dropout_p)
+            else:
+                drawn = _torch_dropout_mask(call_seed, dropout_p, q, k_call)(
+                    torch.arange(n_rows, device=q.device))
+            seen = visible(torch.arange(n_rows, device=q.device), n_rows, n_keys, call.left,
+                           call.right, lengths)
+            if seen is not None:
+                drawn = drawn & seen
+            # The extra queries' weights are dropped, the extra keys masked.
+            keep[:, :, call.rows, keys_at[call.keys]] |= drawn[:, :, :own_rows, :own_keys]
+    return keep
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """AdditiveAttention, PointerAttention, HardAttention and LuongAttention against their
-papers' formulas, written out per query in float64; the kernel paths on both backends."""
+papers' formulas, written out per query in float64; the kernel paths on both backends. The
+self-attention modules' score modifications (softcap, sinks, ALiBi) against plain torch."""
 
 import math
 import os
@@ -8,8 +9,16 @@ import pytest
 import torch
 
 import attnmem
-from attnmem.nn import AdditiveAttention, HardAttention, LuongAttention, PointerAttention
+from attnmem.nn import (
+    AdditiveAttention,
+    HardAttention,
+    LuongAttention,
+    MultiheadSelfAttention,
+    PointerAttention,
+    TransformerEncoderLayer,
+)
 from attnmem.nn.additive import MODES, SCORES
+from attnmem.nn.attention import alibi_slopes
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BACKENDS = ["torch"] + (["triton"] if INTERPRET else [])
@@ -282,3 +291,111 @@ def test_luong_attention_takes_empty_inputs(score, mode, batch, n_q, n_s):
             torch.testing.assert_close(out, torch.tanh(module.W_c(torch.cat([zeros, query], -1))))
         for t in (query, source, *module.parameters()):
             assert t.grad is None or torch.isfinite(t.grad).all()
+
+
+def plain_self_attention(layer, x, lengths):
+    """layer's attention written out: scores, cap, ALiBi's -slope |i - j|, masks, and the
+    sink as one more logit in each row's softmax, whose weight is dropped."""
+    batch, n, _ = x.shape
+    heads, kv_heads, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    q, k, v = layer.qkv(x).split([heads * d, kv_heads * d, kv_heads * d], -1)
+    q = q.view(batch, n, heads, d).transpose(1, 2)
+    k, v = (t.view(batch, n, kv_heads, d).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
+            for t in (k, v))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d)
+    if layer.softcap:
+        scores = layer.softcap * torch.tanh(scores / layer.softcap)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    if layer.alibi_slopes is not None:
+        scores = scores - layer.alibi_slopes[:, None, None] * (i - j).abs()
+    hidden = j >= lengths[:, None, None, None]
+    if layer.causal:
+        hidden = hidden | (j > i)
+    if layer.window is not None:
+        left, right = layer.window
+        hidden = hidden | (j < i - (n if left is None else left))
+        hidden = hidden | (j > i + (n if right is None else right))
+    scores = scores.masked_fill(hidden, float("-inf"))
+    sink = (torch.full((heads,), float("-inf"), dtype=x.dtype) if layer.sinks is None
+            else layer.sinks)
+    scores = torch.cat([scores, sink.view(1, heads, 1, 1).expand(batch, heads, n, 1)], -1)
+    weights = torch.softmax(scores, -1)[..., :-1].nan_to_num()  # no key, no sink: zeros
+    return layer.out((weights @ v).transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("kv_heads,causal,window,softcap,sinks,alibi", [
+    (2, True, None, 5.0, True, True),
+    (4, False, (2, 1), None, True, False),
+    (1, False, None, 3.0, False, True),
+    (4, True, (3, None), None, False, True),
+])
+def test_self_attention_score_mods_match_plain_torch(kv_heads, causal, window, softcap, sinks,
+                                                     alibi):
+    """Outputs and the gradients of x, the projections and the sinks, in float64; a batch
+    entry that sees no key outputs the bias only (its weights are zeros, or the sink's)."""
+    layer = MultiheadSelfAttention(24, 4, kv_heads, causal=causal, window=window,
+                                   softcap=softcap, sinks=sinks, alibi=alibi).double()
+    if sinks:
+        with torch.no_grad():
+            layer.sinks.normal_()
+    x = torch.randn(3, 9, 24, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([9, 4, 0])
+    got = layer(x, lengths)
+    params = [x, layer.qkv.weight, layer.out.bias] + ([layer.sinks] if sinks else [])
+    grads = torch.autograd.grad(got.square().sum(), params)
+    expect = plain_self_attention(layer, x, lengths)
+    torch.testing.assert_close(got, expect)
+    for name, g, e in zip(("x", "qkv", "out bias", "sinks"), grads,
+                          torch.autograd.grad(expect.square().sum(), params)):
+        torch.testing.assert_close(g, e, msg=lambda detail, name=name: f"d{name}: {detail}")
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_encoder_layer_passes_score_mods_to_its_attention(norm_first):
+    layer = TransformerEncoderLayer(16, 4, dim_feedforward=20, dropout=0.0, norm_first=norm_first,
+                                    causal=True, softcap=4.0, sinks=True, alibi=True).double()
+    with torch.no_grad():
+        layer.self_attn.sinks.normal_()
+    x, lengths = torch.randn(2, 7, 16, dtype=torch.float64), torch.tensor([7, 3])
+
+    def plain(x):
+        feed_forward = lambda x: layer.linear2(torch.relu(layer.linear1(x)))  # noqa: E731
+        if norm_first:
+            x = x + plain_self_attention(layer.self_attn, layer.norm1(x), lengths)
+            return x + feed_forward(layer.norm2(x))
+        x = layer.norm1(x + plain_self_attention(layer.self_attn, x, lengths))
+        return layer.norm2(x + feed_forward(x))
+
+    got, expect = layer(x, lengths), plain(x)
+    torch.testing.assert_close(got, expect)
+    sinks = layer.self_attn.sinks
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), sinks),
+                               torch.autograd.grad(expect.sum(), sinks))
+
+
+def test_alibi_slopes_are_blooms():
+    """Press et al.'s geometric sequence as BLOOM builds it: 2^(-8 i / n) for n a power of 2;
+    for 12 heads, those of 8 heads, then slopes 1, 3, 5, 7 of 16 heads. A buffer, not
+    saved."""
+    torch.testing.assert_close(alibi_slopes(8), 2.0 ** -torch.arange(1.0, 9.0))
+    torch.testing.assert_close(alibi_slopes(12), torch.cat([2.0 ** -torch.arange(1.0, 9.0),
+                                                            2.0 ** -torch.tensor([0.5, 1.5,
+                                                                                  2.5, 3.5])]))
+    torch.testing.assert_close(alibi_slopes(1), torch.tensor([2.0 ** -8]))
+    layer = MultiheadSelfAttention(24, 12, alibi=True)
+    assert torch.equal(layer.alibi_slopes, alibi_slopes(12)) and layer.sinks is None
+    assert "alibi_slopes" not in layer.state_dict()
+    assert MultiheadSelfAttention(24, 12).alibi_slopes is None
+
+
+@pytest.mark.parametrize("message,call", [
+    ("softcap must be in \\(0.0, inf\\), got 0", lambda: MultiheadSelfAttention(8, 2, softcap=0)),
+    ("softcap must be a number, got str", lambda: TransformerEncoderLayer(8, 2, softcap="50")),
+    ("sinks must be a bool, got int", lambda: MultiheadSelfAttention(8, 2, sinks=1)),
+    ("alibi must be a bool, got Tensor",
+     lambda: TransformerEncoderLayer(8, 2, alibi=torch.ones(2))),
+    ("num_heads must be an int >= 1, got 0", lambda: alibi_slopes(0)),
+])
+def test_score_mod_options_are_checked(message, call):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()

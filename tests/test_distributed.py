@@ -1,6 +1,7 @@
 """attnmem.distributed on 2 and 3 CPU processes (gloo) against single-process attnmem on the
 same full tensors: ring attention (causal or not, GQA, windows, lengths, Nq != Nk, the
-gradient of lse) and the sharded memory ops and module, outputs and every gradient.
+gradient of lse, softcap, sinks, ALiBi, dropout) and the sharded memory ops and module,
+outputs and every gradient.
 
 Each world size spawns one process group that runs every case, so a test pays for one
 start-up; a hang fails at the deadline instead of blocking the run.
@@ -19,6 +20,7 @@ import torch.multiprocessing as mp
 import attnmem
 from attnmem import distributed
 from attnmem.nn import KeyValueMemory, ShardedKeyValueMemory
+from attnmem.reference import attention as twin
 
 pytestmark = pytest.mark.xdist_group("distributed")
 
@@ -125,6 +127,117 @@ def _attention_cases(rank, world, backend="torch"):
         if lengths is not None and 0 in lengths:  # a batch that sees no key: zeros, -inf
             empty = lengths.index(0)
             assert (out_r[empty] == 0).all() and (lse_r[empty] == -float("inf")).all()
+
+
+SCORE_MOD_CASES = [
+    # (B, H, Hkv, Nq per rank, Nk per rank, D, causal, window, lengths, softcap, sinks,
+    # alibi_slopes' shape (H,) or (B, H), dropout_p); the last two run again on the triton
+    # kernels (through the interpreter)
+    (2, 4, 2, 6, 6, 5, True, None, [12, 0], 2.0, True, "BH", 0.0),
+    (2, 2, 1, 5, 5, 4, False, (3, 2), None, None, True, "H", 0.0),
+    (1, 2, 1, 4, 8, 4, True, (6, None), None, 3.0, False, "H", 0.0),
+    (1, 2, 2, 5, 3, 3, False, None, [9], None, True, "BH", 0.0),
+    (2, 2, 2, 6, 6, 4, True, None, [11, 5], 2.0, True, None, 0.3),
+    (2, 2, 1, 4, 4, 4, True, None, None, None, False, "H", 0.0),
+    (1, 2, 1, 4, 4, 4, False, (5, 2), [7], 2.0, True, "H", 0.3),
+]
+
+
+def _score_mod_cases(rank, world, backend="torch"):
+    """softcap, sinks, ALiBi and dropout against attnmem.attention on the full sequence (the
+    float64 twin with the ring's own masks under dropout): outputs, lse and every gradient,
+    the sinks' summed over the ranks."""
+    dtype, tol = (torch.float64, 1e-10) if backend == "torch" else (torch.float32, 2e-5)
+    for case in SCORE_MOD_CASES if backend == "torch" else SCORE_MOD_CASES[-2:]:
+        b, h, hkv, nq, nk, d, causal, window, lengths, softcap, sinks, alibi, p = case
+        what = f"world {world}, {backend}: {case}"
+        full = [torch.randn(b, heads, n * world, d, dtype=torch.float64)
+                for heads, n in ((h, nq), (hkv, nk), (hkv, nk))]
+        kv_lengths = None if lengths is None else torch.tensor(lengths)
+        for i, length in enumerate(lengths or []):  # padding counts for nothing
+            full[1][i, :, length:] = full[2][i, :, length:] = float("nan")
+        sink = torch.randn(h, dtype=torch.float64) if sinks else None
+        slopes = None if alibi is None else torch.rand((h,) if alibi == "H" else (b, h),
+                                                       dtype=torch.float64)
+        dout, dlse = torch.randn_like(full[0]), torch.randn(full[0].shape[:3],
+                                                            dtype=torch.float64)
+        mods = dict(causal=causal, window=window, kv_lengths=kv_lengths, softcap=softcap,
+                    alibi_slopes=slopes)
+        shard = [distributed.shard_sequence(x, causal=causal).to(dtype).requires_grad_()
+                 for x in full]
+        sink_r = None if sink is None else sink.to(dtype, copy=True).requires_grad_()
+        with attnmem.use_backend(backend):
+            generator = torch.Generator().manual_seed(7)
+            if p:
+                keep = distributed.dropout_mask(shard[0], shard[1], p, generator, causal=causal,
+                                                window=window, kv_lengths=kv_lengths,
+                                                alibi_slopes=slopes)
+                generator.manual_seed(7)
+            out_r, lse_r = distributed.ring_attention(*shard, **mods, sinks=sink_r,
+                                                      return_lse=True, dropout_p=p,
+                                                      generator=generator)
+            ((out_r * distributed.shard_sequence(dout, causal=causal).to(dtype)).sum()
+             + (lse_r.nan_to_num(neginf=0)
+                * distributed.shard_sequence(dlse, causal=causal).to(dtype)).sum()).backward()
+        ref = [x.clone().requires_grad_() for x in full]
+        sink_ref = None if sink is None else sink.clone().requires_grad_()
+        if p:  # the twin with the ring's masks, gathered from every rank
+            left, right = (-1 if side is None else side for side in window or (None, None))
+            keep = distributed.unshard_sequence(keep.double(), causal=causal) > 0
+            out, lse = twin.attention_forward(*ref, kv_lengths, d ** -0.5, left,
+                                              0 if causal else right, softcap or 0.0, sink_ref,
+                                              slopes, p, keep)
+        else:
+            out, lse = attnmem.attention(*ref, **mods, sinks=sink_ref, return_lse=True)
+        ((out * dout).sum() + (lse.nan_to_num(neginf=0) * dlse).sum()).backward()
+        for name, actual, expected in (("out", out_r, out), ("lse", lse_r, lse),
+                                       *((f"d{n}", x.grad, r.grad)
+                                         for n, x, r in zip("qkv", shard, ref))):
+            _close(actual.double(), distributed.shard_sequence(expected.detach(), causal=causal),
+                   f"{what} {name}", tol)
+        if sink is not None:
+            dsinks = sink_r.grad.double()
+            dist.all_reduce(dsinks)
+            _close(dsinks, sink_ref.grad, f"{what} dsinks (summed over the ranks)", tol)
+        if p:  # the same generator state, the same masks and outputs
+            with attnmem.use_backend(backend):
+                again = distributed.ring_attention(*shard, **mods, sinks=sink_r, dropout_p=p,
+                                                   generator=generator.manual_seed(7))
+            assert torch.equal(again, out_r), what
+    q = torch.zeros(1, 2, 4, 4)
+    for message, kwargs in (
+            ("sinks must be \\(H,\\)", dict(sinks=torch.zeros(3))),
+            ("alibi_slopes must be \\(H,\\) = \\(2,\\) or \\(B, H\\)",
+             dict(alibi_slopes=torch.zeros(2, 2))),
+            ("alibi_slopes get no gradient", dict(alibi_slopes=torch.zeros(2,
+                                                                           requires_grad=True))),
+            ("softcap must be a finite number", dict(softcap=-1.0)),
+            ("dropout_p must be a number in \\[0, 1\\]", dict(dropout_p=1.5)),
+            ("generator must be a torch.Generator", dict(dropout_p=0.1, generator=3))):
+        with pytest.raises((ValueError, TypeError), match=message):
+            distributed.ring_attention(q, q, q, **kwargs)
+    with pytest.raises(ValueError, match="dropout_p must be > 0"):
+        distributed.dropout_mask(q, q, 0.0)
+
+
+def _alibi_precision(rank, world):
+    """ALiBi's bias reaches slope * shard length in a call whose alignment is not the
+    query's: the ring's calls align on each query's nearest key, so in float32 they err as
+    little as attnmem.attention on the full sequence does (calls split at their own
+    diagonal, some with negated slopes, erred 3.5 to 6 times more here)."""
+    slopes = torch.tensor([0.5], dtype=torch.float64)
+    for causal in (True, False):
+        full = [torch.randn(1, 1, 512 * world, 8, dtype=torch.float64) for _ in range(3)]
+        exact = distributed.shard_sequence(
+            attnmem.attention(*full, causal=causal, alibi_slopes=slopes), causal=causal)
+        dense = distributed.shard_sequence(attnmem.attention(
+            *(x.float() for x in full), causal=causal, alibi_slopes=slopes.float()),
+            causal=causal)
+        ring = distributed.ring_attention(
+            *(distributed.shard_sequence(x.float(), causal=causal) for x in full),
+            causal=causal, alibi_slopes=slopes.float())
+        error, dense_error = ((x.double() - exact).abs().max() for x in (ring, dense))
+        assert error <= 1.5 * dense_error + 1e-7, (causal, error, dense_error)
 
 
 def _layout_and_errors(rank, world):
@@ -306,9 +419,11 @@ def _module_case(rank, world):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed(world):
-    cases = [_layout_and_errors, _attention_cases, _memory_cases, _module_case, _subgroup]
+    cases = [_layout_and_errors, _attention_cases, _score_mod_cases, _memory_cases, _module_case,
+             _subgroup]
     if world == 2:  # the triton kernels, through the interpreter, on one world size
-        cases += [functools.partial(_attention_cases, backend="triton"),
+        cases += [_alibi_precision, functools.partial(_attention_cases, backend="triton"),
+                  functools.partial(_score_mod_cases, backend="triton"),
                   functools.partial(_memory_cases, dtype=torch.float32, backend="triton")]
     _spawn(world, cases)
 

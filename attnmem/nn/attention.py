@@ -21,6 +21,17 @@ def _window(window):
                  for name, side in zip(("left", "right"), window))
 
 
+def alibi_slopes(num_heads):
+    """BLOOM's ALiBi slopes (num_heads,) float32: for n heads a power of 2, 2^(-8 i / n) for
+    i = 1..n; otherwise those of the largest power of 2 below n, then every other slope of
+    twice that many (Press et al.'s geometric sequence, as BLOOM builds it)."""
+    num_heads = _checks.integer("num_heads", num_heads)
+    below = 2 ** int(math.log2(num_heads))
+    slopes = [2 ** (-8 * i / below) for i in range(1, below + 1)]
+    slopes += [2 ** (-8 * i / (2 * below)) for i in range(1, 2 * (num_heads - below), 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
 class MultiheadSelfAttention(nn.Module):
     """Self-attention with a fused QKV projection, grouped-query attention (num_kv_heads
     divides num_heads; 1 is multi-query), causal masking, a sliding window and padding
@@ -28,12 +39,23 @@ class MultiheadSelfAttention(nn.Module):
     training, dropout (a probability) drops them in the kernel (attnmem.attention's
     dropout_p, drawn from torch's default generator).
 
+    Score modifications, attnmem.attention's (see its docstring):
+      softcap (a number > 0, or None): scores capped to softcap * tanh(scores / softcap),
+        as Gemma 2's.
+      sinks=True: a learnable logit per head in every row's softmax denominator (gpt-oss's
+        attention sinks), the parameter `sinks` (num_heads,), starting at 0 (a sink as
+        heavy as a key scoring 0).
+      alibi=True: ALiBi's bias -slope * |i - j| between query i and key j, with the buffer
+        `alibi_slopes` (num_heads,) of BLOOM's slopes (alibi_slopes()), not learned. With
+        causal=True that is BLOOM's bias slope * j up to a per-row constant, which no output
+        sees; without, the symmetric bias of Press et al.'s encoder experiments.
+
     With num_kv_heads == num_heads, `qkv` is laid out as torch.nn.MultiheadAttention's
     in_proj ([q; k; v] rows) and `out` as its out_proj.
     """
 
     def __init__(self, embed_dim, num_heads, num_kv_heads=None, causal=False, window=None,
-                 bias=True, dropout=0.0):
+                 bias=True, dropout=0.0, softcap=None, sinks=False, alibi=False):
         super().__init__()
         embed_dim = _checks.integer("embed_dim", embed_dim)
         num_heads = _checks.integer("num_heads", num_heads)
@@ -47,9 +69,15 @@ class MultiheadSelfAttention(nn.Module):
         self.causal, self.window = _checks.flag("causal", causal), _window(window)
         bias = _checks.flag("bias", bias)
         self.dropout = _checks.number("dropout", dropout, 0.0, 1.0)
+        self.softcap = (None if softcap is None
+                        else _checks.number("softcap", softcap, 0.0, low_open=True))
         self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim,
                              bias=bias)
         self.out = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.sinks = (nn.Parameter(torch.zeros(num_heads)) if _checks.flag("sinks", sinks)
+                      else None)
+        self.register_buffer("alibi_slopes", alibi_slopes(num_heads)
+                             if _checks.flag("alibi", alibi) else None, persistent=False)
 
     def forward(self, x: torch.Tensor, kv_lengths: Optional[torch.Tensor] = None):
         """x: (B, N, E); kv_lengths: (B,) valid lengths (keys past them are not attended)."""
@@ -62,7 +90,9 @@ class MultiheadSelfAttention(nn.Module):
             self.qkv(x).split([h * self.head_dim for h in heads], dim=-1), heads))
         out = attnmem.attention(q, k, v, causal=self.causal, window=self.window,
                                 kv_lengths=kv_lengths,
-                                dropout_p=self.dropout if self.training else 0.0)
+                                dropout_p=self.dropout if self.training else 0.0,
+                                softcap=self.softcap, sinks=self.sinks,
+                                alibi_slopes=self.alibi_slopes)
         return self.out(out.transpose(1, 2).flatten(2))
 
 
@@ -99,11 +129,11 @@ class TransformerEncoderLayer(nn.Module):
     (x = norm(x + sublayer(x))) by default, pre-norm with norm_first=True, as
     torch.nn.TransformerEncoderLayer (batch first), dropout included: on the attention
     weights (in the kernel), after the attention and in the feed-forward block. Adds
-    num_kv_heads, causal and window."""
+    num_kv_heads, causal, window, softcap, sinks and alibi, MultiheadSelfAttention's."""
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
                  layer_norm_eps=1e-5, norm_first=False, bias=True, num_kv_heads=None,
-                 causal=False, window=None):
+                 causal=False, window=None, softcap=None, sinks=False, alibi=False):
         super().__init__()
         d_model = _checks.integer("d_model", d_model)
         nhead = _checks.integer("nhead", nhead)
@@ -116,7 +146,7 @@ class TransformerEncoderLayer(nn.Module):
         norm_first, bias = _checks.flag("norm_first", norm_first), _checks.flag("bias", bias)
         self.d_model = d_model
         self.self_attn = MultiheadSelfAttention(d_model, nhead, num_kv_heads, causal, window,
-                                                bias, dropout)
+                                                bias, dropout, softcap, sinks, alibi)
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias)
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias)
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
