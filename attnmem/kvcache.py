@@ -187,8 +187,9 @@ def _descales(q, k_cache, k_descale, v_descale, fp8):
                 raise ValueError(f"{name} applies to float8_e4m3fn caches only (k_cache is "
                                  f"{k_cache.dtype})")
         return None
-    # attention()'s check of (B, Hkv) descales, with k_cache's heads moved to dim 1.
-    return _fp8_descales(q, k_cache.transpose(1, 2), (None, k_descale, v_descale))[..., 1:]
+    # attention()'s check of (B, Hkv) descales; k_cache holds the kv heads on dim 2.
+    shape = (q.shape[0], k_cache.shape[2])
+    return _fp8_descales(q, shape, (None, k_descale, v_descale))[..., 1:]
 
 
 def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window, scale,

@@ -330,6 +330,9 @@ def _decode_fn(provider, q, k, v, page_size):
             k, v = pools
         descales = {}
         if provider == "attnmem-fp8":
+            if q.dtype not in (torch.float16, torch.bfloat16):
+                raise RuntimeError(f"an e4m3 cache takes 16-bit queries, this profile's are "
+                                   f"{q.dtype}")
             (k, descales["k_descale"]), (v, descales["v_descale"]) = map(_fp8_cache, (k, v))
         seqlens = torch.full((batch,), n, dtype=torch.int32, device=k.device)
         return lambda: attnmem.attention_with_kvcache(q, k, v, cache_seqlens=seqlens,

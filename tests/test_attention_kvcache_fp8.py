@@ -126,7 +126,8 @@ def test_fp8_splits_and_score_modifications(n_splits):
     expect = twin.attention_with_kvcache_forward(q.double(), *caches, lengths, None, 0, scale,
                                                  7, 0, descales=stacked.double(), **mods)
     assert out.dtype == torch.float16
-    torch.testing.assert_close(out.cpu().double(), expect[0], rtol=0, atol=2e-3)
+    # float16 output: its rounding (half an ulp, 2^-11 relative) on top of the kernel's error.
+    torch.testing.assert_close(out.cpu().double(), expect[0], rtol=2 ** -11, atol=2e-3)
     torch.testing.assert_close(lse.cpu().double(), expect[1], rtol=1e-5, atol=1e-5)
 
 
