@@ -833,7 +833,9 @@ def self_attention(draw, rand, layer):
     heads = kv_heads * group
     side = st.none() | integers(0, 3)
     options = dict(num_kv_heads=kv_heads, causal=draw(st.booleans()),
-                   window=draw(st.none() | st.tuples(side, side)), bias=draw(st.booleans()))
+                   window=draw(st.none() | st.tuples(side, side)), bias=draw(st.booleans()),
+                   softcap=draw(st.none() | st.floats(0.5, 8.0)), sinks=draw(st.booleans()),
+                   alibi=draw(st.booleans()))
     if layer:
         module = attnmem.nn.TransformerEncoderLayer(
             heads * head_dim, heads, dim_feedforward=draw(st.integers(1, 6)), dropout=0.0,
@@ -1038,7 +1040,8 @@ CONSTRUCTORS = {
                            {"dropout": [-0.1, 1.5, "0"], "batch_first": [1]}),
     "MultiheadSelfAttention": (attnmem.nn.MultiheadSelfAttention,
                                dict(embed_dim=4, num_heads=2, num_kv_heads=1),
-                               {"causal": [1, "no"], "window": [3, (1, 2, 3), (-2, 0), (1.5, 0)]}),
+                               {"causal": [1, "no"], "window": [3, (1, 2, 3), (-2, 0), (1.5, 0)],
+                                "softcap": [0.0, -1.0, "x"], "sinks": [1], "alibi": ["yes"]}),
     "TransformerEncoderLayer": (attnmem.nn.TransformerEncoderLayer,
                                 dict(d_model=4, nhead=2, dim_feedforward=3, num_kv_heads=1),
                                 {"activation": ["tanh", None], "dropout": [2.0, -1.0]}),

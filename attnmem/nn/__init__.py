@@ -10,6 +10,7 @@ from attnmem.nn.attention import (
     MultiheadSelfAttention,
     SinusoidalPositionalEncoding,
     TransformerEncoderLayer,
+    alibi_slopes,
 )
 from attnmem.nn.distributed import ShardedKeyValueMemory
 from attnmem.nn.memory import NTM, KeyValueMemory, MemN2N, NTMState
@@ -19,4 +20,4 @@ from attnmem.nn.product_key import ProductKeyMemory
 __all__ = ["NTM", "NTMState", "MemN2N", "KeyValueMemory", "ShardedKeyValueMemory",
            "ProductKeyMemory", "AdditiveAttention", "HardAttention",
            "LuongAttention", "PointerAttention", "MultiheadAttention", "MultiheadSelfAttention",
-           "SinusoidalPositionalEncoding", "TransformerEncoderLayer"]
+           "SinusoidalPositionalEncoding", "TransformerEncoderLayer", "alibi_slopes"]
