@@ -28,7 +28,7 @@ PROVIDERS = {
     "additive": ("attnmem", "eager"),
     "mha": ("attnmem-mha", "attnmem-self", "torch-mha"),
     "decode": ("attnmem", "attnmem-paged", "attnmem-fp8", "sdpa", "flex"),
-    "varlen": ("attnmem", "padded"),
+    "varlen": ("attnmem", "attnmem-fp8", "padded"),
     "product_key": ("attnmem", "attnmem-sparse", "eager", "dense"),
 }
 # The GPU check (scripts/gpu_check.sh) leaves out the attention baselines that fill N^2 scores.
@@ -383,7 +383,8 @@ def varlen_points(profile):
     fixed = {k: v for k, v in sizes.items() if k != "x"}
     return [dict(op="varlen", provider=provider, mode=mode, x=x, causal=causal, **fixed)
             for causal in (False, True) for mode in MODES["varlen"]
-            for provider in PROVIDERS["varlen"] for x in sizes["x"]]
+            for provider in PROVIDERS["varlen"] for x in sizes["x"]
+            if mode in PROVIDER_MODES.get(provider, (mode,))]
 
 
 def varlen_lengths(batch, longest):
@@ -399,12 +400,17 @@ def build_varlen(point, device):
     longest, heads, d, causal = point["x"], point["heads"], point["d"], point["causal"]
     lengths = varlen_lengths(point["batch"], longest)
     dtype, grad = dtype_for("attention", device), point["mode"] != "fwd"
-    if point["provider"] == "attnmem":
+    if point["provider"].startswith("attnmem"):
         q, k, v = (_randn(sum(lengths), heads, d, device=device, dtype=dtype, grad=grad)
                    for _ in range(3))
         cu_seqlens = torch.tensor([0, *lengths]).cumsum(0).to(device, torch.int32)
+        fp8 = {}
+        if point["provider"] == "attnmem-fp8":  # quantized per sequence, not timed
+            (q, fp8["q_descale"]), (k, fp8["k_descale"]), (v, fp8["v_descale"]) = (
+                attnmem.quantize_fp8(x, cu_seqlens=cu_seqlens) for x in (q, k, v))
+            fp8["out_dtype"] = dtype
         forward = lambda: attnmem.attention_varlen(  # noqa: E731
-            q, k, v, cu_seqlens, cu_seqlens, longest, longest, causal=causal)
+            q, k, v, cu_seqlens, cu_seqlens, longest, longest, causal=causal, **fp8)
     else:
         q, k, v = (_randn(len(lengths), heads, longest, d, device=device, dtype=dtype,
                           grad=grad) for _ in range(3))

@@ -331,7 +331,8 @@ def write_report(out_dir, meta, rows, unavailable):
                "attention, FlashAttention's count) against the longest sequence x of a batch "
                f"of {point['batch']} sequences, the others uniform in [1, x]; "
                f"{point['heads']} heads, head dim {point['d']}. attnmem: attention_varlen on "
-               "the packed batch; padded: the batch padded to x through attnmem.attention "
+               "the packed batch (attnmem-fp8: on its e4m3 copy, one scale per sequence and "
+               "head, forward only); padded: the batch padded to x through attnmem.attention "
                "with kv_lengths.", "", "![varlen](varlen.png)", ""]
         for mode, causal in configs:
             what = f"{mode}, {'causal' if causal else 'not causal'}"
