@@ -251,7 +251,8 @@ def test_opcheck_and_torch_compile():
 
 
 # ---------------------------------------------------------------------------------------
-# sm_90 builds of the packed attention (tests/aot.py): no spills, dots on tensor cores.
+# sm_90 builds of the packed kernels (tests/aot.py): no spills, the attention's dots on tensor
+# cores.
 # tests/test_triton_versions.py repeats the "expect" on the GPU machines' triton (3.6).
 # ---------------------------------------------------------------------------------------
 
@@ -275,9 +276,16 @@ def _packed_attend_job(data, head_dim, rows, paged, split):
 
 
 def _compile_jobs():
-    """GQA 8:1 decoding rows (paged, split) and a chunk of 16 queries at 8:1 (128 rows)."""
+    """GQA 8:1 decoding rows (paged, split), a chunk of 16 queries at 8:1 (128 rows), and
+    the packed append."""
     return {"attend-bf16-d128-gqa8-paged-split": _packed_attend_job("bf16", 128, 8, True, True),
-            "attend-fp16-d128-chunk-paged": _packed_attend_job("fp16", 128, 128, True, False)}
+            "attend-fp16-d128-chunk-paged": _packed_attend_job("fp16", 128, 128, True, False),
+            "append-bf16-d128-paged": dict(
+                module=KERNEL_MODULE, kernel="_kvcache_append", arch=90,
+                constexprs=dict(HEAD_DIM=128, BLOCK_D=128, PAGED=True, BLOCK_H=8, PACKED_Q=True),
+                pointers=dict(k_ptr="bf16", v_ptr="bf16", kc_ptr="bf16", vc_ptr="bf16",
+                              seqlens_ptr="i32", table_ptr="i32", cu_seqlens_q_ptr="i32"),
+                num_warps=4, num_stages=1, expect=NO_SPILLS)}
 
 
 @pytest.fixture(scope="module")
@@ -294,4 +302,5 @@ def test_packed_attend_compiles_for_sm90_without_spills(compiled_packed, name):
     result = compiled_packed[name]
     assert result["error"] is None, result["error"]
     assert {key: result[key] for key in NO_SPILLS} == NO_SPILLS, result
-    assert result["wgmma"] or result["mma_sync"], result
+    if name.startswith("attend"):
+        assert result["wgmma"] or result["mma_sync"], result
