@@ -3,7 +3,8 @@ new tokens appended in place (FlashAttention's flash_attn_with_kvcache).
 
 Two torch.library custom ops: the append (mutating the caches) and the attention over them,
 each on the triton kernels (split-KV flash-decoding, GQA packing, paged loads) or on the
-pure-torch twin (attnmem.reference.kvcache), as attnmem.backend chooses.
+pure-torch twin (attnmem.reference.kvcache), as attnmem.backend chooses. Both take the
+queries padded (B, Sq, H, D) or packed (total_q, H, D) with cu_seqlens_q.
 """
 
 import numbers
@@ -389,8 +390,25 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     triton compiles e4m3); older GPUs and the torch backend dequantize in float32 and run
     the twin.
 
+    Packed queries (FlashAttention-3's cu_seqlens_q and max_seqlen_q: a batch mixing
+    decoding with chunks of prefill, none padded to the longest): q (total_q, H, D) with
+    sequence b's queries in rows cu_seqlens_q[b] to cu_seqlens_q[b + 1] (int32 (B + 1,) on
+    q's device, from 0 to total_q, nondecreasing: lengths may be 0), max_seqlen_q an int at
+    least the longest sequence's length. k, v, if given, are (total_q, Hkv, D) packed alike:
+    sequence b's new tokens are its queries' tokens (FlashAttention-3's cu_seqlens_k_new
+    equal to cu_seqlens_q), written at cache_seqlens[b] + i. Everything above holds per
+    sequence with Sq its own length (its clamp of cache_seqlens to [0, capacity - Sq] when
+    appending included; an int cache_seqlens must leave room for max_seqlen_q new tokens).
+    Returns out (total_q, H, D) and lse (H, total_q), as attnmem.attention_varlen does. The
+    triton kernels size their grid by max_seqlen_q and read cu_seqlens_q on the device, so
+    the launch needs no host sync (row tiles past a sequence's length exit at once); the
+    torch backend runs each sequence's rows as a batch of one. As in attention_varlen, the
+    cumulative lengths are checked on CPU tensors only: on CUDA wrong ones read and write
+    nothing outside the tensors and caches, but rows that no sequence covers are left
+    unwritten.
+
     FlashAttention's rotary_cos/rotary_sin, cache_batch_idx, cache_leftpad and num_splits
-    arguments have no counterpart here.
+    arguments have no counterpart here, nor cu_seqlens_k_new apart from cu_seqlens_q.
     """
     n_new, n_q, seqlens, scale, left, right, mods = _validate(
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window, scale,

@@ -30,8 +30,8 @@ CASES = {
     # 21 queries x 4 heads: 6 row tiles of 16 under the interpreter; the last cache is clamped.
     "mixed_gqa_append": ([1, 0, 21, 3], 8, 2, 40, 64, [30, 5, 10, 63], True, True, None, None,
                          torch.float16, False),
-    "mixed_paged_window": ([5, 1, 0, 18], 4, 4, 33, 49, [20, 48, 0, 12], True, True, (6, 0),
-                           7, torch.float32, False),
+    "mixed_paged_window_mods": ([5, 1, 0, 18], 4, 4, 33, 49, [20, 48, 0, 12], True, True,
+                                (6, 0), 7, torch.float32, True),
     "no_append_paged_both_sides": ([3, 1, 0, 17], 4, 1, 16, 32, [32, 9, 4, 20], False, False,
                                    (5, 2), 8, torch.float32, False),
     # Decoding only (max_seqlen_q 1), one split of the keys (a capacity of one key tile):
@@ -147,13 +147,13 @@ def test_fp8_cache_matches_per_sequence(backend):
     """A float8_e4m3fn paged cache with (B, Hkv) descales: the packed call quantizes the same
     bytes into the cache as the padded API run on each sequence alone, and attends alike
     (tests/test_attention_kvcache_fp8.py checks the padded API against float64)."""
-    q, k_cache, v_cache, k, v, seqlens, cu_seqlens, kwargs = _inputs("mixed_paged_window",
+    q, k_cache, v_cache, k, v, seqlens, cu_seqlens, kwargs = _inputs("mixed_paged_window_mods",
                                                                      torch.float16)
     descales = {n: 0.02 + 0.48 * torch.rand(len(seqlens), k_cache.shape[2])
                 for n in ("k_descale", "v_descale")}
     k_cache, v_cache = ((c.float() * 4).to(FP8) for c in (k_cache, v_cache))
     kwargs.update(descales)
-    page_size = CASES["mixed_paged_window"][9]
+    page_size = CASES["mixed_paged_window_mods"][9]
     order = torch.randperm(k_cache.shape[0] * k_cache.shape[1] // page_size + 2)
     (k_pool, table), (v_pool, _) = (_paged(c, page_size, order) for c in (k_cache, v_cache))
     out, lse, *pools = _packed(q, k_pool, v_pool, k, v, seqlens, cu_seqlens, kwargs, backend,
