@@ -31,9 +31,22 @@ from attnmem.reference import attention as _attention_twin
 from attnmem.reference import kvcache as _reference
 from attnmem.varlen import _check_lengths, _cu_seqlens, _max_seqlen
 
+# CUDA's limit on a launch grid's first axis.
+GRID_X_LIMIT = 2 ** 31 - 1
 
-def _triton_reasons(q, k_cache, v_cache) -> list[str]:
+
+def _triton_reasons(q, k_cache, v_cache, cu_seqlens_q=None, max_seqlen_q=0) -> list[str]:
     reasons = []
+    if cu_seqlens_q is not None:
+        # Packed queries: the grids are sized by max_seqlen_q, not by the packed rows, the
+        # append's B * max_seqlen_q and the attention's row tiles of at least 16 rows.
+        batch, kv_heads = cu_seqlens_q.shape[0] - 1, k_cache.shape[2]
+        group = q.shape[1] // max(kv_heads, 1)
+        programs = max(batch * max_seqlen_q, batch * kv_heads * -(-max_seqlen_q * group // 16))
+        if programs > GRID_X_LIMIT:
+            reasons.append(f"{batch} sequences of up to max_seqlen_q = {max_seqlen_q} queries "
+                           f"need {programs} programs > {GRID_X_LIMIT}, the CUDA launch "
+                           "grid's limit")
     if q.dtype not in TRITON_DTYPES:
         reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
     if q.shape[-1] > MAX_TRITON_HEAD_DIM:
@@ -47,9 +60,9 @@ def _triton_reasons(q, k_cache, v_cache) -> list[str]:
     return reasons
 
 
-def _pick(q, k_cache, v_cache, backend: str) -> str:
-    return _backend.resolve(backend, (q, k_cache, v_cache), _triton_reasons(q, k_cache, v_cache),
-                            "attention_with_kvcache")
+def _pick(q, k_cache, v_cache, backend: str, cu_seqlens_q=None, max_seqlen_q=0) -> str:
+    reasons = _triton_reasons(q, k_cache, v_cache, cu_seqlens_q, max_seqlen_q)
+    return _backend.resolve(backend, (q, k_cache, v_cache), reasons, "attention_with_kvcache")
 
 
 @torch.library.custom_op("attnmem::kvcache_append", mutates_args=("k_cache", "v_cache"))
@@ -59,7 +72,7 @@ def _append(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: to
             cu_seqlens_q: Optional[torch.Tensor] = None, max_seqlen_q: int = 0) -> None:
     """descales (B, Hkv, 2) float32 (k's, v's): float8_e4m3fn caches, the new tokens
     quantized on the way in. cu_seqlens_q, max_seqlen_q: q, k and v packed (total_q, ...)."""
-    if _pick(q, k_cache, v_cache, backend) == "triton":
+    if _pick(q, k_cache, v_cache, backend, cu_seqlens_q, max_seqlen_q) == "triton":
         from attnmem.kernels import attention_kvcache as kernel
         kernel.append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales,
                       cu_seqlens_q, max_seqlen_q)
@@ -89,7 +102,7 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """cu_seqlens_q, max_seqlen_q: q packed (total_q, H, D), out too and lse (H, total_q);
     n_new is then total_q when each sequence's queries are its new tokens, else 0."""
     mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, descales=descales)
-    if _pick(q, k_cache, v_cache, backend) == "triton":
+    if _pick(q, k_cache, v_cache, backend, cu_seqlens_q, max_seqlen_q) == "triton":
         from attnmem.kernels import attention_kvcache as kernel
         return kernel.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table,
                                              n_new, scale, window_left, window_right, **mods,

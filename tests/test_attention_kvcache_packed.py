@@ -250,6 +250,19 @@ def test_opcheck_and_torch_compile():
     _exact(k_cache, eager_cache)
 
 
+def test_grid_past_cuda_limit_is_refused():
+    """The grids are sized by B x max_seqlen_q: past CUDA's 2^31 - 1 programs on their first
+    axis the triton backend says why (and auto picks torch); below, it takes them."""
+    from attnmem import kvcache
+
+    q = torch.zeros(1, 1, 16).expand(5, 8, -1)
+    caches = [torch.zeros(1, 1, 1, 16).expand(2 ** 16, 4, 2, -1)] * 2
+    cu_seqlens = torch.zeros(2 ** 16 + 1, dtype=torch.int32)
+    [reason] = kvcache._triton_reasons(q, *caches, cu_seqlens, 2 ** 16)
+    assert "65536 sequences of up to max_seqlen_q = 65536 queries need" in reason
+    assert kvcache._triton_reasons(q, *caches, cu_seqlens, 2 ** 13) == []
+
+
 # ---------------------------------------------------------------------------------------
 # sm_90 builds of the packed kernels (tests/aot.py): no spills, the attention's dots on tensor
 # cores.
