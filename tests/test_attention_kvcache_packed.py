@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 from test_attention_fp8 import _interpreter_e4m3_cast  # noqa: F401 (autouse fixture)
-from test_attention_kvcache import HAS_TRITON, _paged
+from test_attention_kvcache import HAS_TRITON, _attend_job, _paged
 
 import attnmem
 from aot import compile_all
@@ -166,6 +166,35 @@ def test_fp8_cache_matches_per_sequence(backend):
     torch.testing.assert_close(lse, expect[1].cpu(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_and_empty(backend):
+    """q with strided heads and rows, k and v strided, caches that are slices of larger ones:
+    the contiguous copies' result. No queries at all (B = 0, or sequences of length 0, with
+    a max_seqlen_q of 0 or more): empty out (0, H, D) and lse (H, 0)."""
+    q, k_cache, v_cache, k, v, seqlens, cu_seqlens, kwargs = _inputs("decode_one_split_mods",
+                                                                     torch.float32)
+    expect = _packed(q, k_cache.clone(), v_cache.clone(), k, v, seqlens, cu_seqlens, kwargs,
+                     backend)
+    strided_q = torch.stack([q, q], 2)[:, :, 1]
+    strided_k, strided_v = (torch.stack([x, x], 2)[:, :, 0] for x in (k, v))
+    views = []
+    for cache in (k_cache, v_cache):
+        big = torch.randn(cache.shape[0], cache.shape[1] + 3, 2 * cache.shape[2], cache.shape[3])
+        big[:, 3:, 1::2] = cache
+        views.append(big[:, 3:, 1::2])
+    got = _packed(strided_q, *views, strided_k, strided_v, seqlens, cu_seqlens, kwargs, backend)
+    torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-6, equal_nan=True)
+    for batch, max_seqlen_q in ((0, 0), (2, 0), (2, 3)):
+        q, k = torch.randn(0, 4, 16, device=DEVICE), torch.randn(0, 2, 16, device=DEVICE)
+        cache = torch.randn(batch, 8, 2, 16, device=DEVICE)
+        with attnmem.use_backend(backend):
+            out, lse = attnmem.attention_with_kvcache(
+                q, cache, cache.clone(), k=k, v=k, cache_seqlens=3,
+                cu_seqlens_q=torch.zeros(batch + 1, dtype=torch.int32, device=DEVICE),
+                max_seqlen_q=max_seqlen_q, return_lse=True)
+        assert out.shape == (0, 4, 16) and lse.shape == (4, 0)
+
+
 def _good():
     """A valid packed call: 3 sequences of 2, 0 and 3 queries."""
     return dict(q=torch.randn(5, 4, 16), k_cache=torch.randn(3, 32, 2, 16),
@@ -273,26 +302,19 @@ KERNEL_MODULE = "attnmem.kernels.attention_kvcache"
 NO_SPILLS = dict(spill_stores=0, spill_loads=0)
 
 
-def _packed_attend_job(data, head_dim, rows, paged, split):
-    from attnmem.kernels import attention_kvcache as kernel
-
-    block_d = max(16, 1 << (head_dim - 1).bit_length())
-    block_m, block_n, warps, stages = kernel.config_for(rows, block_d, 2, interpret=False)
-    return dict(module=KERNEL_MODULE, kernel="_kvcache_attend", arch=90,
-                constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=block_d, PAGED=paged,
-                                DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n,
-                                PACKED_Q=True),
-                pointers=dict(q_ptr=data, kc_ptr=data, vc_ptr=data, seqlens_ptr="i32",
-                              table_ptr="i32", o_ptr="fp32" if split else data, lse_ptr="fp32",
-                              cu_seqlens_q_ptr="i32"),
-                num_warps=warps, num_stages=stages, expect=NO_SPILLS)
+def _packed_attend_job(dtype, head_dim, rows, paged, split):
+    """tests/test_attention_kvcache.py's sm_90 job of the attention, with PACKED_Q."""
+    job = _attend_job(90, dtype, head_dim, rows, paged, split)
+    job["constexprs"]["PACKED_Q"] = True
+    job["pointers"]["cu_seqlens_q_ptr"] = "i32"
+    return dict(job, expect=NO_SPILLS)
 
 
 def _compile_jobs():
     """GQA 8:1 decoding rows (paged, split), a chunk of 16 queries at 8:1 (128 rows), and
     the packed append."""
-    return {"attend-bf16-d128-gqa8-paged-split": _packed_attend_job("bf16", 128, 8, True, True),
-            "attend-fp16-d128-chunk-paged": _packed_attend_job("fp16", 128, 128, True, False),
+    return {"attend-bf16-d128-gqa8-paged-split": _packed_attend_job("bfloat16", 128, 8, True, True),
+            "attend-fp16-d128-chunk-paged": _packed_attend_job("float16", 128, 128, True, False),
             "append-bf16-d128-paged": dict(
                 module=KERNEL_MODULE, kernel="_kvcache_append", arch=90,
                 constexprs=dict(HEAD_DIM=128, BLOCK_D=128, PAGED=True, BLOCK_H=8, PACKED_Q=True),
