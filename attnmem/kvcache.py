@@ -3,7 +3,8 @@ new tokens appended in place (FlashAttention's flash_attn_with_kvcache).
 
 Two torch.library custom ops: the append (mutating the caches) and the attention over them,
 each on the triton kernels (split-KV flash-decoding, GQA packing, paged loads) or on the
-pure-torch twin (attnmem.reference.kvcache), as attnmem.backend chooses.
+pure-torch twin (attnmem.reference.kvcache), as attnmem.backend chooses. Both take the
+queries padded (B, Sq, H, D) or packed (total_q, H, D) with cu_seqlens_q.
 """
 
 import numbers
@@ -28,10 +29,24 @@ from attnmem.attention import (
 )
 from attnmem.reference import attention as _attention_twin
 from attnmem.reference import kvcache as _reference
+from attnmem.varlen import _check_lengths, _cu_seqlens, _max_seqlen
+
+# CUDA's limit on a launch grid's first axis.
+GRID_X_LIMIT = 2 ** 31 - 1
 
 
-def _triton_reasons(q, k_cache, v_cache) -> list[str]:
+def _triton_reasons(q, k_cache, v_cache, cu_seqlens_q=None, max_seqlen_q=0) -> list[str]:
     reasons = []
+    if cu_seqlens_q is not None:
+        # Packed queries: the grids are sized by max_seqlen_q, not by the packed rows, the
+        # append's B * max_seqlen_q and the attention's row tiles of at least 16 rows.
+        batch, kv_heads = cu_seqlens_q.shape[0] - 1, k_cache.shape[2]
+        group = q.shape[1] // max(kv_heads, 1)
+        programs = max(batch * max_seqlen_q, batch * kv_heads * -(-max_seqlen_q * group // 16))
+        if programs > GRID_X_LIMIT:
+            reasons.append(f"{batch} sequences of up to max_seqlen_q = {max_seqlen_q} queries "
+                           f"need {programs} programs > {GRID_X_LIMIT}, the CUDA launch "
+                           "grid's limit")
     if q.dtype not in TRITON_DTYPES:
         reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
     if q.shape[-1] > MAX_TRITON_HEAD_DIM:
@@ -45,27 +60,34 @@ def _triton_reasons(q, k_cache, v_cache) -> list[str]:
     return reasons
 
 
-def _pick(q, k_cache, v_cache, backend: str) -> str:
-    return _backend.resolve(backend, (q, k_cache, v_cache), _triton_reasons(q, k_cache, v_cache),
-                            "attention_with_kvcache")
+def _pick(q, k_cache, v_cache, backend: str, cu_seqlens_q=None, max_seqlen_q=0) -> str:
+    reasons = _triton_reasons(q, k_cache, v_cache, cu_seqlens_q, max_seqlen_q)
+    return _backend.resolve(backend, (q, k_cache, v_cache), reasons, "attention_with_kvcache")
 
 
 @torch.library.custom_op("attnmem::kvcache_append", mutates_args=("k_cache", "v_cache"))
 def _append(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
             v: torch.Tensor, cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor],
-            backend: str, descales: Optional[torch.Tensor] = None) -> None:
+            backend: str, descales: Optional[torch.Tensor] = None,
+            cu_seqlens_q: Optional[torch.Tensor] = None, max_seqlen_q: int = 0) -> None:
     """descales (B, Hkv, 2) float32 (k's, v's): float8_e4m3fn caches, the new tokens
-    quantized on the way in."""
-    if _pick(q, k_cache, v_cache, backend) == "triton":
+    quantized on the way in. cu_seqlens_q, max_seqlen_q: q, k and v packed (total_q, ...)."""
+    if _pick(q, k_cache, v_cache, backend, cu_seqlens_q, max_seqlen_q) == "triton":
         from attnmem.kernels import attention_kvcache as kernel
-        kernel.append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales)
+        kernel.append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales,
+                      cu_seqlens_q, max_seqlen_q)
+    elif cu_seqlens_q is not None:
+        seqlens = _clamped(cache_seqlens, k_cache, cu_seqlens_q.diff(), block_table)
+        _reference.append_packed(k_cache, v_cache, k, v, seqlens, block_table, cu_seqlens_q,
+                                 descales)
     else:
         _reference.append(k_cache, v_cache, k, v, _clamped(cache_seqlens, k_cache, k.shape[1],
                                                            block_table), block_table, descales)
 
 
 @_append.register_fake
-def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, backend, descales=None):
+def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, backend, descales=None,
+      cu_seqlens_q=None, max_seqlen_q=0):
     return None
 
 
@@ -75,12 +97,22 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             scale: float, window_left: int, window_right: int, backend: str,
             softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
             alibi_slopes: Optional[torch.Tensor] = None,
-            descales: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+            descales: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+            max_seqlen_q: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cu_seqlens_q, max_seqlen_q: q packed (total_q, H, D), out too and lse (H, total_q);
+    n_new is then total_q when each sequence's queries are its new tokens, else 0."""
     mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, descales=descales)
-    if _pick(q, k_cache, v_cache, backend) == "triton":
+    if _pick(q, k_cache, v_cache, backend, cu_seqlens_q, max_seqlen_q) == "triton":
         from attnmem.kernels import attention_kvcache as kernel
         return kernel.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table,
-                                             n_new, scale, window_left, window_right, **mods)
+                                             n_new, scale, window_left, window_right, **mods,
+                                             cu_seqlens_q=cu_seqlens_q,
+                                             max_seqlen_q=max_seqlen_q)
+    if cu_seqlens_q is not None:
+        new = cu_seqlens_q.diff() * (n_new > 0)
+        return _reference.attention_with_kvcache_packed(
+            q, k_cache, v_cache, _clamped(cache_seqlens, k_cache, new, block_table), block_table,
+            cu_seqlens_q, n_new > 0, scale, window_left, window_right, **mods)
     return _reference.attention_with_kvcache_forward(
         q, k_cache, v_cache, _clamped(cache_seqlens, k_cache, n_new, block_table), block_table,
         n_new, scale, window_left, window_right, **mods)
@@ -88,10 +120,13 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 @_attend.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scale, window_left, window_right,
-      backend, softcap=0.0, sinks=None, alibi_slopes=None, descales=None):
+      backend, softcap=0.0, sinks=None, alibi_slopes=None, descales=None, cu_seqlens_q=None,
+      max_seqlen_q=0):
+    lse_dtype = _attention_twin.compute_dtype(q.dtype)
+    if cu_seqlens_q is not None:
+        return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
     batch, n_q, heads, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty(
-        (batch, heads, n_q), dtype=_attention_twin.compute_dtype(q.dtype))
+    return q.new_empty(q.shape), q.new_empty((batch, heads, n_q), dtype=lse_dtype)
 
 
 def _capacity(k_cache, block_table) -> int:
@@ -99,8 +134,12 @@ def _capacity(k_cache, block_table) -> int:
 
 
 def _clamped(cache_seqlens, k_cache, n_new, block_table):
-    """cache_seqlens as the kernels read it: clamped to [0, capacity - n_new]."""
-    return cache_seqlens.clamp(0, _capacity(k_cache, block_table) - n_new)
+    """cache_seqlens as the kernels read it: clamped to [0, capacity - n_new]; n_new an int,
+    or with packed queries a tensor (B,) of each sequence's new tokens."""
+    room = _capacity(k_cache, block_table) - n_new
+    if isinstance(room, torch.Tensor):
+        return torch.minimum(cache_seqlens.clamp(min=0), room.to(cache_seqlens.dtype))
+    return cache_seqlens.clamp(0, room)
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,8 +161,9 @@ def _block_table(block_table, batch, device):
         raise ValueError(f"block_table is on {block_table.device} but q is on {device}")
 
 
-def _seqlens(cache_seqlens, batch, device, limit):
-    """cache_seqlens as an int32 (B,) tensor; an int must lie in [0, limit]."""
+def _seqlens(cache_seqlens, batch, device, limit, clamp=None):
+    """cache_seqlens as an int32 (B,) tensor; an int must lie in [0, limit], a tensor is
+    clamped to [0, clamp] (default limit; the kernels clamp it further)."""
     if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
         value = operator.index(cache_seqlens)
         if not 0 <= value <= limit:
@@ -144,13 +184,14 @@ def _seqlens(cache_seqlens, batch, device, limit):
     if cache_seqlens.dtype == torch.int32 and cache_seqlens.is_contiguous():
         return cache_seqlens  # the kernels clamp it
     # Clamped before the cast, so that 2**32 + 3 is the capacity, not 3.
-    return cache_seqlens.clamp(0, limit).to(torch.int32).contiguous()
+    return cache_seqlens.clamp(0, limit if clamp is None else clamp).to(torch.int32).contiguous()
 
 
 def _check_pages(block_table, cache_seqlens, n_new, page_size, n_pages):
     """On CPU tensors (where reading them costs no device sync): every page a sequence uses
-    lies in the pool."""
-    lengths = cache_seqlens.clamp(0, block_table.shape[1] * page_size - n_new) + n_new
+    lies in the pool. n_new: an int, or each sequence's new tokens (B,)."""
+    room = torch.as_tensor(block_table.shape[1] * page_size - n_new)
+    lengths = torch.minimum(cache_seqlens.clamp(min=0), room.to(cache_seqlens.dtype)) + n_new
     used = torch.arange(block_table.shape[1]) * page_size < lengths[:, None]
     bad = used & ((block_table < 0) | (block_table >= n_pages))
     if bad.any():
@@ -178,7 +219,7 @@ def _fp8_cache(q, k_cache, v_cache) -> bool:
     return True
 
 
-def _descales(q, k_cache, k_descale, v_descale, fp8):
+def _descales(q, batch, k_cache, k_descale, v_descale, fp8):
     """k's and v's descales stacked (B, Hkv, 2) float32 for a float8 cache (None: 1), else
     None: they apply to float8 caches only."""
     if not fp8:
@@ -188,17 +229,28 @@ def _descales(q, k_cache, k_descale, v_descale, fp8):
                                  f"{k_cache.dtype})")
         return None
     # attention()'s check of (B, Hkv) descales; k_cache holds the kv heads on dim 2.
-    shape = (q.shape[0], k_cache.shape[2])
+    shape = (batch, k_cache.shape[2])
     return _fp8_descales(q, shape, (None, k_descale, v_descale))[..., 1:]
 
 
 def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window, scale,
               return_lse, softcap=None, sinks=None, alibi_slopes=None, k_descale=None,
-              v_descale=None):
-    _checks.tensor("q", q, 4, "(B, Sq, H, D)")
+              v_descale=None, cu_seqlens_q=None, max_seqlen_q=None):
+    packed = cu_seqlens_q is not None
+    _checks.tensor("q", q, 3 if packed else 4, "(total_q, H, D)" if packed else "(B, Sq, H, D)")
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
-    batch, n_q, heads, head_dim = q.shape
+    *_, heads, head_dim = q.shape
+    if packed:
+        _cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
+        batch = cu_seqlens_q.shape[0] - 1
+        # The longest sequence's queries stand for Sq in the checks on sizes below.
+        n_q = _max_seqlen("max_seqlen_q", max_seqlen_q, q.shape[0], batch)
+    else:
+        if max_seqlen_q is not None:
+            raise ValueError("max_seqlen_q applies to packed queries only: pass cu_seqlens_q "
+                             "with it, or None")
+        batch, n_q = q.shape[:2]
     if head_dim < 1:
         raise ValueError("q must have a head dim of at least 1")
     paged = block_table is not None
@@ -220,23 +272,27 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
         if k_cache.shape[1] < 1:
             raise ValueError("k_cache must have a page_size of at least 1 (its dim 1)")
     elif k_cache.shape[0] != batch:
-        raise ValueError(f"k_cache has batch {k_cache.shape[0]} but q has batch {batch} "
+        which = f"cu_seqlens_q has {batch} sequences" if packed else f"q has batch {batch}"
+        raise ValueError(f"k_cache has batch {k_cache.shape[0]} but {which} "
                          "(pass block_table for a paged cache)")
-    descales = _descales(q, k_cache, k_descale, v_descale, fp8)
+    descales = _descales(q, batch, k_cache, k_descale, v_descale, fp8)
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (the new tokens), or both be None")
     n_new = 0
     if k is not None:
+        what, shape = "(B, Sq, Hkv, D)", (batch, n_q, kv_heads, head_dim)
+        if packed:
+            what, shape = "(total_q, Hkv, D), packed as q", (q.shape[0], kv_heads, head_dim)
         for name, x in (("k", k), ("v", v)):
-            _checks.tensor(name, x, 4, "(B, Sq, Hkv, D)")
+            _checks.tensor(name, x, len(shape), what)
             _checks.like(name, x, q, "q")
-            if tuple(x.shape) != (batch, n_q, kv_heads, head_dim):
-                raise ValueError(f"{name} must be (B, Sq, Hkv, D) = "
-                                 f"{(batch, n_q, kv_heads, head_dim)}, got {tuple(x.shape)}")
+            if tuple(x.shape) != shape:
+                raise ValueError(f"{name} must be {what} = {shape}, got {tuple(x.shape)}")
         n_new = n_q
     capacity = _capacity(k_cache, block_table)
     if n_new > capacity:
-        raise ValueError(f"k holds {n_new} new tokens but the cache holds at most {capacity}")
+        raise ValueError(f"k holds {n_new} new tokens{' (max_seqlen_q)' if packed else ''} "
+                         f"but the cache holds at most {capacity}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if not isinstance(return_lse, bool):
@@ -247,11 +303,17 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
     left, right = _window(window, n_q, capacity)
     if causal:
         right = 0 if right < 0 else min(right, 0)
-    seqlens = _seqlens(cache_seqlens, batch, q.device, capacity - n_new)
+    # Packed: the kernels clamp each sequence's to the room its own new tokens leave.
+    seqlens = _seqlens(cache_seqlens, batch, q.device, capacity - n_new,
+                       capacity if packed else None)
     # Checks that read tensor data or storage are left out of a torch.compile trace.
     tracing = torch.compiler.is_compiling()
+    new = n_new
+    if packed and q.device.type == "cpu" and not tracing:
+        _check_lengths("cu_seqlens_q", cu_seqlens_q, q.shape[0], n_q, "max_seqlen_q")
+        new = cu_seqlens_q.diff() * (n_new > 0)
     if paged and q.device.type == "cpu" and not tracing:
-        _check_pages(block_table, seqlens, n_new, k_cache.shape[1], k_cache.shape[0])
+        _check_pages(block_table, seqlens, new, k_cache.shape[1], k_cache.shape[0])
     tensors = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
                ("sinks", sinks), ("k_descale", k_descale), ("v_descale", v_descale)]
     if torch.is_grad_enabled():
@@ -275,13 +337,16 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
         if torch._C._overlaps(k_cache, v_cache):
             raise ValueError("k_cache and v_cache share storage: the append would write one "
                              "over the other")
-    return n_new, seqlens, scale, left, right, (softcap, sinks, alibi_slopes, descales)
+    if packed:
+        n_new = q.shape[0] if n_new else 0
+    return n_new, n_q, seqlens, scale, left, right, (softcap, sinks, alibi_slopes, descales)
 
 
 def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens,
                            block_table=None, causal=True, window=None, scale=None,
                            return_lse=False, softcap=None, sinks=None, alibi_slopes=None,
-                           k_descale=None, v_descale=None):
+                           k_descale=None, v_descale=None, cu_seqlens_q=None,
+                           max_seqlen_q=None):
     """Attention of new queries over a KV cache, appending the new keys and values to the
     cache in place first: FlashAttention's flash_attn_with_kvcache, whose API semantics it
     follows (layout, alignment, window).
@@ -338,15 +403,34 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     triton compiles e4m3); older GPUs and the torch backend dequantize in float32 and run
     the twin.
 
+    Packed queries (FlashAttention-3's cu_seqlens_q and max_seqlen_q: a batch mixing
+    decoding with chunks of prefill, none padded to the longest): q (total_q, H, D) with
+    sequence b's queries in rows cu_seqlens_q[b] to cu_seqlens_q[b + 1] (int32 (B + 1,) on
+    q's device, from 0 to total_q, nondecreasing: lengths may be 0), max_seqlen_q an int at
+    least the longest sequence's length. k, v, if given, are (total_q, Hkv, D) packed alike:
+    sequence b's new tokens are its queries' tokens (FlashAttention-3's cu_seqlens_k_new
+    equal to cu_seqlens_q), written at cache_seqlens[b] + i. Everything above holds per
+    sequence with Sq its own length (its clamp of cache_seqlens to [0, capacity - Sq] when
+    appending included; an int cache_seqlens must leave room for max_seqlen_q new tokens).
+    Returns out (total_q, H, D) and lse (H, total_q), as attnmem.attention_varlen does. The
+    triton kernels size their grid by max_seqlen_q and read cu_seqlens_q on the device, so
+    the launch needs no host sync (row tiles past a sequence's length exit at once); the
+    torch backend runs each sequence's rows as a batch of one. As in attention_varlen, the
+    cumulative lengths are checked on CPU tensors only: on CUDA wrong ones read and write
+    nothing outside the tensors and caches, but rows that no sequence covers are left
+    unwritten.
+
     FlashAttention's rotary_cos/rotary_sin, cache_batch_idx, cache_leftpad and num_splits
-    arguments have no counterpart here.
+    arguments have no counterpart here, nor cu_seqlens_k_new apart from cu_seqlens_q.
     """
-    n_new, seqlens, scale, left, right, mods = _validate(
+    n_new, n_q, seqlens, scale, left, right, mods = _validate(
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window, scale,
-        return_lse, softcap, sinks, alibi_slopes, k_descale, v_descale)
+        return_lse, softcap, sinks, alibi_slopes, k_descale, v_descale, cu_seqlens_q,
+        max_seqlen_q)
     backend = _backend.requested_backend()
+    packing = (cu_seqlens_q, n_q) if cu_seqlens_q is not None else ()
     if n_new:
-        _append(q, k_cache, v_cache, k, v, seqlens, block_table, backend, mods[-1])
+        _append(q, k_cache, v_cache, k, v, seqlens, block_table, backend, mods[-1], *packing)
     out, lse = _attend(q, k_cache, v_cache, seqlens, block_table, n_new, scale, left, right,
-                       backend, *mods)
+                       backend, *mods, *packing)
     return (out, lse) if return_lse else out

@@ -17,6 +17,14 @@ the combine kernel merges them by logsumexp. With one split the attention kernel
 output directly. Keys that no row of a tile sees are loaded as zeros, so cache slots past a
 sequence's length (or before every row's window) count for nothing whatever they hold.
 
+PACKED_Q (FlashAttention-3's packed queries, mixed prefill and decode in one batch): q, out
+(total_q, H, D) with sequence b's queries in rows cu_seqlens_q[b] to cu_seqlens_q[b + 1]
+(int32 (B + 1,) at cu_seqlens_q_ptr), lse (H, total_q); the new tokens, if any, are the
+queries' tokens, packed alike. The grid is sized by max_seqlen_q as the dense grid by Sq
+(passed as n_q, and as n_new when appending), and each program finds its sequence's rows
+from cu_seqlens_q, so the launch needs no host sync: tiles and tokens past a sequence's own
+length exit at once. Inside, a sequence is a dense batch of one moved to its first rows.
+
 The score modifications of attnmem.attention are flags of the attention kernel: SOFTCAP and
 HAS_ALIBI modify each score as the attention kernels do (kernels/attention.py, with each
 packed row's own head's slope, its distance measured from its position a); HAS_SINKS starts
@@ -43,7 +51,7 @@ from attnmem.kernels._launch import (
     slot_splits,
     within,
 )
-from attnmem.kernels.attention import _modified_scores, _score_mods
+from attnmem.kernels.attention import _modified_scores, _packed_sequence, _score_mods
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -84,13 +92,25 @@ def _kvcache_append(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr,
                     stride_kcb, stride_kcn, stride_kch, stride_vcb, stride_vcn, stride_vch,
                     stride_tb, stride_tn, n_new, n_kv_heads, capacity, page_size, n_pages,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
-                    BLOCK_H: tl.constexpr, descale_ptr=None, FP8_KV: tl.constexpr = False):
+                    BLOCK_H: tl.constexpr, descale_ptr=None, FP8_KV: tl.constexpr = False,
+                    cu_seqlens_q_ptr=None, total_q=0, PACKED_Q: tl.constexpr = False):
     """New token i of sequence b, every kv head: k and v into cache slot seqlens[b] + i
     (quantized with FP8_KV: see the module's docstring).
-    Program b * n_new + i: one grid axis, which CUDA allows 2^31 - 1 programs."""
+    Program b * n_new + i: one grid axis, which CUDA allows 2^31 - 1 programs. PACKED_Q: n_new
+    is max_seqlen_q, and sequence b's new tokens are rows cu_seqlens_q[b] + i of k and v
+    (batch strides 0)."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_new
     i = (pid % n_new).to(tl.int32)
+    if PACKED_Q:
+        # Clamped to the capacity, as the cumulative lengths are checked on CPU tensors only:
+        # wrong ones then write no slot outside the cache.
+        start, n_new = _packed_sequence(cu_seqlens_q_ptr, b, total_q)
+        n_new = tl.minimum(n_new, capacity)
+        if i >= n_new:
+            return
+        k_ptr += start * stride_ks
+        v_ptr += start * stride_vs
     seqlen = kv_length(seqlens_ptr, b, capacity - n_new, True)
     heads = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -127,7 +147,8 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
                     sinks_ptr=None, alibi_ptr=None, stride_alibi_b=0, softcap_scale=1.0,
                     SOFTCAP: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
                     HAS_ALIBI: tl.constexpr = False, descale_ptr=None,
-                    FP8_KV: tl.constexpr = False):
+                    FP8_KV: tl.constexpr = False, cu_seqlens_q_ptr=None, total_q=0,
+                    PACKED_Q: tl.constexpr = False):
     """One split of the visible keys of sequence b, kv head hk, for a tile of rows r =
     i * group + g (query i, head hk * group + g). Writes the tile's output normalised by
     its own softmax sum, and its natural-log logsumexp (-inf for a row that saw no key), at
@@ -135,7 +156,10 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
     docstring (sinks float32 (H,), slopes float32 (B or 1, H) with batch stride
     stride_alibi_b). FP8_KV: e4m3 caches with descales at descale_ptr (the module's
     docstring). Program (bh * m_tiles + pid_m, split): the row tiles share the 1st grid
-    axis with (b, kv head), as CUDA's 2nd allows only 65535 programs."""
+    axis with (b, kv head), as CUDA's 2nd allows only 65535 programs.
+    PACKED_Q (the module's docstring): n_q is max_seqlen_q, n_new 1 when each sequence's
+    queries are its new tokens (else 0), the batch strides of q and the output 0, and the
+    lse rows (H, total_q)."""
     m_tiles = tl.cdiv(n_q * group, BLOCK_M)
     bh = tl.program_id(0).to(tl.int64) // m_tiles
     pid_m = (tl.program_id(0).to(tl.int64) % m_tiles).to(tl.int32)
@@ -143,6 +167,14 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
     n_splits = tl.num_programs(1)
     b = bh // (n_heads // group)
     hk = bh % (n_heads // group)
+    if PACKED_Q:
+        start, n_q = _packed_sequence(cu_seqlens_q_ptr, b, total_q)
+        if pid_m * BLOCK_M >= n_q * group:
+            return
+        n_new = tl.minimum(n_new * n_q, capacity)  # as the append clamps it
+        q_ptr += start * stride_qs
+        o_ptr += start * stride_os
+        lse_ptr += start
     total = kv_length(seqlens_ptr, b, capacity - n_new, True) + n_new
     offset = total - n_q  # query i sits at key position i + offset
 
@@ -223,8 +255,11 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
     tl.store(o_ptr + o_rows[:, None] + offs_d[None, :],
              (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(lse_ptr + split * stride_lsplit + (b * n_heads + heads) * n_q + pos, lse,
-             mask=row_ok)
+    if PACKED_Q:
+        lse_rows = heads.to(tl.int64) * total_q + pos
+    else:
+        lse_rows = (b * n_heads + heads) * n_q + pos
+    tl.store(lse_ptr + split * stride_lsplit + lse_rows, lse, mask=row_ok)
 
 
 @triton.jit
@@ -305,13 +340,32 @@ def _fp8_meta(descales) -> dict:
     return dict(descale_ptr=descales.to(torch.float32).contiguous(), FP8_KV=True)
 
 
-def append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales=None):
+def _packed_meta(cu_seqlens_q, total_q) -> dict:
+    """The kernels' PACKED_Q arguments for packed queries, or none."""
+    if cu_seqlens_q is None:
+        return {}
+    return dict(cu_seqlens_q_ptr=cu_seqlens_q, total_q=total_q, PACKED_Q=True)
+
+
+def _batch_view(x, packed):
+    """x (B, Sq, ...) as it is, or packed x (total, ...) as the kernels' batch of one, batch
+    stride 0 (with PACKED_Q each program moves its bases to its own sequence's rows)."""
+    return x.as_strided((1, *x.shape), (0, *x.stride())) if packed else x
+
+
+def append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales=None,
+           cu_seqlens_q=None, max_seqlen_q=None):
     """Writes k, v (B, Sq, Hkv, D) into the caches in place at cache_seqlens[b] + i; into
-    float8_e4m3fn caches quantized with descales (B, Hkv, 2) float32 (k's, v's)."""
-    batch, n_new, kv_heads, head_dim = k.shape
+    float8_e4m3fn caches quantized with descales (B, Hkv, 2) float32 (k's, v's). With
+    cu_seqlens_q (B + 1,) int32 and max_seqlen_q: k, v packed (total, Hkv, D), sequence b's
+    new tokens in rows cu_seqlens_q[b] to cu_seqlens_q[b + 1]."""
     if k.numel() == 0:
         return
-    k, v = lastdim_contiguous(k), lastdim_contiguous(v)
+    packed = cu_seqlens_q is not None
+    k, v = (_batch_view(lastdim_contiguous(x), packed) for x in (k, v))
+    batch, n_new, kv_heads, head_dim = k.shape
+    if packed:
+        batch, n_new = cu_seqlens_q.shape[0] - 1, max_seqlen_q
     paged = block_table is not None
     table = block_table if paged else cache_seqlens
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
@@ -321,26 +375,42 @@ def append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales=None):
         *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0),
         table.stride(-1), n_new, kv_heads, capacity, k_cache.shape[1] if paged else 1,
         k_cache.shape[0], HEAD_DIM=head_dim, BLOCK_D=block_d, PAGED=paged,
-        BLOCK_H=triton.next_power_of_2(kv_heads), **_fp8_meta(descales))
+        BLOCK_H=triton.next_power_of_2(kv_heads), **_fp8_meta(descales),
+        **_packed_meta(cu_seqlens_q, k.shape[1]))
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scale,
                            window_left, window_right, config=None, n_splits=None, softcap=0.0,
-                           sinks=None, alibi_slopes=None, descales=None):
+                           sinks=None, alibi_slopes=None, descales=None, cu_seqlens_q=None,
+                           max_seqlen_q=None):
     """-> out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) float32, natural log. The new keys
     (n_new of them) are in the caches already; cache_seqlens counts the tokens before
     them. config and n_splits override the launch's choice (tests). softcap, sinks (H,)
     and alibi_slopes (H,) or (B, H) as attnmem.attention takes them; lse includes the
     sinks. descales (B, Hkv, 2) float32 (k's, v's): float8_e4m3fn caches, q float16 or
-    bfloat16."""
+    bfloat16.
+    Packed queries: q (total_q, H, D), sequence b's in rows cu_seqlens_q[b] to
+    cu_seqlens_q[b + 1] ((B + 1,) int32), at most max_seqlen_q of them; n_new 0, or nonzero
+    when each sequence's queries are its new tokens (in the caches already). -> out (total_q,
+    H, D), lse (H, total_q)."""
     q = lastdim_contiguous(q)
-    batch, n_q, heads, head_dim = q.shape
+    packed = cu_seqlens_q is not None
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    heads, head_dim = q.shape[-2:]
+    if packed:
+        # The combine takes the packed rows as one sequence of total_q queries.
+        batch, n_q, n_new = cu_seqlens_q.shape[0] - 1, max_seqlen_q, min(n_new, 1)
+        lse = torch.empty((heads, q.shape[0]), dtype=torch.float32, device=q.device)
+        rows = (1, q.shape[0])
+    else:
+        batch, n_q = q.shape[:2]
+        lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
+        rows = (batch, n_q)
+    q, out_view = _batch_view(q, packed), _batch_view(out, packed)
     kv_heads = k_cache.shape[2]
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
+    if out.numel() == 0 or batch * n_q == 0:
         return out, lse.fill_(float("-inf"))
     group = heads // kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -349,18 +419,18 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
     m_tiles = triton.cdiv(n_q * group, block_m)
     if n_splits is None:
         n_splits = _splits(capacity, batch * kv_heads * m_tiles, block_n, q.device)
-    unbounded = capacity + n_q
+    unbounded = capacity + rows[1]
     table = block_table if paged else cache_seqlens
     if n_splits > 1:
-        part_out = torch.empty((n_splits, *q.shape), dtype=torch.float32, device=q.device)
+        part_out = torch.empty((n_splits, *out.shape), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((n_splits, *lse.shape), dtype=torch.float32, device=q.device)
     else:
-        part_out, part_lse = out, lse
+        part_out, part_lse = out_view, lse
     qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks)
     _kvcache_attend[(batch * kv_heads * m_tiles, n_splits)](
         q, k_cache, v_cache, cache_seqlens, table, part_out, part_lse,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0),
-        table.stride(-1), part_out.stride(0) if n_splits > 1 else 0, *out.stride()[:3],
+        table.stride(-1), part_out.stride(0) if n_splits > 1 else 0, *out_view.stride()[:3],
         lse.numel() if n_splits > 1 else 0, heads, n_q, n_new, capacity,
         k_cache.shape[1] if paged else 1, k_cache.shape[0], group, qk_scale,
         unbounded if window_left < 0 else window_left,
@@ -368,10 +438,10 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGED=paged,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **mods,
-        **_fp8_meta(descales))
+        **_fp8_meta(descales), **_packed_meta(cu_seqlens_q, rows[1]))
     if n_splits > 1:
-        _kvcache_combine[(batch * n_q * heads,)](
-            part_out, part_lse, out, lse, *out.stride()[:3], n_splits, heads, n_q,
+        _kvcache_combine[(rows[0] * rows[1] * heads,)](
+            part_out, part_lse, out_view, lse, *out_view.stride()[:3], n_splits, heads, rows[1],
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(n_splits),
             num_warps=combine_warps(block_d))
     return out, lse

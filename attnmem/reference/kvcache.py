@@ -10,6 +10,10 @@ One sequence at a time: the lengths come to the host, so this is no fast path.
 float8_e4m3fn caches come with descales (B, Hkv, 2) (k's, v's): the append quantizes the
 new tokens (quantize) and the attention dequantizes each sequence's cache in the compute
 dtype (float32, float64 for a float64 q) before it attends.
+
+Packed queries (q (total_q, H, D), sequence b's in rows cu_seqlens_q[b] to cu_seqlens_q[b + 1],
+its new tokens, if any, packed alike): append_packed and attention_with_kvcache_packed run
+the functions above on each sequence's rows as a batch of one.
 """
 
 import torch
@@ -82,3 +86,54 @@ def attention_with_kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_tab
         return q.new_empty(q.shape), q.new_empty((0, q.shape[2], q.shape[1]),
                                                  dtype=_attention.compute_dtype(q.dtype))
     return torch.cat(outs), torch.cat(lses)
+
+
+def _sequences(cu_seqlens_q, k_cache, v_cache, cache_seqlens, block_table):
+    """(b, rows, k_cache, v_cache, cache_seqlens, block_table) of each sequence b of a packed
+    batch as a batch of one: rows its slice of the packed rows, its own cache (or the whole
+    pool with its row of the table)."""
+    ends = cu_seqlens_q.tolist()
+    for b in range(len(ends) - 1):
+        own = slice(b, b + 1)
+        caches = (k_cache, v_cache) if block_table is not None else (k_cache[own], v_cache[own])
+        yield (b, slice(*ends[b:b + 2]), *caches, cache_seqlens[own],
+               None if block_table is None else block_table[own])
+
+
+def _own(x, b):
+    """Sequence b's row of a per-sequence tensor (B, ...) as a batch of one; None stays."""
+    return None if x is None else x[b:b + 1]
+
+
+def append_packed(k_cache, v_cache, k, v, cache_seqlens, block_table, cu_seqlens_q,
+                  descales=None):
+    """append() of each sequence's new tokens, k and v (total_q, Hkv, D) packed as
+    cu_seqlens_q: sequence b's at cache_seqlens[b] + i."""
+    for b, rows, *sequence, table in _sequences(cu_seqlens_q, k_cache, v_cache, cache_seqlens,
+                                                 block_table):
+        k_caches, v_caches, seqlens = sequence
+        append(k_caches, v_caches, k[None, rows], v[None, rows], seqlens, table,
+               _own(descales, b))
+
+
+def attention_with_kvcache_packed(q, k_cache, v_cache, cache_seqlens, block_table,
+                                  cu_seqlens_q, appended, scale, window_left, window_right,
+                                  softcap=0.0, sinks=None, alibi_slopes=None, descales=None):
+    """attention_with_kvcache_forward of each sequence's queries, q (total_q, H, D) packed as
+    cu_seqlens_q; appended: its queries' tokens are its new tokens (in the caches after
+    cache_seqlens[b] old ones). -> out (total_q, H, D) in q's dtype, lse (H, total_q) in the
+    twin's compute dtype."""
+    out = q.new_zeros(q.shape)
+    lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"),
+                     dtype=_attention.compute_dtype(q.dtype))
+    for b, rows, *sequence in _sequences(cu_seqlens_q, k_cache, v_cache, cache_seqlens,
+                                         block_table):
+        slopes = alibi_slopes
+        if slopes is not None and slopes.ndim == 2:
+            slopes = slopes[b:b + 1]
+        n_q = rows.stop - rows.start
+        out_b, lse_b = attention_with_kvcache_forward(
+            q[None, rows], *sequence, n_q if appended else 0, scale, window_left, window_right,
+            softcap, sinks, slopes, _own(descales, b))
+        out[rows], lse[:, rows] = out_b[0], lse_b[0]
+    return out, lse
