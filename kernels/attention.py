@@ -1009,6 +1009,12 @@ def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int, arch=None
         # Hopper's warpgroup MMA takes 64 rows at least: fewer fall back to mma.sync.
         if arch == 90 and elem == 2 and (block_n if kernel == "dkdv" else block_m) < 64:
             continue
+        # Nor one warp group holding 128 accumulator registers a thread in the backward
+        # (spills on triton 3.6: ONE_WARPGROUP_ACCUMULATORS_SM90).
+        if arch == 90 and elem == 2 and kernel != "fwd" and warps == 4 and (
+                (2 * block_n if kernel == "dkdv" else block_m) * block_d
+                >= ONE_WARPGROUP_ACCUMULATORS_SM90 * 32 * warps):
+            continue
         # Fewer stages fit more, but an unpipelined loop is no config worth tuning.
         while stages > 2 and smem_estimate(kernel, block_m, block_n, block_d, stages, elem,
                                            flags) > smem_limit:
@@ -1098,9 +1104,12 @@ DROPOUT_SCORES_SM90 = {"fwd": {128: 32, 256: 16}, "dq": {64: 16, 128: 8, 256: 4}
 # ALiBi in dK/dV with atomic dQ, from head dim 64 (triton 3.6: 32x128 tiles, 8 warps, at head
 # dim 128 12 B spilled, 24 B with softcap too; 64x128 at head dim 64 with softcap 4 B).
 ALIBI_ATOMIC_SCORES_SM90 = {64: 16, 128: 8}
-# With any of the flags on, a tile whose accumulators take 128 registers a thread of one warp
-# group (4 warps: dK/dV's 16x64 tiles at head dim 128, dQ's 64x16 at 256) spills on triton
-# 3.6 (4 to 612 B), where the 8-warp tiles holding as many scores do not.
+# A backward tile whose accumulators (dK/dV's dk and dv, dQ's dq) take 128 registers a thread
+# of one warp group (4 warps: dK/dV's 16x64 tiles at head dim 128, dQ's 64x16 at 256) spills
+# on triton 3.6, the flags off too (atomic dK/dV 12/20 B, dQ 80/80 and 592/632 B; with flags
+# 4 to 612 B), where the 8-warp tiles holding as many do not: configs_for leaves them out on
+# sm_90 with 16-bit inputs (triton 3.9 compiles them without spills with the flags off;
+# reports/hopper-attention.md 10).
 ONE_WARPGROUP_ACCUMULATORS_SM90 = 128
 # Softcap and ALiBi together in a forward tile that one warp group runs (4 warps, not warp
 # specialized), from head dim 64 (triton 3.9, 128x64 tiles with TMA: 16 B spilled).
@@ -1137,10 +1146,11 @@ def _sm90_flag_prune(kernel: str, configs, **meta):
     """The configs of `kernel` ("fwd", "dkdv", "dq") that compile without spills on sm_90 with
     16-bit inputs under the launch's flags (meta): with DROPOUT within
     DROPOUT_SCORES_SM90, with HAS_ALIBI and atomic dQ within ALIBI_ATOMIC_SCORES_SM90, with
-    any of them the backward's one-warpgroup tiles within ONE_WARPGROUP_ACCUMULATORS_SM90,
-    with SOFTCAP and HAS_ALIBI the forward's one-warpgroup tiles within
-    SCORE_MODS_ONE_WARPGROUP_SCORES_SM90. dK/dV with atomic dQ below head dim 64 keeps tiles
-    of 64 query rows or more, the M side of its dQ product there: wgmma, not mma.sync."""
+    SOFTCAP and HAS_ALIBI the forward's one-warpgroup tiles within
+    SCORE_MODS_ONE_WARPGROUP_SCORES_SM90 (the backward's one-warpgroup tiles past
+    ONE_WARPGROUP_ACCUMULATORS_SM90 are not in configs_for's list). dK/dV with atomic dQ
+    below head dim 64 keeps tiles of 64 query rows or more, the M side of its dQ product
+    there: wgmma, not mma.sync."""
     if not configs:
         return configs
     block_d, atomic = meta["BLOCK_D"], meta.get("ATOMIC_DQ")
@@ -1152,11 +1162,6 @@ def _sm90_flag_prune(kernel: str, configs, **meta):
         configs = _within_scores(configs, _per_head_dim(DROPOUT_SCORES_SM90[kernel], block_d))
     if kernel == "dkdv-atomic" and meta.get("HAS_ALIBI") and block_d >= 64:
         configs = _within_scores(configs, _per_head_dim(ALIBI_ATOMIC_SCORES_SM90, block_d))
-    if kernel != "fwd" and any(meta.get(flag) for flag in ("DROPOUT", "SOFTCAP", "HAS_ALIBI")):
-        rows = (lambda c: 2 * c.kwargs["BLOCK_N"]) if kernel != "dq" else (
-            lambda c: c.kwargs["BLOCK_M"])
-        configs = [c for c in configs if c.num_warps > 4 or rows(c) * block_d
-                   < ONE_WARPGROUP_ACCUMULATORS_SM90 * 32 * c.num_warps] or configs
     if kernel == "fwd" and meta.get("SOFTCAP") and meta.get("HAS_ALIBI") and block_d >= 64:
         configs = _within_scores(configs, SCORE_MODS_ONE_WARPGROUP_SCORES_SM90, lambda c: (
             c.num_warps == 4 and not c.kwargs.get("WARP_SPECIALIZE")))

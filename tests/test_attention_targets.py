@@ -94,6 +94,11 @@ def _config_cases():
                                  tma="USE_TMA" in config,
                                  warp_specialized="WARP_SPECIALIZE" in config)
             cases[f"fwd-sm90-float16-d{block_d}-{config_id(config)}"] = spec
+    # Where triton 3.6 spilled with no flag on (atomic dK/dV at head dim 128, dQ at 256,
+    # one-warpgroup tiles that configs_for now leaves out): the tiles kept there.
+    for case in ("dkdv-sm90-float16-d128-32x128x8x3", "dkdv-sm90-float16-d128-32x64x8x2",
+                 "dq-sm90-float16-d256-128x32x8x3"):
+        cases[case] = expecting(cases[case], wgmma=True, spill_stores=0, spill_loads=0)
     # dK/dV's deterministic variant, without the atomic dQ product, holds other registers.
     for case in [c for c in cases if c.startswith("dkdv-sm90-float16")]:
         spec = cases[case]
