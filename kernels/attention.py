@@ -964,22 +964,43 @@ KEY_TILE_MULTIPLE = 128
 
 
 def smem_estimate(kernel: str, block_m: int, block_n: int, block_d: int, stages: int,
-                  elem: int, flags=()) -> int:
-    """Bytes of shared memory a config stages: the streamed tiles times the pipeline depth,
-    plus the tiles held across the loop. An upper-bound guide used to prune configs; the
-    compile test checks it against what triton really allocates. flags: the config's
-    (USE_TMA, WARP_SPECIALIZE)."""
+                  elem: int, flags=(), arch=None) -> int:
+    """Bytes of shared memory a config allocates: the streamed tiles times the pipeline depth,
+    the tiles held across the loop and the buffers the epilogue and layout changes take. An
+    upper bound, to 256 B, of what triton 3.6 and 3.9 allocate for sm_90 (every sm_90 config
+    the tables keep, compiled: reports/hopper-attention.md 10), used to prune configs.
+    flags: the config's (USE_TMA, WARP_SPECIALIZE). arch: 90 counts the K column chunks of
+    16-bit atomic dK/dV from head dim 256 (_dkdv_tiles' K_CHUNKS) as sm_90 stages them
+    (sm_80's kernel allocates less than the unchunked count: 86 KB at 16x64x8x2)."""
     if kernel == "fwd":
         size = elem * block_d * (block_m + 2 * stages * block_n)
+        # FP8 inputs (elem 1): the output is 16- or 32-bit, as the caller asks: 4 bytes.
+        out = 4 if elem == 1 else elem
+        if "WARP_SPECIALIZE" in flags:
+            # Each of the two consumer warp groups stages its output rows, 64 at least, and
+            # the producer and consumers share barriers.
+            size += out * block_d * max(block_m, 128) + 1024
+        else:
+            # The output tile's layout change before its store reuses the pipeline's buffers.
+            size = max(size, out * block_m * block_d)
         if "USE_TMA" in flags:
             size += 1024  # the pipeline's mbarriers
-        if "WARP_SPECIALIZE" in flags:
-            # Each of the two consumer warp groups stages its output rows, 64 at least.
-            size += elem * block_d * max(block_m, 128)
         return size
     if kernel == "dkdv":
-        # Each stage also holds the lse and delta of its query rows (float32).
-        return elem * block_d * (2 * block_n + 2 * stages * block_m) + 8 * stages * block_m
+        # Each stage holds the query tile's q^T and dO rows and their lse and delta (float32).
+        # 16-bit atomic dQ, which allocates more than the deterministic variant, is counted:
+        # its float32 dQ^T tile (from head dim 64; dS^T below) passes through shared memory
+        # (float32 inputs allocate less than the rest of the count: 213 of 230 KB at 32x128x8x3
+        # and head dim 128, both variants).
+        stats = 8 * stages * block_m
+        if arch == 90 and elem == 2 and block_d >= 256:
+            # K_CHUNKS: v held, no K tile; each stage holds the column chunks of K for S and
+            # for dQ (a key tile each; triton allocates 7 of their 8 chunks at 16x64) and of
+            # q^T for S; dS^T and one float32 dQ^T chunk of 64 columns pass through.
+            return (elem * block_d * (block_n + stages * (2 * block_n + 3 * block_m))
+                    + 4 * 64 * block_m + elem * block_m * block_n + stats)
+        atomic_dq = max(4 * block_m * block_d, 2 * block_m * block_n) if elem == 2 else 0
+        return elem * block_d * (2 * block_n + 2 * stages * block_m) + stats + atomic_dq
     return elem * block_d * (2 * block_m + 2 * stages * block_n)
 
 
@@ -1017,9 +1038,10 @@ def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int, arch=None
             continue
         # Fewer stages fit more, but an unpipelined loop is no config worth tuning.
         while stages > 2 and smem_estimate(kernel, block_m, block_n, block_d, stages, elem,
-                                           flags) > smem_limit:
+                                           flags, arch) > smem_limit:
             stages -= 1
-        if smem_estimate(kernel, block_m, block_n, block_d, stages, elem, flags) <= smem_limit:
+        if smem_estimate(kernel, block_m, block_n, block_d, stages, elem, flags,
+                         arch) <= smem_limit:
             out.append((block_m, block_n, warps, stages, *flags))
     return list(dict.fromkeys(out))
 
