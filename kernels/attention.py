@@ -1010,7 +1010,9 @@ def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int, arch=None
     (a power of two) with elem-byte inputs. arch: the GPU's compute capability (90 for
     sm_90); None, or any other than 90, takes the tables every GPU from sm_80 on runs (the
     FP8 forward's, elem 1, too). TMA configs only with `tma` (the tensors allow
-    descriptors)."""
+    descriptors). On sm_90 with 16-bit inputs, only tiles whose wgmma M side holds 64 rows,
+    and no backward tile of one warp group with ONE_WARPGROUP_ACCUMULATORS_SM90 accumulator
+    registers a thread."""
     if kernel == "fwd" and arch == 90 and elem <= 2:
         table, small = (FWD_CONFIGS_SM90 if elem == 2 else FWD_FP8_CONFIGS_SM90)[block_d], False
     else:
