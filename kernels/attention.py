@@ -978,22 +978,43 @@ KEY_TILE_MULTIPLE = 128
 
 
 def smem_estimate(kernel: str, block_m: int, block_n: int, block_d: int, stages: int,
-                  elem: int, flags=()) -> int:
-    """Bytes of shared memory a config stages: the streamed tiles times the pipeline depth,
-    plus the tiles held across the loop. An upper-bound guide used to prune configs; the
-    compile test checks it against what triton really allocates. flags: the config's
-    (USE_TMA, WARP_SPECIALIZE)."""
+                  elem: int, flags=(), arch=None) -> int:
+    """Bytes of shared memory a config allocates: the streamed tiles times the pipeline depth,
+    the tiles held across the loop and the buffers the epilogue and layout changes take. An
+    upper bound, to 256 B, of what triton 3.6 and 3.9 allocate for sm_90 (every sm_90 config
+    the tables keep, compiled: reports/hopper-attention.md 10), used to prune configs.
+    flags: the config's (USE_TMA, WARP_SPECIALIZE). arch: 90 counts the K column chunks of
+    16-bit atomic dK/dV from head dim 256 (_dkdv_tiles' K_CHUNKS) as sm_90 stages them
+    (sm_80's kernel allocates less than the unchunked count: 86 KB at 16x64x8x2)."""
     if kernel == "fwd":
         size = elem * block_d * (block_m + 2 * stages * block_n)
+        # FP8 inputs (elem 1): the output is 16- or 32-bit, as the caller asks: 4 bytes.
+        out = 4 if elem == 1 else elem
+        if "WARP_SPECIALIZE" in flags:
+            # Each of the two consumer warp groups stages its output rows, 64 at least, and
+            # the producer and consumers share barriers.
+            size += out * block_d * max(block_m, 128) + 1024
+        else:
+            # The output tile's layout change before its store reuses the pipeline's buffers.
+            size = max(size, out * block_m * block_d)
         if "USE_TMA" in flags:
             size += 1024  # the pipeline's mbarriers
-        if "WARP_SPECIALIZE" in flags:
-            # Each of the two consumer warp groups stages its output rows, 64 at least.
-            size += elem * block_d * max(block_m, 128)
         return size
     if kernel == "dkdv":
-        # Each stage also holds the lse and delta of its query rows (float32).
-        return elem * block_d * (2 * block_n + 2 * stages * block_m) + 8 * stages * block_m
+        # Each stage holds the query tile's q^T and dO rows and their lse and delta (float32).
+        # 16-bit atomic dQ, which allocates more than the deterministic variant, is counted:
+        # its float32 dQ^T tile (from head dim 64; dS^T below) passes through shared memory
+        # (float32 inputs allocate less than the rest of the count: 213 of 230 KB at 32x128x8x3
+        # and head dim 128, both variants).
+        stats = 8 * stages * block_m
+        if arch == 90 and elem == 2 and block_d >= 256:
+            # K_CHUNKS: v held, no K tile; each stage holds the column chunks of K for S and
+            # for dQ (a key tile each; triton allocates 7 of their 8 chunks at 16x64) and of
+            # q^T for S; dS^T and one float32 dQ^T chunk of 64 columns pass through.
+            return (elem * block_d * (block_n + stages * (2 * block_n + 3 * block_m))
+                    + 4 * 64 * block_m + elem * block_m * block_n + stats)
+        atomic_dq = max(4 * block_m * block_d, 2 * block_m * block_n) if elem == 2 else 0
+        return elem * block_d * (2 * block_n + 2 * stages * block_m) + stats + atomic_dq
     return elem * block_d * (2 * block_m + 2 * stages * block_n)
 
 
@@ -1003,7 +1024,9 @@ def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int, arch=None
     (a power of two) with elem-byte inputs. arch: the GPU's compute capability (90 for
     sm_90); None, or any other than 90, takes the tables every GPU from sm_80 on runs (the
     FP8 forward's, elem 1, too). TMA configs only with `tma` (the tensors allow
-    descriptors)."""
+    descriptors). On sm_90 with 16-bit inputs, only tiles whose wgmma M side holds 64 rows,
+    and no backward tile of one warp group with ONE_WARPGROUP_ACCUMULATORS_SM90 accumulator
+    registers a thread."""
     if kernel == "fwd" and arch == 90 and elem <= 2:
         table, small = (FWD_CONFIGS_SM90 if elem == 2 else FWD_FP8_CONFIGS_SM90)[block_d], False
     else:
@@ -1023,11 +1046,18 @@ def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int, arch=None
         # Hopper's warpgroup MMA takes 64 rows at least: fewer fall back to mma.sync.
         if arch == 90 and elem == 2 and (block_n if kernel == "dkdv" else block_m) < 64:
             continue
+        # Nor one warp group holding 128 accumulator registers a thread in the backward
+        # (spills on triton 3.6: ONE_WARPGROUP_ACCUMULATORS_SM90).
+        if arch == 90 and elem == 2 and kernel != "fwd" and warps == 4 and (
+                (2 * block_n if kernel == "dkdv" else block_m) * block_d
+                >= ONE_WARPGROUP_ACCUMULATORS_SM90 * 32 * warps):
+            continue
         # Fewer stages fit more, but an unpipelined loop is no config worth tuning.
         while stages > 2 and smem_estimate(kernel, block_m, block_n, block_d, stages, elem,
-                                           flags) > smem_limit:
+                                           flags, arch) > smem_limit:
             stages -= 1
-        if smem_estimate(kernel, block_m, block_n, block_d, stages, elem, flags) <= smem_limit:
+        if smem_estimate(kernel, block_m, block_n, block_d, stages, elem, flags,
+                         arch) <= smem_limit:
             out.append((block_m, block_n, warps, stages, *flags))
     return list(dict.fromkeys(out))
 
@@ -1127,9 +1157,12 @@ DROPOUT_SCORES_SM90 = {"fwd": {128: 32, 256: 16}, "dq": {64: 16, 128: 8, 256: 4}
 # ALiBi in dK/dV with atomic dQ, from head dim 64 (triton 3.6: 32x128 tiles, 8 warps, at head
 # dim 128 12 B spilled, 24 B with softcap too; 64x128 at head dim 64 with softcap 4 B).
 ALIBI_ATOMIC_SCORES_SM90 = {64: 16, 128: 8}
-# With any of the flags on, a tile whose accumulators take 128 registers a thread of one warp
-# group (4 warps: dK/dV's 16x64 tiles at head dim 128, dQ's 64x16 at 256) spills on triton
-# 3.6 (4 to 612 B), where the 8-warp tiles holding as many scores do not.
+# A backward tile whose accumulators (dK/dV's dk and dv, dQ's dq) take 128 registers a thread
+# of one warp group (4 warps: dK/dV's 16x64 tiles at head dim 128, dQ's 64x16 at 256) spills
+# on triton 3.6, the flags off too (atomic dK/dV 12/20 B, dQ 80/80 and 592/632 B; with flags
+# 4 to 612 B), where the 8-warp tiles holding as many do not: configs_for leaves them out on
+# sm_90 with 16-bit inputs (triton 3.9 compiles them without spills with the flags off;
+# reports/hopper-attention.md 10).
 ONE_WARPGROUP_ACCUMULATORS_SM90 = 128
 # Softcap and ALiBi together in a forward tile that one warp group runs (4 warps, not warp
 # specialized), from head dim 64 (triton 3.9, 128x64 tiles with TMA: 16 B spilled).
@@ -1166,10 +1199,11 @@ def _sm90_flag_prune(kernel: str, configs, **meta):
     """The configs of `kernel` ("fwd", "dkdv", "dq") that compile without spills on sm_90 with
     16-bit inputs under the launch's flags (meta): with DROPOUT within
     DROPOUT_SCORES_SM90, with HAS_ALIBI and atomic dQ within ALIBI_ATOMIC_SCORES_SM90, with
-    any of them the backward's one-warpgroup tiles within ONE_WARPGROUP_ACCUMULATORS_SM90,
-    with SOFTCAP and HAS_ALIBI the forward's one-warpgroup tiles within
-    SCORE_MODS_ONE_WARPGROUP_SCORES_SM90. dK/dV with atomic dQ below head dim 64 keeps tiles
-    of 64 query rows or more, the M side of its dQ product there: wgmma, not mma.sync."""
+    SOFTCAP and HAS_ALIBI the forward's one-warpgroup tiles within
+    SCORE_MODS_ONE_WARPGROUP_SCORES_SM90 (the backward's one-warpgroup tiles past
+    ONE_WARPGROUP_ACCUMULATORS_SM90 are not in configs_for's list). dK/dV with atomic dQ
+    below head dim 64 keeps tiles of 64 query rows or more, the M side of its dQ product
+    there: wgmma, not mma.sync."""
     if not configs:
         return configs
     block_d, atomic = meta["BLOCK_D"], meta.get("ATOMIC_DQ")
@@ -1181,11 +1215,6 @@ def _sm90_flag_prune(kernel: str, configs, **meta):
         configs = _within_scores(configs, _per_head_dim(DROPOUT_SCORES_SM90[kernel], block_d))
     if kernel == "dkdv-atomic" and meta.get("HAS_ALIBI") and block_d >= 64:
         configs = _within_scores(configs, _per_head_dim(ALIBI_ATOMIC_SCORES_SM90, block_d))
-    if kernel != "fwd" and any(meta.get(flag) for flag in ("DROPOUT", "SOFTCAP", "HAS_ALIBI")):
-        rows = (lambda c: 2 * c.kwargs["BLOCK_N"]) if kernel != "dq" else (
-            lambda c: c.kwargs["BLOCK_M"])
-        configs = [c for c in configs if c.num_warps > 4 or rows(c) * block_d
-                   < ONE_WARPGROUP_ACCUMULATORS_SM90 * 32 * c.num_warps] or configs
     if kernel == "fwd" and meta.get("SOFTCAP") and meta.get("HAS_ALIBI") and block_d >= 64:
         configs = _within_scores(configs, SCORE_MODS_ONE_WARPGROUP_SCORES_SM90, lambda c: (
             c.num_warps == 4 and not c.kwargs.get("WARP_SPECIALIZE")))

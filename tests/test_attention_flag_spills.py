@@ -2,6 +2,8 @@
 registers (dropout, softcap, ALiBi), the attention configs that spill with them
 (kernels/attention.py `_sm90_flag_prune`), keeping a wgmma config for every combination; below
 head dim 64 the atomic dK/dV kernel keeps the tiles on which its dQ product runs on wgmma.
+With or without flags, no backward tile of one warp group holds 128 accumulator registers a
+thread (triton 3.6 spilled in those with every flag off).
 
 No GPU needed: the pruning is called directly, and the first config it keeps for a handful of
 heavy combinations is compiled for sm_90 (tests/aot.py: wgmma, no mma.sync, no spill by
@@ -60,6 +62,19 @@ def test_every_flag_combination_keeps_a_wgmma_config(name):
                     assert c[0] >= 64, (block_d, flags, c)
             if not flags and (block_d >= 64 or not atomic_dq):
                 assert kept == _tuples(candidates(name, block_d)), (name, block_d, atomic_dq)
+
+
+def test_no_backward_tile_of_one_warp_group_holds_128_accumulator_registers():
+    """dK/dV's dk and dv (2 x BLOCK_N x head dim), dQ's dq (BLOCK_M x head dim) in float32
+    over 4 warps' 128 threads stay under 128 registers a thread in every sm_90 16-bit config:
+    dK/dV 16x64x4x2 at head dim 128 and dQ 64x16x4x{2,1} at 256 spilled 12 to 632 B on triton
+    3.6 with no flag on."""
+    for name, rows in (("dkdv", lambda c: 2 * c[1]), ("dq", lambda c: c[0])):
+        for block_d in HEAD_DIMS:
+            for config in kernel.configs_for(name, block_d, 2, kernel.SMEM_LIMIT[90], 90):
+                if config[2] == 4:
+                    assert rows(config) * block_d // (32 * 4) < 128, (name, block_d, config)
+    assert (16, 64, 4, 2) in kernel.configs_for("dkdv", 64, 2, kernel.SMEM_LIMIT[90], 90)
 
 
 def test_other_gpus_and_dtypes_prune_nothing_new():

@@ -94,6 +94,11 @@ def _config_cases():
                                  tma="USE_TMA" in config,
                                  warp_specialized="WARP_SPECIALIZE" in config)
             cases[f"fwd-sm90-float16-d{block_d}-{config_id(config)}"] = spec
+    # Where triton 3.6 spilled with no flag on (atomic dK/dV at head dim 128, dQ at 256,
+    # one-warpgroup tiles that configs_for now leaves out): the tiles kept there.
+    for case in ("dkdv-sm90-float16-d128-32x128x8x3", "dkdv-sm90-float16-d128-32x64x8x2",
+                 "dq-sm90-float16-d256-128x32x8x3"):
+        cases[case] = expecting(cases[case], wgmma=True, spill_stores=0, spill_loads=0)
     # dK/dV's deterministic variant, without the atomic dQ product, holds other registers.
     for case in [c for c in cases if c.startswith("dkdv-sm90-float16")]:
         spec = cases[case]
@@ -148,9 +153,17 @@ def compiled_instructions():
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CONFIG_CASES))
 def test_config_compiles_and_fits_shared_memory(compiled_configs, case):
+    """Compiles within the GPU's shared memory and, on sm_90, within what the pruning
+    estimates for it (to SMEM_ESTIMATE_MARGIN)."""
     result, spec = compiled_configs[case], CONFIG_CASES[case]
     assert result["error"] is None, result["error"]
     assert result["shared"] <= kernel.SMEM_LIMIT[spec["arch"]]
+    if spec["arch"] == 90:
+        c = spec["constexprs"]
+        estimate = kernel.smem_estimate(
+            case.split("-")[0], c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"], spec["num_stages"],
+            ELEM[case.split("-")[2]], [f for f in FLAG_IDS if c.get(f)], 90)
+        assert result["shared"] <= estimate + SMEM_ESTIMATE_MARGIN, estimate
     if not case.split("-")[2] == "float32":
         assert result["wgmma"] or result["mma_sync"], "16-bit dots must use tensor cores"
 
@@ -241,6 +254,35 @@ def test_every_config_is_used_somewhere():
     for block_d, table in kernel.FWD_CONFIGS_SM90.items():
         kept = kernel.configs_for("fwd", block_d, 2, kernel.SMEM_LIMIT[90], 90, tma=True)
         assert kept == table, f"sm_90 head dim {block_d}: {set(table) - set(kept)} pruned"
+
+
+# smem_estimate may fall short of what triton allocates by this much (bytes): sm_90 atomic
+# dK/dV 32x64x4x3 at head dim 64 compiles to 50176 B against an estimate of 49920.
+SMEM_ESTIMATE_MARGIN = 256
+# Shared memory that sm_90 kernels allocate (tests/aot.py; the larger of triton 3.6 and 3.9)
+# where the estimate once fell short (reports/hopper-attention.md 10): atomic dK/dV with K in
+# column chunks (head dim 256, 16-bit) and the FP8 forward with a float32 output (the
+# warp-specialized configs stage it per consumer; the others change its layout in shared
+# memory): (kernel, head dim, config, input bytes): bytes.
+_TMA_WS = ("USE_TMA", "WARP_SPECIALIZE")
+COMPILED_SHARED_SM90 = {("dkdv", 256, (16, 64, 8, 2), 2): 202880,
+                        ("dkdv", 64, (32, 64, 4, 3), 2): 50176,
+                        ("fwd", 256, (128, 64, 4, 2, *_TMA_WS), 1): 230560,
+                        ("fwd", 256, (128, 32, 4, 2, *_TMA_WS), 1): 198168,
+                        ("fwd", 128, (128, 256, 4, 2, *_TMA_WS), 1): 213536,
+                        ("fwd", 256, (128, 32, 8, 3, "USE_TMA"), 1): 131200}
+
+
+def test_smem_estimate_covers_what_triton_allocates():
+    """No compile: the estimate of each recorded sm_90 config reaches its compiled shared
+    memory (to SMEM_ESTIMATE_MARGIN) and the pruning keeps it."""
+    for (name, block_d, config, elem), shared in COMPILED_SHARED_SM90.items():
+        estimate = kernel.smem_estimate(name, *config[:2], block_d, config[3], elem,
+                                        config[4:], 90)
+        assert shared - SMEM_ESTIMATE_MARGIN <= estimate <= kernel.SMEM_LIMIT[90], (
+            name, block_d, config, elem, estimate)
+        assert config in kernel.configs_for(name, block_d, elem, kernel.SMEM_LIMIT[90], 90,
+                                            tma=True), (name, block_d, config, elem)
 
 
 def test_forward_key_tiles_divide_the_unmasked_multiple():
