@@ -458,40 +458,75 @@ def kernel_module():
     return attention_kvcache
 
 
-def _attend_job(arch, dtype, head_dim, rows, paged, split):
+NO_SPILLS = dict(spill_stores=0, spill_loads=0)
+
+
+def _attend_job(arch, dtype, head_dim, rows, paged, split, fp8_kv=False, packed=False):
+    """The attention kernel's job; fp8_kv: e4m3 caches (FP8_KV), packed: packed queries
+    (PACKED_Q). Those carry the no-spill "expect" that tests/test_triton_versions.py
+    repeats on the GPU machines' triton (3.6)."""
     kernel = kernel_module()
     elem = 4 if dtype == "float32" else 2
     block_d = max(16, 1 << (head_dim - 1).bit_length())
     block_m, block_n, warps, stages = kernel.config_for(rows, block_d, elem, interpret=False)
-    data = TRITON_TYPES[dtype]
-    return dict(module=KERNEL_MODULE, kernel="_kvcache_attend", arch=arch,
-                constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=block_d, PAGED=paged,
-                                DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
-                                BLOCK_M=block_m, BLOCK_N=block_n),
-                pointers=dict(q_ptr=data, kc_ptr=data, vc_ptr=data, seqlens_ptr="i32",
-                              table_ptr="i32", o_ptr="fp32" if split else data, lse_ptr="fp32"),
-                num_warps=warps, num_stages=stages)
+    data, cache = TRITON_TYPES[dtype], "fp8e4nv" if fp8_kv else TRITON_TYPES[dtype]
+    job = dict(module=KERNEL_MODULE, kernel="_kvcache_attend", arch=arch,
+               constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=block_d, PAGED=paged,
+                               DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
+                               BLOCK_M=block_m, BLOCK_N=block_n),
+               pointers=dict(q_ptr=data, kc_ptr=cache, vc_ptr=cache, seqlens_ptr="i32",
+                             table_ptr="i32", o_ptr="fp32" if split else data,
+                             lse_ptr="fp32"),
+               num_warps=warps, num_stages=stages)
+    return _variant(job, fp8_kv, packed)
+
+
+def _append_job(arch, dtype, head_dim, block_h, paged, fp8_kv=False, packed=False):
+    data, cache = TRITON_TYPES[dtype], "fp8e4nv" if fp8_kv else TRITON_TYPES[dtype]
+    job = dict(module=KERNEL_MODULE, kernel="_kvcache_append", arch=arch,
+               constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, PAGED=paged,
+                               BLOCK_H=block_h),
+               pointers=dict(k_ptr=data, v_ptr=data, kc_ptr=cache, vc_ptr=cache,
+                             seqlens_ptr="i32", table_ptr="i32"), num_warps=4, num_stages=1)
+    return _variant(job, fp8_kv, packed)
+
+
+def _variant(job, fp8_kv, packed):
+    if fp8_kv:
+        job["constexprs"]["FP8_KV"] = True
+        job["pointers"]["descale_ptr"] = "fp32"
+    if packed:
+        job["constexprs"]["PACKED_Q"] = True
+        job["pointers"]["cu_seqlens_q_ptr"] = "i32"
+    return dict(job, expect=NO_SPILLS) if fp8_kv or packed else job
 
 
 # (dtype, head dim, packed rows: GQA 8:1 decoding, or a chunk of 16 queries at 8:1, paged,
-# split) for both archs.
-ATTEND_CASES = {f"sm{arch}-{dtype}-d{d}-rows{rows}-{'paged' if paged else 'flat'}"
-                f"{'-split' if split else ''}": _attend_job(arch, dtype, d, rows, paged, split)
-                for arch in (80, 90)
-                for dtype, d, rows, paged, split in (
-                    ("float16", 128, 8, False, True), ("bfloat16", 128, 8, True, True),
-                    ("float16", 64, 8, True, True), ("bfloat16", 256, 8, False, True),
-                    ("float16", 128, 128, True, False), ("bfloat16", 256, 128, True, False),
-                    ("float32", 128, 8, True, True), ("float32", 256, 64, False, False))
-                } if HAS_TRITON else {}
+# split) for both archs; on sm_90, e4m3 caches and packed queries too.
+ATTEND_CASES = {
+    **{f"sm{arch}-{dtype}-d{d}-rows{rows}-{'paged' if paged else 'flat'}"
+       f"{'-split' if split else ''}": _attend_job(arch, dtype, d, rows, paged, split)
+       for arch in (80, 90)
+       for dtype, d, rows, paged, split in (
+           ("float16", 128, 8, False, True), ("bfloat16", 128, 8, True, True),
+           ("float16", 64, 8, True, True), ("bfloat16", 256, 8, False, True),
+           ("float16", 128, 128, True, False), ("bfloat16", 256, 128, True, False),
+           ("float32", 128, 8, True, True), ("float32", 256, 64, False, False))},
+    **{f"sm90-{dtype}-d{d}-rows{rows}-{'paged' if paged else 'flat'}"
+       f"{'-split' if split else ''}-{variant}": _attend_job(
+           90, dtype, d, rows, paged, split, **{variant: True})
+       for variant, dtype, d, rows, paged, split in (
+           ("fp8_kv", "bfloat16", 128, 8, True, True), ("fp8_kv", "float16", 256, 8, False, True),
+           ("fp8_kv", "float16", 128, 128, True, False),
+           ("packed", "bfloat16", 128, 8, True, True),
+           ("packed", "float16", 128, 128, True, False))},
+} if HAS_TRITON else {}
 OTHER_CASES = {
-    **{f"append-sm{arch}-{dtype}-{'paged' if paged else 'flat'}": dict(
-        module=KERNEL_MODULE, kernel="_kvcache_append", arch=arch,
-        constexprs=dict(HEAD_DIM=256, BLOCK_D=256, PAGED=paged, BLOCK_H=16),
-        pointers=dict(k_ptr=TRITON_TYPES[dtype], v_ptr=TRITON_TYPES[dtype],
-                      kc_ptr=TRITON_TYPES[dtype], vc_ptr=TRITON_TYPES[dtype],
-                      seqlens_ptr="i32", table_ptr="i32"), num_warps=4, num_stages=1)
+    **{f"append-sm{arch}-{dtype}-{'paged' if paged else 'flat'}": _append_job(
+        arch, dtype, 256, 16, paged)
        for arch in (80, 90) for dtype in ("float16", "bfloat16") for paged in (False, True)},
+    "append-sm90-bfloat16-paged-fp8_kv": _append_job(90, "bfloat16", 256, 16, True, fp8_kv=True),
+    "append-sm90-bfloat16-paged-packed": _append_job(90, "bfloat16", 128, 8, True, packed=True),
     **{f"combine-sm{arch}-{dtype}": dict(
         module=KERNEL_MODULE, kernel="_kvcache_combine", arch=arch,
         constexprs=dict(HEAD_DIM=256, BLOCK_D=256, BLOCK_S=128),

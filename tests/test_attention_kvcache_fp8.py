@@ -15,10 +15,9 @@ import re
 import pytest
 import torch
 from test_attention_fp8 import _interpreter_e4m3_cast  # noqa: F401 (autouse fixture)
-from test_attention_kvcache import HAS_TRITON, _inputs, _paged, assert_matches_float64
+from test_attention_kvcache import _inputs, _paged, assert_matches_float64
 
 import attnmem
-from aot import compile_all
 from attnmem.reference import kvcache as twin
 from backends import BACKENDS, DEVICE
 
@@ -195,60 +194,3 @@ def test_fp8_ops_trace():
     torch.library.opcheck(kvcache._attend, (args["q"], args["k_cache"], args["v_cache"],
                                             seqlens, None, 1, 0.25, -1, 0, "torch", 0.0, None,
                                             None, descales), test_utils=checks)
-
-
-# ---------------------------------------------------------------------------------------
-# sm_90 builds of the fp8-cache kernels (tests/aot.py): no spills, the attention's 16-bit dots
-# on tensor cores. tests/test_triton_versions.py repeats the "expect" on the GPU machines'
-# triton (3.6).
-# ---------------------------------------------------------------------------------------
-
-KERNEL_MODULE = "attnmem.kernels.attention_kvcache"
-NO_SPILLS = dict(spill_stores=0, spill_loads=0)
-
-
-def _fp8_attend_job(data, head_dim, rows, paged, split):
-    from attnmem.kernels import attention_kvcache as kernel
-
-    block_d = max(16, 1 << (head_dim - 1).bit_length())
-    block_m, block_n, warps, stages = kernel.config_for(rows, block_d, 2, interpret=False)
-    return dict(module=KERNEL_MODULE, kernel="_kvcache_attend", arch=90,
-                constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=block_d, PAGED=paged,
-                                DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n,
-                                FP8_KV=True),
-                pointers=dict(q_ptr=data, kc_ptr="fp8e4nv", vc_ptr="fp8e4nv",
-                              seqlens_ptr="i32", table_ptr="i32", descale_ptr="fp32",
-                              o_ptr="fp32" if split else data, lse_ptr="fp32"),
-                num_warps=warps, num_stages=stages, expect=NO_SPILLS)
-
-
-def _compile_jobs():
-    """GQA 8:1 decoding (paged, split) at head dims 128 and 256, a 16-query chunk (128
-    packed rows: wgmma), and the quantizing append."""
-    return {"attend-bf16-d128-gqa8-paged-split": _fp8_attend_job("bf16", 128, 8, True, True),
-            "attend-fp16-d256-gqa8-split": _fp8_attend_job("fp16", 256, 8, False, True),
-            "attend-fp16-d128-chunk-paged": _fp8_attend_job("fp16", 128, 128, True, False),
-            "append-bf16-d256-paged": dict(
-                module=KERNEL_MODULE, kernel="_kvcache_append", arch=90,
-                constexprs=dict(HEAD_DIM=256, BLOCK_D=256, PAGED=True, BLOCK_H=16, FP8_KV=True),
-                pointers=dict(k_ptr="bf16", v_ptr="bf16", kc_ptr="fp8e4nv", vc_ptr="fp8e4nv",
-                              seqlens_ptr="i32", table_ptr="i32", descale_ptr="fp32"),
-                num_warps=4, num_stages=1, expect=NO_SPILLS)}
-
-
-@pytest.fixture(scope="module")
-def compiled_fp8():
-    pytest.importorskip("triton")
-    jobs = _compile_jobs()
-    return dict(zip(jobs, compile_all(list(jobs.values()))))
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("aot")
-@pytest.mark.parametrize("name", list(_compile_jobs()) if HAS_TRITON else [])
-def test_fp8_cache_kernels_compile_for_sm90_without_spills(compiled_fp8, name):
-    result = compiled_fp8[name]
-    assert result["error"] is None, result["error"]
-    assert {key: result[key] for key in NO_SPILLS} == NO_SPILLS, result
-    if name.startswith("attend"):
-        assert result["wgmma"] or result["mma_sync"], result

@@ -15,10 +15,9 @@ import re
 import pytest
 import torch
 from test_attention_fp8 import _interpreter_e4m3_cast  # noqa: F401 (autouse fixture)
-from test_attention_kvcache import HAS_TRITON, _attend_job, _paged
+from test_attention_kvcache import _paged
 
 import attnmem
-from aot import compile_all
 from backends import BACKENDS, DEVICE
 from tolerance import assert_close_to_float64
 
@@ -290,52 +289,3 @@ def test_grid_past_cuda_limit_is_refused():
     [reason] = kvcache._triton_reasons(q, *caches, cu_seqlens, 2 ** 16)
     assert "65536 sequences of up to max_seqlen_q = 65536 queries need" in reason
     assert kvcache._triton_reasons(q, *caches, cu_seqlens, 2 ** 13) == []
-
-
-# ---------------------------------------------------------------------------------------
-# sm_90 builds of the packed kernels (tests/aot.py): no spills, the attention's dots on tensor
-# cores.
-# tests/test_triton_versions.py repeats the "expect" on the GPU machines' triton (3.6).
-# ---------------------------------------------------------------------------------------
-
-KERNEL_MODULE = "attnmem.kernels.attention_kvcache"
-NO_SPILLS = dict(spill_stores=0, spill_loads=0)
-
-
-def _packed_attend_job(dtype, head_dim, rows, paged, split):
-    """tests/test_attention_kvcache.py's sm_90 job of the attention, with PACKED_Q."""
-    job = _attend_job(90, dtype, head_dim, rows, paged, split)
-    job["constexprs"]["PACKED_Q"] = True
-    job["pointers"]["cu_seqlens_q_ptr"] = "i32"
-    return dict(job, expect=NO_SPILLS)
-
-
-def _compile_jobs():
-    """GQA 8:1 decoding rows (paged, split), a chunk of 16 queries at 8:1 (128 rows), and
-    the packed append."""
-    return {"attend-bf16-d128-gqa8-paged-split": _packed_attend_job("bfloat16", 128, 8, True, True),
-            "attend-fp16-d128-chunk-paged": _packed_attend_job("float16", 128, 128, True, False),
-            "append-bf16-d128-paged": dict(
-                module=KERNEL_MODULE, kernel="_kvcache_append", arch=90,
-                constexprs=dict(HEAD_DIM=128, BLOCK_D=128, PAGED=True, BLOCK_H=8, PACKED_Q=True),
-                pointers=dict(k_ptr="bf16", v_ptr="bf16", kc_ptr="bf16", vc_ptr="bf16",
-                              seqlens_ptr="i32", table_ptr="i32", cu_seqlens_q_ptr="i32"),
-                num_warps=4, num_stages=1, expect=NO_SPILLS)}
-
-
-@pytest.fixture(scope="module")
-def compiled_packed():
-    pytest.importorskip("triton")
-    jobs = _compile_jobs()
-    return dict(zip(jobs, compile_all(list(jobs.values()))))
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("aot")
-@pytest.mark.parametrize("name", list(_compile_jobs()) if HAS_TRITON else [])
-def test_packed_attend_compiles_for_sm90_without_spills(compiled_packed, name):
-    result = compiled_packed[name]
-    assert result["error"] is None, result["error"]
-    assert {key: result[key] for key in NO_SPILLS} == NO_SPILLS, result
-    if name.startswith("attend"):
-        assert result["wgmma"] or result["mma_sync"], result
