@@ -117,10 +117,11 @@ def top_slots(memory, keys, strength, kind, mask, k):
 def _gather(x, slots, sparse=False):
     """Rows of x (B, N, D), or (N, D) shared by the batch, at slots (B, R, K), -1 for none:
     (B, R, K, D), zero at -1. A shared x is read as an embedding table: its gradient is
-    (N, D) (sparse=True: a sparse COO tensor of the gathered rows), never (B, N, D)."""
+    (N, D) (sparse=True: a sparse COO tensor of the gathered rows, dense for N = 0), never
+    (B, N, D)."""
     batch, heads, k = slots.shape
-    if x.shape[-2] == 0:  # every slot is -1: gather from a zero row, masked below
-        x = F.pad(x, (0, 0, 0, 1))
+    if x.shape[-2] == 0:  # every slot is -1: gather from a zero row, masked below (the
+        x, sparse = F.pad(x, (0, 0, 0, 1)), False  # pad's backward takes dense gradients)
     if x.ndim == 2:
         rows = F.embedding(slots.clamp_min(0), x, sparse=sparse)
     else:
