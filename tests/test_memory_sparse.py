@@ -527,27 +527,31 @@ def test_shared_sparse_read(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shared_backward_builds_no_batch_sized_gradient(backend):
     """The shared memory's backward makes no tensor of B * N * D elements (its gradients
-    are (N, D)); the expanded memory's does, so the check can see one. memory_attend's
-    backward is torch's on both backends (the selection is not differentiated): it runs on
-    torch, memory_read on the backend."""
+    are (N, D)), nor does its forward; the expanded memory's backward does, so the check
+    can see one. memory_attend's backward is torch's on both backends (the selection is
+    not differentiated): it runs on torch, memory_read on the backend."""
     b, n, d, r, k = 8, 300, 8, 2, 3
     memory, values = torch.randn(n, d, device=DEVICE), torch.randn(n, d, device=DEVICE)
     keys = torch.randn(b, r, d, device=DEVICE)
 
-    def largest_in_backward(expand):
+    def largest(expand):
+        """The most bytes an op outputs, forward and backward."""
         m, v = memory.clone().requires_grad_(), values.clone().requires_grad_()
-        with attnmem.use_backend("torch"):
-            read, (slots, weights) = attnmem.memory_attend(
-                m.expand(b, -1, -1) if expand else m, keys,
-                values=v.expand(b, -1, -1) if expand else v, topk=k, return_weights=True)
-        with attnmem.use_backend(backend):
-            again = attnmem.memory_read(m.expand(b, -1, -1) if expand else m,
-                                        SparseWeights(slots, weights))
-        with _LargestOutput() as record:
+        with _LargestOutput() as forward:
+            with attnmem.use_backend("torch"):
+                read, (slots, weights) = attnmem.memory_attend(
+                    m.expand(b, -1, -1) if expand else m, keys,
+                    values=v.expand(b, -1, -1) if expand else v, topk=k, return_weights=True)
+            with attnmem.use_backend(backend):
+                again = attnmem.memory_read(m.expand(b, -1, -1) if expand else m,
+                                            SparseWeights(slots, weights))
+        with _LargestOutput() as backward:
             (read.square().sum() + again.square().sum()).backward()
-        return record.largest
+        return forward.largest, backward.largest
 
-    assert largest_in_backward(False) <= n * d * 4 < b * n * d * 4 <= largest_in_backward(True)
+    forward, backward = largest(False)
+    assert forward < b * n * d * 4, forward
+    assert backward <= n * d * 4 < b * n * d * 4 <= largest(True)[1]
 
 
 def test_shared_memory_bad_inputs():
