@@ -4,6 +4,12 @@ reading, and erase/add writing. Shapes: memory (B, N, D), keys (B, R, D), read w
 addressing keeps each head's K best slots: its weights are SparseWeights, indices and
 weights (B, R, K), which memory_read and memory_write take too.
 
+memory_address, memory_attend and memory_read also take a memory (N, D) (and values
+(N, Dv)) shared by every batch entry, the batch coming from the keys or the weights: a
+large key-value memory read by a batch without a copy per entry. Its sparse (top-k) reads
+give it an (N, D) gradient, never a (B, N, D) one, or with sparse_grad=True a sparse COO
+gradient of the touched rows (as nn.Embedding(sparse=True)) for torch.optim.SparseAdam.
+
 The ops validate their inputs, then run on the pure-torch twin (attnmem.reference.memory)
 or on their Triton kernels, as attnmem.backend chooses.
 """
@@ -190,39 +196,62 @@ _memory_read_op.register_autograd(_backward_through(_memory_read_backward_op),
 
 
 @torch.library.custom_op("attnmem::memory_read_sparse", mutates_args=())
-def _memory_read_sparse_op(memory: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
-                           ) -> torch.Tensor:
+def _memory_read_sparse_op(memory: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                           sparse_grad: bool = False) -> torch.Tensor:
+    """memory (B, N, D), or (N, D) shared by the batch; sparse_grad (shared memories only):
+    memory's gradient a sparse COO tensor of the touched rows."""
     from attnmem.kernels import memory_read as kernel
 
     return kernel.memory_read_sparse_forward(memory, indices, weights)
 
 
 @_memory_read_sparse_op.register_fake
-def _(memory, indices, weights):
-    return memory.new_empty((*weights.shape[:2], memory.shape[2]))
+def _(memory, indices, weights, sparse_grad=False):
+    return memory.new_empty((*weights.shape[:2], memory.shape[-1]))
 
 
 @torch.library.custom_op("attnmem::memory_read_sparse_backward", mutates_args=())
 def _memory_read_sparse_backward_op(dread: torch.Tensor, memory: torch.Tensor,
                                     indices: torch.Tensor, weights: torch.Tensor,
-                                    deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                                    deterministic: bool, sparse_grad: bool = False
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dmemory like memory, dweights, an empty tensor), or with sparse_grad (dmemory's
+    touched rows (U, D), dweights, the touched slots (U,))."""
     from attnmem.kernels import memory_read as kernel
 
-    return kernel.memory_read_sparse_backward(dread, memory, indices, weights, deterministic)
+    dmemory, dweights, touched = kernel.memory_read_sparse_backward(
+        dread, memory, indices, weights, deterministic, sparse_grad)
+    return dmemory, dweights, indices.new_empty(0) if touched is None else touched
 
 
 @_memory_read_sparse_backward_op.register_fake
-def _(dread, memory, indices, weights, deterministic):
-    return memory.new_empty(memory.shape), weights.new_empty(weights.shape)
+def _(dread, memory, indices, weights, deterministic, sparse_grad=False):
+    if sparse_grad:
+        touched = torch.library.get_ctx().new_dynamic_size()
+        return (memory.new_empty((touched, memory.shape[-1])), weights.new_empty(weights.shape),
+                indices.new_empty((touched,)))
+    return memory.new_empty(memory.shape), weights.new_empty(weights.shape), indices.new_empty(0)
+
+
+def _read_sparse_setup_context(ctx, inputs, output):
+    memory, indices, weights, sparse_grad = inputs
+    ctx.save_for_backward(memory, indices, weights)
+    ctx.sparse_grad = sparse_grad
 
 
 def _read_sparse_backward(ctx, dread):
-    dmemory, dweights = _memory_read_sparse_backward_op(
-        dread, *ctx.saved_tensors, torch.are_deterministic_algorithms_enabled())
-    return dmemory, None, dweights
+    memory, indices, weights = ctx.saved_tensors
+    dmemory, dweights, touched = _memory_read_sparse_backward_op(
+        dread, memory, indices, weights, torch.are_deterministic_algorithms_enabled(),
+        ctx.sparse_grad)
+    if ctx.sparse_grad:  # as product_key_lookup(sparse=True) gives its values
+        dmemory = torch.sparse_coo_tensor(touched[None], dmemory, memory.shape,
+                                          is_coalesced=True, check_invariants=False)
+    return dmemory, None, dweights, None
 
 
-_memory_read_sparse_op.register_autograd(_read_sparse_backward, setup_context=_save_inputs)
+_memory_read_sparse_op.register_autograd(_read_sparse_backward,
+                                         setup_context=_read_sparse_setup_context)
 
 
 @torch.library.custom_op("attnmem::location_address", mutates_args=())
@@ -290,17 +319,39 @@ def _shape(name, x, expected, what):
         raise ValueError(f"{name} must be {what} = {tuple(expected)}, got {tuple(x.shape)}")
 
 
-def _memory(memory):
+def _memory(memory, shared=None):
+    """memory (B, N, D), or (N, D) shared by the batch where shared = (what the op needs for
+    it: "topk=K", sparse weights; whether the call gives it)."""
+    if shared is not None and isinstance(memory, torch.Tensor) and memory.ndim == 2:
+        if not shared[1]:
+            raise ValueError(f"memory must be (B, N, D) here: a memory (N, D) shared by the "
+                             f"batch is read with {shared[0]} (for a dense read over every "
+                             f"slot, pass memory.expand(B, -1, -1))")
+        return _checks.tensor("memory", memory, 2, "(N, D)")
     _checks.tensor("memory", memory, 3, "(B, N, D)")
 
 
+def _sparse_grad(sparse_grad, memory, needs):
+    """sparse_grad as a bool: True only for a memory (N, D) shared by the batch and `needs`
+    (topk, sparse weights) given."""
+    if not isinstance(sparse_grad, bool):
+        raise TypeError(f"sparse_grad must be a bool, got {type(sparse_grad).__name__}")
+    if sparse_grad and (memory.ndim != 2 or not needs[1]):
+        raise ValueError(f"sparse_grad=True needs a memory (N, D) shared by the batch and "
+                         f"{needs[0]}, got memory {tuple(memory.shape)}"
+                         + ("" if needs[1] else f" without {needs[0]}"))
+    return sparse_grad
+
+
 def _heads(name, x, memory, what):
-    """x: (B, R, D) against memory (B, N, D)."""
+    """x: (B, R, D) against memory (B, N, D), or (N, D) shared by the batch."""
     _checks.tensor(name, x, 3, what)
     _checks.like(name, x, memory, "memory")
-    batch, _, width = memory.shape
-    if x.shape[0] != batch or x.shape[2] != width:
-        raise ValueError(f"{name} must be {what} with B={batch}, D={width}, got "
+    width = memory.shape[-1]
+    if memory.ndim == 2 and x.shape[2] != width:
+        raise ValueError(f"{name} must be {what} with D={width}, got {tuple(x.shape)}")
+    if memory.ndim == 3 and (x.shape[0] != memory.shape[0] or x.shape[2] != width):
+        raise ValueError(f"{name} must be {what} with B={memory.shape[0]}, D={width}, got "
                          f"{tuple(x.shape)}")
 
 
@@ -312,8 +363,8 @@ def _weights(name, weights, memory, what):
                          f"N={memory.shape[1]}, got {tuple(weights.shape)}")
 
 
-def _address_args(memory, keys, strength, similarity, mask):
-    _memory(memory)
+def _address_args(memory, keys, strength, similarity, mask, topk):
+    _memory(memory, ("topk=K", topk is not None))
     _heads("keys", keys, memory, "(B, R, D)")
     if strength is not None:
         _checks.tensor("strength", strength, 2, "(B, R)")
@@ -324,7 +375,7 @@ def _address_args(memory, keys, strength, similarity, mask):
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError("mask must be a bool tensor (True = usable slot)")
-        _shape("mask", mask, memory.shape[:2], "(B, N)")
+        _shape("mask", mask, (keys.shape[0], memory.shape[-2]), "(B, N)")
         if mask.device != memory.device:
             raise ValueError(f"mask is on {mask.device} but memory is on {memory.device}")
 
@@ -339,8 +390,12 @@ def _topk(topk, n_slots):
 
 
 def _top_slots(chosen, memory, keys, strength, similarity, mask, topk):
-    """Each head's topk best usable slots (B, R, topk), -1 past its last; no gradient."""
+    """Each head's topk best usable slots (B, R, topk), -1 past its last; no gradient. A
+    memory (N, D) shared by the batch is scored as it is (torch) or through a batch-stride-0
+    view (triton): never copied per batch entry."""
     if chosen == "triton":
+        if memory.ndim == 2:
+            memory = memory.expand(keys.shape[0], -1, -1)
         return _memory_topk_op(memory.detach(), keys.detach(),
                                None if strength is None else strength.detach(), mask,
                                similarity, topk)
@@ -348,7 +403,7 @@ def _top_slots(chosen, memory, keys, strength, similarity, mask, topk):
 
 
 def memory_address(memory, keys, *, strength=None, similarity="cosine", mask=None,
-                   topk=None):
+                   topk=None, sparse_grad=False):
     """Content addressing: weights (B, R, N) = softmax over slots of
     strength * sim(key, slot). strength: (B, R), >= 0 (default 1); similarity: "cosine"
     (NTM/DNC, u.v / max(|u||v|, 1e-8)), "dot" (MemN2N) or "scaled_dot" (u.v / sqrt(D));
@@ -358,21 +413,32 @@ def memory_address(memory, keys, *, strength=None, similarity="cosine", mask=Non
     slots only, found in one pass over memory that never holds the (B, R, N) scores;
     returns SparseWeights (indices and weights (B, R, K)). A head with fewer than K usable
     slots gets index -1 and weight 0 past them. Gradients reach the K slots' rows, the keys
-    and strength; the selection itself has none."""
-    _address_args(memory, keys, strength, similarity, mask)
+    and strength; the selection itself has none.
+
+    With topk, memory may be (N, D), one memory shared by every batch entry (keys (B, R, D)
+    and mask (B, N) give the batch): it is scored without a copy per entry and its gradient
+    is (N, D), the gathered rows' gradients summed into it, never a (B, N, D) buffer (a
+    3-D memory.expand(B, -1, -1) would get one from the gather's backward).
+    sparse_grad=True (shared memories only) makes that gradient a sparse COO tensor of the
+    gathered rows, uncoalesced, as nn.Embedding(sparse=True) does, for
+    torch.optim.SparseAdam. Without topk a shared memory raises a ValueError: pass
+    memory.expand(B, -1, -1) for the dense weights."""
+    _address_args(memory, keys, strength, similarity, mask, topk)
+    sparse_grad = _sparse_grad(sparse_grad, memory, ("topk=K", topk is not None))
     if topk is not None:
-        topk = _topk(topk, memory.shape[1])
-    chosen = _choose("memory_address", (memory, keys), keys.shape[1], memory.shape[2], topk)
+        topk = _topk(topk, memory.shape[-2])
+    chosen = _choose("memory_address", (memory, keys), keys.shape[1], memory.shape[-1], topk,
+                     ("batch entries", keys.shape[0]))
     if topk is not None:
         slots = _top_slots(chosen, memory, keys, strength, similarity, mask, topk)
         return SparseWeights(slots, _reference.address_slots(memory, keys, strength,
-                                                             similarity, slots))
+                                                             similarity, slots, sparse_grad))
     if chosen == "triton":
         return _memory_attend_op(memory, keys, None, strength, mask, similarity, False, True)[1]
     return _reference.memory_address(memory, keys, strength, similarity, mask)
 
 
-def memory_read(memory, weights):
+def memory_read(memory, weights, *, sparse_grad=False):
     """Read vectors (B, R, D): r = sum_n w_n M_n for weights (B, R, N).
 
     Sparse weights: (indices, weights) of (B, R, K), e.g. memory_address's SparseWeights,
@@ -382,13 +448,25 @@ def memory_read(memory, weights):
     outside [-1, N) reads nothing). Gradients reach the weights and the gathered rows of
     memory, scattered into a dense dMemory: on the triton backend by float32 atomics for a
     float32 memory, else (16-bit memories, torch.use_deterministic_algorithms) by sorted
-    per-row sums that repeat bit for bit; on the torch backend by the gather's backward."""
-    _memory(memory)
-    if isinstance(weights, (tuple, list)):
+    per-row sums that repeat bit for bit; on the torch backend by the gather's backward.
+
+    Sparse weights also read a memory (N, D) shared by every batch entry (the weights give
+    the batch), whose gradient is then (N, D), never (B, N, D): the same atomics or row
+    sums on the triton backend, torch's embedding backward on the torch backend.
+    sparse_grad=True (shared memories only) makes it a sparse COO tensor of the touched
+    rows, for torch.optim.SparseAdam: coalesced (the triton backend's row sums, one host
+    sync for their count) or not (torch's embedding). Dense weights need a memory
+    (B, N, D)."""
+    sparse = isinstance(weights, (tuple, list))
+    _memory(memory, ("sparse weights (indices, weights)", sparse))
+    sparse_grad = _sparse_grad(sparse_grad, memory, ("sparse weights (indices, weights)",
+                                                     sparse))
+    if sparse:
         indices, weights = _sparse_weights(weights, memory, "R")
-        if _choose("memory_read", (memory, weights)) == "triton":
-            return _memory_read_sparse_op(memory, indices, weights)
-        return _reference.read_slots(memory, indices, weights)
+        if _choose("memory_read", (memory, weights),
+                   grid_rows=("batch entries", weights.shape[0])) == "triton":
+            return _memory_read_sparse_op(memory, indices, weights, sparse_grad)
+        return _reference.read_slots(memory, indices, weights, sparse_grad)
     _weights("weights", weights, memory, "(B, R, N)")
     chosen = _choose("memory_read", (memory, weights), heads=weights.shape[1])
     if chosen == "triton":
@@ -397,7 +475,7 @@ def memory_read(memory, weights):
 
 
 def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosine", mask=None,
-                  return_weights=False, topk=None):
+                  return_weights=False, topk=None, sparse_grad=False):
     """Content addressing and read in one: softmax over slots of strength * sim(key, slot),
     then the weighted sum of values (B, N, Dv), by default of memory itself (a key-value
     memory such as MemN2N's A and C embeddings passes values). Returns (B, R, Dv), and
@@ -406,24 +484,32 @@ def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosin
     topk=K: the read uses each head's K best-scoring usable slots only (see
     memory_address), gathering K rows per head after one pass over memory; the weights
     returned are SparseWeights (indices and weights (B, R, K)). Gradients reach the K
-    slots' rows of memory and values, the keys and strength."""
-    _address_args(memory, keys, strength, similarity, mask)
+    slots' rows of memory and values, the keys and strength.
+
+    With topk, memory (N, D) and values (N, Dv) may be shared by every batch entry, with
+    (N, D) gradients and sparse_grad as in memory_address (sparse_grad makes both memory's
+    and values' gradients sparse). Without topk a shared memory raises a ValueError."""
+    _address_args(memory, keys, strength, similarity, mask, topk)
+    sparse_grad = _sparse_grad(sparse_grad, memory, ("topk=K", topk is not None))
     if topk is not None:
-        topk = _topk(topk, memory.shape[1])
+        topk = _topk(topk, memory.shape[-2])
     if values is not None:
-        _checks.tensor("values", values, 3, "(B, N, Dv)")
+        what = "(N, Dv)" if memory.ndim == 2 else "(B, N, Dv)"
+        _checks.tensor("values", values, memory.ndim, what)
         _checks.like("values", values, memory, "memory")
-        if values.shape[:2] != memory.shape[:2]:
-            raise ValueError(f"values must be (B, N, Dv) with B, N = {tuple(memory.shape[:2])},"
-                             f" got {tuple(values.shape)}")
+        if values.shape[:-1] != memory.shape[:-1]:
+            names = "N" if memory.ndim == 2 else "B, N"
+            raise ValueError(f"values must be {what} with {names} = "
+                             f"{tuple(memory.shape[:-1])}, got {tuple(values.shape)}")
     # With topk, the kernel scores memory only; values are gathered by torch.
-    width = memory.shape[2] if values is None or topk is not None else max(memory.shape[2],
-                                                                           values.shape[2])
-    chosen = _choose("memory_attend", (memory, keys), keys.shape[1], width, topk)
+    width = memory.shape[-1] if values is None or topk is not None else max(memory.shape[2],
+                                                                            values.shape[2])
+    chosen = _choose("memory_attend", (memory, keys), keys.shape[1], width, topk,
+                     ("batch entries", keys.shape[0]))
     if topk is not None:
         slots = _top_slots(chosen, memory, keys, strength, similarity, mask, topk)
         read, weights = _reference.attend_slots(memory, keys, values, strength, similarity,
-                                                slots)
+                                                slots, sparse_grad)
         return (read, SparseWeights(slots, weights)) if return_weights else read
     if chosen == "triton":
         read, weights, _ = _memory_attend_op(memory, keys, values, strength, mask, similarity,
@@ -452,8 +538,9 @@ def _sparse_weights(weights, memory, heads):
     if indices.dtype.is_floating_point or indices.dtype.is_complex or \
             indices.dtype == torch.bool:
         raise TypeError(f"weights' indices must be an integer tensor, got {indices.dtype}")
-    if indices.ndim != 3 or indices.shape[0] != memory.shape[0]:
-        raise ValueError(f"weights' indices must be {shape} with B={memory.shape[0]}, got "
+    if indices.ndim != 3 or (memory.ndim == 3 and indices.shape[0] != memory.shape[0]):
+        batch = "" if memory.ndim == 2 else f" with B={memory.shape[0]}"
+        raise ValueError(f"weights' indices must be {shape}{batch}, got "
                          f"{tuple(indices.shape)}")
     if indices.device != memory.device:
         raise ValueError(f"weights' indices are on {indices.device} but memory is on "
@@ -461,7 +548,7 @@ def _sparse_weights(weights, memory, heads):
     _checks.tensor("weights", weights, 3, shape)
     _checks.like("weights", weights, memory, "memory")
     _shape("weights", weights, indices.shape, f"{shape} like its indices")
-    n_slots = memory.shape[1]
+    n_slots = memory.shape[-2]
     if indices.device.type == "cpu" and not torch.compiler.is_compiling() and indices.numel():
         low, high = torch.aminmax(indices)
         if low < -1 or high >= n_slots:

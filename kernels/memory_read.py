@@ -19,7 +19,9 @@ dense float32 dMemory with atomics. Otherwise (16-bit memories, which would need
 memory-sized float32 buffer, and under torch.use_deterministic_algorithms) dMemory is the
 product-key lookup's sorted row sums (kernels.product_key): each touched row summed by one
 program in a fixed order, bit for bit repeatable. Rows are loaded BLOCK_D wide, 16 bytes at
-a time for whole chunks.
+a time for whole chunks. A memory (N, D) shared by the batch is read with batch stride 0,
+and its gradient is (N, D) (the same atomics and row sums, with stride 0 and the slot as the
+row), or for a sparse gradient the sorted row sums of the touched rows only.
 """
 
 import torch
@@ -292,13 +294,20 @@ def _sparse_meta(width, topk, elem):
     return meta, config
 
 
-def memory_read_sparse_forward(memory, indices, weights):
-    """-> read (B, R, D) in memory's dtype: sum_k weights[..., k] memory[b, indices[..., k]],
-    entries with an index outside [0, N) left out."""
+def _sparse_memory(memory):
+    """(memory, batch stride, slot stride): a memory (N, D) shared by the batch has batch
+    stride 0."""
     memory = lastdim_contiguous(memory)
+    return memory, 0 if memory.ndim == 2 else memory.stride(0), memory.stride(-2)
+
+
+def memory_read_sparse_forward(memory, indices, weights):
+    """-> read (B, R, D) in memory's dtype: sum_k weights[..., k] memory[b, indices[..., k]]
+    (memory[indices[..., k]] for a memory (N, D) shared by the batch), entries with an index
+    outside [0, N) left out."""
+    memory, stride_mb, stride_mn = _sparse_memory(memory)
     indices, weights = indices.contiguous(), weights.contiguous()
-    batch, n_slots, width = memory.shape
-    n_heads, topk = indices.shape[1:]
+    (batch, n_heads, topk), (n_slots, width) = indices.shape, memory.shape[-2:]
     out = torch.empty((batch, n_heads, width), dtype=memory.dtype, device=memory.device)
     if out.numel() == 0:
         return out
@@ -307,43 +316,53 @@ def memory_read_sparse_forward(memory, indices, weights):
     meta, config = _sparse_meta(width, topk, memory.element_size())
     launch(_memory_read_sparse_fwd,
            lambda m: (batch * n_heads, triton.cdiv(width, meta["BLOCK_D"])),
-           (memory, indices, weights, out, memory.stride(0), memory.stride(1), n_heads,
-            n_slots, width, topk), meta, [config], ["BLOCK_D", "EVEN_D", "BLOCK_K"], config)
+           (memory, indices, weights, out, stride_mb, stride_mn, n_heads, n_slots, width, topk),
+           meta, [config], ["BLOCK_D", "EVEN_D", "BLOCK_K"], config)
     return out
 
 
-def memory_read_sparse_backward(dread, memory, indices, weights, deterministic):
-    """-> dmemory (B, N, D), dweights (B, R, K) in the inputs' dtypes. dMemory by float32
-    atomics for a float32 memory, else (16-bit, or deterministic) by sorted row sums."""
+def memory_read_sparse_backward(dread, memory, indices, weights, deterministic, sparse=False):
+    """-> (dmemory like memory, dweights (B, R, K), None) in the inputs' dtypes. dMemory by
+    float32 atomics for a float32 memory, else (16-bit, deterministic) by sorted row sums.
+    sparse (a memory (N, D) shared by the batch): (dmemory's touched rows (U, D), dweights,
+    the touched slots (U,) int64, ascending) instead, by sorted row sums."""
     from attnmem.kernels.product_key import _row_sums
 
-    memory = lastdim_contiguous(memory)
+    memory, stride_mb, stride_mn = _sparse_memory(memory)
     indices, weights = indices.contiguous(), weights.contiguous()
     dread = dread.float().contiguous()  # (B, R, D): small, and the kernel works in fp32
-    batch, n_slots, width = memory.shape
-    n_heads, topk = indices.shape[1:]
-    atomic = memory.dtype == torch.float32 and not deterministic
+    (batch, n_heads, topk), (n_slots, width) = indices.shape, memory.shape[-2:]
+    atomic = memory.dtype == torch.float32 and not (deterministic or sparse)
     dmemory = torch.zeros(memory.shape if atomic else 0, dtype=memory.dtype,
                           device=memory.device)
     dweights = torch.empty(weights.shape, dtype=weights.dtype, device=weights.device)
     if dweights.numel() == 0 or n_slots == 0 or width == 0:
+        if sparse:
+            return memory.new_zeros((0, width)), dweights.zero_(), indices.new_zeros(0)
         dmemory = torch.zeros(memory.shape, dtype=memory.dtype, device=memory.device)
-        return dmemory, dweights.zero_()
+        return dmemory, dweights.zero_(), None
     meta, config = _sparse_meta(width, topk, memory.element_size())
     launch(_memory_read_sparse_bwd,
            lambda m: (batch * n_heads, triton.cdiv(topk, meta["BLOCK_K"])),
-           (dread, memory, indices, weights, dmemory, dweights, memory.stride(0),
-            memory.stride(1), dmemory.stride(0) if atomic else 0,
-            dmemory.stride(1) if atomic else 0, n_heads, n_slots, width, topk),
+           (dread, memory, indices, weights, dmemory, dweights, stride_mb, stride_mn,
+            dmemory.stride(0) if atomic and memory.ndim == 3 else 0,
+            dmemory.stride(-2) if atomic else 0, n_heads, n_slots, width, topk),
            dict(meta, ATOMIC=atomic), [config], ["BLOCK_D", "EVEN_D", "BLOCK_K", "ATOMIC"],
            config, reset_to_zero=["dmem_ptr"] if atomic else [])
     if atomic:
-        return dmemory, dweights
-    # Row b * N + slot of a (B * N + 1, D) gradient; entries without a slot sum into the
-    # last row, which is dropped.
+        return dmemory, dweights, None
+    # Row b * N + slot of a (B * N + 1, D) gradient (slot of (N + 1, D) for a shared
+    # memory); entries without a slot sum into the last row, which is dropped.
+    n_rows = n_slots if memory.ndim == 2 else batch * n_slots
     usable = (indices >= 0) & (indices < n_slots)
-    batch_rows = torch.arange(batch, device=memory.device)[:, None, None] * n_slots
-    targets = torch.where(usable, batch_rows + indices, batch * n_slots)
+    if memory.ndim == 3:
+        indices = torch.arange(batch, device=memory.device)[:, None, None] * n_slots + indices
+    targets = torch.where(usable, indices, n_rows)
+    # compact takes only out's width and dtype: no (N, D) buffer for a sparse gradient.
     rows = _row_sums(targets, weights, dread.view(-1, width), topk,
-                     memory.new_zeros((batch * n_slots + 1, width)), compact=False)
-    return rows[:-1].view(memory.shape), dweights
+                     memory.new_zeros((0 if sparse else n_rows + 1, width)), compact=sparse)
+    if sparse:
+        touched, rows = rows
+        keep = touched < n_rows
+        return rows[keep], dweights, touched[keep]
+    return rows[:-1].view(memory.shape), dweights, None

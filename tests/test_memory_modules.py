@@ -154,6 +154,37 @@ def test_key_value_memory_backends_agree():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if INTERPRET else []))
+def test_key_value_memory_sparse_trains_with_sparse_adam(backend):
+    """KeyValueMemory(topk, sparse=True): keys' and values' gradients are sparse COO tensors
+    of the touched slots, equal densified to the dense ones (sparse=False), and one
+    SparseAdam step moves the memory as one Adam step on those dense gradients does (Adam's
+    first step leaves zero-gradient rows where they are)."""
+    torch.manual_seed(0)
+    sparse = KeyValueMemory(state_dim=8, num_slots=40, key_dim=6, value_dim=5, topk=3,
+                            sparse=True)
+    dense = KeyValueMemory(state_dim=8, num_slots=40, key_dim=6, value_dim=5, topk=3)
+    dense.load_state_dict(sparse.state_dict())
+    h = torch.randn(3, 2, 8)
+    h[1, 0] = h[0, 0]  # two batch entries read the same slots
+    start = {name: getattr(sparse, name).detach().clone() for name in ("keys", "values")}
+    for model, optimizer in ((sparse, torch.optim.SparseAdam), (dense, torch.optim.Adam)):
+        with attnmem.use_backend(backend):
+            model(h).square().sum().backward()
+        optimizer([model.keys, model.values], lr=0.1).step()
+    for name in ("keys", "values"):
+        got, expect = getattr(sparse, name), getattr(dense, name)
+        assert got.grad.layout == torch.sparse_coo and expect.grad.layout == torch.strided
+        touched = (expect.grad != 0).any(-1)
+        assert 3 <= touched.sum() <= 15  # 6 queries of 3 slots, two of them the same
+        assert torch.equal(got.grad.coalesce().indices()[0], touched.nonzero()[:, 0])
+        torch.testing.assert_close(got.grad.to_dense(), expect.grad, rtol=1e-6, atol=1e-7)
+        # Adam's first step is lr * g / (|g| + eps): rounding in small g moves it a little.
+        torch.testing.assert_close(got, expect, rtol=0, atol=1e-4)
+        assert torch.equal(got[~touched], start[name][~touched])
+        assert ((got - start[name])[touched].abs().amax(-1) > 0.09).all()
+
+
 def _ntm(**kwargs):
     return NTM(4, 3, controller_size=8, memory_slots=6, memory_width=5, read_heads=2, **kwargs)
 

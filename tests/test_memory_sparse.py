@@ -234,8 +234,14 @@ def test_address_then_write_is_deterministic(backend):
         assert torch.equal(x, y)
 
 
+def _storages(tensors):
+    return {x.untyped_storage().data_ptr() for x in tensors
+            if isinstance(x, torch.Tensor) and x.layout == torch.strided}
+
+
 class _LargestOutput(TorchDispatchMode):
-    """Records the most bytes any torch op outputs, inside attnmem's custom ops too."""
+    """Records the most bytes any torch op allocates for an output, inside attnmem's custom
+    ops too (views of its inputs, such as an expand, allocate nothing)."""
 
     largest = 0
 
@@ -246,9 +252,11 @@ class _LargestOutput(TorchDispatchMode):
                 out = func.redispatch(torch._C.DispatchKeySet(key), *args, **(kwargs or {}))
         else:
             out = func(*args, **(kwargs or {}))
+        given = _storages(torch.utils._pytree.tree_leaves((args, kwargs)))
         for x in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(x, torch.Tensor):
-                self.largest = max(self.largest, x.numel() * x.element_size())
+            if isinstance(x, torch.Tensor) and x.layout == torch.strided and \
+                    x.untyped_storage().data_ptr() not in given:
+                self.largest = max(self.largest, x.untyped_storage().nbytes())
         return out
 
 
@@ -396,3 +404,221 @@ def test_selection_compiles_without_spills():
     scalar = [k for k, r in results.items() if "odd" not in k and not r["vector_loads"]]
     assert not scalar, scalar
     assert all(r["mma_sync"] for k, r in results.items() if "fp32" not in k)
+
+
+# Shared memories: (B, N, D, R, Dv or None, with strength, with mask, K, similarity).
+SHARED = {
+    "odd_masked": (3, 45, 19, 3, None, True, True, 5, "cosine"),
+    "key_value": (2, 50, 24, 2, 13, False, False, 3, "dot"),
+}
+
+
+def _draw_shared(case, dtype):
+    """Inputs with memory (N, D) and values (N, Dv) shared by the batch, batch entry 1's
+    first head a copy of entry 0's (the same slots, from two entries), every head's
+    selection well defined; masked: entries 0 and 1 have K - 2 usable slots, the last none."""
+    b, n, d, r, dv, with_strength, with_mask, k, kind = case
+    while True:
+        memory, keys = torch.randn(n, d, device=DEVICE), torch.randn(b, r, d, device=DEVICE)
+        keys[1, 0] = keys[0, 0]
+        values = None if dv is None else torch.randn(n, dv, device=DEVICE)
+        strength = torch.rand(b, r, device=DEVICE) * 3 if with_strength else None
+        if strength is not None:
+            strength[1, 0] = strength[0, 0]
+        mask = None
+        if with_mask:
+            mask = torch.rand(b, n, device=DEVICE) > 0.3
+            mask[0, :n - k + 2], mask[-1] = False, False
+            mask[1] = mask[0]
+        tensors = [None if x is None else x.to(dtype) for x in (memory, keys, strength, values)]
+        expanded = tensors[0].expand(b, -1, -1)
+        if _separated(_scores64(expanded, tensors[1], tensors[2], kind, mask), k):
+            return tensors, mask
+
+
+def _attend_and_grads(backend, tensors, mask, case, grads_out, expand, **options):
+    """memory_attend(topk) -> [read, weights, slots, gradients of memory, keys, strength,
+    values (those given)], the memory and values shared or (expand) expanded to (B, N, D)."""
+    b, *_, k, kind = case
+    leaves = [None if x is None else x.detach().requires_grad_() for x in tensors]
+    memory, keys, strength, values = leaves
+    if expand:
+        memory = memory.expand(b, -1, -1)
+        values = None if values is None else values.expand(b, -1, -1)
+    with attnmem.use_backend(backend):
+        read, (slots, weights) = attnmem.memory_attend(
+            memory, keys, values=values, strength=strength, similarity=kind, mask=mask,
+            topk=k, return_weights=True, **options)
+    loss = (read.double() * grads_out[0]).sum() + (weights.double() * grads_out[1]).sum()
+    grads = torch.autograd.grad(loss, [x for x in leaves if x is not None])
+    return [read.detach(), weights.detach(), slots, *grads]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(SHARED))
+def test_shared_memory_matches_expanded_float64(name, backend):
+    """A memory (N, D) shared by the batch reads as its expansion to (B, N, D) does, with
+    the expansion's summed gradient: float64 on the torch backend, float32 on triton against
+    the float64 expansion; slots repeat across batch entries, -1 slots included. Its
+    sparse gradients (sparse_grad=True) densify to the dense ones."""
+    case = SHARED[name]
+    b, n, d, r, dv, *_, k, _ = case
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    tensors, mask = _draw_shared(case, dtype)
+    grads_out = (torch.randn(b, r, d if dv is None else dv, device=DEVICE, dtype=torch.float64),
+                 torch.randn(b, r, k, device=DEVICE, dtype=torch.float64))
+    got = _attend_and_grads(backend, tensors, mask, case, grads_out, expand=False)
+    expect = _attend_and_grads("torch", [None if x is None else x.double() for x in tensors],
+                               mask, case, grads_out, expand=True)
+    assert torch.equal(got[2], expect[2])
+    repeated = got[2][0, 0]
+    assert torch.equal(got[2][1, 0], repeated) and (repeated >= 0).any()
+    tol = {} if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    for x, y in zip(got[:2] + got[3:], expect[:2] + expect[3:]):
+        torch.testing.assert_close(x.double(), y, **tol)
+    if mask is not None:
+        assert (got[2][0, :, k - 2:] == -1).all() and (got[2][-1] == -1).all()
+    sparse = _attend_and_grads(backend, tensors, mask, case, grads_out, expand=False,
+                               sparse_grad=True)
+    shared = [3, -1] if dv is not None else [3]  # the gradients of memory and values
+    for i in shared:
+        assert sparse[i].layout == torch.sparse_coo
+        torch.testing.assert_close(sparse[i].to_dense(), got[i], rtol=0, atol=0)
+    # memory_address takes a shared memory alike.
+    with attnmem.use_backend(backend):
+        slots, weights = attnmem.memory_address(tensors[0], tensors[1], strength=tensors[2],
+                                                similarity=case[-1], mask=mask, topk=k)
+    assert torch.equal(slots, got[2])
+    torch.testing.assert_close(weights, got[1].to(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shared_sparse_read(backend):
+    """memory_read(memory (N, D), SparseWeights) against the expanded memory in float64:
+    -1 entries, slots repeated within a head and across entries; its gradient (N, D) by
+    atomics, under torch.use_deterministic_algorithms by row sums (the same bits twice; the
+    path 16-bit memories take), and sparse_grad's coalesced (triton) or uncoalesced (torch)
+    COO gradient."""
+    b, n, d, r, k, dtype = 3, 40, 21, 2, 6, torch.float32
+    memory = torch.randn(n, d, device=DEVICE).to(dtype)
+    slots = torch.randint(-1, n, (b, r, k), device=DEVICE)
+    slots[1, 1, :3] = slots[0, 0, 0].clamp_min(0)
+    weights = torch.randn(b, r, k, device=DEVICE).to(dtype)
+    dread = torch.randn(b, r, d, device=DEVICE, dtype=torch.float64)
+
+    def read(m, w, expand=False, backend=backend, **options):
+        m, w = m.detach().requires_grad_(), w.detach().requires_grad_()
+        with attnmem.use_backend(backend):
+            out = attnmem.memory_read(m.expand(b, -1, -1) if expand else m,
+                                      SparseWeights(slots, w), **options)
+        return [out, *torch.autograd.grad((out.double() * dread).sum(), (m, w))]
+
+    got = read(memory, weights)
+    expect = read(memory.double(), weights.double(), expand=True, backend="torch")
+    base = read(memory, weights, expand=True, backend="torch")
+    assert_close_to_float64(got, expect, base, dtype)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = read(memory, weights), read(memory, weights)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(x, y) for x, y in zip(first, second))
+    torch.testing.assert_close(first[1], got[1])
+    sparse = read(memory, weights, sparse_grad=True)[1]
+    assert sparse.layout == torch.sparse_coo and sparse.shape == (n, d)
+    assert sparse.is_coalesced() == (backend == "triton")
+    touched = slots[slots >= 0].unique()
+    assert torch.equal(sparse.coalesce().indices()[0], touched)
+    torch.testing.assert_close(sparse.to_dense(), got[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shared_backward_builds_no_batch_sized_gradient(backend):
+    """The shared memory's backward makes no tensor of B * N * D elements (its gradients
+    are (N, D)), nor does its forward; the expanded memory's backward does, so the check
+    can see one. memory_attend's backward is torch's on both backends (the selection is
+    not differentiated): it runs on torch, memory_read on the backend, and the selection
+    on the backend for 2 batch entries (the interpreter is slow)."""
+    b, n, d, r, k = 8, 300, 8, 2, 3
+    memory, values = torch.randn(n, d, device=DEVICE), torch.randn(n, d, device=DEVICE)
+    keys = torch.randn(b, r, d, device=DEVICE)
+
+    def largest(expand):
+        """The most bytes an op outputs, forward and backward."""
+        m, v = memory.clone().requires_grad_(), values.clone().requires_grad_()
+        with _LargestOutput() as forward:
+            with attnmem.use_backend("torch"):
+                read, (slots, weights) = attnmem.memory_attend(
+                    m.expand(b, -1, -1) if expand else m, keys,
+                    values=v.expand(b, -1, -1) if expand else v, topk=k, return_weights=True)
+            with attnmem.use_backend(backend):
+                again = attnmem.memory_read(m.expand(b, -1, -1) if expand else m,
+                                            SparseWeights(slots, weights))
+        with _LargestOutput() as backward:
+            (read.square().sum() + again.square().sum()).backward()
+        return forward.largest, backward.largest
+
+    forward, backward = largest(False)
+    assert forward < b * n * d * 4, forward
+    assert backward <= n * d * 4 < b * n * d * 4 <= largest(True)[1]
+    with _LargestOutput() as selection, attnmem.use_backend(backend):  # a stride-0 view
+        attnmem.memory_address(memory, keys[:2], topk=k)
+    assert selection.largest < 2 * n * d * 4, selection.largest
+
+
+def test_shared_memory_bad_inputs():
+    memory, keys, values = torch.randn(10, 4), torch.randn(2, 3, 4), torch.randn(10, 6)
+    where = SparseWeights(torch.zeros(2, 3, 5, dtype=torch.int64), torch.rand(2, 3, 5))
+    for call, error, match in (
+            (lambda: attnmem.memory_attend(memory, keys[..., :3], topk=2), ValueError,
+             r"keys must be \(B, R, D\) with D=4, got \(2, 3, 3\)"),
+            (lambda: attnmem.memory_attend(memory, keys, values=values[:9], topk=2), ValueError,
+             r"values must be \(N, Dv\) with N = \(10,\), got \(9, 6\)"),
+            (lambda: attnmem.memory_attend(memory, keys, values=values.expand(2, -1, -1),
+                                           topk=2), ValueError, r"values must be \(N, Dv\)"),
+            (lambda: attnmem.memory_address(memory, keys, mask=torch.ones(1, 10, dtype=bool),
+                                            topk=2), ValueError, r"mask must be \(B, N\) = "
+                                                                 r"\(2, 10\)"),
+            (lambda: attnmem.memory_attend(memory, keys), ValueError,
+             r"memory must be \(B, N, D\) here: a memory \(N, D\) shared by the batch is read "
+             r"with topk=K"),
+            (lambda: attnmem.memory_read(memory, torch.rand(2, 3, 10)), ValueError,
+             r"shared by the batch is read with sparse weights"),
+            (lambda: attnmem.memory_read(memory, (where[0][..., :4], where[1])), ValueError,
+             r"weights must be \(B, R, K\) like its indices"),
+            (lambda: attnmem.memory_read(memory, (where[0] + 10, where[1])), ValueError,
+             r"slots in \[-1, N\) = \[-1, 10\)"),
+            (lambda: attnmem.memory_attend(memory.expand(2, -1, -1), keys, topk=2,
+                                           sparse_grad=True), ValueError,
+             r"sparse_grad=True needs a memory \(N, D\) shared by the batch and topk=K, got "
+             r"memory \(2, 10, 4\)$"),
+            (lambda: attnmem.memory_address(memory.expand(2, -1, -1), keys, sparse_grad=True),
+             ValueError, "sparse_grad=True needs .* without topk=K"),
+            (lambda: attnmem.memory_read(memory.expand(2, -1, -1), torch.rand(2, 3, 10),
+                                         sparse_grad=True), ValueError,
+             "without sparse weights"),
+            (lambda: attnmem.memory_read(memory, where, sparse_grad=1), TypeError,
+             "sparse_grad must be a bool, got int"),
+            (lambda: attnmem.memory_write(memory, where, torch.rand(2, 3, 4),
+                                          torch.rand(2, 3, 4)), ValueError,
+             r"memory must be \(B, N, D\), got shape \(10, 4\)"),
+            (lambda: KeyValueMemory(8, num_slots=10, sparse=True), ValueError,
+             "sparse=True needs topk")):
+        with pytest.raises(error, match=match):
+            call()
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter runs the kernels on CPU tensors")
+def test_shared_sparse_opcheck():
+    from attnmem.memory import _memory_read_sparse_backward_op, _memory_read_sparse_op
+
+    memory = torch.randn(30, 7)
+    slots, weights = torch.randint(-1, 30, (2, 3, 4)), torch.rand(2, 3, 4)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    for sparse_grad in (False, True):
+        torch.library.opcheck(_memory_read_sparse_backward_op,
+                              (torch.randn(2, 3, 7), memory, slots, weights, False,
+                               sparse_grad), test_utils=utils)
+        torch.library.opcheck(_memory_read_sparse_op,
+                              (memory.requires_grad_(), slots, weights.requires_grad_(),
+                               sparse_grad), test_utils=utils)

@@ -262,12 +262,16 @@ class KeyValueMemory(nn.Module):
 
     topk=K reads each query's K best-scoring slots only (attnmem.memory_attend's topk):
     after one pass over the keys a read costs O(K), and only those K slots' keys and values
-    get gradients. K must not exceed the slot count; forward's weights are then
-    SparseWeights (indices and weights (B, K) or (B, R, K)).
+    get gradients, summed straight into the (N, Dk) and (N, Dv) gradients (the memory is
+    passed shared, never expanded to the batch, so no (B, N, D) gradient is built). K must
+    not exceed the slot count; forward's weights are then SparseWeights (indices and
+    weights (B, K) or (B, R, K)). sparse=True (with topk) makes the keys' and values'
+    gradients sparse COO tensors of the touched slots, as nn.Embedding(sparse=True) does,
+    for torch.optim.SparseAdam (other parameters take a dense optimizer).
     """
 
     def __init__(self, state_dim, num_slots=None, key_dim=None, value_dim=None, keys=None,
-                 values=None, learn=None, similarity="scaled_dot", topk=None):
+                 values=None, learn=None, similarity="scaled_dot", topk=None, sparse=False):
         super().__init__()
         state_dim = _checks.integer("state_dim", state_dim)
         num_slots = _checks.optional_integer("num_slots", num_slots, 0)
@@ -275,6 +279,9 @@ class KeyValueMemory(nn.Module):
         key_dim = _checks.optional_integer("key_dim", key_dim)
         value_dim = _checks.optional_integer("value_dim", value_dim)
         similarity = _checks.choice("similarity", similarity, SIMILARITIES)
+        sparse = _checks.flag("sparse", sparse)
+        if sparse and topk is None:
+            raise ValueError("sparse=True needs topk: a dense read touches every slot")
         given = keys is not None
         if given != (values is not None):
             raise ValueError("pass both keys and values, or neither")
@@ -299,7 +306,7 @@ class KeyValueMemory(nn.Module):
                 self.register_buffer(name, tensor.clone())
         self.state_dim = state_dim
         self.similarity = similarity
-        self.topk = topk
+        self.topk, self.sparse = topk, sparse
         self.query = nn.Linear(state_dim, key_dim)
         self.out = nn.Linear(value_dim, state_dim)
         self.gate = nn.Linear(state_dim + value_dim, state_dim)
@@ -327,11 +334,13 @@ class KeyValueMemory(nn.Module):
                 raise ValueError(f"mask must be (B, N) = ({batch}, {self.keys.shape[0]}), got "
                                  f"shape {tuple(mask.shape)}")
             _checks.same_device("mask", mask, self.query.weight)
-        sparse = {} if self.topk is None else {"topk": self.topk}
+        keys, values = self.keys, self.values  # top-k reads take the shared (N, D) memory
+        sparse = {"topk": self.topk, "sparse_grad": self.sparse}
+        if self.topk is None:  # dense reads (and ShardedKeyValueMemory's) take (B, N, D)
+            keys, values, sparse = keys.expand(batch, -1, -1), values.expand(batch, -1, -1), {}
         read = self._memory_attend(
-            self.keys.expand(batch, -1, -1), self.query(h),
-            values=self.values.expand(batch, -1, -1), similarity=self.similarity,
-            mask=mask, return_weights=return_weights, **sparse)
+            keys, self.query(h), values=values, similarity=self.similarity, mask=mask,
+            return_weights=return_weights, **sparse)
         read, weights = read if return_weights else (read, None)
         fused = h + torch.sigmoid(self.gate(torch.cat([h, read], -1))) * self.out(read)
         if single:

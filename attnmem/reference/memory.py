@@ -1,7 +1,8 @@
 """Pure-torch external-memory ops (NTM, DNC, MemN2N): the fallback and the tests' reference.
 
 Shapes: memory (B, N, D) of N slots, keys (B, R, D) for R read heads, weights (B, R, N),
-write weights (B, W, N) with erase and add vectors (B, W, D). Every op is differentiable
+write weights (B, W, N) with erase and add vectors (B, W, D). The sparse (top-k) reads and
+their selection also take a memory (N, D) shared by every batch entry. Every op is differentiable
 through torch autograd and stays finite where the formulas meet zeros: zero-norm slots or
 keys under cosine similarity, slots no head may use, zero weights under sharpening.
 """
@@ -9,6 +10,7 @@ keys under cosine similarity, slots no head may use, zero weights under sharpeni
 import math
 
 import torch
+import torch.nn.functional as F
 
 from attnmem.reference.attention import compute_dtype, softmax_with_lse
 
@@ -37,10 +39,10 @@ def _similarity(dots, kind, width, norms_sq):
 
 
 def similarity(memory, keys, kind):
-    """(B, R, N) similarity of every key with every slot: "cosine" u.v / max(|u||v|, 1e-8),
-    "dot" u.v or "scaled_dot" u.v / sqrt(D)."""
-    return _similarity(torch.matmul(keys, memory.transpose(1, 2)), kind, memory.shape[-1],
-                       lambda: _norm_sq(keys)[:, :, None] * _norm_sq(memory)[:, None, :])
+    """(B, R, N) similarity of every key with every slot of memory (B, N, D) or (N, D):
+    "cosine" u.v / max(|u||v|, 1e-8), "dot" u.v or "scaled_dot" u.v / sqrt(D)."""
+    return _similarity(torch.matmul(keys, memory.transpose(-1, -2)), kind, memory.shape[-1],
+                       lambda: _norm_sq(keys)[:, :, None] * _norm_sq(memory)[..., None, :])
 
 
 def _usable(x, mask):
@@ -85,22 +87,24 @@ TOP_CHUNK = 4096
 
 def top_slots(memory, keys, strength, kind, mask, k):
     """The k best-scoring usable slots per head, int64 (B, R, k), best first, ties to the
-    lower slot, -1 past a head's last usable slot; no gradient. One pass over memory in
-    chunks of TOP_CHUNK slots, keeping each head's best k."""
+    lower slot, -1 past a head's last usable slot; no gradient. One pass over memory (B, N, D)
+    or (N, D) in chunks of TOP_CHUNK slots (each upcast on its own), keeping each head's
+    best k."""
     with torch.no_grad():
-        memory, keys, strength = _upcast(memory, keys, strength)
+        keys, strength = _upcast(keys, strength)
         batch, heads = keys.shape[:2]
         best = keys.new_empty((batch, heads, 0))
         slots = torch.empty((batch, heads, 0), dtype=torch.int64, device=keys.device)
-        for start in range(0, memory.shape[1], TOP_CHUNK):
-            chunk = memory[:, start:start + TOP_CHUNK]
+        n_slots = memory.shape[-2]
+        for start in range(0, n_slots, TOP_CHUNK):
+            chunk = _upcast(memory.narrow(-2, start, min(TOP_CHUNK, n_slots - start)))[0]
             scores = similarity(chunk, keys, kind)
             if strength is not None:
                 scores = scores * strength[:, :, None]
-            ids = torch.arange(start, start + chunk.shape[1], device=keys.device)
+            ids = torch.arange(start, start + chunk.shape[-2], device=keys.device)
             ids = ids.expand(batch, heads, -1)
             if mask is not None:  # whatever masked slots hold, they are never chosen
-                usable = mask[:, None, start:start + chunk.shape[1]]
+                usable = mask[:, None, start:start + chunk.shape[-2]]
                 scores = scores.masked_fill(~usable, float("-inf"))
                 ids = ids.masked_fill(~usable, -1)
             # A stable sort keeps earlier slots (the running best come first) ahead on ties.
@@ -110,13 +114,19 @@ def top_slots(memory, keys, strength, kind, mask, k):
         return slots
 
 
-def _gather(x, slots):
-    """Rows of x (B, N, D) at slots (B, R, K), -1 for none: (B, R, K, D), zero at -1."""
+def _gather(x, slots, sparse=False):
+    """Rows of x (B, N, D), or (N, D) shared by the batch, at slots (B, R, K), -1 for none:
+    (B, R, K, D), zero at -1. A shared x is read as an embedding table: its gradient is
+    (N, D) (sparse=True: a sparse COO tensor of the gathered rows, dense for N = 0), never
+    (B, N, D)."""
     batch, heads, k = slots.shape
-    if x.shape[1] == 0:  # every slot is -1: gather from a zero row, masked below
-        x = torch.nn.functional.pad(x, (0, 0, 0, 1))
-    index = slots.clamp_min(0).reshape(batch, heads * k, 1).expand(-1, -1, x.shape[2])
-    rows = x.gather(1, index).reshape(batch, heads, k, x.shape[2])
+    if x.shape[-2] == 0:  # every slot is -1: gather from a zero row, masked below (the
+        x, sparse = F.pad(x, (0, 0, 0, 1)), False  # pad's backward takes dense gradients)
+    if x.ndim == 2:
+        rows = F.embedding(slots.clamp_min(0), x, sparse=sparse)
+    else:
+        index = slots.clamp_min(0).reshape(batch, heads * k, 1).expand(-1, -1, x.shape[2])
+        rows = x.gather(1, index).reshape(batch, heads, k, x.shape[2])
     return rows.masked_fill((slots < 0)[..., None], 0)
 
 
@@ -131,18 +141,19 @@ def _slot_weights(rows, keys, strength, kind, slots):
     return softmax_with_lse(scores.masked_fill(slots < 0, float("-inf")))[0]
 
 
-def address_slots(memory, keys, strength, kind, slots):
+def address_slots(memory, keys, strength, kind, slots, sparse=False):
     """memory_address over the given slots (B, R, K) of each head (-1: none): weights
-    (B, R, K). Gradients reach those slots' rows only."""
-    rows, keys, strength = _upcast(_gather(memory, slots), keys, strength)
+    (B, R, K). Gradients reach those slots' rows only (sparse: see _gather)."""
+    rows, keys, strength = _upcast(_gather(memory, slots, sparse), keys, strength)
     return _slot_weights(rows, keys, strength, kind, slots).to(memory.dtype)
 
 
-def attend_slots(memory, keys, values, strength, kind, slots):
+def attend_slots(memory, keys, values, strength, kind, slots, sparse=False):
     """memory_attend over the given slots (B, R, K) of each head (-1: none) ->
-    (read (B, R, Dv), weights (B, R, K)). Gradients reach those slots' rows only."""
-    rows = _gather(memory, slots)
-    vals = rows if values is None else _gather(values, slots)
+    (read (B, R, Dv), weights (B, R, K)). Gradients reach those slots' rows only (sparse:
+    see _gather)."""
+    rows = _gather(memory, slots, sparse)
+    vals = rows if values is None else _gather(values, slots, sparse)
     rows, vals, keys, strength = _upcast(rows, vals, keys, strength)
     weights = _slot_weights(rows, keys, strength, kind, slots)
     return _read_rows(weights, vals).to(memory.dtype), weights.to(memory.dtype)
@@ -153,12 +164,13 @@ def _read_rows(weights, rows):
     return torch.matmul(weights[:, :, None], rows)[:, :, 0]
 
 
-def read_slots(memory, slots, weights):
+def read_slots(memory, slots, weights, sparse=False):
     """memory_read with sparse weights (B, R, K) on slots (B, R, K) (-1: none): the dense
     read with them scattered, summed, into (B, R, N), from K gathered rows per head.
-    Gradients reach those rows of memory only, and the weights (zero at -1)."""
+    Gradients reach those rows of memory only (sparse: see _gather), and the weights (zero
+    at -1)."""
     weights = weights.masked_fill(slots < 0, 0)
-    rows, weights = _upcast(_gather(memory, slots), weights)
+    rows, weights = _upcast(_gather(memory, slots, sparse), weights)
     return _read_rows(weights, rows).to(memory.dtype)
 
 
