@@ -502,7 +502,9 @@ def test_shared_sparse_read(backend):
     b, n, d, r, k, dtype = 3, 40, 21, 2, 6, torch.float32
     memory = torch.randn(n, d, device=DEVICE).to(dtype)
     slots = torch.randint(-1, n, (b, r, k), device=DEVICE)
-    slots[1, 1, :3] = slots[0, 0, 0].clamp_min(0)
+    slots[1, 1, :3] = slots[0, 0, 0].clamp_min(1)
+    slots[slots == 0] = 1
+    slots[2, 1, -1] = -1  # row 0 untouched: a -1 entry must not enter the sparse gradient
     weights = torch.randn(b, r, k, device=DEVICE).to(dtype)
     dread = torch.randn(b, r, d, device=DEVICE, dtype=torch.float64)
 

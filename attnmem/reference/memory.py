@@ -117,13 +117,19 @@ def top_slots(memory, keys, strength, kind, mask, k):
 def _gather(x, slots, sparse=False):
     """Rows of x (B, N, D), or (N, D) shared by the batch, at slots (B, R, K), -1 for none:
     (B, R, K, D), zero at -1. A shared x is read as an embedding table: its gradient is
-    (N, D) (sparse=True: a sparse COO tensor of the gathered rows, dense for N = 0), never
-    (B, N, D)."""
+    (N, D) (sparse=True: a sparse COO tensor of the rows the slots name), never (B, N, D)."""
     batch, heads, k = slots.shape
-    if x.shape[-2] == 0:  # every slot is -1: gather from a zero row, masked below (the
-        x, sparse = F.pad(x, (0, 0, 0, 1)), False  # pad's backward takes dense gradients)
+    if x.ndim == 2 and sparse:
+        # Only the named rows: a -1 entry read as row 0 would put a zero row 0 into the
+        # sparse gradient, which SparseAdam would step. (Selecting them syncs with the host,
+        # as the sparse gradient's row count needs to anyway.)
+        named = slots >= 0
+        rows = F.embedding(slots[named], x, sparse=True)
+        return rows.new_zeros((batch, heads, k, x.shape[-1])).index_put((named,), rows)
+    if x.shape[-2] == 0:  # every slot is -1: gather from a zero row, masked below
+        x = F.pad(x, (0, 0, 0, 1))
     if x.ndim == 2:
-        rows = F.embedding(slots.clamp_min(0), x, sparse=sparse)
+        rows = F.embedding(slots.clamp_min(0), x)
     else:
         index = slots.clamp_min(0).reshape(batch, heads * k, 1).expand(-1, -1, x.shape[2])
         rows = x.gather(1, index).reshape(batch, heads, k, x.shape[2])
