@@ -973,6 +973,11 @@ FWD_FP8_CONFIGS_SM90 = {
 # sequences started on 16-byte boundaries six configs at head dims 64 to 256 spilled 8 to 744 B
 # (triton 3.9; reports/fp8-varlen.md).
 FWD_FP8_VARLEN_SPILLS_SM90 = {128: [(128, 128, 8, 3, _TMA), (128, 128, 8, 2)]}
+# The masked FP8 forward on sm_90 with a float32 output, where the same config with a 16-bit
+# one does not spill: 128x128x8x2 at head dim 128 (8 B, triton 3.9; reports/hopper-attention.md
+# 11). No rule of sizes fits it: its 3-stage TMA twin and 128x64x4x3 at head dim 64, as many
+# values a thread, spill on neither triton.
+FWD_FP8_FLOAT32_OUT_SPILLS_SM90 = {128: [(128, 128, 8, 2)]}
 # Every forward BLOCK_N divides it: with Nk a multiple, no key tile is partial.
 KEY_TILE_MULTIPLE = 128
 
@@ -1118,31 +1123,66 @@ def _forward_prune(configs, nargs, **meta):
     within DROPOUT_SCORES_PER_THREAD (all, if none is), none warp-specialized: triton 3.4 to
     3.6 fail to warp-specialize the loop with dropout's Philox (NVGPUWarpSpecialization).
     FP8 with MASK_KEYS: none warp-specialized either (its masked tiles load V^T through
-    pointers, which the pass rejects in one loop on triton 3.9). FP8 with VARLEN on sm_90:
-    none of FWD_FP8_VARLEN_SPILLS_SM90 either. Every other call, masked or not, packed or
-    dense, keeps every config."""
+    pointers, which the pass rejects in one loop on triton 3.9), and on sm_90
+    _sm90_fp8_prune's. FP8 with VARLEN on sm_90: none of FWD_FP8_VARLEN_SPILLS_SM90 either.
+    Every other call, masked or not, packed or dense, keeps every config."""
     if _hopper_16bit(nargs):
         configs = _sm90_flag_prune("fwd", configs, **meta)
     if meta.get("FP8") and meta.get("VARLEN"):
         configs = _fp8_varlen_prune(configs, nargs, meta["BLOCK_D"])
     if meta.get("FP8") and meta.get("MASK_KEYS"):
-        return [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE")]
+        return _sm90_fp8_prune([c for c in configs if not c.kwargs.get("WARP_SPECIALIZE")],
+                               nargs, **meta)
     if not meta.get("DROPOUT"):
         return configs
     return [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE") and c.kwargs["BLOCK_M"]
             * c.kwargs["BLOCK_N"] <= DROPOUT_SCORES_PER_THREAD * 32 * c.num_warps] or configs
 
 
-def _fp8_varlen_prune(configs, nargs, block_d: int):
+def _fp8_varlen_prune(configs, nargs, block_d: int, spills=FWD_FP8_VARLEN_SPILLS_SM90):
     """The FP8 forward of packed sequences on sm_90 runs no config of
-    FWD_FP8_VARLEN_SPILLS_SM90 (all, if every one is)."""
+    FWD_FP8_VARLEN_SPILLS_SM90 (all, if every one is); `spills`: another such table."""
     q = nargs["q_ptr"]
     if not q.is_cuda or _arch(q.device) != 90:
         return configs
-    spills = FWD_FP8_VARLEN_SPILLS_SM90.get(block_d, ())
+    spills = spills.get(block_d, ())
     return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
                                    c.num_stages, *(f for f in (_TMA, _WS) if c.kwargs.get(f)))
             not in spills] or configs
+
+
+# The masked FP8 forward on sm_90 (dense or packed) with SOFTCAP or HAS_ALIBI: the float32
+# values a thread holds for its tile, scores (BLOCK_M x BLOCK_N) and output accumulators
+# (BLOCK_M x head dim) over the threads, past which the table's tiles spill (ptxas -v, triton
+# 3.9 and 3.6, combinations of softcap, sinks and ALiBi with 16- and 32-bit outputs, head
+# dims 64 to 256; reports/hopper-attention.md 11): 128 at head dims 64 (128x64, 4 warps: 16
+# to 224 B; ALiBi alone 32 to 48 B on triton 3.6) and 128 (128x128, 8 warps: 4 to 524 B),
+# 144 at 256 (128x32, 8 warps: 4 to 16 B, triton 3.6); within 96 none spilled. Sinks alone
+# and unmasked calls: none spilled.
+FP8_SCORE_MODS_VALUES_SM90 = 96
+
+
+def _values_per_thread(config, block_d: int) -> int:
+    return config.kwargs["BLOCK_M"] * (config.kwargs["BLOCK_N"] + block_d) // (
+        32 * config.num_warps)
+
+
+def _sm90_fp8_prune(configs, nargs, **meta):
+    """The masked FP8 forward's configs (none warp-specialized) that compile without spills
+    on sm_90 under the launch's score modifications (meta) and output dtype (o_ptr's, which
+    triton's autotuner keys on): with SOFTCAP or HAS_ALIBI within
+    FP8_SCORE_MODS_VALUES_SM90 (if none is, the fewest values a thread); with a float32
+    output none of FWD_FP8_FLOAT32_OUT_SPILLS_SM90. Elsewhere all."""
+    q, out = nargs["q_ptr"], nargs.get("o_ptr")
+    if not configs or not q.is_cuda or _arch(q.device) != 90:
+        return configs
+    block_d = meta["BLOCK_D"]
+    if meta.get("SOFTCAP") or meta.get("HAS_ALIBI"):
+        configs = _within_scores(configs, FP8_SCORE_MODS_VALUES_SM90,
+                                 per_thread=lambda c: _values_per_thread(c, block_d))
+    if out is not None and out.element_size() == 4:
+        configs = _fp8_varlen_prune(configs, nargs, block_d, FWD_FP8_FLOAT32_OUT_SPILLS_SM90)
+    return configs
 
 
 # Scores (BLOCK_M x BLOCK_N over the threads) a thread may hold on sm_90 with 16-bit inputs
@@ -1179,12 +1219,14 @@ def _scores_per_thread(config) -> int:
     return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
 
 
-def _within_scores(configs, budget, applies=lambda config: True):
+def _within_scores(configs, budget, applies=lambda config: True,
+                   per_thread=_scores_per_thread):
     """The configs within `budget` scores a thread (those `applies` exempts count as within);
     if none is, the lightest: fewest scores a thread, then most warps, then fewest stages (dQ
-    at head dim 256 with dropout: DQ_CONFIGS_SM90's 128x16 tiles, the only ones kept)."""
-    kept = [c for c in configs if not applies(c) or _scores_per_thread(c) <= budget]
-    weight = {id(c): (_scores_per_thread(c), -c.num_warps, c.num_stages) for c in configs}
+    at head dim 256 with dropout: DQ_CONFIGS_SM90's 128x16 tiles, the only ones kept).
+    per_thread: what a config holds a thread, if not its scores."""
+    kept = [c for c in configs if not applies(c) or per_thread(c) <= budget]
+    weight = {id(c): (per_thread(c), -c.num_warps, c.num_stages) for c in configs}
     lightest = min(weight.values(), default=None)
     return kept or [c for c in configs if weight[id(c)] == lightest]
 
