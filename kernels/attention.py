@@ -1151,14 +1151,16 @@ def _fp8_varlen_prune(configs, nargs, block_d: int, spills=FWD_FP8_VARLEN_SPILLS
             not in spills] or configs
 
 
-# The masked FP8 forward on sm_90 (dense or packed) with SOFTCAP or HAS_ALIBI: the float32
-# values a thread holds for its tile, scores (BLOCK_M x BLOCK_N) and output accumulators
-# (BLOCK_M x head dim) over the threads, past which the table's tiles spill (ptxas -v, triton
-# 3.9 and 3.6, combinations of softcap, sinks and ALiBi with 16- and 32-bit outputs, head
-# dims 64 to 256; reports/hopper-attention.md 11): 128 at head dims 64 (128x64, 4 warps: 16
-# to 224 B; ALiBi alone 32 to 48 B on triton 3.6) and 128 (128x128, 8 warps: 4 to 524 B),
-# 144 at 256 (128x32, 8 warps: 4 to 16 B, triton 3.6); within 96 none spilled. Sinks alone
-# and unmasked calls: none spilled.
+# The masked FP8 forward on sm_90 (dense or packed) with any score modification (SOFTCAP,
+# HAS_SINKS, HAS_ALIBI): the float32 values a thread holds for its tile, scores (BLOCK_M x
+# BLOCK_N) and output accumulators (BLOCK_M x head dim) over the threads, past which the
+# table's 8-warp tiles spill (ptxas -v, triton 3.9 and 3.6, combinations of softcap, sinks and
+# ALiBi with 16- and 32-bit outputs, head dims 32 to 256; reports/hopper-attention.md 11):
+# 128 at head dim 128 (128x128: 4 to 524 B; sinks alone with a float32 output 16 B), 144 at
+# 256 (128x32: 4 to 16 B, triton 3.6); within 96 none spilled. One warp group (4 warps)
+# spills past SCORE_MODS_ONE_WARPGROUP_SCORES_SM90 scores a thread, as in 16-bit: 128x64 at
+# head dims 32 (4 to 20 B, triton 3.6, all three) and 64 (16 to 224 B; ALiBi alone 32 to
+# 48 B). Unmasked calls: none spilled.
 FP8_SCORE_MODS_VALUES_SM90 = 96
 
 
@@ -1170,14 +1172,17 @@ def _values_per_thread(config, block_d: int) -> int:
 def _sm90_fp8_prune(configs, nargs, **meta):
     """The masked FP8 forward's configs (none warp-specialized) that compile without spills
     on sm_90 under the launch's score modifications (meta) and output dtype (o_ptr's, which
-    triton's autotuner keys on): with SOFTCAP or HAS_ALIBI within
-    FP8_SCORE_MODS_VALUES_SM90 (if none is, the fewest values a thread); with a float32
-    output none of FWD_FP8_FLOAT32_OUT_SPILLS_SM90. Elsewhere all."""
+    triton's autotuner keys on): with a score modification (SCORE_MOD_FLAGS) one-warpgroup
+    tiles within SCORE_MODS_ONE_WARPGROUP_SCORES_SM90 scores a thread and every tile within
+    FP8_SCORE_MODS_VALUES_SM90 values (where none is, the lightest); with a float32 output
+    none of FWD_FP8_FLOAT32_OUT_SPILLS_SM90. Elsewhere all."""
     q, out = nargs["q_ptr"], nargs.get("o_ptr")
     if not configs or not q.is_cuda or _arch(q.device) != 90:
         return configs
     block_d = meta["BLOCK_D"]
-    if meta.get("SOFTCAP") or meta.get("HAS_ALIBI"):
+    if any(meta.get(flag) for flag in SCORE_MOD_FLAGS):
+        configs = _within_scores(configs, SCORE_MODS_ONE_WARPGROUP_SCORES_SM90,
+                                 lambda c: c.num_warps == 4)
         configs = _within_scores(configs, FP8_SCORE_MODS_VALUES_SM90,
                                  per_thread=lambda c: _values_per_thread(c, block_d))
     if out is not None and out.element_size() == 4:

@@ -12,8 +12,9 @@ on the GPU machines' triton too (ALiBi in the atomic dK/dV kernel at head dim 12
 there, not on the newest).
 
 The FP8 (e4m3) forward on sm_90 has its own table and rules (`_sm90_fp8_prune`): masked calls
-(dense or packed) with softcap or ALiBi keep the configs within
-FP8_SCORE_MODS_VALUES_SM90 float32 values a thread (scores and accumulators), and with a
+(dense or packed) with any score modification keep the configs within
+FP8_SCORE_MODS_VALUES_SM90 float32 values a thread (scores and accumulators), one warp group's
+within SCORE_MODS_ONE_WARPGROUP_SCORES_SM90 scores a thread, and with a
 float32 output none of FWD_FP8_FLOAT32_OUT_SPILLS_SM90; every combination of the score
 modifications keeps an e4m3 config, and what spilled in the sweep of
 reports/hopper-attention.md 11 is dropped.
@@ -126,11 +127,13 @@ TMA, WS = "USE_TMA", "WARP_SPECIALIZE"
 # What spilled in the sweep (triton 3.9 or 3.6; masked kernels, dense or packed): (head dim,
 # config) -> (score modifications, output bytes) of a job that spilled.
 FP8_SPILLED = {
+    (32, (128, 64, 4, 3, TMA)): [(SCORE_MODS, 2), (SCORE_MODS, 4)],
+    (32, (128, 64, 4, 3)): [(SCORE_MODS, 2), (SCORE_MODS, 4)],
     (64, (128, 64, 4, 3, TMA)): [(("SOFTCAP",), 2), (("SOFTCAP",), 4),
                                  (("SOFTCAP", "HAS_SINKS", "HAS_ALIBI"), 2)],
     (64, (128, 64, 4, 3)): [(("SOFTCAP",), 2), (("SOFTCAP", "HAS_ALIBI"), 4),
                             (("HAS_ALIBI",), 4), (("HAS_SINKS", "HAS_ALIBI"), 4)],
-    (128, (128, 128, 8, 3, TMA)): [(("SOFTCAP", "HAS_ALIBI"), 4),
+    (128, (128, 128, 8, 3, TMA)): [(("HAS_SINKS",), 4), (("SOFTCAP", "HAS_ALIBI"), 4),
                                    (("SOFTCAP", "HAS_SINKS", "HAS_ALIBI"), 2)],
     (128, (128, 128, 8, 2)): [((), 4), (("SOFTCAP",), 2), (("SOFTCAP", "HAS_SINKS"), 4),
                               (("SOFTCAP", "HAS_SINKS", "HAS_ALIBI"), 2)],
