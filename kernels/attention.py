@@ -955,7 +955,8 @@ FWD_CONFIGS_SM90 = {
 # 128, and 3 stages where 16-bit tiles keep 2. Dropped because the masked kernel spills
 # (triton 3.9): 128x256x8x2 TMA (16 B at D=64, 2.5 KB at D=128), 128x64x4x3 TMA (D=128,
 # 668 B), 128x64x8x2 (D=256, 32-104 B), 64x64x4x2 TMA (D=256, 1 KB); (triton 3.6, D=128)
-# 128x128x8x3 (136 B) and 64x64x4x3 (16 B), whose 2-stage twins spill on neither.
+# 128x128x8x3 (136 B) and 64x64x4x3 (16 B), whose 2-stage twins spill on neither. Masked
+# calls with a score modification or a float32 output tune fewer (_sm90_fp8_prune).
 _FWD_FP8_SM90_SMALL_D = [(128, 256, 4, 2, _TMA, _WS), (128, 128, 4, 3, _TMA, _WS),
                          (128, 128, 8, 3, _TMA), (128, 64, 4, 3, _TMA), (128, 128, 8, 3),
                          (128, 64, 4, 3), (64, 64, 4, 3)]
