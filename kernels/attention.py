@@ -1157,7 +1157,7 @@ def _fp8_varlen_prune(configs, nargs, block_d: int, spills=FWD_FP8_VARLEN_SPILLS
 # BLOCK_N) and output accumulators (BLOCK_M x head dim) over the threads, past which the
 # table's 8-warp tiles spill (ptxas -v, triton 3.9 and 3.6, combinations of softcap, sinks and
 # ALiBi with 16- and 32-bit outputs, head dims 32 to 256; reports/hopper-attention.md 11):
-# 128 at head dim 128 (128x128: 4 to 524 B; sinks alone with a float32 output 16 B), 144 at
+# 128 at head dim 128 (128x128: 4 to 524 B; sinks alone 8 to 36 B, ALiBi alone 16 B), 144 at
 # 256 (128x32: 4 to 16 B, triton 3.6); within 96 none spilled. One warp group (4 warps)
 # spills past SCORE_MODS_ONE_WARPGROUP_SCORES_SM90 scores a thread, as in 16-bit: 128x64 at
 # head dims 32 (4 to 20 B, triton 3.6, all three) and 64 (16 to 224 B; ALiBi alone 32 to
