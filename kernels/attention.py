@@ -955,7 +955,8 @@ FWD_CONFIGS_SM90 = {
 # 128, and 3 stages where 16-bit tiles keep 2. Dropped because the masked kernel spills
 # (triton 3.9): 128x256x8x2 TMA (16 B at D=64, 2.5 KB at D=128), 128x64x4x3 TMA (D=128,
 # 668 B), 128x64x8x2 (D=256, 32-104 B), 64x64x4x2 TMA (D=256, 1 KB); (triton 3.6, D=128)
-# 128x128x8x3 (136 B) and 64x64x4x3 (16 B), whose 2-stage twins spill on neither.
+# 128x128x8x3 (136 B) and 64x64x4x3 (16 B), whose 2-stage twins spill on neither. Masked
+# calls with a score modification or a float32 output tune fewer (_sm90_fp8_prune).
 _FWD_FP8_SM90_SMALL_D = [(128, 256, 4, 2, _TMA, _WS), (128, 128, 4, 3, _TMA, _WS),
                          (128, 128, 8, 3, _TMA), (128, 64, 4, 3, _TMA), (128, 128, 8, 3),
                          (128, 64, 4, 3), (64, 64, 4, 3)]
@@ -973,6 +974,11 @@ FWD_FP8_CONFIGS_SM90 = {
 # sequences started on 16-byte boundaries six configs at head dims 64 to 256 spilled 8 to 744 B
 # (triton 3.9; reports/fp8-varlen.md).
 FWD_FP8_VARLEN_SPILLS_SM90 = {128: [(128, 128, 8, 3, _TMA), (128, 128, 8, 2)]}
+# The masked FP8 forward on sm_90 with a float32 output, where the same config with a 16-bit
+# one does not spill: 128x128x8x2 at head dim 128 (8 B, triton 3.9; reports/hopper-attention.md
+# 11). No rule of sizes fits it: its 3-stage TMA twin and 128x64x4x3 at head dim 64, as many
+# values a thread, spill on neither triton.
+FWD_FP8_FLOAT32_OUT_SPILLS_SM90 = {128: [(128, 128, 8, 2)]}
 # Every forward BLOCK_N divides it: with Nk a multiple, no key tile is partial.
 KEY_TILE_MULTIPLE = 128
 
@@ -1118,31 +1124,71 @@ def _forward_prune(configs, nargs, **meta):
     within DROPOUT_SCORES_PER_THREAD (all, if none is), none warp-specialized: triton 3.4 to
     3.6 fail to warp-specialize the loop with dropout's Philox (NVGPUWarpSpecialization).
     FP8 with MASK_KEYS: none warp-specialized either (its masked tiles load V^T through
-    pointers, which the pass rejects in one loop on triton 3.9). FP8 with VARLEN on sm_90:
-    none of FWD_FP8_VARLEN_SPILLS_SM90 either. Every other call, masked or not, packed or
-    dense, keeps every config."""
+    pointers, which the pass rejects in one loop on triton 3.9), and on sm_90
+    _sm90_fp8_prune's. FP8 with VARLEN on sm_90: none of FWD_FP8_VARLEN_SPILLS_SM90 either.
+    Every other call, masked or not, packed or dense, keeps every config."""
     if _hopper_16bit(nargs):
         configs = _sm90_flag_prune("fwd", configs, **meta)
     if meta.get("FP8") and meta.get("VARLEN"):
         configs = _fp8_varlen_prune(configs, nargs, meta["BLOCK_D"])
     if meta.get("FP8") and meta.get("MASK_KEYS"):
-        return [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE")]
+        return _sm90_fp8_prune([c for c in configs if not c.kwargs.get("WARP_SPECIALIZE")],
+                               nargs, **meta)
     if not meta.get("DROPOUT"):
         return configs
     return [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE") and c.kwargs["BLOCK_M"]
             * c.kwargs["BLOCK_N"] <= DROPOUT_SCORES_PER_THREAD * 32 * c.num_warps] or configs
 
 
-def _fp8_varlen_prune(configs, nargs, block_d: int):
+def _fp8_varlen_prune(configs, nargs, block_d: int, spills=FWD_FP8_VARLEN_SPILLS_SM90):
     """The FP8 forward of packed sequences on sm_90 runs no config of
-    FWD_FP8_VARLEN_SPILLS_SM90 (all, if every one is)."""
+    FWD_FP8_VARLEN_SPILLS_SM90 (all, if every one is); `spills`: another such table."""
     q = nargs["q_ptr"]
     if not q.is_cuda or _arch(q.device) != 90:
         return configs
-    spills = FWD_FP8_VARLEN_SPILLS_SM90.get(block_d, ())
+    spills = spills.get(block_d, ())
     return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
                                    c.num_stages, *(f for f in (_TMA, _WS) if c.kwargs.get(f)))
             not in spills] or configs
+
+
+# The masked FP8 forward on sm_90 (dense or packed) with any score modification (SOFTCAP,
+# HAS_SINKS, HAS_ALIBI): the float32 values a thread holds for its tile, scores (BLOCK_M x
+# BLOCK_N) and output accumulators (BLOCK_M x head dim) over the threads, past which the
+# table's 8-warp tiles spill (ptxas -v, triton 3.9 and 3.6, combinations of softcap, sinks and
+# ALiBi with 16- and 32-bit outputs, head dims 32 to 256; reports/hopper-attention.md 11):
+# 128 at head dim 128 (128x128: 4 to 524 B; sinks alone 8 to 36 B, ALiBi alone 16 B), 144 at
+# 256 (128x32: 4 to 16 B, triton 3.6); within 96 none spilled. One warp group (4 warps)
+# spills past SCORE_MODS_ONE_WARPGROUP_SCORES_SM90 scores a thread, as in 16-bit: 128x64 at
+# head dims 32 (4 to 20 B, triton 3.6, all three) and 64 (16 to 224 B; ALiBi alone 32 to
+# 48 B). Unmasked calls: none spilled.
+FP8_SCORE_MODS_VALUES_SM90 = 96
+
+
+def _values_per_thread(config, block_d: int) -> int:
+    return config.kwargs["BLOCK_M"] * (config.kwargs["BLOCK_N"] + block_d) // (
+        32 * config.num_warps)
+
+
+def _sm90_fp8_prune(configs, nargs, **meta):
+    """The masked FP8 forward's configs (none warp-specialized) that compile without spills
+    on sm_90 under the launch's score modifications (meta) and output dtype (o_ptr's, which
+    triton's autotuner keys on): with a score modification (SCORE_MOD_FLAGS) one-warpgroup
+    tiles within SCORE_MODS_ONE_WARPGROUP_SCORES_SM90 scores a thread and every tile within
+    FP8_SCORE_MODS_VALUES_SM90 values (where none is, the lightest); with a float32 output
+    none of FWD_FP8_FLOAT32_OUT_SPILLS_SM90. Elsewhere all."""
+    q, out = nargs["q_ptr"], nargs.get("o_ptr")
+    if not configs or not q.is_cuda or _arch(q.device) != 90:
+        return configs
+    block_d = meta["BLOCK_D"]
+    if any(meta.get(flag) for flag in SCORE_MOD_FLAGS):
+        configs = _within_scores(configs, SCORE_MODS_ONE_WARPGROUP_SCORES_SM90,
+                                 lambda c: c.num_warps == 4)
+        configs = _within_scores(configs, FP8_SCORE_MODS_VALUES_SM90,
+                                 per_thread=lambda c: _values_per_thread(c, block_d))
+    if out is not None and out.element_size() == 4:
+        configs = _fp8_varlen_prune(configs, nargs, block_d, FWD_FP8_FLOAT32_OUT_SPILLS_SM90)
+    return configs
 
 
 # Scores (BLOCK_M x BLOCK_N over the threads) a thread may hold on sm_90 with 16-bit inputs
@@ -1179,12 +1225,14 @@ def _scores_per_thread(config) -> int:
     return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
 
 
-def _within_scores(configs, budget, applies=lambda config: True):
+def _within_scores(configs, budget, applies=lambda config: True,
+                   per_thread=_scores_per_thread):
     """The configs within `budget` scores a thread (those `applies` exempts count as within);
     if none is, the lightest: fewest scores a thread, then most warps, then fewest stages (dQ
-    at head dim 256 with dropout: DQ_CONFIGS_SM90's 128x16 tiles, the only ones kept)."""
-    kept = [c for c in configs if not applies(c) or _scores_per_thread(c) <= budget]
-    weight = {id(c): (_scores_per_thread(c), -c.num_warps, c.num_stages) for c in configs}
+    at head dim 256 with dropout: DQ_CONFIGS_SM90's 128x16 tiles, the only ones kept).
+    per_thread: what a config holds a thread, if not its scores."""
+    kept = [c for c in configs if not applies(c) or per_thread(c) <= budget]
+    weight = {id(c): (per_thread(c), -c.num_warps, c.num_stages) for c in configs}
     lightest = min(weight.values(), default=None)
     return kept or [c for c in configs if weight[id(c)] == lightest]
 

@@ -10,9 +10,18 @@ heavy combinations is compiled for sm_90 (tests/aot.py: wgmma, no mma.sync, no s
 `ptxas -v`). The jobs carry their expectations, so tests/test_triton_versions.py checks them
 on the GPU machines' triton too (ALiBi in the atomic dK/dV kernel at head dim 128 spilled
 there, not on the newest).
+
+The FP8 (e4m3) forward on sm_90 has its own table and rules (`_sm90_fp8_prune`): masked calls
+(dense or packed) with any score modification keep the configs within
+FP8_SCORE_MODS_VALUES_SM90 float32 values a thread (scores and accumulators), one warp group's
+within SCORE_MODS_ONE_WARPGROUP_SCORES_SM90 scores a thread, and with a
+float32 output none of FWD_FP8_FLOAT32_OUT_SPILLS_SM90; every combination of the score
+modifications keeps an e4m3 config, and what spilled in the sweep of
+reports/hopper-attention.md 11 is dropped.
 """
 
 import itertools
+import types
 
 import pytest
 
@@ -112,6 +121,86 @@ def _flag_job(name, block_d, flags, atomic_dq=True, **expect):
     return expecting(spec, wgmma=True, spill_stores=0, spill_loads=0, **expect)
 
 
+SCORE_MODS = ("SOFTCAP", "HAS_SINKS", "HAS_ALIBI")
+MOD_COMBOS = [c for n in range(len(SCORE_MODS) + 1) for c in itertools.combinations(SCORE_MODS, n)]
+TMA, WS = "USE_TMA", "WARP_SPECIALIZE"
+# What spilled in the sweep (triton 3.9 or 3.6; masked kernels, dense or packed): (head dim,
+# config) -> (score modifications, output bytes) of a job that spilled.
+FP8_SPILLED = {
+    (32, (128, 64, 4, 3, TMA)): [(SCORE_MODS, 2), (SCORE_MODS, 4)],
+    (32, (128, 64, 4, 3)): [(SCORE_MODS, 2), (SCORE_MODS, 4)],
+    (64, (128, 64, 4, 3, TMA)): [(("SOFTCAP",), 2), (("SOFTCAP",), 4),
+                                 (("SOFTCAP", "HAS_SINKS", "HAS_ALIBI"), 2)],
+    (64, (128, 64, 4, 3)): [(("SOFTCAP",), 2), (("SOFTCAP", "HAS_ALIBI"), 4),
+                            (("HAS_ALIBI",), 4), (("HAS_SINKS", "HAS_ALIBI"), 4)],
+    (128, (128, 128, 8, 3, TMA)): [(("HAS_SINKS",), 4), (("HAS_SINKS",), 2),
+                                   (("HAS_ALIBI",), 2), (("SOFTCAP", "HAS_ALIBI"), 4),
+                                   (("SOFTCAP", "HAS_SINKS", "HAS_ALIBI"), 2)],
+    (128, (128, 128, 8, 2)): [((), 4), (("SOFTCAP",), 2), (("SOFTCAP", "HAS_SINKS"), 4),
+                              (("SOFTCAP", "HAS_SINKS", "HAS_ALIBI"), 2)],
+    (256, (128, 32, 8, 3)): [(("SOFTCAP",), 2), (("SOFTCAP", "HAS_SINKS", "HAS_ALIBI"), 4)],
+}
+
+
+def fp8_tuned(block_d, flags, out_bytes=2, masked=True, varlen=False):
+    """The configs an FP8 forward call tunes on an H100 (sm_90): e4m3 q, an output of
+    out_bytes-byte elements."""
+    configs = [triton.Config(kernel._config_meta(c), num_warps=c[2], num_stages=c[3])
+               for c in kernel.configs_for("fwd", block_d, 1, kernel.SMEM_LIMIT[90], 90,
+                                           tma=True)]
+    q = types.SimpleNamespace(is_cuda=True, device="cuda", element_size=lambda: 1)
+    out = types.SimpleNamespace(element_size=lambda: out_bytes)
+    meta = dict(dict.fromkeys(flags, True), FP8=True, BLOCK_D=block_d, MASK_KEYS=masked,
+                VARLEN=varlen)
+    return _tuples(kernel._forward_prune(configs, {"q_ptr": q, "o_ptr": out}, **meta))
+
+
+@pytest.fixture
+def sm90(monkeypatch):
+    monkeypatch.setattr(kernel, "_arch", lambda device: 90)
+
+
+def test_fp8_every_score_mod_combination_keeps_a_config(sm90):
+    """Every head dim, combination of softcap, sinks and ALiBi, output width, masked or not,
+    dense or packed keeps a config of the e4m3 table; unmasked calls and calls without a
+    score modification lose none but the warp-specialized (masked), the packed
+    (FWD_FP8_VARLEN_SPILLS_SM90) and the float32 output's (FWD_FP8_FLOAT32_OUT_SPILLS_SM90)."""
+    for block_d, flags, out in itertools.product((32, 64, 128, 256), MOD_COMBOS, (2, 4)):
+        table = kernel.FWD_FP8_CONFIGS_SM90[block_d]
+        for masked, varlen in ((False, False), (True, False), (True, True)):
+            kept = fp8_tuned(block_d, flags, out, masked, varlen)
+            assert kept and set(kept) <= set(table), (block_d, flags, out, masked, varlen)
+            if not masked:
+                assert kept == table, (block_d, flags, out)
+            if masked and not flags:
+                dropped = [*kernel.FWD_FP8_VARLEN_SPILLS_SM90.get(block_d, [])] * varlen + [
+                    *kernel.FWD_FP8_FLOAT32_OUT_SPILLS_SM90.get(block_d, [])] * (out == 4)
+                assert kept == [c for c in table if WS not in c and c not in dropped], (
+                    block_d, out, varlen)
+
+
+def test_fp8_pruning_drops_what_spilled(sm90):
+    for (block_d, config), cases in FP8_SPILLED.items():
+        for flags, out in cases:
+            for varlen in (False, True):
+                assert config not in fp8_tuned(block_d, flags, out, True, varlen), (
+                    block_d, config, flags, out, varlen)
+
+
+def _fp8_flag_job(block_d, flags, out="bf16", varlen=False):
+    """The first config a masked FP8 call with these score modifications and output tunes,
+    as a compile job expected to use e4m3 wgmma and spill nothing."""
+    from test_attention_fp8 import fp8_job
+    from test_attention_varlen_fp8 import varlen_fp8_job
+
+    config = fp8_tuned(block_d, flags, 4 if out == "fp32" else 2, True, varlen)[0]
+    spec = varlen_fp8_job(block_d, config) if varlen else fp8_job(block_d, config, True)
+    spec["constexprs"].update(dict.fromkeys(flags, True))
+    spec["pointers"].update(o_ptr=out, **{p: "fp32" for flag, p in (
+        ("HAS_SINKS", "sinks_ptr"), ("HAS_ALIBI", "alibi_ptr")) if flag in flags})
+    return spec
+
+
 ALL = FLAGS
 JOBS = {
     "fwd-d256-dropout-softcap-alibi": _flag_job("fwd", 256, ALL),
@@ -126,11 +215,25 @@ JOBS = {
 }
 
 
+@pytest.fixture
+def fp8_jobs(sm90):
+    """The FP8 jobs where the pruning's choice changed (worst former spill): 128x64x4x3 TMA
+    at head dim 64 (200/224 B, softcap, packed); 128x128x8x2 at 128 (500/524 B, softcap and
+    sinks, packed, float32 output; 8 B with no modification, dense); 128x32x8x3 at 256
+    (16 B, triton 3.6, all three)."""
+    return {"fp8-d64-softcap-varlen": _fp8_flag_job(64, ("SOFTCAP",), "fp32", varlen=True),
+            "fp8-d128-fp32-out": _fp8_flag_job(128, (), "fp32"),
+            "fp8-d128-softcap-sinks-fp32-out": _fp8_flag_job(128, ("SOFTCAP", "HAS_SINKS"),
+                                                             "fp32"),
+            "fp8-d256-softcap-sinks-alibi": _fp8_flag_job(256, SCORE_MODS)}
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("aot")
-def test_pruned_flag_configs_use_wgmma_and_spill_no_register():
-    results = dict(zip(JOBS, compile_all(list(JOBS.values()))))
-    failures = {name: result["error"] or {key: result[key] for key in JOBS[name]["expect"]}
+def test_pruned_flag_configs_use_wgmma_and_spill_no_register(fp8_jobs):
+    jobs = {**JOBS, **fp8_jobs}
+    results = dict(zip(jobs, compile_all(list(jobs.values()))))
+    failures = {name: result["error"] or {key: result[key] for key in jobs[name]["expect"]}
                 for name, result in results.items() if result["error"] or any(
-                    result[key] != value for key, value in JOBS[name]["expect"].items())}
+                    result[key] != value for key, value in jobs[name]["expect"].items())}
     assert not failures, failures
