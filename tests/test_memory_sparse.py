@@ -428,7 +428,7 @@ def _draw_shared(case, dtype):
         mask = None
         if with_mask:
             mask = torch.rand(b, n, device=DEVICE) > 0.3
-            mask[0, :n - k + 2], mask[-1] = False, False
+            mask[0, :n - k + 2], mask[0, n - k + 2:], mask[-1] = False, True, False
             mask[1] = mask[0]
         tensors = [None if x is None else x.to(dtype) for x in (memory, keys, strength, values)]
         expanded = tensors[0].expand(b, -1, -1)
