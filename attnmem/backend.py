@@ -11,8 +11,9 @@ import importlib.util
 import os
 
 BACKENDS = ("auto", "triton", "torch")
-# CUDA's limit on a launch grid's 2nd and 3rd axes, where the kernels put heads and batch
-# entries.
+# CUDA's limits on a launch grid's 1st axis and on its 2nd and 3rd, where the kernels put
+# heads and batch entries.
+GRID_X_LIMIT = 2 ** 31 - 1
 GRID_YZ_LIMIT = 65535
 
 # A plain global rather than a ContextVar: torch.compile reads it as a constant while tracing.

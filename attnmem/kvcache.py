@@ -31,9 +31,6 @@ from attnmem.reference import attention as _attention_twin
 from attnmem.reference import kvcache as _reference
 from attnmem.varlen import _check_lengths, _cu_seqlens, _max_seqlen
 
-# CUDA's limit on a launch grid's first axis.
-GRID_X_LIMIT = 2 ** 31 - 1
-
 
 def _triton_reasons(q, k_cache, v_cache, cu_seqlens_q=None, max_seqlen_q=0) -> list[str]:
     reasons = []
@@ -43,9 +40,9 @@ def _triton_reasons(q, k_cache, v_cache, cu_seqlens_q=None, max_seqlen_q=0) -> l
         batch, kv_heads = cu_seqlens_q.shape[0] - 1, k_cache.shape[2]
         group = q.shape[1] // max(kv_heads, 1)
         programs = max(batch * max_seqlen_q, batch * kv_heads * -(-max_seqlen_q * group // 16))
-        if programs > GRID_X_LIMIT:
+        if programs > _backend.GRID_X_LIMIT:
             reasons.append(f"{batch} sequences of up to max_seqlen_q = {max_seqlen_q} queries "
-                           f"need {programs} programs > {GRID_X_LIMIT}, the CUDA launch "
+                           f"need {programs} programs > {_backend.GRID_X_LIMIT}, the CUDA launch "
                            "grid's limit")
     if q.dtype not in TRITON_DTYPES:
         reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")

@@ -1130,7 +1130,8 @@ def _forward_prune(configs, nargs, **meta):
     if _hopper_16bit(nargs):
         configs = _sm90_flag_prune("fwd", configs, **meta)
     if meta.get("FP8") and meta.get("VARLEN"):
-        configs = _fp8_varlen_prune(configs, nargs, meta["BLOCK_D"])
+        configs = _without_listed_spills(configs, nargs, meta["BLOCK_D"],
+                                         FWD_FP8_VARLEN_SPILLS_SM90)
     if meta.get("FP8") and meta.get("MASK_KEYS"):
         return _sm90_fp8_prune([c for c in configs if not c.kwargs.get("WARP_SPECIALIZE")],
                                nargs, **meta)
@@ -1140,9 +1141,9 @@ def _forward_prune(configs, nargs, **meta):
             * c.kwargs["BLOCK_N"] <= DROPOUT_SCORES_PER_THREAD * 32 * c.num_warps] or configs
 
 
-def _fp8_varlen_prune(configs, nargs, block_d: int, spills=FWD_FP8_VARLEN_SPILLS_SM90):
-    """The FP8 forward of packed sequences on sm_90 runs no config of
-    FWD_FP8_VARLEN_SPILLS_SM90 (all, if every one is); `spills`: another such table."""
+def _without_listed_spills(configs, nargs, block_d: int, spills):
+    """On sm_90, no config that `spills` (a table head dim -> configs, as
+    FWD_FP8_VARLEN_SPILLS_SM90) lists at block_d (all, if it lists every one)."""
     q = nargs["q_ptr"]
     if not q.is_cuda or _arch(q.device) != 90:
         return configs
@@ -1187,7 +1188,8 @@ def _sm90_fp8_prune(configs, nargs, **meta):
         configs = _within_scores(configs, FP8_SCORE_MODS_VALUES_SM90,
                                  per_thread=lambda c: _values_per_thread(c, block_d))
     if out is not None and out.element_size() == 4:
-        configs = _fp8_varlen_prune(configs, nargs, block_d, FWD_FP8_FLOAT32_OUT_SPILLS_SM90)
+        configs = _without_listed_spills(configs, nargs, block_d,
+                                         FWD_FP8_FLOAT32_OUT_SPILLS_SM90)
     return configs
 
 
