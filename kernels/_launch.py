@@ -58,23 +58,52 @@ def slot_configs(rows):
 _TUNERS = {}
 
 
+def one_config_per_key() -> bool:
+    """ATTNMEM_TUNING=one (the GPU check's tests): each tuning key runs one of its configs,
+    picked by a hash of the key, instead of benchmarking them all. A test suite on a GPU
+    meets some 370 tuning keys; tuning each over its 1 to 8 configs compiles about 2000
+    kernels, one config per key about 750, and across the keys every config still runs."""
+    return os.environ.get("ATTNMEM_TUNING", "full") == "one"
+
+
+def tuning_options(key, prune=None) -> dict:
+    """Options for triton.autotune(configs, key, ...): tuning results kept on disk in
+    triton's cache where the installed triton can (its cache_results option, keyed by the
+    kernel source, the target, the configs and the key, so that a new process skips the
+    benchmarking; older tritons tune once per process), and `prune` (an
+    early_config_prune) followed, under one_config_per_key(), by the choice of one config
+    from the key's values as triton's autotuner forms them (the arguments named in key,
+    then every argument's dtype)."""
+    import inspect
+    import zlib
+
+    options = {}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        options["cache_results"] = True
+
+    def prune_to_one(configs, nargs, **meta):
+        kept = prune(configs, nargs, **meta) if prune else configs
+        args = {**nargs, **meta}
+        values = [args[k] for k in key if k in args]
+        values += [str(a.dtype) for a in args.values() if hasattr(a, "dtype")]
+        return [kept[zlib.crc32(repr(values).encode()) % len(kept)]]
+
+    chosen = prune_to_one if one_config_per_key() else prune
+    if chosen:
+        options["prune_configs_by"] = {"early_config_prune": chosen}
+    return options
+
+
 def autotuned(fn, configs, key, **options):
     """fn under triton.autotune over `configs` (dicts of constexprs with num_warps and
-    num_stages), one autotuner per (fn, configs, key, options). Tuning results are kept on
-    disk in triton's cache where the installed triton can (its cache_results option: keyed
-    by the kernel source, the target, the configs and the key), so that a new process skips
-    the benchmarking; older tritons tune once per process."""
-    import inspect
-
+    num_stages), one autotuner per (fn, configs, key, options), with tuning_options(key)."""
     frozen = (fn, tuple(tuple(sorted(c.items())) for c in configs), tuple(key),
               tuple(sorted((k, tuple(v)) for k, v in options.items())))
     if frozen not in _TUNERS:
-        if "cache_results" in inspect.signature(triton.autotune).parameters:
-            options = dict(options, cache_results=True)
         _TUNERS[frozen] = triton.autotune(
             [triton.Config({k: v for k, v in c.items() if not k.startswith("num_")},
                            num_warps=c["num_warps"], num_stages=c["num_stages"])
-             for c in configs], key=list(key), **options)(fn)
+             for c in configs], key=list(key), **options, **tuning_options(key))(fn)
     return _TUNERS[frozen]
 
 

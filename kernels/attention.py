@@ -47,13 +47,18 @@ the sinks' gradient is one reduction over lse and delta in the launcher.
 
 import contextlib
 import contextvars
-import inspect
 
 import torch
 import triton
 import triton.language as tl
 
-from attnmem.kernels._launch import interpreting, kv_length, lastdim_contiguous, within
+from attnmem.kernels._launch import (
+    interpreting,
+    kv_length,
+    lastdim_contiguous,
+    tuning_options,
+    within,
+)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -1283,22 +1288,13 @@ def _backward_prune(configs, nargs, **meta):
 # dropout, where it cannot compile; the atomic dK/dV variant adds into dq, which every
 # benchmarked launch must find zeroed, and tunes apart from the deterministic variant; packed
 # variable-length batches (VARLEN) tune apart from dense ones.
-TUNING = {"fwd": {"key": ["MASK_KEYS", "VARLEN"],
-                  "prune_configs_by": {"early_config_prune": _forward_prune}},
+TUNING = {"fwd": {"key": ["MASK_KEYS", "VARLEN"], "prune": _forward_prune},
           "dkdv": {"key": ["ATOMIC_DQ", "VARLEN"], "reset_to_zero": ["dq_ptr"],
-                   "prune_configs_by": {"early_config_prune": _backward_prune}},
-          "dq": {"key": ["VARLEN"], "prune_configs_by": {"early_config_prune": _backward_prune}}}
+                   "prune": _backward_prune},
+          "dq": {"key": ["VARLEN"], "prune": _backward_prune}}
 _autotuned = {}
 # The score modifications' flags: tuned apart from the plain kernels (absent when off).
 SCORE_MOD_FLAGS = ("SOFTCAP", "HAS_SINKS", "HAS_ALIBI")
-
-
-def _persist_tuning() -> dict:
-    """triton.autotune's option to keep tuning results on disk, in triton's cache: keyed by
-    the kernel source, the GPU target, the configs and the tuning key, so that a new process
-    skips the benchmarking. Triton versions without the option tune once per process."""
-    params = inspect.signature(triton.autotune).parameters
-    return {"cache_results": True} if "cache_results" in params else {}
 
 
 def _launcher(kernel: str, fn, device, block_d: int, elem: int, arch=None, tma: bool = False):
@@ -1311,11 +1307,11 @@ def _launcher(kernel: str, fn, device, block_d: int, elem: int, arch=None, tma: 
         configs = [triton.Config(_config_meta(c), num_warps=c[2], num_stages=c[3])
                    for c in configs_for(kernel, block_d, elem, smem, arch, tma)]
         extra = TUNING.get(kernel, {})
+        key = ["BLOCK_D", "seq_bucket", "DROPOUT", *extra.get("key", ()),
+               *(f for f in SCORE_MOD_FLAGS if f in fn.arg_names)]
         _autotuned[cache_key] = triton.autotune(
-            configs, key=["BLOCK_D", "seq_bucket", "DROPOUT", *extra.get("key", ()),
-                          *(f for f in SCORE_MOD_FLAGS if f in fn.arg_names)],
-            prune_configs_by=extra.get("prune_configs_by"),
-            reset_to_zero=extra.get("reset_to_zero"), **_persist_tuning())(fn)
+            configs, key=key, reset_to_zero=extra.get("reset_to_zero"),
+            **tuning_options(key, extra.get("prune")))(fn)
     return _autotuned[cache_key]
 
 

@@ -1,0 +1,64 @@
+"""ATTNMEM_TUNING=one, the GPU check's tests: each tuning key runs one config, chosen from the
+key's values after the kernel's own pruning, and across keys every config runs. The
+autotuners are built here without a GPU and their pruning called as triton's would."""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from attnmem.kernels import _launch, memory_write  # noqa: E402
+from attnmem.kernels import attention as kernel  # noqa: E402
+
+
+def _prune(tuner, nargs, **meta):
+    return tuner.early_config_prune(tuner.configs, nargs, **meta)
+
+
+@pytest.fixture
+def one_config(monkeypatch):
+    monkeypatch.setenv("ATTNMEM_TUNING", "one")
+    monkeypatch.setattr(kernel, "_autotuned", {})
+    monkeypatch.setattr(_launch, "_TUNERS", {})
+    monkeypatch.setattr(kernel, "_smem_limit", lambda device: kernel.SMEM_LIMIT[90])
+
+
+def test_attention_runs_one_config_per_key_and_every_config_across_keys(one_config):
+    tuner = kernel._launcher("fwd", kernel._attn_fwd, "cuda", 64, 2)
+    q = torch.empty(1, dtype=torch.float16)
+    meta = dict(BLOCK_D=64, DROPOUT=False, MASK_KEYS=True, VARLEN=False)
+    chosen = [_prune(tuner, {"q_ptr": q, "seq_bucket": bucket}, **meta)
+              for bucket in range(200)]
+    assert all(len(c) == 1 for c in chosen)
+    assert {str(c[0]) for c in chosen} == {str(c) for c in tuner.configs}
+    # The same key, the same config; another dtype is another key.
+    again = _prune(tuner, {"q_ptr": q, "seq_bucket": 7}, **meta)
+    assert str(again[0]) == str(chosen[7][0])
+
+
+def test_one_config_comes_after_the_kernels_pruning(one_config):
+    """With dropout the forward's pruning drops warp-specialized configs: none is chosen."""
+    tuner = kernel._launcher("fwd", kernel._attn_fwd, "cuda", 64, 2)
+    q = torch.empty(1, dtype=torch.float16)
+    meta = dict(BLOCK_D=64, DROPOUT=True, MASK_KEYS=True, VARLEN=False)
+    kept = kernel._forward_prune(tuner.configs, {"q_ptr": q}, **meta)
+    assert len(kept) < len(tuner.configs)
+    chosen = {str(_prune(tuner, {"q_ptr": q, "seq_bucket": b}, **meta)[0]) for b in range(200)}
+    assert chosen == {str(c) for c in kept}
+
+
+def test_memory_kernels_run_one_config_per_key(one_config):
+    configs = memory_write.configs_for("fwd", 64, 2)
+    tuner = _launch.autotuned(memory_write._memory_write_fwd, configs, ["n_slots"])
+    mem = torch.empty(1, dtype=torch.float16)
+    chosen = [_prune(tuner, {"mem_ptr": mem, "n_slots": n}) for n in range(100)]
+    assert all(len(c) == 1 for c in chosen)
+    assert len({str(c[0]) for c in chosen}) == len(configs) > 1
+
+
+def test_full_tuning_by_default(monkeypatch):
+    monkeypatch.delenv("ATTNMEM_TUNING", raising=False)
+    monkeypatch.setattr(_launch, "_TUNERS", {})
+    configs = memory_write.configs_for("fwd", 64, 2)
+    tuner = _launch.autotuned(memory_write._memory_write_fwd, configs, ["n_slots"])
+    assert tuner.early_config_prune is None and len(tuner.configs) == len(configs)
