@@ -13,6 +13,8 @@ Sharded memory: `memory_attend`, `memory_address`, `memory_read` and `memory_wri
 memory split across the ranks along its slots (each rank passes its own slots, in group rank
 order; shards may differ in size). Each rank addresses its slots with attnmem's op, the
 shards' logsumexps combine the partial reads exactly, and one all-reduce sums them.
+memory_attend(topk=K) reads each head's K best slots over all ranks: each rank offers its
+own K best, and one all-gather of their scores picks the same K on every rank.
 
 Conventions (those of tensor-parallel training): every rank of group makes the same calls
 in the same order, with shards of the same shapes (memory shards aside) and the same
@@ -45,7 +47,17 @@ from attnmem.attention import (
     _validate_score_mods,
     _window,
 )
+from attnmem.memory import (
+    SparseWeights,
+    _address_args,
+    _choose,
+    _sparse_grad,
+    _top_slots,
+    _topk,
+    _values,
+)
 from attnmem.reference.attention import compute_dtype, softmax_with_lse, visible
+from attnmem.reference.memory import _gather, _read_rows, _upcast, slot_scores
 from attnmem.reference.memory import similarity as _similarity
 
 __all__ = ["dropout_mask", "memory_address", "memory_attend", "memory_read", "memory_write",
@@ -743,6 +755,25 @@ def _combine(memory, keys, strength, similarity, mask, weights, group):
     return _share(lse, _LogSumExpOverRanks.apply(lse, group))
 
 
+class _ScoresOverRanks(torch.autograd.Function):
+    """The scores (B, R, K) of the K slots chosen over every rank, each from the rank that
+    holds it: forward, gathered (the same bits on every rank); own is this rank's scores of
+    its own chosen slots (0 elsewhere), which the gathered ones equal there. Each rank's
+    uses give partial gradients, summed over the ranks in the backward: own takes the sum
+    at its slots."""
+
+    @staticmethod
+    def forward(ctx, own, gathered, group):
+        ctx.group = group
+        return gathered.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None, None
+
+
 def _replicate(group, *tensors):
     """tensors (None kept) as inputs of a shard, whose gradients sum over the ranks."""
     present = [x for x in tensors if x is not None]
@@ -766,7 +797,7 @@ def memory_address(memory, keys, *, strength=None, similarity="cosine", mask=Non
 
 
 def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosine", mask=None,
-                  return_weights=False, group=None):
+                  return_weights=False, group=None, topk=None, sparse_grad=False):
     """attnmem.memory_attend over a memory whose slots are split across the ranks of group:
     memory (B, N_rank, D), values (B, N_rank, Dv) and mask (B, N_rank) are this rank's slots,
     keys (B, R, D) and strength (B, R) the same on every rank. -> the read over all N slots
@@ -775,17 +806,84 @@ def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosin
     the reads forward; backward, one all-reduce of the (B, R) logsumexp gradients and one of
     the keys' and strengths' gradients. attnmem.memory_attend returns no logsumexp, so each
     rank asks it for its weights too (B, R, N_rank, R/D of the memory's size) and reads the
-    shard's logsumexp off the top weight."""
+    shard's logsumexp off the top weight.
+
+    topk=K: each head reads its K best-scoring usable slots over all ranks, as
+    attnmem.memory_attend(topk=K) over the shards concatenated in rank order: the same
+    slots, weights, read and gradients. Each rank finds its own K best (all its usable
+    slots where it holds fewer) in one pass over its shard, never holding (B, R, N_rank)
+    scores; one all-gather of their (B, R, K) scores lets every rank pick the same K best
+    of the world x K (ties to the lower rank, then the lower slot, so to the lower slot of
+    the concatenated memory); the softmax runs over those K, and each rank reads the rows
+    it holds of them. One all-reduce sums the reads; backward, one all-reduce of the
+    (B, R, K) score gradients and one of the keys' and strengths'. With return_weights=True
+    the weights are this rank's part, SparseWeights (B, R, K) in the global best-first
+    order: its own slot indices (in [0, N_rank)) and their weights, -1 and 0 where another
+    rank holds the slot or fewer than K slots are usable. memory (N_rank, D) and values
+    (N_rank, Dv) may be shared by the batch, with sparse_grad as in attnmem.memory_attend.
+    K may exceed a rank's slot count but not the total: on CPU tensors one all-reduce of
+    the shard sizes checks it; on a GPU reading the total would stall the host, so there a
+    K past it is not caught and its entries past the usable slots get -1 and weight 0, as
+    where fewer than K slots are usable."""
     _group(group)
+    if topk is not None:
+        return _attend_topk(memory, keys, values, strength, similarity, mask, return_weights,
+                            topk, sparse_grad, group)
     keys, strength = _replicate(group, keys, strength)
     read, weights = attnmem.memory_attend(memory, keys, values=values, strength=strength,
-                                          similarity=similarity, mask=mask, return_weights=True)
+                                          similarity=similarity, mask=mask, return_weights=True,
+                                          sparse_grad=sparse_grad)
     share = _combine(memory, keys, strength, similarity, mask, weights, group)
     ct = compute_dtype(memory.dtype)
     read = _SumOverRanks.apply(read.to(ct) * share[..., None], group).to(read.dtype)
     if not return_weights:
         return read
     return read, (weights * share[..., None]).to(weights.dtype)
+
+
+def _attend_topk(memory, keys, values, strength, similarity, mask, return_weights, topk,
+                 sparse_grad, group):
+    """memory_attend(topk=topk): see there."""
+    world, rank = _group(group)
+    _address_args(memory, keys, strength, similarity, mask, topk)
+    sparse_grad = _sparse_grad(sparse_grad, memory, ("topk=K", True))
+    if values is not None:
+        _values(values, memory)
+    n_slots = math.inf  # unchecked off the CPU
+    if memory.device.type == "cpu":
+        total = torch.tensor(memory.shape[-2])
+        dist.all_reduce(total, group=group)
+        n_slots = int(total)
+    topk = _topk(topk, n_slots)
+    batch, heads, _ = keys.shape
+    offered = min(topk, memory.shape[-2])
+    with torch.no_grad():
+        slots = keys.new_empty((batch, heads, 0), dtype=torch.int64)
+        if offered:
+            chosen = _choose("memory_attend", (memory, keys), heads, memory.shape[-1], offered,
+                             ("batch entries", batch))
+            slots = _top_slots(chosen, memory, keys, strength, similarity, mask, offered)
+        slots = torch.nn.functional.pad(slots, (0, topk - offered), value=-1)
+        rows, k, s = _upcast(_gather(memory, slots), keys, strength)
+        scores = slot_scores(rows, k, s, similarity, slots)
+        parts = [torch.empty_like(scores) for _ in range(world)]
+        dist.all_gather(parts, scores.contiguous(), group=group)
+        # Candidates in rank order, each rank's best first (ties to the lower slot): a stable
+        # sort breaks ties alike on every rank, by rank, then slot.
+        best, order = torch.cat(parts, -1).sort(dim=-1, descending=True, stable=True)
+        best, order = best[..., :topk], order[..., :topk]
+        mine = (order // topk == rank) & (best > -math.inf)
+        slots = torch.where(mine, slots.gather(-1, order % topk), -1)
+    keys, strength = _replicate(group, keys, strength)
+    rows = _gather(memory, slots, sparse_grad)
+    vals = rows if values is None else _gather(values, slots, sparse_grad)
+    rows, vals, keys, strength = _upcast(rows, vals, keys, strength)
+    own = slot_scores(rows, keys, strength, similarity, slots).masked_fill(~mine, 0)
+    weights = softmax_with_lse(_ScoresOverRanks.apply(own, best, group))[0].masked_fill(~mine, 0)
+    read = _SumOverRanks.apply(_read_rows(weights, vals), group).to(memory.dtype)
+    if not return_weights:
+        return read
+    return read, SparseWeights(slots, weights.to(memory.dtype))
 
 
 def memory_read(memory, weights, *, group=None):

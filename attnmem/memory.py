@@ -380,6 +380,17 @@ def _address_args(memory, keys, strength, similarity, mask, topk):
             raise ValueError(f"mask is on {mask.device} but memory is on {memory.device}")
 
 
+def _values(values, memory):
+    """values (B, N, Dv) beside memory (B, N, D), or (N, Dv) beside a shared (N, D)."""
+    what = "(N, Dv)" if memory.ndim == 2 else "(B, N, Dv)"
+    _checks.tensor("values", values, memory.ndim, what)
+    _checks.like("values", values, memory, "memory")
+    if values.shape[:-1] != memory.shape[:-1]:
+        names = "N" if memory.ndim == 2 else "B, N"
+        raise ValueError(f"values must be {what} with {names} = "
+                         f"{tuple(memory.shape[:-1])}, got {tuple(values.shape)}")
+
+
 def _topk(topk, n_slots):
     """topk as an int in [1, N] (numpy integers too; a bool is not an int)."""
     if isinstance(topk, bool) or not isinstance(topk, numbers.Integral):
@@ -494,13 +505,7 @@ def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosin
     if topk is not None:
         topk = _topk(topk, memory.shape[-2])
     if values is not None:
-        what = "(N, Dv)" if memory.ndim == 2 else "(B, N, Dv)"
-        _checks.tensor("values", values, memory.ndim, what)
-        _checks.like("values", values, memory, "memory")
-        if values.shape[:-1] != memory.shape[:-1]:
-            names = "N" if memory.ndim == 2 else "B, N"
-            raise ValueError(f"values must be {what} with {names} = "
-                             f"{tuple(memory.shape[:-1])}, got {tuple(values.shape)}")
+        _values(values, memory)
     # With topk, the kernel scores memory only; values are gathered by torch.
     width = memory.shape[-1] if values is None or topk is not None else max(memory.shape[2],
                                                                             values.shape[2])

@@ -387,29 +387,144 @@ def _memory_cases(rank, world, dtype=torch.float64, backend="torch"):
         check(x.grad, full.grad, f"empty shard d{name}", dim)
 
 
+def _local(weights, world, rank, n):
+    """This rank's part of single-device SparseWeights over n slots: its slots' indices in
+    its shard and their weights, -1 and 0 where another rank holds the slot."""
+    start = sum(part.numel() for part in torch.tensor_split(torch.empty(n), world)[:rank])
+    size = torch.tensor_split(torch.empty(n), world)[rank].numel()
+    ours = (weights.indices >= start) & (weights.indices < start + size)
+    return (torch.where(ours, weights.indices - start, -1),
+            torch.where(ours, weights.weights.detach(), 0))
+
+
+def _topk_cases(rank, world, dtype=torch.float64, backend="torch"):
+    """memory_attend(topk=K) over the shards against single-process attnmem.memory_attend
+    (topk=K) in float64 on the full memory: indices, weights, read and every gradient, with
+    K past one shard's slots; masks leaving fewer than K usable slots or none; a memory
+    (N, D) shared by the batch with sparse gradients; K = N; a rank without slots."""
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    what = f"world {world}, {backend}, {dtype}, topk"
+    n, d, dv, k = 3 * world + 2, 5, 4, 5  # shards of 3 or 4 slots
+    mask = torch.rand(3, n) < 0.8
+    mask[1] = False
+    mask[1, [0, -1]] = True  # batch 1: 2 usable slots, on the first and the last rank
+    mask[2] = False  # batch 2: none
+    cases = [  # (memory shape, K, similarity, mask, strength, values, sparse_grad, ties)
+        ((3, n, d), k, "cosine", mask, True, True, False, False),
+        ((n, d), k, "dot", None, False, True, True, False),
+        ((n, d), n, "scaled_dot", mask, True, False, True, False),
+        ((2, world - 1, d), world - 1, "dot", None, True, True, False, False),  # last rank: none
+        ((2, n, d), k, "dot", None, False, True, False, True),
+    ]
+    for shape, topk, similarity, mask_, with_strength, with_values, sparse, ties in cases:
+        if dtype != torch.float64 and (sparse or shape[-2] < world):
+            continue  # the triton kernels run the dense cases with slots on every rank
+        case = f"{what}: {shape}, K={topk}, {similarity}, sparse_grad={sparse}, ties={ties}"
+        batch, slots = 3 if len(shape) == 2 else shape[0], shape[-2]
+        memory = torch.randn(shape, dtype=torch.float64)
+        keys = torch.randn(batch, 3, d, dtype=torch.float64)
+        if ties:
+            # Slots repeating 3 rows of small integers: exact ties within and across the
+            # ranks, which go to the lower slot as on one device.
+            memory = torch.randint(-2, 3, (2, 3, d)).double().repeat(1, n, 1)[:, :n]
+            keys = torch.randint(-2, 3, (batch, 3, d)).double()
+        values = torch.randn(*shape[:-1], dv, dtype=torch.float64) if with_values else None
+        strength = torch.rand(batch, 3, dtype=torch.float64) * 4 if with_strength else None
+        if mask_ is not None and len(shape) == 3:
+            memory[~mask_] = float("nan")  # masked slots count for nothing
+        full = {"memory": memory, "keys": keys, "values": values, "strength": strength}
+        full = {name: x.clone().requires_grad_() for name, x in full.items() if x is not None}
+        read, weights = attnmem.memory_attend(
+            full["memory"], full["keys"], values=full.get("values"),
+            strength=full.get("strength"), similarity=similarity, mask=mask_, topk=topk,
+            return_weights=True, sparse_grad=sparse)
+        dread, dweights = torch.randn_like(read), torch.randn_like(weights.weights)
+        ((read * dread).sum() + (weights.weights * dweights).sum()).backward()
+        sharded = {"memory": -2, "values": -2}
+        mine = {name: (_split(x.detach(), world, rank, sharded[name]) if name in sharded
+                       else x.detach()).to(dtype, copy=True).requires_grad_()
+                for name, x in full.items()}
+        with attnmem.use_backend(backend):
+            read_s, weights_s = distributed.memory_attend(
+                mine["memory"], mine["keys"], values=mine.get("values"),
+                strength=mine.get("strength"), similarity=similarity,
+                mask=None if mask_ is None else _split(mask_, world, rank),
+                topk=topk, return_weights=True, sparse_grad=sparse)
+            ((read_s * dread.to(dtype)).sum()
+             + (weights_s.weights * dweights.to(dtype)).sum()).backward()
+        indices, expected = _local(weights, world, rank, slots)
+        assert torch.equal(weights_s.indices, indices), case
+        _close(weights_s.weights, expected.to(dtype), f"{case} weights", tol)
+        _close(read_s, read.detach().to(dtype), f"{case} read", tol)
+        if mask_ is not None:  # the batch entry without usable slots reads zeros
+            assert (read_s[2] == 0).all() and (weights_s.indices[2] == -1).all(), case
+        for name, x in mine.items():
+            grad, wanted = x.grad, full[name].grad
+            if sparse and name in sharded:
+                # Only this rank's chosen slots get a (sparse) gradient row.
+                assert grad.is_sparse, case
+                touched = set(grad.coalesce().indices()[0].tolist())
+                assert touched == set(indices[indices >= 0].tolist()), case
+                grad, wanted = grad.to_dense(), wanted.to_dense()
+            if name in sharded:
+                wanted = _split(wanted, world, rank, sharded[name])
+            _close(grad, wanted.to(dtype), f"{case} d{name}", tol)
+    if dtype != torch.float64:
+        return
+    memory, keys = torch.zeros(2, d), torch.zeros(2, 3, d)
+    for message, kwargs in (
+            (f"topk must be an int in \\[1, N\\] = \\[1, {2 * world}\\]",
+             dict(topk=2 * world + 1)),
+            ("topk must be an int in", dict(topk=0)),
+            ("topk must be an int, got float", dict(topk=2.0)),
+            ("sparse_grad=True needs a memory \\(N, D\\) shared",
+             dict(topk=2, sparse_grad=True)),
+            ("values must be \\(N, Dv\\)", dict(topk=2, values=torch.zeros(3, d)))):
+        with pytest.raises((ValueError, TypeError), match=message):
+            distributed.memory_attend(memory if "sparse_grad" not in kwargs
+                                      else memory.expand(2, -1, -1), keys, **kwargs)
+
+
 def _module_case(rank, world):
-    full = KeyValueMemory(6, num_slots=5 * world + 1, key_dim=4, value_dim=3).double()
-    sharded = ShardedKeyValueMemory(
-        6, keys=_split(full.keys, world, rank, 0), values=_split(full.values, world, rank, 0),
-        learn=True).double()
-    # The replicated layers start from group rank 0's: the full module's on every rank.
-    sharded.load_state_dict({**full.state_dict(), "keys": sharded.keys, "values": sharded.values})
-    h = torch.randn(3, 2, 6, dtype=torch.float64)
-    out, weights = full(h, return_weights=True)
-    out.square().sum().backward()
-    out_s, weights_s = sharded(h, return_weights=True)
-    out_s.square().sum().backward()
-    _close(out_s, out.detach(), "module out")
-    _close(weights_s, _split(weights.detach(), world, rank, 2), "module weights")
-    for name, p in sharded.named_parameters():
-        expected = dict(full.named_parameters())[name].grad
-        if name in ("keys", "values"):
-            expected = _split(expected, world, rank, 0)
-        _close(p.grad, expected, f"module d{name}")
+    # Dense reads of R = 2 queries; top-k reads (K past one rank's slots, sparse gradients)
+    # of one query.
+    for topk, sparse, h_shape in ((None, False, (3, 2, 6)), (7, True, (3, 6))):
+        what = f"module topk={topk}"
+        full = KeyValueMemory(6, num_slots=5 * world + 1, key_dim=4, value_dim=3, topk=topk,
+                              sparse=sparse).double()
+        sharded = ShardedKeyValueMemory(
+            6, keys=_split(full.keys, world, rank, 0), values=_split(full.values, world, rank, 0),
+            learn=True, topk=topk, sparse=sparse).double()
+        # The replicated layers start from group rank 0's: the full module's on every rank.
+        sharded.load_state_dict({**full.state_dict(), "keys": sharded.keys,
+                                 "values": sharded.values})
+        h = torch.randn(h_shape, dtype=torch.float64)
+        out, weights = full(h, return_weights=True)
+        out.square().sum().backward()
+        out_s, weights_s = sharded(h, return_weights=True)
+        out_s.square().sum().backward()
+        _close(out_s, out.detach(), f"{what} out")
+        if topk is None:
+            _close(weights_s, _split(weights.detach(), world, rank, 2), f"{what} weights")
+        else:
+            indices, expected = _local(weights, world, rank, full.keys.shape[0])
+            assert torch.equal(weights_s.indices, indices), what
+            _close(weights_s.weights, expected, f"{what} weights")
+        for name, p in sharded.named_parameters():
+            grad, expected = p.grad, dict(full.named_parameters())[name].grad
+            if name in ("keys", "values"):
+                assert grad.is_sparse == sparse, what
+                grad, expected = grad.to_dense(), _split(expected.to_dense(), world, rank, 0)
+            _close(grad, expected, f"{what} d{name}")
+    with pytest.raises(ValueError, match="topk=9 is more than the memory's 8 slots"):
+        ShardedKeyValueMemory(6, keys=torch.zeros(8 // world + (rank < 8 % world), 4),
+                              values=torch.zeros(8 // world + (rank < 8 % world), 3), topk=9)
     # Built from num_slots on ranks seeded apart: own slots, the same replicated layers.
     torch.manual_seed(rank)
-    learned = ShardedKeyValueMemory(6, num_slots=3 * world + 2, key_dim=4, value_dim=3)
-    assert learned.keys.shape == (3 + (rank < 2), 4)
+    # topk may be the whole memory, past any rank's slots.
+    learned = ShardedKeyValueMemory(6, num_slots=3 * world + 2, key_dim=4, value_dim=3,
+                                    topk=3 * world + 2)
+    assert learned.keys.shape == (3 + (rank < 2), 4) and learned.topk == 3 * world + 2
     for p in learned.parameters():
         if p is not learned.keys and p is not learned.values:
             parts = [torch.empty_like(p) for _ in range(world)]
@@ -419,12 +534,13 @@ def _module_case(rank, world):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed(world):
-    cases = [_layout_and_errors, _attention_cases, _score_mod_cases, _memory_cases, _module_case,
-             _subgroup]
+    cases = [_layout_and_errors, _attention_cases, _score_mod_cases, _memory_cases, _topk_cases,
+             _module_case, _subgroup]
     if world == 2:  # the triton kernels, through the interpreter, on one world size
         cases += [_alibi_precision, functools.partial(_attention_cases, backend="triton"),
                   functools.partial(_score_mod_cases, backend="triton"),
-                  functools.partial(_memory_cases, dtype=torch.float32, backend="triton")]
+                  functools.partial(_memory_cases, dtype=torch.float32, backend="triton"),
+                  functools.partial(_topk_cases, dtype=torch.float32, backend="triton")]
     _spawn(world, cases)
 
 

@@ -136,15 +136,21 @@ def _gather(x, slots, sparse=False):
     return rows.masked_fill((slots < 0)[..., None], 0)
 
 
-def _slot_weights(rows, keys, strength, kind, slots):
-    """Softmax weights (B, R, K) over each head's gathered rows (B, R, K, D); -1 slots get
-    weight 0, a head with none gets zeros."""
+def slot_scores(rows, keys, strength, kind, slots):
+    """Scores (B, R, K), strength * sim(key, row), of each head's gathered rows (B, R, K, D);
+    -inf at -1 slots."""
     dots = torch.matmul(rows, keys[..., None])[..., 0]
     scores = _similarity(dots, kind, rows.shape[-1],
                          lambda: _norm_sq(keys)[:, :, None] * _norm_sq(rows))
     if strength is not None:
         scores = scores * strength[:, :, None]
-    return softmax_with_lse(scores.masked_fill(slots < 0, float("-inf")))[0]
+    return scores.masked_fill(slots < 0, float("-inf"))
+
+
+def _slot_weights(rows, keys, strength, kind, slots):
+    """Softmax weights (B, R, K) over each head's gathered rows (B, R, K, D); -1 slots get
+    weight 0, a head with none gets zeros."""
+    return softmax_with_lse(slot_scores(rows, keys, strength, kind, slots))[0]
 
 
 def address_slots(memory, keys, strength, kind, slots, sparse=False):
