@@ -401,7 +401,8 @@ def _topk_cases(rank, world, dtype=torch.float64, backend="torch"):
     """memory_attend(topk=K) over the shards against single-process attnmem.memory_attend
     (topk=K) in float64 on the full memory: indices, weights, read and every gradient, with
     K past one shard's slots; masks leaving fewer than K usable slots or none; a memory
-    (N, D) shared by the batch with sparse gradients; K = N; a rank without slots."""
+    (N, D) shared by the batch with sparse gradients; K = N; a rank without slots; exact
+    ties within and across the ranks. The float32 run (triton) takes the dense cases."""
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     what = f"world {world}, {backend}, {dtype}, topk"
     n, d, dv, k = 3 * world + 2, 5, 4, 5  # shards of 3 or 4 slots
