@@ -1,6 +1,5 @@
 """Modules over a memory split across the ranks of a torch.distributed process group."""
 
-import torch
 import torch.distributed as dist
 
 from attnmem import distributed
@@ -50,19 +49,22 @@ class ShardedKeyValueMemory(KeyValueMemory):
                          similarity)
         if topk is not None:
             if total is None:
-                total = torch.tensor(self.keys.shape[0], device=self.keys.device)
-                dist.all_reduce(total, group=group)
-                total = int(total)
+                sizes = [None] * world
+                dist.all_gather_object(sizes, self.keys.shape[0], group=group)
+                total = sum(sizes)
             if topk > total:
                 raise ValueError(f"topk={topk} is more than the memory's {total} slots "
                                  f"(over all ranks)")
         self.topk, self.sparse = topk, sparse
         self.group = group
+        # Object collectives: an NCCL group moves them through the current CUDA device,
+        # while the layers may still sit on the CPU.
         source = 0 if group is None else dist.get_global_rank(group, 0)
-        with torch.no_grad():
-            for layer in (self.query, self.out, self.gate):
-                for tensor in layer.parameters():
-                    dist.broadcast(tensor, source, group=group)
+        layers = (self.query, self.out, self.gate)
+        states = [[layer.state_dict() for layer in layers]]
+        dist.broadcast_object_list(states, src=source, group=group)
+        for layer, state in zip(layers, states[0]):
+            layer.load_state_dict(state)
 
     def _memory_attend(self, *args, **kwargs):
         return distributed.memory_attend(*args, group=self.group, **kwargs)
