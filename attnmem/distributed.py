@@ -783,15 +783,26 @@ def _replicate(group, *tensors):
     return tuple(None if x is None else next(copies) for x in tensors)
 
 
-def memory_address(memory, keys, *, strength=None, similarity="cosine", mask=None, group=None):
+def memory_address(memory, keys, *, strength=None, similarity="cosine", mask=None, group=None,
+                   topk=None, sparse_grad=False):
     """attnmem.memory_address over a memory whose slots are split across the ranks of group:
     memory (B, N_rank, D) and mask (B, N_rank) are this rank's slots, keys (B, R, D) and
     strength (B, R) the same on every rank. -> this rank's part (B, R, N_rank) of the
-    weights over all N slots."""
+    weights over all N slots.
+
+    topk=K: the weights of each head's K best-scoring usable slots over all ranks, as
+    memory_attend(topk=K, return_weights=True) gives them (one all-gather of (B, R, K)
+    scores): this rank's SparseWeights, its own slot indices and their weights, -1 and 0
+    where another rank holds the slot. memory (N_rank, D) may be shared by the batch, with
+    sparse_grad as in attnmem.memory_address."""
     _group(group)
+    if topk is not None:
+        slots, weights, _ = _topk_weights(memory, keys, strength, similarity, mask, topk,
+                                          sparse_grad, group)
+        return SparseWeights(slots, weights.to(memory.dtype))
     keys, strength = _replicate(group, keys, strength)
     weights = attnmem.memory_address(memory, keys, strength=strength, similarity=similarity,
-                                     mask=mask)
+                                     mask=mask, sparse_grad=sparse_grad)
     share = _combine(memory, keys, strength, similarity, mask, weights, group)
     return (weights * share[..., None]).to(memory.dtype)
 
@@ -841,14 +852,13 @@ def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosin
     return read, (weights * share[..., None]).to(weights.dtype)
 
 
-def _attend_topk(memory, keys, values, strength, similarity, mask, return_weights, topk,
-                 sparse_grad, group):
-    """memory_attend(topk=topk): see there."""
+def _topk_weights(memory, keys, strength, similarity, mask, topk, sparse_grad, group):
+    """The global top-k weights (see memory_attend's topk) -> (slots (B, R, K) this rank's
+    own indices, -1 elsewhere; weights (B, R, K) in the compute dtype, 0 at -1; the gathered
+    rows (B, R, K, D) in the compute dtype, with gradients to memory)."""
     world, rank = _group(group)
     _address_args(memory, keys, strength, similarity, mask, topk)
     sparse_grad = _sparse_grad(sparse_grad, memory, ("topk=K", True))
-    if values is not None:
-        _values(values, memory)
     n_slots = math.inf  # unchecked off the CPU
     if memory.device.type == "cpu":
         total = torch.tensor(memory.shape[-2])
@@ -875,11 +885,20 @@ def _attend_topk(memory, keys, values, strength, similarity, mask, return_weight
         mine = (order // topk == rank) & (best > -math.inf)
         slots = torch.where(mine, slots.gather(-1, order % topk), -1)
     keys, strength = _replicate(group, keys, strength)
-    rows = _gather(memory, slots, sparse_grad)
-    vals = rows if values is None else _gather(values, slots, sparse_grad)
-    rows, vals, keys, strength = _upcast(rows, vals, keys, strength)
+    rows, keys, strength = _upcast(_gather(memory, slots, sparse_grad), keys, strength)
     own = slot_scores(rows, keys, strength, similarity, slots).masked_fill(~mine, 0)
     weights = softmax_with_lse(_ScoresOverRanks.apply(own, best, group))[0].masked_fill(~mine, 0)
+    return slots, weights, rows
+
+
+def _attend_topk(memory, keys, values, strength, similarity, mask, return_weights, topk,
+                 sparse_grad, group):
+    """memory_attend(topk=topk): see there."""
+    if values is not None:
+        _values(values, memory)
+    slots, weights, rows = _topk_weights(memory, keys, strength, similarity, mask, topk,
+                                         sparse_grad, group)
+    vals = rows if values is None else _upcast(_gather(values, slots, sparse_grad))[0]
     read = _SumOverRanks.apply(_read_rows(weights, vals), group).to(memory.dtype)
     if not return_weights:
         return read

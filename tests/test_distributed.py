@@ -401,7 +401,8 @@ def _local(weights, world, rank, n):
 
 def _topk_cases(rank, world, dtype=torch.float64, backend="torch"):
     """memory_attend(topk=K) over the shards against single-process attnmem.memory_attend
-    (topk=K) in float64 on the full memory: indices, weights, read and every gradient, with
+    (topk=K) in float64 on the full memory: indices, weights, read and every gradient (and
+    memory_address(topk=K)'s indices and weights), with
     K past one shard's slots; masks leaving fewer than K usable slots or none; a memory
     (N, D) shared by the batch with sparse gradients; K = N; a rank without slots; exact
     ties within and across the ranks. The float32 run (triton) takes the dense cases."""
@@ -461,6 +462,13 @@ def _topk_cases(rank, world, dtype=torch.float64, backend="torch"):
         _close(read_s, read.detach().to(dtype), f"{case} read", tol)
         if mask_ is not None:  # the batch entry without usable slots reads zeros
             assert (read_s[2] == 0).all() and (weights_s.indices[2] == -1).all(), case
+        with attnmem.use_backend(backend):  # memory_address(topk=K): the same weights
+            address = distributed.memory_address(
+                mine["memory"], mine["keys"], strength=mine.get("strength"),
+                similarity=similarity, mask=None if mask_ is None else _split(mask_, world, rank),
+                topk=topk, sparse_grad=sparse)
+        assert torch.equal(address.indices, indices), case
+        _close(address.weights, expected.to(dtype), f"{case} address weights", tol)
         for name, x in mine.items():
             grad, wanted = x.grad, full[name].grad
             if sparse and name in sharded:
