@@ -116,7 +116,7 @@ def _additive_fwd(q_ptr, k_ptr, v_ptr, val_ptr, lengths_ptr, out_ptr, lse_ptr, s
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
                   BLOCK_DV: tl.constexpr):
     """Programs own BLOCK_M queries of a batch entry. q_bucket, k_bucket and attn_bucket
-    are the autotuning key only (see _tuning_meta)."""
+    are the autotuning key only (see _buckets)."""
     b = tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
