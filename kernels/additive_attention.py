@@ -6,34 +6,73 @@ the attention width A in chunks, with an online softmax over the key tiles (flas
 The backward recomputes the scores from the logsumexp. One kernel serves both of its
 halves: programs that own a key tile (dK, dValues and partial dv) or a query tile (dQ);
 each program is the only writer of what it accumulates, so nothing uses atomics.
+Tiles and warps are autotuned over the configs of CONFIGS, none of which spills registers
+on sm_90, per value-width bucket, bucketed lengths, attention width and dtype.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from attnmem.kernels._launch import interpreting, kv_length, lastdim_contiguous
+from attnmem.kernels._launch import kv_length, lastdim_contiguous, launch
 
 LOG2E = tl.constexpr(1.4426950408889634)
-# (BLOCK_M, BLOCK_N, BLOCK_A, num_warps) per kernel ("fwd", the backward's key-owning
-# "dkv" and query-owning "dq" programs), element size and value-width bucket (BLOCK_DV up
-# to 64, or wider): the tiles that compile without register spills on sm_90 at value widths
-# up to 256 in 16-bit and 128 in float32 (tests/test_additive_attention.py fails on any).
-# float32 forwards at 256 still spill: no tiling of this kernel avoids it.
+# Value-width buckets per element size: a BLOCK_DV tunes over the configs of the first
+# bucket at least as wide (float32 holds its value tiles in registers for the FMA dots, so
+# 256 needs smaller tiles than 128).
+VALUE_BUCKETS = {2: (64, 256), 4: (64, 128, 256)}
+# (BLOCK_M, BLOCK_N, BLOCK_A, num_warps) autotuning candidates per kernel ("fwd", the
+# backward's key-owning "dkv" and query-owning "dq" programs), element size and value-width
+# bucket. Chosen from a sweep of BLOCK_M and BLOCK_N in 16 to 128, BLOCK_A in 4 to 32 and 4
+# or 8 warps, compiled for sm_90 on triton 3.9 and 3.6 at the bucket's widest value width:
+# each compiles without register spills on both there and at the bucket's narrower widths
+# (ptxas is not monotonic: the float32 key-owning programs spill at 16 or 32 wide in tiles
+# that do not at 64), fits sm_80's shared memory, and runs 16-bit value products on tensor
+# cores (tests/test_additive_attention.py; reports/additive-tuning.md has the sweep). A
+# table holds the earlier fixed config first where it still qualifies (the key-owning
+# programs' spilled on triton 3.6 in float32 and at 256 in 16-bit; float32 at 256, where
+# the earlier configs spilled, has a table of its own), a tile of 16 queries for decoding
+# steps and short sequences, a larger tile, and another warp count, where such compile
+# without spills. One stage: no loop of these kernels is pipelined (the loads that feed
+# the dots sit outside the innermost loop), and 2 stages compiled to the same code.
 CONFIGS = {
-    ("fwd", 2, False): (64, 32, 8, 8), ("fwd", 2, True): (64, 32, 8, 8),
-    ("fwd", 4, False): (64, 32, 8, 8), ("fwd", 4, True): (32, 32, 8, 8),
-    ("dkv", 2, False): (64, 16, 8, 8), ("dkv", 2, True): (64, 16, 8, 8),
-    ("dkv", 4, False): (64, 32, 8, 8), ("dkv", 4, True): (64, 16, 8, 8),
-    ("dq", 2, False): (32, 16, 8, 4), ("dq", 2, True): (32, 16, 8, 4),
-    ("dq", 4, False): (32, 16, 8, 4), ("dq", 4, True): (32, 16, 8, 4),
+    ("fwd", 2, 64): [(64, 32, 8, 8), (16, 128, 8, 8), (32, 32, 4, 4)],
+    ("fwd", 2, 256): [(64, 32, 8, 8), (16, 64, 16, 8), (32, 16, 8, 4)],
+    ("fwd", 4, 64): [(64, 32, 8, 8), (16, 64, 16, 8), (32, 16, 8, 4)],
+    ("fwd", 4, 128): [(32, 32, 8, 8), (16, 32, 16, 8), (32, 16, 8, 4)],
+    ("fwd", 4, 256): [(32, 16, 8, 8), (16, 32, 16, 8), (16, 16, 8, 4)],
+    ("dkv", 2, 64): [(64, 16, 8, 8), (16, 64, 4, 8), (32, 32, 4, 4)],
+    ("dkv", 2, 256): [(32, 16, 16, 8), (16, 32, 16, 8), (16, 16, 16, 4)],
+    ("dkv", 4, 64): [(16, 32, 16, 8), (16, 16, 16, 4)],
+    ("dkv", 4, 128): [(32, 16, 8, 8), (16, 64, 8, 8), (16, 16, 16, 4)],
+    ("dkv", 4, 256): [(32, 16, 8, 8), (16, 32, 8, 8), (16, 16, 8, 4)],
+    ("dq", 2, 64): [(32, 16, 8, 4), (16, 128, 8, 8), (64, 16, 4, 8)],
+    ("dq", 2, 256): [(32, 16, 8, 4), (16, 32, 16, 8), (32, 32, 8, 8)],
+    ("dq", 4, 64): [(32, 16, 8, 4), (16, 64, 8, 8), (64, 16, 8, 8)],
+    ("dq", 4, 128): [(32, 16, 8, 4), (16, 32, 8, 8), (32, 32, 8, 8)],
+    ("dq", 4, 256): [(32, 16, 8, 4), (16, 32, 16, 8), (32, 32, 16, 8)],
 }
-INTERPRET_CONFIG = (16, 16, 8, 1)
+INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_A=8, num_warps=1, num_stages=1)
+# dv_part holds a row per key tile of this many keys: tl.dot's smallest N, so that no
+# config's key tiles are shorter and the buffer does not depend on the config.
+DV_PART_BLOCK_N = 16
+# The autotuning key beyond each launch's own flags (triton adds the dtypes).
+TUNING_KEY = ["BLOCK_DV", "HAS_VALUES", "q_bucket", "k_bucket", "attn_bucket"]
 
 
-def config_for(kernel, elem, block_dv):
-    """(BLOCK_M, BLOCK_N, BLOCK_A, num_warps) of kernel at this element size and BLOCK_DV."""
-    return INTERPRET_CONFIG if interpreting() else CONFIGS[(kernel, elem, block_dv > 64)]
+def configs_for(kernel, elem, block_dv):
+    """The autotuning configs of kernel ("fwd", "dkv" or "dq") at this element size and
+    BLOCK_DV."""
+    bucket = next(width for width in VALUE_BUCKETS[elem] if block_dv <= width)
+    return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_A=a, num_warps=w, num_stages=1)
+            for m, n, a, w in CONFIGS[(kernel, elem, bucket)]]
+
+
+def _length_bucket(n):
+    """n rounded up to a power of 4, at most 4^8: a sequence length as the autotuning key
+    sees it."""
+    bits = (max(n, 1) - 1).bit_length()
+    return min(1 << (bits + bits % 2), 1 << 16)
 
 
 @triton.jit
@@ -71,10 +110,13 @@ def _scores(q_base, k_base, v_ptr, offs_m, offs_n, stride_qm, stride_kn, n_q, n_
 @triton.jit
 def _additive_fwd(q_ptr, k_ptr, v_ptr, val_ptr, lengths_ptr, out_ptr, lse_ptr, scores_ptr,
                   stride_qb, stride_qm, stride_kb, stride_kn, stride_valb, stride_valn,
-                  n_q, n_k, attn_dim, value_dim, HAS_LENGTHS: tl.constexpr,
-                  HAS_VALUES: tl.constexpr, STORE_SCORES: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_A: tl.constexpr, BLOCK_DV: tl.constexpr):
+                  n_q, n_k, attn_dim, value_dim, q_bucket, k_bucket, attn_bucket,
+                  HAS_LENGTHS: tl.constexpr, HAS_VALUES: tl.constexpr,
+                  STORE_SCORES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
+                  BLOCK_DV: tl.constexpr):
+    """Programs own BLOCK_M queries of a batch entry. q_bucket, k_bucket and attn_bucket
+    are the autotuning key only (see _buckets)."""
     b = tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -123,7 +165,8 @@ def _additive_fwd(q_ptr, k_ptr, v_ptr, val_ptr, lengths_ptr, out_ptr, lse_ptr, s
 def _additive_bwd(q_ptr, k_ptr, v_ptr, val_ptr, lengths_ptr, lse_ptr, delta_ptr, dout_ptr,
                   dscores_ptr, dq_ptr, dk_ptr, dval_ptr, dv_part_ptr,
                   stride_qb, stride_qm, stride_kb, stride_kn, stride_valb, stride_valn,
-                  n_q, n_k, attn_dim, value_dim, OWN_KEYS: tl.constexpr,
+                  n_q, n_k, attn_dim, value_dim, q_bucket, k_bucket, attn_bucket,
+                  OWN_KEYS: tl.constexpr,
                   HAS_LENGTHS: tl.constexpr, HAS_VALUES: tl.constexpr,
                   HAS_DSCORES: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
@@ -210,13 +253,17 @@ def _additive_bwd(q_ptr, k_ptr, v_ptr, val_ptr, lengths_ptr, lse_ptr, delta_ptr,
                  mask=(offs_n[:, None] < n_k) & (offs_dv[None, :] < value_dim))
 
 
-def _meta(kernel, q, values):
+def _meta(q, values):
     value_dim = 1 if values is None else values.shape[2]
-    block_dv = max(16, triton.next_power_of_2(value_dim))
-    block_m, block_n, block_a, num_warps = config_for(kernel, q.element_size(), block_dv)
     return dict(DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_A=block_a, BLOCK_DV=block_dv,
-                num_warps=num_warps)
+                BLOCK_DV=max(16, triton.next_power_of_2(value_dim)))
+
+
+def _buckets(n_q, n_k, attn_dim):
+    """(q_bucket, k_bucket, attn_bucket): the shape as the autotuning key sees it, coarse
+    enough that one model tunes a handful of times; the query bucket tells a decoding step
+    (a tile of BLOCK_M queries holding one) from a whole sequence."""
+    return _length_bucket(n_q), _length_bucket(n_k), triton.next_power_of_2(attn_dim)
 
 
 def _strides(q, k, values):
@@ -237,12 +284,15 @@ def additive_attention_forward(q, k, v, values, kv_lengths, need_scores):
                         dtype=torch.float32, device=q.device)
     if batch * n_q == 0:
         return out, lse, scores
-    meta = _meta("fwd", q, values)
-    _additive_fwd[(triton.cdiv(n_q, meta["BLOCK_M"]), batch)](
-        q, k, v, values, kv_lengths, None if values is None else out, lse,
-        scores if need_scores else None, *_strides(q, k, values), n_q, n_k,
-        attn_dim, value_dim, HAS_LENGTHS=kv_lengths is not None, HAS_VALUES=values is not None,
-        STORE_SCORES=need_scores, **meta)
+    meta = _meta(q, values)
+    launch(_additive_fwd, lambda c: (triton.cdiv(n_q, c["BLOCK_M"]), batch),
+           (q, k, v, values, kv_lengths, None if values is None else out, lse,
+            scores if need_scores else None, *_strides(q, k, values), n_q, n_k, attn_dim,
+            value_dim, *_buckets(n_q, n_k, attn_dim)),
+           dict(meta, HAS_LENGTHS=kv_lengths is not None, HAS_VALUES=values is not None,
+                STORE_SCORES=need_scores),
+           configs_for("fwd", q.element_size(), meta["BLOCK_DV"]),
+           [*TUNING_KEY, "STORE_SCORES"], INTERPRET_CONFIG)
     return out, lse, scores
 
 
@@ -262,19 +312,28 @@ def additive_attention_backward(dout, dscores, dlse, q, k, v, values, kv_lengths
         delta -= dlse.float()
     if dscores is not None:
         dscores = dscores.float().contiguous()
-    own_keys, own_queries = _meta("dkv", q, values), _meta("dq", q, values)
-    n_key_tiles = triton.cdiv(n_k, own_keys["BLOCK_N"])
     dq = torch.zeros((batch, n_q, attn_dim), dtype=torch.float32, device=q.device)
     dk = torch.zeros((batch, n_k, attn_dim), dtype=torch.float32, device=q.device)
-    dv_part = torch.zeros((batch, n_key_tiles, attn_dim), dtype=torch.float32, device=q.device)
+    # Row b * (key tiles) + tile: as many rows as the smallest key tile makes, whichever
+    # config runs; larger tiles leave the last rows zero.
+    dv_part = torch.zeros((batch * triton.cdiv(n_k, DV_PART_BLOCK_N), attn_dim),
+                          dtype=torch.float32, device=q.device)
     dvalues = None if values is None else torch.zeros(
         (batch, n_k, value_dim), dtype=values.dtype, device=q.device)
     if batch * n_q * n_k > 0:
         args = (q, k, v, values, kv_lengths, lse, delta, dout, dscores, dq, dk, dvalues,
-                dv_part, *_strides(q, k, values), n_q, n_k, attn_dim, value_dim)
-        flags = dict(HAS_LENGTHS=kv_lengths is not None, HAS_VALUES=values is not None,
-                     HAS_DSCORES=dscores is not None)
-        _additive_bwd[(n_key_tiles, batch)](*args, OWN_KEYS=True, **flags, **own_keys)
-        _additive_bwd[(triton.cdiv(n_q, own_queries["BLOCK_M"]), batch)](
-            *args, OWN_KEYS=False, **flags, **own_queries)
-    return (dq.to(q.dtype), dk.to(k.dtype), dv_part.sum((0, 1)).to(v.dtype), dvalues)
+                dv_part, *_strides(q, k, values), n_q, n_k, attn_dim, value_dim,
+                *_buckets(n_q, n_k, attn_dim))
+        meta = dict(_meta(q, values), HAS_LENGTHS=kv_lengths is not None,
+                    HAS_VALUES=values is not None, HAS_DSCORES=dscores is not None)
+        key = [*TUNING_KEY, "HAS_DSCORES", "OWN_KEYS"]
+        # Both halves add into float32 accumulators: zeroed before every timed launch.
+        launch(_additive_bwd, lambda c: (triton.cdiv(n_k, c["BLOCK_N"]), batch), args,
+               dict(meta, OWN_KEYS=True),
+               configs_for("dkv", q.element_size(), meta["BLOCK_DV"]), key, INTERPRET_CONFIG,
+               reset_to_zero=["dk_ptr", "dv_part_ptr"])
+        launch(_additive_bwd, lambda c: (triton.cdiv(n_q, c["BLOCK_M"]), batch), args,
+               dict(meta, OWN_KEYS=False),
+               configs_for("dq", q.element_size(), meta["BLOCK_DV"]), key, INTERPRET_CONFIG,
+               reset_to_zero=["dq_ptr"])
+    return (dq.to(q.dtype), dk.to(k.dtype), dv_part.sum(0).to(v.dtype), dvalues)

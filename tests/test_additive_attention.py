@@ -12,6 +12,7 @@ import torch
 
 import attnmem
 from aot import TRITON_TYPES, compiled, sm90_spills
+from attnmem.kernels import additive_attention as kernel
 from attnmem.kernels.attention import SMEM_LIMIT
 from attnmem.reference import additive as twin
 from attnmem.reference.attention import softmax_with_lse
@@ -90,6 +91,48 @@ def test_matches_float64(name, dtype, backend):
     if lengths is not None and (lengths == 0).any():
         empty = lengths == 0
         assert (got[0][empty] == 0).all() and (got[1][empty] == 0).all()
+
+
+# The tiles of every tuning config (num_warps means nothing to the interpreter).
+TUNED_TILES = sorted({config[:3] for rows in kernel.CONFIGS.values() for config in rows})
+
+
+@pytest.fixture(scope="module")
+def odd_case():
+    """The odd case in float32 with gradients of out and scores, and the float64 twin's
+    out, scores, dq, dk, dv and dvalues."""
+    (q, k, values, v), lengths = make(CASES["odd"], torch.float32)
+    b, nq, nk, _, dv, _ = CASES["odd"]
+    dout, dscores = torch.randn(b, nq, dv, device=DEVICE), torch.randn(b, nq, nk, device=DEVICE)
+    inputs = [x.double().requires_grad_() for x in (q, k, v, values)]
+    out, scores, _ = twin.additive_attention(*inputs, lengths)
+    loss = (out * dout.double()).sum() + (finite(scores) * dscores.double()).sum()
+    expect = [out.detach(), scores.detach(), *torch.autograd.grad(loss, inputs)]
+    return (q, k, v, values), lengths, dout, dscores, expect
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's config is what it forces")
+@pytest.mark.parametrize("tiles", TUNED_TILES, ids=["x".join(map(str, t)) for t in TUNED_TILES])
+def test_every_tuned_tile_matches_float64(tiles, monkeypatch, odd_case):
+    """The kernels at each tuning config's (BLOCK_M, BLOCK_N, BLOCK_A), forced under the
+    interpreter (which otherwise runs INTERPRET_CONFIG): key tiles longer than
+    DV_PART_BLOCK_N leave rows of dv_part unused, tiles outgrow the 37 queries and 45 keys,
+    width chunks the attention width 20."""
+    (q, k, v, values), lengths, dout, dscores, expect = odd_case
+    block_m, block_n, block_a = tiles
+    monkeypatch.setattr(kernel, "INTERPRET_CONFIG", dict(
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_A=block_a, num_warps=1, num_stages=1))
+    out, lse, scores = kernel.additive_attention_forward(q, k, v, values, lengths, True)
+    grads = kernel.additive_attention_backward(dout, dscores, None, q, k, v, values, lengths,
+                                               out, lse)
+    names = ["out", "scores", "dq", "dk", "dv", "dvalues"]
+    for name, got, want in zip(names, [out, scores, *grads], expect):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_tuning_key_buckets_lengths_by_powers_of_four():
+    assert [kernel._length_bucket(n) for n in (0, 1, 2, 4, 5, 16, 17, 1000, 10 ** 6)] == [
+        1, 1, 4, 4, 16, 16, 64, 1024, 1 << 16]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -242,43 +285,60 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(g, e)
 
 
+def _job(name, arch, dtype, block_dv, config):
+    t = TRITON_TYPES[dtype]
+    tiles = dict(DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
+                 BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+                 BLOCK_A=config["BLOCK_A"], BLOCK_DV=block_dv, HAS_LENGTHS=True,
+                 HAS_VALUES=True)
+    job = dict(module="attnmem.kernels.additive_attention", arch=arch,
+               num_warps=config["num_warps"], num_stages=config["num_stages"])
+    if name == "fwd":
+        job.update(kernel="_additive_fwd", constexprs=dict(tiles, STORE_SCORES=True),
+                   pointers={"q_ptr": t, "k_ptr": t, "v_ptr": t, "val_ptr": t,
+                             "lengths_ptr": "i64", "out_ptr": t, "lse_ptr": "fp32",
+                             "scores_ptr": "fp32"})
+    else:
+        job.update(kernel="_additive_bwd", constexprs=dict(
+            tiles, OWN_KEYS=name == "dkv", HAS_DSCORES=True),
+            pointers={"q_ptr": t, "k_ptr": t, "v_ptr": t, "val_ptr": t, "lengths_ptr": "i64",
+                      "lse_ptr": "fp32", "delta_ptr": "fp32", "dout_ptr": t,
+                      "dscores_ptr": "fp32", "dq_ptr": "fp32", "dk_ptr": "fp32",
+                      "dval_ptr": t, "dv_part_ptr": "fp32"})
+    return job
+
+
+def _compile_jobs():
+    """The first config of each table at every value width of its bucket (32 to 256) in
+    every dtype on sm_90 and, but bfloat16, on sm_80; the other configs at the widest width
+    of their bucket, which needs the most registers and shared memory, in float16 or
+    float32, on both. Every config's sm_90 job at that width expects no spill on the GPU
+    machines' triton too (tests/test_triton_versions.py)."""
+    jobs = {}
+    for (name, elem, bucket), rows in kernel.CONFIGS.items():
+        narrower = [w for w in kernel.VALUE_BUCKETS[elem] if w < bucket]
+        widths = [w for w in (32, 64, 128, 256) if max(narrower, default=0) < w <= bucket]
+        for i, config in enumerate(kernel.configs_for(name, elem, bucket)):
+            tag = "x".join(map(str, rows[i]))
+            for dtype in ("float16", "bfloat16") if elem == 2 else ("float32",):
+                if i and dtype == "bfloat16":
+                    continue
+                for block_dv in widths if i == 0 else [bucket]:
+                    for arch in (80, 90) if dtype != "bfloat16" else (90,):
+                        job = _job(name, arch, dtype, block_dv, config)
+                        if arch == 90 and block_dv == bucket and dtype != "bfloat16":
+                            job["expect"] = {"spill_stores": 0, "spill_loads": 0}
+                        jobs[f"{name}-sm{arch}-{dtype}-dv{block_dv}-{tag}"] = job
+    return jobs
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("aot")
 def test_kernel_compiles_for_sm80_and_sm90():
-    """Each kernel's config at value widths 32 to 256 (float32: to 128) compiles for sm_80 and
-    sm_90, fits shared memory, and spills no register on sm_90 (issue 15)."""
-    from attnmem.kernels import additive_attention as kernel
-
-    jobs = {}
-    for arch in (80, 90):
-        for dtype in ("float16", "bfloat16", "float32"):
-            t = TRITON_TYPES[dtype]
-            for block_dv in (32, 64, 128, 256) if dtype != "float32" else (32, 64, 128):
-                for name in ("fwd", "dkv", "dq"):
-                    elem = 4 if dtype == "float32" else 2
-                    block_m, block_n, block_a, num_warps = kernel.CONFIGS[
-                        (name, elem, block_dv > 64)]
-                    tiles = dict(DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
-                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_A=block_a,
-                                 BLOCK_DV=block_dv, HAS_LENGTHS=True, HAS_VALUES=True)
-                    job = dict(module="attnmem.kernels.additive_attention", arch=arch,
-                               num_warps=num_warps, num_stages=1)
-                    if name == "fwd":
-                        job.update(kernel="_additive_fwd",
-                                   constexprs=dict(tiles, STORE_SCORES=True),
-                                   pointers={"q_ptr": t, "k_ptr": t, "v_ptr": t, "val_ptr": t,
-                                             "lengths_ptr": "i64", "out_ptr": t,
-                                             "lse_ptr": "fp32", "scores_ptr": "fp32"})
-                    else:
-                        job.update(kernel="_additive_bwd", constexprs=dict(
-                            tiles, OWN_KEYS=name == "dkv", HAS_DSCORES=True),
-                            pointers={"q_ptr": t, "k_ptr": t, "v_ptr": t, "val_ptr": t,
-                                      "lengths_ptr": "i64", "lse_ptr": "fp32",
-                                      "delta_ptr": "fp32", "dout_ptr": t, "dscores_ptr": "fp32",
-                                      "dq_ptr": "fp32", "dk_ptr": "fp32", "dval_ptr": t,
-                                      "dv_part_ptr": "fp32"})
-                    jobs[f"{name}-sm{arch}-{dtype}-dv{block_dv}"] = job
-    results = compiled(jobs)
+    """Every tuning config compiles for sm_80 and sm_90, fits shared memory, runs its 16-bit
+    value products on tensor cores and spills no register on sm_90 (issue 15), at value
+    widths up to 256 (see _compile_jobs)."""
+    results = compiled(_compile_jobs())
     for name, result in results.items():
         arch = 80 if "sm80" in name else 90
         assert result["shared"] <= SMEM_LIMIT[arch], (name, result["shared"])
