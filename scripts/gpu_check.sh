@@ -16,8 +16,8 @@
 # ATTNMEM_CHECK_BUDGET: the seconds the whole check may take (default 530; --smoke 150);
 # ATTNMEM_COMMIT: the commit to record where the copy of the repository has no .git.
 # The split, estimated before any run on a GPU (summary.json's steps hold the real times):
-# facts about 20 s; tests at most 300 s (some 2000 tests meeting some 370 tuning keys, one
-# config run for each: about 750 kernel compiles of 1-3 s on 12 workers); bench the rest,
+# facts about 20 s; tests at most 300 s (some 2000 tests meeting some 550 tuning keys, one
+# config run for each: about 930 kernel compiles of 1-3 s on 12 workers); bench the rest,
 # at least 170 s, stopping 30 s before the end; summary and tarball a few seconds.
 set -uo pipefail
 SMOKE=0
