@@ -230,9 +230,39 @@ def _descales(q, batch, k_cache, k_descale, v_descale, fp8):
     return _fp8_descales(q, shape, (None, k_descale, v_descale))[..., 1:]
 
 
+def _batch_table(cache_batch_idx, block_table, batch, k_cache, device):
+    """cache_batch_idx (B,) as the block table (B, 1) int32 of a pool whose pages are
+    k_cache's rows, each of S_max tokens: sequence b's tokens sit in row cache_batch_idx[b].
+    Its values are checked on CPU tensors only (on CUDA a row outside the cache is read and
+    written nothing, as a page outside the pool)."""
+    if block_table is not None:
+        raise ValueError("cache_batch_idx picks rows of a contiguous cache (B_cache, S_max, "
+                         "Hkv, D); a paged cache's block_table already says where each "
+                         "sequence's tokens are: pass one of the two")
+    if not isinstance(cache_batch_idx, torch.Tensor):
+        raise TypeError(f"cache_batch_idx must be an integer tensor (B,) or None, got "
+                        f"{type(cache_batch_idx).__name__}")
+    if (cache_batch_idx.dtype.is_floating_point or cache_batch_idx.dtype.is_complex
+            or cache_batch_idx.dtype == torch.bool):
+        raise TypeError(f"cache_batch_idx must be an integer tensor, got "
+                        f"{cache_batch_idx.dtype}")
+    if tuple(cache_batch_idx.shape) != (batch,):
+        raise ValueError(f"cache_batch_idx must have shape (B,) = ({batch},), got "
+                         f"{tuple(cache_batch_idx.shape)}")
+    if cache_batch_idx.device != device:
+        raise ValueError(f"cache_batch_idx is on {cache_batch_idx.device} but q is on {device}")
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (cache_batch_idx < 0) | (cache_batch_idx >= k_cache.shape[0])
+        if bad.any():
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(f"cache_batch_idx[{b}] = {int(cache_batch_idx[b])} is not a row "
+                             f"of the cache: rows are 0 to {k_cache.shape[0] - 1}")
+    return cache_batch_idx.to(torch.int32).reshape(batch, 1).contiguous()
+
+
 def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window, scale,
               return_lse, softcap=None, sinks=None, alibi_slopes=None, k_descale=None,
-              v_descale=None, cu_seqlens_q=None, max_seqlen_q=None):
+              v_descale=None, cu_seqlens_q=None, max_seqlen_q=None, cache_batch_idx=None):
     packed = cu_seqlens_q is not None
     _checks.tensor("q", q, 3 if packed else 4, "(total_q, H, D)" if packed else "(B, Sq, H, D)")
     if q.dtype not in FLOAT_DTYPES:
@@ -251,7 +281,8 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
     if head_dim < 1:
         raise ValueError("q must have a head dim of at least 1")
     paged = block_table is not None
-    what = "(num_pages, page_size, Hkv, D)" if paged else "(B, S_max, Hkv, D)"
+    what = ("(num_pages, page_size, Hkv, D)" if paged else "(B_cache, S_max, Hkv, D)"
+            if cache_batch_idx is not None else "(B, S_max, Hkv, D)")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         _checks.tensor(name, cache, 4, what)
     fp8 = _fp8_cache(q, k_cache, v_cache)
@@ -264,14 +295,17 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
     if kv_heads < 1 or heads % kv_heads != 0:
         raise ValueError(f"k_cache has {kv_heads} heads, which must divide q's {heads} heads "
                          "(grouped-query attention)")
-    if paged:
+    if cache_batch_idx is not None:
+        block_table = _batch_table(cache_batch_idx, block_table, batch, k_cache, q.device)
+    elif paged:
         _block_table(block_table, batch, q.device)
-        if k_cache.shape[1] < 1:
-            raise ValueError("k_cache must have a page_size of at least 1 (its dim 1)")
     elif k_cache.shape[0] != batch:
         which = f"cu_seqlens_q has {batch} sequences" if packed else f"q has batch {batch}"
         raise ValueError(f"k_cache has batch {k_cache.shape[0]} but {which} "
                          "(pass block_table for a paged cache)")
+    if block_table is not None and k_cache.shape[1] < 1:
+        raise ValueError(f"k_cache must have a {'page_size' if paged else 'S_max'} of at "
+                         "least 1 (its dim 1)")
     descales = _descales(q, batch, k_cache, k_descale, v_descale, fp8)
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (the new tokens), or both be None")
@@ -336,14 +370,15 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
                              "over the other")
     if packed:
         n_new = q.shape[0] if n_new else 0
-    return n_new, n_q, seqlens, scale, left, right, (softcap, sinks, alibi_slopes, descales)
+    return (n_new, n_q, seqlens, block_table, scale, left, right,
+            (softcap, sinks, alibi_slopes, descales))
 
 
 def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens,
                            block_table=None, causal=True, window=None, scale=None,
                            return_lse=False, softcap=None, sinks=None, alibi_slopes=None,
                            k_descale=None, v_descale=None, cu_seqlens_q=None,
-                           max_seqlen_q=None):
+                           max_seqlen_q=None, cache_batch_idx=None):
     """Attention of new queries over a KV cache, appending the new keys and values to the
     cache in place first: FlashAttention's flash_attn_with_kvcache, whose API semantics it
     follows (layout, alignment, window).
@@ -417,13 +452,21 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     nothing outside the tensors and caches, but rows that no sequence covers are left
     unwritten.
 
-    FlashAttention's rotary_cos/rotary_sin, cache_batch_idx, cache_leftpad and num_splits
-    arguments have no counterpart here, nor cu_seqlens_k_new apart from cu_seqlens_q.
+    cache_batch_idx (FlashAttention's; an integer tensor (B,) on q's device, or None for
+    0 to B - 1): sequence b's cache is row cache_batch_idx[b] of contiguous caches
+    (B_cache, S_max, Hkv, D) with any B_cache, as a serving loop's cache pool holds more
+    sequences than a step runs. The rows are read (and appended to) where they are; the
+    kernels take them as a paged pool of one page per row. Not with block_table. Indices
+    are checked against B_cache on CPU tensors only; two sequences appending into the same
+    row leave it undefined, as in FlashAttention.
+
+    FlashAttention's rotary_cos/rotary_sin, cache_leftpad and num_splits arguments have no
+    counterpart here, nor cu_seqlens_k_new apart from cu_seqlens_q.
     """
-    n_new, n_q, seqlens, scale, left, right, mods = _validate(
+    n_new, n_q, seqlens, block_table, scale, left, right, mods = _validate(
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window, scale,
         return_lse, softcap, sinks, alibi_slopes, k_descale, v_descale, cu_seqlens_q,
-        max_seqlen_q)
+        max_seqlen_q, cache_batch_idx)
     backend = _backend.requested_backend()
     packing = (cu_seqlens_q, n_q) if cu_seqlens_q is not None else ()
     if n_new:

@@ -242,6 +242,31 @@ def test_paged_matches_contiguous(name, backend):
         _exact(pool[order[-2:]], torch.full_like(pool[order[-2:]], math.nan))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["decode_gqa8", "chunk_mha", "row_tiles_window", "clamped"])
+def test_cache_batch_idx_matches_the_rows_it_picks(name, backend):
+    """cache_batch_idx: each sequence reads and appends to its own row of a larger cache
+    pool (shuffled, with spare rows of NaN): the same output and lse as the picked rows
+    passed as the cache, the append lands in those rows, and the other rows stay as
+    they were."""
+    q, k_cache, v_cache, k, v, seqlens, kwargs = _inputs(name, torch.float32)
+    batch = q.shape[0]
+    rows = torch.randperm(batch + 2)
+    spare = rows[batch:]
+    pools = []
+    for cache in (k_cache, v_cache):
+        pool = torch.full((batch + 2, *cache.shape[1:]), math.nan)
+        pool[rows[:batch]] = cache
+        pools.append(pool)
+    flat = _run(q, k_cache, v_cache, k, v, seqlens, kwargs, backend)
+    picked = _run(q, *pools, k, v, seqlens, dict(kwargs, cache_batch_idx=rows[:batch].to(
+        DEVICE, torch.int64)), backend)
+    torch.testing.assert_close(picked[:2], flat[:2], rtol=1e-6, atol=1e-6)
+    for pool, cache in zip(picked[2:], flat[2:]):
+        _exact(pool[rows[:batch]], cache)
+        _exact(pool[spare], torch.full_like(pool[spare], math.nan))
+
+
 @pytest.mark.skipif(not KERNEL, reason="needs the triton backend")
 @pytest.mark.parametrize("sinks", [False, True], ids=["", "sinks"])
 @pytest.mark.parametrize("n_splits", [1, 2, 7])
@@ -364,6 +389,17 @@ ERRORS = {
     "page_size_0": (dict(k_cache=torch.zeros(6, 0, 2, 16), v_cache=torch.zeros(6, 0, 2, 16),
                          block_table=PAGES["block_table"], k=None, v=None), ValueError,
                     "page_size of at least 1"),
+    "batch_idx_float": (dict(cache_batch_idx=torch.zeros(2)), TypeError,
+                        "cache_batch_idx must be an integer tensor"),
+    "batch_idx_shape": (dict(cache_batch_idx=torch.zeros(3, dtype=torch.int64)), ValueError,
+                        "cache_batch_idx must have shape (B,) = (2,)"),
+    "batch_idx_row": (dict(cache_batch_idx=torch.tensor([1, 2])), ValueError,
+                      "cache_batch_idx[1] = 2 is not a row of the cache: rows are 0 to 1"),
+    "batch_idx_paged": (dict(PAGES, cache_batch_idx=torch.tensor([0, 1])), ValueError,
+                        "pass one of the two"),
+    "batch_idx_s_max_0": (dict(k_cache=torch.zeros(3, 0, 2, 16), v_cache=torch.zeros(3, 0, 2, 16),
+                               cache_batch_idx=torch.tensor([0, 2]), k=None, v=None,
+                               cache_seqlens=0), ValueError, "S_max of at least 1"),
     "causal": (dict(causal=1), TypeError, "causal must be a bool"),
     "window": (dict(window=(3,)), ValueError, "window must be a pair"),
     "window_side": (dict(window=(-2, 0)), ValueError, "window left"),
