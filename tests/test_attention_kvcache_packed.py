@@ -166,6 +166,28 @@ def test_fp8_cache_matches_per_sequence(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_batch_idx_matches_the_rows_it_picks(backend):
+    """Packed queries over rows cache_batch_idx of a shuffled cache pool (spare rows of NaN):
+    the same out, lse and appends as those rows passed as the cache."""
+    q, k_cache, v_cache, k, v, seqlens, cu_seqlens, kwargs = _inputs("mixed_gqa_append",
+                                                                     torch.float16)
+    batch = len(seqlens)
+    rows = torch.randperm(batch + 2)
+    pools = []
+    for cache in (k_cache, v_cache):
+        pool = torch.full((batch + 2, *cache.shape[1:]), math.nan, dtype=cache.dtype)
+        pool[rows[:batch]] = cache
+        pools.append(pool)
+    expect = _packed(q, k_cache, v_cache, k, v, seqlens, cu_seqlens, kwargs, backend)
+    got = _packed(q, *pools, k, v, seqlens, cu_seqlens,
+                  dict(kwargs, cache_batch_idx=rows[:batch].int()), backend)
+    torch.testing.assert_close(got[:2], expect[:2], rtol=1e-3, atol=1e-3)
+    for pool, cache in zip(got[2:], expect[2:]):
+        _exact(pool[rows[:batch]], cache)
+        _exact(pool[rows[batch:]], torch.full_like(pool[rows[batch:]], math.nan))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_and_empty(backend):
     """q with strided heads and rows, k and v strided, caches that are slices of larger ones:
     the contiguous copies' result. No queries at all (B = 0, or sequences of length 0, with
