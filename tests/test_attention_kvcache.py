@@ -250,21 +250,16 @@ def test_cache_batch_idx_matches_the_rows_it_picks(name, backend):
     passed as the cache, the append lands in those rows, and the other rows stay as
     they were."""
     q, k_cache, v_cache, k, v, seqlens, kwargs = _inputs(name, torch.float32)
-    batch = q.shape[0]
-    rows = torch.randperm(batch + 2)
-    spare = rows[batch:]
-    pools = []
-    for cache in (k_cache, v_cache):
-        pool = torch.full((batch + 2, *cache.shape[1:]), math.nan)
-        pool[rows[:batch]] = cache
-        pools.append(pool)
+    # A pool of one page per row: the table's one column is cache_batch_idx.
+    order = torch.randperm(q.shape[0] + 2)
+    (k_pool, table), (v_pool, _) = (_paged(c, c.shape[1], order) for c in (k_cache, v_cache))
     flat = _run(q, k_cache, v_cache, k, v, seqlens, kwargs, backend)
-    picked = _run(q, *pools, k, v, seqlens, dict(kwargs, cache_batch_idx=rows[:batch].to(
-        DEVICE, torch.int64)), backend)
+    picked = _run(q, k_pool, v_pool, k, v, seqlens,
+                  dict(kwargs, cache_batch_idx=table[:, 0].to(DEVICE, torch.int64)), backend)
     torch.testing.assert_close(picked[:2], flat[:2], rtol=1e-6, atol=1e-6)
     for pool, cache in zip(picked[2:], flat[2:]):
-        _exact(pool[rows[:batch]], cache)
-        _exact(pool[spare], torch.full_like(pool[spare], math.nan))
+        _exact(pool[table[:, 0].long()], cache)
+        _exact(pool[order[-2:]], torch.full_like(pool[order[-2:]], math.nan))
 
 
 @pytest.mark.skipif(not KERNEL, reason="needs the triton backend")

@@ -171,20 +171,16 @@ def test_cache_batch_idx_matches_the_rows_it_picks(backend):
     the same out, lse and appends as those rows passed as the cache."""
     q, k_cache, v_cache, k, v, seqlens, cu_seqlens, kwargs = _inputs("mixed_gqa_append",
                                                                      torch.float16)
-    batch = len(seqlens)
-    rows = torch.randperm(batch + 2)
-    pools = []
-    for cache in (k_cache, v_cache):
-        pool = torch.full((batch + 2, *cache.shape[1:]), math.nan, dtype=cache.dtype)
-        pool[rows[:batch]] = cache
-        pools.append(pool)
+    # A pool of one page per row: the table's one column is cache_batch_idx.
+    order = torch.randperm(len(seqlens) + 2)
+    (k_pool, table), (v_pool, _) = (_paged(c, c.shape[1], order) for c in (k_cache, v_cache))
     expect = _packed(q, k_cache, v_cache, k, v, seqlens, cu_seqlens, kwargs, backend)
-    got = _packed(q, *pools, k, v, seqlens, cu_seqlens,
-                  dict(kwargs, cache_batch_idx=rows[:batch].int()), backend)
+    got = _packed(q, k_pool, v_pool, k, v, seqlens, cu_seqlens,
+                  dict(kwargs, cache_batch_idx=table[:, 0]), backend)
     torch.testing.assert_close(got[:2], expect[:2], rtol=1e-3, atol=1e-3)
     for pool, cache in zip(got[2:], expect[2:]):
-        _exact(pool[rows[:batch]], cache)
-        _exact(pool[rows[batch:]], torch.full_like(pool[rows[batch:]], math.nan))
+        _exact(pool[table[:, 0].long()], cache)
+        _exact(pool[order[-2:]], torch.full_like(pool[order[-2:]], math.nan))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
