@@ -50,6 +50,14 @@ def within(offs, size, WHOLE: tl.constexpr):
     return ok
 
 
+def length_bucket(n: int, base: int = 2) -> int:
+    """n rounded up to a power of base (2 or 4), at least 1 and at most 2^16: a sequence
+    length as an autotuning key sees it, so that one model tunes a handful of times."""
+    bits = (max(n, 1) - 1).bit_length()
+    bits += -bits % (base.bit_length() - 1)
+    return min(1 << bits, 1 << 16)
+
+
 def slot_configs(rows):
     """(BLOCK_N, num_warps, num_stages) rows of a measured table -> configs for `launch`."""
     return [dict(BLOCK_N=n, num_warps=w, num_stages=s) for n, w, s in rows]

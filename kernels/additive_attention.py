@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnmem.kernels._launch import kv_length, lastdim_contiguous, launch
+from attnmem.kernels._launch import kv_length, lastdim_contiguous, launch, length_bucket
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # Value-width buckets per element size: a BLOCK_DV tunes over the configs of the first
@@ -66,13 +66,6 @@ def configs_for(kernel, elem, block_dv):
     bucket = next(width for width in VALUE_BUCKETS[elem] if block_dv <= width)
     return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_A=a, num_warps=w, num_stages=1)
             for m, n, a, w in CONFIGS[(kernel, elem, bucket)]]
-
-
-def _length_bucket(n):
-    """n rounded up to a power of 4, at most 4^8: a sequence length as the autotuning key
-    sees it."""
-    bits = (max(n, 1) - 1).bit_length()
-    return min(1 << (bits + bits % 2), 1 << 16)
 
 
 @triton.jit
@@ -263,7 +256,7 @@ def _buckets(n_q, n_k, attn_dim):
     """(q_bucket, k_bucket, attn_bucket): the shape as the autotuning key sees it, coarse
     enough that one model tunes a handful of times; the query bucket tells a decoding step
     (a tile of BLOCK_M queries holding one) from a whole sequence."""
-    return _length_bucket(n_q), _length_bucket(n_k), triton.next_power_of_2(attn_dim)
+    return length_bucket(n_q, 4), length_bucket(n_k, 4), triton.next_power_of_2(attn_dim)
 
 
 def _strides(q, k, values):

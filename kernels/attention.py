@@ -56,6 +56,7 @@ from attnmem.kernels._launch import (
     interpreting,
     kv_length,
     lastdim_contiguous,
+    length_bucket,
     tuning_options,
     within,
 )
@@ -1343,7 +1344,7 @@ def _common(q, k, kv_lengths, window_left, window_right):
     scalars = (heads, n_q, n_k, heads // k.shape[1])
     window = (unbounded if window_left < 0 else window_left,
               unbounded if window_right < 0 else window_right,
-              min(triton.next_power_of_2(max(n_q, n_k)), 1 << 16))
+              length_bucket(max(n_q, n_k)))
     dummy = kv_lengths if kv_lengths is not None else q
     return meta, scalars, window, dummy
 
@@ -1566,8 +1567,7 @@ def _varlen_common(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     (the kernels read them as the packed sizes), the longest sequences size the tiling key."""
     meta, scalars, window, dummy = _common(q, k, None, window_left, window_right)
     meta.update(VARLEN=True, cu_seqlens_q_ptr=cu_seqlens_q, cu_seqlens_k_ptr=cu_seqlens_k)
-    bucket = min(triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)), 1 << 16)
-    return meta, scalars, (*window[:2], bucket), dummy
+    return meta, scalars, (*window[:2], length_bucket(max(max_seqlen_q, max_seqlen_k))), dummy
 
 
 def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

@@ -13,6 +13,7 @@ import torch
 import attnmem
 from aot import TRITON_TYPES, compiled, sm90_spills
 from attnmem.kernels import additive_attention as kernel
+from attnmem.kernels._launch import length_bucket
 from attnmem.kernels.attention import SMEM_LIMIT
 from attnmem.reference import additive as twin
 from attnmem.reference.attention import softmax_with_lse
@@ -131,7 +132,7 @@ def test_every_tuned_tile_matches_float64(tiles, monkeypatch, odd_case):
 
 
 def test_tuning_key_buckets_lengths_by_powers_of_four():
-    assert [kernel._length_bucket(n) for n in (0, 1, 2, 4, 5, 16, 17, 1000, 10 ** 6)] == [
+    assert [length_bucket(n, 4) for n in (0, 1, 2, 4, 5, 16, 17, 1000, 10 ** 6)] == [
         1, 1, 4, 4, 16, 16, 64, 1024, 1 << 16]
 
 
