@@ -26,6 +26,12 @@ def lengths(name, x, batch, n, device):
     contiguous int32 clamped to [0, n] (clamped before the cast, so 2**32 + 3 is n, not 3)."""
     if x is None:
         return None
+    per_batch(name, x, batch, device)
+    return x.clamp(0, n).to(torch.int32).contiguous()
+
+
+def per_batch(name, x, batch, device):
+    """x is an integer tensor (B,) on device."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
@@ -34,4 +40,3 @@ def lengths(name, x, batch, n, device):
         raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(x.shape)}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but q is on {device}")
-    return x.clamp(0, n).to(torch.int32).contiguous()

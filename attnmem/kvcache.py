@@ -170,14 +170,7 @@ def _seqlens(cache_seqlens, batch, device, limit, clamp=None):
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"cache_seqlens must be an int or an integer tensor (B,), got "
                         f"{type(cache_seqlens).__name__}")
-    if (cache_seqlens.dtype.is_floating_point or cache_seqlens.dtype.is_complex
-            or cache_seqlens.dtype == torch.bool):
-        raise TypeError(f"cache_seqlens must be an integer tensor, got {cache_seqlens.dtype}")
-    if tuple(cache_seqlens.shape) != (batch,):
-        raise ValueError(f"cache_seqlens must have shape (B,) = ({batch},), got "
-                         f"{tuple(cache_seqlens.shape)}")
-    if cache_seqlens.device != device:
-        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {device}")
+    _checks.per_batch("cache_seqlens", cache_seqlens, batch, device)
     if cache_seqlens.dtype == torch.int32 and cache_seqlens.is_contiguous():
         return cache_seqlens  # the kernels clamp it
     # Clamped before the cast, so that 2**32 + 3 is the capacity, not 3.
@@ -239,18 +232,7 @@ def _batch_table(cache_batch_idx, block_table, batch, k_cache, device):
         raise ValueError("cache_batch_idx picks rows of a contiguous cache (B_cache, S_max, "
                          "Hkv, D); a paged cache's block_table already says where each "
                          "sequence's tokens are: pass one of the two")
-    if not isinstance(cache_batch_idx, torch.Tensor):
-        raise TypeError(f"cache_batch_idx must be an integer tensor (B,) or None, got "
-                        f"{type(cache_batch_idx).__name__}")
-    if (cache_batch_idx.dtype.is_floating_point or cache_batch_idx.dtype.is_complex
-            or cache_batch_idx.dtype == torch.bool):
-        raise TypeError(f"cache_batch_idx must be an integer tensor, got "
-                        f"{cache_batch_idx.dtype}")
-    if tuple(cache_batch_idx.shape) != (batch,):
-        raise ValueError(f"cache_batch_idx must have shape (B,) = ({batch},), got "
-                         f"{tuple(cache_batch_idx.shape)}")
-    if cache_batch_idx.device != device:
-        raise ValueError(f"cache_batch_idx is on {cache_batch_idx.device} but q is on {device}")
+    _checks.per_batch("cache_batch_idx", cache_batch_idx, batch, device)
     if device.type == "cpu" and not torch.compiler.is_compiling():
         bad = (cache_batch_idx < 0) | (cache_batch_idx >= k_cache.shape[0])
         if bad.any():
