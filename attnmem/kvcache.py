@@ -66,25 +66,31 @@ def _pick(q, k_cache, v_cache, backend: str, cu_seqlens_q=None, max_seqlen_q=0) 
 def _append(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
             v: torch.Tensor, cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor],
             backend: str, descales: Optional[torch.Tensor] = None,
-            cu_seqlens_q: Optional[torch.Tensor] = None, max_seqlen_q: int = 0) -> None:
+            cu_seqlens_q: Optional[torch.Tensor] = None, max_seqlen_q: int = 0,
+            rotary_cos: Optional[torch.Tensor] = None, rotary_sin: Optional[torch.Tensor] = None,
+            rotary_interleaved: bool = False) -> None:
     """descales (B, Hkv, 2) float32 (k's, v's): float8_e4m3fn caches, the new tokens
-    quantized on the way in. cu_seqlens_q, max_seqlen_q: q, k and v packed (total_q, ...)."""
+    quantized on the way in. cu_seqlens_q, max_seqlen_q: q, k and v packed (total_q, ...).
+    rotary_cos, rotary_sin: k rotated at its slot before it is written."""
+    rotation = _rotation(rotary_cos, rotary_sin, rotary_interleaved)
     if _pick(q, k_cache, v_cache, backend, cu_seqlens_q, max_seqlen_q) == "triton":
         from attnmem.kernels import attention_kvcache as kernel
         kernel.append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales,
-                      cu_seqlens_q, max_seqlen_q)
+                      cu_seqlens_q, max_seqlen_q, rotation)
     elif cu_seqlens_q is not None:
         seqlens = _clamped(cache_seqlens, k_cache, cu_seqlens_q.diff(), block_table)
         _reference.append_packed(k_cache, v_cache, k, v, seqlens, block_table, cu_seqlens_q,
-                                 descales)
+                                 descales, rotation)
     else:
         _reference.append(k_cache, v_cache, k, v, _clamped(cache_seqlens, k_cache, k.shape[1],
-                                                           block_table), block_table, descales)
+                                                           block_table), block_table, descales,
+                          rotation)
 
 
 @_append.register_fake
 def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, backend, descales=None,
-      cu_seqlens_q=None, max_seqlen_q=0):
+      cu_seqlens_q=None, max_seqlen_q=0, rotary_cos=None, rotary_sin=None,
+      rotary_interleaved=False):
     return None
 
 
@@ -95,10 +101,18 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
             alibi_slopes: Optional[torch.Tensor] = None,
             descales: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
-            max_seqlen_q: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+            max_seqlen_q: int = 0, rotary_cos: Optional[torch.Tensor] = None,
+            rotary_sin: Optional[torch.Tensor] = None, rotary_interleaved: bool = False,
+            rotary_per_query: bool = False, cache_leftpad: Optional[torch.Tensor] = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """cu_seqlens_q, max_seqlen_q: q packed (total_q, H, D), out too and lse (H, total_q);
-    n_new is then total_q when each sequence's queries are its new tokens, else 0."""
-    mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, descales=descales)
+    n_new is then total_q when each sequence's queries are its new tokens, else 0.
+    rotary_cos, rotary_sin (with new tokens): q rotated at cache_seqlens[b] + i when
+    rotary_per_query, else at cache_seqlens[b]. cache_leftpad int32 (B,) in [0, capacity]:
+    sequence b's keys start at that slot."""
+    mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, descales=descales,
+                rotation=_rotation(rotary_cos, rotary_sin, rotary_interleaved),
+                rotary_per_query=rotary_per_query, cache_leftpad=cache_leftpad)
     if _pick(q, k_cache, v_cache, backend, cu_seqlens_q, max_seqlen_q) == "triton":
         from attnmem.kernels import attention_kvcache as kernel
         return kernel.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table,
@@ -118,12 +132,18 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 @_attend.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scale, window_left, window_right,
       backend, softcap=0.0, sinks=None, alibi_slopes=None, descales=None, cu_seqlens_q=None,
-      max_seqlen_q=0):
+      max_seqlen_q=0, rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
+      rotary_per_query=False, cache_leftpad=None):
     lse_dtype = _attention_twin.compute_dtype(q.dtype)
     if cu_seqlens_q is not None:
         return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
     batch, n_q, heads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads, n_q), dtype=lse_dtype)
+
+
+def _rotation(rotary_cos, rotary_sin, interleaved):
+    """(cos, sin, interleaved) as the kernels and the twin take a rotation, or None."""
+    return None if rotary_cos is None else (rotary_cos, rotary_sin, interleaved)
 
 
 def _capacity(k_cache, block_table) -> int:
@@ -242,9 +262,45 @@ def _batch_table(cache_batch_idx, block_table, batch, k_cache, device):
     return cache_batch_idx.to(torch.int32).reshape(batch, 1).contiguous()
 
 
+def _check_rotary(rotary_cos, rotary_sin, interleaved, q, capacity, appending):
+    """rotary_cos and rotary_sin (seqlen_ro, R / 2) with 0 < R <= D, covering the cache's
+    slots (FlashAttention's seqlen_ro >= seqlen_k, a shape check: no device sync), and new
+    tokens to rotate; rotary_interleaved a bool that applies with them."""
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"rotary_interleaved must be a bool, got {type(interleaved).__name__}")
+    if rotary_cos is None and rotary_sin is None:
+        if interleaved:
+            raise ValueError("rotary_interleaved applies with rotary_cos and rotary_sin only")
+        return
+    if rotary_cos is None or rotary_sin is None:
+        raise ValueError("rotary_cos and rotary_sin must be given together, or both be None")
+    for name, x in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        _checks.tensor(name, x, 2, "(seqlen_ro, rotary_dim / 2)")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got "
+                            f"{x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    if rotary_sin.shape != rotary_cos.shape:
+        raise ValueError(f"rotary_sin must have rotary_cos's shape {tuple(rotary_cos.shape)}, "
+                         f"got {tuple(rotary_sin.shape)}")
+    seqlen_ro, half = rotary_cos.shape
+    if not 0 < 2 * half <= q.shape[-1]:
+        raise ValueError(f"rotary_cos must be (seqlen_ro, rotary_dim / 2) with 0 < rotary_dim "
+                         f"<= the head dim {q.shape[-1]}, got shape {tuple(rotary_cos.shape)}")
+    if seqlen_ro < capacity:
+        raise ValueError(f"rotary_cos has {seqlen_ro} positions but the cache has {capacity} "
+                         f"slots: it must cover them all, as FlashAttention's seqlen_ro >= "
+                         "seqlen_k")
+    if not appending:
+        raise ValueError("rotary_cos and rotary_sin rotate the new keys and the queries: pass "
+                         "k and v with them (as FlashAttention requires)")
+
+
 def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window, scale,
               return_lse, softcap=None, sinks=None, alibi_slopes=None, k_descale=None,
-              v_descale=None, cu_seqlens_q=None, max_seqlen_q=None, cache_batch_idx=None):
+              v_descale=None, cu_seqlens_q=None, max_seqlen_q=None, cache_batch_idx=None,
+              rotary_cos=None, rotary_sin=None, rotary_interleaved=False, cache_leftpad=None):
     packed = cu_seqlens_q is not None
     _checks.tensor("q", q, 3 if packed else 4, "(total_q, H, D)" if packed else "(B, Sq, H, D)")
     if q.dtype not in FLOAT_DTYPES:
@@ -316,6 +372,11 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
     left, right = _window(window, n_q, capacity)
     if causal:
         right = 0 if right < 0 else min(right, 0)
+    _check_rotary(rotary_cos, rotary_sin, rotary_interleaved, q, capacity, k is not None)
+    # FlashAttention's rule: queries rotate at their own positions when causal or local, a
+    # window side below the cache's capacity (its seqlen_k) making it local.
+    rotary_per_query = causal or max(_window(window, capacity + 1, capacity + 1)) >= 0
+    cache_leftpad = _checks.lengths("cache_leftpad", cache_leftpad, batch, capacity, q.device)
     # Packed: the kernels clamp each sequence's to the room its own new tokens leave.
     seqlens = _seqlens(cache_seqlens, batch, q.device, capacity - n_new,
                        capacity if packed else None)
@@ -328,7 +389,8 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
     if paged and q.device.type == "cpu" and not tracing:
         _check_pages(block_table, seqlens, new, k_cache.shape[1], k_cache.shape[0])
     tensors = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
-               ("sinks", sinks), ("k_descale", k_descale), ("v_descale", v_descale)]
+               ("sinks", sinks), ("k_descale", k_descale), ("v_descale", v_descale),
+               ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)]
     if torch.is_grad_enabled():
         for name, x in tensors:
             if x is not None and x.requires_grad:
@@ -352,15 +414,19 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
                              "over the other")
     if packed:
         n_new = q.shape[0] if n_new else 0
+    rotary = dict(rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                  rotary_interleaved=rotary_interleaved)
     return (n_new, n_q, seqlens, block_table, scale, left, right,
-            (softcap, sinks, alibi_slopes, descales))
+            (softcap, sinks, alibi_slopes, descales), rotary,
+            dict(rotary, rotary_per_query=rotary_per_query, cache_leftpad=cache_leftpad))
 
 
 def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens,
                            block_table=None, causal=True, window=None, scale=None,
                            return_lse=False, softcap=None, sinks=None, alibi_slopes=None,
                            k_descale=None, v_descale=None, cu_seqlens_q=None,
-                           max_seqlen_q=None, cache_batch_idx=None):
+                           max_seqlen_q=None, cache_batch_idx=None, rotary_cos=None,
+                           rotary_sin=None, rotary_interleaved=False, cache_leftpad=None):
     """Attention of new queries over a KV cache, appending the new keys and values to the
     cache in place first: FlashAttention's flash_attn_with_kvcache, whose API semantics it
     follows (layout, alignment, window).
@@ -442,17 +508,44 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     are checked against B_cache on CPU tensors only; two sequences appending into the same
     row leave it undefined, as in FlashAttention.
 
-    FlashAttention's rotary_cos/rotary_sin, cache_leftpad and num_splits arguments have no
-    counterpart here, nor cu_seqlens_k_new apart from cu_seqlens_q.
+    Rotary embeddings (FlashAttention's rotary_cos, rotary_sin and rotary_interleaved):
+    rotary_cos and rotary_sin (seqlen_ro, R / 2), any float dtype, on q's device, with R
+    even and 0 < R <= D (FlashAttention asks for a multiple of 16; any even R is taken here)
+    and seqlen_ro at least the capacity; only with k and v. The new keys are rotated at
+    their slots cache_seqlens[b] + i before they are written (and, into an FP8 cache,
+    quantized); the queries at cache_seqlens[b] + i when causal or windowed (a window side
+    below the capacity, FlashAttention's rule), else all at cache_seqlens[b] (cache_seqlens
+    as clamped above; packed, each sequence's own). The first R dims of a head pair up as
+    (d, d + R / 2) (GPT-NeoX, rotary_interleaved=False) or (2i, 2i + 1) (GPT-J, True): the
+    first of a pair becomes x * cos - x_pair * sin, the second x * cos + x_pair * sin, with
+    cos and sin at the position's row, in float32 (float64 for float64 inputs) rounded to
+    q's dtype; dims past R are untouched. The cache then holds the rotated keys. The
+    triton kernels rotate the keys on their way into the cache and the q tile after
+    loading it, with no pass over q or k of their own.
+
+    cache_leftpad (FlashAttention's; an integer tensor (B,) on q's device, or None for 0):
+    sequence b's keys start at slot cache_leftpad[b] (values clamped to [0, capacity]):
+    slots below it count for nothing, whatever they hold. Everything else counts slots
+    from 0 as above: cache_seqlens[b] is where the new tokens go, the queries' positions
+    a, the windows, the ALiBi distances and the rotary positions are unchanged (as in
+    FlashAttention, whose positions counted from cache_leftpad[b] shift queries and keys
+    alike); a sequence with cache_leftpad[b] >= L sees no key. It works with block_table
+    and cache_batch_idx too (FlashAttention's refuses a paged cache): it bounds the keys
+    each sequence reads from below.
+
+    FlashAttention's num_splits has no counterpart here (the triton backend picks the
+    splits), nor cu_seqlens_k_new apart from cu_seqlens_q.
     """
-    n_new, n_q, seqlens, block_table, scale, left, right, mods = _validate(
+    n_new, n_q, seqlens, block_table, scale, left, right, mods, rotary, attend = _validate(
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window, scale,
         return_lse, softcap, sinks, alibi_slopes, k_descale, v_descale, cu_seqlens_q,
-        max_seqlen_q, cache_batch_idx)
+        max_seqlen_q, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
+        cache_leftpad)
     backend = _backend.requested_backend()
-    packing = (cu_seqlens_q, n_q) if cu_seqlens_q is not None else ()
+    packing = (cu_seqlens_q, n_q) if cu_seqlens_q is not None else (None, 0)
     if n_new:
-        _append(q, k_cache, v_cache, k, v, seqlens, block_table, backend, mods[-1], *packing)
+        _append(q, k_cache, v_cache, k, v, seqlens, block_table, backend, mods[-1], *packing,
+                **rotary)
     out, lse = _attend(q, k_cache, v_cache, seqlens, block_table, n_new, scale, left, right,
-                       backend, *mods, *packing)
+                       backend, *mods, *packing, **attend)
     return (out, lse) if return_lse else out

@@ -38,6 +38,19 @@ x / descale in float32 (rounded to nearest), saturated to e4m3's +-448, rounded 
 even (torch's cast of the saturated value). The attention loads e4m3 tiles, which halve
 the bytes it streams, and widens them exactly to q's 16-bit dtype in registers for the
 dots: k's descale folds into the softmax scale and v's scales the output.
+
+ROTARY_DIM > 0 (FlashAttention's rotary_cos and rotary_sin, contiguous (seqlen_ro,
+ROTARY_DIM / 2) at cos_ptr and sin_ptr, any float dtype): the append rotates each new key
+at its slot cache_seqlens[b] + i before it writes (and quantizes) it, and the attention
+rotates its q tile after loading it, query i at position cache_seqlens[b] + i with
+ROTARY_PER_QUERY, else at cache_seqlens[b]. Dims d < ROTARY_DIM pair up
+as (d, d + ROTARY_DIM / 2), or (2i, 2i + 1) with INTERLEAVED: the first of a pair becomes
+x * cos - x_pair * sin, the second x * cos + x_pair * sin, in float32, rounded to x's
+dtype; a second load of the tile at the pair's columns supplies x_pair.
+LEFTPAD (FlashAttention's cache_leftpad, int32 (B,) at leftpad_ptr, in [0, capacity]):
+sequence b's keys start at slot leftpad[b], a lower bound on every row's key range (the
+splits start there too). Positions stay the slots': FlashAttention's alignment counts the
+keys from leftpad[b] and its queries alike, which no difference of the two sees.
 """
 
 import torch
@@ -87,15 +100,41 @@ def _to_e4m3(x, descale):
 
 
 @triton.jit
+def _rotary(x, rows, offs_d, ok, cos_ptr, sin_ptr, positions, ROTARY_DIM: tl.constexpr,
+            INTERLEAVED: tl.constexpr):
+    """x, the tile loaded from rows[:, None] + offs_d[None, :] where ok, with its first
+    ROTARY_DIM dims rotated at positions (rows,) (the module's docstring)."""
+    HALF: tl.constexpr = ROTARY_DIM // 2
+    rotated = offs_d < ROTARY_DIM
+    if INTERLEAVED:
+        first = offs_d % 2 == 0
+        pair = offs_d ^ 1
+        col = offs_d // 2
+    else:
+        first = offs_d < HALF
+        pair = tl.where(first, offs_d + HALF, offs_d - HALF)
+        col = tl.where(first, offs_d, offs_d - HALF)
+    ok = ok & rotated[None, :]
+    x_pair = tl.load(rows[:, None] + pair[None, :], mask=ok, other=0.0).to(tl.float32)
+    x_pair = tl.where(first[None, :], -x_pair, x_pair)
+    table = positions.to(tl.int64)[:, None] * HALF + col[None, :]
+    cos = tl.load(cos_ptr + table, mask=ok, other=1.0).to(tl.float32)
+    sin = tl.load(sin_ptr + table, mask=ok, other=0.0).to(tl.float32)
+    return tl.where(rotated[None, :], (x.to(tl.float32) * cos + x_pair * sin).to(x.dtype), x)
+
+
+@triton.jit
 def _kvcache_append(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr,
                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                     stride_kcb, stride_kcn, stride_kch, stride_vcb, stride_vcn, stride_vch,
                     stride_tb, stride_tn, n_new, n_kv_heads, capacity, page_size, n_pages,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
                     BLOCK_H: tl.constexpr, descale_ptr=None, FP8_KV: tl.constexpr = False,
-                    cu_seqlens_q_ptr=None, total_q=0, PACKED_Q: tl.constexpr = False):
+                    cu_seqlens_q_ptr=None, total_q=0, PACKED_Q: tl.constexpr = False,
+                    cos_ptr=None, sin_ptr=None, ROTARY_DIM: tl.constexpr = 0,
+                    INTERLEAVED: tl.constexpr = False):
     """New token i of sequence b, every kv head: k and v into cache slot seqlens[b] + i
-    (quantized with FP8_KV: see the module's docstring).
+    (k rotated there with ROTARY_DIM, quantized with FP8_KV: see the module's docstring).
     Program b * n_new + i: one grid axis, which CUDA allows 2^31 - 1 programs. PACKED_Q: n_new
     is max_seqlen_q, and sequence b's new tokens are rows cu_seqlens_q[b] + i of k and v
     (batch strides 0)."""
@@ -120,6 +159,9 @@ def _kvcache_append(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr,
                 + offs_d[None, :], mask=inside)
     v = tl.load(v_ptr + b * stride_vb + i * stride_vs + heads[:, None] * stride_vh
                 + offs_d[None, :], mask=inside)
+    if ROTARY_DIM > 0:
+        k = _rotary(k, k_ptr + b * stride_kb + i * stride_ks + heads * stride_kh, offs_d,
+                    inside, cos_ptr, sin_ptr, heads * 0 + seqlen + i, ROTARY_DIM, INTERLEAVED)
     if FP8_KV:
         descales = descale_ptr + (b * n_kv_heads + heads[:, None]) * 2
         head_ok = heads[:, None] < n_kv_heads
@@ -148,7 +190,10 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
                     SOFTCAP: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
                     HAS_ALIBI: tl.constexpr = False, descale_ptr=None,
                     FP8_KV: tl.constexpr = False, cu_seqlens_q_ptr=None, total_q=0,
-                    PACKED_Q: tl.constexpr = False):
+                    PACKED_Q: tl.constexpr = False, cos_ptr=None, sin_ptr=None,
+                    leftpad_ptr=None, ROTARY_DIM: tl.constexpr = 0,
+                    INTERLEAVED: tl.constexpr = False, ROTARY_PER_QUERY: tl.constexpr = False,
+                    LEFTPAD: tl.constexpr = False):
     """One split of the visible keys of sequence b, kv head hk, for a tile of rows r =
     i * group + g (query i, head hk * group + g). Writes the tile's output normalised by
     its own softmax sum, and its natural-log logsumexp (-inf for a row that saw no key), at
@@ -159,7 +204,8 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
     axis with (b, kv head), as CUDA's 2nd allows only 65535 programs.
     PACKED_Q (the module's docstring): n_q is max_seqlen_q, n_new 1 when each sequence's
     queries are its new tokens (else 0), the batch strides of q and the output 0, and the
-    lse rows (H, total_q)."""
+    lse rows (H, total_q). ROTARY_DIM, INTERLEAVED, ROTARY_PER_QUERY, LEFTPAD: the module's
+    docstring."""
     m_tiles = tl.cdiv(n_q * group, BLOCK_M)
     bh = tl.program_id(0).to(tl.int64) // m_tiles
     pid_m = (tl.program_id(0).to(tl.int64) % m_tiles).to(tl.int32)
@@ -187,11 +233,21 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
     q = tl.load(q_ptr + b * stride_qb + pos[:, None].to(tl.int64) * stride_qs
                 + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if ROTARY_DIM > 0:
+        q_pos = total - n_new + tl.zeros_like(pos)  # cache_seqlens[b]
+        if ROTARY_PER_QUERY:
+            q_pos += pos
+        q = _rotary(q, q_ptr + b * stride_qb + pos.to(tl.int64) * stride_qs + heads * stride_qh,
+                    offs_d, row_ok[:, None] & d_ok[None, :], cos_ptr, sin_ptr, q_pos,
+                    ROTARY_DIM, INTERLEAVED)
 
     # Keys some row of the tile sees, split evenly (in whole tiles) across the programs.
     pos_first = pid_m * BLOCK_M // group
     pos_last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_q * group) - 1) // group
-    key_lo = tl.maximum(pos_first + offset - window_left, 0)
+    first_key = 0
+    if LEFTPAD:
+        first_key = tl.load(leftpad_ptr + b)
+    key_lo = tl.maximum(pos_first + offset - window_left, first_key)
     hi = tl.minimum(pos_last + offset + window_right, total - 1) + 1
     lo = (key_lo // BLOCK_N) * BLOCK_N
     tiles = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
@@ -231,6 +287,8 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
                                 HAS_ALIBI)
         keep = ((keys[None, :] < hi) & (keys[None, :] >= aligned[:, None] - window_left)
                 & (keys[None, :] <= aligned[:, None] + window_right) & row_ok[:, None])
+        if LEFTPAD:
+            keep = keep & (keys[None, :] >= first_key)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no key yet keeps m = -inf; shift it by 0 instead.
@@ -347,6 +405,24 @@ def _packed_meta(cu_seqlens_q, total_q) -> dict:
     return dict(cu_seqlens_q_ptr=cu_seqlens_q, total_q=total_q, PACKED_Q=True)
 
 
+def _rotary_meta(rotation, per_query=None) -> dict:
+    """The kernels' ROTARY_DIM arguments for rotation = (cos, sin, interleaved), or none;
+    with per_query (the attention's), its ROTARY_PER_QUERY."""
+    if rotation is None:
+        return {}
+    cos, sin, interleaved = rotation
+    meta = dict(cos_ptr=cos.contiguous(), sin_ptr=sin.contiguous(),
+                ROTARY_DIM=2 * cos.shape[1], INTERLEAVED=interleaved)
+    if per_query is not None:
+        meta["ROTARY_PER_QUERY"] = per_query
+    return meta
+
+
+def _leftpad_meta(cache_leftpad) -> dict:
+    """The attention's LEFTPAD arguments for cache_leftpad int32 (B,), or none."""
+    return {} if cache_leftpad is None else dict(leftpad_ptr=cache_leftpad, LEFTPAD=True)
+
+
 def _batch_view(x, packed):
     """x (B, Sq, ...) as it is, or packed x (total, ...) as the kernels' batch of one, batch
     stride 0 (with PACKED_Q each program moves its bases to its own sequence's rows)."""
@@ -354,11 +430,13 @@ def _batch_view(x, packed):
 
 
 def append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales=None,
-           cu_seqlens_q=None, max_seqlen_q=None):
+           cu_seqlens_q=None, max_seqlen_q=None, rotation=None):
     """Writes k, v (B, Sq, Hkv, D) into the caches in place at cache_seqlens[b] + i; into
     float8_e4m3fn caches quantized with descales (B, Hkv, 2) float32 (k's, v's). With
     cu_seqlens_q (B + 1,) int32 and max_seqlen_q: k, v packed (total, Hkv, D), sequence b's
-    new tokens in rows cu_seqlens_q[b] to cu_seqlens_q[b + 1]."""
+    new tokens in rows cu_seqlens_q[b] to cu_seqlens_q[b + 1]. rotation (cos, sin,
+    interleaved): k rotated at its slot first (cos, sin (seqlen_ro, R / 2), seqlen_ro at
+    least the capacity)."""
     if k.numel() == 0:
         return
     packed = cu_seqlens_q is not None
@@ -376,13 +454,14 @@ def append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales=None,
         table.stride(-1), n_new, kv_heads, capacity, k_cache.shape[1] if paged else 1,
         k_cache.shape[0], HEAD_DIM=head_dim, BLOCK_D=block_d, PAGED=paged,
         BLOCK_H=triton.next_power_of_2(kv_heads), **_fp8_meta(descales),
-        **_packed_meta(cu_seqlens_q, k.shape[1]))
+        **_packed_meta(cu_seqlens_q, k.shape[1]), **_rotary_meta(rotation))
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scale,
                            window_left, window_right, config=None, n_splits=None, softcap=0.0,
                            sinks=None, alibi_slopes=None, descales=None, cu_seqlens_q=None,
-                           max_seqlen_q=None):
+                           max_seqlen_q=None, rotation=None, rotary_per_query=False,
+                           cache_leftpad=None):
     """-> out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) float32, natural log. The new keys
     (n_new of them) are in the caches already; cache_seqlens counts the tokens before
     them. config and n_splits override the launch's choice (tests). softcap, sinks (H,)
@@ -392,7 +471,10 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
     Packed queries: q (total_q, H, D), sequence b's in rows cu_seqlens_q[b] to
     cu_seqlens_q[b + 1] ((B + 1,) int32), at most max_seqlen_q of them; n_new 0, or nonzero
     when each sequence's queries are its new tokens (in the caches already). -> out (total_q,
-    H, D), lse (H, total_q)."""
+    H, D), lse (H, total_q).
+    rotation (cos, sin, interleaved), with n_new nonzero: q rotated at cache_seqlens[b] + i
+    if rotary_per_query, else all at cache_seqlens[b]. cache_leftpad int32 (B,), values in
+    [0, capacity]: sequence b's keys start at that slot."""
     q = lastdim_contiguous(q)
     packed = cu_seqlens_q is not None
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -438,7 +520,8 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGED=paged,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **mods,
-        **_fp8_meta(descales), **_packed_meta(cu_seqlens_q, rows[1]))
+        **_fp8_meta(descales), **_packed_meta(cu_seqlens_q, rows[1]),
+        **_rotary_meta(rotation, rotary_per_query), **_leftpad_meta(cache_leftpad))
     if n_splits > 1:
         _kvcache_combine[(rows[0] * rows[1] * heads,)](
             part_out, part_lse, out_view, lse, *out_view.stride()[:3], n_splits, heads, rows[1],

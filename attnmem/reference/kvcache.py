@@ -14,6 +14,13 @@ dtype (float32, float64 for a float64 q) before it attends.
 Packed queries (q (total_q, H, D), sequence b's in rows cu_seqlens_q[b] to cu_seqlens_q[b + 1],
 its new tokens, if any, packed alike): append_packed and attention_with_kvcache_packed run
 the functions above on each sequence's rows as a batch of one.
+
+Rotary embeddings (FlashAttention's rotary_cos and rotary_sin, (seqlen_ro, R / 2)): the
+append rotates the new keys at their slots cache_seqlens[b] + i (before quantizing them),
+the attention its queries at cache_seqlens[b] + i, or all at cache_seqlens[b] (rotary).
+cache_leftpad (B,): sequence b's keys start at slot cache_leftpad[b]; its slice of keys
+from there is what the attention twin aligns the queries to, so positions, windows and
+ALiBi distances stay those of the slots.
 """
 
 import torch
@@ -30,6 +37,27 @@ def token_slots(cache_seqlens, n_tokens, block_table, page_size):
     return block_table.long().gather(1, pos // page_size), pos % page_size
 
 
+def rotary(x, cos, sin, positions, interleaved):
+    """x (..., D) with its first R = 2 * cos.shape[1] dims rotated by cos, sin (seqlen_ro,
+    R / 2) at positions (integers broadcasting to x.shape[:-1]): in pairs (d, d + R / 2), or
+    (2i, 2i + 1) when interleaved, the first of a pair becomes x * cos - x_pair * sin and the
+    second x * cos + x_pair * sin, in the compute dtype, rounded to x's dtype. Dims past R
+    are untouched."""
+    ct = _attention.compute_dtype(x.dtype)
+    half = cos.shape[1]
+    cos, sin = (t.to(ct)[positions.long()] for t in (cos, sin))
+    if interleaved:
+        first, second = x[..., 0:2 * half:2], x[..., 1:2 * half:2]
+        pair = torch.stack([-second, first], -1).flatten(-2)
+        cos, sin = (t.repeat_interleave(2, -1) for t in (cos, sin))
+    else:
+        first, second = x[..., :half], x[..., half:2 * half]
+        pair = torch.cat([-second, first], -1)
+        cos, sin = (torch.cat([t, t], -1) for t in (cos, sin))
+    rotated = x[..., :2 * half].to(ct) * cos + pair.to(ct) * sin
+    return torch.cat([rotated.to(x.dtype), x[..., 2 * half:]], -1)
+
+
 def quantize(x, descale):
     """x (B, Sq, Hkv, D) and descale (B, Hkv) -> x / descale in float32, saturated to
     e4m3's +-448 (NaN stays NaN) and cast to float8_e4m3fn (round to nearest even)."""
@@ -38,10 +66,14 @@ def quantize(x, descale):
     return scaled.clamp(-limit, limit).to(torch.float8_e4m3fn)
 
 
-def append(k_cache, v_cache, k, v, cache_seqlens, block_table, descales=None):
+def append(k_cache, v_cache, k, v, cache_seqlens, block_table, descales=None, rotation=None):
     """Writes k, v (B, Sq, Hkv, D) into the caches in place, token i of sequence b at
-    position cache_seqlens[b] + i; quantized with descales (B, Hkv, 2) if given."""
+    position cache_seqlens[b] + i; k rotated at that position first with rotation = (cos,
+    sin, interleaved) if given, then both quantized with descales (B, Hkv, 2) if given."""
     first, second = token_slots(cache_seqlens, k.shape[1], block_table, k_cache.shape[1])
+    if rotation is not None:
+        positions = cache_seqlens.long()[:, None] + torch.arange(k.shape[1], device=k.device)
+        k = rotary(k, *rotation[:2], positions[..., None], rotation[2])
     if descales is not None:
         k, v = quantize(k, descales[..., 0]), quantize(v, descales[..., 1])
     k_cache[first, second] = k
@@ -59,24 +91,35 @@ def gather(cache, b, length, block_table):
 
 def attention_with_kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, n_new,
                                    scale, window_left, window_right, softcap=0.0, sinks=None,
-                                   alibi_slopes=None, descales=None):
+                                   alibi_slopes=None, descales=None, rotation=None,
+                                   rotary_per_query=False, cache_leftpad=None):
     """q (B, Sq, H, D); the caches hold the n_new new tokens after cache_seqlens[b] old ones
     (values in range). -> out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) in the twin's
     compute dtype (-inf where a query sees no key and no sink; its output is zero).
     softcap, sinks (H,) and alibi_slopes (H,) or (B, H) as the attention twin takes them.
     descales (B, Hkv, 2): float8 caches, whose keys are k_cache * descales[b, :, 0] and
-    values v_cache * descales[b, :, 1]."""
+    values v_cache * descales[b, :, 1]. rotation (cos, sin, interleaved): q rotated at
+    positions cache_seqlens[b] + i if rotary_per_query, else all at cache_seqlens[b].
+    cache_leftpad (B,) (values in [0, capacity]): sequence b's keys are slots
+    cache_leftpad[b] to cache_seqlens[b] + n_new."""
     ct = _attention.compute_dtype(q.dtype)
+    if rotation is not None:
+        step = torch.arange(q.shape[1], device=q.device) * rotary_per_query
+        positions = cache_seqlens.long()[:, None] + step
+        q = rotary(q, *rotation[:2], positions[..., None], rotation[2])
+    starts = [0] * len(cache_seqlens) if cache_leftpad is None else cache_leftpad.tolist()
     outs, lses = [], []
-    for b, seqlen in enumerate(cache_seqlens.tolist()):
+    for b, (seqlen, start) in enumerate(zip(cache_seqlens.tolist(), starts)):
         length = seqlen + n_new
-        k, v = (gather(c, b, length, block_table) for c in (k_cache, v_cache))
+        k, v = (gather(c, b, length, block_table)[start:] for c in (k_cache, v_cache))
         if descales is not None:
             k, v = (x.to(ct) * descales[b, :, i, None].to(ct) for i, x in enumerate((k, v)))
         k, v = (x.transpose(0, 1)[None] for x in (k, v))
         slopes = alibi_slopes
         if slopes is not None and slopes.ndim == 2:
             slopes = slopes[b:b + 1]
+        # Aligned to the end of the keys from slot `start` on, the queries and keys sit at
+        # their slots less start: masks and ALiBi distances, differences, do not see it.
         out, lse = _attention.attention_forward(q[b:b + 1].transpose(1, 2), k, v, None,
                                                 scale, window_left, window_right, softcap,
                                                 sinks, slopes)
@@ -106,19 +149,20 @@ def _own(x, b):
 
 
 def append_packed(k_cache, v_cache, k, v, cache_seqlens, block_table, cu_seqlens_q,
-                  descales=None):
+                  descales=None, rotation=None):
     """append() of each sequence's new tokens, k and v (total_q, Hkv, D) packed as
     cu_seqlens_q: sequence b's at cache_seqlens[b] + i."""
     for b, rows, *sequence, table in _sequences(cu_seqlens_q, k_cache, v_cache, cache_seqlens,
                                                  block_table):
         k_caches, v_caches, seqlens = sequence
         append(k_caches, v_caches, k[None, rows], v[None, rows], seqlens, table,
-               _own(descales, b))
+               _own(descales, b), rotation)
 
 
 def attention_with_kvcache_packed(q, k_cache, v_cache, cache_seqlens, block_table,
                                   cu_seqlens_q, appended, scale, window_left, window_right,
-                                  softcap=0.0, sinks=None, alibi_slopes=None, descales=None):
+                                  softcap=0.0, sinks=None, alibi_slopes=None, descales=None,
+                                  rotation=None, rotary_per_query=False, cache_leftpad=None):
     """attention_with_kvcache_forward of each sequence's queries, q (total_q, H, D) packed as
     cu_seqlens_q; appended: its queries' tokens are its new tokens (in the caches after
     cache_seqlens[b] old ones). -> out (total_q, H, D) in q's dtype, lse (H, total_q) in the
@@ -134,6 +178,7 @@ def attention_with_kvcache_packed(q, k_cache, v_cache, cache_seqlens, block_tabl
         n_q = rows.stop - rows.start
         out_b, lse_b = attention_with_kvcache_forward(
             q[None, rows], *sequence, n_q if appended else 0, scale, window_left, window_right,
-            softcap, sinks, slopes, _own(descales, b))
+            softcap, sinks, slopes, _own(descales, b), rotation, rotary_per_query,
+            _own(cache_leftpad, b))
         out[rows], lse[:, rows] = out_b[0], lse_b[0]
     return out, lse
