@@ -43,14 +43,15 @@ ROTARY_DIM > 0 (FlashAttention's rotary_cos and rotary_sin, contiguous (seqlen_r
 ROTARY_DIM / 2) at cos_ptr and sin_ptr, any float dtype): the append rotates each new key
 at its slot cache_seqlens[b] + i before it writes (and quantizes) it, and the attention
 rotates its q tile after loading it, query i at position cache_seqlens[b] + i with
-ROTARY_PER_QUERY, else at cache_seqlens[b]. Dims d < ROTARY_DIM pair up
-as (d, d + ROTARY_DIM / 2), or (2i, 2i + 1) with INTERLEAVED: the first of a pair becomes
-x * cos - x_pair * sin, the second x * cos + x_pair * sin, in float32, rounded to x's
-dtype; a second load of the tile at the pair's columns supplies x_pair.
+ROTARY_PER_QUERY, else at cache_seqlens[b]. Dims d < ROTARY_DIM pair up as (d, d +
+ROTARY_DIM / 2), or (2i, 2i + 1) with INTERLEAVED: the first of a pair becomes x * cos -
+x_pair * sin, the second x * cos + x_pair * sin, in float32, rounded to x's dtype; a second
+load of the tile at the pair's columns supplies x_pair, and cos and sin are gathered by
+each row's position.
 LEFTPAD (FlashAttention's cache_leftpad, int32 (B,) at leftpad_ptr, in [0, capacity]):
 sequence b's keys start at slot leftpad[b], a lower bound on every row's key range (the
-splits start there too). Positions stay the slots': FlashAttention's alignment counts the
-keys from leftpad[b] and its queries alike, which no difference of the two sees.
+splits start there too). Positions stay the slots': FlashAttention counts its queries'
+and keys' positions from leftpad[b] alike, which no difference of the two sees.
 """
 
 import torch

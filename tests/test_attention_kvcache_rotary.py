@@ -37,9 +37,9 @@ from tolerance import assert_close_to_float64
 
 FP16, FP32 = torch.float16, torch.float32
 
-# name: (B, Sq, H, Hkv, D, rotary dim, capacity, cache_seqlens, cache_leftpad or None,
-# causal, window, interleaved, page size, "rows" (cache_batch_idx) or None, dtype, score
-# modifications)
+# name: (B, Sq, H, Hkv, D, rotary dim (0: none, and no new tokens), capacity, cache_seqlens,
+# cache_leftpad or None, causal, window, interleaved, page size, "rows" (cache_batch_idx) or
+# None, dtype, score modifications)
 CASES = {
     # The last sequence's keys all lie below its left padding: it sees none.
     "decode_gqa_leftpad_batch_idx": (3, 1, 8, 2, 64, 64, 80, [79, 0, 30], [10, 0, 40], True,
@@ -52,6 +52,9 @@ CASES = {
                                 None, FP16, False),
     "window_leftpad_paged_mods": (2, 4, 4, 2, 32, 32, 64, [40, 3], [30, 1], False, (6, 1),
                                   True, 8, FP32, True),
+    # Left padding alone, clamped (-3 to 0, 70 to the capacity 48: no key).
+    "leftpad_no_append_window": (3, 3, 4, 2, 16, 0, 48, [30, 48, 48], [25, -3, 70], True,
+                                 (4, 0), False, 6, FP16, False),
 }
 
 
@@ -62,20 +65,23 @@ def _inputs(name, dtype):
     (batch, n_q, heads, kv_heads, d, rotary_dim, capacity, seqlens, leftpad, causal, window,
      interleaved, _, _, mods) = CASES[name]
     seqlens = torch.tensor(seqlens, dtype=torch.int32)
-    used = seqlens.clamp(0, capacity - n_q)
+    used = seqlens.clamp(0, capacity - n_q * (rotary_dim > 0))
     slot = torch.arange(capacity)[None, :]
     padding = slot >= used[:, None]
     if leftpad is not None:
-        leftpad = torch.tensor(leftpad, dtype=torch.int32)
+        leftpad = torch.tensor(leftpad)  # int64, as the kernels do not read it
         padding |= slot < leftpad[:, None]
     caches = [torch.randn(batch, capacity, kv_heads, d, dtype=dtype)
               .masked_fill(padding[..., None, None], math.nan) for _ in range(2)]
     q = torch.randn(batch, n_q, heads, d, dtype=dtype)
     k, v = (torch.randn(batch, n_q, kv_heads, d, dtype=dtype) for _ in range(2))
     angle = torch.rand(capacity, rotary_dim // 2, dtype=torch.float64) * 2 * math.pi
-    kwargs = dict(causal=causal, window=window, rotary_cos=angle.cos().to(dtype),
-                  rotary_sin=angle.sin().to(dtype), rotary_interleaved=interleaved,
-                  cache_leftpad=leftpad)
+    kwargs = dict(causal=causal, window=window, cache_leftpad=leftpad)
+    if rotary_dim:
+        kwargs.update(rotary_cos=angle.cos().to(dtype), rotary_sin=angle.sin().to(dtype),
+                      rotary_interleaved=interleaved)
+    else:
+        k = v = None
     if mods:
         kwargs.update(softcap=1.5, sinks=torch.randn(heads), alibi_slopes=torch.rand(heads))
     return q, *caches, k, v, seqlens, kwargs, angle
@@ -119,21 +125,23 @@ def _run(q, k_cache, v_cache, k, v, seqlens, kwargs, backend, page_size=None):
 def test_matches_float64(name, backend):
     """out, lse and the rotated keys the append writes within twice torch's error of float64
     (cos and sin of the same angles in float64); v appended exactly, every other slot (NaN
-    below the left padding and past the length included) untouched."""
+    below the left padding and past the length included) untouched; queries that see no key
+    output zeros."""
     dtype, page_size = CASES[name][13], CASES[name][12]
     q, k_cache, v_cache, k, v, seqlens, kwargs, angle = _inputs(name, dtype)
     got = _run(q, k_cache, v_cache, k, v, seqlens, kwargs, backend, page_size)
+    exact_angles = dict(rotary_cos=angle.cos(), rotary_sin=angle.sin()) if k is not None else {}
     expect = _run(*map(_double, (q, k_cache, v_cache, k, v)), seqlens,
-                  dict({n: _double(x) for n, x in kwargs.items()}, rotary_cos=angle.cos(),
-                       rotary_sin=angle.sin()), "torch")
+                  dict({n: _double(x) for n, x in kwargs.items()}, **exact_angles), "torch")
     base = _run(q, k_cache, v_cache, k, v, seqlens, kwargs, "torch")
     start = seqlens.clamp(0, k_cache.shape[1] - q.shape[1])
     new = torch.zeros(k_cache.shape[:2], dtype=torch.bool)
     for b, s in enumerate(start.tolist()):
-        new[b, s:s + q.shape[1]] = True
+        new[b, s:s + q.shape[1]] = k is not None
     _exact(got[3], base[3])
     _exact(got[2][~new], k_cache[~new])
-    assert_close_to_float64([got[2][new]], [expect[2][new]], [base[2][new]], dtype)
+    if k is not None:
+        assert_close_to_float64([got[2][new]], [expect[2][new]], [base[2][new]], dtype)
     assert_matches_float64(*got[:2], expect[:2], base[:2], dtype)
 
 

@@ -15,12 +15,12 @@ Packed queries (q (total_q, H, D), sequence b's in rows cu_seqlens_q[b] to cu_se
 its new tokens, if any, packed alike): append_packed and attention_with_kvcache_packed run
 the functions above on each sequence's rows as a batch of one.
 
-Rotary embeddings (FlashAttention's rotary_cos and rotary_sin, (seqlen_ro, R / 2)): the
-append rotates the new keys at their slots cache_seqlens[b] + i (before quantizing them),
-the attention its queries at cache_seqlens[b] + i, or all at cache_seqlens[b] (rotary).
-cache_leftpad (B,): sequence b's keys start at slot cache_leftpad[b]; its slice of keys
-from there is what the attention twin aligns the queries to, so positions, windows and
-ALiBi distances stay those of the slots.
+Rotary embeddings (FlashAttention's rotary_cos and rotary_sin, (seqlen_ro, R / 2), applied
+by rotary): the append rotates the new keys at their slots cache_seqlens[b] + i (before
+quantizing them), the attention its queries at cache_seqlens[b] + i, or all at
+cache_seqlens[b]. cache_leftpad (B,): sequence b's keys start at slot cache_leftpad[b]; the
+attention twin aligns the queries to its slice of keys from there, which shifts queries and
+keys alike, so masks and ALiBi distances stay those of the slots.
 """
 
 import torch
