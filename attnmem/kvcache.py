@@ -521,7 +521,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     cos and sin at the position's row, in float32 (float64 for float64 inputs) rounded to
     q's dtype; dims past R are untouched. The cache then holds the rotated keys. The
     triton kernels rotate the keys on their way into the cache and the q tile after
-    loading it, with no pass over q or k of their own.
+    loading it: no separate pass over q or k.
 
     cache_leftpad (FlashAttention's; an integer tensor (B,) on q's device, or None for 0):
     sequence b's keys start at slot cache_leftpad[b] (values clamped to [0, capacity]):
