@@ -368,15 +368,15 @@ def _rotary_job(job, interleaved, leftpad=False):
     return dict(job, constexprs=constexprs, pointers=pointers, expect=NO_SPILLS)
 
 
-# float16, head dims 64 and 128: decoding GQA 8:1 from a paged cache in splits, and a chunk of
-# 16 queries at 8:1 (128 rows); the append of one token's 8 kv heads.
+# float16, head dims 64 and 128: decoding GQA 8:1 from a paged cache in splits, and at 128 a
+# chunk of 16 queries at 8:1 (128 rows); the append of one token's 8 kv heads.
 AOT_CASES = {
     **{f"attend-sm90-d{d}-rows{rows}-{'interleaved' if interleaved else 'neox'}-leftpad":
        _rotary_job(_attend_job(90, "float16", d, rows, rows == 8, rows == 8), interleaved, True)
-       for d in (64, 128) for rows, interleaved in ((8, False), (128, True))},
+       for d, rows, interleaved in ((64, 8, False), (128, 8, True), (128, 128, False))},
     **{f"append-sm90-d{d}-{'interleaved' if interleaved else 'neox'}":
        _rotary_job(_append_job(90, "float16", d, 8, True), interleaved)
-       for d in (64, 128) for interleaved in (False, True)},
+       for d, interleaved in ((64, True), (128, False))},
 } if HAS_TRITON else {}
 
 
