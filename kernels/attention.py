@@ -1304,7 +1304,10 @@ def _sm90_flag_prune(kernel: str, configs, **meta):
 # dQ on sm_90 with 16-bit inputs and v's head dim apart from q's: tiles that spill there where
 # the same tile with equal head dims does not (ptxas -v, triton 3.9; 3.6 spills none):
 # 128x32x8x3 at (BLOCK_D, BLOCK_DV) = (256, 128), head dims 192 or 256 and 128 (72 B; 20 to
-# 44 B with softcap or ALiBi).
+# 44 B with softcap or ALiBi). The tile left there, 128x16x8x2, spills 12 B with dropout and
+# softcap together (none with either alone, or with ALiBi too; none on triton 3.6); the
+# table holds no lighter one (every combination of dropout, softcap and ALiBi at head dims
+# (192, 128) and (128, 64) compiled: tests/test_attention_mla.py).
 DQ_VALUE_HEAD_DIM_SPILLS_SM90 = {(256, 128): [(128, 32, 8, 3)]}
 
 

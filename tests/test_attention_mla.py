@@ -232,6 +232,28 @@ def test_value_head_dim_past_the_kernels_falls_back_to_the_twin():
     torch.testing.assert_close(out, expect.float())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    """The custom ops' outputs have their fakes' shapes (out and dv with v's head dim),
+    strides and dtypes."""
+    from attnmem import varlen
+    from attnmem.attention import _attention_backward, _attention_forward
+
+    q, k, v = _qkv()
+    checks = dict(test_utils=("test_schema", "test_faketensor"))
+    fwd_args = (q.requires_grad_(), k, v, torch.tensor([7, 3], device=DEVICE), 0.35, 4, 0,
+                backend)
+    torch.library.opcheck(_attention_forward, fwd_args, **checks)
+    out, lse = _attention_forward(*fwd_args)
+    torch.library.opcheck(_attention_backward, (torch.randn_like(out), q.detach(), k, v,
+                                                out.detach(), lse.detach(), None, *fwd_args[3:]),
+                          **checks)
+    packed = [x[0].transpose(0, 1) for x in (q.detach(), k, v)]
+    torch.library.opcheck(varlen._varlen_forward, (*packed, cu_seqlens([5]), cu_seqlens([7]),
+                                                   5, 7, 0.35, -1, 0, backend),
+                          **checks)
+
+
 def test_configs_follow_the_larger_head_dim(monkeypatch):
     """v's tile goes to the kernels only where its head dim differs (so equal head dims compile
     and tune as before); the tables and budgets take the larger tile; on sm_90, dQ at (256,
@@ -269,17 +291,16 @@ def _sm90_pruned(name, monkeypatch, **meta):
 
 
 # (D, Ev, kernel, variant): compiled at the first config the sm_90 pruning keeps.
-COMPILE_JOBS = [(192, 128, "fwd", "ws"), (192, 128, "fwd", "masked"), (192, 128, "dkdv", "atomic"),
-                (192, 128, "dkdv", "det"), (192, 128, "dq", ""), (128, 64, "fwd", "ws-masked"),
-                (128, 64, "dkdv", "atomic"), (128, 64, "dq", "")]
+COMPILE_JOBS = [(192, 128, "fwd", "ws"), (192, 128, "dkdv", "atomic"), (192, 128, "dq", ""),
+                (128, 64, "dkdv", "det")]
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("aot")
 def test_kernels_compile_for_sm90_without_spills(monkeypatch):
-    """At (D, Ev) = (192, 128) and (128, 64), 16-bit inputs, the forward (warp-specialized and
-    not, masked and not) and both backward kernels use wgmma, TMA and warp specialization as
-    their configs say, and spill nothing (the jobs carry their expectations, so
+    """At (D, Ev) = (192, 128) and (128, 64), 16-bit inputs, the warp-specialized forward,
+    dK/dV (atomic and deterministic) and dQ use wgmma, TMA and warp specialization as their
+    configs say, and spill nothing (the jobs carry their expectations, so
     tests/test_triton_versions.py checks them on the GPU machines' triton 3.6 too)."""
     pytest.importorskip("triton")
     from test_attention_targets import expecting, job
@@ -290,12 +311,12 @@ def test_kernels_compile_for_sm90_without_spills(monkeypatch):
     jobs = {}
     for d, ev, name, variant in COMPILE_JOBS:
         tiles = dict(BLOCK_D=kernel._block_d(d), BLOCK_DV=kernel._block_d(ev))
-        masked = variant != "ws"
+        masked = name != "fwd"
         meta = {"fwd": dict(MASK_KEYS=masked), "dq": {},
                 "dkdv": dict(ATOMIC_DQ=variant == "atomic")}[name]
         configs = _sm90_pruned(name, monkeypatch, **tiles, **meta)
         if name == "fwd":
-            configs = [c for c in configs if ("WARP_SPECIALIZE" in c) == variant.startswith("ws")]
+            configs = [c for c in configs if "WARP_SPECIALIZE" in c]
         spec = job(name, 90, "float16", tiles["BLOCK_D"], configs[0], masked=masked,
                    atomic_dq=variant == "atomic")
         spec["constexprs"].update(HEAD_DIM=d, HEAD_DV=ev, BLOCK_DV=tiles["BLOCK_DV"])
