@@ -634,8 +634,8 @@ def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None
     (differentiable), in float32 (float64 for float64 inputs). v's head dim Ev may differ
     from q's and k's D, as SDPA's may (multi-head latent attention trains with D = 192,
     Ev = 128): every option below takes it, on both backends (the triton kernels up to 256
-    each), with one exception: the torch backend's fused CPU kernel, which runs the twin
-    instead.
+    each; on CPU tensors the torch backend then runs the twin, as torch's fused kernel takes
+    one head dim).
 
     Masks align every batch to the padded key length Nk, not to its own kv_lengths[b]: query
     i sits at a = i + Nk - Nq (bottom-right on the padded keys) and sees key j when all of

@@ -1,8 +1,11 @@
 """Tiled softmax attention (FlashAttention-2 style): forward, backward and their launchers.
 
-Layout: q, dq, out, dout (B, H, Nq, D); k, v, dk, dv (B, Hkv, Nk, D); lse, delta (B, H, Nq)
-float32. Query head h reads kv head h // (H // Hkv). Masks are one window of key offsets
-around each query's bottom-right aligned position a = i + Nk - Nq: key j is visible iff
+Layout: q, dq (B, H, Nq, D); out, dout (B, H, Nq, Ev); k, dk (B, Hkv, Nk, D); v, dv
+(B, Hkv, Nk, Ev); lse, delta (B, H, Nq) float32. v's head dim Ev may differ from D (SDPA's;
+multi-head latent attention's D = 192, Ev = 128): the kernels then take HEAD_DV and BLOCK_DV
+for v's, out's and dO's columns, and run the configs of the larger head dim. Query head h
+reads kv head h // (H // Hkv). Masks are one window of key offsets around each query's
+bottom-right aligned position a = i + Nk - Nq: key j is visible iff
 a - window_left <= j <= a + window_right and j < kv_len (see attnmem.reference.attention).
 Each program visits only the tiles its mask leaves non-empty, and evaluates the mask only on
 the tiles at the edges of the visible band. There, keys that no query of the tile sees are
