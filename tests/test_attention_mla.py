@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_attention import _window, naive
 from test_attention_fp8 import _interpreter_e4m3_cast, assert_fp8_close  # noqa: F401
-from test_attention_varlen import cu_seqlens, per_sequence
+from test_attention_varlen import cu_seqlens, each_sequence, per_sequence
 
 import attnmem
 from attnmem.reference import attention as twin
@@ -189,6 +189,36 @@ def test_fp8_forward(backend):
         ref_abs = attnmem.attention(q, k, v.abs(), **masks)
     assert out.shape == (b, heads, n_q, ev)
     assert_fp8_close(out, lse, ref, ref_lse, ref_abs, v, n_k, torch.float32, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp8_varlen_forward(backend):
+    """The packed FP8 forward (V^T laid out per sequence by the launcher) against float64
+    attention of each sequence's dequantized inputs, within the same bound."""
+    lengths_q, lengths_k = [5, 13], [9, 7]
+    q = torch.randn(sum(lengths_q), 4, 32, device=DEVICE)
+    k, v = (torch.randn(sum(lengths_k), 2, dim, device=DEVICE) for dim in (32, 48))
+    cus = cu_seqlens(lengths_q), cu_seqlens(lengths_k)
+    quantized = [attnmem.quantize_fp8(x, kv_heads=2, cu_seqlens=cu)
+                 for x, cu in ((q, cus[0]), (k, cus[1]), (v, cus[1]))]
+    descales = dict(zip(("q_descale", "k_descale", "v_descale"), (s for _, s in quantized)))
+    with attnmem.use_backend(backend), torch.no_grad():
+        out, lse = attnmem.attention_varlen(*(x for x, _ in quantized), *cus, 13, 9, causal=True,
+                                            **descales, out_dtype=torch.float32,
+                                            return_lse=True)
+
+    def dequantized(absolute, q, k, v, b):
+        q, k, v = (twin.dequantize(x, s[b:b + 1]).double()
+                   for x, (_, s) in zip((q, k, v), quantized))
+        with attnmem.use_backend("torch"):
+            return attnmem.attention(q, k, v.abs() if absolute else v, causal=True,
+                                     return_lse=True)
+
+    fp8 = [x for x, _ in quantized]
+    ref, ref_lse = each_sequence(lambda *x: dequantized(False, *x), *fp8, *cus)
+    ref_abs, _ = each_sequence(lambda *x: dequantized(True, *x), *fp8, *cus)
+    assert out.shape == (q.shape[0], 4, 48)
+    assert_fp8_close(out, lse.T, ref, ref_lse.T, ref_abs, v, 9, torch.float32, backend)
 
 
 def _qkv(e=8, ev=12):
