@@ -29,26 +29,28 @@ FP8_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 E4M3_MAX = 448.0
 
 
-def _triton_reasons(q, batch: int) -> list[str]:
+def _triton_reasons(q, batch: int, v=None) -> list[str]:
     reasons = []
     if q.dtype not in TRITON_DTYPES:
         reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
-    return reasons + _shape_reasons(q, batch)
+    return reasons + _shape_reasons(q, batch, v)
 
 
-def _shape_reasons(q, batch: int) -> list[str]:
+def _shape_reasons(q, batch: int, v=None) -> list[str]:
     """What the kernels lack for q's shape (heads on dim 1) over `batch` batch entries or
     packed sequences: each is an axis of their launch grid, which CUDA limits to
-    backend.GRID_YZ_LIMIT."""
+    backend.GRID_YZ_LIMIT; and for v's head dim (its last), where v is given."""
     reasons = []
     if q.shape[-1] > MAX_TRITON_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} > {MAX_TRITON_HEAD_DIM}")
+    if v is not None and v.shape[-1] > MAX_TRITON_HEAD_DIM:
+        reasons.append(f"v's head dim {v.shape[-1]} > {MAX_TRITON_HEAD_DIM}")
     return reasons + _backend.grid_reasons((("heads", q.shape[1]),
                                             ("batch entries (sequences)", batch)))
 
 
 def _pick(q, k, v, backend: str) -> str:
-    return _backend.resolve(backend, (q, k, v), _triton_reasons(q, q.shape[0]), "attention")
+    return _backend.resolve(backend, (q, k, v), _triton_reasons(q, q.shape[0], v), "attention")
 
 
 @torch.library.custom_op("attnmem::attention_forward", mutates_args=())
@@ -68,7 +70,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             return _reference.attention_forward(
                 q, k, v, kv_lengths, scale, window_left, window_right, **mods,
                 dropout_p=dropout_p, dropout_mask=_torch_dropout_mask(seed, dropout_p, q, k))
-    if _fused_cpu(q, k) and not _modified(**mods):
+    if _fused_cpu(q, k, v) and not _modified(**mods):
         return _fused_cpu_forward(q, k, v, kv_lengths, scale, window_left, window_right)
     with torch.no_grad():
         return _reference.attention_forward(q, k, v, kv_lengths, scale, window_left,
@@ -78,7 +80,8 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @_attention_forward.register_fake
 def _(q, k, v, kv_lengths, scale, window_left, window_right, backend, softcap=0.0, sinks=None,
       alibi_slopes=None, dropout_p=0.0, seed=None):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_reference.compute_dtype(q.dtype))
+    return (q.new_empty((*q.shape[:3], v.shape[-1])),
+            q.new_empty(q.shape[:3], dtype=_reference.compute_dtype(q.dtype)))
 
 
 def _modified(softcap, sinks, alibi_slopes) -> bool:
@@ -105,7 +108,7 @@ def _attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         grads = _reference.attention_backward(
             *args, **mods, dropout_p=dropout_p,
             dropout_mask=_torch_dropout_mask(seed, dropout_p, q, k))
-    elif dlse is None and _fused_cpu(q, k) and not _modified(**mods):
+    elif dlse is None and _fused_cpu(q, k, v) and not _modified(**mods):
         grads = _fused_cpu_backward(dout, q, k, v, out, lse, kv_lengths, scale, window_left,
                                     window_right)
     else:
@@ -150,10 +153,10 @@ def _backward(ctx, dout, dlse):
 _attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _fp8_triton_reasons(q, batch: int) -> list[str]:
-    """What the FP8 forward's kernel lacks for q (heads on dim 1) over `batch` batch entries
-    or packed sequences."""
-    return _shape_reasons(q, batch) + fp8_arch_reasons(q.device)
+def _fp8_triton_reasons(q, batch: int, v=None) -> list[str]:
+    """What the FP8 forward's kernel lacks for q (heads on dim 1) and v over `batch` batch
+    entries or packed sequences."""
+    return _shape_reasons(q, batch, v) + fp8_arch_reasons(q.device)
 
 
 def fp8_arch_reasons(device) -> list[str]:
@@ -176,7 +179,7 @@ def _attention_forward_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """The FP8 forward: descales (B, Hkv, 3) float32 stacks q's, k's and v's. No autograd:
     attention() refuses a call that asks for a gradient."""
     mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
-    if _backend.resolve(backend, (q, k, v), _fp8_triton_reasons(q, q.shape[0]),
+    if _backend.resolve(backend, (q, k, v), _fp8_triton_reasons(q, q.shape[0], v),
                         "attention") == "triton":
         from attnmem.kernels import attention as kernel
         return kernel.attention_forward(q, k, v, kv_lengths, scale, window_left, window_right,
@@ -188,7 +191,8 @@ def _attention_forward_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @_attention_forward_fp8.register_fake
 def _(q, k, v, descales, kv_lengths, scale, window_left, window_right, out_dtype, backend,
       softcap=0.0, sinks=None, alibi_slopes=None):
-    return q.new_empty(q.shape, dtype=out_dtype), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return (q.new_empty((*q.shape[:3], v.shape[-1]), dtype=out_dtype),
+            q.new_empty(q.shape[:3], dtype=torch.float32))
 
 
 def _torch_dropout_mask(seed, dropout_p, q, k):
@@ -203,9 +207,11 @@ def _torch_dropout_mask(seed, dropout_p, q, k):
 # ---------------------------------------------------------------------------------------
 
 
-def _fused_cpu(q, k) -> bool:
-    """The fused CPU kernel runs these inputs (it takes GQA as is, every float dtype)."""
-    return q.device.type == "cpu" and q.numel() > 0 and k.numel() > 0
+def _fused_cpu(q, k, v) -> bool:
+    """The fused CPU kernel runs these inputs (it takes GQA as is, every float dtype; not a
+    head dim of v's own)."""
+    return (q.device.type == "cpu" and q.numel() > 0 and k.numel() > 0
+            and v.shape[-1] == q.shape[-1])
 
 
 def _fused_cpu_masks(q, k, kv_lengths, window_left, window_right):
@@ -284,7 +290,7 @@ def _check_tensor(name, x):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 4:
-        what = "(B, H, Nq, D)" if name == "q" else "(B, Hkv, Nk, D)"
+        what = {"q": "(B, H, Nq, D)", "k": "(B, Hkv, Nk, D)", "v": "(B, Hkv, Nk, Ev)"}[name]
         raise ValueError(f"{name} must be {what}, got shape {tuple(x.shape)}")
 
 
@@ -386,7 +392,10 @@ def _check_dtype(q, fp8: bool):
         raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
 
 
-def _validate(q, k, v, causal, scale, kv_lengths, window, return_lse, fp8=False):
+def _validate(q, k, v, causal, scale, kv_lengths, window, return_lse, fp8=False,
+              value_head_dim=False):
+    """value_head_dim: v may have a head dim Ev of its own (attention() takes it; callers
+    that do not, as ring attention, leave it False: v must have k's shape)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x)
     _check_dtype(q, fp8)
@@ -401,8 +410,7 @@ def _validate(q, k, v, causal, scale, kv_lengths, window, return_lse, fp8=False)
         raise ValueError(f"k has head dim {k.shape[-1]} but q has head dim {q.shape[-1]}")
     if q.shape[-1] < 1:
         raise ValueError("q must have a head dim of at least 1")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    _value_shape(v, k, value_head_dim)
     if k.shape[1] < 1 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"k has {k.shape[1]} heads, which must divide q's {q.shape[1]} heads "
                          "(grouped-query attention)")
@@ -414,6 +422,19 @@ def _validate(q, k, v, causal, scale, kv_lengths, window, return_lse, fp8=False)
     kv_lengths = _checks.lengths("kv_lengths", kv_lengths, q.shape[0], k.shape[2], q.device)
     left, right = _window(window, q.shape[2], k.shape[2])
     return scale, left, right, kv_lengths
+
+
+def _value_shape(v, k, value_head_dim: bool):
+    """v has k's shape but for its head dim (its last), which value_head_dim lets differ
+    (at least 1)."""
+    if not value_head_dim:
+        if v.shape != k.shape:
+            raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+        return
+    if v.shape[:-1] != k.shape[:-1] or v.shape[-1] < 1:
+        dims = ", ".join(map(str, k.shape[:-1]))
+        raise ValueError(f"v must have k's shape but for its head dim, ({dims}, Ev) with "
+                         f"Ev >= 1, got {tuple(v.shape)}")
 
 
 def _dropout_p(dropout_p) -> float:
@@ -522,7 +543,7 @@ def _attention_fp8(q, k, v, causal, scale, kv_lengths, window, return_lse, softc
     """attention() on float8_e4m3fn inputs: checked, then the FP8 forward (inference only)."""
     scale, window_left, window_right, kv_lengths = _validate(q, k, v, causal, scale,
                                                              kv_lengths, window, return_lse,
-                                                             fp8=True)
+                                                             fp8=True, value_head_dim=True)
     softcap, sinks, alibi_slopes = _validate_score_mods(q, scale, softcap, sinks, alibi_slopes,
                                                         q.shape[0], q.shape[1])
     descales_3, out_dtype = _fp8_inference(q, k, v, q.shape[0], sinks, dropout_p, descales,
@@ -607,10 +628,14 @@ def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None
               generator=None, q_descale=None, k_descale=None, v_descale=None, out_dtype=None):
     """Softmax attention `softmax(q k^T * scale + mask) v`, tiled so scores never fill memory.
 
-    q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D) with H % Hkv == 0 (query head h reads kv head
-    h // (H // Hkv)). Returns (B, H, Nq, D) in q's dtype, and with return_lse=True also the
-    natural-log logsumexp (B, H, Nq) of the scaled, masked scores (differentiable), in
-    float32 (float64 for float64 inputs).
+    q: (B, H, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Ev) with H % Hkv == 0 (query head
+    h reads kv head h // (H // Hkv)). Returns (B, H, Nq, Ev) in q's dtype, and with
+    return_lse=True also the natural-log logsumexp (B, H, Nq) of the scaled, masked scores
+    (differentiable), in float32 (float64 for float64 inputs). v's head dim Ev may differ
+    from q's and k's D, as SDPA's may (multi-head latent attention trains with D = 192,
+    Ev = 128): every option below takes it, on both backends (the triton kernels up to 256
+    each; on CPU tensors the torch backend then runs the twin, as torch's fused kernel takes
+    one head dim).
 
     Masks align every batch to the padded key length Nk, not to its own kv_lengths[b]: query
     i sits at a = i + Nk - Nq (bottom-right on the padded keys) and sees key j when all of
@@ -632,7 +657,8 @@ def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None
     NaN or inf reaches no output and gets zero gradients. A non-finite key or value that
     some query sees is a non-finite input, which may also reach queries beside it.
     A query that sees no key outputs zeros, has lse -inf and gets zero gradients.
-    scale defaults to 1/sqrt(D); numpy numbers are accepted for scale and the window sides.
+    scale defaults to 1/sqrt(D) (q's head dim, as in SDPA); numpy numbers are accepted for
+    scale and the window sides.
     The triton backward adds the gradient of q up with float32 atomics by default (5 matrix
     products per tile pair, as FlashAttention-2 and -3; on a GPU its last bits vary from run
     to run); under torch.use_deterministic_algorithms(True) it computes it in a separate
@@ -703,7 +729,8 @@ def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None
                               out_dtype)
     _no_fp8_options(q, (q_descale, k_descale, v_descale), out_dtype)
     scale, window_left, window_right, kv_lengths = _validate(q, k, v, causal, scale,
-                                                             kv_lengths, window, return_lse)
+                                                             kv_lengths, window, return_lse,
+                                                             value_head_dim=True)
     softcap, sinks, alibi_slopes = _validate_score_mods(q, scale, softcap, sinks, alibi_slopes,
                                                         q.shape[0], q.shape[1])
     dropout_p = _dropout_p(dropout_p)

@@ -33,14 +33,15 @@ from attnmem.attention import (
     _torch_dropout_mask,
     _triton_reasons,
     _validate_score_mods,
+    _value_shape,
     _window,
 )
 from attnmem.reference import attention as _reference
 
 
 def _pick(q, k, v, cu_seqlens_q, backend: str) -> str:
-    return _backend.resolve(backend, (q, k, v), _triton_reasons(q, cu_seqlens_q.numel() - 1),
-                            "attention_varlen")
+    return _backend.resolve(backend, (q, k, v),
+                            _triton_reasons(q, cu_seqlens_q.numel() - 1, v), "attention_varlen")
 
 
 @torch.library.custom_op("attnmem::attention_varlen_forward", mutates_args=())
@@ -67,8 +68,8 @@ def _varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
       window_right, backend, softcap=0.0, sinks=None, alibi_slopes=None, dropout_p=0.0,
       seed=None):
-    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]),
-                                             dtype=_reference.compute_dtype(q.dtype))
+    return q.new_empty((*q.shape[:2], v.shape[-1])), q.new_empty(
+        (q.shape[1], q.shape[0]), dtype=_reference.compute_dtype(q.dtype))
 
 
 @torch.library.custom_op("attnmem::attention_varlen_backward", mutates_args=())
@@ -125,7 +126,7 @@ def _varlen_forward_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     sequence's q, k and v descales. No autograd: attention_varlen() refuses a call that asks
     for a gradient."""
     mods = dict(softcap=softcap, sinks=sinks)
-    reasons = _fp8_triton_reasons(q, cu_seqlens_q.shape[0] - 1)
+    reasons = _fp8_triton_reasons(q, cu_seqlens_q.shape[0] - 1, v)
     if _backend.resolve(backend, (q, k, v), reasons, "attention_varlen") == "triton":
         from attnmem.kernels import attention as kernel
         return kernel.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k,
@@ -143,7 +144,7 @@ def _varlen_forward_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def _(q, k, v, descales, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
       window_left, window_right, out_dtype, backend, softcap=0.0, sinks=None,
       alibi_slopes=None):
-    return (q.new_empty(q.shape, dtype=out_dtype),
+    return (q.new_empty((*q.shape[:2], v.shape[-1]), dtype=out_dtype),
             q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
 
 
@@ -183,8 +184,8 @@ def _forward_per_sequence(forward, q, k, v, cu_seqlens_q, cu_seqlens_k, out_dtyp
                           lse_dtype):
     """The torch backend's forward: forward(b, rows_q, q, k, v) -> (out, lse) of sequence b
     (query rows rows_q) as a dense batch of one (see _dense), run on each sequence and
-    packed into out (total_q, H, D) in out_dtype and lse (H, total_q) in lse_dtype."""
-    out = q.new_zeros(q.shape, dtype=out_dtype)
+    packed into out (total_q, H, Ev) in out_dtype and lse (H, total_q) in lse_dtype."""
+    out = q.new_zeros((*q.shape[:2], v.shape[-1]), dtype=out_dtype)
     lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype)
     for b, (rows_q, rows_k) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
         out_b, lse_b = forward(b, rows_q, _dense(q[rows_q]), _dense(k[rows_k]),
@@ -277,14 +278,13 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, c
     _checks.tensor("q", q, 3, "(total_q, H, D)")
     _check_dtype(q, fp8)
     for name, x in (("k", k), ("v", v)):
-        _checks.tensor(name, x, 3, "(total_k, Hkv, D)")
+        _checks.tensor(name, x, 3, "(total_k, Hkv, Ev)" if name == "v" else "(total_k, Hkv, D)")
         _checks.like(name, x, q, "q")
     if q.shape[-1] < 1:
         raise ValueError("q must have a head dim of at least 1")
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"k has head dim {k.shape[-1]} but q has head dim {q.shape[-1]}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    _value_shape(v, k, value_head_dim=True)
     if k.shape[1] < 1 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"k has {k.shape[1]} heads, which must divide q's {q.shape[1]} heads "
                          "(grouped-query attention)")
@@ -343,13 +343,14 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     """Softmax attention over a packed batch of variable-length sequences, in the layout of
     FlashAttention's flash_attn_varlen_func and with its semantics.
 
-    q: (total_q, H, D); k, v: (total_k, Hkv, D) with H % Hkv == 0 (query head h reads kv
-    head h // (H // Hkv)): the sequences' rows one after another, no padding between them.
+    q: (total_q, H, D); k: (total_k, Hkv, D); v: (total_k, Hkv, Ev) with H % Hkv == 0 (query
+    head h reads kv head h // (H // Hkv)): the sequences' rows one after another, no padding
+    between them. v's head dim Ev may differ from D, as in attnmem.attention.
     cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) cumulative lengths on q's device, starting
     at 0 and ending at total_q (total_k): sequence b's queries are rows cu_seqlens_q[b] to
     cu_seqlens_q[b + 1] of q, its keys rows cu_seqlens_k[b] to cu_seqlens_k[b + 1] of k and
     v. Lengths may be 0. max_seqlen_q, max_seqlen_k: ints, at least the longest sequence's
-    lengths: they size the launch grid, as in FlashAttention. Returns out (total_q, H, D) in
+    lengths: they size the launch grid, as in FlashAttention. Returns out (total_q, H, Ev) in
     q's dtype and, with return_lse=True, the natural-log logsumexp (H, total_q) of the
     scaled, masked scores (differentiable), float32 (float64 for float64 inputs, which only
     the torch backend takes).

@@ -1,8 +1,11 @@
 """Tiled softmax attention (FlashAttention-2 style): forward, backward and their launchers.
 
-Layout: q, dq, out, dout (B, H, Nq, D); k, v, dk, dv (B, Hkv, Nk, D); lse, delta (B, H, Nq)
-float32. Query head h reads kv head h // (H // Hkv). Masks are one window of key offsets
-around each query's bottom-right aligned position a = i + Nk - Nq: key j is visible iff
+Layout: q, dq (B, H, Nq, D); out, dout (B, H, Nq, Ev); k, dk (B, Hkv, Nk, D); v, dv
+(B, Hkv, Nk, Ev); lse, delta (B, H, Nq) float32. v's head dim Ev may differ from D (SDPA's;
+multi-head latent attention's D = 192, Ev = 128): the kernels then take HEAD_DV and BLOCK_DV
+for v's, out's and dO's columns, and run the configs of the larger head dim. Query head h
+reads kv head h // (H // Hkv). Masks are one window of key offsets around each query's
+bottom-right aligned position a = i + Nk - Nq: key j is visible iff
 a - window_left <= j <= a + window_right and j < kv_len (see attnmem.reference.attention).
 Each program visits only the tiles its mask leaves non-empty, and evaluates the mask only on
 the tiles at the edges of the visible band. There, keys that no query of the tile sees are
@@ -315,13 +318,15 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows, offs_
                DOT_PRECISION: tl.constexpr, seed, b, h, dropout_cutoff,
                DROPOUT: tl.constexpr, softcap_scale=1.0, slope=0.0,
                SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
-               FP8: tl.constexpr = False, V_TMA: tl.constexpr = False):
+               FP8: tl.constexpr = False, V_TMA: tl.constexpr = False, offs_dv=None,
+               HEAD_DV: tl.constexpr = None):
     """Key tiles [start, end). MASKED ones evaluate the mask, and their keys that no row of
     the tile sees (below key_lo or from kv_len on) read as zeros. DROPOUT zeroes the weights
     that _dropout_keep drops after they join the row sums, which stay those of the softmax.
     SOFTCAP and HAS_ALIBI modify the scores (see _modified_scores). FP8: v_src holds V
     transposed (see _load_keys_major; a TMA descriptor with V_TMA) and the weights are
-    2^FP8_P_OFFSET times the softmax's, cast to e4m3 for the PV product."""
+    2^FP8_P_OFFSET times the softmax's, cast to e4m3 for the PV product. v has HEAD_DV
+    columns (offs_dv their tile's), the accumulator too."""
     if MASKED and WARP_SPECIALIZE:
         first, count = _visible_span(rows, offset, n_q, kv_len, window_left, window_right)
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
@@ -357,10 +362,10 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows, offs_
             p = tl.where(_dropout_keep(seed, b, h, rows, start_n, dropout_cutoff, BLOCK_N),
                          p, 0.0)
         if FP8:
-            v = _load_keys_major(v_src, start_n, key_lo, kv_len, stride_vn, offs_d, HEAD_DIM,
+            v = _load_keys_major(v_src, start_n, key_lo, kv_len, stride_vn, offs_dv, HEAD_DV,
                                  MASKED, V_TMA, BLOCK_N)
         else:
-            v = _load_rows(v_src, start_n, key_lo, kv_len, stride_vn, offs_d, HEAD_DIM, MASKED,
+            v = _load_rows(v_src, start_n, key_lo, kv_len, stride_vn, offs_dv, HEAD_DV, MASKED,
                            USE_TMA, BLOCK_N)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
@@ -383,7 +388,8 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
               dropout_scale=1.0, sinks_ptr=None, alibi_ptr=None, stride_alibi_b=0,
               softcap_scale=1.0, SOFTCAP: tl.constexpr = False,
               HAS_SINKS: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
-              descale_ptr=None, FP8: tl.constexpr = False):
+              descale_ptr=None, FP8: tl.constexpr = False, HEAD_DV: tl.constexpr = None,
+              BLOCK_DV: tl.constexpr = None):
     """One query tile of one head. MASK_KEYS: some key tile may need the mask (a causal mask,
     a window, lengths, or Nk not a multiple of KEY_TILE_MULTIPLE); without it one unmasked
     loop is all that is compiled. EVEN_M: Nq is a multiple of BLOCK_M, so rows need no
@@ -403,7 +409,11 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     FP8: q, k, v in e4m3 (v as V^T, (B, Hkv, D, Nk) with stride_vn its head-dim stride) and
     float32 descales (B, Hkv, 3) of q, k, v at descale_ptr (contiguous): q's and k's fold
     into qk_scale, the weights go to e4m3 for PV (see _fwd_tiles) and v's scales the output,
-    whose dtype is o_ptr's (FlashAttention-3's FP8 forward)."""
+    whose dtype is o_ptr's (FlashAttention-3's FP8 forward).
+    HEAD_DV, BLOCK_DV: v's and out's head dim and its tile (SDPA's Ev, MLA's 128 beside
+    q's and k's 192), HEAD_DIM and BLOCK_D when None."""
+    HEAD_V: tl.constexpr = HEAD_DIM if HEAD_DV is None else HEAD_DV
+    BLOCK_V: tl.constexpr = BLOCK_D if BLOCK_DV is None else BLOCK_DV
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -436,6 +446,7 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     row_first = pid_m * BLOCK_M
     rows = row_first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_V)
     # Keys below key_lo or from kv_len on: no row of the tile sees them.
     key_lo = tl.maximum(row_first + offset - window_left, 0)
     q_src = _rows_source(q_ptr + b * stride_qb + h * stride_qh, 0, n_q, stride_qm, HEAD_DIM,
@@ -446,10 +457,10 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
         # Through TMA in the unmasked kernel only: there no key of a tile is below key_lo
         # (0), which a descriptor of V^T's rows from key 0 on would read as they are.
         v_src = _keys_major_source(v_ptr + b * stride_vb + hk * stride_vh, kv_len, stride_vn,
-                                   HEAD_DIM, USE_TMA and not MASK_KEYS, BLOCK_N, BLOCK_D)
+                                   HEAD_V, USE_TMA and not MASK_KEYS, BLOCK_N, BLOCK_V)
     else:
         v_src = _rows_source(v_ptr + b * stride_vb + hk * stride_vh, key_lo, kv_len,
-                             stride_vn, HEAD_DIM, USE_TMA, BLOCK_N, BLOCK_D)
+                             stride_vn, HEAD_V, USE_TMA, BLOCK_N, BLOCK_V)
     q = _load_rows(q_src, row_first, 0, n_q, stride_qm, offs_d, HEAD_DIM, not EVEN_M, USE_TMA,
                    BLOCK_M)
 
@@ -464,7 +475,7 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
         qk_scale = qk_scale * tl.load(descales) * tl.load(descales + 1)
         # Weights are 2^FP8_P_OFFSET times the softmax's (_fwd_tiles), a sink's too.
         l_i = l_i * FP8_P_SCALE
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr)
@@ -492,14 +503,14 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
                                        phase != 1, USE_TMA, WARP_SPECIALIZE, DOT_PRECISION,
                                        seed, b, h,
                                        dropout_cutoff, DROPOUT, softcap_scale, slope, SOFTCAP,
-                                       HAS_ALIBI, FP8)
+                                       HAS_ALIBI, FP8, offs_dv=offs_dv, HEAD_DV=HEAD_V)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
                                    offs_d, 0, n_k, 0, offset, n_q, kv_len, window_left,
                                    window_right, qk_scale, HEAD_DIM, BLOCK_N, False, USE_TMA,
                                    WARP_SPECIALIZE, DOT_PRECISION, seed, b, h, dropout_cutoff,
                                    DROPOUT, softcap_scale, slope, SOFTCAP, HAS_ALIBI, FP8,
-                                   USE_TMA)
+                                   USE_TMA, offs_dv, HEAD_V)
 
     if DROPOUT:
         acc = acc * dropout_scale
@@ -511,9 +522,9 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     l_safe = tl.where(seen, l_i, 1.0)
     out = (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty)
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
-    o_dst = _rows_source(o_ptr + b * stride_ob + h * stride_oh, 0, n_q, stride_om, HEAD_DIM,
-                         USE_TMA, BLOCK_M, BLOCK_D)
-    _store_rows(o_dst, row_first, n_q, stride_om, offs_d, out, HEAD_DIM, not EVEN_M, USE_TMA,
+    o_dst = _rows_source(o_ptr + b * stride_ob + h * stride_oh, 0, n_q, stride_om, HEAD_V,
+                         USE_TMA, BLOCK_M, BLOCK_V)
+    _store_rows(o_dst, row_first, n_q, stride_om, offs_dv, out, HEAD_V, not EVEN_M, USE_TMA,
                 BLOCK_M)
     if not VARLEN:
         lse_ptr += (b * n_heads + h) * n_q
@@ -566,7 +577,7 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                 stride_stats_h, seed, b, key_first, dropout_cutoff, dropout_scale,
                 DROPOUT: tl.constexpr, alibi_b=None, softcap_scale=1.0,
                 SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False, k_base=None,
-                stride_kn=0, k_seen=None):
+                stride_kn=0, k_seen=None, offs_dv=None, HEAD_DV: tl.constexpr = None):
     """Query tiles [start, end) of each query head head0 + g, g < group: one loop over
     (head, tile) pairs, so that a runtime group size adds no loop around the pipelined one.
     With ATOMIC_DQ, also adds each tile's dQ = dS K * scale into dq (float32). Head h's lse
@@ -575,7 +586,7 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
     SOFTCAP and HAS_ALIBI (slopes at alibi_b, per query head) as in the forward. k_base, at
     key 0 with key stride stride_kn: the keys of k (zeros where k_seen is false, as the
     caller loaded k), which 16-bit atomic dQ from head dim 256 reads in column chunks (see
-    K_CHUNKS)."""
+    K_CHUNKS). v, dv and dO have HEAD_DV columns (offs_dv their tile's)."""
     offs_m0 = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
     # From head dim 256, 16-bit atomic dQ: S and dQ take K in chunks of 64 columns, loaded
@@ -617,8 +628,8 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
         if MASKED:
             keep = _visible(rows, keys, offset, n_q, kv_len, window_left, window_right)
             pt = tl.where(tl.trans(keep), pt, 0.0)
-        do = tl.load(do_b + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
-                     mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(do_b + h * stride_doh + rows[:, None] * stride_dom + offs_dv[None, :],
+                     mask=r_ok[:, None] & (offs_dv < HEAD_DV)[None, :], other=0.0)
         if DROPOUT:
             keep = tl.trans(_dropout_keep(seed, b, h, rows, key_first, dropout_cutoff,
                                           keys.shape[0]))
@@ -676,13 +687,17 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                    cu_seqlens_q_ptr=None, cu_seqlens_k_ptr=None, VARLEN: tl.constexpr = False,
                    DROPOUT: tl.constexpr = False, seed_ptr=None, dropout_cutoff=0,
                    dropout_scale=1.0, alibi_ptr=None, stride_alibi_b=0, softcap_scale=1.0,
-                   SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False):
+                   SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
+                   HEAD_DV: tl.constexpr = None, BLOCK_DV: tl.constexpr = None):
     """dK, dV of one key tile from every query head of its group; with ATOMIC_DQ also the
     dQ those query heads get from it, added into dq_ptr (float32, zeroed, scaled). VARLEN:
     b is a sequence of a packed batch (see _varlen_sequences). DROPOUT: the forward's
     dropout, regenerated from the seed at seed_ptr. SOFTCAP, HAS_ALIBI as in the forward.
     Sinks need nothing here: the forward's lse includes them, so p = exp(s - lse) and
-    delta = rowsum(dO * O) already account for them."""
+    delta = rowsum(dO * O) already account for them. HEAD_DV, BLOCK_DV: v's, dO's and dV's
+    head dim and its tile, as in the forward."""
+    HEAD_V: tl.constexpr = HEAD_DIM if HEAD_DV is None else HEAD_DV
+    BLOCK_V: tl.constexpr = BLOCK_D if BLOCK_DV is None else BLOCK_DV
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -717,15 +732,17 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     key_first = pid_n * BLOCK_N
     keys = key_first + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_V)
     kv_mask = (keys[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
+    v_mask = (keys[:, None] < n_k) & (offs_dv[None, :] < HEAD_V)
     # Keys that no query sees load as zeros: their dk and dv come out zero whatever they hold.
     seen = (keys < kv_len) & (keys >= offset - window_left)
     k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + keys[:, None] * stride_kn
                 + offs_d[None, :], mask=kv_mask & seen[:, None], other=0.0)
     v = tl.load(v_ptr + b * stride_vb + hk * stride_vh + keys[:, None] * stride_vn
-                + offs_d[None, :], mask=kv_mask & seen[:, None], other=0.0)
+                + offs_dv[None, :], mask=v_mask & seen[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr)
@@ -769,13 +786,14 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                              phase != 1, ATOMIC_DQ, DOT_PRECISION, stride_stats_h, seed, b,
                              key_first, dropout_cutoff, dropout_scale, DROPOUT, alibi_b,
                              softcap_scale, SOFTCAP, HAS_ALIBI,
-                             k_ptr + b * stride_kb + hk * stride_kh, stride_kn, seen)
+                             k_ptr + b * stride_kb + hk * stride_kh, stride_kn, seen, offs_dv,
+                             HEAD_V)
     if DROPOUT:
         dv = dv * dropout_scale
     tl.store(dk_ptr + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkn
              + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + b * stride_dvb + hk * stride_dvh + keys[:, None] * stride_dvn
-             + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+             + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=v_mask)
 
 
 @triton.jit
@@ -784,7 +802,9 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
               DOT_PRECISION: tl.constexpr, seed, b, h, dropout_cutoff, dropout_scale,
               DROPOUT: tl.constexpr, softcap_scale=1.0, slope=0.0,
-              SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False):
+              SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False, offs_dv=None,
+              HEAD_DV: tl.constexpr = None):
+    """Key tiles [start, end) of dQ's loop; v and dO have HEAD_DV columns (offs_dv)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
@@ -796,8 +816,8 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows,
             k_ok = keys >= 0
         kt = tl.load(k_base + keys[None, :] * stride_kn + offs_d[:, None],
                      mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        vt = tl.load(v_base + keys[None, :] * stride_vn + offs_d[:, None],
-                     mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        vt = tl.load(v_base + keys[None, :] * stride_vn + offs_dv[:, None],
+                     mask=k_ok[None, :] & (offs_dv < HEAD_DV)[:, None], other=0.0)
         s, t = _modified_scores(tl.dot(q, kt, input_precision=DOT_PRECISION),
                                 rows[:, None] + offset, keys[None, :], qk_scale, softcap_scale,
                                 slope, SOFTCAP, HAS_ALIBI)
@@ -828,9 +848,13 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
                  cu_seqlens_k_ptr=None, VARLEN: tl.constexpr = False,
                  DROPOUT: tl.constexpr = False, seed_ptr=None, dropout_cutoff=0,
                  dropout_scale=1.0, alibi_ptr=None, stride_alibi_b=0, softcap_scale=1.0,
-                 SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False):
+                 SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
+                 HEAD_DV: tl.constexpr = None, BLOCK_DV: tl.constexpr = None):
     """dQ of one query tile of one head. VARLEN: b is a sequence of a packed batch (see
-    _varlen_sequences). DROPOUT, SOFTCAP and HAS_ALIBI as in the dK/dV kernel."""
+    _varlen_sequences). DROPOUT, SOFTCAP, HAS_ALIBI, HEAD_DV and BLOCK_DV as in the dK/dV
+    kernel."""
+    HEAD_V: tl.constexpr = HEAD_DIM if HEAD_DV is None else HEAD_DV
+    BLOCK_V: tl.constexpr = BLOCK_D if BLOCK_DV is None else BLOCK_DV
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -856,11 +880,13 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
     row_first = pid_m * BLOCK_M
     rows = row_first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_V)
     mask = (rows[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm
                 + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom
-                 + offs_d[None, :], mask=mask, other=0.0)
+                 + offs_dv[None, :], mask=(rows[:, None] < n_q) & (offs_dv[None, :] < HEAD_V),
+                 other=0.0)
     if not VARLEN:
         lse_row = (b * n_heads + h) * n_q
     row_ids = lse_row + rows
@@ -886,7 +912,7 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
                        offs_d, start, end, key_lo, offset, n_q, kv_len, window_left,
                        window_right, qk_scale, HEAD_DIM, BLOCK_N, phase != 1, DOT_PRECISION,
                        seed, b, h, dropout_cutoff, dropout_scale, DROPOUT, softcap_scale, slope,
-                       SOFTCAP, HAS_ALIBI)
+                       SOFTCAP, HAS_ALIBI, offs_dv, HEAD_V)
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)
 
@@ -1136,7 +1162,7 @@ def _forward_prune(configs, nargs, **meta):
     if _hopper_16bit(nargs):
         configs = _sm90_flag_prune("fwd", configs, **meta)
     if meta.get("FP8") and meta.get("VARLEN"):
-        configs = _without_listed_spills(configs, nargs, meta["BLOCK_D"],
+        configs = _without_listed_spills(configs, nargs, tile_head_dim(meta),
                                          FWD_FP8_VARLEN_SPILLS_SM90)
     if meta.get("FP8") and meta.get("MASK_KEYS"):
         return _sm90_fp8_prune([c for c in configs if not c.kwargs.get("WARP_SPECIALIZE")],
@@ -1147,9 +1173,10 @@ def _forward_prune(configs, nargs, **meta):
             * c.kwargs["BLOCK_N"] <= DROPOUT_SCORES_PER_THREAD * 32 * c.num_warps] or configs
 
 
-def _without_listed_spills(configs, nargs, block_d: int, spills):
+def _without_listed_spills(configs, nargs, block_d, spills):
     """On sm_90, no config that `spills` (a table head dim -> configs, as
-    FWD_FP8_VARLEN_SPILLS_SM90) lists at block_d (all, if it lists every one)."""
+    FWD_FP8_VARLEN_SPILLS_SM90; or (BLOCK_D, BLOCK_DV) -> configs) lists at block_d (all, if
+    it lists every one)."""
     q = nargs["q_ptr"]
     if not q.is_cuda or _arch(q.device) != 90:
         return configs
@@ -1187,7 +1214,7 @@ def _sm90_fp8_prune(configs, nargs, **meta):
     q, out = nargs["q_ptr"], nargs.get("o_ptr")
     if not configs or not q.is_cuda or _arch(q.device) != 90:
         return configs
-    block_d = meta["BLOCK_D"]
+    block_d = tile_head_dim(meta)
     if any(meta.get(flag) for flag in SCORE_MOD_FLAGS):
         configs = _within_scores(configs, SCORE_MODS_ONE_WARPGROUP_SCORES_SM90,
                                  lambda c: c.num_warps == 4)
@@ -1262,7 +1289,7 @@ def _sm90_flag_prune(kernel: str, configs, **meta):
     there: wgmma, not mma.sync."""
     if not configs:
         return configs
-    block_d, atomic = meta["BLOCK_D"], meta.get("ATOMIC_DQ")
+    block_d, atomic = tile_head_dim(meta), meta.get("ATOMIC_DQ")
     if kernel == "dkdv" and atomic:
         kernel = "dkdv-atomic"
         if block_d < 64:
@@ -1277,10 +1304,24 @@ def _sm90_flag_prune(kernel: str, configs, **meta):
     return configs
 
 
+# dQ on sm_90 with 16-bit inputs and v's head dim apart from q's: tiles that spill there where
+# the same tile with equal head dims does not (ptxas -v, triton 3.9; 3.6 spills none):
+# 128x32x8x3 at (BLOCK_D, BLOCK_DV) = (256, 128), head dims 192 or 256 and 128 (72 B; 20 to
+# 44 B with softcap or ALiBi). The tile left there, 128x16x8x2, spills 12 B with dropout and
+# softcap together (none with either alone, or with ALiBi too; none on triton 3.6); the
+# table holds no lighter one (every combination of dropout, softcap and ALiBi at head dims
+# (192, 128) and (128, 64) compiled: tests/test_attention_mla.py).
+DQ_VALUE_HEAD_DIM_SPILLS_SM90 = {(256, 128): [(128, 32, 8, 3)]}
+
+
 def _backward_prune(configs, nargs, **meta):
-    """dK/dV's (ATOMIC_DQ in meta) and dQ's _sm90_flag_prune on sm_90; elsewhere all."""
+    """dK/dV's (ATOMIC_DQ in meta) and dQ's _sm90_flag_prune on sm_90, and for dQ with v's
+    head dim apart none of DQ_VALUE_HEAD_DIM_SPILLS_SM90; elsewhere all."""
     if not _hopper_16bit(nargs):
         return configs
+    if "ATOMIC_DQ" not in meta and "BLOCK_DV" in meta:
+        configs = _without_listed_spills(configs, nargs, (meta["BLOCK_D"], meta["BLOCK_DV"]),
+                                         DQ_VALUE_HEAD_DIM_SPILLS_SM90)
     return _sm90_flag_prune("dkdv" if "ATOMIC_DQ" in meta else "dq", configs, **meta)
 
 
@@ -1299,16 +1340,17 @@ SCORE_MOD_FLAGS = ("SOFTCAP", "HAS_SINKS", "HAS_ALIBI")
 
 
 def _launcher(kernel: str, fn, device, block_d: int, elem: int, arch=None, tma: bool = False):
-    """The kernel under an autotuner whose configs fit this device (see configs_for); key:
-    head dim, the sequence-length bucket, dropout, whether the forward masks keys and (added
-    by triton) the argument dtypes."""
+    """The kernel under an autotuner whose configs fit this device at head dim block_d
+    (tile_head_dim's; see configs_for); key: the head dims, the sequence-length bucket,
+    dropout, whether the forward masks keys and (added by triton) the argument dtypes."""
     smem = _smem_limit(device)
     cache_key = (kernel, block_d, elem, smem, arch, tma)
     if cache_key not in _autotuned:
         configs = [triton.Config(_config_meta(c), num_warps=c[2], num_stages=c[3])
                    for c in configs_for(kernel, block_d, elem, smem, arch, tma)]
         extra = TUNING.get(kernel, {})
-        key = ["BLOCK_D", "seq_bucket", "DROPOUT", *extra.get("key", ()),
+        # BLOCK_DV, v's head dim tile, is passed only where it differs from BLOCK_D.
+        key = ["BLOCK_D", "BLOCK_DV", "seq_bucket", "DROPOUT", *extra.get("key", ()),
                *(f for f in SCORE_MOD_FLAGS if f in fn.arg_names)]
         _autotuned[cache_key] = triton.autotune(
             configs, key=key, reset_to_zero=extra.get("reset_to_zero"),
@@ -1330,17 +1372,33 @@ def _run(kernel: str, fn, grid, args, meta, device, config, tma: bool = False):
                                            num_warps=config[2], num_stages=config[3])
             return
         elem = args[0].element_size()
-        tuned = _launcher(kernel, fn, device, meta["BLOCK_D"], elem, _arch(device), tma)
+        tuned = _launcher(kernel, fn, device, tile_head_dim(meta), elem, _arch(device), tma)
         tuned[lambda m: grid(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
 
 
-def _common(q, k, kv_lengths, window_left, window_right):
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def tile_head_dim(meta) -> int:
+    """The head dim that picks a launch's configs (tables, pruning budgets, shared memory
+    estimates): the larger of q's and k's tile (BLOCK_D) and v's (BLOCK_DV, in meta where v's
+    head dim differs). The larger one's configs hold the smaller one's tiles too."""
+    return max(meta["BLOCK_D"], meta.get("BLOCK_DV") or 0)
+
+
+def _common(q, k, kv_lengths, window_left, window_right, head_dim_v=None):
+    """The kernels' shared arguments; with v's head dim head_dim_v (Ev) where it differs
+    from q's, HEAD_DV and BLOCK_DV too (left out where they are equal, so the kernels compile as
+    they do without v's own head dim, and tune under the same key)."""
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     unbounded = n_q + n_k
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
                 HAS_KV_LENGTHS=kv_lengths is not None,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    if head_dim_v is not None and head_dim_v != head_dim:
+        meta.update(HEAD_DV=head_dim_v, BLOCK_DV=_block_d(head_dim_v))
     scalars = (heads, n_q, n_k, heads // k.shape[1])
     window = (unbounded if window_left < 0 else window_left,
               unbounded if window_right < 0 else window_right,
@@ -1373,11 +1431,12 @@ def keys_major(v):
     return v_t.copy_(v.transpose(2, 3))
 
 
-def fp8_meta(descales, block_d) -> dict:
+def fp8_meta(descales, meta) -> dict:
     """The forward's FP8 arguments: descales (B, Hkv, 3) (q's, k's, v's) as contiguous
-    float32, and head dims padded to 32 columns at least (an e4m3 dot's K)."""
-    return dict(FP8=True, descale_ptr=descales.to(torch.float32).contiguous(),
-                BLOCK_D=max(block_d, 32))
+    float32, and the head dims' tiles of meta (_common's) padded to 32 columns at least (an
+    e4m3 dot's K; v's as q's, so that they stay equal where the head dims are)."""
+    tiles = {name: max(meta[name], 32) for name in ("BLOCK_D", "BLOCK_DV") if name in meta}
+    return dict(FP8=True, descale_ptr=descales.to(torch.float32).contiguous(), **tiles)
 
 
 def _score_mods(scale, softcap, alibi_slopes, sinks=None) -> tuple[float, dict]:
@@ -1410,23 +1469,27 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, con
     drops weights as dropout_keep_mask(seed, ...) says (see dropout_meta).
     descales (B, Hkv, 3) float32: FlashAttention-3's FP8 forward (see fp8_meta), q, k, v in
     float8_e4m3fn, the attention of q * descales[b, h // G, 0], k * descales[..., 1] and
-    v * descales[..., 2] up to e4m3's rounding of the softmax weights."""
+    v * descales[..., 2] up to e4m3's rounding of the softmax weights.
+    v (B, Hkv, Nk, Ev) may have a head dim Ev of its own (SDPA's): out is (B, H, Nq, Ev)."""
+    head_dim_v = v.shape[-1]
     if descales is not None:
         v = keys_major(v)
     q, k, v = (lastdim_contiguous(x) for x in (q, k, v))
     batch, heads, n_q, _ = q.shape
-    out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
+    out = torch.empty((batch, heads, n_q, head_dim_v), dtype=out_dtype or q.dtype,
+                      device=q.device)
     lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right)
+    meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right,
+                                           head_dim_v)
     qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks)
     # Nk a multiple of every forward BLOCK_N: no key tile is partial, whichever config runs.
     meta["MASK_KEYS"] = (kv_lengths is not None or window_left >= 0 or window_right >= 0
                          or k.shape[2] % KEY_TILE_MULTIPLE != 0)
     meta.update(dropout_meta(dropout_p, seed))
     if descales is not None:
-        meta.update(fp8_meta(descales, meta["BLOCK_D"]))
+        meta.update(fp8_meta(descales, meta))
     args = (q, k, v, out, lse, dummy, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *out.stride()[:3], *scalars, qk_scale, *window)
     _run("fwd", _attn_fwd, lambda bm, bn: (triton.cdiv(n_q, bm), heads, batch), args,
@@ -1461,8 +1524,8 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
     # Row statistics are indexed as dense (B, H, Nq); autograd may hand dlse in expanded.
     lse = lse.contiguous()
     dlse = None if dlse is None else dlse.float().contiguous()
-    batch, heads, n_q, head_dim = q.shape
-    kv_heads, n_k = k.shape[1], k.shape[2]
+    batch, heads, n_q, _ = q.shape
+    kv_heads, n_k, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     if deterministic or q.numel() == 0 or k.numel() == 0:
@@ -1475,16 +1538,17 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
             return grads
         delta = -dlse if dlse is not None else torch.zeros_like(lse)
         return (*grads, _sinks_grad(sinks, lse, delta))
-    meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right)
+    meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right,
+                                           head_dim_v)
     meta.update(dropout_meta(dropout_p, seed))
     qk_scale, mods = _score_mods(scale, softcap, alibi_slopes)
 
     delta = torch.empty_like(lse)
-    block_d = meta["BLOCK_D"]
     rows = 16 if interpreting() else 64
+    # delta = rowsum(dO * O) runs over out's and dO's columns: v's head dim.
     _attn_bwd_delta[(triton.cdiv(n_q, rows), heads, batch)](
         out, dout, dlse if dlse is not None else lse, delta, *out.stride()[:3],
-        *dout.stride()[:3], heads, n_q, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        *dout.stride()[:3], heads, n_q, HEAD_DIM=head_dim_v, BLOCK_D=_block_d(head_dim_v),
         HAS_DLSE=dlse is not None, BLOCK_M=rows)
 
     common = (q, k, v, dout, lse, delta)
@@ -1562,10 +1626,10 @@ def _packed_keys_major(v, cu_seqlens_k):
 
 
 def _varlen_common(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
-                   window_right):
+                   window_right, head_dim_v=None):
     """_common for packed (1, H, total, D) views: total_q and total_k go in as Nq and Nk
     (the kernels read them as the packed sizes), the longest sequences size the tiling key."""
-    meta, scalars, window, dummy = _common(q, k, None, window_left, window_right)
+    meta, scalars, window, dummy = _common(q, k, None, window_left, window_right, head_dim_v)
     meta.update(VARLEN=True, cu_seqlens_q_ptr=cu_seqlens_q, cu_seqlens_k_ptr=cu_seqlens_k)
     return meta, scalars, (*window[:2], length_bucket(max(max_seqlen_q, max_seqlen_k))), dummy
 
@@ -1593,7 +1657,8 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         v = lastdim_contiguous(v)
     total_q, heads, _ = q.shape
     batch = cu_seqlens_q.shape[0] - 1
-    out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
+    out = torch.empty((total_q, heads, v.shape[-1]), dtype=out_dtype or q.dtype,
+                      device=q.device)
     lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
@@ -1602,11 +1667,11 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         views[2] = _packed_keys_major(v, cu_seqlens_k)
     meta, scalars, window, dummy = _varlen_common(*views[:2], cu_seqlens_q, cu_seqlens_k,
                                                   max_seqlen_q, max_seqlen_k, window_left,
-                                                  window_right)
+                                                  window_right, v.shape[-1])
     meta["MASK_KEYS"] = True
     meta.update(dropout_meta(dropout_p, seed))
     if descales is not None:
-        meta.update(fp8_meta(descales, meta["BLOCK_D"]))
+        meta.update(fp8_meta(descales, meta))
     qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks)
     args = (*views, lse, dummy, *(s for x in views for s in x.stride()[:3]), *scalars,
             qk_scale, *window)
@@ -1627,7 +1692,8 @@ def attention_varlen_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_se
     softcap, sinks, alibi_slopes, dropout_p and seed: the forward's."""
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    total_q, heads, head_dim = q.shape
+    total_q, heads, _ = q.shape
+    head_dim_v = v.shape[-1]
     total_k, kv_heads, _ = k.shape
     batch = cu_seqlens_q.shape[0] - 1
     atomic = not deterministic and q.numel() > 0 and k.numel() > 0
@@ -1646,7 +1712,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_se
                                             (dout, q, k, v, out, dq, dk, dv))
     meta, scalars, window, dummy = _varlen_common(q, k, cu_seqlens_q, cu_seqlens_k,
                                                   max_seqlen_q, max_seqlen_k, window_left,
-                                                  window_right)
+                                                  window_right, head_dim_v)
     meta.update(dropout_meta(dropout_p, seed))
     qk_scale, mods = _score_mods(scale, softcap, alibi_slopes)
     # delta needs no sequence bounds: a dense batch of one over every packed row.
@@ -1654,8 +1720,8 @@ def attention_varlen_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_se
     rows = 16 if interpreting() else 64
     _attn_bwd_delta[(triton.cdiv(total_q, rows), heads, 1)](
         out, dout, lse if dlse is None else dlse, delta, *out.stride()[:3], *dout.stride()[:3],
-        heads, total_q, HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], HAS_DLSE=dlse is not None,
-        BLOCK_M=rows)
+        heads, total_q, HEAD_DIM=head_dim_v, BLOCK_D=_block_d(head_dim_v),
+        HAS_DLSE=dlse is not None, BLOCK_M=rows)
     inputs = (q, k, v, dout, lse, delta)
     strides = [s for x in inputs[:4] for s in x.stride()[:3]]
     tail = (*scalars, scale, qk_scale, *window)

@@ -150,18 +150,20 @@ def _slopes(alibi_slopes, heads, kv_heads, ct):
 
 def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, softcap=0.0,
                       sinks=None, alibi_slopes=None, dropout_p=0.0, dropout_mask=None):
-    """q: (B, H, Nq, D), k, v: (B, Hkv, Nk, D) -> out (B, H, Nq, D) in q's dtype and the
-    natural-log logsumexp (B, H, Nq) of the scaled, masked scores (and the sinks) in
-    compute_dtype (-inf where a query sees no key and no sink; its output is zero).
+    """q: (B, H, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Ev) -> out (B, H, Nq, Ev) in
+    q's dtype and the natural-log logsumexp (B, H, Nq) of the scaled, masked scores (and
+    the sinks) in compute_dtype (-inf where a query sees no key and no sink; its output is
+    zero).
     Differentiable through torch autograd, in the sinks too. dropout_p > 0: dropout on the
     weights with dropout_mask (see the module's docstring)."""
     ct = compute_dtype(q.dtype)
     if q.shape[2] == 0 or k.shape[2] == 0:
-        # No query, or no key to see: zero output (still a function of q for autograd).
+        # No query, or no key to see: zero output (still a function of q for autograd), with
+        # v's head dim.
         lse = torch.full(q.shape[:3], float("-inf"), dtype=ct, device=q.device)
         if sinks is not None:  # only the sink: all weight on it
             lse = lse.maximum(sinks.to(ct)[:, None])
-        return q * 0, lse
+        return q[..., :1] * 0 + q.new_zeros(v.shape[-1]), lse
     n_q, kv_heads = q.shape[2], k.shape[1]
     kc, vc = without_unseen_keys(k.to(ct), v.to(ct), n_q, window_left, kv_lengths)
     qg = _grouped(q, kv_heads).to(ct)
