@@ -42,14 +42,16 @@ MODES = {"attention": ("fwd", "bwd", "fwd_bwd"), "memory_attend": ("fwd",),
 
 # Per profile: the swept sizes and the fixed ones. "smoke" only checks that the harness runs;
 # "gpu-check" is the few minutes of benchmark that scripts/gpu_check.sh leaves room for.
+# Attention's mla: (D, Ev) pairs of a value head dim apart from the query/key one (DeepSeek-V3's
+# multi-head latent attention trains at 192/128), swept after the d's.
 SIZES = {
     "attention": {
         "gpu": dict(x=[512, 1024, 2048, 4096, 8192, 16384], d=[64, 128], tokens=16384,
-                    width=2048),
+                    width=2048, mla=[(192, 128)]),
         "gpu-check": dict(x=[1024, 4096, 16384], d=[64, 128], tokens=16384, width=2048),
         "cpu": dict(x=[128, 256, 512, 1024], d=[64, 128], tokens=1024, width=512),
         "quick": dict(x=[128, 256, 512], d=[64, 128], tokens=512, width=256),
-        "smoke": dict(x=[16, 32], d=[16], tokens=32, width=32),
+        "smoke": dict(x=[16, 32], d=[16], tokens=32, width=32, mla=[(16, 8)]),
     },
     "memory": {
         "gpu": dict(x=[1000, 10_000, 100_000, 1_000_000, 4_000_000], d=[32, 64, 128], batch=8),
@@ -98,10 +100,11 @@ def points(op: str, profile: str):
     sizes = SIZES["memory" if op.startswith("memory") else op][profile]
     configs = [{}]
     if op == "attention":
-        configs = [dict(d=d, causal=c) for d in sizes["d"] for c in (False, True)]
+        configs = [dict(d=d, causal=c) for d in sizes["d"] for c in (False, True)] + [
+            dict(d=d, dv=dv, causal=c) for d, dv in sizes.get("mla", ()) for c in (False, True)]
     elif op.startswith("memory"):
         configs = [dict(d=d) for d in sizes["d"]]
-    fixed = {k: v for k, v in sizes.items() if k not in ("x", "d")}
+    fixed = {k: v for k, v in sizes.items() if k not in ("x", "d", "mla")}
     providers = PROFILE_PROVIDERS.get((op, profile), PROVIDERS[op])
     return [dict(op=op, provider=provider, mode=mode, x=x, **fixed, **config)
             for config in configs for mode in MODES[op] for provider in providers
@@ -223,18 +226,20 @@ def build(point, device):
     dtype = dtype_for(op, device)
     grad = mode != "fwd"
     if op == "attention":
-        d = point["d"]
+        d, dv = point["d"], point.get("dv", point["d"])
         batch, heads = max(1, point["tokens"] // n), max(1, point["width"] // d)
-        q, k, v = (_randn(batch, heads, n, d, device=device, dtype=dtype, grad=grad)
-                   for _ in range(3))
+        q, k, v = (_randn(batch, heads, n, width, device=device, dtype=dtype, grad=grad)
+                   for width in (d, d, dv))
         if point["provider"] == "attnmem-fp8":
             forward = _fp8_attention(q, k, v, point["causal"])
         else:
             fn = _attention_fn(point["provider"])
             forward = lambda: fn(q, k, v, point["causal"])  # noqa: E731
-        flops = 4 * batch * heads * n * n * d / (2 if point["causal"] else 1)
-        return (_timed(mode, forward, (q, k, v)),
-                flops * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode])
+        # Two n x n GEMMs forward (QK^T over d, PV over dv), five backward (QK^T again, dQ
+        # and dK over d; dP and dV over dv): 2.5x the forward when dv == d.
+        width = {"fwd": d + dv, "bwd": 3 * d + 2 * dv, "fwd_bwd": 4 * d + 3 * dv}[mode]
+        flops = 2 * batch * heads * n * n * width / (2 if point["causal"] else 1)
+        return _timed(mode, forward, (q, k, v)), flops
     if op.startswith("memory"):
         batch, d = point["batch"], point["d"]
         memory = _randn(batch, n, d, device=device, dtype=dtype)

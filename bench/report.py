@@ -60,7 +60,7 @@ def sweep(ops, profile, device, budget_s):
     progress = tqdm(todo, unit="point", disable=None, dynamic_ncols=True)
     for point in progress:
         progress.set_postfix_str(" ".join(f"{k}={v}" for k, v in point.items() if k in (
-            "op", "provider", "mode", "x", "d", "causal")), refresh=False)
+            "op", "provider", "mode", "x", "d", "dv", "causal")), refresh=False)
         try:
             rows.append(run_point(point, device, budget_s))
         except torch.OutOfMemoryError:
@@ -128,6 +128,11 @@ def _ratio_summary(point_ratios):
         lines.append(f"| {op} | {mode} | {provider} | {baseline} | {len(values)} | "
                      f"{min(values):.2f}× | {mean:.2f}× | {max(values):.2f}× |")
     return "\n".join(lines) + "\n"
+
+
+def _attention_title(mode, d, dv, causal):
+    dims = f"head dim {d}" if dv is None else f"head dims {d}/{dv}"
+    return f"{mode}, {dims}, {'causal' if causal else 'not causal'}"
 
 
 def _series(rows, key, **match):
@@ -224,33 +229,33 @@ def write_report(out_dir, meta, rows, unavailable):
     ops = [op for op in cases.OPS if any(r["op"] == op for r in rows)]
 
     if "attention" in ops:
-        configs = sorted({(r["mode"], r["d"], r["causal"]) for r in rows
+        configs = sorted({(r["mode"], r["d"], r.get("dv"), r["causal"]) for r in rows
                           if r["op"] == "attention"}, key=lambda c: (
-            cases.MODES["attention"].index(c[0]), c[1], c[2]))
+            cases.MODES["attention"].index(c[0]), c[2] is not None, c[1], c[2] or 0, c[3]))
         panels = []
-        for mode, d, causal in configs:
+        for mode, d, dv, causal in configs:
             series = {p: [(x, y * 1e12 / scale) for x, y in s] for p, s in _series(
-                rows, "tflops", op="attention", mode=mode, d=d, causal=causal).items()}
-            panels.append((f"{mode}, head dim {d}, {'causal' if causal else 'not causal'}",
-                           series))
+                rows, "tflops", op="attention", mode=mode, d=d, dv=dv, causal=causal).items()}
+            panels.append((_attention_title(mode, d, dv, causal), series))
         roof = meta.get("bf16_matmul_tflops")  # measured by the GPU check
         _plot(os.path.join(out_dir, "attention.png"), panels, "sequence length", unit,
               roof=None if roof is None else ("bf16 matmul", roof * 1e12 / scale))
         md += ["## Attention", "", f"{unit} (FlashAttention's count: forward 4·B·H·N²·D, "
-               "halved when causal; backward 2.5× forward) against sequence length, at a "
-               "fixed number of tokens per batch.", "", "![attention](attention.png)", ""]
-        for mode, d, causal in configs:
-            md += [f"**{mode}, head dim {d}, {'causal' if causal else 'not causal'}** "
-                   f"({unit})", "", _table(
+               "halved when causal; backward 2.5× forward; with a value head dim Ev apart "
+               "from D, forward 2·B·H·N²·(D + Ev) and backward 2·B·H·N²·(3·D + 2·Ev)) "
+               "against sequence length, at a fixed number of tokens per batch.", "",
+               "![attention](attention.png)", ""]
+        for mode, d, dv, causal in configs:
+            match = dict(op="attention", mode=mode, d=d, dv=dv, causal=causal)
+            md += [f"**{_attention_title(mode, d, dv, causal)}** ({unit})", "", _table(
                        [dict(r, tflops=r["tflops"] * 1e12 / scale) for r in rows
-                        if "tflops" in r], "tflops", "{:.3g}", op="attention", mode=mode,
-                       d=d, causal=causal, label="N"),
+                        if "tflops" in r], "tflops", "{:.3g}", label="N", **match),
                    "attnmem's time ÷ each baseline's:", "",
-                   _ratio_table(point_ratios, op="attention", mode=mode, d=d, causal=causal)]
+                   _ratio_table(point_ratios, **match)]
         if kind == "cuda":
-            memory_panels = [(f"fwd_bwd, head dim {d}, {'causal' if c else 'not causal'}",
-                              _series(rows, "peak_mib", op="attention", mode="fwd_bwd", d=d,
-                                      causal=c)) for _, d, c in configs if _ == "fwd_bwd"]
+            memory_panels = [(_attention_title(mode, d, dv, c), _series(
+                rows, "peak_mib", op="attention", mode=mode, d=d, dv=dv, causal=c))
+                for mode, d, dv, c in configs if mode == "fwd_bwd"]
             _plot(os.path.join(out_dir, "attention_memory.png"), memory_panels,
                   "sequence length", "peak MiB", logy=True)
             md += ["Peak memory of forward and backward:", "",

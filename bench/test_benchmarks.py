@@ -18,6 +18,7 @@ if PROFILE not in cases.PROFILES:
 
 def _id(point):
     extra = [f"d{point['d']}"] if "d" in point else []
+    extra += [f"dv{point['dv']}"] if "dv" in point else []
     extra += ["causal"] if point.get("causal") else []
     return "-".join([point["provider"], point["mode"], *extra, str(point["x"])])
 
@@ -35,7 +36,8 @@ def _run(benchmark, point):
             timed()
             torch.cuda.synchronize()
     benchmark.group = f"{point['op']} {point['mode']}" + (
-        f" d={point['d']}" if "d" in point else "") + (" causal" if point.get("causal") else "")
+        f" d={point['d']}" if "d" in point else "") + (
+        f" dv={point['dv']}" if "dv" in point else "") + (" causal" if point.get("causal") else "")
     benchmark.extra_info.update(point, work=work, device=DEVICE, dtype=str(
         cases.dtype_for(point["op"], DEVICE)))
     benchmark(fn)

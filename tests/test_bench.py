@@ -31,6 +31,8 @@ def test_report_command_writes_json_markdown_and_plots(tmp_path):
     assert {r["provider"] for r in rows if r["op"] == "attention"} >= {"attnmem", "sdpa",
                                                                         "eager"}
     assert all(r["tflops"] > 0 for r in rows if r["op"] in ("attention", "varlen"))
+    assert {r["mode"] for r in rows if r["op"] == "attention" and r.get("dv") == 8} == {
+        "fwd", "bwd", "fwd_bwd"}  # the smoke profile's (D, Ev) = (16, 8) points
     assert all(r["gbs"] > 0 for r in rows if r["op"].startswith("memory") or r["op"] == "decode"
                or (r["op"], r["mode"]) == ("product_key", "fwd"))
     assert {(r["provider"], r["mode"]) for r in rows if r["op"] == "product_key"} == {
@@ -39,6 +41,7 @@ def test_report_command_writes_json_markdown_and_plots(tmp_path):
     report = (out / "report.md").read_text()
     assert "This is a CPU report" in report or data["meta"]["device_type"] == "cuda"
     assert "## attnmem against the baselines" in report
+    assert "**bwd, head dims 16/8, causal**" in report
     for baseline in ("sdpa", "eager", "compile", "fastest baseline"):
         assert f"| attnmem ÷ {baseline} |" in report, baseline
     assert {(r["op"], r["baseline"]) for r in data["ratios"]} >= {
