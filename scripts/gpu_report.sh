@@ -8,7 +8,7 @@
 #   tests              the tests of gpu_check.sh, not stopping at a failure, with more time
 #                      (the sm_80/sm_90 compile tests, marked slow, need no GPU: CI runs them)
 #   attention-fwd      the gpu benchmark profile's attention forward (head dims 64 and
-#                      128, then q/k 192 with v 128 last, the first dropped if time runs out),
+#                      128, then q/k 192 with v 128: swept last, what a short budget drops),
 #   attention-bwd      ... backward,
 #   attention-fwd_bwd  ... forward and backward,
 #   others             memory_attend, memory_write, additive attention, the layers and
