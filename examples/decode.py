@@ -279,9 +279,8 @@ def reference_logits(model, prompts, served, cos, sin, interleaved):
     runs every sequence from its first token, prompt then served[:, :t], right-padded to the
     longest (causal: padding at the end changes no earlier position)."""
     lengths = torch.tensor([len(p) for p in prompts], device=served.device)
-    batch, generated = served.shape
-    tokens = torch.zeros(batch, int(lengths.max()) + generated, dtype=served.dtype,
-                         device=served.device)
+    (batch, generated), longest = served.shape, int(lengths.max())
+    tokens = torch.zeros(batch, longest + generated, dtype=served.dtype, device=served.device)
     for b, prompt in enumerate(prompts):
         tokens[b, :len(prompt)] = prompt
 
@@ -292,7 +291,7 @@ def reference_logits(model, prompts, served, cos, sin, interleaved):
 
     rows, logits = torch.arange(batch, device=served.device), []
     for t in range(generated):
-        logits.append(model(tokens[:, :int(lengths.max()) + t], attend)[rows, lengths - 1])
+        logits.append(model(tokens[:, :longest + t], attend)[rows, lengths - 1])
         tokens[rows, lengths] = served[:, t]
         lengths += 1
     return torch.stack(logits, 1)
