@@ -19,6 +19,11 @@ RUNS = {
                                                     "--batch", "4", "--hidden", "16"])
        for kind in ("bahdanau", "luong")},
     "product_key_lm": ("product_key_lm.py", ["--quick", "--report", "product_key_lm.md"]),
+    **{name: ("decode.py", ["--batch", "3", "--layers", "1", "--heads", "6", "--kv-heads", "2",
+                            "--head-dim", "12", "--prompt", "7", "--steps", "4",
+                            "--page-size", "3", "--vocab", "64", *flags])
+       for name, flags in (("decode", []),
+                           ("decode_left_padded", ["--left-padded", "--interleaved"]))},
 }
 
 
