@@ -66,6 +66,7 @@ from attnmem.kernels._launch import (
     within,
 )
 from attnmem.kernels.attention import _modified_scores, _packed_sequence, _score_mods
+from attnmem.kernels.rotary import _rotary
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -98,30 +99,6 @@ def _to_e4m3(x, descale):
     the clamp makes the result the documented one whatever the cast does past 448."""
     x = tl.math.div_rn(x.to(tl.float32), descale)
     return tl.clamp(x, -E4M3_MAX, E4M3_MAX, propagate_nan=tl.PropagateNan.ALL).to(tl.float8e4nv)
-
-
-@triton.jit
-def _rotary(x, rows, offs_d, ok, cos_ptr, sin_ptr, positions, ROTARY_DIM: tl.constexpr,
-            INTERLEAVED: tl.constexpr):
-    """x, the tile loaded from rows[:, None] + offs_d[None, :] where ok, with its first
-    ROTARY_DIM dims rotated at positions (rows,) (the module's docstring)."""
-    HALF: tl.constexpr = ROTARY_DIM // 2
-    rotated = offs_d < ROTARY_DIM
-    if INTERLEAVED:
-        first = offs_d % 2 == 0
-        pair = offs_d ^ 1
-        col = offs_d // 2
-    else:
-        first = offs_d < HALF
-        pair = tl.where(first, offs_d + HALF, offs_d - HALF)
-        col = tl.where(first, offs_d, offs_d - HALF)
-    ok = ok & rotated[None, :]
-    x_pair = tl.load(rows[:, None] + pair[None, :], mask=ok, other=0.0).to(tl.float32)
-    x_pair = tl.where(first[None, :], -x_pair, x_pair)
-    table = positions.to(tl.int64)[:, None] * HALF + col[None, :]
-    cos = tl.load(cos_ptr + table, mask=ok, other=1.0).to(tl.float32)
-    sin = tl.load(sin_ptr + table, mask=ok, other=0.0).to(tl.float32)
-    return tl.where(rotated[None, :], (x.to(tl.float32) * cos + x_pair * sin).to(x.dtype), x)
 
 
 @triton.jit
