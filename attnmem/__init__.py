@@ -27,10 +27,11 @@ from attnmem.memory import (  # noqa: E402
     memory_write,
 )
 from attnmem.product_key import product_key_lookup  # noqa: E402
+from attnmem.rotary import apply_rotary  # noqa: E402
 from attnmem.varlen import attention_varlen  # noqa: E402
 
 __all__ = ["additive_attention", "attention", "attention_varlen", "attention_with_kvcache",
            "hard_attention", "location_address", "memory_address", "memory_attend",
            "memory_read", "memory_write", "pointer_attention", "product_key_lookup",
-           "quantize_fp8", "use_backend"]
+           "quantize_fp8", "use_backend", "apply_rotary"]
 __version__ = "0.1.0"
