@@ -18,9 +18,17 @@ from attnmem.attention import FLOAT_DTYPES, MAX_TRITON_HEAD_DIM, TRITON_DTYPES
 from attnmem.reference import rotary as _reference
 from attnmem.varlen import _check_lengths, _cu_seqlens, _max_seqlen
 
+MIN_ROWS = 8
 
-def _pick(x, backend: str, batch: int) -> str:
+
+def _pick(x, backend: str, batch: int, seqlen: int) -> str:
     reasons = []
+    # The grid's 1st axis holds each sequence's rows (token, head) in tiles of at least
+    # MIN_ROWS (kernels/rotary.py's configs at head dims up to MAX_TRITON_HEAD_DIM).
+    programs = -(-seqlen * x.shape[-2] // MIN_ROWS)
+    if programs > _backend.GRID_X_LIMIT:
+        reasons.append(f"{seqlen} tokens x {x.shape[-2]} heads need {programs} programs > "
+                       f"{_backend.GRID_X_LIMIT}, the CUDA launch grid's limit")
     if x.dtype not in TRITON_DTYPES:
         reasons.append(f"dtype {x.dtype} (supported: float16, bfloat16, float32)")
     if x.shape[-1] > MAX_TRITON_HEAD_DIM:
@@ -31,8 +39,8 @@ def _pick(x, backend: str, batch: int) -> str:
 
 def _rotate(x, cos, sin, seqlen_offsets, offset, cu_seqlens, max_seqlen, interleaved,
             conjugate, backend, inplace):
-    batch = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    if _pick(x, backend, batch) == "triton":
+    batch, seqlen = x.shape[:2] if cu_seqlens is None else (cu_seqlens.shape[0] - 1, max_seqlen)
+    if _pick(x, backend, batch, seqlen) == "triton":
         from attnmem.kernels import rotary as kernel
         return kernel.apply_rotary(x, cos, sin, seqlen_offsets, offset, cu_seqlens,
                                    max_seqlen, interleaved, conjugate, inplace)
@@ -140,6 +148,8 @@ def _validate(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max
         if seqlen_offsets.device != x.device:
             raise ValueError(f"seqlen_offsets is on {seqlen_offsets.device} but x is on "
                              f"{x.device}")
+        if x.device.type == "cpu" and not tracing:
+            _check_offsets(seqlen_offsets, cu_seqlens, seqlen, seqlen_ro)
         return seqlen_offsets.contiguous(), 0, seqlen
     try:
         offset = operator.index(seqlen_offsets)
@@ -153,6 +163,20 @@ def _validate(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max
                          "tokens need more: seqlen_ro must be at least seqlen_offsets + seqlen "
                          "(as FlashAttention's)")
     return None, offset, seqlen
+
+
+def _check_offsets(seqlen_offsets, cu_seqlens, seqlen, seqlen_ro):
+    """The values of a tensor of offsets (on the CPU, where reading them costs no device
+    sync): each sequence's tokens within the table."""
+    lengths = seqlen if cu_seqlens is None else cu_seqlens.diff()
+    if (seqlen_offsets < 0).any():
+        raise ValueError(f"seqlen_offsets must be >= 0, got {seqlen_offsets.tolist()}")
+    ends = seqlen_offsets + lengths
+    if len(ends) and ends.max() > seqlen_ro:
+        b = int(ends.argmax())
+        raise ValueError(f"cos has {seqlen_ro} positions but sequence {b} needs "
+                         f"{int(ends[b])} (seqlen_offsets[{b}] + its length): seqlen_ro must "
+                         "cover every token")
 
 
 def apply_rotary(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0,

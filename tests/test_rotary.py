@@ -153,6 +153,10 @@ BAD = {
     "offsets_float": (dict(seqlen_offsets=torch.zeros(3)), TypeError, "seqlen_offsets must be"),
     "offsets_shape": (dict(seqlen_offsets=torch.zeros(2, dtype=torch.int32)), ValueError,
                       "seqlen_offsets must have shape (B,) = (3,)"),
+    "offsets_past_table": (dict(seqlen_offsets=torch.tensor([2, 20, 12])), ValueError,
+                           "cos has 20 positions but sequence 2 needs 21"),
+    "offsets_negative": (dict(seqlen_offsets=torch.tensor([0, -1, 0])), ValueError,
+                         "seqlen_offsets must be >= 0"),
     "cu_seqlens_dtype": (dict(cu_seqlens=torch.tensor([0, 4, 4, 13])), TypeError,
                          "cu_seqlens must be int32"),
     "cu_seqlens_end": (dict(cu_seqlens=torch.tensor([0, 4, 4, 12], dtype=torch.int32)),
@@ -228,3 +232,12 @@ def test_kernel_loads_16_bytes_without_spills():
     for name, result in results.items():
         assert result["vector_loads"] and result["vector_stores"], name
         assert result["spill_stores"] == result["spill_loads"] == 0, (name, result)
+
+
+def test_grid_rows_bound_holds_for_every_config():
+    """The wrapper bounds the launch grid by tiles of op.MIN_ROWS rows: no config of a head
+    dim the triton path takes has fewer."""
+    from attnmem.kernels import rotary as kernel
+
+    assert all(c["ROWS"] >= op.MIN_ROWS for d in (16, 64, op.MAX_TRITON_HEAD_DIM)
+               for c in kernel.configs_for(d))
