@@ -40,3 +40,21 @@ def per_batch(name, x, batch, device):
         raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(x.shape)}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but q is on {device}")
+
+
+def rotary_table(cos_name, cos, sin_name, sin, x_name, x):
+    """cos and sin are float tables (seqlen_ro, R / 2) of one shape on x's device, with
+    0 < R <= x's last dim (the head dim)."""
+    for name, t in ((cos_name, cos), (sin_name, sin)):
+        tensor(name, t, 2, "(seqlen_ro, rotary_dim / 2)")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got "
+                            f"{t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but {x_name} is on {x.device}")
+    if sin.shape != cos.shape:
+        raise ValueError(f"{sin_name} must have {cos_name}'s shape {tuple(cos.shape)}, got "
+                         f"{tuple(sin.shape)}")
+    if not 0 < 2 * cos.shape[1] <= x.shape[-1]:
+        raise ValueError(f"{cos_name} must be (seqlen_ro, rotary_dim / 2) with 0 < rotary_dim "
+                         f"<= the head dim {x.shape[-1]}, got shape {tuple(cos.shape)}")

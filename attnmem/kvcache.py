@@ -274,20 +274,8 @@ def _check_rotary(rotary_cos, rotary_sin, interleaved, q, capacity, appending):
         return
     if rotary_cos is None or rotary_sin is None:
         raise ValueError("rotary_cos and rotary_sin must be given together, or both be None")
-    for name, x in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
-        _checks.tensor(name, x, 2, "(seqlen_ro, rotary_dim / 2)")
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got "
-                            f"{x.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
-    if rotary_sin.shape != rotary_cos.shape:
-        raise ValueError(f"rotary_sin must have rotary_cos's shape {tuple(rotary_cos.shape)}, "
-                         f"got {tuple(rotary_sin.shape)}")
-    seqlen_ro, half = rotary_cos.shape
-    if not 0 < 2 * half <= q.shape[-1]:
-        raise ValueError(f"rotary_cos must be (seqlen_ro, rotary_dim / 2) with 0 < rotary_dim "
-                         f"<= the head dim {q.shape[-1]}, got shape {tuple(rotary_cos.shape)}")
+    _checks.rotary_table("rotary_cos", rotary_cos, "rotary_sin", rotary_sin, "q", q)
+    seqlen_ro = rotary_cos.shape[0]
     if seqlen_ro < capacity:
         raise ValueError(f"rotary_cos has {seqlen_ro} positions but the cache has {capacity} "
                          f"slots: it must cover them all, as FlashAttention's seqlen_ro >= "

@@ -14,7 +14,7 @@ import torch
 
 from attnmem import _checks
 from attnmem import backend as _backend
-from attnmem.attention import FLOAT_DTYPES, MAX_TRITON_HEAD_DIM, TRITON_DTYPES
+from attnmem.attention import MAX_TRITON_HEAD_DIM, TRITON_DTYPES
 from attnmem.reference import rotary as _reference
 from attnmem.varlen import _check_lengths, _cu_seqlens, _max_seqlen
 
@@ -106,20 +106,8 @@ def _validate(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max
     for name, flag in (("interleaved", interleaved), ("inplace", inplace)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    for name, t in (("cos", cos), ("sin", sin)):
-        _checks.tensor(name, t, 2, "(seqlen_ro, rotary_dim / 2)")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got "
-                            f"{t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if sin.shape != cos.shape:
-        raise ValueError(f"sin must have cos's shape {tuple(cos.shape)}, got "
-                         f"{tuple(sin.shape)}")
-    seqlen_ro, half = cos.shape
-    if not 0 < 2 * half <= x.shape[-1]:
-        raise ValueError(f"cos must be (seqlen_ro, rotary_dim / 2) with 0 < rotary_dim <= the "
-                         f"head dim {x.shape[-1]}, got shape {tuple(cos.shape)}")
+    _checks.rotary_table("cos", cos, "sin", sin, "x", x)
+    seqlen_ro = cos.shape[0]
     if varlen:
         if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device != x.device:
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but x is on {x.device}")
