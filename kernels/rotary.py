@@ -75,7 +75,7 @@ def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, offsets_ptr, cu_seqlens_ptr
         seqlen = tl.minimum(tl.load(cu_seqlens_ptr + b + 1).to(tl.int64), total) - start
         x_ptr += start * stride_xs
         out_ptr += start * stride_os
-    if tile * ROWS >= seqlen * n_heads:
+    if tile * ROWS // n_heads >= seqlen:  # as tile * ROWS >= seqlen * n_heads, in int64
         return
     r = tile * ROWS + tl.arange(0, ROWS)
     s = r // n_heads
@@ -94,6 +94,10 @@ def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, offsets_ptr, cu_seqlens_ptr
                 ROTARY_DIM, INTERLEAVED, CONJUGATE)
     if INPLACE:
         ok = ok & (offs_d < ROTARY_DIM)[None, :]
+        if not INTERLEAVED:
+            # Other threads (other warps, for wide rows) load their pairs from x: every
+            # thread loads before any overwrites x.
+            tl.debug_barrier()
     out_rows = out_ptr + b * stride_ob + s * stride_os + h * stride_oh
     tl.store(out_rows[:, None] + offs_d[None, :], x, mask=ok)
 

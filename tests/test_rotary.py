@@ -89,11 +89,12 @@ def test_forward_and_gradient_match_float64(name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_inplace(backend):
+@pytest.mark.parametrize("name", ["gptj_d33_r32_offsets", "packed_empty_sequence"])
+def test_inplace(name, backend):
     """inplace=True returns x rotated in place, equal to the new tensor's values bit for bit,
     also where x's last dimension is strided; under autograd the rotation is copied into a
     non-leaf x and the gradient flows through it, and a leaf that requires grad is refused."""
-    x, cos, sin, kwargs, _ = _inputs("gptj_d33_r32_offsets")
+    x, cos, sin, kwargs, _ = _inputs(name)
     with attnmem.use_backend(backend):
         expect = attnmem.apply_rotary(x, cos, sin, **kwargs)
         own = x.clone()
