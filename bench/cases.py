@@ -17,7 +17,7 @@ import attnmem
 from attnmem.nn import MultiheadAttention, MultiheadSelfAttention
 
 OPS = ("attention", "memory_attend", "memory_write", "additive", "mha", "decode", "varlen",
-       "product_key")
+       "product_key", "rotary")
 PROFILES = ("smoke", "quick", "cpu", "gpu", "gpu-check")
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                  "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
@@ -30,6 +30,7 @@ PROVIDERS = {
     "decode": ("attnmem", "attnmem-paged", "attnmem-fp8", "sdpa", "flex"),
     "varlen": ("attnmem", "attnmem-fp8", "padded"),
     "product_key": ("attnmem", "attnmem-sparse", "eager", "dense"),
+    "rotary": ("attnmem", "eager", "compile"),
 }
 # The GPU check (scripts/gpu_check.sh) leaves out the attention baselines that fill N^2 scores.
 PROFILE_PROVIDERS = {("attention", "gpu-check"): ("attnmem", "attnmem-fp8", "sdpa", "sdpa-flash",
@@ -38,7 +39,8 @@ PROFILE_PROVIDERS = {("attention", "gpu-check"): ("attnmem", "attnmem-fp8", "sdp
 PROVIDER_MODES = {"attnmem-fp8": ("fwd",)}
 MODES = {"attention": ("fwd", "bwd", "fwd_bwd"), "memory_attend": ("fwd",),
          "memory_write": ("fwd",), "additive": ("fwd", "fwd_bwd"), "mha": ("fwd", "fwd_bwd"),
-         "decode": ("fwd",), "varlen": ("fwd", "fwd_bwd"), "product_key": ("fwd", "fwd_bwd")}
+         "decode": ("fwd",), "varlen": ("fwd", "fwd_bwd"), "product_key": ("fwd", "fwd_bwd"),
+         "rotary": ("fwd", "fwd_bwd")}
 
 # Per profile: the swept sizes and the fixed ones. "smoke" only checks that the harness runs;
 # "gpu-check" is the few minutes of benchmark that scripts/gpu_check.sh leaves room for.
@@ -97,6 +99,8 @@ def points(op: str, profile: str):
         return varlen_points(profile)
     if op == "product_key":
         return product_key_points(profile)
+    if op == "rotary":
+        return rotary_points(profile)
     sizes = SIZES["memory" if op.startswith("memory") else op][profile]
     configs = [{}]
     if op == "attention":
@@ -223,6 +227,8 @@ def build(point, device):
         return build_varlen(point, device)
     if op == "product_key":
         return build_product_key(point, device)
+    if op == "rotary":
+        return build_rotary(point, device)
     dtype = dtype_for(op, device)
     grad = mode != "fwd"
     if op == "attention":
@@ -512,6 +518,54 @@ def build_product_key(point, device):
     work = queries.element_size() * (batch * heads * topk * dv + heads * n_keys * dk
                                      + batch * heads * dk + batch * dv)
     return _timed(mode, forward, inputs), work if mode == "fwd" else None
+
+
+# ---------------------------------------------------------------------------------------
+# The rotary embedding of a (B, x, H, D) query or key tensor over all D dims, GPT-NeoX pairs,
+# at positions 0 to x - 1 (FlashAttention's apply_rotary_emb, as training applies it before
+# the attention): "attnmem" is attnmem.apply_rotary, "eager" the rotation as users write it
+# in torch (rotate_half, cos and sin repeated to D), "compile" that under torch.compile.
+# ---------------------------------------------------------------------------------------
+
+ROTARY_SIZES = {
+    "gpu": dict(x=[1024, 4096, 16384, 65536], batch=4, heads=32, d=128),
+    "gpu-check": dict(x=[4096, 65536], batch=4, heads=32, d=128),
+    "cpu": dict(x=[256, 1024, 4096], batch=2, heads=8, d=64),
+    "quick": dict(x=[256, 1024], batch=2, heads=8, d=64),
+    "smoke": dict(x=[16, 32], batch=1, heads=2, d=16),
+}
+
+
+def rotary_points(profile):
+    sizes = ROTARY_SIZES[profile]
+    fixed = {k: v for k, v in sizes.items() if k != "x"}
+    return [dict(op="rotary", provider=provider, mode=mode, x=x, **fixed)
+            for mode in MODES["rotary"] for provider in PROVIDERS["rotary"] for x in sizes["x"]]
+
+
+def eager_rotary(x, cos, sin):
+    """x (B, S, H, D) rotated at positions 0 to S - 1 with cos, sin (>= S, D / 2)."""
+    n = x.shape[1]
+    cos, sin = (torch.cat([t[:n], t[:n]], -1)[:, None, :] for t in (cos, sin))
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def build_rotary(point, device):
+    """(fn, bytes): x read once and the output written once, cos and sin read once (the
+    backward moves the same bytes again, for the gradient)."""
+    batch, n, heads, d, mode = point["batch"], point["x"], point["heads"], point["d"], \
+        point["mode"]
+    dtype = dtype_for("rotary", device)
+    x = _randn(batch, n, heads, d, device=device, dtype=dtype, grad=mode != "fwd")
+    angles = torch.arange(n, device=device)[:, None] * 10000.0 ** (
+        -torch.arange(0, d, 2, device=device) / d)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    fn = {"attnmem": attnmem.apply_rotary, "eager": eager_rotary,
+          "compile": _compiled(eager_rotary)}[point["provider"]]
+    work = x.element_size() * (2 * x.numel() + 2 * cos.numel())
+    return _timed(mode, lambda: fn(x, cos, sin), (x,)), work * (1 if mode == "fwd" else 2)
 
 
 # NTM training steps on the copy task (issue 15): not in OPS; `python -m bench.ntm` runs

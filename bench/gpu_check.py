@@ -27,7 +27,7 @@ from bench import cases, report, timing
 # The share of the sweep's time each op may use; time an op leaves over passes to the next,
 # and the op with the largest share runs last, so that it gets what the others leave.
 SHARES = {"attention": 4, "memory_attend": 2, "memory_write": 2, "additive": 1, "mha": 1,
-          "decode": 1, "varlen": 1, "product_key": 1}
+          "decode": 1, "varlen": 1, "product_key": 1, "rotary": 1}
 
 
 def _nvidia_smi():

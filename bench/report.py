@@ -387,6 +387,25 @@ def write_report(out_dir, meta, rows, unavailable):
             if kind == "cuda":
                 md += [f"**{mode}** (peak MiB)", "", _table(
                     rows, "peak_mib", "{:.0f}", op="product_key", mode=mode, label="rows")]
+    if "rotary" in ops:
+        point = next(r for r in rows if r["op"] == "rotary")
+        modes = cases.MODES["rotary"]
+        _plot(os.path.join(out_dir, "rotary.png"), [
+            (f"rotary {mode}", _series(rows, "gbs", op="rotary", mode=mode)) for mode in modes],
+            "sequence length", "GB/s", roof=("copy bandwidth", meta["copy_bandwidth_gbs"]))
+        md += ["## Rotary embedding", "", f"GB/s of the rotation of a (B, N, H, D) = "
+               f"({point['batch']}, N, {point['heads']}, {point['d']}) tensor over all its "
+               "dims, GPT-NeoX pairs, at positions 0 to N - 1: x read once, the output "
+               "written once, cos and sin read once (fwd_bwd: the same again for the "
+               "gradient). attnmem: `apply_rotary`; eager: rotate_half with cos and sin "
+               "repeated to D, as users write it; compile: that under torch.compile. The "
+               "dashed line is this device's measured copy bandwidth.", "",
+               "![rotary](rotary.png)", ""]
+        for mode in modes:
+            md += [f"**{mode}** (GB/s)", "",
+                   _table(rows, "gbs", "{:.3g}", op="rotary", mode=mode, label="N"),
+                   "attnmem's time ÷ each baseline's:", "",
+                   _ratio_table(point_ratios, op="rotary", mode=mode)]
     errors = [r for r in rows if "error" in r]
     if unavailable or errors:
         md += ["## Not measured", ""]

@@ -11,8 +11,9 @@
 #                      128, then q/k 192 with v 128: swept last, what a short budget drops),
 #   attention-bwd      ... backward,
 #   attention-fwd_bwd  ... forward and backward,
-#   others             memory_attend, memory_write, additive attention, the layers and
-#                      packed variable-length batches (attention_varlen),
+#   others             memory_attend, memory_write, additive attention, the layers,
+#                      packed variable-length batches (attention_varlen) and the rotary
+#                      embedding (apply_rotary),
 #   decode             decoding from a KV cache (attention_with_kvcache),
 #   product-key        the product-key memory lookup (product_key_lookup) against eager
 #                      torch and dense memory_attend, value tables of 1e4 to 1e7 rows.
@@ -28,7 +29,7 @@ case "$PART" in
     attention-fwd | attention-bwd | attention-fwd_bwd)
         SWEEP=(--ops attention --modes "${PART#attention-}")
         ;;
-    others) SWEEP=(--ops memory_attend memory_write additive mha varlen) ;;
+    others) SWEEP=(--ops memory_attend memory_write additive mha varlen rotary) ;;
     decode) SWEEP=(--ops decode) ;;
     product-key) SWEEP=(--ops product_key) ;;
     *)

@@ -25,7 +25,7 @@ def test_report_command_writes_json_markdown_and_plots(tmp_path):
         assert data["meta"][key], key
     rows = [r for r in data["results"] if "error" not in r]
     assert {r["op"] for r in rows} == {"attention", "memory_attend", "memory_write", "additive",
-                                       "mha", "decode", "varlen", "product_key"}
+                                       "mha", "decode", "varlen", "product_key", "rotary"}
     for row in rows:
         assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"], row
     assert {r["provider"] for r in rows if r["op"] == "attention"} >= {"attnmem", "sdpa",
@@ -34,7 +34,7 @@ def test_report_command_writes_json_markdown_and_plots(tmp_path):
     assert {r["mode"] for r in rows if r["op"] == "attention" and r.get("dv") == 8} == {
         "fwd", "bwd", "fwd_bwd"}  # the smoke profile's (D, Ev) = (16, 8) points
     assert all(r["gbs"] > 0 for r in rows if r["op"].startswith("memory") or r["op"] == "decode"
-               or (r["op"], r["mode"]) == ("product_key", "fwd"))
+               or (r["op"], r["mode"]) == ("product_key", "fwd") or r["op"] == "rotary")
     assert {(r["provider"], r["mode"]) for r in rows if r["op"] == "product_key"} == {
         (p, m) for p in ("attnmem", "attnmem-sparse", "eager", "dense")
         for m in ("fwd", "fwd_bwd")}
@@ -48,10 +48,10 @@ def test_report_command_writes_json_markdown_and_plots(tmp_path):
         ("attention", "sdpa"), ("attention", "eager"), ("memory_attend", "compile"),
         ("memory_write", "eager"), ("additive", "eager"), ("mha", "torch-mha"),
         ("decode", "sdpa"), ("varlen", "padded"), ("product_key", "eager"),
-        ("product_key", "dense")}
+        ("product_key", "dense"), ("rotary", "eager"), ("rotary", "compile")}
     assert "\r" not in result.stderr  # no progress bar drawn into a pipe
     for plot in ("attention.png", "memory.png", "additive.png", "mha.png", "decode.png",
-                 "varlen.png", "product_key.png", "product_key_time.png"):
+                 "varlen.png", "product_key.png", "product_key_time.png", "rotary.png"):
         assert (out / plot).stat().st_size > 1000, plot
         assert f"]({plot})" in report
 
