@@ -1,10 +1,12 @@
 """attnmem.attention_with_kvcache: decoding from a KV cache, contiguous or paged, with the
-new tokens appended in place (FlashAttention's flash_attn_with_kvcache).
+new tokens appended in place (FlashAttention's flash_attn_with_kvcache); and
+attnmem.kvcache_append, its append alone (vLLM's reshape_and_cache).
 
 Two torch.library custom ops: the append (mutating the caches) and the attention over them,
 each on the triton kernels (split-KV flash-decoding, GQA packing, paged loads) or on the
 pure-torch twin (attnmem.reference.kvcache), as attnmem.backend chooses. Both take the
-queries padded (B, Sq, H, D) or packed (total_q, H, D) with cu_seqlens_q.
+queries padded (B, Sq, H, D) or packed (total_q, H, D) with cu_seqlens_q; the append takes
+none from kvcache_append, whose checks are attention_with_kvcache's with k in q's place.
 """
 
 import numbers
@@ -650,7 +652,10 @@ def kvcache_append(k_cache, v_cache, k, v, *, cache_seqlens, block_table=None,
     rotary_sin ((seqlen_ro >= capacity, R / 2)) and rotary_interleaved rotate each key at its
     slot first; k_descale, v_descale ((B, Hkv), None for 1) quantize both into float8_e4m3fn
     caches, as attention_with_kvcache does. The same checks, with k where q stands there:
-    batch, device and dtype come from k. The caches end exactly as that call leaves them.
+    batch, device and dtype come from k; caches that overlap themselves or the other inputs
+    are refused (not inside a torch.compile trace), and cu_seqlens, block_table's pages and
+    cache_batch_idx's rows are checked on CPU tensors only. The caches end byte for byte as
+    that call leaves them.
 
     Returns None, as vLLM's reshape_and_cache does: the call is for its effect on the
     caches. torch's in-place methods return self for chaining, but this writes two tensors,
