@@ -18,7 +18,7 @@ if not _os.path.isdir(_os.path.join(_here, "kernels")):
 from attnmem.additive import additive_attention, hard_attention, pointer_attention  # noqa: E402
 from attnmem.attention import attention, quantize_fp8  # noqa: E402
 from attnmem.backend import use_backend  # noqa: E402
-from attnmem.kvcache import attention_with_kvcache  # noqa: E402
+from attnmem.kvcache import attention_with_kvcache, kvcache_append  # noqa: E402
 from attnmem.memory import (  # noqa: E402
     location_address,
     memory_address,
@@ -33,5 +33,5 @@ from attnmem.varlen import attention_varlen  # noqa: E402
 __all__ = ["additive_attention", "attention", "attention_varlen", "attention_with_kvcache",
            "hard_attention", "location_address", "memory_address", "memory_attend",
            "memory_read", "memory_write", "pointer_attention", "product_key_lookup",
-           "quantize_fp8", "use_backend", "apply_rotary"]
+           "quantize_fp8", "use_backend", "apply_rotary", "kvcache_append"]
 __version__ = "0.1.0"

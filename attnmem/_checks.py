@@ -30,8 +30,8 @@ def lengths(name, x, batch, n, device):
     return x.clamp(0, n).to(torch.int32).contiguous()
 
 
-def per_batch(name, x, batch, device):
-    """x is an integer tensor (B,) on device."""
+def per_batch(name, x, batch, device, ref="q"):
+    """x is an integer tensor (B,) on device, ref's (its name in the message)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
@@ -39,7 +39,7 @@ def per_batch(name, x, batch, device):
     if tuple(x.shape) != (batch,):
         raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(x.shape)}")
     if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but q is on {device}")
+        raise ValueError(f"{name} is on {x.device} but {ref} is on {device}")
 
 
 def rotary_table(cos_name, cos, sin_name, sin, x_name, x):

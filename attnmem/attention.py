@@ -480,9 +480,9 @@ def _is_fp8(x) -> bool:
     return isinstance(x, torch.Tensor) and x.dtype.is_floating_point and x.element_size() == 1
 
 
-def _fp8_descales(q, shape, descales):
+def _fp8_descales(q, shape, descales, q_name="q"):
     """(q_descale, k_descale, v_descale), each None (1) or of `shape`, (B, Hkv), floating
-    point on q's device -> one (B, Hkv, 3) float32 tensor."""
+    point on q's device (q_name in the message) -> one (B, Hkv, 3) float32 tensor."""
     checked = []
     for name, x in zip(("q_descale", "k_descale", "v_descale"), descales):
         if x is None:
@@ -496,7 +496,7 @@ def _fp8_descales(q, shape, descales):
         if tuple(x.shape) != shape:
             raise ValueError(f"{name} must be (B, Hkv) = {shape}, got shape {tuple(x.shape)}")
         if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+            raise ValueError(f"{name} is on {x.device} but {q_name} is on {q.device}")
         checked.append(x.to(torch.float32))
     return torch.stack(checked, -1)
 

@@ -1,10 +1,12 @@
 """attnmem.attention_with_kvcache: decoding from a KV cache, contiguous or paged, with the
-new tokens appended in place (FlashAttention's flash_attn_with_kvcache).
+new tokens appended in place (FlashAttention's flash_attn_with_kvcache); and
+attnmem.kvcache_append, its append alone (vLLM's reshape_and_cache).
 
 Two torch.library custom ops: the append (mutating the caches) and the attention over them,
 each on the triton kernels (split-KV flash-decoding, GQA packing, paged loads) or on the
 pure-torch twin (attnmem.reference.kvcache), as attnmem.backend chooses. Both take the
-queries padded (B, Sq, H, D) or packed (total_q, H, D) with cu_seqlens_q.
+queries padded (B, Sq, H, D) or packed (total_q, H, D) with cu_seqlens_q; the append takes
+none from kvcache_append, whose checks are attention_with_kvcache's with k in q's place.
 """
 
 import numbers
@@ -32,48 +34,59 @@ from attnmem.reference import kvcache as _reference
 from attnmem.varlen import _check_lengths, _cu_seqlens, _max_seqlen
 
 
-def _triton_reasons(q, k_cache, v_cache, cu_seqlens_q=None, max_seqlen_q=0) -> list[str]:
-    reasons = []
+def _triton_reasons(q, k_cache, v_cache, cu_seqlens_q=None, max_seqlen_q=0,
+                    k=None) -> list[str]:
+    """What the triton kernels lack for the append and the attention of q, or with q None
+    (kvcache_append) for the append of k alone."""
+    x, reasons = (k if q is None else q), []
     if cu_seqlens_q is not None:
-        # Packed queries: the grids are sized by max_seqlen_q, not by the packed rows, the
-        # append's B * max_seqlen_q and the attention's row tiles of at least 16 rows.
+        # Packed: the grids are sized by max_seqlen_q, not by the packed rows, the append's
+        # B * max_seqlen_q and the attention's row tiles of at least 16 rows.
         batch, kv_heads = cu_seqlens_q.shape[0] - 1, k_cache.shape[2]
-        group = q.shape[1] // max(kv_heads, 1)
-        programs = max(batch * max_seqlen_q, batch * kv_heads * -(-max_seqlen_q * group // 16))
+        programs = batch * max_seqlen_q
+        if q is not None:
+            group = q.shape[1] // max(kv_heads, 1)
+            programs = max(programs, batch * kv_heads * -(-max_seqlen_q * group // 16))
         if programs > _backend.GRID_X_LIMIT:
-            reasons.append(f"{batch} sequences of up to max_seqlen_q = {max_seqlen_q} queries "
-                           f"need {programs} programs > {_backend.GRID_X_LIMIT}, the CUDA launch "
+            name, rows = ("max_seqlen_q", "queries") if q is not None else ("max_seqlen",
+                                                                             "new tokens")
+            reasons.append(f"{batch} sequences of up to {name} = {max_seqlen_q} {rows} need "
+                           f"{programs} programs > {_backend.GRID_X_LIMIT}, the CUDA launch "
                            "grid's limit")
-    if q.dtype not in TRITON_DTYPES:
-        reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
-    if q.shape[-1] > MAX_TRITON_HEAD_DIM:
-        reasons.append(f"head dim {q.shape[-1]} > {MAX_TRITON_HEAD_DIM}")
+    if x.dtype not in TRITON_DTYPES:
+        reasons.append(f"dtype {x.dtype} (supported: float16, bfloat16, float32)")
+    if x.shape[-1] > MAX_TRITON_HEAD_DIM:
+        reasons.append(f"head dim {x.shape[-1]} > {MAX_TRITON_HEAD_DIM}")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if cache.stride(-1) != 1 and cache.shape[-1] > 1:
             reasons.append(f"{name}'s last dimension is strided (the kernels write it in "
                            "place and read it in rows)")
     if k_cache.dtype == FP8_DTYPE:
-        reasons += fp8_arch_reasons(q.device)
+        reasons += fp8_arch_reasons(x.device)
     return reasons
 
 
-def _pick(q, k_cache, v_cache, backend: str, cu_seqlens_q=None, max_seqlen_q=0) -> str:
-    reasons = _triton_reasons(q, k_cache, v_cache, cu_seqlens_q, max_seqlen_q)
-    return _backend.resolve(backend, (q, k_cache, v_cache), reasons, "attention_with_kvcache")
+def _pick(q, k_cache, v_cache, backend: str, cu_seqlens_q=None, max_seqlen_q=0,
+          k=None) -> str:
+    reasons = _triton_reasons(q, k_cache, v_cache, cu_seqlens_q, max_seqlen_q, k)
+    op = "attention_with_kvcache" if q is not None else "kvcache_append"
+    return _backend.resolve(backend, (k if q is None else q, k_cache, v_cache), reasons, op)
 
 
 @torch.library.custom_op("attnmem::kvcache_append", mutates_args=("k_cache", "v_cache"))
-def _append(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
-            v: torch.Tensor, cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor],
-            backend: str, descales: Optional[torch.Tensor] = None,
-            cu_seqlens_q: Optional[torch.Tensor] = None, max_seqlen_q: int = 0,
-            rotary_cos: Optional[torch.Tensor] = None, rotary_sin: Optional[torch.Tensor] = None,
-            rotary_interleaved: bool = False) -> None:
-    """descales (B, Hkv, 2) float32 (k's, v's): float8_e4m3fn caches, the new tokens
-    quantized on the way in. cu_seqlens_q, max_seqlen_q: q, k and v packed (total_q, ...).
-    rotary_cos, rotary_sin: k rotated at its slot before it is written."""
+def _append(q: Optional[torch.Tensor], k_cache: torch.Tensor, v_cache: torch.Tensor,
+            k: torch.Tensor, v: torch.Tensor, cache_seqlens: torch.Tensor,
+            block_table: Optional[torch.Tensor], backend: str,
+            descales: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+            max_seqlen_q: int = 0, rotary_cos: Optional[torch.Tensor] = None,
+            rotary_sin: Optional[torch.Tensor] = None, rotary_interleaved: bool = False) -> None:
+    """q: attention_with_kvcache's queries, read only to pick the backend that its attention
+    picks; None from kvcache_append. descales (B, Hkv, 2) float32 (k's, v's): float8_e4m3fn
+    caches, the new tokens quantized on the way in. cu_seqlens_q, max_seqlen_q: k and v (and
+    q) packed (total_q, ...). rotary_cos, rotary_sin: k rotated at its slot before it is
+    written."""
     rotation = _rotation(rotary_cos, rotary_sin, rotary_interleaved)
-    if _pick(q, k_cache, v_cache, backend, cu_seqlens_q, max_seqlen_q) == "triton":
+    if _pick(q, k_cache, v_cache, backend, cu_seqlens_q, max_seqlen_q, k) == "triton":
         from attnmem.kernels import attention_kvcache as kernel
         kernel.append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales,
                       cu_seqlens_q, max_seqlen_q, rotation)
@@ -164,7 +177,21 @@ def _clamped(cache_seqlens, k_cache, n_new, block_table):
 # ---------------------------------------------------------------------------------------
 
 
-def _block_table(block_table, batch, device):
+# The names that attention_with_kvcache's messages (x = q) and kvcache_append's (x = k) give
+# their arguments and shapes.
+_NAMES = {
+    "q": dict(cu="cu_seqlens_q", max="max_seqlen_q", rows="queries", x="(B, Sq, H, D)",
+              x_packed="(total_q, H, D)", new="(B, Sq, Hkv, D)",
+              new_packed="(total_q, Hkv, D), packed as q",
+              fp8="the kernels widen the cache to q's dtype"),
+    "k": dict(cu="cu_seqlens", max="max_seqlen", rows="tokens", x="(B, S, Hkv, D)",
+              x_packed="(total, Hkv, D)", new="(B, S, Hkv, D)",
+              new_packed="(total, Hkv, D), packed as k",
+              fp8="the append quantizes it into the cache"),
+}
+
+
+def _block_table(block_table, batch, device, ref="q"):
     if not isinstance(block_table, torch.Tensor):
         raise TypeError(f"block_table must be a torch.Tensor or None, got "
                         f"{type(block_table).__name__}")
@@ -175,12 +202,12 @@ def _block_table(block_table, batch, device):
         raise ValueError(f"block_table must be (B, max_blocks) with B = {batch}, got shape "
                          f"{tuple(block_table.shape)}")
     if block_table.device != device:
-        raise ValueError(f"block_table is on {block_table.device} but q is on {device}")
+        raise ValueError(f"block_table is on {block_table.device} but {ref} is on {device}")
 
 
-def _seqlens(cache_seqlens, batch, device, limit, clamp=None):
-    """cache_seqlens as an int32 (B,) tensor; an int must lie in [0, limit], a tensor is
-    clamped to [0, clamp] (default limit; the kernels clamp it further)."""
+def _seqlens(cache_seqlens, batch, device, limit, clamp=None, ref="q"):
+    """cache_seqlens as an int32 (B,) tensor on ref's device; an int must lie in [0, limit], a
+    tensor is clamped to [0, clamp] (default limit; the kernels clamp it further)."""
     if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
         value = operator.index(cache_seqlens)
         if not 0 <= value <= limit:
@@ -190,7 +217,7 @@ def _seqlens(cache_seqlens, batch, device, limit, clamp=None):
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"cache_seqlens must be an int or an integer tensor (B,), got "
                         f"{type(cache_seqlens).__name__}")
-    _checks.per_batch("cache_seqlens", cache_seqlens, batch, device)
+    _checks.per_batch("cache_seqlens", cache_seqlens, batch, device, ref)
     if cache_seqlens.dtype == torch.int32 and cache_seqlens.is_contiguous():
         return cache_seqlens  # the kernels clamp it
     # Clamped before the cast, so that 2**32 + 3 is the capacity, not 3.
@@ -210,26 +237,27 @@ def _check_pages(block_table, cache_seqlens, n_new, page_size, n_pages):
                          f"the pool: pages are 0 to {n_pages - 1}")
 
 
-def _fp8_cache(q, k_cache, v_cache) -> bool:
-    """The caches have q's dtype (False), or are float8_e4m3fn for a 16-bit q (True)."""
+def _fp8_cache(x, x_name, k_cache, v_cache) -> bool:
+    """The caches have x's dtype (False), or are float8_e4m3fn for a 16-bit x (True); x is
+    q (x_name "q") or, appending alone, k."""
     if k_cache.dtype != FP8_DTYPE:
         if _is_fp8(k_cache):
-            raise TypeError(f"k_cache must have q's dtype {q.dtype} or be float8_e4m3fn, got "
-                            f"{k_cache.dtype}")
+            raise TypeError(f"k_cache must have {x_name}'s dtype {x.dtype} or be "
+                            f"float8_e4m3fn, got {k_cache.dtype}")
         for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            _checks.like(name, cache, q, "q")
+            _checks.like(name, cache, x, x_name)
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        raise TypeError(f"q must be float16 or bfloat16 with a float8_e4m3fn cache (the "
-                        f"kernels widen the cache to q's dtype), got {q.dtype}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"{x_name} must be float16 or bfloat16 with a float8_e4m3fn cache "
+                        f"({_NAMES[x_name]['fp8']}), got {x.dtype}")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         _checks.like(name, cache, k_cache, "k_cache")
-        if cache.device != q.device:
-            raise ValueError(f"{name} is on {cache.device} but q is on {q.device}")
+        if cache.device != x.device:
+            raise ValueError(f"{name} is on {cache.device} but {x_name} is on {x.device}")
     return True
 
 
-def _descales(q, batch, k_cache, k_descale, v_descale, fp8):
+def _descales(x, x_name, batch, k_cache, k_descale, v_descale, fp8):
     """k's and v's descales stacked (B, Hkv, 2) float32 for a float8 cache (None: 1), else
     None: they apply to float8 caches only."""
     if not fp8:
@@ -240,10 +268,10 @@ def _descales(q, batch, k_cache, k_descale, v_descale, fp8):
         return None
     # attention()'s check of (B, Hkv) descales; k_cache holds the kv heads on dim 2.
     shape = (batch, k_cache.shape[2])
-    return _fp8_descales(q, shape, (None, k_descale, v_descale))[..., 1:]
+    return _fp8_descales(x, shape, (None, k_descale, v_descale), x_name)[..., 1:]
 
 
-def _batch_table(cache_batch_idx, block_table, batch, k_cache, device):
+def _batch_table(cache_batch_idx, block_table, batch, k_cache, device, ref="q"):
     """cache_batch_idx (B,) as the block table (B, 1) int32 of a pool whose pages are
     k_cache's rows, each of S_max tokens: sequence b's tokens sit in row cache_batch_idx[b].
     Its values are checked on CPU tensors only (on CUDA a row outside the cache is read and
@@ -252,7 +280,7 @@ def _batch_table(cache_batch_idx, block_table, batch, k_cache, device):
         raise ValueError("cache_batch_idx picks rows of a contiguous cache (B_cache, S_max, "
                          "Hkv, D); a paged cache's block_table already says where each "
                          "sequence's tokens are: pass one of the two")
-    _checks.per_batch("cache_batch_idx", cache_batch_idx, batch, device)
+    _checks.per_batch("cache_batch_idx", cache_batch_idx, batch, device, ref)
     if device.type == "cpu" and not torch.compiler.is_compiling():
         bad = (cache_batch_idx < 0) | (cache_batch_idx >= k_cache.shape[0])
         if bad.any():
@@ -262,7 +290,7 @@ def _batch_table(cache_batch_idx, block_table, batch, k_cache, device):
     return cache_batch_idx.to(torch.int32).reshape(batch, 1).contiguous()
 
 
-def _check_rotary(rotary_cos, rotary_sin, interleaved, q, capacity, appending):
+def _check_rotary(rotary_cos, rotary_sin, interleaved, x, x_name, capacity, appending):
     """rotary_cos and rotary_sin (seqlen_ro, R / 2) with 0 < R <= D, covering the cache's
     slots (FlashAttention's seqlen_ro >= seqlen_k, a shape check: no device sync), and new
     tokens to rotate; rotary_interleaved a bool that applies with them."""
@@ -274,7 +302,7 @@ def _check_rotary(rotary_cos, rotary_sin, interleaved, q, capacity, appending):
         return
     if rotary_cos is None or rotary_sin is None:
         raise ValueError("rotary_cos and rotary_sin must be given together, or both be None")
-    _checks.rotary_table("rotary_cos", rotary_cos, "rotary_sin", rotary_sin, "q", q)
+    _checks.rotary_table("rotary_cos", rotary_cos, "rotary_sin", rotary_sin, x_name, x)
     seqlen_ro = rotary_cos.shape[0]
     if seqlen_ro < capacity:
         raise ValueError(f"rotary_cos has {seqlen_ro} positions but the cache has {capacity} "
@@ -285,71 +313,142 @@ def _check_rotary(rotary_cos, rotary_sin, interleaved, q, capacity, appending):
                          "k and v with them (as FlashAttention requires)")
 
 
-def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window, scale,
-              return_lse, softcap=None, sinks=None, alibi_slopes=None, k_descale=None,
-              v_descale=None, cu_seqlens_q=None, max_seqlen_q=None, cache_batch_idx=None,
-              rotary_cos=None, rotary_sin=None, rotary_interleaved=False, cache_leftpad=None):
-    packed = cu_seqlens_q is not None
-    _checks.tensor("q", q, 3 if packed else 4, "(total_q, H, D)" if packed else "(B, Sq, H, D)")
-    if q.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
-    *_, heads, head_dim = q.shape
+def _check_cache(x, x_name, k_cache, v_cache, k, v, block_table, k_descale, v_descale,
+                 cu_seqlens, max_seqlen, cache_batch_idx):
+    """The checks that attention_with_kvcache (x = q, x_name "q") and kvcache_append (x = k)
+    share: x and its packing, the caches, their table, the descales and the new tokens k
+    and v (None without them, for q only). -> (batch, n_q, n_new, block_table (a
+    cache_batch_idx's, or the one given), descales (B, Hkv, 2) or None, capacity): n_q
+    x's tokens per sequence (the longest when packed), n_new the new ones (0 or n_q)."""
+    names = _NAMES[x_name]
+    packed = cu_seqlens is not None
+    _checks.tensor(x_name, x, 3 if packed else 4, names["x_packed" if packed else "x"])
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{x_name} must be float16, bfloat16, float32 or float64, got "
+                        f"{x.dtype}")
+    *_, heads, head_dim = x.shape
     if packed:
-        _cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
-        batch = cu_seqlens_q.shape[0] - 1
-        # The longest sequence's queries stand for Sq in the checks on sizes below.
-        n_q = _max_seqlen("max_seqlen_q", max_seqlen_q, q.shape[0], batch)
+        _cu_seqlens(names["cu"], cu_seqlens, x.device, x_name)
+        batch = cu_seqlens.shape[0] - 1
+        # The longest sequence's tokens stand for Sq in the checks on sizes below.
+        n_q = _max_seqlen(names["max"], max_seqlen, x.shape[0], batch)
     else:
-        if max_seqlen_q is not None:
-            raise ValueError("max_seqlen_q applies to packed queries only: pass cu_seqlens_q "
-                             "with it, or None")
-        batch, n_q = q.shape[:2]
+        if max_seqlen is not None:
+            raise ValueError(f"{names['max']} applies to packed {names['rows']} only: pass "
+                             f"{names['cu']} with it, or None")
+        batch, n_q = x.shape[:2]
     if head_dim < 1:
-        raise ValueError("q must have a head dim of at least 1")
+        raise ValueError(f"{x_name} must have a head dim of at least 1")
     paged = block_table is not None
     what = ("(num_pages, page_size, Hkv, D)" if paged else "(B_cache, S_max, Hkv, D)"
             if cache_batch_idx is not None else "(B, S_max, Hkv, D)")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         _checks.tensor(name, cache, 4, what)
-    fp8 = _fp8_cache(q, k_cache, v_cache)
+    fp8 = _fp8_cache(x, x_name, k_cache, v_cache)
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got "
                          f"{tuple(v_cache.shape)}")
     if k_cache.shape[3] != head_dim:
-        raise ValueError(f"k_cache has head dim {k_cache.shape[3]} but q has {head_dim}")
+        raise ValueError(f"k_cache has head dim {k_cache.shape[3]} but {x_name} has "
+                         f"{head_dim}")
     kv_heads = k_cache.shape[2]
-    if kv_heads < 1 or heads % kv_heads != 0:
+    # k's heads are the cache's: its shape's check below says so.
+    if x_name == "q" and (kv_heads < 1 or heads % kv_heads != 0):
         raise ValueError(f"k_cache has {kv_heads} heads, which must divide q's {heads} heads "
                          "(grouped-query attention)")
     if cache_batch_idx is not None:
-        block_table = _batch_table(cache_batch_idx, block_table, batch, k_cache, q.device)
+        block_table = _batch_table(cache_batch_idx, block_table, batch, k_cache, x.device,
+                                   x_name)
     elif paged:
-        _block_table(block_table, batch, q.device)
+        _block_table(block_table, batch, x.device, x_name)
     elif k_cache.shape[0] != batch:
-        which = f"cu_seqlens_q has {batch} sequences" if packed else f"q has batch {batch}"
+        which = (f"{names['cu']} has {batch} sequences" if packed
+                 else f"{x_name} has batch {batch}")
         raise ValueError(f"k_cache has batch {k_cache.shape[0]} but {which} "
                          "(pass block_table for a paged cache)")
     if block_table is not None and k_cache.shape[1] < 1:
         raise ValueError(f"k_cache must have a {'page_size' if paged else 'S_max'} of at "
                          "least 1 (its dim 1)")
-    descales = _descales(q, batch, k_cache, k_descale, v_descale, fp8)
-    if (k is None) != (v is None):
+    descales = _descales(x, x_name, batch, k_cache, k_descale, v_descale, fp8)
+    # kvcache_append's v must be a tensor: the loop below says so.
+    if x_name == "q" and (k is None) != (v is None):
         raise ValueError("k and v must be given together (the new tokens), or both be None")
     n_new = 0
     if k is not None:
-        what, shape = "(B, Sq, Hkv, D)", (batch, n_q, kv_heads, head_dim)
+        what, shape = names["new"], (batch, n_q, kv_heads, head_dim)
         if packed:
-            what, shape = "(total_q, Hkv, D), packed as q", (q.shape[0], kv_heads, head_dim)
-        for name, x in (("k", k), ("v", v)):
-            _checks.tensor(name, x, len(shape), what)
-            _checks.like(name, x, q, "q")
-            if tuple(x.shape) != shape:
-                raise ValueError(f"{name} must be {what} = {shape}, got {tuple(x.shape)}")
+            what, shape = names["new_packed"], (x.shape[0], kv_heads, head_dim)
+        for name, t in (("k", k), ("v", v)):
+            _checks.tensor(name, t, len(shape), what)
+            _checks.like(name, t, x, x_name)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must be {what} = {shape}, got {tuple(t.shape)}")
         n_new = n_q
     capacity = _capacity(k_cache, block_table)
     if n_new > capacity:
-        raise ValueError(f"k holds {n_new} new tokens{' (max_seqlen_q)' if packed else ''} "
-                         f"but the cache holds at most {capacity}")
+        longest = f" ({names['max']})" if packed else ""
+        raise ValueError(f"k holds {n_new} new tokens{longest} but the cache holds at most "
+                         f"{capacity}")
+    return batch, n_q, n_new, block_table, descales, capacity
+
+
+def _check_slots(x, x_name, k_cache, cache_seqlens, block_table, paged, batch, n_q, n_new,
+                 capacity, cu_seqlens):
+    """cache_seqlens as the kernels take it (_seqlens), after the checks that read the
+    cumulative lengths and the block table's pages (on CPU tensors, outside a torch.compile
+    trace, which cannot read tensor data)."""
+    packed = cu_seqlens is not None
+    # Packed: the kernels clamp each sequence's to the room its own new tokens leave.
+    seqlens = _seqlens(cache_seqlens, batch, x.device, capacity - n_new,
+                       capacity if packed else None, x_name)
+    tracing = torch.compiler.is_compiling()
+    new = n_new
+    if packed and x.device.type == "cpu" and not tracing:
+        names = _NAMES[x_name]
+        _check_lengths(names["cu"], cu_seqlens, x.shape[0], n_q, names["max"])
+        new = cu_seqlens.diff() * (n_new > 0)
+    if paged and x.device.type == "cpu" and not tracing:
+        _check_pages(block_table, seqlens, new, k_cache.shape[1], k_cache.shape[0])
+    return seqlens
+
+
+def _check_inference(op, tensors, n_new, k_cache, v_cache, detached):
+    """No input of an inference op requires grad while grad mode is on (detached says what
+    the op's counterpart does instead), and the caches that the append writes overlap neither
+    themselves nor the other tensors, (name, tensor or None) pairs."""
+    if torch.is_grad_enabled():
+        for name, x in tensors:
+            if x is not None and x.requires_grad:
+                raise RuntimeError(
+                    f"{op} has no gradient, and {name} requires grad: run it under "
+                    "torch.no_grad() or torch.inference_mode(), or pass detached tensors "
+                    f"({detached}; attnmem refuses rather than drop a gradient)")
+    # Storage cannot be inspected inside a torch.compile trace.
+    if n_new and not torch.compiler.is_compiling():
+        # As torch's in-place ops: one written element must not stand for several.
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if torch._debug_has_internal_overlap(cache) == 1:
+                raise ValueError(f"{name} has overlapping elements (expanded?): the append "
+                                 "writes it in place")
+            for other, x in tensors:
+                if (other not in ("k_cache", "v_cache") and x is not None
+                        and torch._C._overlaps(cache, x)):
+                    raise ValueError(f"{other} shares storage with {name}, which the append "
+                                     "overwrites; pass a copy")
+        if torch._C._overlaps(k_cache, v_cache):
+            raise ValueError("k_cache and v_cache share storage: the append would write one "
+                             "over the other")
+
+
+def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window, scale,
+              return_lse, softcap=None, sinks=None, alibi_slopes=None, k_descale=None,
+              v_descale=None, cu_seqlens_q=None, max_seqlen_q=None, cache_batch_idx=None,
+              rotary_cos=None, rotary_sin=None, rotary_interleaved=False, cache_leftpad=None):
+    packed, paged = cu_seqlens_q is not None, block_table is not None
+    batch, n_q, n_new, block_table, descales, capacity = _check_cache(
+        q, "q", k_cache, v_cache, k, v, block_table, k_descale, v_descale, cu_seqlens_q,
+        max_seqlen_q, cache_batch_idx)
+    heads = q.shape[-2]
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if not isinstance(return_lse, bool):
@@ -360,46 +459,19 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
     left, right = _window(window, n_q, capacity)
     if causal:
         right = 0 if right < 0 else min(right, 0)
-    _check_rotary(rotary_cos, rotary_sin, rotary_interleaved, q, capacity, k is not None)
+    _check_rotary(rotary_cos, rotary_sin, rotary_interleaved, q, "q", capacity, k is not None)
     # FlashAttention's rule: queries rotate at their own positions when causal or local, a
     # window side below the cache's capacity (its seqlen_k) making it local.
     rotary_per_query = causal or max(_window(window, capacity + 1, capacity + 1)) >= 0
     cache_leftpad = _checks.lengths("cache_leftpad", cache_leftpad, batch, capacity, q.device)
-    # Packed: the kernels clamp each sequence's to the room its own new tokens leave.
-    seqlens = _seqlens(cache_seqlens, batch, q.device, capacity - n_new,
-                       capacity if packed else None)
-    # Checks that read tensor data or storage are left out of a torch.compile trace.
-    tracing = torch.compiler.is_compiling()
-    new = n_new
-    if packed and q.device.type == "cpu" and not tracing:
-        _check_lengths("cu_seqlens_q", cu_seqlens_q, q.shape[0], n_q, "max_seqlen_q")
-        new = cu_seqlens_q.diff() * (n_new > 0)
-    if paged and q.device.type == "cpu" and not tracing:
-        _check_pages(block_table, seqlens, new, k_cache.shape[1], k_cache.shape[0])
-    tensors = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
-               ("sinks", sinks), ("k_descale", k_descale), ("v_descale", v_descale),
-               ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)]
-    if torch.is_grad_enabled():
-        for name, x in tensors:
-            if x is not None and x.requires_grad:
-                raise RuntimeError(
-                    f"attention_with_kvcache has no gradient, and {name} requires grad: run "
-                    "it under torch.no_grad() or torch.inference_mode(), or pass detached "
-                    "tensors (FlashAttention's flash_attn_with_kvcache returns an output "
-                    "detached from autograd; attnmem refuses rather than drop a gradient)")
-    if n_new and not tracing:
-        # As torch's in-place ops: one written element must not stand for several.
-        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if torch._debug_has_internal_overlap(cache) == 1:
-                raise ValueError(f"{name} has overlapping elements (expanded?): the append "
-                                 "writes it in place")
-            for other, x in tensors[:1] + tensors[3:]:
-                if x is not None and torch._C._overlaps(cache, x):
-                    raise ValueError(f"{other} shares storage with {name}, which the append "
-                                     "overwrites; pass a copy")
-        if torch._C._overlaps(k_cache, v_cache):
-            raise ValueError("k_cache and v_cache share storage: the append would write one "
-                             "over the other")
+    seqlens = _check_slots(q, "q", k_cache, cache_seqlens, block_table, paged, batch, n_q,
+                           n_new, capacity, cu_seqlens_q)
+    _check_inference("attention_with_kvcache",
+                     [("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
+                      ("sinks", sinks), ("k_descale", k_descale), ("v_descale", v_descale),
+                      ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)],
+                     n_new, k_cache, v_cache, "FlashAttention's flash_attn_with_kvcache "
+                     "returns an output detached from autograd")
     if packed:
         n_new = q.shape[0] if n_new else 0
     rotary = dict(rotary_cos=rotary_cos, rotary_sin=rotary_sin,
@@ -537,3 +609,66 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     out, lse = _attend(q, k_cache, v_cache, seqlens, block_table, n_new, scale, left, right,
                        backend, *mods, *packing, **attend)
     return (out, lse) if return_lse else out
+
+
+def _validate_append(k_cache, v_cache, k, v, cache_seqlens, block_table, cu_seqlens,
+                     max_seqlen, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
+                     k_descale, v_descale):
+    """attention_with_kvcache's checks of its append, with k in q's place (batch, device,
+    dtype: the caches' or, for float8_e4m3fn caches, a 16-bit one)."""
+    paged = block_table is not None
+    batch, n_new, _, block_table, descales, capacity = _check_cache(
+        k, "k", k_cache, v_cache, k, v, block_table, k_descale, v_descale, cu_seqlens,
+        max_seqlen, cache_batch_idx)
+    _check_rotary(rotary_cos, rotary_sin, rotary_interleaved, k, "k", capacity, True)
+    seqlens = _check_slots(k, "k", k_cache, cache_seqlens, block_table, paged, batch, n_new,
+                           n_new, capacity, cu_seqlens)
+    _check_inference("kvcache_append",
+                     [("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
+                      ("k_descale", k_descale), ("v_descale", v_descale),
+                      ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)],
+                     n_new, k_cache, v_cache, "vLLM's reshape_and_cache writes the caches "
+                     "outside autograd")
+    return n_new, seqlens, block_table, descales
+
+
+def kvcache_append(k_cache, v_cache, k, v, *, cache_seqlens, block_table=None,
+                   cu_seqlens=None, max_seqlen=None, cache_batch_idx=None, rotary_cos=None,
+                   rotary_sin=None, rotary_interleaved=False, k_descale=None,
+                   v_descale=None) -> None:
+    """Writes new keys and values into a KV cache in place, as attention_with_kvcache(q,
+    k_cache, v_cache, k=k, v=v, ...) appends them before it attends (its docstring), without
+    the attention: for a serving loop that prefills through attention_varlen or runs its own
+    attention (vLLM's reshape_and_cache).
+
+    k_cache, v_cache: (B, S_max, Hkv, D), or with block_table (B, max_blocks) int32 a paged
+    pool (num_pages, page_size, Hkv, D), or with cache_batch_idx (B,) rows of a contiguous
+    pool (B_cache, S_max, Hkv, D). k, v: (B, S, Hkv, D) in the caches' dtype, or float16 or
+    bfloat16 for float8_e4m3fn caches, or packed (total, Hkv, D) with cu_seqlens (B + 1,)
+    int32 and max_seqlen (attention_with_kvcache's cu_seqlens_q and max_seqlen_q): sequence
+    b's tokens in rows cu_seqlens[b] to cu_seqlens[b + 1]. Token i of sequence b goes to slot
+    cache_seqlens[b] + i, cache_seqlens an int or an integer tensor (B,) clamped to [0,
+    capacity - S] (packed: each sequence's own length), and is not advanced. rotary_cos,
+    rotary_sin ((seqlen_ro >= capacity, R / 2)) and rotary_interleaved rotate each key at its
+    slot first; k_descale, v_descale ((B, Hkv), None for 1) quantize both into float8_e4m3fn
+    caches, as attention_with_kvcache does. The same checks, with k where q stands there:
+    batch, device and dtype come from k; caches that overlap themselves or the other inputs
+    are refused (not inside a torch.compile trace), and cu_seqlens, block_table's pages and
+    cache_batch_idx's rows are checked on CPU tensors only. The caches end byte for byte as
+    that call leaves them.
+
+    Returns None, as vLLM's reshape_and_cache does: the call is for its effect on the
+    caches. torch's in-place methods return self for chaining, but this writes two tensors,
+    not one self, and returning them would read as new caches. An inference op: inputs that
+    require grad are refused while grad mode is on. The triton backend runs
+    attention_with_kvcache's append kernel (one program per new token, no host
+    sync); the torch backend attnmem.reference.kvcache's append.
+    """
+    n_new, seqlens, block_table, descales = _validate_append(
+        k_cache, v_cache, k, v, cache_seqlens, block_table, cu_seqlens, max_seqlen,
+        cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved, k_descale, v_descale)
+    packing = (cu_seqlens, n_new) if cu_seqlens is not None else (None, 0)
+    if n_new:
+        _append(None, k_cache, v_cache, k, v, seqlens, block_table,
+                _backend.requested_backend(), descales, *packing, rotary_cos, rotary_sin,
+                rotary_interleaved)

@@ -230,7 +230,7 @@ def _dense(x):
 # ---------------------------------------------------------------------------------------
 
 
-def _cu_seqlens(name, x, device):
+def _cu_seqlens(name, x, device, ref="q"):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype != torch.int32:
@@ -239,7 +239,7 @@ def _cu_seqlens(name, x, device):
         raise ValueError(f"{name} must be (B + 1,) cumulative lengths, got shape "
                          f"{tuple(x.shape)}")
     if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but q is on {device}")
+        raise ValueError(f"{name} is on {x.device} but {ref} is on {device}")
 
 
 def _max_seqlen(name, value, total, batch) -> int:
