@@ -612,7 +612,7 @@ def _packed_rows(cu_seqlens, x):
     nearest one)."""
     from attnmem import varlen
 
-    varlen._cu_seqlens("cu_seqlens", cu_seqlens, x.device)
+    varlen._cu_seqlens("cu_seqlens", cu_seqlens, x.device, "x")
     total = x.shape[0]
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
         varlen._check_lengths("cu_seqlens", cu_seqlens, total, total, "x's rows")

@@ -109,9 +109,7 @@ def _validate(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max
     _checks.rotary_table("cos", cos, "sin", sin, "x", x)
     seqlen_ro = cos.shape[0]
     if varlen:
-        if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device != x.device:
-            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but x is on {x.device}")
-        _cu_seqlens("cu_seqlens", cu_seqlens, x.device)
+        _cu_seqlens("cu_seqlens", cu_seqlens, x.device, "x")
         if max_seqlen is None:
             raise ValueError("max_seqlen must be given with cu_seqlens (the longest sequence)")
         batch = cu_seqlens.shape[0] - 1

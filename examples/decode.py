@@ -7,12 +7,12 @@ takes its attention from the caller, so that one set of modules runs three ways:
 
 - prefill: the prompts, of different lengths, packed one after another with no padding
   (FlashAttention's varlen layout) through attention_with_kvcache with cu_seqlens_q and the
-  prompts' keys and values as k and v. It is chosen over attention_varlen because one call per
-  layer then rotates the prompt's queries and keys in the kernel (rotary_cos, rotary_sin;
-  attention_varlen takes no rotary), writes the keys and values into their pages (no
-  separate scatter into the cache, vLLM's reshape_and_cache) and attends; the same call
-  prefills a prompt in chunks (cache_seqlens = the tokens already in) or mixes prefill with
-  decoding sequences.
+  prompts' keys and values as k and v. One call per layer then rotates the prompt's queries
+  and keys in the kernel (rotary_cos, rotary_sin), writes the keys and values into their
+  pages and attends, where attention_varlen (which takes no rotary) would need three:
+  attnmem.apply_rotary, attention_varlen and attnmem.kvcache_append (vLLM's
+  reshape_and_cache); the same call prefills a prompt in chunks (cache_seqlens = the tokens
+  already in) or mixes prefill with decoding sequences.
 - decode: one query per sequence per step, appended into a paged cache: one pool of pages
   per layer, shared by the batch, with a block table (B, max_blocks) whose pages are handed
   out from a free list as sequences grow, as a serving loop does. The loop advances
