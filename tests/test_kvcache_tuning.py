@@ -170,14 +170,18 @@ def test_key_and_splits_stay_across_decoding_steps(on_a_stand_in_h100):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_launch_configs():
-    """At each BLOCK_M the rule gives: the table's configs (8 warps only for 64 rows; each
-    table has such configs) and the rule's own, all within sm_80's shared memory; with 99 KiB
+    """Every table config's cache tiles hold 16 bytes a thread or more. At each BLOCK_M the
+    rule gives: the table's configs (8 warps only for 64 rows; each table has such configs)
+    and the rule's own, all within sm_80's shared memory; with 99 KiB
     (sm_86, sm_89) those that do not fit drop out, and with none fitting the least hungry
     stays."""
     kernel = kernel_module()
     for (bucket, elem, fp8), table in kernel.CONFIGS.items():
         configs = kernel.configs_for(bucket, elem, fp8)
         assert len(configs) == len(table) == len(set(table))
+        # Cache tiles of 16 bytes a thread or more, which load 16 bytes at a time.
+        assert all(block_n * bucket * (1 if fp8 else elem) >= 16 * 32 * warps
+                   for block_n, warps, _ in table), (bucket, elem, fp8)
         for block_m in (m for m in (16, 32, 64) if m <= _largest_block_m(bucket, elem)):
             _, *rule = kernel.config_for(block_m, bucket, elem, interpret=False)
             rule = dict(zip(("BLOCK_N", "num_warps", "num_stages"), rule))
