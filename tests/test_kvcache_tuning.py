@@ -13,6 +13,7 @@ import pytest
 import torch
 from test_attention_kvcache import _attend_job, _paged, assert_matches_float64
 from test_attention_kvcache_rotary import _rotary_job
+from test_grid_limits import _Grids
 
 from aot import compile_all
 from attnmem.reference import kvcache as twin
@@ -103,11 +104,6 @@ class _Recorder:
                                configs=configs, meta=meta))
 
 
-class _Skipped:
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
 @pytest.fixture
 def on_a_stand_in_h100(monkeypatch):
     """The launcher as on an sm_90 GPU of 132 SMs and 227 KiB of shared memory a block, on
@@ -125,7 +121,7 @@ def on_a_stand_in_h100(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties)
     monkeypatch.setattr(kernel, "_smem_limit", lambda device: kernel.SMEM_LIMIT[90])
     monkeypatch.setattr(kernel, "launch", recorder)
-    monkeypatch.setattr(kernel, "_kvcache_combine", _Skipped())
+    monkeypatch.setattr(kernel, "_kvcache_combine", _Grids())
     return recorder
 
 
