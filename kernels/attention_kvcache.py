@@ -52,6 +52,17 @@ LEFTPAD (FlashAttention's cache_leftpad, int32 (B,) at leftpad_ptr, in [0, capac
 sequence b's keys start at slot leftpad[b], a lower bound on every row's key range (the
 splits start there too). Positions stay the slots': FlashAttention counts its queries'
 and keys' positions from leftpad[b] alike, which no difference of the two sees.
+
+Tiles: on a GPU the attention kernel is autotuned (kernels/_launch.py's launch) over the
+(BLOCK_N, num_warps, num_stages) of CONFIGS per head-dim tile, element size and FP8 cache,
+with BLOCK_M from config_for's rule and the split count fixed before the launch
+(_splits), so that neither the grid nor the partial buffers depend on the config;
+TUNING_KEY says what it tunes apart. The interpreter runs INTERPRET_CONFIG. Tuning runs on
+the first call of each key and times every candidate, synchronizing the device
+(triton.testing.do_bench, as the installed tritons' autotuners call it, 3.6 and 3.9 alike):
+a CUDA-graph capture must come after a warm-up call with the same key (same head dim,
+dtypes, paged or not, split or not, capacity bucket), which the capture then replays
+without tuning. ATTNMEM_TUNING=one runs one config per key instead of timing them.
 """
 
 import torch
@@ -62,10 +73,18 @@ from attnmem.kernels._launch import (
     interpreting,
     kv_length,
     lastdim_contiguous,
+    launch,
+    length_bucket,
+    slot_configs,
     slot_splits,
     within,
 )
-from attnmem.kernels.attention import _modified_scores, _packed_sequence, _score_mods
+from attnmem.kernels.attention import (
+    _modified_scores,
+    _packed_sequence,
+    _score_mods,
+    _smem_limit,
+)
 from attnmem.kernels.rotary import _rotary
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -171,7 +190,7 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
                     PACKED_Q: tl.constexpr = False, cos_ptr=None, sin_ptr=None,
                     leftpad_ptr=None, ROTARY_DIM: tl.constexpr = 0,
                     INTERLEAVED: tl.constexpr = False, ROTARY_PER_QUERY: tl.constexpr = False,
-                    LEFTPAD: tl.constexpr = False):
+                    LEFTPAD: tl.constexpr = False, capacity_bucket=0):
     """One split of the visible keys of sequence b, kv head hk, for a tile of rows r =
     i * group + g (query i, head hk * group + g). Writes the tile's output normalised by
     its own softmax sum, and its natural-log logsumexp (-inf for a row that saw no key), at
@@ -336,12 +355,52 @@ def _kvcache_combine(part_o_ptr, part_lse_ptr, o_ptr, lse_ptr, stride_ob, stride
 # ---------------------------------------------------------------------------------------
 
 
+# (BLOCK_N, num_warps, num_stages) autotuning candidates of the attention kernel per
+# (head-dim tile bucket, q's element size, FP8 cache). BLOCK_M comes from config_for's rule
+# (the rows per kv head), so the grid does not depend on the config, and launch_configs adds
+# the rule's own config for that BLOCK_M where the table lacks it. Each config here compiles
+# for sm_90 without register spills on triton 3.9 and 3.6 at every BLOCK_M the rule gives
+# (8 warps only at 64 rows), for float16, bfloat16 and float32 (q's dtype for the e4m3
+# caches: float16 and bfloat16), head dims 64, 128 and 256, contiguous and paged, split and
+# not, with no flag and with packed queries, rotary, left padding, softcap, sinks and ALiBi
+# on; its cache tiles give each thread 16 bytes or more (BLOCK_N x head dim x element size
+# >= 16 x 32 x warps), so they load 16 bytes at a time. Compiled, not timed: a sweep of
+# BLOCK_N, 4 or 8 warps and 1 to 4 stages (reports/kvcache-tuning.md). ptxas is not
+# monotonic in the tile (8-warp tiles of 16 rows spill where those of 64 do not), hence a
+# measured table. The rule's configs for 16-bit head dim 256 and FP8 at 64 and 256 (32 or
+# 64 keys, 4 warps, 3 stages) and float32 at 64 and 128 (32 keys, 8 warps, 2 stages) spill
+# 4 to 20 bytes with every flag on; they stay candidates, as the fixed choice they were.
+CONFIGS = {
+    (64, 2, False): [(64, 4, 3), (64, 8, 4), (128, 8, 3), (32, 8, 4)],
+    (128, 2, False): [(64, 4, 3), (64, 8, 3), (64, 8, 4)],
+    (256, 2, False): [(32, 4, 1), (16, 4, 4)],
+    (64, 4, False): [(64, 8, 2), (16, 8, 2), (16, 8, 3)],
+    (128, 4, False): [(16, 8, 2), (16, 8, 3)],
+    (256, 4, False): [(16, 8, 2), (16, 8, 3)],
+    (64, 2, True): [(64, 8, 4), (128, 8, 2), (128, 8, 3), (128, 4, 2)],
+    (128, 2, True): [(64, 4, 3), (32, 8, 3), (32, 4, 2)],
+    (256, 2, True): [(32, 8, 2), (32, 8, 3), (32, 8, 4), (64, 8, 2)],
+}
+HEAD_DIM_BUCKETS = (64, 128, 256)
+# Under the interpreter: tiles small enough that test caches span several (BLOCK_M from
+# config_for, 16 there), and splits of whole such tiles.
+INTERPRET_CONFIG = dict(BLOCK_N=16, num_warps=1, num_stages=1)
+# The autotuning key (triton adds every tensor argument's dtype: q's, the caches' (FP8),
+# the output's, float32 partials when split, and the rotary tables'): the head-dim tile,
+# BLOCK_M (config_for's bucket of the rows per kv head), a paged cache, packed queries, and
+# capacity_bucket, the kernel argument that only the tuner reads: the cache capacity rounded
+# up to a power of 4. Nothing in it changes from one decoding step to the next (the lengths
+# in cache_seqlens and the batch stay out), so steps reuse the tuned config.
+TUNING_KEY = ["BLOCK_D", "BLOCK_M", "PAGED", "FP8_KV", "PACKED_Q", "capacity_bucket"]
+
+
 def config_for(rows: int, block_d: int, elem: int, interpret=None):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for `rows` packed query rows per kv head.
-    Decoding streams the cache once, so the tile is the least that keeps the tensor cores'
-    16-row minimum, and keys stream in tiles deep enough to keep several loads in flight.
-    Under the interpreter (interpret=None: whether it runs), small tiles, so that short test
-    caches span several of them."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the fixed rule that preceded autotuning
+    for `rows` packed query rows per kv head; the launch keeps its BLOCK_M and tunes the rest
+    (launch_configs: CONFIGS and this rule's choice). Decoding streams the cache once, so the
+    tile is the least that keeps the tensor cores' 16-row minimum, and keys stream in tiles
+    deep enough to keep several loads in flight. Under the interpreter (interpret=None:
+    whether it runs), small tiles, so that short test caches span several of them."""
     if interpreting() if interpret is None else interpret:
         return 16, 16, 1, 1
     wide = block_d >= 256
@@ -350,6 +409,31 @@ def config_for(rows: int, block_d: int, elem: int, interpret=None):
         return 16, 16 if wide else 32, 8, 2
     block_m = min(max(16, triton.next_power_of_2(rows)), 32 if wide else 64)
     return block_m, 32 if wide else 64, 8 if block_m >= 64 else 4, 3
+
+
+def configs_for(block_d: int, elem: int, fp8_kv: bool):
+    """The attention kernel's autotuning configs (dicts of BLOCK_N, num_warps, num_stages)
+    for a head-dim tile block_d, q's element size and an FP8 cache or not."""
+    bucket = next(width for width in HEAD_DIM_BUCKETS if block_d <= width)
+    return slot_configs(CONFIGS[(bucket, elem, fp8_kv)])
+
+
+def launch_configs(block_m: int, block_d: int, elem: int, fp8_kv: bool, smem_limit: int):
+    """The configs the launch times for BLOCK_M block_m: configs_for's, 8 warps only for
+    tiles of 64 rows (as config_for's rule: 4 warps would hold twice the accumulators a
+    thread), and config_for's own for this BLOCK_M; of those, the ones whose staged tiles
+    (smem_estimate, at q's element size: an FP8 cache needs less) fit smem_limit bytes of
+    shared memory a block, or the least hungry one if none does. CONFIGS fits sm_80's and
+    sm_90's; sm_86 and sm_89 allow 99 KiB a block."""
+    _, *rule = config_for(block_m, block_d, elem, interpret=False)
+    configs = [c for c in configs_for(block_d, elem, fp8_kv)
+               if block_m < 64 or c["num_warps"] >= 8]
+    configs += [c for c in slot_configs([rule]) if c not in configs]
+
+    def smem(config):
+        return smem_estimate(block_m, config["BLOCK_N"], block_d, config["num_stages"], elem)
+
+    return [c for c in configs if smem(c) <= smem_limit] or [min(configs, key=smem)]
 
 
 def combine_warps(block_d: int) -> int:
@@ -364,7 +448,11 @@ def smem_estimate(block_m: int, block_n: int, block_d: int, stages: int, elem: i
 
 def _splits(capacity, programs, block_n, device):
     """Splits of each sequence's keys: enough that programs x splits fill the GPU twice over
-    (slot_splits' rule, three under the interpreter), capped at MAX_SPLITS."""
+    (slot_splits' rule, three under the interpreter), capped at MAX_SPLITS, in whole tiles
+    of block_n: the largest BLOCK_N of the configs that may run. The count is fixed before the
+    launch, as the partial buffers are sized by it, and so is the same for every config the
+    autotuner tries: each config then splits the keys in whole tiles of its own BLOCK_N
+    (the kernel's split_len), which divides block_n."""
     _, n_splits = slot_splits(capacity, programs, block_n, device)
     return min(n_splits, MAX_SPLITS)
 
@@ -442,7 +530,8 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
                            cache_leftpad=None):
     """-> out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) float32, natural log. The new keys
     (n_new of them) are in the caches already; cache_seqlens counts the tokens before
-    them. config and n_splits override the launch's choice (tests). softcap, sinks (H,)
+    them. config (BLOCK_M, BLOCK_N, num_warps, num_stages) and n_splits override the
+    launch's choice, which config skips tuning for (tests). softcap, sinks (H,)
     and alibi_slopes (H,) or (B, H) as attnmem.attention takes them; lse includes the
     sinks. descales (B, Hkv, 2) float32 (k's, v's): float8_e4m3fn caches, q float16 or
     bfloat16.
@@ -474,11 +563,18 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
         return out, lse.fill_(float("-inf"))
     group = heads // kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m, block_n, warps, stages = config or config_for(n_q * group, block_d,
-                                                           q.element_size())
+    elem, fp8_kv = q.element_size(), descales is not None
+    # Splits hold whole tiles of the largest BLOCK_N that may run (every candidate's, a power
+    # of 2, divides it): an explicit config's, the interpreter's, or the candidates'.
+    block_m, quantum = config[:2] if config else (config_for(n_q * group, block_d, elem)[0],
+                                                  INTERPRET_CONFIG["BLOCK_N"])
+    configs = []
+    if not (config or interpreting()):
+        configs = launch_configs(block_m, block_d, elem, fp8_kv, _smem_limit(q.device))
+        quantum = max(c["BLOCK_N"] for c in configs)
     m_tiles = triton.cdiv(n_q * group, block_m)
     if n_splits is None:
-        n_splits = _splits(capacity, batch * kv_heads * m_tiles, block_n, q.device)
+        n_splits = _splits(capacity, batch * kv_heads * m_tiles, quantum, q.device)
     unbounded = capacity + rows[1]
     table = block_table if paged else cache_seqlens
     if n_splits > 1:
@@ -487,19 +583,26 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
     else:
         part_out, part_lse = out_view, lse
     qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks)
-    _kvcache_attend[(batch * kv_heads * m_tiles, n_splits)](
-        q, k_cache, v_cache, cache_seqlens, table, part_out, part_lse,
-        *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0),
-        table.stride(-1), part_out.stride(0) if n_splits > 1 else 0, *out_view.stride()[:3],
-        lse.numel() if n_splits > 1 else 0, heads, n_q, n_new, capacity,
-        k_cache.shape[1] if paged else 1, k_cache.shape[0], group, qk_scale,
-        unbounded if window_left < 0 else window_left,
-        unbounded if window_right < 0 else window_right,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, PAGED=paged,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **mods,
-        **_fp8_meta(descales), **_packed_meta(cu_seqlens_q, rows[1]),
-        **_rotary_meta(rotation, rotary_per_query), **_leftpad_meta(cache_leftpad))
+    grid = (batch * kv_heads * m_tiles, n_splits)
+    args = (q, k_cache, v_cache, cache_seqlens, table, part_out, part_lse,
+            *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0),
+            table.stride(-1), part_out.stride(0) if n_splits > 1 else 0, *out_view.stride()[:3],
+            lse.numel() if n_splits > 1 else 0, heads, n_q, n_new, capacity,
+            k_cache.shape[1] if paged else 1, k_cache.shape[0], group, qk_scale,
+            unbounded if window_left < 0 else window_left,
+            unbounded if window_right < 0 else window_right)
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, PAGED=paged,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=block_m,
+                **mods, **_fp8_meta(descales), **_packed_meta(cu_seqlens_q, rows[1]),
+                **_rotary_meta(rotation, rotary_per_query), **_leftpad_meta(cache_leftpad))
+    if config:
+        _kvcache_attend[grid](*args, **meta, BLOCK_N=config[1], num_warps=config[2],
+                              num_stages=config[3])
+    else:
+        # The output is written, never accumulated: benchmarked launches need no reset.
+        launch(_kvcache_attend, lambda _: grid, args,
+               dict(meta, capacity_bucket=length_bucket(capacity, 4)), configs, TUNING_KEY,
+               INTERPRET_CONFIG)
     if n_splits > 1:
         _kvcache_combine[(rows[0] * rows[1] * heads,)](
             part_out, part_lse, out_view, lse, *out_view.stride()[:3], n_splits, heads, rows[1],
