@@ -682,7 +682,7 @@ def valid_call(op, sizes):
     if op == "attention":
         return (lambda **x: attnmem.attention(**x),
                 dict(q=f(b, 2 * r, m, d), k=f(b, r, n, d), v=f(b, r, n, d), kv_lengths=lens,
-                     causal=False, scale=None, window=None), "q", set())
+                     causal=False, scale=None, window=None), "q", {"v"})
     memory = dict(memory=f(b, n, d), keys=f(b, r, d), strength=rand.rand(b, r).float(),
                   mask=rand.bools(b, n), similarity="cosine")
     if op == "memory_address":
