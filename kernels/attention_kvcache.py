@@ -363,8 +363,10 @@ def _kvcache_combine(part_o_ptr, part_lse_ptr, o_ptr, lse_ptr, stride_ob, stride
 # (8 warps only at 64 rows), for float16, bfloat16 and float32 (q's dtype for the e4m3
 # caches: float16 and bfloat16), head dims 64, 128 and 256, contiguous and paged, split and
 # not, with no flag and with packed queries, rotary, left padding, softcap, sinks and ALiBi
-# on; its cache tiles give each thread 16 bytes or more (BLOCK_N x head dim x element size
-# >= 16 x 32 x warps), so they load 16 bytes at a time. Compiled, not timed: a sweep of
+# on (with all of those on at once, a combination no model uses, some spill 4 to 8 B in the
+# dtype the sweep left out: reports/kvcache-tuning.md's re-check); its cache tiles give each
+# thread 16 bytes or more (BLOCK_N x head dim x element size >= 16 x 32 x warps), so they
+# load 16 bytes at a time. Compiled, not timed: a sweep of
 # BLOCK_N, 4 or 8 warps and 1 to 4 stages (reports/kvcache-tuning.md). ptxas is not
 # monotonic in the tile (8-warp tiles of 16 rows spill where those of 64 do not), hence a
 # measured table. The rule's configs for 16-bit head dim 256 and FP8 at 64 and 256 (32 or

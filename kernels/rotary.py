@@ -6,8 +6,8 @@ hold each position's angles. Dims d < ROTARY_DIM pair up as (d, d + ROTARY_DIM /
 (2i, 2i + 1) with INTERLEAVED: the first of a pair becomes x * cos - x_pair * sin, the second
 x * cos + x_pair * sin, in float32, rounded to x's dtype; cos and sin are gathered by each
 row's position. x_pair comes from a second load of the tile at the pair's columns (it hits
-the lines the first load brought in), or with INTERLEAVED from the tile itself. Dims
-past ROTARY_DIM pass through.
+the lines the first load brought in), or, in the rotary kernel with INTERLEAVED, from the
+tile itself (_rotary's PAIRS_IN_REGISTERS). Dims past ROTARY_DIM pass through.
 """
 
 import torch
@@ -19,16 +19,20 @@ from attnmem.kernels._launch import lastdim_contiguous, launch, within
 
 @triton.jit
 def _rotary(x, rows, offs_d, ok, cos_ptr, sin_ptr, positions, ROTARY_DIM: tl.constexpr,
-            INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr = False):
+            INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr = False,
+            PAIRS_IN_REGISTERS: tl.constexpr = False):
     """x, the tile loaded from rows[:, None] + offs_d[None, :] where ok, with its first
     ROTARY_DIM dims rotated at positions (rows,) (the module's docstring); by the inverse
-    rotation (sin negated) with CONJUGATE. Elements outside ok pass through."""
+    rotation (sin negated) with CONJUGATE. Elements outside ok pass through.
+    PAIRS_IN_REGISTERS (with INTERLEAVED): the pairs come from x itself, split in registers,
+    with cos and sin loaded once per pair, so that every load covers whole 16-byte runs: the
+    rotary kernel's, whose loads are all it does. The attention kernels load the pairs a
+    second time instead: there the split spilled 4 to 16 B in sm_90 tiles that the second
+    load leaves spill-free (reports/kvcache-tuning.md)."""
     HALF: tl.constexpr = ROTARY_DIM // 2
     rotated = offs_d < ROTARY_DIM
     ok = ok & rotated[None, :]
-    if INTERLEAVED:
-        # Pairs (2i, 2i + 1) lie side by side: split in registers, with cos and sin loaded
-        # once per pair, so that every load covers whole 16-byte runs.
+    if INTERLEAVED and PAIRS_IN_REGISTERS:
         M: tl.constexpr = x.shape[0]
         PAIRS: tl.constexpr = x.shape[1] // 2
         x0, x1 = tl.split(tl.reshape(x.to(tl.float32), [M, PAIRS, 2]))
@@ -43,9 +47,14 @@ def _rotary(x, rows, offs_d, ok, cos_ptr, sin_ptr, positions, ROTARY_DIM: tl.con
             sin = -sin
         out = tl.reshape(tl.join(x0 * cos + -x1 * sin, x1 * cos + x0 * sin), [M, 2 * PAIRS])
     else:
-        first = offs_d < HALF
-        pair = tl.where(first, offs_d + HALF, offs_d - HALF)
-        col = tl.where(first, offs_d, offs_d - HALF)
+        if INTERLEAVED:
+            first = offs_d % 2 == 0
+            pair = offs_d ^ 1
+            col = offs_d // 2
+        else:
+            first = offs_d < HALF
+            pair = tl.where(first, offs_d + HALF, offs_d - HALF)
+            col = tl.where(first, offs_d, offs_d - HALF)
         x_pair = tl.load(rows[:, None] + pair[None, :], mask=ok, other=0.0).to(tl.float32)
         x_pair = tl.where(first[None, :] != CONJUGATE, -x_pair, x_pair)
         table = positions.to(tl.int64)[:, None] * HALF + col[None, :]
@@ -91,7 +100,7 @@ def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, offsets_ptr, cu_seqlens_ptr
     x = tl.load(rows[:, None] + offs_d[None, :], mask=ok, other=0.0)
     in_table = (positions >= 0) & (positions < seqlen_ro)
     x = _rotary(x, rows, offs_d, ok & in_table[:, None], cos_ptr, sin_ptr, positions,
-                ROTARY_DIM, INTERLEAVED, CONJUGATE)
+                ROTARY_DIM, INTERLEAVED, CONJUGATE, PAIRS_IN_REGISTERS=True)
     if INPLACE:
         ok = ok & (offs_d < ROTARY_DIM)[None, :]
         if not INTERLEAVED:
