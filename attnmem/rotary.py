@@ -125,15 +125,7 @@ def _validate(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max
     if varlen and x.device.type == "cpu" and not tracing:
         _check_lengths("cu_seqlens", cu_seqlens, x.shape[0], seqlen, "max_seqlen")
     if isinstance(seqlen_offsets, torch.Tensor):
-        if seqlen_offsets.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"seqlen_offsets must be an int or an int32 or int64 tensor (B,), "
-                            f"got {seqlen_offsets.dtype}")
-        if tuple(seqlen_offsets.shape) != (batch,):
-            raise ValueError(f"seqlen_offsets must have shape (B,) = ({batch},), got "
-                             f"{tuple(seqlen_offsets.shape)}")
-        if seqlen_offsets.device != x.device:
-            raise ValueError(f"seqlen_offsets is on {seqlen_offsets.device} but x is on "
-                             f"{x.device}")
+        _checks.per_batch("seqlen_offsets", seqlen_offsets, batch, x.device, "x")
         if x.device.type == "cpu" and not tracing:
             _check_offsets(seqlen_offsets, cu_seqlens, seqlen, seqlen_ro)
         return seqlen_offsets.contiguous(), 0, seqlen

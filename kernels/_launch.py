@@ -50,6 +50,12 @@ def within(offs, size, WHOLE: tl.constexpr):
     return ok
 
 
+def block_width(n: int) -> int:
+    """The tile width that holds n columns: the next power of 2, at least 16 (tl.dot's
+    smallest K and N)."""
+    return max(16, triton.next_power_of_2(n))
+
+
 def length_bucket(n: int, base: int = 2) -> int:
     """n rounded up to a power of base (2 or 4), at least 1 and at most 2^16: a sequence
     length as an autotuning key sees it, so that one model tunes a handful of times."""

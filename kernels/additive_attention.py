@@ -14,7 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from attnmem.kernels._launch import kv_length, lastdim_contiguous, launch, length_bucket
+from attnmem.kernels._launch import (
+    block_width,
+    kv_length,
+    lastdim_contiguous,
+    launch,
+    length_bucket,
+)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # Value-width buckets per element size: a BLOCK_DV tunes over the configs of the first
@@ -249,7 +255,7 @@ def _additive_bwd(q_ptr, k_ptr, v_ptr, val_ptr, lengths_ptr, lse_ptr, delta_ptr,
 def _meta(q, values):
     value_dim = 1 if values is None else values.shape[2]
     return dict(DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                BLOCK_DV=max(16, triton.next_power_of_2(value_dim)))
+                BLOCK_DV=block_width(value_dim))
 
 
 def _buckets(n_q, n_k, attn_dim):

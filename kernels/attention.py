@@ -56,6 +56,7 @@ import triton
 import triton.language as tl
 
 from attnmem.kernels._launch import (
+    block_width,
     interpreting,
     kv_length,
     lastdim_contiguous,
@@ -1376,10 +1377,6 @@ def _run(kernel: str, fn, grid, args, meta, device, config, tma: bool = False):
         tuned[lambda m: grid(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
 
 
-def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
-
-
 def tile_head_dim(meta) -> int:
     """The head dim that picks a launch's configs (tables, pruning budgets, shared memory
     estimates): the larger of q's and k's tile (BLOCK_D) and v's (BLOCK_DV, in meta where v's
@@ -1394,11 +1391,11 @@ def _common(q, k, kv_lengths, window_left, window_right, head_dim_v=None):
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     unbounded = n_q + n_k
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_width(head_dim),
                 HAS_KV_LENGTHS=kv_lengths is not None,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     if head_dim_v is not None and head_dim_v != head_dim:
-        meta.update(HEAD_DV=head_dim_v, BLOCK_DV=_block_d(head_dim_v))
+        meta.update(HEAD_DV=head_dim_v, BLOCK_DV=block_width(head_dim_v))
     scalars = (heads, n_q, n_k, heads // k.shape[1])
     window = (unbounded if window_left < 0 else window_left,
               unbounded if window_right < 0 else window_right,
@@ -1548,7 +1545,7 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
     # delta = rowsum(dO * O) runs over out's and dO's columns: v's head dim.
     _attn_bwd_delta[(triton.cdiv(n_q, rows), heads, batch)](
         out, dout, dlse if dlse is not None else lse, delta, *out.stride()[:3],
-        *dout.stride()[:3], heads, n_q, HEAD_DIM=head_dim_v, BLOCK_D=_block_d(head_dim_v),
+        *dout.stride()[:3], heads, n_q, HEAD_DIM=head_dim_v, BLOCK_D=block_width(head_dim_v),
         HAS_DLSE=dlse is not None, BLOCK_M=rows)
 
     common = (q, k, v, dout, lse, delta)
@@ -1720,7 +1717,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_se
     rows = 16 if interpreting() else 64
     _attn_bwd_delta[(triton.cdiv(total_q, rows), heads, 1)](
         out, dout, lse if dlse is None else dlse, delta, *out.stride()[:3], *dout.stride()[:3],
-        heads, total_q, HEAD_DIM=head_dim_v, BLOCK_D=_block_d(head_dim_v),
+        heads, total_q, HEAD_DIM=head_dim_v, BLOCK_D=block_width(head_dim_v),
         HAS_DLSE=dlse is not None, BLOCK_M=rows)
     inputs = (q, k, v, dout, lse, delta)
     strides = [s for x in inputs[:4] for s in x.stride()[:3]]

@@ -70,6 +70,7 @@ import triton
 import triton.language as tl
 
 from attnmem.kernels._launch import (
+    block_width,
     interpreting,
     kv_length,
     lastdim_contiguous,
@@ -409,7 +410,7 @@ def config_for(rows: int, block_d: int, elem: int, interpret=None):
     if elem == 4:
         # float32 dots run on FMA units: wider tiles, or fewer warps, spill on sm_90.
         return 16, 16 if wide else 32, 8, 2
-    block_m = min(max(16, triton.next_power_of_2(rows)), 32 if wide else 64)
+    block_m = min(block_width(rows), 32 if wide else 64)
     return block_m, 32 if wide else 64, 8 if block_m >= 64 else 4, 3
 
 
@@ -515,7 +516,7 @@ def append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales=None,
     paged = block_table is not None
     table = block_table if paged else cache_seqlens
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = block_width(head_dim)
     _kvcache_append[(batch * n_new,)](
         k, v, k_cache, v_cache, cache_seqlens, table, *k.stride()[:3], *v.stride()[:3],
         *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0),
@@ -564,7 +565,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
     if out.numel() == 0 or batch * n_q == 0:
         return out, lse.fill_(float("-inf"))
     group = heads // kv_heads
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = block_width(head_dim)
     elem, fp8_kv = q.element_size(), descales is not None
     # Splits hold whole tiles of the largest BLOCK_N that may run (every candidate's, a power
     # of 2, divides it): an explicit config's, the interpreter's, or the candidates'.

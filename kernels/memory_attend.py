@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from attnmem.kernels._launch import (
+    block_width,
     interpreting,
     lastdim_contiguous,
     launch,
@@ -435,8 +436,8 @@ def _layout(memory, keys, values, block_r, quantum, head_grid=True):
                                       memory.device)
     meta = dict(SIMILARITY=None, HAS_VALUES=values is not None,
                 DOT_PRECISION="ieee" if memory.dtype == torch.float32 else "tf32",
-                BLOCK_R=block_r, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                BLOCK_DV=max(16, triton.next_power_of_2(value_dim)))
+                BLOCK_R=block_r, BLOCK_D=block_width(head_dim),
+                BLOCK_DV=block_width(value_dim))
     meta.update(EVEN_D=head_dim == meta["BLOCK_D"], EVEN_DV=value_dim == meta["BLOCK_DV"])
     return (batch, n_slots, head_dim, n_heads, value_dim, split_len, n_splits), meta
 

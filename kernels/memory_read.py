@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from attnmem.kernels._launch import (
+    block_width,
     interpreting,
     lastdim_contiguous,
     launch,
@@ -151,7 +152,7 @@ def _memory_read_bwd(dread_ptr, mem_ptr, weights_ptr, dmem_ptr, dweights_ptr,
 
 def block_d_for(width, elem):
     """The width chunk: the width's power of two, at least 16, at most MAX_BLOCK_D."""
-    return min(MAX_BLOCK_D[elem], max(16, triton.next_power_of_2(width)))
+    return min(MAX_BLOCK_D[elem], block_width(width))
 
 
 def _meta(memory):
@@ -280,7 +281,7 @@ def sparse_config(width, topk, elem):
     """The sparse kernels' launch config on a GPU: the width chunk (at most SPARSE_CONFIG's,
     at least 16), BLOCK_K entries a step (topk's power of two, 2 to MAX_BLOCK_K), warps."""
     block_d, warps = SPARSE_CONFIG[elem]
-    return dict(BLOCK_D=min(block_d, max(16, triton.next_power_of_2(width))),
+    return dict(BLOCK_D=min(block_d, block_width(width)),
                 BLOCK_K=min(MAX_BLOCK_K, max(2, triton.next_power_of_2(topk))),
                 num_warps=warps, num_stages=1)
 

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from attnmem.kernels._launch import (
+    block_width,
     interpreting,
     lastdim_contiguous,
     launch,
@@ -202,7 +203,7 @@ def _memory_write_bwd(dout_ptr, mem_ptr, weights_ptr, erase_ptr, add_ptr, dmem_p
 
 
 def _block_d(width):
-    block_d = min(MAX_BLOCK_D, max(16, triton.next_power_of_2(width)))
+    block_d = min(MAX_BLOCK_D, block_width(width))
     if interpreting():
         block_d = min(block_d, 32)  # several width chunks even on test sizes
     return block_d

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnmem.kernels._launch import lastdim_contiguous, launch, within
+from attnmem.kernels._launch import block_width, lastdim_contiguous, launch, within
 
 
 @triton.jit
@@ -135,7 +135,7 @@ def apply_rotary(x, cos, sin, seqlen_offsets, offset, cu_seqlens, max_seqlen, in
         return x if inplace else out
     cos, sin = cos.contiguous(), sin.contiguous()
     head_dim = x.shape[-1]
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = block_width(head_dim)
     if varlen:
         batch, seqlen = cu_seqlens.shape[0] - 1, max_seqlen
         stride_x, stride_o = (0, *source.stride()[:2]), (0, *out.stride()[:2])

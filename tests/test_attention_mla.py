@@ -336,11 +336,11 @@ def test_kernels_compile_for_sm90_without_spills(monkeypatch):
     from test_attention_targets import expecting, job
 
     from aot import compiled
-    from attnmem.kernels import attention as kernel
+    from attnmem.kernels._launch import block_width
 
     jobs = {}
     for d, ev, name, variant in COMPILE_JOBS:
-        tiles = dict(BLOCK_D=kernel._block_d(d), BLOCK_DV=kernel._block_d(ev))
+        tiles = dict(BLOCK_D=block_width(d), BLOCK_DV=block_width(ev))
         masked = name != "fwd"
         meta = {"fwd": dict(MASK_KEYS=masked), "dq": {},
                 "dkdv": dict(ATOMIC_DQ=variant == "atomic")}[name]
