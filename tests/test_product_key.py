@@ -129,8 +129,9 @@ def test_fixed_value_table(backend):
     queries.requires_grad_()
     with attnmem.use_backend(backend):
         out = attnmem.product_key_lookup(queries, sub_keys, values, topk=topk)
+        expect = attnmem.product_key_lookup(queries, sub_keys, values.requires_grad_(),
+                                            topk=topk)
     (dqueries,) = torch.autograd.grad(out.square().sum(), queries)
-    expect = attnmem.product_key_lookup(queries, sub_keys, values.requires_grad_(), topk=topk)
     torch.testing.assert_close(dqueries, torch.autograd.grad(expect.square().sum(), queries)[0])
 
 
