@@ -1,10 +1,11 @@
 """attnmem.distributed: attention over a sequence, and external-memory ops over a memory,
 split across the ranks of a torch.distributed process group (NCCL on GPUs, gloo on CPUs).
 
-Context-parallel attention: `ring_attention` runs on each rank's shard of the sequence. Key
-and value shards travel around the ring with point-to-point sends that overlap the attention
-on the shard in hand; partial outputs merge exactly by their logsumexp. The backward sends
-the key/value shards around again, with their gradients travelling behind them.
+Context-parallel attention: `ring_attention` runs on each rank's shard of the sequence (v's
+head dim may differ from q's and k's, as in attnmem.attention). Key and value shards travel
+around the ring with point-to-point sends that overlap the attention on the shard in hand;
+partial outputs merge exactly by their logsumexp. The backward sends the key/value shards
+around again, with their gradients travelling behind them.
 `shard_sequence` and `unshard_sequence` cut a full tensor into the layout ring_attention
 expects and put it back together: contiguous shards, or with causal=True the zig-zag layout
 (rank r holds chunks r and 2W-1-r of 2W chunks) that gives every rank the same causal work.
@@ -333,15 +334,27 @@ def _ring_plan(world, rank, n_q, n_k, causal, left, right, has_lengths, alibi):
     return plan
 
 
+def _flat(tensors):
+    """tensors laid end to end in one flat tensor (a copy), so that one send carries them."""
+    return torch.cat([x.reshape(-1) for x in tensors])
+
+
+def _views(flat, shapes):
+    """The tensors of these shapes laid end to end in flat (_flat's inverse), as views."""
+    sizes = [math.prod(shape) for shape in shapes]
+    return tuple(part.view(shape) for part, shape in zip(flat.split(sizes), shapes))
+
+
 def _with_room(kv, room, buffer=None):
-    """kv (2, B, Hkv, N, D) in a buffer (the one given, from an earlier step, or a new one)
-    with `room` more rows after its keys, which calls with extra keys read (masked by their
-    lengths, so whatever the rows hold)."""
+    """kv, the pair k (B, Hkv, N, D) and v (B, Hkv, N, Ev), in buffers (those given, from an
+    earlier step, or new ones) with `room` more rows after their keys, which calls with
+    extra keys read (masked by their lengths, so whatever the rows hold)."""
     if not room:
         return kv
     if buffer is None:
-        buffer = kv.new_empty(*kv.shape[:3], kv.shape[3] + room, kv.shape[4])
-    buffer[:, :, :, :kv.shape[3]] = kv
+        buffer = tuple(x.new_empty(*x.shape[:2], x.shape[2] + room, x.shape[3]) for x in kv)
+    for x, rows in zip(kv, buffer):
+        rows[:, :, :x.shape[2]] = x
     return buffer
 
 
@@ -368,14 +381,15 @@ def _call_seed(seed, number, world, rank, n_q):
 
 
 def _call_inputs(call, kv, kv_lengths, seed, world, rank, n_q):
-    """A call's keys and values (with its extra keys), their lengths and its dropout
-    seed."""
+    """A call's keys and values (with its extra keys) from kv, the pair (k, v), their
+    lengths and its dropout seed."""
+    k, v = kv
     n_keys = call.keys.stop - call.keys.start
     span = slice(call.keys.start, call.keys.stop + call.extra)
     lengths = _local_lengths(kv_lengths, call.key_start, n_keys)
     if call.extra and lengths is None:
-        lengths = torch.full((kv.shape[1],), n_keys, dtype=torch.int32, device=kv.device)
-    return (kv[0][:, :, span], kv[1][:, :, span], lengths,
+        lengths = torch.full((k.shape[0],), n_keys, dtype=torch.int32, device=k.device)
+    return (k[:, :, span], v[:, :, span], lengths,
             _call_seed(seed, call.number, world, rank, n_q))
 
 
@@ -403,16 +417,18 @@ class _RingAttention(torch.autograd.Function):
         n_q, n_k = q.shape[2] * ring.world, k.shape[2] * ring.world
         ct = compute_dtype(q.dtype)
         backend = _backend.requested_backend()
-        out = torch.zeros(q.shape, dtype=ct, device=q.device)
+        out = torch.zeros((*q.shape[:3], v.shape[-1]), dtype=ct, device=q.device)
         lse = torch.full(q.shape[:3], -math.inf, dtype=ct, device=q.device)
-        kv = torch.stack([k, v])
+        # k and v (their head dims may differ) travel in one buffer, one send a step.
+        shapes = (k.shape, v.shape)
+        kv = _flat((k, v))
         plan = _ring_plan(ring.world, ring.rank, n_q, n_k, causal, left, right,
                           kv_lengths is not None, alibi_slopes is not None)
         room, buffer = _room(plan), None
         for step, calls in enumerate(plan):
             if step < len(plan) - 1:
                 received, requests = ring.shift(kv)
-            buffer = _with_room(kv, room, buffer)
+            buffer = _with_room(_views(kv, shapes), room, buffer)
             for call in calls:
                 k_call, v_call, lengths, call_seed = _call_inputs(
                     call, buffer, kv_lengths, seed, ring.world, ring.rank, n_q)
@@ -447,7 +463,8 @@ class _RingAttention(torch.autograd.Function):
         ct = compute_dtype(q.dtype)
         backend = _backend.requested_backend()
         dq = torch.zeros(q.shape, dtype=ct, device=q.device)
-        kv = torch.stack([k, v])
+        shapes = (k.shape, v.shape)
+        kv = _flat((k, v))
         dkv_received, dkv_requests = None, []
         plan = _ring_plan(ring.world, ring.rank, n_q, n_k, causal, left, right,
                           kv_lengths is not None, alibi_slopes is not None)
@@ -455,8 +472,10 @@ class _RingAttention(torch.autograd.Function):
         for step, calls in enumerate(plan):
             if step < steps - 1:
                 received, requests = ring.shift(kv)
+            # dk and dv, in ct, travel together as k and v do.
             dkv = torch.zeros(kv.shape, dtype=ct, device=kv.device)
-            buffer = _with_room(kv, room, buffer)
+            dk, dv = _views(dkv, shapes)
+            buffer = _with_room(_views(kv, shapes), room, buffer)
             for call in calls:
                 # attnmem's backward op with the global out and lse (in the call's own
                 # ALiBi frame) gives this call's share of the gradients directly: nothing is
@@ -479,8 +498,8 @@ class _RingAttention(torch.autograd.Function):
                     call_seed)
                 dq[:, :, rows] += dq_part[:, :, :rows.stop - rows.start]
                 # The extra keys are masked: their gradients are zeros.
-                dkv[0][:, :, keys] += dk_part[:, :, :keys.stop - keys.start]
-                dkv[1][:, :, keys] += dv_part[:, :, :keys.stop - keys.start]
+                dk[:, :, keys] += dk_part[:, :, :keys.stop - keys.start]
+                dv[:, :, keys] += dv_part[:, :, :keys.stop - keys.start]
             if step > 0:
                 # src's gradients so far, from the ranks before this one: this rank's part
                 # was computed while they travelled.
@@ -498,6 +517,7 @@ class _RingAttention(torch.autograd.Function):
         if steps > 1:
             _wait(dkv_requests)
             dkv = dkv_received
+        dk, dv = _views(dkv, shapes)
         dsinks = None
         if sinks is not None and ctx.needs_input_grad[4]:
             # The sink's share of each row (0 for a row whose lse is -inf: a sink of -inf
@@ -508,7 +528,7 @@ class _RingAttention(torch.autograd.Function):
                 delta = delta - dlse.to(ct)
             share = torch.exp(sinks.to(ct)[:, None] - lse).nan_to_num(0.0, 0.0, 0.0)
             dsinks = -(share * delta).sum((0, 2)).to(sinks.dtype)
-        return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, dsinks, None,
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, dsinks, None,
                 None, None, None, None, None, None, None, None)
 
 
@@ -519,7 +539,8 @@ def _ring_checks(q, k, v, group, causal, window, kv_lengths, scale, return_lse, 
     world, _ = _group(group)
     # Shapes, dtypes, devices, heads, scale and score modifications as attnmem.attention
     # checks them; the window and the lengths against the full sequences.
-    scale, _, _, _ = _validate(q, k, v, causal, scale, None, None, return_lse)
+    scale, _, _, _ = _validate(q, k, v, causal, scale, None, None, return_lse,
+                               value_head_dim=True)
     softcap, sinks, alibi_slopes = _validate_score_mods(q, scale, softcap, sinks, alibi_slopes,
                                                         q.shape[0], q.shape[1])
     dropout_p = _dropout_p(dropout_p)
@@ -541,23 +562,24 @@ def ring_attention(q, k, v, *, group=None, causal=False, window=None, kv_lengths
                    scale=None, return_lse=False, softcap=None, sinks=None, alibi_slopes=None,
                    dropout_p=0.0, generator=None):
     """attnmem.attention over a sequence split across the ranks of group (the default group
-    if None): each rank passes its shard q: (B, H, Nq/W, D) and k, v: (B, Hkv, Nk/W, D), cut
-    by shard_sequence with the same causal (contiguous shards; with causal=True the zig-zag
-    layout, each shard's length even), and gets its shard of the output (B, H, Nq/W, D), and
-    with return_lse=True of the logsumexp (B, H, Nq/W) (float32, float64 for float64 inputs;
-    differentiable).
+    if None): each rank passes its shard q: (B, H, Nq/W, D), k: (B, Hkv, Nk/W, D) and
+    v: (B, Hkv, Nk/W, Ev), cut by shard_sequence with the same causal (contiguous shards;
+    with causal=True the zig-zag layout, each shard's length even), and gets its shard of
+    the output (B, H, Nq/W, Ev), and with return_lse=True of the logsumexp (B, H, Nq/W)
+    (float32, float64 for float64 inputs; differentiable). v's head dim Ev may differ from
+    D, as in attnmem.attention (MLA's D 192, Ev 128); v has k's shape otherwise.
 
     Masks are attnmem.attention's on the full sequences (Nq = W * q.shape[2], Nk likewise):
     causal, window=(left, right) around query i's position i + Nk - Nq, kv_lengths (B,) the
     global key lengths (the same tensor on every rank); GQA as there. Key/value shards go
     round the ring with point-to-point sends that overlap the attention on the shard in hand
-    (W - 1 sends of k and v forward; backward, W - 1 of k and v and W of their float32
-    gradients). Pairs of chunks that a mask empties are skipped, and the shards stop going
-    round once no rank needs them: a sliding window, window=(left, 0) with causal=False on
-    contiguous shards, takes 1 + ceil(left / shard length) steps. With causal=True every
-    shard goes all the way round (each zig-zag shard borders ranks on both sides). A query
-    that sees no key outputs zeros, has lse -inf (its sink with sinks) and gets zero
-    gradients.
+    (k and v travel in one buffer, each sized by its own head dim: W - 1 sends of it forward;
+    backward, W - 1 of it and W of one buffer of their float32 gradients). Pairs of chunks
+    that a mask empties are skipped, and the shards stop going round once no rank needs
+    them: a sliding window, window=(left, 0) with causal=False on contiguous shards, takes
+    1 + ceil(left / shard length) steps. With causal=True every shard goes all the way round
+    (each zig-zag shard borders ranks on both sides). A query that sees no key outputs
+    zeros, has lse -inf (its sink with sinks) and gets zero gradients.
 
     Score modifications, as attnmem.attention defines them on the full sequences:
       softcap caps every pair of chunks' scores.
@@ -611,8 +633,10 @@ def dropout_mask(q, k, dropout_p, generator=None, *, group=None, causal=False, w
     """The keep mask (B, H, Nq/W, Nk) bool that ring_attention(q, k, v, dropout_p=dropout_p,
     generator=generator, ...) applies to this rank's queries over the full sequence's keys,
     in order, with the same group, causal, window, kv_lengths and alibi_slopes (only
-    whether they are given changes the calls), on the backend it picks, from generator in
-    the state that call found it in. Weights that no query sees are False."""
+    whether they are given changes the calls), on the backend it picks for q and k, from
+    generator in the state that call found it in. Weights that no query sees are False. A v
+    whose head dim alone is past the kernels' 256 sends that call's "auto" backend to torch
+    where this one picks triton: run both under attnmem.use_backend("torch") then."""
     (world, _, left, right, kv_lengths, _, _, alibi_slopes, dropout_p, seed) = _ring_checks(
         q, k, k, group, causal, window, kv_lengths, None, False, None, None, alibi_slopes,
         dropout_p, generator)
@@ -624,7 +648,7 @@ def dropout_mask(q, k, dropout_p, generator=None, *, group=None, causal=False, w
     triton = _pick(q, k, k, _backend.requested_backend()) == "triton"
     plan = _ring_plan(world, rank, n_q, n_k, causal, left, right, kv_lengths is not None,
                       alibi_slopes is not None)
-    buffer = _with_room(torch.stack([k, k]), _room(plan))  # only the key counts matter
+    buffer = _with_room((k, k), _room(plan))  # only the key counts matter
     for step, calls in enumerate(plan):
         keys_at = _global_positions((rank - step) % world, world, causal, k.shape[2], q.device)
         for call in calls:
@@ -666,10 +690,9 @@ class _Replicate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         # The inputs share memory's dtype; gradients not given arrive as zeros.
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = _flat(grads)
         dist.all_reduce(flat, group=ctx.group)
-        sizes = [math.prod(s) for s in ctx.shapes]
-        return (None, *(part.view(s) for part, s in zip(flat.split(sizes), ctx.shapes)))
+        return (None, *_views(flat, ctx.shapes))
 
 
 class _SumOverRanks(torch.autograd.Function):

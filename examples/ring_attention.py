@@ -52,13 +52,14 @@ def run(args):
     say(f"attnmem {attnmem.__version__} | {world} ranks over {dist.get_backend()} on "
         f"{device.type} | torch {torch.__version__} | {torch.get_num_threads()} threads a rank")
     b, h, hkv, n, d = args.batch, args.heads, args.kv_heads, args.seq, args.head_dim
-    say(f"B={b} H={h} Hkv={hkv} N={n} D={d} causal={args.causal} {dtype}; "
+    ev = args.value_head_dim or d
+    say(f"B={b} H={h} Hkv={hkv} N={n} D={d} Ev={ev} causal={args.causal} {dtype}; "
         f"{n // world} positions a rank\n")
 
     torch.manual_seed(0)  # the same full tensors on every rank
-    full = [torch.randn(b, heads, n, d, device=device, dtype=dtype)
-            for heads in (h, hkv, hkv)]
-    dout = torch.randn_like(full[0])
+    full = [torch.randn(b, heads, n, dim, device=device, dtype=dtype)
+            for heads, dim in ((h, d), (hkv, d), (hkv, ev))]
+    dout = torch.randn(b, h, n, ev, device=device, dtype=dtype)
     shard = [distributed.shard_sequence(x, causal=args.causal).requires_grad_() for x in full]
     dout_shard = distributed.shard_sequence(dout, causal=args.causal)
 
@@ -80,7 +81,7 @@ def run(args):
     dist.all_reduce(err, op=dist.ReduceOp.MAX)
     say(f"max |ring - one process| over out, dq, dk, dv, all ranks: {err.item():.2e}")
 
-    elements = 2 * b * hkv * (n // world) * d  # of a rank's k and v
+    elements = b * hkv * (n // world) * (d + ev)  # of a rank's k and v
     say(f"each rank sends {world - 1} x {elements * full[1].element_size() / 2**20:.2f} MiB "
         f"of k, v forward; backward {world - 1} x that and {world} x "
         f"{elements * 4 / 2**20:.2f} MiB of float32 dk, dv")
@@ -141,6 +142,9 @@ def main():
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--value-head-dim", type=int, default=None,
+                        help="v's head dim, apart from q's and k's (MLA's 128 under 192); "
+                        "default --head-dim")
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--slots", type=int, default=100_000)
     parser.add_argument("--reps", type=int, default=5)

@@ -1,7 +1,7 @@
 """attnmem.distributed on 2 and 3 CPU processes (gloo) against single-process attnmem on the
-same full tensors: ring attention (causal or not, GQA, windows, lengths, Nq != Nk, the
-gradient of lse, softcap, sinks, ALiBi, dropout) and the sharded memory ops and module,
-outputs and every gradient.
+same full tensors: ring attention (causal or not, GQA, windows, lengths, Nq != Nk, a value
+head dim apart from q's and k's, the gradient of lse, softcap, sinks, ALiBi, dropout) and
+the sharded memory ops and module, outputs and every gradient.
 
 Each world size spawns one process group that runs every case, so a test pays for one
 start-up; a hang fails at the deadline instead of blocking the run.
@@ -71,20 +71,29 @@ def _close(actual, expected, what, tol=1e-10):
 # ---------------------------------------------------------------------------------------
 
 ATTENTION_CASES = [
-    # (B, H, Hkv, Nq per rank, Nk per rank, D, causal, window, lengths, dtype); the float32
-    # cases run again on the triton kernels (through the interpreter)
+    # (B, H, Hkv, Nq per rank, Nk per rank, D or (D, Ev) with v's head dim Ev apart, causal,
+    # window, lengths, dtype); the float32 cases run again on the triton kernels (through
+    # the interpreter)
     (2, 2, 2, 6, 6, 8, False, None, None, torch.float64),
     (2, 4, 2, 6, 6, 5, True, None, None, torch.float64),
     (3, 3, 1, 4, 4, 4, True, (5, None), [24, 7, 0], torch.float64),
     (2, 2, 2, 5, 5, 4, False, (3, 2), [13, 1], torch.float64),
     (1, 2, 1, 4, 8, 4, True, None, None, torch.float64),
     (1, 2, 2, 5, 3, 4, False, (2, 4), None, torch.float64),
+    (2, 4, 2, 6, 6, (24, 40), True, None, [20, 9], torch.float64),
+    (1, 3, 1, 5, 5, (40, 8), False, (4, 3), None, torch.float64),
     # sliding windows on contiguous shards: the ring stops after 2 steps, or after 1
     (2, 2, 1, 6, 6, 4, False, (4, 0), [17, 3], torch.float64),
     (1, 2, 2, 4, 4, 4, False, (0, 0), None, torch.float64),
     (2, 4, 2, 8, 8, 16, True, (9, 0), None, torch.float32),
     (2, 2, 1, 6, 6, 8, False, None, [15, 4], torch.float32),
+    (1, 2, 1, 4, 4, (24, 8), True, None, [13], torch.float32),
 ]
+
+
+def _head_dims(d):
+    """(D, Ev) of a case's D or (D, Ev)."""
+    return d if isinstance(d, tuple) else (d, d)
 
 
 def _attention_cases(rank, world, backend="torch"):
@@ -93,12 +102,13 @@ def _attention_cases(rank, world, backend="torch"):
             continue
         what = (f"world {world}, {backend}: "
                 f"{(b, h, hkv, nq, nk, d, causal, window, lengths, dtype)}")
-        full = [torch.randn(b, heads, n * world, d, dtype=dtype)
-                for heads, n in ((h, nq), (hkv, nk), (hkv, nk))]
+        d_qk, d_v = _head_dims(d)
+        full = [torch.randn(b, heads, n * world, dim, dtype=dtype)
+                for heads, n, dim in ((h, nq, d_qk), (hkv, nk, d_qk), (hkv, nk, d_v))]
         kv_lengths = None if lengths is None else torch.tensor(lengths)
         for i, length in enumerate(lengths or []):  # padding counts for nothing
             full[1][i, :, length:] = full[2][i, :, length:] = float("nan")
-        dout = torch.randn_like(full[0])
+        dout = torch.randn(b, h, nq * world, d_v, dtype=dtype)
         dlse = torch.randn(full[0].shape[:3], dtype=torch.float64 if dtype == torch.float64
                            else torch.float32)
         # The full attention, single process.
@@ -130,14 +140,16 @@ def _attention_cases(rank, world, backend="torch"):
 
 
 SCORE_MOD_CASES = [
-    # (B, H, Hkv, Nq per rank, Nk per rank, D, causal, window, lengths, softcap, sinks,
-    # alibi_slopes' shape (H,) or (B, H), dropout_p); the last two run again on the triton
-    # kernels (through the interpreter)
+    # (B, H, Hkv, Nq per rank, Nk per rank, D or (D, Ev), causal, window, lengths, softcap,
+    # sinks, alibi_slopes' shape (H,) or (B, H), dropout_p); the last three run again on the
+    # triton kernels (through the interpreter)
     (2, 4, 2, 6, 6, 5, True, None, [12, 0], 2.0, True, "BH", 0.0),
     (2, 2, 1, 5, 5, 4, False, (3, 2), None, None, True, "H", 0.0),
     (1, 2, 1, 4, 8, 4, True, (6, None), None, 3.0, False, "H", 0.0),
     (1, 2, 2, 5, 3, 3, False, None, [9], None, True, "BH", 0.0),
     (2, 2, 2, 6, 6, 4, True, None, [11, 5], 2.0, True, None, 0.3),
+    (2, 4, 2, 6, 6, (5, 9), True, None, [12, 0], 2.0, True, "BH", 0.3),
+    (1, 2, 1, 5, 5, (6, 3), False, (4, 3), [8], None, True, "H", 0.3),
     (2, 2, 1, 4, 4, 4, True, None, None, None, False, "H", 0.0),
     (1, 2, 1, 4, 4, 4, False, (5, 2), [7], 2.0, True, "H", 0.3),
 ]
@@ -148,19 +160,20 @@ def _score_mod_cases(rank, world, backend="torch"):
     float64 twin with the ring's own masks under dropout): outputs, lse and every gradient,
     the sinks' summed over the ranks."""
     dtype, tol = (torch.float64, 1e-10) if backend == "torch" else (torch.float32, 2e-5)
-    for case in SCORE_MOD_CASES if backend == "torch" else SCORE_MOD_CASES[-2:]:
+    for case in SCORE_MOD_CASES if backend == "torch" else SCORE_MOD_CASES[-3:]:
         b, h, hkv, nq, nk, d, causal, window, lengths, softcap, sinks, alibi, p = case
         what = f"world {world}, {backend}: {case}"
-        full = [torch.randn(b, heads, n * world, d, dtype=torch.float64)
-                for heads, n in ((h, nq), (hkv, nk), (hkv, nk))]
+        d_qk, d_v = _head_dims(d)
+        full = [torch.randn(b, heads, n * world, dim, dtype=torch.float64)
+                for heads, n, dim in ((h, nq, d_qk), (hkv, nk, d_qk), (hkv, nk, d_v))]
         kv_lengths = None if lengths is None else torch.tensor(lengths)
         for i, length in enumerate(lengths or []):  # padding counts for nothing
             full[1][i, :, length:] = full[2][i, :, length:] = float("nan")
         sink = torch.randn(h, dtype=torch.float64) if sinks else None
         slopes = None if alibi is None else torch.rand((h,) if alibi == "H" else (b, h),
                                                        dtype=torch.float64)
-        dout, dlse = torch.randn_like(full[0]), torch.randn(full[0].shape[:3],
-                                                            dtype=torch.float64)
+        dout = torch.randn(b, h, nq * world, d_v, dtype=torch.float64)
+        dlse = torch.randn(full[0].shape[:3], dtype=torch.float64)
         mods = dict(causal=causal, window=window, kv_lengths=kv_lengths, softcap=softcap,
                     alibi_slopes=slopes)
         shard = [distributed.shard_sequence(x, causal=causal).to(dtype).requires_grad_()
@@ -184,7 +197,7 @@ def _score_mod_cases(rank, world, backend="torch"):
         if p:  # the twin with the ring's masks, gathered from every rank
             left, right = (-1 if side is None else side for side in window or (None, None))
             keep = distributed.unshard_sequence(keep.double(), causal=causal) > 0
-            out, lse = twin.attention_forward(*ref, kv_lengths, d ** -0.5, left,
+            out, lse = twin.attention_forward(*ref, kv_lengths, d_qk ** -0.5, left,
                                               0 if causal else right, softcap or 0.0, sink_ref,
                                               slopes, p, keep)
         else:
@@ -267,10 +280,19 @@ def _layout_and_errors(rank, world):
         distributed.ring_attention(q, q[:, :1].expand(1, 3, 3, 4), q[:, :1].expand(1, 3, 3, 4))
     with pytest.raises(TypeError, match="group"):
         distributed.ring_attention(q, q, q, group="ring")
+    # v's head dim is its own; its other sizes, dtype and device are k's.
+    assert distributed.ring_attention(q, q, torch.zeros(1, 2, 3, 7)).shape == (1, 2, 3, 7)
+    for shape in ((1, 2, 2, 7), (1, 1, 3, 7), (2, 2, 3, 7), (1, 2, 3, 0)):
+        with pytest.raises(ValueError, match="v must have k's shape but for its head dim"):
+            distributed.ring_attention(q, q, torch.zeros(shape))
+    with pytest.raises(TypeError, match="v must have q's dtype"):
+        distributed.ring_attention(q, q, torch.zeros(1, 2, 3, 7, dtype=torch.float64))
     empty = torch.zeros(2, 2, 0, 4, requires_grad=True)
-    out = distributed.ring_attention(empty, empty, empty, causal=True)
+    empty_v = torch.zeros(2, 2, 0, 3, requires_grad=True)
+    out = distributed.ring_attention(empty, empty, empty_v, causal=True)
     out.sum().backward()
-    assert out.shape == empty.shape and empty.grad.shape == empty.shape
+    assert out.shape == empty_v.shape and empty.grad.shape == empty.shape
+    assert empty_v.grad.shape == empty_v.shape
 
 
 def _subgroup(rank, world):
