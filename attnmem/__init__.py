@@ -15,6 +15,18 @@ if not _os.path.isdir(_os.path.join(_here, "kernels")):
     kernels = _sys.modules["attnmem.kernels"] = _util.module_from_spec(_spec)
     _spec.loader.exec_module(kernels)
 
+import torch.distributed as _dist  # noqa: E402
+
+if _dist.is_available():
+    # torch.distributed.nn.functional takes group=group.WORLD as default arguments, read
+    # when it is first imported. torch imports it lazily (through torch._dynamo, on the
+    # first call of any torch.library custom op, attnmem's among them), so a process group
+    # made before that call would be held there past destroy_process_group: gloo's threads
+    # then live into interpreter shutdown, where they can abort the process ("terminate
+    # called without an active exception"). Imported now, before a group exists, the
+    # defaults are None.
+    import torch.distributed.nn  # noqa: E402, F401
+
 from attnmem.additive import additive_attention, hard_attention, pointer_attention  # noqa: E402
 from attnmem.attention import attention, quantize_fp8  # noqa: E402
 from attnmem.backend import use_backend  # noqa: E402

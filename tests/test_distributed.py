@@ -42,8 +42,20 @@ def _worker(rank, world, port, seed, cases):
             torch.manual_seed(seed)  # the same full tensors on every rank
             case(rank, world)
             dist.barrier()
+        # The custom ops ran with the group made: torch's lazy import of
+        # torch.distributed.nn (see attnmem/__init__.py) must not hold it past
+        # destroy_process_group.
+        assert not _held_groups(), "torch.distributed.nn holds the process group"
     finally:
         dist.destroy_process_group()
+
+
+def _held_groups():
+    """The process groups held as default arguments by torch.distributed.nn.functional."""
+    import torch.distributed.nn.functional as functional
+    return [value for f in vars(functional).values() if callable(f)
+            for value in getattr(f, "__defaults__", None) or ()
+            if isinstance(value, dist.ProcessGroup)]
 
 
 def _spawn(world, cases):
