@@ -7,6 +7,8 @@ each on the triton kernels (split-KV flash-decoding, GQA packing, paged loads) o
 pure-torch twin (attnmem.reference.kvcache), as attnmem.backend chooses. Both take the
 queries padded (B, Sq, H, D) or packed (total_q, H, D) with cu_seqlens_q; the append takes
 none from kvcache_append, whose checks are attention_with_kvcache's with k in q's place.
+The value cache (and the new values, and the output) may have a head dim Ev of its own,
+FlashAttention-3's headdim_v (multi-head latent attention's D = 192, Ev = 128).
 """
 
 import numbers
@@ -57,6 +59,8 @@ def _triton_reasons(q, k_cache, v_cache, cu_seqlens_q=None, max_seqlen_q=0,
         reasons.append(f"dtype {x.dtype} (supported: float16, bfloat16, float32)")
     if x.shape[-1] > MAX_TRITON_HEAD_DIM:
         reasons.append(f"head dim {x.shape[-1]} > {MAX_TRITON_HEAD_DIM}")
+    if v_cache.shape[-1] > MAX_TRITON_HEAD_DIM:
+        reasons.append(f"v_cache's head dim {v_cache.shape[-1]} > {MAX_TRITON_HEAD_DIM}")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if cache.stride(-1) != 1 and cache.shape[-1] > 1:
             reasons.append(f"{name}'s last dimension is strided (the kernels write it in "
@@ -118,7 +122,8 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             rotary_sin: Optional[torch.Tensor] = None, rotary_interleaved: bool = False,
             rotary_per_query: bool = False, cache_leftpad: Optional[torch.Tensor] = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cu_seqlens_q, max_seqlen_q: q packed (total_q, H, D), out too and lse (H, total_q);
+    """-> out (B, Sq, H, Ev) (Ev v_cache's head dim), lse (B, H, Sq). cu_seqlens_q,
+    max_seqlen_q: q packed (total_q, H, D), out (total_q, H, Ev) and lse (H, total_q);
     n_new is then total_q when each sequence's queries are its new tokens, else 0.
     rotary_cos, rotary_sin (with new tokens): q rotated at cache_seqlens[b] + i when
     rotary_per_query, else at cache_seqlens[b]. cache_leftpad int32 (B,) in [0, capacity]:
@@ -148,10 +153,11 @@ def _(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scale, window_left
       max_seqlen_q=0, rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
       rotary_per_query=False, cache_leftpad=None):
     lse_dtype = _attention_twin.compute_dtype(q.dtype)
+    out = q.new_empty((*q.shape[:-1], v_cache.shape[-1]))
     if cu_seqlens_q is not None:
-        return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
+        return out, q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
     batch, n_q, heads, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((batch, heads, n_q), dtype=lse_dtype)
+    return out, q.new_empty((batch, heads, n_q), dtype=lse_dtype)
 
 
 def _rotation(rotary_cos, rotary_sin, interleaved):
@@ -181,12 +187,12 @@ def _clamped(cache_seqlens, k_cache, n_new, block_table):
 # their arguments and shapes.
 _NAMES = {
     "q": dict(cu="cu_seqlens_q", max="max_seqlen_q", rows="queries", x="(B, Sq, H, D)",
-              x_packed="(total_q, H, D)", new="(B, Sq, Hkv, D)",
-              new_packed="(total_q, Hkv, D), packed as q",
+              x_packed="(total_q, H, D)", new="(B, Sq, Hkv, {})",
+              new_packed="(total_q, Hkv, {}), packed as q",
               fp8="the kernels widen the cache to q's dtype"),
     "k": dict(cu="cu_seqlens", max="max_seqlen", rows="tokens", x="(B, S, Hkv, D)",
-              x_packed="(total, Hkv, D)", new="(B, S, Hkv, D)",
-              new_packed="(total, Hkv, D), packed as k",
+              x_packed="(total, Hkv, D)", new="(B, S, Hkv, {})",
+              new_packed="(total, Hkv, {}), packed as k",
               fp8="the append quantizes it into the cache"),
 }
 
@@ -340,14 +346,16 @@ def _check_cache(x, x_name, k_cache, v_cache, k, v, block_table, k_descale, v_de
     if head_dim < 1:
         raise ValueError(f"{x_name} must have a head dim of at least 1")
     paged = block_table is not None
-    what = ("(num_pages, page_size, Hkv, D)" if paged else "(B_cache, S_max, Hkv, D)"
-            if cache_batch_idx is not None else "(B, S_max, Hkv, D)")
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _checks.tensor(name, cache, 4, what)
+    what = ("(num_pages, page_size, Hkv, {})" if paged else "(B_cache, S_max, Hkv, {})"
+            if cache_batch_idx is not None else "(B, S_max, Hkv, {})")
+    for name, cache, dim in (("k_cache", k_cache, "D"), ("v_cache", v_cache, "Ev")):
+        _checks.tensor(name, cache, 4, what.format(dim))
     fp8 = _fp8_cache(x, x_name, k_cache, v_cache)
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got "
-                         f"{tuple(v_cache.shape)}")
+    # v_cache's head dim Ev may differ from k_cache's (FlashAttention's headdim_v).
+    if v_cache.shape[:3] != k_cache.shape[:3] or v_cache.shape[3] < 1:
+        dims = ", ".join(map(str, k_cache.shape[:3]))
+        raise ValueError(f"v_cache must have k_cache's shape but for its head dim, ({dims}, "
+                         f"Ev) with Ev >= 1, got {tuple(v_cache.shape)}")
     if k_cache.shape[3] != head_dim:
         raise ValueError(f"k_cache has head dim {k_cache.shape[3]} but {x_name} has "
                          f"{head_dim}")
@@ -375,10 +383,11 @@ def _check_cache(x, x_name, k_cache, v_cache, k, v, block_table, k_descale, v_de
         raise ValueError("k and v must be given together (the new tokens), or both be None")
     n_new = 0
     if k is not None:
-        what, shape = names["new"], (batch, n_q, kv_heads, head_dim)
-        if packed:
-            what, shape = names["new_packed"], (x.shape[0], kv_heads, head_dim)
-        for name, t in (("k", k), ("v", v)):
+        rows = (x.shape[0],) if packed else (batch, n_q)
+        # k's head dim is k_cache's (q's), v's v_cache's.
+        for name, t, dim, cache in (("k", k, "D", k_cache), ("v", v, "Ev", v_cache)):
+            what = names["new_packed" if packed else "new"].format(dim)
+            shape = (*rows, kv_heads, cache.shape[3])
             _checks.tensor(name, t, len(shape), what)
             _checks.like(name, t, x, x_name)
             if tuple(t.shape) != shape:
@@ -491,15 +500,19 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     cache in place first: FlashAttention's flash_attn_with_kvcache, whose API semantics it
     follows (layout, alignment, window).
 
-    q: (B, Sq, H, D). k_cache, v_cache: (B, S_max, Hkv, D), or with block_table a paged pool
-    (num_pages, page_size, Hkv, D), any page size; block_table (B, max_blocks) int32: token
-    t of sequence b sits in page block_table[b, t // page_size] at offset t % page_size.
-    H % Hkv == 0 (query head h reads kv head h // (H // Hkv)). cache_seqlens: an int or an
-    integer tensor (B,), the tokens already in each cache (values clamped to [0, capacity -
-    Sq] when appending, to [0, capacity] otherwise; capacity = S_max or max_blocks *
-    page_size). k, v: (B, Sq, Hkv, D) new tokens or None: they are written in place into
-    the caches at positions cache_seqlens[b] + i (cache_seqlens itself is not advanced), and
-    then attended to with the rest of the cache. Caches that overlap themselves or the other
+    q: (B, Sq, H, D). k_cache: (B, S_max, Hkv, D), or with block_table a paged pool
+    (num_pages, page_size, Hkv, D), any page size; v_cache: the same with its own head dim
+    Ev >= 1, (B, S_max, Hkv, Ev) or (num_pages, page_size, Hkv, Ev) (FlashAttention-3's
+    headdim_v; multi-head latent attention's D = 192, Ev = 128; Ev = D otherwise), which
+    every option below takes, on both backends (the triton kernels up to 256, as for D);
+    block_table (B, max_blocks) int32: token t of sequence b sits in page
+    block_table[b, t // page_size] at offset t % page_size. H % Hkv == 0 (query head h
+    reads kv head h // (H // Hkv)). cache_seqlens: an int or an integer tensor (B,), the
+    tokens already in each cache (values clamped to [0, capacity - Sq] when appending, to
+    [0, capacity] otherwise; capacity = S_max or max_blocks * page_size). k (B, Sq, Hkv, D)
+    and v (B, Sq, Hkv, Ev): new tokens, or None: they are written in place into the caches
+    at positions cache_seqlens[b] + i (cache_seqlens itself is not advanced), and then
+    attended to with the rest of the cache. Caches that overlap themselves or the other
     inputs are refused (not inside a torch.compile trace, which cannot inspect storage).
 
     Each sequence's queries align to the end of its own cache, as FlashAttention's do: with
@@ -509,7 +522,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
       window=(l, r):               a - l <= j <= a + r   (None or -1 leaves a side unbounded)
     Cache slots at or past L count for nothing whatever they hold (NaN included); a query
     that sees no key (L = 0, or a window past every key) outputs zeros and has lse -inf.
-    scale defaults to 1/sqrt(D). Returns out (B, Sq, H, D) in q's dtype and, with
+    scale defaults to 1/sqrt(D). Returns out (B, Sq, H, Ev) in q's dtype and, with
     return_lse=True, the natural-log logsumexp (B, H, Sq) of the scaled, masked scores in
     float32 (float64 for float64 inputs).
 
@@ -547,22 +560,22 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     decoding with chunks of prefill, none padded to the longest): q (total_q, H, D) with
     sequence b's queries in rows cu_seqlens_q[b] to cu_seqlens_q[b + 1] (int32 (B + 1,) on
     q's device, from 0 to total_q, nondecreasing: lengths may be 0), max_seqlen_q an int at
-    least the longest sequence's length. k, v, if given, are (total_q, Hkv, D) packed alike:
-    sequence b's new tokens are its queries' tokens (FlashAttention-3's cu_seqlens_k_new
-    equal to cu_seqlens_q), written at cache_seqlens[b] + i. Everything above holds per
-    sequence with Sq its own length (its clamp of cache_seqlens to [0, capacity - Sq] when
-    appending included; an int cache_seqlens must leave room for max_seqlen_q new tokens).
-    Returns out (total_q, H, D) and lse (H, total_q), as attnmem.attention_varlen does. The
-    triton kernels size their grid by max_seqlen_q and read cu_seqlens_q on the device, so
-    the launch needs no host sync (row tiles past a sequence's length exit at once); the
-    torch backend runs each sequence's rows as a batch of one. As in attention_varlen, the
-    cumulative lengths are checked on CPU tensors only: on CUDA wrong ones read and write
-    nothing outside the tensors and caches, but rows that no sequence covers are left
-    unwritten.
+    least the longest sequence's length. k, v, if given, are (total_q, Hkv, D) and (total_q,
+    Hkv, Ev), packed alike: sequence b's new tokens are its queries' tokens
+    (FlashAttention-3's cu_seqlens_k_new equal to cu_seqlens_q), written at
+    cache_seqlens[b] + i. Everything above holds per sequence with Sq its own length (its clamp of
+    cache_seqlens to [0, capacity - Sq] when appending included; an int cache_seqlens must
+    leave room for max_seqlen_q new tokens). Returns out (total_q, H, Ev) and lse (H,
+    total_q), as attnmem.attention_varlen does. The triton kernels size their grid by
+    max_seqlen_q and read cu_seqlens_q on the device, so the launch needs no host sync (row
+    tiles past a sequence's length exit at once); the torch backend runs each sequence's
+    rows as a batch of one. As in attention_varlen, the cumulative lengths are checked on
+    CPU tensors only: on CUDA wrong ones read and write nothing outside the tensors and
+    caches, but rows that no sequence covers are left unwritten.
 
     cache_batch_idx (FlashAttention's; an integer tensor (B,) on q's device, or None for
     0 to B - 1): sequence b's cache is row cache_batch_idx[b] of contiguous caches
-    (B_cache, S_max, Hkv, D) with any B_cache, as a serving loop's cache pool holds more
+    (B_cache, S_max, Hkv, D or Ev) with any B_cache, as a serving loop's cache pool holds more
     sequences than a step runs. The rows are read (and appended to) where they are; the
     kernels take them as a paged pool of one page per row. Not with block_table. Indices
     are checked against B_cache on CPU tensors only; two sequences appending into the same
@@ -643,19 +656,20 @@ def kvcache_append(k_cache, v_cache, k, v, *, cache_seqlens, block_table=None,
 
     k_cache, v_cache: (B, S_max, Hkv, D), or with block_table (B, max_blocks) int32 a paged
     pool (num_pages, page_size, Hkv, D), or with cache_batch_idx (B,) rows of a contiguous
-    pool (B_cache, S_max, Hkv, D). k, v: (B, S, Hkv, D) in the caches' dtype, or float16 or
-    bfloat16 for float8_e4m3fn caches, or packed (total, Hkv, D) with cu_seqlens (B + 1,)
-    int32 and max_seqlen (attention_with_kvcache's cu_seqlens_q and max_seqlen_q): sequence
-    b's tokens in rows cu_seqlens[b] to cu_seqlens[b + 1]. Token i of sequence b goes to slot
-    cache_seqlens[b] + i, cache_seqlens an int or an integer tensor (B,) clamped to [0,
-    capacity - S] (packed: each sequence's own length), and is not advanced. rotary_cos,
-    rotary_sin ((seqlen_ro >= capacity, R / 2)) and rotary_interleaved rotate each key at its
-    slot first; k_descale, v_descale ((B, Hkv), None for 1) quantize both into float8_e4m3fn
-    caches, as attention_with_kvcache does. The same checks, with k where q stands there:
-    batch, device and dtype come from k; caches that overlap themselves or the other inputs
-    are refused (not inside a torch.compile trace), and cu_seqlens, block_table's pages and
-    cache_batch_idx's rows are checked on CPU tensors only. The caches end byte for byte as
-    that call leaves them.
+    pool (B_cache, S_max, Hkv, D); v_cache's head dim Ev may differ from k_cache's D (as in
+    attention_with_kvcache). k (B, S, Hkv, D), v (B, S, Hkv, Ev) in the caches' dtype, or
+    float16 or bfloat16 for float8_e4m3fn caches, or packed (total, Hkv, D or Ev) with
+    cu_seqlens (B + 1,) int32 and max_seqlen (attention_with_kvcache's cu_seqlens_q and
+    max_seqlen_q): sequence b's tokens in rows cu_seqlens[b] to cu_seqlens[b + 1]. Token i
+    of sequence b goes to slot cache_seqlens[b] + i, cache_seqlens an int or an integer
+    tensor (B,) clamped to [0, capacity - S] (packed: each sequence's own length), and is
+    not advanced. rotary_cos, rotary_sin ((seqlen_ro >= capacity, R / 2)) and
+    rotary_interleaved rotate each key at its slot first; k_descale, v_descale ((B, Hkv),
+    None for 1) quantize both into float8_e4m3fn caches, as attention_with_kvcache does. The
+    same checks, with k where q stands there: batch, device and dtype come from k; caches
+    that overlap themselves or the other inputs are refused (not inside a torch.compile
+    trace), and cu_seqlens, block_table's pages and cache_batch_idx's rows are checked on
+    CPU tensors only. The caches end byte for byte as that call leaves them.
 
     Returns None, as vLLM's reshape_and_cache does: the call is for its effect on the
     caches. torch's in-place methods return self for chaining, but this writes two tensors,
