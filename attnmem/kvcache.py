@@ -120,14 +120,15 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             descales: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
             max_seqlen_q: int = 0, rotary_cos: Optional[torch.Tensor] = None,
             rotary_sin: Optional[torch.Tensor] = None, rotary_interleaved: bool = False,
-            rotary_per_query: bool = False, cache_leftpad: Optional[torch.Tensor] = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            rotary_per_query: bool = False, cache_leftpad: Optional[torch.Tensor] = None,
+            num_splits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """-> out (B, Sq, H, Ev) (Ev v_cache's head dim), lse (B, H, Sq). cu_seqlens_q,
     max_seqlen_q: q packed (total_q, H, D), out (total_q, H, Ev) and lse (H, total_q);
     n_new is then total_q when each sequence's queries are its new tokens, else 0.
     rotary_cos, rotary_sin (with new tokens): q rotated at cache_seqlens[b] + i when
     rotary_per_query, else at cache_seqlens[b]. cache_leftpad int32 (B,) in [0, capacity]:
-    sequence b's keys start at that slot."""
+    sequence b's keys start at that slot. num_splits: the triton kernels' split count (0:
+    theirs); the twin has no splits."""
     mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, descales=descales,
                 rotation=_rotation(rotary_cos, rotary_sin, rotary_interleaved),
                 rotary_per_query=rotary_per_query, cache_leftpad=cache_leftpad)
@@ -136,7 +137,7 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         return kernel.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table,
                                              n_new, scale, window_left, window_right, **mods,
                                              cu_seqlens_q=cu_seqlens_q,
-                                             max_seqlen_q=max_seqlen_q)
+                                             max_seqlen_q=max_seqlen_q, n_splits=num_splits)
     if cu_seqlens_q is not None:
         new = cu_seqlens_q.diff() * (n_new > 0)
         return _reference.attention_with_kvcache_packed(
@@ -151,7 +152,7 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 def _(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scale, window_left, window_right,
       backend, softcap=0.0, sinks=None, alibi_slopes=None, descales=None, cu_seqlens_q=None,
       max_seqlen_q=0, rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
-      rotary_per_query=False, cache_leftpad=None):
+      rotary_per_query=False, cache_leftpad=None, num_splits=0):
     lse_dtype = _attention_twin.compute_dtype(q.dtype)
     out = q.new_empty((*q.shape[:-1], v_cache.shape[-1]))
     if cu_seqlens_q is not None:
@@ -495,7 +496,8 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
                            return_lse=False, softcap=None, sinks=None, alibi_slopes=None,
                            k_descale=None, v_descale=None, cu_seqlens_q=None,
                            max_seqlen_q=None, cache_batch_idx=None, rotary_cos=None,
-                           rotary_sin=None, rotary_interleaved=False, cache_leftpad=None):
+                           rotary_sin=None, rotary_interleaved=False, cache_leftpad=None,
+                           num_splits=0):
     """Attention of new queries over a KV cache, appending the new keys and values to the
     cache in place first: FlashAttention's flash_attn_with_kvcache, whose API semantics it
     follows (layout, alignment, window).
@@ -606,22 +608,39 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     and cache_batch_idx too (FlashAttention's refuses a paged cache): it bounds the keys
     each sequence reads from below.
 
-    FlashAttention's num_splits has no counterpart here (the triton backend picks the
-    splits), nor cu_seqlens_k_new apart from cu_seqlens_q.
+    num_splits (FlashAttention's; an int >= 0): the splits of each sequence's keys that the
+    triton backend runs (flash-decoding). 0 (the default) lets the launch pick them (from the
+    SM count, the capacity and the largest key tile it may run, as before); 1 runs one split,
+    which writes out and lse itself, with no combine; n > 1 asks for n, clamped to the
+    capacity's key tiles (capacity over that largest tile, rounded up; 128 at most), so that
+    a split holds a tile at least. The result is the same for any count up to rounding. The
+    torch backend has no splits: it checks num_splits and runs the twin as ever.
+    FlashAttention's cu_seqlens_k_new apart from cu_seqlens_q has no counterpart here.
     """
     n_new, n_q, seqlens, block_table, scale, left, right, mods, rotary, attend = _validate(
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window, scale,
         return_lse, softcap, sinks, alibi_slopes, k_descale, v_descale, cu_seqlens_q,
         max_seqlen_q, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
         cache_leftpad)
+    num_splits = _num_splits(num_splits)
     backend = _backend.requested_backend()
     packing = (cu_seqlens_q, n_q) if cu_seqlens_q is not None else (None, 0)
     if n_new:
         _append(q, k_cache, v_cache, k, v, seqlens, block_table, backend, mods[-1], *packing,
                 **rotary)
     out, lse = _attend(q, k_cache, v_cache, seqlens, block_table, n_new, scale, left, right,
-                       backend, *mods, *packing, **attend)
+                       backend, *mods, *packing, **attend, num_splits=num_splits)
     return (out, lse) if return_lse else out
+
+
+def _num_splits(num_splits) -> int:
+    """FlashAttention's num_splits: an int >= 0."""
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
+        raise TypeError(f"num_splits must be an int, got {type(num_splits).__name__}")
+    if num_splits < 0:
+        raise ValueError(f"num_splits must be 0 (the launch picks), 1 (no split) or more, got "
+                         f"{num_splits}")
+    return operator.index(num_splits)
 
 
 def _validate_append(k_cache, v_cache, k, v, cache_seqlens, block_table, cu_seqlens,

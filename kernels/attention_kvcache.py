@@ -494,13 +494,17 @@ def smem_estimate(block_m: int, block_n: int, block_d: int, stages: int, elem: i
     return elem * block_d * (block_m + 2 * stages * block_n)
 
 
-def _splits(capacity, programs, block_n, device):
-    """Splits of each sequence's keys: enough that programs x splits fill the GPU twice over
-    (slot_splits' rule, three under the interpreter), capped at MAX_SPLITS, in whole tiles
-    of block_n: the largest BLOCK_N of the configs that may run. The count is fixed before the
-    launch, as the partial buffers are sized by it, and so is the same for every config the
-    autotuner tries: each config then splits the keys in whole tiles of its own BLOCK_N
-    (the kernel's split_len), which divides block_n."""
+def _splits(capacity, programs, block_n, device, n_splits=None):
+    """Splits of each sequence's keys: with n_splits None (or 0), enough that programs x
+    splits fill the GPU twice over (slot_splits' rule, three under the interpreter), capped
+    at MAX_SPLITS, in whole tiles of block_n: the largest BLOCK_N of the configs that may run.
+    A count given (FlashAttention's num_splits) is clamped to the capacity's tiles of block_n
+    and MAX_SPLITS: a split holds one tile at least. The count is fixed before the launch, as
+    the partial buffers are sized by it, and so is the same for every config the autotuner
+    tries: each config then splits the keys in whole tiles of its own BLOCK_N (the kernel's
+    split_len), which divides block_n."""
+    if n_splits:
+        return min(n_splits, triton.cdiv(max(capacity, 1), block_n), MAX_SPLITS)
     _, n_splits = slot_splits(capacity, programs, block_n, device)
     return min(n_splits, MAX_SPLITS)
 
@@ -588,10 +592,11 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
     """-> out (B, Sq, H, Ev) in q's dtype (Ev v_cache's head dim, which may differ from q's
     and k_cache's D), lse (B, H, Sq) float32, natural log. The new keys (n_new of them) are
     in the caches already; cache_seqlens counts the tokens before them. config (BLOCK_M,
-    BLOCK_N, num_warps, num_stages) and n_splits override the launch's choice, which config
-    skips tuning for (tests). softcap, sinks (H,) and alibi_slopes (H,) or (B, H) as
-    attnmem.attention takes them; lse includes the sinks. descales (B, Hkv, 2) float32 (k's,
-    v's): float8_e4m3fn caches, q float16 or bfloat16.
+    BLOCK_N, num_warps, num_stages) overrides the launch's choice and skips tuning (tests);
+    n_splits (None or 0: the launch's choice) the split count, clamped as _splits says (1:
+    the attention writes out and lse itself, no combine runs). softcap, sinks (H,) and
+    alibi_slopes (H,) or (B, H) as attnmem.attention takes them; lse includes the sinks.
+    descales (B, Hkv, 2) float32 (k's, v's): float8_e4m3fn caches, q float16 or bfloat16.
     Packed queries: q (total_q, H, D), sequence b's in rows cu_seqlens_q[b] to
     cu_seqlens_q[b + 1] ((B + 1,) int32), at most max_seqlen_q of them; n_new 0, or nonzero
     when each sequence's queries are its new tokens (in the caches already). -> out (total_q,
@@ -636,8 +641,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
             configs = without_value_spills(configs, block_m, dims, elem, fp8_kv)
         quantum = max(c["BLOCK_N"] for c in configs)
     m_tiles = triton.cdiv(n_q * group, block_m)
-    if n_splits is None:
-        n_splits = _splits(capacity, batch * kv_heads * m_tiles, quantum, q.device)
+    n_splits = _splits(capacity, batch * kv_heads * m_tiles, quantum, q.device, n_splits)
     unbounded = capacity + rows[1]
     table = block_table if paged else cache_seqlens
     if n_splits > 1:
