@@ -7,6 +7,8 @@ each on the triton kernels (split-KV flash-decoding, GQA packing, paged loads) o
 pure-torch twin (attnmem.reference.kvcache), as attnmem.backend chooses. Both take the
 queries padded (B, Sq, H, D) or packed (total_q, H, D) with cu_seqlens_q; the append takes
 none from kvcache_append, whose checks are attention_with_kvcache's with k in q's place.
+The value cache (and the new values, and the output) may have a head dim Ev of its own,
+FlashAttention-3's headdim_v (multi-head latent attention's D = 192, Ev = 128).
 """
 
 import numbers
@@ -57,6 +59,8 @@ def _triton_reasons(q, k_cache, v_cache, cu_seqlens_q=None, max_seqlen_q=0,
         reasons.append(f"dtype {x.dtype} (supported: float16, bfloat16, float32)")
     if x.shape[-1] > MAX_TRITON_HEAD_DIM:
         reasons.append(f"head dim {x.shape[-1]} > {MAX_TRITON_HEAD_DIM}")
+    if v_cache.shape[-1] > MAX_TRITON_HEAD_DIM:
+        reasons.append(f"v_cache's head dim {v_cache.shape[-1]} > {MAX_TRITON_HEAD_DIM}")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if cache.stride(-1) != 1 and cache.shape[-1] > 1:
             reasons.append(f"{name}'s last dimension is strided (the kernels write it in "
@@ -116,13 +120,15 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             descales: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
             max_seqlen_q: int = 0, rotary_cos: Optional[torch.Tensor] = None,
             rotary_sin: Optional[torch.Tensor] = None, rotary_interleaved: bool = False,
-            rotary_per_query: bool = False, cache_leftpad: Optional[torch.Tensor] = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cu_seqlens_q, max_seqlen_q: q packed (total_q, H, D), out too and lse (H, total_q);
+            rotary_per_query: bool = False, cache_leftpad: Optional[torch.Tensor] = None,
+            num_splits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> out (B, Sq, H, Ev) (Ev v_cache's head dim), lse (B, H, Sq). cu_seqlens_q,
+    max_seqlen_q: q packed (total_q, H, D), out (total_q, H, Ev) and lse (H, total_q);
     n_new is then total_q when each sequence's queries are its new tokens, else 0.
     rotary_cos, rotary_sin (with new tokens): q rotated at cache_seqlens[b] + i when
     rotary_per_query, else at cache_seqlens[b]. cache_leftpad int32 (B,) in [0, capacity]:
-    sequence b's keys start at that slot."""
+    sequence b's keys start at that slot. num_splits: the triton kernels' split count (0:
+    theirs); the twin has no splits."""
     mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, descales=descales,
                 rotation=_rotation(rotary_cos, rotary_sin, rotary_interleaved),
                 rotary_per_query=rotary_per_query, cache_leftpad=cache_leftpad)
@@ -131,7 +137,7 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         return kernel.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table,
                                              n_new, scale, window_left, window_right, **mods,
                                              cu_seqlens_q=cu_seqlens_q,
-                                             max_seqlen_q=max_seqlen_q)
+                                             max_seqlen_q=max_seqlen_q, n_splits=num_splits)
     if cu_seqlens_q is not None:
         new = cu_seqlens_q.diff() * (n_new > 0)
         return _reference.attention_with_kvcache_packed(
@@ -146,12 +152,13 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 def _(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scale, window_left, window_right,
       backend, softcap=0.0, sinks=None, alibi_slopes=None, descales=None, cu_seqlens_q=None,
       max_seqlen_q=0, rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
-      rotary_per_query=False, cache_leftpad=None):
+      rotary_per_query=False, cache_leftpad=None, num_splits=0):
     lse_dtype = _attention_twin.compute_dtype(q.dtype)
+    out = q.new_empty((*q.shape[:-1], v_cache.shape[-1]))
     if cu_seqlens_q is not None:
-        return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
+        return out, q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
     batch, n_q, heads, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((batch, heads, n_q), dtype=lse_dtype)
+    return out, q.new_empty((batch, heads, n_q), dtype=lse_dtype)
 
 
 def _rotation(rotary_cos, rotary_sin, interleaved):
@@ -181,12 +188,12 @@ def _clamped(cache_seqlens, k_cache, n_new, block_table):
 # their arguments and shapes.
 _NAMES = {
     "q": dict(cu="cu_seqlens_q", max="max_seqlen_q", rows="queries", x="(B, Sq, H, D)",
-              x_packed="(total_q, H, D)", new="(B, Sq, Hkv, D)",
-              new_packed="(total_q, Hkv, D), packed as q",
+              x_packed="(total_q, H, D)", new="(B, Sq, Hkv, {})",
+              new_packed="(total_q, Hkv, {}), packed as q",
               fp8="the kernels widen the cache to q's dtype"),
     "k": dict(cu="cu_seqlens", max="max_seqlen", rows="tokens", x="(B, S, Hkv, D)",
-              x_packed="(total, Hkv, D)", new="(B, S, Hkv, D)",
-              new_packed="(total, Hkv, D), packed as k",
+              x_packed="(total, Hkv, D)", new="(B, S, Hkv, {})",
+              new_packed="(total, Hkv, {}), packed as k",
               fp8="the append quantizes it into the cache"),
 }
 
@@ -340,14 +347,16 @@ def _check_cache(x, x_name, k_cache, v_cache, k, v, block_table, k_descale, v_de
     if head_dim < 1:
         raise ValueError(f"{x_name} must have a head dim of at least 1")
     paged = block_table is not None
-    what = ("(num_pages, page_size, Hkv, D)" if paged else "(B_cache, S_max, Hkv, D)"
-            if cache_batch_idx is not None else "(B, S_max, Hkv, D)")
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _checks.tensor(name, cache, 4, what)
+    what = ("(num_pages, page_size, Hkv, {})" if paged else "(B_cache, S_max, Hkv, {})"
+            if cache_batch_idx is not None else "(B, S_max, Hkv, {})")
+    for name, cache, dim in (("k_cache", k_cache, "D"), ("v_cache", v_cache, "Ev")):
+        _checks.tensor(name, cache, 4, what.format(dim))
     fp8 = _fp8_cache(x, x_name, k_cache, v_cache)
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got "
-                         f"{tuple(v_cache.shape)}")
+    # v_cache's head dim Ev may differ from k_cache's (FlashAttention's headdim_v).
+    if v_cache.shape[:3] != k_cache.shape[:3] or v_cache.shape[3] < 1:
+        dims = ", ".join(map(str, k_cache.shape[:3]))
+        raise ValueError(f"v_cache must have k_cache's shape but for its head dim, ({dims}, "
+                         f"Ev) with Ev >= 1, got {tuple(v_cache.shape)}")
     if k_cache.shape[3] != head_dim:
         raise ValueError(f"k_cache has head dim {k_cache.shape[3]} but {x_name} has "
                          f"{head_dim}")
@@ -375,10 +384,11 @@ def _check_cache(x, x_name, k_cache, v_cache, k, v, block_table, k_descale, v_de
         raise ValueError("k and v must be given together (the new tokens), or both be None")
     n_new = 0
     if k is not None:
-        what, shape = names["new"], (batch, n_q, kv_heads, head_dim)
-        if packed:
-            what, shape = names["new_packed"], (x.shape[0], kv_heads, head_dim)
-        for name, t in (("k", k), ("v", v)):
+        rows = (x.shape[0],) if packed else (batch, n_q)
+        # k's head dim is k_cache's (q's), v's v_cache's.
+        for name, t, dim, cache in (("k", k, "D", k_cache), ("v", v, "Ev", v_cache)):
+            what = names["new_packed" if packed else "new"].format(dim)
+            shape = (*rows, kv_heads, cache.shape[3])
             _checks.tensor(name, t, len(shape), what)
             _checks.like(name, t, x, x_name)
             if tuple(t.shape) != shape:
@@ -486,20 +496,25 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
                            return_lse=False, softcap=None, sinks=None, alibi_slopes=None,
                            k_descale=None, v_descale=None, cu_seqlens_q=None,
                            max_seqlen_q=None, cache_batch_idx=None, rotary_cos=None,
-                           rotary_sin=None, rotary_interleaved=False, cache_leftpad=None):
+                           rotary_sin=None, rotary_interleaved=False, cache_leftpad=None,
+                           num_splits=0):
     """Attention of new queries over a KV cache, appending the new keys and values to the
     cache in place first: FlashAttention's flash_attn_with_kvcache, whose API semantics it
     follows (layout, alignment, window).
 
-    q: (B, Sq, H, D). k_cache, v_cache: (B, S_max, Hkv, D), or with block_table a paged pool
-    (num_pages, page_size, Hkv, D), any page size; block_table (B, max_blocks) int32: token
-    t of sequence b sits in page block_table[b, t // page_size] at offset t % page_size.
-    H % Hkv == 0 (query head h reads kv head h // (H // Hkv)). cache_seqlens: an int or an
-    integer tensor (B,), the tokens already in each cache (values clamped to [0, capacity -
-    Sq] when appending, to [0, capacity] otherwise; capacity = S_max or max_blocks *
-    page_size). k, v: (B, Sq, Hkv, D) new tokens or None: they are written in place into
-    the caches at positions cache_seqlens[b] + i (cache_seqlens itself is not advanced), and
-    then attended to with the rest of the cache. Caches that overlap themselves or the other
+    q: (B, Sq, H, D). k_cache: (B, S_max, Hkv, D), or with block_table a paged pool
+    (num_pages, page_size, Hkv, D), any page size; v_cache: the same with its own head dim
+    Ev >= 1, (B, S_max, Hkv, Ev) or (num_pages, page_size, Hkv, Ev) (FlashAttention-3's
+    headdim_v; multi-head latent attention's D = 192, Ev = 128; Ev = D otherwise), which
+    every option below takes, on both backends (the triton kernels up to 256, as for D);
+    block_table (B, max_blocks) int32: token t of sequence b sits in page
+    block_table[b, t // page_size] at offset t % page_size. H % Hkv == 0 (query head h
+    reads kv head h // (H // Hkv)). cache_seqlens: an int or an integer tensor (B,), the
+    tokens already in each cache (values clamped to [0, capacity - Sq] when appending, to
+    [0, capacity] otherwise; capacity = S_max or max_blocks * page_size). k (B, Sq, Hkv, D)
+    and v (B, Sq, Hkv, Ev): new tokens, or None: they are written in place into the caches
+    at positions cache_seqlens[b] + i (cache_seqlens itself is not advanced), and then
+    attended to with the rest of the cache. Caches that overlap themselves or the other
     inputs are refused (not inside a torch.compile trace, which cannot inspect storage).
 
     Each sequence's queries align to the end of its own cache, as FlashAttention's do: with
@@ -509,7 +524,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
       window=(l, r):               a - l <= j <= a + r   (None or -1 leaves a side unbounded)
     Cache slots at or past L count for nothing whatever they hold (NaN included); a query
     that sees no key (L = 0, or a window past every key) outputs zeros and has lse -inf.
-    scale defaults to 1/sqrt(D). Returns out (B, Sq, H, D) in q's dtype and, with
+    scale defaults to 1/sqrt(D). Returns out (B, Sq, H, Ev) in q's dtype and, with
     return_lse=True, the natural-log logsumexp (B, H, Sq) of the scaled, masked scores in
     float32 (float64 for float64 inputs).
 
@@ -547,22 +562,22 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     decoding with chunks of prefill, none padded to the longest): q (total_q, H, D) with
     sequence b's queries in rows cu_seqlens_q[b] to cu_seqlens_q[b + 1] (int32 (B + 1,) on
     q's device, from 0 to total_q, nondecreasing: lengths may be 0), max_seqlen_q an int at
-    least the longest sequence's length. k, v, if given, are (total_q, Hkv, D) packed alike:
-    sequence b's new tokens are its queries' tokens (FlashAttention-3's cu_seqlens_k_new
-    equal to cu_seqlens_q), written at cache_seqlens[b] + i. Everything above holds per
-    sequence with Sq its own length (its clamp of cache_seqlens to [0, capacity - Sq] when
-    appending included; an int cache_seqlens must leave room for max_seqlen_q new tokens).
-    Returns out (total_q, H, D) and lse (H, total_q), as attnmem.attention_varlen does. The
-    triton kernels size their grid by max_seqlen_q and read cu_seqlens_q on the device, so
-    the launch needs no host sync (row tiles past a sequence's length exit at once); the
-    torch backend runs each sequence's rows as a batch of one. As in attention_varlen, the
-    cumulative lengths are checked on CPU tensors only: on CUDA wrong ones read and write
-    nothing outside the tensors and caches, but rows that no sequence covers are left
-    unwritten.
+    least the longest sequence's length. k, v, if given, are (total_q, Hkv, D) and (total_q,
+    Hkv, Ev), packed alike: sequence b's new tokens are its queries' tokens
+    (FlashAttention-3's cu_seqlens_k_new equal to cu_seqlens_q), written at
+    cache_seqlens[b] + i. Everything above holds per sequence with Sq its own length (its clamp of
+    cache_seqlens to [0, capacity - Sq] when appending included; an int cache_seqlens must
+    leave room for max_seqlen_q new tokens). Returns out (total_q, H, Ev) and lse (H,
+    total_q), as attnmem.attention_varlen does. The triton kernels size their grid by
+    max_seqlen_q and read cu_seqlens_q on the device, so the launch needs no host sync (row
+    tiles past a sequence's length exit at once); the torch backend runs each sequence's
+    rows as a batch of one. As in attention_varlen, the cumulative lengths are checked on
+    CPU tensors only: on CUDA wrong ones read and write nothing outside the tensors and
+    caches, but rows that no sequence covers are left unwritten.
 
     cache_batch_idx (FlashAttention's; an integer tensor (B,) on q's device, or None for
     0 to B - 1): sequence b's cache is row cache_batch_idx[b] of contiguous caches
-    (B_cache, S_max, Hkv, D) with any B_cache, as a serving loop's cache pool holds more
+    (B_cache, S_max, Hkv, D or Ev) with any B_cache, as a serving loop's cache pool holds more
     sequences than a step runs. The rows are read (and appended to) where they are; the
     kernels take them as a paged pool of one page per row. Not with block_table. Indices
     are checked against B_cache on CPU tensors only; two sequences appending into the same
@@ -593,22 +608,39 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     and cache_batch_idx too (FlashAttention's refuses a paged cache): it bounds the keys
     each sequence reads from below.
 
-    FlashAttention's num_splits has no counterpart here (the triton backend picks the
-    splits), nor cu_seqlens_k_new apart from cu_seqlens_q.
+    num_splits (FlashAttention's; an int >= 0): the splits of each sequence's keys that the
+    triton backend runs (flash-decoding). 0 (the default) lets the launch pick them (from the
+    SM count, the capacity and the largest key tile it may run, as before); 1 runs one split,
+    which writes out and lse itself, with no combine; n > 1 asks for n, clamped to the
+    capacity's key tiles (capacity over that largest tile, rounded up; 128 at most), so that
+    a split holds a tile at least. The result is the same for any count up to rounding. The
+    torch backend has no splits: it checks num_splits and runs the twin as ever.
+    FlashAttention's cu_seqlens_k_new apart from cu_seqlens_q has no counterpart here.
     """
     n_new, n_q, seqlens, block_table, scale, left, right, mods, rotary, attend = _validate(
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window, scale,
         return_lse, softcap, sinks, alibi_slopes, k_descale, v_descale, cu_seqlens_q,
         max_seqlen_q, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
         cache_leftpad)
+    num_splits = _num_splits(num_splits)
     backend = _backend.requested_backend()
     packing = (cu_seqlens_q, n_q) if cu_seqlens_q is not None else (None, 0)
     if n_new:
         _append(q, k_cache, v_cache, k, v, seqlens, block_table, backend, mods[-1], *packing,
                 **rotary)
     out, lse = _attend(q, k_cache, v_cache, seqlens, block_table, n_new, scale, left, right,
-                       backend, *mods, *packing, **attend)
+                       backend, *mods, *packing, **attend, num_splits=num_splits)
     return (out, lse) if return_lse else out
+
+
+def _num_splits(num_splits) -> int:
+    """FlashAttention's num_splits: an int >= 0."""
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
+        raise TypeError(f"num_splits must be an int, got {type(num_splits).__name__}")
+    if num_splits < 0:
+        raise ValueError(f"num_splits must be 0 (the launch picks), 1 (no split) or more, got "
+                         f"{num_splits}")
+    return operator.index(num_splits)
 
 
 def _validate_append(k_cache, v_cache, k, v, cache_seqlens, block_table, cu_seqlens,
@@ -643,19 +675,20 @@ def kvcache_append(k_cache, v_cache, k, v, *, cache_seqlens, block_table=None,
 
     k_cache, v_cache: (B, S_max, Hkv, D), or with block_table (B, max_blocks) int32 a paged
     pool (num_pages, page_size, Hkv, D), or with cache_batch_idx (B,) rows of a contiguous
-    pool (B_cache, S_max, Hkv, D). k, v: (B, S, Hkv, D) in the caches' dtype, or float16 or
-    bfloat16 for float8_e4m3fn caches, or packed (total, Hkv, D) with cu_seqlens (B + 1,)
-    int32 and max_seqlen (attention_with_kvcache's cu_seqlens_q and max_seqlen_q): sequence
-    b's tokens in rows cu_seqlens[b] to cu_seqlens[b + 1]. Token i of sequence b goes to slot
-    cache_seqlens[b] + i, cache_seqlens an int or an integer tensor (B,) clamped to [0,
-    capacity - S] (packed: each sequence's own length), and is not advanced. rotary_cos,
-    rotary_sin ((seqlen_ro >= capacity, R / 2)) and rotary_interleaved rotate each key at its
-    slot first; k_descale, v_descale ((B, Hkv), None for 1) quantize both into float8_e4m3fn
-    caches, as attention_with_kvcache does. The same checks, with k where q stands there:
-    batch, device and dtype come from k; caches that overlap themselves or the other inputs
-    are refused (not inside a torch.compile trace), and cu_seqlens, block_table's pages and
-    cache_batch_idx's rows are checked on CPU tensors only. The caches end byte for byte as
-    that call leaves them.
+    pool (B_cache, S_max, Hkv, D); v_cache's head dim Ev may differ from k_cache's D (as in
+    attention_with_kvcache). k (B, S, Hkv, D), v (B, S, Hkv, Ev) in the caches' dtype, or
+    float16 or bfloat16 for float8_e4m3fn caches, or packed (total, Hkv, D or Ev) with
+    cu_seqlens (B + 1,) int32 and max_seqlen (attention_with_kvcache's cu_seqlens_q and
+    max_seqlen_q): sequence b's tokens in rows cu_seqlens[b] to cu_seqlens[b + 1]. Token i
+    of sequence b goes to slot cache_seqlens[b] + i, cache_seqlens an int or an integer
+    tensor (B,) clamped to [0, capacity - S] (packed: each sequence's own length), and is
+    not advanced. rotary_cos, rotary_sin ((seqlen_ro >= capacity, R / 2)) and
+    rotary_interleaved rotate each key at its slot first; k_descale, v_descale ((B, Hkv),
+    None for 1) quantize both into float8_e4m3fn caches, as attention_with_kvcache does. The
+    same checks, with k where q stands there: batch, device and dtype come from k; caches
+    that overlap themselves or the other inputs are refused (not inside a torch.compile
+    trace), and cu_seqlens, block_table's pages and cache_batch_idx's rows are checked on
+    CPU tensors only. The caches end byte for byte as that call leaves them.
 
     Returns None, as vLLM's reshape_and_cache does: the call is for its effect on the
     caches. torch's in-place methods return self for chaining, but this writes two tensors,

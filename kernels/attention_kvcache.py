@@ -8,6 +8,9 @@ offset t % page_size. cache_seqlens (B,) int32 holds each sequence's tokens befo
 ones (clamped to [0, capacity - n_new] in the kernels, capacity = S_max or max_blocks *
 page_size), and query i of sequence b sits at a = cache_seqlens[b] + n_new - Sq + i: it sees
 key j iff j < cache_seqlens[b] + n_new and a - window_left <= j <= a + window_right.
+The value cache, the new values and out may have a head dim Ev of their own (FlashAttention's
+headdim_v; multi-head latent attention's D = 192, Ev = 128): the kernels then take HEAD_DV and
+BLOCK_DV, passed only where Ev != D, so that equal head dims compile as without them.
 
 Decoding one token gives each (b, kv head) a single row of work, so the attention kernel
 packs the H // Hkv query heads that share a kv head, times Sq, into the rows of one tile
@@ -81,10 +84,12 @@ from attnmem.kernels._launch import (
     within,
 )
 from attnmem.kernels.attention import (
+    _arch,
     _modified_scores,
     _packed_sequence,
     _score_mods,
     _smem_limit,
+    tile_head_dim,
 )
 from attnmem.kernels.rotary import _rotary
 
@@ -130,12 +135,16 @@ def _kvcache_append(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr,
                     BLOCK_H: tl.constexpr, descale_ptr=None, FP8_KV: tl.constexpr = False,
                     cu_seqlens_q_ptr=None, total_q=0, PACKED_Q: tl.constexpr = False,
                     cos_ptr=None, sin_ptr=None, ROTARY_DIM: tl.constexpr = 0,
-                    INTERLEAVED: tl.constexpr = False):
+                    INTERLEAVED: tl.constexpr = False, HEAD_DV: tl.constexpr = None,
+                    BLOCK_DV: tl.constexpr = None):
     """New token i of sequence b, every kv head: k and v into cache slot seqlens[b] + i
     (k rotated there with ROTARY_DIM, quantized with FP8_KV: see the module's docstring).
     Program b * n_new + i: one grid axis, which CUDA allows 2^31 - 1 programs. PACKED_Q: n_new
     is max_seqlen_q, and sequence b's new tokens are rows cu_seqlens_q[b] + i of k and v
-    (batch strides 0)."""
+    (batch strides 0). HEAD_DV, BLOCK_DV: v's head dim and its tile (the module's
+    docstring), HEAD_DIM and BLOCK_D when None."""
+    HEAD_V: tl.constexpr = HEAD_DIM if HEAD_DV is None else HEAD_DV
+    BLOCK_V: tl.constexpr = BLOCK_D if BLOCK_DV is None else BLOCK_DV
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_new
     i = (pid % n_new).to(tl.int32)
@@ -151,12 +160,14 @@ def _kvcache_append(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr,
     seqlen = kv_length(seqlens_ptr, b, capacity - n_new, True)
     heads = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_V)
     token = tl.full([1], 0, tl.int32) + seqlen + i
     inside = (heads[:, None] < n_kv_heads) & (offs_d[None, :] < HEAD_DIM)
+    inside_v = (heads[:, None] < n_kv_heads) & (offs_dv[None, :] < HEAD_V)
     k = tl.load(k_ptr + b * stride_kb + i * stride_ks + heads[:, None] * stride_kh
                 + offs_d[None, :], mask=inside)
     v = tl.load(v_ptr + b * stride_vb + i * stride_vs + heads[:, None] * stride_vh
-                + offs_d[None, :], mask=inside)
+                + offs_dv[None, :], mask=inside_v)
     if ROTARY_DIM > 0:
         k = _rotary(k, k_ptr + b * stride_kb + i * stride_ks + heads * stride_kh, offs_d,
                     inside, cos_ptr, sin_ptr, heads * 0 + seqlen + i, ROTARY_DIM, INTERLEAVED)
@@ -170,9 +181,10 @@ def _kvcache_append(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr,
                               stride_kcb, stride_kcn, stride_tb, stride_tn, PAGED)
     vc_rows, _ = _cache_rows(vc_ptr, table_ptr, b, token, full, page_size, n_pages,
                              stride_vcb, stride_vcn, stride_tb, stride_tn, PAGED)
-    ok = inside & ok[:, None]
-    tl.store(kc_rows[:, None] + heads[:, None] * stride_kch + offs_d[None, :], k, mask=ok)
-    tl.store(vc_rows[:, None] + heads[:, None] * stride_vch + offs_d[None, :], v, mask=ok)
+    tl.store(kc_rows[:, None] + heads[:, None] * stride_kch + offs_d[None, :], k,
+             mask=inside & ok[:, None])
+    tl.store(vc_rows[:, None] + heads[:, None] * stride_vch + offs_dv[None, :], v,
+             mask=inside_v & ok[:, None])
 
 
 @triton.jit
@@ -191,7 +203,8 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
                     PACKED_Q: tl.constexpr = False, cos_ptr=None, sin_ptr=None,
                     leftpad_ptr=None, ROTARY_DIM: tl.constexpr = 0,
                     INTERLEAVED: tl.constexpr = False, ROTARY_PER_QUERY: tl.constexpr = False,
-                    LEFTPAD: tl.constexpr = False, capacity_bucket=0):
+                    LEFTPAD: tl.constexpr = False, capacity_bucket=0,
+                    HEAD_DV: tl.constexpr = None, BLOCK_DV: tl.constexpr = None):
     """One split of the visible keys of sequence b, kv head hk, for a tile of rows r =
     i * group + g (query i, head hk * group + g). Writes the tile's output normalised by
     its own softmax sum, and its natural-log logsumexp (-inf for a row that saw no key), at
@@ -203,7 +216,10 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
     PACKED_Q (the module's docstring): n_q is max_seqlen_q, n_new 1 when each sequence's
     queries are its new tokens (else 0), the batch strides of q and the output 0, and the
     lse rows (H, total_q). ROTARY_DIM, INTERLEAVED, ROTARY_PER_QUERY, LEFTPAD: the module's
-    docstring."""
+    docstring. HEAD_DV, BLOCK_DV: v's and the output's head dim and its tile, HEAD_DIM and
+    BLOCK_D when None."""
+    HEAD_V: tl.constexpr = HEAD_DIM if HEAD_DV is None else HEAD_DV
+    BLOCK_V: tl.constexpr = BLOCK_D if BLOCK_DV is None else BLOCK_DV
     m_tiles = tl.cdiv(n_q * group, BLOCK_M)
     bh = tl.program_id(0).to(tl.int64) // m_tiles
     pid_m = (tl.program_id(0).to(tl.int64) % m_tiles).to(tl.int32)
@@ -267,7 +283,9 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
     if HAS_ALIBI:
         slope = tl.load(alibi_ptr + b * stride_alibi_b + heads, mask=row_ok, other=0.0)
         slope = (slope * LOG2E)[:, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    offs_dv = tl.arange(0, BLOCK_V)
+    dv_ok = within(offs_dv, HEAD_V, HEAD_V == BLOCK_V)
+    acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
     aligned = pos + offset
     for start_n in range(start, end, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
@@ -294,8 +312,8 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
         alpha = tl.math.exp2(m_i - m_shift)
         p = tl.math.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_rows[:, None] + hk * stride_vch + offs_d[None, :],
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_rows[:, None] + hk * stride_vch + offs_dv[None, :],
+                    mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
         if FP8_KV:
             v = v.to(q.dtype)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
@@ -308,9 +326,9 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
     o_rows = (split * stride_osplit + b * stride_ob + pos.to(tl.int64) * stride_os
               + heads * stride_oh)
-    tl.store(o_ptr + o_rows[:, None] + offs_d[None, :],
+    tl.store(o_ptr + o_rows[:, None] + offs_dv[None, :],
              (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+             mask=row_ok[:, None] & dv_ok[None, :])
     if PACKED_Q:
         lse_rows = heads.to(tl.int64) * total_q + pos
     else:
@@ -323,7 +341,8 @@ def _kvcache_combine(part_o_ptr, part_lse_ptr, o_ptr, lse_ptr, stride_ob, stride
                      stride_oh, n_splits, n_heads, n_q, HEAD_DIM: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     """Row (b, i, h): out = sum_s exp(lse_s - lse) out_s with lse = logsumexp_s lse_s.
-    Partials are dense: out (n_splits, B, Sq, H, D) float32, lse (n_splits, B, H, Sq).
+    Partials are dense: out (n_splits, B, Sq, H, HEAD_DIM) float32 (HEAD_DIM the output's,
+    v's head dim), lse (n_splits, B, H, Sq).
     The splits' outputs stream through one at a time: a (splits, D) tile would spill."""
     row = tl.program_id(0).to(tl.int64)  # (b * n_q + i) * n_heads + h
     n_rows = tl.num_programs(0)
@@ -392,9 +411,12 @@ INTERPRET_CONFIG = dict(BLOCK_N=16, num_warps=1, num_stages=1)
 # the output's, float32 partials when split, and the rotary tables'): the head-dim tile,
 # BLOCK_M (config_for's bucket of the rows per kv head), a paged cache, packed queries, and
 # capacity_bucket, the kernel argument that only the tuner reads: the cache capacity rounded
-# up to a power of 4. Nothing in it changes from one decoding step to the next (the lengths
-# in cache_seqlens and the batch stay out), so steps reuse the tuned config.
-TUNING_KEY = ["BLOCK_D", "BLOCK_M", "PAGED", "FP8_KV", "PACKED_Q", "capacity_bucket"]
+# up to a power of 4; BLOCK_DV, v's head-dim tile, passed only where v's head dim differs
+# from q's (absent, it leaves the key as it was). Nothing in it changes from one decoding step
+# to the next (the lengths in cache_seqlens and the batch stay out), so steps reuse the tuned
+# config.
+TUNING_KEY = ["BLOCK_D", "BLOCK_M", "PAGED", "FP8_KV", "PACKED_Q", "capacity_bucket",
+              "BLOCK_DV"]
 
 
 def config_for(rows: int, block_d: int, elem: int, interpret=None):
@@ -419,6 +441,29 @@ def configs_for(block_d: int, elem: int, fp8_kv: bool):
     for a head-dim tile block_d, q's element size and an FP8 cache or not."""
     bucket = next(width for width in HEAD_DIM_BUCKETS if block_d <= width)
     return slot_configs(CONFIGS[(bucket, elem, fp8_kv)])
+
+
+# sm_90 with v's head dim apart from q's: configs of CONFIGS (or the rule's) that spill there,
+# keyed (BLOCK_D, BLOCK_DV, q's element size, FP8 cache) -> (BLOCK_M, BLOCK_N, warps, stages).
+# ptxas -v on triton 3.9 and 3.6, _kvcache_attend at (D, Ev) = (192, 128), (64, 128) and
+# (128, 256), every candidate launch_configs gives at every BLOCK_M the rule gives, paged and
+# split, plus packed queries, rotary, left padding, softcap, sinks and ALiBi all on at the
+# largest BLOCK_M (float16, bfloat16, float32, e4m3 caches with bfloat16 q; 81 jobs per triton;
+# reports/kvcache-tuning.md): at (192, 128), 16-bit (32, 4, 1) at BLOCK_M 16 spills 4 B
+# (3.9), e4m3 (32, 8, 2) at 32 16 B (3.9) and (32, 8, 3) at 16 8 B (3.6); nothing else
+# spilled (with every flag on, none), and each of these spills nowhere else in the sweep.
+VALUE_HEAD_DIM_SPILLS_SM90 = {(256, 128, 2, False): [(16, 32, 4, 1)],
+                              (256, 128, 2, True): [(32, 32, 8, 2), (16, 32, 8, 3)]}
+
+
+def without_value_spills(configs, block_m: int, dims: dict, elem: int, fp8_kv: bool):
+    """configs (launch_configs') less those VALUE_HEAD_DIM_SPILLS_SM90 lists at BLOCK_M block_m
+    for dims (head_dims_meta's; none without BLOCK_DV), or all of them if it lists every one.
+    For sm_90 launches only."""
+    spills = VALUE_HEAD_DIM_SPILLS_SM90.get(
+        (dims["BLOCK_D"], dims.get("BLOCK_DV"), elem, fp8_kv), ())
+    return [c for c in configs if (block_m, c["BLOCK_N"], c["num_warps"], c["num_stages"])
+            not in spills] or configs
 
 
 def launch_configs(block_m: int, block_d: int, elem: int, fp8_kv: bool, smem_limit: int):
@@ -449,13 +494,17 @@ def smem_estimate(block_m: int, block_n: int, block_d: int, stages: int, elem: i
     return elem * block_d * (block_m + 2 * stages * block_n)
 
 
-def _splits(capacity, programs, block_n, device):
-    """Splits of each sequence's keys: enough that programs x splits fill the GPU twice over
-    (slot_splits' rule, three under the interpreter), capped at MAX_SPLITS, in whole tiles
-    of block_n: the largest BLOCK_N of the configs that may run. The count is fixed before the
-    launch, as the partial buffers are sized by it, and so is the same for every config the
-    autotuner tries: each config then splits the keys in whole tiles of its own BLOCK_N
-    (the kernel's split_len), which divides block_n."""
+def _splits(capacity, programs, block_n, device, n_splits=None):
+    """Splits of each sequence's keys: with n_splits None (or 0), enough that programs x
+    splits fill the GPU twice over (slot_splits' rule, three under the interpreter), capped
+    at MAX_SPLITS, in whole tiles of block_n: the largest BLOCK_N of the configs that may run.
+    A count given (FlashAttention's num_splits) is clamped to the capacity's tiles of block_n
+    and MAX_SPLITS: a split holds one tile at least. The count is fixed before the launch, as
+    the partial buffers are sized by it, and so is the same for every config the autotuner
+    tries: each config then splits the keys in whole tiles of its own BLOCK_N (the kernel's
+    split_len), which divides block_n."""
+    if n_splits:
+        return min(n_splits, triton.cdiv(max(capacity, 1), block_n), MAX_SPLITS)
     _, n_splits = slot_splits(capacity, programs, block_n, device)
     return min(n_splits, MAX_SPLITS)
 
@@ -487,6 +536,15 @@ def _rotary_meta(rotation, per_query=None) -> dict:
     return meta
 
 
+def head_dims_meta(head_dim: int, head_dim_v: int) -> dict:
+    """The kernels' HEAD_DIM and BLOCK_D (q's and k's), with HEAD_DV and BLOCK_DV (v's) only
+    where v's head dim differs: equal head dims compile, and tune, as without them."""
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_width(head_dim))
+    if head_dim_v != head_dim:
+        meta.update(HEAD_DV=head_dim_v, BLOCK_DV=block_width(head_dim_v))
+    return meta
+
+
 def _leftpad_meta(cache_leftpad) -> dict:
     """The attention's LEFTPAD arguments for cache_leftpad int32 (B,), or none."""
     return {} if cache_leftpad is None else dict(leftpad_ptr=cache_leftpad, LEFTPAD=True)
@@ -500,12 +558,12 @@ def _batch_view(x, packed):
 
 def append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales=None,
            cu_seqlens_q=None, max_seqlen_q=None, rotation=None):
-    """Writes k, v (B, Sq, Hkv, D) into the caches in place at cache_seqlens[b] + i; into
-    float8_e4m3fn caches quantized with descales (B, Hkv, 2) float32 (k's, v's). With
-    cu_seqlens_q (B + 1,) int32 and max_seqlen_q: k, v packed (total, Hkv, D), sequence b's
-    new tokens in rows cu_seqlens_q[b] to cu_seqlens_q[b + 1]. rotation (cos, sin,
-    interleaved): k rotated at its slot first (cos, sin (seqlen_ro, R / 2), seqlen_ro at
-    least the capacity)."""
+    """Writes k (B, Sq, Hkv, D) and v (B, Sq, Hkv, Ev) into the caches in place at
+    cache_seqlens[b] + i; into float8_e4m3fn caches quantized with descales (B, Hkv, 2)
+    float32 (k's, v's). With cu_seqlens_q (B + 1,) int32 and max_seqlen_q: k, v packed
+    (total, Hkv, D or Ev), sequence b's new tokens in rows cu_seqlens_q[b] to
+    cu_seqlens_q[b + 1]. rotation (cos, sin, interleaved): k rotated at its slot first (cos,
+    sin (seqlen_ro, R / 2), seqlen_ro at least the capacity)."""
     if k.numel() == 0:
         return
     packed = cu_seqlens_q is not None
@@ -516,12 +574,12 @@ def append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales=None,
     paged = block_table is not None
     table = block_table if paged else cache_seqlens
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
-    block_d = block_width(head_dim)
+    meta = head_dims_meta(head_dim, v.shape[-1])
     _kvcache_append[(batch * n_new,)](
         k, v, k_cache, v_cache, cache_seqlens, table, *k.stride()[:3], *v.stride()[:3],
         *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0),
         table.stride(-1), n_new, kv_heads, capacity, k_cache.shape[1] if paged else 1,
-        k_cache.shape[0], HEAD_DIM=head_dim, BLOCK_D=block_d, PAGED=paged,
+        k_cache.shape[0], **meta, PAGED=paged,
         BLOCK_H=triton.next_power_of_2(kv_heads), **_fp8_meta(descales),
         **_packed_meta(cu_seqlens_q, k.shape[1]), **_rotary_meta(rotation))
 
@@ -531,23 +589,25 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
                            sinks=None, alibi_slopes=None, descales=None, cu_seqlens_q=None,
                            max_seqlen_q=None, rotation=None, rotary_per_query=False,
                            cache_leftpad=None):
-    """-> out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) float32, natural log. The new keys
-    (n_new of them) are in the caches already; cache_seqlens counts the tokens before
-    them. config (BLOCK_M, BLOCK_N, num_warps, num_stages) and n_splits override the
-    launch's choice, which config skips tuning for (tests). softcap, sinks (H,)
-    and alibi_slopes (H,) or (B, H) as attnmem.attention takes them; lse includes the
-    sinks. descales (B, Hkv, 2) float32 (k's, v's): float8_e4m3fn caches, q float16 or
-    bfloat16.
+    """-> out (B, Sq, H, Ev) in q's dtype (Ev v_cache's head dim, which may differ from q's
+    and k_cache's D), lse (B, H, Sq) float32, natural log. The new keys (n_new of them) are
+    in the caches already; cache_seqlens counts the tokens before them. config (BLOCK_M,
+    BLOCK_N, num_warps, num_stages) overrides the launch's choice and skips tuning (tests);
+    n_splits (None or 0: the launch's choice) the split count, clamped as _splits says (1:
+    the attention writes out and lse itself, no combine runs). softcap, sinks (H,) and
+    alibi_slopes (H,) or (B, H) as attnmem.attention takes them; lse includes the sinks.
+    descales (B, Hkv, 2) float32 (k's, v's): float8_e4m3fn caches, q float16 or bfloat16.
     Packed queries: q (total_q, H, D), sequence b's in rows cu_seqlens_q[b] to
     cu_seqlens_q[b + 1] ((B + 1,) int32), at most max_seqlen_q of them; n_new 0, or nonzero
     when each sequence's queries are its new tokens (in the caches already). -> out (total_q,
-    H, D), lse (H, total_q).
+    H, Ev), lse (H, total_q).
     rotation (cos, sin, interleaved), with n_new nonzero: q rotated at cache_seqlens[b] + i
     if rotary_per_query, else all at cache_seqlens[b]. cache_leftpad int32 (B,), values in
     [0, capacity]: sequence b's keys start at that slot."""
     q = lastdim_contiguous(q)
     packed = cu_seqlens_q is not None
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    head_dim_v = v_cache.shape[-1]
+    out = torch.empty((*q.shape[:-1], head_dim_v), dtype=q.dtype, device=q.device)
     heads, head_dim = q.shape[-2:]
     if packed:
         # The combine takes the packed rows as one sequence of total_q queries.
@@ -565,7 +625,10 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
     if out.numel() == 0 or batch * n_q == 0:
         return out, lse.fill_(float("-inf"))
     group = heads // kv_heads
-    block_d = block_width(head_dim)
+    dims = head_dims_meta(head_dim, head_dim_v)
+    # Configs, their shared memory and the BLOCK_M rule follow the larger head dim's tile,
+    # as the attention kernels' do: its configs hold the smaller one's tiles too.
+    block_d = tile_head_dim(dims)
     elem, fp8_kv = q.element_size(), descales is not None
     # Splits hold whole tiles of the largest BLOCK_N that may run (every candidate's, a power
     # of 2, divides it): an explicit config's, the interpreter's, or the candidates'.
@@ -574,10 +637,11 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
     configs = []
     if not (config or interpreting()):
         configs = launch_configs(block_m, block_d, elem, fp8_kv, _smem_limit(q.device))
+        if q.is_cuda and _arch(q.device) == 90:
+            configs = without_value_spills(configs, block_m, dims, elem, fp8_kv)
         quantum = max(c["BLOCK_N"] for c in configs)
     m_tiles = triton.cdiv(n_q * group, block_m)
-    if n_splits is None:
-        n_splits = _splits(capacity, batch * kv_heads * m_tiles, quantum, q.device)
+    n_splits = _splits(capacity, batch * kv_heads * m_tiles, quantum, q.device, n_splits)
     unbounded = capacity + rows[1]
     table = block_table if paged else cache_seqlens
     if n_splits > 1:
@@ -594,7 +658,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
             k_cache.shape[1] if paged else 1, k_cache.shape[0], group, qk_scale,
             unbounded if window_left < 0 else window_left,
             unbounded if window_right < 0 else window_right)
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, PAGED=paged,
+    meta = dict(**dims, PAGED=paged,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=block_m,
                 **mods, **_fp8_meta(descales), **_packed_meta(cu_seqlens_q, rows[1]),
                 **_rotary_meta(rotation, rotary_per_query), **_leftpad_meta(cache_leftpad))
@@ -609,6 +673,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
     if n_splits > 1:
         _kvcache_combine[(rows[0] * rows[1] * heads,)](
             part_out, part_lse, out_view, lse, *out_view.stride()[:3], n_splits, heads, rows[1],
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(n_splits),
-            num_warps=combine_warps(block_d))
+            HEAD_DIM=head_dim_v, BLOCK_D=block_width(head_dim_v),
+            BLOCK_S=triton.next_power_of_2(n_splits),
+            num_warps=combine_warps(block_width(head_dim_v)))
     return out, lse

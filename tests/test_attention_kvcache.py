@@ -284,6 +284,42 @@ def test_split_counts(n_splits, sinks):
     torch.testing.assert_close(lse.cpu().double(), expect[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_num_splits_match_float64(backend):
+    """num_splits 0 (the launch's choice: 3 under the interpreter), 1, 3 and 99 (4 after the
+    clamp to the cache's key tiles of 16 under the interpreter) give the same out and lse,
+    each within twice torch's error of float64."""
+    q, k_cache, v_cache, k, v, seqlens, kwargs = _inputs("window_gqa", torch.float32)
+    expect = _run(*(x.double() for x in (q, k_cache, v_cache, k, v)), seqlens, kwargs, "torch")
+    base = _run(q, k_cache.clone(), v_cache.clone(), k, v, seqlens, kwargs, "torch")
+    results = [_run(q, k_cache.clone(), v_cache.clone(), k, v, seqlens,
+                    dict(kwargs, num_splits=n), backend) for n in (0, 1, 3, 99)]
+    for out, lse, *_ in results:
+        assert_matches_float64(out, lse, expect, base, torch.float32)
+        torch.testing.assert_close(out, results[0][0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not KERNEL, reason="needs the triton backend")
+def test_one_split_runs_no_combine(monkeypatch):
+    """num_splits=1: the attention kernel writes out and lse itself, and the combine does not
+    run; with 3 splits it does."""
+    from test_grid_limits import _Grids
+
+    from attnmem.kernels import attention_kvcache as kernel
+
+    combine = _Grids()
+    monkeypatch.setattr(kernel, "_kvcache_combine", combine)
+    q, k_cache, v_cache, k, v, seqlens, kwargs = _inputs("window_gqa", torch.float32)
+    expect = _run(q, k_cache.clone(), v_cache.clone(), k, v, seqlens, kwargs, "torch")
+    got = _run(q, k_cache.clone(), v_cache.clone(), k, v, seqlens, dict(kwargs, num_splits=1),
+               "triton")
+    assert combine.grids == []
+    torch.testing.assert_close(got[:2], expect[:2], rtol=1e-5, atol=1e-5)
+    _run(q, k_cache, v_cache, k, v, seqlens, dict(kwargs, num_splits=3), "triton")
+    assert len(combine.grids) == 1
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cache_seqlens_forms(backend):
     """An int, an int32 tensor and a strided int64 tensor give the same result."""
@@ -411,6 +447,11 @@ ERRORS = {
                    "has no gradient, and sinks requires grad"),
     "alibi_shape": (dict(alibi_slopes=torch.zeros(4, 2)), ValueError,
                     "alibi_slopes must be (H,) = (4,) or (B, H) = (2, 4)"),
+    "num_splits_float": (dict(num_splits=2.0), TypeError, "num_splits must be an int, got float"),
+    "num_splits_bool": (dict(num_splits=True), TypeError, "num_splits must be an int, got bool"),
+    "num_splits_negative": (dict(num_splits=-1), ValueError,
+                            "num_splits must be 0 (the launch picks), 1 (no split) or more, "
+                            "got -1"),
 }
 
 

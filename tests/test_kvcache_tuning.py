@@ -165,6 +165,23 @@ def test_key_and_splits_stay_across_decoding_steps(on_a_stand_in_h100):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_forced_split_counts(on_a_stand_in_h100):
+    """A split count given (num_splits) replaces the launch's choice, within the capacity's
+    tiles of the largest BLOCK_N timed (4096 slots: 64 tiles of 64) and MAX_SPLITS."""
+    kernel = kernel_module()
+    q = torch.zeros(4, 1, 32, 128, dtype=torch.float16)
+    for capacity, n_splits in ((4096, 1), (4096, 5), (4096, 1000), (512 * 64, 1000)):
+        cache = torch.zeros(1, dtype=torch.float16).expand(4, capacity, 8, 128)
+        kernel.attention_with_kvcache(q, cache, cache, torch.tensor([9, 0, 7, 5]).int(), None,
+                                      1, 0.1, -1, 0, n_splits=n_splits)
+    calls = on_a_stand_in_h100.calls
+    quantum = max(c["BLOCK_N"] for c in calls[0]["configs"])
+    assert quantum == 64
+    assert [call["grids"] for call in calls] == [{(32, n)} for n in (1, 5, 64,
+                                                                      kernel.MAX_SPLITS)]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_launch_configs():
     """Every table config's cache tiles hold 16 bytes a thread or more. At each BLOCK_M the
     rule gives: the table's configs (8 warps only for 64 rows; each table has such configs)

@@ -2,8 +2,9 @@
 torch backend of attnmem.attention_with_kvcache.
 
 Each sequence's cache is gathered into a contiguous (1, Hkv, L, D) slice of its own length
-L = cache_seqlens[b] + n_new (through its pages when the cache is paged) and run through the
-attention twin, whose bottom-right alignment of the Sq queries to the L keys is
+L = cache_seqlens[b] + n_new (through its pages when the cache is paged), the value cache's
+into (1, Hkv, L, Ev) (its head dim may differ from the keys', FlashAttention's headdim_v),
+and run through the attention twin, whose bottom-right alignment of the Sq queries to the L keys is
 FlashAttention's alignment to the end of each cache. Slots past L are never read.
 One sequence at a time: the lengths come to the host, so this is no fast path.
 
@@ -47,9 +48,10 @@ def quantize(x, descale):
 
 
 def append(k_cache, v_cache, k, v, cache_seqlens, block_table, descales=None, rotation=None):
-    """Writes k, v (B, Sq, Hkv, D) into the caches in place, token i of sequence b at
-    position cache_seqlens[b] + i; k rotated at that position first with rotation = (cos,
-    sin, interleaved) if given, then both quantized with descales (B, Hkv, 2) if given."""
+    """Writes k (B, Sq, Hkv, D), v (B, Sq, Hkv, Ev) into the caches in place, token i of
+    sequence b at position cache_seqlens[b] + i; k rotated at that position first with
+    rotation = (cos, sin, interleaved) if given, then both quantized with descales (B, Hkv,
+    2) if given."""
     first, second = token_slots(cache_seqlens, k.shape[1], block_table, k_cache.shape[1])
     if rotation is not None:
         positions = cache_seqlens.long()[:, None] + torch.arange(k.shape[1], device=k.device)
@@ -61,7 +63,7 @@ def append(k_cache, v_cache, k, v, cache_seqlens, block_table, descales=None, ro
 
 
 def gather(cache, b, length, block_table):
-    """Sequence b's first `length` tokens of a cache, (length, Hkv, D)."""
+    """Sequence b's first `length` tokens of a cache, (length, Hkv, its head dim)."""
     if block_table is None:
         return cache[b, :length]
     page_size = cache.shape[1]
@@ -74,8 +76,9 @@ def attention_with_kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_tab
                                    alibi_slopes=None, descales=None, rotation=None,
                                    rotary_per_query=False, cache_leftpad=None):
     """q (B, Sq, H, D); the caches hold the n_new new tokens after cache_seqlens[b] old ones
-    (values in range). -> out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) in the twin's
-    compute dtype (-inf where a query sees no key and no sink; its output is zero).
+    (values in range), v_cache's of head dim Ev. -> out (B, Sq, H, Ev) in q's dtype, lse
+    (B, H, Sq) in the twin's compute dtype (-inf where a query sees no key and no sink; its
+    output is zero).
     softcap, sinks (H,) and alibi_slopes (H,) or (B, H) as the attention twin takes them.
     descales (B, Hkv, 2): float8 caches, whose keys are k_cache * descales[b, :, 0] and
     values v_cache * descales[b, :, 1]. rotation (cos, sin, interleaved): q rotated at
@@ -106,8 +109,8 @@ def attention_with_kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_tab
         outs.append(out.transpose(1, 2))
         lses.append(lse)
     if not outs:
-        return q.new_empty(q.shape), q.new_empty((0, q.shape[2], q.shape[1]),
-                                                 dtype=_attention.compute_dtype(q.dtype))
+        return (q.new_empty((*q.shape[:-1], v_cache.shape[-1])),
+                q.new_empty((0, q.shape[2], q.shape[1]), dtype=_attention.compute_dtype(q.dtype)))
     return torch.cat(outs), torch.cat(lses)
 
 
@@ -130,8 +133,8 @@ def _own(x, b):
 
 def append_packed(k_cache, v_cache, k, v, cache_seqlens, block_table, cu_seqlens_q,
                   descales=None, rotation=None):
-    """append() of each sequence's new tokens, k and v (total_q, Hkv, D) packed as
-    cu_seqlens_q: sequence b's at cache_seqlens[b] + i."""
+    """append() of each sequence's new tokens, k (total_q, Hkv, D) and v (total_q, Hkv, Ev)
+    packed as cu_seqlens_q: sequence b's at cache_seqlens[b] + i."""
     for b, rows, *sequence, table in _sequences(cu_seqlens_q, k_cache, v_cache, cache_seqlens,
                                                  block_table):
         k_caches, v_caches, seqlens = sequence
@@ -145,9 +148,9 @@ def attention_with_kvcache_packed(q, k_cache, v_cache, cache_seqlens, block_tabl
                                   rotation=None, rotary_per_query=False, cache_leftpad=None):
     """attention_with_kvcache_forward of each sequence's queries, q (total_q, H, D) packed as
     cu_seqlens_q; appended: its queries' tokens are its new tokens (in the caches after
-    cache_seqlens[b] old ones). -> out (total_q, H, D) in q's dtype, lse (H, total_q) in the
+    cache_seqlens[b] old ones). -> out (total_q, H, Ev) in q's dtype, lse (H, total_q) in the
     twin's compute dtype."""
-    out = q.new_zeros(q.shape)
+    out = q.new_zeros((*q.shape[:-1], v_cache.shape[-1]))
     lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"),
                      dtype=_attention.compute_dtype(q.dtype))
     for b, rows, *sequence in _sequences(cu_seqlens_q, k_cache, v_cache, cache_seqlens,
