@@ -1,0 +1,40 @@
+"""Elementwise math the kernel files share: tanh, exact or the GPU's own, and when to use
+which."""
+
+import torch
+import triton
+import triton.language as tl
+
+from attnmem.kernels._launch import interpreting
+
+# Hardware tanh from sm_75 (Turing) on: PTX's tanh.approx.f32, one MUFU.TANH instruction.
+HARDWARE_TANH_ARCH = (7, 5)
+
+
+def fast_tanh(x: torch.Tensor) -> bool:
+    """Kernels on x may take tanh.approx.f32 for tanh: x is float16 or bfloat16 on an NVIDIA
+    GPU of sm_75 or later and the kernel is compiled, not interpreted (triton's interpreter
+    runs no inline assembly; ROCm has no such instruction). Its error (about 2^-11
+    relative, see tanh) is within a 16-bit output's rounding; float32 keeps the exact form."""
+    return (x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda and torch.version.hip is None
+            and not interpreting()
+            and torch.cuda.get_device_capability(x.device) >= HARDWARE_TANH_ARCH)
+
+
+@triton.jit
+def tanh(x, FAST: tl.constexpr = False):
+    """tanh of float32 x. FAST: the hardware's tanh.approx.f32 (one instruction; PTX ISA
+    9.7.3.22: "The maximum relative error over the entire floating point range is 2^-11",
+    -+inf give -+1, NaN gives NaN), for the launches fast_tanh allows. Else from one exp2
+    of -2|x| (libdevice's tanh has no interpreter twin): within 1.2e-7 absolute of float64
+    over float32's range (1.8e-5 relative where |tanh x| >= 1e-3), exact limits at -+inf.
+    This form is the more accurate of the two the kernels used before (1 - 2 / (e^2x + 1):
+    1.9e-7 absolute, 1.1e-4 relative, 1.2e-7 against 2e-8 absolute for |x| < 1e-3)."""
+    if FAST:
+        y = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        t = tl.math.exp2(tl.abs(x) * -2.8853900817779268)
+        y = (1.0 - t) / (1.0 + t)
+        y = tl.where(x < 0, -y, y)
+    return y
