@@ -133,7 +133,7 @@ def additive_attention(q, k, values, v, *, kv_lengths=None, return_weights=False
     (B, Nq, Nk). A query with no key outputs zeros and zero weights.
     On CUDA (sm_75 on) the triton kernels take float16 and bfloat16 inputs' tanh from the
     hardware (tanh.approx.f32, about 2^-11 relative error, within their rounding), float32
-    inputs' from an exact form (a tanh within 1.2e-7 of float64's).
+    inputs' from an exact form (a tanh within 2e-7 of float64's).
     """
     if values is None:
         raise TypeError("values must be a tensor (B, Nk, Dv); for the distribution alone, "

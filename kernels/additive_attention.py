@@ -10,7 +10,7 @@ Tiles and warps are autotuned over the configs of CONFIGS, none of which spills 
 on sm_90, per value-width bucket, bucketed lengths, attention width and dtype.
 The kernels are bound by that tanh: float16 and bfloat16 inputs with values on CUDA take the
 hardware's (FAST_TANH: tanh.approx.f32, about 2^-11 relative error; kernels/_math.py),
-float32 inputs and pointer attention (no values: float32 log-probabilities) the exact form.
+float32 inputs and pointer attention (no values: float32 log-probabilities) an exact form.
 """
 
 import torch
@@ -90,7 +90,7 @@ def _tanh_tile(q_base, k_base, v_ptr, offs_m, offs_n, stride_qm, stride_kn, n_q,
     k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_a[None, :],
                 mask=(offs_n[:, None] < n_k) & in_a[None, :], other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs_a, mask=in_a, other=0.0).to(tl.float32)
-    return tanh(q[:, None, :] + k[None, :, :], FAST_TANH), v
+    return tanh(q[:, None, :] + k[None, :, :], FAST_TANH, SYMMETRIC=False), v
 
 
 @triton.jit
