@@ -7,6 +7,7 @@ No GPU runs here, so the approximate path itself never runs: its accuracy is mod
 (test_hardware_tanh_error_model) and its code checked as compiled.
 """
 
+import types
 from unittest import mock
 
 import pytest
@@ -179,3 +180,100 @@ def test_softcap_error_model(name, dtype, sign):
                                    for x in (written, b.double(), m))
         assert err <= 2 * base_err + atol, (i, err, base_err)
         assert tanh_err <= atol, (i, tanh_err, atol)
+
+
+def test_launchers_switch_it_on_for_compiled_16bit_cuda_only(monkeypatch):
+    """fast_tanh: float16 and bfloat16 on an NVIDIA GPU from sm_75, compiled; never float32,
+    a CPU tensor, an older GPU, ROCm or the interpreter (which runs no inline assembly). The
+    launchers pass FAST_TANH where it holds: attention's only with a softcap and a q (the
+    KV-cache launcher passes none: it keeps the exact form), additive attention's only with
+    values (pointer attention's float32 log-probabilities keep the exact form)."""
+    from attnmem.kernels import _math, attention
+    from attnmem.kernels import additive_attention as additive
+
+    def on_gpu(dtype):
+        return types.SimpleNamespace(dtype=dtype, is_cuda=True, device="cuda:0")
+
+    monkeypatch.setattr(_math, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert _math.fast_tanh(on_gpu(torch.float16)) and _math.fast_tanh(on_gpu(torch.bfloat16))
+    assert not _math.fast_tanh(on_gpu(torch.float32))
+    assert not _math.fast_tanh(torch.zeros(1, dtype=torch.float16))
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 0))
+        assert not _math.fast_tanh(on_gpu(torch.float16))
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.version, "hip", "6.2")
+        assert not _math.fast_tanh(on_gpu(torch.float16))
+    with monkeypatch.context() as patch:
+        patch.setattr(_math, "interpreting", lambda: True)
+        assert not _math.fast_tanh(on_gpu(torch.float16))
+
+    q = on_gpu(torch.bfloat16)
+    assert attention._score_mods(0.1, 30.0, None, None, q)[1]["FAST_TANH"] is True
+    assert "FAST_TANH" not in attention._score_mods(0.1, 0.0, None, None, q)[1]
+    assert "FAST_TANH" not in attention._score_mods(0.1, 30.0, None, None)[1]
+    assert "FAST_TANH" not in attention._score_mods(0.1, 30.0, None, None, on_gpu(
+        torch.float32))[1]
+    values = types.SimpleNamespace(shape=(2, 5, 24))
+    assert additive._meta(q, values)["FAST_TANH"] is True
+    assert additive._meta(q, None)["FAST_TANH"] is False
+
+
+COUNTED = ["tanh.approx.f32", "div.full.f32", "ex2.approx"]
+
+
+def _counted(spec, fast):
+    """spec counting the tanh's instructions; with fast, FAST_TANH on and expected to spill
+    nothing, on the GPU machines' triton too (tests/test_triton_versions.py)."""
+    spec = {**spec, "constexprs": {**spec["constexprs"]}, "count": COUNTED}
+    if fast:
+        spec["constexprs"]["FAST_TANH"] = True
+        spec["expect"] = {"spill_stores": 0, "spill_loads": 0}
+    return spec
+
+
+def _compile_jobs():
+    """sm_90, float16 (bfloat16 for additive dK): the additive kernels at their tables' first
+    config of the widest value bucket (256), the softcapped attention kernels at the first
+    config of head dim 128 (test_attention_scoremods' jobs); the additive forward and
+    softcapped dQ also with the flag off, to count what the tanh took."""
+    from test_additive_attention import _job as additive_job
+    from test_attention_scoremods import _sm90_job
+
+    from attnmem.kernels import additive_attention as additive
+
+    def additive_spec(name, dtype):
+        return additive_job(name, 90, dtype, 256, additive.configs_for(name, 2, 256)[0])
+
+    jobs = {"additive-fwd": _counted(additive_spec("fwd", "float16"), True),
+            "additive-fwd-exact": _counted(additive_spec("fwd", "float16"), False),
+            "additive-dkv": _counted(additive_spec("dkv", "bfloat16"), True),
+            "additive-dq": _counted(additive_spec("dq", "float16"), True)}
+    for name in ("fwd", "dkdv", "dq"):
+        jobs[f"softcap-{name}"] = _counted(_sm90_job(name, SOFTCAP=True), True)
+    jobs["softcap-dq-exact"] = _counted(_sm90_job("dq", SOFTCAP=True), False)
+    return jobs
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("aot")
+def test_hardware_tanh_compiles_for_sm90():
+    """With FAST_TANH the kernels' PTX evaluates tanh with tanh.approx.f32, and each one
+    replaces a division and an exp2 of the exact form (counted against the flag off: nothing
+    else changes); no job spills registers. Every 16-bit config of the additive tables (36
+    jobs) and of the softcapped attention kernels (reports/additive-tuning.md) was compiled
+    so on triton 3.9 and 3.6 without spills; these are a handful."""
+    from aot import compiled
+
+    results = compiled(_compile_jobs())
+    for name, result in results.items():
+        counts = result["ptx_counts"]
+        assert (counts["tanh.approx.f32"] > 0) == (not name.endswith("exact")), (name, counts)
+        assert result["spill_stores"] == result["spill_loads"] == 0, (name, result)
+    for fast, exact in (("additive-fwd", "additive-fwd-exact"), ("softcap-dq", "softcap-dq-exact")):
+        on, off = results[fast]["ptx_counts"], results[exact]["ptx_counts"]
+        tanhs = on["tanh.approx.f32"]
+        assert off["div.full.f32"] - on["div.full.f32"] == tanhs, (fast, on, off)
+        assert off["ex2.approx"] - on["ex2.approx"] == tanhs, (fast, on, off)
