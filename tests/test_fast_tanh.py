@@ -114,7 +114,7 @@ MODEL_PARAMS = [pytest.param(dtype, sign, id=f"{str(dtype)[6:]}-{sign}")
 
 
 @pytest.mark.parametrize("dtype, sign", MODEL_PARAMS)
-@pytest.mark.parametrize("name", ["odd", "decode_step"])
+@pytest.mark.parametrize("name", ["odd"])
 def test_additive_attention_error_model(name, dtype, sign):
     """A model, not a run of the kernels: additive attention's float64 twin with every tanh
     off by tanh.approx.f32's documented relative bound, 2^-11 (signs random per element, or
@@ -147,10 +147,10 @@ def test_additive_attention_error_model(name, dtype, sign):
 
 
 @pytest.mark.parametrize("dtype, sign", MODEL_PARAMS)
-@pytest.mark.parametrize("name", ["softcap", "all_window_lengths_gqa"])
+@pytest.mark.parametrize("name", ["all_window_lengths_gqa"])
 def test_softcap_error_model(name, dtype, sign):
     """A model, not a run of the kernels: softcapped attention's float64 twin (with sinks,
-    ALiBi, a window and lengths in the second case) with every tanh off by 2^-11 as in
+    ALiBi, a window, lengths and GQA) with every tanh off by 2^-11 as in
     test_additive_attention_error_model, out and the gradients rounded to the dtype, lse to
     float32. Each stays within test_attention_scoremods' tolerance in that dtype, and the
     tanh's own share within its rounding-unit term alone."""
@@ -235,10 +235,12 @@ def _counted(spec, fast):
 
 
 def _compile_jobs():
-    """sm_90, float16 (bfloat16 for additive dK): the additive kernels at their tables' first
-    config of the widest value bucket (256), the softcapped attention kernels at the first
-    config of head dim 128 (test_attention_scoremods' jobs); the additive forward and
-    softcapped dQ also with the flag off, to count what the tanh took."""
+    """sm_90, float16 (bfloat16 for additive dQ): the additive forward and dQ at their
+    tables' first config of the widest value bucket (256), the softcapped attention forward
+    and dQ at the first config of head dim 128 (test_attention_scoremods' jobs); the
+    additive forward and softcapped dQ also with the flag off, to count what the tanh took. The
+    dK/dV kernels are left out for time (the sweep of reports/additive-tuning.md compiled
+    them)."""
     from test_additive_attention import _job as additive_job
     from test_attention_scoremods import _sm90_job
 
@@ -247,14 +249,12 @@ def _compile_jobs():
     def additive_spec(name, dtype):
         return additive_job(name, 90, dtype, 256, additive.configs_for(name, 2, 256)[0])
 
-    jobs = {"additive-fwd": _counted(additive_spec("fwd", "float16"), True),
+    return {"additive-fwd": _counted(additive_spec("fwd", "float16"), True),
             "additive-fwd-exact": _counted(additive_spec("fwd", "float16"), False),
-            "additive-dkv": _counted(additive_spec("dkv", "bfloat16"), True),
-            "additive-dq": _counted(additive_spec("dq", "float16"), True)}
-    for name in ("fwd", "dkdv", "dq"):
-        jobs[f"softcap-{name}"] = _counted(_sm90_job(name, SOFTCAP=True), True)
-    jobs["softcap-dq-exact"] = _counted(_sm90_job("dq", SOFTCAP=True), False)
-    return jobs
+            "additive-dq": _counted(additive_spec("dq", "bfloat16"), True),
+            "softcap-fwd": _counted(_sm90_job("fwd", SOFTCAP=True), True),
+            "softcap-dq": _counted(_sm90_job("dq", SOFTCAP=True), True),
+            "softcap-dq-exact": _counted(_sm90_job("dq", SOFTCAP=True), False)}
 
 
 @pytest.mark.slow
@@ -272,7 +272,8 @@ def test_hardware_tanh_compiles_for_sm90():
         counts = result["ptx_counts"]
         assert (counts["tanh.approx.f32"] > 0) == (not name.endswith("exact")), (name, counts)
         assert result["spill_stores"] == result["spill_loads"] == 0, (name, result)
-    for fast, exact in (("additive-fwd", "additive-fwd-exact"), ("softcap-dq", "softcap-dq-exact")):
+    for fast, exact in (("additive-fwd", "additive-fwd-exact"),
+                        ("softcap-dq", "softcap-dq-exact")):
         on, off = results[fast]["ptx_counts"], results[exact]["ptx_counts"]
         tanhs = on["tanh.approx.f32"]
         assert off["div.full.f32"] - on["div.full.f32"] == tanhs, (fast, on, off)
