@@ -14,8 +14,9 @@ HARDWARE_TANH_ARCH = (7, 5)
 def fast_tanh(x: torch.Tensor) -> bool:
     """Kernels on x may take tanh.approx.f32 for tanh: x is float16 or bfloat16 on an NVIDIA
     GPU of sm_75 or later and the kernel is compiled, not interpreted (triton's interpreter
-    runs no inline assembly; ROCm has no such instruction). Its error (about 2^-11
-    relative, see tanh) is within a 16-bit output's rounding; float32 keeps the exact form."""
+    runs no inline assembly; ROCm has no such instruction). Its error (2^-11 relative at
+    most, see tanh) is at most a 16-bit output's rounding (2^-11 for float16, 2^-8 for
+    bfloat16); float32 keeps an exact form."""
     return (x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda and torch.version.hip is None
             and not interpreting()
             and torch.cuda.get_device_capability(x.device) >= HARDWARE_TANH_ARCH)

@@ -1,10 +1,11 @@
 """The hardware tanh (PTX tanh.approx.f32) that additive attention and attention's softcap
 take for float16 and bfloat16 inputs on CUDA (kernels/_math.py): when the launchers switch it
-on, the exact form it replaces, a numerics model of its error, and what it compiles to on
+on, the exact forms it replaces, a numerics model of its error, and what it compiles to on
 sm_90.
 
 No GPU runs here, so the approximate path itself never runs: its accuracy is modelled
-(test_hardware_tanh_error_model) and its code checked as compiled.
+(test_additive_attention_error_model, test_softcap_error_model) and its code checked as
+compiled.
 """
 
 import types
