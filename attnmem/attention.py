@@ -672,7 +672,11 @@ def attention(q, k, v, *, causal=False, scale=None, kv_lengths=None, window=None
     Score modifications (FlashAttention's semantics), applied in this order to the scaled
     scores s = scale * q.k before the mask:
       softcap (float > 0; None or 0 for none): s becomes softcap * tanh(s / softcap), as
-        Gemma 2 and FlashAttention's softcap do: scale applies before the cap.
+        Gemma 2 and FlashAttention's softcap do: scale applies before the cap. On CUDA
+        (sm_75 on) the triton kernels take float16 and bfloat16 inputs' tanh from the
+        hardware (tanh.approx.f32, about 2^-11 relative error, within their rounding, as
+        FlashAttention-3 does), float32 inputs' from an exact form (a tanh within 1.2e-7 of
+        float64's).
       alibi_slopes ((H,) or (B, H), any float dtype, computed in float32): the bias
         -slope * |a - j| is added, with a = i + Nk - Nq as above (FlashAttention's
         -alibi_slope * |i + seqlen_k - seqlen_q - j|; its causal kernel adds slope * j

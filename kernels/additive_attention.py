@@ -8,6 +8,9 @@ halves: programs that own a key tile (dK, dValues and partial dv) or a query til
 each program is the only writer of what it accumulates, so nothing uses atomics.
 Tiles and warps are autotuned over the configs of CONFIGS, none of which spills registers
 on sm_90, per value-width bucket, bucketed lengths, attention width and dtype.
+The kernels are bound by that tanh: float16 and bfloat16 inputs with values on CUDA take the
+hardware's (FAST_TANH: tanh.approx.f32, about 2^-11 relative error; kernels/_math.py),
+float32 inputs and pointer attention (no values: float32 log-probabilities) an exact form.
 """
 
 import torch
@@ -21,6 +24,7 @@ from attnmem.kernels._launch import (
     launch,
     length_bucket,
 )
+from attnmem.kernels._math import fast_tanh, tanh
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # Value-width buckets per element size: a BLOCK_DV tunes over the configs of the first
@@ -75,16 +79,10 @@ def configs_for(kernel, elem, block_dv):
 
 
 @triton.jit
-def _tanh(x):
-    # 1 - 2 / (e^2x + 1): exact limits at +-inf, absolute error near 1e-7 around 0.
-    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
-
-
-@triton.jit
 def _tanh_tile(q_base, k_base, v_ptr, offs_m, offs_n, stride_qm, stride_kn, n_q, n_k, a0,
-               attn_dim, BLOCK_A: tl.constexpr):
+               attn_dim, BLOCK_A: tl.constexpr, FAST_TANH: tl.constexpr):
     """tanh(q_i + k_j) on the (M, N, BLOCK_A) tile of width chunk a0, and that chunk of v;
-    keys j >= n_k read as zeros."""
+    keys j >= n_k read as zeros. FAST_TANH: the hardware's tanh (kernels._math.tanh)."""
     offs_a = a0 + tl.arange(0, BLOCK_A)
     in_a = offs_a < attn_dim
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_a[None, :],
@@ -92,16 +90,17 @@ def _tanh_tile(q_base, k_base, v_ptr, offs_m, offs_n, stride_qm, stride_kn, n_q,
     k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_a[None, :],
                 mask=(offs_n[:, None] < n_k) & in_a[None, :], other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs_a, mask=in_a, other=0.0).to(tl.float32)
-    return _tanh(q[:, None, :] + k[None, :, :]), v
+    return tanh(q[:, None, :] + k[None, :, :], FAST_TANH, SYMMETRIC=False), v
 
 
 @triton.jit
 def _scores(q_base, k_base, v_ptr, offs_m, offs_n, stride_qm, stride_kn, n_q, n_k, attn_dim,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr):
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
+            FAST_TANH: tl.constexpr):
     s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for a0 in range(0, attn_dim, BLOCK_A):
         t, v = _tanh_tile(q_base, k_base, v_ptr, offs_m, offs_n, stride_qm, stride_kn, n_q, n_k,
-                          a0, attn_dim, BLOCK_A)
+                          a0, attn_dim, BLOCK_A, FAST_TANH)
         s += tl.sum(t * v[None, None, :], axis=2)
     return s
 
@@ -113,9 +112,10 @@ def _additive_fwd(q_ptr, k_ptr, v_ptr, val_ptr, lengths_ptr, out_ptr, lse_ptr, s
                   HAS_LENGTHS: tl.constexpr, HAS_VALUES: tl.constexpr,
                   STORE_SCORES: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
-                  BLOCK_DV: tl.constexpr):
+                  BLOCK_DV: tl.constexpr, FAST_TANH: tl.constexpr = False):
     """Programs own BLOCK_M queries of a batch entry. q_bucket, k_bucket and attn_bucket
-    are the autotuning key only (see _buckets)."""
+    are the autotuning key only (see _buckets). FAST_TANH: the hardware's tanh
+    (kernels._math.tanh; the launchers set it where fast_tanh allows)."""
     b = tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -134,7 +134,7 @@ def _additive_fwd(q_ptr, k_ptr, v_ptr, val_ptr, lengths_ptr, out_ptr, lse_ptr, s
         offs_n = n0 + tl.arange(0, BLOCK_N)
         # Keys past n_valid load as zeros: whatever padding holds stays out of the tanh.
         s = _scores(q_base, k_base, v_ptr, offs_m, offs_n, stride_qm, stride_kn, n_q, n_valid,
-                    attn_dim, BLOCK_M, BLOCK_N, BLOCK_A)
+                    attn_dim, BLOCK_M, BLOCK_N, BLOCK_A, FAST_TANH)
         s = tl.where(offs_n[None, :] < n_valid, s, float("-inf"))
         if STORE_SCORES:
             tl.store(scores_ptr + rows[:, None] * n_k + offs_n[None, :], s,
@@ -169,10 +169,11 @@ def _additive_bwd(q_ptr, k_ptr, v_ptr, val_ptr, lengths_ptr, lse_ptr, delta_ptr,
                   HAS_LENGTHS: tl.constexpr, HAS_VALUES: tl.constexpr,
                   HAS_DSCORES: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
-                  BLOCK_DV: tl.constexpr):
+                  BLOCK_DV: tl.constexpr, FAST_TANH: tl.constexpr = False):
     """dS = P (dP - delta) + dScores, then dQ_i = sum_j dS_ij v (1 - t_ij^2), dK_j the same
     summed over i, dv = sum_ij dS_ij t_ij and dValues_j = sum_i P_ij dO_i. dq, dk and dv_part
-    are float32 accumulators the owning program updates in place, chunk by chunk of A."""
+    are float32 accumulators the owning program updates in place, chunk by chunk of A.
+    FAST_TANH as in the forward."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     q_base = q_ptr + b * stride_qb
@@ -204,7 +205,7 @@ def _additive_bwd(q_ptr, k_ptr, v_ptr, val_ptr, lengths_ptr, lse_ptr, delta_ptr,
         rows = b * n_q + offs_m
         valid = (offs_m[:, None] < n_q) & (offs_n[None, :] < n_valid)
         s = _scores(q_base, k_base, v_ptr, offs_m, offs_n, stride_qm, stride_kn, n_q, n_valid,
-                    attn_dim, BLOCK_M, BLOCK_N, BLOCK_A)
+                    attn_dim, BLOCK_M, BLOCK_N, BLOCK_A, FAST_TANH)
         lse = tl.load(lse_ptr + rows, mask=offs_m < n_q, other=0.0)
         lse = tl.where(lse == float("-inf"), 0.0, lse)
         p = tl.where(valid, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)
@@ -229,7 +230,7 @@ def _additive_bwd(q_ptr, k_ptr, v_ptr, val_ptr, lengths_ptr, lse_ptr, delta_ptr,
                           other=0.0)
         for a0 in range(0, attn_dim, BLOCK_A):
             t, v = _tanh_tile(q_base, k_base, v_ptr, offs_m, offs_n, stride_qm, stride_kn, n_q,
-                              n_valid, a0, attn_dim, BLOCK_A)
+                              n_valid, a0, attn_dim, BLOCK_A, FAST_TANH)
             offs_a = a0 + tl.arange(0, BLOCK_A)
             g = ds[:, :, None] * (1.0 - t * t) * v[None, None, :]
             if OWN_KEYS:
@@ -253,9 +254,15 @@ def _additive_bwd(q_ptr, k_ptr, v_ptr, val_ptr, lengths_ptr, lse_ptr, delta_ptr,
 
 
 def _meta(q, values):
+    """The launches' shared constexprs. The hardware tanh where fast_tanh allows and there
+    are values: without them (pointer attention) the scores leave as float32
+    log-probabilities, which its 2^-11 relative error would move by up to 2^-11 of the
+    scores' range (5e-3 at a range of 10, where 16-bit inputs get 4e-3:
+    tests/test_fast_tanh.py)."""
     value_dim = 1 if values is None else values.shape[2]
     return dict(DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                BLOCK_DV=block_width(value_dim))
+                BLOCK_DV=block_width(value_dim),
+                FAST_TANH=values is not None and fast_tanh(q))
 
 
 def _buckets(n_q, n_k, attn_dim):

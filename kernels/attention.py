@@ -64,6 +64,7 @@ from attnmem.kernels._launch import (
     tuning_options,
     within,
 )
+from attnmem.kernels._math import fast_tanh, tanh
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -181,23 +182,15 @@ def _dropout_keep(seed, b, h, rows, key0, dropout_cutoff, BLOCK_N: tl.constexpr)
 
 
 @triton.jit
-def _tanh(x):
-    """tanh from one exp2 of -2|x| (libdevice's tanh has no interpreter twin): exact to
-    float32 rounding in absolute terms, which is what a softmax's scores need."""
-    t = tl.math.exp2(tl.abs(x) * (-2.0 * LOG2E))
-    y = (1.0 - t) / (1.0 + t)
-    return tl.where(x < 0, -y, y)
-
-
-@triton.jit
 def _modified_scores(dot, aligned, keys, qk_scale, softcap_scale, slope, SOFTCAP: tl.constexpr,
-                     HAS_ALIBI: tl.constexpr):
+                     HAS_ALIBI: tl.constexpr, FAST_TANH: tl.constexpr = False):
     """(scores in log2 units, t) from the raw products q.k: dot * qk_scale, or with SOFTCAP
     softcap_scale * t with t = tanh(dot * qk_scale) (the launcher then passes qk_scale =
     scale / softcap, softcap_scale = softcap * log2(e)); with HAS_ALIBI plus the bias
-    -slope * |aligned - keys| (slope in log2 units; aligned and keys broadcast to dot)."""
+    -slope * |aligned - keys| (slope in log2 units; aligned and keys broadcast to dot).
+    FAST_TANH: the hardware's tanh (kernels._math.tanh), for 16-bit inputs on CUDA."""
     if SOFTCAP:
-        t = _tanh(dot * qk_scale)
+        t = tanh(dot * qk_scale, FAST_TANH)
         s = t * softcap_scale
     else:
         t = dot
@@ -320,7 +313,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows, offs_
                DROPOUT: tl.constexpr, softcap_scale=1.0, slope=0.0,
                SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
                FP8: tl.constexpr = False, V_TMA: tl.constexpr = False, offs_dv=None,
-               HEAD_DV: tl.constexpr = None):
+               HEAD_DV: tl.constexpr = None, FAST_TANH: tl.constexpr = False):
     """Key tiles [start, end). MASKED ones evaluate the mask, and their keys that no row of
     the tile sees (below key_lo or from kv_len on) read as zeros. DROPOUT zeroes the weights
     that _dropout_keep drops after they join the row sums, which stay those of the softmax.
@@ -336,7 +329,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows, offs_
                         USE_TMA, BLOCK_N, True)
         s, _ = _modified_scores(tl.dot(q, kt, input_precision=DOT_PRECISION),
                                 rows[:, None] + offset, (start_n + tl.arange(0, BLOCK_N))[None, :],
-                                qk_scale, softcap_scale, slope, SOFTCAP, HAS_ALIBI)
+                                qk_scale, softcap_scale, slope, SOFTCAP, HAS_ALIBI,
+                                FAST_TANH=FAST_TANH)
         if MASKED:
             keys = start_n + tl.arange(0, BLOCK_N)
             if WARP_SPECIALIZE:
@@ -390,7 +384,7 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
               softcap_scale=1.0, SOFTCAP: tl.constexpr = False,
               HAS_SINKS: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
               descale_ptr=None, FP8: tl.constexpr = False, HEAD_DV: tl.constexpr = None,
-              BLOCK_DV: tl.constexpr = None):
+              BLOCK_DV: tl.constexpr = None, FAST_TANH: tl.constexpr = False):
     """One query tile of one head. MASK_KEYS: some key tile may need the mask (a causal mask,
     a window, lengths, or Nk not a multiple of KEY_TILE_MULTIPLE); without it one unmasked
     loop is all that is compiled. EVEN_M: Nq is a multiple of BLOCK_M, so rows need no
@@ -412,7 +406,8 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     into qk_scale, the weights go to e4m3 for PV (see _fwd_tiles) and v's scales the output,
     whose dtype is o_ptr's (FlashAttention-3's FP8 forward).
     HEAD_DV, BLOCK_DV: v's and out's head dim and its tile (SDPA's Ev, MLA's 128 beside
-    q's and k's 192), HEAD_DIM and BLOCK_D when None."""
+    q's and k's 192), HEAD_DIM and BLOCK_D when None.
+    FAST_TANH: SOFTCAP's tanh is the hardware's (_modified_scores)."""
     HEAD_V: tl.constexpr = HEAD_DIM if HEAD_DV is None else HEAD_DV
     BLOCK_V: tl.constexpr = BLOCK_D if BLOCK_DV is None else BLOCK_DV
     pid_m = tl.program_id(0)
@@ -504,14 +499,15 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
                                        phase != 1, USE_TMA, WARP_SPECIALIZE, DOT_PRECISION,
                                        seed, b, h,
                                        dropout_cutoff, DROPOUT, softcap_scale, slope, SOFTCAP,
-                                       HAS_ALIBI, FP8, offs_dv=offs_dv, HEAD_DV=HEAD_V)
+                                       HAS_ALIBI, FP8, offs_dv=offs_dv, HEAD_DV=HEAD_V,
+                                       FAST_TANH=FAST_TANH)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
                                    offs_d, 0, n_k, 0, offset, n_q, kv_len, window_left,
                                    window_right, qk_scale, HEAD_DIM, BLOCK_N, False, USE_TMA,
                                    WARP_SPECIALIZE, DOT_PRECISION, seed, b, h, dropout_cutoff,
                                    DROPOUT, softcap_scale, slope, SOFTCAP, HAS_ALIBI, FP8,
-                                   USE_TMA, offs_dv, HEAD_V)
+                                   USE_TMA, offs_dv, HEAD_V, FAST_TANH=FAST_TANH)
 
     if DROPOUT:
         acc = acc * dropout_scale
@@ -578,7 +574,8 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                 stride_stats_h, seed, b, key_first, dropout_cutoff, dropout_scale,
                 DROPOUT: tl.constexpr, alibi_b=None, softcap_scale=1.0,
                 SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False, k_base=None,
-                stride_kn=0, k_seen=None, offs_dv=None, HEAD_DV: tl.constexpr = None):
+                stride_kn=0, k_seen=None, offs_dv=None, HEAD_DV: tl.constexpr = None,
+                FAST_TANH: tl.constexpr = False):
     """Query tiles [start, end) of each query head head0 + g, g < group: one loop over
     (head, tile) pairs, so that a runtime group size adds no loop around the pipelined one.
     With ATOMIC_DQ, also adds each tile's dQ = dS K * scale into dq (float32). Head h's lse
@@ -623,7 +620,7 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
             s = tl.dot(k, qt, input_precision=DOT_PRECISION)
         st, tt = _modified_scores(s,
                                   rows[None, :] + offset, keys[:, None], qk_scale,
-                                  softcap_scale, slope, SOFTCAP, HAS_ALIBI)
+                                  softcap_scale, slope, SOFTCAP, HAS_ALIBI, FAST_TANH=FAST_TANH)
         # Rows that see no key have lse = -inf, so exp2 gives inf there: the mask zeroes it.
         pt = tl.math.exp2(st - lse[None, :] * LOG2E)
         if MASKED:
@@ -689,12 +686,13 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                    DROPOUT: tl.constexpr = False, seed_ptr=None, dropout_cutoff=0,
                    dropout_scale=1.0, alibi_ptr=None, stride_alibi_b=0, softcap_scale=1.0,
                    SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
-                   HEAD_DV: tl.constexpr = None, BLOCK_DV: tl.constexpr = None):
+                   HEAD_DV: tl.constexpr = None, BLOCK_DV: tl.constexpr = None,
+                   FAST_TANH: tl.constexpr = False):
     """dK, dV of one key tile from every query head of its group; with ATOMIC_DQ also the
     dQ those query heads get from it, added into dq_ptr (float32, zeroed, scaled). VARLEN:
     b is a sequence of a packed batch (see _varlen_sequences). DROPOUT: the forward's
-    dropout, regenerated from the seed at seed_ptr. SOFTCAP, HAS_ALIBI as in the forward.
-    Sinks need nothing here: the forward's lse includes them, so p = exp(s - lse) and
+    dropout, regenerated from the seed at seed_ptr. SOFTCAP, HAS_ALIBI, FAST_TANH as in the
+    forward. Sinks need nothing here: the forward's lse includes them, so p = exp(s - lse) and
     delta = rowsum(dO * O) already account for them. HEAD_DV, BLOCK_DV: v's, dO's and dV's
     head dim and its tile, as in the forward."""
     HEAD_V: tl.constexpr = HEAD_DIM if HEAD_DV is None else HEAD_DV
@@ -788,7 +786,7 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                              key_first, dropout_cutoff, dropout_scale, DROPOUT, alibi_b,
                              softcap_scale, SOFTCAP, HAS_ALIBI,
                              k_ptr + b * stride_kb + hk * stride_kh, stride_kn, seen, offs_dv,
-                             HEAD_V)
+                             HEAD_V, FAST_TANH=FAST_TANH)
     if DROPOUT:
         dv = dv * dropout_scale
     tl.store(dk_ptr + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkn
@@ -804,7 +802,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows,
               DOT_PRECISION: tl.constexpr, seed, b, h, dropout_cutoff, dropout_scale,
               DROPOUT: tl.constexpr, softcap_scale=1.0, slope=0.0,
               SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False, offs_dv=None,
-              HEAD_DV: tl.constexpr = None):
+              HEAD_DV: tl.constexpr = None, FAST_TANH: tl.constexpr = False):
     """Key tiles [start, end) of dQ's loop; v and dO have HEAD_DV columns (offs_dv)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
@@ -821,7 +819,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows,
                      mask=k_ok[None, :] & (offs_dv < HEAD_DV)[:, None], other=0.0)
         s, t = _modified_scores(tl.dot(q, kt, input_precision=DOT_PRECISION),
                                 rows[:, None] + offset, keys[None, :], qk_scale, softcap_scale,
-                                slope, SOFTCAP, HAS_ALIBI)
+                                slope, SOFTCAP, HAS_ALIBI, FAST_TANH=FAST_TANH)
         p = tl.math.exp2(s - lse[:, None] * LOG2E)
         if MASKED:
             keep = _visible(rows, keys, offset, n_q, kv_len, window_left, window_right)
@@ -850,10 +848,11 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
                  DROPOUT: tl.constexpr = False, seed_ptr=None, dropout_cutoff=0,
                  dropout_scale=1.0, alibi_ptr=None, stride_alibi_b=0, softcap_scale=1.0,
                  SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
-                 HEAD_DV: tl.constexpr = None, BLOCK_DV: tl.constexpr = None):
+                 HEAD_DV: tl.constexpr = None, BLOCK_DV: tl.constexpr = None,
+                 FAST_TANH: tl.constexpr = False):
     """dQ of one query tile of one head. VARLEN: b is a sequence of a packed batch (see
-    _varlen_sequences). DROPOUT, SOFTCAP, HAS_ALIBI, HEAD_DV and BLOCK_DV as in the dK/dV
-    kernel."""
+    _varlen_sequences). DROPOUT, SOFTCAP, HAS_ALIBI, HEAD_DV, BLOCK_DV and FAST_TANH as in
+    the dK/dV kernel."""
     HEAD_V: tl.constexpr = HEAD_DIM if HEAD_DV is None else HEAD_DV
     BLOCK_V: tl.constexpr = BLOCK_D if BLOCK_DV is None else BLOCK_DV
     pid_m = tl.program_id(0)
@@ -913,7 +912,7 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
                        offs_d, start, end, key_lo, offset, n_q, kv_len, window_left,
                        window_right, qk_scale, HEAD_DIM, BLOCK_N, phase != 1, DOT_PRECISION,
                        seed, b, h, dropout_cutoff, dropout_scale, DROPOUT, softcap_scale, slope,
-                       SOFTCAP, HAS_ALIBI, offs_dv, HEAD_V)
+                       SOFTCAP, HAS_ALIBI, offs_dv, HEAD_V, FAST_TANH=FAST_TANH)
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)
 
@@ -1436,15 +1435,19 @@ def fp8_meta(descales, meta) -> dict:
     return dict(FP8=True, descale_ptr=descales.to(torch.float32).contiguous(), **tiles)
 
 
-def _score_mods(scale, softcap, alibi_slopes, sinks=None) -> tuple[float, dict]:
+def _score_mods(scale, softcap, alibi_slopes, sinks=None, q=None) -> tuple[float, dict]:
     """(qk_scale, the kernels' keyword arguments) for a softcap (0: none), ALiBi slopes
     (None, or (H,) or (B, H)) and, for the forward, sinks (None or (H,)); nothing is passed
-    for what is off, so the flags compile out."""
+    for what is off, so the flags compile out. q: the launch's query tensor, whose softcap
+    takes the hardware's tanh where kernels._math.fast_tanh allows (FAST_TANH); None: the
+    exact one."""
     qk_scale, extra = scale * LOG2E.value, {}
     if softcap:
         # tanh takes the scaled scores over the cap; the cap brings them back, in log2 units.
         qk_scale = scale / softcap
         extra.update(softcap_scale=softcap * LOG2E.value, SOFTCAP=True)
+        if q is not None and fast_tanh(q):
+            extra.update(FAST_TANH=True)
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(torch.float32).contiguous()
         extra.update(alibi_ptr=slopes, stride_alibi_b=slopes.stride(0) if slopes.ndim == 2 else 0,
@@ -1480,7 +1483,7 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, con
         return out, lse.fill_(float("-inf"))
     meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right,
                                            head_dim_v)
-    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks)
+    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks, q)
     # Nk a multiple of every forward BLOCK_N: no key tile is partial, whichever config runs.
     meta["MASK_KEYS"] = (kv_lengths is not None or window_left >= 0 or window_right >= 0
                          or k.shape[2] % KEY_TILE_MULTIPLE != 0)
@@ -1538,7 +1541,7 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
     meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right,
                                            head_dim_v)
     meta.update(dropout_meta(dropout_p, seed))
-    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes)
+    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, q=q)
 
     delta = torch.empty_like(lse)
     rows = 16 if interpreting() else 64
@@ -1669,7 +1672,7 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     meta.update(dropout_meta(dropout_p, seed))
     if descales is not None:
         meta.update(fp8_meta(descales, meta))
-    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks)
+    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks, q)
     args = (*views, lse, dummy, *(s for x in views for s in x.stride()[:3]), *scalars,
             qk_scale, *window)
     longest_q = min(max_seqlen_q, total_q)
@@ -1711,7 +1714,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_se
                                                   max_seqlen_q, max_seqlen_k, window_left,
                                                   window_right, head_dim_v)
     meta.update(dropout_meta(dropout_p, seed))
-    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes)
+    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, q=q)
     # delta needs no sequence bounds: a dense batch of one over every packed row.
     delta = torch.empty_like(lse)
     rows = 16 if interpreting() else 64

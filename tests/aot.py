@@ -8,7 +8,8 @@ a time, uses TMA and warp specialization, and the registers and spill bytes trit
 `ptxas -v` reports for it.
 
 A job: {"module", "kernel", "arch", "constexprs", "pointers", "num_warps", "num_stages"} and
-optionally "options", more compiler options (e.g. maxnreg) as the launcher passes them;
+optionally "options", more compiler options (e.g. maxnreg) as the launcher passes them,
+and "count", PTX instructions (e.g. "tanh.approx.f32") whose occurrences it returns;
 `pointers` maps each pointer argument to its element type ("fp16", "fp32", "i32"); other
 arguments are float32 if named *scale, else int32. Pointers and strides are declared
 16-divisible, as aligned torch tensors make them. The kernel may sit under triton.heuristics
@@ -113,6 +114,8 @@ def compile_job(job):
             "vector_stores": "st.global.v4" in ptx,
             "async_copies": "cp.async.cg.shared.global" in ptx,  # pipelined loads
             "tma": "cp.async.bulk.tensor" in ptx, "warp_specialized": "setmaxnreg" in ptx,
+            # How often each instruction the job lists under "count" occurs in the PTX.
+            "ptx_counts": {op: ptx.count(op) for op in job.get("count", ())},
             **ptxas_usage(ptx, job["arch"])}
 
 
