@@ -162,11 +162,12 @@ def run(fn, q, k, v, dout, dlse):
 
 
 def check_against_float64(q, k, v, kwargs, backend, lse_grad=True):
-    """kwargs: causal, window, kv_lengths and optionally scale, as attnmem.attention takes.
-    lse_grad=False leaves lse out of the loss: its gradient is None, not zeros."""
+    """kwargs: causal, window, kv_lengths and optionally scale, as attnmem.attention takes;
+    v may have a head dim Ev of its own. lse_grad=False leaves lse out of the loss: its
+    gradient is None, not zeros."""
     scale = kwargs.get("scale") or q.shape[-1] ** -0.5
     kwargs = {**kwargs, "scale": scale}
-    dout = torch.randn(q.shape, device=q.device).to(q.dtype)
+    dout = torch.randn(*q.shape[:-1], v.shape[-1], device=q.device).to(q.dtype)
     dlse = torch.randn(q.shape[:3], device=q.device) if lse_grad else None
     left, right = _window(kwargs)
 

@@ -64,7 +64,9 @@ CASES = {
 
 
 def _case(name):
-    return {**BASE, **CASES[name]}
+    """name: a key of CASES, or a case's own values over BASE's (tests/test_kvcache_properties.py
+    draws them)."""
+    return {**BASE, **(CASES[name] if isinstance(name, str) else name)}
 
 
 def _to(x):
@@ -157,7 +159,9 @@ def _reference(name, q, old, new, starts, kwargs, dtype):
     for b, q_b in enumerate(_sequences(q, name)):
         q_b = q_b.to(dtype)
         if c["rotary"]:
-            step = torch.arange(len(q_b)) * (c["causal"] or c["window"] is not None)
+            # Per query when causal or local: a window side in [0, capacity).
+            local = any(0 <= side < c["capacity"] for side in c["window"] or ())
+            step = torch.arange(len(q_b)) * (c["causal"] or local)
             q_b = rotary(q_b[None].double(), kwargs["rotary_cos"], kwargs["rotary_sin"],
                          (starts[b] + step)[None, :, None],
                          kwargs["rotary_interleaved"])[0].to(q_b.dtype)
@@ -181,7 +185,7 @@ def _reference(name, q, old, new, starts, kwargs, dtype):
 
 def _run(name, q, caches, k, v, seqlens, kwargs, backend, **extra):
     """out, lse (packed: as a batch of one) and the caches after the call (contiguous
-    again), on the CPU."""
+    again), on the CPU. Spare pages of a pool stay NaN."""
     layout = _case(name)["layout"]
     caches = [c.clone() for c in caches]
     table = None
@@ -200,6 +204,9 @@ def _run(name, q, caches, k, v, seqlens, kwargs, backend, **extra):
             **{n: _to(x) for n, x in kwargs.items()}, **extra)
     caches = [c.cpu() for c in caches]
     if table is not None:
+        spare = torch.ones(len(caches[0]), dtype=torch.bool)
+        spare[table.long().flatten()] = False
+        assert all(c[spare].float().isnan().all() for c in caches), "a spare page was written"
         caches = [c[table.long()].flatten(1, 2) for c in caches]
     if "cu_seqlens_q" in kwargs:
         out, lse = out[None], lse[None]
@@ -214,8 +221,18 @@ def test_matches_float64(name, backend):
     float64 over each sequence's whole keys and values; the append writes each new token
     (rotated, quantized) at its slot and touches no other slot; queries that see no key
     output zeros."""
+    out, lse = check_matches_float64(name, backend)
+    if name == "rows_no_append_float16":
+        assert (out[1] == 0).all() and (lse[1] == -math.inf).all()
+
+
+def check_matches_float64(name, backend, **options):
+    """test_matches_float64's checks of case `name` (see _case) on backend, with `options`
+    (the op's keyword arguments: softcap, sinks, alibi_slopes (B, H), num_splits) over the
+    case's. -> out, lse (packed: as a batch of one)."""
     c = _case(name)
     q, caches, (k, v), old, starts, seqlens, kwargs = _build(name)
+    kwargs.update(options)
     out, lse, after = _run(name, q, caches, k, v, seqlens, kwargs, backend)
     rows = (1, *q.shape[:-1]) if "cu_seqlens_q" in kwargs else q.shape[:-1]
     assert out.shape == (*rows, c["ev"])
@@ -243,8 +260,7 @@ def test_matches_float64(name, backend):
     else:  # every row sees its sink: lse is finite
         assert_close_to_float64([out, lse.to(c["dtype"])], [ref[0], ref[1]],
                                 [base[0], base[1].to(c["dtype"])], c["dtype"])
-    if name == "rows_no_append_float16":
-        assert (out[1] == 0).all() and (lse[1] == -math.inf).all()
+    return out, lse
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend")
