@@ -204,7 +204,8 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
                     leftpad_ptr=None, ROTARY_DIM: tl.constexpr = 0,
                     INTERLEAVED: tl.constexpr = False, ROTARY_PER_QUERY: tl.constexpr = False,
                     LEFTPAD: tl.constexpr = False, capacity_bucket=0,
-                    HEAD_DV: tl.constexpr = None, BLOCK_DV: tl.constexpr = None):
+                    HEAD_DV: tl.constexpr = None, BLOCK_DV: tl.constexpr = None,
+                    FAST_TANH: tl.constexpr = False):
     """One split of the visible keys of sequence b, kv head hk, for a tile of rows r =
     i * group + g (query i, head hk * group + g). Writes the tile's output normalised by
     its own softmax sum, and its natural-log logsumexp (-inf for a row that saw no key), at
@@ -217,7 +218,8 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
     queries are its new tokens (else 0), the batch strides of q and the output 0, and the
     lse rows (H, total_q). ROTARY_DIM, INTERLEAVED, ROTARY_PER_QUERY, LEFTPAD: the module's
     docstring. HEAD_DV, BLOCK_DV: v's and the output's head dim and its tile, HEAD_DIM and
-    BLOCK_D when None."""
+    BLOCK_D when None. FAST_TANH: SOFTCAP's tanh is the hardware's (attention's
+    _modified_scores), for 16-bit queries on CUDA."""
     HEAD_V: tl.constexpr = HEAD_DIM if HEAD_DV is None else HEAD_DV
     BLOCK_V: tl.constexpr = BLOCK_D if BLOCK_DV is None else BLOCK_DV
     m_tiles = tl.cdiv(n_q * group, BLOCK_M)
@@ -300,7 +302,7 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
             kt = kt.to(q.dtype)
         s, _ = _modified_scores(tl.dot(q, kt, input_precision=DOT_PRECISION), aligned[:, None],
                                 keys[None, :], qk_scale, softcap_scale, slope, SOFTCAP,
-                                HAS_ALIBI)
+                                HAS_ALIBI, FAST_TANH)
         keep = ((keys[None, :] < hi) & (keys[None, :] >= aligned[:, None] - window_left)
                 & (keys[None, :] <= aligned[:, None] + window_right) & row_ok[:, None])
         if LEFTPAD:
@@ -649,7 +651,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
         part_lse = torch.empty((n_splits, *lse.shape), dtype=torch.float32, device=q.device)
     else:
         part_out, part_lse = out_view, lse
-    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks)
+    qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks, q)
     grid = (batch * kv_heads * m_tiles, n_splits)
     args = (q, k_cache, v_cache, cache_seqlens, table, part_out, part_lse,
             *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0),

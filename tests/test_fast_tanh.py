@@ -186,9 +186,9 @@ def test_softcap_error_model(name, dtype, sign):
 def test_launchers_switch_it_on_for_compiled_16bit_cuda_only(monkeypatch):
     """fast_tanh: float16 and bfloat16 on an NVIDIA GPU from sm_75, compiled; never float32,
     a CPU tensor, an older GPU, ROCm or the interpreter (which runs no inline assembly). The
-    launchers pass FAST_TANH where it holds: attention's only with a softcap and a q (the
-    KV-cache launcher passes none: it keeps the exact form), additive attention's only with
-    values (pointer attention's float32 log-probabilities keep the exact form)."""
+    launchers pass FAST_TANH where it holds: attention's (the KV-cache kernel's too) only with
+    a softcap and a q, additive attention's only with values (pointer attention's float32
+    log-probabilities keep the exact form)."""
     from attnmem.kernels import _math, attention
     from attnmem.kernels import additive_attention as additive
 
@@ -238,11 +238,14 @@ def _counted(spec, fast):
 def _compile_jobs():
     """sm_90, float16 (bfloat16 for additive dQ): the additive forward and dQ at their
     tables' first config of the widest value bucket (256), the softcapped attention forward
-    and dQ at the first config of head dim 128 (test_attention_scoremods' jobs); the
-    additive forward and softcapped dQ also with the flag off, to count what the tanh took. The
+    and dQ at the first config of head dim 128 (test_attention_scoremods' jobs), the
+    softcapped KV-cache attention at head dim 128, 8 rows, paged and split; the additive
+    forward, softcapped dQ and KV-cache attention also with the flag off, to count what the
+    tanh took. The
     dK/dV kernels are left out for time (the sweep of reports/additive-tuning.md compiled
     them)."""
     from test_additive_attention import _job as additive_job
+    from test_attention_kvcache import _attend_job
     from test_attention_scoremods import _sm90_job
 
     from attnmem.kernels import additive_attention as additive
@@ -250,7 +253,11 @@ def _compile_jobs():
     def additive_spec(name, dtype):
         return additive_job(name, 90, dtype, 256, additive.configs_for(name, 2, 256)[0])
 
-    return {"additive-fwd": _counted(additive_spec("fwd", "float16"), True),
+    kvcache = _attend_job(90, "float16", 128, 8, True, True)
+    kvcache["constexprs"]["SOFTCAP"] = True
+    return {"kvcache-fwd": _counted(kvcache, True),
+            "kvcache-fwd-exact": _counted(kvcache, False),
+            "additive-fwd": _counted(additive_spec("fwd", "float16"), True),
             "additive-fwd-exact": _counted(additive_spec("fwd", "float16"), False),
             "additive-dq": _counted(additive_spec("dq", "bfloat16"), True),
             "softcap-fwd": _counted(_sm90_job("fwd", SOFTCAP=True), True),
@@ -274,7 +281,8 @@ def test_hardware_tanh_compiles_for_sm90():
         assert (counts["tanh.approx.f32"] > 0) == (not name.endswith("exact")), (name, counts)
         assert result["spill_stores"] == result["spill_loads"] == 0, (name, result)
     for fast, exact in (("additive-fwd", "additive-fwd-exact"),
-                        ("softcap-dq", "softcap-dq-exact")):
+                        ("softcap-dq", "softcap-dq-exact"),
+                        ("kvcache-fwd", "kvcache-fwd-exact")):
         on, off = results[fast]["ptx_counts"], results[exact]["ptx_counts"]
         tanhs = on["tanh.approx.f32"]
         assert off["div.full.f32"] - on["div.full.f32"] == tanhs, (fast, on, off)
