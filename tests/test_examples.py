@@ -10,8 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = {
     "attention_demo": ("attention_demo.py", ["--seq", "64", "--heads", "2", "--reps", "1"]),
     "ring_attention": ("ring_attention.py", ["--nproc", "2", "--seq", "64", "--heads", "2",
-                                             "--head-dim", "8", "--reps", "1", "--slots", "100",
-                                             "--causal"]),
+                                             "--head-dim", "8", "--value-head-dim", "12",
+                                             "--reps", "1", "--slots", "100", "--causal"]),
     "ntm_copy": ("ntm_copy.py", ["--steps", "3", "--batch", "2", "--max-length", "3"]),
     "memn2n_babi": ("memn2n_babi.py", ["--train", "40", "--test", "20", "--epochs", "2",
                                        "--linear-start", "1"]),
