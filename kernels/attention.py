@@ -1383,18 +1383,24 @@ def tile_head_dim(meta) -> int:
     return max(meta["BLOCK_D"], meta.get("BLOCK_DV") or 0)
 
 
+def head_dims_meta(head_dim: int, head_dim_v: int) -> dict:
+    """The kernels' HEAD_DIM and BLOCK_D (q's and k's), with HEAD_DV and BLOCK_DV (v's) only
+    where v's head dim differs: left out where they are equal, so the kernels compile as
+    they do without v's own head dim, and tune under the same key."""
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_width(head_dim))
+    if head_dim_v != head_dim:
+        meta.update(HEAD_DV=head_dim_v, BLOCK_DV=block_width(head_dim_v))
+    return meta
+
+
 def _common(q, k, kv_lengths, window_left, window_right, head_dim_v=None):
-    """The kernels' shared arguments; with v's head dim head_dim_v (Ev) where it differs
-    from q's, HEAD_DV and BLOCK_DV too (left out where they are equal, so the kernels compile as
-    they do without v's own head dim, and tune under the same key)."""
+    """The kernels' shared arguments; with v's head dim head_dim_v (Ev), head_dims_meta's."""
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     unbounded = n_q + n_k
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_width(head_dim),
+    meta = dict(head_dims_meta(head_dim, head_dim if head_dim_v is None else head_dim_v),
                 HAS_KV_LENGTHS=kv_lengths is not None,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    if head_dim_v is not None and head_dim_v != head_dim:
-        meta.update(HEAD_DV=head_dim_v, BLOCK_DV=block_width(head_dim_v))
     scalars = (heads, n_q, n_k, heads // k.shape[1])
     window = (unbounded if window_left < 0 else window_left,
               unbounded if window_right < 0 else window_right,

@@ -89,6 +89,7 @@ from attnmem.kernels.attention import (
     _packed_sequence,
     _score_mods,
     _smem_limit,
+    head_dims_meta,
     tile_head_dim,
 )
 from attnmem.kernels.rotary import _rotary
@@ -535,15 +536,6 @@ def _rotary_meta(rotation, per_query=None) -> dict:
                 ROTARY_DIM=2 * cos.shape[1], INTERLEAVED=interleaved)
     if per_query is not None:
         meta["ROTARY_PER_QUERY"] = per_query
-    return meta
-
-
-def head_dims_meta(head_dim: int, head_dim_v: int) -> dict:
-    """The kernels' HEAD_DIM and BLOCK_D (q's and k's), with HEAD_DV and BLOCK_DV (v's) only
-    where v's head dim differs: equal head dims compile, and tune, as without them."""
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_width(head_dim))
-    if head_dim_v != head_dim:
-        meta.update(HEAD_DV=head_dim_v, BLOCK_DV=block_width(head_dim_v))
     return meta
 
 
