@@ -5,8 +5,10 @@ attnmem.kvcache_append, its append alone (vLLM's reshape_and_cache).
 Two torch.library custom ops: the append (mutating the caches) and the attention over them,
 each on the triton kernels (split-KV flash-decoding, GQA packing, paged loads) or on the
 pure-torch twin (attnmem.reference.kvcache), as attnmem.backend chooses. Both take the
-queries padded (B, Sq, H, D) or packed (total_q, H, D) with cu_seqlens_q; the append takes
-none from kvcache_append, whose checks are attention_with_kvcache's with k in q's place.
+queries padded (B, Sq, H, D) or packed (total_q, H, D) with cu_seqlens_q, and the new
+tokens packed as the queries or on their own with cu_seqlens_k_new (FlashAttention-3's); the
+append takes none from kvcache_append, whose checks are attention_with_kvcache's with k in
+q's place.
 The value cache (and the new values, and the output) may have a head dim Ev of its own,
 FlashAttention-3's headdim_v (multi-head latent attention's D = 192, Ev = 128).
 """
@@ -37,10 +39,14 @@ from attnmem.varlen import _check_lengths, _cu_seqlens, _max_seqlen
 
 
 def _triton_reasons(q, k_cache, v_cache, cu_seqlens_q=None, max_seqlen_q=0,
-                    k=None) -> list[str]:
+                    k=None, cu_seqlens_k_new=None) -> list[str]:
     """What the triton kernels lack for the append and the attention of q, or with q None
-    (kvcache_append) for the append of k alone."""
+    (kvcache_append) for the append of k alone; cu_seqlens_k_new: k packed on its own."""
     x, reasons = (k if q is None else q), []
+    if cu_seqlens_k_new is not None and k is not None and k.shape[0] > _backend.GRID_X_LIMIT:
+        # The append runs a program per packed row of k.
+        reasons.append(f"k's {k.shape[0]} packed rows need as many programs > "
+                       f"{_backend.GRID_X_LIMIT}, the CUDA launch grid's limit")
     if cu_seqlens_q is not None:
         # Packed: the grids are sized by max_seqlen_q, not by the packed rows, the append's
         # B * max_seqlen_q and the attention's row tiles of at least 16 rows.
@@ -71,8 +77,9 @@ def _triton_reasons(q, k_cache, v_cache, cu_seqlens_q=None, max_seqlen_q=0,
 
 
 def _pick(q, k_cache, v_cache, backend: str, cu_seqlens_q=None, max_seqlen_q=0,
-          k=None) -> str:
-    reasons = _triton_reasons(q, k_cache, v_cache, cu_seqlens_q, max_seqlen_q, k)
+          k=None, cu_seqlens_k_new=None) -> str:
+    reasons = _triton_reasons(q, k_cache, v_cache, cu_seqlens_q, max_seqlen_q, k,
+                              cu_seqlens_k_new)
     op = "attention_with_kvcache" if q is not None else "kvcache_append"
     return _backend.resolve(backend, (k if q is None else q, k_cache, v_cache), reasons, op)
 
@@ -83,17 +90,26 @@ def _append(q: Optional[torch.Tensor], k_cache: torch.Tensor, v_cache: torch.Ten
             block_table: Optional[torch.Tensor], backend: str,
             descales: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
             max_seqlen_q: int = 0, rotary_cos: Optional[torch.Tensor] = None,
-            rotary_sin: Optional[torch.Tensor] = None, rotary_interleaved: bool = False) -> None:
+            rotary_sin: Optional[torch.Tensor] = None, rotary_interleaved: bool = False,
+            cu_seqlens_k_new: Optional[torch.Tensor] = None) -> None:
     """q: attention_with_kvcache's queries, read only to pick the backend that its attention
     picks; None from kvcache_append. descales (B, Hkv, 2) float32 (k's, v's): float8_e4m3fn
     caches, the new tokens quantized on the way in. cu_seqlens_q, max_seqlen_q: k and v (and
     q) packed (total_q, ...). rotary_cos, rotary_sin: k rotated at its slot before it is
-    written."""
+    written. cu_seqlens_k_new (B + 1,): k and v packed (total_k_new, ...) on their own,
+    whatever q's layout (FlashAttention-3's)."""
     rotation = _rotation(rotary_cos, rotary_sin, rotary_interleaved)
-    if _pick(q, k_cache, v_cache, backend, cu_seqlens_q, max_seqlen_q, k) == "triton":
+    if _pick(q, k_cache, v_cache, backend, cu_seqlens_q, max_seqlen_q, k,
+             cu_seqlens_k_new) == "triton":
         from attnmem.kernels import attention_kvcache as kernel
-        kernel.append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales,
-                      cu_seqlens_q, max_seqlen_q, rotation)
+        # k's packing: its own with cu_seqlens_k_new, else q's.
+        packing = (None, None) if cu_seqlens_k_new is not None else (cu_seqlens_q, max_seqlen_q)
+        kernel.append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales, *packing,
+                      rotation, cu_seqlens_k_new)
+    elif cu_seqlens_k_new is not None:
+        seqlens = _clamped(cache_seqlens, k_cache, cu_seqlens_k_new.diff(), block_table)
+        _reference.append_packed(k_cache, v_cache, k, v, seqlens, block_table,
+                                 cu_seqlens_k_new, descales, rotation)
     elif cu_seqlens_q is not None:
         seqlens = _clamped(cache_seqlens, k_cache, cu_seqlens_q.diff(), block_table)
         _reference.append_packed(k_cache, v_cache, k, v, seqlens, block_table, cu_seqlens_q,
@@ -107,7 +123,7 @@ def _append(q: Optional[torch.Tensor], k_cache: torch.Tensor, v_cache: torch.Ten
 @_append.register_fake
 def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, backend, descales=None,
       cu_seqlens_q=None, max_seqlen_q=0, rotary_cos=None, rotary_sin=None,
-      rotary_interleaved=False):
+      rotary_interleaved=False, cu_seqlens_k_new=None):
     return None
 
 
@@ -121,30 +137,35 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             max_seqlen_q: int = 0, rotary_cos: Optional[torch.Tensor] = None,
             rotary_sin: Optional[torch.Tensor] = None, rotary_interleaved: bool = False,
             rotary_per_query: bool = False, cache_leftpad: Optional[torch.Tensor] = None,
-            num_splits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+            num_splits: int = 0, cu_seqlens_k_new: Optional[torch.Tensor] = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> out (B, Sq, H, Ev) (Ev v_cache's head dim), lse (B, H, Sq). cu_seqlens_q,
     max_seqlen_q: q packed (total_q, H, D), out (total_q, H, Ev) and lse (H, total_q);
     n_new is then total_q when each sequence's queries are its new tokens, else 0.
     rotary_cos, rotary_sin (with new tokens): q rotated at cache_seqlens[b] + i when
     rotary_per_query, else at cache_seqlens[b]. cache_leftpad int32 (B,) in [0, capacity]:
     sequence b's keys start at that slot. num_splits: the triton kernels' split count (0:
-    theirs); the twin has no splits."""
+    theirs); the twin has no splits. cu_seqlens_k_new (B + 1,): sequence b's new tokens are
+    its own count there, n_new unused (FlashAttention-3's; q padded or packed)."""
     mods = dict(softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, descales=descales,
                 rotation=_rotation(rotary_cos, rotary_sin, rotary_interleaved),
-                rotary_per_query=rotary_per_query, cache_leftpad=cache_leftpad)
+                rotary_per_query=rotary_per_query, cache_leftpad=cache_leftpad,
+                cu_seqlens_k_new=cu_seqlens_k_new)
     if _pick(q, k_cache, v_cache, backend, cu_seqlens_q, max_seqlen_q) == "triton":
         from attnmem.kernels import attention_kvcache as kernel
         return kernel.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table,
                                              n_new, scale, window_left, window_right, **mods,
                                              cu_seqlens_q=cu_seqlens_q,
                                              max_seqlen_q=max_seqlen_q, n_splits=num_splits)
+    knew = None if cu_seqlens_k_new is None else cu_seqlens_k_new.diff()
     if cu_seqlens_q is not None:
-        new = cu_seqlens_q.diff() * (n_new > 0)
+        new = cu_seqlens_q.diff() * (n_new > 0) if knew is None else knew
         return _reference.attention_with_kvcache_packed(
             q, k_cache, v_cache, _clamped(cache_seqlens, k_cache, new, block_table), block_table,
             cu_seqlens_q, n_new > 0, scale, window_left, window_right, **mods)
+    new = n_new if knew is None else knew
     return _reference.attention_with_kvcache_forward(
-        q, k_cache, v_cache, _clamped(cache_seqlens, k_cache, n_new, block_table), block_table,
+        q, k_cache, v_cache, _clamped(cache_seqlens, k_cache, new, block_table), block_table,
         n_new, scale, window_left, window_right, **mods)
 
 
@@ -152,7 +173,7 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 def _(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scale, window_left, window_right,
       backend, softcap=0.0, sinks=None, alibi_slopes=None, descales=None, cu_seqlens_q=None,
       max_seqlen_q=0, rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
-      rotary_per_query=False, cache_leftpad=None, num_splits=0):
+      rotary_per_query=False, cache_leftpad=None, num_splits=0, cu_seqlens_k_new=None):
     lse_dtype = _attention_twin.compute_dtype(q.dtype)
     out = q.new_empty((*q.shape[:-1], v_cache.shape[-1]))
     if cu_seqlens_q is not None:
@@ -190,6 +211,7 @@ _NAMES = {
     "q": dict(cu="cu_seqlens_q", max="max_seqlen_q", rows="queries", x="(B, Sq, H, D)",
               x_packed="(total_q, H, D)", new="(B, Sq, Hkv, {})",
               new_packed="(total_q, Hkv, {}), packed as q",
+              new_knew="(total_k_new, Hkv, {}), packed by cu_seqlens_k_new",
               fp8="the kernels widen the cache to q's dtype"),
     "k": dict(cu="cu_seqlens", max="max_seqlen", rows="tokens", x="(B, S, Hkv, D)",
               x_packed="(total, Hkv, D)", new="(B, S, Hkv, {})",
@@ -321,12 +343,13 @@ def _check_rotary(rotary_cos, rotary_sin, interleaved, x, x_name, capacity, appe
 
 
 def _check_cache(x, x_name, k_cache, v_cache, k, v, block_table, k_descale, v_descale,
-                 cu_seqlens, max_seqlen, cache_batch_idx):
+                 cu_seqlens, max_seqlen, cache_batch_idx, cu_seqlens_k_new=None):
     """The checks that attention_with_kvcache (x = q, x_name "q") and kvcache_append (x = k)
     share: x and its packing, the caches, their table, the descales and the new tokens k
     and v (None without them, for q only). -> (batch, n_q, n_new, block_table (a
     cache_batch_idx's, or the one given), descales (B, Hkv, 2) or None, capacity): n_q
-    x's tokens per sequence (the longest when packed), n_new the new ones (0 or n_q)."""
+    x's tokens per sequence (the longest when packed), n_new the new ones (0 or n_q), or
+    with cu_seqlens_k_new (q's only: k packed on its own) k's rows."""
     names = _NAMES[x_name]
     packed = cu_seqlens is not None
     _checks.tensor(x_name, x, 3 if packed else 4, names["x_packed" if packed else "x"])
@@ -382,20 +405,32 @@ def _check_cache(x, x_name, k_cache, v_cache, k, v, block_table, k_descale, v_de
     # kvcache_append's v must be a tensor: the loop below says so.
     if x_name == "q" and (k is None) != (v is None):
         raise ValueError("k and v must be given together (the new tokens), or both be None")
+    knew = cu_seqlens_k_new is not None
+    if knew:
+        if k is None:
+            raise ValueError("cu_seqlens_k_new packs the new tokens: pass k and v with it")
+        _cu_seqlens("cu_seqlens_k_new", cu_seqlens_k_new, x.device, x_name)
+        if cu_seqlens_k_new.shape[0] != batch + 1:
+            raise ValueError(f"cu_seqlens_k_new must be (B + 1,) = ({batch + 1},), one more "
+                             f"than the sequences, got shape {tuple(cu_seqlens_k_new.shape)}")
     n_new = 0
     if k is not None:
-        rows = (x.shape[0],) if packed else (batch, n_q)
+        if knew:
+            # k's rows are its own, any count: cu_seqlens_k_new's lengths are checked with
+            # the slots.
+            _checks.tensor("k", k, 3, names["new_knew"].format("D"))
+        rows = (k.shape[0],) if knew else (x.shape[0],) if packed else (batch, n_q)
         # k's head dim is k_cache's (q's), v's v_cache's.
         for name, t, dim, cache in (("k", k, "D", k_cache), ("v", v, "Ev", v_cache)):
-            what = names["new_packed" if packed else "new"].format(dim)
+            what = names["new_knew" if knew else "new_packed" if packed else "new"].format(dim)
             shape = (*rows, kv_heads, cache.shape[3])
             _checks.tensor(name, t, len(shape), what)
             _checks.like(name, t, x, x_name)
             if tuple(t.shape) != shape:
                 raise ValueError(f"{name} must be {what} = {shape}, got {tuple(t.shape)}")
-        n_new = n_q
+        n_new = rows[0] if knew else n_q
     capacity = _capacity(k_cache, block_table)
-    if n_new > capacity:
+    if n_new > capacity and not knew:
         longest = f" ({names['max']})" if packed else ""
         raise ValueError(f"k holds {n_new} new tokens{longest} but the cache holds at most "
                          f"{capacity}")
@@ -403,20 +438,30 @@ def _check_cache(x, x_name, k_cache, v_cache, k, v, block_table, k_descale, v_de
 
 
 def _check_slots(x, x_name, k_cache, cache_seqlens, block_table, paged, batch, n_q, n_new,
-                 capacity, cu_seqlens):
+                 capacity, cu_seqlens, cu_seqlens_k_new=None):
     """cache_seqlens as the kernels take it (_seqlens), after the checks that read the
     cumulative lengths and the block table's pages (on CPU tensors, outside a torch.compile
-    trace, which cannot read tensor data)."""
-    packed = cu_seqlens is not None
-    # Packed: the kernels clamp each sequence's to the room its own new tokens leave.
-    seqlens = _seqlens(cache_seqlens, batch, x.device, capacity - n_new,
-                       capacity if packed else None, x_name)
+    trace, which cannot read tensor data). With cu_seqlens_k_new, n_new is k's rows."""
+    packed, knew = cu_seqlens is not None, cu_seqlens_k_new is not None
+    # Packed: the kernels clamp each sequence's to the room its own new tokens leave; with
+    # cu_seqlens_k_new an int's room is checked below, where the lengths are read.
+    seqlens = _seqlens(cache_seqlens, batch, x.device, capacity if knew else capacity - n_new,
+                       capacity if packed or knew else None, x_name)
     tracing = torch.compiler.is_compiling()
     new = n_new
     if packed and x.device.type == "cpu" and not tracing:
         names = _NAMES[x_name]
         _check_lengths(names["cu"], cu_seqlens, x.shape[0], n_q, names["max"])
         new = cu_seqlens.diff() * (n_new > 0)
+    if knew and x.device.type == "cpu" and not tracing:
+        _check_lengths("cu_seqlens_k_new", cu_seqlens_k_new, n_new, capacity,
+                       "the cache's capacity")
+        new = cu_seqlens_k_new.diff()
+        room = capacity - int(new.max()) if batch else capacity
+        if isinstance(cache_seqlens, numbers.Integral) and cache_seqlens > room:
+            raise ValueError(f"cache_seqlens {cache_seqlens} leaves no room in the cache: it "
+                             f"must lie in [0, {room}] (the capacity less the longest "
+                             "sequence's new tokens in cu_seqlens_k_new)")
     if paged and x.device.type == "cpu" and not tracing:
         _check_pages(block_table, seqlens, new, k_cache.shape[1], k_cache.shape[0])
     return seqlens
@@ -453,11 +498,12 @@ def _check_inference(op, tensors, n_new, k_cache, v_cache, detached):
 def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window, scale,
               return_lse, softcap=None, sinks=None, alibi_slopes=None, k_descale=None,
               v_descale=None, cu_seqlens_q=None, max_seqlen_q=None, cache_batch_idx=None,
-              rotary_cos=None, rotary_sin=None, rotary_interleaved=False, cache_leftpad=None):
+              rotary_cos=None, rotary_sin=None, rotary_interleaved=False, cache_leftpad=None,
+              cu_seqlens_k_new=None):
     packed, paged = cu_seqlens_q is not None, block_table is not None
     batch, n_q, n_new, block_table, descales, capacity = _check_cache(
         q, "q", k_cache, v_cache, k, v, block_table, k_descale, v_descale, cu_seqlens_q,
-        max_seqlen_q, cache_batch_idx)
+        max_seqlen_q, cache_batch_idx, cu_seqlens_k_new)
     heads = q.shape[-2]
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
@@ -475,14 +521,14 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
     rotary_per_query = causal or max(_window(window, capacity + 1, capacity + 1)) >= 0
     cache_leftpad = _checks.lengths("cache_leftpad", cache_leftpad, batch, capacity, q.device)
     seqlens = _check_slots(q, "q", k_cache, cache_seqlens, block_table, paged, batch, n_q,
-                           n_new, capacity, cu_seqlens_q)
+                           n_new, capacity, cu_seqlens_q, cu_seqlens_k_new)
     _check_inference("attention_with_kvcache",
                      [("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
                       ("sinks", sinks), ("k_descale", k_descale), ("v_descale", v_descale),
                       ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)],
                      n_new, k_cache, v_cache, "FlashAttention's flash_attn_with_kvcache "
                      "returns an output detached from autograd")
-    if packed:
+    if packed and cu_seqlens_k_new is None:
         n_new = q.shape[0] if n_new else 0
     rotary = dict(rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                   rotary_interleaved=rotary_interleaved)
@@ -497,7 +543,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
                            k_descale=None, v_descale=None, cu_seqlens_q=None,
                            max_seqlen_q=None, cache_batch_idx=None, rotary_cos=None,
                            rotary_sin=None, rotary_interleaved=False, cache_leftpad=None,
-                           num_splits=0):
+                           num_splits=0, cu_seqlens_k_new=None):
     """Attention of new queries over a KV cache, appending the new keys and values to the
     cache in place first: FlashAttention's flash_attn_with_kvcache, whose API semantics it
     follows (layout, alignment, window).
@@ -518,7 +564,8 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     inputs are refused (not inside a torch.compile trace, which cannot inspect storage).
 
     Each sequence's queries align to the end of its own cache, as FlashAttention's do: with
-    L = cache_seqlens[b] + (Sq if k is given else 0) keys, query i sits at a = L - Sq + i
+    L = cache_seqlens[b] + (Sq if k is given else 0) keys (with cu_seqlens_k_new, its own
+    count of new tokens in place of Sq: below), query i sits at a = L - Sq + i
     and sees key j < L when all of these hold:
       causal (the default, True):  j <= a
       window=(l, r):               a - l <= j <= a + r   (None or -1 leaves a side unbounded)
@@ -563,17 +610,39 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     sequence b's queries in rows cu_seqlens_q[b] to cu_seqlens_q[b + 1] (int32 (B + 1,) on
     q's device, from 0 to total_q, nondecreasing: lengths may be 0), max_seqlen_q an int at
     least the longest sequence's length. k, v, if given, are (total_q, Hkv, D) and (total_q,
-    Hkv, Ev), packed alike: sequence b's new tokens are its queries' tokens
-    (FlashAttention-3's cu_seqlens_k_new equal to cu_seqlens_q), written at
-    cache_seqlens[b] + i. Everything above holds per sequence with Sq its own length (its clamp of
-    cache_seqlens to [0, capacity - Sq] when appending included; an int cache_seqlens must
-    leave room for max_seqlen_q new tokens). Returns out (total_q, H, Ev) and lse (H,
+    Hkv, Ev), packed alike: sequence b's new tokens are its queries' tokens (unless
+    cu_seqlens_k_new packs them on their own, below), written at cache_seqlens[b] + i.
+    Everything above holds per sequence with Sq its own length (its clamp of cache_seqlens
+    to [0, capacity - Sq] when appending included; an int cache_seqlens must leave room for
+    max_seqlen_q new tokens). Returns out (total_q, H, Ev) and lse (H,
     total_q), as attnmem.attention_varlen does. The triton kernels size their grid by
     max_seqlen_q and read cu_seqlens_q on the device, so the launch needs no host sync (row
     tiles past a sequence's length exit at once); the torch backend runs each sequence's
     rows as a batch of one. As in attention_varlen, the cumulative lengths are checked on
     CPU tensors only: on CUDA wrong ones read and write nothing outside the tensors and
     caches, but rows that no sequence covers are left unwritten.
+
+    New tokens packed on their own (FlashAttention-3's cu_seqlens_k_new: a serving step that
+    appends a chunk of a sequence's tokens but queries only some of them, or queries a
+    sequence that appends nothing; drafted tokens appended in one layout and verified in
+    another): cu_seqlens_k_new int32 (B + 1,) on q's device, from 0 to total_k_new,
+    nondecreasing, with k (total_k_new, Hkv, D) and v (total_k_new, Hkv, Ev): sequence b's
+    n_new[b] = cu_seqlens_k_new[b + 1] - cu_seqlens_k_new[b] new tokens (0 included) are rows
+    cu_seqlens_k_new[b] to cu_seqlens_k_new[b + 1], written at cache_seqlens[b] + i,
+    whatever q's layout: padded (B, Sq, H, D) or packed with cu_seqlens_q (Sq each
+    sequence's own length; as in FlashAttention-3, no max_seqlen_k_new is taken). Sequence b
+    then holds L = cache_seqlens[b] + n_new[b] keys, cache_seqlens[b] clamped to [0, capacity
+    - n_new[b]], and its query i sits at a = L - Sq + i as above (a sequence with more
+    queries than keys has queries that see no key: zeros, lse -inf). With rotary_cos and
+    rotary_sin a query that is rotated per query (causal or windowed) is rotated at a,
+    where the mask places it; FlashAttention-3 rotates it at cache_seqlens[b] + i, the same
+    position whenever a sequence's queries are its new tokens. The lengths are checked on
+    CPU tensors only (each at most the capacity; an int cache_seqlens must leave room for
+    the longest); on CUDA each sequence's n_new[b] is clamped to [0, capacity] and its
+    cache_seqlens[b] as above, so that wrong lengths write nothing outside the caches and
+    read no row outside k and v. The triton append runs a program per row of k, each of
+    which finds its sequence by bisection in cu_seqlens_k_new, and the attention reads each
+    sequence's count there: the grids follow k's rows and q's shape, with no host sync.
 
     cache_batch_idx (FlashAttention's; an integer tensor (B,) on q's device, or None for
     0 to B - 1): sequence b's cache is row cache_batch_idx[b] of contiguous caches
@@ -589,8 +658,9 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     and seqlen_ro at least the capacity; only with k and v. The new keys are rotated at
     their slots cache_seqlens[b] + i before they are written (and, into an FP8 cache,
     quantized); the queries at cache_seqlens[b] + i when causal or windowed (a window side
-    below the capacity, FlashAttention's rule), else all at cache_seqlens[b] (cache_seqlens
-    as clamped above; packed, each sequence's own). The first R dims of a head pair up as
+    below the capacity, FlashAttention's rule; with cu_seqlens_k_new at their positions a,
+    below), else all at cache_seqlens[b] (cache_seqlens as clamped above; packed, each
+    sequence's own). The first R dims of a head pair up as
     (d, d + R / 2) (GPT-NeoX, rotary_interleaved=False) or (2i, 2i + 1) (GPT-J, True): the
     first of a pair becomes x * cos - x_pair * sin, the second x * cos + x_pair * sin, with
     cos and sin at the position's row, in float32 (float64 for float64 inputs) rounded to
@@ -615,21 +685,21 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     capacity's key tiles (capacity over that largest tile, rounded up; 128 at most), so that
     a split holds a tile at least. The result is the same for any count up to rounding. The
     torch backend has no splits: it checks num_splits and runs the twin as ever.
-    FlashAttention's cu_seqlens_k_new apart from cu_seqlens_q has no counterpart here.
     """
     n_new, n_q, seqlens, block_table, scale, left, right, mods, rotary, attend = _validate(
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window, scale,
         return_lse, softcap, sinks, alibi_slopes, k_descale, v_descale, cu_seqlens_q,
         max_seqlen_q, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
-        cache_leftpad)
+        cache_leftpad, cu_seqlens_k_new)
     num_splits = _num_splits(num_splits)
     backend = _backend.requested_backend()
     packing = (cu_seqlens_q, n_q) if cu_seqlens_q is not None else (None, 0)
     if n_new:
         _append(q, k_cache, v_cache, k, v, seqlens, block_table, backend, mods[-1], *packing,
-                **rotary)
+                **rotary, cu_seqlens_k_new=cu_seqlens_k_new)
     out, lse = _attend(q, k_cache, v_cache, seqlens, block_table, n_new, scale, left, right,
-                       backend, *mods, *packing, **attend, num_splits=num_splits)
+                       backend, *mods, *packing, **attend, num_splits=num_splits,
+                       cu_seqlens_k_new=cu_seqlens_k_new)
     return (out, lse) if return_lse else out
 
 
@@ -679,7 +749,9 @@ def kvcache_append(k_cache, v_cache, k, v, *, cache_seqlens, block_table=None,
     attention_with_kvcache). k (B, S, Hkv, D), v (B, S, Hkv, Ev) in the caches' dtype, or
     float16 or bfloat16 for float8_e4m3fn caches, or packed (total, Hkv, D or Ev) with
     cu_seqlens (B + 1,) int32 and max_seqlen (attention_with_kvcache's cu_seqlens_q and
-    max_seqlen_q): sequence b's tokens in rows cu_seqlens[b] to cu_seqlens[b + 1]. Token i
+    max_seqlen_q; the packing of its cu_seqlens_k_new, FlashAttention-3's name for the new
+    tokens' cumulative lengths, which the append takes alike): sequence b's tokens in rows
+    cu_seqlens[b] to cu_seqlens[b + 1]. Token i
     of sequence b goes to slot cache_seqlens[b] + i, cache_seqlens an int or an integer
     tensor (B,) clamped to [0, capacity - S] (packed: each sequence's own length), and is
     not advanced. rotary_cos, rotary_sin ((seqlen_ro >= capacity, R / 2)) and

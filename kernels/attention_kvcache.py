@@ -28,6 +28,16 @@ queries' tokens, packed alike. The grid is sized by max_seqlen_q as the dense gr
 from cu_seqlens_q, so the launch needs no host sync: tiles and tokens past a sequence's own
 length exit at once. Inside, a sequence is a dense batch of one moved to its first rows.
 
+PACKED_K (FlashAttention-3's cu_seqlens_k_new): the new keys and values packed on their own,
+k (total_k_new, Hkv, D) and v (total_k_new, Hkv, Ev) with sequence b's n_new[b] tokens in
+rows cu_seqlens_k_new[b] to cu_seqlens_k_new[b + 1] (int32 (B + 1,) at cu_seqlens_k_new_ptr),
+whatever the queries' layout, padded or PACKED_Q. The append runs one program per packed row,
+which finds its sequence by bisection in cu_seqlens_k_new, so that its grid is k's rows and
+no longest count is needed; the attention reads n_new[b] there in place of n_new, so that
+sequence b holds L = cache_seqlens[b] + n_new[b] keys (cache_seqlens[b] clamped to [0,
+capacity - n_new[b]]) and its query i sits at L - Sq + i (Sq its own count of queries); with
+ROTARY_PER_QUERY a query is rotated at that position too.
+
 The score modifications of attnmem.attention are flags of the attention kernel: SOFTCAP and
 HAS_ALIBI modify each score as the attention kernels do (kernels/attention.py, with each
 packed row's own head's slope, its distance measured from its position a); HAS_SINKS starts
@@ -128,6 +138,21 @@ def _to_e4m3(x, descale):
 
 
 @triton.jit
+def _sequence_of_row(cu_seqlens_ptr, row, batch):
+    """The sequence b < batch whose rows [cu_seqlens[b], cu_seqlens[b + 1]) hold packed row
+    `row`: the last b with cu_seqlens[b] <= row, by bisection (sequences of no rows are
+    passed over). Any cumulative lengths give some b in [0, batch) (0 for batch 0)."""
+    lo = tl.zeros([], tl.int64)
+    hi = lo + tl.maximum(batch - 1, 0)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        below = tl.load(cu_seqlens_ptr + mid) <= row
+        lo = tl.where(below, mid, lo)
+        hi = tl.where(below, hi, mid - 1)
+    return lo
+
+
+@triton.jit
 def _kvcache_append(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr,
                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                     stride_kcb, stride_kcn, stride_kch, stride_vcb, stride_vcn, stride_vch,
@@ -137,13 +162,17 @@ def _kvcache_append(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr,
                     cu_seqlens_q_ptr=None, total_q=0, PACKED_Q: tl.constexpr = False,
                     cos_ptr=None, sin_ptr=None, ROTARY_DIM: tl.constexpr = 0,
                     INTERLEAVED: tl.constexpr = False, HEAD_DV: tl.constexpr = None,
-                    BLOCK_DV: tl.constexpr = None):
+                    BLOCK_DV: tl.constexpr = None, cu_seqlens_k_new_ptr=None,
+                    PACKED_K: tl.constexpr = False):
     """New token i of sequence b, every kv head: k and v into cache slot seqlens[b] + i
     (k rotated there with ROTARY_DIM, quantized with FP8_KV: see the module's docstring).
     Program b * n_new + i: one grid axis, which CUDA allows 2^31 - 1 programs. PACKED_Q: n_new
     is max_seqlen_q, and sequence b's new tokens are rows cu_seqlens_q[b] + i of k and v
     (batch strides 0). HEAD_DV, BLOCK_DV: v's head dim and its tile (the module's
-    docstring), HEAD_DIM and BLOCK_D when None."""
+    docstring), HEAD_DIM and BLOCK_D when None. PACKED_K (the module's docstring): program
+    r for packed row r of k and v (batch strides 0), which finds its sequence b among the
+    n_new (here the batch B) in cu_seqlens_k_new and is its token i = r -
+    cu_seqlens_k_new[b]; the grid's rows bound r, so no row count is needed."""
     HEAD_V: tl.constexpr = HEAD_DIM if HEAD_DV is None else HEAD_DV
     BLOCK_V: tl.constexpr = BLOCK_D if BLOCK_DV is None else BLOCK_DV
     pid = tl.program_id(0).to(tl.int64)
@@ -155,6 +184,17 @@ def _kvcache_append(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr,
         start, n_new = _packed_sequence(cu_seqlens_q_ptr, b, total_q)
         n_new = tl.minimum(n_new, capacity)
         if i >= n_new:
+            return
+        k_ptr += start * stride_ks
+        v_ptr += start * stride_vs
+    if PACKED_K:
+        b = _sequence_of_row(cu_seqlens_k_new_ptr, pid, n_new)
+        start = tl.load(cu_seqlens_k_new_ptr + b).to(tl.int64)
+        # Clamped to the capacity, as the cumulative lengths are checked on CPU tensors only:
+        # wrong ones then write no slot outside the cache (and row pid is in k: the grid).
+        n_new = tl.minimum(tl.load(cu_seqlens_k_new_ptr + b + 1) - start, capacity)
+        i = (pid - start).to(tl.int32)
+        if (pid < start) | (i >= n_new):
             return
         k_ptr += start * stride_ks
         v_ptr += start * stride_vs
@@ -206,7 +246,8 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
                     INTERLEAVED: tl.constexpr = False, ROTARY_PER_QUERY: tl.constexpr = False,
                     LEFTPAD: tl.constexpr = False, capacity_bucket=0,
                     HEAD_DV: tl.constexpr = None, BLOCK_DV: tl.constexpr = None,
-                    FAST_TANH: tl.constexpr = False):
+                    FAST_TANH: tl.constexpr = False, cu_seqlens_k_new_ptr=None,
+                    PACKED_K: tl.constexpr = False):
     """One split of the visible keys of sequence b, kv head hk, for a tile of rows r =
     i * group + g (query i, head hk * group + g). Writes the tile's output normalised by
     its own softmax sum, and its natural-log logsumexp (-inf for a row that saw no key), at
@@ -220,7 +261,8 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
     lse rows (H, total_q). ROTARY_DIM, INTERLEAVED, ROTARY_PER_QUERY, LEFTPAD: the module's
     docstring. HEAD_DV, BLOCK_DV: v's and the output's head dim and its tile, HEAD_DIM and
     BLOCK_D when None. FAST_TANH: SOFTCAP's tanh is the hardware's (attention's
-    _modified_scores), for 16-bit queries on CUDA."""
+    _modified_scores), for 16-bit queries on CUDA. PACKED_K (the module's docstring): n_new
+    is sequence b's own count in cu_seqlens_k_new."""
     HEAD_V: tl.constexpr = HEAD_DIM if HEAD_DV is None else HEAD_DV
     BLOCK_V: tl.constexpr = BLOCK_D if BLOCK_DV is None else BLOCK_DV
     m_tiles = tl.cdiv(n_q * group, BLOCK_M)
@@ -238,6 +280,11 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
         q_ptr += start * stride_qs
         o_ptr += start * stride_os
         lse_ptr += start
+    if PACKED_K:
+        # Clamped to [0, capacity] as the append clamps it (the lengths are checked on CPU
+        # tensors only); the attention reads the counts, no row of k.
+        n_new = tl.load(cu_seqlens_k_new_ptr + b + 1) - tl.load(cu_seqlens_k_new_ptr + b)
+        n_new = tl.minimum(tl.maximum(n_new, 0), capacity)
     total = kv_length(seqlens_ptr, b, capacity - n_new, True) + n_new
     offset = total - n_q  # query i sits at key position i + offset
 
@@ -254,6 +301,8 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
         q_pos = total - n_new + tl.zeros_like(pos)  # cache_seqlens[b]
         if ROTARY_PER_QUERY:
             q_pos += pos
+            if PACKED_K:
+                q_pos += n_new - n_q  # query i at its position a, as the mask places it
         q = _rotary(q, q_ptr + b * stride_qb + pos.to(tl.int64) * stride_qs + heads * stride_qh,
                     offs_d, row_ok[:, None] & d_ok[None, :], cos_ptr, sin_ptr, q_pos,
                     ROTARY_DIM, INTERLEAVED)
@@ -526,6 +575,13 @@ def _packed_meta(cu_seqlens_q, total_q) -> dict:
     return dict(cu_seqlens_q_ptr=cu_seqlens_q, total_q=total_q, PACKED_Q=True)
 
 
+def _packed_k_meta(cu_seqlens_k_new) -> dict:
+    """The kernels' PACKED_K arguments for new tokens packed by cu_seqlens_k_new, or none."""
+    if cu_seqlens_k_new is None:
+        return {}
+    return dict(cu_seqlens_k_new_ptr=cu_seqlens_k_new, PACKED_K=True)
+
+
 def _rotary_meta(rotation, per_query=None) -> dict:
     """The kernels' ROTARY_DIM arguments for rotation = (cos, sin, interleaved), or none;
     with per_query (the attention's), its ROTARY_PER_QUERY."""
@@ -551,38 +607,46 @@ def _batch_view(x, packed):
 
 
 def append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales=None,
-           cu_seqlens_q=None, max_seqlen_q=None, rotation=None):
+           cu_seqlens_q=None, max_seqlen_q=None, rotation=None, cu_seqlens_k_new=None):
     """Writes k (B, Sq, Hkv, D) and v (B, Sq, Hkv, Ev) into the caches in place at
     cache_seqlens[b] + i; into float8_e4m3fn caches quantized with descales (B, Hkv, 2)
     float32 (k's, v's). With cu_seqlens_q (B + 1,) int32 and max_seqlen_q: k, v packed
     (total, Hkv, D or Ev), sequence b's new tokens in rows cu_seqlens_q[b] to
     cu_seqlens_q[b + 1]. rotation (cos, sin, interleaved): k rotated at its slot first (cos,
-    sin (seqlen_ro, R / 2), seqlen_ro at least the capacity)."""
+    sin (seqlen_ro, R / 2), seqlen_ro at least the capacity). cu_seqlens_k_new (B + 1,)
+    int32, in cu_seqlens_q's place: k, v packed alike, one program per row (PACKED_K), no
+    longest count needed."""
     if k.numel() == 0:
         return
-    packed = cu_seqlens_q is not None
-    k, v = (_batch_view(lastdim_contiguous(x), packed) for x in (k, v))
+    packed, packed_k = cu_seqlens_q is not None, cu_seqlens_k_new is not None
+    k, v = (_batch_view(lastdim_contiguous(x), packed or packed_k) for x in (k, v))
     batch, n_new, kv_heads, head_dim = k.shape
     if packed:
         batch, n_new = cu_seqlens_q.shape[0] - 1, max_seqlen_q
+    if packed_k:
+        # A program per row, each of which finds its own sequence among n_new = B.
+        batch, n_new = 1, cu_seqlens_k_new.shape[0] - 1
+        if n_new == 0:
+            return
     paged = block_table is not None
     table = block_table if paged else cache_seqlens
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     meta = head_dims_meta(head_dim, v.shape[-1])
-    _kvcache_append[(batch * n_new,)](
+    _kvcache_append[(k.shape[1] if packed_k else batch * n_new,)](
         k, v, k_cache, v_cache, cache_seqlens, table, *k.stride()[:3], *v.stride()[:3],
         *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0),
         table.stride(-1), n_new, kv_heads, capacity, k_cache.shape[1] if paged else 1,
         k_cache.shape[0], **meta, PAGED=paged,
         BLOCK_H=triton.next_power_of_2(kv_heads), **_fp8_meta(descales),
-        **_packed_meta(cu_seqlens_q, k.shape[1]), **_rotary_meta(rotation))
+        **_packed_meta(cu_seqlens_q, k.shape[1]), **_rotary_meta(rotation),
+        **_packed_k_meta(cu_seqlens_k_new))
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scale,
                            window_left, window_right, config=None, n_splits=None, softcap=0.0,
                            sinks=None, alibi_slopes=None, descales=None, cu_seqlens_q=None,
                            max_seqlen_q=None, rotation=None, rotary_per_query=False,
-                           cache_leftpad=None):
+                           cache_leftpad=None, cu_seqlens_k_new=None):
     """-> out (B, Sq, H, Ev) in q's dtype (Ev v_cache's head dim, which may differ from q's
     and k_cache's D), lse (B, H, Sq) float32, natural log. The new keys (n_new of them) are
     in the caches already; cache_seqlens counts the tokens before them. config (BLOCK_M,
@@ -597,7 +661,10 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
     H, Ev), lse (H, total_q).
     rotation (cos, sin, interleaved), with n_new nonzero: q rotated at cache_seqlens[b] + i
     if rotary_per_query, else all at cache_seqlens[b]. cache_leftpad int32 (B,), values in
-    [0, capacity]: sequence b's keys start at that slot."""
+    [0, capacity]: sequence b's keys start at that slot. cu_seqlens_k_new (B + 1,) int32:
+    sequence b's new tokens are its own count there, n_new unused (PACKED_K; the module's
+    docstring), q padded or packed; rotary_per_query then rotates query i at its position
+    cache_seqlens[b] + n_new[b] - Sq + i."""
     q = lastdim_contiguous(q)
     packed = cu_seqlens_q is not None
     head_dim_v = v_cache.shape[-1]
@@ -655,7 +722,8 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
     meta = dict(**dims, PAGED=paged,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=block_m,
                 **mods, **_fp8_meta(descales), **_packed_meta(cu_seqlens_q, rows[1]),
-                **_rotary_meta(rotation, rotary_per_query), **_leftpad_meta(cache_leftpad))
+                **_rotary_meta(rotation, rotary_per_query), **_leftpad_meta(cache_leftpad),
+                **_packed_k_meta(cu_seqlens_k_new))
     if config:
         _kvcache_attend[grid](*args, **meta, BLOCK_N=config[1], num_warps=config[2],
                               num_stages=config[3])

@@ -14,7 +14,11 @@ dtype (float32, float64 for a float64 q) before it attends.
 
 Packed queries (q (total_q, H, D), sequence b's in rows cu_seqlens_q[b] to cu_seqlens_q[b + 1],
 its new tokens, if any, packed alike): append_packed and attention_with_kvcache_packed run
-the functions above on each sequence's rows as a batch of one.
+the functions above on each sequence's rows as a batch of one. New tokens packed on their own
+(FlashAttention-3's cu_seqlens_k_new: k (total_k_new, Hkv, D), sequence b's in rows
+cu_seqlens_k_new[b] to cu_seqlens_k_new[b + 1], whatever the queries' layout): append_packed
+with cu_seqlens_k_new for its cumulative lengths, and the attention functions take
+cu_seqlens_k_new for each sequence's count of new tokens.
 
 Rotary embeddings (FlashAttention's rotary_cos and rotary_sin, (seqlen_ro, R / 2), applied
 by rotary): the append rotates the new keys at their slots cache_seqlens[b] + i (before
@@ -74,7 +78,8 @@ def gather(cache, b, length, block_table):
 def attention_with_kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_table, n_new,
                                    scale, window_left, window_right, softcap=0.0, sinks=None,
                                    alibi_slopes=None, descales=None, rotation=None,
-                                   rotary_per_query=False, cache_leftpad=None):
+                                   rotary_per_query=False, cache_leftpad=None,
+                                   cu_seqlens_k_new=None):
     """q (B, Sq, H, D); the caches hold the n_new new tokens after cache_seqlens[b] old ones
     (values in range), v_cache's of head dim Ev. -> out (B, Sq, H, Ev) in q's dtype, lse
     (B, H, Sq) in the twin's compute dtype (-inf where a query sees no key and no sink; its
@@ -84,16 +89,24 @@ def attention_with_kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_tab
     values v_cache * descales[b, :, 1]. rotation (cos, sin, interleaved): q rotated at
     positions cache_seqlens[b] + i if rotary_per_query, else all at cache_seqlens[b].
     cache_leftpad (B,) (values in [0, capacity]): sequence b's keys are slots
-    cache_leftpad[b] to cache_seqlens[b] + n_new."""
+    cache_leftpad[b] to cache_seqlens[b] + n_new. cu_seqlens_k_new (B + 1,): sequence b's
+    new tokens are its own count n_new[b] there (FlashAttention-3's), n_new unused; a query
+    rotated per query sits at its position cache_seqlens[b] + n_new[b] - Sq + i."""
     ct = _attention.compute_dtype(q.dtype)
+    counts = torch.full_like(cache_seqlens, n_new).long()
+    if cu_seqlens_k_new is not None:
+        counts = cu_seqlens_k_new.diff().long()
     if rotation is not None:
-        step = torch.arange(q.shape[1], device=q.device) * rotary_per_query
-        positions = cache_seqlens.long()[:, None] + step
+        # Query i at its position L - Sq + i: cache_seqlens[b] + i when the new tokens are
+        # the queries' own.
+        step = (torch.arange(q.shape[1], device=q.device) + counts[:, None] - q.shape[1])
+        positions = cache_seqlens.long()[:, None] + step * rotary_per_query
         q = rotary(q, *rotation[:2], positions[..., None], rotation[2])
     starts = [0] * len(cache_seqlens) if cache_leftpad is None else cache_leftpad.tolist()
     outs, lses = [], []
-    for b, (seqlen, start) in enumerate(zip(cache_seqlens.tolist(), starts)):
-        length = seqlen + n_new
+    for b, (seqlen, start, new) in enumerate(zip(cache_seqlens.tolist(), starts,
+                                                 counts.tolist())):
+        length = seqlen + new
         k, v = (gather(c, b, length, block_table)[start:] for c in (k_cache, v_cache))
         if descales is not None:
             k, v = (x.to(ct) * descales[b, :, i, None].to(ct) for i, x in enumerate((k, v)))
@@ -145,11 +158,12 @@ def append_packed(k_cache, v_cache, k, v, cache_seqlens, block_table, cu_seqlens
 def attention_with_kvcache_packed(q, k_cache, v_cache, cache_seqlens, block_table,
                                   cu_seqlens_q, appended, scale, window_left, window_right,
                                   softcap=0.0, sinks=None, alibi_slopes=None, descales=None,
-                                  rotation=None, rotary_per_query=False, cache_leftpad=None):
+                                  rotation=None, rotary_per_query=False, cache_leftpad=None,
+                                  cu_seqlens_k_new=None):
     """attention_with_kvcache_forward of each sequence's queries, q (total_q, H, D) packed as
     cu_seqlens_q; appended: its queries' tokens are its new tokens (in the caches after
-    cache_seqlens[b] old ones). -> out (total_q, H, Ev) in q's dtype, lse (H, total_q) in the
-    twin's compute dtype."""
+    cache_seqlens[b] old ones), or with cu_seqlens_k_new (B + 1,) its own count there.
+    -> out (total_q, H, Ev) in q's dtype, lse (H, total_q) in the twin's compute dtype."""
     out = q.new_zeros((*q.shape[:-1], v_cache.shape[-1]))
     lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"),
                      dtype=_attention.compute_dtype(q.dtype))
@@ -162,6 +176,7 @@ def attention_with_kvcache_packed(q, k_cache, v_cache, cache_seqlens, block_tabl
         out_b, lse_b = attention_with_kvcache_forward(
             q[None, rows], *sequence, n_q if appended else 0, scale, window_left, window_right,
             softcap, sinks, slopes, _own(descales, b), rotation, rotary_per_query,
-            _own(cache_leftpad, b))
+            _own(cache_leftpad, b),
+            None if cu_seqlens_k_new is None else cu_seqlens_k_new[b:b + 2])
         out[rows], lse[:, rows] = out_b[0], lse_b[0]
     return out, lse
