@@ -443,25 +443,25 @@ def _check_slots(x, x_name, k_cache, cache_seqlens, block_table, paged, batch, n
     cumulative lengths and the block table's pages (on CPU tensors, outside a torch.compile
     trace, which cannot read tensor data). With cu_seqlens_k_new, n_new is k's rows."""
     packed, knew = cu_seqlens is not None, cu_seqlens_k_new is not None
-    # Packed: the kernels clamp each sequence's to the room its own new tokens leave; with
-    # cu_seqlens_k_new an int's room is checked below, where the lengths are read.
-    seqlens = _seqlens(cache_seqlens, batch, x.device, capacity if knew else capacity - n_new,
-                       capacity if packed or knew else None, x_name)
     tracing = torch.compiler.is_compiling()
-    new = n_new
+    new, room = n_new, capacity - n_new
+    if knew:
+        # An int must leave room for the longest sequence's new tokens, which only readable
+        # lengths tell; elsewhere the kernels clamp each sequence's as a tensor's.
+        room = capacity
+        if x.device.type == "cpu" and not tracing:
+            _check_lengths("cu_seqlens_k_new", cu_seqlens_k_new, n_new, capacity,
+                           "the cache's capacity")
+            new = cu_seqlens_k_new.diff()
+            room = capacity - int(new.max()) if batch else capacity
+    # Packed: the kernels clamp each sequence's to the room its own new tokens leave.
+    seqlens = _seqlens(cache_seqlens, batch, x.device, room,
+                       capacity if packed or knew else None, x_name)
     if packed and x.device.type == "cpu" and not tracing:
         names = _NAMES[x_name]
         _check_lengths(names["cu"], cu_seqlens, x.shape[0], n_q, names["max"])
-        new = cu_seqlens.diff() * (n_new > 0)
-    if knew and x.device.type == "cpu" and not tracing:
-        _check_lengths("cu_seqlens_k_new", cu_seqlens_k_new, n_new, capacity,
-                       "the cache's capacity")
-        new = cu_seqlens_k_new.diff()
-        room = capacity - int(new.max()) if batch else capacity
-        if isinstance(cache_seqlens, numbers.Integral) and cache_seqlens > room:
-            raise ValueError(f"cache_seqlens {cache_seqlens} leaves no room in the cache: it "
-                             f"must lie in [0, {room}] (the capacity less the longest "
-                             "sequence's new tokens in cu_seqlens_k_new)")
+        if not knew:
+            new = cu_seqlens.diff() * (n_new > 0)
     if paged and x.device.type == "cpu" and not tracing:
         _check_pages(block_table, seqlens, new, k_cache.shape[1], k_cache.shape[0])
     return seqlens

@@ -193,9 +193,9 @@ def _kvcache_append(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr,
         # Clamped to the capacity, as the cumulative lengths are checked on CPU tensors only:
         # wrong ones then write no slot outside the cache (and row pid is in k: the grid).
         n_new = tl.minimum(tl.load(cu_seqlens_k_new_ptr + b + 1) - start, capacity)
-        i = (pid - start).to(tl.int32)
-        if (pid < start) | (i >= n_new):
+        if (pid < start) | (pid - start >= n_new):
             return
+        i = (pid - start).to(tl.int32)
         k_ptr += start * stride_ks
         v_ptr += start * stride_vs
     seqlen = kv_length(seqlens_ptr, b, capacity - n_new, True)

@@ -273,6 +273,19 @@ def test_errors_name_the_argument(name):
         attnmem.attention_with_kvcache(q, k_cache, v_cache, **args)
 
 
+def test_append_grid_past_cuda_limit_is_refused():
+    """The append runs a program per packed row of k: past CUDA's 2^31 - 1 programs the
+    triton backend says why (and auto picks torch); below, it takes them."""
+    from attnmem import kvcache
+
+    q, caches = torch.zeros(2, 1, 4, 16), [torch.zeros(2, 8, 2, 16)] * 2
+    cu_k = torch.zeros(3, dtype=torch.int32)
+    for rows, refused in ((2 ** 31, True), (2 ** 31 - 1, False)):
+        k = torch.zeros(1, 1, 16).expand(rows, 2, -1)
+        reasons = kvcache._triton_reasons(q, *caches, k=k, cu_seqlens_k_new=cu_k)
+        assert bool(reasons) == refused and all("packed rows" in r for r in reasons)
+
+
 def _packed_k(job):
     job["constexprs"]["PACKED_K"] = True
     job["pointers"]["cu_seqlens_k_new_ptr"] = "i32"
