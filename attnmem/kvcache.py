@@ -632,8 +632,8 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     whatever q's layout: padded (B, Sq, H, D) or packed with cu_seqlens_q (Sq each
     sequence's own length; as in FlashAttention-3, no max_seqlen_k_new is taken). Sequence b
     then holds L = cache_seqlens[b] + n_new[b] keys, cache_seqlens[b] clamped to [0, capacity
-    - n_new[b]], and its query i sits at a = L - Sq + i as above (a sequence with more
-    queries than keys has queries that see no key: zeros, lse -inf). With rotary_cos and
+    - n_new[b]], and its query i sits at a = L - Sq + i as above (with more queries than
+    keys, causal queries at a < 0 see no key: zeros, lse -inf). With rotary_cos and
     rotary_sin a query that is rotated per query (causal or windowed) is rotated at a,
     where the mask places it; FlashAttention-3 rotates it at cache_seqlens[b] + i, the same
     position whenever a sequence's queries are its new tokens. The lengths are checked on
