@@ -42,8 +42,8 @@ from attnmem.varlen import _check_lengths, _cu_seqlens, _max_seqlen
 # as a tile of 512 columns and a tail of up to 256 (kernels/attention_kvcache.py's
 # wide_head_dims_meta; absorbed multi-head latent attention's D = 576 = 512 + 64), v's Ev in
 # one tile, whose float32 accumulator (32 rows, 512 columns) stays in registers.
-MAX_TRITON_HEAD_DIM = 768
-MAX_TRITON_VALUE_HEAD_DIM = 512
+MAX_KERNEL_HEAD_DIM = 768
+MAX_KERNEL_VALUE_HEAD_DIM = 512
 
 
 def _triton_reasons(q, k_cache, v_cache, cu_seqlens_q=None, max_seqlen_q=0,
@@ -67,10 +67,10 @@ def _triton_reasons(q, k_cache, v_cache, cu_seqlens_q=None, max_seqlen_q=0,
                            "grid's limit")
     if x.dtype not in TRITON_DTYPES:
         reasons.append(f"dtype {x.dtype} (supported: float16, bfloat16, float32)")
-    if x.shape[-1] > MAX_TRITON_HEAD_DIM:
-        reasons.append(f"head dim {x.shape[-1]} > {MAX_TRITON_HEAD_DIM}")
-    if v_cache.shape[-1] > MAX_TRITON_VALUE_HEAD_DIM:
-        reasons.append(f"v_cache's head dim {v_cache.shape[-1]} > {MAX_TRITON_VALUE_HEAD_DIM}")
+    if x.shape[-1] > MAX_KERNEL_HEAD_DIM:
+        reasons.append(f"head dim {x.shape[-1]} > {MAX_KERNEL_HEAD_DIM}")
+    if v_cache.shape[-1] > MAX_KERNEL_VALUE_HEAD_DIM:
+        reasons.append(f"v_cache's head dim {v_cache.shape[-1]} > {MAX_KERNEL_VALUE_HEAD_DIM}")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if cache.stride(-1) != 1 and cache.shape[-1] > 1:
             reasons.append(f"{name}'s last dimension is strided (the kernels write it in "
