@@ -60,9 +60,10 @@ def test_absorbed_mla_decoding_matches_float64(layout, num_splits, dtype, backen
     k_cache, table = cache, None
     if layout == "paged":
         k_cache, table = _paged(cache, 8, torch.randperm(len(seqlens) * 6 + 2))
+    k_cache = _to(k_cache)
     with attnmem.use_backend(backend), torch.no_grad():
         out, lse = attnmem.attention_with_kvcache(
-            _to(q), _to(k_cache), _to(k_cache)[..., :EV], cache_seqlens=_to(torch.tensor(
+            _to(q), k_cache, k_cache[..., :EV], cache_seqlens=_to(torch.tensor(
                 seqlens, dtype=torch.int32)), block_table=_to(table), return_lse=True,
             num_splits=num_splits)
     case = dict(n_q=1, d=D, causal=True, window=None, rotary=None, leftpad=None, fp8=False,
