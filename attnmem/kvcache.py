@@ -10,7 +10,11 @@ tokens packed as the queries or on their own with cu_seqlens_k_new (FlashAttenti
 append takes none from kvcache_append, whose checks are attention_with_kvcache's with k in
 q's place.
 The value cache (and the new values, and the output) may have a head dim Ev of its own,
-FlashAttention-3's headdim_v (multi-head latent attention's D = 192, Ev = 128).
+FlashAttention-3's headdim_v (multi-head latent attention's D = 192, Ev = 128). The triton
+kernels take D up to 768 and Ev up to 512 (attention proper stops at 256): absorbed
+multi-head latent attention's decoding (DeepSeek-V2/V3, FlashMLA's workload) runs there, one
+latent kv head of D = 576 whose first 512 columns are the values, v_cache = k_cache[...,
+:512] (a view; only an append refuses overlapping caches).
 """
 
 import numbers
@@ -24,7 +28,6 @@ from attnmem import backend as _backend
 from attnmem.attention import (
     FLOAT_DTYPES,
     FP8_DTYPE,
-    MAX_TRITON_HEAD_DIM,
     TRITON_DTYPES,
     _fp8_descales,
     _is_fp8,
@@ -36,6 +39,13 @@ from attnmem.attention import (
 from attnmem.reference import attention as _attention_twin
 from attnmem.reference import kvcache as _reference
 from attnmem.varlen import _check_lengths, _cu_seqlens, _max_seqlen
+
+# The kernels' widest head dims, past attention's MAX_TRITON_HEAD_DIM (256): q's and k's D
+# as a tile of 512 columns and a tail of up to 256 (kernels/attention_kvcache.py's
+# wide_head_dims_meta; absorbed multi-head latent attention's D = 576 = 512 + 64), v's Ev in
+# one tile, whose float32 accumulator (32 rows, 512 columns) stays in registers.
+MAX_KERNEL_HEAD_DIM = 768
+MAX_KERNEL_VALUE_HEAD_DIM = 512
 
 
 def _triton_reasons(q, k_cache, v_cache, cu_seqlens_q=None, max_seqlen_q=0,
@@ -63,10 +73,10 @@ def _triton_reasons(q, k_cache, v_cache, cu_seqlens_q=None, max_seqlen_q=0,
                            "grid's limit")
     if x.dtype not in TRITON_DTYPES:
         reasons.append(f"dtype {x.dtype} (supported: float16, bfloat16, float32)")
-    if x.shape[-1] > MAX_TRITON_HEAD_DIM:
-        reasons.append(f"head dim {x.shape[-1]} > {MAX_TRITON_HEAD_DIM}")
-    if v_cache.shape[-1] > MAX_TRITON_HEAD_DIM:
-        reasons.append(f"v_cache's head dim {v_cache.shape[-1]} > {MAX_TRITON_HEAD_DIM}")
+    if x.shape[-1] > MAX_KERNEL_HEAD_DIM:
+        reasons.append(f"head dim {x.shape[-1]} > {MAX_KERNEL_HEAD_DIM}")
+    if v_cache.shape[-1] > MAX_KERNEL_VALUE_HEAD_DIM:
+        reasons.append(f"v_cache's head dim {v_cache.shape[-1]} > {MAX_KERNEL_VALUE_HEAD_DIM}")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if cache.stride(-1) != 1 and cache.shape[-1] > 1:
             reasons.append(f"{name}'s last dimension is strided (the kernels write it in "
@@ -552,7 +562,10 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     (num_pages, page_size, Hkv, D), any page size; v_cache: the same with its own head dim
     Ev >= 1, (B, S_max, Hkv, Ev) or (num_pages, page_size, Hkv, Ev) (FlashAttention-3's
     headdim_v; multi-head latent attention's D = 192, Ev = 128; Ev = D otherwise), which
-    every option below takes, on both backends (the triton kernels up to 256, as for D);
+    every option below takes, on both backends (the triton kernels: D up to 768, Ev up to
+    512; wider heads run the twin). Absorbed multi-head latent attention (DeepSeek-V2/V3's
+    decoding, FlashMLA's: one latent kv head, D = 576, Ev = 512) passes v_cache =
+    k_cache[..., :512], a view of the keys' first columns, without k and v;
     block_table (B, max_blocks) int32: token t of sequence b sits in page
     block_table[b, t // page_size] at offset t % page_size. H % Hkv == 0 (query head h
     reads kv head h // (H // Hkv)). cache_seqlens: an int or an integer tensor (B,), the
@@ -560,8 +573,9 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     [0, capacity] otherwise; capacity = S_max or max_blocks * page_size). k (B, Sq, Hkv, D)
     and v (B, Sq, Hkv, Ev): new tokens, or None: they are written in place into the caches
     at positions cache_seqlens[b] + i (cache_seqlens itself is not advanced), and then
-    attended to with the rest of the cache. Caches that overlap themselves or the other
-    inputs are refused (not inside a torch.compile trace, which cannot inspect storage).
+    attended to with the rest of the cache. With k and v, caches that overlap themselves,
+    each other or the other inputs are refused (not inside a torch.compile trace, which
+    cannot inspect storage).
 
     Each sequence's queries align to the end of its own cache, as FlashAttention's do: with
     L = cache_seqlens[b] + (Sq if k is given else 0) keys (with cu_seqlens_k_new, its own

@@ -27,7 +27,7 @@ PROVIDERS = {
     "memory_write": ("attnmem", "eager", "compile"),
     "additive": ("attnmem", "eager"),
     "mha": ("attnmem-mha", "attnmem-self", "torch-mha"),
-    "decode": ("attnmem", "attnmem-paged", "attnmem-fp8", "sdpa", "flex"),
+    "decode": ("attnmem", "attnmem-paged", "attnmem-fp8", "sdpa", "flex", "twin"),
     "varlen": ("attnmem", "attnmem-fp8", "padded"),
     "product_key": ("attnmem", "attnmem-sparse", "eager", "dense"),
     "rotary": ("attnmem", "eager", "compile"),
@@ -295,25 +295,36 @@ def build(point, device):
 # 8:1, against SDPA and FlexAttention on the same cache. Every provider attends over the
 # x cached tokens (attnmem with k=None: the append is a separate write for every provider);
 # attnmem-fp8 over an e4m3 copy of it (16-bit queries only: the GPU profiles' bfloat16).
+# mla: absorbed multi-head latent attention's decoding (DeepSeek-V2/V3, FlashMLA's workload)
+# after those points, (query heads, D, Ev) on one latent kv head whose first Ev columns are
+# the values (v_cache = k_cache[..., :Ev], a view, for attnmem), over caches of mla_x tokens,
+# with "twin": attention_with_kvcache on the torch backend, which ran these head dims before
+# the triton kernels took them.
 # ---------------------------------------------------------------------------------------
 
 DECODE_SIZES = {
     "gpu": dict(x=[1024, 4096, 16384, 65536, 131072], batch=[1, 8, 64], heads=32, kv_heads=4,
-                d=128, page_size=16),
+                d=128, page_size=16, mla=[(16, 576, 512), (128, 576, 512)],
+                mla_x=[4096, 16384, 32768]),
     "gpu-check": dict(x=[4096, 65536], batch=[1, 64], heads=32, kv_heads=4, d=128,
                       page_size=16),
     "cpu": dict(x=[1024, 4096, 16384], batch=[1, 8], heads=8, kv_heads=1, d=64, page_size=16),
     "quick": dict(x=[1024, 4096], batch=[1, 4], heads=8, kv_heads=1, d=64, page_size=16),
-    "smoke": dict(x=[32, 64], batch=[1, 2], heads=8, kv_heads=1, d=16, page_size=16),
+    "smoke": dict(x=[32, 64], batch=[1, 2], heads=8, kv_heads=1, d=16, page_size=16,
+                  mla=[(4, 24, 16)], mla_x=[32]),
 }
 
 
 def decode_points(profile):
     sizes = DECODE_SIZES[profile]
-    fixed = {k: v for k, v in sizes.items() if k not in ("x", "batch")}
+    fixed = {k: v for k, v in sizes.items() if k not in ("x", "batch", "mla", "mla_x")}
     return [dict(op="decode", provider=provider, mode="fwd", x=x, batch=batch, **fixed)
             for batch in sizes["batch"] for provider in PROVIDERS["decode"]
-            for x in sizes["x"]]
+            for x in sizes["x"] if provider != "twin"] + [
+        dict(op="decode", provider=provider, mode="fwd", x=x, batch=batch,
+             **dict(fixed, heads=heads, kv_heads=1, d=d, dv=dv))
+        for heads, d, dv in sizes.get("mla", ()) for batch in sizes["batch"]
+        for provider in PROVIDERS["decode"] for x in sizes["mla_x"]]
 
 
 def _fp8_cache(cache):
@@ -324,30 +335,45 @@ def _fp8_cache(cache):
 
 
 def _decode_fn(provider, q, k, v, page_size):
-    """The call for one provider: q (B, 1, H, D) and the cache k, v (B, N, Hkv, D), each
-    laid out as the provider takes them."""
-    if provider.startswith("attnmem"):
+    """The call for one provider: q (B, 1, H, D) and the cache k, v (B, N, Hkv, D or Ev),
+    each laid out as the provider takes them. A v that is a view of k's first columns (the
+    mla points) stays one for attnmem: its pool, its e4m3 copy and descales are k's."""
+    if provider.startswith("attnmem") or provider == "twin":
         batch, n = k.shape[:2]
+        shared = v.data_ptr() == k.data_ptr() and v.shape[-1] < k.shape[-1]
         table = None
         if provider == "attnmem-paged":  # the cache's pages shuffled through the pool
             blocks = -(-n // page_size)
             order = torch.randperm(batch * blocks, device=k.device)
             table = order.view(batch, blocks).to(torch.int32)
             pools = []
-            for cache in (k, v):
+            for cache in (k,) if shared else (k, v):
                 pool = cache.new_zeros(batch * blocks, page_size, *cache.shape[2:])
                 pool.view(batch, blocks * page_size, *cache.shape[2:])[:, :n] = cache
                 pools.append(pool[torch.argsort(order)])
-            k, v = pools
+            k, v = (pools[0], pools[0][..., :v.shape[-1]]) if shared else pools
         descales = {}
         if provider == "attnmem-fp8":
             if q.dtype not in (torch.float16, torch.bfloat16):
                 raise RuntimeError(f"an e4m3 cache takes 16-bit queries, this profile's are "
                                    f"{q.dtype}")
-            (k, descales["k_descale"]), (v, descales["v_descale"]) = map(_fp8_cache, (k, v))
+            if shared:
+                k, descales["k_descale"] = _fp8_cache(k)
+                v, descales["v_descale"] = k[..., :v.shape[-1]], descales["k_descale"]
+            else:
+                (k, descales["k_descale"]), (v, descales["v_descale"]) = map(_fp8_cache,
+                                                                             (k, v))
         seqlens = torch.full((batch,), n, dtype=torch.int32, device=k.device)
-        return lambda: attnmem.attention_with_kvcache(q, k, v, cache_seqlens=seqlens,
-                                                      block_table=table, **descales)
+
+        def call():
+            return attnmem.attention_with_kvcache(q, k, v, cache_seqlens=seqlens,
+                                                  block_table=table, **descales)
+        if provider == "twin":
+            def on_the_twin():
+                with attnmem.use_backend("torch"):
+                    return call()
+            return on_the_twin
+        return call
     q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # (B, heads, N, D)
     if provider == "sdpa":
         return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
@@ -360,16 +386,19 @@ def _decode_fn(provider, q, k, v, page_size):
 
 
 def build_decode(point, device):
-    """(fn, bytes): the cache is read once (one byte an element in e4m3 for attnmem-fp8),
-    the query read and the output written once."""
+    """(fn, bytes): the cache is read once (one byte an element in e4m3 for attnmem-fp8; an
+    mla point's values are its keys' first columns, read with them), the query read and the
+    output written once."""
     batch, n, d = point["batch"], point["x"], point["d"]
     dtype = dtype_for("decode", device)
     q = _randn(batch, 1, point["heads"], d, device=device, dtype=dtype)
-    k, v = (_randn(batch, n, point["kv_heads"], d, device=device, dtype=dtype)
-            for _ in range(2))
+    k = _randn(batch, n, point["kv_heads"], d, device=device, dtype=dtype)
+    dv = point.get("dv")
+    v = _randn(*k.shape, device=device, dtype=dtype) if dv is None else k[..., :dv]
     fn = _decode_fn(point["provider"], q, k, v, point["page_size"])
     cache_bytes = 1 if point["provider"] == "attnmem-fp8" else q.element_size()
-    work = cache_bytes * 2 * k.numel() + q.element_size() * 2 * q.numel()
+    cache = k.numel() * (2 if dv is None else 1)
+    work = cache_bytes * cache + q.element_size() * q.numel() // d * (d + (dv or d))
     return _timed("fwd", fn, ()), work
 
 

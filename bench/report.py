@@ -306,8 +306,11 @@ def write_report(out_dir, meta, rows, unavailable):
     if "decode" in ops:
         batches = sorted({r["batch"] for r in rows if r["op"] == "decode"})
         point = next(r for r in rows if r["op"] == "decode")
+        # The mla points (a value head dim dv) get tables of their own below.
+        mla = sorted({(r["heads"], r["d"], r["dv"]) for r in rows
+                      if r["op"] == "decode" and r.get("dv")})
         _plot(os.path.join(out_dir, "decode.png"),
-              [(f"decode, batch {b}", _series(rows, "gbs", op="decode", batch=b))
+              [(f"decode, batch {b}", _series(rows, "gbs", op="decode", batch=b, dv=None))
                for b in batches], "cached tokens", "GB/s",
               roof=("copy bandwidth", meta["copy_bandwidth_gbs"]))
         md += ["## Decoding from a KV cache", "", "GB/s (the cache read once, the query read "
@@ -320,9 +323,21 @@ def write_report(out_dir, meta, rows, unavailable):
                "measured copy bandwidth.", "", "![decode](decode.png)", ""]
         for b in batches:
             md += [f"**batch {b}** (GB/s)", "",
-                   _table(rows, "gbs", "{:.3g}", op="decode", batch=b, label="N"),
+                   _table(rows, "gbs", "{:.3g}", op="decode", batch=b, dv=None, label="N"),
                    "attnmem's time ÷ each baseline's:", "",
-                   _ratio_table(point_ratios, op="decode", batch=b)]
+                   _ratio_table(point_ratios, op="decode", batch=b, dv=None)]
+        if mla:
+            md += ["Absorbed multi-head latent attention (DeepSeek-V2/V3's decoding): one "
+                   "latent kv head whose first Ev columns are the values (attnmem reads them "
+                   "as a view of the key cache, once), GB/s counting that cache once; twin: "
+                   "attention_with_kvcache on the torch backend.", ""]
+        for heads, d, dv in mla:
+            for b in batches:
+                match = dict(op="decode", batch=b, heads=heads, d=d, dv=dv)
+                md += [f"**{heads} query heads, head dims {d}/{dv}, batch {b}** (GB/s)", "",
+                       _table(rows, "gbs", "{:.3g}", label="N", **match),
+                       "attnmem's time ÷ each baseline's:", "",
+                       _ratio_table(point_ratios, **match)]
     if "varlen" in ops:
         configs = sorted({(r["mode"], r["causal"]) for r in rows if r["op"] == "varlen"},
                          key=lambda c: (cases.MODES["varlen"].index(c[0]), c[1]))

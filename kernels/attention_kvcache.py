@@ -11,6 +11,15 @@ key j iff j < cache_seqlens[b] + n_new and a - window_left <= j <= a + window_ri
 The value cache, the new values and out may have a head dim Ev of their own (FlashAttention's
 headdim_v; multi-head latent attention's D = 192, Ev = 128): the kernels then take HEAD_DV and
 BLOCK_DV, passed only where Ev != D, so that equal head dims compile as without them.
+Head dims past 256 (absorbed multi-head latent attention's decoding, DeepSeek-V2/V3's D = 576,
+Ev = 512, the values often the keys' first 512 columns: v_cache = k_cache[..., :512]): the
+attention takes a D that is no power of 2 as a tile of BLOCK_D columns, the largest power of
+2 below D, and a tail tile of BLOCK_DT (wide_head_dims_meta: 576 = 512 + 64, not one tile of
+1024), whose dots with the key tiles add; both tiles rotate with ROTARY_DIM (each pair's
+partner is loaded by its column, in whichever tile it lies). D up to 768 (512 + 256), Ev up
+to 512 in one tile (a float32 accumulator of (32, 512) stays in registers at 8 warps);
+BLOCK_DT is passed only where D > 256, so that narrower head dims compile as without it.
+The append and the combine take these widths in single tiles (BLOCK_D = 1024 for D = 576).
 
 Decoding one token gives each (b, kv head) a single row of work, so the attention kernel
 packs the H // Hkv query heads that share a kv head, times Sq, into the rows of one tile
@@ -247,7 +256,7 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
                     LEFTPAD: tl.constexpr = False, capacity_bucket=0,
                     HEAD_DV: tl.constexpr = None, BLOCK_DV: tl.constexpr = None,
                     FAST_TANH: tl.constexpr = False, cu_seqlens_k_new_ptr=None,
-                    PACKED_K: tl.constexpr = False):
+                    PACKED_K: tl.constexpr = False, BLOCK_DT: tl.constexpr = 0):
     """One split of the visible keys of sequence b, kv head hk, for a tile of rows r =
     i * group + g (query i, head hk * group + g). Writes the tile's output normalised by
     its own softmax sum, and its natural-log logsumexp (-inf for a row that saw no key), at
@@ -262,7 +271,9 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
     docstring. HEAD_DV, BLOCK_DV: v's and the output's head dim and its tile, HEAD_DIM and
     BLOCK_D when None. FAST_TANH: SOFTCAP's tanh is the hardware's (attention's
     _modified_scores), for 16-bit queries on CUDA. PACKED_K (the module's docstring): n_new
-    is sequence b's own count in cu_seqlens_k_new."""
+    is sequence b's own count in cu_seqlens_k_new. BLOCK_DT > 0 (wide_head_dims_meta): q's
+    and k's head dim in two tiles, BLOCK_D columns and a tail of BLOCK_DT from column
+    BLOCK_D, masked to HEAD_DIM, whose dots add."""
     HEAD_V: tl.constexpr = HEAD_DIM if HEAD_DV is None else HEAD_DV
     BLOCK_V: tl.constexpr = BLOCK_D if BLOCK_DV is None else BLOCK_DV
     m_tiles = tl.cdiv(n_q * group, BLOCK_M)
@@ -293,7 +304,7 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
     pos = rows // group
     heads = hk * group + rows % group
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = within(offs_d, HEAD_DIM, HEAD_DIM == BLOCK_D)
+    d_ok = within(offs_d, HEAD_DIM, HEAD_DIM >= BLOCK_D)  # a tail's BLOCK_D is whole
     q = tl.load(q_ptr + b * stride_qb + pos[:, None].to(tl.int64) * stride_qs
                 + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -306,6 +317,17 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
         q = _rotary(q, q_ptr + b * stride_qb + pos.to(tl.int64) * stride_qs + heads * stride_qh,
                     offs_d, row_ok[:, None] & d_ok[None, :], cos_ptr, sin_ptr, q_pos,
                     ROTARY_DIM, INTERLEAVED)
+    if BLOCK_DT > 0:
+        offs_t = BLOCK_D + tl.arange(0, BLOCK_DT)
+        t_ok = within(offs_t, HEAD_DIM, HEAD_DIM == BLOCK_D + BLOCK_DT)
+        q_t = tl.load(q_ptr + b * stride_qb + pos[:, None].to(tl.int64) * stride_qs
+                      + heads[:, None] * stride_qh + offs_t[None, :],
+                      mask=row_ok[:, None] & t_ok[None, :], other=0.0)
+        if ROTARY_DIM > BLOCK_D:
+            # _rotary loads each column's pair by its column, in whichever tile it lies.
+            q_t = _rotary(q_t, q_ptr + b * stride_qb + pos.to(tl.int64) * stride_qs
+                          + heads * stride_qh, offs_t, row_ok[:, None] & t_ok[None, :],
+                          cos_ptr, sin_ptr, q_pos, ROTARY_DIM, INTERLEAVED)
 
     # Keys some row of the tile sees, split evenly (in whole tiles) across the programs.
     pos_first = pid_m * BLOCK_M // group
@@ -350,9 +372,15 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
                      mask=k_ok[None, :] & d_ok[:, None], other=0.0)
         if FP8_KV:
             kt = kt.to(q.dtype)
-        s, _ = _modified_scores(tl.dot(q, kt, input_precision=DOT_PRECISION), aligned[:, None],
-                                keys[None, :], qk_scale, softcap_scale, slope, SOFTCAP,
-                                HAS_ALIBI, FAST_TANH)
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        if BLOCK_DT > 0:
+            kt_t = tl.load(k_rows[None, :] + hk * stride_kch + offs_t[:, None],
+                           mask=k_ok[None, :] & t_ok[:, None], other=0.0)
+            if FP8_KV:
+                kt_t = kt_t.to(q.dtype)
+            qk = tl.dot(q_t, kt_t, qk, input_precision=DOT_PRECISION)
+        s, _ = _modified_scores(qk, aligned[:, None], keys[None, :], qk_scale, softcap_scale,
+                                slope, SOFTCAP, HAS_ALIBI, FAST_TANH)
         keep = ((keys[None, :] < hi) & (keys[None, :] >= aligned[:, None] - window_left)
                 & (keys[None, :] <= aligned[:, None] + window_right) & row_ok[:, None])
         if LEFTPAD:
@@ -454,8 +482,13 @@ CONFIGS = {
     (64, 2, True): [(64, 8, 4), (128, 8, 2), (128, 8, 3), (128, 4, 2)],
     (128, 2, True): [(64, 4, 3), (32, 8, 3), (32, 4, 2)],
     (256, 2, True): [(32, 8, 2), (32, 8, 3), (32, 8, 4), (64, 8, 2)],
+    # Tiles past 256 (absorbed multi-head latent attention's D = 576 = 512 + 64, Ev = 512):
+    # 8 warps only, as 4 spill at 32 rows (reports/kvcache-tuning.md's wide section).
+    (768, 2, False): [(32, 8, 2), (32, 8, 3), (16, 8, 3)],
+    (768, 4, False): [(16, 8, 2)],
+    (768, 2, True): [(32, 8, 3), (16, 8, 3)],
 }
-HEAD_DIM_BUCKETS = (64, 128, 256)
+HEAD_DIM_BUCKETS = (64, 128, 256, 768)
 # Under the interpreter: tiles small enough that test caches span several (BLOCK_M from
 # config_for, 16 there), and splits of whole such tiles.
 INTERPRET_CONFIG = dict(BLOCK_N=16, num_warps=1, num_stages=1)
@@ -464,11 +497,12 @@ INTERPRET_CONFIG = dict(BLOCK_N=16, num_warps=1, num_stages=1)
 # BLOCK_M (config_for's bucket of the rows per kv head), a paged cache, packed queries, and
 # capacity_bucket, the kernel argument that only the tuner reads: the cache capacity rounded
 # up to a power of 4; BLOCK_DV, v's head-dim tile, passed only where v's head dim differs
-# from q's (absent, it leaves the key as it was). Nothing in it changes from one decoding step
+# from q's (absent, it leaves the key as it was), and BLOCK_DT, the tail of a head dim past 256
+# (absent below). Nothing in it changes from one decoding step
 # to the next (the lengths in cache_seqlens and the batch stay out), so steps reuse the tuned
 # config.
 TUNING_KEY = ["BLOCK_D", "BLOCK_M", "PAGED", "FP8_KV", "PACKED_Q", "capacity_bucket",
-              "BLOCK_DV"]
+              "BLOCK_DV", "BLOCK_DT"]
 
 
 def config_for(rows: int, block_d: int, elem: int, interpret=None):
@@ -481,6 +515,11 @@ def config_for(rows: int, block_d: int, elem: int, interpret=None):
     if interpreting() if interpret is None else interpret:
         return 16, 16, 1, 1
     wide = block_d >= 256
+    if block_d > 256:
+        # Tiles past 256 (wide_head_dims_meta's; v's up to 512): at most 32 rows and 8 warps,
+        # as 64 rows or 4 warps spill on sm_90 (a (32, 512) float32 accumulator is 64
+        # registers a thread at 8 warps, 128 at 4).
+        return (16, 16, 8, 2) if elem == 4 else (min(block_width(rows), 32), 16, 8, 3)
     if elem == 4:
         # float32 dots run on FMA units: wider tiles, or fewer warps, spill on sm_90.
         return 16, 16 if wide else 32, 8, 2
@@ -518,20 +557,25 @@ def without_value_spills(configs, block_m: int, dims: dict, elem: int, fp8_kv: b
             not in spills] or configs
 
 
-def launch_configs(block_m: int, block_d: int, elem: int, fp8_kv: bool, smem_limit: int):
+def launch_configs(block_m: int, block_d: int, elem: int, fp8_kv: bool, smem_limit: int,
+                   widths=None):
     """The configs the launch times for BLOCK_M block_m: configs_for's, 8 warps only for
     tiles of 64 rows (as config_for's rule: 4 warps would hold twice the accumulators a
     thread), and config_for's own for this BLOCK_M; of those, the ones whose staged tiles
     (smem_estimate, at q's element size: an FP8 cache needs less) fit smem_limit bytes of
     shared memory a block, or the least hungry one if none does. CONFIGS fits sm_80's and
-    sm_90's; sm_86 and sm_89 allow 99 KiB a block."""
+    sm_90's; sm_86 and sm_89 allow 99 KiB a block. widths: (k's, v's) staged tile widths
+    (staged_widths), block_d for both when None."""
     _, *rule = config_for(block_m, block_d, elem, interpret=False)
     configs = [c for c in configs_for(block_d, elem, fp8_kv)
                if block_m < 64 or c["num_warps"] >= 8]
     configs += [c for c in slot_configs([rule]) if c not in configs]
 
+    k_width, v_width = widths or (block_d, None)
+
     def smem(config):
-        return smem_estimate(block_m, config["BLOCK_N"], block_d, config["num_stages"], elem)
+        return smem_estimate(block_m, config["BLOCK_N"], k_width, config["num_stages"], elem,
+                             v_width)
 
     return [c for c in configs if smem(c) <= smem_limit] or [min(configs, key=smem)]
 
@@ -541,9 +585,31 @@ def combine_warps(block_d: int) -> int:
     return max(1, block_d // 128)
 
 
-def smem_estimate(block_m: int, block_n: int, block_d: int, stages: int, elem: int) -> int:
-    """Bytes a config stages: the query tile and the pipelined key and value tiles."""
-    return elem * block_d * (block_m + 2 * stages * block_n)
+def smem_estimate(block_m: int, block_n: int, block_d: int, stages: int, elem: int,
+                  block_dv=None) -> int:
+    """Bytes a config stages: the query tile and the pipelined key tiles, block_d wide, and
+    value tiles, block_dv wide (block_d when None)."""
+    return elem * (block_d * (block_m + stages * block_n)
+                   + (block_dv or block_d) * stages * block_n)
+
+
+def wide_head_dims_meta(head_dim: int, head_dim_v: int) -> dict:
+    """head_dims_meta's, with a head dim D past 256 that is no power of 2 in two tiles:
+    BLOCK_D, the largest power of 2 below it, and BLOCK_DT, a tail that holds the rest
+    (576 = 512 + 64 columns, not one tile of 1024); v's HEAD_DV and BLOCK_DV then always,
+    as BLOCK_D no longer holds v's head dim."""
+    meta = head_dims_meta(head_dim, head_dim_v)
+    if head_dim > 256 and block_width(head_dim) != head_dim:
+        main = 1 << (head_dim.bit_length() - 1)
+        meta.update(BLOCK_D=main, BLOCK_DT=block_width(head_dim - main), HEAD_DV=head_dim_v,
+                    BLOCK_DV=block_width(head_dim_v))
+    return meta
+
+
+def staged_widths(meta) -> tuple:
+    """(k's, v's) tile widths that a config stages for the kernels' meta (wide_head_dims_meta's):
+    k's BLOCK_D and its tail, v's BLOCK_DV (BLOCK_D without one)."""
+    return (meta["BLOCK_D"] + meta.get("BLOCK_DT", 0), meta.get("BLOCK_DV") or meta["BLOCK_D"])
 
 
 def _splits(capacity, programs, block_n, device, n_splits=None):
@@ -686,10 +752,10 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
     if out.numel() == 0 or batch * n_q == 0:
         return out, lse.fill_(float("-inf"))
     group = heads // kv_heads
-    dims = head_dims_meta(head_dim, head_dim_v)
+    dims = wide_head_dims_meta(head_dim, head_dim_v)
     # Configs, their shared memory and the BLOCK_M rule follow the larger head dim's tile,
     # as the attention kernels' do: its configs hold the smaller one's tiles too.
-    block_d = tile_head_dim(dims)
+    block_d = max(tile_head_dim(dims), *staged_widths(dims))
     elem, fp8_kv = q.element_size(), descales is not None
     # Splits hold whole tiles of the largest BLOCK_N that may run (every candidate's, a power
     # of 2, divides it): an explicit config's, the interpreter's, or the candidates'.
@@ -697,7 +763,8 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
                                                   INTERPRET_CONFIG["BLOCK_N"])
     configs = []
     if not (config or interpreting()):
-        configs = launch_configs(block_m, block_d, elem, fp8_kv, _smem_limit(q.device))
+        configs = launch_configs(block_m, block_d, elem, fp8_kv, _smem_limit(q.device),
+                                 staged_widths(dims))
         if q.is_cuda and _arch(q.device) == 90:
             configs = without_value_spills(configs, block_m, dims, elem, fp8_kv)
         quantum = max(c["BLOCK_N"] for c in configs)

@@ -373,19 +373,19 @@ def test_bad_packed_and_appended_v_names_v():
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="no triton backend here")
 def test_value_head_dim_past_the_kernels_falls_back_to_the_twin():
-    """Ev past 256: backend="triton" refuses naming v_cache's head dim, "auto" runs the twin
+    """Ev past 512: backend="triton" refuses naming v_cache's head dim, "auto" runs the twin
     (the append included)."""
-    args = {n: _to(x) for n, x in _good(ev=264).items()}
+    args = {n: _to(x) for n, x in _good(ev=520).items()}
     q, caches = args.pop("q"), [args.pop("k_cache"), args.pop("v_cache")]
     with attnmem.use_backend("triton"), pytest.raises(RuntimeError,
-                                                      match="v_cache's head dim 264 > 256"):
+                                                      match="v_cache's head dim 520 > 512"):
         attnmem.attention_with_kvcache(q, *[c.clone() for c in caches], **args)
     results = {}
     for backend in ("auto", "torch"):
         got = [c.clone() for c in caches]
         with attnmem.use_backend(backend):
             results[backend] = (attnmem.attention_with_kvcache(q, *got, **args), *got)
-    assert results["auto"][0].shape == (2, 1, 4, 264)
+    assert results["auto"][0].shape == (2, 1, 4, 520)
     for got, expect in zip(results["auto"], results["torch"]):
         assert torch.equal(got, expect)
 
