@@ -263,13 +263,18 @@ ERRORS = {
 }
 
 
-@pytest.mark.parametrize("name", list(ERRORS))
-def test_errors_name_the_argument(name):
-    change, error, match = ERRORS[name]
-    args = dict(_good(), **change)
+def assert_refused(args, change, error, match):
+    """attention_with_kvcache of the call `args` (a dict of every argument) with `change`
+    applied raises `error` whose message holds `match`."""
+    args = dict(args, **change)
     q, k_cache, v_cache = args.pop("q"), args.pop("k_cache"), args.pop("v_cache")
     with pytest.raises(error, match=re.escape(match)):
         attnmem.attention_with_kvcache(q, k_cache, v_cache, **args)
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+def test_errors_name_the_argument(name):
+    assert_refused(_good(), *ERRORS[name])
 
 
 def test_opcheck_and_torch_compile():
