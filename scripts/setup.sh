@@ -30,3 +30,16 @@ else
     fi
 fi
 "$PY" -m pip install -e ".[dev]"
+# Triton 3.6 and older run a kernel's loop bounds through int() of one-element numpy arrays in
+# their interpreter, which numpy 2.4 refuses ("only 0-dimensional arrays can be converted";
+# triton issue 9171, fixed in 3.7): the tests' interpreted kernels fail there. An installed
+# torch that pins such a triton (2.11 pins 3.6) then keeps numpy below 2.4.
+if "$PY" -c "
+import sys
+import numpy, triton
+version = lambda v: tuple(int(p) for p in v.split('+')[0].split('.')[:2])
+sys.exit(not (version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4)))
+" 2>/dev/null; then
+    echo "setup: triton $("$PY" -c 'import triton; print(triton.__version__)')'s interpreter needs numpy < 2.4"
+    "$PY" -m pip install "numpy<2.4"
+fi
