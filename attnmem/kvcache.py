@@ -7,8 +7,8 @@ each on the triton kernels (split-KV flash-decoding, GQA packing, paged loads) o
 pure-torch twin (attnmem.reference.kvcache), as attnmem.backend chooses. Both take the
 queries padded (B, Sq, H, D) or packed (total_q, H, D) with cu_seqlens_q, and the new
 tokens packed as the queries or on their own with cu_seqlens_k_new (FlashAttention-3's); the
-append takes none from kvcache_append, whose checks are attention_with_kvcache's with k in
-q's place.
+append takes none from kvcache_append, whose packed k comes as cu_seqlens_k_new and whose
+checks are attention_with_kvcache's with k in q's place.
 The value cache (and the new values, and the output) may have a head dim Ev of its own,
 FlashAttention-3's headdim_v (multi-head latent attention's D = 192, Ev = 128). The triton
 kernels take D up to 768 and Ev up to 512 (attention proper stops at 256): absorbed
@@ -59,18 +59,17 @@ def _triton_reasons(q, k_cache, v_cache, cu_seqlens_q=None, max_seqlen_q=0,
                        f"{_backend.GRID_X_LIMIT}, the CUDA launch grid's limit")
     if cu_seqlens_q is not None:
         # Packed: the grids are sized by max_seqlen_q, not by the packed rows, the append's
-        # B * max_seqlen_q and the attention's row tiles of at least 16 rows.
+        # B * max_seqlen_q and the attention's row tiles of at least 16 rows (kvcache_append
+        # packs k with cu_seqlens_k_new: a program per row, above).
         batch, kv_heads = cu_seqlens_q.shape[0] - 1, k_cache.shape[2]
         programs = batch * max_seqlen_q
         if q is not None:
             group = q.shape[1] // max(kv_heads, 1)
             programs = max(programs, batch * kv_heads * -(-max_seqlen_q * group // 16))
         if programs > _backend.GRID_X_LIMIT:
-            name, rows = ("max_seqlen_q", "queries") if q is not None else ("max_seqlen",
-                                                                             "new tokens")
-            reasons.append(f"{batch} sequences of up to {name} = {max_seqlen_q} {rows} need "
-                           f"{programs} programs > {_backend.GRID_X_LIMIT}, the CUDA launch "
-                           "grid's limit")
+            reasons.append(f"{batch} sequences of up to max_seqlen_q = {max_seqlen_q} queries "
+                           f"need {programs} programs > {_backend.GRID_X_LIMIT}, the CUDA "
+                           "launch grid's limit")
     if x.dtype not in TRITON_DTYPES:
         reasons.append(f"dtype {x.dtype} (supported: float16, bfloat16, float32)")
     if x.shape[-1] > MAX_KERNEL_HEAD_DIM:
@@ -222,10 +221,10 @@ _NAMES = {
               x_packed="(total_q, H, D)", new="(B, Sq, Hkv, {})",
               new_packed="(total_q, Hkv, {}), packed as q",
               new_knew="(total_k_new, Hkv, {}), packed by cu_seqlens_k_new",
-              fp8="the kernels widen the cache to q's dtype"),
+              cu_new="cu_seqlens_k_new", fp8="the kernels widen the cache to q's dtype"),
     "k": dict(cu="cu_seqlens", max="max_seqlen", rows="tokens", x="(B, S, Hkv, D)",
               x_packed="(total, Hkv, D)", new="(B, S, Hkv, {})",
-              new_packed="(total, Hkv, {}), packed as k",
+              new_packed="(total, Hkv, {}), packed as k", cu_new="cu_seqlens",
               fp8="the append quantizes it into the cache"),
 }
 
@@ -359,7 +358,8 @@ def _check_cache(x, x_name, k_cache, v_cache, k, v, block_table, k_descale, v_de
     and v (None without them, for q only). -> (batch, n_q, n_new, block_table (a
     cache_batch_idx's, or the one given), descales (B, Hkv, 2) or None, capacity): n_q
     x's tokens per sequence (the longest when packed), n_new the new ones (0 or n_q), or
-    with cu_seqlens_k_new (q's only: k packed on its own) k's rows."""
+    with cu_seqlens_k_new (q's only: k packed on its own) k's rows; kvcache_append's packed
+    k without max_seqlen: n_q None, n_new k's rows."""
     names = _NAMES[x_name]
     packed = cu_seqlens is not None
     _checks.tensor(x_name, x, 3 if packed else 4, names["x_packed" if packed else "x"])
@@ -370,8 +370,10 @@ def _check_cache(x, x_name, k_cache, v_cache, k, v, block_table, k_descale, v_de
     if packed:
         _cu_seqlens(names["cu"], cu_seqlens, x.device, x_name)
         batch = cu_seqlens.shape[0] - 1
-        # The longest sequence's tokens stand for Sq in the checks on sizes below.
-        n_q = _max_seqlen(names["max"], max_seqlen, x.shape[0], batch)
+        # The longest sequence's tokens stand for Sq in the checks on sizes below; None where
+        # kvcache_append is not told it (its lengths are then checked as cu_seqlens_k_new's).
+        n_q = (None if x_name == "k" and max_seqlen is None
+               else _max_seqlen(names["max"], max_seqlen, x.shape[0], batch))
     else:
         if max_seqlen is not None:
             raise ValueError(f"{names['max']} applies to packed {names['rows']} only: pass "
@@ -438,9 +440,9 @@ def _check_cache(x, x_name, k_cache, v_cache, k, v, block_table, k_descale, v_de
             _checks.like(name, t, x, x_name)
             if tuple(t.shape) != shape:
                 raise ValueError(f"{name} must be {what} = {shape}, got {tuple(t.shape)}")
-        n_new = rows[0] if knew else n_q
+        n_new = rows[0] if knew or n_q is None else n_q
     capacity = _capacity(k_cache, block_table)
-    if n_new > capacity and not knew:
+    if n_new > capacity and not knew and n_q is not None:
         longest = f" ({names['max']})" if packed else ""
         raise ValueError(f"k holds {n_new} new tokens{longest} but the cache holds at most "
                          f"{capacity}")
@@ -451,7 +453,8 @@ def _check_slots(x, x_name, k_cache, cache_seqlens, block_table, paged, batch, n
                  capacity, cu_seqlens, cu_seqlens_k_new=None):
     """cache_seqlens as the kernels take it (_seqlens), after the checks that read the
     cumulative lengths and the block table's pages (on CPU tensors, outside a torch.compile
-    trace, which cannot read tensor data). With cu_seqlens_k_new, n_new is k's rows."""
+    trace, which cannot read tensor data). With cu_seqlens_k_new, n_new is k's rows
+    (kvcache_append passes its cu_seqlens there when it is not told max_seqlen)."""
     packed, knew = cu_seqlens is not None, cu_seqlens_k_new is not None
     tracing = torch.compiler.is_compiling()
     new, room = n_new, capacity - n_new
@@ -460,7 +463,7 @@ def _check_slots(x, x_name, k_cache, cache_seqlens, block_table, paged, batch, n
         # lengths tell; elsewhere the kernels clamp each sequence's as a tensor's.
         room = capacity
         if x.device.type == "cpu" and not tracing:
-            _check_lengths("cu_seqlens_k_new", cu_seqlens_k_new, n_new, capacity,
+            _check_lengths(_NAMES[x_name]["cu_new"], cu_seqlens_k_new, n_new, capacity,
                            "the cache's capacity")
             new = cu_seqlens_k_new.diff()
             room = capacity - int(new.max()) if batch else capacity
@@ -733,12 +736,17 @@ def _validate_append(k_cache, v_cache, k, v, cache_seqlens, block_table, cu_seql
     """attention_with_kvcache's checks of its append, with k in q's place (batch, device,
     dtype: the caches' or, for float8_e4m3fn caches, a 16-bit one)."""
     paged = block_table is not None
-    batch, n_new, _, block_table, descales, capacity = _check_cache(
+    batch, longest, n_new, block_table, descales, capacity = _check_cache(
         k, "k", k_cache, v_cache, k, v, block_table, k_descale, v_descale, cu_seqlens,
         max_seqlen, cache_batch_idx)
     _check_rotary(rotary_cos, rotary_sin, rotary_interleaved, k, "k", capacity, True)
+    # Packed without max_seqlen: the lengths are checked as attention_with_kvcache's
+    # cu_seqlens_k_new (each within the capacity; an int cache_seqlens leaves room for the
+    # longest, which CUDA tensors do not tell without a sync: the kernels clamp there).
+    packing = (None, cu_seqlens) if cu_seqlens is not None and longest is None else (
+        cu_seqlens, None)
     seqlens = _check_slots(k, "k", k_cache, cache_seqlens, block_table, paged, batch, n_new,
-                           n_new, capacity, cu_seqlens)
+                           n_new, capacity, *packing)
     _check_inference("kvcache_append",
                      [("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
                       ("k_descale", k_descale), ("v_descale", v_descale),
@@ -762,32 +770,46 @@ def kvcache_append(k_cache, v_cache, k, v, *, cache_seqlens, block_table=None,
     pool (B_cache, S_max, Hkv, D); v_cache's head dim Ev may differ from k_cache's D (as in
     attention_with_kvcache). k (B, S, Hkv, D), v (B, S, Hkv, Ev) in the caches' dtype, or
     float16 or bfloat16 for float8_e4m3fn caches, or packed (total, Hkv, D or Ev) with
-    cu_seqlens (B + 1,) int32 and max_seqlen (attention_with_kvcache's cu_seqlens_q and
-    max_seqlen_q; the packing of its cu_seqlens_k_new, FlashAttention-3's name for the new
-    tokens' cumulative lengths, which the append takes alike): sequence b's tokens in rows
-    cu_seqlens[b] to cu_seqlens[b + 1]. Token i
-    of sequence b goes to slot cache_seqlens[b] + i, cache_seqlens an int or an integer
-    tensor (B,) clamped to [0, capacity - S] (packed: each sequence's own length), and is
-    not advanced. rotary_cos, rotary_sin ((seqlen_ro >= capacity, R / 2)) and
-    rotary_interleaved rotate each key at its slot first; k_descale, v_descale ((B, Hkv),
-    None for 1) quantize both into float8_e4m3fn caches, as attention_with_kvcache does. The
-    same checks, with k where q stands there: batch, device and dtype come from k; caches
-    that overlap themselves or the other inputs are refused (not inside a torch.compile
-    trace), and cu_seqlens, block_table's pages and cache_batch_idx's rows are checked on
-    CPU tensors only. The caches end byte for byte as that call leaves them.
+    cu_seqlens (B + 1,) int32 (attention_with_kvcache's cu_seqlens_k_new, FlashAttention-3's
+    name for the new tokens' cumulative lengths): sequence b's tokens in rows cu_seqlens[b]
+    to cu_seqlens[b + 1], 0 included. Token i of sequence b goes to slot cache_seqlens[b] +
+    i, cache_seqlens an int or an integer tensor (B,) clamped to [0, capacity - S] (packed:
+    each sequence's own length), and is not advanced. rotary_cos, rotary_sin ((seqlen_ro >=
+    capacity, R / 2)) and rotary_interleaved rotate each key at its slot first; k_descale,
+    v_descale ((B, Hkv), None for 1) quantize both into float8_e4m3fn caches, as
+    attention_with_kvcache does. The same checks, with k where q stands there: batch, device
+    and dtype come from k; caches that overlap themselves or the other inputs are refused
+    (not inside a torch.compile trace), and cu_seqlens, block_table's pages and
+    cache_batch_idx's rows are checked on CPU tensors only. The caches end byte for byte as
+    that call leaves them.
+
+    max_seqlen (optional, packed only; attention_with_kvcache's max_seqlen_q): a bound on
+    the longest sequence's tokens that the launch does not need, as the packed append runs a
+    program per row of k either way. Without it, packed lengths are checked as
+    attention_with_kvcache's cu_seqlens_k_new: on CPU tensors each at most the capacity and
+    an int cache_seqlens leaving room for the longest; on CUDA ones, where reading them
+    would be a host sync (and break CUDA-graph capture), not at all: the kernels clamp each
+    sequence's count to the capacity and its cache_seqlens[b] to the room its count leaves,
+    so that wrong lengths write nothing outside the caches. With it, it is checked as
+    max_seqlen_q: at least total / B, at most the capacity, at least the longest on CPU
+    tensors, and an int cache_seqlens must leave room for it (a check on sizes, which CUDA
+    tensors pass without a sync too).
 
     Returns None, as vLLM's reshape_and_cache does: the call is for its effect on the
     caches. torch's in-place methods return self for chaining, but this writes two tensors,
     not one self, and returning them would read as new caches. An inference op: inputs that
     require grad are refused while grad mode is on. The triton backend runs
-    attention_with_kvcache's append kernel (one program per new token, no host
-    sync); the torch backend attnmem.reference.kvcache's append.
+    attention_with_kvcache's append kernel (one program per new token, no host sync; packed,
+    each finds its sequence by bisection in cu_seqlens); the torch backend
+    attnmem.reference.kvcache's append.
     """
     n_new, seqlens, block_table, descales = _validate_append(
         k_cache, v_cache, k, v, cache_seqlens, block_table, cu_seqlens, max_seqlen,
         cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved, k_descale, v_descale)
-    packing = (cu_seqlens, n_new) if cu_seqlens is not None else (None, 0)
     if n_new:
+        # Packed, with max_seqlen or without, the append runs a program per row of k
+        # (attention_with_kvcache's cu_seqlens_k_new), never B * max_seqlen of them.
         _append(None, k_cache, v_cache, k, v, seqlens, block_table,
-                _backend.requested_backend(), descales, *packing, rotary_cos, rotary_sin,
-                rotary_interleaved)
+                _backend.requested_backend(), descales, rotary_cos=rotary_cos,
+                rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
+                cu_seqlens_k_new=cu_seqlens)

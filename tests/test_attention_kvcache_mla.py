@@ -226,14 +226,15 @@ def test_matches_float64(name, backend):
         assert (out[1] == 0).all() and (lse[1] == -math.inf).all()
 
 
-def check_matches_float64(name, backend, **options):
+def check_matches_float64(name, backend, run=_run, **options):
     """test_matches_float64's checks of case `name` (see _case) on backend, with `options`
     (the op's keyword arguments: softcap, sinks, alibi_slopes (B, H), num_splits) over the
-    case's. -> out, lse (packed: as a batch of one)."""
+    case's; run: _run or a stand-in that calls it (tests/test_kvcache_properties.py's).
+    -> out, lse (packed: as a batch of one)."""
     c = _case(name)
     q, caches, (k, v), old, starts, seqlens, kwargs = _build(name)
     kwargs.update(options)
-    out, lse, after = _run(name, q, caches, k, v, seqlens, kwargs, backend)
+    out, lse, after = run(name, q, caches, k, v, seqlens, kwargs, backend)
     rows = (1, *q.shape[:-1]) if "cu_seqlens_q" in kwargs else q.shape[:-1]
     assert out.shape == (*rows, c["ev"])
     new = ([], [])

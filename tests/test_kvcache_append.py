@@ -1,6 +1,7 @@
 """attnmem.kvcache_append: the caches it writes are, byte for byte, those that
-attention_with_kvcache(..., k=, v=) writes on the same inputs (contiguous, paged, packed,
-cache_batch_idx, rotary, FP8 caches), on both backends; a serving loop that prefills through
+attention_with_kvcache(..., k=, v=) writes on the same inputs (contiguous, paged, packed with
+max_seqlen or without, cache_batch_idx, rotary, FP8 caches), on both backends; packed, its
+launch is a program per row of k whatever max_seqlen; a serving loop that prefills through
 attention_varlen and kvcache_append decodes as one that prefills through
 attention_with_kvcache (examples/decode.py, tiny), and as attention over the whole sequence;
 bad inputs raise errors naming the argument; the custom op's schema and fake.
@@ -11,6 +12,7 @@ import re
 
 import pytest
 import torch
+from test_grid_limits import _Grids
 
 import attnmem
 from backends import BACKENDS, DEVICE
@@ -19,7 +21,10 @@ FP8 = torch.float8_e4m3fn
 # name: (B, new tokens per sequence (an int, or a list: packed), Hkv, D, capacity,
 # cache_seqlens, options): page_size (a paged pool, shuffled), pool (cache_batch_idx's rows
 # of a pool of that many), rotary (R, interleaved), fp8 (float8_e4m3fn caches, descales),
-# max_seqlen (packed; default the longest). The caches are float16 unless fp8 or float32.
+# max_seqlen (packed; default the longest; None: not passed to kvcache_append, whose append
+# then runs as attention_with_kvcache's with cu_seqlens_k_new, while attention_with_kvcache
+# gets the longest as max_seqlen_q and appends k packed as q, B x max_seqlen_q programs). The
+# caches are float16 unless fp8 or float32.
 CASES = {
     "contiguous_odd_dim_clamped": (3, 2, 2, 33, 40, [0, 45, 17], dict(float32=True)),
     "paged_rotary_gptj": (2, 3, 2, 16, 28, [5, 20], dict(page_size=7, rotary=(10, True))),
@@ -28,6 +33,14 @@ CASES = {
     "cache_batch_idx": (2, 2, 2, 24, 12, 5, dict(pool=4)),
     "fp8_paged": (2, 2, 2, 16, 16, [3, 14], dict(page_size=4, fp8=True)),
     "fp8_packed_rotary": (2, [1, 4], 2, 8, 12, [11, 0], dict(fp8=True, rotary=(8, False))),
+    # An odd batch with empty sequences; 8 is clamped to 6, -1 to 0.
+    "packed_no_max_seqlen_empty": (5, [0, 3, 0, 1, 2], 2, 40, 9, [3, 8, 9, 0, -1],
+                                   dict(max_seqlen=None)),
+    "packed_paged_rotary_no_max_seqlen": (3, [3, 0, 1], 1, 16, 25, [30, 2, 23],
+                                          dict(page_size=5, rotary=(16, False),
+                                               max_seqlen=None)),
+    "fp8_packed_paged_no_max_seqlen": (3, [2, 0, 5], 2, 8, 12, [11, 4, 0],
+                                       dict(fp8=True, page_size=4, max_seqlen=None)),
 }
 
 
@@ -81,7 +94,7 @@ def _inputs(name):
         cu_seqlens = torch.tensor([0, *new]).cumsum(0).to(torch.int32)
         longest = options.get("max_seqlen", max(new))
         append_packing = dict(cu_seqlens=cu_seqlens, max_seqlen=longest)
-        attend_packing = dict(cu_seqlens_q=cu_seqlens, max_seqlen_q=longest)
+        attend_packing = dict(cu_seqlens_q=cu_seqlens, max_seqlen_q=longest or max(new))
     shared = {key: _to(x) for key, x in shared.items()}
     return (_to(q), [_to(c) for c in caches], _to(k.to(dtype)), _to(v.to(dtype)), shared,
             {key: _to(x) for key, x in append_packing.items()},
@@ -188,6 +201,14 @@ def _packed(args):
                 cu_seqlens=torch.tensor([0, 4, 6], dtype=torch.int32), max_seqlen=4)
 
 
+def _packed_alone(args, counts):
+    """Packed new tokens of counts without max_seqlen (their lengths then checked as
+    attention_with_kvcache's cu_seqlens_k_new)."""
+    k, v = (torch.randn(sum(counts), *args[n].shape[2:], dtype=args[n].dtype) for n in "kv")
+    return dict(args, k=k, v=v, cu_seqlens=torch.tensor([0, *counts], dtype=torch.int32)
+                .cumsum(0, dtype=torch.int32))
+
+
 def _fp8(args):
     return dict(args, k_cache=args["k_cache"].to(FP8), v_cache=args["v_cache"].to(FP8))
 
@@ -232,6 +253,15 @@ BAD = {
         "cu_seqlens is on meta but k is on cpu"),
     "max_seqlen_short": (lambda a: dict(_packed(a), max_seqlen=3), ValueError,
                          "max_seqlen = 3 is less than the longest sequence in cu_seqlens"),
+    "cu_seqlens_past_capacity": (lambda a: _packed_alone(a, [9, 0]), ValueError,
+                                 "the cache's capacity = 8 is less than the longest sequence "
+                                 "in cu_seqlens, 9"),
+    "cu_seqlens_end_no_max_seqlen": (lambda a: dict(_packed_alone(a, [4, 2]), cu_seqlens=(
+        torch.tensor([0, 4, 5], dtype=torch.int32))), ValueError,
+        "cu_seqlens must end at the 6 packed rows"),
+    "seqlens_int_longest": (lambda a: dict(_packed_alone(a, [1, 4]), cache_seqlens=5),
+                            ValueError, r"cache_seqlens 5 leaves no room in the cache: it must "
+                            r"lie in \[0, 4\]"),
     "packed_shape": (lambda a: dict(_packed(a), v=a["v"]), ValueError,
                      r"v must be \(total, Hkv, Ev\), packed as k"),
     "rotary_short": (lambda a: dict(a, rotary_cos=torch.ones(7, 4), rotary_sin=torch.ones(7, 4)),
@@ -263,7 +293,7 @@ def test_bad_inputs_name_the_argument(name):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     """The append's custom op as kvcache_append calls it (no q): schema (it mutates the
-    caches), fake and dispatch, padded and packed."""
+    caches), fake and dispatch, padded and packed (k packed on its own, cu_seqlens_k_new)."""
     from attnmem import kvcache
 
     args = {key: _to(x) for key, x in _good().items()}
@@ -272,28 +302,45 @@ def test_opcheck(backend):
     torch.library.opcheck(kvcache._append, (None, *caches, *new, seqlens, table, backend))
     packed = {key: _to(x) for key, x in _packed(_good()).items()}
     torch.library.opcheck(kvcache._append, (None, *caches, packed["k"], packed["v"], seqlens,
-                                            None, backend, None, packed["cu_seqlens"], 4))
+                                            None, backend),
+                          dict(cu_seqlens_k_new=packed["cu_seqlens"]))
 
 
-def test_append_grid_reasons_leave_out_the_attention():
-    """Packed, the append's grid is B x max_seqlen programs: kvcache_append is not refused
-    for the attention's row tiles (B x Hkv x max_seqlen / 16 of them), which it does not
-    launch."""
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend")
+def test_packed_append_runs_a_program_per_row(monkeypatch):
+    """Packed, with max_seqlen or without, the append kernel runs one program per row of k
+    (not B x max_seqlen: 6 rows in 3 sequences of up to 5 tokens, told 8), and the triton
+    backend refuses only k's rows past the grid's limit, whatever B x max_seqlen, while
+    attention_with_kvcache's packed queries still count their row tiles."""
     from attnmem import kvcache
+    from attnmem.kernels import attention_kvcache as kernel
 
+    recorded = _Grids()
+    monkeypatch.setattr(kernel, "_kvcache_append", recorded)
+    args = {key: _to(x) for key, x in _packed_alone(_good(), [0, 5, 1]).items()}
+    args.update(cache_seqlens=_to(torch.zeros(3, dtype=torch.int32)),
+                block_table=_to(torch.tensor([[0, 1], [2, 3], [4, 5]], dtype=torch.int32)))
+    with attnmem.use_backend("triton"), torch.no_grad():
+        for max_seqlen in (None, 8):
+            attnmem.kvcache_append(**args, max_seqlen=max_seqlen)
+    assert recorded.grids == [(6,), (6,)]
     caches = [torch.zeros(1, 1, 1, 16).expand(2 ** 16, 4, 32, -1)] * 2
     k = torch.zeros(1, 1, 16).expand(5, 32, -1)
     cu_seqlens = torch.zeros(2 ** 16 + 1, dtype=torch.int32)
-    assert kvcache._triton_reasons(None, *caches, cu_seqlens, 2 ** 14, k) == []
+    assert kvcache._triton_reasons(None, *caches, k=k, cu_seqlens_k_new=cu_seqlens) == []
     [reason] = kvcache._triton_reasons(k, *caches, cu_seqlens, 2 ** 14)
     assert "max_seqlen_q = 16384 queries need 2147483648 programs" in reason
-    [reason] = kvcache._triton_reasons(None, *caches, cu_seqlens, 2 ** 16, k)
-    assert "65536 sequences of up to max_seqlen = 65536 new tokens need" in reason
+    rows = torch.zeros(1, 1, 16).expand(2 ** 31, 32, -1)
+    [reason] = kvcache._triton_reasons(None, *caches, k=rows, cu_seqlens_k_new=cu_seqlens)
+    assert "k's 2147483648 packed rows need as many programs > 2147483647" in reason
 
 
-def test_compiles_under_torch_compile():
-    """fullgraph: the checks that read tensor data or storage stay out of the trace."""
+@pytest.mark.parametrize("max_seqlen", [4, None])
+def test_compiles_under_torch_compile(max_seqlen):
+    """fullgraph: the checks that read tensor data or storage stay out of the trace; packed
+    without max_seqlen, nothing reads a length on the host."""
     args = {key: _to(x) for key, x in _packed(_good()).items()}
+    args["max_seqlen"] = max_seqlen
     caches = [args.pop(key) for key in ("k_cache", "v_cache")]
     expect = [c.clone() for c in caches]
     attnmem.kvcache_append(*expect, **args)
