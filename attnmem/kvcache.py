@@ -486,14 +486,17 @@ def _check_slots(x, x_name, k_cache, cache_seqlens, block_table, paged, batch, n
 def _values_in_keys(k_cache, v_cache) -> bool:
     """v_cache is a view of k_cache's first Ev <= D columns (absorbed multi-head latent
     attention's v_cache = k_cache[..., :Ev]): the same storage, data pointer, dtype and
-    strides, and k_cache's shape but for a last dim of at most D."""
-    return (isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)
-            and k_cache.ndim == v_cache.ndim > 0 and k_cache.dtype == v_cache.dtype
-            and k_cache.device == v_cache.device
-            and v_cache.shape[:-1] == k_cache.shape[:-1]
-            and 1 <= v_cache.shape[-1] <= k_cache.shape[-1]
-            and v_cache.stride() == k_cache.stride()
-            and v_cache.data_ptr() == k_cache.data_ptr()
+    strides, and k_cache's shape but for a last dim of at most D. Inside a torch.compile
+    trace, which cannot read data pointers, the layout alone."""
+    laid_out = (isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)
+                and k_cache.ndim == v_cache.ndim > 0 and k_cache.dtype == v_cache.dtype
+                and k_cache.device == v_cache.device
+                and v_cache.shape[:-1] == k_cache.shape[:-1]
+                and 1 <= v_cache.shape[-1] <= k_cache.shape[-1]
+                and v_cache.stride() == k_cache.stride())
+    if not laid_out or torch.compiler.is_compiling():
+        return laid_out
+    return (v_cache.data_ptr() == k_cache.data_ptr()
             and v_cache.untyped_storage().data_ptr() == k_cache.untyped_storage().data_ptr())
 
 
@@ -612,7 +615,8 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     every option below takes, on both backends (the triton kernels: D up to 768, Ev up to
     512; wider heads run the twin). Absorbed multi-head latent attention (DeepSeek-V2/V3's
     decoding, FlashMLA's: one latent kv head, D = 576, Ev = 512) passes v_cache =
-    k_cache[..., :512], a view of the keys' first columns, without k and v;
+    k_cache[..., :512], a view of the keys' first columns; its new latents come as k with
+    v=None (below);
     block_table (B, max_blocks) int32: token t of sequence b sits in page
     block_table[b, t // page_size] at offset t % page_size. H % Hkv == 0 (query head h
     reads kv head h // (H // Hkv)). cache_seqlens: an int or an integer tensor (B,), the
@@ -622,7 +626,16 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     at positions cache_seqlens[b] + i (cache_seqlens itself is not advanced), and then
     attended to with the rest of the cache. With k and v, caches that overlap themselves,
     each other or the other inputs are refused (not inside a torch.compile trace, which
-    cannot inspect storage).
+    cannot inspect storage). With k and v=None, v_cache must be a view of k_cache's first Ev
+    columns (the same storage, data pointer and strides, k_cache's shape but for a last dim
+    Ev <= D: absorbed multi-head latent attention's latent cache, v_cache = k_cache[...,
+    :Ev]): the values are then k's first Ev columns, which the append writes with k, the
+    same bytes to the same addresses (the only overlap of k_cache and v_cache taken; inside
+    a torch.compile trace, which cannot read data pointers, the layout alone is checked).
+    Where the two would differ it is refused: rotary_cos and rotary_sin (they rotate k's
+    first R dims, which would leave the values unrotated; FlashMLA takes no rotary either:
+    rotate the rope part of k first), and for float8_e4m3fn caches a v_descale (None there:
+    k_descale descales the keys and the values, in the append and the attention alike).
 
     Each sequence's queries align to the end of its own cache, as FlashAttention's do: with
     L = cache_seqlens[b] + (Sq if k is given else 0) keys (with cu_seqlens_k_new, its own
@@ -809,7 +822,10 @@ def kvcache_append(k_cache, v_cache, k, v, *, cache_seqlens, block_table=None,
     k_cache, v_cache: (B, S_max, Hkv, D), or with block_table (B, max_blocks) int32 a paged
     pool (num_pages, page_size, Hkv, D), or with cache_batch_idx (B,) rows of a contiguous
     pool (B_cache, S_max, Hkv, D); v_cache's head dim Ev may differ from k_cache's D (as in
-    attention_with_kvcache). k (B, S, Hkv, D), v (B, S, Hkv, Ev) in the caches' dtype, or
+    attention_with_kvcache). v None with v_cache a view of k_cache's first Ev columns (its
+    latent cache): k's first Ev columns are the values, as attention_with_kvcache appends
+    them with v=None (no rotary, no v_descale: k_descale serves both). k (B, S, Hkv, D), v
+    (B, S, Hkv, Ev) in the caches' dtype, or
     float16 or bfloat16 for float8_e4m3fn caches, or packed (total, Hkv, D or Ev) with
     cu_seqlens (B + 1,) int32 and max_seqlen (attention_with_kvcache's cu_seqlens_q and
     max_seqlen_q; the packing of its cu_seqlens_k_new, FlashAttention-3's name for the new
@@ -821,7 +837,8 @@ def kvcache_append(k_cache, v_cache, k, v, *, cache_seqlens, block_table=None,
     rotary_interleaved rotate each key at its slot first; k_descale, v_descale ((B, Hkv),
     None for 1) quantize both into float8_e4m3fn caches, as attention_with_kvcache does. The
     same checks, with k where q stands there: batch, device and dtype come from k; caches
-    that overlap themselves or the other inputs are refused (not inside a torch.compile
+    that overlap themselves, each other (but for v=None above) or the other inputs are
+    refused (not inside a torch.compile
     trace), and cu_seqlens, block_table's pages and cache_batch_idx's rows are checked on
     CPU tensors only. The caches end byte for byte as that call leaves them.
 
