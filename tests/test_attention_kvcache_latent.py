@@ -6,9 +6,10 @@ as the values (the same bytes to the same addresses).
 On both backends, against the same step with the latents written by hand and attended with
 k=None: the caches byte for byte, the output against float64 attention over the hand-written
 cache (within twice the error of the k=None step); contiguous, paged, cache_batch_idx,
-packed queries, e4m3 caches (k_descale descales both), D = 40 with Ev = 32 (and D = 576,
-Ev = 512 on the torch backend); the refusals (rotary, v_descale, a v_cache that is no such
-view, v given with a view).
+packed queries, new tokens packed on their own (cu_seqlens_k_new), e4m3 caches (k_descale
+descales both), D = 40 with Ev = 32 and Ev = 33 (D = 576, Ev = 512 on the torch backend
+under the interpreter); under torch.compile; the refusals (rotary, v_descale, a v_cache
+that is no such view, v given with a view).
 """
 
 import math
@@ -150,6 +151,24 @@ def test_v_none_appends_the_latents_as_written_by_hand(layout, fp8, n_q, d, ev, 
     with attnmem.use_backend(backend), torch.no_grad():
         attnmem.kvcache_append(own, own[..., :ev], _to(k), None, **append)
     assert torch.equal(_bytes(own), _bytes(written))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_v_none_with_new_tokens_packed_on_their_own(backend):
+    """cu_seqlens_k_new (FlashAttention-3's): one query per sequence, the new latents packed
+    on their own, 2, 0 and 3 of them: the cache as written by hand, the output as the step
+    over it with k=None."""
+    torch.manual_seed(7)
+    q, _, cache, places, _, slot, _ = _setup("paged", False, 40, 32, 1)
+    counts = [2, 0, 3]
+    k = torch.randn(sum(counts), 1, 40)
+    knew = torch.tensor([0, 2, 2, 5], dtype=torch.int32)
+    out, appended = _step(backend, q, cache, 32, k=k, cu_seqlens_k_new=knew, **places)
+    written = _by_hand(cache, k, None, slot, counts)
+    assert torch.equal(_bytes(appended), _bytes(written))
+    grown = places["cache_seqlens"] + torch.tensor(counts, dtype=torch.int32)
+    base, _ = _step(backend, q, written, 32, **dict(places, cache_seqlens=grown))
+    torch.testing.assert_close(out, base)
 
 
 def test_compiles_under_torch_compile():
