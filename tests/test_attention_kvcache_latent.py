@@ -109,7 +109,7 @@ def _step(backend, q, cache, ev, **kwargs):
     cache = _to(cache)
     with attnmem.use_backend(backend), torch.no_grad():
         out = attnmem.attention_with_kvcache(_to(q), cache, cache[..., :ev],
-                                             **{k: _to(x) for k, x in kwargs.items()})
+                                             **{name: _to(x) for name, x in kwargs.items()})
     return out.cpu(), cache.cpu()
 
 
@@ -147,7 +147,7 @@ def test_v_none_appends_the_latents_as_written_by_hand(layout, fp8, n_q, d, ev, 
     own = _to(cache.clone())
     # kvcache_append names the packing cu_seqlens and max_seqlen.
     names = dict(cu_seqlens_q="cu_seqlens", max_seqlen_q="max_seqlen")
-    append = {names.get(k, k): _to(x) for k, x in places.items()}
+    append = {names.get(name, name): _to(x) for name, x in places.items()}
     with attnmem.use_backend(backend), torch.no_grad():
         attnmem.kvcache_append(own, own[..., :ev], _to(k), None, **append)
     assert torch.equal(_bytes(own), _bytes(written))
