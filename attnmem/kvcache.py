@@ -14,7 +14,10 @@ FlashAttention-3's headdim_v (multi-head latent attention's D = 192, Ev = 128). 
 kernels take D up to 768 and Ev up to 512 (attention proper stops at 256): absorbed
 multi-head latent attention's decoding (DeepSeek-V2/V3, FlashMLA's workload) runs there, one
 latent kv head of D = 576 whose first 512 columns are the values, v_cache = k_cache[...,
-:512] (a view; only an append refuses overlapping caches).
+:512] (a view). Appending to it, attention_with_kvcache(..., k=latents, v=None) or
+kvcache_append(k_cache, v_cache, latents, None, ...) writes k's first 512 columns as the
+values: the same bytes to the same addresses (no rotary, one descale for both); every other
+append refuses overlapping caches.
 """
 
 import numbers
@@ -414,9 +417,12 @@ def _check_cache(x, x_name, k_cache, v_cache, k, v, block_table, k_descale, v_de
         raise ValueError(f"k_cache must have a {'page_size' if paged else 'S_max'} of at "
                          "least 1 (its dim 1)")
     descales = _descales(x, x_name, batch, k_cache, k_descale, v_descale, fp8)
-    # kvcache_append's v must be a tensor: the loop below says so.
-    if x_name == "q" and (k is None) != (v is None):
-        raise ValueError("k and v must be given together (the new tokens), or both be None")
+    if (k is None) != (v is None):
+        both = ", or both be None" if x_name == "q" else ""
+        raise ValueError(f"k and v must be given together (the new tokens){both}; v may be "
+                         "None alone only when v_cache is a view of k_cache's first Ev "
+                         "columns (absorbed multi-head latent attention's v_cache = "
+                         "k_cache[..., :Ev]), which this v_cache is not")
     knew = cu_seqlens_k_new is not None
     if knew:
         if k is None:
@@ -480,10 +486,54 @@ def _check_slots(x, x_name, k_cache, cache_seqlens, block_table, paged, batch, n
     return seqlens
 
 
-def _check_inference(op, tensors, n_new, k_cache, v_cache, detached):
+def _values_in_keys(k_cache, v_cache) -> bool:
+    """v_cache is a view of k_cache's first Ev <= D columns (absorbed multi-head latent
+    attention's v_cache = k_cache[..., :Ev]): the same storage, data pointer, dtype and
+    strides, and k_cache's shape but for a last dim of at most D. Inside a torch.compile
+    trace, which cannot read data pointers, the layout alone."""
+    laid_out = (isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)
+                and k_cache.ndim == v_cache.ndim > 0 and k_cache.dtype == v_cache.dtype
+                and k_cache.device == v_cache.device
+                and v_cache.shape[:-1] == k_cache.shape[:-1]
+                and 1 <= v_cache.shape[-1] <= k_cache.shape[-1]
+                and v_cache.stride() == k_cache.stride())
+    if not laid_out or torch.compiler.is_compiling():
+        return laid_out
+    return (v_cache.data_ptr() == k_cache.data_ptr()
+            and v_cache.untyped_storage().data_ptr() == k_cache.untyped_storage().data_ptr())
+
+
+def _latent_values(k_cache, v_cache, k, v, rotary_cos, rotary_sin, k_descale, v_descale):
+    """-> (v, v_descale, values_in_keys) as the append takes them. With new keys k, v None
+    and v_cache a view of k_cache's first Ev columns (_values_in_keys): the values are k's
+    first Ev columns, v = k[..., :Ev] (a view) and v_descale = k_descale, so that the
+    append writes each token's k row and then its v row, the same bytes to the same
+    addresses, in one program; refused where the two would differ (a rotation of k, a
+    descale of v's own). Otherwise v and v_descale as given, and False."""
+    if k is None or v is not None or not _values_in_keys(k_cache, v_cache):
+        return v, v_descale, False
+    if rotary_cos is not None or rotary_sin is not None:
+        raise ValueError("rotary_cos and rotary_sin rotate k's first R dims before the "
+                         "append writes them, but with v=None and v_cache a view of "
+                         "k_cache's first columns those columns are the values, which stay "
+                         "unrotated: rotate the rope part of k yourself (as FlashMLA takes "
+                         "no rotary), or pass v and a v_cache of its own")
+    if v_descale is not None:
+        raise ValueError("v_descale must be None when v is None and v_cache is a view of "
+                         "k_cache's first columns: the values are k's own bytes, which "
+                         "k_descale descales")
+    if not isinstance(k, torch.Tensor):
+        raise TypeError(f"k must be a torch.Tensor or None, got {type(k).__name__}")
+    # A 0-d k stays as it is, for k's own shape check to refuse.
+    return (k[..., :v_cache.shape[-1]] if k.ndim else k), k_descale, True
+
+
+def _check_inference(op, tensors, n_new, k_cache, v_cache, detached, values_in_keys=False):
     """No input of an inference op requires grad while grad mode is on (detached says what
     the op's counterpart does instead), and the caches that the append writes overlap neither
-    themselves nor the other tensors, (name, tensor or None) pairs."""
+    themselves nor the other tensors, (name, tensor or None) pairs; nor each other, unless
+    values_in_keys (_latent_values: v_cache a view of k_cache that the append writes with k's
+    own bytes)."""
     if torch.is_grad_enabled():
         for name, x in tensors:
             if x is not None and x.requires_grad:
@@ -503,7 +553,7 @@ def _check_inference(op, tensors, n_new, k_cache, v_cache, detached):
                         and torch._C._overlaps(cache, x)):
                     raise ValueError(f"{other} shares storage with {name}, which the append "
                                      "overwrites; pass a copy")
-        if torch._C._overlaps(k_cache, v_cache):
+        if not values_in_keys and torch._C._overlaps(k_cache, v_cache):
             raise ValueError("k_cache and v_cache share storage: the append would write one "
                              "over the other")
 
@@ -512,7 +562,7 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
               return_lse, softcap=None, sinks=None, alibi_slopes=None, k_descale=None,
               v_descale=None, cu_seqlens_q=None, max_seqlen_q=None, cache_batch_idx=None,
               rotary_cos=None, rotary_sin=None, rotary_interleaved=False, cache_leftpad=None,
-              cu_seqlens_k_new=None):
+              cu_seqlens_k_new=None, values_in_keys=False):
     packed, paged = cu_seqlens_q is not None, block_table is not None
     batch, n_q, n_new, block_table, descales, capacity = _check_cache(
         q, "q", k_cache, v_cache, k, v, block_table, k_descale, v_descale, cu_seqlens_q,
@@ -540,7 +590,7 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, win
                       ("sinks", sinks), ("k_descale", k_descale), ("v_descale", v_descale),
                       ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)],
                      n_new, k_cache, v_cache, "FlashAttention's flash_attn_with_kvcache "
-                     "returns an output detached from autograd")
+                     "returns an output detached from autograd", values_in_keys)
     if packed and cu_seqlens_k_new is None:
         n_new = q.shape[0] if n_new else 0
     rotary = dict(rotary_cos=rotary_cos, rotary_sin=rotary_sin,
@@ -568,7 +618,8 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     every option below takes, on both backends (the triton kernels: D up to 768, Ev up to
     512; wider heads run the twin). Absorbed multi-head latent attention (DeepSeek-V2/V3's
     decoding, FlashMLA's: one latent kv head, D = 576, Ev = 512) passes v_cache =
-    k_cache[..., :512], a view of the keys' first columns, without k and v;
+    k_cache[..., :512], a view of the keys' first columns; its new latents come as k with
+    v=None (below);
     block_table (B, max_blocks) int32: token t of sequence b sits in page
     block_table[b, t // page_size] at offset t % page_size. H % Hkv == 0 (query head h
     reads kv head h // (H // Hkv)). cache_seqlens: an int or an integer tensor (B,), the
@@ -578,7 +629,16 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     at positions cache_seqlens[b] + i (cache_seqlens itself is not advanced), and then
     attended to with the rest of the cache. With k and v, caches that overlap themselves,
     each other or the other inputs are refused (not inside a torch.compile trace, which
-    cannot inspect storage).
+    cannot inspect storage). With k and v=None, v_cache must be a view of k_cache's first Ev
+    columns (the same storage, data pointer and strides, k_cache's shape but for a last dim
+    Ev <= D: absorbed multi-head latent attention's latent cache, v_cache = k_cache[...,
+    :Ev]): the values are then k's first Ev columns, which the append writes with k, the
+    same bytes to the same addresses (the only overlap of k_cache and v_cache taken; inside
+    a torch.compile trace, which cannot read data pointers, the layout alone is checked).
+    Where the two would differ it is refused: rotary_cos and rotary_sin (they rotate k's
+    first R dims, which would leave the values unrotated; FlashMLA takes no rotary either:
+    rotate the rope part of k first), and for float8_e4m3fn caches a v_descale (None there:
+    k_descale descales the keys and the values, in the append and the attention alike).
 
     Each sequence's queries align to the end of its own cache, as FlashAttention's do: with
     L = cache_seqlens[b] + (Sq if k is given else 0) keys (with cu_seqlens_k_new, its own
@@ -703,11 +763,13 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     a split holds a tile at least. The result is the same for any count up to rounding. The
     torch backend has no splits: it checks num_splits and runs the twin as ever.
     """
+    v, v_descale, in_keys = _latent_values(k_cache, v_cache, k, v, rotary_cos, rotary_sin,
+                                           k_descale, v_descale)
     n_new, n_q, seqlens, block_table, scale, left, right, mods, rotary, attend = _validate(
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window, scale,
         return_lse, softcap, sinks, alibi_slopes, k_descale, v_descale, cu_seqlens_q,
         max_seqlen_q, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
-        cache_leftpad, cu_seqlens_k_new)
+        cache_leftpad, cu_seqlens_k_new, in_keys)
     num_splits = _num_splits(num_splits)
     backend = _backend.requested_backend()
     packing = (cu_seqlens_q, n_q) if cu_seqlens_q is not None else (None, 0)
@@ -732,7 +794,7 @@ def _num_splits(num_splits) -> int:
 
 def _validate_append(k_cache, v_cache, k, v, cache_seqlens, block_table, cu_seqlens,
                      max_seqlen, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
-                     k_descale, v_descale):
+                     k_descale, v_descale, values_in_keys=False):
     """attention_with_kvcache's checks of its append, with k in q's place (batch, device,
     dtype: the caches' or, for float8_e4m3fn caches, a 16-bit one)."""
     paged = block_table is not None
@@ -752,7 +814,7 @@ def _validate_append(k_cache, v_cache, k, v, cache_seqlens, block_table, cu_seql
                       ("k_descale", k_descale), ("v_descale", v_descale),
                       ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)],
                      n_new, k_cache, v_cache, "vLLM's reshape_and_cache writes the caches "
-                     "outside autograd")
+                     "outside autograd", values_in_keys)
     return n_new, seqlens, block_table, descales
 
 
@@ -765,23 +827,25 @@ def kvcache_append(k_cache, v_cache, k, v, *, cache_seqlens, block_table=None,
     the attention: for a serving loop that prefills through attention_varlen or runs its own
     attention (vLLM's reshape_and_cache).
 
-    k_cache, v_cache: (B, S_max, Hkv, D), or with block_table (B, max_blocks) int32 a paged
-    pool (num_pages, page_size, Hkv, D), or with cache_batch_idx (B,) rows of a contiguous
-    pool (B_cache, S_max, Hkv, D); v_cache's head dim Ev may differ from k_cache's D (as in
-    attention_with_kvcache). k (B, S, Hkv, D), v (B, S, Hkv, Ev) in the caches' dtype, or
-    float16 or bfloat16 for float8_e4m3fn caches, or packed (total, Hkv, D or Ev) with
-    cu_seqlens (B + 1,) int32 (attention_with_kvcache's cu_seqlens_k_new, FlashAttention-3's
-    name for the new tokens' cumulative lengths): sequence b's tokens in rows cu_seqlens[b]
-    to cu_seqlens[b + 1], 0 included. Token i of sequence b goes to slot cache_seqlens[b] +
-    i, cache_seqlens an int or an integer tensor (B,) clamped to [0, capacity - S] (packed:
-    each sequence's own length), and is not advanced. rotary_cos, rotary_sin ((seqlen_ro >=
-    capacity, R / 2)) and rotary_interleaved rotate each key at its slot first; k_descale,
-    v_descale ((B, Hkv), None for 1) quantize both into float8_e4m3fn caches, as
-    attention_with_kvcache does. The same checks, with k where q stands there: batch, device
-    and dtype come from k; caches that overlap themselves or the other inputs are refused
-    (not inside a torch.compile trace), and cu_seqlens, block_table's pages and
-    cache_batch_idx's rows are checked on CPU tensors only. The caches end byte for byte as
-    that call leaves them.
+    k_cache, v_cache: (B, S_max, Hkv, D), or with block_table (B, max_blocks) int32 a paged pool
+    (num_pages, page_size, Hkv, D), or with cache_batch_idx (B,) rows of a contiguous pool
+    (B_cache, S_max, Hkv, D); v_cache's head dim Ev may differ from k_cache's D (as in
+    attention_with_kvcache). v None with v_cache a view of k_cache's first Ev columns (its
+    latent cache): k's first Ev columns are the values, as attention_with_kvcache appends them
+    with v=None (no rotary, no v_descale: k_descale serves both). k (B, S, Hkv, D), v (B, S,
+    Hkv, Ev) in the caches' dtype, or float16 or bfloat16 for float8_e4m3fn caches, or packed
+    (total, Hkv, D or Ev) with cu_seqlens (B + 1,) int32 (attention_with_kvcache's
+    cu_seqlens_k_new, FlashAttention-3's name for the new tokens' cumulative lengths): sequence
+    b's tokens in rows cu_seqlens[b] to cu_seqlens[b + 1], 0 included. Token i of sequence b
+    goes to slot cache_seqlens[b] + i, cache_seqlens an int or an integer tensor (B,) clamped to
+    [0, capacity - S] (packed: each sequence's own length), and is not advanced. rotary_cos,
+    rotary_sin ((seqlen_ro >= capacity, R / 2)) and rotary_interleaved rotate each key at its
+    slot first; k_descale, v_descale ((B, Hkv), None for 1) quantize both into float8_e4m3fn
+    caches, as attention_with_kvcache does. The same checks, with k where q stands there: batch,
+    device and dtype come from k; caches that overlap themselves, each other (but for v=None
+    above) or the other inputs are refused (not inside a torch.compile trace), and cu_seqlens,
+    block_table's pages and cache_batch_idx's rows are checked on CPU tensors only. The caches
+    end byte for byte as that call leaves them.
 
     max_seqlen (optional, packed only; attention_with_kvcache's max_seqlen_q): a bound on
     the longest sequence's tokens that the launch does not need, as the packed append runs a
@@ -803,9 +867,12 @@ def kvcache_append(k_cache, v_cache, k, v, *, cache_seqlens, block_table=None,
     each finds its sequence by bisection in cu_seqlens); the torch backend
     attnmem.reference.kvcache's append.
     """
+    v, v_descale, in_keys = _latent_values(k_cache, v_cache, k, v, rotary_cos, rotary_sin,
+                                           k_descale, v_descale)
     n_new, seqlens, block_table, descales = _validate_append(
         k_cache, v_cache, k, v, cache_seqlens, block_table, cu_seqlens, max_seqlen,
-        cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved, k_descale, v_descale)
+        cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved, k_descale, v_descale,
+        in_keys)
     if n_new:
         # Packed, with max_seqlen or without, the append runs a program per row of k
         # (attention_with_kvcache's cu_seqlens_k_new), never B * max_seqlen of them.

@@ -226,7 +226,7 @@ BAD = {
                r"k must be \(B, S, Hkv, D\), got shape"),
     "k_heads": (lambda a: dict(a, k=a["k"].repeat(1, 1, 2, 1)), ValueError,
                 r"k must be \(B, S, Hkv, D\) = \(2, 3, 2, 8\), got \(2, 3, 4, 8\)"),
-    "v_missing": (lambda a: dict(a, v=None), TypeError, "v must be a torch.Tensor"),
+    "v_missing": (lambda a: dict(a, v=None), ValueError, "k and v must be given together"),
     "v_shape": (lambda a: dict(a, v=a["v"][:, :2]), ValueError,
                 r"v must be \(B, S, Hkv, Ev\) = \(2, 3, 2, 8\)"),
     "too_many": (lambda a: dict(a, k=a["k"].repeat(1, 3, 1, 1), v=a["v"].repeat(1, 3, 1, 1)),
