@@ -712,8 +712,9 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     - n_new[b]], and its query i sits at a = L - Sq + i as above (with more queries than
     keys, causal queries at a < 0 see no key: zeros, lse -inf). With rotary_cos and
     rotary_sin a query that is rotated per query (causal or windowed) is rotated at a,
-    where the mask places it; FlashAttention-3 rotates it at cache_seqlens[b] + i, the same
-    position whenever a sequence's queries are its new tokens. The lengths are checked on
+    where the mask places it (a query at a < 0 passes through unrotated, as positions past
+    the tables do in apply_rotary); FlashAttention-3 rotates it at cache_seqlens[b] + i,
+    the same position whenever a sequence's queries are its new tokens. The lengths are checked on
     CPU tensors only (each at most the capacity; an int cache_seqlens must leave room for
     the longest); on CUDA each sequence's n_new[b] is clamped to [0, capacity] and its
     cache_seqlens[b] as above, so that wrong lengths write nothing outside the caches and

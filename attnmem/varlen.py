@@ -240,6 +240,9 @@ def _cu_seqlens(name, x, device, ref="q"):
                          f"{tuple(x.shape)}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but {ref} is on {device}")
+    if x.shape[0] > 1 and x.stride(0) != 1:
+        # The kernels read sequence b's bounds at b and b + 1 (FlashAttention checks the same).
+        raise ValueError(f"{name} must be contiguous, got stride {x.stride(0)}")
 
 
 def _max_seqlen(name, value, total, batch) -> int:

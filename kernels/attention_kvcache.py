@@ -45,7 +45,8 @@ which finds its sequence by bisection in cu_seqlens_k_new, so that its grid is k
 no longest count is needed; the attention reads n_new[b] there in place of n_new, so that
 sequence b holds L = cache_seqlens[b] + n_new[b] keys (cache_seqlens[b] clamped to [0,
 capacity - n_new[b]]) and its query i sits at L - Sq + i (Sq its own count of queries); with
-ROTARY_PER_QUERY a query is rotated at that position too.
+ROTARY_PER_QUERY a query is rotated at that position too (one at a negative position, before
+the first key, passes through unrotated: the tables have no row there).
 
 The score modifications of attnmem.attention are flags of the attention kernel: SOFTCAP and
 HAS_ALIBI modify each score as the attention kernels do (kernels/attention.py, with each
@@ -214,12 +215,14 @@ def _kvcache_append(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr,
     token = tl.full([1], 0, tl.int32) + seqlen + i
     inside = (heads[:, None] < n_kv_heads) & (offs_d[None, :] < HEAD_DIM)
     inside_v = (heads[:, None] < n_kv_heads) & (offs_dv[None, :] < HEAD_V)
-    k = tl.load(k_ptr + b * stride_kb + i * stride_ks + heads[:, None] * stride_kh
+    # Rows of k and v in int64: a long sequence's i * stride passes 2^31.
+    row = i.to(tl.int64)
+    k = tl.load(k_ptr + b * stride_kb + row * stride_ks + heads[:, None] * stride_kh
                 + offs_d[None, :], mask=inside)
-    v = tl.load(v_ptr + b * stride_vb + i * stride_vs + heads[:, None] * stride_vh
+    v = tl.load(v_ptr + b * stride_vb + row * stride_vs + heads[:, None] * stride_vh
                 + offs_dv[None, :], mask=inside_v)
     if ROTARY_DIM > 0:
-        k = _rotary(k, k_ptr + b * stride_kb + i * stride_ks + heads * stride_kh, offs_d,
+        k = _rotary(k, k_ptr + b * stride_kb + row * stride_ks + heads * stride_kh, offs_d,
                     inside, cos_ptr, sin_ptr, heads * 0 + seqlen + i, ROTARY_DIM, INTERLEAVED)
     if FP8_KV:
         descales = descale_ptr + (b * n_kv_heads + heads[:, None]) * 2
@@ -294,8 +297,9 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
     if PACKED_K:
         # Clamped to [0, capacity] as the append clamps it (the lengths are checked on CPU
         # tensors only); the attention reads the counts, no row of k.
-        n_new = tl.load(cu_seqlens_k_new_ptr + b + 1) - tl.load(cu_seqlens_k_new_ptr + b)
-        n_new = tl.minimum(tl.maximum(n_new, 0), capacity)
+        n_new = (tl.load(cu_seqlens_k_new_ptr + b + 1).to(tl.int64)
+                 - tl.load(cu_seqlens_k_new_ptr + b).to(tl.int64))
+        n_new = tl.minimum(tl.maximum(n_new, 0), capacity).to(tl.int32)
     total = kv_length(seqlens_ptr, b, capacity - n_new, True) + n_new
     offset = total - n_q  # query i sits at key position i + offset
 
@@ -310,12 +314,15 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if ROTARY_DIM > 0:
         q_pos = total - n_new + tl.zeros_like(pos)  # cache_seqlens[b]
+        rot_ok = row_ok
         if ROTARY_PER_QUERY:
             q_pos += pos
             if PACKED_K:
                 q_pos += n_new - n_q  # query i at its position a, as the mask places it
+                # A query before the first key (a < 0) passes through: no table row is there.
+                rot_ok = rot_ok & (q_pos >= 0)
         q = _rotary(q, q_ptr + b * stride_qb + pos.to(tl.int64) * stride_qs + heads * stride_qh,
-                    offs_d, row_ok[:, None] & d_ok[None, :], cos_ptr, sin_ptr, q_pos,
+                    offs_d, rot_ok[:, None] & d_ok[None, :], cos_ptr, sin_ptr, q_pos,
                     ROTARY_DIM, INTERLEAVED)
     if BLOCK_DT > 0:
         offs_t = BLOCK_D + tl.arange(0, BLOCK_DT)
@@ -326,7 +333,7 @@ def _kvcache_attend(q_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr, o_ptr, lse_pt
         if ROTARY_DIM > BLOCK_D:
             # _rotary loads each column's pair by its column, in whichever tile it lies.
             q_t = _rotary(q_t, q_ptr + b * stride_qb + pos.to(tl.int64) * stride_qs
-                          + heads * stride_qh, offs_t, row_ok[:, None] & t_ok[None, :],
+                          + heads * stride_qh, offs_t, rot_ok[:, None] & t_ok[None, :],
                           cos_ptr, sin_ptr, q_pos, ROTARY_DIM, INTERLEAVED)
 
     # Keys some row of the tile sees, split evenly (in whole tiles) across the programs.
@@ -730,7 +737,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_ne
     [0, capacity]: sequence b's keys start at that slot. cu_seqlens_k_new (B + 1,) int32:
     sequence b's new tokens are its own count there, n_new unused (PACKED_K; the module's
     docstring), q padded or packed; rotary_per_query then rotates query i at its position
-    cache_seqlens[b] + n_new[b] - Sq + i."""
+    cache_seqlens[b] + n_new[b] - Sq + i (unrotated where that is negative)."""
     q = lastdim_contiguous(q)
     packed = cu_seqlens_q is not None
     head_dim_v = v_cache.shape[-1]

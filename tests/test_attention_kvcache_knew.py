@@ -190,10 +190,55 @@ def test_rotary_keys_at_their_slots_queries_at_their_positions(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_queries_before_the_first_key_pass_through_the_rotation(backend):
+    """Padded q of 4 queries for a sequence of 1 key (0 cached, 1 new), a window of 8 keys
+    back and unbounded ahead: queries 0 to 2 sit at a = -3 to -1, see the key and are not
+    rotated (the tables have no row there; the kernels read none: NaN rows lie before the
+    tables), query 3 at 0 is; the other sequence as ever. Against float64 with the rotation
+    done by hand."""
+    n_q, heads, dim, capacity = 4, 2, 16, 16
+    q = torch.randn(2, n_q, heads, dim)
+    caches = [torch.randn(2, capacity, 1, dim) for _ in range(2)]
+    k, v = torch.randn(4, 1, dim), torch.randn(4, 1, dim)
+    cu_k = torch.tensor([0, 1, 4], dtype=torch.int32)
+    seqlens = torch.tensor([0, 5], dtype=torch.int32)
+    angles = torch.rand(capacity, dim // 2) * 6
+    tables = [torch.full((capacity + 8, dim // 2), math.nan) for _ in range(2)]
+    for table, f in zip(tables, (torch.cos, torch.sin)):
+        table[8:] = f(angles)
+    cos, sin = (t[8:] for t in tables)
+    args = dict(cache_seqlens=_to(seqlens), cu_seqlens_k_new=_to(cu_k), rotary_cos=_to(cos),
+                rotary_sin=_to(sin), causal=False, window=(8, -1), return_lse=True)
+    with attnmem.use_backend(backend):
+        out, lse = attnmem.attention_with_kvcache(_to(q), *(_to(c) for c in caches), k=_to(k),
+                                                  v=_to(v), **args)
+    counts, rows, lses = cu_k.diff(), [], []
+    for b in range(2):
+        new = slice(int(cu_k[b]), int(cu_k[b + 1]))
+        length = int(seqlens[b] + counts[b])
+        slots = torch.arange(int(seqlens[b]), length)
+        keys = caches[0][b, :length, 0].double().clone()
+        values = caches[1][b, :length, 0].double().clone()
+        keys[slots] = rotary(k[new, 0].double(), cos.double(), sin.double(), slots, False)
+        values[slots] = v[new, 0].double()
+        positions = torch.arange(n_q) + length - n_q
+        qb = q[b].double()
+        turned = rotary(qb, cos.double(), sin.double(), positions.clamp(min=0)[:, None], False)
+        qb = torch.where((positions >= 0)[:, None, None], turned, qb)
+        scores = torch.einsum("qhd,kd->hqk", qb, keys) / math.sqrt(dim)
+        keep = torch.arange(length)[None, :] >= positions[:, None] - 8
+        scores = scores.masked_fill(~keep, float("-inf"))
+        rows.append((torch.softmax(scores, -1) @ values).transpose(0, 1))
+        lses.append(torch.logsumexp(scores, -1))
+    torch.testing.assert_close(out.cpu().double(), torch.stack(rows), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.cpu().double(), torch.stack(lses), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fp8_cache_as_append_then_attend(backend):
     """A float8_e4m3fn paged cache with (B, Hkv) descales: the same bytes in the cache as
-    kvcache_append of the same packed tokens (cu_seqlens), and the same out and lse as the
-    attention after it over cache_seqlens[b] + n_new[b] keys."""
+    the twin's kvcache_append of the same packed tokens (cu_seqlens), and the same out and
+    lse as the attention after it over cache_seqlens[b] + n_new[b] keys."""
     q, caches, k, v, seqlens, used, cu_k, kwargs = _inputs("packed_paged_not_causal_mods")
     q, k, v = q.half(), k.half() * 4, v.half() * 4
     kwargs = {n: x for n, x in kwargs.items() if n not in ("softcap", "sinks", "alibi_slopes")}
@@ -202,7 +247,7 @@ def test_fp8_cache_as_append_then_attend(backend):
     caches = [(c * 4).to(FP8) for c in caches]
     pools, where, view, spare = _layout("packed_paged_not_causal_mods", caches, used, cu_k)
     expect_pools = [_to(p.clone()) for p in pools]
-    with attnmem.use_backend(backend):
+    with attnmem.use_backend("torch"):  # the twin's bytes, apart from the kernels'
         attnmem.kvcache_append(*expect_pools, _to(k), _to(v), cache_seqlens=_to(seqlens),
                                cu_seqlens=_to(cu_k), max_seqlen=int(cu_k.diff().max()),
                                **{n: _to(x) for n, x in dict(where, **descales).items()})
@@ -260,6 +305,9 @@ ERRORS = {
     "v_rows": (dict(v=torch.randn(4, 2, 16)), ValueError,
                "v must be (total_k_new, Hkv, Ev), packed by cu_seqlens_k_new = (5, 2, 16)"),
     "int_seqlens_no_room": (dict(cache_seqlens=13), ValueError, "must lie in [0, 12]"),
+    "strided": (dict(cu_seqlens_k_new=torch.tensor([0, 9, 1, 9, 1, 9, 5],
+                                                   dtype=torch.int32)[::2]), ValueError,
+                "cu_seqlens_k_new must be contiguous, got stride 2"),
 }
 
 

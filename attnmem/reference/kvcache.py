@@ -91,7 +91,8 @@ def attention_with_kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_tab
     cache_leftpad (B,) (values in [0, capacity]): sequence b's keys are slots
     cache_leftpad[b] to cache_seqlens[b] + n_new. cu_seqlens_k_new (B + 1,): sequence b's
     new tokens are its own count n_new[b] there (FlashAttention-3's), n_new unused; a query
-    rotated per query sits at its position cache_seqlens[b] + n_new[b] - Sq + i."""
+    rotated per query sits at its position cache_seqlens[b] + n_new[b] - Sq + i (unrotated
+    where that is negative)."""
     ct = _attention.compute_dtype(q.dtype)
     counts = torch.full_like(cache_seqlens, n_new).long()
     if cu_seqlens_k_new is not None:
@@ -101,7 +102,9 @@ def attention_with_kvcache_forward(q, k_cache, v_cache, cache_seqlens, block_tab
         # the queries' own.
         step = (torch.arange(q.shape[1], device=q.device) + counts[:, None] - q.shape[1])
         positions = cache_seqlens.long()[:, None] + step * rotary_per_query
-        q = rotary(q, *rotation[:2], positions[..., None], rotation[2])
+        # A query before the first key (a < 0, with cu_seqlens_k_new) passes through.
+        rotated = rotary(q, *rotation[:2], positions.clamp(min=0)[..., None], rotation[2])
+        q = torch.where((positions >= 0)[..., None, None], rotated, q)
     starts = [0] * len(cache_seqlens) if cache_leftpad is None else cache_leftpad.tolist()
     outs, lses = [], []
     for b, (seqlen, start, new) in enumerate(zip(cache_seqlens.tolist(), starts,
