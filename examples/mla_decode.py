@@ -49,10 +49,21 @@ and 60 (DeepSeek-V2-Lite: 16 heads, hidden size 2048, no q compression: --q-rank
 """
 
 import argparse
+import functools
 import sys
 
 import torch
-from decode import DTYPES, PagePool, RMSNorm, SwiGLU, Timer, check, rotary_tables, rotate
+from decode import (
+    DTYPES,
+    RMSNorm,
+    SwiGLU,
+    backend_and_clock,
+    check,
+    reference_logits,
+    rotary_tables,
+    rotate,
+    serve_pages,
+)
 from torch import nn
 
 import attnmem
@@ -68,10 +79,14 @@ def rope(x, cos, sin):
 
 
 class LatentAttention(nn.Module):
-    """DeepSeek-V2's multi-head latent attention whose core, attend(self, q_nope, q_pe, c_kv,
-    k_pe) -> (..., heads, d_v) on q_nope (..., heads, d_nope), rotated q_pe (..., heads,
-    d_rope), c_kv (..., kv_rank) and rotated k_pe (..., 1, d_rope), the caller supplies: with
-    expand() (keys and values per head) or absorb() and unabsorb() (the latent cache's)."""
+    """DeepSeek-V2's multi-head latent attention whose core the caller supplies, one of:
+    - attend(q, k, v), examples/decode.py's: per-head q, k (..., heads, d_rope + d_nope),
+      the rope part first and not yet rotated, and v (..., heads, d_v);
+    - with latent=True, attend(self, q_nope, q_pe, c_kv, k_pe) on q_nope (..., heads,
+      d_nope), q_pe (..., heads, d_rope), c_kv (..., kv_rank) and k_pe (..., 1, d_rope), the
+      rope parts not yet rotated, which uses expand() (per-head keys and values) or absorb()
+      and unabsorb() (the latent cache's).
+    Either returns (..., heads, d_v)."""
 
     def __init__(self, dim, heads, q_rank, kv_rank, d_nope, d_rope, d_v):
         super().__init__()
@@ -87,12 +102,15 @@ class LatentAttention(nn.Module):
         self.kv_up = nn.Linear(kv_rank, heads * (d_nope + d_v), bias=False)  # W_uk, W_uv
         self.out = nn.Linear(heads * d_v, dim, bias=False)
 
-    def forward(self, x, cos, sin, attend):
+    def forward(self, x, attend, latent):
         d_nope, d_rope, _ = self.dims
         q_nope, q_pe = self.q(x).unflatten(-1, (self.heads, -1)).split([d_nope, d_rope], -1)
         c_kv, k_pe = self.kv_down(x).split([self.kv_rank, d_rope], -1)
-        out = attend(self, q_nope, rope(q_pe, cos, sin), self.kv_norm(c_kv),
-                     rope(k_pe[..., None, :], cos, sin))
+        c_kv, k_pe = self.kv_norm(c_kv), k_pe[..., None, :]
+        if latent:
+            out = attend(self, q_nope, q_pe, c_kv, k_pe)
+        else:
+            out = attend(torch.cat([q_pe, q_nope], -1), *self.expand(c_kv, k_pe))
         return self.out(out.flatten(-2))
 
     def up_weights(self):
@@ -101,10 +119,11 @@ class LatentAttention(nn.Module):
         return self.kv_up.weight.unflatten(0, (self.heads, -1)).split([d_nope, d_v], 1)
 
     def expand(self, c_kv, k_pe):
-        """Keys (..., heads, d_nope + d_rope) and values (..., heads, d_v) per head."""
+        """Keys [k_pe, k_nope] (..., heads, d_rope + d_nope) and values (..., heads, d_v) per
+        head."""
         d_nope, d_rope, d_v = self.dims
         k_nope, v = self.kv_up(c_kv).unflatten(-1, (self.heads, -1)).split([d_nope, d_v], -1)
-        return torch.cat([k_nope, k_pe.expand(*k_nope.shape[:-1], d_rope)], -1), v
+        return torch.cat([k_pe.expand(*k_nope.shape[:-1], d_rope), k_nope], -1), v
 
     def absorb(self, q_nope):
         """q_lat = W_uk^T q_nope (..., heads, kv_rank): q_lat . c_kv = q_nope . k_nope."""
@@ -122,15 +141,15 @@ class Block(nn.Module):
         self.attention = LatentAttention(dim, *mla)
         self.mlp = SwiGLU(dim, 4 * dim)
 
-    def forward(self, x, cos, sin, attend):
-        x = x + self.attention(self.norm1(x), cos, sin, attend)
+    def forward(self, x, attend, latent):
+        x = x + self.attention(self.norm1(x), attend, latent)
         return x + self.mlp(self.norm2(x))
 
 
 class Decoder(nn.Module):
-    """tokens (...) and their rotary cos, sin (..., d_rope / 2) -> logits (..., vocab).
-    attend(layer, attention, q_nope, q_pe, c_kv, k_pe) computes each layer's attention core
-    (LatentAttention's) and owns its cache."""
+    """tokens (...) -> logits (..., vocab). attend(layer, ...) computes each layer's
+    attention core (LatentAttention's, per-head or with latent=True on the latents) and owns
+    its cache: examples/decode.py's Decoder and reference_logits take it as it is."""
 
     def __init__(self, vocab, layers, dim, *mla):
         super().__init__()
@@ -144,96 +163,58 @@ class Decoder(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=module.in_features ** -0.5)
 
-    def forward(self, tokens, cos, sin, attend):
+    def forward(self, tokens, attend, latent=False):
         x = self.embed(tokens)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, lambda *args, layer=layer: attend(layer, *args))
+            x = block(x, functools.partial(attend, layer), latent)
         return self.head(self.norm(x))
 
 
 def serve_paged(model, prompts, steps, page_size, cos, sin, generator):
-    """Greedy decoding: the logits (B, steps + 1, vocab) that chose each token, the
-    prefill's then one per decode step, the decode loop's milliseconds and a note on the
-    cache."""
-    device, batch = prompts[0].device, len(prompts)
-    lengths = [len(p) for p in prompts]
-    max_blocks = -(-(max(lengths) + steps) // page_size)
-    num_pages = sum(-(-(n + steps) // page_size) for n in lengths)
-    pool = PagePool(model, num_pages, page_size, batch, max_blocks, model.head.weight.dtype,
-                    device, generator)
-    kv_rank = model.blocks[0].attention.kv_rank
-    # The values are the latents' first kv_rank columns: a view, no storage of their own.
-    pool.v = pool.k[..., :kv_rank]
-    for b, n in enumerate(lengths):
-        pool.reserve(b, n)
-    cu_seqlens = torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
-    cache_seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+    """Greedy decoding from a paged latent cache: the logits (B, steps + 1, vocab) that chose
+    each token, the prefill's then one per decode step, the decode loop's milliseconds and a
+    note on the cache."""
+    first = model.blocks[0].attention
+    packed = torch.cat([torch.arange(len(p), device=cos.device) for p in prompts])
 
-    def prefill(layer, attention, q_nope, q_pe, c_kv, k_pe):  # packed: (total, ...)
-        attnmem.kvcache_append(pool.k[layer], pool.v[layer], torch.cat([c_kv[:, None], k_pe],
-                                                                       -1),
-                               None, cache_seqlens=cache_seqlens,
-                               block_table=pool.block_table, cu_seqlens=cu_seqlens,
-                               max_seqlen=max(lengths))
-        k, v = attention.expand(c_kv, k_pe)
-        return attnmem.attention_varlen(torch.cat([q_nope, q_pe], -1), k, v, cu_seqlens,
-                                        cu_seqlens, max(lengths), max(lengths), causal=True,
-                                        scale=attention.scale)
+    def rotated(q_pe, k_pe, positions):
+        return (rope(x, cos[positions], sin[positions]) for x in (q_pe, k_pe))
 
-    def decode(layer, attention, q_nope, q_pe, c_kv, k_pe):  # (B, 1, ...)
-        out = attnmem.attention_with_kvcache(
-            torch.cat([attention.absorb(q_nope), q_pe], -1), pool.k[layer], pool.v[layer],
-            k=torch.cat([c_kv[..., None, :], k_pe], -1), v=None, cache_seqlens=cache_seqlens,
-            block_table=pool.block_table, scale=attention.scale)
-        return attention.unabsorb(out)
+    def attends(pool, cache_seqlens, cu_seqlens, longest):
+        # The values are the latents' first kv_rank columns: a view of the keys' pages,
+        # no storage of their own.
+        pool.v = pool.k[..., :first.kv_rank]
 
-    positions = torch.cat([torch.arange(n, device=device) for n in lengths])
-    logits = [model(torch.cat(prompts), cos[positions], sin[positions],
-                    prefill)[cu_seqlens[1:].long() - 1]]
-    cache_seqlens += torch.tensor(lengths, dtype=torch.int32, device=device)
-    timer = Timer(device)
-    timer.start()
-    for _ in range(steps):
-        for b in range(batch):
-            lengths[b] += 1
-            pool.reserve(b, lengths[b])
-        positions = cache_seqlens[:, None].long()  # the new tokens' slots, on the device
-        logits.append(model(logits[-1].argmax(-1)[:, None], cos[positions], sin[positions],
-                            decode)[:, -1])
-        cache_seqlens += 1
-    ms, used = timer.stop(), num_pages - len(pool.free)
-    attention, latent = model.blocks[0].attention, pool.k.shape[-1]
-    per_head = attention.heads * sum(attention.dims)
-    return torch.stack(logits, 1), ms, (
+        def prefill(layer, attention, q_nope, q_pe, c_kv, k_pe):  # packed: (total, ...)
+            q_pe, k_pe = rotated(q_pe, k_pe, packed)
+            attnmem.kvcache_append(pool.k[layer], pool.v[layer],
+                                   torch.cat([c_kv[:, None], k_pe], -1), None,
+                                   cache_seqlens=cache_seqlens, block_table=pool.block_table,
+                                   cu_seqlens=cu_seqlens, max_seqlen=longest)
+            k, v = attention.expand(c_kv, k_pe)
+            return attnmem.attention_varlen(torch.cat([q_pe, q_nope], -1), k, v, cu_seqlens,
+                                            cu_seqlens, longest, longest, causal=True,
+                                            scale=attention.scale)
+
+        def decode(layer, attention, q_nope, q_pe, c_kv, k_pe):  # (B, 1, ...)
+            # The new tokens' positions are their slots, read on the device.
+            q_pe, k_pe = rotated(q_pe, k_pe, cache_seqlens[:, None].long())
+            out = attnmem.attention_with_kvcache(
+                torch.cat([attention.absorb(q_nope), q_pe], -1), pool.k[layer],
+                pool.v[layer], k=torch.cat([c_kv[..., None, :], k_pe], -1), v=None,
+                cache_seqlens=cache_seqlens, block_table=pool.block_table,
+                scale=attention.scale)
+            return attention.unabsorb(out)
+
+        return prefill, decode
+
+    logits, ms, pool, used = serve_pages(model, prompts, steps, page_size, generator, attends,
+                                         latent=True)
+    latent = pool.k.shape[-1]
+    per_head = first.heads * sum(first.dims)
+    return logits, ms, (
         f"{used} pages of {page_size} latents of {latent} numbers; per-head keys and values "
         f"(d_nope + d_rope + d_v each head) would take {per_head / latent:.1f} times that")
-
-
-def reference_logits(model, prompts, served, cos, sin):
-    """Logits (B, steps + 1, vocab) for each served token's position, with no cache and no
-    absorption: step t runs every sequence from its first token, prompt then served[:, :t],
-    right-padded to the longest (causal: padding at the end changes no earlier position)."""
-    lengths = torch.tensor([len(p) for p in prompts], device=served.device)
-    (batch, generated), longest = served.shape, int(lengths.max())
-    tokens = torch.zeros(batch, longest + generated, dtype=served.dtype, device=served.device)
-    for b, prompt in enumerate(prompts):
-        tokens[b, :len(prompt)] = prompt
-
-    def attend(layer, attention, q_nope, q_pe, c_kv, k_pe):  # (B, N, ...)
-        k, v = attention.expand(c_kv, k_pe)
-        q = torch.cat([q_nope, q_pe], -1)
-        out = attnmem.attention(*(x.transpose(1, 2) for x in (q, k, v)), causal=True,
-                                scale=attention.scale)
-        return out.transpose(1, 2)
-
-    rows, logits = torch.arange(batch, device=served.device), []
-    for t in range(generated):
-        n = longest + t
-        angles = (x[:n].expand(batch, -1, -1) for x in (cos, sin))
-        logits.append(model(tokens[:, :n], *angles, attend)[rows, lengths - 1])
-        tokens[rows, lengths] = served[:, t]
-        lengths += 1
-    return torch.stack(logits, 1)
 
 
 def main():
@@ -266,12 +247,7 @@ def main():
     if args.d_rope % 2 or args.steps < 0 or args.q_rank < 0:
         parser.error("--d-rope must be even, --steps and --q-rank at least 0")
     device, dtype = torch.device("cuda" if cuda else "cpu"), DTYPES[args.dtype]
-    requested = attnmem.backend.requested_backend()  # ATTNMEM_BACKEND, "auto" if unset
-    backend = ("pure-torch fallback" if requested == "torch" or not cuda and requested == "auto"
-               else "triton kernels" if cuda else "triton interpreter")
-    clock = "CUDA events" if cuda else "CPU wall time, which says nothing about the kernels"
-    print(f"attnmem {attnmem.__version__} on {torch.cuda.get_device_name() if cuda else 'CPU'}"
-          f" | {backend} | torch {torch.__version__}")
+    backend, clock = backend_and_clock(cuda)
     print(f"B={args.batch} layers={args.layers} dim={args.dim} H={args.heads} "
           f"q_rank={args.q_rank} kv_rank={args.kv_rank} d_nope={args.d_nope} "
           f"d_rope={args.d_rope} d_v={args.d_v} steps={args.steps} "
@@ -299,7 +275,7 @@ def main():
             serve()  # compiles the kernels
         logits, ms, cache = serve()
         print(f"paged latent cache: {cache}")
-        reference = reference_logits(model, prompts, logits.argmax(-1), cos, sin)
+        reference = reference_logits(model, prompts, logits.argmax(-1), cos, sin, False)
         ok = check("paged", logits, reference, dtype)
         tokens = args.batch * args.steps
         print(f"  decode loop: {tokens / ms * 1e3:,.0f} tokens/s ({tokens} tokens in "
