@@ -29,21 +29,26 @@ The attention's core, which the caller supplies, runs three ways:
   head's output latent to its value. The loop advances cache_seqlens on the device and
   takes each step's rotary positions from it: nothing in it reads a value back from the
   GPU.
-- reference: no cache, no absorption; each step recomputes every sequence from its first
-  token with attnmem.attention(causal=True), q and k of d_nope + d_rope, v of d_v.
+- reference: examples/decode.py's own, no cache and no absorption: each step recomputes
+  every sequence from its first token with attnmem.attention(causal=True) on the expanded
+  heads, q = [q_pe, q_nope] and k = [k_pe, k_nope] (the rope parts first, where decode.py's
+  rotary turns them; its default scale 1/sqrt(D) is MLA's), v of d_v.
 
-The check (examples/decode.py's) feeds the reference the served tokens (teacher forcing) and
+The check (decode.py's too) feeds the reference the served tokens (teacher forcing) and
 compares its greedy token at every step with the served one; a served token the reference
-scores within NEAR_TIE[dtype] of its best (a near tie: the absorbed and expanded products
-round in different orders) is counted and reported, not failed; any other difference exits
-with status 1.
+scores within decode.NEAR_TIE[dtype] of its best (a near tie: the absorbed and expanded
+products round in different orders) is counted and reported, not failed; any other
+difference exits with status 1. At DeepSeek-V2's attention sizes with 4 layers (batch 4,
+prompts up to 64, 16 steps, seed 0, on the CPU) the served logits were at most 0.042 (bfloat16)
+and 0.0056 (float16) from the reference's, against near-tie margins of 0.15 and 0.02.
 
 The decode loop is timed, prefill excluded: CUDA events on a GPU (the Triton kernels, after
 a warm-up run that compiles them), wall time on the CPU, where attnmem runs its pure-torch
 fallback and the figure says nothing about the kernels. Defaults are small on the CPU. On a
 GPU the attention's sizes are DeepSeek-V2's (kv_rank 512, d_rope 64, d_nope 128, d_v 128,
 q_rank 1536), with 16 heads, hidden size 2048 and 4 layers where DeepSeek-V2 has 128, 5120
-and 60 (DeepSeek-V2-Lite: 16 heads, hidden size 2048, no q compression: --q-rank 0).
+and 60 (DeepSeek-V2-Lite: 16 heads, hidden size 2048, no q compression: --q-rank 0), in
+bfloat16 with pages of 64 tokens (FlashMLA's).
 
     python examples/mla_decode.py [--batch 16] [--steps 128] [--page-size 64]
 """
