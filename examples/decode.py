@@ -207,10 +207,15 @@ class Timer:
         return (time.perf_counter() - self.wall) * 1e3
 
 
-def serve_paged(model, prompts, steps, page_size, rotary, generator):
-    """Greedy decoding: the logits (B, steps + 1, vocab) that chose each token, the
-    prefill's then one per decode step, the decode loop's milliseconds and a note on the
-    cache."""
+def serve_pages(model, prompts, steps, page_size, generator, attends, **forward):
+    """The paged serving loop, whatever attention the model runs: a PagePool with room for
+    each prompt and its steps, cache_seqlens on the device, and attends(pool, cache_seqlens,
+    cu_seqlens, longest prompt) -> (prefill, decode): the model's attend for the packed
+    prompts and for each decode step (forward: more keyword arguments for the model). The
+    loop advances cache_seqlens on the device and keeps the tokens there: nothing in it reads
+    a value back from the GPU. Returns the logits (B, steps + 1, vocab) that chose each
+    token, the prefill's then one per decode step, the decode loop's milliseconds, the pool
+    and the number of pages used."""
     device, batch = prompts[0].device, len(prompts)
     lengths = [len(p) for p in prompts]
     max_blocks = -(-(max(lengths) + steps) // page_size)
@@ -221,19 +226,8 @@ def serve_paged(model, prompts, steps, page_size, rotary, generator):
         pool.reserve(b, n)
     cu_seqlens = torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
     cache_seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
-
-    def prefill(layer, q, k, v):  # q (total, H, D), k, v (total, Hkv, D)
-        return attnmem.attention_with_kvcache(
-            q, pool.k[layer], pool.v[layer], k=k, v=v, cache_seqlens=cache_seqlens,
-            block_table=pool.block_table, cu_seqlens_q=cu_seqlens, max_seqlen_q=max(lengths),
-            causal=True, **rotary)
-
-    def decode(layer, q, k, v):  # q (B, 1, H, D), k, v (B, 1, Hkv, D)
-        return attnmem.attention_with_kvcache(
-            q, pool.k[layer], pool.v[layer], k=k, v=v, cache_seqlens=cache_seqlens,
-            block_table=pool.block_table, **rotary)
-
-    logits = [model(torch.cat(prompts), prefill)[cu_seqlens[1:].long() - 1]]
+    prefill, decode = attends(pool, cache_seqlens, cu_seqlens, max(lengths))
+    logits = [model(torch.cat(prompts), prefill, **forward)[cu_seqlens[1:].long() - 1]]
     cache_seqlens += torch.tensor(lengths, dtype=torch.int32, device=device)
     timer = Timer(device)
     timer.start()
@@ -241,12 +235,35 @@ def serve_paged(model, prompts, steps, page_size, rotary, generator):
         for b in range(batch):
             lengths[b] += 1
             pool.reserve(b, lengths[b])
-        logits.append(model(logits[-1].argmax(-1)[:, None], decode)[:, -1])
+        logits.append(model(logits[-1].argmax(-1)[:, None], decode, **forward)[:, -1])
         cache_seqlens += 1
-    ms, used = timer.stop(), num_pages - len(pool.free)
-    return torch.stack(logits, 1), ms, (
+    return torch.stack(logits, 1), timer.stop(), pool, num_pages - len(pool.free)
+
+
+def serve_paged(model, prompts, steps, page_size, rotary, generator):
+    """Greedy decoding: the logits (B, steps + 1, vocab) that chose each token, the
+    prefill's then one per decode step, the decode loop's milliseconds and a note on the
+    cache."""
+
+    def attends(pool, cache_seqlens, cu_seqlens, longest):
+        def prefill(layer, q, k, v):  # q (total, H, D), k, v (total, Hkv, D)
+            return attnmem.attention_with_kvcache(
+                q, pool.k[layer], pool.v[layer], k=k, v=v, cache_seqlens=cache_seqlens,
+                block_table=pool.block_table, cu_seqlens_q=cu_seqlens, max_seqlen_q=longest,
+                causal=True, **rotary)
+
+        def decode(layer, q, k, v):  # q (B, 1, H, D), k, v (B, 1, Hkv, D)
+            return attnmem.attention_with_kvcache(
+                q, pool.k[layer], pool.v[layer], k=k, v=v, cache_seqlens=cache_seqlens,
+                block_table=pool.block_table, **rotary)
+
+        return prefill, decode
+
+    logits, ms, pool, used = serve_pages(model, prompts, steps, page_size, generator, attends)
+    slots = len(prompts) * (max(len(p) for p in prompts) + steps)
+    return logits, ms, (
         f"{used} pages of {page_size} hold {used * page_size} slots, where a contiguous cache "
-        f"(B, longest prompt + steps) holds {batch * max(lengths)}")
+        f"(B, longest prompt + steps) holds {slots}")
 
 
 def serve_left_padded(model, prompts, steps, rotary):
@@ -326,6 +343,17 @@ def check(name, logits, reference, dtype):
     return not wrong.any()
 
 
+def backend_and_clock(cuda):
+    """What runs attnmem's ops and what times the decode loop, in words; prints the first."""
+    requested = attnmem.backend.requested_backend()  # ATTNMEM_BACKEND, "auto" if unset
+    backend = ("pure-torch fallback" if requested == "torch" or not cuda and requested == "auto"
+               else "triton kernels" if cuda else "triton interpreter")
+    clock = "CUDA events" if cuda else "CPU wall time, which says nothing about the kernels"
+    print(f"attnmem {attnmem.__version__} on {torch.cuda.get_device_name() if cuda else 'CPU'}"
+          f" | {backend} | torch {torch.__version__}")
+    return backend, clock
+
+
 def main():
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -353,12 +381,7 @@ def main():
         parser.error("--kv-heads must divide --heads, --head-dim must be even and --steps "
                      "at least 0")
     device, dtype = torch.device("cuda" if cuda else "cpu"), DTYPES[args.dtype]
-    requested = attnmem.backend.requested_backend()  # ATTNMEM_BACKEND, "auto" if unset
-    backend = ("pure-torch fallback" if requested == "torch" or not cuda and requested == "auto"
-               else "triton kernels" if cuda else "triton interpreter")
-    clock = "CUDA events" if cuda else "CPU wall time, which says nothing about the kernels"
-    print(f"attnmem {attnmem.__version__} on {torch.cuda.get_device_name() if cuda else 'CPU'}"
-          f" | {backend} | torch {torch.__version__}")
+    backend, clock = backend_and_clock(cuda)
     print(f"B={args.batch} layers={args.layers} H={args.heads} Hkv={args.kv_heads} "
           f"D={args.head_dim} steps={args.steps} page_size={args.page_size} {args.dtype} "
           f"rotary {'interleaved (GPT-J)' if args.interleaved else 'GPT-NeoX'}")

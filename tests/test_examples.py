@@ -24,6 +24,10 @@ RUNS = {
                             "--page-size", "3", "--vocab", "64", *flags])
        for name, flags in (("decode", []),
                            ("decode_left_padded", ["--left-padded", "--interleaved"]))},
+    "mla_decode": ("mla_decode.py", ["--batch", "3", "--layers", "1", "--dim", "24", "--heads",
+                                     "3", "--q-rank", "12", "--kv-rank", "20", "--d-nope", "10",
+                                     "--d-rope", "6", "--d-v", "12", "--prompt", "7", "--steps",
+                                     "4", "--page-size", "3", "--vocab", "64"]),
 }
 
 
