@@ -349,8 +349,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     q: (total_q, H, D); k: (total_k, Hkv, D); v: (total_k, Hkv, Ev) with H % Hkv == 0 (query
     head h reads kv head h // (H // Hkv)): the sequences' rows one after another, no padding
     between them. v's head dim Ev may differ from D, as in attnmem.attention.
-    cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) cumulative lengths on q's device, starting
-    at 0 and ending at total_q (total_k): sequence b's queries are rows cu_seqlens_q[b] to
+    cu_seqlens_q, cu_seqlens_k: contiguous int32 (B + 1,) cumulative lengths on q's device,
+    starting at 0 and ending at total_q (total_k): sequence b's queries are rows cu_seqlens_q[b] to
     cu_seqlens_q[b + 1] of q, its keys rows cu_seqlens_k[b] to cu_seqlens_k[b + 1] of k and
     v. Lengths may be 0. max_seqlen_q, max_seqlen_k: ints, at least the longest sequence's
     lengths: they size the launch grid, as in FlashAttention. Returns out (total_q, H, Ev) in
