@@ -343,6 +343,15 @@ def check(name, logits, reference, dtype):
     return not wrong.any()
 
 
+def random_prompts(batch, longest, vocab, generator, device):
+    """batch prompts of random tokens, the first `longest` long, the others 1 to that; prints
+    their lengths."""
+    lengths = torch.randint(1, longest + 1, (batch,), generator=generator)
+    lengths[0] = longest
+    print(f"prompts of {', '.join(str(int(n)) for n in lengths)} tokens")
+    return [torch.randint(vocab, (int(n),), generator=generator).to(device) for n in lengths]
+
+
 def backend_and_clock(cuda):
     """What runs attnmem's ops and what times the decode loop, in words; prints the first."""
     requested = attnmem.backend.requested_backend()  # ATTNMEM_BACKEND, "auto" if unset
@@ -390,11 +399,7 @@ def main():
     torch.manual_seed(args.seed)
     model = Decoder(args.vocab, args.layers, args.heads, args.kv_heads, args.head_dim)
     model = model.to(device, dtype).eval()
-    lengths = torch.randint(1, args.prompt + 1, (args.batch,), generator=generator)
-    lengths[0] = args.prompt
-    prompts = [torch.randint(args.vocab, (int(n),), generator=generator).to(device)
-               for n in lengths]
-    print(f"prompts of {', '.join(str(int(n)) for n in lengths)} tokens")
+    prompts = random_prompts(args.batch, args.prompt, args.vocab, generator, device)
     # seqlen_ro must cover every slot of the caches: the paged one's capacity is the largest.
     capacity = -(-(args.prompt + args.steps) // args.page_size) * args.page_size
     cos, sin = rotary_tables(capacity, args.head_dim, device)

@@ -64,6 +64,7 @@ from decode import (
     SwiGLU,
     backend_and_clock,
     check,
+    random_prompts,
     reference_logits,
     rotary_tables,
     rotate,
@@ -266,11 +267,7 @@ def main():
     model = Decoder(args.vocab, args.layers, args.dim, args.heads, args.q_rank, args.kv_rank,
                     args.d_nope, args.d_rope, args.d_v)
     model = model.to(device, dtype).eval()
-    lengths = torch.randint(1, args.prompt + 1, (args.batch,), generator=generator)
-    lengths[0] = args.prompt
-    prompts = [torch.randint(args.vocab, (int(n),), generator=generator).to(device)
-               for n in lengths]
-    print(f"prompts of {', '.join(str(int(n)) for n in lengths)} tokens")
+    prompts = random_prompts(args.batch, args.prompt, args.vocab, generator, device)
     cos, sin = rotary_tables(args.prompt + args.steps, args.d_rope, device)
 
     with torch.inference_mode():
