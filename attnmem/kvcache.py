@@ -54,21 +54,19 @@ MAX_KERNEL_VALUE_HEAD_DIM = 512
 def _triton_reasons(q, k_cache, v_cache, cu_seqlens_q=None, max_seqlen_q=0,
                     k=None, cu_seqlens_k_new=None) -> list[str]:
     """What the triton kernels lack for the append and the attention of q, or with q None
-    (kvcache_append) for the append of k alone; cu_seqlens_k_new: k packed on its own."""
+    (kvcache_append) for the append of k alone; cu_seqlens_k_new: k packed (on its own, or as
+    the queries: their cu_seqlens_q)."""
     x, reasons = (k if q is None else q), []
     if cu_seqlens_k_new is not None and k is not None and k.shape[0] > _backend.GRID_X_LIMIT:
-        # The append runs a program per packed row of k.
+        # The packed append runs a program per row of k.
         reasons.append(f"k's {k.shape[0]} packed rows need as many programs > "
                        f"{_backend.GRID_X_LIMIT}, the CUDA launch grid's limit")
-    if cu_seqlens_q is not None:
-        # Packed: the grids are sized by max_seqlen_q, not by the packed rows, the append's
-        # B * max_seqlen_q and the attention's row tiles of at least 16 rows (kvcache_append
-        # packs k with cu_seqlens_k_new: a program per row, above).
+    if cu_seqlens_q is not None and q is not None:
+        # Packed queries: the attention's grid is sized by max_seqlen_q, not by the packed
+        # rows, in row tiles of at least 16 rows.
         batch, kv_heads = cu_seqlens_q.shape[0] - 1, k_cache.shape[2]
-        programs = batch * max_seqlen_q
-        if q is not None:
-            group = q.shape[1] // max(kv_heads, 1)
-            programs = max(programs, batch * kv_heads * -(-max_seqlen_q * group // 16))
+        group = q.shape[1] // max(kv_heads, 1)
+        programs = batch * kv_heads * -(-max_seqlen_q * group // 16)
         if programs > _backend.GRID_X_LIMIT:
             reasons.append(f"{batch} sequences of up to max_seqlen_q = {max_seqlen_q} queries "
                            f"need {programs} programs > {_backend.GRID_X_LIMIT}, the CUDA "
@@ -111,20 +109,16 @@ def _append(q: Optional[torch.Tensor], k_cache: torch.Tensor, v_cache: torch.Ten
     written. cu_seqlens_k_new (B + 1,): k and v packed (total_k_new, ...) on their own,
     whatever q's layout (FlashAttention-3's)."""
     rotation = _rotation(rotary_cos, rotary_sin, rotary_interleaved)
+    # k's cumulative lengths: its own, or packed as the queries.
+    packed = cu_seqlens_q if cu_seqlens_k_new is None else cu_seqlens_k_new
     if _pick(q, k_cache, v_cache, backend, cu_seqlens_q, max_seqlen_q, k,
-             cu_seqlens_k_new) == "triton":
+             packed) == "triton":
         from attnmem.kernels import attention_kvcache as kernel
-        # k's packing: its own with cu_seqlens_k_new, else q's.
-        packing = (None, None) if cu_seqlens_k_new is not None else (cu_seqlens_q, max_seqlen_q)
-        kernel.append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales, *packing,
-                      rotation, cu_seqlens_k_new)
-    elif cu_seqlens_k_new is not None:
-        seqlens = _clamped(cache_seqlens, k_cache, cu_seqlens_k_new.diff(), block_table)
-        _reference.append_packed(k_cache, v_cache, k, v, seqlens, block_table,
-                                 cu_seqlens_k_new, descales, rotation)
-    elif cu_seqlens_q is not None:
-        seqlens = _clamped(cache_seqlens, k_cache, cu_seqlens_q.diff(), block_table)
-        _reference.append_packed(k_cache, v_cache, k, v, seqlens, block_table, cu_seqlens_q,
+        kernel.append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales, rotation,
+                      packed)
+    elif packed is not None:
+        seqlens = _clamped(cache_seqlens, k_cache, packed.diff(), block_table)
+        _reference.append_packed(k_cache, v_cache, k, v, seqlens, block_table, packed,
                                  descales, rotation)
     else:
         _reference.append(k_cache, v_cache, k, v, _clamped(cache_seqlens, k_cache, k.shape[1],

@@ -32,8 +32,9 @@ sequence's length (or before every row's window) count for nothing whatever they
 PACKED_Q (FlashAttention-3's packed queries, mixed prefill and decode in one batch): q, out
 (total_q, H, D) with sequence b's queries in rows cu_seqlens_q[b] to cu_seqlens_q[b + 1]
 (int32 (B + 1,) at cu_seqlens_q_ptr), lse (H, total_q); the new tokens, if any, are the
-queries' tokens, packed alike. The grid is sized by max_seqlen_q as the dense grid by Sq
-(passed as n_q, and as n_new when appending), and each program finds its sequence's rows
+queries' tokens, packed alike (appended as PACKED_K below, with cu_seqlens_q for their
+cumulative lengths). The attention's grid is sized by max_seqlen_q as the dense grid by Sq
+(passed as n_q; n_new 1 when appending), and each program finds its sequence's rows
 from cu_seqlens_q, so the launch needs no host sync: tiles and tokens past a sequence's own
 length exit at once. Inside, a sequence is a dense batch of one moved to its first rows.
 
@@ -169,34 +170,23 @@ def _kvcache_append(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, table_ptr,
                     stride_tb, stride_tn, n_new, n_kv_heads, capacity, page_size, n_pages,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
                     BLOCK_H: tl.constexpr, descale_ptr=None, FP8_KV: tl.constexpr = False,
-                    cu_seqlens_q_ptr=None, total_q=0, PACKED_Q: tl.constexpr = False,
                     cos_ptr=None, sin_ptr=None, ROTARY_DIM: tl.constexpr = 0,
                     INTERLEAVED: tl.constexpr = False, HEAD_DV: tl.constexpr = None,
                     BLOCK_DV: tl.constexpr = None, cu_seqlens_k_new_ptr=None,
                     PACKED_K: tl.constexpr = False):
     """New token i of sequence b, every kv head: k and v into cache slot seqlens[b] + i
     (k rotated there with ROTARY_DIM, quantized with FP8_KV: see the module's docstring).
-    Program b * n_new + i: one grid axis, which CUDA allows 2^31 - 1 programs. PACKED_Q: n_new
-    is max_seqlen_q, and sequence b's new tokens are rows cu_seqlens_q[b] + i of k and v
-    (batch strides 0). HEAD_DV, BLOCK_DV: v's head dim and its tile (the module's
-    docstring), HEAD_DIM and BLOCK_D when None. PACKED_K (the module's docstring): program
-    r for packed row r of k and v (batch strides 0), which finds its sequence b among the
-    n_new (here the batch B) in cu_seqlens_k_new and is its token i = r -
+    Program b * n_new + i: one grid axis, which CUDA allows 2^31 - 1 programs. HEAD_DV,
+    BLOCK_DV: v's head dim and its tile (the module's docstring), HEAD_DIM and BLOCK_D when
+    None. PACKED_K (the module's docstring; new tokens packed as the queries or on their
+    own): program r for packed row r of k and v (batch strides 0), which finds its sequence
+    b among the n_new (here the batch B) in cu_seqlens_k_new and is its token i = r -
     cu_seqlens_k_new[b]; the grid's rows bound r, so no row count is needed."""
     HEAD_V: tl.constexpr = HEAD_DIM if HEAD_DV is None else HEAD_DV
     BLOCK_V: tl.constexpr = BLOCK_D if BLOCK_DV is None else BLOCK_DV
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_new
     i = (pid % n_new).to(tl.int32)
-    if PACKED_Q:
-        # Clamped to the capacity, as the cumulative lengths are checked on CPU tensors only:
-        # wrong ones then write no slot outside the cache.
-        start, n_new = _packed_sequence(cu_seqlens_q_ptr, b, total_q)
-        n_new = tl.minimum(n_new, capacity)
-        if i >= n_new:
-            return
-        k_ptr += start * stride_ks
-        v_ptr += start * stride_vs
     if PACKED_K:
         b = _sequence_of_row(cu_seqlens_k_new_ptr, pid, n_new)
         start = tl.load(cu_seqlens_k_new_ptr + b).to(tl.int64)
@@ -675,27 +665,25 @@ def _leftpad_meta(cache_leftpad) -> dict:
 
 def _batch_view(x, packed):
     """x (B, Sq, ...) as it is, or packed x (total, ...) as the kernels' batch of one, batch
-    stride 0 (with PACKED_Q each program moves its bases to its own sequence's rows)."""
+    stride 0 (with PACKED_Q or PACKED_K each program moves its bases to its own sequence's
+    rows)."""
     return x.as_strided((1, *x.shape), (0, *x.stride())) if packed else x
 
 
 def append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales=None,
-           cu_seqlens_q=None, max_seqlen_q=None, rotation=None, cu_seqlens_k_new=None):
+           rotation=None, cu_seqlens_k_new=None):
     """Writes k (B, Sq, Hkv, D) and v (B, Sq, Hkv, Ev) into the caches in place at
     cache_seqlens[b] + i; into float8_e4m3fn caches quantized with descales (B, Hkv, 2)
-    float32 (k's, v's). With cu_seqlens_q (B + 1,) int32 and max_seqlen_q: k, v packed
-    (total, Hkv, D or Ev), sequence b's new tokens in rows cu_seqlens_q[b] to
-    cu_seqlens_q[b + 1]. rotation (cos, sin, interleaved): k rotated at its slot first (cos,
-    sin (seqlen_ro, R / 2), seqlen_ro at least the capacity). cu_seqlens_k_new (B + 1,)
-    int32, in cu_seqlens_q's place: k, v packed alike, one program per row (PACKED_K), no
-    longest count needed."""
+    float32 (k's, v's). rotation (cos, sin, interleaved): k rotated at its slot first (cos,
+    sin (seqlen_ro, R / 2), seqlen_ro at least the capacity). With cu_seqlens_k_new (B + 1,)
+    int32 (packed queries' cu_seqlens_q, or new tokens packed on their own): k, v packed
+    (total, Hkv, D or Ev), sequence b's new tokens in rows cu_seqlens_k_new[b] to
+    cu_seqlens_k_new[b + 1], one program per row (PACKED_K), no longest count needed."""
     if k.numel() == 0:
         return
-    packed, packed_k = cu_seqlens_q is not None, cu_seqlens_k_new is not None
-    k, v = (_batch_view(lastdim_contiguous(x), packed or packed_k) for x in (k, v))
+    packed_k = cu_seqlens_k_new is not None
+    k, v = (_batch_view(lastdim_contiguous(x), packed_k) for x in (k, v))
     batch, n_new, kv_heads, head_dim = k.shape
-    if packed:
-        batch, n_new = cu_seqlens_q.shape[0] - 1, max_seqlen_q
     if packed_k:
         # A program per row, each of which finds its own sequence among n_new = B.
         batch, n_new = 1, cu_seqlens_k_new.shape[0] - 1
@@ -711,8 +699,7 @@ def append(k, v, k_cache, v_cache, cache_seqlens, block_table, descales=None,
         table.stride(-1), n_new, kv_heads, capacity, k_cache.shape[1] if paged else 1,
         k_cache.shape[0], **meta, PAGED=paged,
         BLOCK_H=triton.next_power_of_2(kv_heads), **_fp8_meta(descales),
-        **_packed_meta(cu_seqlens_q, k.shape[1]), **_rotary_meta(rotation),
-        **_packed_k_meta(cu_seqlens_k_new))
+        **_rotary_meta(rotation), **_packed_k_meta(cu_seqlens_k_new))
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, n_new, scale,

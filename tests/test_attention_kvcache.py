@@ -554,13 +554,19 @@ def _attend_job(arch, dtype, head_dim, rows, paged, split, fp8_kv=False, packed=
 
 
 def _append_job(arch, dtype, head_dim, block_h, paged, fp8_kv=False, packed=False):
+    """The append kernel's job; packed: new tokens packed (PACKED_K, as packed queries' and
+    cu_seqlens_k_new's are appended)."""
     data, cache = TRITON_TYPES[dtype], "fp8e4nv" if fp8_kv else TRITON_TYPES[dtype]
     job = dict(module=KERNEL_MODULE, kernel="_kvcache_append", arch=arch,
                constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, PAGED=paged,
                                BLOCK_H=block_h),
                pointers=dict(k_ptr=data, v_ptr=data, kc_ptr=cache, vc_ptr=cache,
                              seqlens_ptr="i32", table_ptr="i32"), num_warps=4, num_stages=1)
-    return _variant(job, fp8_kv, packed)
+    if packed:
+        job["constexprs"]["PACKED_K"] = True
+        job["pointers"]["cu_seqlens_k_new_ptr"] = "i32"
+    job = _variant(job, fp8_kv, False)
+    return dict(job, expect=NO_SPILLS) if packed else job
 
 
 def _variant(job, fp8_kv, packed):

@@ -344,7 +344,7 @@ def _rotary(job):
 # The PACKED_K append (paged, e4m3 cache) and attention (packed queries, paged, split, rotary
 # per query), bfloat16 and head dim 128, on sm_90.
 JOBS = {
-    "append-paged-fp8_kv": _packed_k(_append_job(90, "bfloat16", 128, 8, True, fp8_kv=True)),
+    "append-paged-fp8_kv": _append_job(90, "bfloat16", 128, 8, True, fp8_kv=True, packed=True),
     "attend-packed-paged-split-rotary": _packed_k(_rotary(
         _attend_job(90, "bfloat16", 128, 8, True, True, packed=True))),
 } if HAS_TRITON else {}

@@ -302,7 +302,7 @@ def test_opcheck_and_torch_compile():
 
 
 def test_grid_past_cuda_limit_is_refused():
-    """The grids are sized by B x max_seqlen_q: past CUDA's 2^31 - 1 programs on their first
+    """The attention's grid is sized by max_seqlen_q: past CUDA's 2^31 - 1 programs on its first
     axis the triton backend says why (and auto picks torch); below, it takes them."""
     from attnmem import kvcache
 

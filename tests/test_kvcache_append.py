@@ -21,10 +21,10 @@ FP8 = torch.float8_e4m3fn
 # name: (B, new tokens per sequence (an int, or a list: packed), Hkv, D, capacity,
 # cache_seqlens, options): page_size (a paged pool, shuffled), pool (cache_batch_idx's rows
 # of a pool of that many), rotary (R, interleaved), fp8 (float8_e4m3fn caches, descales),
-# max_seqlen (packed; default the longest; None: not passed to kvcache_append, whose append
-# then runs as attention_with_kvcache's with cu_seqlens_k_new, while attention_with_kvcache
-# gets the longest as max_seqlen_q and appends k packed as q, B x max_seqlen_q programs). The
-# caches are float16 unless fp8 or float32.
+# max_seqlen (packed; default the longest; None: not passed to kvcache_append, whose packed
+# append, a program per row, needs none; attention_with_kvcache gets the longest as
+# max_seqlen_q and appends k packed as q, by the same kernel). The caches are float16 unless
+# fp8 or float32.
 CASES = {
     "contiguous_odd_dim_clamped": (3, 2, 2, 33, 40, [0, 45, 17], dict(float32=True)),
     "paged_rotary_gptj": (2, 3, 2, 16, 28, [5, 20], dict(page_size=7, rotary=(10, True))),
