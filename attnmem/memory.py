@@ -603,7 +603,11 @@ def memory_write(memory, weights, erase, add, *, inplace=False):
         if memory.stride(-1) != 1:
             raise ValueError("memory_write(inplace=True) needs memory's last dimension "
                              "contiguous on the triton backend")
-        return kernel.memory_write_forward(memory, weights, erase, add, out=memory)
+        kernel.memory_write_forward(memory, weights, erase, add, out=memory)
+        # The kernel writes memory's storage unseen by autograd: its version moves as torch's
+        # in-place ops move it, so a backward that saved the old memory raises.
+        torch.autograd.graph.increment_version(memory)
+        return memory
     return _reference.memory_write_(memory, weights, erase, add)
 
 
