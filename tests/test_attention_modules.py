@@ -132,6 +132,32 @@ def test_luong_attention_follows_the_paper(score, mode):
     torch.testing.assert_close(step, out[:, 3])
 
 
+@pytest.mark.parametrize("mode", ["global", "local-m", "local-p"])
+@pytest.mark.parametrize("score", ["dot", "general", "concat"])
+def test_luong_attention_ignores_whatever_padding_holds(score, mode):
+    """Source positions past source_lengths count for nothing, NaN or inf there included,
+    weights returned or not: the outputs and gradients (the parameters' included) of zeros
+    there, zero gradients there."""
+    module = LuongAttention(HID, score=score, mode=mode, window=2).double()
+    query = torch.randn(B, NQ, HID, dtype=torch.float64)
+    source = torch.randn(B, NS, HID, dtype=torch.float64)
+    padding = (torch.arange(NS) >= LENGTHS[:, None])[..., None]
+    for return_weights in (False, True):
+        results = []
+        for fill in (0.0, float("nan"), float("inf")):
+            xs = [query.clone().requires_grad_(),
+                  source.masked_fill(padding, fill).requires_grad_()]
+            out = module(*xs, LENGTHS, return_weights=return_weights)
+            out = out if return_weights else (out,)
+            grads = torch.autograd.grad(sum(o.sum() for o in out),
+                                        [*module.parameters(), *xs])
+            results.append([*out, *grads])
+        for got in results[1:]:
+            for g, e in zip(got, results[0]):
+                torch.testing.assert_close(g, e)
+        assert (results[0][-1].masked_select(padding) == 0).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("score", ["general", "concat"])
 def test_luong_global_attention_runs_on_the_kernels(score, backend):

@@ -164,6 +164,10 @@ class LuongAttention(nn.Module):
         return_weights = _checks.flag("return_weights", return_weights)
         if positions is not None:
             positions = self._positions(positions, batch, n_q, step, like)
+        if source_lengths is not None:
+            # Zero weights times a NaN or inf past the lengths would still reach the context.
+            past = torch.arange(source.shape[1], device=source.device) >= source_lengths[:, None]
+            source = source.masked_fill(past[..., None], 0)
         if self.mode == "global":
             context, weights = self._global(query, source, source_lengths, return_weights)
         else:
