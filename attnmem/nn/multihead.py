@@ -178,6 +178,10 @@ class MultiheadAttention(nn.Module):
         elif not self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         batch, n_q, n_k = query.shape[0], query.shape[1], key.shape[1]
+        if key_padding_mask is not None and key_padding_mask.dtype == torch.bool:
+            # Whatever padded keys and values hold (NaN, inf) reaches neither the output
+            # (zero weights times NaN) nor the projections' weight gradients.
+            key, value = (x.masked_fill(key_padding_mask[..., None], 0) for x in (key, value))
         if attn_mask is not None:
             attn_mask = (attn_mask[None, None] if attn_mask.dim() == 2
                          else attn_mask.unflatten(0, (batch, self.num_heads)))
