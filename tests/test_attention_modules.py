@@ -79,6 +79,32 @@ def test_additive_pointer_and_hard_attention_follow_the_formula(backend):
     torch.testing.assert_close(chosen_log_prob, log_probs.gather(2, indices[..., None])[..., 0])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", [AdditiveAttention, PointerAttention, HardAttention])
+def test_additive_modules_ignore_whatever_padding_holds(cls, backend):
+    """Keys and values past kv_lengths count for nothing, NaN or inf there included: the
+    outputs and gradients, the key projection's included, of zeros there."""
+    module = cls(HID, 7, 9).eval()
+    padding = (torch.arange(NS) >= LENGTHS[:, None])[..., None]
+    results = []
+    for fill in (0.0, float("nan"), float("inf")):
+        xs = [Q.clone().requires_grad_(), K.masked_fill(padding, fill).requires_grad_(),
+              V.masked_fill(padding, fill).requires_grad_()]
+        with attnmem.use_backend(backend):
+            if cls is PointerAttention:
+                out = module(*xs[:2], LENGTHS)
+            else:
+                out = module(*xs, LENGTHS)
+        out = out[2] if cls is HardAttention else out
+        loss = torch.where(torch.isfinite(out), out, 0).sum()  # padding's log-probs are -inf
+        results.append([out, *torch.autograd.grad(loss, [*module.parameters(), *xs],
+                                                  allow_unused=True)])
+    for got in results[1:]:
+        for g, e in zip(got, results[0]):
+            if e is not None:
+                torch.testing.assert_close(g, e)
+
+
 def luong_reference(module, query, source, lengths):
     """Luong et al.'s equations for one query at a time: (h~, weights)."""
     outs, all_weights = [], []

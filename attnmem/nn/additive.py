@@ -58,6 +58,11 @@ class _Additive(nn.Module):
         if values is not None:
             _sequence("values", values, batch, keys.shape[1], None, self.v)
         _checks.lengths("kv_lengths", kv_lengths, batch, self.v)
+        if kv_lengths is not None and projected_keys is None:
+            # The op never reads keys past the lengths, but the key projection's weight
+            # gradient would take them (NaN, inf) times their zero gradients.
+            past = torch.arange(keys.shape[1], device=keys.device) >= kv_lengths[:, None]
+            keys = keys.masked_fill(past[..., None], 0)
         q, k = self._projected(query, keys, projected_keys)
         return step, q, k, keys if values is None else values
 
