@@ -138,6 +138,7 @@ def additive_attention(q, k, values, v, *, kv_lengths=None, return_weights=False
     if values is None:
         raise TypeError("values must be a tensor (B, Nk, Dv); for the distribution alone, "
                         "use pointer_attention")
+    _checks.flag("return_weights", return_weights)
     out, scores, lse = _run(q, k, values, v, kv_lengths, return_weights)
     if not return_weights:
         return out

@@ -500,6 +500,7 @@ def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosin
     With topk, memory (N, D) and values (N, Dv) may be shared by every batch entry, with
     (N, D) gradients and sparse_grad as in memory_address (sparse_grad makes both memory's
     and values' gradients sparse). Without topk a shared memory raises a ValueError."""
+    _checks.flag("return_weights", return_weights)
     _address_args(memory, keys, strength, similarity, mask, topk)
     sparse_grad = _sparse_grad(sparse_grad, memory, ("topk=K", topk is not None))
     if topk is not None:
@@ -576,6 +577,7 @@ def memory_write(memory, weights, erase, add, *, inplace=False):
     entries name it); out of place, memory is still copied once. Indices are range-checked
     on CPU tensors only, without a device sync: on CUDA an index outside [-1, N) writes
     nothing, as -1 does."""
+    _checks.flag("inplace", inplace)
     _memory(memory)
     sparse = isinstance(weights, (tuple, list))
     if sparse:

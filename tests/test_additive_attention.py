@@ -261,6 +261,8 @@ def test_hard_attention_gives_a_query_without_inputs_a_zero_value():
         torch.full((2, 4, 6), float("inf")), val)),
     ("sample must be a bool", lambda q, k, val, v: attnmem.hard_attention(
         torch.zeros(2, 4, 6), val, sample="yes")),
+    ("return_weights must be a bool", lambda q, k, val, v: attnmem.additive_attention(
+        q, k, val, v, return_weights="no")),
 ])
 def test_bad_input_raises_a_named_error(message, call):
     q, k, val, v = torch.randn(2, 4, 8), torch.randn(2, 6, 8), torch.randn(2, 6, 5), \
