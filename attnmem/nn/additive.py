@@ -70,7 +70,9 @@ class _Additive(nn.Module):
 class AdditiveAttention(_Additive):
     """Bahdanau et al. (2015) attention, score(i, j) = v . tanh(W_q q_i + W_k k_j), on the
     fused attnmem.additive_attention kernel. query (B, Nq, query_dim) or one decoder step
-    (B, query_dim); keys (B, Nk, key_dim); values (B, Nk, Dv), by default the keys."""
+    (B, query_dim); keys (B, Nk, key_dim); values (B, Nk, Dv), by default the keys. Keys
+    and values past kv_lengths reach neither the output nor a gradient, whatever they hold
+    (in PointerAttention and HardAttention too)."""
 
     def forward(self, query, keys, values=None, kv_lengths: Optional[torch.Tensor] = None,
                 return_weights: bool = False, projected_keys: Optional[torch.Tensor] = None):
@@ -157,7 +159,8 @@ class LuongAttention(nn.Module):
     def forward(self, query, source, source_lengths: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None, return_weights: bool = False):
         """query: (B, Nq, hidden_size) decoder states or one step (B, hidden_size); source:
-        (B, Ns, source_size); source_lengths: (B,) integer, in every mode; positions: the
+        (B, Ns, source_size); source_lengths: (B,) integer, in every mode (what the source
+        holds past them, NaN or inf, reaches nothing); positions: the
         target positions t, local-m only, (B, Nq) or (Nq,) (or (B,) for one step; default
         0..Nq-1). -> h~ (B, Nq, hidden_size), and the alignment weights (B, Nq, Ns) with
         return_weights=True. Ns = 0 gives a zero context."""

@@ -55,8 +55,10 @@ class MultiheadAttention(nn.Module):
     kernel from torch's default generator (other draws than torch's own dropout). Otherwise
     the layer computes the exact weights (float masks, causal with padding) and drops them
     with F.dropout, as torch does. Unlike torch, a query that may attend to no key (S = 0 included)
-    gets zeros, never NaN. is_causal=True without an attn_mask applies a causal mask (torch
-    raises instead). Wrong arguments raise ValueError or TypeError (torch: AssertionError).
+    gets zeros, never NaN, and what keys and values under a bool key_padding_mask hold (NaN,
+    inf) reaches neither the output nor a gradient. is_causal=True without an attn_mask
+    applies a causal mask (torch raises instead). Wrong arguments raise ValueError or
+    TypeError (torch: AssertionError).
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
