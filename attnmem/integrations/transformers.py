@@ -23,8 +23,9 @@ layers the 2D padding mask with its layout. Each layer then runs `attnmem.attent
   move to the front (a stable sort on the device) and become kv_lengths;
 - packed sequences (several documents in one row, which transformers finds where
   position_ids do not step by 1, as when each document restarts at 0, given no padding
-  mask and no cache, as in training; it wraps the causal or sliding-window mask function in its
-  packed_sequence_compatibility_function): attnmem.attention_varlen, every document of
+  mask and no cache, as in training; it joins the causal or sliding-window mask function,
+  on positions remapped to position_ids, with a mask of each query's own document in
+  and_masks): attnmem.attention_varlen, every document of
   every row one sequence, causal and the window per document, with cumulative lengths
   from transformers' packed sequence indices (the document ids of each row's tokens).
 
@@ -52,7 +53,7 @@ start (one device-to-host copy of B * N bools, and the cumulative lengths copied
 layers never sync. While torch.compile traces, neither is read: padded batches then take
 the sort path or fall back, and packed sequences fall back.
 
-Tested against transformers 5.23.
+Tested against transformers 5.23 and 5.24.
 """
 
 import math
@@ -153,17 +154,23 @@ def _cells(function) -> dict:
 
 def _unpack(mask_function):
     """(the wrapped mask function, the packed sequence indices (B, N)) when mask_function is
-    transformers' packed-sequence wrapper (packed_sequence_compatibility_function: keys of
-    the query's own document, positions remapped to position_ids), else None."""
+    transformers' packed-sequence mask, else None: and_masks of packed_sequence_mask_function
+    (keys of the query's own document) and remap_positions_for_packed_sequence (positions
+    remapped to position_ids), in either order (5.23's packed_sequence_compatibility_function
+    puts the document mask first; 5.24, which dropped that function, puts it last)."""
     from transformers import masking_utils as mu
-    template = mu.packed_sequence_compatibility_function(mu.causal_mask_function, None, None)
-    if getattr(mask_function, "__code__", None) is not template.__code__:
+    if getattr(mask_function, "__code__", None) is not mu.and_masks(
+            mu.causal_mask_function).__code__:
         return None
-    parts, template_parts = (_cells(f)["mask_functions"] for f in (mask_function, template))
-    if len(parts) != 2 or any(getattr(f, "__code__", None) is not t.__code__
-                              for f, t in zip(parts, template_parts)):
+    roles = {mu.packed_sequence_mask_function(None).__code__: "documents",
+             mu.remap_positions_for_packed_sequence(mu.causal_mask_function,
+                                                    None).__code__: "remapped"}
+    parts = _cells(mask_function)["mask_functions"]
+    found = {roles.get(getattr(f, "__code__", None)): f for f in parts}
+    if len(parts) != 2 or set(found) != {"documents", "remapped"}:
         return None
-    return _cells(parts[1])["mask_function"], _cells(parts[0])["packed_sequence_mask"]
+    return (_cells(found["remapped"])["mask_function"],
+            _cells(found["documents"])["packed_sequence_mask"])
 
 
 @torch.compiler.disable
