@@ -13,6 +13,13 @@ def tensor(name, x, ndim, what):
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
+def flag(name, x):
+    """x is a bool: a truthy stand-in ("False", 1) would pass for True."""
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
+    return x
+
+
 def like(name, x, ref, ref_name):
     """x has ref's dtype and device."""
     if x.dtype != ref.dtype:

@@ -138,6 +138,7 @@ def additive_attention(q, k, values, v, *, kv_lengths=None, return_weights=False
     if values is None:
         raise TypeError("values must be a tensor (B, Nk, Dv); for the distribution alone, "
                         "use pointer_attention")
+    _checks.flag("return_weights", return_weights)
     out, scores, lse = _run(q, k, values, v, kv_lengths, return_weights)
     if not return_weights:
         return out
@@ -162,7 +163,7 @@ def hard_attention(log_weights, values, *, sample=False, generator=None):
     (B, Nk, Dv). Returns (indices (B, Nq) int64, chosen values (B, Nq, Dv), log-probability
     of each choice (B, Nq)); only the last is differentiable (REINFORCE's score function).
     A query whose inputs are all -inf (or that has none, Nk = 0) picks index 0 with
-    log-probability -inf, and a zero value when there is none.
+    log-probability -inf and a zero value.
     """
     _tensor("log_weights", log_weights, 3, "(B, Nq, Nk)")
     _tensor("values", values, 3, "(B, Nk, Dv)")
@@ -194,4 +195,8 @@ def hard_attention(log_weights, values, *, sample=False, generator=None):
         else:
             indices = log_weights.argmax(-1)
     chosen = torch.gather(values, 1, indices[..., None].expand(-1, -1, values.shape[2]))
-    return indices, chosen, torch.gather(log_weights, 2, indices[..., None]).squeeze(-1)
+    log_prob = torch.gather(log_weights, 2, indices[..., None]).squeeze(-1)
+    # Only a query whose inputs are all -inf picks one of log-probability -inf: index 0
+    # holds no value of it (padding may hold NaN), as with no inputs at all.
+    chosen = chosen.masked_fill((log_prob == float("-inf"))[..., None], 0)
+    return indices, chosen, log_prob

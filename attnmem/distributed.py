@@ -144,6 +144,7 @@ def shard_sequence(x, *, dim=2, group=None, causal=False):
     2W-1-r of 2W (zig-zag), so that causal attention gives every rank the same work.
     Differentiable (a slice of x)."""
     world, rank = _group(group)
+    _checks.flag("causal", causal)
     chunks, parts = _chunks_of(rank, world, causal)
     dim = _check_sequence(x, dim, parts, "2 * world size" if causal else "the world size")
     size = x.shape[dim] // parts
@@ -178,6 +179,7 @@ def unshard_sequence(x, *, dim=2, group=None, causal=False):
     the same causal), on every rank. Differentiable: the full tensor is replicated, so its
     gradient is taken to be the same on every rank, and each shard gets its part of it."""
     world, _ = _group(group)
+    _checks.flag("causal", causal)
     _, parts = _chunks_of(0, world, causal)
     dim = _check_sequence(x, dim, parts // world, "2 (the zig-zag layout's two chunks)")
     return _Unshard.apply(x, dim, group, causal)
@@ -860,6 +862,7 @@ def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosin
     K past it is not caught and its entries past the usable slots get -1 and weight 0, as
     where fewer than K slots are usable."""
     _group(group)
+    _checks.flag("return_weights", return_weights)
     if topk is not None:
         return _attend_topk(memory, keys, values, strength, similarity, mask, return_weights,
                             topk, sparse_grad, group)

@@ -500,6 +500,7 @@ def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosin
     With topk, memory (N, D) and values (N, Dv) may be shared by every batch entry, with
     (N, D) gradients and sparse_grad as in memory_address (sparse_grad makes both memory's
     and values' gradients sparse). Without topk a shared memory raises a ValueError."""
+    _checks.flag("return_weights", return_weights)
     _address_args(memory, keys, strength, similarity, mask, topk)
     sparse_grad = _sparse_grad(sparse_grad, memory, ("topk=K", topk is not None))
     if topk is not None:
@@ -576,6 +577,7 @@ def memory_write(memory, weights, erase, add, *, inplace=False):
     entries name it); out of place, memory is still copied once. Indices are range-checked
     on CPU tensors only, without a device sync: on CUDA an index outside [-1, N) writes
     nothing, as -1 does."""
+    _checks.flag("inplace", inplace)
     _memory(memory)
     sparse = isinstance(weights, (tuple, list))
     if sparse:
@@ -603,7 +605,11 @@ def memory_write(memory, weights, erase, add, *, inplace=False):
         if memory.stride(-1) != 1:
             raise ValueError("memory_write(inplace=True) needs memory's last dimension "
                              "contiguous on the triton backend")
-        return kernel.memory_write_forward(memory, weights, erase, add, out=memory)
+        kernel.memory_write_forward(memory, weights, erase, add, out=memory)
+        # The kernel writes memory's storage unseen by autograd: its version moves as torch's
+        # in-place ops move it, so a backward that saved the old memory raises.
+        torch.autograd.graph.increment_version(memory)
+        return memory
     return _reference.memory_write_(memory, weights, erase, add)
 
 

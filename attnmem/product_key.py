@@ -143,7 +143,8 @@ def product_key_lookup(queries, sub_keys, values, *, topk, return_indices=False,
     touched rows, for sparse optimisers (torch.optim.SparseAdam). Ties go to the lower
     sub-key index, then to the lower row, on both backends."""
     _arguments(queries, sub_keys, values, topk)
-    topk, sparse = int(topk), bool(sparse)
+    topk, sparse = int(topk), _checks.flag("sparse", sparse)
+    _checks.flag("return_indices", return_indices)
     lead = queries.shape[:-2]
     queries = queries.reshape(lead.numel(), *queries.shape[-2:])
     reasons = []

@@ -224,6 +224,20 @@ def test_hard_attention_argmax_and_sampling():
     torch.testing.assert_close(counts / 4000, probs.view(-1), atol=0.03, rtol=0)
 
 
+def test_hard_attention_gives_a_query_without_inputs_a_zero_value():
+    """A query whose inputs are all -inf (all padding, kv_lengths 0) takes a zero value, as
+    one with no inputs at all, not whatever index 0 holds (NaN padding), argmax or sampled."""
+    log_weights = torch.log_softmax(torch.randn(2, 3, 5), -1)
+    log_weights[1] = float("-inf")
+    values = torch.randn(2, 5, 4)
+    values[1] = float("nan")
+    for sample in (False, True):
+        indices, chosen, log_prob = attnmem.hard_attention(log_weights, values, sample=sample)
+        assert (indices[1] == 0).all() and (log_prob[1] == float("-inf")).all()
+        assert (chosen[1] == 0).all()
+        assert torch.equal(chosen[0], values[0, indices[0]])
+
+
 @pytest.mark.parametrize("message,call", [
     ("q must be (B, Nq, A)", lambda q, k, val, v: attnmem.additive_attention(q[0], k, val, v)),
     ("k must be (B, Nk, A) with B, A", lambda q, k, val, v: attnmem.additive_attention(
@@ -247,6 +261,8 @@ def test_hard_attention_argmax_and_sampling():
         torch.full((2, 4, 6), float("inf")), val)),
     ("sample must be a bool", lambda q, k, val, v: attnmem.hard_attention(
         torch.zeros(2, 4, 6), val, sample="yes")),
+    ("return_weights must be a bool", lambda q, k, val, v: attnmem.additive_attention(
+        q, k, val, v, return_weights="no")),
 ])
 def test_bad_input_raises_a_named_error(message, call):
     q, k, val, v = torch.randn(2, 4, 8), torch.randn(2, 6, 8), torch.randn(2, 6, 5), \

@@ -79,6 +79,32 @@ def test_additive_pointer_and_hard_attention_follow_the_formula(backend):
     torch.testing.assert_close(chosen_log_prob, log_probs.gather(2, indices[..., None])[..., 0])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", [AdditiveAttention, PointerAttention, HardAttention])
+def test_additive_modules_ignore_whatever_padding_holds(cls, backend):
+    """Keys and values past kv_lengths count for nothing, NaN or inf there included: the
+    outputs and gradients, the key projection's included, of zeros there."""
+    module = cls(HID, 7, 9).eval()
+    padding = (torch.arange(NS) >= LENGTHS[:, None])[..., None]
+    results = []
+    for fill in (0.0, float("nan"), float("inf")):
+        xs = [Q.clone().requires_grad_(), K.masked_fill(padding, fill).requires_grad_(),
+              V.masked_fill(padding, fill).requires_grad_()]
+        with attnmem.use_backend(backend):
+            if cls is PointerAttention:
+                out = module(*xs[:2], LENGTHS)
+            else:
+                out = module(*xs, LENGTHS)
+        out = out[2] if cls is HardAttention else out
+        loss = torch.where(torch.isfinite(out), out, 0).sum()  # padding's log-probs are -inf
+        results.append([out, *torch.autograd.grad(loss, [*module.parameters(), *xs],
+                                                  allow_unused=True)])
+    for got in results[1:]:
+        for g, e in zip(got, results[0]):
+            if e is not None:
+                torch.testing.assert_close(g, e)
+
+
 def luong_reference(module, query, source, lengths):
     """Luong et al.'s equations for one query at a time: (h~, weights)."""
     outs, all_weights = [], []
@@ -130,6 +156,32 @@ def test_luong_attention_follows_the_paper(score, mode):
     positions = torch.tensor([3]) if mode == "local-m" else None
     step = module(query[:, 3], source, LENGTHS, positions=positions)
     torch.testing.assert_close(step, out[:, 3])
+
+
+@pytest.mark.parametrize("mode", ["global", "local-m", "local-p"])
+@pytest.mark.parametrize("score", ["dot", "general", "concat"])
+def test_luong_attention_ignores_whatever_padding_holds(score, mode):
+    """Source positions past source_lengths count for nothing, NaN or inf there included,
+    weights returned or not: the outputs and gradients (the parameters' included) of zeros
+    there, zero gradients there."""
+    module = LuongAttention(HID, score=score, mode=mode, window=2).double()
+    query = torch.randn(B, NQ, HID, dtype=torch.float64)
+    source = torch.randn(B, NS, HID, dtype=torch.float64)
+    padding = (torch.arange(NS) >= LENGTHS[:, None])[..., None]
+    for return_weights in (False, True):
+        results = []
+        for fill in (0.0, float("nan"), float("inf")):
+            xs = [query.clone().requires_grad_(),
+                  source.masked_fill(padding, fill).requires_grad_()]
+            out = module(*xs, LENGTHS, return_weights=return_weights)
+            out = out if return_weights else (out,)
+            grads = torch.autograd.grad(sum(o.sum() for o in out),
+                                        [*module.parameters(), *xs])
+            results.append([*out, *grads])
+        for got in results[1:]:
+            for g, e in zip(got, results[0]):
+                torch.testing.assert_close(g, e)
+        assert (results[0][-1].masked_select(padding) == 0).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -281,6 +281,9 @@ def _layout_and_errors(rank, world):
         distributed.shard_sequence(torch.zeros(1, 1, 2 * world + 1, 1), causal=True)
     with pytest.raises(ValueError, match="dim"):
         distributed.shard_sequence(torch.zeros(1, 1, 2 * world, 1), dim=4)
+    for layout in (distributed.shard_sequence, distributed.unshard_sequence):
+        with pytest.raises(TypeError, match="causal must be a bool"):
+            layout(torch.zeros(1, 1, 2 * world, 1), causal="no")
     q = torch.zeros(1, 2, 3, 4)
     with pytest.raises(ValueError, match="divisible by 2 \\* world size"):
         distributed.ring_attention(q, q, q, causal=True)
@@ -292,6 +295,9 @@ def _layout_and_errors(rank, world):
         distributed.ring_attention(q, q[:, :1].expand(1, 3, 3, 4), q[:, :1].expand(1, 3, 3, 4))
     with pytest.raises(TypeError, match="group"):
         distributed.ring_attention(q, q, q, group="ring")
+    memory = torch.zeros(1, 3, 4)
+    with pytest.raises(TypeError, match="return_weights must be a bool"):
+        distributed.memory_attend(memory, memory[:, :1], return_weights="no")
     # v's head dim is its own; its other sizes, dtype and device are k's.
     assert distributed.ring_attention(q, q, torch.zeros(1, 2, 3, 7)).shape == (1, 2, 3, 7)
     for shape in ((1, 2, 2, 7), (1, 1, 3, 7), (2, 2, 3, 7), (1, 2, 3, 0)):

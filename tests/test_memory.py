@@ -215,6 +215,11 @@ BAD = [
         M, torch.rand(2, 2, 8), torch.rand(2, 3, 4), torch.rand(2, 2, 4))),
     ("add must have memory's dtype", lambda: attnmem.memory_write(
         M, torch.rand(2, 2, 8), torch.rand(2, 2, 4), torch.rand(2, 2, 4).double())),
+    ("inplace must be a bool, got str", lambda: attnmem.memory_write(
+        M.clone(), torch.rand(2, 2, 8), torch.rand(2, 2, 4), torch.rand(2, 2, 4),
+        inplace="False")),
+    ("return_weights must be a bool, got int", lambda: attnmem.memory_attend(
+        M, K, return_weights=1)),
     ("shift must be \\(B, R, S\\) with \\(B, R\\) = \\(2, 3\\) and S odd",
      lambda: attnmem.location_address(torch.rand(2, 3, 8), torch.rand(2, 3, 8), torch.rand(2, 3),
                                       torch.rand(2, 3, 4), torch.ones(2, 3))),

@@ -314,6 +314,25 @@ def test_sparse_on_a_memory_without_slots(backend):
     assert (torch.autograd.grad(read.sum(), where.weights)[0] == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("heads,k", [(0, 2), (3, 0), (0, 0)])
+def test_sparse_write_without_entries_keeps_memory(heads, k, backend):
+    """No write heads (W = 0) or no entries per head (K = 0) write nothing, as the dense
+    write with W = 0 does: memory's own values, in place too, and its gradient."""
+    memory = torch.randn(2, 5, 4, device=DEVICE, requires_grad=True)
+    where = SparseWeights(torch.zeros((2, heads, k), dtype=torch.int64, device=DEVICE),
+                          torch.rand(2, heads, k, device=DEVICE))
+    erase, add = torch.rand(2, heads, 4, device=DEVICE), torch.randn(2, heads, 4, device=DEVICE)
+    with attnmem.use_backend(backend):
+        written = attnmem.memory_write(memory, where, erase, add)
+        inplace = memory.detach().clone()
+        with torch.no_grad():
+            attnmem.memory_write(inplace, where, erase, add, inplace=True)
+    assert torch.equal(written, memory) and torch.equal(inplace, memory)
+    (grad,) = torch.autograd.grad(written.sum(), memory)
+    assert (grad == 1).all()
+
+
 def test_sparse_write_and_read_trace_whole():
     """A sparse write and read trace into one graph under torch.compile(fullgraph=True):
     no host sync. Unchecked there, as on CUDA, an index outside [-1, N) reads and writes

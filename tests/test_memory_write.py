@@ -52,6 +52,19 @@ def test_inplace_matches(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_write_of_a_memory_saved_for_backward_raises_there(backend):
+    """An earlier op saved memory for its backward; writing it in place under no_grad must
+    make that backward raise, as torch's own in-place ops do, not compute the gradient from
+    the written memory."""
+    memory, weights, erase, add = make(2, 9, 4, 1, torch.float32)
+    read = attnmem.memory_read(memory, weights.clone().requires_grad_())  # saves memory
+    with torch.no_grad(), attnmem.use_backend(backend):
+        attnmem.memory_write(memory, weights, erase, add, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        read.sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_write_heads_keep_memory(backend):
     memory = torch.randn(2, 9, 4, device=DEVICE, requires_grad=True)
     nothing = torch.rand(2, 0, 9, device=DEVICE), torch.rand(2, 0, 4, device=DEVICE)

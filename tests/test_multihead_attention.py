@@ -139,6 +139,30 @@ def test_fully_masked_rows_give_zeros_where_torch_gives_nan():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_whatever_padded_keys_hold_stays_out(backend):
+    """Keys and values under a bool key_padding_mask count for nothing, NaN or inf there
+    included, with the weights (exact path) or without (kernel path): the outputs and the
+    gradients, the projections' included, of zeros there (torch gives NaN)."""
+    _, ours = pair({})
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    ours.to(dtype)
+    query, key, value = inputs({}, False, dtype=dtype)
+    padding = masks("padding_scattered")[0]
+    for need_weights in (True, False):
+        results = []
+        for fill in (0.0, float("nan"), float("inf")):
+            kv = [x.detach().masked_fill(padding.t()[..., None], fill).requires_grad_()
+                  for x in (key, value)]
+            with attnmem.use_backend(backend):
+                results.append(outputs_and_grads(ours, [query, *kv], key_padding_mask=padding,
+                                                 need_weights=need_weights))
+        for got in results[1:]:
+            for i, (g, e) in enumerate(zip(got, results[0])):
+                if e is not None:
+                    torch.testing.assert_close(g, e, msg=f"output {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind,option", list(itertools.product(
     ["none", "padding_prefix", "causal_hint"], ["plain", "batch_first", "bias_kv_zero_attn"])))
 def test_kernel_path_matches_float64(kind, option, backend):

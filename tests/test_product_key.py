@@ -146,6 +146,18 @@ def test_empty_batch_and_heads(backend):
     assert torch.equal(out, torch.zeros(3, 5, device=DEVICE))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_empty_value_rows(sparse, backend):
+    """Value rows of width 0 read (B, 0), with zero gradients for queries and sub-keys."""
+    tensors = [x.requires_grad_() for x in make((3, 2, 4, 6, 0, 2), torch.float32)[0]]
+    with attnmem.use_backend(backend):
+        out = attnmem.product_key_lookup(*tensors, topk=2, sparse=sparse)
+        grads = torch.autograd.grad(out.sum(), tensors[:2])
+    assert out.shape == (3, 0)
+    assert all((g == 0).all() for g in grads)
+
+
 def test_module_trains_with_sparse_adam():
     torch.manual_seed(0)
     memory = ProductKeyMemory(12, 8, 3, heads=2, value_dim=5, sparse=True).to(DEVICE)
@@ -185,6 +197,10 @@ def test_bad_input_names_the_argument():
         (lambda: lookup(queries, sub_keys, values, topk=0), ValueError, "topk"),
         (lambda: lookup(queries, sub_keys, values, topk=2.0), TypeError, "topk"),
         (lambda: lookup(queries.int(), sub_keys, values, topk=2), TypeError, "queries"),
+        (lambda: lookup(queries, sub_keys, values, topk=2, sparse="no"), TypeError,
+         "sparse must be a bool"),
+        (lambda: lookup(queries, sub_keys, values, topk=2, return_indices=1), TypeError,
+         "return_indices must be a bool"),
         (lambda: ProductKeyMemory(8, 4, 5), ValueError, "topk"),
         (lambda: ProductKeyMemory(8, 4, 2, query_dim=7), ValueError, "query_dim"),
         (lambda: ProductKeyMemory(8, 4, 2)(torch.randn(3, 9)), ValueError, "x"),

@@ -58,6 +58,11 @@ class _Additive(nn.Module):
         if values is not None:
             _sequence("values", values, batch, keys.shape[1], None, self.v)
         _checks.lengths("kv_lengths", kv_lengths, batch, self.v)
+        if kv_lengths is not None and projected_keys is None:
+            # The op never reads keys past the lengths, but the key projection's weight
+            # gradient would take them (NaN, inf) times their zero gradients.
+            past = torch.arange(keys.shape[1], device=keys.device) >= kv_lengths[:, None]
+            keys = keys.masked_fill(past[..., None], 0)
         q, k = self._projected(query, keys, projected_keys)
         return step, q, k, keys if values is None else values
 
@@ -65,7 +70,9 @@ class _Additive(nn.Module):
 class AdditiveAttention(_Additive):
     """Bahdanau et al. (2015) attention, score(i, j) = v . tanh(W_q q_i + W_k k_j), on the
     fused attnmem.additive_attention kernel. query (B, Nq, query_dim) or one decoder step
-    (B, query_dim); keys (B, Nk, key_dim); values (B, Nk, Dv), by default the keys."""
+    (B, query_dim); keys (B, Nk, key_dim); values (B, Nk, Dv), by default the keys. Keys
+    and values past kv_lengths reach neither the output nor a gradient, whatever they hold
+    (in PointerAttention and HardAttention too)."""
 
     def forward(self, query, keys, values=None, kv_lengths: Optional[torch.Tensor] = None,
                 return_weights: bool = False, projected_keys: Optional[torch.Tensor] = None):
@@ -152,7 +159,8 @@ class LuongAttention(nn.Module):
     def forward(self, query, source, source_lengths: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None, return_weights: bool = False):
         """query: (B, Nq, hidden_size) decoder states or one step (B, hidden_size); source:
-        (B, Ns, source_size); source_lengths: (B,) integer, in every mode; positions: the
+        (B, Ns, source_size); source_lengths: (B,) integer, in every mode (what the source
+        holds past them, NaN or inf, reaches nothing); positions: the
         target positions t, local-m only, (B, Nq) or (Nq,) (or (B,) for one step; default
         0..Nq-1). -> h~ (B, Nq, hidden_size), and the alignment weights (B, Nq, Ns) with
         return_weights=True. Ns = 0 gives a zero context."""
@@ -164,6 +172,10 @@ class LuongAttention(nn.Module):
         return_weights = _checks.flag("return_weights", return_weights)
         if positions is not None:
             positions = self._positions(positions, batch, n_q, step, like)
+        if source_lengths is not None:
+            # Zero weights times a NaN or inf past the lengths would still reach the context.
+            past = torch.arange(source.shape[1], device=source.device) >= source_lengths[:, None]
+            source = source.masked_fill(past[..., None], 0)
         if self.mode == "global":
             context, weights = self._global(query, source, source_lengths, return_weights)
         else:

@@ -55,8 +55,10 @@ class MultiheadAttention(nn.Module):
     kernel from torch's default generator (other draws than torch's own dropout). Otherwise
     the layer computes the exact weights (float masks, causal with padding) and drops them
     with F.dropout, as torch does. Unlike torch, a query that may attend to no key (S = 0 included)
-    gets zeros, never NaN. is_causal=True without an attn_mask applies a causal mask (torch
-    raises instead). Wrong arguments raise ValueError or TypeError (torch: AssertionError).
+    gets zeros, never NaN, and what keys and values under a bool key_padding_mask hold (NaN,
+    inf) reaches neither the output nor a gradient. is_causal=True without an attn_mask
+    applies a causal mask (torch raises instead). Wrong arguments raise ValueError or
+    TypeError (torch: AssertionError).
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
@@ -178,6 +180,10 @@ class MultiheadAttention(nn.Module):
         elif not self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         batch, n_q, n_k = query.shape[0], query.shape[1], key.shape[1]
+        if key_padding_mask is not None and key_padding_mask.dtype == torch.bool:
+            # Whatever padded keys and values hold (NaN, inf) reaches neither the output
+            # (zero weights times NaN) nor the projections' weight gradients.
+            key, value = (x.masked_fill(key_padding_mask[..., None], 0) for x in (key, value))
         if attn_mask is not None:
             attn_mask = (attn_mask[None, None] if attn_mask.dim() == 2
                          else attn_mask.unflatten(0, (batch, self.num_heads)))

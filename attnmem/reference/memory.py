@@ -209,10 +209,11 @@ def memory_write_slots(memory, slots, weights, erase, add, write=memory_write, i
     Each touched slot's row is gathered once, the rows are written by `write` (a dense
     memory_write) with their heads' weights, and put back; inplace=True puts them back into
     memory itself. Untouched rows are memory's own."""
-    if memory.shape[1] == 0:  # every slot is -1: nothing to write
-        return memory if inplace else memory.clone()
     batch, heads, k = slots.shape
     entries = heads * k
+    # No slot (every index -1) or no entry (W = 0 or K = 0): nothing to write.
+    if memory.shape[1] == 0 or entries == 0:
+        return memory if inplace else memory.clone()
     weights = weights.masked_fill(slots < 0, 0)
     flat = slots.reshape(batch, entries)
     # A slot-less entry becomes a zero-weight write to a slot its batch touches anyway.

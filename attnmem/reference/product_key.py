@@ -65,7 +65,8 @@ def product_key_lookup(queries, sub_keys, values, topk, sparse=False):
     rows, scores = select(queries, sub_keys, topk)
     weights = torch.softmax(scores, -1)
     flat_rows, flat_weights = rows.flatten(1), weights.flatten(1)
-    if values.dtype == weights.dtype and flat_rows.shape[1] > 0:  # no (B, 0) bags
+    # No (B, 0) bags, and no rows of width 0 (embedding_bag fails its index check on them).
+    if values.dtype == weights.dtype and flat_rows.shape[1] > 0 and values.shape[1] > 0:
         out = F.embedding_bag(flat_rows, values, per_sample_weights=flat_weights, mode="sum",
                               sparse=sparse)
     else:  # half-precision values: the selected rows summed in float32
