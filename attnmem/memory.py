@@ -474,8 +474,12 @@ def memory_read(memory, weights, *, sparse_grad=False):
                                                      sparse))
     if sparse:
         indices, weights = _sparse_weights(weights, memory, "R")
+        # The sparse kernels put the batch entries x heads on their grid's 1st axis, and on
+        # its 2nd the slots' columns in chunks of 16 or more, or the top-k in chunks of 2 or
+        # more (kernels/memory_read.py's sparse_config).
+        chunks = max(-(-memory.shape[-1] // 16), -(-weights.shape[-1] // 2))
         if _choose("memory_read", (memory, weights),
-                   grid_rows=("batch entries", weights.shape[0])) == "triton":
+                   grid_rows=("column or top-k chunks", chunks)) == "triton":
             return _memory_read_sparse_op(memory, indices, weights, sparse_grad)
         return _reference.read_slots(memory, indices, weights, sparse_grad)
     _weights("weights", weights, memory, "(B, R, N)")

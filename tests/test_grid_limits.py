@@ -34,6 +34,9 @@ def _calls():
         "product_key_columns": (f"{LIMIT + 1} 16-column chunks", lambda: (
             attnmem.product_key_lookup(torch.randn(1, 1, 2), torch.randn(1, 2, 1, 1),
                                        torch.randn(1, n_values), topk=1))),
+        "sparse_read_topk": (f"{LIMIT + 1} column or top-k chunks", lambda: attnmem.memory_read(
+            torch.randn(3, 2), (torch.zeros(1, 1, 2 * LIMIT + 1, dtype=torch.long),
+                                torch.rand(1, 1, 2 * LIMIT + 1)))),
     }
 
 
@@ -87,3 +90,17 @@ def test_kvcache_launches_keep_counts_on_the_first_grid_axis(monkeypatch):
     assert recorded["_kvcache_append"].grids == [((LIMIT + 1) * 2,)]
     assert recorded["_kvcache_attend"].grids == [(LIMIT + 2, 1)]
     assert kvcache._triton_reasons(q, *caches) == []
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs the interpreter for CPU tensors")
+def test_sparse_read_keeps_the_batch_on_the_first_grid_axis(monkeypatch):
+    """A sparse memory_read of 65536 batch entries (tokens reading a shared memory): its
+    kernel's grid holds them on the 1st axis, so the triton backend takes them."""
+    from attnmem.kernels import memory_read as kernel
+
+    recorded = _Grids()
+    monkeypatch.setattr(kernel, "_memory_read_sparse_fwd", recorded)
+    indices = torch.zeros(1, 1, 2, dtype=torch.long).expand(LIMIT + 1, -1, -1)
+    with attnmem.use_backend("triton"):
+        attnmem.memory_read(torch.randn(3, 2), (indices, torch.rand(LIMIT + 1, 1, 2)))
+    assert recorded.grids == [(LIMIT + 1, 1)]
