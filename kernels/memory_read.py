@@ -83,6 +83,8 @@ def _memory_read_fwd(mem_ptr, weights_ptr, part_ptr, stride_mb, stride_mn, strid
     b = tl.program_id(1).to(tl.int64)
     n_splits = tl.num_programs(0)
     stride_mn = tl.cast(stride_mn, tl.int64)
+    # R heads of N weights can pass 2^31 elements in one batch entry.
+    stride_wr = tl.cast(stride_wr, tl.int64)
     start = split * split_len
     end = tl.minimum(start + split_len, n_slots)
     for r0 in range(0, n_heads, BLOCK_R):
@@ -116,6 +118,7 @@ def _memory_read_bwd(dread_ptr, mem_ptr, weights_ptr, dmem_ptr, dweights_ptr,
     slot_ok = slots < n_slots
     stride_mn = tl.cast(stride_mn, tl.int64)
     stride_dn = tl.cast(stride_dn, tl.int64)
+    stride_wr = tl.cast(stride_wr, tl.int64)
     # dMemory of a width chunk sums every head block; dWeights of a head block sums every
     # width chunk: two loop nests, so that each accumulator is one tile. Only the second
     # reads memory, once.

@@ -162,7 +162,8 @@ def _pkm_gather_bwd(values_ptr, rows_ptr, weights_ptr, dout_ptr, dweights_ptr, d
                     n_heads, value_dim, n_keys, half, TOPK: tl.constexpr, K: tl.constexpr,
                     ATOMIC: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
+    # Sub-keys past 2^31 elements: h * stride_kh in 64 bits.
+    h = tl.program_id(1).to(tl.int64)
     offs_k = tl.arange(0, K)
     k_ok = offs_k < TOPK
     entries = (b * n_heads + h) * TOPK + offs_k
