@@ -313,24 +313,31 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows, offs_
                DROPOUT: tl.constexpr, softcap_scale=1.0, slope=0.0,
                SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
                FP8: tl.constexpr = False, V_TMA: tl.constexpr = False, offs_dv=None,
-               HEAD_DV: tl.constexpr = None, FAST_TANH: tl.constexpr = False):
+               HEAD_DV: tl.constexpr = None, FAST_TANH: tl.constexpr = False, q_t=None,
+               kt_src=None, offs_dt=None, HEAD_DT: tl.constexpr = 0):
     """Key tiles [start, end). MASKED ones evaluate the mask, and their keys that no row of
     the tile sees (below key_lo or from kv_len on) read as zeros. DROPOUT zeroes the weights
     that _dropout_keep drops after they join the row sums, which stay those of the softmax.
     SOFTCAP and HAS_ALIBI modify the scores (see _modified_scores). FP8: v_src holds V
     transposed (see _load_keys_major; a TMA descriptor with V_TMA) and the weights are
     2^FP8_P_OFFSET times the softmax's, cast to e4m3 for the PV product. v has HEAD_DV
-    columns (offs_dv their tile's), the accumulator too."""
+    columns (offs_dv their tile's), the accumulator too. HEAD_DT > 0: q's and k's columns
+    from BLOCK_D on, HEAD_DT of them, are a tail tile (q_t, and k's through kt_src, offs_dt
+    its columns; see _attn_fwd's BLOCK_DT), whose product adds to the main tile's."""
     if MASKED and WARP_SPECIALIZE:
         first, count = _visible_span(rows, offset, n_q, kv_len, window_left, window_right)
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kt = _load_rows(k_src, start_n, key_lo, kv_len, stride_kn, offs_d, HEAD_DIM, MASKED,
                         USE_TMA, BLOCK_N, True)
-        s, _ = _modified_scores(tl.dot(q, kt, input_precision=DOT_PRECISION),
-                                rows[:, None] + offset, (start_n + tl.arange(0, BLOCK_N))[None, :],
-                                qk_scale, softcap_scale, slope, SOFTCAP, HAS_ALIBI,
-                                FAST_TANH=FAST_TANH)
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        if HEAD_DT > 0:
+            kt_t = _load_rows(kt_src, start_n, key_lo, kv_len, stride_kn, offs_dt, HEAD_DT,
+                              MASKED, USE_TMA, BLOCK_N, True)
+            qk = tl.dot(q_t, kt_t, qk, input_precision=DOT_PRECISION)
+        s, _ = _modified_scores(qk, rows[:, None] + offset,
+                                (start_n + tl.arange(0, BLOCK_N))[None, :], qk_scale,
+                                softcap_scale, slope, SOFTCAP, HAS_ALIBI, FAST_TANH=FAST_TANH)
         if MASKED:
             keys = start_n + tl.arange(0, BLOCK_N)
             if WARP_SPECIALIZE:
@@ -384,7 +391,8 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
               softcap_scale=1.0, SOFTCAP: tl.constexpr = False,
               HAS_SINKS: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
               descale_ptr=None, FP8: tl.constexpr = False, HEAD_DV: tl.constexpr = None,
-              BLOCK_DV: tl.constexpr = None, FAST_TANH: tl.constexpr = False):
+              BLOCK_DV: tl.constexpr = None, FAST_TANH: tl.constexpr = False,
+              BLOCK_DT: tl.constexpr = 0):
     """One query tile of one head. MASK_KEYS: some key tile may need the mask (a causal mask,
     a window, lengths, or Nk not a multiple of KEY_TILE_MULTIPLE); without it one unmasked
     loop is all that is compiled. EVEN_M: Nq is a multiple of BLOCK_M, so rows need no
@@ -407,9 +415,17 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     whose dtype is o_ptr's (FlashAttention-3's FP8 forward).
     HEAD_DV, BLOCK_DV: v's and out's head dim and its tile (SDPA's Ev, MLA's 128 beside
     q's and k's 192), HEAD_DIM and BLOCK_D when None.
-    FAST_TANH: SOFTCAP's tanh is the hardware's (_modified_scores)."""
+    FAST_TANH: SOFTCAP's tanh is the hardware's (_modified_scores).
+    BLOCK_DT > 0 (tail_head_dims_meta): q's and k's head dim in two tiles, columns [0,
+    BLOCK_D) and a tail of BLOCK_DT from column BLOCK_D, read as a (rows, HEAD_DIM - BLOCK_D)
+    matrix of its own (a second TMA descriptor, of its own block shape, with USE_TMA), the
+    scores the sum of the two tiles' products (D = 192 as 128 + 64 columns, not 256). v keeps
+    one tile (HEAD_DV and BLOCK_DV, always passed with a tail)."""
     HEAD_V: tl.constexpr = HEAD_DIM if HEAD_DV is None else HEAD_DV
     BLOCK_V: tl.constexpr = BLOCK_D if BLOCK_DV is None else BLOCK_DV
+    # With a tail, the main tile's columns are all q's and k's (HEAD_Q), the rest HEAD_T.
+    HEAD_Q: tl.constexpr = BLOCK_D if BLOCK_DT > 0 else HEAD_DIM
+    HEAD_T: tl.constexpr = HEAD_DIM - BLOCK_D if BLOCK_DT > 0 else 0
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -445,10 +461,10 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     offs_dv = tl.arange(0, BLOCK_V)
     # Keys below key_lo or from kv_len on: no row of the tile sees them.
     key_lo = tl.maximum(row_first + offset - window_left, 0)
-    q_src = _rows_source(q_ptr + b * stride_qb + h * stride_qh, 0, n_q, stride_qm, HEAD_DIM,
+    q_src = _rows_source(q_ptr + b * stride_qb + h * stride_qh, 0, n_q, stride_qm, HEAD_Q,
                          USE_TMA, BLOCK_M, BLOCK_D)
     k_src = _rows_source(k_ptr + b * stride_kb + hk * stride_kh, key_lo, kv_len, stride_kn,
-                         HEAD_DIM, USE_TMA, BLOCK_N, BLOCK_D)
+                         HEAD_Q, USE_TMA, BLOCK_N, BLOCK_D)
     if FP8:
         # Through TMA in the unmasked kernel only: there no key of a tile is below key_lo
         # (0), which a descriptor of V^T's rows from key 0 on would read as they are.
@@ -457,8 +473,17 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     else:
         v_src = _rows_source(v_ptr + b * stride_vb + hk * stride_vh, key_lo, kv_len,
                              stride_vn, HEAD_V, USE_TMA, BLOCK_N, BLOCK_V)
-    q = _load_rows(q_src, row_first, 0, n_q, stride_qm, offs_d, HEAD_DIM, not EVEN_M, USE_TMA,
+    q = _load_rows(q_src, row_first, 0, n_q, stride_qm, offs_d, HEAD_Q, not EVEN_M, USE_TMA,
                    BLOCK_M)
+    q_t, kt_src, offs_dt = None, None, None
+    if BLOCK_DT > 0:
+        offs_dt = tl.arange(0, BLOCK_DT)
+        q_t = _load_rows(_rows_source(q_ptr + b * stride_qb + h * stride_qh + BLOCK_D, 0, n_q,
+                                      stride_qm, HEAD_T, USE_TMA, BLOCK_M, BLOCK_DT),
+                         row_first, 0, n_q, stride_qm, offs_dt, HEAD_T, not EVEN_M, USE_TMA,
+                         BLOCK_M)
+        kt_src = _rows_source(k_ptr + b * stride_kb + hk * stride_kh + BLOCK_D, key_lo, kv_len,
+                              stride_kn, HEAD_T, USE_TMA, BLOCK_N, BLOCK_DT)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -495,19 +520,21 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
             start, end = _phase_range(phase, lo, full_lo, full_hi, hi)
             acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn,
                                        rows, offs_d, start, end, key_lo, offset, n_q, kv_len,
-                                       window_left, window_right, qk_scale, HEAD_DIM, BLOCK_N,
+                                       window_left, window_right, qk_scale, HEAD_Q, BLOCK_N,
                                        phase != 1, USE_TMA, WARP_SPECIALIZE, DOT_PRECISION,
                                        seed, b, h,
                                        dropout_cutoff, DROPOUT, softcap_scale, slope, SOFTCAP,
                                        HAS_ALIBI, FP8, offs_dv=offs_dv, HEAD_DV=HEAD_V,
-                                       FAST_TANH=FAST_TANH)
+                                       FAST_TANH=FAST_TANH, q_t=q_t, kt_src=kt_src,
+                                       offs_dt=offs_dt, HEAD_DT=HEAD_T)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
                                    offs_d, 0, n_k, 0, offset, n_q, kv_len, window_left,
-                                   window_right, qk_scale, HEAD_DIM, BLOCK_N, False, USE_TMA,
+                                   window_right, qk_scale, HEAD_Q, BLOCK_N, False, USE_TMA,
                                    WARP_SPECIALIZE, DOT_PRECISION, seed, b, h, dropout_cutoff,
                                    DROPOUT, softcap_scale, slope, SOFTCAP, HAS_ALIBI, FP8,
-                                   USE_TMA, offs_dv, HEAD_V, FAST_TANH=FAST_TANH)
+                                   USE_TMA, offs_dv, HEAD_V, FAST_TANH=FAST_TANH, q_t=q_t,
+                                   kt_src=kt_src, offs_dt=offs_dt, HEAD_DT=HEAD_T)
 
     if DROPOUT:
         acc = acc * dropout_scale
@@ -1059,20 +1086,25 @@ def smem_estimate(kernel: str, block_m: int, block_n: int, block_d: int, stages:
 def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int, arch=None,
                 tma: bool = False):
     """The configs of `kernel` that fit smem_limit bytes of shared memory at head dim block_d
-    (a power of two) with elem-byte inputs. arch: the GPU's compute capability (90 for
+    (a power of two, or the staged width of a main tile and a tail: tile_head_dim's) with
+    elem-byte inputs. arch: the GPU's compute capability (90 for
     sm_90); None, or any other than 90, takes the tables every GPU from sm_80 on runs (the
     FP8 forward's, elem 1, too). TMA configs only with `tma` (the tensors allow
     descriptors). On sm_90 with 16-bit inputs, only tiles whose wgmma M side holds 64 rows,
     and no backward tile of one warp group with ONE_WARPGROUP_ACCUMULATORS_SM90 accumulator
     registers a thread."""
+    # A head dim in a main tile and a tail (tail_head_dims_meta) stages block_d columns, no
+    # power of 2: the padded tile's table and tile-size rule, shared memory at block_d.
+    bucket = block_width(block_d)
     if kernel == "fwd" and arch == 90 and elem <= 2:
-        table, small = (FWD_CONFIGS_SM90 if elem == 2 else FWD_FP8_CONFIGS_SM90)[block_d], False
+        tables = FWD_CONFIGS_SM90 if elem == 2 else FWD_FP8_CONFIGS_SM90
+        table, small = tables.get(block_d, tables[bucket]), False
     else:
         hopper_16bit = arch == 90 and elem == 2
         table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS_SM90 if hopper_16bit else DKDV_CONFIGS,
                  "dq": DQ_CONFIGS_SM90 if hopper_16bit else DQ_CONFIGS}[kernel]
         # fp32 dots run on FMA units and 256-wide fp16 rows fill the registers: small tiles.
-        small = elem >= 4 or block_d * elem >= 512
+        small = elem >= 4 or bucket * elem >= 512
     out = []
     for block_m, block_n, warps, stages, *extra in table:
         # Strings are flags; a number bounds the head dims a config serves (past it, it spills).
@@ -1349,9 +1381,10 @@ def _launcher(kernel: str, fn, device, block_d: int, elem: int, arch=None, tma: 
         configs = [triton.Config(_config_meta(c), num_warps=c[2], num_stages=c[3])
                    for c in configs_for(kernel, block_d, elem, smem, arch, tma)]
         extra = TUNING.get(kernel, {})
-        # BLOCK_DV, v's head dim tile, is passed only where it differs from BLOCK_D.
+        # BLOCK_DV, v's head dim tile, is passed only where it differs from BLOCK_D, and
+        # BLOCK_DT, the tail of q's and k's, only where they have one (tail_head_dims_meta).
         key = ["BLOCK_D", "BLOCK_DV", "seq_bucket", "DROPOUT", *extra.get("key", ()),
-               *(f for f in SCORE_MOD_FLAGS if f in fn.arg_names)]
+               *(f for f in ("BLOCK_DT", *SCORE_MOD_FLAGS) if f in fn.arg_names)]
         _autotuned[cache_key] = triton.autotune(
             configs, key=key, reset_to_zero=extra.get("reset_to_zero"),
             **tuning_options(key, extra.get("prune")))(fn)
@@ -1378,9 +1411,32 @@ def _run(kernel: str, fn, grid, args, meta, device, config, tma: bool = False):
 
 def tile_head_dim(meta) -> int:
     """The head dim that picks a launch's configs (tables, pruning budgets, shared memory
-    estimates): the larger of q's and k's tile (BLOCK_D) and v's (BLOCK_DV, in meta where v's
-    head dim differs). The larger one's configs hold the smaller one's tiles too."""
-    return max(meta["BLOCK_D"], meta.get("BLOCK_DV") or 0)
+    estimates): the larger of q's and k's staged width (BLOCK_D, plus the tail BLOCK_DT where
+    meta has one: 192 for D = 192 in 128 + 64 columns) and v's tile (BLOCK_DV, in meta where
+    v's head dim differs). The larger one's configs hold the smaller one's tiles too."""
+    return max(meta["BLOCK_D"] + meta.get("BLOCK_DT", 0), meta.get("BLOCK_DV") or 0)
+
+
+def head_dim_tiles(head_dim: int) -> tuple[int, int]:
+    """(main, tail) tile widths for a head dim that is no power of 2: the largest power of 2
+    below it and the tile holding the rest (block_width: 16 at least, tl.dot's K)."""
+    main = 1 << (head_dim.bit_length() - 1)
+    return main, block_width(head_dim - main)
+
+
+def tail_head_dims_meta(head_dim: int, head_dim_v: int) -> dict:
+    """head_dims_meta's, with q's and k's head dim in a main tile and a tail (head_dim_tiles)
+    wherever the two stage fewer columns than one padded tile: 192 = 128 + 64 (not 256),
+    96 = 64 + 32, 160 = 128 + 32, 80 = 64 + 16, 48 and 40 = 32 + 16; 112 and 224 keep one
+    padded tile (64 + 64 = 128, 128 + 128 = 256). With a tail, BLOCK_D is the main tile's,
+    BLOCK_DT the tail's, and v's HEAD_DV and BLOCK_DV are always passed, as BLOCK_D no longer
+    holds v's head dim. The attention kernels' launchers all take their meta from here."""
+    meta = head_dims_meta(head_dim, head_dim_v)
+    main, tail = head_dim_tiles(head_dim)
+    if main + tail < block_width(head_dim):
+        meta.update(BLOCK_D=main, BLOCK_DT=tail, HEAD_DV=head_dim_v,
+                    BLOCK_DV=block_width(head_dim_v))
+    return meta
 
 
 def head_dims_meta(head_dim: int, head_dim_v: int) -> dict:
@@ -1393,12 +1449,14 @@ def head_dims_meta(head_dim: int, head_dim_v: int) -> dict:
     return meta
 
 
-def _common(q, k, kv_lengths, window_left, window_right, head_dim_v=None):
-    """The kernels' shared arguments; with v's head dim head_dim_v (Ev), head_dims_meta's."""
+def _common(q, k, kv_lengths, window_left, window_right, head_dim_v=None, tails=True):
+    """The kernels' shared arguments; with v's head dim head_dim_v (Ev), tail_head_dims_meta's
+    (head_dims_meta's, one padded tile for q's and k's head dim, without `tails`)."""
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     unbounded = n_q + n_k
-    meta = dict(head_dims_meta(head_dim, head_dim if head_dim_v is None else head_dim_v),
+    dims = tail_head_dims_meta if tails else head_dims_meta
+    meta = dict(dims(head_dim, head_dim if head_dim_v is None else head_dim_v),
                 HAS_KV_LENGTHS=kv_lengths is not None,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     scalars = (heads, n_q, n_k, heads // k.shape[1])
@@ -1487,8 +1545,9 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, con
     lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
+    # FP8 keeps q's and k's head dim in one padded tile: e4m3 dots take K in 32 columns.
     meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right,
-                                           head_dim_v)
+                                           head_dim_v, tails=descales is None)
     qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks, q)
     # Nk a multiple of every forward BLOCK_N: no key tile is partial, whichever config runs.
     meta["MASK_KEYS"] = (kv_lengths is not None or window_left >= 0 or window_right >= 0
@@ -1545,7 +1604,7 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
         delta = -dlse if dlse is not None else torch.zeros_like(lse)
         return (*grads, _sinks_grad(sinks, lse, delta))
     meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right,
-                                           head_dim_v)
+                                           head_dim_v, tails=False)
     meta.update(dropout_meta(dropout_p, seed))
     qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, q=q)
 
@@ -1632,10 +1691,11 @@ def _packed_keys_major(v, cu_seqlens_k):
 
 
 def _varlen_common(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
-                   window_right, head_dim_v=None):
+                   window_right, head_dim_v=None, tails=True):
     """_common for packed (1, H, total, D) views: total_q and total_k go in as Nq and Nk
     (the kernels read them as the packed sizes), the longest sequences size the tiling key."""
-    meta, scalars, window, dummy = _common(q, k, None, window_left, window_right, head_dim_v)
+    meta, scalars, window, dummy = _common(q, k, None, window_left, window_right, head_dim_v,
+                                           tails)
     meta.update(VARLEN=True, cu_seqlens_q_ptr=cu_seqlens_q, cu_seqlens_k_ptr=cu_seqlens_k)
     return meta, scalars, (*window[:2], length_bucket(max(max_seqlen_q, max_seqlen_k))), dummy
 
@@ -1673,7 +1733,7 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         views[2] = _packed_keys_major(v, cu_seqlens_k)
     meta, scalars, window, dummy = _varlen_common(*views[:2], cu_seqlens_q, cu_seqlens_k,
                                                   max_seqlen_q, max_seqlen_k, window_left,
-                                                  window_right, v.shape[-1])
+                                                  window_right, v.shape[-1], descales is None)
     meta["MASK_KEYS"] = True
     meta.update(dropout_meta(dropout_p, seed))
     if descales is not None:
@@ -1718,7 +1778,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_se
                                             (dout, q, k, v, out, dq, dk, dv))
     meta, scalars, window, dummy = _varlen_common(q, k, cu_seqlens_q, cu_seqlens_k,
                                                   max_seqlen_q, max_seqlen_k, window_left,
-                                                  window_right, head_dim_v)
+                                                  window_right, head_dim_v, tails=False)
     meta.update(dropout_meta(dropout_p, seed))
     qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, q=q)
     # delta needs no sequence bounds: a dense batch of one over every packed row.
