@@ -4,9 +4,14 @@ Layout: q, dq (B, H, Nq, D); out, dout (B, H, Nq, Ev); k, dk (B, Hkv, Nk, D); v,
 (B, Hkv, Nk, Ev); lse, delta (B, H, Nq) float32. v's head dim Ev may differ from D (SDPA's;
 multi-head latent attention's D = 192, Ev = 128): the kernels then take HEAD_DV and BLOCK_DV
 for v's, out's and dO's columns, and run the configs of the larger head dim. Query head h
-reads kv head h // (H // Hkv). Masks are one window of key offsets around each query's
-bottom-right aligned position a = i + Nk - Nq: key j is visible iff
-a - window_left <= j <= a + window_right and j < kv_len (see attnmem.reference.attention).
+reads kv head h // (H // Hkv). A head dim D that is no power of 2 runs in a main tile of the
+largest power of 2 below it and a tail tile, where the two stage fewer columns than one
+padded tile (tail_head_dims_meta: D = 192 as 128 + 64 columns rather than 256, 96 as 64 + 32):
+the kernels take BLOCK_DT, sum the two tiles' products for S and keep two accumulators for
+dK and dQ; v's head dim keeps one tile (BLOCK_DV); the FP8 forward keeps one padded tile.
+Masks are one window of key offsets around each query's bottom-right aligned position
+a = i + Nk - Nq: key j is visible iff a - window_left <= j <= a + window_right and
+j < kv_len (see attnmem.reference.attention).
 Each program visits only the tiles its mask leaves non-empty, and evaluates the mask only on
 the tiles at the edges of the visible band. There, keys that no query of the tile sees are
 loaded as zeros, so that padding holding NaN or inf contributes nothing (a zero weight
@@ -593,6 +598,26 @@ def _k_columns(k_base, keys, k_seen, stride_kn, offs_c, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _atomic_dq(dq_h, rows, r_ok, stride_dqm, k, dst, offs_d, d_ok, scale,
+               DOT_PRECISION: tl.constexpr):
+    """Adds dS K * scale (columns offs_d of the query rows' dQ, k a tile of those columns, d_ok the
+    real ones) into the float32 dQ of one head at dq_h. Transposed, the product has the head
+    dim as its M side: 64 or more fills a warpgroup's wgmma on sm_90 where BLOCK_M does not
+    (at D=128, 32x128 tiles and 8 warps: every product on wgmma, no spill, 16 KB less
+    shared memory). Below 64 the query rows take the M side instead: wgmma with BLOCK_M >=
+    64 (the sm_90 pruning keeps those tiles), where the transposed product fell back to
+    mma.sync."""
+    if offs_d.shape[0] >= 64:
+        dqt = tl.dot(tl.trans(k), dst, input_precision=DOT_PRECISION) * scale
+        tl.atomic_add(dq_h + rows[None, :] * stride_dqm + offs_d[:, None], dqt,
+                      mask=r_ok[None, :] & d_ok[:, None], sem="relaxed")
+    else:
+        dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION) * scale
+        tl.atomic_add(dq_h + rows[:, None] * stride_dqm + offs_d[None, :], dq,
+                      mask=r_ok[:, None] & d_ok[None, :], sem="relaxed")
+
+
+@triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                 stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                 keys, offs_d, start, end, offset, n_q, kv_len, window_left, window_right,
@@ -602,7 +627,8 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                 DROPOUT: tl.constexpr, alibi_b=None, softcap_scale=1.0,
                 SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False, k_base=None,
                 stride_kn=0, k_seen=None, offs_dv=None, HEAD_DV: tl.constexpr = None,
-                FAST_TANH: tl.constexpr = False):
+                FAST_TANH: tl.constexpr = False, dk_t=0, k_t=None, offs_t=None,
+                TAIL: tl.constexpr = False):
     """Query tiles [start, end) of each query head head0 + g, g < group: one loop over
     (head, tile) pairs, so that a runtime group size adds no loop around the pipelined one.
     With ATOMIC_DQ, also adds each tile's dQ = dS K * scale into dq (float32). Head h's lse
@@ -611,9 +637,14 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
     SOFTCAP and HAS_ALIBI (slopes at alibi_b, per query head) as in the forward. k_base, at
     key 0 with key stride stride_kn: the keys of k (zeros where k_seen is false, as the
     caller loaded k), which 16-bit atomic dQ from head dim 256 reads in column chunks (see
-    K_CHUNKS). v, dv and dO have HEAD_DV columns (offs_dv their tile's)."""
+    K_CHUNKS). v, dv and dO have HEAD_DV columns (offs_dv their tile's). TAIL: q's and k's
+    columns offs_t (from BLOCK_D on; see _attn_bwd_dkdv's BLOCK_DT) are a tail tile, k_t of
+    k, with its own accumulator dk_t (returned as given without a tail): S adds the tail's
+    product, and dK and dQ get the tail's columns from products of their own."""
     offs_m0 = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
+    if TAIL:
+        t_ok = offs_t < HEAD_DIM
     # From head dim 256, 16-bit atomic dQ: S and dQ take K in chunks of 64 columns, loaded
     # (pipelined) per query tile rather than held, and dQ goes out in chunks: only a chunk
     # of K^T dS^T is live beside dk and dv's 128 registers a thread (sm_90 16x64x8x2, ptxas
@@ -631,6 +662,9 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
             r_ok = rows >= 0
         qt = tl.load(q_b + h * stride_qh + rows[None, :] * stride_qm + offs_d[:, None],
                      mask=r_ok[None, :] & d_ok[:, None], other=0.0)
+        if TAIL:
+            qt_t = tl.load(q_b + h * stride_qh + rows[None, :] * stride_qm + offs_t[:, None],
+                           mask=r_ok[None, :] & t_ok[:, None], other=0.0)
         lse = tl.load(lse_b + h * stride_stats_h + rows, mask=r_ok, other=0.0)
         slope = 0.0
         if HAS_ALIBI:
@@ -645,6 +679,8 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                            s, input_precision=DOT_PRECISION)
         else:
             s = tl.dot(k, qt, input_precision=DOT_PRECISION)
+        if TAIL:
+            s = tl.dot(k_t, qt_t, s, input_precision=DOT_PRECISION)
         st, tt = _modified_scores(s,
                                   rows[None, :] + offset, keys[:, None], qk_scale,
                                   softcap_scale, slope, SOFTCAP, HAS_ALIBI, FAST_TANH=FAST_TANH)
@@ -670,32 +706,25 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
             dpt = tl.where(keep, dpt * dropout_scale, 0.0)
         dst = (pt * (dpt - delta[None, :])).to(qt.dtype)
         dk = tl.dot(dst, tl.trans(qt), dk, input_precision=DOT_PRECISION)
+        if TAIL:
+            dk_t = tl.dot(dst, tl.trans(qt_t), dk_t, input_precision=DOT_PRECISION)
         if ATOMIC_DQ:
             # Unseen keys are zeros in k, so padding holding NaN adds nothing here either.
-            # Transposed, dQ's product has the head dim as its M side: 64 or more fills a
-            # warpgroup's wgmma on sm_90 where BLOCK_M does not (at D=128, 32x128 tiles and 8
-            # warps: every product on wgmma, no spill, 16 KB less shared memory). Below 64
-            # the query rows take the M side instead: wgmma with BLOCK_M >= 64 (the sm_90
-            # pruning keeps those tiles), where the transposed product fell back to mma.sync.
+            dq_h = dq_b + h * stride_dqh
             if K_CHUNKS:
                 for c in tl.static_range(offs_d.shape[0] // 64):
                     offs_c = c * 64 + tl.arange(0, 64)
                     kc = _k_columns(k_base, keys, k_seen, stride_kn, offs_c, HEAD_DIM)
                     dqt = tl.dot(tl.trans(kc), dst, input_precision=DOT_PRECISION) * scale
-                    tl.atomic_add(dq_b + h * stride_dqh + rows[None, :] * stride_dqm
-                                  + offs_c[:, None], dqt,
+                    tl.atomic_add(dq_h + rows[None, :] * stride_dqm + offs_c[:, None], dqt,
                                   mask=r_ok[None, :] & (offs_c < HEAD_DIM)[:, None], sem="relaxed")
-            elif offs_d.shape[0] >= 64:
-                dqt = tl.dot(tl.trans(k), dst, input_precision=DOT_PRECISION) * scale
-                tl.atomic_add(dq_b + h * stride_dqh + rows[None, :] * stride_dqm
-                              + offs_d[:, None], dqt, mask=r_ok[None, :] & d_ok[:, None],
-                              sem="relaxed")
             else:
-                dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION) * scale
-                tl.atomic_add(dq_b + h * stride_dqh + rows[:, None] * stride_dqm
-                              + offs_d[None, :], dq, mask=r_ok[:, None] & d_ok[None, :],
-                              sem="relaxed")
-    return dk, dv
+                _atomic_dq(dq_h, rows, r_ok, stride_dqm, k, dst, offs_d, d_ok, scale,
+                           DOT_PRECISION)
+            if TAIL:
+                _atomic_dq(dq_h, rows, r_ok, stride_dqm, k_t, dst, offs_t, t_ok, scale,
+                           DOT_PRECISION)
+    return dk, dv, dk_t
 
 
 @triton.jit
@@ -714,16 +743,19 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                    dropout_scale=1.0, alibi_ptr=None, stride_alibi_b=0, softcap_scale=1.0,
                    SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
                    HEAD_DV: tl.constexpr = None, BLOCK_DV: tl.constexpr = None,
-                   FAST_TANH: tl.constexpr = False):
+                   FAST_TANH: tl.constexpr = False, BLOCK_DT: tl.constexpr = 0):
     """dK, dV of one key tile from every query head of its group; with ATOMIC_DQ also the
     dQ those query heads get from it, added into dq_ptr (float32, zeroed, scaled). VARLEN:
     b is a sequence of a packed batch (see _varlen_sequences). DROPOUT: the forward's
     dropout, regenerated from the seed at seed_ptr. SOFTCAP, HAS_ALIBI, FAST_TANH as in the
     forward. Sinks need nothing here: the forward's lse includes them, so p = exp(s - lse) and
     delta = rowsum(dO * O) already account for them. HEAD_DV, BLOCK_DV: v's, dO's and dV's
-    head dim and its tile, as in the forward."""
+    head dim and its tile, as in the forward. BLOCK_DT > 0: q's, k's, dQ's and dK's head dim
+    in a main tile and a tail, as in the forward (two dK accumulators; with ATOMIC_DQ two dQ
+    products, each added as its width suits: _atomic_dq)."""
     HEAD_V: tl.constexpr = HEAD_DIM if HEAD_DV is None else HEAD_DV
     BLOCK_V: tl.constexpr = BLOCK_D if BLOCK_DV is None else BLOCK_DV
+    TAIL: tl.constexpr = BLOCK_DT > 0
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -769,6 +801,14 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                 + offs_dv[None, :], mask=v_mask & seen[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    # Without a tail, placeholders that the loops carry through untouched.
+    k_t, dk_t, offs_t, kt_mask = None, 0, None, None
+    if TAIL:
+        offs_t = BLOCK_D + tl.arange(0, BLOCK_DT)
+        kt_mask = (keys[:, None] < n_k) & (offs_t[None, :] < HEAD_DIM)
+        k_t = tl.load(k_ptr + b * stride_kb + hk * stride_kh + keys[:, None] * stride_kn
+                      + offs_t[None, :], mask=kt_mask & seen[:, None], other=0.0)
+        dk_t = tl.zeros([BLOCK_N, BLOCK_DT], dtype=tl.float32)
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr)
@@ -805,19 +845,21 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
         start, end = _phase_range(phase, lo, full_lo, full_hi, hi)
         if BLOCK_D >= 256:
             end = hi
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
-                             stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh,
-                             stride_dqm, keys, offs_d, start, end, offset, n_q, kv_len,
-                             window_left, window_right, scale, qk_scale, HEAD_DIM, BLOCK_M,
-                             phase != 1, ATOMIC_DQ, DOT_PRECISION, stride_stats_h, seed, b,
-                             key_first, dropout_cutoff, dropout_scale, DROPOUT, alibi_b,
-                             softcap_scale, SOFTCAP, HAS_ALIBI,
-                             k_ptr + b * stride_kb + hk * stride_kh, stride_kn, seen, offs_dv,
-                             HEAD_V, FAST_TANH=FAST_TANH)
+        dk, dv, dk_t = _dkdv_tiles(
+            dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group, stride_qh, stride_qm,
+            stride_doh, stride_dom, stride_dqh, stride_dqm, keys, offs_d, start, end, offset,
+            n_q, kv_len, window_left, window_right, scale, qk_scale, HEAD_DIM, BLOCK_M,
+            phase != 1, ATOMIC_DQ, DOT_PRECISION, stride_stats_h, seed, b, key_first,
+            dropout_cutoff, dropout_scale, DROPOUT, alibi_b, softcap_scale, SOFTCAP, HAS_ALIBI,
+            k_ptr + b * stride_kb + hk * stride_kh, stride_kn, seen, offs_dv, HEAD_V,
+            FAST_TANH=FAST_TANH, dk_t=dk_t, k_t=k_t, offs_t=offs_t, TAIL=TAIL)
     if DROPOUT:
         dv = dv * dropout_scale
     tl.store(dk_ptr + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkn
              + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    if TAIL:
+        tl.store(dk_ptr + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkn
+                 + offs_t[None, :], (dk_t * scale).to(dk_ptr.dtype.element_ty), mask=kt_mask)
     tl.store(dv_ptr + b * stride_dvb + hk * stride_dvh + keys[:, None] * stride_dvn
              + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=v_mask)
 
@@ -829,10 +871,15 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows,
               DOT_PRECISION: tl.constexpr, seed, b, h, dropout_cutoff, dropout_scale,
               DROPOUT: tl.constexpr, softcap_scale=1.0, slope=0.0,
               SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False, offs_dv=None,
-              HEAD_DV: tl.constexpr = None, FAST_TANH: tl.constexpr = False):
-    """Key tiles [start, end) of dQ's loop; v and dO have HEAD_DV columns (offs_dv)."""
+              HEAD_DV: tl.constexpr = None, FAST_TANH: tl.constexpr = False, dq_t=0, q_t=None,
+              offs_t=None, TAIL: tl.constexpr = False):
+    """Key tiles [start, end) of dQ's loop; v and dO have HEAD_DV columns (offs_dv). TAIL:
+    q's and k's columns offs_t are a tail tile (q_t of q), whose product adds to S, and dQ's
+    an accumulator of their own, dq_t (returned as given without a tail)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
+    if TAIL:
+        t_ok = offs_t < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         keys = start_n + offs_n0
@@ -844,9 +891,13 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows,
                      mask=k_ok[None, :] & d_ok[:, None], other=0.0)
         vt = tl.load(v_base + keys[None, :] * stride_vn + offs_dv[:, None],
                      mask=k_ok[None, :] & (offs_dv < HEAD_DV)[:, None], other=0.0)
-        s, t = _modified_scores(tl.dot(q, kt, input_precision=DOT_PRECISION),
-                                rows[:, None] + offset, keys[None, :], qk_scale, softcap_scale,
-                                slope, SOFTCAP, HAS_ALIBI, FAST_TANH=FAST_TANH)
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        if TAIL:
+            kt_t = tl.load(k_base + keys[None, :] * stride_kn + offs_t[:, None],
+                           mask=k_ok[None, :] & t_ok[:, None], other=0.0)
+            qk = tl.dot(q_t, kt_t, qk, input_precision=DOT_PRECISION)
+        s, t = _modified_scores(qk, rows[:, None] + offset, keys[None, :], qk_scale,
+                                softcap_scale, slope, SOFTCAP, HAS_ALIBI, FAST_TANH=FAST_TANH)
         p = tl.math.exp2(s - lse[:, None] * LOG2E)
         if MASKED:
             keep = _visible(rows, keys, offset, n_q, kv_len, window_left, window_right)
@@ -859,7 +910,9 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows,
                           dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
-    return dq
+        if TAIL:
+            dq_t = tl.dot(ds.to(kt.dtype), tl.trans(kt_t), dq_t, input_precision=DOT_PRECISION)
+    return dq, dq_t
 
 
 @triton.jit
@@ -876,12 +929,13 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
                  dropout_scale=1.0, alibi_ptr=None, stride_alibi_b=0, softcap_scale=1.0,
                  SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
                  HEAD_DV: tl.constexpr = None, BLOCK_DV: tl.constexpr = None,
-                 FAST_TANH: tl.constexpr = False):
+                 FAST_TANH: tl.constexpr = False, BLOCK_DT: tl.constexpr = 0):
     """dQ of one query tile of one head. VARLEN: b is a sequence of a packed batch (see
-    _varlen_sequences). DROPOUT, SOFTCAP, HAS_ALIBI, HEAD_DV, BLOCK_DV and FAST_TANH as in
-    the dK/dV kernel."""
+    _varlen_sequences). DROPOUT, SOFTCAP, HAS_ALIBI, HEAD_DV, BLOCK_DV, FAST_TANH and
+    BLOCK_DT (two dQ accumulators) as in the dK/dV kernel."""
     HEAD_V: tl.constexpr = HEAD_DIM if HEAD_DV is None else HEAD_DV
     BLOCK_V: tl.constexpr = BLOCK_D if BLOCK_DV is None else BLOCK_DV
+    TAIL: tl.constexpr = BLOCK_DT > 0
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -922,6 +976,14 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Without a tail, placeholders that the loops carry through untouched.
+    q_t, dq_t, offs_t, mask_t = None, 0, None, None
+    if TAIL:
+        offs_t = BLOCK_D + tl.arange(0, BLOCK_DT)
+        mask_t = (rows[:, None] < n_q) & (offs_t[None, :] < HEAD_DIM)
+        q_t = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm
+                      + offs_t[None, :], mask=mask_t, other=0.0)
+        dq_t = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr)
@@ -935,13 +997,17 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
         slope = tl.load(alibi_ptr + b * stride_alibi_b + h).to(tl.float32) * LOG2E
     for phase in tl.static_range(3):
         start, end = _phase_range(phase, lo, full_lo, full_hi, hi)
-        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows,
-                       offs_d, start, end, key_lo, offset, n_q, kv_len, window_left,
-                       window_right, qk_scale, HEAD_DIM, BLOCK_N, phase != 1, DOT_PRECISION,
-                       seed, b, h, dropout_cutoff, dropout_scale, DROPOUT, softcap_scale, slope,
-                       SOFTCAP, HAS_ALIBI, offs_dv, HEAD_V, FAST_TANH=FAST_TANH)
+        dq, dq_t = _dq_tiles(
+            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d, start,
+            end, key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale, HEAD_DIM,
+            BLOCK_N, phase != 1, DOT_PRECISION, seed, b, h, dropout_cutoff, dropout_scale,
+            DROPOUT, softcap_scale, slope, SOFTCAP, HAS_ALIBI, offs_dv, HEAD_V,
+            FAST_TANH=FAST_TANH, dq_t=dq_t, q_t=q_t, offs_t=offs_t, TAIL=TAIL)
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)
+    if TAIL:
+        tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
+                 + offs_t[None, :], (dq_t * scale).to(dq_ptr.dtype.element_ty), mask=mask_t)
 
 
 @triton.jit
@@ -1383,8 +1449,8 @@ def _launcher(kernel: str, fn, device, block_d: int, elem: int, arch=None, tma: 
         extra = TUNING.get(kernel, {})
         # BLOCK_DV, v's head dim tile, is passed only where it differs from BLOCK_D, and
         # BLOCK_DT, the tail of q's and k's, only where they have one (tail_head_dims_meta).
-        key = ["BLOCK_D", "BLOCK_DV", "seq_bucket", "DROPOUT", *extra.get("key", ()),
-               *(f for f in ("BLOCK_DT", *SCORE_MOD_FLAGS) if f in fn.arg_names)]
+        key = ["BLOCK_D", "BLOCK_DV", "BLOCK_DT", "seq_bucket", "DROPOUT", *extra.get("key", ()),
+               *(f for f in SCORE_MOD_FLAGS if f in fn.arg_names)]
         _autotuned[cache_key] = triton.autotune(
             configs, key=key, reset_to_zero=extra.get("reset_to_zero"),
             **tuning_options(key, extra.get("prune")))(fn)
@@ -1604,7 +1670,7 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
         delta = -dlse if dlse is not None else torch.zeros_like(lse)
         return (*grads, _sinks_grad(sinks, lse, delta))
     meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right,
-                                           head_dim_v, tails=False)
+                                           head_dim_v)
     meta.update(dropout_meta(dropout_p, seed))
     qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, q=q)
 
@@ -1778,7 +1844,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_se
                                             (dout, q, k, v, out, dq, dk, dv))
     meta, scalars, window, dummy = _varlen_common(q, k, cu_seqlens_q, cu_seqlens_k,
                                                   max_seqlen_q, max_seqlen_k, window_left,
-                                                  window_right, head_dim_v, tails=False)
+                                                  window_right, head_dim_v)
     meta.update(dropout_meta(dropout_p, seed))
     qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, q=q)
     # delta needs no sequence bounds: a dense batch of one over every packed row.
