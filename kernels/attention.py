@@ -721,9 +721,17 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
             else:
                 _atomic_dq(dq_h, rows, r_ok, stride_dqm, k, dst, offs_d, d_ok, scale,
                            DOT_PRECISION)
-            if TAIL:
+            if TAIL and (offs_t.shape[0] >= 64 or BLOCK_M >= 64):
                 _atomic_dq(dq_h, rows, r_ok, stride_dqm, k_t, dst, offs_t, t_ok, scale,
                            DOT_PRECISION)
+            elif TAIL:
+                # A tail under 64 columns with fewer query rows: neither side of its product
+                # fills wgmma's M. The tail's dQ then takes 64 columns of K, read per query
+                # tile as K_CHUNKS reads them (those past HEAD_DIM read and add nothing).
+                offs_c = offs_d.shape[0] + tl.arange(0, 64)
+                _atomic_dq(dq_h, rows, r_ok, stride_dqm,
+                           _k_columns(k_base, keys, k_seen, stride_kn, offs_c, HEAD_DIM), dst,
+                           offs_c, offs_c < HEAD_DIM, scale, DOT_PRECISION)
     return dk, dv, dk_t
 
 
@@ -1383,14 +1391,15 @@ def _sm90_flag_prune(kernel: str, configs, **meta):
     SOFTCAP and HAS_ALIBI the forward's one-warpgroup tiles within
     SCORE_MODS_ONE_WARPGROUP_SCORES_SM90 (the backward's one-warpgroup tiles past
     ONE_WARPGROUP_ACCUMULATORS_SM90 are not in configs_for's list). dK/dV with atomic dQ
-    below head dim 64 keeps tiles of 64 query rows or more, the M side of its dQ product
-    there: wgmma, not mma.sync."""
+    below head dim 64 (or a main tile below 64 beside a tail) keeps tiles of 64 query rows
+    or more, the M side of its dQ product there: wgmma, not mma.sync."""
     if not configs:
         return configs
     block_d, atomic = tile_head_dim(meta), meta.get("ATOMIC_DQ")
     if kernel == "dkdv" and atomic:
         kernel = "dkdv-atomic"
-        if block_d < 64:
+        # With a tail, the main tile's dQ product below 64 columns too (_atomic_dq).
+        if block_d < 64 or ("BLOCK_DT" in meta and meta["BLOCK_D"] < 64):
             configs = [c for c in configs if c.kwargs["BLOCK_M"] >= 64] or configs
     if meta.get("DROPOUT"):
         configs = _within_scores(configs, _per_head_dim(DROPOUT_SCORES_SM90[kernel], block_d))
