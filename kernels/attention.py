@@ -649,7 +649,10 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
     # (pipelined) per query tile rather than held, and dQ goes out in chunks: only a chunk
     # of K^T dS^T is live beside dk and dv's 128 registers a thread (sm_90 16x64x8x2, ptxas
     # -v: spills 40/28 B -> 0 on triton 3.9, 8/4 -> 0 on 3.6; reports/hopper-attention.md 9).
-    K_CHUNKS: tl.constexpr = ATOMIC_DQ and offs_d.shape[0] >= 256 and k.dtype != tl.float32
+    # With a tail, where v's tile is 256 (dv's accumulator alone holds 64 registers a thread
+    # of 16x64x8x2): D = 160, Ev = 160 held K and its tail and spilled 152/180 B (triton 3.9).
+    K_CHUNKS: tl.constexpr = ATOMIC_DQ and k.dtype != tl.float32 and (
+        offs_d.shape[0] >= 256 or (TAIL and offs_dv.shape[0] >= 256))
     tiles = tl.cdiv(tl.maximum(end - start, 0), BLOCK_M)
     for i in range(0, group * tiles):
         g = i // tiles
@@ -677,10 +680,13 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                               mask=r_ok[None, :] & (offs_c < HEAD_DIM)[:, None], other=0.0)
                 s = tl.dot(_k_columns(k_base, keys, k_seen, stride_kn, offs_c, HEAD_DIM), qtc,
                            s, input_precision=DOT_PRECISION)
+            if TAIL:
+                s = tl.dot(_k_columns(k_base, keys, k_seen, stride_kn, offs_t, HEAD_DIM), qt_t,
+                           s, input_precision=DOT_PRECISION)
         else:
             s = tl.dot(k, qt, input_precision=DOT_PRECISION)
-        if TAIL:
-            s = tl.dot(k_t, qt_t, s, input_precision=DOT_PRECISION)
+            if TAIL:
+                s = tl.dot(k_t, qt_t, s, input_precision=DOT_PRECISION)
         st, tt = _modified_scores(s,
                                   rows[None, :] + offset, keys[:, None], qk_scale,
                                   softcap_scale, slope, SOFTCAP, HAS_ALIBI, FAST_TANH=FAST_TANH)
@@ -721,13 +727,14 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
             else:
                 _atomic_dq(dq_h, rows, r_ok, stride_dqm, k, dst, offs_d, d_ok, scale,
                            DOT_PRECISION)
-            if TAIL and (offs_t.shape[0] >= 64 or BLOCK_M >= 64):
+            if TAIL and not K_CHUNKS and (offs_t.shape[0] >= 64 or BLOCK_M >= 64):
                 _atomic_dq(dq_h, rows, r_ok, stride_dqm, k_t, dst, offs_t, t_ok, scale,
                            DOT_PRECISION)
             elif TAIL:
                 # A tail under 64 columns with fewer query rows: neither side of its product
                 # fills wgmma's M. The tail's dQ then takes 64 columns of K, read per query
-                # tile as K_CHUNKS reads them (those past HEAD_DIM read and add nothing).
+                # tile as K_CHUNKS reads them (those past HEAD_DIM read and add nothing), as
+                # it does under K_CHUNKS.
                 offs_c = offs_d.shape[0] + tl.arange(0, 64)
                 _atomic_dq(dq_h, rows, r_ok, stride_dqm,
                            _k_columns(k_base, keys, k_seen, stride_kn, offs_c, HEAD_DIM), dst,
@@ -848,10 +855,12 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     # later phases need is then not live across the first loop, beside dk and dv's 128
     # registers a thread (sm_90, 16x64 tiles, 8 warps, triton 3.9: deterministic spills 16 B
     # -> 0, atomic 100 -> 40 B). The mask costs 64x16 compares a tile against 5 GEMMs of
-    # 2x64x16x256 FLOPs.
-    for phase in tl.static_range(1 if BLOCK_D >= 256 else 3):
+    # 2x64x16x256 FLOPs. So too with a tail beside v's tile of 256 (D = Ev = 160, atomic,
+    # K in chunks: three phases spilled 12/20 B on triton 3.6).
+    ONE_LOOP: tl.constexpr = BLOCK_D >= 256 or (TAIL and BLOCK_V >= 256)
+    for phase in tl.static_range(1 if ONE_LOOP else 3):
         start, end = _phase_range(phase, lo, full_lo, full_hi, hi)
-        if BLOCK_D >= 256:
+        if ONE_LOOP:
             end = hi
         dk, dv, dk_t = _dkdv_tiles(
             dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group, stride_qh, stride_qm,
@@ -1080,6 +1089,14 @@ FWD_CONFIGS_SM90 = {
           (128, 64, 8, 3, _TMA), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
     256: [(128, 32, 4, 2, _TMA, _WS), (128, 64, 8, 2, _TMA), (128, 32, 8, 3, _TMA),
           (64, 64, 4, 2, _TMA), (128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 8, 3)],
+    # q's and k's 192 columns as 128 + 64 (tail_head_dims_meta), v's 128 or fewer: the table
+    # of 256 and of 128 compiled (reports/hopper-attention.md 12: masked and unmasked, triton
+    # 3.9 and 3.6, every one wgmma and spill-free); kept, those that fit in shared memory
+    # (128x128x4x2 warp-specialized allocates 246 KB), larger tiles or more stages first,
+    # and the 256 table's 64x32x8x3, whose 8 scores a thread dropout's budget keeps.
+    192: [(128, 64, 4, 3, _TMA, _WS), (128, 32, 4, 2, _TMA, _WS), (128, 128, 8, 2, _TMA),
+          (128, 64, 8, 3, _TMA), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3),
+          (64, 32, 8, 3)],
 }
 # The FP8 forward on sm_90, per head dim (tests/test_attention_fp8.py: ptxas -v, triton 3.9
 # and 3.6): tiles that use e4m3 wgmma and spill no register with and without masks (the
@@ -1117,25 +1134,30 @@ KEY_TILE_MULTIPLE = 128
 
 
 def smem_estimate(kernel: str, block_m: int, block_n: int, block_d: int, stages: int,
-                  elem: int, flags=(), arch=None) -> int:
+                  elem: int, flags=(), arch=None, tail: int = 0, block_dv=None) -> int:
     """Bytes of shared memory a config allocates: the streamed tiles times the pipeline depth,
     the tiles held across the loop and the buffers the epilogue and layout changes take. An
     upper bound, to 256 B, of what triton 3.6 and 3.9 allocate for sm_90 (every sm_90 config
     the tables keep, compiled: reports/hopper-attention.md 10), used to prune configs.
     flags: the config's (USE_TMA, WARP_SPECIALIZE). arch: 90 counts the K column chunks of
     16-bit atomic dK/dV from head dim 256 (_dkdv_tiles' K_CHUNKS) as sm_90 stages them
-    (sm_80's kernel allocates less than the unchunked count: 86 KB at 16x64x8x2)."""
+    (sm_80's kernel allocates less than the unchunked count: 86 KB at 16x64x8x2). tail: the
+    launch's BLOCK_DT (tail_head_dims_meta; block_d is then its staged width, or v's if
+    wider). block_dv: v's and the output's tile where the forward counts it apart (launches
+    with a tail: at (192, 128) the estimate of each sm_90 table config without warp
+    specialization is what triton 3.9 allocates, to the byte); block_d when None."""
     if kernel == "fwd":
-        size = elem * block_d * (block_m + 2 * stages * block_n)
+        block_dv = block_dv or block_d
+        size = elem * (block_d * (block_m + stages * block_n) + block_dv * stages * block_n)
         # FP8 inputs (elem 1): the output is 16- or 32-bit, as the caller asks: 4 bytes.
         out = 4 if elem == 1 else elem
         if "WARP_SPECIALIZE" in flags:
             # Each of the two consumer warp groups stages its output rows, 64 at least, and
             # the producer and consumers share barriers.
-            size += out * block_d * max(block_m, 128) + 1024
+            size += out * block_dv * max(block_m, 128) + 1024
         else:
             # The output tile's layout change before its store reuses the pipeline's buffers.
-            size = max(size, out * block_m * block_d)
+            size = max(size, out * block_m * block_dv)
         if "USE_TMA" in flags:
             size += 1024  # the pipeline's mbarriers
         return size
@@ -1153,20 +1175,24 @@ def smem_estimate(kernel: str, block_m: int, block_n: int, block_d: int, stages:
             return (elem * block_d * (block_n + stages * (2 * block_n + 3 * block_m))
                     + 4 * 64 * block_m + elem * block_m * block_n + stats)
         atomic_dq = max(4 * block_m * block_d, 2 * block_m * block_n) if elem == 2 else 0
+        if 0 < tail < 64 and block_m < 64:
+            # The tail's dQ product reads 64 columns of K a query tile (_dkdv_tiles): one
+            # more streamed key tile (sm_90, D = 96, 16x64x8x2: 66560 B compiled against
+            # 57600 without it).
+            atomic_dq += elem * 64 * block_n * stages
         return elem * block_d * (2 * block_n + 2 * stages * block_m) + stats + atomic_dq
     return elem * block_d * (2 * block_m + 2 * stages * block_n)
 
 
 def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int, arch=None,
-                tma: bool = False):
-    """The configs of `kernel` that fit smem_limit bytes of shared memory at head dim block_d
-    (a power of two, or the staged width of a main tile and a tail: tile_head_dim's) with
-    elem-byte inputs. arch: the GPU's compute capability (90 for
-    sm_90); None, or any other than 90, takes the tables every GPU from sm_80 on runs (the
-    FP8 forward's, elem 1, too). TMA configs only with `tma` (the tensors allow
-    descriptors). On sm_90 with 16-bit inputs, only tiles whose wgmma M side holds 64 rows,
-    and no backward tile of one warp group with ONE_WARPGROUP_ACCUMULATORS_SM90 accumulator
-    registers a thread."""
+                tma: bool = False, tail: int = 0, block_dv=None):
+    """The configs of `kernel` that fit smem_limit bytes of shared memory at head dim block_d (a
+    power of two, or the staged width of a main tile and a tail: tile_head_dim's) with elem-byte
+    inputs. arch: the GPU's compute capability (90 for sm_90); None, or any other than 90, takes
+    the tables every GPU from sm_80 on runs (the FP8 forward's, elem 1, too). TMA configs only
+    with `tma` (the tensors allow descriptors). tail, block_dv: smem_estimate's.
+    On sm_90 with 16-bit inputs, only tiles whose wgmma M side holds 64 rows, and no backward
+    tile of one warp group with ONE_WARPGROUP_ACCUMULATORS_SM90 accumulator registers a thread."""
     # A head dim in a main tile and a tail (tail_head_dims_meta) stages block_d columns, no
     # power of 2: the padded tile's table and tile-size rule, shared memory at block_d.
     bucket = block_width(block_d)
@@ -1198,10 +1224,10 @@ def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int, arch=None
             continue
         # Fewer stages fit more, but an unpipelined loop is no config worth tuning.
         while stages > 2 and smem_estimate(kernel, block_m, block_n, block_d, stages, elem,
-                                           flags, arch) > smem_limit:
+                                           flags, arch, tail, block_dv) > smem_limit:
             stages -= 1
         if smem_estimate(kernel, block_m, block_n, block_d, stages, elem, flags,
-                         arch) <= smem_limit:
+                         arch, tail, block_dv) <= smem_limit:
             out.append((block_m, block_n, warps, stages, *flags))
     return list(dict.fromkeys(out))
 
@@ -1421,14 +1447,27 @@ def _sm90_flag_prune(kernel: str, configs, **meta):
 DQ_VALUE_HEAD_DIM_SPILLS_SM90 = {(256, 128): [(128, 32, 8, 3)]}
 
 
+# Atomic dK/dV on sm_90 with 16-bit inputs and a tail (tail_head_dims_meta), keyed (BLOCK_D,
+# BLOCK_DT): tiles that spill there where the padded tile's kernel does not (ptxas -v; every
+# config the pruning keeps at D = 192/128, 160, 96, 80 and 48 compiled, flags off,
+# reports/hopper-attention.md 12): 32x128x8x3 at 96 = 64 + 32 (16/28 B on triton 3.9, 20/36 B
+# on 3.6) and at 80 = 64 + 16 (20/36 B, 3.6), whose tail's dQ product reads 64 columns of K a
+# query tile (_dkdv_tiles).
+DKDV_TAIL_SPILLS_SM90 = {(64, 32): [(32, 128, 8, 3)], (64, 16): [(32, 128, 8, 3)]}
+
+
 def _backward_prune(configs, nargs, **meta):
-    """dK/dV's (ATOMIC_DQ in meta) and dQ's _sm90_flag_prune on sm_90, and for dQ with v's
-    head dim apart none of DQ_VALUE_HEAD_DIM_SPILLS_SM90; elsewhere all."""
+    """dK/dV's (ATOMIC_DQ in meta) and dQ's _sm90_flag_prune on sm_90, for dQ with v's head
+    dim apart none of DQ_VALUE_HEAD_DIM_SPILLS_SM90, for atomic dK/dV with a tail none of
+    DKDV_TAIL_SPILLS_SM90; elsewhere all."""
     if not _hopper_16bit(nargs):
         return configs
     if "ATOMIC_DQ" not in meta and "BLOCK_DV" in meta:
         configs = _without_listed_spills(configs, nargs, (meta["BLOCK_D"], meta["BLOCK_DV"]),
                                          DQ_VALUE_HEAD_DIM_SPILLS_SM90)
+    if meta.get("ATOMIC_DQ") and "BLOCK_DT" in meta:
+        configs = _without_listed_spills(configs, nargs, (meta["BLOCK_D"], meta["BLOCK_DT"]),
+                                         DKDV_TAIL_SPILLS_SM90)
     return _sm90_flag_prune("dkdv" if "ATOMIC_DQ" in meta else "dq", configs, **meta)
 
 
@@ -1446,15 +1485,17 @@ _autotuned = {}
 SCORE_MOD_FLAGS = ("SOFTCAP", "HAS_SINKS", "HAS_ALIBI")
 
 
-def _launcher(kernel: str, fn, device, block_d: int, elem: int, arch=None, tma: bool = False):
+def _launcher(kernel: str, fn, device, block_d: int, elem: int, arch=None, tma: bool = False,
+              tail: int = 0, block_dv=None):
     """The kernel under an autotuner whose configs fit this device at head dim block_d
-    (tile_head_dim's; see configs_for); key: the head dims, the sequence-length bucket,
-    dropout, whether the forward masks keys and (added by triton) the argument dtypes."""
+    (tile_head_dim's), tail and block_dv (see configs_for); key: the head dims, the
+    sequence-length bucket, dropout, whether the forward masks keys and (added by triton) the
+    argument dtypes."""
     smem = _smem_limit(device)
-    cache_key = (kernel, block_d, elem, smem, arch, tma)
+    cache_key = (kernel, block_d, elem, smem, arch, tma, tail, block_dv)
     if cache_key not in _autotuned:
         configs = [triton.Config(_config_meta(c), num_warps=c[2], num_stages=c[3])
-                   for c in configs_for(kernel, block_d, elem, smem, arch, tma)]
+                   for c in configs_for(kernel, block_d, elem, smem, arch, tma, tail, block_dv)]
         extra = TUNING.get(kernel, {})
         # BLOCK_DV, v's head dim tile, is passed only where it differs from BLOCK_D, and
         # BLOCK_DT, the tail of q's and k's, only where they have one (tail_head_dims_meta).
@@ -1480,7 +1521,9 @@ def _run(kernel: str, fn, grid, args, meta, device, config, tma: bool = False):
                                            num_warps=config[2], num_stages=config[3])
             return
         elem = args[0].element_size()
-        tuned = _launcher(kernel, fn, device, tile_head_dim(meta), elem, _arch(device), tma)
+        block_d, tail, block_dv = config_widths(meta)
+        tuned = _launcher(kernel, fn, device, block_d, elem, _arch(device), tma, tail,
+                          block_dv)
         tuned[lambda m: grid(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
 
 
@@ -1490,6 +1533,14 @@ def tile_head_dim(meta) -> int:
     meta has one: 192 for D = 192 in 128 + 64 columns) and v's tile (BLOCK_DV, in meta where
     v's head dim differs). The larger one's configs hold the smaller one's tiles too."""
     return max(meta["BLOCK_D"] + meta.get("BLOCK_DT", 0), meta.get("BLOCK_DV") or 0)
+
+
+def config_widths(meta) -> tuple:
+    """(block_d, tail, block_dv) of configs_for for a launch's meta: tile_head_dim's, its
+    BLOCK_DT (0 without) and, with a tail, v's tile, which the forward's shared memory then
+    counts apart (smem_estimate; None without)."""
+    tail = meta.get("BLOCK_DT", 0)
+    return tile_head_dim(meta), tail, meta["BLOCK_DV"] if tail else None
 
 
 def head_dim_tiles(head_dim: int) -> tuple[int, int]:

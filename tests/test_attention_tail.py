@@ -57,9 +57,12 @@ def test_tail_head_dims_meta():
     mla = kernel.tail_head_dims_meta(192, 128)
     assert kernel.tile_head_dim(mla) == 192
     assert kernel.tile_head_dim(kernel.tail_head_dims_meta(96, 96)) == 128  # v's tile
-    # The sm_90 16-bit forward at 192 staged columns: the padded bucket's table (256).
-    assert kernel.configs_for("fwd", 192, 2, kernel.SMEM_LIMIT[90], 90, tma=True) == \
-        kernel.configs_for("fwd", 256, 2, kernel.SMEM_LIMIT[90], 90, tma=True)
+    # The sm_90 16-bit forward at 192 staged columns: its own table, whose shared memory
+    # counts v's 128 columns apart; elsewhere the padded bucket's (v's 256 at D = Ev = 160).
+    assert kernel.config_widths(mla) == (192, 64, 128)
+    assert kernel.configs_for("fwd", 192, 2, kernel.SMEM_LIMIT[90], 90, True, 64, 128) == \
+        kernel.FWD_CONFIGS_SM90[192]
+    assert kernel.tile_head_dim(kernel.tail_head_dims_meta(160, 160)) == 256
 
 
 def _spy(monkeypatch):
