@@ -142,20 +142,34 @@ def test_varlen_matches_float64(backend, mode):
     varlen_tests.check_against_float64(*varlen_tests.make_inputs(case, torch.float32), backend)
 
 
+def _force_tma(monkeypatch, flags, rows=32):
+    """Every forward launch through TMA descriptors (the tail's of its own block shape) with
+    `flags`: the interpreter's small tiles, or a GPU's. -> the dtype to test in."""
+    from test_attention_ws import force_forward
+
+    interpreted = kernel.interpreting()
+    force_forward(monkeypatch, (rows, 16, 1, 1, *flags) if interpreted else (128, 64, 4, 3, *flags))
+    return torch.float32 if interpreted else torch.float16
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="no triton backend here")
 @pytest.mark.parametrize("flags", [("USE_TMA", "WARP_SPECIALIZE"), ("USE_TMA",)],
                          ids=["tma-ws", "tma"])
 @pytest.mark.parametrize("name", ["mla_192_128_gqa", "d40_window_gqa"])
 def test_tma_forward(monkeypatch, name, flags):
-    """The forward through TMA descriptors (the tail's of its own block shape), warp
-    specialized or not, forced onto every forward launch; the gradients as usual."""
-    from test_attention_ws import force_forward
-
-    config = (32, 16, 1, 1, *flags) if kernel.interpreting() else (128, 64, 4, 3, *flags)
-    force_forward(monkeypatch, config)
+    """The forward through TMA, warp specialized or not; the gradients as usual."""
+    dtype = _force_tma(monkeypatch, flags)
     torch.use_deterministic_algorithms(True)
-    check(*make_inputs(CASES[name], torch.float32 if kernel.interpreting() else torch.float16),
-          "triton")
+    check(*make_inputs(CASES[name], dtype), "triton")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="no triton backend here")
+def test_tma_packed_forward(monkeypatch):
+    """A packed batch at D = 96 through the warp-specialized TMA forward (16-row tiles under
+    the interpreter, so that sequences end inside tiles and tiles lie past their ends)."""
+    dtype = _force_tma(monkeypatch, ("USE_TMA", "WARP_SPECIALIZE"), rows=16)
+    case = (*varlen_tests.CASES["causal_gqa"][:2], 96, *varlen_tests.CASES["causal_gqa"][3:])
+    varlen_tests.check_against_float64(*varlen_tests.make_inputs(case, dtype), "triton")
 
 
 # (D, Ev): every tail width the splits give, at the first config the sm_90 pruning keeps.
