@@ -4,9 +4,14 @@ Layout: q, dq (B, H, Nq, D); out, dout (B, H, Nq, Ev); k, dk (B, Hkv, Nk, D); v,
 (B, Hkv, Nk, Ev); lse, delta (B, H, Nq) float32. v's head dim Ev may differ from D (SDPA's;
 multi-head latent attention's D = 192, Ev = 128): the kernels then take HEAD_DV and BLOCK_DV
 for v's, out's and dO's columns, and run the configs of the larger head dim. Query head h
-reads kv head h // (H // Hkv). Masks are one window of key offsets around each query's
-bottom-right aligned position a = i + Nk - Nq: key j is visible iff
-a - window_left <= j <= a + window_right and j < kv_len (see attnmem.reference.attention).
+reads kv head h // (H // Hkv). A head dim D that is no power of 2 runs in a main tile of the
+largest power of 2 below it and a tail tile, where the two stage fewer columns than one
+padded tile (tail_head_dims_meta: D = 192 as 128 + 64 columns rather than 256, 96 as 64 + 32):
+the kernels take BLOCK_DT, sum the two tiles' products for S and keep two accumulators for
+dK and dQ; v's head dim keeps one tile (BLOCK_DV); the FP8 forward keeps one padded tile.
+Masks are one window of key offsets around each query's bottom-right aligned position
+a = i + Nk - Nq: key j is visible iff a - window_left <= j <= a + window_right and
+j < kv_len (see attnmem.reference.attention).
 Each program visits only the tiles its mask leaves non-empty, and evaluates the mask only on
 the tiles at the edges of the visible band. There, keys that no query of the tile sees are
 loaded as zeros, so that padding holding NaN or inf contributes nothing (a zero weight
@@ -313,24 +318,31 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows, offs_
                DROPOUT: tl.constexpr, softcap_scale=1.0, slope=0.0,
                SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
                FP8: tl.constexpr = False, V_TMA: tl.constexpr = False, offs_dv=None,
-               HEAD_DV: tl.constexpr = None, FAST_TANH: tl.constexpr = False):
+               HEAD_DV: tl.constexpr = None, FAST_TANH: tl.constexpr = False, q_t=None,
+               kt_src=None, offs_dt=None, HEAD_DT: tl.constexpr = 0):
     """Key tiles [start, end). MASKED ones evaluate the mask, and their keys that no row of
     the tile sees (below key_lo or from kv_len on) read as zeros. DROPOUT zeroes the weights
     that _dropout_keep drops after they join the row sums, which stay those of the softmax.
     SOFTCAP and HAS_ALIBI modify the scores (see _modified_scores). FP8: v_src holds V
     transposed (see _load_keys_major; a TMA descriptor with V_TMA) and the weights are
     2^FP8_P_OFFSET times the softmax's, cast to e4m3 for the PV product. v has HEAD_DV
-    columns (offs_dv their tile's), the accumulator too."""
+    columns (offs_dv their tile's), the accumulator too. HEAD_DT > 0: q's and k's columns
+    from BLOCK_D on, HEAD_DT of them, are a tail tile (q_t, and k's through kt_src, offs_dt
+    its columns; see _attn_fwd's BLOCK_DT), whose product adds to the main tile's."""
     if MASKED and WARP_SPECIALIZE:
         first, count = _visible_span(rows, offset, n_q, kv_len, window_left, window_right)
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kt = _load_rows(k_src, start_n, key_lo, kv_len, stride_kn, offs_d, HEAD_DIM, MASKED,
                         USE_TMA, BLOCK_N, True)
-        s, _ = _modified_scores(tl.dot(q, kt, input_precision=DOT_PRECISION),
-                                rows[:, None] + offset, (start_n + tl.arange(0, BLOCK_N))[None, :],
-                                qk_scale, softcap_scale, slope, SOFTCAP, HAS_ALIBI,
-                                FAST_TANH=FAST_TANH)
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        if HEAD_DT > 0:
+            kt_t = _load_rows(kt_src, start_n, key_lo, kv_len, stride_kn, offs_dt, HEAD_DT,
+                              MASKED, USE_TMA, BLOCK_N, True)
+            qk = tl.dot(q_t, kt_t, qk, input_precision=DOT_PRECISION)
+        s, _ = _modified_scores(qk, rows[:, None] + offset,
+                                (start_n + tl.arange(0, BLOCK_N))[None, :], qk_scale,
+                                softcap_scale, slope, SOFTCAP, HAS_ALIBI, FAST_TANH=FAST_TANH)
         if MASKED:
             keys = start_n + tl.arange(0, BLOCK_N)
             if WARP_SPECIALIZE:
@@ -384,7 +396,8 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
               softcap_scale=1.0, SOFTCAP: tl.constexpr = False,
               HAS_SINKS: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
               descale_ptr=None, FP8: tl.constexpr = False, HEAD_DV: tl.constexpr = None,
-              BLOCK_DV: tl.constexpr = None, FAST_TANH: tl.constexpr = False):
+              BLOCK_DV: tl.constexpr = None, FAST_TANH: tl.constexpr = False,
+              BLOCK_DT: tl.constexpr = 0):
     """One query tile of one head. MASK_KEYS: some key tile may need the mask (a causal mask,
     a window, lengths, or Nk not a multiple of KEY_TILE_MULTIPLE); without it one unmasked
     loop is all that is compiled. EVEN_M: Nq is a multiple of BLOCK_M, so rows need no
@@ -407,9 +420,17 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     whose dtype is o_ptr's (FlashAttention-3's FP8 forward).
     HEAD_DV, BLOCK_DV: v's and out's head dim and its tile (SDPA's Ev, MLA's 128 beside
     q's and k's 192), HEAD_DIM and BLOCK_D when None.
-    FAST_TANH: SOFTCAP's tanh is the hardware's (_modified_scores)."""
+    FAST_TANH: SOFTCAP's tanh is the hardware's (_modified_scores).
+    BLOCK_DT > 0 (tail_head_dims_meta): q's and k's head dim in two tiles, columns [0,
+    BLOCK_D) and a tail of BLOCK_DT from column BLOCK_D, read as a (rows, HEAD_DIM - BLOCK_D)
+    matrix of its own (a second TMA descriptor, of its own block shape, with USE_TMA), the
+    scores the sum of the two tiles' products (D = 192 as 128 + 64 columns, not 256). v keeps
+    one tile (HEAD_DV and BLOCK_DV, always passed with a tail)."""
     HEAD_V: tl.constexpr = HEAD_DIM if HEAD_DV is None else HEAD_DV
     BLOCK_V: tl.constexpr = BLOCK_D if BLOCK_DV is None else BLOCK_DV
+    # With a tail, the main tile's columns are all q's and k's (HEAD_Q), the rest HEAD_T.
+    HEAD_Q: tl.constexpr = BLOCK_D if BLOCK_DT > 0 else HEAD_DIM
+    HEAD_T: tl.constexpr = HEAD_DIM - BLOCK_D if BLOCK_DT > 0 else 0
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -445,10 +466,10 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     offs_dv = tl.arange(0, BLOCK_V)
     # Keys below key_lo or from kv_len on: no row of the tile sees them.
     key_lo = tl.maximum(row_first + offset - window_left, 0)
-    q_src = _rows_source(q_ptr + b * stride_qb + h * stride_qh, 0, n_q, stride_qm, HEAD_DIM,
+    q_src = _rows_source(q_ptr + b * stride_qb + h * stride_qh, 0, n_q, stride_qm, HEAD_Q,
                          USE_TMA, BLOCK_M, BLOCK_D)
     k_src = _rows_source(k_ptr + b * stride_kb + hk * stride_kh, key_lo, kv_len, stride_kn,
-                         HEAD_DIM, USE_TMA, BLOCK_N, BLOCK_D)
+                         HEAD_Q, USE_TMA, BLOCK_N, BLOCK_D)
     if FP8:
         # Through TMA in the unmasked kernel only: there no key of a tile is below key_lo
         # (0), which a descriptor of V^T's rows from key 0 on would read as they are.
@@ -457,8 +478,17 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     else:
         v_src = _rows_source(v_ptr + b * stride_vb + hk * stride_vh, key_lo, kv_len,
                              stride_vn, HEAD_V, USE_TMA, BLOCK_N, BLOCK_V)
-    q = _load_rows(q_src, row_first, 0, n_q, stride_qm, offs_d, HEAD_DIM, not EVEN_M, USE_TMA,
+    q = _load_rows(q_src, row_first, 0, n_q, stride_qm, offs_d, HEAD_Q, not EVEN_M, USE_TMA,
                    BLOCK_M)
+    q_t, kt_src, offs_dt = None, None, None
+    if BLOCK_DT > 0:
+        offs_dt = tl.arange(0, BLOCK_DT)
+        q_t = _load_rows(_rows_source(q_ptr + b * stride_qb + h * stride_qh + BLOCK_D, 0, n_q,
+                                      stride_qm, HEAD_T, USE_TMA, BLOCK_M, BLOCK_DT),
+                         row_first, 0, n_q, stride_qm, offs_dt, HEAD_T, not EVEN_M, USE_TMA,
+                         BLOCK_M)
+        kt_src = _rows_source(k_ptr + b * stride_kb + hk * stride_kh + BLOCK_D, key_lo, kv_len,
+                              stride_kn, HEAD_T, USE_TMA, BLOCK_N, BLOCK_DT)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -495,19 +525,21 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
             start, end = _phase_range(phase, lo, full_lo, full_hi, hi)
             acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn,
                                        rows, offs_d, start, end, key_lo, offset, n_q, kv_len,
-                                       window_left, window_right, qk_scale, HEAD_DIM, BLOCK_N,
+                                       window_left, window_right, qk_scale, HEAD_Q, BLOCK_N,
                                        phase != 1, USE_TMA, WARP_SPECIALIZE, DOT_PRECISION,
                                        seed, b, h,
                                        dropout_cutoff, DROPOUT, softcap_scale, slope, SOFTCAP,
                                        HAS_ALIBI, FP8, offs_dv=offs_dv, HEAD_DV=HEAD_V,
-                                       FAST_TANH=FAST_TANH)
+                                       FAST_TANH=FAST_TANH, q_t=q_t, kt_src=kt_src,
+                                       offs_dt=offs_dt, HEAD_DT=HEAD_T)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, rows,
                                    offs_d, 0, n_k, 0, offset, n_q, kv_len, window_left,
-                                   window_right, qk_scale, HEAD_DIM, BLOCK_N, False, USE_TMA,
+                                   window_right, qk_scale, HEAD_Q, BLOCK_N, False, USE_TMA,
                                    WARP_SPECIALIZE, DOT_PRECISION, seed, b, h, dropout_cutoff,
                                    DROPOUT, softcap_scale, slope, SOFTCAP, HAS_ALIBI, FP8,
-                                   USE_TMA, offs_dv, HEAD_V, FAST_TANH=FAST_TANH)
+                                   USE_TMA, offs_dv, HEAD_V, FAST_TANH=FAST_TANH, q_t=q_t,
+                                   kt_src=kt_src, offs_dt=offs_dt, HEAD_DT=HEAD_T)
 
     if DROPOUT:
         acc = acc * dropout_scale
@@ -566,6 +598,26 @@ def _k_columns(k_base, keys, k_seen, stride_kn, offs_c, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _atomic_dq(dq_h, rows, r_ok, stride_dqm, k, dst, offs_d, d_ok, scale,
+               DOT_PRECISION: tl.constexpr):
+    """Adds dS K * scale (columns offs_d of the query rows' dQ, k a tile of those columns, d_ok the
+    real ones) into the float32 dQ of one head at dq_h. Transposed, the product has the head
+    dim as its M side: 64 or more fills a warpgroup's wgmma on sm_90 where BLOCK_M does not
+    (at D=128, 32x128 tiles and 8 warps: every product on wgmma, no spill, 16 KB less
+    shared memory). Below 64 the query rows take the M side instead: wgmma with BLOCK_M >=
+    64 (the sm_90 pruning keeps those tiles), where the transposed product fell back to
+    mma.sync."""
+    if offs_d.shape[0] >= 64:
+        dqt = tl.dot(tl.trans(k), dst, input_precision=DOT_PRECISION) * scale
+        tl.atomic_add(dq_h + rows[None, :] * stride_dqm + offs_d[:, None], dqt,
+                      mask=r_ok[None, :] & d_ok[:, None], sem="relaxed")
+    else:
+        dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION) * scale
+        tl.atomic_add(dq_h + rows[:, None] * stride_dqm + offs_d[None, :], dq,
+                      mask=r_ok[:, None] & d_ok[None, :], sem="relaxed")
+
+
+@triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                 stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh, stride_dqm,
                 keys, offs_d, start, end, offset, n_q, kv_len, window_left, window_right,
@@ -575,7 +627,8 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                 DROPOUT: tl.constexpr, alibi_b=None, softcap_scale=1.0,
                 SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False, k_base=None,
                 stride_kn=0, k_seen=None, offs_dv=None, HEAD_DV: tl.constexpr = None,
-                FAST_TANH: tl.constexpr = False):
+                FAST_TANH: tl.constexpr = False, dk_t=0, k_t=None, offs_t=None,
+                TAIL: tl.constexpr = False):
     """Query tiles [start, end) of each query head head0 + g, g < group: one loop over
     (head, tile) pairs, so that a runtime group size adds no loop around the pipelined one.
     With ATOMIC_DQ, also adds each tile's dQ = dS K * scale into dq (float32). Head h's lse
@@ -584,14 +637,22 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
     SOFTCAP and HAS_ALIBI (slopes at alibi_b, per query head) as in the forward. k_base, at
     key 0 with key stride stride_kn: the keys of k (zeros where k_seen is false, as the
     caller loaded k), which 16-bit atomic dQ from head dim 256 reads in column chunks (see
-    K_CHUNKS). v, dv and dO have HEAD_DV columns (offs_dv their tile's)."""
+    K_CHUNKS). v, dv and dO have HEAD_DV columns (offs_dv their tile's). TAIL: q's and k's
+    columns offs_t (from BLOCK_D on; see _attn_bwd_dkdv's BLOCK_DT) are a tail tile, k_t of
+    k, with its own accumulator dk_t (returned as given without a tail): S adds the tail's
+    product, and dK and dQ get the tail's columns from products of their own."""
     offs_m0 = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
+    if TAIL:
+        t_ok = offs_t < HEAD_DIM
     # From head dim 256, 16-bit atomic dQ: S and dQ take K in chunks of 64 columns, loaded
     # (pipelined) per query tile rather than held, and dQ goes out in chunks: only a chunk
     # of K^T dS^T is live beside dk and dv's 128 registers a thread (sm_90 16x64x8x2, ptxas
     # -v: spills 40/28 B -> 0 on triton 3.9, 8/4 -> 0 on 3.6; reports/hopper-attention.md 9).
-    K_CHUNKS: tl.constexpr = ATOMIC_DQ and offs_d.shape[0] >= 256 and k.dtype != tl.float32
+    # With a tail, where v's tile is 256 (dv's accumulator alone holds 64 registers a thread
+    # of 16x64x8x2): D = 160, Ev = 160 held K and its tail and spilled 152/180 B (triton 3.9).
+    K_CHUNKS: tl.constexpr = ATOMIC_DQ and k.dtype != tl.float32 and (
+        offs_d.shape[0] >= 256 or (TAIL and offs_dv.shape[0] >= 256))
     tiles = tl.cdiv(tl.maximum(end - start, 0), BLOCK_M)
     for i in range(0, group * tiles):
         g = i // tiles
@@ -604,6 +665,9 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
             r_ok = rows >= 0
         qt = tl.load(q_b + h * stride_qh + rows[None, :] * stride_qm + offs_d[:, None],
                      mask=r_ok[None, :] & d_ok[:, None], other=0.0)
+        if TAIL:
+            qt_t = tl.load(q_b + h * stride_qh + rows[None, :] * stride_qm + offs_t[:, None],
+                           mask=r_ok[None, :] & t_ok[:, None], other=0.0)
         lse = tl.load(lse_b + h * stride_stats_h + rows, mask=r_ok, other=0.0)
         slope = 0.0
         if HAS_ALIBI:
@@ -616,8 +680,13 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
                               mask=r_ok[None, :] & (offs_c < HEAD_DIM)[:, None], other=0.0)
                 s = tl.dot(_k_columns(k_base, keys, k_seen, stride_kn, offs_c, HEAD_DIM), qtc,
                            s, input_precision=DOT_PRECISION)
+            if TAIL:
+                s = tl.dot(_k_columns(k_base, keys, k_seen, stride_kn, offs_t, HEAD_DIM), qt_t,
+                           s, input_precision=DOT_PRECISION)
         else:
             s = tl.dot(k, qt, input_precision=DOT_PRECISION)
+            if TAIL:
+                s = tl.dot(k_t, qt_t, s, input_precision=DOT_PRECISION)
         st, tt = _modified_scores(s,
                                   rows[None, :] + offset, keys[:, None], qk_scale,
                                   softcap_scale, slope, SOFTCAP, HAS_ALIBI, FAST_TANH=FAST_TANH)
@@ -643,32 +712,34 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
             dpt = tl.where(keep, dpt * dropout_scale, 0.0)
         dst = (pt * (dpt - delta[None, :])).to(qt.dtype)
         dk = tl.dot(dst, tl.trans(qt), dk, input_precision=DOT_PRECISION)
+        if TAIL:
+            dk_t = tl.dot(dst, tl.trans(qt_t), dk_t, input_precision=DOT_PRECISION)
         if ATOMIC_DQ:
             # Unseen keys are zeros in k, so padding holding NaN adds nothing here either.
-            # Transposed, dQ's product has the head dim as its M side: 64 or more fills a
-            # warpgroup's wgmma on sm_90 where BLOCK_M does not (at D=128, 32x128 tiles and 8
-            # warps: every product on wgmma, no spill, 16 KB less shared memory). Below 64
-            # the query rows take the M side instead: wgmma with BLOCK_M >= 64 (the sm_90
-            # pruning keeps those tiles), where the transposed product fell back to mma.sync.
+            dq_h = dq_b + h * stride_dqh
             if K_CHUNKS:
                 for c in tl.static_range(offs_d.shape[0] // 64):
                     offs_c = c * 64 + tl.arange(0, 64)
                     kc = _k_columns(k_base, keys, k_seen, stride_kn, offs_c, HEAD_DIM)
                     dqt = tl.dot(tl.trans(kc), dst, input_precision=DOT_PRECISION) * scale
-                    tl.atomic_add(dq_b + h * stride_dqh + rows[None, :] * stride_dqm
-                                  + offs_c[:, None], dqt,
+                    tl.atomic_add(dq_h + rows[None, :] * stride_dqm + offs_c[:, None], dqt,
                                   mask=r_ok[None, :] & (offs_c < HEAD_DIM)[:, None], sem="relaxed")
-            elif offs_d.shape[0] >= 64:
-                dqt = tl.dot(tl.trans(k), dst, input_precision=DOT_PRECISION) * scale
-                tl.atomic_add(dq_b + h * stride_dqh + rows[None, :] * stride_dqm
-                              + offs_d[:, None], dqt, mask=r_ok[None, :] & d_ok[:, None],
-                              sem="relaxed")
             else:
-                dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION) * scale
-                tl.atomic_add(dq_b + h * stride_dqh + rows[:, None] * stride_dqm
-                              + offs_d[None, :], dq, mask=r_ok[:, None] & d_ok[None, :],
-                              sem="relaxed")
-    return dk, dv
+                _atomic_dq(dq_h, rows, r_ok, stride_dqm, k, dst, offs_d, d_ok, scale,
+                           DOT_PRECISION)
+            if TAIL and not K_CHUNKS and (offs_t.shape[0] >= 64 or BLOCK_M >= 64):
+                _atomic_dq(dq_h, rows, r_ok, stride_dqm, k_t, dst, offs_t, t_ok, scale,
+                           DOT_PRECISION)
+            elif TAIL:
+                # A tail under 64 columns with fewer query rows: neither side of its product
+                # fills wgmma's M. The tail's dQ then takes 64 columns of K, read per query
+                # tile as K_CHUNKS reads them (those past HEAD_DIM read and add nothing), as
+                # it does under K_CHUNKS.
+                offs_c = offs_d.shape[0] + tl.arange(0, 64)
+                _atomic_dq(dq_h, rows, r_ok, stride_dqm,
+                           _k_columns(k_base, keys, k_seen, stride_kn, offs_c, HEAD_DIM), dst,
+                           offs_c, offs_c < HEAD_DIM, scale, DOT_PRECISION)
+    return dk, dv, dk_t
 
 
 @triton.jit
@@ -687,16 +758,19 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                    dropout_scale=1.0, alibi_ptr=None, stride_alibi_b=0, softcap_scale=1.0,
                    SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
                    HEAD_DV: tl.constexpr = None, BLOCK_DV: tl.constexpr = None,
-                   FAST_TANH: tl.constexpr = False):
+                   FAST_TANH: tl.constexpr = False, BLOCK_DT: tl.constexpr = 0):
     """dK, dV of one key tile from every query head of its group; with ATOMIC_DQ also the
     dQ those query heads get from it, added into dq_ptr (float32, zeroed, scaled). VARLEN:
     b is a sequence of a packed batch (see _varlen_sequences). DROPOUT: the forward's
     dropout, regenerated from the seed at seed_ptr. SOFTCAP, HAS_ALIBI, FAST_TANH as in the
     forward. Sinks need nothing here: the forward's lse includes them, so p = exp(s - lse) and
     delta = rowsum(dO * O) already account for them. HEAD_DV, BLOCK_DV: v's, dO's and dV's
-    head dim and its tile, as in the forward."""
+    head dim and its tile, as in the forward. BLOCK_DT > 0: q's, k's, dQ's and dK's head dim
+    in a main tile and a tail, as in the forward (two dK accumulators; with ATOMIC_DQ two dQ
+    products, each added as its width suits: _atomic_dq)."""
     HEAD_V: tl.constexpr = HEAD_DIM if HEAD_DV is None else HEAD_DV
     BLOCK_V: tl.constexpr = BLOCK_D if BLOCK_DV is None else BLOCK_DV
+    TAIL: tl.constexpr = BLOCK_DT > 0
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -742,6 +816,14 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
                 + offs_dv[None, :], mask=v_mask & seen[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    # Without a tail, placeholders that the loops carry through untouched.
+    k_t, dk_t, offs_t, kt_mask = None, 0, None, None
+    if TAIL:
+        offs_t = BLOCK_D + tl.arange(0, BLOCK_DT)
+        kt_mask = (keys[:, None] < n_k) & (offs_t[None, :] < HEAD_DIM)
+        k_t = tl.load(k_ptr + b * stride_kb + hk * stride_kh + keys[:, None] * stride_kn
+                      + offs_t[None, :], mask=kt_mask & seen[:, None], other=0.0)
+        dk_t = tl.zeros([BLOCK_N, BLOCK_DT], dtype=tl.float32)
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr)
@@ -773,24 +855,28 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     # later phases need is then not live across the first loop, beside dk and dv's 128
     # registers a thread (sm_90, 16x64 tiles, 8 warps, triton 3.9: deterministic spills 16 B
     # -> 0, atomic 100 -> 40 B). The mask costs 64x16 compares a tile against 5 GEMMs of
-    # 2x64x16x256 FLOPs.
-    for phase in tl.static_range(1 if BLOCK_D >= 256 else 3):
+    # 2x64x16x256 FLOPs. So too with a tail beside v's tile of 256 (D = Ev = 160, atomic,
+    # K in chunks: three phases spilled 12/20 B on triton 3.6).
+    ONE_LOOP: tl.constexpr = BLOCK_D >= 256 or (TAIL and BLOCK_V >= 256)
+    for phase in tl.static_range(1 if ONE_LOOP else 3):
         start, end = _phase_range(phase, lo, full_lo, full_hi, hi)
-        if BLOCK_D >= 256:
+        if ONE_LOOP:
             end = hi
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group,
-                             stride_qh, stride_qm, stride_doh, stride_dom, stride_dqh,
-                             stride_dqm, keys, offs_d, start, end, offset, n_q, kv_len,
-                             window_left, window_right, scale, qk_scale, HEAD_DIM, BLOCK_M,
-                             phase != 1, ATOMIC_DQ, DOT_PRECISION, stride_stats_h, seed, b,
-                             key_first, dropout_cutoff, dropout_scale, DROPOUT, alibi_b,
-                             softcap_scale, SOFTCAP, HAS_ALIBI,
-                             k_ptr + b * stride_kb + hk * stride_kh, stride_kn, seen, offs_dv,
-                             HEAD_V, FAST_TANH=FAST_TANH)
+        dk, dv, dk_t = _dkdv_tiles(
+            dk, dv, k, v, q_b, do_b, lse_b, delta_b, dq_b, head0, group, stride_qh, stride_qm,
+            stride_doh, stride_dom, stride_dqh, stride_dqm, keys, offs_d, start, end, offset,
+            n_q, kv_len, window_left, window_right, scale, qk_scale, HEAD_DIM, BLOCK_M,
+            phase != 1, ATOMIC_DQ, DOT_PRECISION, stride_stats_h, seed, b, key_first,
+            dropout_cutoff, dropout_scale, DROPOUT, alibi_b, softcap_scale, SOFTCAP, HAS_ALIBI,
+            k_ptr + b * stride_kb + hk * stride_kh, stride_kn, seen, offs_dv, HEAD_V,
+            FAST_TANH=FAST_TANH, dk_t=dk_t, k_t=k_t, offs_t=offs_t, TAIL=TAIL)
     if DROPOUT:
         dv = dv * dropout_scale
     tl.store(dk_ptr + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkn
              + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    if TAIL:
+        tl.store(dk_ptr + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkn
+                 + offs_t[None, :], (dk_t * scale).to(dk_ptr.dtype.element_ty), mask=kt_mask)
     tl.store(dv_ptr + b * stride_dvb + hk * stride_dvh + keys[:, None] * stride_dvn
              + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=v_mask)
 
@@ -802,10 +888,15 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows,
               DOT_PRECISION: tl.constexpr, seed, b, h, dropout_cutoff, dropout_scale,
               DROPOUT: tl.constexpr, softcap_scale=1.0, slope=0.0,
               SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False, offs_dv=None,
-              HEAD_DV: tl.constexpr = None, FAST_TANH: tl.constexpr = False):
-    """Key tiles [start, end) of dQ's loop; v and dO have HEAD_DV columns (offs_dv)."""
+              HEAD_DV: tl.constexpr = None, FAST_TANH: tl.constexpr = False, dq_t=0, q_t=None,
+              offs_t=None, TAIL: tl.constexpr = False):
+    """Key tiles [start, end) of dQ's loop; v and dO have HEAD_DV columns (offs_dv). TAIL:
+    q's and k's columns offs_t are a tail tile (q_t of q), whose product adds to S, and dQ's
+    an accumulator of their own, dq_t (returned as given without a tail)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
+    if TAIL:
+        t_ok = offs_t < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         keys = start_n + offs_n0
@@ -817,9 +908,13 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows,
                      mask=k_ok[None, :] & d_ok[:, None], other=0.0)
         vt = tl.load(v_base + keys[None, :] * stride_vn + offs_dv[:, None],
                      mask=k_ok[None, :] & (offs_dv < HEAD_DV)[:, None], other=0.0)
-        s, t = _modified_scores(tl.dot(q, kt, input_precision=DOT_PRECISION),
-                                rows[:, None] + offset, keys[None, :], qk_scale, softcap_scale,
-                                slope, SOFTCAP, HAS_ALIBI, FAST_TANH=FAST_TANH)
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        if TAIL:
+            kt_t = tl.load(k_base + keys[None, :] * stride_kn + offs_t[:, None],
+                           mask=k_ok[None, :] & t_ok[:, None], other=0.0)
+            qk = tl.dot(q_t, kt_t, qk, input_precision=DOT_PRECISION)
+        s, t = _modified_scores(qk, rows[:, None] + offset, keys[None, :], qk_scale,
+                                softcap_scale, slope, SOFTCAP, HAS_ALIBI, FAST_TANH=FAST_TANH)
         p = tl.math.exp2(s - lse[:, None] * LOG2E)
         if MASKED:
             keep = _visible(rows, keys, offset, n_q, kv_len, window_left, window_right)
@@ -832,7 +927,9 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows,
                           dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
-    return dq
+        if TAIL:
+            dq_t = tl.dot(ds.to(kt.dtype), tl.trans(kt_t), dq_t, input_precision=DOT_PRECISION)
+    return dq, dq_t
 
 
 @triton.jit
@@ -849,12 +946,13 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
                  dropout_scale=1.0, alibi_ptr=None, stride_alibi_b=0, softcap_scale=1.0,
                  SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
                  HEAD_DV: tl.constexpr = None, BLOCK_DV: tl.constexpr = None,
-                 FAST_TANH: tl.constexpr = False):
+                 FAST_TANH: tl.constexpr = False, BLOCK_DT: tl.constexpr = 0):
     """dQ of one query tile of one head. VARLEN: b is a sequence of a packed batch (see
-    _varlen_sequences). DROPOUT, SOFTCAP, HAS_ALIBI, HEAD_DV, BLOCK_DV and FAST_TANH as in
-    the dK/dV kernel."""
+    _varlen_sequences). DROPOUT, SOFTCAP, HAS_ALIBI, HEAD_DV, BLOCK_DV, FAST_TANH and
+    BLOCK_DT (two dQ accumulators) as in the dK/dV kernel."""
     HEAD_V: tl.constexpr = HEAD_DIM if HEAD_DV is None else HEAD_DV
     BLOCK_V: tl.constexpr = BLOCK_D if BLOCK_DV is None else BLOCK_DV
+    TAIL: tl.constexpr = BLOCK_DT > 0
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -895,6 +993,14 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Without a tail, placeholders that the loops carry through untouched.
+    q_t, dq_t, offs_t, mask_t = None, 0, None, None
+    if TAIL:
+        offs_t = BLOCK_D + tl.arange(0, BLOCK_DT)
+        mask_t = (rows[:, None] < n_q) & (offs_t[None, :] < HEAD_DIM)
+        q_t = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm
+                      + offs_t[None, :], mask=mask_t, other=0.0)
+        dq_t = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr)
@@ -908,13 +1014,17 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_len
         slope = tl.load(alibi_ptr + b * stride_alibi_b + h).to(tl.float32) * LOG2E
     for phase in tl.static_range(3):
         start, end = _phase_range(phase, lo, full_lo, full_hi, hi)
-        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows,
-                       offs_d, start, end, key_lo, offset, n_q, kv_len, window_left,
-                       window_right, qk_scale, HEAD_DIM, BLOCK_N, phase != 1, DOT_PRECISION,
-                       seed, b, h, dropout_cutoff, dropout_scale, DROPOUT, softcap_scale, slope,
-                       SOFTCAP, HAS_ALIBI, offs_dv, HEAD_V, FAST_TANH=FAST_TANH)
+        dq, dq_t = _dq_tiles(
+            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_d, start,
+            end, key_lo, offset, n_q, kv_len, window_left, window_right, qk_scale, HEAD_DIM,
+            BLOCK_N, phase != 1, DOT_PRECISION, seed, b, h, dropout_cutoff, dropout_scale,
+            DROPOUT, softcap_scale, slope, SOFTCAP, HAS_ALIBI, offs_dv, HEAD_V,
+            FAST_TANH=FAST_TANH, dq_t=dq_t, q_t=q_t, offs_t=offs_t, TAIL=TAIL)
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)
+    if TAIL:
+        tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
+                 + offs_t[None, :], (dq_t * scale).to(dq_ptr.dtype.element_ty), mask=mask_t)
 
 
 @triton.jit
@@ -979,6 +1089,14 @@ FWD_CONFIGS_SM90 = {
           (128, 64, 8, 3, _TMA), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
     256: [(128, 32, 4, 2, _TMA, _WS), (128, 64, 8, 2, _TMA), (128, 32, 8, 3, _TMA),
           (64, 64, 4, 2, _TMA), (128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 8, 3)],
+    # q's and k's 192 columns as 128 + 64 (tail_head_dims_meta), v's 128 or fewer: the table
+    # of 256 and of 128 compiled (reports/hopper-attention.md 12: masked and unmasked, triton
+    # 3.9 and 3.6, every one wgmma and spill-free); kept, those that fit in shared memory
+    # (128x128x4x2 warp-specialized allocates 246 KB), larger tiles or more stages first,
+    # and the 256 table's 64x32x8x3, whose 8 scores a thread dropout's budget keeps.
+    192: [(128, 64, 4, 3, _TMA, _WS), (128, 32, 4, 2, _TMA, _WS), (128, 128, 8, 2, _TMA),
+          (128, 64, 8, 3, _TMA), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3),
+          (64, 32, 8, 3)],
 }
 # The FP8 forward on sm_90, per head dim (tests/test_attention_fp8.py: ptxas -v, triton 3.9
 # and 3.6): tiles that use e4m3 wgmma and spill no register with and without masks (the
@@ -1016,25 +1134,30 @@ KEY_TILE_MULTIPLE = 128
 
 
 def smem_estimate(kernel: str, block_m: int, block_n: int, block_d: int, stages: int,
-                  elem: int, flags=(), arch=None) -> int:
+                  elem: int, flags=(), arch=None, tail: int = 0, block_dv=None) -> int:
     """Bytes of shared memory a config allocates: the streamed tiles times the pipeline depth,
     the tiles held across the loop and the buffers the epilogue and layout changes take. An
     upper bound, to 256 B, of what triton 3.6 and 3.9 allocate for sm_90 (every sm_90 config
     the tables keep, compiled: reports/hopper-attention.md 10), used to prune configs.
     flags: the config's (USE_TMA, WARP_SPECIALIZE). arch: 90 counts the K column chunks of
     16-bit atomic dK/dV from head dim 256 (_dkdv_tiles' K_CHUNKS) as sm_90 stages them
-    (sm_80's kernel allocates less than the unchunked count: 86 KB at 16x64x8x2)."""
+    (sm_80's kernel allocates less than the unchunked count: 86 KB at 16x64x8x2). tail: the
+    launch's BLOCK_DT (tail_head_dims_meta; block_d is then its staged width, or v's if
+    wider). block_dv: v's and the output's tile where the forward counts it apart (launches
+    with a tail: at (192, 128) the estimate of each sm_90 table config without warp
+    specialization is what triton 3.9 allocates, to the byte); block_d when None."""
     if kernel == "fwd":
-        size = elem * block_d * (block_m + 2 * stages * block_n)
+        block_dv = block_dv or block_d
+        size = elem * (block_d * (block_m + stages * block_n) + block_dv * stages * block_n)
         # FP8 inputs (elem 1): the output is 16- or 32-bit, as the caller asks: 4 bytes.
         out = 4 if elem == 1 else elem
         if "WARP_SPECIALIZE" in flags:
             # Each of the two consumer warp groups stages its output rows, 64 at least, and
             # the producer and consumers share barriers.
-            size += out * block_d * max(block_m, 128) + 1024
+            size += out * block_dv * max(block_m, 128) + 1024
         else:
             # The output tile's layout change before its store reuses the pipeline's buffers.
-            size = max(size, out * block_m * block_d)
+            size = max(size, out * block_m * block_dv)
         if "USE_TMA" in flags:
             size += 1024  # the pipeline's mbarriers
         return size
@@ -1052,27 +1175,36 @@ def smem_estimate(kernel: str, block_m: int, block_n: int, block_d: int, stages:
             return (elem * block_d * (block_n + stages * (2 * block_n + 3 * block_m))
                     + 4 * 64 * block_m + elem * block_m * block_n + stats)
         atomic_dq = max(4 * block_m * block_d, 2 * block_m * block_n) if elem == 2 else 0
+        if 0 < tail < 64 and block_m < 64:
+            # The tail's dQ product reads 64 columns of K a query tile (_dkdv_tiles): one
+            # more streamed key tile (sm_90, D = 96, 16x64x8x2: 66560 B compiled against
+            # 57600 without it).
+            atomic_dq += elem * 64 * block_n * stages
         return elem * block_d * (2 * block_n + 2 * stages * block_m) + stats + atomic_dq
     return elem * block_d * (2 * block_m + 2 * stages * block_n)
 
 
 def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int, arch=None,
-                tma: bool = False):
-    """The configs of `kernel` that fit smem_limit bytes of shared memory at head dim block_d
-    (a power of two) with elem-byte inputs. arch: the GPU's compute capability (90 for
-    sm_90); None, or any other than 90, takes the tables every GPU from sm_80 on runs (the
-    FP8 forward's, elem 1, too). TMA configs only with `tma` (the tensors allow
-    descriptors). On sm_90 with 16-bit inputs, only tiles whose wgmma M side holds 64 rows,
-    and no backward tile of one warp group with ONE_WARPGROUP_ACCUMULATORS_SM90 accumulator
-    registers a thread."""
+                tma: bool = False, tail: int = 0, block_dv=None):
+    """The configs of `kernel` that fit smem_limit bytes of shared memory at head dim block_d (a
+    power of two, or the staged width of a main tile and a tail: tile_head_dim's) with elem-byte
+    inputs. arch: the GPU's compute capability (90 for sm_90); None, or any other than 90, takes
+    the tables every GPU from sm_80 on runs (the FP8 forward's, elem 1, too). TMA configs only
+    with `tma` (the tensors allow descriptors). tail, block_dv: smem_estimate's.
+    On sm_90 with 16-bit inputs, only tiles whose wgmma M side holds 64 rows, and no backward
+    tile of one warp group with ONE_WARPGROUP_ACCUMULATORS_SM90 accumulator registers a thread."""
+    # A head dim in a main tile and a tail (tail_head_dims_meta) stages block_d columns, no
+    # power of 2: the padded tile's table and tile-size rule, shared memory at block_d.
+    bucket = block_width(block_d)
     if kernel == "fwd" and arch == 90 and elem <= 2:
-        table, small = (FWD_CONFIGS_SM90 if elem == 2 else FWD_FP8_CONFIGS_SM90)[block_d], False
+        tables = FWD_CONFIGS_SM90 if elem == 2 else FWD_FP8_CONFIGS_SM90
+        table, small = tables.get(block_d, tables[bucket]), False
     else:
         hopper_16bit = arch == 90 and elem == 2
         table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS_SM90 if hopper_16bit else DKDV_CONFIGS,
                  "dq": DQ_CONFIGS_SM90 if hopper_16bit else DQ_CONFIGS}[kernel]
         # fp32 dots run on FMA units and 256-wide fp16 rows fill the registers: small tiles.
-        small = elem >= 4 or block_d * elem >= 512
+        small = elem >= 4 or bucket * elem >= 512
     out = []
     for block_m, block_n, warps, stages, *extra in table:
         # Strings are flags; a number bounds the head dims a config serves (past it, it spills).
@@ -1092,10 +1224,10 @@ def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int, arch=None
             continue
         # Fewer stages fit more, but an unpipelined loop is no config worth tuning.
         while stages > 2 and smem_estimate(kernel, block_m, block_n, block_d, stages, elem,
-                                           flags, arch) > smem_limit:
+                                           flags, arch, tail, block_dv) > smem_limit:
             stages -= 1
         if smem_estimate(kernel, block_m, block_n, block_d, stages, elem, flags,
-                         arch) <= smem_limit:
+                         arch, tail, block_dv) <= smem_limit:
             out.append((block_m, block_n, warps, stages, *flags))
     return list(dict.fromkeys(out))
 
@@ -1285,14 +1417,15 @@ def _sm90_flag_prune(kernel: str, configs, **meta):
     SOFTCAP and HAS_ALIBI the forward's one-warpgroup tiles within
     SCORE_MODS_ONE_WARPGROUP_SCORES_SM90 (the backward's one-warpgroup tiles past
     ONE_WARPGROUP_ACCUMULATORS_SM90 are not in configs_for's list). dK/dV with atomic dQ
-    below head dim 64 keeps tiles of 64 query rows or more, the M side of its dQ product
-    there: wgmma, not mma.sync."""
+    below head dim 64 (or a main tile below 64 beside a tail) keeps tiles of 64 query rows
+    or more, the M side of its dQ product there: wgmma, not mma.sync."""
     if not configs:
         return configs
     block_d, atomic = tile_head_dim(meta), meta.get("ATOMIC_DQ")
     if kernel == "dkdv" and atomic:
         kernel = "dkdv-atomic"
-        if block_d < 64:
+        # With a tail, the main tile's dQ product below 64 columns too (_atomic_dq).
+        if block_d < 64 or ("BLOCK_DT" in meta and meta["BLOCK_D"] < 64):
             configs = [c for c in configs if c.kwargs["BLOCK_M"] >= 64] or configs
     if meta.get("DROPOUT"):
         configs = _within_scores(configs, _per_head_dim(DROPOUT_SCORES_SM90[kernel], block_d))
@@ -1314,14 +1447,27 @@ def _sm90_flag_prune(kernel: str, configs, **meta):
 DQ_VALUE_HEAD_DIM_SPILLS_SM90 = {(256, 128): [(128, 32, 8, 3)]}
 
 
+# Atomic dK/dV on sm_90 with 16-bit inputs and a tail (tail_head_dims_meta), keyed (BLOCK_D,
+# BLOCK_DT): tiles that spill there where the padded tile's kernel does not (ptxas -v; every
+# config the pruning keeps at D = 192/128, 160, 96, 80 and 48 compiled, flags off,
+# reports/hopper-attention.md 12): 32x128x8x3 at 96 = 64 + 32 (16/28 B on triton 3.9, 20/36 B
+# on 3.6) and at 80 = 64 + 16 (20/36 B, 3.6), whose tail's dQ product reads 64 columns of K a
+# query tile (_dkdv_tiles).
+DKDV_TAIL_SPILLS_SM90 = {(64, 32): [(32, 128, 8, 3)], (64, 16): [(32, 128, 8, 3)]}
+
+
 def _backward_prune(configs, nargs, **meta):
-    """dK/dV's (ATOMIC_DQ in meta) and dQ's _sm90_flag_prune on sm_90, and for dQ with v's
-    head dim apart none of DQ_VALUE_HEAD_DIM_SPILLS_SM90; elsewhere all."""
+    """dK/dV's (ATOMIC_DQ in meta) and dQ's _sm90_flag_prune on sm_90, for dQ with v's head
+    dim apart none of DQ_VALUE_HEAD_DIM_SPILLS_SM90, for atomic dK/dV with a tail none of
+    DKDV_TAIL_SPILLS_SM90; elsewhere all."""
     if not _hopper_16bit(nargs):
         return configs
     if "ATOMIC_DQ" not in meta and "BLOCK_DV" in meta:
         configs = _without_listed_spills(configs, nargs, (meta["BLOCK_D"], meta["BLOCK_DV"]),
                                          DQ_VALUE_HEAD_DIM_SPILLS_SM90)
+    if meta.get("ATOMIC_DQ") and "BLOCK_DT" in meta:
+        configs = _without_listed_spills(configs, nargs, (meta["BLOCK_D"], meta["BLOCK_DT"]),
+                                         DKDV_TAIL_SPILLS_SM90)
     return _sm90_flag_prune("dkdv" if "ATOMIC_DQ" in meta else "dq", configs, **meta)
 
 
@@ -1339,18 +1485,21 @@ _autotuned = {}
 SCORE_MOD_FLAGS = ("SOFTCAP", "HAS_SINKS", "HAS_ALIBI")
 
 
-def _launcher(kernel: str, fn, device, block_d: int, elem: int, arch=None, tma: bool = False):
+def _launcher(kernel: str, fn, device, block_d: int, elem: int, arch=None, tma: bool = False,
+              tail: int = 0, block_dv=None):
     """The kernel under an autotuner whose configs fit this device at head dim block_d
-    (tile_head_dim's; see configs_for); key: the head dims, the sequence-length bucket,
-    dropout, whether the forward masks keys and (added by triton) the argument dtypes."""
+    (tile_head_dim's), tail and block_dv (see configs_for); key: the head dims, the
+    sequence-length bucket, dropout, whether the forward masks keys and (added by triton) the
+    argument dtypes."""
     smem = _smem_limit(device)
-    cache_key = (kernel, block_d, elem, smem, arch, tma)
+    cache_key = (kernel, block_d, elem, smem, arch, tma, tail, block_dv)
     if cache_key not in _autotuned:
         configs = [triton.Config(_config_meta(c), num_warps=c[2], num_stages=c[3])
-                   for c in configs_for(kernel, block_d, elem, smem, arch, tma)]
+                   for c in configs_for(kernel, block_d, elem, smem, arch, tma, tail, block_dv)]
         extra = TUNING.get(kernel, {})
-        # BLOCK_DV, v's head dim tile, is passed only where it differs from BLOCK_D.
-        key = ["BLOCK_D", "BLOCK_DV", "seq_bucket", "DROPOUT", *extra.get("key", ()),
+        # BLOCK_DV, v's head dim tile, is passed only where it differs from BLOCK_D, and
+        # BLOCK_DT, the tail of q's and k's, only where they have one (tail_head_dims_meta).
+        key = ["BLOCK_D", "BLOCK_DV", "BLOCK_DT", "seq_bucket", "DROPOUT", *extra.get("key", ()),
                *(f for f in SCORE_MOD_FLAGS if f in fn.arg_names)]
         _autotuned[cache_key] = triton.autotune(
             configs, key=key, reset_to_zero=extra.get("reset_to_zero"),
@@ -1372,15 +1521,48 @@ def _run(kernel: str, fn, grid, args, meta, device, config, tma: bool = False):
                                            num_warps=config[2], num_stages=config[3])
             return
         elem = args[0].element_size()
-        tuned = _launcher(kernel, fn, device, tile_head_dim(meta), elem, _arch(device), tma)
+        block_d, tail, block_dv = config_widths(meta)
+        tuned = _launcher(kernel, fn, device, block_d, elem, _arch(device), tma, tail,
+                          block_dv)
         tuned[lambda m: grid(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
 
 
 def tile_head_dim(meta) -> int:
     """The head dim that picks a launch's configs (tables, pruning budgets, shared memory
-    estimates): the larger of q's and k's tile (BLOCK_D) and v's (BLOCK_DV, in meta where v's
-    head dim differs). The larger one's configs hold the smaller one's tiles too."""
-    return max(meta["BLOCK_D"], meta.get("BLOCK_DV") or 0)
+    estimates): the larger of q's and k's staged width (BLOCK_D, plus the tail BLOCK_DT where
+    meta has one: 192 for D = 192 in 128 + 64 columns) and v's tile (BLOCK_DV, in meta where
+    v's head dim differs). The larger one's configs hold the smaller one's tiles too."""
+    return max(meta["BLOCK_D"] + meta.get("BLOCK_DT", 0), meta.get("BLOCK_DV") or 0)
+
+
+def config_widths(meta) -> tuple:
+    """(block_d, tail, block_dv) of configs_for for a launch's meta: tile_head_dim's, its
+    BLOCK_DT (0 without) and, with a tail, v's tile, which the forward's shared memory then
+    counts apart (smem_estimate; None without)."""
+    tail = meta.get("BLOCK_DT", 0)
+    return tile_head_dim(meta), tail, meta["BLOCK_DV"] if tail else None
+
+
+def head_dim_tiles(head_dim: int) -> tuple[int, int]:
+    """(main, tail) tile widths for a head dim that is no power of 2: the largest power of 2
+    below it and the tile holding the rest (block_width: 16 at least, tl.dot's K)."""
+    main = 1 << (head_dim.bit_length() - 1)
+    return main, block_width(head_dim - main)
+
+
+def tail_head_dims_meta(head_dim: int, head_dim_v: int) -> dict:
+    """head_dims_meta's, with q's and k's head dim in a main tile and a tail (head_dim_tiles)
+    wherever the two stage fewer columns than one padded tile: 192 = 128 + 64 (not 256),
+    96 = 64 + 32, 160 = 128 + 32, 80 = 64 + 16, 48 and 40 = 32 + 16; 112 and 224 keep one
+    padded tile (64 + 64 = 128, 128 + 128 = 256). With a tail, BLOCK_D is the main tile's,
+    BLOCK_DT the tail's, and v's HEAD_DV and BLOCK_DV are always passed, as BLOCK_D no longer
+    holds v's head dim. The attention kernels' launchers all take their meta from here."""
+    meta = head_dims_meta(head_dim, head_dim_v)
+    main, tail = head_dim_tiles(head_dim)
+    if main + tail < block_width(head_dim):
+        meta.update(BLOCK_D=main, BLOCK_DT=tail, HEAD_DV=head_dim_v,
+                    BLOCK_DV=block_width(head_dim_v))
+    return meta
 
 
 def head_dims_meta(head_dim: int, head_dim_v: int) -> dict:
@@ -1393,12 +1575,14 @@ def head_dims_meta(head_dim: int, head_dim_v: int) -> dict:
     return meta
 
 
-def _common(q, k, kv_lengths, window_left, window_right, head_dim_v=None):
-    """The kernels' shared arguments; with v's head dim head_dim_v (Ev), head_dims_meta's."""
+def _common(q, k, kv_lengths, window_left, window_right, head_dim_v=None, tails=True):
+    """The kernels' shared arguments; with v's head dim head_dim_v (Ev), tail_head_dims_meta's
+    (head_dims_meta's, one padded tile for q's and k's head dim, without `tails`)."""
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     unbounded = n_q + n_k
-    meta = dict(head_dims_meta(head_dim, head_dim if head_dim_v is None else head_dim_v),
+    dims = tail_head_dims_meta if tails else head_dims_meta
+    meta = dict(dims(head_dim, head_dim if head_dim_v is None else head_dim_v),
                 HAS_KV_LENGTHS=kv_lengths is not None,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     scalars = (heads, n_q, n_k, heads // k.shape[1])
@@ -1487,8 +1671,9 @@ def attention_forward(q, k, v, kv_lengths, scale, window_left, window_right, con
     lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
+    # FP8 keeps q's and k's head dim in one padded tile: e4m3 dots take K in 32 columns.
     meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right,
-                                           head_dim_v)
+                                           head_dim_v, tails=descales is None)
     qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, sinks, q)
     # Nk a multiple of every forward BLOCK_N: no key tile is partial, whichever config runs.
     meta["MASK_KEYS"] = (kv_lengths is not None or window_left >= 0 or window_right >= 0
@@ -1632,10 +1817,11 @@ def _packed_keys_major(v, cu_seqlens_k):
 
 
 def _varlen_common(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
-                   window_right, head_dim_v=None):
+                   window_right, head_dim_v=None, tails=True):
     """_common for packed (1, H, total, D) views: total_q and total_k go in as Nq and Nk
     (the kernels read them as the packed sizes), the longest sequences size the tiling key."""
-    meta, scalars, window, dummy = _common(q, k, None, window_left, window_right, head_dim_v)
+    meta, scalars, window, dummy = _common(q, k, None, window_left, window_right, head_dim_v,
+                                           tails)
     meta.update(VARLEN=True, cu_seqlens_q_ptr=cu_seqlens_q, cu_seqlens_k_ptr=cu_seqlens_k)
     return meta, scalars, (*window[:2], length_bucket(max(max_seqlen_q, max_seqlen_k))), dummy
 
@@ -1673,7 +1859,7 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         views[2] = _packed_keys_major(v, cu_seqlens_k)
     meta, scalars, window, dummy = _varlen_common(*views[:2], cu_seqlens_q, cu_seqlens_k,
                                                   max_seqlen_q, max_seqlen_k, window_left,
-                                                  window_right, v.shape[-1])
+                                                  window_right, v.shape[-1], descales is None)
     meta["MASK_KEYS"] = True
     meta.update(dropout_meta(dropout_p, seed))
     if descales is not None:

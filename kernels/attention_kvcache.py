@@ -110,6 +110,7 @@ from attnmem.kernels.attention import (
     _packed_sequence,
     _score_mods,
     _smem_limit,
+    head_dim_tiles,
     head_dims_meta,
     tile_head_dim,
 )
@@ -597,8 +598,8 @@ def wide_head_dims_meta(head_dim: int, head_dim_v: int) -> dict:
     as BLOCK_D no longer holds v's head dim."""
     meta = head_dims_meta(head_dim, head_dim_v)
     if head_dim > 256 and block_width(head_dim) != head_dim:
-        main = 1 << (head_dim.bit_length() - 1)
-        meta.update(BLOCK_D=main, BLOCK_DT=block_width(head_dim - main), HEAD_DV=head_dim_v,
+        main, tail = head_dim_tiles(head_dim)
+        meta.update(BLOCK_D=main, BLOCK_DT=tail, HEAD_DV=head_dim_v,
                     BLOCK_DV=block_width(head_dim_v))
     return meta
 

@@ -3,7 +3,8 @@
 gradient (dq, dk with D columns, dv with Ev) against the float64 twin, on both backends and in
 both triton backward modes, with masks, lengths, GQA, score modifications, dropout, a packed
 batch and the FP8 forward; queries that see no key give zeros; bad shapes raise naming v; and
-the sm_90 kernels at (192, 128) and (128, 64) compile to wgmma without spills (slow).
+the sm_90 kernels at (256, 128) and (128, 64) compile to wgmma without spills (slow; D = 192
+runs in a main tile and a tail: tests/test_attention_tail.py).
 
 Tolerance as tests/test_attention.py: at most twice the error of torch's own attention in
 the input dtype, plus a few rounding units (tests/tolerance.py).
@@ -286,15 +287,18 @@ def test_opcheck(backend):
 
 def test_configs_follow_the_larger_head_dim(monkeypatch):
     """v's tile goes to the kernels only where its head dim differs (so equal head dims compile
-    and tune as before); the tables and budgets take the larger tile; on sm_90, dQ at (256,
-    128) drops the tile that spills only there."""
+    and tune as before); the tables and budgets take the larger tile (at D = 192, q's and
+    k's 128 + 64 staged columns); on sm_90, dQ at (256, 128) drops the tile that spills only
+    there."""
     from attnmem.kernels import attention as kernel
 
-    q, k, v = _qkv(e=192, ev=128)
+    q, k, v = _qkv(e=224, ev=128)
     meta = kernel._common(q, k, None, -1, -1, v.shape[-1])[0]
     assert (meta["BLOCK_D"], meta["HEAD_DV"], meta["BLOCK_DV"]) == (256, 128, 128)
     assert kernel.tile_head_dim(meta) == 256
-    assert "HEAD_DV" not in kernel._common(q, k, None, -1, -1, 192)[0]
+    assert "HEAD_DV" not in kernel._common(q, k, None, -1, -1, 224)[0]
+    mla = kernel._common(q[..., :192], k[..., :192], None, -1, -1, 128)[0]
+    assert kernel.tile_head_dim(mla) == 192
     assert kernel.tile_head_dim(kernel._common(q[..., :64], k, None, -1, -1, 96)[0]) == 128
     kept = _sm90_pruned("dq", monkeypatch, BLOCK_D=256, BLOCK_DV=128)
     assert kept and (128, 32, 8, 3) not in kept
@@ -310,9 +314,10 @@ def _sm90_pruned(name, monkeypatch, **meta):
     from attnmem.kernels import attention as kernel
 
     monkeypatch.setattr(kernel, "_arch", lambda device: 90)
+    block_d, tail, block_dv = kernel.config_widths(meta)
     configs = [triton.Config(kernel._config_meta(c), num_warps=c[2], num_stages=c[3])
-               for c in kernel.configs_for(name, kernel.tile_head_dim(meta), 2,
-                                           kernel.SMEM_LIMIT[90], 90, tma=True)]
+               for c in kernel.configs_for(name, block_d, 2, kernel.SMEM_LIMIT[90], 90,
+                                           tma=True, tail=tail, block_dv=block_dv)]
     q = types.SimpleNamespace(is_cuda=True, device="cuda", element_size=lambda: 2)
     prune = kernel.TUNING[name]["prune"]
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
@@ -321,14 +326,14 @@ def _sm90_pruned(name, monkeypatch, **meta):
 
 
 # (D, Ev, kernel, variant): compiled at the first config the sm_90 pruning keeps.
-COMPILE_JOBS = [(192, 128, "fwd", "ws"), (192, 128, "dkdv", "atomic"), (192, 128, "dq", ""),
+COMPILE_JOBS = [(256, 128, "fwd", "ws"), (256, 128, "dkdv", "atomic"), (256, 128, "dq", ""),
                 (128, 64, "dkdv", "det")]
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("aot")
 def test_kernels_compile_for_sm90_without_spills(monkeypatch):
-    """At (D, Ev) = (192, 128) and (128, 64), 16-bit inputs, the warp-specialized forward,
+    """At (D, Ev) = (256, 128) and (128, 64), 16-bit inputs, the warp-specialized forward,
     dK/dV (atomic and deterministic) and dQ use wgmma, TMA and warp specialization as their
     configs say, and spill nothing (the jobs carry their expectations, so
     tests/test_triton_versions.py checks them on the GPU machines' triton 3.6 too)."""
