@@ -72,7 +72,9 @@ class AdditiveAttention(_Additive):
     fused attnmem.additive_attention kernel. query (B, Nq, query_dim) or one decoder step
     (B, query_dim); keys (B, Nk, key_dim); values (B, Nk, Dv), by default the keys. Keys
     and values past kv_lengths reach neither the output nor a gradient, whatever they hold
-    (in PointerAttention and HardAttention too)."""
+    (in PointerAttention and HardAttention too). Under torch.autocast the projections run
+    in the autocast dtype and the op promotes them to v's and the values' dtype
+    (attnmem.additive_attention): the context comes in the widest of those."""
 
     def forward(self, query, keys, values=None, kv_lengths: Optional[torch.Tensor] = None,
                 return_weights: bool = False, projected_keys: Optional[torch.Tensor] = None):
@@ -89,7 +91,9 @@ class AdditiveAttention(_Additive):
 
 class PointerAttention(_Additive):
     """Pointer-network attention (Vinyals et al. 2015): log-probabilities (B, Nq, Nk) of
-    pointing at each input, log softmax_j(v . tanh(W_q q_i + W_k k_j)); -inf at padding."""
+    pointing at each input, log softmax_j(v . tanh(W_q q_i + W_k k_j)); -inf at padding.
+    They are float32, under torch.autocast too (the op promotes the projections to v's
+    dtype)."""
 
     def forward(self, query, keys, kv_lengths: Optional[torch.Tensor] = None,
                 projected_keys: Optional[torch.Tensor] = None):
@@ -101,7 +105,8 @@ class PointerAttention(_Additive):
 class HardAttention(PointerAttention):
     """Hard attention (Xu et al. 2015): each query takes one input's value, drawn from the
     additive attention distribution while training (stochastic hard attention, trained
-    with REINFORCE through the returned log-probability) and its argmax in eval mode."""
+    with REINFORCE through the returned log-probability) and its argmax in eval mode.
+    The chosen values keep the values' dtype, under torch.autocast too."""
 
     def forward(self, query, keys, values=None, kv_lengths: Optional[torch.Tensor] = None,
                 sample: Optional[bool] = None, generator: Optional[torch.Generator] = None):
@@ -131,6 +136,9 @@ class LuongAttention(nn.Module):
     exp(-(s - p_t)^2 / (2 sigma^2)), sigma = D / 2. The local modes gather the 2D + 1 window
     positions and score them in torch. Returns the attentional state
     h~_t = tanh(W_c [c_t; h_t]) (B, Nq, hidden_size).
+
+    Under torch.autocast the Linear layers and the dot and general scores' matmuls run in
+    the autocast dtype, concat's global mode on attnmem.additive_attention, which promotes.
     """
 
     def __init__(self, hidden_size, score="general", mode="global", window=10,
