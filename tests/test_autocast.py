@@ -321,3 +321,12 @@ def test_hard_attention_under_autocast(backend):
     log_prob.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in module.parameters())
 
+
+def test_luong_local_positions_past_bfloat16_integers():
+    """local-m windows centre on t for t past 256, which bfloat16 (an autocast decoder's
+    states) rounds: the positions are kept in float32."""
+    module = LuongAttention(4, "dot", mode="local-m", window=1)
+    query, source = torch.randn(1, 300, 4), torch.randn(1, 300, 4)
+    expect = module.double()(query.double(), source.double(), return_weights=True)[1]
+    weights = module.bfloat16()(query.bfloat16(), source.bfloat16(), return_weights=True)[1]
+    assert ((weights != 0) == (expect != 0)).all()

@@ -138,7 +138,9 @@ class LuongAttention(nn.Module):
     h~_t = tanh(W_c [c_t; h_t]) (B, Nq, hidden_size).
 
     Under torch.autocast the Linear layers and the dot and general scores' matmuls run in
-    the autocast dtype, concat's global mode on attnmem.additive_attention, which promotes.
+    the autocast dtype, concat's global mode on attnmem.additive_attention, which promotes;
+    the local modes keep the window positions in float32 at least, as 16-bit states would
+    round them past 256 (bfloat16) or 2048 (float16).
     """
 
     def __init__(self, hidden_size, score="general", mode="global", window=10,
@@ -234,17 +236,21 @@ class LuongAttention(nn.Module):
     def _local(self, query, source, lengths, positions):
         batch, n_q, _ = query.shape
         n_s = source.shape[1]
+        # Positions in float32 at least: bfloat16 (an autocast decoder's states) holds the
+        # integers exactly only up to 256, float16 up to 2048.
+        position_dtype = torch.promote_types(query.dtype, torch.float32)
         length = (torch.full((batch,), n_s, device=source.device) if lengths is None
-                  else lengths.clamp(0, n_s)).to(query.dtype)
+                  else lengths.clamp(0, n_s)).to(position_dtype)
         if n_s == 0:  # a zero row to gather from; length 0 keeps it out of every window
             source = source.new_zeros(batch, 1, source.shape[2])
         if self.mode == "local-p":
             center = length[:, None] * torch.sigmoid(
                 self.v_p(torch.tanh(self.W_p(query)))).squeeze(-1)
         elif positions is None:
-            center = torch.arange(n_q, device=query.device, dtype=query.dtype).expand(batch, -1)
+            center = torch.arange(n_q, device=query.device, dtype=position_dtype).expand(batch,
+                                                                                         -1)
         else:
-            center = positions.to(query.dtype).expand(batch, n_q)
+            center = positions.to(position_dtype).expand(batch, n_q)
         offsets = torch.arange(-self.window, self.window + 1, device=query.device)
         index = center.detach().round().long()[..., None] + offsets  # (B, Nq, 2D + 1)
         inside = (index >= 0) & (index < length[:, None, None])
@@ -263,7 +269,8 @@ class LuongAttention(nn.Module):
             # A window of one position (D = 0, sigma = 0) has no spread to weigh.
             if self.window > 0:
                 sigma = self.window / 2
-                align = align * torch.exp(-(index - center[..., None]) ** 2 / (2 * sigma ** 2))
+                gauss = torch.exp(-(index - center[..., None]) ** 2 / (2 * sigma ** 2))
+                align = align * gauss.to(align.dtype)
         context = (align[..., None] * gathered).sum(2)
         weights = align.new_zeros(batch, n_q, source.shape[1]).scatter_add(2, index, align)
         return context, weights[..., :n_s]
