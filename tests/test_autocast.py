@@ -135,7 +135,7 @@ def test_op_promotes_under_autocast(name, backend, mix):
     mixed, mixed_leaves = _leaves(args)
     same, same_leaves = _leaves({n: _cast(x, promoted) for n, x in args.items()})
     with attnmem.use_backend(backend):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             got = _floats(op(**mixed, **kwargs))
         expect = _floats(op(**same, **kwargs))
     # pointer_attention's log-probabilities are float32 whatever its inputs' dtype.
@@ -171,7 +171,7 @@ def test_inplace_write_keeps_memory_and_refuses_a_copy():
     erase, add = torch.rand(B, 2, D, device=DEVICE), torch.randn(B, 2, D, device=DEVICE)
     expect = attnmem.memory_write(memory, weights, erase.bfloat16().float(),
                                   add.bfloat16().float())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         out = attnmem.memory_write(memory, weights, erase.bfloat16(), add.bfloat16(),
                                    inplace=True)
         assert out is memory
@@ -194,7 +194,7 @@ def test_ops_trace_whole_under_autocast():
         return memory, attnmem.memory_read(memory, weights)
 
     torch._dynamo.reset()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         expect = step(memory, keys, erase)
         got = torch.compile(step, fullgraph=True, backend="aot_eager")(memory, keys, erase)
     for g, e in zip(got, expect):
