@@ -1,5 +1,7 @@
 """Argument checks shared by the public ops: errors that name the argument."""
 
+import functools
+
 import torch
 
 
@@ -65,3 +67,61 @@ def rotary_table(cos_name, cos, sin_name, sin, x_name, x):
     if not 0 < 2 * cos.shape[1] <= x.shape[-1]:
         raise ValueError(f"{cos_name} must be (seqlen_ro, rotary_dim / 2) with 0 < rotary_dim "
                          f"<= the head dim {x.shape[-1]}, got shape {tuple(cos.shape)}")
+
+
+def _floating(x):
+    return isinstance(x, torch.Tensor) and x.dtype.is_floating_point
+
+
+def _parts(x):
+    """x's tensors, one level into a tuple or list (sparse weights (indices, weights))."""
+    return x if isinstance(x, (tuple, list)) else (x,)
+
+
+def _cast(x, dtype):
+    """x, or each tensor of a tuple or list x, floating ones cast to dtype."""
+    if isinstance(x, (tuple, list)):
+        items = [_cast(t, dtype) for t in x]
+        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
+    return x.to(dtype) if _floating(x) else x
+
+
+def _inplace_dtype(op, args, kwargs, dtype):
+    """op(inplace=True) writes its first argument: it must have dtype already."""
+    first = op.__code__.co_varnames[0]
+    written = args[0] if args else kwargs.get(first)
+    if _floating(written) and written.dtype != dtype:
+        raise TypeError(f"{op.__name__}(inplace=True) under autocast writes {first}, "
+                        f"{written.dtype}, but its inputs promote to {dtype}: pass {first} "
+                        f"in {dtype}, or use inplace=False")
+
+
+def autocast_promote(op):
+    """op under torch.autocast's "promote" policy (torch.cat's and torch.stack's): while
+    autocast is enabled for its inputs' device type, its floating-point tensor arguments
+    (one level into a tuple such as sparse weights (indices, weights)) are cast to the
+    widest floating dtype among them (torch.promote_types: float16 and bfloat16 meet in
+    float32, float64 stays float64), and op runs with autocast off, so it computes and
+    returns that dtype. A float32 memory beside a Linear's bfloat16 keys is never copied
+    down and keeps accumulating in float32. Bool and integer tensors (masks, indices,
+    lengths) pass as they are. An in-place op (inplace=True) writes its first argument,
+    which must then already have that dtype (a TypeError otherwise, not a silent write to
+    a copy). Outside autocast nothing is cast: mismatched dtypes raise op's TypeError
+    naming the argument."""
+    @functools.wraps(op)
+    def promoted(*args, **kwargs):
+        tensors = [t for x in (*args, *kwargs.values()) for t in _parts(x) if _floating(t)]
+        if not tensors:
+            return op(*args, **kwargs)
+        device_type = tensors[0].device.type
+        if not (torch.amp.is_autocast_available(device_type)
+                and torch.is_autocast_enabled(device_type)):
+            return op(*args, **kwargs)
+        dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+        if kwargs.get("inplace") is True:
+            _inplace_dtype(op, args, kwargs, dtype)
+        args = tuple(_cast(x, dtype) for x in args)
+        kwargs = {name: _cast(x, dtype) for name, x in kwargs.items()}
+        with torch.autocast(device_type, enabled=False):
+            return op(*args, **kwargs)
+    return promoted

@@ -5,6 +5,10 @@ The score is v . tanh(q_i + k_j) on projected queries q = W_q query (+ bias) and
 k = W_k key: the projections stay ordinary matmuls, and the Triton kernel fuses the tanh
 scores, the softmax and the weighted sum without forming the (B, Nq, Nk, A) tensor that
 eager torch does.
+
+additive_attention's and pointer_attention's inputs share one floating dtype; under
+torch.autocast, mixed ones (a Linear's bfloat16 q and k beside float32 v and values) are
+promoted to the widest, torch.cat's policy (_checks.autocast_promote).
 """
 
 from typing import Optional
@@ -124,6 +128,7 @@ def _log_weights(scores, lse):
     return scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None]
 
 
+@_checks.autocast_promote
 def additive_attention(q, k, values, v, *, kv_lengths=None, return_weights=False):
     """Bahdanau attention: out_i = sum_j softmax_j(v . tanh(q_i + k_j)) values_j.
 
@@ -133,7 +138,8 @@ def additive_attention(q, k, values, v, *, kv_lengths=None, return_weights=False
     (B, Nq, Nk). A query with no key outputs zeros and zero weights.
     On CUDA (sm_75 on) the triton kernels take float16 and bfloat16 inputs' tanh from the
     hardware (tanh.approx.f32, about 2^-11 relative error, within their rounding), float32
-    inputs' from an exact form (a tanh within 2e-7 of float64's).
+    inputs' from an exact form (a tanh within 2e-7 of float64's). Under torch.autocast,
+    mixed floating dtypes run in the widest (see the module docstring).
     """
     if values is None:
         raise TypeError("values must be a tensor (B, Nk, Dv); for the distribution alone, "
@@ -145,12 +151,14 @@ def additive_attention(q, k, values, v, *, kv_lengths=None, return_weights=False
     return out, torch.exp(_log_weights(scores, lse)).to(q.dtype)
 
 
+@_checks.autocast_promote
 def pointer_attention(q, k, v, *, kv_lengths=None):
     """Pointer-network attention (Vinyals et al. 2015): the log-probabilities (B, Nq, Nk),
     in float32, of pointing at input j from output step i, log softmax_j(v . tanh(q_i + k_j)).
     Padding keys (j >= kv_lengths[b]) get -inf. Shapes as in additive_attention. The tanh is
     the exact form in every dtype (not the hardware's, whose 2^-11 relative error would
-    reach the float32 log-probabilities at 2^-11 of the scores' range)."""
+    reach the float32 log-probabilities at 2^-11 of the scores' range). Under
+    torch.autocast, mixed floating dtypes run in the widest (see the module docstring)."""
     _, scores, lse = _run(q, k, None, v, kv_lengths, True)
     return _log_weights(scores, lse).float()
 

@@ -808,6 +808,7 @@ def _replicate(group, *tensors):
     return tuple(None if x is None else next(copies) for x in tensors)
 
 
+@_checks.autocast_promote
 def memory_address(memory, keys, *, strength=None, similarity="cosine", mask=None, group=None,
                    topk=None, sparse_grad=False):
     """attnmem.memory_address over a memory whose slots are split across the ranks of group:
@@ -819,7 +820,8 @@ def memory_address(memory, keys, *, strength=None, similarity="cosine", mask=Non
     memory_attend(topk=K, return_weights=True) gives them (one all-gather of (B, R, K)
     scores): this rank's SparseWeights, its own slot indices and their weights, -1 and 0
     where another rank holds the slot. memory (N_rank, D) may be shared by the batch, with
-    sparse_grad as in attnmem.memory_address."""
+    sparse_grad as in attnmem.memory_address. Under torch.autocast, mixed floating dtypes
+    run in the widest, as in attnmem.memory_address."""
     _group(group)
     if topk is not None:
         slots, weights, _ = _topk_weights(memory, keys, strength, similarity, mask, topk,
@@ -832,6 +834,7 @@ def memory_address(memory, keys, *, strength=None, similarity="cosine", mask=Non
     return (weights * share[..., None]).to(memory.dtype)
 
 
+@_checks.autocast_promote
 def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosine", mask=None,
                   return_weights=False, group=None, topk=None, sparse_grad=False):
     """attnmem.memory_attend over a memory whose slots are split across the ranks of group:
@@ -860,7 +863,8 @@ def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosin
     K may exceed a rank's slot count but not the total: on CPU tensors one all-reduce of
     the shard sizes checks it; on a GPU reading the total would stall the host, so there a
     K past it is not caught and its entries past the usable slots get -1 and weight 0, as
-    where fewer than K slots are usable."""
+    where fewer than K slots are usable. Under torch.autocast, mixed floating dtypes run in
+    the widest, as in attnmem.memory_attend."""
     _group(group)
     _checks.flag("return_weights", return_weights)
     if topk is not None:
@@ -931,20 +935,24 @@ def _attend_topk(memory, keys, values, strength, similarity, mask, return_weight
     return read, SparseWeights(slots, weights.to(memory.dtype))
 
 
+@_checks.autocast_promote
 def memory_read(memory, weights, *, group=None):
     """attnmem.memory_read over a memory whose slots are split across the ranks of group:
     memory (B, N_rank, D) and weights (B, R, N_rank) this rank's slots. -> the read
-    (B, R, D) over all slots, the same on every rank (one all-reduce)."""
+    (B, R, D) over all slots, the same on every rank (one all-reduce). Under
+    torch.autocast, mixed floating dtypes run in the widest, as in attnmem.memory_read."""
     _group(group)
     read = attnmem.memory_read(memory, weights)
     return _SumOverRanks.apply(read.to(compute_dtype(read.dtype)), group).to(read.dtype)
 
 
+@_checks.autocast_promote
 def memory_write(memory, weights, erase, add, *, inplace=False, group=None):
     """attnmem.memory_write on the slots this rank holds: memory (B, N_rank, D) and weights
     (B, W, N_rank) this rank's, erase and add (B, W, D) the same on every rank (their
     gradients sum over the ranks). -> this rank's slots after the write; no communication
-    forward."""
+    forward. Under torch.autocast, mixed floating dtypes run in the widest, as in
+    attnmem.memory_write."""
     _group(group)
     erase, add = _replicate(group, erase, add)
     return attnmem.memory_write(memory, weights, erase, add, inplace=inplace)

@@ -11,7 +11,9 @@ give it an (N, D) gradient, never a (B, N, D) one, or with sparse_grad=True a sp
 gradient of the touched rows (as nn.Embedding(sparse=True)) for torch.optim.SparseAdam.
 
 The ops validate their inputs, then run on the pure-torch twin (attnmem.reference.memory)
-or on their Triton kernels, as attnmem.backend chooses.
+or on their Triton kernels, as attnmem.backend chooses. Their inputs share one floating
+dtype; under torch.autocast, mixed ones are promoted to the widest (torch.cat's policy,
+_checks.autocast_promote): a float32 memory read and written by 16-bit heads stays float32.
 """
 
 import numbers
@@ -413,6 +415,7 @@ def _top_slots(chosen, memory, keys, strength, similarity, mask, topk):
     return _reference.top_slots(memory, keys, strength, similarity, mask, topk)
 
 
+@_checks.autocast_promote
 def memory_address(memory, keys, *, strength=None, similarity="cosine", mask=None,
                    topk=None, sparse_grad=False):
     """Content addressing: weights (B, R, N) = softmax over slots of
@@ -433,7 +436,8 @@ def memory_address(memory, keys, *, strength=None, similarity="cosine", mask=Non
     sparse_grad=True (shared memories only) makes that gradient a sparse COO tensor of the
     gathered rows, uncoalesced, as nn.Embedding(sparse=True) does, for
     torch.optim.SparseAdam. Without topk a shared memory raises a ValueError: pass
-    memory.expand(B, -1, -1) for the dense weights."""
+    memory.expand(B, -1, -1) for the dense weights. Under torch.autocast, mixed floating
+    dtypes run in the widest (see the module docstring)."""
     _address_args(memory, keys, strength, similarity, mask, topk)
     sparse_grad = _sparse_grad(sparse_grad, memory, ("topk=K", topk is not None))
     if topk is not None:
@@ -449,6 +453,7 @@ def memory_address(memory, keys, *, strength=None, similarity="cosine", mask=Non
     return _reference.memory_address(memory, keys, strength, similarity, mask)
 
 
+@_checks.autocast_promote
 def memory_read(memory, weights, *, sparse_grad=False):
     """Read vectors (B, R, D): r = sum_n w_n M_n for weights (B, R, N).
 
@@ -467,7 +472,8 @@ def memory_read(memory, weights, *, sparse_grad=False):
     sparse_grad=True (shared memories only) makes it a sparse COO tensor of the touched
     rows, for torch.optim.SparseAdam: coalesced (the triton backend's row sums, one host
     sync for their count) or not (torch's embedding). Dense weights need a memory
-    (B, N, D)."""
+    (B, N, D). Under torch.autocast, mixed floating dtypes run in the widest (see the
+    module docstring)."""
     sparse = isinstance(weights, (tuple, list))
     _memory(memory, ("sparse weights (indices, weights)", sparse))
     sparse_grad = _sparse_grad(sparse_grad, memory, ("sparse weights (indices, weights)",
@@ -489,6 +495,7 @@ def memory_read(memory, weights, *, sparse_grad=False):
     return _reference.memory_read(memory, weights)
 
 
+@_checks.autocast_promote
 def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosine", mask=None,
                   return_weights=False, topk=None, sparse_grad=False):
     """Content addressing and read in one: softmax over slots of strength * sim(key, slot),
@@ -503,7 +510,8 @@ def memory_attend(memory, keys, *, values=None, strength=None, similarity="cosin
 
     With topk, memory (N, D) and values (N, Dv) may be shared by every batch entry, with
     (N, D) gradients and sparse_grad as in memory_address (sparse_grad makes both memory's
-    and values' gradients sparse). Without topk a shared memory raises a ValueError."""
+    and values' gradients sparse). Without topk a shared memory raises a ValueError. Under
+    torch.autocast, mixed floating dtypes run in the widest (see the module docstring)."""
     _checks.flag("return_weights", return_weights)
     _address_args(memory, keys, strength, similarity, mask, topk)
     sparse_grad = _sparse_grad(sparse_grad, memory, ("topk=K", topk is not None))
@@ -568,6 +576,7 @@ def _sparse_weights(weights, memory, heads):
     return torch.where((indices >= 0) & (indices < n_slots), indices, -1), weights
 
 
+@_checks.autocast_promote
 def memory_write(memory, weights, erase, add, *, inplace=False):
     """Erase then add: M' = M * prod_w (1 - w_w e_w^T) + sum_w w_w a_w^T, for write weights
     (B, W, N), erase (B, W, D) in [0, 1] and add (B, W, D). inplace=True updates memory
@@ -580,7 +589,8 @@ def memory_write(memory, weights, erase, add, *, inplace=False):
     of their adds. Only the touched rows are computed (each slot once, however many
     entries name it); out of place, memory is still copied once. Indices are range-checked
     on CPU tensors only, without a device sync: on CUDA an index outside [-1, N) writes
-    nothing, as -1 does."""
+    nothing, as -1 does. Under torch.autocast, mixed floating dtypes run in the widest (see
+    the module docstring); in place, memory must already have it."""
     _checks.flag("inplace", inplace)
     _memory(memory)
     sparse = isinstance(weights, (tuple, list))
@@ -632,11 +642,13 @@ def _check_inplace(memory, weights, erase, add):
                              "which the write overwrites; pass a copy, or use inplace=False")
 
 
+@_checks.autocast_promote
 def location_address(content_weights, prev_weights, gate, shift, gamma):
     """The NTM's location addressing (B, R, N): w_g = g w_c + (1 - g) w_prev, a circular
     convolution with the shift distribution shift (B, R, S), S odd, where shift[..., j] moves
     the focus by j - S//2 slots, then sharpening w^gamma / sum(w^gamma). gate: (B, R) in
-    [0, 1]; gamma: (B, R), >= 1."""
+    [0, 1]; gamma: (B, R), >= 1. Under torch.autocast, mixed floating dtypes run in the
+    widest (see the module docstring)."""
     _checks.tensor("content_weights", content_weights, 3, "(B, R, N)")
     for name, x in (("prev_weights", prev_weights),):
         _checks.tensor(name, x, 3, "(B, R, N)")

@@ -583,12 +583,39 @@ def _module_case(rank, world):
             assert all(torch.equal(part, parts[0]) for part in parts)
 
 
+def _autocast_case(rank, world):
+    """ShardedKeyValueMemory under bfloat16 autocast: its query layer's bfloat16 keys read
+    the float32 shards in float32 (the ops' promotion), as KeyValueMemory reads the whole
+    memory, dense and top-k."""
+    for topk in (None, 3):
+        full = KeyValueMemory(6, num_slots=4 * world + 1, key_dim=4, value_dim=3, topk=topk)
+        sharded = ShardedKeyValueMemory(
+            6, keys=_split(full.keys, world, rank, 0), values=_split(full.values, world, rank, 0),
+            learn=True, topk=topk)
+        sharded.load_state_dict({**full.state_dict(), "keys": sharded.keys,
+                                 "values": sharded.values})
+        h = torch.randn(3, 2, 6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = full(h)
+            out_s = sharded(h)
+        assert out_s.dtype == out.dtype == torch.float32
+        out.square().sum().backward()
+        out_s.square().sum().backward()
+        _close(out_s, out.detach(), f"autocast topk={topk} out", tol=2e-5)
+        for name, p in sharded.named_parameters():
+            expected = dict(full.named_parameters())[name].grad
+            if name in ("keys", "values"):
+                expected = _split(expected, world, rank, 0)
+            _close(p.grad, expected, f"autocast topk={topk} d{name}", tol=2e-5)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed(world):
     cases = [_layout_and_errors, _attention_cases, _score_mod_cases, _memory_cases, _topk_cases,
              _module_case, _subgroup]
     if world == 2:  # the triton kernels, through the interpreter, on one world size
-        cases += [_alibi_precision, functools.partial(_attention_cases, backend="triton"),
+        cases += [_alibi_precision, _autocast_case,
+                  functools.partial(_attention_cases, backend="triton"),
                   functools.partial(_score_mod_cases, backend="triton"),
                   functools.partial(_memory_cases, dtype=torch.float32, backend="triton"),
                   functools.partial(_topk_cases, dtype=torch.float32, backend="triton")]

@@ -72,7 +72,9 @@ class AdditiveAttention(_Additive):
     fused attnmem.additive_attention kernel. query (B, Nq, query_dim) or one decoder step
     (B, query_dim); keys (B, Nk, key_dim); values (B, Nk, Dv), by default the keys. Keys
     and values past kv_lengths reach neither the output nor a gradient, whatever they hold
-    (in PointerAttention and HardAttention too)."""
+    (in PointerAttention and HardAttention too). Under torch.autocast the projections run
+    in the autocast dtype and the op promotes them to v's and the values' dtype
+    (attnmem.additive_attention): the context comes in the widest of those."""
 
     def forward(self, query, keys, values=None, kv_lengths: Optional[torch.Tensor] = None,
                 return_weights: bool = False, projected_keys: Optional[torch.Tensor] = None):
@@ -89,7 +91,9 @@ class AdditiveAttention(_Additive):
 
 class PointerAttention(_Additive):
     """Pointer-network attention (Vinyals et al. 2015): log-probabilities (B, Nq, Nk) of
-    pointing at each input, log softmax_j(v . tanh(W_q q_i + W_k k_j)); -inf at padding."""
+    pointing at each input, log softmax_j(v . tanh(W_q q_i + W_k k_j)); -inf at padding.
+    They are float32, under torch.autocast too (the op promotes the projections to v's
+    dtype)."""
 
     def forward(self, query, keys, kv_lengths: Optional[torch.Tensor] = None,
                 projected_keys: Optional[torch.Tensor] = None):
@@ -101,7 +105,8 @@ class PointerAttention(_Additive):
 class HardAttention(PointerAttention):
     """Hard attention (Xu et al. 2015): each query takes one input's value, drawn from the
     additive attention distribution while training (stochastic hard attention, trained
-    with REINFORCE through the returned log-probability) and its argmax in eval mode."""
+    with REINFORCE through the returned log-probability) and its argmax in eval mode.
+    The chosen values keep the values' dtype, under torch.autocast too."""
 
     def forward(self, query, keys, values=None, kv_lengths: Optional[torch.Tensor] = None,
                 sample: Optional[bool] = None, generator: Optional[torch.Generator] = None):
@@ -131,6 +136,11 @@ class LuongAttention(nn.Module):
     exp(-(s - p_t)^2 / (2 sigma^2)), sigma = D / 2. The local modes gather the 2D + 1 window
     positions and score them in torch. Returns the attentional state
     h~_t = tanh(W_c [c_t; h_t]) (B, Nq, hidden_size).
+
+    Under torch.autocast the Linear layers and the dot and general scores' matmuls run in
+    the autocast dtype, concat's global mode on attnmem.additive_attention, which promotes;
+    the local modes keep the window positions in float32 at least, as 16-bit states would
+    round them past 256 (bfloat16) or 2048 (float16).
     """
 
     def __init__(self, hidden_size, score="general", mode="global", window=10,
@@ -226,17 +236,21 @@ class LuongAttention(nn.Module):
     def _local(self, query, source, lengths, positions):
         batch, n_q, _ = query.shape
         n_s = source.shape[1]
+        # Positions in float32 at least: bfloat16 (an autocast decoder's states) holds the
+        # integers exactly only up to 256, float16 up to 2048.
+        position_dtype = torch.promote_types(query.dtype, torch.float32)
         length = (torch.full((batch,), n_s, device=source.device) if lengths is None
-                  else lengths.clamp(0, n_s)).to(query.dtype)
+                  else lengths.clamp(0, n_s)).to(position_dtype)
         if n_s == 0:  # a zero row to gather from; length 0 keeps it out of every window
             source = source.new_zeros(batch, 1, source.shape[2])
         if self.mode == "local-p":
             center = length[:, None] * torch.sigmoid(
                 self.v_p(torch.tanh(self.W_p(query)))).squeeze(-1)
         elif positions is None:
-            center = torch.arange(n_q, device=query.device, dtype=query.dtype).expand(batch, -1)
+            center = torch.arange(n_q, device=query.device, dtype=position_dtype).expand(batch,
+                                                                                         -1)
         else:
-            center = positions.to(query.dtype).expand(batch, n_q)
+            center = positions.to(position_dtype).expand(batch, n_q)
         offsets = torch.arange(-self.window, self.window + 1, device=query.device)
         index = center.detach().round().long()[..., None] + offsets  # (B, Nq, 2D + 1)
         inside = (index >= 0) & (index < length[:, None, None])
@@ -255,7 +269,8 @@ class LuongAttention(nn.Module):
             # A window of one position (D = 0, sigma = 0) has no spread to weigh.
             if self.window > 0:
                 sigma = self.window / 2
-                align = align * torch.exp(-(index - center[..., None]) ** 2 / (2 * sigma ** 2))
+                gauss = torch.exp(-(index - center[..., None]) ** 2 / (2 * sigma ** 2))
+                align = align * gauss.to(align.dtype)
         context = (align[..., None] * gathered).sum(2)
         weights = align.new_zeros(batch, n_q, source.shape[1]).scatter_add(2, index, align)
         return context, weights[..., :n_s]

@@ -29,6 +29,7 @@ class ShardedKeyValueMemory(KeyValueMemory):
     weights are then SparseWeights (B, K) or (B, R, K) of this rank's slot indices, -1 and
     weight 0 where another rank holds the slot. sparse=True (with topk) makes the keys' and
     values' gradients sparse COO tensors of the touched slots, as in KeyValueMemory.
+    Under torch.autocast the shards are read in their own dtype, as in KeyValueMemory.
     """
 
     def __init__(self, state_dim, num_slots=None, key_dim=None, value_dim=None, keys=None,

@@ -41,6 +41,11 @@ class NTM(nn.Module):
     breaks: tests/test_memory_modules.py checks it on the CPU), or `model.graphed(inputs)`,
     which captures forward and backward for one input shape. Neither CUDA-graph path has
     been run on a GPU yet.
+
+    Under torch.autocast the heads' Linear outputs come in the autocast dtype and the
+    memory ops promote them to the memory's float32 (attnmem.memory_address): the memory,
+    the weights and the reads stay float32 across steps, and step takes back the state it
+    returned.
     """
 
     def __init__(self, input_size, output_size, controller_size=100, memory_slots=128,
@@ -186,6 +191,8 @@ class MemN2N(nn.Module):
     hops K; adjacent weight tying (A_{k+1} = C_k, B = A_1, the answer matrix W^T = C_K);
     position encoding of word order; temporal encoding T_A, T_C of sentence order; with
     `linear_start = True` (the paper's LS training) the hops' softmax is removed.
+    Under torch.autocast the hops read in the embeddings' dtype (the memory ops promote,
+    attnmem.memory_attend) and the answer matmul runs in the autocast dtype.
     """
 
     def __init__(self, vocab_size, embed_dim=20, memory_size=50, hops=3,
@@ -268,6 +275,10 @@ class KeyValueMemory(nn.Module):
     weights (B, K) or (B, R, K)). sparse=True (with topk) makes the keys' and values'
     gradients sparse COO tensors of the touched slots, as nn.Embedding(sparse=True) does,
     for torch.optim.SparseAdam (other parameters take a dense optimizer).
+
+    Under torch.autocast the query layer's keys come in the autocast dtype and the read
+    promotes them to the memory's (attnmem.memory_attend): a float32 memory is read in
+    float32, never copied down.
     """
 
     def __init__(self, state_dim, num_slots=None, key_dim=None, value_dim=None, keys=None,
