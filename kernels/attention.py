@@ -1565,6 +1565,16 @@ def tail_head_dims_meta(head_dim: int, head_dim_v: int) -> dict:
     return meta
 
 
+def _backward_tails(head_dim: int, dropout_p: float) -> bool:
+    """Whether the backward runs q's and k's head dim in a main tile and a tail: not with
+    dropout where the main tile is 64 columns or fewer. There, on sm_90 with 16-bit inputs,
+    the tail's atomic dK/dV kept one config, which spilled where one padded tile's first
+    config does not (ptxas -v: D = 40 and 48, 64x128x8x2, 52/40 and 8/12 B on triton 3.9,
+    24/44 and 16/28 B on 3.6; D = 96, 16x64x8x2, 4/4 B on 3.6; reports/hopper-attention.md
+    12). The forward keeps its tail (with dropout too; its lse and output are the same)."""
+    return not (dropout_p > 0 and head_dim_tiles(head_dim)[0] <= 64)
+
+
 def head_dims_meta(head_dim: int, head_dim_v: int) -> dict:
     """The kernels' HEAD_DIM and BLOCK_D (q's and k's), with HEAD_DV and BLOCK_DV (v's) only
     where v's head dim differs: left out where they are equal, so the kernels compile as
@@ -1730,7 +1740,7 @@ def attention_backward(dout, q, k, v, out, lse, dlse, kv_lengths, scale, window_
         delta = -dlse if dlse is not None else torch.zeros_like(lse)
         return (*grads, _sinks_grad(sinks, lse, delta))
     meta, scalars, window, dummy = _common(q, k, kv_lengths, window_left, window_right,
-                                           head_dim_v)
+                                           head_dim_v, _backward_tails(q.shape[-1], dropout_p))
     meta.update(dropout_meta(dropout_p, seed))
     qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, q=q)
 
@@ -1904,7 +1914,8 @@ def attention_varlen_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_se
                                             (dout, q, k, v, out, dq, dk, dv))
     meta, scalars, window, dummy = _varlen_common(q, k, cu_seqlens_q, cu_seqlens_k,
                                                   max_seqlen_q, max_seqlen_k, window_left,
-                                                  window_right, head_dim_v)
+                                                  window_right, head_dim_v,
+                                                  _backward_tails(q.shape[-1], dropout_p))
     meta.update(dropout_meta(dropout_p, seed))
     qk_scale, mods = _score_mods(scale, softcap, alibi_slopes, q=q)
     # delta needs no sequence bounds: a dense batch of one over every packed row.

@@ -104,6 +104,19 @@ def test_launchers_pass_the_tail(monkeypatch, packed, deterministic):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="no triton backend here")
+@pytest.mark.parametrize("head_dim, padded", [(40, True), (96, True), (192, False)])
+def test_backward_with_dropout_keeps_a_tail_past_64_columns(monkeypatch, head_dim, padded):
+    """With dropout the backward runs one padded tile where the main tile is 64 columns or
+    fewer (its tail kernels spilled on sm_90: kernels/attention.py's _backward_tails); the
+    forward keeps its tail; the gradients stay the float64 twin's."""
+    launches = _spy(monkeypatch)
+    q, k, v, kwargs = make_inputs((1, 2, 1, 9, 11, head_dim, 32, True, None, None))
+    check(q, k, v, kwargs, "triton", dropout_p=0.25, seed=3)
+    tails = {name: "BLOCK_DT" in meta for name, meta in launches}
+    assert tails.pop("fwd") and set(tails.values()) == {not padded}, tails  # dK/dV (and dQ)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="no triton backend here")
 def test_fp8_forward_keeps_one_padded_tile(monkeypatch):
     """e4m3 dots take K in 32 columns: the FP8 forward runs D = 96 as one tile of 128."""
     import attnmem
