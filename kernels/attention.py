@@ -1443,7 +1443,10 @@ def _sm90_flag_prune(kernel: str, configs, **meta):
 # 44 B with softcap or ALiBi). The tile left there, 128x16x8x2, spills 12 B with dropout and
 # softcap together (none with either alone, or with ALiBi too; none on triton 3.6); the
 # table holds no lighter one (every combination of dropout, softcap and ALiBi at head dims
-# (192, 128) and (128, 64) compiled: tests/test_attention_mla.py).
+# (192, 128) and (128, 64) compiled: tests/test_attention_mla.py). D = 192 has since run in
+# a main tile and a tail (tail_head_dims_meta), keyed (128, 128) here: 128x32x8x3 spills
+# nothing there, flags off (reports/hopper-attention.md 12) or softcap and ALiBi on (ptxas -v,
+# 244 registers on triton 3.9, 238 on 3.6), so (256, 128) is left to D from 193 to 256.
 DQ_VALUE_HEAD_DIM_SPILLS_SM90 = {(256, 128): [(128, 32, 8, 3)]}
 
 

@@ -161,6 +161,33 @@ def test_varlen_matches_float64(backend, mode):
     varlen_tests.check_against_float64(*varlen_tests.make_inputs(case, torch.float32), backend)
 
 
+# Atomic dK/dV paths the interpreter's 16-row tiles and float32 inputs leave out: on a GPU,
+# tiles of 64 query rows add a tail under 64 columns into dQ with the rows as the product's M
+# side (_atomic_dq), and 16-bit inputs with v's tile of 256 read K in column chunks beside a
+# tail (K_CHUNKS, one loop). (CASES name or case, dtype, dK/dV config or None.)
+ATOMIC_PATHS = {
+    "rows_m_side": ("d96_causal", torch.float32, (64, 16, 1, 1)),
+    "k_chunks": ((1, 2, 1, 19, 29, 160, 160, True, None, None), torch.float16, None),
+}
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="no triton backend here")
+@pytest.mark.parametrize("path", list(ATOMIC_PATHS))
+def test_atomic_dq_paths(monkeypatch, path):
+    """Atomic dQ's tail on the rows' M side, and K in chunks beside a tail, against float64."""
+    case, dtype, config = ATOMIC_PATHS[path]
+    if config is not None:
+        run = kernel._run
+
+        def forced(which, fn, grid, args, meta, device, asked, tma=False):
+            return run(which, fn, grid, args, meta, device, config if which == "dkdv" else asked,
+                       tma)
+
+        monkeypatch.setattr(kernel, "_run", forced)
+    torch.use_deterministic_algorithms(False)
+    check(*make_inputs(CASES.get(case, case), dtype), "triton")
+
+
 def _force_tma(monkeypatch, flags, rows=32):
     """Every forward launch through TMA descriptors (the tail's of its own block shape) with
     `flags`: the interpreter's small tiles, or a GPU's. -> the dtype to test in."""
