@@ -129,13 +129,18 @@ def test_float16(backend):
     check(*make_inputs(CASES["v_narrower_causal_gqa"], torch.float16), backend)
 
 
-@pytest.mark.parametrize("backend, mode", TARGETS, indirect=["mode"])
-def test_score_modifications_and_dropout(backend, mode):
-    """softcap, ALiBi, sinks (and their gradient) and dropout together."""
-    q, k, v, kwargs = make_inputs(CASES["window_lengths_mqa"])
+def check_modifications_and_dropout(case, backend):
+    """check() of case with softcap, ALiBi, sinks (and their gradient) and dropout together."""
+    q, k, v, kwargs = make_inputs(case)
     heads = q.shape[1]
     check(q, k, v, kwargs, backend, softcap=3.0, sinks=torch.randn(heads, device=DEVICE),
           alibi_slopes=torch.rand(heads, device=DEVICE) * 0.3, dropout_p=0.25, seed=5)
+
+
+@pytest.mark.parametrize("backend, mode", TARGETS, indirect=["mode"])
+def test_score_modifications_and_dropout(backend, mode):
+    """softcap, ALiBi, sinks (and their gradient) and dropout together."""
+    check_modifications_and_dropout(CASES["window_lengths_mqa"], backend)
 
 
 @pytest.mark.parametrize("backend, mode", TARGETS, indirect=["mode"])

@@ -147,10 +147,7 @@ def test_matches_float64(name, dtype, backend, mode):
 @pytest.mark.parametrize("backend, mode", TARGETS, indirect=["mode"])
 def test_score_modifications_and_dropout(backend, mode):
     """softcap, ALiBi, sinks (and their gradient) and dropout together, at D = 80."""
-    q, k, v, kwargs = make_inputs(CASES["d80_window_lengths_mqa"])
-    heads = q.shape[1]
-    check(q, k, v, kwargs, backend, softcap=3.0, sinks=torch.randn(heads, device=DEVICE),
-          alibi_slopes=torch.rand(heads, device=DEVICE) * 0.3, dropout_p=0.25, seed=5)
+    mla_tests.check_modifications_and_dropout(CASES["d80_window_lengths_mqa"], backend)
 
 
 @pytest.mark.parametrize("backend, mode", TARGETS, indirect=["mode"])
