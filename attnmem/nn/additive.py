@@ -18,6 +18,11 @@ def _steps(query, width, like):
     return (query[:, None], True) if len(shape) == 2 else (query, False)
 
 
+def _past(lengths, x):
+    """(B, N) bool: the positions of x (B, N, ...) at or past each row's length."""
+    return torch.arange(x.shape[1], device=x.device) >= lengths[:, None]
+
+
 def _sequence(name, x, batch, length, width, like):
     """x: (batch, length, width); None, or a str in the sizes, leaves that size free."""
     _checks.tensor(name, x, [(batch, "Nk" if length is None else length,
@@ -61,8 +66,7 @@ class _Additive(nn.Module):
         if kv_lengths is not None and projected_keys is None:
             # The op never reads keys past the lengths, but the key projection's weight
             # gradient would take them (NaN, inf) times their zero gradients.
-            past = torch.arange(keys.shape[1], device=keys.device) >= kv_lengths[:, None]
-            keys = keys.masked_fill(past[..., None], 0)
+            keys = keys.masked_fill(_past(kv_lengths, keys)[..., None], 0)
         q, k = self._projected(query, keys, projected_keys)
         return step, q, k, keys if values is None else values
 
@@ -184,8 +188,7 @@ class LuongAttention(nn.Module):
             positions = self._positions(positions, batch, n_q, step, like)
         if source_lengths is not None:
             # Zero weights times a NaN or inf past the lengths would still reach the context.
-            past = torch.arange(source.shape[1], device=source.device) >= source_lengths[:, None]
-            source = source.masked_fill(past[..., None], 0)
+            source = source.masked_fill(_past(source_lengths, source)[..., None], 0)
         if self.mode == "global":
             context, weights = self._global(query, source, source_lengths, return_weights)
         else:
@@ -228,8 +231,7 @@ class LuongAttention(nn.Module):
                                      kv_lengths=lengths)[:, 0], None
         scores = query @ keys.transpose(1, 2)
         if lengths is not None:
-            past = torch.arange(source.shape[1], device=source.device) >= lengths[:, None]
-            scores = scores.masked_fill(past[:, None], float("-inf"))
+            scores = scores.masked_fill(_past(lengths, source)[:, None], float("-inf"))
         weights = softmax_with_lse(scores)[0] if source.shape[1] else scores
         return weights @ source, weights if return_weights else None
 
