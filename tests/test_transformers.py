@@ -6,6 +6,7 @@ generation through the cache; packed sequences on attnmem.attention_varlen, and 
 dropout in training."""
 
 import copy
+import inspect
 import pathlib
 import subprocess
 import sys
@@ -189,13 +190,17 @@ def _decode(model, implementation, ids, mask, new_ids, cache, chunk=1):
     else:
         cache = transformers.DynamicCache(**({"config": model.config} if cache == "sliding"
                                              else {}))
+    # transformers 5.24 renamed forward's past_key_values to cache (the old name warns until
+    # 5.40); 5.23 knows only the old one.
+    cache = {("cache" if "cache" in inspect.signature(model.forward).parameters
+              else "past_key_values"): cache}
     logits = []
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        model(ids, attention_mask=mask, use_cache=True, **cache)
         for step in range(0, new_ids.shape[1], chunk):
             mask = torch.cat([mask, torch.ones_like(mask[:, step:step + chunk])], 1)
             logits.append(model(new_ids[:, step:step + chunk], attention_mask=mask,
-                                past_key_values=cache, use_cache=True).logits)
+                                use_cache=True, **cache).logits)
     return torch.cat(logits, 1)
 
 
