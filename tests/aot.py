@@ -70,12 +70,14 @@ def compile_with_usage(compile):
     """compile() (a triton.compile call) and the _usage of the cubin it builds, from the
     report of the ptxas run that built it, with the options triton gave it (3.9 adds
     --regAllocOptLevel=2): the registers and spills the GPU would run. Kept in triton's cache
-    beside the kernel (keyed by the PTX), since a cached kernel runs no ptxas; a kernel cached
-    without it is compiled again. (compiled, None) where triton cannot show the report."""
+    beside the kernel, keyed by triton's version (tritons give ptxas other options) and the
+    PTX, since a cached kernel runs no ptxas; a kernel cached without it is compiled again.
+    (compiled, None) where triton cannot show the report."""
     import contextlib
     import hashlib
     import io
 
+    import triton
     from triton import knobs
     from triton.runtime.cache import get_cache_manager
 
@@ -88,7 +90,8 @@ def compile_with_usage(compile):
             knobs.compilation.always_compile = always
             with contextlib.redirect_stdout(io.StringIO()) as log:
                 compiled = compile()
-            cache = get_cache_manager(hashlib.sha256(compiled.asm["ptx"].encode()).hexdigest())
+            cache = get_cache_manager(hashlib.sha256(
+                (triton.__version__ + compiled.asm["ptx"]).encode()).hexdigest())
             if "Used" in log.getvalue():
                 usage = _usage(log.getvalue())
                 cache.put(json.dumps(usage), "ptxas_usage.json")
