@@ -69,8 +69,11 @@ def config_id(config):
 def _config_cases():
     """Each config of the tables every GPU runs at the largest head dim keeping it; each
     entry of the sm_90 16-bit forward table at its head dim (head dims 16 and 32 share the
-    table of 64, compiled at 64 only: the same tiles with fewer registers)."""
-    cases = {}
+    table of 64, compiled at 64 only: the same tiles with fewer registers). float32 on sm_80:
+    of those, per kernel the one with the largest estimate, the nearest to sm_80's shared
+    memory (float32 dots compile to FMAs, about 20 s a config here; sm_90 compiles them all
+    and checks the estimate)."""
+    cases, fp32_sm80 = {}, {}
     for name, table in TABLES.items():
         for arch in (80, 90):
             for dtype in ("float16", "float32"):
@@ -84,7 +87,13 @@ def _config_cases():
                         if kept:
                             key = f"{name}-sm{arch}-{dtype}-d{block_d}-{config_id(kept[0])}"
                             cases[key] = job(name, arch, dtype, block_d, kept[0])
+                            if arch == 80 and dtype == "float32":
+                                fp32_sm80.setdefault(name, {})[key] = kernel.smem_estimate(
+                                    name, *kept[0][:2], block_d, kept[0][3], 4)
                             break
+    for estimates in fp32_sm80.values():
+        for key in set(estimates) - {max(estimates, key=estimates.get)}:
+            del cases[key]
     for block_d in (256, 128, 64):
         for config in kernel.configs_for("fwd", block_d, 2, kernel.SMEM_LIMIT[90], 90, tma=True):
             spec = job("fwd", 90, "float16", block_d, config,
