@@ -23,8 +23,12 @@ or triton.autotune: the jit function beneath is compiled. Other keys of a job (a
 that tests check) are left alone.
 """
 
+import contextlib
+import hashlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -34,11 +38,14 @@ TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def minor(version: str) -> str:
+    """"3.9" of "3.9.0"."""
+    return ".".join(version.split(".")[:2])
+
+
 def _usage(report):
     """{"registers", "spill_stores", "spill_loads"} (bytes) from a `ptxas -v` report; spills
     count every function of the module."""
-    import re
-
     spills = [tuple(map(int, m)) for m in
               re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)]
     return {"registers": max(map(int, re.findall(r"Used (\d+) registers", report)), default=0),
@@ -49,8 +56,6 @@ def _usage(report):
 def ptxas_usage(ptx, arch):
     """_usage of running triton's bundled ptxas on `ptx` with only -v: for tritons that do not
     show the report of their own ptxas run (3.4 and 3.5)."""
-    import re
-
     from triton.backends.nvidia import compiler
 
     try:
@@ -73,10 +78,6 @@ def compile_with_usage(compile):
     beside the kernel, keyed by triton's version (tritons give ptxas other options) and the
     PTX, since a cached kernel runs no ptxas; a kernel cached without it is compiled again.
     (compiled, None) where triton cannot show the report."""
-    import contextlib
-    import hashlib
-    import io
-
     import triton
     from triton import knobs
     from triton.runtime.cache import get_cache_manager
@@ -112,7 +113,6 @@ with open(os.path.join(ROOT, "tests", "ptxas_spills.json")) as f:
 def job_digest(job):
     """What tests/ptxas_spills.json names a job by: its JSON's sha256 (16 hex digits)
     without "expect"."""
-    import hashlib
 
     return hashlib.sha256(json.dumps({k: v for k, v in job.items() if k != "expect"},
                                      sort_keys=True).encode()).hexdigest()[:16]
@@ -124,7 +124,7 @@ def _known(job, usage):
     import triton
 
     spills = [usage["spill_stores"], usage["spill_loads"]]
-    if ".".join(triton.__version__.split(".")[:2]) == KNOWN_SPILLS["triton"] and any(
+    if minor(triton.__version__) == KNOWN_SPILLS["triton"] and any(
             e["job"] == job_digest(job) and e["spills"] == spills
             for e in KNOWN_SPILLS["entries"]):
         return {**usage, "spill_stores": 0, "spill_loads": 0, "known_spills": spills}

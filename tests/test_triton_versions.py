@@ -30,7 +30,7 @@ from packaging.requirements import Requirement
 
 triton = pytest.importorskip("triton")
 
-from aot import ROOT, compile_all  # noqa: E402
+from aot import ROOT, compile_all, minor  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("triton_versions")]
 
@@ -63,10 +63,6 @@ def triton_floor() -> str:
                                              or requirement.marker.evaluate({"extra": ""})):
             return next(s.version for s in requirement.specifier if s.operator == ">=")
     pytest.skip("attnmem does not require triton on this platform")
-
-
-def minor(version: str) -> str:
-    return ".".join(version.split(".")[:2])
 
 
 def venv_with_triton(version: str) -> str:
