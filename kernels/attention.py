@@ -1057,9 +1057,9 @@ FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 4, 
 # spills. At head dim 256 dK/dV's dk and dv accumulators alone fill 128 registers a thread:
 # its one sm_90 tile, 16x64x8x2, spills with atomic dQ unless K is read in column chunks
 # (_dkdv_tiles' K_CHUNKS; with dropout, alone or with softcap and ALiBi, it still does). The
-# last tile of each table is the one that fits sm_80's shared memory with float32 inputs at
-# head dim 256 (dK/dV's holds k and v of 32 keys, too few rows for wgmma: mma.sync with
-# 16-bit inputs).
+# last tile of each table takes the least shared memory at head dim 256, for GPUs with less
+# than sm_80 (dK/dV's holds k and v of 32 keys, too few rows for wgmma: mma.sync). Float32
+# inputs take FP32_CONFIGS.
 DKDV_CONFIGS = [(32, 128, 8, 3, 128), (64, 128, 8, 2, 64), (32, 64, 8, 2, 128),
                 (32, 64, 4, 3, 64), (64, 64, 4, 2, 64), (16, 64, 4, 2, 128),
                 (16, 64, 8, 2, 256), (16, 32, 4, 2, 256)]
@@ -1129,6 +1129,47 @@ FWD_FP8_VARLEN_SPILLS_SM90 = {128: [(128, 128, 8, 3, _TMA), (128, 128, 8, 2)]}
 # 11). No rule of sizes fits it: its 3-stage TMA twin and 128x64x4x3 at head dim 64, as many
 # values a thread, spill on neither triton.
 FWD_FP8_FLOAT32_OUT_SPILLS_SM90 = {128: [(128, 128, 8, 2)]}
+# Float32 inputs, every GPU, per head dim (16 takes the table of 32; the backward's 16 and 32
+# that of 64): their dots run on FMA units (ieee), whose operands sit in registers, so only
+# small tiles hold a head dim's rows without spilling. Each config compiles without spills
+# on triton 3.6 and 3.9 (ptxas -v; sm_90: masked, the forward unmasked too, dK/dV atomic and
+# deterministic; sm_80: masked, atomic; reports/hopper-attention.md 14); the 16-bit tables'
+# tiles spilled 24 B to 120 KB on sm_90. The forward's 128x16x8x2 and 32x64x8x2 spill below head
+# dim 64 (4 to 16 B, triton 3.9): not in the table of 32.
+FP32_CONFIGS = {
+    "fwd": {32: [(64, 32, 8, 2), (32, 32, 8, 2), (64, 16, 4, 2), (32, 16, 4, 2), (16, 32, 4, 2)],
+            64: [(128, 16, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2),
+                 (64, 16, 4, 2), (32, 16, 4, 2), (16, 32, 4, 2)],
+            128: [(64, 16, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2), (32, 16, 4, 2),
+                  (16, 16, 4, 2)],
+            256: [(64, 16, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)]},
+    "dkdv": {64: [(16, 64, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2),
+                  (16, 32, 4, 2)],
+             128: [(16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)],
+             256: [(16, 32, 8, 2), (16, 16, 8, 2)]},
+    "dq": {64: [(64, 32, 8, 1), (64, 16, 8, 2), (32, 32, 8, 2), (64, 16, 4, 1), (32, 16, 4, 2)],
+           128: [(32, 16, 8, 2), (16, 16, 4, 2)],
+           256: [(16, 16, 8, 2)]},
+}
+# The float32 configs that spill on sm_90 (ptxas -v, triton 3.9 and 3.6, masked, dK/dV
+# atomic and deterministic), per kernel, which _fp32_prune drops: with dropout, softcap and
+# ALiBi on (4 to 64 B), per head dim, when any of the three is on (subsets were not compiled);
+# with q's and k's head dim in a main tile and a tail (tail_head_dims_meta), per (main, tail)
+# (8 to 1032 B; 96, 80 and 192 spill in none); packed (VARLEN), per head dim (4 to 32 B).
+FP32_FLAG_SPILLS_SM90 = {
+    "fwd": {64: [(32, 32, 8, 2)], 128: [(32, 16, 8, 2), (16, 16, 4, 2)], 256: [(64, 16, 8, 2)]},
+    "dkdv": {16: [(32, 32, 8, 2)], 32: [(16, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
+             64: [(16, 64, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2), (16, 32, 4, 2)],
+             256: [(16, 32, 8, 2)]},
+    "dq": {64: [(32, 32, 8, 2)]},
+}
+FP32_TAIL_SPILLS_SM90 = {
+    "fwd": {(128, 32): [(64, 16, 8, 2)], (32, 16): [(64, 32, 8, 2), (128, 16, 8, 2)]},
+    "dkdv": {(128, 32): [(16, 32, 8, 2)], (32, 16): [(32, 32, 8, 2), (16, 64, 8, 2)]},
+    "dq": {(32, 16): [(32, 32, 8, 2), (64, 16, 4, 1)]},
+}
+FP32_VARLEN_SPILLS_SM90 = {"fwd": {64: [(64, 16, 4, 2), (32, 16, 4, 2)]},
+                           "dkdv": {64: [(16, 64, 8, 2)]}, "dq": {}}
 # Every forward BLOCK_N divides it: with Nk a multiple, no key tile is partial.
 KEY_TILE_MULTIPLE = 128
 
@@ -1199,12 +1240,15 @@ def configs_for(kernel: str, block_d: int, elem: int, smem_limit: int, arch=None
     if kernel == "fwd" and arch == 90 and elem <= 2:
         tables = FWD_CONFIGS_SM90 if elem == 2 else FWD_FP8_CONFIGS_SM90
         table, small = tables.get(block_d, tables[bucket]), False
+    elif elem == 4:
+        tables = FP32_CONFIGS[kernel]
+        table, small = tables.get(max(bucket, 32), tables[64]), False
     else:
         hopper_16bit = arch == 90 and elem == 2
         table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS_SM90 if hopper_16bit else DKDV_CONFIGS,
                  "dq": DQ_CONFIGS_SM90 if hopper_16bit else DQ_CONFIGS}[kernel]
-        # fp32 dots run on FMA units and 256-wide fp16 rows fill the registers: small tiles.
-        small = elem >= 4 or bucket * elem >= 512
+        # 256-wide 16-bit rows fill the registers: small tiles.
+        small = bucket * elem >= 512
     out = []
     for block_m, block_n, warps, stages, *extra in table:
         # Strings are flags; a number bounds the head dims a config serves (past it, it spills).
@@ -1290,9 +1334,11 @@ def _forward_prune(configs, nargs, **meta):
     FP8 with MASK_KEYS: none warp-specialized either (its masked tiles load V^T through
     pointers, which the pass rejects in one loop on triton 3.9), and on sm_90
     _sm90_fp8_prune's. FP8 with VARLEN on sm_90: none of FWD_FP8_VARLEN_SPILLS_SM90 either.
-    Every other call, masked or not, packed or dense, keeps every config."""
+    Float32: _fp32_prune. Every other call, masked or not, packed or dense, keeps every
+    config."""
     if _hopper_16bit(nargs):
         configs = _sm90_flag_prune("fwd", configs, **meta)
+    configs = _fp32_prune("fwd", configs, nargs, **meta)
     if meta.get("FP8") and meta.get("VARLEN"):
         configs = _without_listed_spills(configs, nargs, tile_head_dim(meta),
                                          FWD_FP8_VARLEN_SPILLS_SM90)
@@ -1303,6 +1349,25 @@ def _forward_prune(configs, nargs, **meta):
         return configs
     return [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE") and c.kwargs["BLOCK_M"]
             * c.kwargs["BLOCK_N"] <= DROPOUT_SCORES_PER_THREAD * 32 * c.num_warps] or configs
+
+
+def _fp32_prune(kernel: str, configs, nargs, **meta):
+    """Float32 inputs on sm_90: with a tail, none of FP32_TAIL_SPILLS_SM90's configs of
+    `kernel` at (BLOCK_D, BLOCK_DT); with DROPOUT, SOFTCAP or HAS_ALIBI, none of
+    FP32_FLAG_SPILLS_SM90's at the launch's head dim; with VARLEN, none of
+    FP32_VARLEN_SPILLS_SM90's."""
+    if nargs["q_ptr"].element_size() != 4:
+        return configs
+    if meta.get("VARLEN"):
+        configs = _without_listed_spills(configs, nargs, tile_head_dim(meta),
+                                         FP32_VARLEN_SPILLS_SM90[kernel])
+    if "BLOCK_DT" in meta:
+        configs = _without_listed_spills(configs, nargs, (meta["BLOCK_D"], meta["BLOCK_DT"]),
+                                         FP32_TAIL_SPILLS_SM90[kernel])
+    if any(meta.get(flag) for flag in ("DROPOUT", "SOFTCAP", "HAS_ALIBI")):
+        configs = _without_listed_spills(configs, nargs, tile_head_dim(meta),
+                                         FP32_FLAG_SPILLS_SM90[kernel])
+    return configs
 
 
 def _without_listed_spills(configs, nargs, block_d, spills):
@@ -1462,7 +1527,9 @@ DKDV_TAIL_SPILLS_SM90 = {(64, 32): [(32, 128, 8, 3)], (64, 16): [(32, 128, 8, 3)
 def _backward_prune(configs, nargs, **meta):
     """dK/dV's (ATOMIC_DQ in meta) and dQ's _sm90_flag_prune on sm_90, for dQ with v's head
     dim apart none of DQ_VALUE_HEAD_DIM_SPILLS_SM90, for atomic dK/dV with a tail none of
-    DKDV_TAIL_SPILLS_SM90; elsewhere all."""
+    DKDV_TAIL_SPILLS_SM90; float32: _fp32_prune; elsewhere all."""
+    kernel = "dkdv" if "ATOMIC_DQ" in meta else "dq"
+    configs = _fp32_prune(kernel, configs, nargs, **meta)
     if not _hopper_16bit(nargs):
         return configs
     if "ATOMIC_DQ" not in meta and "BLOCK_DV" in meta:
@@ -1471,7 +1538,7 @@ def _backward_prune(configs, nargs, **meta):
     if meta.get("ATOMIC_DQ") and "BLOCK_DT" in meta:
         configs = _without_listed_spills(configs, nargs, (meta["BLOCK_D"], meta["BLOCK_DT"]),
                                          DKDV_TAIL_SPILLS_SM90)
-    return _sm90_flag_prune("dkdv" if "ATOMIC_DQ" in meta else "dq", configs, **meta)
+    return _sm90_flag_prune(kernel, configs, **meta)
 
 
 # Each kernel's autotuning beyond the shared key (head dim, sequence-length bucket, dtypes):

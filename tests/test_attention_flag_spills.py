@@ -18,6 +18,10 @@ within SCORE_MODS_ONE_WARPGROUP_SCORES_SM90 scores a thread, and with a
 float32 output none of FWD_FP8_FLOAT32_OUT_SPILLS_SM90; every combination of the score
 modifications keeps an e4m3 config, and what spilled in the sweep of
 reports/hopper-attention.md 11 is dropped.
+
+Float32 inputs on sm_90 drop the configs that spilled with dropout, softcap and ALiBi, with
+a head-dim tail, or packed (kernels/attention.py FP32_FLAG_SPILLS_SM90, FP32_TAIL_SPILLS_SM90,
+FP32_VARLEN_SPILLS_SM90; reports/hopper-attention.md 14).
 """
 
 import itertools
@@ -87,7 +91,7 @@ def test_no_backward_tile_of_one_warp_group_holds_128_accumulator_registers():
 
 
 def test_other_gpus_and_dtypes_prune_nothing_new():
-    """Off sm_90, or with 32-bit inputs, the backward's pruning keeps every config (the
+    """Off sm_90, with 16- or 32-bit inputs, the backward's pruning keeps every config (the
     forward keeps its own earlier rules)."""
     import torch
 
@@ -158,6 +162,46 @@ def fp8_tuned(block_d, flags, out_bytes=2, masked=True, varlen=False):
 @pytest.fixture
 def sm90(monkeypatch):
     monkeypatch.setattr(kernel, "_arch", lambda device: 90)
+
+
+def _fp32_pruned(name, block_d, nargs, **meta):
+    """(configs, kept): float32 configs_for at block_d (tile_head_dim's) and what the launch's
+    pruning keeps of them."""
+    widths = kernel.config_widths(dict(BLOCK_D=block_d, **meta))
+    configs = [triton.Config(kernel._config_meta(c), num_warps=c[2], num_stages=c[3])
+               for c in kernel.configs_for(name, widths[0], 4, kernel.SMEM_LIMIT[90], 90, False,
+                                           *widths[1:])]
+    prune = kernel._forward_prune if name == "fwd" else kernel._backward_prune
+    return _tuples(configs), _tuples(prune(configs, nargs, BLOCK_D=block_d, **meta))
+
+
+def test_fp32_pruning_drops_what_spilled(sm90):
+    """Float32 inputs on sm_90: with dropout, softcap or ALiBi on, exactly the configs of
+    FP32_FLAG_SPILLS_SM90 go, with a tail those of FP32_TAIL_SPILLS_SM90, packed those of
+    FP32_VARLEN_SPILLS_SM90; every launch keeps some, and a dense one of one padded tile
+    without the flags loses none."""
+    nargs = {"q_ptr": types.SimpleNamespace(is_cuda=True, device="cuda", element_size=lambda: 4)}
+    for name, atomic in ATOMIC.items():
+        for atomic_dq in atomic:
+            extra = dict(MASK_KEYS=True) if atomic_dq is None else dict(ATOMIC_DQ=atomic_dq)
+            for block_d, flags in itertools.product(HEAD_DIMS, COMBOS):
+                listed = set(kernel.FP32_FLAG_SPILLS_SM90[name].get(block_d, ()))
+                configs, kept = _fp32_pruned(name, block_d, nargs, **extra,
+                                             **dict.fromkeys(flags, True))
+                assert kept, (name, block_d, flags)
+                assert set(configs) - set(kept) == (listed if flags else set()), (
+                    name, block_d, flags)
+            for head_dim in (40, 160):
+                meta = kernel.tail_head_dims_meta(head_dim, head_dim)
+                main, tail = meta.pop("BLOCK_D"), meta["BLOCK_DT"]
+                del meta["HEAD_DIM"]
+                configs, kept = _fp32_pruned(name, main, nargs, **meta, **extra)
+                listed = kernel.FP32_TAIL_SPILLS_SM90[name].get((main, tail), ())
+                assert kept and set(configs) - set(kept) == set(listed), (name, head_dim)
+            for block_d in HEAD_DIMS:
+                configs, kept = _fp32_pruned(name, block_d, nargs, VARLEN=True, **extra)
+                listed = kernel.FP32_VARLEN_SPILLS_SM90[name].get(block_d, ())
+                assert kept and set(configs) - set(kept) == set(listed), (name, block_d)
 
 
 def test_fp8_every_score_mod_combination_keeps_a_config(sm90):

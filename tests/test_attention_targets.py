@@ -1,15 +1,15 @@
 """Every attention autotune config compiles for sm_80 and sm_90 and fits shared memory, and
 so does the backward's delta kernel. On sm_90 every 16-bit kernel uses Hopper's wgmma and
-spills no register, and the forward's TMA and warp-specialized configs use TMA
-(cp.async.bulk.tensor) and warp specialization (setmaxnreg).
+spills no register, nor does any float32 one, and the forward's TMA and warp-specialized
+configs use TMA (cp.async.bulk.tensor) and warp specialization (setmaxnreg).
 
 No GPU needed: triton compiles to PTX and cubin for a GPUTarget on the CPU, and its bundled
 `ptxas -v` reports registers and spills. Each config of the tables every GPU runs is
 compiled at the largest head dim (hence the most shared memory) at which the pruning in
-kernels/attention.py keeps it, for 16- and 32-bit inputs; each entry of the sm_90 16-bit
-forward table at its own head dim. Kernels compile with their masks on (lengths, partial
-tiles), the variant with the most registers, except warp-specialized forward configs, which
-compile unmasked here (tests/test_attention_ws.py compiles them masked).
+kernels/attention.py keeps it (16-bit inputs); each entry of the sm_90 16-bit forward table
+and of the float32 tables at its own head dim. Kernels compile with their masks on (lengths,
+partial tiles), the variant with the most registers, except warp-specialized forward
+configs, which compile unmasked here (tests/test_attention_ws.py compiles them masked).
 """
 
 import pytest
@@ -67,33 +67,38 @@ def config_id(config):
 
 
 def _config_cases():
-    """Each config of the tables every GPU runs at the largest head dim keeping it; each
-    entry of the sm_90 16-bit forward table at its head dim (head dims 16 and 32 share the
-    table of 64, compiled at 64 only: the same tiles with fewer registers). float32 on sm_80:
-    of those, per kernel the one with the largest estimate, the nearest to sm_80's shared
-    memory (float32 dots compile to FMAs, about 20 s a config here; sm_90 compiles them all
-    and checks the estimate)."""
-    cases, fp32_sm80 = {}, {}
+    """Each 16-bit config of the tables every GPU runs at the largest head dim keeping it;
+    each entry of the sm_90 16-bit forward table at its head dim (head dims 16 and 32 share
+    the table of 64, compiled at 64 only: the same tiles with fewer registers). Float32: each
+    entry of kernel.FP32_CONFIGS at its head dim on sm_90 (spill-free: triton 3.6 checks those
+    of head dim 128 too); on sm_80, per kernel the one with the largest shared-memory estimate
+    (every one was spill-free there too: reports/hopper-attention.md 14)."""
+    cases = {}
     for name, table in TABLES.items():
         for arch in (80, 90):
-            for dtype in ("float16", "float32"):
-                if name == "fwd" and arch == 90 and dtype == "float16":
-                    continue  # the sm_90 table below
-                for tile in table:
-                    for block_d in HEAD_DIMS:
-                        kept = [c for c in kernel.configs_for(name, block_d, ELEM[dtype],
-                                                              kernel.SMEM_LIMIT[arch], arch)
-                                if c[:3] == tile[:3]]
-                        if kept:
-                            key = f"{name}-sm{arch}-{dtype}-d{block_d}-{config_id(kept[0])}"
-                            cases[key] = job(name, arch, dtype, block_d, kept[0])
-                            if arch == 80 and dtype == "float32":
-                                fp32_sm80.setdefault(name, {})[key] = kernel.smem_estimate(
-                                    name, *kept[0][:2], block_d, kept[0][3], 4)
-                            break
-    for estimates in fp32_sm80.values():
-        for key in set(estimates) - {max(estimates, key=estimates.get)}:
-            del cases[key]
+            if name == "fwd" and arch == 90:
+                continue  # the sm_90 table below
+            for tile in table:
+                for block_d in HEAD_DIMS:
+                    kept = [c for c in kernel.configs_for(name, block_d, 2,
+                                                          kernel.SMEM_LIMIT[arch], arch)
+                            if c[:3] == tile[:3]]
+                    if kept:
+                        key = f"{name}-sm{arch}-float16-d{block_d}-{config_id(kept[0])}"
+                        cases[key] = job(name, arch, "float16", block_d, kept[0])
+                        break
+    for name, tables in kernel.FP32_CONFIGS.items():
+        for block_d, table in tables.items():
+            for config in table:
+                spec = job(name, 90, "float32", block_d, config)
+                if block_d == 128:
+                    spec = expecting(spec, spill_stores=0, spill_loads=0)
+                cases[f"{name}-sm90-float32-d{block_d}-{config_id(config)}"] = spec
+        block_d, config = max(((d, c) for d, table in tables.items() for c in table),
+                              key=lambda dc: kernel.smem_estimate(name, *dc[1][:2], dc[0],
+                                                                  dc[1][3], 4))
+        cases[f"{name}-sm80-float32-d{block_d}-{config_id(config)}"] = job(
+            name, 80, "float32", block_d, config)
     for block_d in (256, 128, 64):
         for config in kernel.configs_for("fwd", block_d, 2, kernel.SMEM_LIMIT[90], 90, tma=True):
             spec = job("fwd", 90, "float16", block_d, config,
@@ -109,7 +114,7 @@ def _config_cases():
                  "dq-sm90-float16-d256-128x32x8x3"):
         cases[case] = expecting(cases[case], wgmma=True, spill_stores=0, spill_loads=0)
     # dK/dV's deterministic variant, without the atomic dQ product, holds other registers.
-    for case in [c for c in cases if c.startswith("dkdv-sm90-float16")]:
+    for case in [c for c in cases if c.startswith("dkdv-sm90-")]:
         spec = cases[case]
         cases[f"{case}-det"] = {**spec, "constexprs": {**spec["constexprs"], "ATOMIC_DQ": False}}
     return cases
@@ -140,6 +145,7 @@ UNMASKED_CASES = {case: {**CONFIG_CASES[case], "constexprs": {
     "EVEN_M": True}} for case in UNMASKED_OF}
 HOPPER_16BIT = [case for case in CONFIG_CASES
                 if "-sm90-" in case and not case.split("-")[2] == "float32"]
+HOPPER_FP32 = [case for case in CONFIG_CASES if "-sm90-float32-" in case]
 DELTA_CASES = {f"delta-sm{arch}-{dtype}": dict(
     module="attnmem.kernels.attention", kernel="_attn_bwd_delta", arch=arch,
     constexprs=dict(HEAD_DIM=256, BLOCK_D=256, HAS_DLSE=True, BLOCK_M=64),
@@ -184,6 +190,16 @@ def test_sm90_16bit_uses_wgmma_and_spills_no_register(compiled_configs, case):
     result = compiled_configs[case]
     assert result["error"] is None, result["error"]
     assert result["wgmma"], "falls back to mma.sync"
+    assert (result["spill_stores"], result["spill_loads"]) == (0, 0), \
+        f"{result['registers']} registers, spills {result['spill_stores']} bytes"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", HOPPER_FP32)
+def test_sm90_float32_spills_no_register(compiled_configs, case):
+    """ptxas -v: float32's FMA dots hold their operands in registers; the table's tiles fit."""
+    result = compiled_configs[case]
+    assert result["error"] is None, result["error"]
     assert (result["spill_stores"], result["spill_loads"]) == (0, 0), \
         f"{result['registers']} registers, spills {result['spill_stores']} bytes"
 
@@ -266,6 +282,11 @@ def test_every_config_is_used_somewhere():
         kept = kernel.configs_for("fwd", block_d, 2, kernel.SMEM_LIMIT[90], 90, tma=True,
                                   **widths)
         assert kept == table, f"sm_90 head dim {block_d}: {set(table) - set(kept)} pruned"
+    for name, tables in kernel.FP32_CONFIGS.items():
+        for block_d, table in tables.items():
+            for arch in (80, 90):
+                kept = kernel.configs_for(name, block_d, 4, kernel.SMEM_LIMIT[arch], arch)
+                assert kept == table, (name, block_d, arch, set(table) - set(kept))
 
 
 # smem_estimate may fall short of what triton allocates by this much (bytes): sm_90 atomic
@@ -299,5 +320,6 @@ def test_smem_estimate_covers_what_triton_allocates():
 
 def test_forward_key_tiles_divide_the_unmasked_multiple():
     """Nk a multiple of KEY_TILE_MULTIPLE leaves no partial key tile in any forward config."""
-    tables = [kernel.FWD_CONFIGS, *kernel.FWD_CONFIGS_SM90.values()]
+    tables = [kernel.FWD_CONFIGS, *kernel.FWD_CONFIGS_SM90.values(),
+              *kernel.FP32_CONFIGS["fwd"].values()]
     assert all(kernel.KEY_TILE_MULTIPLE % c[1] == 0 for table in tables for c in table)
