@@ -1356,7 +1356,8 @@ def _fp32_prune(kernel: str, configs, nargs, **meta):
     `kernel` at (BLOCK_D, BLOCK_DT); with DROPOUT, SOFTCAP or HAS_ALIBI, none of
     FP32_FLAG_SPILLS_SM90's at the launch's head dim; with VARLEN, none of
     FP32_VARLEN_SPILLS_SM90's."""
-    if nargs["q_ptr"].element_size() != 4:
+    q = nargs["q_ptr"]
+    if q.element_size() != 4 or not q.is_cuda or _arch(q.device) != 90:
         return configs
     if meta.get("VARLEN"):
         configs = _without_listed_spills(configs, nargs, tile_head_dim(meta),
