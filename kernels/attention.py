@@ -1133,9 +1133,10 @@ FWD_FP8_FLOAT32_OUT_SPILLS_SM90 = {128: [(128, 128, 8, 2)]}
 # that of 64): their dots run on FMA units (ieee), whose operands sit in registers, so only
 # small tiles hold a head dim's rows without spilling. Each config compiles without spills
 # on triton 3.6 and 3.9 (ptxas -v; sm_90: masked, the forward unmasked too, dK/dV atomic and
-# deterministic; sm_80: masked, atomic; reports/hopper-attention.md 14); the 16-bit tables'
-# tiles spilled 24 B to 120 KB on sm_90. The forward's 128x16x8x2 and 32x64x8x2 spill below head
-# dim 64 (4 to 16 B, triton 3.9): not in the table of 32.
+# deterministic; sm_80: masked, dK/dV both ways, and with dropout, softcap and ALiBi on;
+# reports/hopper-attention.md 14); the 16-bit tables' tiles spilled 24 B to 120 KB on sm_90.
+# The forward's 128x16x8x2 and 32x64x8x2 spill below head dim 64 (4 to 16 B, triton 3.9):
+# not in the table of 32.
 FP32_CONFIGS = {
     "fwd": {32: [(64, 32, 8, 2), (32, 32, 8, 2), (64, 16, 4, 2), (32, 16, 4, 2), (16, 32, 4, 2)],
             64: [(128, 16, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2),
