@@ -1321,6 +1321,12 @@ def _config_meta(config) -> dict:
     return {"BLOCK_M": config[0], "BLOCK_N": config[1], **dict.fromkeys(config[4:], True)}
 
 
+def triton_configs(configs) -> list:
+    """The triton.Configs of (BLOCK_M, BLOCK_N, num_warps, num_stages, *flags) tuples, as the
+    autotuner holds them."""
+    return [triton.Config(_config_meta(c), num_warps=c[2], num_stages=c[3]) for c in configs]
+
+
 # With dropout the forward draws Philox words for the scores a thread holds: past 32 scores a
 # thread (BLOCK_M x BLOCK_N over the warps) most sm_90 16-bit configs spill (ptxas -v, triton
 # 3.9, head dims 64 and 128: 8 to 340 bytes; 2 to 4.5 KB when each score took its own
@@ -1337,7 +1343,7 @@ def _forward_prune(configs, nargs, **meta):
     _sm90_fp8_prune's. FP8 with VARLEN on sm_90: none of FWD_FP8_VARLEN_SPILLS_SM90 either.
     Float32: _fp32_prune. Every other call, masked or not, packed or dense, keeps every
     config."""
-    if _hopper_16bit(nargs):
+    if _sm90_inputs(nargs, 2):
         configs = _sm90_flag_prune("fwd", configs, **meta)
     configs = _fp32_prune("fwd", configs, nargs, **meta)
     if meta.get("FP8") and meta.get("VARLEN"):
@@ -1357,8 +1363,7 @@ def _fp32_prune(kernel: str, configs, nargs, **meta):
     `kernel` at (BLOCK_D, BLOCK_DT); with DROPOUT, SOFTCAP or HAS_ALIBI, none of
     FP32_FLAG_SPILLS_SM90's at the launch's head dim; with VARLEN, none of
     FP32_VARLEN_SPILLS_SM90's."""
-    q = nargs["q_ptr"]
-    if q.element_size() != 4 or not q.is_cuda or _arch(q.device) != 90:
+    if not _sm90_inputs(nargs, 4):
         return configs
     if meta.get("VARLEN"):
         configs = _without_listed_spills(configs, nargs, tile_head_dim(meta),
@@ -1449,10 +1454,11 @@ ONE_WARPGROUP_ACCUMULATORS_SM90 = 128
 SCORE_MODS_ONE_WARPGROUP_SCORES_SM90 = 32
 
 
-def _hopper_16bit(nargs) -> bool:
-    """The launch's q is a 16-bit tensor on an sm_90 GPU, where the budgets above hold."""
+def _sm90_inputs(nargs, elem: int) -> bool:
+    """The launch's q has elem-byte elements on an sm_90 GPU (elem 2: where the budgets above
+    hold)."""
     q = nargs["q_ptr"]
-    return q.is_cuda and q.element_size() == 2 and _arch(q.device) == 90
+    return q.is_cuda and q.element_size() == elem and _arch(q.device) == 90
 
 
 def _scores_per_thread(config) -> int:
@@ -1532,7 +1538,7 @@ def _backward_prune(configs, nargs, **meta):
     DKDV_TAIL_SPILLS_SM90; float32: _fp32_prune; elsewhere all."""
     kernel = "dkdv" if "ATOMIC_DQ" in meta else "dq"
     configs = _fp32_prune(kernel, configs, nargs, **meta)
-    if not _hopper_16bit(nargs):
+    if not _sm90_inputs(nargs, 2):
         return configs
     if "ATOMIC_DQ" not in meta and "BLOCK_DV" in meta:
         configs = _without_listed_spills(configs, nargs, (meta["BLOCK_D"], meta["BLOCK_DV"]),
@@ -1566,8 +1572,8 @@ def _launcher(kernel: str, fn, device, block_d: int, elem: int, arch=None, tma: 
     smem = _smem_limit(device)
     cache_key = (kernel, block_d, elem, smem, arch, tma, tail, block_dv)
     if cache_key not in _autotuned:
-        configs = [triton.Config(_config_meta(c), num_warps=c[2], num_stages=c[3])
-                   for c in configs_for(kernel, block_d, elem, smem, arch, tma, tail, block_dv)]
+        configs = triton_configs(configs_for(kernel, block_d, elem, smem, arch, tma, tail,
+                                             block_dv))
         extra = TUNING.get(kernel, {})
         # BLOCK_DV, v's head dim tile, is passed only where it differs from BLOCK_D, and
         # BLOCK_DT, the tail of q's and k's, only where they have one (tail_head_dims_meta).

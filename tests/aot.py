@@ -113,7 +113,6 @@ with open(os.path.join(ROOT, "tests", "ptxas_spills.json")) as f:
 def job_digest(job):
     """What tests/ptxas_spills.json names a job by: its JSON's sha256 (16 hex digits)
     without "expect"."""
-
     return hashlib.sha256(json.dumps({k: v for k, v in job.items() if k != "expect"},
                                      sort_keys=True).encode()).hexdigest()[:16]
 

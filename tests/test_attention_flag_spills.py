@@ -48,8 +48,8 @@ def _tuples(configs):
 
 def candidates(name, block_d):
     """The sm_90 16-bit configs of the table as the autotuner holds them."""
-    return [triton.Config(kernel._config_meta(c), num_warps=c[2], num_stages=c[3])
-            for c in kernel.configs_for(name, block_d, 2, kernel.SMEM_LIMIT[90], 90, tma=True)]
+    return kernel.triton_configs(
+        kernel.configs_for(name, block_d, 2, kernel.SMEM_LIMIT[90], 90, tma=True))
 
 
 def pruned(name, block_d, flags, atomic_dq=None, masked=True):
@@ -95,8 +95,7 @@ def test_other_gpus_and_dtypes_prune_nothing_new():
     forward keeps its own earlier rules)."""
     import torch
 
-    configs = [triton.Config(kernel._config_meta(c), num_warps=c[2], num_stages=c[3])
-               for c in kernel.configs_for("dq", 128, 2, kernel.SMEM_LIMIT[90], 90)]
+    configs = kernel.triton_configs(kernel.configs_for("dq", 128, 2, kernel.SMEM_LIMIT[90], 90))
     for q in (torch.zeros(1, dtype=torch.float16), torch.zeros(1, dtype=torch.float32)):
         assert kernel._backward_prune(configs, {"q_ptr": q}, BLOCK_D=128, DROPOUT=True,
                                       SOFTCAP=True, HAS_ALIBI=True) == configs
@@ -149,9 +148,8 @@ FP8_SPILLED = {
 def fp8_tuned(block_d, flags, out_bytes=2, masked=True, varlen=False):
     """The configs an FP8 forward call tunes on an H100 (sm_90): e4m3 q, an output of
     out_bytes-byte elements."""
-    configs = [triton.Config(kernel._config_meta(c), num_warps=c[2], num_stages=c[3])
-               for c in kernel.configs_for("fwd", block_d, 1, kernel.SMEM_LIMIT[90], 90,
-                                           tma=True)]
+    configs = kernel.triton_configs(
+        kernel.configs_for("fwd", block_d, 1, kernel.SMEM_LIMIT[90], 90, tma=True))
     q = types.SimpleNamespace(is_cuda=True, device="cuda", element_size=lambda: 1)
     out = types.SimpleNamespace(element_size=lambda: out_bytes)
     meta = dict(dict.fromkeys(flags, True), FP8=True, BLOCK_D=block_d, MASK_KEYS=masked,
@@ -168,9 +166,8 @@ def _fp32_pruned(name, block_d, nargs, **meta):
     """(configs, kept): float32 configs_for at block_d (tile_head_dim's) and what the launch's
     pruning keeps of them."""
     widths = kernel.config_widths(dict(BLOCK_D=block_d, **meta))
-    configs = [triton.Config(kernel._config_meta(c), num_warps=c[2], num_stages=c[3])
-               for c in kernel.configs_for(name, widths[0], 4, kernel.SMEM_LIMIT[90], 90, False,
-                                           *widths[1:])]
+    configs = kernel.triton_configs(
+        kernel.configs_for(name, widths[0], 4, kernel.SMEM_LIMIT[90], 90, False, *widths[1:]))
     prune = kernel._forward_prune if name == "fwd" else kernel._backward_prune
     return _tuples(configs), _tuples(prune(configs, nargs, BLOCK_D=block_d, **meta))
 

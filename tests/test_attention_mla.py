@@ -314,15 +314,12 @@ def _sm90_pruned(name, monkeypatch, **meta):
     """The sm_90 16-bit configs the autotuner would time for a launch with these meta."""
     import types
 
-    import triton
-
     from attnmem.kernels import attention as kernel
 
     monkeypatch.setattr(kernel, "_arch", lambda device: 90)
     block_d, tail, block_dv = kernel.config_widths(meta)
-    configs = [triton.Config(kernel._config_meta(c), num_warps=c[2], num_stages=c[3])
-               for c in kernel.configs_for(name, block_d, 2, kernel.SMEM_LIMIT[90], 90,
-                                           tma=True, tail=tail, block_dv=block_dv)]
+    configs = kernel.triton_configs(kernel.configs_for(
+        name, block_d, 2, kernel.SMEM_LIMIT[90], 90, tma=True, tail=tail, block_dv=block_dv))
     q = types.SimpleNamespace(is_cuda=True, device="cuda", element_size=lambda: 2)
     prune = kernel.TUNING[name]["prune"]
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,

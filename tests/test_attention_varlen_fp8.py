@@ -225,13 +225,10 @@ def varlen_fp8_job(block_d, config):
 
 def _tuned_configs(block_d):
     """The sm_90 configs a packed FP8 call tunes at block_d (on an H100's shared memory)."""
-    import triton
-
     from attnmem.kernels import attention as kernel
 
-    configs = [triton.Config(kernel._config_meta(c), num_warps=c[2], num_stages=c[3])
-               for c in kernel.configs_for("fwd", block_d, 1, kernel.SMEM_LIMIT[90], 90,
-                                           tma=True)]
+    configs = kernel.triton_configs(
+        kernel.configs_for("fwd", block_d, 1, kernel.SMEM_LIMIT[90], 90, tma=True))
     q = types.SimpleNamespace(is_cuda=True, device="cuda", element_size=lambda: 1)
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
              *(f for f in ("USE_TMA", "WARP_SPECIALIZE") if c.kwargs.get(f)))

@@ -106,8 +106,7 @@ def test_packed_sequences(monkeypatch):
 def test_masked_calls_keep_warp_specialized_configs():
     """The tuner times them for masked calls and packed batches, not with dropout, nor for
     masked FP8 calls (unmasked FP8 calls keep them)."""
-    configs = [triton.Config(kernel._config_meta(c), num_warps=c[2], num_stages=c[3])
-               for c in kernel.FWD_CONFIGS_SM90[128]]
+    configs = kernel.triton_configs(kernel.FWD_CONFIGS_SM90[128])
 
     def specialized(**meta):
         return [c for c in kernel._forward_prune(configs, {"q_ptr": torch.zeros(1)}, **meta)
