@@ -22,6 +22,17 @@ def flag(name, x):
     return x
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """a and b name one device, an index left out meaning the current one: a generator made
+    with device="cuda" reports cuda, its tensors cuda:0."""
+    if a.type != b.type:
+        return False
+    if a.index == b.index:
+        return True
+    current = torch.get_device_module(a.type).current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
 def like(name, x, ref, ref_name):
     """x has ref's dtype and device."""
     if x.dtype != ref.dtype:

@@ -451,7 +451,7 @@ def _dropout_seed(dropout_p, generator, q):
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got "
                         f"{type(generator).__name__}")
-    if generator is not None and generator.device != q.device:
+    if generator is not None and not _checks.same_device(generator.device, q.device):
         raise ValueError(f"generator is on {generator.device} but q is on {q.device}")
     if dropout_p == 0:
         return None

@@ -212,6 +212,20 @@ def test_bad_dropout_arguments_raise_named_errors(message, kwargs):
         attnmem.attention(q, q, q, **kwargs)
 
 
+def test_a_device_without_index_is_the_current_one(monkeypatch):
+    """torch.Generator("cuda") reports cuda and its tensors cuda:0: one device, which the
+    generator check must accept (the first GPU run refused every CUDA generator)."""
+    from attnmem import _checks
+
+    current = type("Module", (), {"current_device": staticmethod(lambda: 1)})
+    monkeypatch.setattr(torch, "get_device_module", lambda kind: current)
+    assert _checks.same_device(torch.device("cuda"), torch.device("cuda", 1))
+    assert _checks.same_device(torch.device("cuda", 1), torch.device("cuda"))
+    assert not _checks.same_device(torch.device("cuda"), torch.device("cuda", 0))
+    assert not _checks.same_device(torch.device("cuda"), torch.device("cpu"))
+    assert _checks.same_device(torch.device("cpu"), torch.device("cpu"))
+
+
 def test_opcheck_with_dropout():
     """On the torch backend; the fake outputs are the same for both."""
     from attnmem.attention import _attention_backward, _attention_forward
