@@ -107,6 +107,13 @@ def _inplace_dtype(op, args, kwargs, dtype):
                         f"in {dtype}, or use inplace=False")
 
 
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    """torch.amp.is_autocast_available, which torch.compile before torch 2.13 cannot trace
+    (torch 2.11's dynamo refused fullgraph=True on every autocast_promote op)."""
+    return torch.amp.is_autocast_available(device_type)
+
+
 def autocast_promote(op):
     """op under torch.autocast's "promote" policy (torch.cat's and torch.stack's): while
     autocast is enabled for its inputs' device type, its floating-point tensor arguments
@@ -125,8 +132,7 @@ def autocast_promote(op):
         if not tensors:
             return op(*args, **kwargs)
         device_type = tensors[0].device.type
-        if not (torch.amp.is_autocast_available(device_type)
-                and torch.is_autocast_enabled(device_type)):
+        if not (_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
             return op(*args, **kwargs)
         dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
         if kwargs.get("inplace") is True:
