@@ -7,22 +7,37 @@ PY=${PYTHON:-python3}
 SITE=/tmp/attnmem-site
 # Triton kernels run compiled; only the smoke run's tests ask for the interpreter.
 export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
-# Pure-Python packages (import name:distribution) that tests and benchmarks use; a bare GPU
-# machine may lack some. scripts/gpu_wheels.sh downloads them into .whl/.
+# Pure-Python packages (import name:requirement) that tests and benchmarks use; a bare GPU
+# machine may lack some, or hold a version the requirement excludes (its transformers was
+# 5.17 on 2026-11-24). scripts/gpu_wheels.sh downloads them into .whl/.
 PURE_PYTHON=(pytest:pytest pluggy:pluggy iniconfig:iniconfig packaging:packaging
              pygments:pygments hypothesis:hypothesis sortedcontainers:sortedcontainers
              xdist:pytest-xdist execnet:execnet pytest_timeout:pytest-timeout
-             pytest_benchmark:pytest-benchmark cpuinfo:py-cpuinfo2 tqdm:tqdm)
+             pytest_benchmark:pytest-benchmark cpuinfo:py-cpuinfo2 tqdm:tqdm
+             "transformers:transformers>=5.23")
 
-# Prints the distributions of PURE_PYTHON whose module does not import, then matplotlib if
-# it does not (it is no pure-Python wheel: without it the reports have no plots).
+# Prints the requirements of PURE_PYTHON whose module does not import or whose installed
+# version the requirement excludes, then matplotlib if it does not import (it is no
+# pure-Python wheel: without it the reports have no plots).
 missing_packages() {
     "$PY" - "${PURE_PYTHON[@]}" matplotlib:matplotlib <<'EOF'
+import importlib.metadata
 import importlib.util
 import sys
 
-print(" ".join(dist for module, dist in (a.split(":") for a in sys.argv[1:])
-               if importlib.util.find_spec(module) is None))
+from packaging.requirements import Requirement
+
+
+def met(module, requirement):
+    if importlib.util.find_spec(module) is None:
+        return False
+    specifier = Requirement(requirement).specifier
+    return not specifier or specifier.contains(
+        importlib.metadata.version(Requirement(requirement).name), prereleases=True)
+
+
+print(" ".join(req for module, req in (a.split(":") for a in sys.argv[1:])
+               if not met(module, req)))
 EOF
 }
 

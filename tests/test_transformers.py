@@ -15,11 +15,11 @@ import warnings
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import attnmem
+import attnmem.integrations.transformers as attnmem_transformers
+from backends import BACKENDS, DEVICE
 
-import attnmem  # noqa: E402
-import attnmem.integrations.transformers as attnmem_transformers  # noqa: E402
-from backends import BACKENDS, DEVICE  # noqa: E402
+transformers = pytest.importorskip("transformers", minversion=attnmem_transformers.MIN_VERSION)
 
 BATCH, LENGTH, VOCAB = 3, 9, 97
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -454,6 +454,12 @@ def test_register_is_idempotent():
     assert AttentionInterface._global_mapping["attnmem"] is attnmem_transformers.attention_forward
     assert AttentionMaskInterface._global_mapping["attnmem"] is attnmem_transformers.build_mask
     assert "attnmem" in transformers.AttentionInterface().valid_keys()
+
+
+def test_register_refuses_an_older_transformers(monkeypatch):
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(ImportError, match="needs transformers >= 5.23, found 5.17.0"):
+        attnmem_transformers.register()
 
 
 def test_imports_without_transformers():

@@ -65,18 +65,28 @@ import attnmem
 from attnmem.nn.multihead import _compact_keys
 
 NAME = "attnmem"
+# The oldest transformers whose masks this module reads (pyproject's dev extra says so too):
+# 5.17 has no remap_positions_for_packed_sequence.
+MIN_VERSION = "5.23"
 
 _warned: set = set()
 
 
 def register():
     """Register attnmem with transformers as attn_implementation "attnmem" (attention and mask
-    functions); calling it again changes nothing. Raises ImportError without transformers."""
+    functions); calling it again changes nothing. Raises ImportError without transformers
+    or with one older than MIN_VERSION."""
     try:
+        import transformers
         from transformers import AttentionInterface, AttentionMaskInterface
     except ImportError as error:
         raise ImportError("attnmem.integrations.transformers.register() needs the transformers "
                           "package: pip install transformers") from error
+    from packaging.version import Version
+    if Version(transformers.__version__) < Version(MIN_VERSION):
+        raise ImportError(f"attnmem.integrations.transformers.register() needs transformers >= "
+                          f"{MIN_VERSION}, found {transformers.__version__}: pip install -U "
+                          f"transformers")
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, build_mask)
 
