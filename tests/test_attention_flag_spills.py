@@ -103,7 +103,8 @@ def test_other_gpus_and_dtypes_prune_nothing_new():
 
 def test_backward_launchers_prune(monkeypatch):
     """The dK/dV and dQ autotuners call the pruning (the forward's calls it from its own).
-    Built here without a GPU."""
+    Built here without a GPU, with full tuning (ATTNMEM_TUNING=one wraps the pruning)."""
+    monkeypatch.delenv("ATTNMEM_TUNING", raising=False)
     monkeypatch.setattr(kernel, "_autotuned", {})
     monkeypatch.setattr(kernel, "_smem_limit", lambda device: kernel.SMEM_LIMIT[90])
     for name, fn in (("dkdv", kernel._attn_bwd_dkdv), ("dq", kernel._attn_bwd_dq)):
