@@ -1,5 +1,6 @@
 import os
 import random
+import sys
 import zlib
 
 # Triton kernels run on CPU tensors through the interpreter; it must be set before triton loads.
@@ -18,6 +19,23 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     return f"attnmem: random inputs seeded with ATTNMEM_SEED={os.environ['ATTNMEM_SEED']}"
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    """A kernel fault (an illegal instruction or address) breaks the process's CUDA context
+    for good: every later test of the process would fail at its first CUDA call (909 errors
+    after two faults, on the first H100 run). After such a test, its report sent, an xdist
+    worker exits and xdist starts a fresh one in its place; a run without xdist stops."""
+    if not torch.cuda.is_initialized():
+        return
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError as error:
+        message = f"the CUDA context is broken after {nodeid}: {error}"
+        if "PYTEST_XDIST_WORKER" not in os.environ:
+            pytest.exit(message, returncode=1)
+        print(message, file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 @pytest.fixture(autouse=True)
