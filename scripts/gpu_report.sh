@@ -6,7 +6,10 @@
 #
 # PART is one of
 #   tests              the tests of gpu_check.sh, not stopping at a failure, with more time
-#                      (the sm_80/sm_90 compile tests, marked slow, need no GPU: CI runs them)
+#                      (the sm_80/sm_90 compile tests, marked slow, need no GPU: CI runs them);
+#                      with ATTNMEM_RERUN=FILE only the node ids FILE lists, one a line, e.g.
+#                      an earlier run's failures: grep -E '^\[gw[0-9]+\].* (FAILED|ERROR) '
+#                      tests.log | awk '{print $NF}' (tests/conftest.py reads it)
 #   attention-fwd      the gpu benchmark profile's attention forward (head dims 64 and
 #                      128, then q/k 192 with v 128: swept last, what a short budget drops),
 #   attention-bwd      ... backward,

@@ -21,6 +21,20 @@ def pytest_report_header(config):
     return f"attnmem: random inputs seeded with ATTNMEM_SEED={os.environ['ATTNMEM_SEED']}"
 
 
+def pytest_collection_modifyitems(config, items):
+    """ATTNMEM_RERUN=FILE: only the tests whose node ids FILE lists, one a line (an earlier
+    GPU run's failures, see scripts/gpu_report.sh); listed ids that match no test are
+    ignored, so a list stays usable after tests change."""
+    path = os.environ.get("ATTNMEM_RERUN")
+    if not path:
+        return
+    with open(path) as f:
+        wanted = {line.strip().split("@")[0] for line in f}
+    keep = [item for item in items if item.nodeid in wanted]
+    config.hook.pytest_deselected(items=[item for item in items if item.nodeid not in wanted])
+    items[:] = keep
+
+
 def pytest_runtest_logfinish(nodeid, location):
     """A kernel fault (an illegal instruction or address) breaks the process's CUDA context
     for good: every later test of the process would fail at its first CUDA call (909 errors
