@@ -217,9 +217,12 @@ def _rows_source(base, lo, hi, stride_m, HEAD_DIM: tl.constexpr, USE_TMA: tl.con
     matrix at `base` through: `base` itself, or a TMA descriptor of those rows alone, which
     reads zeros for every row outside them. Made on the device, per program: triton's warp
     specialization splits a device-made descriptor between its consumer warp groups, a host
-    one it cannot."""
+    one it cannot. An empty range gets a descriptor of one row that _load_rows and
+    _store_rows address only past its end: TMA through a descriptor of no rows raised an
+    illegal instruction on the H100 (an empty packed sequence, whose warp-specialized
+    programs take no early exit)."""
     if USE_TMA:
-        src = tl.make_tensor_descriptor(base + lo * stride_m, [tl.maximum(hi - lo, 0), HEAD_DIM],
+        src = tl.make_tensor_descriptor(base + lo * stride_m, [tl.maximum(hi - lo, 1), HEAD_DIM],
                                         [stride_m, 1], [BLOCK, BLOCK_D])
     else:
         src = base
@@ -236,7 +239,7 @@ def _load_rows(src, row0, lo, hi, stride_m, offs_d, HEAD_DIM: tl.constexpr,
     they must lie in [lo, hi)."""
     if USE_TMA:
         # Coordinates are relative to row lo; TMA zero-fills outside the box, below it too.
-        tile = src.load([row0 - lo, 0])
+        tile = src.load([tl.where(hi > lo, row0 - lo, BLOCK), 0])
         if TRANS:
             tile = tl.trans(tile)
     else:
@@ -266,7 +269,7 @@ def _store_rows(dst, row0, hi, stride_m, offs_d, tile, HEAD_DIM: tl.constexpr,
     _rows_source(base, 0, hi, ...), dropping columns past HEAD_DIM and rows from hi on
     (pointer stores check rows only with MASK_ROWS)."""
     if USE_TMA:
-        dst.store([row0, 0], tile)
+        dst.store([tl.where(hi > 0, row0, BLOCK), 0], tile)
     else:
         rows = row0 + tl.arange(0, BLOCK)
         mask = within(offs_d, HEAD_DIM, HEAD_DIM == offs_d.shape[0])[None, :]
