@@ -33,7 +33,7 @@ from aot import compile_all
 from attnmem.reference import attention as attention_twin
 from attnmem.reference import kvcache as twin
 from attnmem.reference.rotary import rotary
-from backends import BACKENDS, DEVICE
+from backends import BACKENDS, DEVICE, INTERPRET
 from tolerance import assert_close_to_float64
 
 FP8 = torch.float8_e4m3fn
@@ -293,7 +293,10 @@ def test_splits(n_splits):
 @pytest.mark.parametrize("layout", ["contiguous", "paged", "packed", "fp8"])
 def test_kvcache_append_matches_the_twin(layout, backend):
     """kvcache_append of k (D 40) and v (Ev 8) leaves the caches byte for byte as the twin's
-    append does: contiguous, paged, packed (with rotary) and into e4m3 caches."""
+    append does: contiguous, paged, packed (with rotary) and into e4m3 caches. Compiled, the
+    kernel's rotation x * cos + x_pair * sin is one fused multiply-add (triton contracts it;
+    the interpreter and torch round the product first), so its 24 rotated dims may differ by
+    a float32 rounding: see _assert_rotated_close."""
     batch, n_new, hkv, d, ev, capacity = 2, 3, 2, 40, 8, 16
     caches = [torch.full((batch, capacity, hkv, dim), math.nan) for dim in (d, ev)]
     k, v = (torch.randn(batch, n_new, hkv, dim) for dim in (d, ev))
@@ -319,8 +322,29 @@ def test_kvcache_append_matches_the_twin(layout, backend):
             attnmem.kvcache_append(*got, _to(k), _to(v), **{n: _to(x) for n, x in kwargs.items()})
         after[which] = [c.cpu() for c in got]
     for got, expect, before in zip(after[backend], after["torch"], caches):
+        if layout == "packed" and got.shape[-1] == d and backend == "triton" and not INTERPRET:
+            rotary_dim = 2 * angle.shape[1]
+            _assert_rotated_close(got[..., :rotary_dim], expect[..., :rotary_dim])
+            got, expect = got[..., rotary_dim:], expect[..., rotary_dim:]
         assert torch.equal(got.view(torch.uint8), expect.view(torch.uint8))
         assert not torch.equal(got.view(torch.uint8), before.view(torch.uint8))
+
+
+def _assert_rotated_close(got, expect):
+    """Float32 keys rotated in (d, d + R / 2) pairs (got, expect: (..., R)) alike but for the
+    rounding of the rotation: y = x * cos + x_pair * sin (x_pair sin's sign per pair) is within
+    2u (|x cos| + |x_pair sin|), u = 2^-24, of exact whether rounded as two products and a sum
+    (torch) or as a product and a fused multiply-add (a compiled kernel), so the two are within
+    4u (|x| + |x_pair|) <= 4 sqrt(2) u hypot(x, x_pair) of each other, and a rotation keeps
+    hypot(x, x_pair) = hypot(y, y_pair). Slots the append leaves (NaN) match byte for byte."""
+    half = expect.shape[-1] // 2
+    pair = torch.cat([expect[..., half:], expect[..., :half]], -1)
+    bound = 2.0**-21 * torch.hypot(expect.double(), pair.double())
+    same = got.view(torch.int32) == expect.view(torch.int32)
+    close = (got.double() - expect.double()).abs() <= bound
+    assert (same | close).all(), (
+        f"{int((~(same | close)).sum())} rotated elements differ past the bound, most by "
+        f"{(got.double() - expect.double()).abs()[~(same | close)].max():.3g}")
 
 
 def _good(d=16, ev=24):

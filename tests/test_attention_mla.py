@@ -193,8 +193,10 @@ def test_fp8_forward(backend):
     with attnmem.use_backend("torch"):
         ref, ref_lse = attnmem.attention(q, k, v, **masks, return_lse=True)
         ref_abs = attnmem.attention(q, k, v.abs(), **masks)
+        _, score_abs = attnmem.attention(q.abs(), k.abs(), v, **masks, return_lse=True)
     assert out.shape == (b, heads, n_q, ev)
-    assert_fp8_close(out, lse, ref, ref_lse, ref_abs, v, n_k, torch.float32, backend)
+    assert_fp8_close(out, lse, ref, ref_lse, ref_abs, v, n_k, torch.float32, backend,
+                     score_abs, d)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -214,17 +216,21 @@ def test_fp8_varlen_forward(backend):
                                             return_lse=True)
 
     def dequantized(absolute, q, k, v, b):
-        q, k, v = (twin.dequantize(x, s[b:b + 1]).double()
-                   for x, (_, s) in zip((q, k, v), quantized))
+        """Float64 attention of sequence b's dequantized inputs, those named in `absolute`
+        ("v" or "qk") taken in absolute value."""
+        q, k, v = (twin.dequantize(x, s[b:b + 1]).double().abs() if name in absolute
+                   else twin.dequantize(x, s[b:b + 1]).double()
+                   for name, x, (_, s) in zip("qkv", (q, k, v), quantized))
         with attnmem.use_backend("torch"):
-            return attnmem.attention(q, k, v.abs() if absolute else v, causal=True,
-                                     return_lse=True)
+            return attnmem.attention(q, k, v, causal=True, return_lse=True)
 
     fp8 = [x for x, _ in quantized]
-    ref, ref_lse = each_sequence(lambda *x: dequantized(False, *x), *fp8, *cus)
-    ref_abs, _ = each_sequence(lambda *x: dequantized(True, *x), *fp8, *cus)
+    ref, ref_lse = each_sequence(lambda *x: dequantized("", *x), *fp8, *cus)
+    ref_abs, _ = each_sequence(lambda *x: dequantized("v", *x), *fp8, *cus)
+    _, score_abs = each_sequence(lambda *x: dequantized("qk", *x), *fp8, *cus)
     assert out.shape == (q.shape[0], 4, 48)
-    assert_fp8_close(out, lse.T, ref, ref_lse.T, ref_abs, v, 9, torch.float32, backend)
+    assert_fp8_close(out, lse.T, ref, ref_lse.T, ref_abs, v, 9, torch.float32, backend,
+                     score_abs.T, q.shape[-1])
 
 
 def _qkv(e=8, ev=12):

@@ -85,8 +85,11 @@ def check_against_float64(case, backend, **mods):
     with attnmem.use_backend("torch"):
         ref, ref_lse = attnmem.attention_varlen(q, k, v, *args, **masks, **mods, return_lse=True)
         ref_abs = attnmem.attention_varlen(q, k, v.abs().nan_to_num(), *args, **masks, **mods)
+        _, score_abs = attnmem.attention_varlen(q.abs(), k.abs().nan_to_num(), v.nan_to_num(),
+                                                *args, **masks, return_lse=True)
     assert_fp8_close(out.transpose(0, 1), lse, ref.transpose(0, 1), ref_lse,
-                     ref_abs.transpose(0, 1), v, args[3], out_dtype, backend)
+                     ref_abs.transpose(0, 1), v, args[3], out_dtype, backend, score_abs,
+                     q.shape[-1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

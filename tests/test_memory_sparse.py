@@ -479,7 +479,11 @@ def test_shared_memory_matches_expanded_float64(name, backend):
     """A memory (N, D) shared by the batch reads as its expansion to (B, N, D) does, with
     the expansion's summed gradient: float64 on the torch backend, float32 on triton against
     the float64 expansion; slots repeat across batch entries, -1 slots included. Its
-    sparse gradients (sparse_grad=True) densify to the dense ones."""
+    sparse gradients (sparse_grad=True) densify to the dense ones: bit for bit on the CPU,
+    within the dense ones' tolerance of float64 on CUDA. Either way the rows' gradients are
+    torch's (F.embedding's backward, dense or sparse; the kernel only picks the slots), and a
+    slot that three or more rows name sums their gradients in an order that CUDA's dense
+    embedding backward and its sparse tensors' coalescing (to_dense) do not share."""
     case = SHARED[name]
     b, n, d, r, dv, *_, k, _ = case
     dtype = torch.float64 if backend == "torch" else torch.float32
@@ -502,7 +506,10 @@ def test_shared_memory_matches_expanded_float64(name, backend):
     shared = [3, -1] if dv is not None else [3]  # the gradients of memory and values
     for i in shared:
         assert sparse[i].layout == torch.sparse_coo
-        torch.testing.assert_close(sparse[i].to_dense(), got[i], rtol=0, atol=0)
+        if DEVICE == "cpu":
+            torch.testing.assert_close(sparse[i].to_dense(), got[i], rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(sparse[i].to_dense().double(), expect[i], **tol)
     # memory_address takes a shared memory alike.
     with attnmem.use_backend(backend):
         slots, weights = attnmem.memory_address(tensors[0], tensors[1], strength=tensors[2],
