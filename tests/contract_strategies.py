@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 import attnmem
+from backends import DEVICE
 from tolerance import ATOL
 
 # Few examples per property: the Triton interpreter is slow, and the file runs in a couple
@@ -59,16 +60,16 @@ def arrange(x, layout):
 
 
 class Data:
-    """Random float64 tensors from one seed."""
+    """Random float64 tensors on DEVICE from one seed."""
 
     def __init__(self, seed):
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = torch.Generator(DEVICE).manual_seed(seed)
 
     def randn(self, *shape, scale=1.0):
-        return torch.randn(shape, generator=self.gen, dtype=torch.float64) * scale
+        return torch.randn(shape, generator=self.gen, dtype=torch.float64, device=DEVICE) * scale
 
     def rand(self, *shape):
-        return torch.rand(shape, generator=self.gen, dtype=torch.float64)
+        return torch.rand(shape, generator=self.gen, dtype=torch.float64, device=DEVICE)
 
     def simplex(self, *shape, temperature=1.0):
         return torch.softmax(self.randn(*shape) / temperature, -1)
@@ -87,11 +88,11 @@ def lengths(draw, batch, n):
         value = st.integers(-3, n + 3)
     if form == "expanded":
         values = [draw(value)] * batch
-        tensor = torch.tensor([values[0] if batch else 0]).expand(batch)
+        tensor = torch.tensor([values[0] if batch else 0], device=DEVICE).expand(batch)
     else:
         values = draw(st.lists(value, min_size=batch, max_size=batch))
         dtype = {"int32": torch.int32, "int16": torch.int16}.get(form, torch.int64)
-        tensor = torch.tensor(values, dtype=dtype)
+        tensor = torch.tensor(values, dtype=dtype, device=DEVICE)
         if form == "strided":
             tensor = torch.stack([tensor, torch.full_like(tensor, -7)], 1)[:, 0]
     return tensor, [min(max(v, 0), n) for v in values]

@@ -78,7 +78,8 @@ def _run(q, k_cache, v_cache, k, v, seqlens, kwargs, backend, block_table=None):
     with attnmem.use_backend(backend):
         out, lse = attnmem.attention_with_kvcache(
             to(q), k_cache, v_cache, k=to(k), v=to(v), cache_seqlens=to(seqlens),
-            block_table=to(block_table), return_lse=True, **kwargs)
+            block_table=to(block_table), return_lse=True,
+            **{name: to(x) for name, x in kwargs.items()})
     return out.cpu(), lse.cpu(), k_cache.cpu(), v_cache.cpu()
 
 
@@ -303,7 +304,10 @@ def test_num_splits_match_float64(backend):
 @pytest.mark.skipif(not KERNEL, reason="needs the triton backend")
 def test_one_split_runs_no_combine(monkeypatch):
     """num_splits=1: the attention kernel writes out and lse itself, and the combine does not
-    run; with 3 splits it does."""
+    run; with 3 splits it does. A split holds one key tile at least, of the largest BLOCK_N
+    the launch's configs may take (kernels/attention_kvcache.py's _splits): 16 under the
+    interpreter, up to 128 on a GPU, where window_gqa's 64 slots are one tile and num_splits=3
+    runs as 1. The split run takes a cache of three such tiles."""
     from test_grid_limits import _Grids
 
     from attnmem.kernels import attention_kvcache as kernel
@@ -316,6 +320,11 @@ def test_one_split_runs_no_combine(monkeypatch):
                "triton")
     assert combine.grids == []
     torch.testing.assert_close(got[:2], expect[:2], rtol=1e-5, atol=1e-5)
+    widest = max([n for configs in kernel.CONFIGS.values() for n, _, _ in configs]
+                 + [kernel.INTERPRET_CONFIG["BLOCK_N"]])
+    long = CASES["window_gqa"][:5] + (3 * widest, [3 * widest - 20, 3]) + CASES["window_gqa"][7:]
+    monkeypatch.setitem(CASES, "window_gqa_long", long)
+    q, k_cache, v_cache, k, v, seqlens, kwargs = _inputs("window_gqa_long", torch.float32)
     _run(q, k_cache, v_cache, k, v, seqlens, dict(kwargs, num_splits=3), "triton")
     assert len(combine.grids) == 1
 
@@ -491,7 +500,7 @@ def test_opcheck(backend):
     """The custom ops' schemas (the append mutates the caches), fakes and dispatch."""
     from attnmem import kvcache
 
-    args = _good()
+    args = {name: x.to(DEVICE) for name, x in _good().items()}
     seqlens = args["cache_seqlens"]
     torch.library.opcheck(kvcache._append, (args["q"], args["k_cache"], args["v_cache"],
                                             args["k"], args["v"], seqlens, None, backend))
@@ -499,7 +508,8 @@ def test_opcheck(backend):
                                             seqlens, None, 1, 0.25, 3, 0, backend))
     torch.library.opcheck(kvcache._attend, (args["q"], args["k_cache"], args["v_cache"],
                                             seqlens, None, 1, 0.25, 3, 0, backend, 1.5,
-                                            torch.randn(4), torch.rand(2, 4)))
+                                            torch.randn(4, device=DEVICE),
+                                            torch.rand(2, 4, device=DEVICE)))
 
 
 def test_compiles_under_torch_compile():

@@ -157,7 +157,8 @@ def test_fp8_cache_matches_per_sequence(backend):
     (k_pool, table), (v_pool, _) = (_paged(c, page_size, order) for c in (k_cache, v_cache))
     out, lse, *pools = _packed(q, k_pool, v_pool, k, v, seqlens, cu_seqlens, kwargs, backend,
                                table)
-    expect = _per_sequence(q, k_cache, v_cache, k, v, seqlens, cu_seqlens, kwargs, backend)
+    expect = _per_sequence(*map(_to, (q, k_cache, v_cache, k, v, seqlens)), cu_seqlens,
+                           {n: _to(x) for n, x in kwargs.items()}, backend)
     for pool, cache in zip(pools, expect[2:]):
         assert torch.equal(pool[table.long()].flatten(1, 2).view(torch.uint8),
                            cache.cpu().view(torch.uint8))

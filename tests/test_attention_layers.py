@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import attnmem
 from attnmem.nn import MultiheadSelfAttention, SinusoidalPositionalEncoding, TransformerEncoderLayer
 from attnmem.reference import attention as twin
-from backends import BACKENDS
+from backends import BACKENDS, DEVICE
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -84,8 +84,8 @@ def test_self_attention_dropout_runs_in_the_kernel(backend):
     """In training the weights are dropped by attnmem.attention (torch's default generator):
     the float64 twin with the mask that call applied gives the same output."""
     api = importlib.import_module("attnmem.attention")
-    layer = MultiheadSelfAttention(32, 8, num_kv_heads=2, causal=True, dropout=0.3)
-    x, lengths = torch.randn(2, 9, 32), torch.tensor([9, 5])
+    layer = MultiheadSelfAttention(32, 8, num_kv_heads=2, causal=True, dropout=0.3).to(DEVICE)
+    x, lengths = torch.randn(2, 9, 32, device=DEVICE), torch.tensor([9, 5], device=DEVICE)
     with attnmem.use_backend(backend):
         torch.manual_seed(3)
         got = layer(x, lengths)
@@ -194,11 +194,12 @@ def test_numpy_integers_are_ints():
 def test_empty_batch_or_sequence(batch, length, backend):
     """Zero batch or zero length runs forward and backward on both backends: empty output,
     finite zero gradients, as torch.nn.TransformerEncoderLayer gives."""
-    layer = TransformerEncoderLayer(16, 4, dim_feedforward=24, dropout=0.0, causal=True)
-    pe = SinusoidalPositionalEncoding(16)
-    x = torch.randn(batch, length, 16, requires_grad=True)
+    layer = TransformerEncoderLayer(16, 4, dim_feedforward=24, dropout=0.0,
+                                    causal=True).to(DEVICE)
+    pe = SinusoidalPositionalEncoding(16).to(DEVICE)
+    x = torch.randn(batch, length, 16, device=DEVICE, requires_grad=True)
     with attnmem.use_backend(backend):
-        out = layer(pe(x), kv_lengths=torch.zeros(batch, dtype=torch.long))
+        out = layer(pe(x), kv_lengths=torch.zeros(batch, dtype=torch.long, device=DEVICE))
         out.sum().backward()
     assert out.shape == (batch, length, 16)
     for name, p in layer.named_parameters():

@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 
 import attnmem
 import attnmem.nn
-from backends import BACKENDS
+from backends import BACKENDS, DEVICE
 
 INF = float("inf")
 
@@ -76,8 +76,9 @@ def lengths_up_to(small, large):
 def key_padding(batch, n, lens):
     """(B, N) bool: True where position j is past lens[b]."""
     if lens is None:
-        return torch.zeros(batch, n, dtype=torch.bool)
-    return torch.arange(n)[None, :] >= torch.tensor(lens, dtype=torch.long).view(batch, 1)
+        return torch.zeros(batch, n, dtype=torch.bool, device=DEVICE)
+    return torch.arange(n, device=DEVICE)[None, :] >= torch.tensor(
+        lens, dtype=torch.long, device=DEVICE).view(batch, 1)
 
 
 def poisoned(x, padding, value):
@@ -89,10 +90,10 @@ def poisoned(x, padding, value):
 
 def attention_visible(n_q, n_k, causal, window, lens, batch):
     """(B, 1, Nq, Nk): query i sees key j (the docstring's rules, a = i + Nk - Nq)."""
-    i = torch.arange(n_q)[:, None]
-    j = torch.arange(n_k)[None, :]
+    i = torch.arange(n_q, device=DEVICE)[:, None]
+    j = torch.arange(n_k, device=DEVICE)[None, :]
     a = i + n_k - n_q
-    keep = torch.ones(n_q, n_k, dtype=torch.bool)
+    keep = torch.ones(n_q, n_k, dtype=torch.bool, device=DEVICE)
     if causal:
         keep &= j <= a
     if window is not None:
@@ -153,10 +154,10 @@ ATTENTION_CASES = {
     "no batch": attention_case(shape=(0, 2, 1, 3, 5, 4)),
     "no query": attention_case(shape=(2, 2, 1, 0, 5, 4)),
     "no key": attention_case(shape=(2, 2, 1, 3, 0, 4)),
-    "fully masked": attention_case(kv=(torch.tensor([0, 2**32 + 1]), [0, 5]),
+    "fully masked": attention_case(kv=(torch.tensor([0, 2**32 + 1], device=DEVICE), [0, 5]),
                                    shape=(2, 2, 1, 3, 5, 4), poison=float("inf")),
     "tiles": attention_case(shape=(1, 4, 2, 33, 40, 40), causal=True, window=(20, None),
-                            kv=(torch.tensor([37]), [37])),
+                            kv=(torch.tensor([37], device=DEVICE), [37])),
 }
 
 
@@ -200,8 +201,8 @@ def test_attention_huge_scale_is_hard_attention(backend, data):
     dtype = data.draw(st.sampled_from([torch.float32, torch.float16]))
     rand = Data(data.draw(seeds))
     # Small integers: the dot products are exact, so the argmax is the same in every dtype.
-    q, k = (torch.randint(-2, 3, (batch, heads, n, dim), generator=rand.gen).double()
-            for n in (n_q, n_k))
+    q, k = (torch.randint(-2, 3, (batch, heads, n, dim), generator=rand.gen,
+                          device=DEVICE).double() for n in (n_q, n_k))
     v = rand.randn(batch, heads, n_k, dim)
     scores = q @ k.transpose(-1, -2)
     top = scores == scores.amax(-1, keepdim=True)
@@ -361,9 +362,9 @@ def test_addressing_weights_sum_to_one_at_huge_strengths(backend, data):
     mask[:, 0] = True
     with attnmem.use_backend(backend):
         weights = attnmem.memory_address(memory, keys, strength=torch.full(
-            (batch, heads), strength, dtype=dtype), similarity=kind, mask=mask)
+            (batch, heads), strength, dtype=dtype, device=DEVICE), similarity=kind, mask=mask)
         read, attended = attnmem.memory_attend(memory, keys, strength=torch.full(
-            (batch, heads), strength, dtype=dtype), similarity=kind, mask=mask,
+            (batch, heads), strength, dtype=dtype, device=DEVICE), similarity=kind, mask=mask,
             return_weights=True)
     for w in (weights, attended):
         assert torch.isfinite(w).all() and (w >= 0).all(), "weights not finite or negative"
@@ -474,7 +475,8 @@ def location_reference(content_weights, prev_weights, gate, shift, gamma):
     if n == 0:
         return (gated,)
     # shift[j] moves the focus by j - S//2: slot m receives gated[m - (j - S//2)].
-    source = (torch.arange(n)[None, :] - (torch.arange(s)[:, None] - s // 2)) % n
+    source = (torch.arange(n, device=DEVICE)[None, :]
+              - (torch.arange(s, device=DEVICE)[:, None] - s // 2)) % n
     shifted = (shift[..., :, None] * gated[..., source]).sum(-2)
     positive = shifted > 0
     sharp = torch.where(positive, torch.exp(gamma[..., None] * torch.log(
@@ -524,7 +526,8 @@ def test_location_sharpening_near_uniform_weights_sums_to_one(backend, data):
     rand = Data(data.draw(seeds))
     uniform = (1 + 1e-2 * rand.randn(b, r, n)) / n
     x = dict(content_weights=uniform, prev_weights=uniform.flip(-1), gate=rand.rand(b, r),
-             shift=rand.simplex(b, r, 3), gamma=torch.full((b, r), gamma, dtype=torch.float64))
+             shift=rand.simplex(b, r, 3),
+             gamma=torch.full((b, r), gamma, dtype=torch.float64, device=DEVICE))
     given_ = {name: t.to(dtype) for name, t in x.items()}
     with attnmem.use_backend(backend):
         out = attnmem.location_address(**given_)
@@ -568,8 +571,9 @@ def test_additive_and_pointer_attention_match_float64(backend, data):
 
 
 def additive_case(**changes):
-    case = dict(shape=(2, 3, 5, 4, 2), kv=(torch.tensor([5, 2]), [5, 2]), return_weights=True,
-                dtype=torch.float32, layout="contiguous", poison=float("nan"), seed=0)
+    case = dict(shape=(2, 3, 5, 4, 2), kv=(torch.tensor([5, 2], device=DEVICE), [5, 2]),
+                return_weights=True, dtype=torch.float32, layout="contiguous",
+                poison=float("nan"), seed=0)
     return {**case, **changes}
 
 
@@ -577,8 +581,9 @@ ADDITIVE_CASES = {
     "strided_last": additive_case(layout="strided_last"),
     "no key": additive_case(shape=(2, 3, 0, 4, 2), kv=None),
     "no query": additive_case(shape=(2, 0, 5, 4, 2)),
-    "fully masked": additive_case(kv=(torch.tensor([0, -3]), [0, 0]), poison=float("-inf")),
-    "tiles": additive_case(shape=(1, 17, 40, 7, 3), kv=(torch.tensor([33]), [33])),
+    "fully masked": additive_case(kv=(torch.tensor([0, -3], device=DEVICE), [0, 0]),
+                                  poison=float("-inf")),
+    "tiles": additive_case(shape=(1, 17, 40, 7, 3), kv=(torch.tensor([33], device=DEVICE), [33])),
 }
 
 
@@ -680,7 +685,7 @@ def valid_call(op, sizes):
     def f(*shape):
         return rand.randn(*shape).float()
 
-    lens = torch.tensor([n] * b)
+    lens = torch.tensor([n] * b, device=DEVICE)
     if op == "attention":
         return (lambda **x: attnmem.attention(**x),
                 dict(q=f(b, 2 * r, m, d), k=f(b, r, n, d), v=f(b, r, n, d), kv_lengths=lens,
@@ -812,7 +817,7 @@ def multihead_attention(draw, rand):
     # A causal mask, or any bool or float one (rows of -inf or True included: zeros out).
     attn_mask = draw(st.sampled_from(["none", "bool", "float"]))
     if causal:
-        attn_mask = torch.ones(n_q, n_k, dtype=torch.bool).triu(1)
+        attn_mask = torch.ones(n_q, n_k, dtype=torch.bool, device=DEVICE).triu(1)
     elif attn_mask == "bool":
         attn_mask = rand.bools(n_q, n_k, p=0.3)
     elif attn_mask == "float":
@@ -925,8 +930,8 @@ def memn2n(draw, rand):
                                position_encoding=draw(st.booleans()),
                                temporal_encoding=draw(st.booleans()))
     b, s, w = draw(st.integers(0, 2)), draw(st.integers(0, memory_size)), draw(st.integers(1, 3))
-    story = torch.randint(0, vocab, (b, s, w), generator=rand.gen)
-    query = torch.randint(0, vocab, (b, w), generator=rand.gen)
+    story = torch.randint(0, vocab, (b, s, w), generator=rand.gen, device=DEVICE)
+    query = torch.randint(0, vocab, (b, w), generator=rand.gen, device=DEVICE)
     return module, dict(story=story, query=query), lambda m, story, query: (m(story, query),)
 
 
@@ -975,7 +980,7 @@ def test_module_matches_float64(backend, name, data):
     module, inputs, forward = MODULES[name](data.draw, rand)
     dtype = data.draw(st.sampled_from([torch.float32, torch.float64] if backend == "torch"
                                       else [torch.float32]))
-    module = module.to(dtype).eval()
+    module = module.to(DEVICE, dtype).eval()
     inputs = {n: x.to(dtype) if x.dtype.is_floating_point else x for n, x in inputs.items()}
     check_module(backend, module, inputs, forward, rand, dtype)
 
@@ -993,9 +998,9 @@ def test_luong_attention_cases(backend, score, mode, source, window):
     torch.manual_seed(0)
     hidden, width = 3, 3 if score == "dot" or source != "wider" else 5
     module = attnmem.nn.LuongAttention(hidden, score=score, mode=mode, window=window,
-                                       source_size=width)
+                                       source_size=width).to(DEVICE)
     n_s = 0 if source == "empty" else 4
-    lengths_ = torch.tensor([0, 0]) if source == "fully masked" else None
+    lengths_ = torch.tensor([0, 0], device=DEVICE) if source == "fully masked" else None
 
     def forward(m, query, source):
         return m(query, source, source_lengths=lengths_, return_weights=True)
@@ -1012,7 +1017,7 @@ def test_hard_attention_module(backend, data):
     rand = Data(data.draw(seeds))
     torch.manual_seed(data.draw(seeds))
     query_dim, key_dim, attn_dim = (data.draw(st.integers(1, 4)) for _ in range(3))
-    module = attnmem.nn.HardAttention(query_dim, key_dim, attn_dim)
+    module = attnmem.nn.HardAttention(query_dim, key_dim, attn_dim).to(DEVICE)
     b, n_q, n_k = data.draw(st.integers(0, 2)), data.draw(st.integers(0, 3)), \
         data.draw(st.integers(1, 4))
     query, keys = rand.randn(b, n_q, query_dim).float(), rand.randn(b, n_k, key_dim).float()
@@ -1110,16 +1115,18 @@ def forward_calls(rand):
             lambda m, **x: m(**x),
             dict(query=rand.randn(b, 3, 4).float(), key=rand.randn(b, 2, 3).float(),
                  value=rand.randn(b, 2, 5).float(),
-                 key_padding_mask=torch.tensor([[False, True], [False, False]])),
+                 key_padding_mask=torch.tensor([[False, True], [False, False]], device=DEVICE)),
             # float padding masks are added to the scores; torch's unbatched 2-D inputs
             {("key_padding_mask", "*")} | {(k, w) for k in ("query", "key", "value")
                                            for w in ("extra dim", "fewer dims")}),
         "MultiheadSelfAttention": (
             nn_.MultiheadSelfAttention(4, 2), lambda m, **x: m(**x),
-            dict(x=rand.randn(b, 3, 4).float(), kv_lengths=torch.tensor([1, 3])), set()),
+            dict(x=rand.randn(b, 3, 4).float(), kv_lengths=torch.tensor([1, 3], device=DEVICE)),
+            set()),
         "TransformerEncoderLayer": (
             nn_.TransformerEncoderLayer(4, 2, 3), lambda m, **x: m(**x),
-            dict(x=rand.randn(b, 3, 4).float(), kv_lengths=torch.tensor([1, 3])), set()),
+            dict(x=rand.randn(b, 3, 4).float(), kv_lengths=torch.tensor([1, 3], device=DEVICE)),
+            set()),
         "SinusoidalPositionalEncoding": (
             # no parameters: any float dtype, any batch
             nn_.SinusoidalPositionalEncoding(4, 8), lambda m, **x: m(**x),
@@ -1128,30 +1135,32 @@ def forward_calls(rand):
         "AdditiveAttention": (
             nn_.AdditiveAttention(2, 3, 4), lambda m, **x: m(**x),
             dict(query=rand.randn(b, 3, 2).float(), keys=rand.randn(b, 4, 3).float(),
-                 values=rand.randn(b, 4, 2).float(), kv_lengths=torch.tensor([2, 4])),
+                 values=rand.randn(b, 4, 2).float(),
+                 kv_lengths=torch.tensor([2, 4], device=DEVICE)),
             {("values", "last size + 1"), ("query", "fewer dims")}),
         "PointerAttention": (
             nn_.PointerAttention(2, 3, 4), lambda m, **x: m(**x),
             dict(query=rand.randn(b, 3, 2).float(), keys=rand.randn(b, 4, 3).float(),
-                 kv_lengths=torch.tensor([2, 4])), {("query", "fewer dims")}),
+                 kv_lengths=torch.tensor([2, 4], device=DEVICE)), {("query", "fewer dims")}),
         "HardAttention": (
             # values are gathered, never multiplied: any dtype
             nn_.HardAttention(2, 3, 4).eval(), lambda m, **x: m(**x),
             dict(query=rand.randn(b, 3, 2).float(), keys=rand.randn(b, 4, 3).float(),
-                 values=rand.randn(b, 4, 2).float(), kv_lengths=torch.tensor([2, 4])),
+                 values=rand.randn(b, 4, 2).float(),
+                 kv_lengths=torch.tensor([2, 4], device=DEVICE)),
             {("values", w) for w in kinds[:4] + ["last size + 1"]} | {("query", "fewer dims")}),
         "LuongAttention": (
             nn_.LuongAttention(3, source_size=4), lambda m, **x: m(**x),
             dict(query=rand.randn(b, 2, 3).float(), source=rand.randn(b, 5, 4).float(),
-                 source_lengths=torch.tensor([5, 1])), {("query", "fewer dims")}),
+                 source_lengths=torch.tensor([5, 1], device=DEVICE)), {("query", "fewer dims")}),
         "NTM": (
             # inputs (T, B, I): any number of steps
             nn_.NTM(2, 3, 4, 5, 2), lambda m, **x: m(**x)[0],
             dict(inputs=rand.randn(3, b, 2).float()), {("inputs", "first size + 1")}),
         "MemN2N": (
             nn_.MemN2N(5, 3, 4, 2), lambda m, **x: m(**x),
-            dict(story=torch.randint(0, 5, (b, 3, 2), generator=rand.gen),
-                 query=torch.randint(0, 5, (b, 2), generator=rand.gen)),
+            dict(story=torch.randint(0, 5, (b, 3, 2), generator=rand.gen, device=DEVICE),
+                 query=torch.randint(0, 5, (b, 2), generator=rand.gen, device=DEVICE)),
             {("story", "last size + 1"), ("query", "last size + 1")}),
         "KeyValueMemory": (
             nn_.KeyValueMemory(3, 4, 2, 2), lambda m, **x: m(**x),
@@ -1166,6 +1175,7 @@ def test_module_forward_names_bad_inputs(backend, name):
     float dtype, a wrong ndim, a wrong size) is refused with an error naming it (or, for a
     batch size that disagrees, naming another input)."""
     module, forward, inputs, valid = forward_calls(Data(0))[name]
+    module.to(DEVICE)
     failures = []
     with attnmem.use_backend(backend):
         try:
@@ -1208,10 +1218,10 @@ def test_multihead_attention_is_a_drop_in(backend, data):
                    kdim=data.draw(st.none() | st.integers(1, 4)),
                    vdim=data.draw(st.none() | st.integers(1, 4)),
                    batch_first=data.draw(st.booleans()))
-    ours = attnmem.nn.MultiheadAttention(embed, heads, **options).eval()
-    theirs = torch.nn.MultiheadAttention(embed, heads, **options).double().eval()
+    ours = attnmem.nn.MultiheadAttention(embed, heads, **options).to(DEVICE).eval()
+    theirs = torch.nn.MultiheadAttention(embed, heads, **options).to(DEVICE, torch.float64).eval()
     theirs.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
-    base = torch.nn.MultiheadAttention(embed, heads, **options).eval()
+    base = torch.nn.MultiheadAttention(embed, heads, **options).to(DEVICE).eval()
     base.load_state_dict(ours.state_dict())
     b, n_q, n_k = data.draw(st.integers(1, 2)), data.draw(st.integers(0, 4)), \
         data.draw(st.integers(1, 4))
@@ -1223,7 +1233,8 @@ def test_multihead_attention_is_a_drop_in(backend, data):
     extra = options["add_bias_kv"] or options["add_zero_attn"]
     kwargs = dict(key_padding_mask=mask, need_weights=data.draw(st.booleans()),
                   average_attn_weights=data.draw(st.booleans()), is_causal=causal and not extra,
-                  attn_mask=torch.ones(n_q, n_k, dtype=torch.bool).triu(1) if causal else None)
+                  attn_mask=torch.ones(n_q, n_k, dtype=torch.bool, device=DEVICE).triu(1)
+                  if causal else None)
 
     def seq(n, width):
         x = rand.randn(b, n, width).float()
