@@ -8,10 +8,12 @@ FlashAttention's convention) or bytes (memory ops: each input read once, each ou
 written once), or None where time is the measure.
 """
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
+from torch._functorch import config as functorch_config
 
 import attnmem
 from attnmem.nn import MultiheadAttention, MultiheadSelfAttention
@@ -145,6 +147,12 @@ def eager_additive(q, k, values, v):
 
 
 _COMPILED = {}
+# "bwd" times a backward alone, run again and again on one kept graph (retain_graph): re-running
+# the forward each time would time it too. A compiled backward runs once only by default: it
+# overwrites the tensors saved for it ("donated buffers"). FlexAttention is compiled without them,
+# and the timed backward runs with them off too, as torch checks the setting then (each alone
+# fails: torch raises, or the second backward reads overwritten tensors).
+_NO_DONATED_BUFFERS = functorch_config.patch(donated_buffer=False)
 
 
 def _compiled(fn):
@@ -154,18 +162,24 @@ def _compiled(fn):
     return _COMPILED[fn]
 
 
+@functools.lru_cache(maxsize=8)
+def _causal_block_mask(n, device):
+    """FlexAttention's causal block mask of n queries and keys, built once a size, as a
+    model builds it once for all its layers: outside the timed call."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(lambda b, h, i, j: i >= j, None, None, n, n, device=device)
+
+
 def _flex(q, k, v, causal):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     if q.device.type != "cuda":
         raise RuntimeError("FlexAttention is timed on CUDA only: its CPU path compiles "
                            "through inductor's C++ backend at every shape")
-    mask = None
-    if causal:
-        n = q.shape[2]
-        mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, n, n,
-                                 device=q.device)
-    return _compiled(flex_attention)(q, k, v, block_mask=mask)
+    mask = _causal_block_mask(q.shape[2], q.device) if causal else None
+    with _NO_DONATED_BUFFERS:
+        return _compiled(flex_attention)(q, k, v, block_mask=mask)
 
 
 def _sdpa(backend):
@@ -210,7 +224,10 @@ def _timed(mode, forward, inputs):
     out = forward()
     grad = torch.randn_like(out)
     if mode == "bwd":
-        return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
+        def backward():
+            with _NO_DONATED_BUFFERS:
+                torch.autograd.grad(out, inputs, grad, retain_graph=True)
+        return backward
     return lambda: torch.autograd.grad(forward(), inputs, grad)
 
 

@@ -171,8 +171,11 @@ def _plot(path, panels, xlabel, ylabel, roof=None, logy=False):
                     lw=2.5 if provider.startswith("attnmem") else 1.2)
         if roof:
             ax.axhline(roof[1], color="k", ls="--", lw=1, label=roof[0])
-        ax.set_xscale("log", base=2 if max(x for s in series.values() for x, _ in s) < 1e5
-                      else 10)
+        if series:
+            ax.set_xscale("log", base=2 if max(x for s in series.values() for x, _ in s) < 1e5
+                          else 10)
+        else:  # each point cut by the sweep's deadline or failed (the report's "Not measured")
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
         if logy:
             ax.set_yscale("log")
         ax.set_title(title, fontsize=9)
@@ -252,10 +255,10 @@ def write_report(out_dir, meta, rows, unavailable):
                         if "tflops" in r], "tflops", "{:.3g}", label="N", **match),
                    "attnmem's time ÷ each baseline's:", "",
                    _ratio_table(point_ratios, **match)]
-        if kind == "cuda":
-            memory_panels = [(_attention_title(mode, d, dv, c), _series(
-                rows, "peak_mib", op="attention", mode=mode, d=d, dv=dv, causal=c))
-                for mode, d, dv, c in configs if mode == "fwd_bwd"]
+        memory_panels = [(_attention_title(mode, d, dv, c), _series(
+            rows, "peak_mib", op="attention", mode=mode, d=d, dv=dv, causal=c))
+            for mode, d, dv, c in configs if mode == "fwd_bwd"]
+        if kind == "cuda" and memory_panels:  # none where the sweep stopped before fwd_bwd
             _plot(os.path.join(out_dir, "attention_memory.png"), memory_panels,
                   "sequence length", "peak MiB", logy=True)
             md += ["Peak memory of forward and backward:", "",

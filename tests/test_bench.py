@@ -73,6 +73,31 @@ def test_ratios_divide_attnmem_time_by_each_baseline_at_the_same_point():
     assert not [r for r in ratios(rows) if r["causal"]]  # no attnmem time there
 
 
+def test_report_draws_a_panel_without_points(tmp_path):
+    """A sweep stopped by its deadline, or whose points all failed, leaves panels without a
+    point (here attention's bwd, mha's fwd_bwd, and no fwd_bwd for the memory plot): the
+    report is still written."""
+    from bench.report import write_report
+
+    meta = dict(device="GPU", device_type="cuda", copy_bandwidth_gbs=3000.0,
+                bf16_matmul_tflops=800.0)
+    timed = dict(median_ms=1.0, p20_ms=0.9, p80_ms=1.1, peak_mib=10.0)
+    point = dict(op="attention", mode="fwd", x=1024, d=64, causal=False, tokens=16384,
+                 width=2048)
+    rows = [dict(point, provider="attnmem", tflops=100.0, **timed),
+            dict(point, provider="sdpa", tflops=90.0, **timed),
+            dict(point, mode="bwd", provider="attnmem", error="out of memory"),
+            dict(op="mha", provider="attnmem-mha", mode="fwd", x=1024, batch=4, embed=1024,
+                 heads=16, **timed)]
+    write_report(str(tmp_path), meta, rows, {"mha (time)": "2 of 4 points not reached "
+                                                           "within the time budget"})
+    report = (tmp_path / "report.md").read_text()
+    assert "- attention/attnmem bwd x=1024: out of memory" in report
+    assert "](mha.png)" in report and "attention_memory.png" not in report
+    for plot in ("attention.png", "mha.png"):
+        assert (tmp_path / plot).stat().st_size > 1000, plot
+
+
 def test_report_command_refuses_interpreter_timings(tmp_path):
     result = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)],
                             cwd=ROOT, env=_env(TRITON_INTERPRET="1"), capture_output=True,
