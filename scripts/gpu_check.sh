@@ -15,7 +15,7 @@
 #    benchmark's results.json, report.md and plots, in a folder named after the device).
 # Exit status: 0 when the tests passed, 1 when they failed or ran out of time, 2 on misuse.
 # ATTNMEM_CHECK_BUDGET: the seconds the whole check may take (default 530; --smoke 150);
-# ATTNMEM_COMMIT: the commit to record where the copy of the repository has no .git.
+# ATTNMEM_COMMIT: the commit to record, over what .git says (a copy may lack it or lag).
 # The split, estimated before any run on a GPU (summary.json's steps hold the real times):
 # facts about 20 s; tests at most 300 s (some 2000 tests meeting some 550 tuning keys, one
 # config run for each: about 930 kernel compiles of 1-3 s on 12 workers); bench the rest,
