@@ -20,12 +20,12 @@ def lastdim_contiguous(x):
 def slot_splits(n_slots: int, rows: int, block_n: int, device):
     """(split_len, n_splits): splits of whole tiles along the slots, enough that `rows`
     independent rows times the splits fill the GPU twice over (three under the interpreter,
-    so that the combining code runs on test sizes)."""
+    so that the combining code runs on test sizes); no rows (an empty batch) count as one."""
     if interpreting():
         target = 3
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        target = max(1, triton.cdiv(2 * sms, rows))
+        target = max(1, triton.cdiv(2 * sms, max(rows, 1)))
     tiles = triton.cdiv(max(n_slots, 1), block_n)
     split_len = block_n * triton.cdiv(tiles, min(target, tiles))
     return split_len, triton.cdiv(max(n_slots, 1), split_len)

@@ -104,3 +104,17 @@ def test_sparse_read_keeps_the_batch_on_the_first_grid_axis(monkeypatch):
     with attnmem.use_backend("triton"):
         attnmem.memory_read(torch.randn(3, 2), (indices, torch.rand(LIMIT + 1, 1, 2)))
     assert recorded.grids == [(LIMIT + 1, 1)]
+
+
+def test_slot_splits_of_an_empty_batch(monkeypatch):
+    """Compiled, the splits along the slots fill the GPU's multiprocessors twice over with
+    the rows at hand; no rows (B = 0, as the H100 run's contract tests drew) count as one
+    rather than dividing by zero."""
+    pytest.importorskip("triton")
+    from attnmem.kernels import _launch
+
+    monkeypatch.setattr(_launch, "interpreting", lambda: False)
+    device = type("Properties", (), {"multi_processor_count": 132})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: device)
+    assert _launch.slot_splits(1000, 0, 64, "cuda") == (64, 16)
+    assert _launch.slot_splits(1000, 264, 64, "cuda") == (1024, 1)
