@@ -6,7 +6,6 @@ triton where it cannot run raises an error that says why.
 """
 
 import contextlib
-import functools
 import importlib.util
 import os
 
@@ -42,15 +41,15 @@ def requested_backend() -> str:
     return _check(os.environ.get("ATTNMEM_BACKEND", "auto"))
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    # Looked up once: a module search walks sys.path, which costs more than a small op.
-    return importlib.util.find_spec("triton") is not None
+# Looked up once, at import: a module search walks sys.path, which costs more than a small
+# op, and torch.compile's dynamo cannot trace it (torch 2.11 refused fullgraph=True on every
+# op while this was a cached function, whose cache its dynamo sees through).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def triton_device_reasons(tensors) -> list[str]:
     """Why the triton backend cannot run on these tensors' device (empty if it can)."""
-    if not _triton_installed():
+    if not _TRITON_INSTALLED:
         return ["triton is not installed"]
     device = tensors[0].device
     if device.type == "cuda":
