@@ -338,8 +338,9 @@ def test_sparse_write_and_read_trace_whole():
     no host sync. Unchecked there, as on CUDA, an index outside [-1, N) reads and writes
     nothing, as -1 does."""
     torch._dynamo.reset()
-    memory, erase, add = torch.randn(2, 30, 8), torch.rand(2, 2, 8), torch.randn(2, 2, 8)
-    slots, weights = _sparse_entries(2, 2, 3), torch.rand(2, 2, 3)
+    memory = torch.randn(2, 30, 8, device=DEVICE)
+    erase, add = torch.rand(2, 2, 8, device=DEVICE), torch.randn(2, 2, 8, device=DEVICE)
+    slots, weights = _sparse_entries(2, 2, 3), torch.rand(2, 2, 3, device=DEVICE)
     wild = slots.clone()
     wild[0, 0, 0], wild[0, 1, 2] = 30, -7
 
