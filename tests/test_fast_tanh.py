@@ -24,6 +24,7 @@ from test_attention_scoremods import run as run_attention
 
 import attnmem
 from attnmem.reference import attention as twin
+from backends import DEVICE
 from tolerance import assert_close_to_float64
 
 triton = pytest.importorskip("triton")
@@ -57,7 +58,7 @@ def test_exact_tanh_matches_float64(symmetric):
     x = torch.cat([torch.tensor([0.0, 1e-40, 1e-30, 1e-10, 1e-7, 1e-5, 1e-3, 9.0, 44.0, 89.0,
                                  1e30, 3e38, float("inf")]),
                    torch.linspace(-12, 12, 20001), torch.logspace(-30, 1.3, 2001)])
-    x = torch.cat([x, -x, torch.tensor([float("nan")])])
+    x = torch.cat([x, -x, torch.tensor([float("nan")])]).to(DEVICE)
     y = torch.empty_like(x)
     _tanh_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), symmetric, BLOCK=1024)
     expect = torch.tanh(x.double())
@@ -127,9 +128,9 @@ def test_additive_attention_error_model(name, dtype, sign):
     term of those tolerances alone, without torch's error beside it."""
     tensors, lengths = make_additive(ADDITIVE_CASES[name], dtype)
     b, nq, nk, _, dv, _ = ADDITIVE_CASES[name]
-    grads_out = [torch.randn(b, nq, dv, dtype=torch.float64),
-                 torch.randn(b, nq, nk, dtype=torch.float64),
-                 torch.randn(b, nq, nk, dtype=torch.float64)]
+    grads_out = [torch.randn(b, nq, dv, device=DEVICE, dtype=torch.float64),
+                 torch.randn(b, nq, nk, device=DEVICE, dtype=torch.float64),
+                 torch.randn(b, nq, nk, device=DEVICE, dtype=torch.float64)]
     inputs64 = [x.double() for x in tensors]
     expect = run_additive(float64_reference, inputs64, lengths, grads_out)
     with attnmem.use_backend("torch"):

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from test_attention_fp8 import _interpreter_e4m3_cast  # noqa: F401 (autouse fixture)
 from test_attention_kvcache_mla import _run, check_matches_float64
 
-from backends import BACKENDS
+from backends import BACKENDS, DEVICE
 
 FP8 = torch.float8_e4m3fn
 
@@ -103,7 +103,7 @@ def _appending(counts, cache_seqlens):
             new.append(x)
             for b, r in enumerate(rows):
                 cache[b, r] = math.nan
-        cu_seqlens = torch.tensor([0, *counts]).cumsum(0).to(torch.int32)
+        cu_seqlens = torch.tensor([0, *counts], device=DEVICE).cumsum(0).to(torch.int32)
         return _run(name, q, before, *new, torch.tensor(cache_seqlens, dtype=torch.int32),
                     kwargs, backend, cu_seqlens_k_new=cu_seqlens, **extra)
     return run

@@ -12,7 +12,7 @@ import torch
 import attnmem
 from aot import compiled
 from attnmem import rotary as op
-from backends import BACKENDS
+from backends import BACKENDS, DEVICE
 from tolerance import assert_close_to_float64
 
 FP16, FP32 = torch.float16, torch.float32
@@ -41,28 +41,29 @@ def _rotate_eager(x, cos, sin, pos, interleaved):
     return torch.cat([rotated, x[..., 2 * half:]], -1)
 
 
-def _inputs(name):
+def _inputs(name, device=DEVICE):
     """x, cos, sin (in float32), the keyword arguments, and each row's position (broadcasting
-    to x.shape[:-1]) as _rotate_eager takes it."""
+    to x.shape[:-1]) as _rotate_eager takes it, on device."""
     batch, seqlen, heads, d, r, interleaved, offsets, dtype = CASES[name]
-    angle = torch.rand(SEQLEN_RO, r // 2, dtype=torch.float64) * 2 * math.pi
+    angle = torch.rand(SEQLEN_RO, r // 2, dtype=torch.float64, device=device) * 2 * math.pi
     cos, sin = angle.cos().float(), angle.sin().float()
     kwargs = dict(interleaved=interleaved, seqlen_offsets=offsets)
     if isinstance(offsets, list):
-        kwargs["seqlen_offsets"] = offsets = torch.tensor(offsets)
+        kwargs["seqlen_offsets"] = offsets = torch.tensor(offsets, device=device)
     if seqlen is None:
-        lengths = torch.tensor(batch)
-        cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0)]).int()
-        x = torch.randn(int(lengths.sum()), heads, d, dtype=dtype)
+        lengths = torch.tensor(batch, device=device)
+        cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.int32, device=device),
+                                lengths.cumsum(0)]).int()
+        x = torch.randn(int(lengths.sum()), heads, d, dtype=dtype, device=device)
         kwargs.update(cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()))
-        sequence = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-        token = torch.arange(x.shape[0]) - cu_seqlens[sequence]
+        sequence = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+        token = torch.arange(x.shape[0], device=device) - cu_seqlens[sequence]
         first = offsets[sequence] if isinstance(offsets, torch.Tensor) else offsets
         pos = (token + first)[:, None]
     else:
-        x = torch.randn(batch, seqlen, heads, d, dtype=dtype)
+        x = torch.randn(batch, seqlen, heads, d, dtype=dtype, device=device)
         first = offsets[:, None] if isinstance(offsets, torch.Tensor) else offsets
-        pos = (torch.arange(seqlen)[None, :] + first)[..., None]
+        pos = (torch.arange(seqlen, device=device)[None, :] + first)[..., None]
     return x, cos, sin, kwargs, pos
 
 
@@ -124,10 +125,10 @@ def test_positions_past_the_table_pass_through(backend):
     function's CPU checks) leaves tokens at positions outside [0, seqlen_ro) as they are and
     rotates the others, as FlashAttention's kernel does."""
     x, cos, sin, kwargs, _ = _inputs("neox_d12_r8_int_offset")
-    offsets = torch.tensor([-2, SEQLEN_RO - 3])
+    offsets = torch.tensor([-2, SEQLEN_RO - 3], device=DEVICE)
     out = torch.ops.attnmem.apply_rotary(x, cos, sin, offsets, 0, None, 0, False, False,
                                          backend)
-    pos = torch.arange(x.shape[1])[None, :] + offsets[:, None]
+    pos = torch.arange(x.shape[1], device=DEVICE)[None, :] + offsets[:, None]
     inside = (pos >= 0) & (pos < SEQLEN_RO)
     torch.testing.assert_close(out[~inside], x[~inside], rtol=0, atol=0)
     expect = _rotate_eager(x.double(), cos.double(), sin.double(),
@@ -136,7 +137,7 @@ def test_positions_past_the_table_pass_through(backend):
 
 
 def _good():
-    x, cos, sin, kwargs, _ = _inputs("packed_empty_sequence")
+    x, cos, sin, kwargs, _ = _inputs("packed_empty_sequence", "cpu")
     return dict(x=x, cos=cos, sin=sin, **kwargs)
 
 
@@ -180,7 +181,7 @@ def test_opcheck_and_torch_compile():
     """The custom ops' schemas, fakes and autograd registration, and a
     torch.compile(fullgraph=True) trace of a function that rotates and differentiates."""
     x, cos, sin, kwargs, _ = _inputs("neox_d12_r8_int_offset")
-    offsets = torch.tensor([1, 4])
+    offsets = torch.tensor([1, 4], device=DEVICE)
     backend = BACKENDS[-1]
     torch.library.opcheck(op._rotary, (x.requires_grad_(), cos, sin, offsets, 0, None, 0, True,
                                        False, backend))
