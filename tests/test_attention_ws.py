@@ -30,11 +30,13 @@ runs_kernels = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(
                                   reason="needs the interpreter or a GPU")
 # float32 under the interpreter (exact enough to see any key misplaced), float16 on a GPU.
 DTYPE, ATOL = (torch.float32, 1e-5) if INTERPRET else (torch.float16, 2e-3)
-WS = (("USE_TMA", "WARP_SPECIALIZE"), ("WARP_SPECIALIZE",))
-CONFIGS = {("tma" if "USE_TMA" in flags else "pointers"):
-           ((32, 16, 1, 1, *flags) if INTERPRET else (128, 64, 4, 3, *flags)) for flags in WS}
+# Through TMA, as the sm_90 tables pair them: triton's warp specialization rejects the kernel
+# with pointer loads (PassManager::run failed in NVGPUWarpSpecialization, triton 3.6 and 3.9;
+# the H100 run's six pointer cases).
+WS = ("USE_TMA", "WARP_SPECIALIZE")
+CONFIG = (32, 16, 1, 1, *WS) if INTERPRET else (128, 64, 4, 3, *WS)
 # Under the interpreter 16-row tiles for packed sequences, so that 19 rows span two.
-VARLEN_CONFIG = (16, 16, 1, 1, *WS[0]) if INTERPRET else CONFIGS["tma"]
+VARLEN_CONFIG = (16, 16, 1, 1, *WS) if INTERPRET else CONFIG
 
 # test_attention_variants' layout: (B, H, Hkv, Nq, Nk, D, window_left, window_right,
 # kv_lengths); -1: unbounded.
@@ -61,17 +63,16 @@ def force_forward(monkeypatch, config):
 
 
 @runs_kernels
-@pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_masked_forward_matches_float64(name, config):
-    variants_tests.check(*variants_tests.inputs(SHAPES[name], DTYPE), CONFIGS[config], ATOL)
+def test_masked_forward_matches_float64(name):
+    variants_tests.check(*variants_tests.inputs(SHAPES[name], DTYPE), CONFIG, ATOL)
 
 
 @runs_kernels
 def test_unseen_keys_never_leak(monkeypatch):
     """test_attention_variants' check that NaN and inf in keys no query sees change no bit,
     on the warp-specialized TMA config."""
-    monkeypatch.setitem(variants_tests.CONFIGS, "ws", CONFIGS["tma"])
+    monkeypatch.setitem(variants_tests.CONFIGS, "ws", CONFIG)
     variants_tests.test_tma_and_pointers_leave_unseen_keys_out("ws")
 
 
@@ -80,7 +81,7 @@ def test_gradients_of_the_specialized_forward(monkeypatch):
     """attnmem.attention's out, lse and gradients against float64 (test_attention's rule):
     the backward reads this forward's out and lse. A causal mask with a window, lengths and
     GQA."""
-    force_forward(monkeypatch, CONFIGS["tma"])
+    force_forward(monkeypatch, CONFIG)
     check_against_float64(*make_inputs(CASES["lengths_window_gqa"], DTYPE, variants_tests.DEVICE),
                           "triton")
 
@@ -89,7 +90,7 @@ def test_gradients_of_the_specialized_forward(monkeypatch):
 def test_score_modifications(monkeypatch):
     """test_attention_scoremods' check (out, lse, the gradients, the sinks' too): softcap,
     sinks and ALiBi with a causal window, lengths and GQA."""
-    force_forward(monkeypatch, CONFIGS["tma"])
+    force_forward(monkeypatch, CONFIG)
     scoremods_tests.check("all_window_lengths_gqa", DTYPE, variants_tests.DEVICE, "triton")
 
 
