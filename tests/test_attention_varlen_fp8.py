@@ -110,7 +110,11 @@ def test_fp8_varlen_score_modifications(backend):
 
 def test_fp8_varlen_tma_and_pointer_configs_agree():
     """q, k and out of each sequence through device-made TMA descriptors or pointers: the same
-    bits (the interpreter runs the descriptors; on sm_90 the masked kernel takes both)."""
+    bits under the interpreter, which runs the descriptors. On sm_90, where the masked kernel
+    takes both, the compiled kernels differ in their bits (the H100 run; by how much it did
+    not record): there they agree within 2^-7 of the outputs' scale, far under e4m3's
+    rounding (2^-4) and far over what summing the same products in another order moves,
+    while a tile loaded from the wrong rows or a mask misapplied moves outputs by O(1)."""
     from attnmem.kernels import attention as kernel
 
     if "triton" not in BACKENDS:
@@ -121,7 +125,12 @@ def test_fp8_varlen_tma_and_pointer_configs_agree():
                                             descales=torch.stack(descales, -1),
                                             out_dtype=torch.float32)
             for flags in ((), ("USE_TMA",))]
-    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    if DEVICE == "cpu":
+        assert all(torch.equal(a, b) for a, b in zip(*outs))
+        return
+    for pointers, tma in zip(*outs):
+        scale = pointers.abs().nan_to_num(posinf=0, neginf=0).max().item()
+        torch.testing.assert_close(tma, pointers, rtol=2**-7, atol=2**-7 * scale)
 
 
 def test_quantize_fp8_per_sequence():
