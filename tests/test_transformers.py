@@ -457,7 +457,9 @@ def test_register_is_idempotent():
 
 
 def test_register_refuses_an_older_transformers(monkeypatch):
-    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    # The module register() imports: transformers replaces its sys.modules entry once models
+    # are built, so this file's `transformers` may be an older object.
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "5.17.0")
     with pytest.raises(ImportError, match="needs transformers >= 5.23, found 5.17.0"):
         attnmem_transformers.register()
 
