@@ -217,10 +217,10 @@ def _rows_source(base, lo, hi, stride_m, HEAD_DIM: tl.constexpr, USE_TMA: tl.con
     matrix at `base` through: `base` itself, or a TMA descriptor of those rows alone, which
     reads zeros for every row outside them. Made on the device, per program: triton's warp
     specialization splits a device-made descriptor between its consumer warp groups, a host
-    one it cannot. An empty range gets a descriptor of one row that _load_rows and
-    _store_rows address only past its end: TMA through a descriptor of no rows raised an
-    illegal instruction on the H100 (an empty packed sequence, whose warp-specialized
-    programs take no early exit)."""
+    one it cannot. An empty range gets a descriptor of one row, which its caller must address
+    only past its end: TMA through a descriptor of no rows raised an illegal instruction on
+    the H100 (an empty packed sequence, whose warp-specialized programs take no early
+    exit)."""
     if USE_TMA:
         src = tl.make_tensor_descriptor(base + lo * stride_m, [tl.maximum(hi - lo, 1), HEAD_DIM],
                                         [stride_m, 1], [BLOCK, BLOCK_D])
@@ -239,7 +239,7 @@ def _load_rows(src, row0, lo, hi, stride_m, offs_d, HEAD_DIM: tl.constexpr,
     they must lie in [lo, hi)."""
     if USE_TMA:
         # Coordinates are relative to row lo; TMA zero-fills outside the box, below it too.
-        tile = src.load([tl.where(hi > lo, row0 - lo, BLOCK), 0])
+        tile = src.load([row0 - lo, 0])
         if TRANS:
             tile = tl.trans(tile)
     else:
@@ -269,7 +269,7 @@ def _store_rows(dst, row0, hi, stride_m, offs_d, tile, HEAD_DIM: tl.constexpr,
     _rows_source(base, 0, hi, ...), dropping columns past HEAD_DIM and rows from hi on
     (pointer stores check rows only with MASK_ROWS)."""
     if USE_TMA:
-        dst.store([tl.where(hi > 0, row0, BLOCK), 0], tile)
+        dst.store([row0, 0], tile)
     else:
         rows = row0 + tl.arange(0, BLOCK)
         mask = within(offs_d, HEAD_DIM, HEAD_DIM == offs_d.shape[0])[None, :]
@@ -481,14 +481,19 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     else:
         v_src = _rows_source(v_ptr + b * stride_vb + hk * stride_vh, key_lo, kv_len,
                              stride_vn, HEAD_V, USE_TMA, BLOCK_N, BLOCK_V)
-    q = _load_rows(q_src, row_first, 0, n_q, stride_qm, offs_d, HEAD_Q, not EVEN_M, USE_TMA,
+    # An empty packed sequence's warp-specialized programs move q and out through one-row
+    # descriptors (_rows_source): addressed past that row, they read zeros and write nothing.
+    q_row = row_first
+    if VARLEN and WARP_SPECIALIZE:
+        q_row = tl.where(n_q > 0, row_first, BLOCK_M)
+    q = _load_rows(q_src, q_row, 0, n_q, stride_qm, offs_d, HEAD_Q, not EVEN_M, USE_TMA,
                    BLOCK_M)
     q_t, kt_src, offs_dt = None, None, None
     if BLOCK_DT > 0:
         offs_dt = tl.arange(0, BLOCK_DT)
         q_t = _load_rows(_rows_source(q_ptr + b * stride_qb + h * stride_qh + BLOCK_D, 0, n_q,
                                       stride_qm, HEAD_T, USE_TMA, BLOCK_M, BLOCK_DT),
-                         row_first, 0, n_q, stride_qm, offs_dt, HEAD_T, not EVEN_M, USE_TMA,
+                         q_row, 0, n_q, stride_qm, offs_dt, HEAD_T, not EVEN_M, USE_TMA,
                          BLOCK_M)
         kt_src = _rows_source(k_ptr + b * stride_kb + hk * stride_kh + BLOCK_D, key_lo, kv_len,
                               stride_kn, HEAD_T, USE_TMA, BLOCK_N, BLOCK_DT)
@@ -556,7 +561,7 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lengths_ptr,
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
     o_dst = _rows_source(o_ptr + b * stride_ob + h * stride_oh, 0, n_q, stride_om, HEAD_V,
                          USE_TMA, BLOCK_M, BLOCK_V)
-    _store_rows(o_dst, row_first, n_q, stride_om, offs_dv, out, HEAD_V, not EVEN_M, USE_TMA,
+    _store_rows(o_dst, q_row, n_q, stride_om, offs_dv, out, HEAD_V, not EVEN_M, USE_TMA,
                 BLOCK_M)
     if not VARLEN:
         lse_ptr += (b * n_heads + h) * n_q
