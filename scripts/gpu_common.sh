@@ -31,9 +31,10 @@ from packaging.requirements import Requirement
 def met(module, requirement):
     if importlib.util.find_spec(module) is None:
         return False
-    specifier = Requirement(requirement).specifier
-    return not specifier or specifier.contains(
-        importlib.metadata.version(Requirement(requirement).name), prereleases=True)
+    # Versions only where the requirement names one: py-cpuinfo2's module has another name.
+    requirement = Requirement(requirement)
+    return not requirement.specifier or requirement.specifier.contains(
+        importlib.metadata.version(requirement.name), prereleases=True)
 
 
 print(" ".join(req for module, req in (a.split(":") for a in sys.argv[1:])
