@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 
 import torch
 from tqdm import tqdm
@@ -37,11 +38,24 @@ def _availability(op, device):
     return reasons
 
 
+def _last_configs() -> dict:
+    """The autotuned kernels' configs at their latest launches (kernels/_launch.py's
+    LAST_CONFIGS), or an empty dict where no kernel module is loaded."""
+    launch = sys.modules.get("attnmem.kernels._launch")
+    return {} if launch is None else launch.LAST_CONFIGS
+
+
 def run_point(point, device, budget_s):
     fn, work = cases.build(point, device)
+    tuned = _last_configs()
+    tuned.clear()
     median, p20, p80 = timing.measure(fn, device, budget_s)
     row = dict(point, median_ms=median, p20_ms=p20, p80_ms=p80,
                peak_mib=timing.peak_memory_mib(fn, device))
+    if tuned:
+        from attnmem.kernels._launch import config_text
+
+        row["configs"] = {name: config_text(c) for name, c in sorted(tuned.items())}
     if work is not None:
         per_s = work / (median * 1e-3)
         flops = point["op"] in ("attention", "varlen")
@@ -72,7 +86,8 @@ def sweep(ops, profile, device, budget_s):
     return rows, unavailable
 
 
-MEASURED = ("provider", "median_ms", "p20_ms", "p80_ms", "peak_mib", "tflops", "gbs", "error")
+MEASURED = ("provider", "median_ms", "p20_ms", "p80_ms", "peak_mib", "tflops", "gbs", "error",
+            "configs")
 FASTEST = "fastest baseline"
 
 
@@ -204,6 +219,24 @@ def _table(rows, key, fmt, label, **match):
                  for p in providers]
         lines.append(f"| {x} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _configs_section(rows):
+    """Markdown lines: the config each autotuned kernel ran at each point attnmem was timed
+    at (a row's "configs"), folded away under a <details> block."""
+    tuned = [r for r in rows if r.get("configs")]
+    if not tuned:
+        return []
+    md = ["## Configs the autotuner picked", "", "<details><summary>The config each of "
+          "attnmem's autotuned kernels ran at each timed point (its latest launch there); "
+          f"{len(tuned)} points</summary>", "", "| op | provider | mode | point | kernel | "
+          "config |", "|" + " --- |" * 6]
+    for r in tuned:
+        point = " ".join(f"{k}={v}" for k, v in r.items()
+                         if k not in (*MEASURED, "op", "mode"))
+        md += [f"| {r['op']} | {r['provider']} | {r['mode']} | {point} | {kernel} | {config} |"
+               for kernel, config in r["configs"].items()]
+    return md + ["", "</details>", ""]
 
 
 def write_report(out_dir, meta, rows, unavailable):
@@ -424,6 +457,7 @@ def write_report(out_dir, meta, rows, unavailable):
                    _table(rows, "gbs", "{:.3g}", op="rotary", mode=mode, label="N"),
                    "attnmem's time ÷ each baseline's:", "",
                    _ratio_table(point_ratios, op="rotary", mode=mode)]
+    md += _configs_section(rows)
     errors = [r for r in rows if "error" in r]
     if unavailable or errors:
         md += ["## Not measured", ""]

@@ -121,6 +121,28 @@ def autotuned(fn, configs, key, **options):
     return _TUNERS[frozen]
 
 
+# The config each autotuned kernel ran at its latest launch, by kernel name: the benchmark
+# records them beside each point it times (bench/report.py).
+LAST_CONFIGS = {}
+
+
+def run_tuned(tuner, grid, args, meta):
+    """tuner[grid](*args, **meta) (a triton.autotune'd kernel), recording the config it ran
+    in LAST_CONFIGS."""
+    tuner[grid](*args, **meta)
+    LAST_CONFIGS[tuner.fn.__name__] = tuner.best_config
+
+
+def config_text(config) -> str:
+    """A triton.Config as the reports show it: "BLOCK_M=128 BLOCK_N=64 warps=4 stages=3"
+    (and maxnreg where one is set)."""
+    words = [f"{k}={v}" for k, v in config.kwargs.items()]
+    words += [f"warps={config.num_warps}", f"stages={config.num_stages}"]
+    if getattr(config, "maxnreg", None):
+        words.append(f"maxnreg={config.maxnreg}")
+    return " ".join(words)
+
+
 def launch(fn, grid, args, meta, configs, key, interpret_config, **options):
     """Launch fn(*args, **meta): at interpret_config under the interpreter (small tiles, so
     test sizes span several), else autotuned over configs (see autotuned; options such as
@@ -130,4 +152,4 @@ def launch(fn, grid, args, meta, configs, key, interpret_config, **options):
         config = dict(interpret_config)
         fn[grid(config)](*args, **meta, **config)
         return
-    autotuned(fn, configs, key, **options)[grid](*args, **meta)
+    run_tuned(autotuned(fn, configs, key, **options), grid, args, meta)

@@ -66,6 +66,7 @@ from attnmem.kernels._launch import (
     kv_length,
     lastdim_contiguous,
     length_bucket,
+    run_tuned,
     tuning_options,
     within,
 )
@@ -1610,7 +1611,7 @@ def _run(kernel: str, fn, grid, args, meta, device, config, tma: bool = False):
         block_d, tail, block_dv = config_widths(meta)
         tuned = _launcher(kernel, fn, device, block_d, elem, _arch(device), tma, tail,
                           block_dv)
-        tuned[lambda m: grid(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
+        run_tuned(tuned, lambda m: grid(m["BLOCK_M"], m["BLOCK_N"]), args, meta)
 
 
 def tile_head_dim(meta) -> int:

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -113,3 +115,25 @@ def test_pytest_benchmark_suites_run(tmp_path):
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:]
     assert " passed" in result.stdout
+
+
+def test_points_record_the_configs_their_autotuned_kernels_ran(monkeypatch):
+    """Beside each timed point, the config of each autotuned kernel it launched (and none
+    that an earlier point launched); the report lists them."""
+    triton = pytest.importorskip("triton")
+    from attnmem.kernels import _launch
+    from bench import cases, report
+
+    def launches():
+        _launch.LAST_CONFIGS["_attn_fwd"] = triton.Config({"BLOCK_M": 128}, num_warps=8,
+                                                          num_stages=2)
+
+    monkeypatch.setattr(_launch, "LAST_CONFIGS", {"_memory_write_fwd": None})
+    monkeypatch.setattr(cases, "build", lambda point, device: (launches, None))
+    point = dict(op="attention", provider="attnmem", mode="fwd", x=64, d=16, causal=False)
+    row = report.run_point(point, "cpu", 0.01)
+    assert row["configs"] == {"_attn_fwd": "BLOCK_M=128 warps=8 stages=2"}
+    baseline = dict(point, provider="sdpa", median_ms=row["median_ms"])
+    assert [r["ratio"] for r in report.ratios([row, baseline])] == [1.0]
+    assert ("| attention | attnmem | fwd | x=64 d=16 causal=False | _attn_fwd | BLOCK_M=128 "
+            "warps=8 stages=2 |") in report._configs_section([row, baseline])

@@ -1,11 +1,15 @@
 """ATTNMEM_TUNING=one, the GPU check's tests: each tuning key runs one config, chosen from the
 key's values after the kernel's own pruning, and across keys every config runs. The
-autotuners are built here without a GPU and their pruning called as triton's would."""
+autotuners are built here without a GPU and their pruning called as triton's would. And each
+launch records the config it ran, for the benchmark report."""
 
 import pytest
 import torch
 
+from backends import DEVICE
+
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 from attnmem.kernels import _launch, memory_write  # noqa: E402
 from attnmem.kernels import attention as kernel  # noqa: E402
@@ -62,3 +66,19 @@ def test_full_tuning_by_default(monkeypatch):
     configs = memory_write.configs_for("fwd", 64, 2)
     tuner = _launch.autotuned(memory_write._memory_write_fwd, configs, ["n_slots"])
     assert tuner.early_config_prune is None and len(tuner.configs) == len(configs)
+
+
+@triton.jit
+def _fill(out_ptr, value, BLOCK: tl.constexpr):
+    tl.store(out_ptr + tl.arange(0, BLOCK), value)
+
+
+def test_launches_record_the_config_they_ran(monkeypatch):
+    """What the benchmark report shows beside each point (bench/report.py)."""
+    monkeypatch.setattr(_launch, "_TUNERS", {})
+    monkeypatch.setattr(_launch, "LAST_CONFIGS", {})
+    tuner = _launch.autotuned(_fill, [dict(BLOCK=4, num_warps=1, num_stages=2)], ["value"])
+    out = torch.zeros(4, device=DEVICE)
+    _launch.run_tuned(tuner, lambda meta: (1,), (out, 3.0), {})
+    assert out.tolist() == [3.0] * 4
+    assert _launch.config_text(_launch.LAST_CONFIGS["_fill"]) == "BLOCK=4 warps=1 stages=2"
