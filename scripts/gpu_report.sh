@@ -19,7 +19,11 @@
 #                      embedding (apply_rotary),
 #   decode             decoding from a KV cache (attention_with_kvcache),
 #   product-key        the product-key memory lookup (product_key_lookup) against eager
-#                      torch and dense memory_attend, value tables of 1e4 to 1e7 rows.
+#                      torch and dense memory_attend, value tables of 1e4 to 1e7 rows,
+#   profile            where the time of a call goes (python -m bench.trace): host and
+#                      device time, kernels and host functions, at the gpu-check points
+#                      whose speed left a question (decode, memory ops, attention's
+#                      backward and short causal forward); profile.md and profile.json.
 # OUT_DIR gets summary.json, report.md, the log and, for a benchmark part,
 # part-PART.json (its results.json) and bench.tar.gz. Then, on any machine with the parts'
 # JSON files gathered, one report in reports/<device-slug>/:
@@ -28,7 +32,7 @@
 set -uo pipefail
 PART=${2:-}
 case "$PART" in
-    tests) ;;
+    tests | profile) ;;
     attention-fwd | attention-bwd | attention-fwd_bwd)
         SWEEP=(--ops attention --modes "${PART#attention-}")
         ;;
@@ -37,7 +41,7 @@ case "$PART" in
     product-key) SWEEP=(--ops product_key) ;;
     *)
         echo "usage: bash scripts/gpu_report.sh OUT_DIR PART, PART one of tests attention-fwd" \
-            "attention-bwd attention-fwd_bwd others decode product-key" >&2
+            "attention-bwd attention-fwd_bwd others decode product-key profile" >&2
         exit 2
         ;;
 esac
@@ -55,6 +59,10 @@ STATUS=0
 if [ "$PART" = tests ]; then
     pytest_step "$(left "$DEADLINE" 20)" 12 0 tests -m "not slow" --ignore=tests/test_bench.py \
         --ignore=tests/test_examples.py --ignore=tests/test_lint.py --ignore=tests/test_gpu_check.py
+    STATUS=$?
+elif [ "$PART" = profile ]; then
+    step profile "$(left "$DEADLINE" 15)" "$PY" -m bench.trace "$OUT" --profile gpu-check \
+        --deadline $((DEADLINE - 60)) >"$OUT/profile.log" 2>&1
     STATUS=$?
 else
     bench_step "$DEADLINE" --profile gpu --budget-s 0.5 "${SWEEP[@]}"

@@ -137,3 +137,22 @@ def test_points_record_the_configs_their_autotuned_kernels_ran(monkeypatch):
     assert [r["ratio"] for r in report.ratios([row, baseline])] == [1.0]
     assert ("| attention | attnmem | fwd | x=64 d=16 causal=False | _attn_fwd | BLOCK_M=128 "
             "warps=8 stages=2 |") in report._configs_section([row, baseline])
+
+
+def test_trace_writes_where_each_focus_points_time_goes(tmp_path):
+    """scripts/gpu_report.sh's profile part (bench/trace.py) at the smoke profile's sizes."""
+    from bench import trace
+
+    subprocess.run([sys.executable, "-m", "bench.trace", str(tmp_path), "--profile", "smoke",
+                    "--calls", "2"], cwd=ROOT, env=_env(), check=True, capture_output=True)
+    rows = json.loads((tmp_path / "profile.json").read_text())["results"]
+    assert [(r["op"], r["provider"]) for r in rows] == [
+        (p["op"], p["provider"]) for p in trace.focus_points("smoke")]
+    assert {r["op"] for r in rows} == {f["op"] for f in trace.FOCUS}
+    for r in rows:
+        assert "error" not in r, r
+        assert 0 < r["host_ms"] <= r["wall_ms"], r
+        assert r["python"] if r["provider"] == "attnmem" else "python" not in r
+    report = (tmp_path / "profile.md").read_text()
+    assert "| decode | attnmem | fwd | x=32 batch=1 " in report
+    assert "Host functions by own time" in report
