@@ -4,8 +4,8 @@ same model in eager torch and under torch.compile, and from CUDA graphs on a GPU
     python -m bench.ntm [--quick | --smoke] [--out reports]
 
 writes DIR/<device-slug>/ntm.json (every point: median and 20th/80th percentile ms per
-step) and ntm.md. The points are bench.cases.ntm_points; a provider that cannot run here
-(CUDA graphs on a CPU) is listed with the reason.
+step) and ntm.md, after each point. The points are bench.cases.ntm_points; a provider that
+cannot run here (CUDA graphs on a CPU) is listed with the reason.
 """
 
 import argparse
@@ -15,6 +15,32 @@ import os
 import torch
 
 from bench import cases, timing
+
+
+def write(out_dir, meta, rows, unavailable):
+    """out_dir/ntm.json and ntm.md."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "ntm.json"), "w") as f:
+        json.dump(dict(meta=meta, unavailable=unavailable, results=rows), f, indent=1)
+    sizes = cases.NTM_SIZES[meta["profile"]]
+    md = [f"# NTM training steps: {meta['device']}", "",
+          f"Copy task: a {sizes['slots']} x {sizes['width']} memory, batch {sizes['batch']}, "
+          f"{sizes['heads']} read and {sizes['heads']} write heads, an LSTM controller of 100; "
+          "one step is the forward over 2L + 1 time steps, the loss, the backward and Adam. "
+          "Training steps per second (median; ms in ntm.json).", ""]
+    if meta["device_type"] == "cpu":
+        md += ["On a CPU, attnmem's NTM runs the pure-torch twins: `attnmem` and `eager` "
+               "run the same torch code.", ""]
+    providers = [p for p in cases.NTM_PROVIDERS if p not in unavailable]
+    md += ["| L | " + " | ".join(providers) + " |", "|" + " --- |" * (len(providers) + 1)]
+    for x in sizes["x"]:
+        cells = {r["provider"]: r["steps_per_s"] for r in rows if r["x"] == x}
+        md.append(f"| {x} | " + " | ".join(f"{cells[p]:.1f}" if p in cells else "-"
+                                           for p in providers) + " |")
+    md += [""] + [f"- {p}: not measured: {why}" for p, why in unavailable.items()]
+    md += ["", "| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in meta.items()]
+    with open(os.path.join(out_dir, "ntm.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
 
 
 def main(argv=None):
@@ -30,6 +56,8 @@ def main(argv=None):
     profile = "smoke" if args.smoke else "quick" if args.quick else device.type
     budget_s = 0.02 if args.smoke else 0.5
     meta = dict(timing.environment(device), profile=profile)
+    meta["commit"] = os.environ.get("ATTNMEM_COMMIT", meta["commit"])
+    out_dir = os.path.join(args.out, timing.device_slug(device))
     rows, unavailable = [], {}
     for point in cases.ntm_points(profile):
         if point["provider"] in unavailable:
@@ -44,29 +72,8 @@ def main(argv=None):
                          steps_per_s=1e3 / median))
         print(f"{point['provider']:16s} L={point['x']:3d}: {1e3 / median:8.1f} steps/s",
               flush=True)
-    out_dir = os.path.join(args.out, timing.device_slug(device))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "ntm.json"), "w") as f:
-        json.dump(dict(meta=meta, unavailable=unavailable, results=rows), f, indent=1)
-    sizes = cases.NTM_SIZES[profile]
-    md = [f"# NTM training steps: {meta['device']}", "",
-          f"Copy task: a {sizes['slots']} x {sizes['width']} memory, batch {sizes['batch']}, "
-          f"{sizes['heads']} read and {sizes['heads']} write heads, an LSTM controller of 100; "
-          "one step is the forward over 2L + 1 time steps, the loss, the backward and Adam. "
-          "Training steps per second (median; ms in ntm.json).", ""]
-    if device.type == "cpu":
-        md += ["On a CPU, attnmem's NTM runs the pure-torch twins: `attnmem` and `eager` "
-               "run the same torch code.", ""]
-    providers = [p for p in cases.NTM_PROVIDERS if p not in unavailable]
-    md += ["| L | " + " | ".join(providers) + " |", "|" + " --- |" * (len(providers) + 1)]
-    for x in sizes["x"]:
-        cells = {r["provider"]: r["steps_per_s"] for r in rows if r["x"] == x}
-        md.append(f"| {x} | " + " | ".join(f"{cells[p]:.1f}" if p in cells else "-"
-                                           for p in providers) + " |")
-    md += [""] + [f"- {p}: not measured: {why}" for p, why in unavailable.items()]
-    md += ["", "| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in meta.items()]
-    with open(os.path.join(out_dir, "ntm.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+        write(out_dir, meta, rows, unavailable)  # what was measured stays, should it be killed
+    write(out_dir, meta, rows, unavailable)
     print(f"wrote {out_dir}/ntm.md and ntm.json")
 
 

@@ -20,6 +20,9 @@
 #   decode             decoding from a KV cache (attention_with_kvcache),
 #   product-key        the product-key memory lookup (product_key_lookup) against eager
 #                      torch and dense memory_attend, value tables of 1e4 to 1e7 rows,
+#   ntm                NTM copy-task training steps per second (python -m bench.ntm):
+#                      attnmem, attnmem from CUDA graphs (NTM.graphed), eager torch and
+#                      torch.compile (reduce-overhead); ntm.md and ntm.json,
 #   profile            where the time of a call goes (python -m bench.trace): host and
 #                      device time, kernels and host functions, at the gpu-check points
 #                      whose speed left a question (decode, memory ops, attention's
@@ -32,7 +35,7 @@
 set -uo pipefail
 PART=${2:-}
 case "$PART" in
-    tests | profile) ;;
+    tests | ntm | profile) ;;
     attention-fwd | attention-bwd | attention-fwd_bwd)
         SWEEP=(--ops attention --modes "${PART#attention-}")
         ;;
@@ -41,7 +44,7 @@ case "$PART" in
     product-key) SWEEP=(--ops product_key) ;;
     *)
         echo "usage: bash scripts/gpu_report.sh OUT_DIR PART, PART one of tests attention-fwd" \
-            "attention-bwd attention-fwd_bwd others decode product-key profile" >&2
+            "attention-bwd attention-fwd_bwd others decode product-key ntm profile" >&2
         exit 2
         ;;
 esac
@@ -60,6 +63,11 @@ if [ "$PART" = tests ]; then
     pytest_step "$(left "$DEADLINE" 20)" 12 0 tests -m "not slow" --ignore=tests/test_bench.py \
         --ignore=tests/test_examples.py --ignore=tests/test_lint.py --ignore=tests/test_gpu_check.py
     STATUS=$?
+elif [ "$PART" = ntm ]; then
+    step ntm "$(left "$DEADLINE" 15)" "$PY" -m bench.ntm --out "$WORK/bench" \
+        >"$OUT/ntm.log" 2>&1
+    STATUS=$?
+    cp "$WORK"/bench/*/ntm.json "$WORK"/bench/*/ntm.md "$OUT/"
 elif [ "$PART" = profile ]; then
     step profile "$(left "$DEADLINE" 15)" "$PY" -m bench.trace "$OUT" --profile gpu-check \
         --deadline $((DEADLINE - 60)) >"$OUT/profile.log" 2>&1

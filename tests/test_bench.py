@@ -156,3 +156,18 @@ def test_trace_writes_where_each_focus_points_time_goes(tmp_path):
     report = (tmp_path / "profile.md").read_text()
     assert "| decode | attnmem | fwd | x=32 batch=1 " in report
     assert "Host functions by own time" in report
+
+
+def test_ntm_command_writes_steps_per_second(tmp_path):
+    """python -m bench.ntm (scripts/gpu_report.sh's ntm part) on a tiny NTM: every provider
+    timed, or (CUDA graphs on a CPU) listed with its reason."""
+    from bench import cases
+
+    subprocess.run([sys.executable, "-m", "bench.ntm", "--smoke", "--out", str(tmp_path)],
+                   cwd=ROOT, env=_env(), check=True, capture_output=True)
+    (out,) = tmp_path.iterdir()
+    result = json.loads((out / "ntm.json").read_text())
+    timed = {r["provider"] for r in result["results"] if r["steps_per_s"] > 0}
+    assert timed | set(result["unavailable"]) == set(cases.NTM_PROVIDERS)
+    assert {"attnmem", "eager", "compile"} <= timed
+    assert "| 2 | " in (out / "ntm.md").read_text()
