@@ -38,24 +38,28 @@ def _availability(op, device):
     return reasons
 
 
-def _last_configs() -> dict:
-    """The autotuned kernels' configs at their latest launches (kernels/_launch.py's
-    LAST_CONFIGS), or an empty dict where no kernel module is loaded."""
+def _tuning_records() -> tuple:
+    """kernels/_launch.py's LAST_CONFIGS and LAST_TUNING (the autotuned kernels' configs at
+    their latest launches, and the configs' times where those tuned), or empty dicts where
+    no kernel module is loaded."""
     launch = sys.modules.get("attnmem.kernels._launch")
-    return {} if launch is None else launch.LAST_CONFIGS
+    return ({}, {}) if launch is None else (launch.LAST_CONFIGS, launch.LAST_TUNING)
 
 
 def run_point(point, device, budget_s):
     fn, work = cases.build(point, device)
-    tuned = _last_configs()
-    tuned.clear()
+    configs, tuning = _tuning_records()
+    configs.clear()
+    tuning.clear()
     median, p20, p80 = timing.measure(fn, device, budget_s)
     row = dict(point, median_ms=median, p20_ms=p20, p80_ms=p80,
                peak_mib=timing.peak_memory_mib(fn, device))
-    if tuned:
+    if configs:
         from attnmem.kernels._launch import config_text
 
-        row["configs"] = {name: config_text(c) for name, c in sorted(tuned.items())}
+        row["configs"] = {name: config_text(c) for name, c in sorted(configs.items())}
+    if tuning:
+        row["tuning_ms"] = dict(sorted(tuning.items()))
     if work is not None:
         per_s = work / (median * 1e-3)
         flops = point["op"] in ("attention", "varlen")
@@ -87,7 +91,7 @@ def sweep(ops, profile, device, budget_s):
 
 
 MEASURED = ("provider", "median_ms", "p20_ms", "p80_ms", "peak_mib", "tflops", "gbs", "error",
-            "configs")
+            "configs", "tuning_ms")
 FASTEST = "fastest baseline"
 
 
@@ -228,14 +232,20 @@ def _configs_section(rows):
     if not tuned:
         return []
     md = ["## Configs the autotuner picked", "", "<details><summary>The config each of "
-          "attnmem's autotuned kernels ran at each timed point (its latest launch there); "
+          "attnmem's autotuned kernels ran at each timed point (its latest launch there), "
+          "and where the point tuned it, how many configs it timed and the slowest's time "
+          "over the fastest's (each config's time: tuning_ms in results.json); "
           f"{len(tuned)} points</summary>", "", "| op | provider | mode | point | kernel | "
-          "config |", "|" + " --- |" * 6]
+          "config | tuned over |", "|" + " --- |" * 7]
     for r in tuned:
         point = " ".join(f"{k}={v}" for k, v in r.items()
                          if k not in (*MEASURED, "op", "mode"))
-        md += [f"| {r['op']} | {r['provider']} | {r['mode']} | {point} | {kernel} | {config} |"
-               for kernel, config in r["configs"].items()]
+        for kernel, config in r["configs"].items():
+            times = [t for t in r.get("tuning_ms", {}).get(kernel, {}).values()
+                     if math.isfinite(t)]
+            spread = f"{len(times)}: {max(times) / min(times):.2f}×" if times else ""
+            md.append(f"| {r['op']} | {r['provider']} | {r['mode']} | {point} | {kernel} | "
+                      f"{config} | {spread} |")
     return md + ["", "</details>", ""]
 
 

@@ -121,16 +121,25 @@ def autotuned(fn, configs, key, **options):
     return _TUNERS[frozen]
 
 
-# The config each autotuned kernel ran at its latest launch, by kernel name: the benchmark
-# records them beside each point it times (bench/report.py).
+# The config each autotuned kernel ran at its latest launch, by kernel name, and the median
+# milliseconds of every config where that launch tuned: the benchmark records them beside
+# each point it times (bench/report.py).
 LAST_CONFIGS = {}
+LAST_TUNING = {}
 
 
 def run_tuned(tuner, grid, args, meta):
     """tuner[grid](*args, **meta) (a triton.autotune'd kernel), recording the config it ran
-    in LAST_CONFIGS."""
+    in LAST_CONFIGS and, where it tuned a new key, each config's time in LAST_TUNING."""
+    keys = len(tuner.cache)
     tuner[grid](*args, **meta)
-    LAST_CONFIGS[tuner.fn.__name__] = tuner.best_config
+    name = tuner.fn.__name__
+    LAST_CONFIGS[name] = tuner.best_config
+    timings = getattr(tuner, "configs_timings", None)
+    if len(tuner.cache) > keys and timings:
+        # triton's timings: do_bench's (median, 20th, 80th percentile) list, or one float.
+        LAST_TUNING[name] = {config_text(c): t[0] if isinstance(t, (list, tuple)) else t
+                             for c, t in timings.items()}
 
 
 def config_text(config) -> str:

@@ -118,25 +118,32 @@ def test_pytest_benchmark_suites_run(tmp_path):
 
 
 def test_points_record_the_configs_their_autotuned_kernels_ran(monkeypatch):
-    """Beside each timed point, the config of each autotuned kernel it launched (and none
-    that an earlier point launched); the report lists them."""
+    """Beside each timed point, the config of each autotuned kernel it launched and, where
+    it tuned, each config's time (and none that an earlier point launched); the report lists
+    them."""
     triton = pytest.importorskip("triton")
     from attnmem.kernels import _launch
     from bench import cases, report
 
+    tuning = {"BLOCK_M=128 warps=8 stages=2": 1.0, "BLOCK_M=64 warps=4 stages=3": 1.5,
+              "BLOCK_M=256 warps=8 stages=2": float("inf")}  # out of shared memory
+
     def launches():
         _launch.LAST_CONFIGS["_attn_fwd"] = triton.Config({"BLOCK_M": 128}, num_warps=8,
                                                           num_stages=2)
+        _launch.LAST_TUNING["_attn_fwd"] = tuning
 
     monkeypatch.setattr(_launch, "LAST_CONFIGS", {"_memory_write_fwd": None})
+    monkeypatch.setattr(_launch, "LAST_TUNING", {"_memory_write_fwd": {}})
     monkeypatch.setattr(cases, "build", lambda point, device: (launches, None))
     point = dict(op="attention", provider="attnmem", mode="fwd", x=64, d=16, causal=False)
     row = report.run_point(point, "cpu", 0.01)
     assert row["configs"] == {"_attn_fwd": "BLOCK_M=128 warps=8 stages=2"}
+    assert row["tuning_ms"] == {"_attn_fwd": tuning}
     baseline = dict(point, provider="sdpa", median_ms=row["median_ms"])
     assert [r["ratio"] for r in report.ratios([row, baseline])] == [1.0]
     assert ("| attention | attnmem | fwd | x=64 d=16 causal=False | _attn_fwd | BLOCK_M=128 "
-            "warps=8 stages=2 |") in report._configs_section([row, baseline])
+            "warps=8 stages=2 | 2: 1.50× |") in report._configs_section([row, baseline])
 
 
 def test_trace_writes_where_each_focus_points_time_goes(tmp_path):

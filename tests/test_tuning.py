@@ -77,8 +77,42 @@ def test_launches_record_the_config_they_ran(monkeypatch):
     """What the benchmark report shows beside each point (bench/report.py)."""
     monkeypatch.setattr(_launch, "_TUNERS", {})
     monkeypatch.setattr(_launch, "LAST_CONFIGS", {})
+    monkeypatch.setattr(_launch, "LAST_TUNING", {})
     tuner = _launch.autotuned(_fill, [dict(BLOCK=4, num_warps=1, num_stages=2)], ["value"])
     out = torch.zeros(4, device=DEVICE)
     _launch.run_tuned(tuner, lambda meta: (1,), (out, 3.0), {})
     assert out.tolist() == [3.0] * 4
     assert _launch.config_text(_launch.LAST_CONFIGS["_fill"]) == "BLOCK=4 warps=1 stages=2"
+    assert not _launch.LAST_TUNING  # one config: nothing timed
+
+
+class _Tuner:
+    """What run_tuned reads of triton's Autotuner: its launch, cache, best config and the
+    timings of its latest tuning; its launch tunes key "k" where that is not cached."""
+
+    fn = _fill
+
+    def __init__(self, timings):
+        self.configs_timings = timings
+        self.cache = {}
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            self.cache.setdefault("k", min(self.configs_timings,
+                                           key=lambda c: self.configs_timings[c]))
+            self.best_config = self.cache["k"]
+        return run
+
+
+def test_a_launch_that_tunes_records_each_configs_time(monkeypatch):
+    monkeypatch.setattr(_launch, "LAST_CONFIGS", {})
+    monkeypatch.setattr(_launch, "LAST_TUNING", {})
+    fast, slow = (triton.Config({"BLOCK": b}, num_warps=4, num_stages=3) for b in (64, 128))
+    tuner = _Tuner({fast: [0.5, 0.4, 0.6], slow: [2.0, 1.9, 2.1]})
+    _launch.run_tuned(tuner, None, (), {})
+    assert _launch.LAST_CONFIGS["_fill"] is fast
+    assert _launch.LAST_TUNING == {"_fill": {"BLOCK=64 warps=4 stages=3": 0.5,
+                                             "BLOCK=128 warps=4 stages=3": 2.0}}
+    _launch.LAST_TUNING.clear()
+    _launch.run_tuned(tuner, None, (), {})  # a cached key: no tuning to record
+    assert not _launch.LAST_TUNING
