@@ -1,7 +1,7 @@
 """NTM training steps per second on the copy task (issue 15): attnmem's NTM against the
 same model in eager torch and under torch.compile, and from CUDA graphs on a GPU.
 
-    python -m bench.ntm [--quick | --smoke] [--out reports]
+    python -m bench.ntm [--quick | --smoke] [--out reports] [--providers P ...]
 
 writes DIR/<device-slug>/ntm.json (every point: median and 20th/80th percentile ms per
 step) and ntm.md, after each point. The points are bench.cases.ntm_points; a provider that
@@ -31,7 +31,8 @@ def write(out_dir, meta, rows, unavailable):
     if meta["device_type"] == "cpu":
         md += ["On a CPU, attnmem's NTM runs the pure-torch twins: `attnmem` and `eager` "
                "run the same torch code.", ""]
-    providers = [p for p in cases.NTM_PROVIDERS if p not in unavailable]
+    providers = [p for p in cases.NTM_PROVIDERS
+                 if p not in unavailable and any(r["provider"] == p for r in rows)]
     md += ["| L | " + " | ".join(providers) + " |", "|" + " --- |" * (len(providers) + 1)]
     for x in sizes["x"]:
         cells = {r["provider"]: r["steps_per_s"] for r in rows if r["x"] == x}
@@ -49,6 +50,8 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="a tiny NTM: checks the harness")
     parser.add_argument("--out", default="reports")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--providers", nargs="+", choices=cases.NTM_PROVIDERS,
+                        default=cases.NTM_PROVIDERS, help="the providers to time (all)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("TRITON_INTERPRET=1: interpreter timings are not performance")
@@ -60,7 +63,7 @@ def main(argv=None):
     out_dir = os.path.join(args.out, timing.device_slug(device))
     rows, unavailable = [], {}
     for point in cases.ntm_points(profile):
-        if point["provider"] in unavailable:
+        if point["provider"] in unavailable or point["provider"] not in args.providers:
             continue
         try:
             fn, _ = cases.build_ntm(point, device)

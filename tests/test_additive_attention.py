@@ -329,8 +329,10 @@ def _compile_jobs():
     """The first config of each table at every value width of its bucket (32 to 256) in
     every dtype on sm_90 and, but bfloat16, on sm_80; the other configs at the widest width
     of their bucket, which needs the most registers and shared memory, in float16 or
-    float32, on both. Every config's sm_90 job at that width expects no spill on the GPU
-    machines' triton too (tests/test_triton_versions.py)."""
+    float32, on sm_90. Every config's sm_90 job at that width expects no spill on the GPU
+    machines' triton too (tests/test_triton_versions.py). No config comes near sm_80's
+    shared memory (64 KB at most of 163 when every config was compiled for both, on
+    2026-11-25): there the first configs stand for the others."""
     jobs = {}
     for (name, elem, bucket), rows in kernel.CONFIGS.items():
         narrower = [w for w in kernel.VALUE_BUCKETS[elem] if w < bucket]
@@ -341,7 +343,7 @@ def _compile_jobs():
                 if i and dtype == "bfloat16":
                     continue
                 for block_dv in widths if i == 0 else [bucket]:
-                    for arch in (80, 90) if dtype != "bfloat16" else (90,):
+                    for arch in (80, 90) if dtype != "bfloat16" and i == 0 else (90,):
                         job = _job(name, arch, dtype, block_dv, config)
                         if arch == 90 and block_dv == bucket and dtype != "bfloat16":
                             job["expect"] = {"spill_stores": 0, "spill_loads": 0}
@@ -352,9 +354,9 @@ def _compile_jobs():
 @pytest.mark.slow
 @pytest.mark.xdist_group("aot")
 def test_kernel_compiles_for_sm80_and_sm90():
-    """Every tuning config compiles for sm_80 and sm_90, fits shared memory, runs its 16-bit
-    value products on tensor cores and spills no register on sm_90 (issue 15), at value
-    widths up to 256 (see _compile_jobs)."""
+    """Every tuning config compiles for sm_90 (each table's first for sm_80 too), fits shared
+    memory, runs its 16-bit value products on tensor cores and spills no register on sm_90
+    (issue 15), at value widths up to 256 (see _compile_jobs)."""
     results = compiled(_compile_jobs())
     for name, result in results.items():
         arch = 80 if "sm80" in name else 90

@@ -166,15 +166,17 @@ def test_trace_writes_where_each_focus_points_time_goes(tmp_path):
 
 
 def test_ntm_command_writes_steps_per_second(tmp_path):
-    """python -m bench.ntm (scripts/gpu_report.sh's ntm part) on a tiny NTM: every provider
-    timed, or (CUDA graphs on a CPU) listed with its reason."""
-    from bench import cases
-
-    subprocess.run([sys.executable, "-m", "bench.ntm", "--smoke", "--out", str(tmp_path)],
+    """python -m bench.ntm (scripts/gpu_report.sh's ntm part) on a tiny NTM: each provider
+    asked for timed, or (CUDA graphs on a CPU) listed with its reason. torch.compile's
+    provider is left out here: compiling the unrolled sequence takes the most time, and
+    tests/test_memory_modules.py compiles the NTM's training step."""
+    subprocess.run([sys.executable, "-m", "bench.ntm", "--smoke", "--out", str(tmp_path),
+                    "--providers", "attnmem", "attnmem-graphed", "eager"],
                    cwd=ROOT, env=_env(), check=True, capture_output=True)
     (out,) = tmp_path.iterdir()
     result = json.loads((out / "ntm.json").read_text())
-    timed = {r["provider"] for r in result["results"] if r["steps_per_s"] > 0}
-    assert timed | set(result["unavailable"]) == set(cases.NTM_PROVIDERS)
-    assert {"attnmem", "eager", "compile"} <= timed
-    assert "| 2 | " in (out / "ntm.md").read_text()
+    assert {r["provider"] for r in result["results"] if r["steps_per_s"] > 0} == {
+        "attnmem", "eager"}
+    assert list(result["unavailable"]) == ["attnmem-graphed"]
+    report = (out / "ntm.md").read_text()
+    assert "| L | attnmem | eager |" in report and "| 2 | " in report

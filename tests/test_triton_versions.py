@@ -1,6 +1,6 @@
-"""attnmem imports and each kernel compiles for sm_80 and sm_90 on the oldest Triton that
-pyproject.toml accepts here and on the GPU machines' Triton, not only on the installed one
-(which the rest of the suite covers, every config and dtype); on the GPU machines' Triton the
+"""attnmem imports and each kernel compiles on the oldest Triton that pyproject.toml accepts
+here (for sm_90) and on the GPU machines' Triton (sm_80 and sm_90), not only on the installed
+one (which the rest of the suite covers, every config and dtype); on the GPU machines' Triton the
 compile jobs that state what they must compile to (wgmma, no spill, TMA, warp
 specialization) are checked as well.
 
@@ -8,8 +8,9 @@ Each version gets a virtual environment under ~/.cache/attnmem/ that sees this P
 packages (torch and attnmem itself are reused) and holds only that triton, installed from the
 package index. The jobs are those the compile tests (`-m slow`) build, collected by running
 them with ATTNMEM_AOT_RECORD (tests/aot.py); one job per kernel and arch is compiled with
-each version: whether a kernel compiles at all is what differs between Triton versions, and
-all of them would double the suite's time on a cold cache. Skipped when the index is
+the GPU machines' version, one per kernel for sm_90 with the oldest: whether a kernel
+compiles at all is what differs between Triton versions, and all of them would double the
+suite's time on a cold cache. Skipped when the index is
 unreachable or has no wheel of that version for this Python and platform.
 """
 
@@ -156,7 +157,11 @@ def test_imports_and_kernels_compile_on_other_triton_versions(kernel_jobs, which
                               capture_output=True, text=True, timeout=300)
     assert imported.returncode == 0, imported.stderr[-3000:]
     assert minor(imported.stdout.strip()) == version, imported.stdout
-    results = dict(zip(kernel_jobs, compile_all(list(kernel_jobs.values()), python=python)))
+    # The oldest triton compiles each kernel for sm_90, where the versions differ (TMA,
+    # warp specialization, wgmma); sm_80's paths it shares with the others.
+    jobs = {name: job for name, job in kernel_jobs.items()
+            if which == "GPU machines'" or job["arch"] == 90}
+    results = dict(zip(jobs, compile_all(list(jobs.values()), python=python)))
     failures = {name: result["error"] for name, result in results.items() if result["error"]}
     assert not failures, f"on triton {version}: {failures}"
 
