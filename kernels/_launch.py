@@ -133,13 +133,20 @@ def run_tuned(tuner, grid, args, meta):
     in LAST_CONFIGS and, where it tuned a new key, each config's time in LAST_TUNING."""
     keys = len(tuner.cache)
     tuner[grid](*args, **meta)
-    name = tuner.fn.__name__
+    name = kernel_name(tuner)
     LAST_CONFIGS[name] = tuner.best_config
     timings = getattr(tuner, "configs_timings", None)
     if len(tuner.cache) > keys and timings:
         # triton's timings: do_bench's (median, 20th, 80th percentile) list, or one float.
         LAST_TUNING[name] = {config_text(c): t[0] if isinstance(t, (list, tuple)) else t
                              for c, t in timings.items()}
+
+
+def kernel_name(fn) -> str:
+    """The name of the jit function under triton's autotune and heuristics wrappers."""
+    while not hasattr(fn, "__name__"):
+        fn = fn.fn
+    return fn.__name__
 
 
 def config_text(config) -> str:

@@ -104,6 +104,14 @@ class _Tuner:
         return run
 
 
+def test_records_name_the_kernel_under_its_wrappers(one_config):
+    """The attention forward sits under heuristics, which have no name of their own."""
+    tuner = kernel._launcher("fwd", kernel._attn_fwd, "cuda", 64, 2)
+    assert _launch.kernel_name(tuner) == "_attn_fwd"
+    assert _launch.kernel_name(_launch.autotuned(_fill, [dict(BLOCK=4, num_warps=1,
+                                                              num_stages=1)], [])) == "_fill"
+
+
 def test_a_launch_that_tunes_records_each_configs_time(monkeypatch):
     monkeypatch.setattr(_launch, "LAST_CONFIGS", {})
     monkeypatch.setattr(_launch, "LAST_TUNING", {})
