@@ -2,8 +2,10 @@
 # The full GPU report in parts, each within one 10-minute call (ATTNMEM_PART_BUDGET seconds,
 # default 540), on a bare machine as scripts/gpu_check.sh runs:
 #
-#   bash scripts/gpu_report.sh OUT_DIR PART
+#   bash scripts/gpu_report.sh [--smoke] OUT_DIR PART
 #
+# (--smoke: a benchmark part, ntm or profile on a CPU at the smoke profile's sizes, for CI;
+# ntm without torch.compile, which takes the most time there.)
 # PART is one of
 #   tests              the tests of gpu_check.sh, not stopping at a failure, with more time
 #                      (the sm_80/sm_90 compile tests, marked slow, need no GPU: CI runs them);
@@ -33,7 +35,13 @@
 #
 #   python -m bench.gpu_check merge reports part-attention-fwd.json part-attention-bwd.json ...
 set -uo pipefail
+SMOKE=0
+if [ "${1:-}" = --smoke ]; then
+    SMOKE=1
+    shift
+fi
 PART=${2:-}
+PROFILE=$([ $SMOKE = 1 ] && echo smoke || echo gpu)
 case "$PART" in
     tests | ntm | profile) ;;
     attention-fwd | attention-bwd | attention-fwd_bwd)
@@ -49,14 +57,14 @@ case "$PART" in
         ;;
 esac
 if [ $# -ne 2 ]; then
-    echo "usage: bash scripts/gpu_report.sh OUT_DIR PART" >&2
+    echo "usage: bash scripts/gpu_report.sh [--smoke] OUT_DIR PART" >&2
     exit 2
 fi
 # shellcheck source=scripts/gpu_common.sh
 source "$(dirname "$0")/gpu_common.sh"
 START=$(date +%s)
 DEADLINE=$((START + ${ATTNMEM_PART_BUDGET:-540}))
-start_run "$1" 0
+start_run "$1" $SMOKE
 
 STATUS=0
 if [ "$PART" = tests ]; then
@@ -64,16 +72,21 @@ if [ "$PART" = tests ]; then
         --ignore=tests/test_examples.py --ignore=tests/test_lint.py --ignore=tests/test_gpu_check.py
     STATUS=$?
 elif [ "$PART" = ntm ]; then
-    step ntm "$(left "$DEADLINE" 15)" "$PY" -m bench.ntm --out "$WORK/bench" \
+    NTM=()
+    [ $SMOKE = 1 ] && NTM=(--smoke --providers attnmem attnmem-graphed eager)
+    step ntm "$(left "$DEADLINE" 15)" "$PY" -m bench.ntm --out "$WORK/bench" "${NTM[@]}" \
         >"$OUT/ntm.log" 2>&1
     STATUS=$?
     cp "$WORK"/bench/*/ntm.json "$WORK"/bench/*/ntm.md "$OUT/"
 elif [ "$PART" = profile ]; then
-    step profile "$(left "$DEADLINE" 15)" "$PY" -m bench.trace "$OUT" --profile gpu-check \
-        --deadline $((DEADLINE - 60)) >"$OUT/profile.log" 2>&1
+    step profile "$(left "$DEADLINE" 15)" "$PY" -m bench.trace "$OUT" \
+        --profile "$([ $SMOKE = 1 ] && echo smoke || echo gpu-check)" \
+        --calls "$([ $SMOKE = 1 ] && echo 2 || echo 20)" --deadline $((DEADLINE - 60)) \
+        >"$OUT/profile.log" 2>&1
     STATUS=$?
 else
-    bench_step "$DEADLINE" --profile gpu --budget-s 0.5 "${SWEEP[@]}"
+    bench_step "$DEADLINE" --profile "$PROFILE" --budget-s "$([ $SMOKE = 1 ] && echo 0.02 ||
+        echo 0.5)" "${SWEEP[@]}"
     for results in "$WORK"/bench/*/results.json; do
         [ -f "$results" ] && cp "$results" "$OUT/part-$PART.json"
     done

@@ -146,25 +146,6 @@ def test_points_record_the_configs_their_autotuned_kernels_ran(monkeypatch):
             "warps=8 stages=2 | 2: 1.50× |") in report._configs_section([row, baseline])
 
 
-def test_trace_writes_where_each_focus_points_time_goes(tmp_path):
-    """scripts/gpu_report.sh's profile part (bench/trace.py) at the smoke profile's sizes."""
-    from bench import trace
-
-    subprocess.run([sys.executable, "-m", "bench.trace", str(tmp_path), "--profile", "smoke",
-                    "--calls", "2"], cwd=ROOT, env=_env(), check=True, capture_output=True)
-    rows = json.loads((tmp_path / "profile.json").read_text())["results"]
-    assert [(r["op"], r["provider"]) for r in rows] == [
-        (p["op"], p["provider"]) for p in trace.focus_points("smoke")]
-    assert {r["op"] for r in rows} == {f["op"] for f in trace.FOCUS}
-    for r in rows:
-        assert "error" not in r, r
-        assert 0 < r["host_ms"] <= r["wall_ms"], r
-        assert r["python"] if r["provider"] == "attnmem" else "python" not in r
-    report = (tmp_path / "profile.md").read_text()
-    assert "| decode | attnmem | fwd | x=32 batch=1 " in report
-    assert "Host functions by own time" in report
-
-
 def test_ntm_command_writes_steps_per_second(tmp_path):
     """python -m bench.ntm (scripts/gpu_report.sh's ntm part) on a tiny NTM: each provider
     asked for timed, or (CUDA graphs on a CPU) listed with its reason. torch.compile's

@@ -1,6 +1,7 @@
 """The GPU check's CPU smoke run (scripts/gpu_check.sh --smoke: two kernel tests through the
 interpreter, the smoke benchmark profile on attnmem's torch backend), so the command a GPU
-machine runs cannot rot; and the merge of a GPU report's parts."""
+machine runs cannot rot; the merge of a GPU report's parts; and the report's profile part
+(scripts/gpu_report.sh --smoke OUT profile)."""
 
 import json
 import os
@@ -102,3 +103,30 @@ def test_summary_of_a_test_step_cut_off_by_its_timeout(tmp_path):
     assert "1 failed, 1 passed, 1 skipped" in tests["outcome"]
     report = (out / "report.md").read_text()
     assert "timed out" in report and "test_y[first size + 1-triton]" in report
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="the report is a bash script")
+def test_profile_part_writes_where_each_calls_time_goes(tmp_path):
+    """bench/trace.py through scripts/gpu_report.sh at the smoke profile's sizes: each focus
+    point's host, wall and device time, and attnmem's host functions."""
+    from bench import trace
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(["bash", "scripts/gpu_report.sh", "--smoke", str(tmp_path),
+                             "profile"], cwd=ROOT, env=dict(env, PYTHON=sys.executable),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(s["step"], s["status"]) for s in summary["steps"]] == [("facts", "ok"),
+                                                                    ("profile", "ok")]
+    rows = json.loads((tmp_path / "profile.json").read_text())["results"]
+    assert [(r["op"], r["provider"]) for r in rows] == [
+        (p["op"], p["provider"]) for p in trace.focus_points("smoke")]
+    assert {r["op"] for r in rows} == {f["op"] for f in trace.FOCUS}
+    for r in rows:
+        assert "error" not in r, r
+        assert 0 < r["host_ms"] <= r["wall_ms"], r
+        assert r["python"] if r["provider"] == "attnmem" else "python" not in r
+    report = (tmp_path / "profile.md").read_text()
+    assert "| decode | attnmem | fwd | x=32 batch=1 " in report
+    assert "Host functions by own time" in report
