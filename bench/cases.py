@@ -58,12 +58,15 @@ SIZES = {
         "quick": dict(x=[128, 256, 512], d=[64, 128], tokens=512, width=256),
         "smoke": dict(x=[16, 32], d=[16], tokens=32, width=32, mla=[(16, 8)]),
     },
+    # dtypes: memories in each (else dtype_for's): float32's products run on the FMA units,
+    # bfloat16's on tensor cores (reports/nvidia-h100-80gb-hbm3/gpu-check.md's model).
     "memory": {
-        "gpu": dict(x=[1000, 10_000, 100_000, 1_000_000, 4_000_000], d=[32, 64, 128], batch=8),
+        "gpu": dict(x=[1000, 10_000, 100_000, 1_000_000, 4_000_000], d=[32, 64, 128], batch=8,
+                    dtypes=["float32", "bfloat16"]),
         "gpu-check": dict(x=[10_000, 1_000_000, 4_000_000], d=[64], batch=8),
         "cpu": dict(x=[1000, 10_000, 100_000, 1_000_000], d=[32, 128], batch=2),
         "quick": dict(x=[1000, 10_000, 100_000], d=[64], batch=2),
-        "smoke": dict(x=[64, 256], d=[16], batch=2),
+        "smoke": dict(x=[64, 256], d=[16], batch=2, dtypes=["float32", "bfloat16"]),
     },
     "additive": {
         "gpu": dict(x=[128, 256, 512, 1024, 2048], batch=8, attn=128, dv=128),
@@ -110,8 +113,9 @@ def points(op: str, profile: str):
         configs = [dict(d=d, causal=c) for d in sizes["d"] for c in (False, True)] + [
             dict(d=d, dv=dv, causal=c) for d, dv in sizes.get("mla", ()) for c in (False, True)]
     elif op.startswith("memory"):
-        configs = [dict(d=d) for d in sizes["d"]]
-    fixed = {k: v for k, v in sizes.items() if k not in ("x", "d", "mla")}
+        configs = [dict(d=d, **({"dtype": t} if t else {})) for d in sizes["d"]
+                   for t in sizes.get("dtypes", [None])]
+    fixed = {k: v for k, v in sizes.items() if k not in ("x", "d", "mla", "dtypes")}
     providers = PROFILE_PROVIDERS.get((op, profile), PROVIDERS[op])
     return [dict(op=op, provider=provider, mode=mode, x=x, **fixed, **config)
             for config in configs for mode in MODES[op] for provider in providers
@@ -260,7 +264,7 @@ def build(point, device):
         return build_product_key(point, device)
     if op == "rotary":
         return build_rotary(point, device)
-    dtype = dtype_for(op, device)
+    dtype = getattr(torch, point["dtype"]) if "dtype" in point else dtype_for(op, device)
     grad = mode != "fwd"
     if op == "attention":
         d, dv = point["d"], point.get("dv", point["d"])

@@ -309,9 +309,12 @@ def write_report(out_dir, meta, rows, unavailable):
 
     memory_ops = [op for op in ops if op.startswith("memory")]
     if memory_ops:
-        widths = sorted({r["d"] for r in rows if r["op"] in memory_ops})
-        panels = [(f"{op}, width {d}", _series(rows, "gbs", op=op, d=d))
-                  for op in memory_ops for d in widths]
+        # (width, dtype) of the points: a point without a dtype has dtype_for's.
+        widths = sorted({(r["d"], r.get("dtype")) for r in rows if r["op"] in memory_ops},
+                        key=lambda w: (w[0], w[1] or ""))
+        names = {w: f"width {w[0]}" + (f", {w[1]}" if w[1] else "") for w in widths}
+        panels = [(f"{op}, {names[d, t]}", _series(rows, "gbs", op=op, d=d, dtype=t))
+                  for op in memory_ops for d, t in widths]
         _plot(os.path.join(out_dir, "memory.png"), panels, "memory slots N", "GB/s",
               roof=("copy bandwidth", meta["copy_bandwidth_gbs"]))
         md += ["## Memory ops", "", "GB/s (each input read once, each output written once) "
@@ -320,11 +323,11 @@ def write_report(out_dir, meta, rows, unavailable):
                f"{cases.READ_HEADS} read heads, cosine similarity; memory_write: "
                f"{cases.WRITE_HEADS} write head.", "", "![memory](memory.png)", ""]
         for op in memory_ops:
-            for d in widths:
-                md += [f"**{op}, width {d}** (GB/s)", "",
-                       _table(rows, "gbs", "{:.3g}", op=op, d=d, label="N"),
+            for d, t in widths:
+                md += [f"**{op}, {names[d, t]}** (GB/s)", "",
+                       _table(rows, "gbs", "{:.3g}", op=op, d=d, dtype=t, label="N"),
                        "attnmem's time ÷ each baseline's:", "",
-                       _ratio_table(point_ratios, op=op, d=d)]
+                       _ratio_table(point_ratios, op=op, d=d, dtype=t)]
 
     for op, title, what in (("additive", "Additive attention",
                              "Bahdanau attention, forward and forward+backward"),

@@ -20,6 +20,7 @@ def _id(point):
     extra = [f"d{point['d']}"] if "d" in point else []
     extra += [f"dv{point['dv']}"] if "dv" in point else []
     extra += ["causal"] if point.get("causal") else []
+    extra += [point["dtype"]] if "dtype" in point else []
     return "-".join([point["provider"], point["mode"], *extra, str(point["x"])])
 
 
@@ -37,9 +38,12 @@ def _run(benchmark, point):
             torch.cuda.synchronize()
     benchmark.group = f"{point['op']} {point['mode']}" + (
         f" d={point['d']}" if "d" in point else "") + (
-        f" dv={point['dv']}" if "dv" in point else "") + (" causal" if point.get("causal") else "")
+        f" dv={point['dv']}" if "dv" in point else "") + (
+        " causal" if point.get("causal") else "") + (
+        f" {point['dtype']}" if "dtype" in point else "")
     benchmark.extra_info.update(point, work=work, device=DEVICE, dtype=str(
-        cases.dtype_for(point["op"], DEVICE)))
+        getattr(torch, point["dtype"]) if "dtype" in point else cases.dtype_for(point["op"],
+                                                                                DEVICE)))
     benchmark(fn)
 
 

@@ -44,6 +44,8 @@ def test_report_command_writes_json_markdown_and_plots(tmp_path):
     assert "This is a CPU report" in report or data["meta"]["device_type"] == "cuda"
     assert "## attnmem against the baselines" in report
     assert "**bwd, head dims 16/8, causal**" in report
+    for dtype in ("float32", "bfloat16"):  # the smoke profile's memories in both
+        assert f"**memory_attend, width 16, {dtype}** (GB/s)" in report, dtype
     for baseline in ("sdpa", "eager", "compile", "fastest baseline"):
         assert f"| attnmem ÷ {baseline} |" in report, baseline
     assert {(r["op"], r["baseline"]) for r in data["ratios"]} >= {
