@@ -37,8 +37,11 @@ FOCUS = (
     # H100: is it the host?
     dict(op="decode", mode="fwd", providers=("attnmem", "sdpa"), x="smallest", batch=1,
          dv=None),
-    # memory_attend streams memory at 21% of the copy roof at 4e6 slots.
+    # memory_attend streams memory at 21% of the copy roof at 4e6 slots,
     dict(op="memory_attend", mode="fwd", providers=("attnmem", "eager"), x="largest"),
+    # and takes 1.05 ms at 1e4 slots (20 MB) against 3.2 ms at 1e6 (2 GB): a fixed
+    # millisecond, on the host or the device?
+    dict(op="memory_attend", mode="fwd", providers=("attnmem", "eager"), x="smallest"),
     # memory_write at 1e4 slots: 2.6x slower than eager (launch-bound?).
     dict(op="memory_write", mode="fwd", providers=("attnmem", "eager"), x="smallest"),
     # The backward reaches 50% of the matmul roof, cuDNN 1.44x faster.
