@@ -239,12 +239,17 @@ def summarize(out_dir, work):
     else:
         md += [f"{tests['outcome']}."]
         md += [f"- failed: `{test}`" for test in tests["failed"]]
-    if bench_md is None:
+    reports = [] if bench_md is None else [bench_md]
+    for name in ("ntm.md", "profile.md"):  # scripts/gpu_report.sh's ntm and profile parts
+        if os.path.exists(os.path.join(out_dir, name)):
+            with open(os.path.join(out_dir, name)) as f:
+                reports.append(f.read())
+    if not reports:
         md += ["", "## Benchmarks", "", "No benchmark results (see bench.log)."]
-    else:
-        # The benchmark report, one heading level down.
-        md += ["", "The benchmark's plots and results.json are in bench.tar.gz.", "",
-               re.sub(r"^(#+) ", r"#\1 ", bench_md, flags=re.MULTILINE)]
+    if bench_md is not None:
+        md += ["", "The benchmark's plots and results.json are in bench.tar.gz."]
+    for text in reports:  # each report one heading level down
+        md += ["", re.sub(r"^(#+) ", r"#\1 ", text, flags=re.MULTILINE)]
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     _print_summary(summary)

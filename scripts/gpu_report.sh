@@ -77,13 +77,15 @@ elif [ "$PART" = ntm ]; then
     step ntm "$(left "$DEADLINE" 15)" "$PY" -m bench.ntm --out "$WORK/bench" "${NTM[@]}" \
         >"$OUT/ntm.log" 2>&1
     STATUS=$?
-    cp "$WORK"/bench/*/ntm.json "$WORK"/bench/*/ntm.md "$OUT/"
+    cp "$WORK"/bench/*/ntm.json "$WORK"/bench/*/ntm.md "$OUT/" && cat "$OUT/ntm.md"
 elif [ "$PART" = profile ]; then
     step profile "$(left "$DEADLINE" 15)" "$PY" -m bench.trace "$OUT" \
         --profile "$([ $SMOKE = 1 ] && echo smoke || echo gpu-check)" \
         --calls "$([ $SMOKE = 1 ] && echo 2 || echo 20)" --deadline $((DEADLINE - 60)) \
         >"$OUT/profile.log" 2>&1
     STATUS=$?
+    # The table of host, wall and device times, for the console (a remote call's reply).
+    [ -f "$OUT/profile.md" ] && sed '/^## /q' "$OUT/profile.md"
 else
     bench_step "$DEADLINE" --profile "$PROFILE" --budget-s "$([ $SMOKE = 1 ] && echo 0.02 ||
         echo 0.5)" "${SWEEP[@]}"

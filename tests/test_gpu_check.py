@@ -130,3 +130,5 @@ def test_profile_part_writes_where_each_calls_time_goes(tmp_path):
     report = (tmp_path / "profile.md").read_text()
     assert "| decode | attnmem | fwd | x=32 batch=1 " in report
     assert "Host functions by own time" in report
+    assert "| decode | attnmem | fwd | x=32 batch=1 " in result.stdout  # the console's table
+    assert "## Where the time goes" in (tmp_path / "report.md").read_text()
