@@ -57,9 +57,6 @@ def facts(smoke):
     out = dict(timing.environment(device), slug=timing.device_slug(device), driver=None,
                cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                platform=platform.platform())
-    # The caller's name for the commit comes first: a copy of the work tree may carry no
-    # .git, or a stale one (the device tool's copy named the session's first commit).
-    out["commit"] = os.environ.get("ATTNMEM_COMMIT", out["commit"])
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         out.update(_nvidia_smi(), multiprocessors=props.multi_processor_count,

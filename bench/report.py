@@ -38,28 +38,21 @@ def _availability(op, device):
     return reasons
 
 
-def _tuning_records() -> tuple:
-    """kernels/_launch.py's LAST_CONFIGS and LAST_TUNING (the autotuned kernels' configs at
-    their latest launches, and the configs' times where those tuned), or empty dicts where
-    no kernel module is loaded."""
-    launch = sys.modules.get("attnmem.kernels._launch")
-    return ({}, {}) if launch is None else (launch.LAST_CONFIGS, launch.LAST_TUNING)
-
-
 def run_point(point, device, budget_s):
     fn, work = cases.build(point, device)
-    configs, tuning = _tuning_records()
-    configs.clear()
-    tuning.clear()
+    # What the point's autotuned kernels ran (kernels/_launch.py), where any is loaded.
+    launch = sys.modules.get("attnmem.kernels._launch")
+    if launch is not None:
+        launch.LAST_CONFIGS.clear()
+        launch.LAST_TUNING.clear()
     median, p20, p80 = timing.measure(fn, device, budget_s)
     row = dict(point, median_ms=median, p20_ms=p20, p80_ms=p80,
                peak_mib=timing.peak_memory_mib(fn, device))
-    if configs:
-        from attnmem.kernels._launch import config_text
-
-        row["configs"] = {name: config_text(c) for name, c in sorted(configs.items())}
-    if tuning:
-        row["tuning_ms"] = dict(sorted(tuning.items()))
+    if launch is not None and launch.LAST_CONFIGS:
+        row["configs"] = {name: launch.config_text(c)
+                          for name, c in sorted(launch.LAST_CONFIGS.items())}
+    if launch is not None and launch.LAST_TUNING:
+        row["tuning_ms"] = dict(sorted(launch.LAST_TUNING.items()))
     if work is not None:
         per_s = work / (median * 1e-3)
         flops = point["op"] in ("attention", "varlen")

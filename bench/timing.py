@@ -76,6 +76,11 @@ def device_slug(device) -> str:
 
 
 def git_commit() -> str:
+    """HEAD (and whether the work tree differs), or ATTNMEM_COMMIT where the caller names it:
+    a copy of the work tree may carry no .git, or a stale one (the device tool's copy named
+    the session's first commit)."""
+    if os.environ.get("ATTNMEM_COMMIT"):
+        return os.environ["ATTNMEM_COMMIT"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,

@@ -76,10 +76,8 @@ def _sync(device):
 
 
 def _device_time(event):
-    """An averaged profiler event's own device time in microseconds (torch renamed cuda to
-    device)."""
-    return getattr(event, "self_device_time_total", None) or getattr(
-        event, "self_cuda_time_total", 0)
+    """An averaged profiler event's own device time in microseconds."""
+    return event.self_device_time_total
 
 
 def profile_point(point, device, calls):
@@ -172,7 +170,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meta = timing.environment(device)
-    meta["commit"] = os.environ.get("ATTNMEM_COMMIT", meta["commit"])
     # Whether Nsight Compute and Systems are there, for a next look at a kernel's limits.
     meta.update(ncu=shutil.which("ncu"), nsys=shutil.which("nsys"))
     os.makedirs(args.out, exist_ok=True)

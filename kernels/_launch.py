@@ -154,7 +154,7 @@ def config_text(config) -> str:
     (and maxnreg where one is set)."""
     words = [f"{k}={v}" for k, v in config.kwargs.items()]
     words += [f"warps={config.num_warps}", f"stages={config.num_stages}"]
-    if getattr(config, "maxnreg", None):
+    if config.maxnreg:
         words.append(f"maxnreg={config.maxnreg}")
     return " ".join(words)
 

@@ -41,7 +41,13 @@ if [ "${1:-}" = --smoke ]; then
     shift
 fi
 PART=${2:-}
-PROFILE=$([ $SMOKE = 1 ] && echo smoke || echo gpu)
+# The sweeps' sizes and timing budgets: the gpu profile (the profile part: gpu-check's
+# points), or at --smoke the smoke profile.
+PROFILE=gpu TRACE_PROFILE=gpu-check BUDGET_S=0.5 CALLS=20 NTM=()
+if [ $SMOKE = 1 ]; then
+    PROFILE=smoke TRACE_PROFILE=smoke BUDGET_S=0.02 CALLS=2
+    NTM=(--smoke --providers attnmem attnmem-graphed eager)
+fi
 case "$PART" in
     tests | ntm | profile) ;;
     attention-fwd | attention-bwd | attention-fwd_bwd)
@@ -72,23 +78,18 @@ if [ "$PART" = tests ]; then
         --ignore=tests/test_examples.py --ignore=tests/test_lint.py --ignore=tests/test_gpu_check.py
     STATUS=$?
 elif [ "$PART" = ntm ]; then
-    NTM=()
-    [ $SMOKE = 1 ] && NTM=(--smoke --providers attnmem attnmem-graphed eager)
     step ntm "$(left "$DEADLINE" 15)" "$PY" -m bench.ntm --out "$WORK/bench" "${NTM[@]}" \
         >"$OUT/ntm.log" 2>&1
     STATUS=$?
     cp "$WORK"/bench/*/ntm.json "$WORK"/bench/*/ntm.md "$OUT/" && cat "$OUT/ntm.md"
 elif [ "$PART" = profile ]; then
-    step profile "$(left "$DEADLINE" 15)" "$PY" -m bench.trace "$OUT" \
-        --profile "$([ $SMOKE = 1 ] && echo smoke || echo gpu-check)" \
-        --calls "$([ $SMOKE = 1 ] && echo 2 || echo 20)" --deadline $((DEADLINE - 60)) \
-        >"$OUT/profile.log" 2>&1
+    step profile "$(left "$DEADLINE" 15)" "$PY" -m bench.trace "$OUT" --profile "$TRACE_PROFILE" \
+        --calls "$CALLS" --deadline $((DEADLINE - 60)) >"$OUT/profile.log" 2>&1
     STATUS=$?
     # The table of host, wall and device times, for the console (a remote call's reply).
     [ -f "$OUT/profile.md" ] && sed '/^## /q' "$OUT/profile.md"
 else
-    bench_step "$DEADLINE" --profile "$PROFILE" --budget-s "$([ $SMOKE = 1 ] && echo 0.02 ||
-        echo 0.5)" "${SWEEP[@]}"
+    bench_step "$DEADLINE" --profile "$PROFILE" --budget-s "$BUDGET_S" "${SWEEP[@]}"
     for results in "$WORK"/bench/*/results.json; do
         [ -f "$results" ] && cp "$results" "$OUT/part-$PART.json"
     done

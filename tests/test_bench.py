@@ -163,3 +163,14 @@ def test_ntm_command_writes_steps_per_second(tmp_path):
     assert list(result["unavailable"]) == ["attnmem-graphed"]
     report = (out / "ntm.md").read_text()
     assert "| L | attnmem | eager |" in report and "| 2 | " in report
+
+
+def test_the_callers_commit_wins_over_git(monkeypatch):
+    """A copy of the work tree (the GPU machine's) may carry a stale .git: every report
+    records ATTNMEM_COMMIT where it is set."""
+    from bench import timing
+
+    monkeypatch.setenv("ATTNMEM_COMMIT", "abc123")
+    assert timing.environment("cpu")["commit"] == "abc123"
+    monkeypatch.delenv("ATTNMEM_COMMIT")
+    assert timing.git_commit() != "abc123"
