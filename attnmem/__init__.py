@@ -20,7 +20,7 @@ import torch.distributed as _dist  # noqa: E402
 if _dist.is_available():
     # torch.distributed.nn.functional takes group=group.WORLD as default arguments, read
     # when it is first imported. torch imports it lazily (through torch._dynamo, on the
-    # first call of any torch.library custom op, attnmem's among them), so a process group
+    # first call of any torch.library.custom_op), so a process group
     # made before that call would be held there past destroy_process_group: gloo's threads
     # then live into interpreter shutdown, where they can abort the process ("terminate
     # called without an active exception"). Imported now, before a group exists, the

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from attnmem import _checks
+from attnmem import _checks, _library
 from attnmem import backend as _backend
 from attnmem.reference import additive as _reference
 from attnmem.reference.attention import softmax_with_lse
@@ -25,7 +25,7 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_VALUE_DIM = 256
 
 
-@torch.library.custom_op("attnmem::additive_attention", mutates_args=())
+@_library.custom_op("additive_attention", mutates_args=())
 def _additive_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  values: Optional[torch.Tensor], kv_lengths: Optional[torch.Tensor],
                  need_scores: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,7 +46,7 @@ def _(q, k, v, values, kv_lengths, need_scores):
             q.new_empty((batch, n_q), dtype=torch.float32))
 
 
-@torch.library.custom_op("attnmem::additive_attention_backward", mutates_args=())
+@_library.custom_op("additive_attention_backward", mutates_args=())
 def _additive_backward_op(dout: Optional[torch.Tensor], dscores: Optional[torch.Tensor],
                           dlse: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                           v: torch.Tensor, values: Optional[torch.Tensor],

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from attnmem import _checks
+from attnmem import _checks, _library
 from attnmem import backend as _backend
 from attnmem.reference import attention as _reference
 
@@ -53,7 +53,7 @@ def _pick(q, k, v, backend: str) -> str:
     return _backend.resolve(backend, (q, k, v), _triton_reasons(q, q.shape[0], v), "attention")
 
 
-@torch.library.custom_op("attnmem::attention_forward", mutates_args=())
+@_library.custom_op("attention_forward", mutates_args=())
 def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        kv_lengths: Optional[torch.Tensor], scale: float, window_left: int,
                        window_right: int, backend: str, softcap: float = 0.0,
@@ -89,7 +89,7 @@ def _modified(softcap, sinks, alibi_slopes) -> bool:
     return bool(softcap) or sinks is not None or alibi_slopes is not None
 
 
-@torch.library.custom_op("attnmem::attention_backward", mutates_args=())
+@_library.custom_op("attention_backward", mutates_args=())
 def _attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
                         kv_lengths: Optional[torch.Tensor], scale: float, window_left: int,
@@ -168,7 +168,7 @@ def fp8_arch_reasons(device) -> list[str]:
     return []
 
 
-@torch.library.custom_op("attnmem::attention_forward_fp8", mutates_args=())
+@_library.custom_op("attention_forward_fp8", mutates_args=())
 def _attention_forward_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            descales: torch.Tensor, kv_lengths: Optional[torch.Tensor],
                            scale: float, window_left: int, window_right: int,

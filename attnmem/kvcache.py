@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from attnmem import _checks
+from attnmem import _checks, _library
 from attnmem import backend as _backend
 from attnmem.attention import (
     FLOAT_DTYPES,
@@ -94,7 +94,7 @@ def _pick(q, k_cache, v_cache, backend: str, cu_seqlens_q=None, max_seqlen_q=0,
     return _backend.resolve(backend, (k if q is None else q, k_cache, v_cache), reasons, op)
 
 
-@torch.library.custom_op("attnmem::kvcache_append", mutates_args=("k_cache", "v_cache"))
+@_library.custom_op("kvcache_append", mutates_args=("k_cache", "v_cache"))
 def _append(q: Optional[torch.Tensor], k_cache: torch.Tensor, v_cache: torch.Tensor,
             k: torch.Tensor, v: torch.Tensor, cache_seqlens: torch.Tensor,
             block_table: Optional[torch.Tensor], backend: str,
@@ -133,7 +133,7 @@ def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, backend, descales=N
     return None
 
 
-@torch.library.custom_op("attnmem::attention_with_kvcache", mutates_args=())
+@_library.custom_op("attention_with_kvcache", mutates_args=())
 def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor], n_new: int,
             scale: float, window_left: int, window_right: int, backend: str,

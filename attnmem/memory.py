@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from attnmem import _checks
+from attnmem import _checks, _library
 from attnmem import backend as _backend
 from attnmem.reference import memory as _reference
 
@@ -43,7 +43,7 @@ class SparseWeights(NamedTuple):
     weights: torch.Tensor
 
 
-@torch.library.custom_op("attnmem::memory_attend", mutates_args=())
+@_library.custom_op("memory_attend", mutates_args=())
 def _memory_attend_op(memory: torch.Tensor, keys: torch.Tensor, values: Optional[torch.Tensor],
                       strength: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                       similarity: str, need_read: bool, need_weights: bool
@@ -69,7 +69,7 @@ def _(memory, keys, values, strength, mask, similarity, need_read, need_weights)
             memory.new_empty((2, batch, heads), dtype=torch.float32))
 
 
-@torch.library.custom_op("attnmem::memory_attend_backward", mutates_args=())
+@_library.custom_op("memory_attend_backward", mutates_args=())
 def _memory_attend_backward_op(dread: Optional[torch.Tensor],
                                dweights: Optional[torch.Tensor],
                                memory: torch.Tensor, keys: torch.Tensor,
@@ -111,7 +111,7 @@ def _attend_backward(ctx, dread, dweights, dstats):
 _memory_attend_op.register_autograd(_attend_backward, setup_context=_attend_setup_context)
 
 
-@torch.library.custom_op("attnmem::memory_topk", mutates_args=())
+@_library.custom_op("memory_topk", mutates_args=())
 def _memory_topk_op(memory: torch.Tensor, keys: torch.Tensor, strength: Optional[torch.Tensor],
                     mask: Optional[torch.Tensor], similarity: str, k: int) -> torch.Tensor:
     """Triton path of the top-k selection -> slots (B, R, k) int64; no gradient."""
@@ -125,7 +125,7 @@ def _(memory, keys, strength, mask, similarity, k):
     return keys.new_empty((*keys.shape[:2], k), dtype=torch.int64)
 
 
-@torch.library.custom_op("attnmem::memory_write", mutates_args=())
+@_library.custom_op("memory_write", mutates_args=())
 def _memory_write_op(memory: torch.Tensor, weights: torch.Tensor, erase: torch.Tensor,
                      add: torch.Tensor) -> torch.Tensor:
     from attnmem.kernels import memory_write as kernel
@@ -138,7 +138,7 @@ def _(memory, weights, erase, add):
     return memory.new_empty(memory.shape)
 
 
-@torch.library.custom_op("attnmem::memory_write_backward", mutates_args=())
+@_library.custom_op("memory_write_backward", mutates_args=())
 def _memory_write_backward_op(dout: torch.Tensor, memory: torch.Tensor, weights: torch.Tensor,
                               erase: torch.Tensor, add: torch.Tensor
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -168,7 +168,7 @@ _memory_write_op.register_autograd(_backward_through(_memory_write_backward_op),
                                    setup_context=_save_inputs)
 
 
-@torch.library.custom_op("attnmem::memory_read", mutates_args=())
+@_library.custom_op("memory_read", mutates_args=())
 def _memory_read_op(memory: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     from attnmem.kernels import memory_read as kernel
 
@@ -180,7 +180,7 @@ def _(memory, weights):
     return memory.new_empty((*weights.shape[:2], memory.shape[2]))
 
 
-@torch.library.custom_op("attnmem::memory_read_backward", mutates_args=())
+@_library.custom_op("memory_read_backward", mutates_args=())
 def _memory_read_backward_op(dread: torch.Tensor, memory: torch.Tensor, weights: torch.Tensor
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     from attnmem.kernels import memory_read as kernel
@@ -197,7 +197,7 @@ _memory_read_op.register_autograd(_backward_through(_memory_read_backward_op),
                                   setup_context=_save_inputs)
 
 
-@torch.library.custom_op("attnmem::memory_read_sparse", mutates_args=())
+@_library.custom_op("memory_read_sparse", mutates_args=())
 def _memory_read_sparse_op(memory: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                            sparse_grad: bool = False) -> torch.Tensor:
     """memory (B, N, D), or (N, D) shared by the batch; sparse_grad (shared memories only):
@@ -212,7 +212,7 @@ def _(memory, indices, weights, sparse_grad=False):
     return memory.new_empty((*weights.shape[:2], memory.shape[-1]))
 
 
-@torch.library.custom_op("attnmem::memory_read_sparse_backward", mutates_args=())
+@_library.custom_op("memory_read_sparse_backward", mutates_args=())
 def _memory_read_sparse_backward_op(dread: torch.Tensor, memory: torch.Tensor,
                                     indices: torch.Tensor, weights: torch.Tensor,
                                     deterministic: bool, sparse_grad: bool = False
@@ -256,7 +256,7 @@ _memory_read_sparse_op.register_autograd(_read_sparse_backward,
                                          setup_context=_read_sparse_setup_context)
 
 
-@torch.library.custom_op("attnmem::location_address", mutates_args=())
+@_library.custom_op("location_address", mutates_args=())
 def _location_op(content_weights: torch.Tensor, prev_weights: torch.Tensor, gate: torch.Tensor,
                  shift: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (weights, float32 (2, B, R) row statistics of the sharpening softmax)."""
@@ -271,7 +271,7 @@ def _(content_weights, prev_weights, gate, shift, gamma):
             gate.new_empty((2, *gate.shape), dtype=torch.float32))
 
 
-@torch.library.custom_op("attnmem::location_address_backward", mutates_args=())
+@_library.custom_op("location_address_backward", mutates_args=())
 def _location_backward_op(dout: torch.Tensor, out: torch.Tensor, stats: torch.Tensor,
                           content_weights: torch.Tensor, prev_weights: torch.Tensor,
                           gate: torch.Tensor, shift: torch.Tensor, gamma: torch.Tensor

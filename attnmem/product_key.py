@@ -12,7 +12,7 @@ import numbers
 
 import torch
 
-from attnmem import _checks
+from attnmem import _checks, _library
 from attnmem import backend as _backend
 from attnmem.reference import product_key as _reference
 
@@ -25,7 +25,7 @@ MAX_TRITON_TOPK = 64
 GRID_COLUMN_CHUNK = 16
 
 
-@torch.library.custom_op("attnmem::product_key_lookup", mutates_args=())
+@_library.custom_op("product_key_lookup", mutates_args=())
 def _lookup_op(queries: torch.Tensor, sub_keys: torch.Tensor, values: torch.Tensor, topk: int,
                sparse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton path -> (out (B, Dv), rows (B, H, topk) int64, weights (B, H, topk) float32)."""
@@ -43,7 +43,7 @@ def _(queries, sub_keys, values, topk, sparse):
             queries.new_empty((batch, heads, topk), dtype=torch.float32))
 
 
-@torch.library.custom_op("attnmem::product_key_lookup_backward", mutates_args=())
+@_library.custom_op("product_key_lookup_backward", mutates_args=())
 def _lookup_backward_op(dout: torch.Tensor, dweights: torch.Tensor, queries: torch.Tensor,
                         sub_keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
                         weights: torch.Tensor, sparse: bool, deterministic: bool,

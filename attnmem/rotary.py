@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from attnmem import _checks
+from attnmem import _checks, _library
 from attnmem import backend as _backend
 from attnmem.attention import MAX_TRITON_HEAD_DIM, TRITON_DTYPES
 from attnmem.reference import rotary as _reference
@@ -50,7 +50,7 @@ def _rotate(x, cos, sin, seqlen_offsets, offset, cu_seqlens, max_seqlen, interle
     return x.copy_(out) if inplace else out
 
 
-@torch.library.custom_op("attnmem::apply_rotary", mutates_args=())
+@_library.custom_op("apply_rotary", mutates_args=())
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             seqlen_offsets: Optional[torch.Tensor], offset: int,
             cu_seqlens: Optional[torch.Tensor], max_seqlen: int, interleaved: bool,
@@ -83,7 +83,7 @@ def _backward(ctx, dout):
 _rotary.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("attnmem::apply_rotary_", mutates_args=("x",))
+@_library.custom_op("apply_rotary_", mutates_args=("x",))
 def _rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              seqlen_offsets: Optional[torch.Tensor], offset: int,
              cu_seqlens: Optional[torch.Tensor], max_seqlen: int, interleaved: bool,

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from attnmem import _checks
+from attnmem import _checks, _library
 from attnmem import backend as _backend
 from attnmem.attention import (
     _OPTIONAL_INPUTS,
@@ -44,7 +44,7 @@ def _pick(q, k, v, cu_seqlens_q, backend: str) -> str:
                             _triton_reasons(q, cu_seqlens_q.numel() - 1, v), "attention_varlen")
 
 
-@torch.library.custom_op("attnmem::attention_varlen_forward", mutates_args=())
+@_library.custom_op("attention_varlen_forward", mutates_args=())
 def _varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
                     max_seqlen_k: int, scale: float, window_left: int, window_right: int,
@@ -72,7 +72,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, wi
         (q.shape[1], q.shape[0]), dtype=_reference.compute_dtype(q.dtype))
 
 
-@torch.library.custom_op("attnmem::attention_varlen_backward", mutates_args=())
+@_library.custom_op("attention_varlen_backward", mutates_args=())
 def _varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
@@ -113,7 +113,7 @@ def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
 
-@torch.library.custom_op("attnmem::attention_varlen_forward_fp8", mutates_args=())
+@_library.custom_op("attention_varlen_forward_fp8", mutates_args=())
 def _varlen_forward_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         descales: torch.Tensor, cu_seqlens_q: torch.Tensor,
                         cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,

@@ -278,9 +278,9 @@ def test_opcheck():
 
     q, k, values, v = (x.requires_grad_() for x in make(CASES["odd"], torch.float32)[0])
     lengths = torch.tensor([30, 7])
-    torch.library.opcheck(_additive_op, (q, k, v, values, lengths, True))
+    torch.library.opcheck(_additive_op.default, (q, k, v, values, lengths, True))
     out, scores, lse = _additive_op(q, k, v, values, lengths, True)
-    torch.library.opcheck(_additive_backward_op, (
+    torch.library.opcheck(_additive_backward_op.default, (
         torch.randn_like(out), torch.randn_like(scores), torch.randn_like(lse), q.detach(),
         k.detach(), v.detach(), values.detach(), lengths, out.detach(), lse.detach()))
 

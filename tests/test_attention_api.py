@@ -145,12 +145,12 @@ def test_opcheck(name):
     q, k, v = (x.requires_grad_() for x in qkv(nq=17, nk=20))
     lengths = torch.tensor([20, 11])
     fwd_args = (q, k, v, lengths, 0.35, 4, 0, name)
-    torch.library.opcheck(_attention_forward, fwd_args)
+    torch.library.opcheck(_attention_forward.default, fwd_args)
     out, lse = _attention_forward(*fwd_args)
     for dlse in (torch.randn_like(lse), None):  # None: the fused CPU backward on torch
         bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(),
                     lse.detach(), dlse, lengths, 0.35, 4, 0, name)
-        torch.library.opcheck(_attention_backward, bwd_args)
+        torch.library.opcheck(_attention_backward.default, bwd_args)
 
 
 @pytest.mark.parametrize("masked", [True, False], ids=["masks-lse", "plain"])

@@ -234,9 +234,9 @@ def test_opcheck_with_dropout():
                for heads, n in ((4, 9), (2, 12), (2, 12)))
     seed = torch.tensor([1234])
     fwd_args = (q, k, v, torch.tensor([12, 5]), 0.35, 4, 0, "torch", 0.0, None, None, 0.25, seed)
-    torch.library.opcheck(_attention_forward, fwd_args)
+    torch.library.opcheck(_attention_forward.default, fwd_args)
     out, lse = _attention_forward(*fwd_args)
-    torch.library.opcheck(_attention_backward, (
+    torch.library.opcheck(_attention_backward.default, (
         torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
         torch.randn_like(lse), *fwd_args[3:]))
 

@@ -502,14 +502,14 @@ def test_opcheck(backend):
 
     args = {name: x.to(DEVICE) for name, x in _good().items()}
     seqlens = args["cache_seqlens"]
-    torch.library.opcheck(kvcache._append, (args["q"], args["k_cache"], args["v_cache"],
-                                            args["k"], args["v"], seqlens, None, backend))
-    torch.library.opcheck(kvcache._attend, (args["q"], args["k_cache"], args["v_cache"],
-                                            seqlens, None, 1, 0.25, 3, 0, backend))
-    torch.library.opcheck(kvcache._attend, (args["q"], args["k_cache"], args["v_cache"],
-                                            seqlens, None, 1, 0.25, 3, 0, backend, 1.5,
-                                            torch.randn(4, device=DEVICE),
-                                            torch.rand(2, 4, device=DEVICE)))
+    torch.library.opcheck(kvcache._append.default, (args["q"], args["k_cache"], args["v_cache"],
+                                                    args["k"], args["v"], seqlens, None, backend))
+    torch.library.opcheck(kvcache._attend.default, (args["q"], args["k_cache"], args["v_cache"],
+                                                    seqlens, None, 1, 0.25, 3, 0, backend))
+    torch.library.opcheck(kvcache._attend.default, (args["q"], args["k_cache"], args["v_cache"],
+                                                    seqlens, None, 1, 0.25, 3, 0, backend, 1.5,
+                                                    torch.randn(4, device=DEVICE),
+                                                    torch.rand(2, 4, device=DEVICE)))
 
 
 def test_compiles_under_torch_compile():

@@ -188,9 +188,9 @@ def test_fp8_ops_trace():
     descales = torch.stack([args["k_descale"], args["v_descale"]], -1)
     checks = ("test_faketensor", "test_aot_dispatch_dynamic")
     seqlens = args["cache_seqlens"]
-    torch.library.opcheck(kvcache._append, (args["q"], args["k_cache"], args["v_cache"],
-                                            args["k"], args["v"], seqlens, None, "torch",
-                                            descales), test_utils=checks)
-    torch.library.opcheck(kvcache._attend, (args["q"], args["k_cache"], args["v_cache"],
-                                            seqlens, None, 1, 0.25, -1, 0, "torch", 0.0, None,
-                                            None, descales), test_utils=checks)
+    torch.library.opcheck(kvcache._append.default, (args["q"], args["k_cache"], args["v_cache"],
+                                                    args["k"], args["v"], seqlens, None, "torch",
+                                                    descales), test_utils=checks)
+    torch.library.opcheck(kvcache._attend.default, (
+        args["q"], args["k_cache"], args["v_cache"], seqlens, None, 1, 0.25, -1, 0, "torch", 0.0,
+        None, None, descales), test_utils=checks)

@@ -422,14 +422,14 @@ def test_opcheck(backend):
 
     args = {n: _to(x) for n, x in _good().items()}
     caches, seqlens = (args["k_cache"], args["v_cache"]), args["cache_seqlens"]
-    torch.library.opcheck(kvcache._append, (args["q"], *caches, args["k"], args["v"], seqlens,
-                                            None, backend))
-    torch.library.opcheck(kvcache._attend, (args["q"], *caches, seqlens, None, 1, 0.25, 3, 0,
-                                            backend))
+    torch.library.opcheck(kvcache._append.default, (
+        args["q"], *caches, args["k"], args["v"], seqlens, None, backend))
+    torch.library.opcheck(kvcache._attend.default, (
+        args["q"], *caches, seqlens, None, 1, 0.25, 3, 0, backend))
     packed = {n: _to(x) for n, x in _packed_good().items()}
-    torch.library.opcheck(kvcache._attend, (packed["q"], *caches, seqlens, None, 2, 0.25, -1,
-                                            0, backend, 0.0, None, None, None,
-                                            packed["cu_seqlens_q"], 1))
+    torch.library.opcheck(kvcache._attend.default, (
+        packed["q"], *caches, seqlens, None, 2, 0.25, -1, 0, backend, 0.0, None, None, None,
+        packed["cu_seqlens_q"], 1))
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")

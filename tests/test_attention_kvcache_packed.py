@@ -286,12 +286,12 @@ def test_opcheck_and_torch_compile():
     args = _good()
     packing = (args["cu_seqlens_q"], 3)
     seqlens = args["cache_seqlens"]
-    torch.library.opcheck(kvcache._append, (args["q"], args["k_cache"], args["v_cache"],
-                                            args["k"], args["v"], seqlens, None, "torch", None,
-                                            *packing))
-    torch.library.opcheck(kvcache._attend, (args["q"], args["k_cache"], args["v_cache"],
-                                            seqlens, None, 5, 0.25, 3, 0, "torch", 0.0, None,
-                                            None, None, *packing))
+    torch.library.opcheck(kvcache._append.default, (
+        args["q"], args["k_cache"], args["v_cache"], args["k"], args["v"], seqlens, None, "torch",
+        None, *packing))
+    torch.library.opcheck(kvcache._attend.default, (
+        args["q"], args["k_cache"], args["v_cache"], seqlens, None, 5, 0.25, 3, 0, "torch", 0.0,
+        None, None, None, *packing))
     q, k_cache, v_cache = args.pop("q"), args.pop("k_cache"), args.pop("v_cache")
     eager_cache = k_cache.clone()
     expect = attnmem.attention_with_kvcache(q, eager_cache, v_cache.clone(), **args)

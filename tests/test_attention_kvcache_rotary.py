@@ -331,13 +331,12 @@ def test_opcheck_and_torch_compile():
     args = _good()
     rotary = (args["rotary_cos"], args["rotary_sin"], True)
     seqlens = args["cache_seqlens"]
-    torch.library.opcheck(kvcache._append, (args["q"], args["k_cache"], args["v_cache"],
-                                            args["k"], args["v"], seqlens, None, "torch", None,
-                                            None, 0, *rotary))
-    torch.library.opcheck(kvcache._attend, (args["q"], args["k_cache"], args["v_cache"],
-                                            seqlens, None, 1, 0.25, -1, 0, "torch", 0.0, None,
-                                            None, None, None, 0, *rotary, True,
-                                            args["cache_leftpad"]))
+    torch.library.opcheck(kvcache._append.default, (
+        args["q"], args["k_cache"], args["v_cache"], args["k"], args["v"], seqlens, None, "torch",
+        None, None, 0, *rotary))
+    torch.library.opcheck(kvcache._attend.default, (
+        args["q"], args["k_cache"], args["v_cache"], seqlens, None, 1, 0.25, -1, 0, "torch", 0.0,
+        None, None, None, None, 0, *rotary, True, args["cache_leftpad"]))
     results = []
     for fn in (attnmem.attention_with_kvcache,
                torch.compile(attnmem.attention_with_kvcache, backend="eager", fullgraph=True)):

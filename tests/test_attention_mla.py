@@ -285,15 +285,14 @@ def test_opcheck(backend):
     checks = dict(test_utils=("test_schema", "test_faketensor"))
     fwd_args = (q.requires_grad_(), k, v, torch.tensor([7, 3], device=DEVICE), 0.35, 4, 0,
                 backend)
-    torch.library.opcheck(_attention_forward, fwd_args, **checks)
+    torch.library.opcheck(_attention_forward.default, fwd_args, **checks)
     out, lse = _attention_forward(*fwd_args)
-    torch.library.opcheck(_attention_backward, (torch.randn_like(out), q.detach(), k, v,
-                                                out.detach(), lse.detach(), None, *fwd_args[3:]),
-                          **checks)
+    torch.library.opcheck(_attention_backward.default, (
+        torch.randn_like(out), q.detach(), k, v, out.detach(), lse.detach(), None, *fwd_args[3:]),
+        **checks)
     packed = [x[0].transpose(0, 1) for x in (q.detach(), k, v)]
-    torch.library.opcheck(varlen._varlen_forward, (*packed, cu_seqlens([5]), cu_seqlens([7]),
-                                                   5, 7, 0.35, -1, 0, backend),
-                          **checks)
+    torch.library.opcheck(varlen._varlen_forward.default, (
+        *packed, cu_seqlens([5]), cu_seqlens([7]), 5, 7, 0.35, -1, 0, backend), **checks)
 
 
 def test_configs_follow_the_larger_head_dim(monkeypatch):

@@ -199,12 +199,12 @@ def test_opcheck(name):
     sinks = torch.randn(q.shape[1], requires_grad=True)
     slopes = torch.rand(q.shape[1])
     fwd_args = (q, k, v, lengths, 0.35, 4, 0, name, 1.5, sinks, slopes)
-    torch.library.opcheck(_attention_forward, fwd_args)
+    torch.library.opcheck(_attention_forward.default, fwd_args)
     out, lse = _attention_forward(*fwd_args)
     bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(),
                 lse.detach(), torch.randn_like(lse), lengths, 0.35, 4, 0, name, 1.5,
                 sinks.detach(), slopes)
-    torch.library.opcheck(_attention_backward, bwd_args)
+    torch.library.opcheck(_attention_backward.default, bwd_args)
 
 
 def _sm90_job(name, tma=False, **flags):

@@ -462,10 +462,10 @@ def test_opcheck(backend, modified):
         mods = (1.5, torch.randn(4, device=DEVICE, requires_grad=True),
                 torch.rand(2, 4, device=DEVICE), 0.2, torch.tensor([123], device=DEVICE))
     checks = {} if backend == "torch" else dict(test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(varlen._varlen_forward,
+    torch.library.opcheck(varlen._varlen_forward.default,
                           (q, k, v, *lengths, 0.3, 2, 0, backend, *mods), **checks)
     out, lse = varlen._varlen_forward(q, k, v, *lengths, 0.3, 2, 0, backend, *mods)
-    torch.library.opcheck(varlen._varlen_backward, (
+    torch.library.opcheck(varlen._varlen_backward.default, (
         torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
         torch.randn_like(lse), *lengths, 0.3, 2, 0, backend,
         *(x.detach() if isinstance(x, torch.Tensor) else x for x in mods)), **checks)

@@ -299,11 +299,11 @@ def test_opcheck(backend):
     args = {key: _to(x) for key, x in _good().items()}
     caches, new = (args["k_cache"], args["v_cache"]), (args["k"], args["v"])
     seqlens, table = args["cache_seqlens"], args["block_table"]
-    torch.library.opcheck(kvcache._append, (None, *caches, *new, seqlens, table, backend))
+    torch.library.opcheck(kvcache._append.default, (None, *caches, *new, seqlens, table, backend))
     packed = {key: _to(x) for key, x in _packed(_good()).items()}
-    torch.library.opcheck(kvcache._append, (None, *caches, packed["k"], packed["v"], seqlens,
-                                            None, backend),
-                          dict(cu_seqlens_k_new=packed["cu_seqlens"]))
+    torch.library.opcheck(kvcache._append.default, (
+        None, *caches, packed["k"], packed["v"], seqlens, None, backend),
+        dict(cu_seqlens_k_new=packed["cu_seqlens"]))
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend")

@@ -167,9 +167,9 @@ def test_sparse_opcheck():
     weights = weights.nan_to_num()
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     for deterministic in (False, True):
-        torch.library.opcheck(_memory_read_sparse_backward_op,
+        torch.library.opcheck(_memory_read_sparse_backward_op.default,
                               (dread, memory, slots, weights, deterministic), test_utils=utils)
-    torch.library.opcheck(_memory_read_sparse_op,
+    torch.library.opcheck(_memory_read_sparse_op.default,
                           (memory.requires_grad_(), slots, weights.requires_grad_()),
                           test_utils=utils)
 

@@ -645,9 +645,9 @@ def test_shared_sparse_opcheck():
     slots, weights = torch.randint(-1, 30, (2, 3, 4)), torch.rand(2, 3, 4)
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     for sparse_grad in (False, True):
-        torch.library.opcheck(_memory_read_sparse_backward_op,
+        torch.library.opcheck(_memory_read_sparse_backward_op.default,
                               (torch.randn(2, 3, 7), memory, slots, weights, False,
                                sparse_grad), test_utils=utils)
-        torch.library.opcheck(_memory_read_sparse_op,
+        torch.library.opcheck(_memory_read_sparse_op.default,
                               (memory.requires_grad_(), slots, weights.requires_grad_(),
                                sparse_grad), test_utils=utils)

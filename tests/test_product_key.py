@@ -225,11 +225,11 @@ def test_opcheck():
     from attnmem.product_key import _lookup_backward_op, _lookup_op
 
     (queries, sub_keys, values), topk = make(CASES["odd"], torch.float32)
-    torch.library.opcheck(_lookup_op, (queries, sub_keys, values, topk, False),
+    torch.library.opcheck(_lookup_op.default, (queries, sub_keys, values, topk, False),
                           test_utils=("test_schema", "test_faketensor"))
     out, rows, weights = _lookup_op(queries, sub_keys, values, topk, False)
     for sparse, need_values in ((False, True), (True, True), (False, False)):
-        torch.library.opcheck(_lookup_backward_op, (
+        torch.library.opcheck(_lookup_backward_op.default, (
             torch.randn_like(out), torch.randn_like(weights), queries, sub_keys, values, rows,
             weights, sparse, True, need_values), test_utils=("test_schema", "test_faketensor"))
 

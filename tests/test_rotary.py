@@ -183,10 +183,10 @@ def test_opcheck_and_torch_compile():
     x, cos, sin, kwargs, _ = _inputs("neox_d12_r8_int_offset")
     offsets = torch.tensor([1, 4], device=DEVICE)
     backend = BACKENDS[-1]
-    torch.library.opcheck(op._rotary, (x.requires_grad_(), cos, sin, offsets, 0, None, 0, True,
-                                       False, backend))
-    torch.library.opcheck(op._rotary_, (x.detach().clone(), cos, sin, None, 3, None, 0, False,
-                                        backend))
+    torch.library.opcheck(op._rotary.default, (x.requires_grad_(), cos, sin, offsets, 0, None, 0,
+                                               True, False, backend))
+    torch.library.opcheck(op._rotary_.default, (x.detach().clone(), cos, sin, None, 3, None, 0,
+                                                False, backend))
 
     def rotate(x):
         with attnmem.use_backend(backend):
