@@ -290,9 +290,9 @@ def test_fp8_op_traces():
 
     q, k, v = (torch.randn(1, 2, 6, 16).to(FP8) for _ in range(3))
     descales = torch.rand(1, 2, 3) + 0.5
-    torch.library.opcheck(_attention_forward_fp8, (q, k, v, descales, None, 0.25, -1, 0,
-                                                   torch.bfloat16, "torch"),
-                            test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(_attention_forward_fp8.default, (
+        q, k, v, descales, None, 0.25, -1, 0, torch.bfloat16, "torch"),
+        test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
     kd = descales[..., 1]
     traced = torch.compile(lambda q, k, qd, kd: attnmem.attention(
         q, k, k, causal=True, q_descale=qd, k_descale=kd, v_descale=kd), fullgraph=True,

@@ -205,9 +205,8 @@ def test_fp8_varlen_op_traces():
     for backend in BACKENDS:
         checks = ("test_faketensor",) + (("test_aot_dispatch_dynamic",) if backend == "torch"
                                          else ())
-        torch.library.opcheck(varlen._varlen_forward_fp8, (qf, kf, vf, descales, *args, 0.25,
-                                                           4, 0, torch.bfloat16, backend),
-                              test_utils=checks)
+        torch.library.opcheck(varlen._varlen_forward_fp8.default, (
+            qf, kf, vf, descales, *args, 0.25, 4, 0, torch.bfloat16, backend), test_utils=checks)
     scales = dict(q_descale=descales[..., 0], k_descale=descales[..., 1],
                   v_descale=descales[..., 2])
     masks = dict(causal=True, window=(4, None))
