@@ -32,6 +32,74 @@ def slot_splits(n_slots: int, rows: int, block_n: int, device):
 
 
 @triton.jit
+def _combine_splits(max_ptr, sum_ptr, part_ptr, stats_ptr, out_ptr, stride_mb, stride_ms,
+                    stride_mr, stride_pb, stride_ps, stride_pr, stride_ob, stride_or, n_splits,
+                    width, EXP2: tl.constexpr, HAS_PART: tl.constexpr, BLOCK_S: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """Row (b, r) of a softmax computed in splits along the slots: each split s holds its
+    max score m_s (-inf where it saw no usable slot), its sum of exp(score - m_s) t_s and, with
+    HAS_PART, its sum of exp(score - m_s) v (width columns). Writes the row statistics
+    (top = max_s m_s, total = sum_s t_s exp(m_s - top); 0 and 1 where no split saw a slot)
+    and the normalised sum_s exp(m_s - top) part_s / total. Exponentials in base 2 with EXP2
+    (scores in log2 units), else base e. The splits' parts stream through one at a time."""
+    r = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    n_rows = tl.num_programs(0) * tl.num_programs(1)
+    splits = tl.arange(0, BLOCK_S)
+    ok = splits < n_splits
+    rows = b * stride_mb + r * stride_mr
+    part_max = tl.load(max_ptr + rows + splits * stride_ms, mask=ok, other=float("-inf"))
+    part_sum = tl.load(sum_ptr + rows + splits * stride_ms, mask=ok, other=0.0)
+    top = tl.max(part_max, 0)
+    finite = tl.abs(top) < float("inf")
+    shift = tl.where(finite, top, 0.0)
+    if EXP2:
+        scale = tl.exp2(part_max - shift)
+    else:
+        scale = tl.exp(part_max - shift)
+    total = tl.sum(part_sum * scale, 0)
+    seen = total > 0
+    total = tl.where(seen, total, 1.0)
+    row = b * tl.num_programs(0) + r
+    tl.store(stats_ptr + row, tl.where(seen, top, 0.0))
+    tl.store(stats_ptr + n_rows + row, total)
+    if HAS_PART:
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < width
+        part = part_ptr + b * stride_pb + r * stride_pr + offs_d
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for split in range(n_splits):
+            m = tl.load(max_ptr + rows + split * stride_ms)
+            if EXP2:
+                weight = tl.exp2(m - shift)
+            else:
+                weight = tl.exp(m - shift)
+            acc += weight * tl.load(part + split * stride_ps, mask=d_ok, other=0.0)
+        tl.store(out_ptr + b * stride_ob + r * stride_or + offs_d,
+                 (acc / total).to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def combine_splits(part_max, part_sum, part=None, out_dtype=None, exp2=False):
+    """-> stats float32 (2, B, R) and, with part, out (B, R, D) in out_dtype: the splits of a
+    softmax along the slots merged in one launch (_combine_splits). part_max and part_sum are
+    float32 (B, S, R) for S splits (any strides), part float32 (B, S, R, D) with its last
+    dimension contiguous."""
+    batch, n_splits, heads = part_max.shape
+    stats = torch.empty((2, batch, heads), dtype=torch.float32, device=part_max.device)
+    width = 0 if part is None else part.shape[-1]
+    out = part_max.new_empty((batch, heads, width), dtype=out_dtype)
+    if batch * heads == 0:
+        return stats, out
+    held = part if part is not None else out
+    _combine_splits[(heads, batch)](
+        part_max, part_sum, held, stats, out, *part_max.stride(), *held.stride()[:3],
+        out.stride(0), out.stride(1), n_splits, width, EXP2=exp2, HAS_PART=part is not None,
+        BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_D=block_width(width),
+        num_warps=max(1, block_width(width) // 128))
+    return stats, out
+
+
+@triton.jit
 def kv_length(kv_lengths_ptr, b, n_k, HAS_KV_LENGTHS: tl.constexpr):
     """Batch b's number of valid keys: kv_lengths[b] clamped to [0, n_k], else n_k."""
     kv_len = n_k

@@ -15,7 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-from attnmem.kernels._launch import interpreting, launch, slot_configs, slot_splits
+from attnmem.kernels._launch import (
+    combine_splits,
+    interpreting,
+    launch,
+    slot_configs,
+    slot_splits,
+)
 
 # (BLOCK_N, num_warps, num_stages), autotuned per kernel, dtype and shift count: slots are
 # gathered through the circular shift, a few registers each; none spills on sm_90
@@ -177,19 +183,18 @@ def location_address_forward(content, prev, gate, shift, gamma):
     split_len, n_splits = _splits(n_slots, rows, content.device)
     f32 = dict(dtype=torch.float32, device=content.device)
     out = torch.empty_like(content)
-    stats = torch.stack([torch.zeros((batch, heads), **f32), torch.ones((batch, heads), **f32)])
     if content.numel() == 0:
-        return out, stats
+        return out, torch.stack([torch.zeros((batch, heads), **f32),
+                                 torch.ones((batch, heads), **f32)])
     part_max = torch.empty((batch, heads, n_splits), **f32)
     part_sum = torch.empty((batch, heads, n_splits), **f32)
     args = (content, prev, gate, shift, gamma, part_max, part_sum)
+    # The first pass writes the splits' statistics and reads no row statistics (the
+    # partials stand in for them).
     _launch(_location_fwd, (n_splits, rows),
-            (*args, *stats, out, n_slots, shift.shape[-1], split_len), dict(NORMALIZE=False))
-    top = part_max.amax(-1)
-    total = (part_sum * torch.exp2(part_max - torch.where(torch.isfinite(top), top, 0.0)[
-        ..., None])).sum(-1)
-    nonzero = total > 0
-    stats = torch.stack([torch.where(nonzero, top, 0.0), torch.where(nonzero, total, 1.0)])
+            (*args, part_max, part_sum, out, n_slots, shift.shape[-1], split_len),
+            dict(NORMALIZE=False))
+    stats, _ = combine_splits(part_max.transpose(1, 2), part_sum.transpose(1, 2), exp2=True)
     _launch(_location_fwd, (n_splits, rows),
             (*args, *stats, out, n_slots, shift.shape[-1], split_len), dict(NORMALIZE=True))
     return out, stats

@@ -39,6 +39,7 @@ import triton.language as tl
 
 from attnmem.kernels._launch import (
     block_width,
+    combine_splits,
     interpreting,
     lastdim_contiguous,
     launch,
@@ -472,15 +473,9 @@ def memory_attend_forward(memory, keys, values, strength, mask, similarity, need
            ["BLOCK_D", "BLOCK_DV", "EVEN_D", "EVEN_DV", "READ", "TOPK", "n_heads"],
            dict(BLOCK_N=INTERPRET_BLOCK_N, num_warps=1, num_stages=1))
     # Combine the splits: each holds sum_n exp(s_n - max) v_n, that sum of exps and its max.
-    top = part_max.amax(1)
-    scale = torch.exp(part_max - torch.where(torch.isfinite(top), top, 0.0)[:, None])
-    total = (part_sum * scale).sum(1)
-    seen = total > 0
-    stats = torch.stack([torch.where(seen, top, 0.0), torch.where(seen, total, 1.0)])
-    if not need_read:
-        return memory.new_empty(0), stats, scores
-    read = (part_read * scale[..., None]).sum(1) / stats[1][..., None]
-    return read.to(memory.dtype), stats, scores
+    stats, read = combine_splits(part_max, part_sum, part_read if need_read else None,
+                                 memory.dtype)
+    return read if need_read else memory.new_empty(0), stats, scores
 
 
 def topk_block(k):

@@ -259,6 +259,31 @@ def test_forward_configs_compile_without_spills():
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("aot")
+def test_split_combine_compiles_without_spills():
+    """The splits' combine (kernels/_launch.py's, which memory_attend and location_address
+    share) at the widest read, in each dtype it writes, and statistics alone (location's)."""
+    from attnmem.memory import MAX_TRITON_WIDTH
+
+    def job(arch, out, part):
+        return dict(module="attnmem.kernels._launch", kernel="_combine_splits", arch=arch,
+                    constexprs=dict(EXP2=not part, HAS_PART=part, BLOCK_S=256,
+                                    BLOCK_D=MAX_TRITON_WIDTH if part else 16),
+                    pointers=dict(max_ptr="fp32", sum_ptr="fp32", part_ptr="fp32",
+                                  stats_ptr="fp32", out_ptr=TRITON_TYPES[out]),
+                    num_warps=MAX_TRITON_WIDTH // 128 if part else 1, num_stages=1)
+
+    jobs = {f"sm{arch}-{out}-{part}": job(arch, out, part) for arch in (80, 90)
+            for out, part in (("float16", True), ("bfloat16", True), ("float32", True),
+                              ("float32", False))}
+    results = compile_all(list(jobs.values()))
+    failures = {k: r["error"] for k, r in zip(jobs, results) if r["error"]}
+    assert not failures, failures
+    spills = sm90_spills(dict(zip(jobs, results)))
+    assert not spills, spills
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("aot")
 def test_backward_compiles_without_spills():
     """Issue 15: the backward walks the heads in blocks (its registers do not grow with the
     head count) and compiles without register spills on sm_90 at the widest width of each
