@@ -97,13 +97,19 @@ def _attend_setup_context(ctx, inputs, output):
     read, weights, stats = output
     ctx.save_for_backward(memory, keys, values, strength, mask, read, weights, stats)
     ctx.similarity, ctx.need_read, ctx.need_weights = similarity, need_read, need_weights
+    # An output without a gradient (the statistics; read or weights where only one was
+    # asked for) gets None, not a zero tensor filled on the device.
+    ctx.set_materialize_grads(False)
 
 
 def _attend_backward(ctx, dread, dweights, dstats):
     memory, keys, values, strength, mask, read, weights, stats = ctx.saved_tensors
+    dread, dweights = (dread if ctx.need_read else None), (dweights if ctx.need_weights else None)
+    if dread is None and dweights is None:
+        return (None,) * 8
     dmemory, dkeys, dvalues, dstrength = _memory_attend_backward_op(
-        dread if ctx.need_read else None, dweights if ctx.need_weights else None, memory,
-        keys, values, strength, mask, read, weights, stats, ctx.similarity)
+        dread, dweights, memory, keys, values, strength, mask, read, weights, stats,
+        ctx.similarity)
     return (dmemory, dkeys, None if values is None else dvalues,
             None if strength is None else dstrength, None, None, None, None)
 
@@ -291,6 +297,7 @@ def _(dout, out, stats, content_weights, prev_weights, gate, shift, gamma):
 
 def _save_outputs_and_inputs(ctx, inputs, output):
     ctx.save_for_backward(*output, *inputs)
+    ctx.set_materialize_grads(False)  # the statistics' gradient, unused, stays None
 
 
 _location_op.register_autograd(_backward_through(_location_backward_op),
