@@ -18,7 +18,7 @@ import inspect
 
 import torch
 
-_LIB = torch.library.Library("attnmem", "DEF")
+_LIB = torch.library.Library("attnmem", "FRAGMENT")
 
 
 class Operator:
