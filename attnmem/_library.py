@@ -96,8 +96,8 @@ def _bumping_versions(fn, mutated):
 
     def mutating(*args):
         result = fn(*args)
-        for i in mutated:
-            if i < len(args) and isinstance(args[i], torch.Tensor) and not args[i].is_inference():
+        for i in mutated:  # inference tensors keep no version
+            if not args[i].is_inference():
                 torch.autograd.graph.increment_version(args[i])
         return result
 

@@ -1,4 +1,5 @@
-"""Helpers shared by the kernel files: launch decisions and small jit functions."""
+"""Helpers shared by the kernel files: launch decisions, small jit functions, and the
+combine of a softmax computed in slot splits (memory_attend's and location_address's)."""
 
 import os
 
@@ -35,7 +36,7 @@ def slot_splits(n_slots: int, rows: int, block_n: int, device):
 def _combine_splits(max_ptr, sum_ptr, part_ptr, stats_ptr, out_ptr, stride_mb, stride_ms,
                     stride_mr, stride_pb, stride_ps, stride_pr, stride_ob, stride_or, n_splits,
                     width, EXP2: tl.constexpr, HAS_PART: tl.constexpr, BLOCK_S: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+                    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
     """Row (b, r) of a softmax computed in splits along the slots: each split s holds its
     max score m_s (-inf where it saw no usable slot), its sum of exp(score - m_s) t_s and, with
     HAS_PART, its sum of exp(score - m_s) v (width columns). Writes the row statistics
@@ -65,7 +66,7 @@ def _combine_splits(max_ptr, sum_ptr, part_ptr, stats_ptr, out_ptr, stride_mb, s
     tl.store(stats_ptr + n_rows + row, total)
     if HAS_PART:
         offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < width
+        d_ok = within(offs_d, width, EVEN_D)
         part = part_ptr + b * stride_pb + r * stride_pr + offs_d
         acc = tl.zeros([BLOCK_D], tl.float32)
         for split in range(n_splits):
@@ -80,21 +81,23 @@ def _combine_splits(max_ptr, sum_ptr, part_ptr, stats_ptr, out_ptr, stride_mb, s
 
 
 def combine_splits(part_max, part_sum, part=None, out_dtype=None, exp2=False):
-    """-> stats float32 (2, B, R) and, with part, out (B, R, D) in out_dtype: the splits of a
-    softmax along the slots merged in one launch (_combine_splits). part_max and part_sum are
-    float32 (B, S, R) for S splits (any strides), part float32 (B, S, R, D) with its last
-    dimension contiguous."""
+    """-> stats float32 (2, B, R) and out (B, R, D) in out_dtype (None without part): the
+    splits of a softmax along the slots merged in one launch (_combine_splits). part_max and
+    part_sum are float32 (B, S, R) for S splits (any strides), part float32 (B, S, R, D) with
+    its last dimension contiguous."""
     batch, n_splits, heads = part_max.shape
     stats = torch.empty((2, batch, heads), dtype=torch.float32, device=part_max.device)
     width = 0 if part is None else part.shape[-1]
-    out = part_max.new_empty((batch, heads, width), dtype=out_dtype)
+    out = None if part is None else part.new_empty((batch, heads, width), dtype=out_dtype)
     if batch * heads == 0:
         return stats, out
-    held = part if part is not None else out
+    # Without a part, stats stands in for the part and out pointers, which go unread.
+    held, written = (stats, stats) if part is None else (part, out)
     _combine_splits[(heads, batch)](
-        part_max, part_sum, held, stats, out, *part_max.stride(), *held.stride()[:3],
-        out.stride(0), out.stride(1), n_splits, width, EXP2=exp2, HAS_PART=part is not None,
-        BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_D=block_width(width),
+        part_max, part_sum, held, stats, written, *part_max.stride(), *held.stride()[:3],
+        written.stride(0), written.stride(1), n_splits, width, EXP2=exp2,
+        HAS_PART=part is not None, BLOCK_S=triton.next_power_of_2(n_splits),
+        BLOCK_D=block_width(width), EVEN_D=width == block_width(width),
         num_warps=max(1, block_width(width) // 128))
     return stats, out
 

@@ -267,7 +267,7 @@ def test_split_combine_compiles_without_spills():
     def job(arch, out, part):
         return dict(module="attnmem.kernels._launch", kernel="_combine_splits", arch=arch,
                     constexprs=dict(EXP2=not part, HAS_PART=part, BLOCK_S=256,
-                                    BLOCK_D=MAX_TRITON_WIDTH if part else 16),
+                                    BLOCK_D=MAX_TRITON_WIDTH if part else 16, EVEN_D=part),
                     pointers=dict(max_ptr="fp32", sum_ptr="fp32", part_ptr="fp32",
                                   stats_ptr="fp32", out_ptr=TRITON_TYPES[out]),
                     num_warps=MAX_TRITON_WIDTH // 128 if part else 1, num_stages=1)
